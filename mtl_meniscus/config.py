@@ -1,0 +1,230 @@
+"""Typed run configuration: dataclasses validated when loaded from YAML (unknown keys fail at once)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and which ones are kept."""
+
+    path: str | None = None  # folder with labels.csv; None = the embedded phantom (generated on first use)
+    image_size: int = 256  # expected height and width
+    size_policy: Literal["exclude", "resize"] = "exclude"  # images of another size: set aside or resize
+    exclude_double_tears: bool = True  # position 'both' cannot be one binary label
+    split_fractions: tuple[float, float, float] = (0.7, 0.2, 0.1)  # train, val, test
+    split_seed: int = 0
+    phantom_n: int = 1128
+    phantom_seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.image_size >= 32, "data.image_size", self.image_size, "an integer >= 32")
+        fractions = self.split_fractions
+        _check(
+            len(fractions) == 3 and all(f >= 0 for f in fractions) and abs(sum(fractions) - 1) < 1e-6,
+            "data.split_fractions",
+            fractions,
+            "three non-negative fractions summing to 1",
+        )
+        _check(self.phantom_n >= 20, "data.phantom_n", self.phantom_n, "an integer >= 20")
+
+
+@dataclass
+class AugmentConfig:
+    """Random transforms of one raw image; geometric first, then intensity."""
+
+    rotation_deg: float = 45.0  # uniform in [-r, r]; small because 90 deg turns a vertical tear horizontal
+    translate_frac: float = 0.2  # uniform in [-t, t] of width and height
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.5)
+    noise_prob: float = 0.0
+    noise_std: float = 0.05  # Gaussian noise, as a fraction of the image's standard deviation
+    gamma_prob: float = 0.0
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+
+    def validate(self, prefix: str = "augment") -> None:
+        _check(0 <= self.rotation_deg <= 180, f"{prefix}.rotation_deg", self.rotation_deg, "0..180")
+        _check(0 <= self.translate_frac < 1, f"{prefix}.translate_frac", self.translate_frac, "0..1")
+        for name in ("blur_prob", "noise_prob", "gamma_prob"):
+            value = getattr(self, name)
+            _check(0 <= value <= 1, f"{prefix}.{name}", value, "a probability 0..1")
+        for name in ("blur_sigma", "gamma_range"):
+            low, high = getattr(self, name)
+            _check(0 < low <= high, f"{prefix}.{name}", (low, high), "0 < low <= high")
+        _check(self.noise_std >= 0, f"{prefix}.noise_std", self.noise_std, ">= 0")
+
+
+@dataclass
+class PreprocessConfig:
+    """How a raw slice becomes the network input (2, H, W)."""
+
+    edge_filter: Literal["sobel", "scharr", "laplace", "none"] = "sobel"  # second channel
+
+
+def _tta_augment() -> AugmentConfig:
+    return AugmentConfig(rotation_deg=15.0, translate_frac=0.1)
+
+
+@dataclass
+class TTAConfig:
+    """Test-time augmentation: the original plus `copies` milder random copies, averaged."""
+
+    copies: int = 5
+    augment: AugmentConfig = field(default_factory=_tta_augment)
+
+    def validate(self) -> None:
+        _check(self.copies >= 0, "tta.copies", self.copies, "an integer >= 0")
+        self.augment.validate("tta.augment")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved into each run folder and each checkpoint."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
+
+    def validate(self) -> Config:
+        self.data.validate()
+        self.augment.validate()
+        self.tta.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists for tuples), ready for YAML, JSON and torch.save(weights_only)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': bad value {value!r} (allowed: {allowed})")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:
+    """Build and validate a Config from a nested dict; unknown keys and wrong types name the key."""
+    config = _build(Config, data or {}, prefix="", source=source)
+    return config.validate()
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a YAML preset (or the defaults) and apply dotted-key overrides like {'train.lr': 0.01}."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config_from_dict(data, source)
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown config key(s) {', '.join(prefix + k for k in unknown)} "
+            f"(allowed in {prefix.rstrip('.') or 'top level'}: {', '.join(sorted(known))})"
+        )
+    values = {name: _coerce(hints[name], value, prefix + name, source) for name, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    bad = ConfigError(f"{source}: config key '{key}': bad value {value!r} (expected {_describe(hint)})")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key, source)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value not in args:
+            raise bad
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, key, source) for v in value)
+        if len(value) != len(args):
+            raise bad
+        return tuple(_coerce(a, v, key, source) for a, v in zip(args, value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return {str(k): _coerce(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if hint is Any:
+        return value
+    raise bad  # pragma: no cover - a type this loader does not know
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))

@@ -1,0 +1,265 @@
+"""The folder format: labels.csv validation, exclusions, splits and the in-memory data set.
+
+DIR/labels.csv columns: image, fissure, orientation, position; optional patient_id, split,
+slice (index into a 3D volume) and mask (a label image: 1 meniscus, 2 tear).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .config import DataConfig
+from .errors import DataError, ImageReadError
+from .imageio import read_image
+from .labels import DOUBLE_TEAR, ORIENTATION_VALUES, POSITION_VALUES
+from .splits import SPLIT_NAMES, stratified_group_split
+
+REQUIRED_COLUMNS = ("image", "fissure", "orientation", "position")
+OPTIONAL_COLUMNS = ("patient_id", "split", "slice", "mask")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated row of labels.csv."""
+
+    row: int  # line number in labels.csv (the header is line 1)
+    image: str  # as written in the CSV, relative to the data folder
+    fissure: int
+    orientation: str  # '' when fissure is 0
+    position: str  # '' when fissure is 0; 'both' for a double tear
+    patient_id: str = ""
+    split: str = ""
+    slice: int | None = None
+    mask: str = ""
+
+    @property
+    def stratum(self) -> str:
+        """Joint label used to stratify splits."""
+        return f"{self.fissure}|{self.orientation}|{self.position}"
+
+    def targets(self) -> np.ndarray:
+        """(3,) float32 targets in TASKS order; NaN where a task does not apply.
+
+        Orientation and position are NaN without a tear; position is NaN for a double tear
+        (kept only when data.exclude_double_tears is off), so the loss skips it.
+        """
+        if not self.fissure:
+            return np.array([0.0, np.nan, np.nan], np.float32)
+        return np.array(
+            [1.0, ORIENTATION_VALUES[self.orientation], POSITION_VALUES.get(self.position, np.nan)],
+            np.float32,
+        )
+
+
+def read_labels(data_dir: str | Path) -> list[Record]:
+    """Parse and validate DIR/labels.csv; every bad row is reported at once in one DataError."""
+    data_dir = Path(data_dir)
+    csv_path = data_dir / "labels.csv"
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: not found (a data folder needs labels.csv; see the README)")
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [name.strip() for name in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{csv_path}: cannot parse as CSV ({err})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise DataError(
+            f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
+            f"(required: {', '.join(REQUIRED_COLUMNS)}; optional: {', '.join(OPTIONAL_COLUMNS)})"
+        )
+    problems: list[str] = []
+    records: list[Record] = []
+    seen: dict[tuple[str, int | None], int] = {}
+    for line, row in enumerate(rows, start=2):
+        record = _validate_row(row, line, data_dir, problems)
+        if record is None:
+            continue
+        key = (record.image, record.slice)
+        if key in seen:
+            problems.append(f"row {line}: image '{record.image}' is listed twice (also row {seen[key]})")
+            continue
+        seen[key] = line
+        records.append(record)
+    if not rows:
+        problems.append("no data rows")
+    if problems:
+        shown = problems[:50]
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise DataError(f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more)
+    return records
+
+
+def _validate_row(row: dict, line: int, data_dir: Path, problems: list[str]) -> Record | None:
+    def value(column: str) -> str:
+        return (row.get(column) or "").strip()
+
+    start = len(problems)
+
+    def bad(column: str, allowed: str) -> None:
+        problems.append(f"row {line}, column '{column}': bad value '{value(column)}' ({allowed})")
+
+    image = value("image")
+    if not image:
+        bad("image", "a path relative to the data folder is required")
+    elif not (data_dir / image).is_file():
+        problems.append(f"row {line}, column 'image': file not found: {data_dir / image}")
+    fissure_text = value("fissure")
+    fissure = {"0": 0, "1": 1}.get(fissure_text)
+    if fissure is None:
+        bad("fissure", "allowed: 0, 1")
+    orientation, position = value("orientation").lower(), value("position").lower()
+    if fissure == 0:
+        for column, text in (("orientation", orientation), ("position", position)):
+            if text:
+                bad(column, "must be empty when fissure is 0")
+    elif fissure == 1:
+        if orientation not in ORIENTATION_VALUES:
+            bad("orientation", "a tear needs one of: " + ", ".join(ORIENTATION_VALUES))
+        if position not in (*POSITION_VALUES, DOUBLE_TEAR):
+            bad("position", "a tear needs one of: " + ", ".join((*POSITION_VALUES, DOUBLE_TEAR)))
+    split = value("split").lower()
+    if "split" in row and split not in SPLIT_NAMES:
+        bad("split", "allowed: " + ", ".join(SPLIT_NAMES))
+    slice_index = None
+    if value("slice"):
+        try:
+            slice_index = int(value("slice"))
+            if slice_index < 0:
+                raise ValueError
+        except ValueError:
+            bad("slice", "a non-negative integer slice index")
+    mask = value("mask")
+    if mask and not (data_dir / mask).is_file():
+        problems.append(f"row {line}, column 'mask': file not found: {data_dir / mask}")
+    if len(problems) > start:
+        return None
+    return Record(
+        row=line,
+        image=image,
+        fissure=fissure,
+        orientation=orientation,
+        position=position,
+        patient_id=value("patient_id"),
+        split=split,
+        slice=slice_index,
+        mask=mask,
+    )
+
+
+@dataclass
+class PreparedData:
+    """The kept images in memory, their labels and splits, and what was set aside."""
+
+    data_dir: Path
+    records: list[Record]
+    images: list[np.ndarray]  # raw float32 (H, W), all image_size x image_size
+    targets: np.ndarray  # (N, 3) float32, NaN where a task does not apply
+    splits: list[str]
+    exclusions: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
+    n_rows: int = 0
+    resized: int = 0
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
+
+    def exclusion_summary(self) -> str:
+        """One line: how many rows were kept and why the others were set aside."""
+        reasons = Counter(reason.split(":")[0] for _, reason in self.exclusions)
+        detail = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+        line = f"kept {len(self.records)} of {self.n_rows} images"
+        if self.exclusions:
+            line += f"; excluded {len(self.exclusions)} ({detail})"
+        if self.resized:
+            line += f"; resized {self.resized}"
+        return line
+
+    def write_exclusions(self, path: str | Path) -> None:
+        _write_csv(path, ["image", "reason"], self.exclusions)
+
+    def write_splits(self, path: str | Path) -> None:
+        rows = [
+            (r.image, s, r.fissure, r.orientation, r.position, r.patient_id)
+            for r, s in zip(self.records, self.splits)
+        ]
+        _write_csv(path, ["image", "split", "fissure", "orientation", "position", "patient_id"], rows)
+
+    def split_summary(self) -> str:
+        parts = []
+        for split in SPLIT_NAMES:
+            idx = self.indices(split)
+            tears = int(np.nansum(self.targets[idx, 0])) if len(idx) else 0
+            parts.append(f"{split} {len(idx)} ({tears} tears)")
+        return ", ".join(parts)
+
+
+def _write_csv(path: str | Path, header: list[str], rows) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def prepare_data(data_dir: str | Path, config: DataConfig) -> PreparedData:
+    """Validate labels.csv, read every image, apply the exclusion rules and split the rest."""
+    data_dir = Path(data_dir)
+    records = read_labels(data_dir)
+    size = config.image_size
+    kept: list[Record] = []
+    images: list[np.ndarray] = []
+    exclusions: list[tuple[str, str]] = []
+    resized = 0
+    for record in records:
+        if config.exclude_double_tears and record.position == DOUBLE_TEAR:
+            exclusions.append((record.image, "double tear: position 'both'"))
+            continue
+        try:
+            image = read_image(data_dir / record.image, record.slice)
+        except ImageReadError as err:
+            exclusions.append((record.image, f"unreadable: {err}"))
+            continue
+        if image.shape != (size, size):
+            if config.size_policy == "exclude":
+                exclusions.append(
+                    (record.image, f"wrong size: {image.shape[0]}x{image.shape[1]}, expected {size}x{size}")
+                )
+                continue
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+            resized += 1
+        kept.append(record)
+        images.append(image)
+    if not kept:
+        raise DataError(f"{data_dir}: no usable image left after exclusions ({len(exclusions)} excluded)")
+    targets = np.stack([r.targets() for r in kept])
+    splits = assign_splits(kept, config)
+    return PreparedData(
+        data_dir=data_dir,
+        records=kept,
+        images=images,
+        targets=targets,
+        splits=splits,
+        exclusions=exclusions,
+        n_rows=len(records),
+        resized=resized,
+    )
+
+
+def assign_splits(records: list[Record], config: DataConfig) -> list[str]:
+    """The `split` column when labels.csv has one, else a stratified (and patient-grouped) split."""
+    if records and all(r.split for r in records):
+        return [r.split for r in records]
+    groups = [r.patient_id or f"__row{r.row}" for r in records]
+    return stratified_group_split(
+        [r.stratum for r in records], config.split_fractions, config.split_seed, groups
+    )

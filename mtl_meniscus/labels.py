@@ -1,0 +1,24 @@
+"""The three tasks and how their text labels map to binary targets."""
+
+TASKS: tuple[str, ...] = ("fissure", "orientation", "position")
+
+# Positive class (target 1) of each task, as written in predictions: p_fissure, p_horizontal, p_anterior.
+POSITIVE_NAME = {"fissure": "fissure", "orientation": "horizontal", "position": "anterior"}
+
+# Text values allowed in labels.csv and the binary target each one stands for.
+ORIENTATION_VALUES = {"horizontal": 1.0, "vertical": 0.0}
+POSITION_VALUES = {"anterior": 1.0, "posterior": 0.0}
+DOUBLE_TEAR = "both"  # position of a tear in both horns; excluded by default, as in the reference method
+
+# Challenge weights: score = 0.4 AUC(fissure) + 0.3 AUC(orientation) + 0.3 AUC(position).
+CHALLENGE_WEIGHTS = {"fissure": 0.4, "orientation": 0.3, "position": 0.3}
+
+
+def orientation_name(target: float) -> str:
+    """Text label of an orientation target (1 = horizontal)."""
+    return "horizontal" if target >= 0.5 else "vertical"
+
+
+def position_name(target: float) -> str:
+    """Text label of a position target (1 = anterior)."""
+    return "anterior" if target >= 0.5 else "posterior"

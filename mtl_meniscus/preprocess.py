@@ -1,0 +1,51 @@
+"""Network input from a raw slice: [image, edge filter] stacked and standardized per channel."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+EDGE_FILTERS = ("sobel", "scharr", "laplace", "none")
+
+
+def edge_filter(image: np.ndarray, name: str) -> np.ndarray | None:
+    """Edge map of a float32 (H, W) image: gradient magnitude (Sobel, Scharr) or |Laplacian|."""
+    image = np.asarray(image, dtype=np.float32)
+    if name == "sobel":
+        gx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3)
+        gy = cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3)
+        return cv2.magnitude(gx, gy)
+    if name == "scharr":
+        gx = cv2.Scharr(image, cv2.CV_32F, 1, 0)
+        gy = cv2.Scharr(image, cv2.CV_32F, 0, 1)
+        return cv2.magnitude(gx, gy)
+    if name == "laplace":
+        return np.abs(cv2.Laplacian(image, cv2.CV_32F, ksize=1))
+    if name == "none":
+        return None
+    raise ValueError(f"unknown edge filter {name!r} (allowed: {', '.join(EDGE_FILTERS)})")
+
+
+def standardize(channel: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Zero mean, unit variance; a constant channel becomes zeros (never NaN)."""
+    channel = np.asarray(channel, dtype=np.float32)
+    mean = float(channel.mean(dtype=np.float64))
+    std = float(channel.std(dtype=np.float64))
+    if not np.isfinite(std) or std < eps * max(1.0, abs(mean)):
+        return np.zeros_like(channel)
+    return ((channel - mean) / std).astype(np.float32)
+
+
+def input_channels(edge_filter_name: str) -> int:
+    """Number of input channels a filter choice gives: 1 with 'none', else 2."""
+    return 1 if edge_filter_name == "none" else 2
+
+
+def make_input(image: np.ndarray, edge_filter_name: str = "sobel") -> np.ndarray:
+    """Raw (H, W) slice -> standardized float32 (C, H, W), C = 2 (image, edges) or 1 without a filter."""
+    image = np.asarray(image, dtype=np.float32)
+    channels = [standardize(image)]
+    edges = edge_filter(image, edge_filter_name)
+    if edges is not None:
+        channels.append(standardize(edges))
+    return np.stack(channels)

@@ -1,0 +1,57 @@
+"""Seeded train/val/test splits, stratified on the joint label and grouped by patient."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def stratified_group_split(
+    strata: Sequence[str],
+    fractions: Sequence[float] = (0.7, 0.2, 0.1),
+    seed: int = 0,
+    groups: Sequence[str] | None = None,
+) -> list[str]:
+    """Assign each item to 'train', 'val' or 'test'.
+
+    Items with the same group (patient) always share a split. Groups are stratified by the
+    stratum of their first item; within each stratum, groups are shuffled (seeded) and each
+    goes to the split furthest below its target share of that stratum, so every stratum is
+    split in the given proportions up to one group.
+    """
+    n = len(strata)
+    groups = list(groups) if groups is not None else [str(i) for i in range(n)]
+    if len(groups) != n:
+        raise ValueError("strata and groups must have the same length")
+    members: dict[str, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        members[group].append(index)
+    groups_by_stratum: dict[str, list[str]] = defaultdict(list)
+    for group, indices in members.items():
+        groups_by_stratum[strata[indices[0]]].append(group)
+
+    rng = np.random.default_rng(seed)
+    fractions = np.asarray(fractions, dtype=float)
+    assignment = [""] * n
+    global_counts = np.zeros(len(SPLIT_NAMES))
+    for stratum in sorted(groups_by_stratum):
+        stratum_groups = sorted(groups_by_stratum[stratum])
+        rng.shuffle(stratum_groups)
+        counts = np.zeros(len(SPLIT_NAMES))
+        for group in stratum_groups:
+            size = len(members[group])
+            # Deficit of each split after adding this group; ties go to the split most behind overall.
+            deficit = fractions * (counts.sum() + size) - counts
+            global_deficit = fractions * (global_counts.sum() + size) - global_counts
+            eligible = fractions > 0
+            order = np.lexsort((-global_deficit, -deficit))
+            choice = next(i for i in order if eligible[i])
+            counts[choice] += size
+            global_counts[choice] += size
+            for index in members[group]:
+                assignment[index] = SPLIT_NAMES[choice]
+    return assignment

@@ -1,0 +1,147 @@
+import csv
+from collections import Counter
+
+import cv2
+import numpy as np
+import pytest
+
+from mtl_meniscus.config import DataConfig
+from mtl_meniscus.data import prepare_data, read_labels
+from mtl_meniscus.errors import DataError
+
+
+def _write_folder(folder, rows, header=("image", "fissure", "orientation", "position"), size=(32, 32)):
+    """labels.csv with the given rows; every image named in a row is created as a 16-bit PNG."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for row in rows:
+        path = folder / row[0]
+        if row[0] and not path.exists() and not row[0].startswith("img/missing"):
+            cv2.imwrite(str(path), rng.integers(0, 4000, size).astype(np.uint16))
+    with (folder / "labels.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return folder
+
+
+def test_valid_rows_parse(tmp_path):
+    _write_folder(tmp_path, [("img/a.png", "0", "", ""), ("img/b.png", "1", "Horizontal", "posterior")])
+    records = read_labels(tmp_path)
+    assert [r.row for r in records] == [2, 3]
+    assert records[1].orientation == "horizontal"  # case-insensitive
+    np.testing.assert_array_equal(records[1].targets(), [1.0, 1.0, 0.0])
+    assert records[0].fissure == 0 and np.isnan(records[0].targets()[1:]).all()
+
+
+def test_every_bad_row_is_reported_at_once(tmp_path):
+    rows = [
+        ("img/ok.png", "1", "vertical", "anterior"),
+        ("img/a.png", "2", "", ""),  # row 3: fissure not 0/1
+        ("img/b.png", "0", "horizontal", ""),  # row 4: orientation on a non-tear
+        ("img/c.png", "0", "", "posterior"),  # row 5: position on a non-tear
+        ("img/d.png", "1", "", "posterior"),  # row 6: tear without orientation
+        ("img/e.png", "1", "vertical", ""),  # row 7: tear without position
+        ("img/f.png", "1", "oblique", "posterior"),  # row 8: unknown orientation
+        ("img/g.png", "1", "vertical", "middle"),  # row 9: unknown position
+        ("img/missing.png", "0", "", ""),  # row 10: missing file
+        ("", "0", "", ""),  # row 11: no image
+        ("img/ok.png", "1", "vertical", "anterior"),  # row 12: duplicate
+    ]
+    _write_folder(tmp_path, rows)
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path)
+    message = str(info.value)
+    assert "10 problem(s)" in message
+    for expected in [
+        "row 3, column 'fissure': bad value '2' (allowed: 0, 1)",
+        "row 4, column 'orientation': bad value 'horizontal' (must be empty when fissure is 0)",
+        "row 5, column 'position': bad value 'posterior' (must be empty when fissure is 0)",
+        "row 6, column 'orientation': bad value '' (a tear needs one of: horizontal, vertical)",
+        "row 7, column 'position': bad value '' (a tear needs one of: anterior, posterior, both)",
+        "row 8, column 'orientation': bad value 'oblique'",
+        "row 9, column 'position': bad value 'middle'",
+        "row 10, column 'image': file not found",
+        "row 11, column 'image'",
+        "row 12: image 'img/ok.png' is listed twice (also row 2)",
+    ]:
+        assert expected in message, expected
+
+
+def test_missing_columns_and_missing_csv(tmp_path):
+    with pytest.raises(DataError, match="labels.csv: not found"):
+        read_labels(tmp_path)
+    _write_folder(tmp_path, [("img/a.png", "0")], header=("image", "fissure"))
+    with pytest.raises(DataError, match="missing column\\(s\\) orientation, position"):
+        read_labels(tmp_path)
+
+
+def test_optional_columns_are_validated(tmp_path):
+    header = ("image", "fissure", "orientation", "position", "split", "slice")
+    _write_folder(tmp_path, [("img/a.png", "0", "", "", "holdout", "-1")], header=header)
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path)
+    assert "column 'split': bad value 'holdout' (allowed: train, val, test)" in str(info.value)
+    assert "column 'slice': bad value '-1'" in str(info.value)
+
+
+def test_exclusions_report_and_summary(tmp_path):
+    rows = [(f"img/n{i}.png", "0", "", "") for i in range(8)] + [
+        ("img/t1.png", "1", "vertical", "posterior"),
+        ("img/t2.png", "1", "horizontal", "posterior"),
+        ("img/both.png", "1", "vertical", "both"),
+        ("img/big.png", "0", "", ""),
+        ("img/broken.png", "0", "", ""),
+    ]
+    _write_folder(tmp_path, rows)
+    cv2.imwrite(str(tmp_path / "img/big.png"), np.zeros((40, 32), np.uint16))
+    (tmp_path / "img/broken.png").write_bytes(b"garbage")
+    data = prepare_data(tmp_path, DataConfig(image_size=32))
+    reasons = dict(data.exclusions)
+    assert reasons["img/both.png"].startswith("double tear")
+    assert reasons["img/big.png"] == "wrong size: 40x32, expected 32x32"
+    assert reasons["img/broken.png"].startswith("unreadable:") and "broken.png" in reasons["img/broken.png"]
+    assert len(data.records) == 10 and data.targets.shape == (10, 3)
+    assert data.exclusion_summary() == (
+        "kept 10 of 13 images; excluded 3 (1 double tear, 1 unreadable, 1 wrong size)"
+    )
+    data.write_exclusions(tmp_path / "out" / "exclusions.csv")
+    with (tmp_path / "out" / "exclusions.csv").open() as handle:
+        written = list(csv.DictReader(handle))
+    assert {r["image"] for r in written} == {"img/both.png", "img/big.png", "img/broken.png"}
+
+    resized = prepare_data(
+        tmp_path, DataConfig(image_size=32, size_policy="resize", exclude_double_tears=False)
+    )
+    assert resized.resized == 1 and len(resized.records) == 12
+    both = [r.image for r in resized.records].index("img/both.png")
+    assert np.isnan(resized.targets[both, 2]) and resized.targets[both, 0] == 1  # no single position label
+    assert all(image.shape == (32, 32) for image in resized.images)
+
+
+def test_split_column_overrides_and_splits_file(tmp_path):
+    header = ("image", "fissure", "orientation", "position", "split")
+    rows = [(f"img/{i}.png", "0", "", "", ["train", "val", "test"][i % 3]) for i in range(9)]
+    _write_folder(tmp_path, rows, header=header)
+    data = prepare_data(tmp_path, DataConfig(image_size=32))
+    assert data.splits == ["train", "val", "test"] * 3
+    data.write_splits(tmp_path / "splits.csv")
+    assert (tmp_path / "splits.csv").read_text().splitlines()[1].startswith("img/0.png,train,0")
+
+
+def test_patient_groups_share_a_split(tmp_path):
+    header = ("image", "fissure", "orientation", "position", "patient_id")
+    rows = [(f"img/{i}.png", "0", "", "", f"P{i // 4}") for i in range(40)]
+    _write_folder(tmp_path, rows, header=header)
+    data = prepare_data(tmp_path, DataConfig(image_size=32))
+    by_patient = {}
+    for record, split in zip(data.records, data.splits):
+        assert by_patient.setdefault(record.patient_id, split) == split
+
+
+def test_default_phantom_exclusions(small_phantom):
+    data = prepare_data(small_phantom, DataConfig())
+    reasons = Counter(reason.split(":")[0] for _, reason in data.exclusions)
+    assert reasons == {"wrong size": 1, "double tear": 1}
+    assert all(image.shape == (256, 256) for image in data.images)
+    assert Counter(data.splits) == {"train": 41, "val": 11, "test": 6}

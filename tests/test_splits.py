@@ -1,0 +1,60 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from mtl_meniscus.splits import stratified_group_split
+
+
+def _strata(n_per_stratum):
+    return [s for s, n in n_per_stratum.items() for _ in range(n)]
+
+
+def test_proportions_per_stratum():
+    strata = _strata(
+        {
+            "0||": 780,
+            "1|horizontal|posterior": 150,
+            "1|vertical|posterior": 100,
+            "1|horizontal|anterior": 14,
+            "1|vertical|anterior": 10,
+        }
+    )
+    splits = stratified_group_split(strata, (0.7, 0.2, 0.1), seed=0)
+    total = Counter(splits)
+    assert abs(total["train"] / len(strata) - 0.7) < 0.005
+    assert abs(total["val"] / len(strata) - 0.2) < 0.005
+    assert abs(total["test"] / len(strata) - 0.1) < 0.005
+    for stratum in set(strata):
+        counts = Counter(sp for st, sp in zip(strata, splits) if st == stratum)
+        n = sum(counts.values())
+        for name, fraction in (("train", 0.7), ("val", 0.2), ("test", 0.1)):
+            assert abs(counts[name] - fraction * n) <= 1, (stratum, counts)
+
+
+def test_seeded_and_seed_dependent():
+    strata = _strata({"a": 50, "b": 50})
+    assert stratified_group_split(strata, seed=1) == stratified_group_split(strata, seed=1)
+    assert stratified_group_split(strata, seed=1) != stratified_group_split(strata, seed=2)
+
+
+def test_groups_never_cross_splits():
+    rng = np.random.default_rng(0)
+    groups = [f"P{rng.integers(0, 60)}" for _ in range(300)]
+    strata = [("1" if rng.random() < 0.25 else "0") for _ in range(300)]
+    splits = stratified_group_split(strata, (0.7, 0.2, 0.1), seed=0, groups=groups)
+    by_group = {}
+    for group, split in zip(groups, splits):
+        assert by_group.setdefault(group, split) == split
+    fractions = Counter(splits)
+    assert abs(fractions["train"] / 300 - 0.7) < 0.08  # groups make proportions approximate
+
+
+def test_zero_fraction_split_stays_empty():
+    splits = stratified_group_split(_strata({"a": 30, "b": 10}), (0.8, 0.2, 0.0), seed=0)
+    assert "test" not in splits and Counter(splits)["val"] == 8
+
+
+def test_mismatched_groups_are_refused():
+    with pytest.raises(ValueError):
+        stratified_group_split(["a", "b"], groups=["g"])
