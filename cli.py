@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,25 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Meniscus tear classification on sagittal knee MRI: shared trunk vs three-CNN cascade.",
 )
-console = Console()
+console = Console(soft_wrap=True)
+PRESETS = Path(__file__).resolve().parent / "configs"
+
+
+class Mode(str, Enum):
+    shared = "shared"
+    separate = "separate"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
 
 
 @app.callback()
@@ -36,17 +55,69 @@ def make_phantom(
         int, typer.Option(help="Number of images, wrong-size and double-tear ones included.")
     ] = 1128,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = 0,
+    size: Annotated[int, typer.Option(help="Height and width of the regular images.")] = 256,
 ) -> None:
     """Write the synthetic knee MRI phantom in the folder format."""
     from mtl_meniscus.phantom import summarize_cases, write_phantom
 
     try:
-        cases = write_phantom(out, n=n, seed=seed)
+        cases = write_phantom(out, n=n, seed=seed, size=size)
     except (MeniscusError, ValueError) as err:
         fail(err)
-    summary = summarize_cases(cases)
+    summary = summarize_cases(cases, size=size)
     console.print(f"wrote {len(cases)} images to {out}")
     console.print(", ".join(f"{k}: {v}" for k, v in summary.items()), highlight=False)
+
+
+@app.command()
+def train(
+    mode: Annotated[
+        Mode | None, typer.Option(help="shared: one trunk, three heads; separate: the reference cascade.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML preset (default: configs/<mode>.yaml).")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Data folder with labels.csv (default: the built-in phantom).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<mode>-<time>).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the killed run in this folder.")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Maximum number of epochs.")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(help="Training steps per epoch.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per training step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Initial Adam learning rate.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of initialisation, sampling and augmentation.")
+    ] = None,
+    precision: Annotated[
+        Precision | None, typer.Option(help="auto: bf16 + channels_last where native.")
+    ] = None,
+    wandb: Annotated[
+        WandbMode | None, typer.Option(help="wandb mode (default: $WANDB_MODE or offline).")
+    ] = None,
+) -> None:
+    """Train a model on a data folder (or the built-in phantom) and evaluate it on the test split."""
+    from mtl_meniscus.config import load_config
+    from mtl_meniscus.train import default_run_dir, train_run
+
+    try:
+        if resume is not None:
+            train_run(None, resume, resume=True, console=console)
+            return
+        preset = config or PRESETS / f"{(mode or Mode.shared).value}.yaml"
+        overrides = {
+            "model.name": mode.value if mode else None,
+            "data.path": str(data) if data else None,
+            "train.max_epochs": max_epochs,
+            "train.steps_per_epoch": steps_per_epoch,
+            "train.batch_size": batch_size,
+            "train.lr": lr,
+            "train.seed": seed,
+            "train.precision": precision.value if precision else None,
+            "wandb.mode": wandb.value if wandb else None,
+        }
+        run_config = load_config(preset if preset.is_file() or config else None, overrides)
+        train_run(run_config, out or default_run_dir(run_config.model.name), console=console)
+    except MeniscusError as err:
+        fail(err)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .labels import TASKS
 
 
 @dataclass
@@ -71,6 +72,75 @@ class PreprocessConfig:
     edge_filter: Literal["sobel", "scharr", "laplace", "none"] = "sobel"  # second channel
 
 
+FISSURE_KERNELS = (7, 5, 3)  # reference fissure network: 3 blocks
+DEEP_KERNELS = (7, 5, 3, 3)  # reference orientation/position networks: 4 blocks
+
+
+@dataclass
+class ModelConfig:
+    """Architecture choices; saved in checkpoints so a model can be rebuilt without the YAML."""
+
+    name: str = "shared"  # a key of MODEL_BUILDERS: 'shared' or 'separate' (timm trunks: 'timm:<name>')
+    widths: tuple[int, ...] = (16, 32, 48, 64)  # filters per conv block (not published; ours)
+    kernels: tuple[int, ...] = DEEP_KERNELS  # trunk of the shared model and of orientation/position nets
+    fissure_kernels: tuple[int, ...] = FISSURE_KERNELS  # fissure network of the separate cascade
+    pool_grid: int = 8  # trunk output is pooled to pool_grid x pool_grid before the dense head
+    conv_dropout: float = 0.2
+    dense: tuple[int, ...] = (32, 16)
+    dense_dropout: float = 0.4
+    in_chans: int = 2
+    tasks: tuple[str, ...] = TASKS
+
+    def validate(self) -> None:
+        _check(len(self.widths) >= len(self.kernels), "model.widths", self.widths, "one width per block")
+        _check(all(k % 2 == 1 for k in self.kernels), "model.kernels", self.kernels, "odd kernel sizes")
+        _check(self.pool_grid >= 1, "model.pool_grid", self.pool_grid, ">= 1")
+        _check(0 <= self.conv_dropout < 1, "model.conv_dropout", self.conv_dropout, "0..1")
+        _check(0 <= self.dense_dropout < 1, "model.dense_dropout", self.dense_dropout, "0..1")
+        _check(set(self.tasks) <= set(TASKS) and len(self.tasks) > 0, "model.tasks", self.tasks, str(TASKS))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation; defaults from the reference method (Adam, lr 0.001, batch 32, 80 steps/epoch)."""
+
+    max_epochs: int = 30
+    steps_per_epoch: int = 80
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_factor: float = 0.5  # learning rate multiplied by this when the monitored score plateaus
+    lr_patience: int = 2  # epochs without improvement before the learning rate is cut
+    early_stopping_patience: int = 6  # epochs without improvement before training stops
+    min_lr: float = 1e-5
+    weighting: Literal["fixed", "uncertainty"] = "fixed"
+    task_weights: dict[str, float] = field(default_factory=dict)  # fixed weighting; missing tasks get 1
+    pos_weights: dict[str, float] = field(default_factory=dict)  # BCE positive-class weight per task
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    num_workers: int = 0  # DataLoader worker processes for augmentation (0 = in the training process)
+    eval_batch_size: int = 64
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("max_epochs", "steps_per_epoch", "batch_size", "eval_batch_size"):
+            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "> 0")
+        _check(0 < self.lr_factor < 1, "train.lr_factor", self.lr_factor, "0 < factor < 1")
+        _check(self.num_workers >= 0, "train.num_workers", self.num_workers, ">= 0")
+        for name in ("task_weights", "pos_weights"):
+            unknown = set(getattr(self, name)) - set(TASKS)
+            _check(not unknown, f"train.{name}", getattr(self, name), f"keys among {', '.join(TASKS)}")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging; offline by default, into the run folder."""
+
+    mode: Literal["offline", "online", "disabled"] | None = None  # None: $WANDB_MODE, else offline
+    project: str = "mtl_meniscus"
+    group: str | None = None  # compare runs share a group
+    job_type: str | None = None
+
+
 def _tta_augment() -> AugmentConfig:
     return AugmentConfig(rotation_deg=15.0, translate_frac=0.1)
 
@@ -95,11 +165,23 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tta: TTAConfig = field(default_factory=TTAConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> Config:
         self.data.validate()
         self.augment.validate()
         self.tta.validate()
+        self.model.validate()
+        self.train.validate()
+        expected = 1 if self.preprocess.edge_filter == "none" else 2
+        _check(
+            self.model.in_chans == expected,
+            "model.in_chans",
+            self.model.in_chans,
+            f"{expected} with preprocess.edge_filter '{self.preprocess.edge_filter}'",
+        )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,77 @@
+"""Torch side of the data: a Dataset of in-memory slices and a seeded epoch sampler.
+
+Randomness is explicit: each sample's augmentation is drawn from numpy's generator seeded
+with (run seed, epoch, position in the epoch), so an epoch is the same whether it runs in
+one go, in worker processes, or after a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .augment import augment_image
+from .config import AugmentConfig
+from .preprocess import make_input
+
+
+class SliceDataset(Dataset):
+    """Item (index, seed or None) -> (x (C, H, W) float32, targets (3,) float32 with NaN)."""
+
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        targets: np.ndarray,
+        edge_filter: str,
+        augment: AugmentConfig | None = None,
+    ):
+        self.images = images
+        self.targets = torch.from_numpy(np.asarray(targets, np.float32))
+        self.edge_filter = edge_filter
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int | None] | int) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image = self.images[index]
+        if self.augment is not None and seed is not None:
+            image = augment_image(image, self.augment, np.random.default_rng(seed))
+        return torch.from_numpy(make_input(image, self.edge_filter)), self.targets[index]
+
+
+class EpochBatchSampler(Sampler):
+    """`steps` batches of `batch_size` (index, augmentation seed) pairs for one epoch.
+
+    Indices come from concatenated seeded permutations of `indices`, so an epoch longer than
+    the training set still sees every image before any repeats. Call set_epoch() before iterating.
+    """
+
+    def __init__(self, indices: Sequence[int], steps: int, batch_size: int, seed: int):
+        if len(indices) == 0:
+            raise ValueError("cannot sample batches from an empty training set")
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.steps = steps
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        needed = self.steps * self.batch_size
+        rounds = -(-needed // len(self.indices))
+        order = np.concatenate([rng.permutation(self.indices) for _ in range(rounds)])[:needed]
+        sample_seeds = rng.integers(0, 2**63 - 1, size=needed)
+        for step in range(self.steps):
+            batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            yield [(int(i), int(s)) for i, s in zip(order[batch], sample_seeds[batch])]

@@ -1,0 +1,53 @@
+"""Batched prediction of task probabilities, optionally with test-time augmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .config import TTAConfig
+from .dataset import SliceDataset
+from .runtime import Runtime
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    edge_filter: str,
+    runtime: Runtime,
+    batch_size: int = 64,
+    tta: TTAConfig | None = None,
+    seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """{task: (N,) probabilities}; with TTA, the mean over the original and `tta.copies` copies.
+
+    Copy k of image i is augmented with the generator seeded (seed, i, k): deterministic and
+    independent of the batch size.
+    """
+    model.eval()
+    n = len(images)
+    copies = tta.copies if tta is not None else 0
+    dataset = SliceDataset(images, np.zeros((n, 3), np.float32), edge_filter, tta.augment if copies else None)
+    keys = [(i, None) for i in range(n)]
+    keys += [
+        (i, int(np.random.SeedSequence([seed, i, k]).generate_state(1)[0]))
+        for k in range(copies)
+        for i in range(n)
+    ]
+    loader = DataLoader(keys, batch_size=batch_size, collate_fn=lambda batch: [dataset[key] for key in batch])
+    chunks: dict[str, list[np.ndarray]] = {}
+    for batch in loader:
+        x = runtime.prepare_input(torch.stack([item[0] for item in batch]))  # (B, C, H, W)
+        with runtime.autocast():
+            logits = model(x)
+        for task, value in logits.items():
+            chunks.setdefault(task, []).append(torch.sigmoid(value.float()).cpu().numpy())
+        if on_batch is not None:
+            on_batch(len(batch))
+    return {task: np.concatenate(parts).reshape(copies + 1, n).mean(axis=0) for task, parts in chunks.items()}

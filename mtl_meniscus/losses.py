@@ -1,0 +1,98 @@
+"""Masked multi-task loss and task-weighting strategies.
+
+Targets are (B, 3) in TASKS order with NaN where a task does not apply. Orientation and
+position count only where the true fissure is 1 (and their own target is known).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .labels import TASKS
+
+
+def task_mask(targets: torch.Tensor, task: str) -> torch.Tensor:
+    """(B,) bool: rows where `task` is supervised (all rows for fissure, true tears otherwise)."""
+    column = targets[:, TASKS.index(task)]
+    known = ~torch.isnan(column)
+    if task == "fissure":
+        return known
+    return known & (targets[:, 0] == 1)
+
+
+def masked_bce(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, pos_weight: float | None = None
+) -> torch.Tensor:
+    """Mean BCE-with-logits over rows where mask is True; 0 (still attached to the graph) if none."""
+    safe_targets = torch.where(mask, targets, torch.zeros_like(targets))  # NaN * 0 would still be NaN
+    weight = (
+        None if pos_weight is None else torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+    )
+    per_row = F.binary_cross_entropy_with_logits(
+        logits.float(), safe_targets.float(), pos_weight=weight, reduction="none"
+    )
+    per_row = per_row * mask.float()
+    return per_row.sum() / mask.sum().clamp(min=1)
+
+
+def task_losses(
+    outputs: dict[str, torch.Tensor], targets: torch.Tensor, pos_weights: dict[str, float] | None = None
+) -> dict[str, torch.Tensor]:
+    """Masked BCE of each task the model predicts."""
+    pos_weights = pos_weights or {}
+    return {
+        task: masked_bce(
+            logits, targets[:, TASKS.index(task)], task_mask(targets, task), pos_weights.get(task)
+        )
+        for task, logits in outputs.items()
+    }
+
+
+class FixedWeighting(nn.Module):
+    """Weighted sum with constant weights (default 1 per task)."""
+
+    def __init__(self, tasks: Sequence[str], weights: dict[str, float] | None = None):
+        super().__init__()
+        weights = weights or {}
+        self.weights = {task: float(weights.get(task, 1.0)) for task in tasks}
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[task] * loss for task, loss in losses.items())
+
+    def current_weights(self) -> dict[str, float]:
+        return dict(self.weights)
+
+
+class UncertaintyWeighting(nn.Module):
+    """Kendall, Gal & Cipolla 2018: sum of exp(-s_t) * L_t + s_t with learnable s_t = log sigma_t^2.
+
+    The log-variances are nn.Parameters, so the optimizer sees and updates them.
+    """
+
+    def __init__(self, tasks: Sequence[str]):
+        super().__init__()
+        self.log_vars = nn.ParameterDict({task: nn.Parameter(torch.zeros(())) for task in tasks})
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = 0.0
+        for task, loss in losses.items():
+            log_var = self.log_vars[task]
+            total = total + torch.exp(-log_var) * loss + log_var
+        return total
+
+    def current_weights(self) -> dict[str, float]:
+        return {task: math.exp(-float(p.detach())) for task, p in self.log_vars.items()}
+
+
+def build_weighting(name: str, tasks: Sequence[str], weights: dict[str, float] | None = None) -> nn.Module:
+    """Task-weighting strategy by name: 'fixed' or 'uncertainty'."""
+    if name == "fixed":
+        return FixedWeighting(tasks, weights)
+    if name == "uncertainty":
+        return UncertaintyWeighting(tasks)
+    raise ValueError(f"unknown task weighting {name!r} (allowed: fixed, uncertainty)")

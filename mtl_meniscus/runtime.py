@@ -1,0 +1,64 @@
+"""Device and precision choice: CUDA when present; bf16 autocast + channels_last where it pays."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AMX tiles or AVX512-BF16 (bf16 matmul/conv in hardware)."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:  # pragma: no cover - probe unavailable in this build
+            continue
+    return False
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors are computed."""
+
+    device: torch.device
+    bf16: bool
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        # channels_last lets oneDNN/cuDNN use their fast bf16 convolution kernels.
+        return torch.channels_last if self.bf16 else torch.contiguous_format
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, memory_format=self.memory_format, non_blocking=True)
+
+    def describe(self) -> str:
+        return f"{self.device.type} {self.precision}" + (" channels_last" if self.bf16 else "")
+
+
+def resolve_runtime(precision: str = "auto", device: str | None = None) -> Runtime:
+    """'auto' = bf16 on CUDA and on CPUs with native bf16, else fp32; 'fp32'/'bf16' force it."""
+    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision == "auto":
+        bf16 = chosen.type == "cuda" or (chosen.type == "cpu" and cpu_has_native_bf16())
+    elif precision in ("fp32", "bf16"):
+        bf16 = precision == "bf16"
+    else:
+        raise ValueError(f"unknown precision {precision!r} (allowed: auto, fp32, bf16)")
+    return Runtime(chosen, bf16)

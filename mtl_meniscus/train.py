@@ -1,0 +1,475 @@
+"""Training: the shared-trunk model, or the reference cascade's three networks one after another.
+
+A run folder holds config.yaml, splits.csv, exclusions.csv, history.csv, best.pt/last.pt,
+metrics.json and training_curves.png. In separate mode each network ("member") trains in
+members/<task>/ on its own data (fissure: all images; orientation, position: tears only)
+with its own learning-rate schedule and early stopping, as in the reference method; the
+run's best.pt is the assembled cascade.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .checkpoint import atomic_torch_save, load_checkpoint, model_payload
+from .config import Config, config_from_dict
+from .data import PreparedData, prepare_data
+from .dataset import EpochBatchSampler, SliceDataset
+from .errors import MeniscusError
+from .inference import predict_probs
+from .labels import TASKS
+from .losses import build_weighting, task_losses
+from .metrics import challenge_score, monitor_score, supervised_rows, task_aucs
+from .models import SeparateCascade, build_shared, build_single_task
+from .phantom import ensure_phantom
+from .plots import plot_training_curves
+from .runtime import Runtime, resolve_runtime
+from .tracking import RunLogger
+
+EpochCallback = Callable[[str, int], None]  # (member, epoch) after each finished epoch
+
+
+@dataclass
+class Member:
+    """One network to train: its name, tasks, folder and the images it trains and validates on."""
+
+    name: str
+    tasks: tuple[str, ...]
+    folder: Path
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+
+    def build(self, config: Config) -> nn.Module:
+        if self.name == "shared":
+            return build_shared(config.model)
+        return build_single_task(config.model, self.name)
+
+
+def resolve_data_dir(config: Config) -> Path:
+    """The configured data folder, or the default phantom (generated into the cache on first use)."""
+    if config.data.path:
+        return Path(config.data.path)
+    return ensure_phantom(config.data.phantom_n, config.data.phantom_seed)
+
+
+def default_run_dir(mode: str) -> Path:
+    return Path("runs") / f"{mode}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def plan_members(config: Config, data: PreparedData, run_dir: Path) -> list[Member]:
+    """Shared: one member on all images. Separate: fissure on all images, the others on tears."""
+    train, val = data.indices("train"), data.indices("val")
+    if config.model.name == "shared":
+        return [Member("shared", config.model.tasks, run_dir, train, val)]
+    tears = data.targets[:, 0] == 1
+    members = []
+    for task in config.model.tasks:
+        if task == "fissure":
+            members.append(Member(task, (task,), run_dir / "members" / task, train, val))
+        else:
+            has_label = supervised_rows(data.targets, task)
+            members.append(
+                Member(
+                    task,
+                    (task,),
+                    run_dir / "members" / task,
+                    train[has_label[train] & tears[train]],
+                    val[has_label[val] & tears[val]],
+                )
+            )
+    return members
+
+
+class MemberTrainer:
+    """Epoch loop of one network with LR-on-plateau, early stopping and resumable state."""
+
+    def __init__(
+        self,
+        member: Member,
+        config: Config,
+        data: PreparedData,
+        runtime: Runtime,
+        logger: RunLogger,
+        console: Console,
+    ):
+        self.member, self.config, self.data, self.runtime = member, config, data, runtime
+        self.logger, self.console = logger, console
+        train = config.train
+        torch.manual_seed(train.seed)
+        self.model = runtime.prepare_model(member.build(config))
+        self.weighting = build_weighting(train.weighting, member.tasks, train.task_weights).to(runtime.device)
+        self.optimizer = torch.optim.Adam(
+            list(self.model.parameters()) + list(self.weighting.parameters()), lr=train.lr
+        )
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer,
+            mode="max",
+            factor=train.lr_factor,
+            patience=train.lr_patience,
+            min_lr=train.min_lr,
+        )
+        self.dataset = SliceDataset(data.images, data.targets, config.preprocess.edge_filter, config.augment)
+        self.sampler = EpochBatchSampler(
+            member.train_indices, train.steps_per_epoch, train.batch_size, train.seed
+        )
+        self.epoch = 0  # epochs finished
+        self.best_score: float | None = None
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.finished = False
+        self.history: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+
+    # ---- state -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "weighting": self.weighting.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "finished": self.finished,
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.weighting.load_state_dict(state["weighting"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for key in (
+            "epoch",
+            "best_score",
+            "best_epoch",
+            "bad_epochs",
+            "finished",
+            "history",
+            "train_seconds",
+        ):
+            setattr(self, key, state[key])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_last(self) -> None:
+        payload = model_payload(
+            self.model, self.config, {"member": self.member.name, "training_state": self.state()}
+        )
+        atomic_torch_save(payload, self.member.folder / "last.pt")
+
+    def save_best(self) -> None:
+        extra = {"member": self.member.name, "best_epoch": self.best_epoch, "best_score": self.best_score}
+        payload = model_payload(self.model, self._member_config(), extra)
+        atomic_torch_save(payload, self.member.folder / "best.pt")
+
+    def _member_config(self) -> Config:
+        """Config of this member alone (a single-task network is a one-task 'shared' model)."""
+        config = config_from_dict(self.config.to_dict(), source="run config")
+        config.model = replace(config.model, name="shared", tasks=self.member.tasks)
+        if self.member.name == "fissure" and self.config.model.name == "separate":
+            config.model = replace(config.model, kernels=self.config.model.fissure_kernels)
+        return config
+
+    def try_resume(self) -> bool:
+        last = self.member.folder / "last.pt"
+        if not last.is_file():
+            return False
+        self.load_state(load_checkpoint(last)["training_state"])
+        return True
+
+    # ---- loop --------------------------------------------------------------------------------
+    def fit(self, on_epoch_end: EpochCallback | None = None) -> None:
+        train = self.config.train
+        while not self.finished:
+            self.epoch += 1
+            start = time.perf_counter()
+            train_loss = self._train_epoch()
+            self.train_seconds += time.perf_counter() - start
+            val = self._validate()
+            score = val["score"]
+            improved = not math.isnan(score) and (self.best_score is None or score > self.best_score + 1e-4)
+            if improved:
+                self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch, 0
+                self.save_best()
+            else:
+                self.bad_epochs += 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step(0.0 if math.isnan(score) else score)
+            row = {
+                "member": self.member.name,
+                "epoch": self.epoch,
+                "train_loss": train_loss,
+                "val_loss": val["loss"],
+                **{f"val_auc_{t}": val["auc"].get(t, float("nan")) for t in TASKS},
+                "val_score": score,
+                "lr": lr,
+                "seconds": time.perf_counter() - start,
+            }
+            self.history.append(row)
+            self.finished = (
+                self.epoch >= train.max_epochs
+                or self.bad_epochs >= train.early_stopping_patience
+                or (
+                    self.optimizer.param_groups[0]["lr"] < train.min_lr * 1.0001
+                    and self.bad_epochs > train.lr_patience
+                )
+            )
+            if self.best_score is None and self.finished:
+                self.save_best()  # never a defined score (e.g. one-class validation): keep the last weights
+            self.save_last()
+            self._report(row, improved)
+            if on_epoch_end is not None:
+                on_epoch_end(self.member.name, self.epoch)
+        best = load_checkpoint(self.member.folder / "best.pt")
+        self.model.load_state_dict(best["state_dict"])
+
+    def _train_epoch(self) -> float:
+        train = self.config.train
+        self.sampler.set_epoch(self.epoch)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=train.num_workers,
+            persistent_workers=False,
+            prefetch_factor=4 if train.num_workers else None,
+        )
+        self.model.train()
+        total, steps = 0.0, 0
+        with Progress(
+            TextColumn(f"[bold]{self.member.name}[/] epoch {self.epoch}/{train.max_epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            disable=not self.console.is_terminal,
+        ) as progress:
+            bar = progress.add_task("train", total=len(self.sampler), loss=float("nan"))
+            for x, y in loader:
+                x, y = self.runtime.prepare_input(x), y.to(self.runtime.device)  # (B, C, H, W), (B, 3)
+                with self.runtime.autocast():
+                    outputs = self.model(x)
+                losses = task_losses(outputs, y, train.pos_weights)
+                loss = self.weighting(losses)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                total += float(loss.detach())
+                steps += 1
+                progress.update(bar, advance=1, loss=total / steps)
+        return total / max(steps, 1)
+
+    def _validate(self) -> dict[str, Any]:
+        indices = self.member.val_indices
+        targets = self.data.targets[indices]
+        probs = predict_probs(
+            self.model,
+            [self.data.images[i] for i in indices],
+            self.config.preprocess.edge_filter,
+            self.runtime,
+            self.config.train.eval_batch_size,
+        )
+        aucs = task_aucs(targets, probs)
+        return {"auc": aucs, "score": monitor_score(aucs), "loss": _masked_log_loss(targets, probs)}
+
+    def _report(self, row: dict[str, Any], improved: bool) -> None:
+        aucs = " ".join(
+            f"{t} {row[f'val_auc_{t}']:.3f}" for t in TASKS if not math.isnan(row[f"val_auc_{t}"])
+        )
+        star = " *" if improved else ""
+        self.console.print(
+            f"[{self.member.name}] epoch {row['epoch']:>2}  loss {row['train_loss']:.4f}  "
+            f"val loss {row['val_loss']:.4f}  AUC {aucs}  score {row['val_score']:.4f}{star}  "
+            f"lr {row['lr']:.2g}  {row['seconds']:.1f}s",
+            highlight=False,
+            markup=False,
+        )
+        self.logger.log({f"{self.member.name}/{k}": v for k, v in row.items() if k != "member"})
+
+
+def _masked_log_loss(targets: np.ndarray, probs: dict[str, np.ndarray]) -> float:
+    """Validation loss with the training loss's masking: sum over tasks of the mean BCE."""
+    total = 0.0
+    for task, p in probs.items():
+        rows = supervised_rows(targets, task)
+        if rows.any():
+            y = targets[rows, TASKS.index(task)]
+            q = np.clip(p[rows], 1e-7, 1 - 1e-7)
+            total += float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+    return total
+
+
+def train_run(
+    config: Config | None,
+    run_dir: Path,
+    resume: bool = False,
+    console: Console | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) a run end to end and return its metrics (also in metrics.json).
+
+    With resume=True the run's own config.yaml is used and `config` is ignored.
+    """
+    console = console or Console(soft_wrap=True)
+    run_dir = Path(run_dir)
+    if resume:
+        config = _load_run_config(run_dir)
+    elif (run_dir / "last.pt").exists() or (run_dir / "members").exists():
+        raise MeniscusError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = resolve_data_dir(config)
+    config.data.path = str(data_dir.resolve())
+    data = prepare_data(data_dir, config.data)
+    _check_same_splits(run_dir, data, resume)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    data.write_splits(run_dir / "splits.csv")
+    data.write_exclusions(run_dir / "exclusions.csv")
+    console.print(f"data {data_dir}: {data.exclusion_summary()} (report: {run_dir / 'exclusions.csv'})")
+    console.print(f"splits: {data.split_summary()}")
+
+    runtime = resolve_runtime(config.train.precision)
+    console.print(f"training {config.model.name} on {runtime.describe()} -> {run_dir}")
+    logger = RunLogger(config.wandb, run_dir, run_dir.name, config.to_dict())
+    try:
+        members = plan_members(config, data, run_dir)
+        trained: dict[str, nn.Module] = {}
+        history: list[dict[str, Any]] = []
+        train_seconds = 0.0
+        for member in members:
+            trainer = MemberTrainer(member, config, data, runtime, logger, console)
+            if resume and trainer.try_resume():
+                console.print(
+                    f"[{member.name}] resumed after epoch {trainer.epoch}"
+                    + (" (finished)" if trainer.finished else "")
+                )
+            trainer.fit(on_epoch_end)
+            trained[member.name] = trainer.model
+            history += trainer.history
+            train_seconds += trainer.train_seconds
+            _write_history(run_dir / "history.csv", history)
+
+        model = trained["shared"] if "shared" in trained else SeparateCascade(trained)
+        metrics = _final_metrics(model, config, data, runtime, history, train_seconds)
+        atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_training_curves(history, run_dir / "training_curves.png")
+        _print_metrics(console, metrics)
+        logger.summary(_flatten("test", metrics["test"]) | _flatten("test_tta", metrics["test_tta"]))
+        logger.log_image("training_curves", run_dir / "training_curves.png")
+        logger.log_artifact(run_dir / "best.pt", name=f"model-{run_dir.name}")
+        if logger.folder is not None:
+            console.print(
+                f"wandb ({logger.mode}): {logger.folder}"
+                + (f"  (upload: wandb sync {logger.folder})" if logger.mode == "offline" else "")
+            )
+        return metrics
+    finally:
+        logger.finish()
+
+
+def _final_metrics(
+    model, config: Config, data: PreparedData, runtime: Runtime, history, train_seconds
+) -> dict:
+    test = data.indices("test")
+    images, targets = [data.images[i] for i in test], data.targets[test]
+    results = {}
+    for key, tta in (("test", None), ("test_tta", config.tta)):
+        probs = predict_probs(
+            model,
+            images,
+            config.preprocess.edge_filter,
+            runtime,
+            config.train.eval_batch_size,
+            tta=tta,
+            seed=config.train.seed,
+        )
+        aucs = task_aucs(targets, probs)
+        results[key] = {
+            "auc": aucs,
+            "score": challenge_score(aucs),
+            "n_images": len(test),
+            "n_tears": int(np.nansum(targets[:, 0])),
+        }
+    best_by_member = {}
+    for name in dict.fromkeys(r["member"] for r in history):
+        rows = [r for r in history if r["member"] == name]
+        best = max(rows, key=lambda r: -math.inf if math.isnan(r["val_score"]) else r["val_score"])
+        best_by_member[name] = {
+            "best_epoch": best["epoch"],
+            "val_score": best["val_score"],
+            "epochs": len(rows),
+        }
+    results["members"] = best_by_member
+    results["train_seconds"] = train_seconds
+    results["train_images"] = len(history) * config.train.steps_per_epoch * config.train.batch_size
+    results["precision"] = runtime.precision
+    results["device"] = runtime.device.type
+    results["model"] = config.model.name
+    return results
+
+
+def _flatten(prefix: str, values: dict) -> dict:
+    out = {f"{prefix}/score": values["score"]}
+    out.update({f"{prefix}/auc_{t}": a for t, a in values["auc"].items()})
+    return out
+
+
+def _print_metrics(console: Console, metrics: dict) -> None:
+    for key, label in (("test", "test"), ("test_tta", "test + TTA")):
+        m = metrics[key]
+        aucs = "  ".join(f"{t} {a:.4f}" for t, a in m["auc"].items())
+        console.print(
+            f"{label}: AUC {aucs}  challenge score {m['score']:.4f}  "
+            f"({m['n_images']} images, {m['n_tears']} tears)",
+            highlight=False,
+        )
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)
+
+
+def _load_run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise MeniscusError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
+    return config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def _check_same_splits(run_dir: Path, data: PreparedData, resume: bool) -> None:
+    """On resume, the data must split exactly as before, or the resumed run would train on test images."""
+    saved = run_dir / "splits.csv"
+    if not resume or not saved.is_file():
+        return
+    with saved.open(newline="") as handle:
+        before = [(row["image"], row["split"]) for row in csv.DictReader(handle)]
+    now = [(r.image, s) for r, s in zip(data.records, data.splits)]
+    if before != now:
+        raise MeniscusError(f"cannot resume {run_dir}: the data or its splits changed since the run started")

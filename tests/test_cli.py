@@ -1,0 +1,90 @@
+"""The CLI through typer's CliRunner: commands work, domain errors give a message and exit 1."""
+
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from cli import app  # noqa: E402
+
+runner = CliRunner()
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def test_make_phantom(tmp_path):
+    result = runner.invoke(
+        app, ["make-phantom", str(tmp_path / "ph"), "--n", "30", "--seed", "2", "--size", "64"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "wrote 30 images" in result.output and "double_tear: 1" in result.output
+    assert len(list((tmp_path / "ph" / "images").glob("*.png"))) == 30
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_phantom")
+    result = runner.invoke(app, ["make-phantom", str(folder), "--n", "80", "--seed", "4", "--size", "64"])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_train_both_modes(phantom, tmp_path, mode):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--mode",
+        mode,
+        "--config",
+        TINY,
+        "--data",
+        str(phantom),
+        "--out",
+        str(out),
+        "--max-epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.01",
+        "--seed",
+        "3",
+        "--precision",
+        "fp32",
+        "--wandb",
+        "disabled",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "challenge score" in result.output and "kept 78 of 80 images" in result.output
+    assert (out / "best.pt").is_file()
+    config = (out / "config.yaml").read_text()
+    assert f"name: {mode}" in config and "steps_per_epoch: 2" in config and "lr: 0.01" in config
+    assert "precision: fp32" in config and "seed: 3" in config
+
+    resumed = runner.invoke(app, ["train", "--resume", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "(finished)" in resumed.output
+
+
+def test_bad_data_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "labels.csv").write_text("image,fissure,orientation,position\nmissing.png,3,,\n")
+    result = runner.invoke(
+        app, ["train", "--config", TINY, "--data", str(tmp_path), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 1
+    assert "row 2, column 'fissure': bad value '3'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  learning_rate: 0.1\n")
+    result = runner.invoke(app, ["train", "--config", str(bad)])
+    assert result.exit_code == 1
+    assert "unknown config key(s) train.learning_rate" in result.output

@@ -1,0 +1,75 @@
+import math
+
+import torch
+
+from mtl_meniscus.losses import FixedWeighting, UncertaintyWeighting, masked_bce, task_losses, task_mask
+
+NAN = float("nan")
+
+
+def _bce(logit, target):
+    p = 1 / (1 + math.exp(-logit))
+    return -(target * math.log(p) + (1 - target) * math.log(1 - p))
+
+
+def test_masked_loss_against_hand_values():
+    targets = torch.tensor([[1.0, 1.0, 0.0], [0.0, NAN, NAN], [1.0, 0.0, 1.0], [0.0, NAN, NAN]])
+    outputs = {
+        "fissure": torch.tensor([2.0, -1.0, 0.5, 3.0]),
+        "orientation": torch.tensor([1.0, 9.0, -2.0, -9.0]),  # rows 1 and 3 must not count
+        "position": torch.tensor([0.0, 5.0, 1.5, 5.0]),
+    }
+    losses = task_losses(outputs, targets)
+    expected_fissure = (_bce(2.0, 1) + _bce(-1.0, 0) + _bce(0.5, 1) + _bce(3.0, 0)) / 4
+    expected_orientation = (_bce(1.0, 1) + _bce(-2.0, 0)) / 2
+    expected_position = (_bce(0.0, 0) + _bce(1.5, 1)) / 2
+    assert math.isclose(losses["fissure"].item(), expected_fissure, rel_tol=1e-6)
+    assert math.isclose(losses["orientation"].item(), expected_orientation, rel_tol=1e-6)
+    assert math.isclose(losses["position"].item(), expected_position, rel_tol=1e-6)
+
+
+def test_all_negative_batch_gives_zero_connected_loss():
+    targets = torch.tensor([[0.0, NAN, NAN], [0.0, NAN, NAN]])
+    logits = {t: torch.randn(2, requires_grad=True) for t in ("fissure", "orientation", "position")}
+    losses = task_losses(logits, targets)
+    assert losses["orientation"].item() == 0 and losses["position"].item() == 0
+    total = FixedWeighting(list(logits))(losses)
+    assert torch.isfinite(total)
+    total.backward()
+    assert logits["orientation"].grad is not None and torch.all(logits["orientation"].grad == 0)
+    assert torch.all(logits["fissure"].grad != 0)
+
+
+def test_double_tear_position_is_masked_but_orientation_counts():
+    targets = torch.tensor([[1.0, 0.0, NAN]])
+    assert task_mask(targets, "orientation").tolist() == [True]
+    assert task_mask(targets, "position").tolist() == [False]
+
+
+def test_pos_weight_scales_positive_rows():
+    logits, targets, mask = torch.tensor([0.3]), torch.tensor([1.0]), torch.tensor([True])
+    assert math.isclose(
+        masked_bce(logits, targets, mask, pos_weight=5.0).item(), 5 * _bce(0.3, 1), rel_tol=1e-6
+    )
+
+
+def test_fixed_weights():
+    losses = {"fissure": torch.tensor(2.0), "orientation": torch.tensor(3.0)}
+    assert FixedWeighting(["fissure", "orientation"], {"orientation": 0.5})(losses).item() == 3.5
+
+
+def test_uncertainty_weights_are_parameters_the_optimizer_moves():
+    weighting = UncertaintyWeighting(["fissure", "orientation"])
+    assert len(list(weighting.parameters())) == 2
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
+    losses = {"fissure": torch.tensor(4.0), "orientation": torch.tensor(0.25)}
+    # at s = 0 the total is sum(L_t); d/ds_t = 1 - L_t
+    assert math.isclose(weighting(losses).item(), 4.25)
+    for _ in range(50):
+        optimizer.zero_grad()
+        weighting(losses).backward()
+        optimizer.step()
+    # optimum s_t = log L_t: the high-loss task gets the smaller weight exp(-s_t)
+    weights = weighting.current_weights()
+    assert math.isclose(weights["fissure"], 1 / 4.0, rel_tol=0.05)
+    assert math.isclose(weights["orientation"], 1 / 0.25, rel_tol=0.05)

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from mtl_meniscus.config import ModelConfig
+from mtl_meniscus.errors import ConfigError
+from mtl_meniscus.labels import TASKS
+from mtl_meniscus.models import SeparateCascade, SharedTrunkNet, build_model, count_parameters
+
+SMALL = dict(widths=(4, 8, 8, 8), pool_grid=2, dense=(8, 4))
+
+
+@pytest.mark.parametrize("name", ["shared", "separate"])
+def test_output_contract_no_nan_and_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, **SMALL))
+    x = torch.randn(3, 2, 64, 64)
+    out = model(x)
+    assert list(out) == list(TASKS)
+    for logits in out.values():
+        assert logits.shape == (3,) and torch.isfinite(logits).all()
+    sum(v.sum() for v in out.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert all(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_reference_architectures():
+    cascade = build_model(ModelConfig(name="separate"))
+    assert isinstance(cascade, SeparateCascade)
+    convs = {
+        task: [m.kernel_size[0] for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        for task, net in cascade.networks.items()
+    }
+    assert convs == {"fissure": [7, 5, 3], "orientation": [7, 5, 3, 3], "position": [7, 5, 3, 3]}
+    shared = build_model(ModelConfig(name="shared"))
+    assert isinstance(shared, SharedTrunkNet)
+    assert [m.kernel_size[0] for m in shared.trunk.modules() if isinstance(m, torch.nn.Conv2d)] == [
+        7,
+        5,
+        3,
+        3,
+    ]
+    head = shared.heads["fissure"]
+    assert [m.out_features for m in head if isinstance(m, torch.nn.Linear)] == [32, 16, 1]
+    assert [m.p for m in head if isinstance(m, torch.nn.Dropout)] == [0.4, 0.4]
+    # one trunk instead of three: fewer parameters than the cascade
+    assert count_parameters(shared) < count_parameters(cascade)
+
+
+def test_eval_mode_is_deterministic_and_any_input_size_works():
+    model = build_model(ModelConfig(name="shared", **SMALL)).eval()
+    x = torch.randn(2, 2, 80, 96)
+    a, b = model(x), model(x)
+    assert all(torch.equal(a[t], b[t]) for t in TASKS)
+
+
+def test_unknown_model_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.name"):
+        build_model(ModelConfig(name="resnet9000"))

@@ -1,0 +1,159 @@
+"""End-to-end training on a tiny 64-pixel phantom with the tiny preset (seconds per run)."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from mtl_meniscus.checkpoint import load_checkpoint, model_from_checkpoint
+from mtl_meniscus.config import load_config
+from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.phantom import write_phantom
+from mtl_meniscus.train import train_run
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def phantom64(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("phantom64")
+    write_phantom(folder, n=120, seed=11, size=64)
+    return folder
+
+
+def _config(phantom64, **overrides):
+    return load_config(TINY, {"data.path": str(phantom64), **overrides})
+
+
+def _quiet():
+    return Console(quiet=True)
+
+
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_run_folder_contents(phantom64, tmp_path, mode):
+    run = tmp_path / mode
+    metrics = train_run(_config(phantom64, **{"model.name": mode}), run, console=_quiet())
+    for name in (
+        "config.yaml",
+        "splits.csv",
+        "exclusions.csv",
+        "history.csv",
+        "best.pt",
+        "metrics.json",
+        "training_curves.png",
+    ):
+        assert (run / name).is_file(), name
+    assert (
+        json.loads((run / "metrics.json").read_text())["test"]["auc"].keys() == metrics["test"]["auc"].keys()
+    )
+    with (run / "exclusions.csv").open() as handle:
+        reasons = {row["reason"].split(":")[0] for row in csv.DictReader(handle)}
+    assert reasons == {"double tear", "wrong size"}
+    payload = load_checkpoint(run / "best.pt")  # weights_only=True inside
+    assert payload["model_name"] == mode and payload["tasks"] == ["fissure", "orientation", "position"]
+    assert payload["preprocess"] == {"edge_filter": "sobel", "image_size": 64}
+    model, config = model_from_checkpoint(payload)
+    out = model(torch.zeros(2, 2, 64, 64))
+    assert set(out) == {"fissure", "orientation", "position"}
+    if mode == "separate":
+        with (run / "history.csv").open() as handle:
+            members = {row["member"] for row in csv.DictReader(handle)}
+        assert members == {"fissure", "orientation", "position"}
+        assert (run / "members" / "orientation" / "last.pt").is_file()
+    else:
+        assert (run / "last.pt").is_file()
+
+
+def test_member_training_data_follows_the_reference(phantom64, tmp_path):
+    """Orientation and position networks train and validate on tear images only."""
+    from mtl_meniscus.data import prepare_data
+    from mtl_meniscus.train import plan_members
+
+    config = _config(phantom64, **{"model.name": "separate"})
+    data = prepare_data(phantom64, config.data)
+    members = {m.name: m for m in plan_members(config, data, tmp_path)}
+    assert len(members["fissure"].train_indices) == len(data.indices("train"))
+    for task in ("orientation", "position"):
+        assert (data.targets[members[task].train_indices, 0] == 1).all()
+        assert (data.targets[members[task].val_indices, 0] == 1).all()
+        assert len(members[task].train_indices) == int(data.targets[data.indices("train"), 0].sum())
+
+
+def test_tiny_training_lowers_the_loss(phantom64, tmp_path):
+    config = _config(
+        phantom64,
+        **{
+            "train.max_epochs": 8,
+            "train.steps_per_epoch": 8,
+            "train.batch_size": 16,
+            "train.lr": 0.005,
+            "train.early_stopping_patience": 10,
+            "train.lr_patience": 10,
+            "augment.rotation_deg": 0.0,
+            "augment.translate_frac": 0.0,
+            "model.conv_dropout": 0.0,
+            "model.dense_dropout": 0.0,
+        },
+    )
+    train_run(config, tmp_path / "run", console=_quiet())
+    with (tmp_path / "run" / "history.csv").open() as handle:
+        losses = [float(row["train_loss"]) for row in csv.DictReader(handle)]
+    assert len(losses) == 8
+    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+
+
+@pytest.mark.parametrize("mode,crash_at", [("shared", ("shared", 2)), ("separate", ("orientation", 1))])
+def test_kill_and_resume_matches_an_uninterrupted_run(phantom64, tmp_path, mode, crash_at):
+    overrides = {"model.name": mode, "train.max_epochs": 4, "train.early_stopping_patience": 10}
+    full = train_run(_config(phantom64, **overrides), tmp_path / "full", console=_quiet())
+
+    class Killed(Exception):
+        pass
+
+    def crash(member, epoch):
+        if (member, epoch) == crash_at:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_run(_config(phantom64, **overrides), tmp_path / "killed", console=_quiet(), on_epoch_end=crash)
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    resumed = train_run(None, tmp_path / "killed", resume=True, console=_quiet())
+    for key in ("test", "test_tta"):
+        for task, value in full[key]["auc"].items():
+            other = resumed[key]["auc"][task]
+            assert (math.isnan(value) and math.isnan(other)) or value == other, (key, task)
+    assert full["members"] == resumed["members"]
+    a = load_checkpoint(tmp_path / "full" / "best.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "killed" / "best.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_a_non_run(phantom64, tmp_path):
+    config = _config(phantom64, **{"train.max_epochs": 1})
+    train_run(config, tmp_path / "run", console=_quiet())
+    with pytest.raises(MeniscusError, match="already holds a run"):
+        train_run(config, tmp_path / "run", console=_quiet())
+    with pytest.raises(MeniscusError, match="no config.yaml"):
+        train_run(None, tmp_path / "empty", resume=True, console=_quiet())
+
+
+def test_uncertainty_weighting_trains_its_log_variances(phantom64, tmp_path):
+    config = _config(phantom64, **{"train.weighting": "uncertainty", "train.max_epochs": 2})
+    train_run(config, tmp_path / "run", console=_quiet())
+    state = load_checkpoint(tmp_path / "run" / "last.pt")["training_state"]["weighting"]
+    assert set(state) == {"log_vars.fissure", "log_vars.orientation", "log_vars.position"}
+    assert all(float(v) != 0.0 for v in state.values())  # moved from their initial 0
+
+
+def test_wandb_offline_writes_a_run_folder(phantom64, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = _config(phantom64, **{"train.max_epochs": 1, "wandb.mode": "offline"})
+    train_run(config, tmp_path / "run", console=_quiet())
+    folders = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 1
+    assert list(folders[0].glob("*.wandb")), "offline run log missing"
