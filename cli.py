@@ -120,5 +120,101 @@ def train(
         fail(err)
 
 
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
+    data: Annotated[
+        Path | None, typer.Option(help="External data folder (default: the run's own data).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="test, val, train, or all (every kept row of --data).")] = "test",
+    tta: Annotated[
+        int | None, typer.Option(help="Augmented copies averaged with the original (0 = off).")
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="Fissure probability threshold for gating.")] = None,
+    youden: Annotated[
+        bool, typer.Option(help="Pick the threshold by Youden's J on validation; save it.")
+    ] = False,
+    bootstrap: Annotated[int, typer.Option(help="Stratified bootstrap resamples for the 95% CIs.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of TTA and bootstrap.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/eval-<split>).")] = None,
+    cam: Annotated[
+        Path | None, typer.Option(help="Write Grad-CAM overlays of the evaluated images here.")
+    ] = None,
+    precision: Annotated[
+        Precision, typer.Option(help="auto: bf16 + channels_last where native.")
+    ] = Precision.auto,
+    wandb: Annotated[
+        WandbMode | None, typer.Option(help="wandb mode (default: the run's, or $WANDB_MODE).")
+    ] = None,
+) -> None:
+    """Evaluate a trained run: AUCs with bootstrap CIs, sensitivity/specificity, cascade view, ROC plot."""
+    from mtl_meniscus.evaluate import run_evaluation
+
+    try:
+        run_evaluation(
+            run,
+            data_dir=data,
+            split=split,
+            tta_copies=tta,
+            threshold=threshold,
+            youden=youden,
+            n_bootstrap=bootstrap,
+            seed=seed,
+            out_dir=out,
+            cam_dir=cam,
+            precision=precision.value,
+            console=console,
+            wandb_mode=wandb.value if wandb else None,
+        )
+    except MeniscusError as err:
+        fail(err)
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="Output file.")] = Path("predictions.csv"),
+    json_lines: Annotated[bool, typer.Option("--json", help="Write JSON lines instead of CSV.")] = False,
+    tta: Annotated[
+        int | None, typer.Option(help="Augmented copies averaged with the original (0 = off).")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Fissure threshold (default: the run's, else 0.5).")
+    ] = None,
+    strict_size: Annotated[
+        bool, typer.Option(help="Refuse images of another size instead of resizing.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    cam: Annotated[
+        Path | None, typer.Option(help="Write Grad-CAM overlays per task into this folder.")
+    ] = None,
+    precision: Annotated[
+        Precision, typer.Option(help="auto: bf16 + channels_last where native.")
+    ] = Precision.auto,
+) -> None:
+    """Predict tear, orientation and position for image files; exit code 1 if any input failed."""
+    from mtl_meniscus.predict import run_predict
+
+    try:
+        rows = run_predict(
+            run,
+            inputs,
+            out,
+            as_json=json_lines,
+            tta_copies=tta,
+            threshold=threshold,
+            strict_size=strict_size,
+            batch_size=batch_size,
+            cam_dir=cam,
+            precision=precision.value,
+            console=console,
+        )
+    except MeniscusError as err:
+        fail(err)
+    if any(row.error for row in rows):
+        raise typer.Exit(code=1)
+
+
 if __name__ == "__main__":
     app()

@@ -50,3 +50,87 @@ def monitor_score(aucs: Mapping[str, float]) -> float:
         return float("nan")
     total = sum(CHALLENGE_WEIGHTS[t] for t in defined)
     return float(sum(CHALLENGE_WEIGHTS[t] * a for t, a in defined.items()) / total)
+
+
+def binary_counts(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> dict[str, float]:
+    """Confusion matrix at a threshold (p >= threshold is positive), sensitivity and specificity."""
+    y_true = np.asarray(y_true).astype(bool)
+    predicted = np.asarray(y_prob) >= threshold
+    tp = int(np.sum(predicted & y_true))
+    fp = int(np.sum(predicted & ~y_true))
+    tn = int(np.sum(~predicted & ~y_true))
+    fn = int(np.sum(~predicted & y_true))
+    return {
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+    }
+
+
+def youden_threshold(y_true: np.ndarray, y_prob: np.ndarray) -> float:
+    """Threshold maximising Youden's J = sensitivity + specificity - 1 on the ROC curve."""
+    from sklearn.metrics import roc_curve
+
+    if len(np.unique(y_true)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(y_true, y_prob)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thresholds[best], 1.0))  # roc_curve's first threshold is +inf
+
+
+def roc_points(
+    targets: np.ndarray, probs: Mapping[str, np.ndarray]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(fpr, tpr) per task on its scored rows; tasks with one class are left out."""
+    from sklearn.metrics import roc_curve
+
+    curves = {}
+    for task, p in probs.items():
+        rows = supervised_rows(targets, task)
+        y = targets[rows, TASKS.index(task)]
+        if len(np.unique(y)) == 2:
+            fpr, tpr, _ = roc_curve(y, np.asarray(p)[rows])
+            curves[task] = (fpr, tpr)
+    return curves
+
+
+def bootstrap_cis(
+    targets: np.ndarray,
+    probs: Mapping[str, np.ndarray],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile confidence intervals of each task AUC and the challenge score.
+
+    Stratified bootstrap: rows are resampled with replacement within each joint-label stratum
+    (fissure, orientation, position), so every resample keeps the class counts and every AUC
+    stays defined when it is defined on the full set.
+    """
+    rng = np.random.default_rng(seed)
+    strata: dict[tuple, list[int]] = {}
+    for row, label in enumerate(map(tuple, np.nan_to_num(targets, nan=-1.0))):
+        strata.setdefault(label, []).append(row)
+    groups = [np.asarray(rows) for rows in strata.values()]
+    samples: dict[str, list[float]] = {task: [] for task in probs}
+    samples["score"] = []
+    for _ in range(n_resamples):
+        rows = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+        aucs = task_aucs(targets[rows], {t: np.asarray(p)[rows] for t, p in probs.items()})
+        for task, value in aucs.items():
+            samples[task].append(value)
+        samples["score"].append(challenge_score(aucs) if set(aucs) == set(TASKS) else monitor_score(aucs))
+    tail = (1 - level) / 2 * 100
+    out = {}
+    for key, values in samples.items():
+        values = np.asarray(values)
+        values = values[~np.isnan(values)]
+        out[key] = (
+            (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+            if len(values)
+            else (float("nan"), float("nan"))
+        )
+    return out

@@ -50,11 +50,14 @@ class ConvTrunk(nn.Module):
             blocks.append(ConvBlock(chans, width, kernel, dropout))
             chans = width
         self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveMaxPool2d(pool_grid)
-        self.num_features = chans * pool_grid * pool_grid
+        self.max_pool = nn.AdaptiveMaxPool2d(pool_grid)
+        self.avg_pool = nn.AdaptiveAvgPool2d(pool_grid)
+        self.num_features = 2 * chans * pool_grid * pool_grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.blocks(x)).flatten(1)  # (B, C * g * g)
+        maps = self.blocks(x)  # (B, C, H / 2^blocks, W / 2^blocks)
+        pooled = torch.cat([self.max_pool(maps), self.avg_pool(maps)], dim=1)  # (B, 2C, g, g)
+        return pooled.flatten(1)  # (B, 2C * g * g)
 
 
 class DenseHead(nn.Sequential):

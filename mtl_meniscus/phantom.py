@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+PHANTOM_VERSION = 4  # bump when the generator changes: cached phantoms are keyed by it
 SUPERSAMPLE = 2  # shapes are drawn at 2x and area-averaged down: partial-volume edges
 MASK_MENISCUS = 1
 MASK_TEAR = 2
@@ -158,11 +159,11 @@ def _tear_segment(rng: np.random.Generator, wedge: np.ndarray, orientation: str)
     if orientation == "horizontal":
         t = rng.uniform(0.25, 0.55)  # fraction of the way from the outer base to the apex
         angle = rng.uniform(-15, 15)
-        length = abs(width) * rng.uniform(0.45, 0.85)
+        length = abs(width) * rng.uniform(0.55, 0.9)
     else:
         t = rng.uniform(0.12, 0.45)
         angle = 90 + rng.uniform(-15, 15)
-        length = (base_y - top_y) * (1 - t) * rng.uniform(0.75, 1.05)
+        length = (base_y - top_y) * (1 - t) * rng.uniform(0.85, 1.1)
     x = outer_x + t * width
     # Middle of the wedge's height at x (the upper edge runs from the outer top to the apex).
     upper = top_y + t * (apex_y - top_y)
@@ -178,7 +179,7 @@ def render_case(case: PhantomCase, seed: int) -> tuple[np.ndarray, np.ndarray]:
     canvas = _Canvas(
         size,
         center=(size / 2 + rng.uniform(-10, 10) * size / 256, size / 2 + rng.uniform(-10, 10) * size / 256),
-        scale=rng.uniform(0.82, 1.0),
+        scale=rng.uniform(1.05, 1.25),
         angle_deg=rng.uniform(-8, 8),
     )
     draw = canvas.image
@@ -231,10 +232,10 @@ def render_case(case: PhantomCase, seed: int) -> tuple[np.ndarray, np.ndarray]:
     tear_mask = np.zeros_like(draw)
     if case.fissure:
         horns = ("anterior", "posterior") if case.position == "both" else (case.position,)
-        contrast = rng.uniform(0.35, 1.0)  # from subtle to obvious
+        contrast = rng.uniform(0.5, 1.0)  # from subtle to obvious
         for horn in horns:
             start, end = _tear_segment(rng, wedges[horn], case.orientation)
-            canvas.line(start, end, rng.uniform(0.8, 1.4), 1.0, tear_mask)
+            canvas.line(start, end, rng.uniform(1.5, 3.0), 1.0, tear_mask)
         tear_mask *= meniscus_mask  # a tear stays inside its meniscus
         draw += tear_mask * contrast * (FLUID - MENISCUS)
 
@@ -332,7 +333,7 @@ def default_cache_dir() -> Path:
 
 def ensure_phantom(n: int = 1128, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """Folder of the default phantom, generated on first use (labels.csv marks it complete)."""
-    folder = Path(cache_dir or default_cache_dir()) / f"phantom-n{n}-seed{seed}"
+    folder = Path(cache_dir or default_cache_dir()) / f"phantom-v{PHANTOM_VERSION}-n{n}-seed{seed}"
     if not (folder / "labels.csv").is_file():
         write_phantom(folder, n=n, seed=seed)
     return folder

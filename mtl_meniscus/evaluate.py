@@ -1,0 +1,349 @@
+"""Evaluation of a trained run: AUCs with bootstrap CIs, threshold metrics, cascade view, ROC plot.
+
+Scoring rules: fissure AUC on all images; orientation and position AUC on images whose *true*
+fissure is 1 (they are only defined for tears); the challenge score weights them 0.4/0.3/0.3.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .config import Config, TTAConfig
+from .data import PreparedData, prepare_data
+from .errors import MeniscusError
+from .inference import predict_probs
+from .labels import TASKS
+from .metrics import (
+    binary_counts,
+    bootstrap_cis,
+    challenge_score,
+    roc_points,
+    supervised_rows,
+    task_aucs,
+    youden_threshold,
+)
+from .runtime import Runtime, resolve_runtime
+
+THRESHOLD_FILE = "threshold.json"
+
+
+@dataclass
+class TrainedModel:
+    """A model loaded from a run folder or a checkpoint file, with what it was trained with."""
+
+    model: nn.Module
+    config: Config
+    checkpoint: Path
+    run_dir: Path | None
+
+    @property
+    def saved_threshold(self) -> float | None:
+        path = self.run_dir / THRESHOLD_FILE if self.run_dir else None
+        if path is None or not path.is_file():
+            return None
+        return float(json.loads(path.read_text())["fissure_threshold"])
+
+
+def load_trained(run_or_checkpoint: str | Path) -> TrainedModel:
+    """A run folder (uses its best.pt) or a .pt checkpoint file."""
+    path = Path(run_or_checkpoint)
+    checkpoint = path / "best.pt" if path.is_dir() else path
+    if path.is_dir() and not checkpoint.is_file():
+        raise MeniscusError(
+            f"{path}: no best.pt here; is the run finished? (resume it with train --resume {path})"
+        )
+    model, config = model_from_checkpoint(load_checkpoint(checkpoint))
+    run_dir = checkpoint.parent if (checkpoint.parent / "config.yaml").is_file() else None
+    return TrainedModel(model, config, checkpoint, run_dir)
+
+
+def cascade_view(targets: np.ndarray, probs: dict[str, np.ndarray], threshold: float) -> dict[str, Any]:
+    """What the gated cascade reports for the true tears: detected, and right orientation/position."""
+    tears = targets[:, 0] == 1
+    detected = tears & (probs["fissure"] >= threshold)
+    view: dict[str, Any] = {"true_tears": int(tears.sum()), "detected": int(detected.sum())}
+    correct = detected.copy()
+    for task in ("orientation", "position"):
+        known = detected & ~np.isnan(targets[:, TASKS.index(task)])
+        right = known & ((probs[task] >= 0.5) == (targets[:, TASKS.index(task)] == 1))
+        view[f"{task}_correct"] = int(right.sum())
+        correct &= right | ~known
+    view["all_correct"] = int(correct.sum())
+    return view
+
+
+def evaluate(
+    trained: TrainedModel,
+    data: PreparedData,
+    split: str,
+    runtime: Runtime,
+    tta: TTAConfig | None,
+    threshold: float,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray, list[int]]:
+    """Metrics of one split ('all' = every kept row); returns (metrics, probs, targets, indices)."""
+    indices = list(range(len(data.records))) if split == "all" else list(data.indices(split))
+    if not indices:
+        raise MeniscusError(f"the {split} split of {data.data_dir} is empty")
+    targets = data.targets[indices]
+    probs = predict_probs(
+        trained.model,
+        [data.images[i] for i in indices],
+        trained.config.preprocess.edge_filter,
+        runtime,
+        trained.config.train.eval_batch_size,
+        tta=tta,
+        seed=seed,
+    )
+    aucs = task_aucs(targets, probs)
+    cis = bootstrap_cis(targets, probs, n_resamples=n_bootstrap, seed=seed) if n_bootstrap else {}
+    per_task = {}
+    for task in TASKS:
+        rows = supervised_rows(targets, task)
+        cut = threshold if task == "fissure" else 0.5
+        per_task[task] = {
+            "auc": aucs[task],
+            "auc_ci95": list(cis.get(task, (math.nan, math.nan))),
+            "n": int(rows.sum()),
+            "n_positive": int(np.sum(targets[rows, TASKS.index(task)] == 1)),
+            "threshold": cut,
+            **binary_counts(targets[rows, TASKS.index(task)], probs[task][rows], cut),
+        }
+    metrics = {
+        "split": split,
+        "n_images": len(indices),
+        "tta_copies": tta.copies if tta else 0,
+        "fissure_threshold": threshold,
+        "tasks": per_task,
+        "challenge_score": challenge_score(aucs),
+        "challenge_score_ci95": list(cis.get("score", (math.nan, math.nan))),
+        "cascade": cascade_view(targets, probs, threshold),
+        "bootstrap_resamples": n_bootstrap,
+    }
+    return metrics, probs, targets, indices
+
+
+def evaluation_data(trained: TrainedModel, data_dir: Path | None) -> PreparedData:
+    """The run's own data and splits, or an external folder in the folder format."""
+    config = trained.config
+    if data_dir is None:
+        if not config.data.path:
+            raise MeniscusError("this checkpoint does not record its data folder; pass --data DIR")
+        data_dir = Path(config.data.path)
+    return prepare_data(data_dir, config.data)
+
+
+def choose_threshold(trained: TrainedModel, runtime: Runtime, youden: bool, given: float | None) -> float:
+    """--threshold if given; with --youden the Youden-J threshold on the run's validation split
+    (saved as threshold.json in the run); else the run's saved threshold, else 0.5."""
+    if given is not None:
+        return given
+    if youden:
+        if trained.run_dir is None:
+            raise MeniscusError(
+                "--youden needs a run folder (it picks the threshold on the run's validation split)"
+            )
+        data = evaluation_data(trained, None)
+        val = data.indices("val")
+        probs = predict_probs(
+            trained.model,
+            [data.images[i] for i in val],
+            trained.config.preprocess.edge_filter,
+            runtime,
+            trained.config.train.eval_batch_size,
+        )
+        threshold = youden_threshold(data.targets[val, 0], probs["fissure"])
+        (trained.run_dir / THRESHOLD_FILE).write_text(
+            json.dumps({"fissure_threshold": threshold, "chosen_by": "youden_j_on_val"}, indent=2)
+        )
+        return threshold
+    return trained.saved_threshold if trained.saved_threshold is not None else 0.5
+
+
+def metrics_table(metrics: dict[str, Any], title: str) -> Table:
+    """Readable terminal table of an evaluation."""
+    table = Table(title=title)
+    for column in ("task", "n (pos)", "AUC", "95% CI", "sens", "spec", "TP/FP/TN/FN"):
+        table.add_column(column, justify="right" if column != "task" else "left")
+    for task, m in metrics["tasks"].items():
+        table.add_row(
+            task,
+            f"{m['n']} ({m['n_positive']})",
+            _fmt(m["auc"]),
+            _ci(m["auc_ci95"]),
+            _fmt(m["sensitivity"]),
+            _fmt(m["specificity"]),
+            f"{m['tp']}/{m['fp']}/{m['tn']}/{m['fn']}",
+        )
+    table.add_row(
+        "challenge score",
+        "",
+        _fmt(metrics["challenge_score"]),
+        _ci(metrics["challenge_score_ci95"]),
+        "",
+        "",
+        "",
+        style="bold",
+    )
+    return table
+
+
+def _fmt(value: float) -> str:
+    return "undefined" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _ci(bounds) -> str:
+    low, high = bounds
+    return "" if math.isnan(low) else f"{low:.3f}-{high:.3f}"
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict[str, Any], path: Path) -> None:
+    """One figure, three tasks, AUC and CI in the legend."""
+    from .plots import plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for task, (fpr, tpr) in curves.items():
+        m = metrics["tasks"][task]
+        ax.plot(fpr, tpr, label=f"{task}: AUC {_fmt(m['auc'])} (95% CI {_ci(m['auc_ci95'])}, n={m['n']})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"ROC, {metrics['split']} split, score {_fmt(metrics['challenge_score'])}")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_evaluation(
+    run_or_checkpoint: Path,
+    data_dir: Path | None = None,
+    split: str = "test",
+    tta_copies: int | None = None,
+    threshold: float | None = None,
+    youden: bool = False,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    out_dir: Path | None = None,
+    precision: str = "auto",
+    console: Console | None = None,
+    wandb_mode: str | None = None,
+    cam_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The `evaluate` command: metrics.json, ROC PNG, a terminal table and the same in wandb."""
+    console = console or Console(soft_wrap=True)
+    if split not in ("test", "val", "train", "all"):
+        raise MeniscusError(f"unknown split {split!r} (allowed: test, val, train, all)")
+    trained = load_trained(run_or_checkpoint)
+    runtime = resolve_runtime(precision)
+    trained.model = runtime.prepare_model(trained.model)
+    config = trained.config
+    tta = TTAConfig(
+        copies=config.tta.copies if tta_copies is None else tta_copies, augment=config.tta.augment
+    )
+    cut = choose_threshold(trained, runtime, youden, threshold)
+    data = evaluation_data(trained, data_dir)
+    console.print(f"data {data.data_dir}: {data.exclusion_summary()}")
+    metrics, probs, targets, indices = evaluate(trained, data, split, runtime, tta, cut, n_bootstrap, seed)
+    metrics["checkpoint"] = str(trained.checkpoint)
+    metrics["data"] = str(data.data_dir)
+    if cam_dir is not None:
+        metrics["cam_peak_in_tear"] = write_cams_and_check_peaks(
+            trained, data, indices, probs, cut, runtime, Path(cam_dir)
+        )
+        hit = metrics["cam_peak_in_tear"]
+        if hit["n"]:
+            console.print(
+                f"Grad-CAM: fissure peak inside the dilated tear mask on {hit['hits']}/{hit['n']} "
+                f"true-positive images ({hit['rate']:.1%}); overlays in {cam_dir}"
+            )
+
+    out_dir = Path(out_dir) if out_dir else (trained.run_dir or trained.checkpoint.parent) / f"eval-{split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    curves = roc_points(targets, probs)
+    plot_roc(curves, metrics, out_dir / "roc.png")
+    console.print(
+        metrics_table(
+            metrics,
+            f"{split} split, {metrics['n_images']} images, TTA {tta.copies} copies, "
+            f"fissure threshold {cut:.3f}",
+        )
+    )
+    view = metrics["cascade"]
+    console.print(
+        f"cascade: {view['detected']}/{view['true_tears']} true tears detected; of those, orientation right "
+        f"{view['orientation_correct']}, position right {view['position_correct']}, both right {view['all_correct']}",
+        highlight=False,
+    )
+    console.print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'roc.png'}")
+    _log_to_wandb(config, out_dir, metrics, curves, wandb_mode)
+    return metrics
+
+
+def write_cams_and_check_peaks(
+    trained: TrainedModel,
+    data: PreparedData,
+    indices: list[int],
+    probs: dict[str, np.ndarray],
+    threshold: float,
+    runtime: Runtime,
+    cam_dir: Path,
+    dilation_px: int = 5,
+) -> dict[str, Any]:
+    """Grad-CAM overlays of every evaluated image; on true positives with a tear mask, how often the
+    fissure map's peak falls inside the tear mask dilated by `dilation_px` pixels."""
+    import cv2
+    import torch
+
+    from .cam import grad_cam, peak_in_mask, write_overlays
+    from .preprocess import make_input
+
+    hits = checked = 0
+    for k, index in enumerate(indices):
+        record, image = data.records[index], data.images[index]
+        x = runtime.prepare_input(
+            torch.from_numpy(make_input(image, trained.config.preprocess.edge_filter))[None]
+        )
+        cams = {task: grad_cam(trained.model, x, task)[0] for task in TASKS}
+        write_overlays(cam_dir, Path(record.image).stem, image, cams)
+        true_positive = data.targets[index, 0] == 1 and probs["fissure"][k] >= threshold
+        if true_positive and record.mask:
+            mask = cv2.imread(str(data.data_dir / record.mask), cv2.IMREAD_UNCHANGED)
+            if mask is not None and mask.shape == image.shape:
+                checked += 1
+                hits += peak_in_mask(cams["fissure"], mask == 2, dilation_px)
+    return {
+        "n": checked,
+        "hits": hits,
+        "rate": hits / checked if checked else float("nan"),
+        "dilation_px": dilation_px,
+    }
+
+
+def _log_to_wandb(config: Config, out_dir: Path, metrics: dict, curves, wandb_mode: str | None) -> None:
+    from dataclasses import replace
+
+    from .tracking import RunLogger
+
+    wandb_config = replace(config.wandb, job_type="evaluate", **({"mode": wandb_mode} if wandb_mode else {}))
+    logger = RunLogger(wandb_config, out_dir, f"eval-{out_dir.parent.name}-{metrics['split']}", metrics)
+    try:
+        summary = {f"{t}/auc": m["auc"] for t, m in metrics["tasks"].items()}
+        summary["challenge_score"] = metrics["challenge_score"]
+        logger.summary(summary)
+        logger.log_roc(curves)
+        logger.log_image("roc", out_dir / "roc.png")
+    finally:
+        logger.finish()

@@ -1,0 +1,201 @@
+"""`predict`: probabilities and gated labels for image files and folders, one row per input.
+
+A bad input (unreadable, truncated DICOM, 3D volume without a slice, NaN pixels, wrong size
+with --strict-size) gets its own row with an `error`; the other inputs are still predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from .cam import grad_cam, write_overlays
+from .config import TTAConfig
+from .errors import ImageReadError, MeniscusError
+from .evaluate import TrainedModel, load_trained
+from .imageio import is_supported_image, read_image
+from .inference import predict_probs
+from .labels import TASKS, orientation_name, position_name
+from .preprocess import make_input
+from .runtime import resolve_runtime
+
+CSV_COLUMNS = [
+    "image",
+    "p_fissure",
+    "fissure",
+    "p_horizontal",
+    "orientation",
+    "p_anterior",
+    "position",
+    "error",
+    "note",
+]
+
+
+@dataclass
+class Prediction:
+    """One output row; probabilities of orientation/position only where a tear is predicted."""
+
+    image: str
+    p_fissure: float | None = None
+    fissure: int | None = None
+    p_horizontal: float | None = None
+    orientation: str = ""
+    p_anterior: float | None = None
+    position: str = ""
+    error: str = ""
+    note: str = ""
+
+    def row(self) -> dict:
+        return {column: _cell(getattr(self, column)) for column in CSV_COLUMNS}
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    return round(value, 6) if isinstance(value, float) else value
+
+
+def collect_inputs(inputs: list[Path]) -> list[Path]:
+    """Files as given, and the supported image files under folders (recursively, sorted)."""
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_supported_image(p))
+            files.extend(found)
+        else:
+            files.append(path)  # missing or unsupported files get an error row
+    return files
+
+
+def gate(
+    p_fissure: float, p_horizontal: float, p_anterior: float, threshold: float, image: str
+) -> Prediction:
+    """Cascade gating: orientation and position are reported only when fissure >= threshold."""
+    tear = p_fissure >= threshold
+    prediction = Prediction(image=image, p_fissure=p_fissure, fissure=int(tear))
+    if tear:
+        prediction.p_horizontal, prediction.orientation = p_horizontal, orientation_name(p_horizontal)
+        prediction.p_anterior, prediction.position = p_anterior, position_name(p_anterior)
+    return prediction
+
+
+def run_predict(
+    run_or_checkpoint: Path,
+    inputs: list[Path],
+    out: Path,
+    as_json: bool = False,
+    tta_copies: int | None = None,
+    threshold: float | None = None,
+    strict_size: bool = False,
+    batch_size: int = 32,
+    cam_dir: Path | None = None,
+    seed: int = 0,
+    precision: str = "auto",
+    console: Console | None = None,
+) -> list[Prediction]:
+    """Predict every input and write CSV (or JSON lines); returns the rows in input order."""
+    console = console or Console(soft_wrap=True)
+    trained = load_trained(run_or_checkpoint)
+    runtime = resolve_runtime(precision)
+    trained.model = runtime.prepare_model(trained.model)
+    config = trained.config
+    size = config.data.image_size
+    cut = threshold if threshold is not None else (trained.saved_threshold or 0.5)
+    tta = TTAConfig(
+        copies=config.tta.copies if tta_copies is None else tta_copies, augment=config.tta.augment
+    )
+    files = collect_inputs(inputs)
+    if not files:
+        raise MeniscusError("no input images found (supported: PNG, TIFF, JPEG, DICOM, NIfTI, .npy)")
+
+    rows: list[Prediction] = []
+    good: list[tuple[int, np.ndarray]] = []  # (row index, image)
+    for path in files:
+        name = str(path)
+        try:
+            image = read_image(path)
+        except ImageReadError as err:
+            rows.append(Prediction(image=name, error=str(err)))
+            continue
+        note = ""
+        if image.shape != (size, size):
+            if strict_size:
+                rows.append(
+                    Prediction(
+                        image=name,
+                        error=f"size {image.shape[0]}x{image.shape[1]}, expected {size}x{size} (--strict-size)",
+                    )
+                )
+                continue
+            note = f"resized from {image.shape[0]}x{image.shape[1]} to {size}x{size}"
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        rows.append(Prediction(image=name, note=note))
+        good.append((len(rows) - 1, image))
+
+    if good:
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+            bar = progress.add_task("predicting", total=len(good) * (tta.copies + 1))
+            for start in range(0, len(good), 256):  # chunks bound the memory of large folders
+                chunk = good[start : start + 256]
+                probs = predict_probs(
+                    trained.model,
+                    [image for _, image in chunk],
+                    config.preprocess.edge_filter,
+                    runtime,
+                    batch_size,
+                    tta=tta,
+                    seed=seed + start,
+                    on_batch=lambda n: progress.update(bar, advance=n),
+                )
+                for k, (row_index, _) in enumerate(chunk):
+                    gated = gate(
+                        float(probs["fissure"][k]),
+                        float(probs["orientation"][k]),
+                        float(probs["position"][k]),
+                        cut,
+                        rows[row_index].image,
+                    )
+                    gated.note = rows[row_index].note
+                    rows[row_index] = gated
+        if cam_dir is not None:
+            _write_cams(trained, good, rows, cam_dir, runtime)
+
+    _write_rows(rows, out, as_json)
+    failed = sum(1 for r in rows if r.error)
+    console.print(
+        f"predicted {len(rows) - failed} of {len(rows)} images (TTA {tta.copies} copies, "
+        f"fissure threshold {cut:.3f}) -> {out}"
+        + (f"; {failed} failed, see the error column" if failed else "")
+    )
+    return rows
+
+
+def _write_cams(trained: TrainedModel, good, rows: list[Prediction], cam_dir: Path, runtime) -> None:
+    edge_filter = trained.config.preprocess.edge_filter
+    for row_index, image in good:
+        x = runtime.prepare_input(torch.from_numpy(make_input(image, edge_filter))[None])  # (1, C, H, W)
+        cams = {task: grad_cam(trained.model, x, task)[0] for task in TASKS}
+        write_overlays(cam_dir, Path(rows[row_index].image).name.replace(".", "_"), image, cams)
+
+
+def _write_rows(rows: list[Prediction], out: Path, as_json: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        if as_json:
+            for row in rows:
+                handle.write(json.dumps({k: (None if v == "" else v) for k, v in row.row().items()}) + "\n")
+        else:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(row.row() for row in rows)
+    tmp.replace(out)
