@@ -216,5 +216,28 @@ def predict(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def bench(
+    quick: Annotated[
+        bool, typer.Option(help="Tiny sizes that finish in seconds (CI); not for the targets.")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="Folder for bench.json and bench.md.")] = Path("bench"),
+    shared_run: Annotated[
+        Path | None, typer.Option(help="Finished shared run, for training compute to best.")
+    ] = None,
+    separate_run: Annotated[
+        Path | None, typer.Option(help="Finished separate run, for the same comparison.")
+    ] = None,
+) -> None:
+    """Measure the package against bare PyTorch, bf16 against fp32, and shared against separate."""
+    from mtl_meniscus.bench import run_benchmark
+
+    runs = (shared_run, separate_run) if shared_run and separate_run else None
+    try:
+        run_benchmark(quick=quick, out_dir=out, console=console, runs=runs)
+    except (MeniscusError, FileNotFoundError, KeyError) as err:
+        fail(err)
+
+
 if __name__ == "__main__":
     app()

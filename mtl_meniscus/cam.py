@@ -24,8 +24,16 @@ def cam_layer(model: nn.Module, task: str) -> nn.Module:
     raise TypeError(f"Grad-CAM does not know the layers of {type(model).__name__}")
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, task: str) -> np.ndarray:
-    """(B, H, W) maps in [0, 1]: ReLU(sum_c mean(dlogit/dA_c) * A_c), resized to the input size."""
+def grad_cam(model: nn.Module, x: torch.Tensor, task: str, method: str = "layercam") -> np.ndarray:
+    """(B, H, W) saliency maps in [0, 1], resized to the input size.
+
+    method 'gradcam': ReLU(sum_c mean_xy(dlogit/dA_c) * A_c) (Selvaraju et al. 2017).
+    method 'layercam': ReLU(sum_c ReLU(dlogit/dA_c) * A_c), weights kept per location (Jiang et
+    al. 2021). Our trunks end in max-pooling, whose gradients reach a few locations only; averaged
+    over the map they mostly cancel, and plain Grad-CAM was often empty on the phantom.
+    """
+    if method not in ("gradcam", "layercam"):
+        raise ValueError(f"unknown saliency method {method!r} (allowed: gradcam, layercam)")
     layer = cam_layer(model, task)
     saved: dict[str, torch.Tensor] = {}
 
@@ -46,7 +54,10 @@ def grad_cam(model: nn.Module, x: torch.Tensor, task: str) -> np.ndarray:
         handle.remove()
         model.train(was_training)
     activation, gradient = saved["activation"].detach().float(), saved["gradient"].float()  # (B, C, h, w)
-    weights = gradient.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+    if method == "gradcam":
+        weights = gradient.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+    else:
+        weights = torch.relu(gradient)  # (B, C, h, w)
     cam = torch.relu((weights * activation).sum(dim=1))  # (B, h, w)
     maps = []
     for one in cam.cpu().numpy():

@@ -84,7 +84,7 @@ class ModelConfig:
     widths: tuple[int, ...] = (16, 32, 48, 64)  # filters per conv block (not published; ours)
     kernels: tuple[int, ...] = DEEP_KERNELS  # trunk of the shared model and of orientation/position nets
     fissure_kernels: tuple[int, ...] = FISSURE_KERNELS  # fissure network of the separate cascade
-    pool_grid: int = 1  # trunk maps are max- and average-pooled to a pool_grid x pool_grid grid (1 = global)
+    pool_grid: int = 4  # trunk maps are max- and average-pooled to a pool_grid x pool_grid grid (1 = global)
     conv_dropout: float = 0.2
     dense: tuple[int, ...] = (32, 16)
     dense_dropout: float = 0.4

@@ -88,3 +88,55 @@ def test_bad_config_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["train", "--config", str(bad)])
     assert result.exit_code == 1
     assert "unknown config key(s) train.learning_rate" in result.output
+
+
+def test_evaluate_predict_and_bench_commands(phantom, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--config",
+        TINY,
+        "--data",
+        str(phantom),
+        "--out",
+        str(out),
+        "--max-epochs",
+        "1",
+        "--wandb",
+        "disabled",
+    ]
+    assert runner.invoke(app, args).exit_code == 0
+
+    result = runner.invoke(
+        app,
+        ["evaluate", str(out), "--split", "all", "--bootstrap", "20", "--tta", "0", "--wandb", "disabled"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "challenge score" in result.output and "cascade:" in result.output
+    assert (out / "eval-all" / "metrics.json").is_file() and (out / "eval-all" / "roc.png").is_file()
+
+    images = sorted((phantom / "images").glob("*.png"))[:2]
+    (tmp_path / "bad.png").write_bytes(b"broken")
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(out / "best.pt"),
+            *map(str, images),
+            str(tmp_path / "bad.png"),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--tta",
+            "0",
+        ],
+    )
+    assert result.exit_code == 1  # one input failed; the others are still in the file
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert len(lines) == 4 and "cannot decode" in lines[3]
+
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "nowhere")])
+    assert result.exit_code == 1 and "checkpoint not found" in result.output
+
+    result = runner.invoke(app, ["bench", "--quick", "--out", str(tmp_path / "bench")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "bench" / "bench.md").is_file()

@@ -1,0 +1,327 @@
+"""Benchmark: the package against bare PyTorch and itself, measured side by side in one run.
+
+    python cli.py bench [--quick] [--out bench]     (or python -m mtl_meniscus.bench)
+
+Reports medians of several repetitions and ratios, with the machine, as JSON and markdown.
+Speed targets are printed next to the measured ratios; nothing here fails on a slow machine.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from .config import Config, TTAConfig
+from .data import prepare_data
+from .dataset import EpochBatchSampler, SliceDataset
+from .inference import predict_probs
+from .losses import FixedWeighting, task_losses
+from .models import build_model
+from .phantom import write_phantom
+from .runtime import Runtime, cpu_has_native_bf16, resolve_runtime
+
+
+@dataclass
+class BenchSettings:
+    """Sizes of one benchmark run; --quick shrinks everything to finish in seconds."""
+
+    image_size: int = 256
+    n_images: int = 200
+    batch_size: int = 32
+    steps: int = 8  # timed training steps per repetition
+    repeats: int = 5
+    warmup: int = 2
+    tta_images: int = 64
+    widths: tuple[int, ...] = (16, 32, 48, 64)
+
+    @classmethod
+    def quick(cls) -> BenchSettings:
+        return cls(
+            image_size=64,
+            n_images=40,
+            batch_size=8,
+            steps=2,
+            repeats=2,
+            warmup=1,
+            tta_images=8,
+            widths=(4, 8, 8, 8),
+        )
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, bf16 support, torch version and GPU, for the report header."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": torch.get_num_threads(),
+        "native_bf16": cpu_has_native_bf16(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def _median_time(fn: Callable[[], None], repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _train_step(model, optimizer, weighting, runtime: Runtime, x, y) -> None:
+    with runtime.autocast():
+        outputs = model(x)
+    loss = weighting(task_losses(outputs, y))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def bare_training(config: Config, runtime: Runtime, settings: BenchSettings) -> float:
+    """Images/s of a bare loop: the same model and step on tensors already in memory."""
+    torch.manual_seed(0)
+    model = runtime.prepare_model(build_model(config.model)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    weighting = FixedWeighting(config.model.tasks)
+    size = settings.image_size
+    x = runtime.prepare_input(torch.randn(settings.batch_size, config.model.in_chans, size, size))
+    y = torch.tensor([[1.0, 1.0, 0.0], [0.0, float("nan"), float("nan")]]).repeat(
+        settings.batch_size // 2 + 1, 1
+    )
+    y = y[: settings.batch_size].to(runtime.device)
+
+    def run() -> None:
+        for _ in range(settings.steps):
+            _train_step(model, optimizer, weighting, runtime, x, y)
+
+    return settings.steps * settings.batch_size / _median_time(run, settings.repeats, settings.warmup)
+
+
+def package_training(config: Config, data, runtime: Runtime, settings: BenchSettings) -> float:
+    """Images/s of the package's loop: sampler, augmentation, edge filter, standardization, DataLoader."""
+    torch.manual_seed(0)
+    model = runtime.prepare_model(build_model(config.model)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    weighting = FixedWeighting(config.model.tasks)
+    dataset = SliceDataset(data.images, data.targets, config.preprocess.edge_filter, config.augment)
+    sampler = EpochBatchSampler(data.indices("train"), settings.steps, settings.batch_size, seed=0)
+    epoch = [0]
+
+    def run() -> None:
+        epoch[0] += 1
+        sampler.set_epoch(epoch[0])
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=config.train.num_workers,
+            prefetch_factor=4 if config.train.num_workers else None,
+        )
+        for x, y in loader:
+            _train_step(model, optimizer, weighting, runtime, runtime.prepare_input(x), y.to(runtime.device))
+
+    return settings.steps * settings.batch_size / _median_time(run, settings.repeats, settings.warmup)
+
+
+def data_pipeline(config: Config, data_dir: Path, settings: BenchSettings) -> dict[str, float]:
+    """Read + augment + filter + standardize alone: images/s of each stage and peak memory."""
+    data = prepare_data(data_dir, config.data)  # warm the file cache so reads are not disk-bound
+    start = time.perf_counter()
+    data = prepare_data(data_dir, config.data)
+    read_seconds = time.perf_counter() - start
+    dataset = SliceDataset(data.images, data.targets, config.preprocess.edge_filter, config.augment)
+    keys = [(i % len(data.images), i) for i in range(settings.n_images)]
+
+    def run() -> None:
+        for key in keys:
+            dataset[key]
+
+    seconds = _median_time(run, settings.repeats, 1)
+    return {
+        "read_images_per_s": len(data.records) / read_seconds,
+        "augment_filter_standardize_images_per_s": len(keys) / seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def tta_inference(config: Config, runtime: Runtime, settings: BenchSettings, images) -> float:
+    """Milliseconds per image of predict with the original + 5 TTA copies."""
+    torch.manual_seed(0)
+    model = runtime.prepare_model(build_model(config.model)).eval()
+    tta = TTAConfig(copies=5, augment=config.tta.augment)
+
+    def run() -> None:
+        predict_probs(model, images, config.preprocess.edge_filter, runtime, 64, tta=tta)
+
+    return 1000 * _median_time(run, settings.repeats, 1) / len(images)
+
+
+def run_benchmark(
+    quick: bool = False,
+    out_dir: Path = Path("bench"),
+    console: Console | None = None,
+    runs: tuple[Path, Path] | None = None,
+) -> dict[str, Any]:
+    """Run every measurement, write bench.json and bench.md into out_dir, return the results."""
+    console = console or Console(soft_wrap=True)
+    settings = BenchSettings.quick() if quick else BenchSettings()
+    config = Config()
+    config.data.image_size = settings.image_size
+    config.model.widths = settings.widths
+    auto, fp32 = resolve_runtime("auto"), resolve_runtime("fp32")
+    results: dict[str, Any] = {"machine": machine_info(), "settings": settings.__dict__ | {"quick": quick}}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "phantom"
+        write_phantom(data_dir, n=settings.n_images, seed=0, size=settings.image_size)
+        data = prepare_data(data_dir, config.data)
+
+        console.print("1/4 training throughput: package loop vs bare loop")
+        bare = bare_training(config, auto, settings)
+        package = package_training(config, data, auto, settings)
+        results["training"] = {
+            "precision": auto.precision,
+            "bare_images_per_s": bare,
+            "package_images_per_s": package,
+            "package_over_bare": package / bare,
+            "target": ">= 0.9",
+        }
+
+        console.print("2/4 precision: auto vs fp32 (bare loop)")
+        bare_fp32 = bare_training(config, fp32, settings)
+        results["precision"] = {
+            "auto": auto.describe(),
+            "auto_images_per_s": bare,
+            "fp32_images_per_s": bare_fp32,
+            "auto_over_fp32": bare / bare_fp32,
+            "target": ">= 3 on CPUs with native bf16",
+        }
+
+        console.print("3/4 shared vs separate: inference with 6-pass TTA")
+        images = [data.images[i % len(data.images)] for i in range(settings.tta_images)]
+        config.model.name = "shared"
+        shared_ms = tta_inference(config, auto, settings, images)
+        config.model.name = "separate"
+        separate_ms = tta_inference(config, auto, settings, images)
+        results["shared_vs_separate"] = {
+            "shared_ms_per_image": shared_ms,
+            "separate_ms_per_image": separate_ms,
+            "shared_speedup": separate_ms / shared_ms,
+            "target": ">= 2.5",
+        }
+        if runs is not None:
+            results["shared_vs_separate"].update(training_compute(*runs))
+
+        console.print("4/4 data pipeline alone")
+        config.model.name = "shared"
+        results["data_pipeline"] = data_pipeline(config, data_dir, settings) | {
+            "num_workers": config.train.num_workers
+        }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
+    markdown = to_markdown(results)
+    (out_dir / "bench.md").write_text(markdown)
+    console.print(markdown, markup=False, highlight=False)
+    return results
+
+
+def training_compute(shared_run: Path, separate_run: Path) -> dict[str, Any]:
+    """Training images and seconds until the best validation score, from two finished runs."""
+    out = {}
+    for label, run in (("shared", shared_run), ("separate", separate_run)):
+        metrics = json.loads((Path(run) / "metrics.json").read_text())
+        history = _read_history(Path(run) / "history.csv")
+        epochs = seconds = 0.0
+        for member, best in metrics["members"].items():  # separate: three networks, each to its best epoch
+            rows = [r for r in history if r["member"] == member and int(r["epoch"]) <= best["best_epoch"]]
+            seconds += sum(float(r["seconds"]) for r in rows)
+            epochs += len(rows)
+        out[f"{label}_epochs_to_best"] = epochs
+        out[f"{label}_seconds_to_best"] = seconds
+    out["shared_over_separate_epochs"] = out["shared_epochs_to_best"] / max(out["separate_epochs_to_best"], 1)
+    out["shared_over_separate_seconds"] = out["shared_seconds_to_best"] / max(
+        out["separate_seconds_to_best"], 1e-9
+    )
+    out["compute_target"] = "<= 0.5"
+    return out
+
+
+def _read_history(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    """The report as a markdown table with the machine in its header."""
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} threads, native bf16: {m['native_bf16']}, torch {m['torch']}, "
+        f"GPU: {m['gpu'] or 'none'}"
+        + ("  (quick mode: tiny sizes, not for the targets)" if results["settings"]["quick"] else ""),
+        "",
+        "| measurement | value | ratio | target |",
+        "|---|---|---|---|",
+    ]
+    t = results["training"]
+    lines.append(
+        f"| training images/s ({t['precision']}): package / bare loop | {t['package_images_per_s']:.1f} / "
+        f"{t['bare_images_per_s']:.1f} | {t['package_over_bare']:.2f}x | {t['target']} |"
+    )
+    p = results["precision"]
+    lines.append(
+        f"| training images/s: {p['auto']} / fp32 | {p['auto_images_per_s']:.1f} / {p['fp32_images_per_s']:.1f} "
+        f"| {p['auto_over_fp32']:.2f}x | {p['target']} |"
+    )
+    s = results["shared_vs_separate"]
+    lines.append(
+        f"| inference ms/image with 6-pass TTA: separate / shared | {s['separate_ms_per_image']:.2f} / "
+        f"{s['shared_ms_per_image']:.2f} | {s['shared_speedup']:.2f}x | {s['target']} |"
+    )
+    if "shared_over_separate_epochs" in s:
+        lines.append(
+            f"| training epochs to best validation: shared / separate (all networks) | "
+            f"{s['shared_epochs_to_best']:.0f} / {s['separate_epochs_to_best']:.0f} | "
+            f"{s['shared_over_separate_epochs']:.2f}x | {s['compute_target']} |"
+        )
+        lines.append(
+            f"| training seconds to best validation: shared / separate | {s['shared_seconds_to_best']:.0f} / "
+            f"{s['separate_seconds_to_best']:.0f} | {s['shared_over_separate_seconds']:.2f}x | {s['compute_target']} |"
+        )
+    d = results["data_pipeline"]
+    lines.append(
+        f"| data pipeline images/s: read / augment+filter+standardize (workers: {d['num_workers']}) | "
+        f"{d['read_images_per_s']:.0f} / {d['augment_filter_standardize_images_per_s']:.0f} | | |"
+    )
+    lines.append(f"| peak memory (RSS, MiB) | {d['peak_rss_mib']:.0f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    run_benchmark(quick="--quick" in sys.argv)
