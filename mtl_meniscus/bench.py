@@ -122,7 +122,9 @@ def bare_training(config: Config, runtime: Runtime, settings: BenchSettings) -> 
     return settings.steps * settings.batch_size / _median_time(run, settings.repeats, settings.warmup)
 
 
-def package_training(config: Config, data, runtime: Runtime, settings: BenchSettings) -> float:
+def package_training(
+    config: Config, data, runtime: Runtime, settings: BenchSettings, num_workers: int
+) -> float:
     """Images/s of the package's loop: sampler, augmentation, edge filter, standardization, DataLoader."""
     torch.manual_seed(0)
     model = runtime.prepare_model(build_model(config.model)).train()
@@ -138,8 +140,8 @@ def package_training(config: Config, data, runtime: Runtime, settings: BenchSett
         loader = DataLoader(
             dataset,
             batch_sampler=sampler,
-            num_workers=config.train.num_workers,
-            prefetch_factor=4 if config.train.num_workers else None,
+            num_workers=num_workers,
+            prefetch_factor=4 if num_workers else None,
         )
         for x, y in loader:
             _train_step(model, optimizer, weighting, runtime, runtime.prepare_input(x), y.to(runtime.device))
@@ -201,12 +203,16 @@ def run_benchmark(
 
         console.print("1/4 training throughput: package loop vs bare loop")
         bare = bare_training(config, auto, settings)
-        package = package_training(config, data, auto, settings)
+        package = package_training(config, data, auto, settings, config.train.num_workers)
+        package_worker = package_training(config, data, auto, settings, 1)
         results["training"] = {
             "precision": auto.precision,
             "bare_images_per_s": bare,
             "package_images_per_s": package,
             "package_over_bare": package / bare,
+            "num_workers": config.train.num_workers,
+            "package_1_worker_images_per_s": package_worker,
+            "package_1_worker_over_bare": package_worker / bare,
             "target": ">= 0.9",
         }
 
@@ -289,8 +295,14 @@ def to_markdown(results: dict[str, Any]) -> str:
     ]
     t = results["training"]
     lines.append(
-        f"| training images/s ({t['precision']}): package / bare loop | {t['package_images_per_s']:.1f} / "
-        f"{t['bare_images_per_s']:.1f} | {t['package_over_bare']:.2f}x | {t['target']} |"
+        f"| training images/s ({t['precision']}): package ({t['num_workers']} workers, the default) / bare loop | "
+        f"{t['package_images_per_s']:.1f} / {t['bare_images_per_s']:.1f} | {t['package_over_bare']:.2f}x | "
+        f"{t['target']} |"
+    )
+    lines.append(
+        f"| training images/s: package with 1 worker process / bare loop | "
+        f"{t['package_1_worker_images_per_s']:.1f} / {t['bare_images_per_s']:.1f} | "
+        f"{t['package_1_worker_over_bare']:.2f}x | {t['target']} |"
     )
     p = results["precision"]
     lines.append(

@@ -175,7 +175,7 @@ def metrics_table(metrics: dict[str, Any], title: str) -> Table:
     """Readable terminal table of an evaluation."""
     table = Table(title=title)
     for column in ("task", "n (pos)", "AUC", "95% CI", "sens", "spec", "TP/FP/TN/FN"):
-        table.add_column(column, justify="right" if column != "task" else "left")
+        table.add_column(column, justify="right" if column != "task" else "left", no_wrap=True)
     for task, m in metrics["tasks"].items():
         table.add_row(
             task,
