@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from .config import Config, TTAConfig
 from .data import prepare_data
-from .dataset import EpochBatchSampler, SliceDataset
+from .dataset import EpochBatchSampler, SliceDataset, collate_batch
 from .inference import predict_probs
 from .losses import FixedWeighting, task_losses
 from .models import build_model
@@ -81,16 +82,26 @@ def machine_info() -> dict[str, Any]:
 
 
 def _median_time(fn: Callable[[], None], repeats: int, warmup: int) -> float:
+    return interleaved_medians({"one": fn}, repeats, warmup)["one"]
+
+
+def interleaved_medians(
+    workloads: dict[str, Callable[[], None]], repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds of each workload, run in alternating rounds (A B C, A B C, ...) so that a
+    noisy neighbour on a shared machine slows every contender alike rather than one of them."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in workloads.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in workloads}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in workloads.items():
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _train_step(model, optimizer, weighting, runtime: Runtime, x, y) -> None:
@@ -102,8 +113,8 @@ def _train_step(model, optimizer, weighting, runtime: Runtime, x, y) -> None:
     optimizer.step()
 
 
-def bare_training(config: Config, runtime: Runtime, settings: BenchSettings) -> float:
-    """Images/s of a bare loop: the same model and step on tensors already in memory."""
+def bare_training(config: Config, runtime: Runtime, settings: BenchSettings) -> Callable[[], None]:
+    """Workload of a bare loop: `steps` training steps of the same model on tensors already in memory."""
     torch.manual_seed(0)
     model = runtime.prepare_model(build_model(config.model)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -119,7 +130,7 @@ def bare_training(config: Config, runtime: Runtime, settings: BenchSettings) -> 
         for _ in range(settings.steps):
             _train_step(model, optimizer, weighting, runtime, x, y)
 
-    return settings.steps * settings.batch_size / _median_time(run, settings.repeats, settings.warmup)
+    return run
 
 
 def package_training(
@@ -142,11 +153,12 @@ def package_training(
             batch_sampler=sampler,
             num_workers=num_workers,
             prefetch_factor=4 if num_workers else None,
+            collate_fn=partial(collate_batch, channels_last=runtime.bf16),
         )
         for x, y in loader:
             _train_step(model, optimizer, weighting, runtime, runtime.prepare_input(x), y.to(runtime.device))
 
-    return settings.steps * settings.batch_size / _median_time(run, settings.repeats, settings.warmup)
+    return run
 
 
 def data_pipeline(config: Config, data_dir: Path, settings: BenchSettings) -> dict[str, float]:
@@ -170,8 +182,8 @@ def data_pipeline(config: Config, data_dir: Path, settings: BenchSettings) -> di
     }
 
 
-def tta_inference(config: Config, runtime: Runtime, settings: BenchSettings, images) -> float:
-    """Milliseconds per image of predict with the original + 5 TTA copies."""
+def tta_inference(config: Config, runtime: Runtime, images) -> Callable[[], None]:
+    """Workload of predict with the original + 5 TTA copies over `images`."""
     torch.manual_seed(0)
     model = runtime.prepare_model(build_model(config.model)).eval()
     tta = TTAConfig(copies=5, augment=config.tta.augment)
@@ -179,7 +191,7 @@ def tta_inference(config: Config, runtime: Runtime, settings: BenchSettings, ima
     def run() -> None:
         predict_probs(model, images, config.preprocess.edge_filter, runtime, 64, tta=tta)
 
-    return 1000 * _median_time(run, settings.repeats, 1) / len(images)
+    return run
 
 
 def run_benchmark(
@@ -201,41 +213,51 @@ def run_benchmark(
         write_phantom(data_dir, n=settings.n_images, seed=0, size=settings.image_size)
         data = prepare_data(data_dir, config.data)
 
-        console.print("1/4 training throughput: package loop vs bare loop")
-        bare = bare_training(config, auto, settings)
-        package = package_training(config, data, auto, settings, config.train.num_workers)
-        package_worker = package_training(config, data, auto, settings, 1)
+        console.print("1/4 + 2/4 training throughput: package loop vs bare loop, auto precision vs fp32")
+        seconds = interleaved_medians(
+            {
+                "bare": bare_training(config, auto, settings),
+                "package": package_training(config, data, auto, settings, config.train.num_workers),
+                "package_1_worker": package_training(config, data, auto, settings, 1),
+                "bare_fp32": bare_training(config, fp32, settings),
+            },
+            settings.repeats,
+            settings.warmup,
+        )
+        rate = {name: settings.steps * settings.batch_size / value for name, value in seconds.items()}
         results["training"] = {
             "precision": auto.precision,
-            "bare_images_per_s": bare,
-            "package_images_per_s": package,
-            "package_over_bare": package / bare,
+            "bare_images_per_s": rate["bare"],
+            "package_images_per_s": rate["package"],
+            "package_over_bare": rate["package"] / rate["bare"],
             "num_workers": config.train.num_workers,
-            "package_1_worker_images_per_s": package_worker,
-            "package_1_worker_over_bare": package_worker / bare,
+            "package_1_worker_images_per_s": rate["package_1_worker"],
+            "package_1_worker_over_bare": rate["package_1_worker"] / rate["bare"],
             "target": ">= 0.9",
         }
-
-        console.print("2/4 precision: auto vs fp32 (bare loop)")
-        bare_fp32 = bare_training(config, fp32, settings)
         results["precision"] = {
             "auto": auto.describe(),
-            "auto_images_per_s": bare,
-            "fp32_images_per_s": bare_fp32,
-            "auto_over_fp32": bare / bare_fp32,
+            "auto_images_per_s": rate["bare"],
+            "fp32_images_per_s": rate["bare_fp32"],
+            "auto_over_fp32": rate["bare"] / rate["bare_fp32"],
             "target": ">= 3 on CPUs with native bf16",
         }
 
         console.print("3/4 shared vs separate: inference with 6-pass TTA")
         images = [data.images[i % len(data.images)] for i in range(settings.tta_images)]
+        workloads = {}
+        for mode in ("shared", "separate"):
+            config.model.name = mode
+            workloads[mode] = tta_inference(config, auto, images)
         config.model.name = "shared"
-        shared_ms = tta_inference(config, auto, settings, images)
-        config.model.name = "separate"
-        separate_ms = tta_inference(config, auto, settings, images)
+        ms = {
+            name: 1000 * value / len(images)
+            for name, value in interleaved_medians(workloads, settings.repeats, 1).items()
+        }
         results["shared_vs_separate"] = {
-            "shared_ms_per_image": shared_ms,
-            "separate_ms_per_image": separate_ms,
-            "shared_speedup": separate_ms / shared_ms,
+            "shared_ms_per_image": ms["shared"],
+            "separate_ms_per_image": ms["separate"],
+            "shared_speedup": ms["separate"] / ms["shared"],
             "target": ">= 2.5",
         }
         if runs is not None:

@@ -44,6 +44,19 @@ class SliceDataset(Dataset):
         return torch.from_numpy(make_input(image, self.edge_filter)), self.targets[index]
 
 
+def collate_batch(
+    samples: Sequence[tuple[torch.Tensor, torch.Tensor]], channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack samples into x (B, C, H, W) and targets (B, 3), x already in the memory format the
+    model wants: one copy per batch instead of a stack plus a channels_last conversion."""
+    first = samples[0][0]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty((len(samples), *first.shape), dtype=first.dtype, memory_format=memory_format)
+    for row, (image, _) in enumerate(samples):
+        x[row].copy_(image)
+    return x, torch.stack([target for _, target in samples])
+
+
 class EpochBatchSampler(Sampler):
     """`steps` batches of `batch_size` (index, augmentation seed) pairs for one epoch.
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import TTAConfig
-from .dataset import SliceDataset
+from .dataset import SliceDataset, collate_batch
 from .runtime import Runtime
 
 
@@ -40,14 +40,18 @@ def predict_probs(
         for k in range(copies)
         for i in range(n)
     ]
-    loader = DataLoader(keys, batch_size=batch_size, collate_fn=lambda batch: [dataset[key] for key in batch])
+    loader = DataLoader(
+        keys,
+        batch_size=batch_size,
+        collate_fn=lambda batch: collate_batch([dataset[key] for key in batch], runtime.bf16),
+    )
     chunks: dict[str, list[np.ndarray]] = {}
     for batch in loader:
-        x = runtime.prepare_input(torch.stack([item[0] for item in batch]))  # (B, C, H, W)
+        x = runtime.prepare_input(batch[0])  # (B, C, H, W)
         with runtime.autocast():
             logits = model(x)
         for task, value in logits.items():
             chunks.setdefault(task, []).append(torch.sigmoid(value.float()).cpu().numpy())
         if on_batch is not None:
-            on_batch(len(batch))
+            on_batch(len(x))
     return {task: np.concatenate(parts).reshape(copies + 1, n).mean(axis=0) for task, parts in chunks.items()}

@@ -26,14 +26,21 @@ def edge_filter(image: np.ndarray, name: str) -> np.ndarray | None:
     raise ValueError(f"unknown edge filter {name!r} (allowed: {', '.join(EDGE_FILTERS)})")
 
 
-def standardize(channel: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Zero mean, unit variance; a constant channel becomes zeros (never NaN)."""
+def standardize(channel: np.ndarray, eps: float = 1e-6, out: np.ndarray | None = None) -> np.ndarray:
+    """Zero mean, unit variance; a constant channel becomes zeros (never NaN).
+
+    Writes into `out` (float32, same shape) when given: make_input fills its result in place.
+    """
     channel = np.asarray(channel, dtype=np.float32)
-    mean = float(channel.mean(dtype=np.float64))
-    std = float(channel.std(dtype=np.float64))
+    if out is None:
+        out = np.empty_like(channel)
+    mean, std = (float(v[0, 0]) for v in cv2.meanStdDev(channel))  # accumulates in float64
     if not np.isfinite(std) or std < eps * max(1.0, abs(mean)):
-        return np.zeros_like(channel)
-    return ((channel - mean) / std).astype(np.float32)
+        out[...] = 0.0
+        return out
+    np.subtract(channel, np.float32(mean), out=out)
+    out *= np.float32(1.0 / std)
+    return out
 
 
 def input_channels(edge_filter_name: str) -> int:
@@ -44,8 +51,9 @@ def input_channels(edge_filter_name: str) -> int:
 def make_input(image: np.ndarray, edge_filter_name: str = "sobel") -> np.ndarray:
     """Raw (H, W) slice -> standardized float32 (C, H, W), C = 2 (image, edges) or 1 without a filter."""
     image = np.asarray(image, dtype=np.float32)
-    channels = [standardize(image)]
     edges = edge_filter(image, edge_filter_name)
+    out = np.empty((1 if edges is None else 2, *image.shape), np.float32)
+    standardize(image, out=out[0])
     if edges is not None:
-        channels.append(standardize(edges))
-    return np.stack(channels)
+        standardize(edges, out=out[1])
+    return out

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import atomic_torch_save, load_checkpoint, model_payload
 from .config import Config, config_from_dict
 from .data import PreparedData, prepare_data
-from .dataset import EpochBatchSampler, SliceDataset
+from .dataset import EpochBatchSampler, SliceDataset, collate_batch
 from .errors import MeniscusError
 from .inference import predict_probs
 from .labels import TASKS
@@ -249,8 +250,8 @@ class MemberTrainer:
             self.dataset,
             batch_sampler=self.sampler,
             num_workers=train.num_workers,
-            persistent_workers=False,
             prefetch_factor=4 if train.num_workers else None,
+            collate_fn=partial(collate_batch, channels_last=self.runtime.bf16),
         )
         self.model.train()
         total, steps = 0.0, 0
