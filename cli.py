@@ -98,6 +98,7 @@ def train(
     from mtl_meniscus.config import load_config
     from mtl_meniscus.train import default_run_dir, train_run
 
+    run_dir = resume
     try:
         if resume is not None:
             train_run(None, resume, resume=True, console=console)
@@ -115,9 +116,14 @@ def train(
             "wandb.mode": wandb.value if wandb else None,
         }
         run_config = load_config(preset if preset.is_file() or config else None, overrides)
-        train_run(run_config, out or default_run_dir(run_config.model.name), console=console)
+        run_dir = out or default_run_dir(run_config.model.name)
+        train_run(run_config, run_dir, console=console)
     except MeniscusError as err:
         fail(err)
+    except KeyboardInterrupt:
+        # Every finished epoch is in last.pt; nothing is lost but the epoch in progress.
+        console.print(f"interrupted; continue with: python cli.py train --resume {run_dir}")
+        raise typer.Exit(code=130) from None
 
 
 @app.command()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config, ModelConfig, config_from_dict
+from .config import Config, config_from_dict
 from .errors import MeniscusError
 from .models import build_model
 
@@ -61,7 +61,3 @@ def model_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config]:
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model, config
-
-
-def model_config_of(payload: dict[str, Any]) -> ModelConfig:
-    return config_from_dict(payload["config"], source="checkpoint config").model

@@ -2,10 +2,8 @@
 
 TASKS: tuple[str, ...] = ("fissure", "orientation", "position")
 
-# Positive class (target 1) of each task, as written in predictions: p_fissure, p_horizontal, p_anterior.
-POSITIVE_NAME = {"fissure": "fissure", "orientation": "horizontal", "position": "anterior"}
-
-# Text values allowed in labels.csv and the binary target each one stands for.
+# Text values allowed in labels.csv and the binary target each one stands for; the positive class
+# (target 1) is what predictions report as p_horizontal and p_anterior.
 ORIENTATION_VALUES = {"horizontal": 1.0, "vertical": 0.0}
 POSITION_VALUES = {"anterior": 1.0, "posterior": 0.0}
 DOUBLE_TEAR = "both"  # position of a tear in both horns; excluded by default, as in the reference method

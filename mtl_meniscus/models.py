@@ -93,7 +93,7 @@ class SharedTrunkNet(nn.Module):
         return self.trunk(x)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.trunk(x)
+        features = self.forward_features(x)  # (B, F)
         return {task: head(features) for task, head in self.heads.items()}
 
 

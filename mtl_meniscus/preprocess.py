@@ -43,11 +43,6 @@ def standardize(channel: np.ndarray, eps: float = 1e-6, out: np.ndarray | None =
     return out
 
 
-def input_channels(edge_filter_name: str) -> int:
-    """Number of input channels a filter choice gives: 1 with 'none', else 2."""
-    return 1 if edge_filter_name == "none" else 2
-
-
 def make_input(image: np.ndarray, edge_filter_name: str = "sobel") -> np.ndarray:
     """Raw (H, W) slice -> standardized float32 (C, H, W), C = 2 (image, edges) or 1 without a filter."""
     image = np.asarray(image, dtype=np.float32)
