@@ -78,22 +78,10 @@ def plan_members(config: Config, data: PreparedData, run_dir: Path) -> list[Memb
     train, val = data.indices("train"), data.indices("val")
     if config.model.name == "shared":
         return [Member("shared", config.model.tasks, run_dir, train, val)]
-    tears = data.targets[:, 0] == 1
     members = []
     for task in config.model.tasks:
-        if task == "fissure":
-            members.append(Member(task, (task,), run_dir / "members" / task, train, val))
-        else:
-            has_label = supervised_rows(data.targets, task)
-            members.append(
-                Member(
-                    task,
-                    (task,),
-                    run_dir / "members" / task,
-                    train[has_label[train] & tears[train]],
-                    val[has_label[val] & tears[val]],
-                )
-            )
+        rows = supervised_rows(data.targets, task)  # all images for fissure, true tears for the others
+        members.append(Member(task, (task,), run_dir / "members" / task, train[rows[train]], val[rows[val]]))
     return members
 
 

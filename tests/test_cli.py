@@ -140,3 +140,15 @@ def test_evaluate_predict_and_bench_commands(phantom, tmp_path):
     result = runner.invoke(app, ["bench", "--quick", "--out", str(tmp_path / "bench")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "bench" / "bench.md").is_file()
+
+
+def test_interrupted_training_says_how_to_resume(tmp_path, monkeypatch):
+    import mtl_meniscus.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train_run", interrupted)
+    result = runner.invoke(app, ["train", "--config", TINY, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 130
+    assert f"python cli.py train --resume {tmp_path / 'run'}" in result.output
