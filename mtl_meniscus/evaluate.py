@@ -46,6 +46,20 @@ class TrainedModel:
     checkpoint: Path
     run_dir: Path | None
 
+    def predict(
+        self,
+        images: list[np.ndarray],
+        runtime: Runtime,
+        tta: TTAConfig | None = None,
+        seed: int = 0,
+        **kwargs,
+    ) -> dict[str, np.ndarray]:
+        """{task: (N,) probabilities} with this model's preprocessing (see inference.predict_probs)."""
+        kwargs.setdefault("batch_size", self.config.train.eval_batch_size)
+        return predict_probs(
+            self.model, images, self.config.preprocess.edge_filter, runtime, tta=tta, seed=seed, **kwargs
+        )
+
     @property
     def saved_threshold(self) -> float | None:
         path = self.run_dir / THRESHOLD_FILE if self.run_dir else None
@@ -97,15 +111,7 @@ def evaluate(
     if not indices:
         raise MeniscusError(f"the {split} split of {data.data_dir} is empty")
     targets = data.targets[indices]
-    probs = predict_probs(
-        trained.model,
-        [data.images[i] for i in indices],
-        trained.config.preprocess.edge_filter,
-        runtime,
-        trained.config.train.eval_batch_size,
-        tta=tta,
-        seed=seed,
-    )
+    probs = trained.predict([data.images[i] for i in indices], runtime, tta=tta, seed=seed)
     aucs = task_aucs(targets, probs)
     cis = bootstrap_cis(targets, probs, n_resamples=n_bootstrap, seed=seed) if n_bootstrap else {}
     per_task = {}
@@ -156,13 +162,7 @@ def choose_threshold(trained: TrainedModel, runtime: Runtime, youden: bool, give
             )
         data = evaluation_data(trained, None)
         val = data.indices("val")
-        probs = predict_probs(
-            trained.model,
-            [data.images[i] for i in val],
-            trained.config.preprocess.edge_filter,
-            runtime,
-            trained.config.train.eval_batch_size,
-        )
+        probs = trained.predict([data.images[i] for i in val], runtime)
         threshold = youden_threshold(data.targets[val, 0], probs["fissure"])
         (trained.run_dir / THRESHOLD_FILE).write_text(
             json.dumps({"fissure_threshold": threshold, "chosen_by": "youden_j_on_val"}, indent=2)

@@ -22,7 +22,6 @@ from .config import TTAConfig
 from .errors import ImageReadError, MeniscusError
 from .evaluate import TrainedModel, load_trained
 from .imageio import is_supported_image, read_image
-from .inference import predict_probs
 from .labels import TASKS, orientation_name, position_name
 from .preprocess import make_input
 from .runtime import resolve_runtime
@@ -146,14 +145,12 @@ def run_predict(
             bar = progress.add_task("predicting", total=len(good) * (tta.copies + 1))
             for start in range(0, len(good), 256):  # chunks bound the memory of large folders
                 chunk = good[start : start + 256]
-                probs = predict_probs(
-                    trained.model,
+                probs = trained.predict(
                     [image for _, image in chunk],
-                    config.preprocess.edge_filter,
                     runtime,
-                    batch_size,
                     tta=tta,
                     seed=seed + start,
+                    batch_size=batch_size,
                     on_batch=lambda n: progress.update(bar, advance=n),
                 )
                 for k, (row_index, _) in enumerate(chunk):
