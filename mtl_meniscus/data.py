@@ -92,6 +92,12 @@ def read_labels(data_dir: str | Path) -> list[Record]:
         records.append(record)
     if not rows:
         problems.append("no data rows")
+    filled = sum(1 for row in rows if (row.get("split") or "").strip())
+    if 0 < filled < len(rows):
+        problems.append(
+            f"column 'split' is filled on {filled} of {len(rows)} rows: fill it on every row "
+            "(it then replaces the automatic split) or on none"
+        )
     if problems:
         shown = problems[:50]
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
@@ -128,8 +134,8 @@ def _validate_row(row: dict, line: int, data_dir: Path, problems: list[str]) -> 
         if position not in (*POSITION_VALUES, DOUBLE_TEAR):
             bad("position", "a tear needs one of: " + ", ".join((*POSITION_VALUES, DOUBLE_TEAR)))
     split = value("split").lower()
-    if "split" in row and split not in SPLIT_NAMES:
-        bad("split", "allowed: " + ", ".join(SPLIT_NAMES))
+    if split and split not in SPLIT_NAMES:
+        bad("split", "allowed: " + ", ".join(SPLIT_NAMES) + ", or empty on every row")
     slice_index = None
     if value("slice"):
         try:

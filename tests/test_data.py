@@ -81,7 +81,9 @@ def test_optional_columns_are_validated(tmp_path):
     _write_folder(tmp_path, [("img/a.png", "0", "", "", "holdout", "-1")], header=header)
     with pytest.raises(DataError) as info:
         read_labels(tmp_path)
-    assert "column 'split': bad value 'holdout' (allowed: train, val, test)" in str(info.value)
+    assert "column 'split': bad value 'holdout' (allowed: train, val, test, or empty on every row)" in str(
+        info.value
+    )
     assert "column 'slice': bad value '-1'" in str(info.value)
 
 
@@ -117,6 +119,17 @@ def test_exclusions_report_and_summary(tmp_path):
     both = [r.image for r in resized.records].index("img/both.png")
     assert np.isnan(resized.targets[both, 2]) and resized.targets[both, 0] == 1  # no single position label
     assert all(image.shape == (32, 32) for image in resized.images)
+
+
+def test_split_column_empty_everywhere_or_filled_everywhere(tmp_path):
+    header = ("image", "fissure", "orientation", "position", "patient_id", "split", "slice")
+    rows = [(f"img/{i}.png", "0", "", "", f"P{i}", "", "") for i in range(6)]
+    _write_folder(tmp_path, rows, header=header)
+    assert len(read_labels(tmp_path)) == 6  # the README's example: an empty split column is fine
+    rows[0] = ("img/0.png", "0", "", "", "P0", "test", "")
+    _write_folder(tmp_path, rows, header=header)
+    with pytest.raises(DataError, match="'split' is filled on 1 of 6 rows"):
+        read_labels(tmp_path)
 
 
 def test_split_column_overrides_and_splits_file(tmp_path):
