@@ -93,6 +93,16 @@ def train(
     wandb: Annotated[
         WandbMode | None, typer.Option(help="wandb mode (default: $WANDB_MODE or offline).")
     ] = None,
+    trunk: Annotated[
+        str | None, typer.Option(help="'reference' or a timm model: resnet50, vgg16, vgg19, ...")
+    ] = None,
+    pretrained: Annotated[
+        str | None, typer.Option(help="timm trunk weights: 'default' (offline cache), 'none', or a file.")
+    ] = None,
+    freeze_backbone: Annotated[bool, typer.Option(help="timm trunk: train the heads only.")] = False,
+    backbone_lr_factor: Annotated[
+        float | None, typer.Option(help="timm trunk: backbone learning rate = lr * factor.")
+    ] = None,
 ) -> None:
     """Train a model on a data folder (or the built-in phantom) and evaluate it on the test split."""
     from mtl_meniscus.config import load_config
@@ -114,6 +124,10 @@ def train(
             "train.seed": seed,
             "train.precision": precision.value if precision else None,
             "wandb.mode": wandb.value if wandb else None,
+            "model.trunk": trunk,
+            "model.pretrained": pretrained,
+            "model.freeze_backbone": True if freeze_backbone else None,
+            "train.backbone_lr_factor": backbone_lr_factor,
         }
         run_config = load_config(preset if preset.is_file() or config else None, overrides)
         run_dir = out or default_run_dir(run_config.model.name)

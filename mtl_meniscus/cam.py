@@ -17,10 +17,7 @@ def cam_layer(model: nn.Module, task: str) -> nn.Module:
     if isinstance(model, SeparateCascade):
         model = model.networks[task]
     if isinstance(model, SharedTrunkNet):
-        trunk = model.trunk
-        if hasattr(trunk, "cam_layer"):
-            return trunk.cam_layer()
-        return trunk.blocks[-1]
+        return model.trunk.cam_layer()
     raise TypeError(f"Grad-CAM does not know the layers of {type(model).__name__}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_from_checkpoint(payload: dict[str, Any]) -> tuple[nn.Module, Config]:
     """Rebuild the model and its config from a loaded checkpoint."""
     config = config_from_dict(payload["config"], source="checkpoint config")
-    model = build_model(config.model)
+    # The weights come from the checkpoint: do not fetch a timm trunk's pretrained weights again.
+    model = build_model(replace(config.model, pretrained="none"))
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model, config

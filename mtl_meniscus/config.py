@@ -80,7 +80,12 @@ DEEP_KERNELS = (7, 5, 3, 3)  # reference orientation/position networks: 4 blocks
 class ModelConfig:
     """Architecture choices; saved in checkpoints so a model can be rebuilt without the YAML."""
 
-    name: str = "shared"  # a key of MODEL_BUILDERS: 'shared' or 'separate' (timm trunks: 'timm:<name>')
+    name: str = "shared"  # a key of MODEL_BUILDERS: 'shared' or 'separate'
+    trunk: str = "reference"  # 'reference' (the conv blocks below) or a timm model name, e.g. resnet50
+    pretrained: str = (
+        "default"  # timm trunks: 'default' (timm's weights, must be available offline), 'none', or a file
+    )
+    freeze_backbone: bool = False  # timm trunks: train only the heads
     widths: tuple[int, ...] = (16, 32, 48, 64)  # filters per conv block (not published; ours)
     kernels: tuple[int, ...] = DEEP_KERNELS  # trunk of the shared model and of orientation/position nets
     fissure_kernels: tuple[int, ...] = FISSURE_KERNELS  # fissure network of the separate cascade
@@ -112,6 +117,7 @@ class TrainConfig:
     lr_patience: int = 2  # epochs without improvement before the learning rate is cut
     early_stopping_patience: int = 6  # epochs without improvement before training stops
     min_lr: float = 1e-5
+    backbone_lr_factor: float = 1.0  # timm trunks: backbone learning rate = lr * this factor
     weighting: Literal["fixed", "uncertainty"] = "fixed"
     task_weights: dict[str, float] = field(default_factory=dict)  # fixed weighting; missing tasks get 1
     pos_weights: dict[str, float] = field(default_factory=dict)  # BCE positive-class weight per task

@@ -12,11 +12,13 @@ Models are built by name from a ModelConfig through MODEL_BUILDERS.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
+from .errors import ConfigError, MeniscusError
 from .labels import TASKS
 
 
@@ -38,6 +40,19 @@ class ConvBlock(nn.Sequential):
         )
 
 
+class GridPool(nn.Module):
+    """maps (B, C, h, w) -> (B, 2C * g * g): max- and average-pooled to a g x g grid, flattened."""
+
+    def __init__(self, grid: int):
+        super().__init__()
+        self.max_pool = nn.AdaptiveMaxPool2d(grid)
+        self.avg_pool = nn.AdaptiveAvgPool2d(grid)
+        self.grid = grid
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.max_pool(maps), self.avg_pool(maps)], dim=1).flatten(1)
+
+
 class ConvTrunk(nn.Module):
     """Stack of ConvBlocks; forward (B, C, H, W) -> features (B, num_features)."""
 
@@ -50,14 +65,77 @@ class ConvTrunk(nn.Module):
             blocks.append(ConvBlock(chans, width, kernel, dropout))
             chans = width
         self.blocks = nn.Sequential(*blocks)
-        self.max_pool = nn.AdaptiveMaxPool2d(pool_grid)
-        self.avg_pool = nn.AdaptiveAvgPool2d(pool_grid)
+        self.pool = GridPool(pool_grid)
         self.num_features = 2 * chans * pool_grid * pool_grid
 
+    def cam_layer(self) -> nn.Module:
+        return self.blocks[-1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = self.blocks(x)  # (B, C, H / 2^blocks, W / 2^blocks)
-        pooled = torch.cat([self.max_pool(maps), self.avg_pool(maps)], dim=1)  # (B, 2C, g, g)
-        return pooled.flatten(1)  # (B, 2C * g * g)
+        return self.pool(self.blocks(x))  # (B, C, H / 2^blocks, W / 2^blocks) -> (B, 2C * g * g)
+
+
+class _ForwardFeatures(nn.Module):
+    """A timm model seen through forward_features, so hooks see its last feature maps."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)  # (B, C, h, w)
+
+
+class TimmTrunk(nn.Module):
+    """Any timm model as the trunk (in_chans adapted by timm, no classifier) + the same grid pooling."""
+
+    def __init__(self, name: str, in_chans: int, pool_grid: int, pretrained: str):
+        super().__init__()
+        self.backbone = _ForwardFeatures(create_timm_backbone(name, in_chans, pretrained))
+        chans = self.backbone.model.feature_info[-1]["num_chs"]
+        self.pool = GridPool(pool_grid)
+        self.num_features = 2 * chans * pool_grid * pool_grid
+
+    def cam_layer(self) -> nn.Module:
+        return self.backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.backbone(x))
+
+
+def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module:
+    """timm model without classifier; weights: 'none', 'default' (timm's, offline cache) or a file.
+
+    Requested weights that cannot be found stop the run with instructions: never a silent
+    fall-back to random weights.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"config key 'model.trunk': unknown timm model {name!r} (e.g. resnet50, vgg16, vgg19)"
+        )
+    kwargs = dict(num_classes=0, in_chans=in_chans, global_pool="")
+    how_to = (
+        f"download {name}'s weights on a machine with internet access (timm / Hugging Face hub) and "
+        f"pass --pretrained /path/to/weights.pth (or .safetensors), or --pretrained none to train from scratch"
+    )
+    if pretrained == "none":
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained == "default":
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as err:  # offline hub, missing cache: many exception types
+            raise MeniscusError(
+                f"pretrained weights for {name} are not available here ({type(err).__name__}); {how_to}"
+            ) from None
+    path = Path(pretrained)
+    if not path.is_file():
+        raise MeniscusError(f"pretrained weights file not found: {path}; {how_to}")
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    except Exception as err:
+        raise MeniscusError(f"{path}: cannot load as {name} weights ({type(err).__name__}: {err})") from None
 
 
 class DenseHead(nn.Sequential):
@@ -112,7 +190,9 @@ class SeparateCascade(nn.Module):
         return {task: out[task] for task in self.tasks}
 
 
-def _trunk(config: ModelConfig, kernels: Sequence[int]) -> ConvTrunk:
+def _trunk(config: ModelConfig, kernels: Sequence[int]) -> nn.Module:
+    if config.trunk != "reference":
+        return TimmTrunk(config.trunk, config.in_chans, config.pool_grid, config.pretrained)
     return ConvTrunk(
         config.in_chans, config.widths[: len(kernels)], kernels, config.pool_grid, config.conv_dropout
     )
@@ -145,12 +225,29 @@ def build_model(config: ModelConfig) -> nn.Module:
     try:
         builder = MODEL_BUILDERS[config.name]
     except KeyError:
-        from .errors import ConfigError
-
         raise ConfigError(
             f"config key 'model.name': unknown model {config.name!r} (allowed: {', '.join(MODEL_BUILDERS)})"
         ) from None
     return builder(config)
+
+
+def parameter_groups(
+    model: nn.Module, lr: float, backbone_lr_factor: float, freeze_backbone: bool
+) -> list[dict]:
+    """Optimizer groups: timm backbones at lr * factor (or frozen), everything else at lr."""
+    backbone, rest = [], []
+    for module_name, param in model.named_parameters():
+        if ".backbone." in f".{module_name}":
+            if freeze_backbone:
+                param.requires_grad_(False)
+                continue
+            backbone.append(param)
+        else:
+            rest.append(param)
+    groups = [{"params": rest, "lr": lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr * backbone_lr_factor})
+    return groups
 
 
 def count_parameters(model: nn.Module) -> int:

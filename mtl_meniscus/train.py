@@ -37,7 +37,7 @@ from .inference import predict_probs
 from .labels import TASKS
 from .losses import build_weighting, task_losses
 from .metrics import challenge_score, monitor_score, supervised_rows, task_aucs
-from .models import SeparateCascade, build_shared, build_single_task
+from .models import SeparateCascade, build_shared, build_single_task, parameter_groups
 from .phantom import ensure_phantom
 from .plots import plot_training_curves
 from .runtime import Runtime, resolve_runtime
@@ -103,9 +103,11 @@ class MemberTrainer:
         torch.manual_seed(train.seed)
         self.model = runtime.prepare_model(member.build(config))
         self.weighting = build_weighting(train.weighting, member.tasks, train.task_weights).to(runtime.device)
-        self.optimizer = torch.optim.Adam(
-            list(self.model.parameters()) + list(self.weighting.parameters()), lr=train.lr
+        groups = parameter_groups(
+            self.model, train.lr, train.backbone_lr_factor, config.model.freeze_backbone
         )
+        groups.append({"params": list(self.weighting.parameters()), "lr": train.lr})
+        self.optimizer = torch.optim.Adam(groups, lr=train.lr)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer,
             mode="max",

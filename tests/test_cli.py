@@ -152,3 +152,46 @@ def test_interrupted_training_says_how_to_resume(tmp_path, monkeypatch):
     result = runner.invoke(app, ["train", "--config", TINY, "--out", str(tmp_path / "run")])
     assert result.exit_code == 130
     assert f"python cli.py train --resume {tmp_path / 'run'}" in result.output
+
+
+def test_train_with_a_timm_trunk(phantom, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--config",
+        TINY,
+        "--data",
+        str(phantom),
+        "--out",
+        str(out),
+        "--max-epochs",
+        "1",
+        "--trunk",
+        "resnet18",
+        "--pretrained",
+        "none",
+        "--freeze-backbone",
+        "--wandb",
+        "disabled",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = (out / "config.yaml").read_text()
+    assert "trunk: resnet18" in config and "freeze_backbone: true" in config
+    missing = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            TINY,
+            "--data",
+            str(phantom),
+            "--out",
+            str(tmp_path / "r2"),
+            "--trunk",
+            "resnet18",
+            "--pretrained",
+            str(tmp_path / "none.pth"),
+        ],
+    )
+    assert missing.exit_code == 1 and "pretrained weights file not found" in missing.output

@@ -1,0 +1,88 @@
+"""timm trunks: the documented backbones build, local pretrained weights load through timm with the
+first convolution adapted to 2 channels, and requested weights that are missing stop the run."""
+
+import pytest
+import timm
+import torch
+
+from mtl_meniscus.cam import grad_cam
+from mtl_meniscus.checkpoint import atomic_torch_save, load_checkpoint, model_from_checkpoint, model_payload
+from mtl_meniscus.config import Config, ModelConfig
+from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.models import build_model, parameter_groups
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vgg16", "vgg19"])
+def test_documented_backbones_build_without_weights(name):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="shared", trunk=name, pretrained="none", pool_grid=1))
+    out = model(torch.randn(2, 2, 64, 64))
+    assert set(out) == {"fissure", "orientation", "position"}
+    assert all(v.shape == (2,) and torch.isfinite(v).all() for v in out.values())
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == 2
+
+
+def test_separate_cascade_with_a_timm_trunk_and_its_saliency():
+    model = build_model(ModelConfig(name="separate", trunk="resnet18", pretrained="none", pool_grid=1))
+    x = torch.randn(1, 2, 64, 64)
+    assert set(model(x)) == {"fissure", "orientation", "position"}
+    cam = grad_cam(model, x, "position")
+    assert cam.shape == (1, 64, 64) and 0 <= cam.min() and cam.max() <= 1
+
+
+@pytest.fixture
+def resnet18_weights(tmp_path):
+    """A 3-channel ImageNet-style state dict, saved the way a user would download it."""
+    torch.manual_seed(1)
+    state = timm.create_model("resnet18", pretrained=False, num_classes=1000, in_chans=3).state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_local_pretrained_file_loads_with_an_adapted_first_conv(resnet18_weights):
+    path, state = resnet18_weights
+    model = build_model(ModelConfig(name="shared", trunk="resnet18", pretrained=str(path), pool_grid=1))
+    backbone = model.trunk.backbone.model
+    # timm adapts RGB weights to 2 channels: the first two input channels, scaled by 3/2
+    torch.testing.assert_close(backbone.conv1.weight.detach(), state["conv1.weight"][:, :2] * 1.5)
+    torch.testing.assert_close(backbone.layer4[1].conv2.weight.detach(), state["layer4.1.conv2.weight"])
+    assert not any(name.startswith("fc.") for name in backbone.state_dict())  # classifier dropped
+
+
+def test_checkpoint_rebuild_does_not_need_the_weights_file(resnet18_weights, tmp_path):
+    path, _ = resnet18_weights
+    config = Config()
+    config.model = ModelConfig(name="shared", trunk="resnet18", pretrained=str(path), pool_grid=1)
+    model = build_model(config.model)
+    atomic_torch_save(model_payload(model, config), tmp_path / "best.pt")
+    path.unlink()
+    rebuilt, _ = model_from_checkpoint(load_checkpoint(tmp_path / "best.pt"))
+    x = torch.randn(1, 2, 64, 64)
+    model.eval()
+    torch.testing.assert_close(rebuilt(x)["fissure"], model(x)["fissure"])
+
+
+def test_missing_weights_stop_with_instructions(tmp_path):
+    with pytest.raises(MeniscusError, match="not found.*--pretrained none"):
+        build_model(ModelConfig(trunk="resnet18", pretrained=str(tmp_path / "nowhere.pth")))
+    (tmp_path / "junk.pth").write_bytes(b"not weights")
+    with pytest.raises(MeniscusError, match="junk.pth: cannot load as resnet18 weights"):
+        build_model(ModelConfig(trunk="resnet18", pretrained=str(tmp_path / "junk.pth")))
+    with pytest.raises(ConfigError, match="unknown timm model 'resnet9000'"):
+        build_model(ModelConfig(trunk="resnet9000", pretrained="none"))
+
+
+def test_freeze_and_lower_backbone_learning_rate():
+    model = build_model(ModelConfig(trunk="resnet18", pretrained="none", pool_grid=1))
+    groups = parameter_groups(model, lr=1e-3, backbone_lr_factor=0.1, freeze_backbone=False)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-4]
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+    frozen = parameter_groups(model, lr=1e-3, backbone_lr_factor=0.1, freeze_backbone=True)
+    assert len(frozen) == 1
+    assert not any(p.requires_grad for p in model.trunk.parameters())
+    assert all(p.requires_grad for p in model.heads.parameters())
+    reference = build_model(ModelConfig())
+    assert len(parameter_groups(reference, 1e-3, 0.1, True)) == 1  # no timm backbone: nothing frozen
+    assert all(p.requires_grad for p in reference.parameters())
