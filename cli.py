@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mtl_meniscus.errors import MeniscusError
 
@@ -44,7 +45,7 @@ def main() -> None:
 
 def fail(err: Exception) -> None:
     """Print a domain error as a clear message and exit 1 (no traceback)."""
-    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
     raise typer.Exit(code=1)
 
 
