@@ -14,6 +14,11 @@ runner = CliRunner()
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
+def tiny_train(data, out, *options: str) -> list[str]:
+    """Arguments of a one-epoch tiny training run on `data` into `out`, plus extra options."""
+    return ["train", "--config", TINY, "--data", str(data), "--out", str(out), "--max-epochs", "1", *options]
+
+
 def test_make_phantom(tmp_path):
     result = runner.invoke(
         app, ["make-phantom", str(tmp_path / "ph"), "--n", "30", "--seed", "2", "--size", "64"]
@@ -34,18 +39,9 @@ def phantom(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["shared", "separate"])
 def test_train_both_modes(phantom, tmp_path, mode):
     out = tmp_path / "run"
-    args = [
-        "train",
+    options = [
         "--mode",
         mode,
-        "--config",
-        TINY,
-        "--data",
-        str(phantom),
-        "--out",
-        str(out),
-        "--max-epochs",
-        "1",
         "--steps-per-epoch",
         "2",
         "--batch-size",
@@ -59,6 +55,7 @@ def test_train_both_modes(phantom, tmp_path, mode):
         "--wandb",
         "disabled",
     ]
+    args = tiny_train(phantom, out, *options)
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "challenge score" in result.output and "kept 78 of 80 images" in result.output
@@ -92,20 +89,7 @@ def test_bad_config_is_a_clear_error(tmp_path):
 
 def test_evaluate_predict_and_bench_commands(phantom, tmp_path):
     out = tmp_path / "run"
-    args = [
-        "train",
-        "--config",
-        TINY,
-        "--data",
-        str(phantom),
-        "--out",
-        str(out),
-        "--max-epochs",
-        "1",
-        "--wandb",
-        "disabled",
-    ]
-    assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, tiny_train(phantom, out, "--wandb", "disabled")).exit_code == 0
 
     result = runner.invoke(
         app,
@@ -156,42 +140,13 @@ def test_interrupted_training_says_how_to_resume(tmp_path, monkeypatch):
 
 def test_train_with_a_timm_trunk(phantom, tmp_path):
     out = tmp_path / "run"
-    args = [
-        "train",
-        "--config",
-        TINY,
-        "--data",
-        str(phantom),
-        "--out",
-        str(out),
-        "--max-epochs",
-        "1",
-        "--trunk",
-        "resnet18",
-        "--pretrained",
-        "none",
-        "--freeze-backbone",
-        "--wandb",
-        "disabled",
-    ]
-    result = runner.invoke(app, args)
+    options = ["--trunk", "resnet18", "--pretrained", "none", "--freeze-backbone", "--wandb", "disabled"]
+    result = runner.invoke(app, tiny_train(phantom, out, *options))
     assert result.exit_code == 0, result.output
     config = (out / "config.yaml").read_text()
     assert "trunk: resnet18" in config and "freeze_backbone: true" in config
+    missing_file = str(tmp_path / "none.pth")
     missing = runner.invoke(
-        app,
-        [
-            "train",
-            "--config",
-            TINY,
-            "--data",
-            str(phantom),
-            "--out",
-            str(tmp_path / "r2"),
-            "--trunk",
-            "resnet18",
-            "--pretrained",
-            str(tmp_path / "none.pth"),
-        ],
+        app, tiny_train(phantom, tmp_path / "r2", "--trunk", "resnet18", "--pretrained", missing_file)
     )
     assert missing.exit_code == 1 and "pretrained weights file not found" in missing.output
