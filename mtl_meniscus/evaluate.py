@@ -60,6 +60,18 @@ class TrainedModel:
             self.model, images, self.config.preprocess.edge_filter, runtime, tta=tta, seed=seed, **kwargs
         )
 
+    def saliency(self, image: np.ndarray, runtime: Runtime) -> dict[str, np.ndarray]:
+        """{task: (H, W) saliency map in [0, 1]} of one raw slice."""
+        import torch
+
+        from .cam import grad_cam
+        from .preprocess import make_input
+
+        x = runtime.prepare_input(
+            torch.from_numpy(make_input(image, self.config.preprocess.edge_filter))[None]
+        )
+        return {task: grad_cam(self.model, x, task)[0] for task in TASKS}  # x: (1, C, H, W)
+
     @property
     def saved_threshold(self) -> float | None:
         path = self.run_dir / THRESHOLD_FILE if self.run_dir else None
@@ -68,8 +80,8 @@ class TrainedModel:
         return float(json.loads(path.read_text())["fissure_threshold"])
 
 
-def load_trained(run_or_checkpoint: str | Path) -> TrainedModel:
-    """A run folder (uses its best.pt) or a .pt checkpoint file."""
+def load_trained(run_or_checkpoint: str | Path, runtime: Runtime) -> TrainedModel:
+    """A run folder (uses its best.pt) or a .pt checkpoint file, placed on the runtime's device."""
     path = Path(run_or_checkpoint)
     checkpoint = path / "best.pt" if path.is_dir() else path
     if path.is_dir() and not checkpoint.is_file():
@@ -77,6 +89,7 @@ def load_trained(run_or_checkpoint: str | Path) -> TrainedModel:
             f"{path}: no best.pt here; is the run finished? (resume it with train --resume {path})"
         )
     model, config = model_from_checkpoint(load_checkpoint(checkpoint))
+    model = runtime.prepare_model(model)
     run_dir = checkpoint.parent if (checkpoint.parent / "config.yaml").is_file() else None
     return TrainedModel(model, config, checkpoint, run_dir)
 
@@ -245,9 +258,8 @@ def run_evaluation(
     console = console or Console(soft_wrap=True)
     if split not in ("test", "val", "train", "all"):
         raise MeniscusError(f"unknown split {split!r} (allowed: test, val, train, all)")
-    trained = load_trained(run_or_checkpoint)
     runtime = resolve_runtime(precision)
-    trained.model = runtime.prepare_model(trained.model)
+    trained = load_trained(run_or_checkpoint, runtime)
     config = trained.config
     tta = TTAConfig(
         copies=config.tta.copies if tta_copies is None else tta_copies, augment=config.tta.augment
@@ -305,18 +317,13 @@ def write_cams_and_check_peaks(
     """Grad-CAM overlays of every evaluated image; on true positives with a tear mask, how often the
     fissure map's peak falls inside the tear mask dilated by `dilation_px` pixels."""
     import cv2
-    import torch
 
-    from .cam import grad_cam, peak_in_mask, write_overlays
-    from .preprocess import make_input
+    from .cam import peak_in_mask, write_overlays
 
     hits = checked = 0
     for k, index in enumerate(indices):
         record, image = data.records[index], data.images[index]
-        x = runtime.prepare_input(
-            torch.from_numpy(make_input(image, trained.config.preprocess.edge_filter))[None]
-        )
-        cams = {task: grad_cam(trained.model, x, task)[0] for task in TASKS}
+        cams = trained.saliency(image, runtime)
         write_overlays(cam_dir, Path(record.image).stem, image, cams)
         true_positive = data.targets[index, 0] == 1 and probs["fissure"][k] >= threshold
         if true_positive and record.mask:

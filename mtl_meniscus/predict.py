@@ -13,17 +13,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from .cam import grad_cam, write_overlays
+from .cam import write_overlays
 from .config import TTAConfig
 from .errors import ImageReadError, MeniscusError
 from .evaluate import TrainedModel, load_trained
 from .imageio import is_supported_image, read_image
-from .labels import TASKS, orientation_name, position_name
-from .preprocess import make_input
+from .labels import orientation_name, position_name
 from .runtime import resolve_runtime
 
 CSV_COLUMNS = [
@@ -103,9 +101,8 @@ def run_predict(
 ) -> list[Prediction]:
     """Predict every input and write CSV (or JSON lines); returns the rows in input order."""
     console = console or Console(soft_wrap=True)
-    trained = load_trained(run_or_checkpoint)
     runtime = resolve_runtime(precision)
-    trained.model = runtime.prepare_model(trained.model)
+    trained = load_trained(run_or_checkpoint, runtime)
     config = trained.config
     size = config.data.image_size
     cut = threshold if threshold is not None else (trained.saved_threshold or 0.5)
@@ -177,10 +174,8 @@ def run_predict(
 
 
 def _write_cams(trained: TrainedModel, good, rows: list[Prediction], cam_dir: Path, runtime) -> None:
-    edge_filter = trained.config.preprocess.edge_filter
     for row_index, image in good:
-        x = runtime.prepare_input(torch.from_numpy(make_input(image, edge_filter))[None])  # (1, C, H, W)
-        cams = {task: grad_cam(trained.model, x, task)[0] for task in TASKS}
+        cams = trained.saliency(image, runtime)
         write_overlays(cam_dir, Path(rows[row_index].image).name.replace(".", "_"), image, cams)
 
 
