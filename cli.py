@@ -238,6 +238,72 @@ def predict(
 
 
 @app.command()
+def compare(
+    out: Annotated[
+        Path, typer.Option(help="Comparison folder; rerunning on it skips the finished variants.")
+    ] = Path("runs/compare"),
+    config: Annotated[
+        Path | None, typer.Option(help="Comparison YAML (default: configs/compare.yaml).")
+    ] = None,
+    modes: Annotated[str | None, typer.Option(help="Comma-separated: separate,shared.")] = None,
+    trunks: Annotated[
+        str | None, typer.Option(help="Comma-separated: reference and/or timm models (resnet50,vgg16,vgg19).")
+    ] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated training seeds, e.g. 0,1,2.")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Training budget: epochs per network.")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(help="Training budget: steps per epoch.")] = None,
+    pretrained: Annotated[
+        list[str] | None,
+        typer.Option(help="timm trunk weights: TRUNK=FILE|default|none, or one value for all (repeatable)."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Data folder with labels.csv (default: the built-in phantom).")
+    ] = None,
+    tta: Annotated[int | None, typer.Option(help="Test-time augmented copies for every variant.")] = None,
+    bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples for the CIs.")] = None,
+    wandb: Annotated[
+        WandbMode | None, typer.Option(help="wandb mode (default: $WANDB_MODE or offline).")
+    ] = None,
+) -> None:
+    """Train and score separate vs shared (x trunks x seeds) on the same splits; write the table and plots."""
+    from mtl_meniscus.compare import parse_list, parse_pretrained, run_compare
+    from mtl_meniscus.config import load_compare_config
+
+    try:
+        path = config or PRESETS / "compare.yaml"
+        overrides = {
+            "modes": parse_list(modes, "--modes") if modes else None,
+            "trunks": parse_list(trunks, "--trunks") if trunks else None,
+            "seeds": parse_list(seeds, "--seeds", int) if seeds else None,
+            "max_epochs": max_epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "tta.copies": tta,
+            "bootstrap": bootstrap,
+        }
+        settings = load_compare_config(path, overrides)
+        settings.pretrained.update(parse_pretrained(pretrained or [], settings.trunks))
+        # Preset paths in the YAML are relative to the YAML's folder; missing modes use configs/<mode>.yaml.
+        presets = {mode: PRESETS / f"{mode}.yaml" for mode in settings.modes}
+        presets |= {mode: path.parent / preset for mode, preset in settings.presets.items()}
+        run_compare(
+            settings,
+            out,
+            presets,
+            data_dir=data,
+            wandb_mode=wandb.value if wandb else None,
+            console=console,
+        )
+    except MeniscusError as err:
+        fail(err)
+    except KeyboardInterrupt:
+        console.print(
+            "interrupted; rerun the same command to continue: scored variants are kept and the "
+            "one in progress resumes from its last finished epoch"
+        )
+        raise typer.Exit(code=130) from None
+
+
+@app.command()
 def bench(
     quick: Annotated[
         bool, typer.Option(help="Tiny sizes that finish in seconds (CI); not for the targets.")

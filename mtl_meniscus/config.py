@@ -216,6 +216,13 @@ def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Con
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load a YAML preset (or the defaults) and apply dotted-key overrides like {'train.lr': 0.01}."""
+    data, source = _read_yaml(path, overrides)
+    return config_from_dict(data, source)
+
+
+def _read_yaml(path: str | Path | None, overrides: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """(nested dict, source name) of a YAML file (or {} for None) with dotted-key overrides applied;
+    overrides whose value is None are skipped."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -237,7 +244,60 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return config_from_dict(data, source)
+    return data, source
+
+
+MODES = ("separate", "shared")
+
+
+def _compare_tta() -> TTAConfig:
+    return TTAConfig(copies=5, augment=AugmentConfig(rotation_deg=8.0, translate_frac=0.05))
+
+
+@dataclass
+class CompareConfig:
+    """A comparison: every (mode, trunk, seed) variant trains on the same splits and is scored alike.
+
+    Each variant's training config is its mode's preset with the budget, trunk and seed below.
+    """
+
+    modes: tuple[str, ...] = MODES
+    trunks: tuple[str, ...] = ("reference",)  # 'reference' or timm model names: resnet50, vgg16, vgg19
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_epochs: int | None = None  # training budget per variant; None: the preset's
+    steps_per_epoch: int | None = None
+    presets: dict[str, str] = field(
+        default_factory=dict
+    )  # mode -> training preset; default configs/<mode>.yaml
+    pretrained: dict[str, str] = field(
+        default_factory=dict
+    )  # timm trunk -> 'default' | 'none' | weights file
+    tta: TTAConfig = field(default_factory=_compare_tta)  # the same test-time augmentation for every variant
+    bootstrap: int = 1000  # stratified bootstrap resamples of the test split for the CIs
+
+    def validate(self) -> CompareConfig:
+        for name in ("modes", "trunks", "seeds"):
+            values = getattr(self, name)
+            _check(len(values) > 0 and len(set(values)) == len(values), f"{name}", values, "distinct values")
+        _check(set(self.modes) <= set(MODES), "modes", self.modes, ", ".join(MODES))
+        _check(set(self.presets) <= set(MODES), "presets", self.presets, f"keys among {', '.join(MODES)}")
+        for name in ("max_epochs", "steps_per_epoch"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, value, "an integer >= 1 or null")
+        _check(self.bootstrap >= 0, "bootstrap", self.bootstrap, "an integer >= 0")
+        self.tta.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def load_compare_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> CompareConfig:
+    """Load a comparison YAML (or the defaults) with dotted-key overrides like {'seeds': [0, 1]}."""
+    data, source = _read_yaml(path, overrides)
+    return _build(CompareConfig, data, prefix="", source=source).validate()
 
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -97,6 +97,33 @@ def roc_points(
     return curves
 
 
+def stratified_resamples(targets: np.ndarray, n_resamples: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Row indices of `n_resamples` stratified bootstrap resamples of `targets` (N, 3).
+
+    Rows are drawn with replacement within each joint-label stratum (fissure, orientation,
+    position), so every resample keeps the class counts and every AUC stays defined when it is
+    defined on the full set. Same targets and seed, same resamples: variants scored on the same
+    test split can be compared resample by resample (paired bootstrap).
+    """
+    rng = np.random.default_rng(seed)
+    strata: dict[tuple, list[int]] = {}
+    for row, label in enumerate(map(tuple, np.nan_to_num(targets, nan=-1.0))):
+        strata.setdefault(label, []).append(row)
+    groups = [np.asarray(rows) for rows in strata.values()]
+    for _ in range(n_resamples):
+        yield np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+
+
+def percentile_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the defined (non-NaN) values; NaNs if there are none."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return (float("nan"), float("nan"))
+    tail = (1 - level) / 2 * 100
+    return (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+
+
 def bootstrap_cis(
     targets: np.ndarray,
     probs: Mapping[str, np.ndarray],
@@ -104,33 +131,12 @@ def bootstrap_cis(
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile confidence intervals of each task AUC and the challenge score.
-
-    Stratified bootstrap: rows are resampled with replacement within each joint-label stratum
-    (fissure, orientation, position), so every resample keeps the class counts and every AUC
-    stays defined when it is defined on the full set.
-    """
-    rng = np.random.default_rng(seed)
-    strata: dict[tuple, list[int]] = {}
-    for row, label in enumerate(map(tuple, np.nan_to_num(targets, nan=-1.0))):
-        strata.setdefault(label, []).append(row)
-    groups = [np.asarray(rows) for rows in strata.values()]
+    """Percentile confidence intervals of each task AUC and the challenge score (stratified bootstrap)."""
     samples: dict[str, list[float]] = {task: [] for task in probs}
     samples["score"] = []
-    for _ in range(n_resamples):
-        rows = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
+    for rows in stratified_resamples(targets, n_resamples, seed):
         aucs = task_aucs(targets[rows], {t: np.asarray(p)[rows] for t, p in probs.items()})
         for task, value in aucs.items():
             samples[task].append(value)
         samples["score"].append(challenge_score(aucs) if set(aucs) == set(TASKS) else monitor_score(aucs))
-    tail = (1 - level) / 2 * 100
-    out = {}
-    for key, values in samples.items():
-        values = np.asarray(values)
-        values = values[~np.isnan(values)]
-        out[key] = (
-            (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
-            if len(values)
-            else (float("nan"), float("nan"))
-        )
-    return out
+    return {key: percentile_ci(np.asarray(values), level) for key, values in samples.items()}

@@ -40,3 +40,50 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_score_bars(table: list[dict], per_seed: list[dict], path: Path) -> None:
+    """Seed-mean challenge score per variant with its bootstrap 95% CI, and each seed as a dot."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(table), 4))
+    for x, row in enumerate(table):
+        low, high = row["score_ci_low"], row["score_ci_high"]
+        ax.bar(x, row["score_mean"], color=f"C{x}", alpha=0.6)
+        error = [[row["score_mean"] - low], [high - row["score_mean"]]]
+        ax.errorbar(x, row["score_mean"], yerr=error, color="k", capsize=6)
+        seeds = [r["score"] for r in per_seed if r["group"] == row["variant"]]
+        ax.plot([x] * len(seeds), seeds, "o", color="k", markersize=4)
+    ax.set_xticks(range(len(table)), [row["variant"] for row in table], rotation=20, ha="right")
+    ax.set_ylabel("challenge score (test)")
+    ax.set_ylim(max(0.0, min(r["score_ci_low"] for r in table) - 0.05), 1.005)
+    ax.set_title("score: seed mean, 95% bootstrap CI, seeds as dots", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_roc_overlay(scored, targets, path: Path) -> None:
+    """Test ROC per task: one colour per variant, one line per seed."""
+    from .metrics import roc_points
+
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 4.2))
+    colours: dict[str, str] = {}
+    for item in scored:
+        group = item.variant.group
+        first = group not in colours  # label each variant once
+        colour = colours.setdefault(group, f"C{len(colours)}")
+        curves = roc_points(targets, item.probs)
+        for ax, task in zip(axes, TASKS):
+            if task in curves:
+                fpr, tpr = curves[task]
+                ax.plot(fpr, tpr, color=colour, alpha=0.7, linewidth=1.2, label=group if first else None)
+    for ax, task in zip(axes, TASKS):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{task} (test)")
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        if ax.get_legend_handles_labels()[0]:  # a task undefined on the test split has no curves
+            ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -59,12 +59,14 @@ class RunLogger:
 
     def log_roc(self, curves: dict[str, tuple[np.ndarray, np.ndarray]], key: str = "roc") -> None:
         """ROC points as one table (task, fpr, tpr), plottable in the wandb UI."""
-        if self.run is None:
-            return
-        import wandb
-
         rows = [[task, float(f), float(t)] for task, (fpr, tpr) in curves.items() for f, t in zip(fpr, tpr)]
-        self.run.log({key: wandb.Table(columns=["task", "fpr", "tpr"], data=rows)})
+        self.log_table(key, ["task", "fpr", "tpr"], rows)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
 
     def log_image(self, key: str, path: Path) -> None:
         if self.run is not None:

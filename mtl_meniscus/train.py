@@ -331,7 +331,9 @@ def train_run(
     data_dir = resolve_data_dir(config)
     config.data.path = str(data_dir.resolve())
     data = prepare_data(data_dir, config.data)
-    _check_same_splits(run_dir, data, resume)
+    if resume and not same_splits(run_dir, data):
+        # Resuming on other splits would train on test images.
+        raise MeniscusError(f"cannot resume {run_dir}: the data or its splits changed since the run started")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     data.write_splits(run_dir / "splits.csv")
     data.write_exclusions(run_dir / "exclusions.csv")
@@ -411,7 +413,8 @@ def _final_metrics(
             "epochs": len(rows),
         }
     results["members"] = best_by_member
-    results["train_seconds"] = train_seconds
+    results["train_seconds"] = train_seconds  # training steps only
+    results["train_wall_seconds"] = float(sum(r["seconds"] for r in history))  # with validation
     results["train_images"] = len(history) * config.train.steps_per_epoch * config.train.batch_size
     results["precision"] = runtime.precision
     results["device"] = runtime.device.type
@@ -454,13 +457,11 @@ def _load_run_config(run_dir: Path) -> Config:
     return config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
 
 
-def _check_same_splits(run_dir: Path, data: PreparedData, resume: bool) -> None:
-    """On resume, the data must split exactly as before, or the resumed run would train on test images."""
+def same_splits(run_dir: Path, data: PreparedData) -> bool:
+    """True if the run's splits.csv lists exactly these images in these splits (or it has none yet)."""
     saved = run_dir / "splits.csv"
-    if not resume or not saved.is_file():
-        return
+    if not saved.is_file():
+        return True
     with saved.open(newline="") as handle:
         before = [(row["image"], row["split"]) for row in csv.DictReader(handle)]
-    now = [(r.image, s) for r, s in zip(data.records, data.splits)]
-    if before != now:
-        raise MeniscusError(f"cannot resume {run_dir}: the data or its splits changed since the run started")
+    return before == [(r.image, s) for r, s in zip(data.records, data.splits)]

@@ -1,0 +1,588 @@
+"""The `compare` command: does one shared representation beat three separate networks?
+
+Every variant (mode x trunk x seed) trains on the same data and splits with the same seeds, then
+is scored on the same test split with the same test-time augmentation (same copies of the same
+images). The table gives per-task AUC and challenge score as mean +- sd over seeds, a stratified
+bootstrap CI of the seed-mean score, and the paired difference against the baseline (the
+`separate` cascade, reference trunk when present) with its bootstrap CI.
+
+Output folder:
+    compare.yaml                          the comparison's settings
+    variants/<mode>-<trunk>-seed<k>/      a normal run folder (`train --resume` works on it), plus
+        test_predictions.csv, result.json   written when the variant is scored
+    results.csv, results_per_seed.csv, results.md, results.json, score_bars.png, roc_overlay.png
+    wandb/                                the summary run (each variant's run is in its own folder)
+
+A variant with result.json is done and is not retrained when compare is rerun on the folder; a
+variant that was interrupted resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from .config import CompareConfig, Config, load_config
+from .data import PreparedData, prepare_data
+from .errors import ConfigError, MeniscusError
+from .evaluate import load_trained
+from .labels import TASKS
+from .metrics import challenge_score, percentile_ci, stratified_resamples, task_aucs
+from .models import count_parameters, create_timm_backbone
+from .runtime import Runtime, resolve_runtime
+from .train import resolve_data_dir, same_splits, train_run
+
+RESULT_FILE = "result.json"
+PREDICTIONS_FILE = "test_predictions.csv"
+TTA_SEED = 0  # one seed for every variant: each sees the same augmented copies of each test image
+BOOTSTRAP_SEED = 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training run of the comparison."""
+
+    mode: str
+    trunk: str
+    seed: int
+
+    @property
+    def group(self) -> str:
+        """The variant without its seed: what the table has one row for."""
+        return f"{self.mode}-{re.sub(r'[^A-Za-z0-9._]+', '_', self.trunk)}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}-seed{self.seed}"
+
+
+@dataclass
+class ScoredVariant:
+    """A variant's test-split probabilities and its cost figures (from result.json)."""
+
+    variant: Variant
+    result: dict[str, Any]
+    images: list[str]
+    probs: dict[str, np.ndarray]  # {task: (N,)} in the order of `images`
+
+
+def plan_variants(compare: CompareConfig) -> list[Variant]:
+    """Every (mode, trunk, seed), seed-major: after the first round every row of the table has a value."""
+    return [
+        Variant(mode, trunk, seed)
+        for seed in compare.seeds
+        for trunk in compare.trunks
+        for mode in compare.modes
+    ]
+
+
+def baseline_group(variants: Sequence[Variant]) -> str:
+    """The `separate` cascade with the reference trunk; else the first separate group; else the first."""
+    groups = list(dict.fromkeys(v.group for v in variants))
+    for preferred in ("separate-reference", *(g for g in groups if g.startswith("separate-"))):
+        if preferred in groups:
+            return preferred
+    return groups[0]
+
+
+def variant_config(
+    compare: CompareConfig,
+    variant: Variant,
+    preset: Path,
+    data_path: str | None,
+    wandb_mode: str | None,
+    wandb_group: str,
+) -> Config:
+    """The training config of one variant: its mode's preset with the comparison's settings on top."""
+    timm_trunk = variant.trunk != "reference"
+    overrides = {
+        "model.name": variant.mode,
+        "model.trunk": variant.trunk,
+        "model.pretrained": compare.pretrained.get(variant.trunk) if timm_trunk else None,
+        "train.seed": variant.seed,
+        "train.max_epochs": compare.max_epochs,
+        "train.steps_per_epoch": compare.steps_per_epoch,
+        "data.path": data_path,
+        "tta": compare.to_dict()["tta"],
+        "wandb.mode": wandb_mode,
+        "wandb.group": wandb_group,
+        "wandb.job_type": "compare-variant",
+    }
+    return load_config(preset, overrides)
+
+
+def parse_list(text: str, option: str, kind: type = str) -> list:
+    """'a,b,c' -> ['a', 'b', 'c'] (or ints), with a message naming the option on bad input."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        values = [kind(item) for item in items]
+    except ValueError:
+        raise ConfigError(
+            f"{option}: {text!r} is not a comma-separated list of {kind.__name__} values"
+        ) from None
+    if not values:
+        raise ConfigError(f"{option}: empty list")
+    return values
+
+
+def parse_pretrained(values: Sequence[str], trunks: Sequence[str]) -> dict[str, str]:
+    """--pretrained options: 'TRUNK=WEIGHTS' for one timm trunk, or 'WEIGHTS' for every timm trunk.
+
+    WEIGHTS is 'default' (timm's weights, from an existing offline cache), 'none' or a file.
+    """
+    timm_trunks = [t for t in trunks if t != "reference"]
+    out: dict[str, str] = {}
+    for value in values:
+        trunk, sep, weights = value.partition("=")
+        if not sep:
+            out.update({t: value for t in timm_trunks})
+        elif trunk in timm_trunks:
+            out[trunk] = weights
+        else:
+            raise ConfigError(
+                f"--pretrained {value!r}: {trunk!r} is not a timm trunk of this comparison "
+                f"(trunks: {', '.join(trunks)})"
+            )
+    return out
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ, as 'key: saved -> wanted' (wandb settings do not count)."""
+    a = {k: v for k, v in _flatten(saved).items() if not k.startswith("wandb.")}
+    b = {k: v for k, v in _flatten(wanted).items() if not k.startswith("wandb.")}
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def variant_status(run_dir: Path, config: Config) -> str:
+    """'scored', 'trained', 'started' or 'new'; a folder holding another config is an error."""
+    if not (run_dir / "config.yaml").is_file():
+        return "new"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    differences = config_differences(saved, config.to_dict())
+    if differences:
+        raise MeniscusError(
+            f"{run_dir} was trained with other settings ({'; '.join(differences[:4])}"
+            f"{'; ...' if len(differences) > 4 else ''}); rerun with the same options or use another --out"
+        )
+    if (run_dir / RESULT_FILE).is_file():
+        return "scored"
+    return "trained" if (run_dir / "metrics.json").is_file() else "started"
+
+
+def check_pretrained_weights(configs: Sequence[Config]) -> None:
+    """Build each timm trunk once with its weights before any training: a missing weights file
+    stops the comparison now, not after hours of other variants."""
+    checked = set()
+    for config in configs:
+        model = config.model
+        key = (model.trunk, model.pretrained, model.in_chans)
+        if model.trunk != "reference" and key not in checked:
+            create_timm_backbone(model.trunk, model.in_chans, model.pretrained)
+            checked.add(key)
+
+
+# ---- scoring one variant ----------------------------------------------------------------------
+
+
+def score_variant(
+    variant: Variant, run_dir: Path, data: PreparedData, config: Config, runtime: Runtime
+) -> ScoredVariant:
+    """Predict the test split with the comparison's TTA; time it; write test_predictions.csv and result.json."""
+    if not same_splits(run_dir, data):
+        raise MeniscusError(f"{run_dir} was trained on other splits than this comparison's data")
+    trained = load_trained(run_dir, runtime)
+    test = data.indices("test")
+    images = [data.images[i] for i in test]
+    trained.predict(images[:8], runtime)  # warm-up: the first batch pays one-off kernel setup
+    ms_per_input: list[float] = []  # per batch: preparation + forward, per network input
+    last = time.perf_counter()
+
+    def time_batch(n_inputs: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        ms_per_input.append(1000 * (now - last) / n_inputs)
+        last = now
+
+    probs = trained.predict(images, runtime, tta=config.tta, seed=TTA_SEED, on_batch=time_batch)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    aucs = task_aucs(data.targets[test], probs)
+    result = {
+        "variant": {"mode": variant.mode, "trunk": variant.trunk, "seed": variant.seed},
+        "test_auc": aucs,
+        "test_score": challenge_score(aucs),
+        "n_test": len(test),
+        "tta_copies": config.tta.copies,
+        "params": count_parameters(trained.model),
+        "train_seconds": metrics["train_seconds"],
+        "train_wall_seconds": metrics["train_wall_seconds"],
+        "train_images": metrics["train_images"],
+        "train_images_per_s": metrics["train_images"] / max(metrics["train_seconds"], 1e-9),
+        # An image is 1 + copies network inputs. The median over batches is robust to a moment of
+        # other load on the machine, which the total time is not.
+        "infer_ms_per_image": float(np.median(ms_per_input)) * (1 + config.tta.copies),
+        "best": metrics["members"],
+        "precision": runtime.precision,
+    }
+    names = [data.records[i].image for i in test]
+    _write_predictions(run_dir / PREDICTIONS_FILE, names, data.targets[test], probs)
+    tmp = run_dir / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(run_dir / RESULT_FILE)  # result.json appears only complete: it marks the variant done
+    return ScoredVariant(variant, result, names, probs)
+
+
+def _write_predictions(
+    path: Path, names: list[str], targets: np.ndarray, probs: dict[str, np.ndarray]
+) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", *TASKS, *(f"p_{t}" for t in TASKS)])
+        for k, name in enumerate(names):
+            labels = ["" if math.isnan(v) else int(v) for v in targets[k]]
+            # Full precision: rounded probabilities would tie and change the AUCs recomputed from this file.
+            writer.writerow([name, *labels, *(repr(float(probs[t][k])) for t in TASKS)])
+
+
+def load_scored(variant: Variant, run_dir: Path) -> ScoredVariant:
+    """A scored variant read back from its folder."""
+    result = json.loads((run_dir / RESULT_FILE).read_text())
+    with (run_dir / PREDICTIONS_FILE).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    probs = {t: np.array([float(r[f"p_{t}"]) for r in rows]) for t in TASKS}
+    return ScoredVariant(variant, result, [r["image"] for r in rows], probs)
+
+
+# ---- the table -------------------------------------------------------------------------------
+
+
+def summarize(scored: Sequence[ScoredVariant], targets: np.ndarray, n_bootstrap: int) -> list[dict[str, Any]]:
+    """One row per group (mode, trunk): means and sds over seeds, bootstrap CIs, paired differences.
+
+    CIs: stratified bootstrap of the test images; in each resample every seed's AUCs are
+    recomputed and averaged over seeds. The difference to the baseline is taken resample by
+    resample (both scored on the same resampled images), so its CI is a paired one.
+    """
+    groups: dict[str, list[ScoredVariant]] = {}
+    for item in scored:
+        groups.setdefault(item.variant.group, []).append(item)
+    baseline = baseline_group([s.variant for s in scored])
+    keys = [*TASKS, "score"]
+    samples = {g: {k: [] for k in keys} for g in groups}
+    for rows in stratified_resamples(targets, n_bootstrap, BOOTSTRAP_SEED):
+        for group, members in groups.items():
+            per_seed = [task_aucs(targets[rows], {t: p[rows] for t, p in m.probs.items()}) for m in members]
+            for task in TASKS:
+                samples[group][task].append(np.mean([a[task] for a in per_seed]))
+            samples[group]["score"].append(np.mean([challenge_score(a) for a in per_seed]))
+
+    base_scores = {m.variant.seed: m.result["test_score"] for m in groups[baseline]}
+    table = []
+    for group, members in groups.items():
+        first = members[0]
+        scores = np.array([m.result["test_score"] for m in members])
+        paired = [
+            m.result["test_score"] - base_scores[m.variant.seed]
+            for m in members
+            if m.variant.seed in base_scores
+        ]
+        row: dict[str, Any] = {
+            "variant": group,
+            "mode": first.variant.mode,
+            "trunk": first.variant.trunk,
+            "seeds": " ".join(str(m.variant.seed) for m in members),
+            "n_seeds": len(members),
+        }
+        for task in TASKS:
+            values = np.array([m.result["test_auc"][task] for m in members])
+            low, high = percentile_ci(np.array(samples[group][task]))
+            row |= {f"auc_{task}_mean": values.mean(), f"auc_{task}_sd": _sd(values)}
+            row |= {f"auc_{task}_ci_low": low, f"auc_{task}_ci_high": high}
+        low, high = percentile_ci(np.array(samples[group]["score"]))
+        row |= {
+            "score_mean": scores.mean(),
+            "score_sd": _sd(scores),
+            "score_ci_low": low,
+            "score_ci_high": high,
+        }
+        diff_samples = np.array(samples[group]["score"]) - np.array(samples[baseline]["score"])
+        low, high = percentile_ci(diff_samples)
+        row |= {
+            "baseline": baseline,
+            "diff_mean": float(np.mean(paired)) if paired else math.nan,
+            "diff_sd": _sd(np.array(paired)),
+            "diff_ci_low": low,
+            "diff_ci_high": high,
+            "params": first.result["params"],
+            "train_seconds_mean": float(np.mean([m.result["train_wall_seconds"] for m in members])),
+            "train_images_per_s_mean": float(np.mean([m.result["train_images_per_s"] for m in members])),
+            "infer_ms_per_image_median": float(np.median([m.result["infer_ms_per_image"] for m in members])),
+            "tta_copies": first.result["tta_copies"],
+            "n_test": first.result["n_test"],
+            "bootstrap_resamples": n_bootstrap,
+        }
+        table.append(row)
+    return table
+
+
+def _sd(values: np.ndarray) -> float:
+    """Sample standard deviation; NaN for fewer than two values."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the readable table, shared by the terminal and the markdown file."""
+    baseline = table[0]["baseline"]
+    copies = table[0]["tta_copies"]
+    header = [
+        "variant",
+        "seeds",
+        *(f"{t} AUC" for t in TASKS),
+        "score",
+        "score 95% CI",
+        f"Δ score vs {baseline} [95% CI]",
+        "params",
+        "train s",
+        "train img/s",
+        f"infer ms/img (TTA {copies})",
+    ]
+    rows = []
+    for row in table:
+        diff = (
+            "baseline"
+            if row["variant"] == baseline
+            else f"{_num(row['diff_mean'], '+.3f')} "
+            f"[{_num(row['diff_ci_low'], '+.3f')}, {_num(row['diff_ci_high'], '+.3f')}]"
+        )
+        rows.append(
+            [
+                row["variant"],
+                str(row["n_seeds"]),
+                *(_mean_sd(row[f"auc_{t}_mean"], row[f"auc_{t}_sd"]) for t in TASKS),
+                _mean_sd(row["score_mean"], row["score_sd"]),
+                f"{_num(row['score_ci_low'])}-{_num(row['score_ci_high'])}",
+                diff,
+                f"{row['params']:,}",
+                f"{row['train_seconds_mean']:.0f}",
+                f"{row['train_images_per_s_mean']:.0f}",
+                f"{row['infer_ms_per_image_median']:.2f}",
+            ]
+        )
+    return header, rows
+
+
+ACCURACY_COLUMNS = 8  # display_cells: variant .. difference; the rest are cost figures
+
+
+def _num(value: float, spec: str = ".3f") -> str:
+    """A number, or 'n/a' where it is undefined (e.g. an AUC on a one-class test split)."""
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    return _num(mean) if math.isnan(sd) else f"{_num(mean)} ± {sd:.3f}"
+
+
+def to_markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def per_seed_rows(scored: Sequence[ScoredVariant]) -> list[dict[str, Any]]:
+    rows = []
+    for item in scored:
+        r = item.result
+        rows.append(
+            {
+                "variant": item.variant.name,
+                "group": item.variant.group,
+                "mode": item.variant.mode,
+                "trunk": item.variant.trunk,
+                "seed": item.variant.seed,
+                **{f"auc_{t}": r["test_auc"][t] for t in TASKS},
+                "score": r["test_score"],
+                "params": r["params"],
+                "train_seconds": r["train_wall_seconds"],
+                "train_images_per_s": r["train_images_per_s"],
+                "infer_ms_per_image": r["infer_ms_per_image"],
+                "best_epochs": " ".join(f"{m}:{b['best_epoch']}/{b['epochs']}" for m, b in r["best"].items()),
+            }
+        )
+    return rows
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+def run_compare(
+    compare: CompareConfig,
+    out_dir: Path,
+    presets: dict[str, Path],
+    data_dir: Path | None = None,
+    wandb_mode: str | None = None,
+    wandb_group: str | None = None,
+    console: Console | None = None,
+) -> list[dict[str, Any]]:
+    """Train and score every variant not yet done in `out_dir`, then write the tables and plots."""
+    console = console or Console(soft_wrap=True)
+    out_dir = Path(out_dir)
+    group = wandb_group or out_dir.resolve().name
+    variants = plan_variants(compare)
+    data_path = str(Path(data_dir).resolve()) if data_dir else None
+    configs = {v: variant_config(compare, v, presets[v.mode], data_path, wandb_mode, group) for v in variants}
+
+    # Same data settings everywhere, or the variants would not share their splits.
+    reference = next(iter(configs.values()))
+    for variant, config in configs.items():
+        if config.data != reference.data:
+            raise MeniscusError(
+                f"the presets of {variants[0].mode} and {variant.mode} disagree on the data section; "
+                "a comparison needs one data setup (same images, same splits)"
+            )
+    data_dir = resolve_data_dir(reference)
+    for config in configs.values():
+        config.data.path = str(data_dir.resolve())
+    statuses = {v: variant_status(out_dir / "variants" / v.name, configs[v]) for v in variants}
+    check_pretrained_weights([configs[v] for v in variants if statuses[v] in ("new", "started")])
+
+    data = prepare_data(data_dir, reference.data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.yaml").write_text(yaml.safe_dump(compare.to_dict(), sort_keys=False))
+    console.print(f"data {data_dir}: {data.exclusion_summary()}; splits: {data.split_summary()}")
+    console.print(
+        f"comparison: {len(variants)} variants ({', '.join(compare.modes)} x {', '.join(compare.trunks)} "
+        f"x seeds {', '.join(map(str, compare.seeds))}); "
+        f"{sum(s == 'scored' for s in statuses.values())} already done -> {out_dir}"
+    )
+
+    runtime = resolve_runtime(reference.train.precision)
+    scored = []
+    seconds_by_mode: dict[str, list[float]] = {}
+    for k, variant in enumerate(variants, 1):
+        run_dir = out_dir / "variants" / variant.name
+        status = statuses[variant]
+        if status == "scored":
+            console.print(f"variant {k}/{len(variants)}: {variant.name} scored earlier; kept")
+            scored.append(load_scored(variant, run_dir))
+            if scored[-1].images != [data.records[i].image for i in data.indices("test")]:
+                raise MeniscusError(f"{run_dir} was scored on another test split than this comparison's data")
+            continue
+        to_go = [v for v in variants[k - 1 :] if statuses[v] != "scored"]
+        console.rule(
+            f"variant {k}/{len(variants)}: {variant.name} ({status}; {_to_go(to_go, seconds_by_mode)})"
+        )
+        start = time.perf_counter()
+        try:
+            if status == "new":
+                train_run(configs[variant], run_dir, console=console)
+            elif status == "started":
+                train_run(None, run_dir, resume=True, console=console)
+            scored.append(score_variant(variant, run_dir, data, configs[variant], runtime))
+        except MeniscusError as err:
+            raise MeniscusError(f"variant {variant.name}: {err}") from None
+        if status == "new":  # resumed or score-only variants would skew the estimate of what is left
+            seconds_by_mode.setdefault(variant.mode, []).append(time.perf_counter() - start)
+
+    test = data.indices("test")
+    table = summarize(scored, data.targets[test], compare.bootstrap)
+    write_report(out_dir, table, scored, data.targets[test], console)
+    _log_summary(reference, group, out_dir, table, compare)
+    return table
+
+
+def _to_go(to_go: list[Variant], seconds_by_mode: dict[str, list[float]]) -> str:
+    """'4 to go with this one, about 27 min', from the mean time of each mode's variants so far."""
+    text = f"{len(to_go)} to go with this one" if len(to_go) > 1 else "the last one"
+    if all(v.mode in seconds_by_mode for v in to_go):
+        seconds = sum(float(np.mean(seconds_by_mode[v.mode])) for v in to_go)
+        text += f", about {seconds / 60:.0f} min" if seconds >= 90 else f", about {seconds:.0f} s"
+    return text
+
+
+def write_report(
+    out_dir: Path,
+    table: list[dict[str, Any]],
+    scored: Sequence[ScoredVariant],
+    targets: np.ndarray,
+    console: Console,
+) -> None:
+    """results.csv / results_per_seed.csv / results.md / results.json, the plots, and the terminal table."""
+    from .plots import plot_roc_overlay, plot_score_bars
+
+    _write_csv(out_dir / "results.csv", table)
+    _write_csv(out_dir / "results_per_seed.csv", per_seed_rows(scored))
+    header, rows = display_cells(table)
+    n_test, resamples = table[0]["n_test"], table[0]["bootstrap_resamples"]
+    caption = (
+        f"Test split: {n_test} images. AUC and score: mean ± sd over seeds. CIs: 95% stratified "
+        f"bootstrap ({resamples} resamples) of the seed-mean score; Δ: paired difference with the baseline."
+    )
+    (out_dir / "results.md").write_text(to_markdown(header, rows) + "\n" + caption + "\n")
+    (out_dir / "results.json").write_text(json.dumps(table, indent=2))
+    plot_score_bars(table, per_seed_rows(scored), out_dir / "score_bars.png")
+    plot_roc_overlay(scored, targets, out_dir / "roc_overlay.png")
+
+    # Two narrower tables fit a terminal where the markdown table's twelve columns would not.
+    accuracy = (header[:ACCURACY_COLUMNS], [cells[:ACCURACY_COLUMNS] for cells in rows])
+    cost = (
+        [header[0], *header[ACCURACY_COLUMNS:]],
+        [[cells[0], *cells[ACCURACY_COLUMNS:]] for cells in rows],
+    )
+    for title, (columns, cells_rows), note in (
+        ("comparison on the test split", accuracy, caption),
+        ("cost", cost, None),
+    ):
+        terminal = Table(title=title, caption=note)
+        for column in columns:
+            terminal.add_column(
+                column, justify="left" if column == "variant" else "right", no_wrap=column == "variant"
+            )
+        for cells in cells_rows:
+            terminal.add_row(*cells)
+        console.print(terminal)
+    console.print(f"wrote {out_dir / 'results.md'}, results.csv, results_per_seed.csv and plots")
+
+
+def _log_summary(config: Config, group: str, out_dir: Path, table: list[dict[str, Any]], compare) -> None:
+    """One summary run in the comparison's wandb group: the table and both plots."""
+    from .tracking import RunLogger
+
+    wandb_config = replace(config.wandb, group=group, job_type="compare-summary")
+    logger = RunLogger(wandb_config, out_dir, f"{group}-summary", compare.to_dict())
+    try:
+        columns = list(table[0])
+        logger.log_table("results", columns, [[row[c] for c in columns] for row in table])
+        logger.summary({f"{row['variant']}/score_mean": row["score_mean"] for row in table})
+        logger.log_image("score_bars", out_dir / "score_bars.png")
+        logger.log_image("roc_overlay", out_dir / "roc_overlay.png")
+    finally:
+        logger.finish()

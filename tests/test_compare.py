@@ -1,0 +1,350 @@
+"""`compare`: variant planning, shared splits and seeds, skip-on-rerun and resume, table contents."""
+
+import csv
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from mtl_meniscus import compare as compare_module
+from mtl_meniscus.compare import (
+    Variant,
+    baseline_group,
+    parse_list,
+    parse_pretrained,
+    plan_variants,
+    run_compare,
+    variant_config,
+)
+from mtl_meniscus.config import CompareConfig, load_compare_config
+from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.phantom import write_phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from cli import app  # noqa: E402
+
+TASKS = ("fissure", "orientation", "position")
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory) -> Path:
+    """The tiny preset with a larger test split, so every test AUC is defined on a small phantom."""
+    settings = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    settings["data"]["split_fractions"] = [0.5, 0.2, 0.3]
+    path = tmp_path_factory.mktemp("preset") / "tiny-compare.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("compare_phantom")
+    write_phantom(folder, n=120, seed=4, size=64)
+    return folder
+
+
+def tiny_compare(preset: Path, **changes) -> CompareConfig:
+    settings = dict(
+        modes=("separate", "shared"), seeds=(0, 1), max_epochs=1, steps_per_epoch=2, bootstrap=200
+    )
+    settings.update(changes)
+    config = CompareConfig(**settings)
+    config.tta.copies = 1
+    return config.validate()
+
+
+def presets_for(preset: Path) -> dict[str, Path]:
+    return {"separate": preset, "shared": preset}
+
+
+# ---- planning ----------------------------------------------------------------------------------
+
+
+def test_default_plan_is_separate_vs_shared_three_seeds():
+    config = load_compare_config(ROOT / "configs" / "compare.yaml")
+    names = [v.name for v in plan_variants(config)]
+    assert names == [
+        "separate-reference-seed0",
+        "shared-reference-seed0",
+        "separate-reference-seed1",
+        "shared-reference-seed1",
+        "separate-reference-seed2",
+        "shared-reference-seed2",
+    ]
+
+
+def test_plan_crosses_modes_trunks_seeds():
+    config = CompareConfig(trunks=("reference", "resnet50", "vgg16", "vgg19"), seeds=(3, 7)).validate()
+    variants = plan_variants(config)
+    assert len(variants) == 2 * 4 * 2 == len(set(variants))
+    assert {v.seed for v in variants} == {3, 7}
+    assert variants[:8] == [Variant(m, t, 3) for t in config.trunks for m in config.modes]
+
+
+def test_baseline_is_the_reference_cascade_when_present():
+    assert baseline_group([Variant("shared", "reference", 0), Variant("separate", "reference", 0)]) == (
+        "separate-reference"
+    )
+    assert (
+        baseline_group([Variant("shared", "vgg16", 0), Variant("separate", "vgg16", 0)]) == "separate-vgg16"
+    )
+    assert baseline_group([Variant("shared", "vgg16", 0)]) == "shared-vgg16"
+
+
+def test_variant_configs_share_data_splits_tta_and_seeds(preset):
+    compare = tiny_compare(preset, trunks=("reference", "resnet50"), pretrained={"resnet50": "none"})
+    configs = {v: variant_config(compare, v, preset, "/data", None, "g") for v in plan_variants(compare)}
+    data_sections = {json.dumps(c.to_dict()["data"]) for c in configs.values()}
+    assert len(data_sections) == 1  # same images, same split seed and fractions: same splits
+    for variant, config in configs.items():
+        assert config.model.name == variant.mode and config.model.trunk == variant.trunk
+        assert config.train.seed == variant.seed
+        assert (config.train.max_epochs, config.train.steps_per_epoch) == (1, 2)
+        assert config.tta == compare.tta
+        assert config.wandb.group == "g"
+        if variant.trunk == "resnet50":
+            assert config.model.pretrained == "none"
+
+
+def test_bad_options_name_the_option():
+    assert parse_list("0, 1,2", "--seeds", int) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="--seeds"):
+        parse_list("0,x", "--seeds", int)
+    with pytest.raises(ConfigError, match="modes"):
+        CompareConfig(modes=("shared", "joint")).validate()
+    with pytest.raises(ConfigError, match="seeds"):
+        CompareConfig(seeds=(1, 1)).validate()
+    with pytest.raises(ConfigError, match="sedes"):
+        load_compare_config(None, {"sedes": [0, 1]})
+    assert parse_pretrained(["none"], ["reference", "vgg16", "vgg19"]) == {"vgg16": "none", "vgg19": "none"}
+    assert parse_pretrained(["vgg16=/w/v.pth"], ["vgg16"]) == {"vgg16": "/w/v.pth"}
+    with pytest.raises(ConfigError, match="resnet50"):
+        parse_pretrained(["resnet50=/w/r.pth"], ["reference", "vgg16"])
+
+
+def test_missing_weights_stop_before_any_training(preset, phantom, tmp_path):
+    compare = tiny_compare(
+        preset, modes=("shared",), trunks=("resnet18",), pretrained={"resnet18": str(tmp_path / "no.pth")}
+    )
+    with pytest.raises(MeniscusError, match="no.pth"):
+        run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=phantom)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- a real comparison -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(preset, phantom, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("compare") / "out"
+    run_compare(tiny_compare(preset), out, presets_for(preset), data_dir=phantom)
+    return out
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_variants_share_splits_and_use_their_seeds(finished):
+    folders = sorted((finished / "variants").iterdir())
+    assert [f.name for f in folders] == [
+        "separate-reference-seed0",
+        "separate-reference-seed1",
+        "shared-reference-seed0",
+        "shared-reference-seed1",
+    ]
+    splits = {(f / "splits.csv").read_text() for f in folders}
+    assert len(splits) == 1
+    for folder in folders:
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert config["train"]["seed"] == int(folder.name[-1])
+        result = json.loads((folder / "result.json").read_text())
+        assert result["tta_copies"] == 1 and result["params"] > 0 and result["infer_ms_per_image"] > 0
+
+
+def challenge_score_by_hand(path: Path) -> float:
+    """Challenge score from a test_predictions.csv with scikit-learn: orientation/position on tears."""
+    rows = read_csv(path)
+    tears = [r for r in rows if r["fissure"] == "1"]
+    aucs = {
+        "fissure": roc_auc_score([int(r["fissure"]) for r in rows], [float(r["p_fissure"]) for r in rows])
+    }
+    for task in ("orientation", "position"):
+        aucs[task] = roc_auc_score([int(r[task]) for r in tears], [float(r[f"p_{task}"]) for r in tears])
+    return 0.4 * aucs["fissure"] + 0.3 * aucs["orientation"] + 0.3 * aucs["position"]
+
+
+def test_table_matches_scores_recomputed_from_predictions(finished):
+    table = {row["variant"]: row for row in read_csv(finished / "results.csv")}
+    assert list(table) == ["separate-reference", "shared-reference"]
+    by_hand = {
+        (group, seed): challenge_score_by_hand(
+            finished / "variants" / f"{group}-seed{seed}" / "test_predictions.csv"
+        )
+        for group in table
+        for seed in (0, 1)
+    }
+    for group, row in table.items():
+        scores = [by_hand[group, 0], by_hand[group, 1]]
+        assert float(row["score_mean"]) == pytest.approx(np.mean(scores), abs=1e-9)
+        assert float(row["score_sd"]) == pytest.approx(np.std(scores, ddof=1), abs=1e-9)
+        assert float(row["score_ci_low"]) <= float(row["score_ci_high"])
+        assert row["baseline"] == "separate-reference" and row["n_seeds"] == "2"
+    base, shared = table["separate-reference"], table["shared-reference"]
+    assert float(base["diff_mean"]) == 0 and float(base["diff_ci_low"]) == float(base["diff_ci_high"]) == 0
+    paired = [by_hand["shared-reference", s] - by_hand["separate-reference", s] for s in (0, 1)]
+    assert float(shared["diff_mean"]) == pytest.approx(np.mean(paired), abs=1e-9)
+    assert float(shared["diff_ci_low"]) <= float(shared["diff_ci_high"])
+    assert int(shared["params"]) < int(base["params"])  # one trunk instead of three
+
+
+def test_report_files(finished):
+    per_seed = read_csv(finished / "results_per_seed.csv")
+    assert [r["variant"] for r in per_seed] == [
+        "separate-reference-seed0",
+        "shared-reference-seed0",
+        "separate-reference-seed1",
+        "shared-reference-seed1",
+    ]
+    markdown = (finished / "results.md").read_text()
+    assert "| variant | seeds | fissure AUC |" in markdown and "Δ score vs separate-reference" in markdown
+    assert "| shared-reference | 2 |" in markdown
+    for png in ("score_bars.png", "roc_overlay.png"):
+        image = cv2.imread(str(finished / png))
+        assert image is not None and image.shape[0] > 100
+    assert yaml.safe_load((finished / "compare.yaml").read_text())["seeds"] == [0, 1]
+
+
+def test_rerun_skips_scored_variants(finished, preset, phantom, monkeypatch):
+    before = read_csv(finished / "results.csv")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a scored variant was retrained")
+
+    monkeypatch.setattr(compare_module, "train_run", no_training)
+    monkeypatch.setattr(compare_module, "score_variant", no_training)
+    run_compare(tiny_compare(preset), finished, presets_for(preset), data_dir=phantom)
+    assert read_csv(finished / "results.csv") == before
+
+
+def test_trained_but_unscored_variant_is_scored_not_retrained(
+    finished, preset, phantom, tmp_path, monkeypatch
+):
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    (out / "variants" / "shared-reference-seed1" / "result.json").unlink()  # killed while scoring
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a trained variant was retrained")
+
+    monkeypatch.setattr(compare_module, "train_run", no_training)
+    run_compare(tiny_compare(preset), out, presets_for(preset), data_dir=phantom)
+    assert (out / "variants" / "shared-reference-seed1" / "result.json").is_file()
+
+    # Same TTA copies, same model: the re-scored variant gives the same table (timings aside).
+    def without_timing(rows):
+        return [{k: v for k, v in row.items() if not k.startswith("infer_")} for row in rows]
+
+    assert without_timing(read_csv(out / "results.csv")) == without_timing(read_csv(finished / "results.csv"))
+
+
+def test_rerun_with_other_settings_is_refused(finished, preset, phantom):
+    with pytest.raises(MeniscusError, match="train.max_epochs: 1 -> 2"):
+        run_compare(tiny_compare(preset, max_epochs=2), finished, presets_for(preset), data_dir=phantom)
+
+
+def test_interrupted_variant_resumes_and_finished_one_is_kept(preset, phantom, tmp_path, monkeypatch):
+    compare = tiny_compare(preset, modes=("shared", "separate"), seeds=(0,))
+    real_train_run = compare_module.train_run
+    calls = []
+
+    def interrupt_separate(config, run_dir, resume=False, console=None, on_epoch_end=None):
+        calls.append((Path(run_dir).name, resume))
+
+        def stop(member, epoch):
+            if member == "orientation":  # fissure finished, orientation one epoch in
+                raise KeyboardInterrupt
+
+        hook = stop if Path(run_dir).name.startswith("separate") else None
+        return real_train_run(config, run_dir, resume=resume, console=console, on_epoch_end=hook)
+
+    monkeypatch.setattr(compare_module, "train_run", interrupt_separate)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=phantom)
+    separate = tmp_path / "out" / "variants" / "separate-reference-seed0"
+    assert (tmp_path / "out" / "variants" / "shared-reference-seed0" / "result.json").is_file()
+    assert (separate / "members" / "orientation" / "last.pt").is_file()
+    assert not (separate / "result.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(
+        compare_module,
+        "train_run",
+        lambda config, run_dir, resume=False, console=None: (
+            calls.append((Path(run_dir).name, resume))
+            or real_train_run(config, run_dir, resume=resume, console=console)
+        ),
+    )
+    table = run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=phantom)
+    assert calls == [("separate-reference-seed0", True)]  # shared kept, separate resumed
+    history = read_csv(separate / "history.csv")
+    assert [r["member"] for r in history] == ["fissure", "orientation", "position"]
+    assert [row["variant"] for row in table] == ["shared-reference", "separate-reference"]
+    assert not math.isnan(table[1]["score_mean"])
+
+
+def test_timm_trunk_variant_end_to_end(preset, phantom, tmp_path):
+    compare = tiny_compare(
+        preset, modes=("shared",), trunks=("resnet18",), seeds=(0,), pretrained={"resnet18": "none"}
+    )
+    table = run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=phantom)
+    assert table[0]["variant"] == "shared-resnet18" and table[0]["params"] > 1_000_000
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def test_cli_compare_and_its_errors(preset, phantom, tmp_path):
+    runner = CliRunner()
+    settings = tmp_path / "compare.yaml"
+    settings.write_text(
+        yaml.safe_dump({"presets": {"separate": str(preset), "shared": str(preset)}, "tta": {"copies": 1}})
+    )
+    args = ["compare", "--config", str(settings), "--data", str(phantom), "--out", str(tmp_path / "out")]
+    args += [
+        "--seeds",
+        "0",
+        "--max-epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--bootstrap",
+        "50",
+        "--wandb",
+        "disabled",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        "variant 2/2: shared-reference-seed0" in result.output
+        and "comparison on the test split" in result.output
+    )
+    assert (tmp_path / "out" / "results.md").is_file()
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "scored earlier; kept" in again.output
+
+    bad = runner.invoke(app, [*args[:-2], "--seeds", "0,x"])
+    assert bad.exit_code == 1 and "--seeds" in bad.output and "Traceback" not in bad.output
+    other = runner.invoke(app, [*args, "--max-epochs", "2"])
+    assert other.exit_code == 1 and "train.max_epochs" in other.output
