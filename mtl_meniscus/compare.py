@@ -497,8 +497,9 @@ def run_compare(
                 raise MeniscusError(f"{run_dir} was scored on another test split than this comparison's data")
             continue
         to_go = [v for v in variants[k - 1 :] if statuses[v] != "scored"]
-        console.rule(
-            f"variant {k}/{len(variants)}: {variant.name} ({status}; {_to_go(to_go, seconds_by_mode)})"
+        console.print(
+            f"[bold]── variant {k}/{len(variants)}: {variant.name}[/] ({status}; {_to_go(to_go, seconds_by_mode)})",
+            highlight=False,
         )
         start = time.perf_counter()
         try:
