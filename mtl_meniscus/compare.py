@@ -485,6 +485,7 @@ def run_compare(
     )
 
     runtime = resolve_runtime(reference.train.precision)
+    test_names = [data.records[i].image for i in data.indices("test")]
     scored = []
     seconds_by_mode: dict[str, list[float]] = {}
     for k, variant in enumerate(variants, 1):
@@ -493,7 +494,7 @@ def run_compare(
         if status == "scored":
             console.print(f"variant {k}/{len(variants)}: {variant.name} scored earlier; kept")
             scored.append(load_scored(variant, run_dir))
-            if scored[-1].images != [data.records[i].image for i in data.indices("test")]:
+            if scored[-1].images != test_names:
                 raise MeniscusError(f"{run_dir} was scored on another test split than this comparison's data")
             continue
         to_go = [v for v in variants[k - 1 :] if statuses[v] != "scored"]
@@ -540,7 +541,8 @@ def write_report(
     from .plots import plot_roc_overlay, plot_score_bars
 
     _write_csv(out_dir / "results.csv", table)
-    _write_csv(out_dir / "results_per_seed.csv", per_seed_rows(scored))
+    per_seed = per_seed_rows(scored)
+    _write_csv(out_dir / "results_per_seed.csv", per_seed)
     header, rows = display_cells(table)
     n_test, resamples = table[0]["n_test"], table[0]["bootstrap_resamples"]
     caption = (
@@ -549,7 +551,7 @@ def write_report(
     )
     (out_dir / "results.md").write_text(to_markdown(header, rows) + "\n" + caption + "\n")
     (out_dir / "results.json").write_text(json.dumps(table, indent=2))
-    plot_score_bars(table, per_seed_rows(scored), out_dir / "score_bars.png")
+    plot_score_bars(table, per_seed, out_dir / "score_bars.png")
     plot_roc_overlay(scored, targets, out_dir / "roc_overlay.png")
 
     # Two narrower tables fit a terminal where the markdown table's twelve columns would not.
