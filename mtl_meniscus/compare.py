@@ -38,11 +38,19 @@ from .config import CompareConfig, Config, load_config
 from .data import PreparedData, prepare_data
 from .errors import ConfigError, MeniscusError
 from .evaluate import load_trained
-from .labels import TASKS
-from .metrics import challenge_score, percentile_ci, stratified_resamples, task_aucs
+from .labels import CHALLENGE_WEIGHTS, TASKS
+from .metrics import (
+    challenge_score,
+    delong_test,
+    percentile_ci,
+    resampled_aucs,
+    supervised_rows,
+    task_aucs,
+    task_resamples,
+)
 from .models import count_parameters, create_timm_backbone
 from .runtime import Runtime, resolve_runtime
-from .train import resolve_data_dir, same_splits, train_run
+from .train import resolve_data_dir, train_run
 
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "test_predictions.csv"
@@ -210,7 +218,7 @@ def score_variant(
     variant: Variant, run_dir: Path, data: PreparedData, config: Config, runtime: Runtime
 ) -> ScoredVariant:
     """Predict the test split with the comparison's TTA; time it; write test_predictions.csv and result.json."""
-    if not same_splits(run_dir, data):
+    if not data.same_splits_as(run_dir / "splits.csv"):
         raise MeniscusError(f"{run_dir} was trained on other splits than this comparison's data")
     trained = load_trained(run_dir, runtime)
     test = data.indices("test")
@@ -278,35 +286,40 @@ def load_scored(variant: Variant, run_dir: Path) -> ScoredVariant:
 
 
 def summarize(scored: Sequence[ScoredVariant], targets: np.ndarray, n_bootstrap: int) -> list[dict[str, Any]]:
-    """One row per group (mode, trunk): means and sds over seeds, bootstrap CIs, paired differences.
+    """One row per group (mode, trunk): means and sds over seeds, bootstrap CIs, differences.
 
-    CIs: stratified bootstrap of the test images; in each resample every seed's AUCs are
-    recomputed and averaged over seeds. The difference to the baseline is taken resample by
-    resample (both scored on the same resampled images), so its CI is a paired one.
+    Two-level bootstrap: each resample draws the test images (each task on its own rows,
+    stratified on its own class: metrics.task_resamples) and, for every group independently,
+    its seeds with replacement; the group's value is the mean over the drawn seeds of the AUCs on
+    the drawn images. Its intervals therefore hold both the test-set and the seed-to-seed
+    variance. The image-only intervals keep every seed once and resample the images alone. A
+    difference to the baseline is taken resample by resample on the same drawn images (paired on
+    images; the seeds of the two groups are drawn independently).
     """
     groups: dict[str, list[ScoredVariant]] = {}
     for item in scored:
         groups.setdefault(item.variant.group, []).append(item)
     baseline = baseline_group([s.variant for s in scored])
     keys = [*TASKS, "score"]
-    samples = {g: {k: [] for k in keys} for g in groups}
-    for rows in stratified_resamples(targets, n_bootstrap, BOOTSTRAP_SEED):
+    weights = np.array([CHALLENGE_WEIGHTS[t] for t in TASKS])
+    with_seeds = {g: {k: [] for k in keys} for g in groups}
+    images_only = {g: {k: [] for k in keys} for g in groups}
+    seed_rng = np.random.default_rng([BOOTSTRAP_SEED, 1])
+    for rows_by_task in task_resamples(targets, n_bootstrap, BOOTSTRAP_SEED):
         for group, members in groups.items():
-            per_seed = [task_aucs(targets[rows], {t: p[rows] for t, p in m.probs.items()}) for m in members]
-            for task in TASKS:
-                samples[group][task].append(np.mean([a[task] for a in per_seed]))
-            samples[group]["score"].append(np.mean([challenge_score(a) for a in per_seed]))
+            aucs = [resampled_aucs(targets, m.probs, rows_by_task) for m in members]
+            per_seed = np.array([[a[t] for t in TASKS] for a in aucs])  # (seeds, tasks)
+            per_seed = np.column_stack([per_seed, per_seed @ weights])  # (seeds, tasks + score)
+            drawn = seed_rng.integers(0, len(members), size=len(members))
+            for column, key in enumerate(keys):
+                images_only[group][key].append(per_seed[:, column].mean())
+                with_seeds[group][key].append(per_seed[drawn, column].mean())
 
-    base_scores = {m.variant.seed: m.result["test_score"] for m in groups[baseline]}
+    base_mean = float(np.mean([m.result["test_score"] for m in groups[baseline]]))
     table = []
     for group, members in groups.items():
         first = members[0]
         scores = np.array([m.result["test_score"] for m in members])
-        paired = [
-            m.result["test_score"] - base_scores[m.variant.seed]
-            for m in members
-            if m.variant.seed in base_scores
-        ]
         row: dict[str, Any] = {
             "variant": group,
             "mode": first.variant.mode,
@@ -316,24 +329,19 @@ def summarize(scored: Sequence[ScoredVariant], targets: np.ndarray, n_bootstrap:
         }
         for task in TASKS:
             values = np.array([m.result["test_auc"][task] for m in members])
-            low, high = percentile_ci(np.array(samples[group][task]))
+            low, high = percentile_ci(np.array(with_seeds[group][task]))
             row |= {f"auc_{task}_mean": values.mean(), f"auc_{task}_sd": _sd(values)}
             row |= {f"auc_{task}_ci_low": low, f"auc_{task}_ci_high": high}
-        low, high = percentile_ci(np.array(samples[group]["score"]))
+        row |= {"score_mean": scores.mean(), "score_sd": _sd(scores)}
+        row |= _ci_columns("score_ci", with_seeds[group]["score"])
+        row |= _ci_columns("score_ci_images", images_only[group]["score"])
+        row["baseline"] = baseline
+        row["diff_mean"] = float(scores.mean()) - base_mean
+        for prefix, samples in (("diff_ci", with_seeds), ("diff_ci_images", images_only)):
+            row |= _ci_columns(
+                prefix, np.array(samples[group]["score"]) - np.array(samples[baseline]["score"])
+            )
         row |= {
-            "score_mean": scores.mean(),
-            "score_sd": _sd(scores),
-            "score_ci_low": low,
-            "score_ci_high": high,
-        }
-        diff_samples = np.array(samples[group]["score"]) - np.array(samples[baseline]["score"])
-        low, high = percentile_ci(diff_samples)
-        row |= {
-            "baseline": baseline,
-            "diff_mean": float(np.mean(paired)) if paired else math.nan,
-            "diff_sd": _sd(np.array(paired)),
-            "diff_ci_low": low,
-            "diff_ci_high": high,
             "params": first.result["params"],
             "train_seconds_mean": float(np.mean([m.result["train_wall_seconds"] for m in members])),
             "train_images_per_s_mean": float(np.mean([m.result["train_images_per_s"] for m in members])),
@@ -344,6 +352,37 @@ def summarize(scored: Sequence[ScoredVariant], targets: np.ndarray, n_bootstrap:
         }
         table.append(row)
     return table
+
+
+def _ci_columns(prefix: str, samples) -> dict[str, float]:
+    low, high = percentile_ci(np.asarray(samples, dtype=float))
+    return {f"{prefix}_low": low, f"{prefix}_high": high}
+
+
+def delong_rows(scored: Sequence[ScoredVariant], targets: np.ndarray) -> list[dict[str, Any]]:
+    """DeLong's paired test of each task's AUC: every variant against the baseline of the same seed."""
+    baseline = baseline_group([s.variant for s in scored])
+    base_by_seed = {s.variant.seed: s for s in scored if s.variant.group == baseline}
+    rows = []
+    for item in scored:
+        base = base_by_seed.get(item.variant.seed)
+        if item.variant.group == baseline or base is None:
+            continue
+        row: dict[str, Any] = {"variant": item.variant.name, "baseline": base.variant.name}
+        for task in TASKS:
+            scored_rows = supervised_rows(targets, task)
+            test = delong_test(
+                targets[scored_rows, TASKS.index(task)],
+                item.probs[task][scored_rows],
+                base.probs[task][scored_rows],
+            )
+            row |= {
+                f"{task}_auc_diff": test["difference"],
+                f"{task}_z": test["z"],
+                f"{task}_p": test["p_value"],
+            }
+        rows.append(row)
+    return rows
 
 
 def _sd(values: np.ndarray) -> float:
@@ -360,8 +399,10 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
         "seeds",
         *(f"{t} AUC" for t in TASKS),
         "score",
-        "score 95% CI",
-        f"Δ score vs {baseline} [95% CI]",
+        "score 95% CI (seeds + images)",
+        "score 95% CI (images only)",
+        f"Δ score vs {baseline} [95% CI seeds + images]",
+        "Δ [95% CI images only]",
         "params",
         "train s",
         "train img/s",
@@ -369,12 +410,13 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
     ]
     rows = []
     for row in table:
-        diff = (
-            "baseline"
-            if row["variant"] == baseline
-            else f"{_num(row['diff_mean'], '+.3f')} "
-            f"[{_num(row['diff_ci_low'], '+.3f')}, {_num(row['diff_ci_high'], '+.3f')}]"
-        )
+        if row["variant"] == baseline:
+            diffs = ["baseline", "baseline"]
+        else:
+            diffs = [
+                f"{_num(row['diff_mean'], '+.3f')} [{_num(row[f'{ci}_low'], '+.3f')}, {_num(row[f'{ci}_high'], '+.3f')}]"
+                for ci in ("diff_ci", "diff_ci_images")
+            ]
         rows.append(
             [
                 row["variant"],
@@ -382,7 +424,8 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
                 *(_mean_sd(row[f"auc_{t}_mean"], row[f"auc_{t}_sd"]) for t in TASKS),
                 _mean_sd(row["score_mean"], row["score_sd"]),
                 f"{_num(row['score_ci_low'])}-{_num(row['score_ci_high'])}",
-                diff,
+                f"{_num(row['score_ci_images_low'])}-{_num(row['score_ci_images_high'])}",
+                *diffs,
                 f"{row['params']:,}",
                 f"{row['train_seconds_mean']:.0f}",
                 f"{row['train_images_per_s_mean']:.0f}",
@@ -392,7 +435,24 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
     return header, rows
 
 
-ACCURACY_COLUMNS = 8  # display_cells: variant .. difference; the rest are cost figures
+ACCURACY_COLUMNS = 10  # display_cells: variant .. differences; the rest are cost figures
+
+
+def delong_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-seed DeLong table: AUC difference, z and p per task."""
+    header = ["variant", "vs", *(f"{t} ΔAUC (z, p)" for t in TASKS)]
+    cells = [
+        [
+            row["variant"],
+            row["baseline"],
+            *(
+                f"{_num(row[f'{t}_auc_diff'], '+.3f')} ({_num(row[f'{t}_z'], '+.2f')}, p={_num(row[f'{t}_p'], '.3f')})"
+                for t in TASKS
+            ),
+        ]
+        for row in rows
+    ]
+    return header, cells
 
 
 def _num(value: float, spec: str = ".3f") -> str:
@@ -537,33 +597,46 @@ def write_report(
     targets: np.ndarray,
     console: Console,
 ) -> None:
-    """results.csv / results_per_seed.csv / results.md / results.json, the plots, and the terminal table."""
+    """results*.csv / results.md / results.json, the plots, and the terminal tables."""
     from .plots import plot_roc_overlay, plot_score_bars
 
     _write_csv(out_dir / "results.csv", table)
     per_seed = per_seed_rows(scored)
     _write_csv(out_dir / "results_per_seed.csv", per_seed)
+    delong = delong_rows(scored, targets)
+    if delong:
+        _write_csv(out_dir / "results_delong.csv", delong)
     header, rows = display_cells(table)
     n_test, resamples = table[0]["n_test"], table[0]["bootstrap_resamples"]
     caption = (
-        f"Test split: {n_test} images. AUC and score: mean ± sd over seeds. CIs: 95% stratified "
-        f"bootstrap ({resamples} resamples) of the seed-mean score; Δ: paired difference with the baseline."
+        f"Test split: {n_test} images. AUC and score: mean ± sd over seeds. CIs: 95% percentile "
+        f"bootstrap ({resamples} resamples); 'seeds + images' resamples the seeds of each variant and the "
+        "test images (each task on its own rows, stratified on its own class), 'images only' keeps every "
+        "seed and resamples the images. Δ: difference of seed means, paired on the resampled images."
     )
-    (out_dir / "results.md").write_text(to_markdown(header, rows) + "\n" + caption + "\n")
+    markdown = to_markdown(header, rows) + "\n" + caption + "\n"
+    if delong:
+        delong_header, delong_table = delong_cells(delong)
+        markdown += (
+            "\nDeLong's paired test of each task's AUC, each variant against the baseline trained with "
+            "the same seed, on the same test images (two-sided p):\n\n"
+            + to_markdown(delong_header, delong_table)
+        )
+    (out_dir / "results.md").write_text(markdown)
     (out_dir / "results.json").write_text(json.dumps(table, indent=2))
     plot_score_bars(table, per_seed, out_dir / "score_bars.png")
     plot_roc_overlay(scored, targets, out_dir / "roc_overlay.png")
 
-    # Two narrower tables fit a terminal where the markdown table's twelve columns would not.
+    # Narrower tables fit a terminal where the markdown table's fourteen columns would not.
     accuracy = (header[:ACCURACY_COLUMNS], [cells[:ACCURACY_COLUMNS] for cells in rows])
     cost = (
         [header[0], *header[ACCURACY_COLUMNS:]],
         [[cells[0], *cells[ACCURACY_COLUMNS:]] for cells in rows],
     )
-    for title, (columns, cells_rows), note in (
-        ("comparison on the test split", accuracy, caption),
-        ("cost", cost, None),
-    ):
+    tables = [("comparison on the test split", accuracy, caption), ("cost", cost, None)]
+    if delong:
+        tables.append(("DeLong's paired test per seed", delong_cells(delong), None))
+    for title, (columns, cells_rows), note in tables:
         terminal = Table(title=title, caption=note)
         for column in columns:
             terminal.add_column(

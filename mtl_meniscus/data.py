@@ -39,6 +39,15 @@ class Record:
     mask: str = ""
 
     @property
+    def key(self) -> tuple[str, int | None]:
+        """What identifies an image of the data set: its path and, in a volume, its slice."""
+        return (self.image, self.slice)
+
+    def label_texts(self) -> tuple[str, str, str]:
+        """(fissure, orientation, position) as written in splits.csv."""
+        return (str(self.fissure), self.orientation, self.position)
+
+    @property
     def stratum(self) -> str:
         """Joint label used to stratify splits."""
         return f"{self.fissure}|{self.orientation}|{self.position}"
@@ -194,10 +203,60 @@ class PreparedData:
 
     def write_splits(self, path: str | Path) -> None:
         rows = [
-            (r.image, s, r.fissure, r.orientation, r.position, r.patient_id)
+            (
+                r.image,
+                "" if r.slice is None else r.slice,
+                s,
+                r.fissure,
+                r.orientation,
+                r.position,
+                r.patient_id,
+            )
             for r, s in zip(self.records, self.splits)
         ]
-        _write_csv(path, ["image", "split", "fissure", "orientation", "position", "patient_id"], rows)
+        _write_csv(path, SPLITS_COLUMNS, rows)
+
+    def same_splits_as(self, path: str | Path) -> bool:
+        """True if a run's splits.csv lists exactly these images in these splits (or does not exist yet)."""
+        if not Path(path).is_file():
+            return True
+        saved = {key: row["split"] for key, row in read_saved_splits(path).items()}
+        return saved == {r.key: s for r, s in zip(self.records, self.splits)}
+
+    def restore_splits(self, path: str | Path) -> str:
+        """Give every kept image the split it had in a run (the run's splits.csv).
+
+        Images that were not in the run get the split 'new', so they are never scored as test
+        or validation images; the splits are never recomputed, since a recomputed split can
+        move training images into the test split. Labels are taken as they are now. Returns a
+        one-line account of what changed in labels.csv since the run, or '' if nothing did.
+        """
+        saved = read_saved_splits(path)
+        current = {record.key: record for record in self.records}
+        self.splits = [saved[r.key]["split"] if r.key in saved else NEW_SPLIT for r in self.records]
+        gone = [key for key in saved if key not in current]
+        relabelled = [
+            key
+            for key, row in saved.items()
+            if key in current
+            and (row["fissure"], row["orientation"], row["position"]) != current[key].label_texts()
+        ]
+        added = len(self.records) - (len(saved) - len(gone))
+        if not (gone or relabelled or added):
+            return ""
+        changes = []
+        if gone:
+            moved = Counter(saved[key]["split"] for key in gone)
+            changes.append(
+                f"{len(gone)} image(s) of the run no longer kept ("
+                + ", ".join(f"{n} {split}" for split, n in sorted(moved.items()))
+                + ")"
+            )
+        if relabelled:
+            changes.append(f"{len(relabelled)} relabelled (scored with today's labels)")
+        if added:
+            changes.append(f"{added} added since (split '{NEW_SPLIT}': not scored as test or val)")
+        return f"labels.csv changed since the run: {'; '.join(changes)}"
 
     def split_summary(self) -> str:
         parts = []
@@ -206,6 +265,26 @@ class PreparedData:
             tears = int(np.nansum(self.targets[idx, 0])) if len(idx) else 0
             parts.append(f"{split} {len(idx)} ({tears} tears)")
         return ", ".join(parts)
+
+
+SPLITS_COLUMNS = ["image", "slice", "split", "fissure", "orientation", "position", "patient_id"]
+NEW_SPLIT = "new"  # an image added to labels.csv after the run: in none of the run's splits
+
+
+def read_saved_splits(path: str | Path) -> dict[tuple[str, int | None], dict[str, str]]:
+    """A run's splits.csv as {(image, slice): row}; runs older than the slice column have none."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: not found; without the run's splits its test images cannot be told from its "
+            "training images (evaluate a run folder, or pass --data DIR --split all)"
+        )
+    try:
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        return {(row["image"], int(row["slice"]) if row.get("slice") else None): row for row in rows}
+    except (KeyError, ValueError, csv.Error, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a splits file of this package ({type(err).__name__}: {err})") from None
 
 
 def _write_csv(path: str | Path, header: list[str], rows) -> None:

@@ -6,6 +6,8 @@ fissure is 1 (they are only defined for tears); the challenge score weights them
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -21,8 +23,9 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config, TTAConfig
 from .data import PreparedData, prepare_data
 from .errors import MeniscusError
+from .files import atomic_write_text
 from .inference import predict_probs
-from .labels import TASKS
+from .labels import TASKS, gated_labels
 from .metrics import (
     binary_counts,
     bootstrap_cis,
@@ -73,11 +76,47 @@ class TrainedModel:
         return {task: grad_cam(self.model, x, task)[0] for task in TASKS}  # x: (1, C, H, W)
 
     @property
-    def saved_threshold(self) -> float | None:
+    def saved_threshold(self) -> Threshold | None:
+        """The fissure threshold saved in the run by `evaluate --youden`, if any."""
         path = self.run_dir / THRESHOLD_FILE if self.run_dir else None
         if path is None or not path.is_file():
             return None
-        return float(json.loads(path.read_text())["fissure_threshold"])
+        record = json.loads(path.read_text())
+        # Files written before the threshold was chosen with TTA carry no tta_copies: it was 0.
+        copies = int(record.get("tta_copies", 0))
+        return Threshold(
+            float(record["fissure_threshold"]),
+            f"Youden's J on the run's validation split with TTA {copies} copies ({path})",
+            tta_copies=copies,
+        )
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The fissure threshold a command applies, and where it came from (printed on every run)."""
+
+    value: float
+    source: str
+    tta_copies: int | None = None  # TTA copies of the probabilities it was chosen on, if chosen on data
+
+    def describe(self, applied_tta_copies: int) -> str:
+        text = f"fissure threshold {self.value:.3f}: {self.source}"
+        if self.tta_copies is not None and self.tta_copies != applied_tta_copies:
+            text += (
+                f"; note: chosen on probabilities with TTA {self.tta_copies} copies, "
+                f"applied here with {applied_tta_copies}"
+            )
+        return text
+
+
+DEFAULT_THRESHOLD = Threshold(0.5, "the default (no --threshold given, no threshold.json in the run)")
+
+
+def resolve_threshold(trained: TrainedModel, given: float | None) -> Threshold:
+    """--threshold if given, else the run's saved threshold.json, else 0.5."""
+    if given is not None:
+        return Threshold(given, "--threshold")
+    return trained.saved_threshold or DEFAULT_THRESHOLD
 
 
 def load_trained(run_or_checkpoint: str | Path, runtime: Runtime) -> TrainedModel:
@@ -118,13 +157,19 @@ def evaluate(
     threshold: float,
     n_bootstrap: int = 1000,
     seed: int = 0,
-) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray, list[int]]:
-    """Metrics of one split ('all' = every kept row); returns (metrics, probs, targets, indices)."""
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, list[int]]:
+    """Metrics of one split ('all' = every kept row).
+
+    Returns (metrics, probs, plain_probs, targets, indices): the metrics are computed on `probs`,
+    the TTA-averaged probabilities (the plain ones when TTA is off); `plain_probs` are without TTA.
+    """
     indices = list(range(len(data.records))) if split == "all" else list(data.indices(split))
     if not indices:
         raise MeniscusError(f"the {split} split of {data.data_dir} is empty")
     targets = data.targets[indices]
-    probs = trained.predict([data.images[i] for i in indices], runtime, tta=tta, seed=seed)
+    images = [data.images[i] for i in indices]
+    plain = trained.predict(images, runtime)
+    probs = trained.predict(images, runtime, tta=tta, seed=seed) if tta and tta.copies else plain
     aucs = task_aucs(targets, probs)
     cis = bootstrap_cis(targets, probs, n_resamples=n_bootstrap, seed=seed) if n_bootstrap else {}
     per_task = {}
@@ -149,39 +194,110 @@ def evaluate(
         "challenge_score_ci95": list(cis.get("score", (math.nan, math.nan))),
         "cascade": cascade_view(targets, probs, threshold),
         "bootstrap_resamples": n_bootstrap,
+        "bootstrap_method": "percentile; each task resampled on its own scored rows, stratified on its own class",
     }
-    return metrics, probs, targets, indices
+    return metrics, probs, plain, targets, indices
 
 
-def evaluation_data(trained: TrainedModel, data_dir: Path | None) -> PreparedData:
-    """The run's own data and splits, or an external folder in the folder format."""
-    config = trained.config
-    if data_dir is None:
-        if not config.data.path:
-            raise MeniscusError("this checkpoint does not record its data folder; pass --data DIR")
-        data_dir = Path(config.data.path)
-    return prepare_data(data_dir, config.data)
-
-
-def choose_threshold(trained: TrainedModel, runtime: Runtime, youden: bool, given: float | None) -> float:
-    """--threshold if given; with --youden the Youden-J threshold on the run's validation split
-    (saved as threshold.json in the run); else the run's saved threshold, else 0.5."""
-    if given is not None:
-        return given
-    if youden:
-        if trained.run_dir is None:
-            raise MeniscusError(
-                "--youden needs a run folder (it picks the threshold on the run's validation split)"
-            )
-        data = evaluation_data(trained, None)
-        val = data.indices("val")
-        probs = trained.predict([data.images[i] for i in val], runtime)
-        threshold = youden_threshold(data.targets[val, 0], probs["fissure"])
-        (trained.run_dir / THRESHOLD_FILE).write_text(
-            json.dumps({"fissure_threshold": threshold, "chosen_by": "youden_j_on_val"}, indent=2)
+def write_predictions(
+    path: Path,
+    data: PreparedData,
+    indices: list[int],
+    probs: dict[str, np.ndarray],
+    plain: dict[str, np.ndarray],
+    threshold: float,
+) -> None:
+    """One row per scored image: labels (1 = tear / horizontal / anterior, empty where a task does
+    not apply), probabilities without and with TTA (full precision) and the gated predictions."""
+    header = [
+        "image",
+        "slice",
+        "split",
+        *TASKS,
+        *(f"p_{t}" for t in TASKS),
+        *(f"p_{t}_tta" for t in TASKS),
+        *(f"pred_{t}" for t in TASKS),
+    ]
+    lines = []
+    for k, index in enumerate(indices):
+        record = data.records[index]
+        labels = ["" if math.isnan(v) else int(v) for v in data.targets[index]]
+        gated = gated_labels(*(float(probs[t][k]) for t in TASKS), threshold)
+        lines.append(
+            [
+                record.image,
+                "" if record.slice is None else record.slice,
+                data.splits[index],
+                *labels,
+                *(repr(float(plain[t][k])) for t in TASKS),
+                *(repr(float(probs[t][k])) for t in TASKS),
+                *gated,
+            ]
         )
-        return threshold
-    return trained.saved_threshold if trained.saved_threshold is not None else 0.5
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(lines)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) -> tuple[PreparedData, str]:
+    """The data to score and a note on it.
+
+    The run's own data (no --data, or --data naming the run's folder) keeps the splits the run
+    was trained with, read from its splits.csv: a recomputed split can move training images
+    into the test split when labels.csv has changed. Another folder is split by its own rules.
+    """
+    config = trained.config
+    own_dir = Path(config.data.path) if config.data.path else None
+    folder = data_dir if data_dir is not None else own_dir
+    if folder is None:
+        raise MeniscusError("this checkpoint does not record its data folder; pass --data DIR")
+    data = prepare_data(folder, config.data)
+    is_own = own_dir is not None and Path(folder).resolve() == own_dir.resolve()
+    if not is_own or split == "all":
+        return data, ""
+    if trained.run_dir is None:
+        raise MeniscusError(
+            f"{trained.checkpoint} is not in a run folder, so its {split} split is unknown: evaluate the run "
+            "folder (its splits.csv lists the split of every image), or pass --data DIR --split all"
+        )
+    return data, data.restore_splits(trained.run_dir / "splits.csv")
+
+
+def choose_threshold(
+    trained: TrainedModel, runtime: Runtime, youden: bool, given: float | None, console: Console
+) -> Threshold:
+    """--threshold if given; with --youden the Youden-J threshold on the run's validation split,
+    with the run's test-time augmentation (saved as threshold.json in the run); else the run's
+    saved threshold, else 0.5."""
+    if given is not None or not youden:
+        return resolve_threshold(trained, given)
+    if trained.run_dir is None:
+        raise MeniscusError(
+            "--youden needs a run folder (it picks the threshold on the run's validation split)"
+        )
+    data, note = evaluation_data(trained, None, "val")
+    if note:
+        console.print(note, highlight=False, markup=False)
+    val = data.indices("val")
+    if not len(val):
+        raise MeniscusError(f"--youden: the validation split of {trained.run_dir} is empty")
+    tta = trained.config.tta
+    probs = trained.predict([data.images[i] for i in val], runtime, tta=tta, seed=0)
+    value = youden_threshold(data.targets[val, 0], probs["fissure"])
+    record = {
+        "fissure_threshold": value,
+        "chosen_by": "youden_j",
+        "split": "val",
+        "n_images": len(val),
+        "n_tears": int(np.nansum(data.targets[val, 0])),
+        "tta_copies": tta.copies,
+        "tta_seed": 0,
+        "checkpoint": trained.checkpoint.name,
+    }
+    atomic_write_text(trained.run_dir / THRESHOLD_FILE, json.dumps(record, indent=2))
+    return trained.saved_threshold
 
 
 def metrics_table(metrics: dict[str, Any], title: str) -> Table:
@@ -264,12 +380,21 @@ def run_evaluation(
     tta = TTAConfig(
         copies=config.tta.copies if tta_copies is None else tta_copies, augment=config.tta.augment
     )
-    cut = choose_threshold(trained, runtime, youden, threshold)
-    data = evaluation_data(trained, data_dir)
-    console.print(f"data {data.data_dir}: {data.exclusion_summary()}")
-    metrics, probs, targets, indices = evaluate(trained, data, split, runtime, tta, cut, n_bootstrap, seed)
+    threshold = choose_threshold(trained, runtime, youden, threshold, console)
+    cut = threshold.value
+    data, note = evaluation_data(trained, data_dir, split)
+    console.print(f"data {data.data_dir}: {data.exclusion_summary()}", highlight=False, markup=False)
+    if note:
+        console.print(note, highlight=False, markup=False)
+    console.print(threshold.describe(tta.copies), highlight=False, markup=False)
+    metrics, probs, plain, targets, indices = evaluate(
+        trained, data, split, runtime, tta, cut, n_bootstrap, seed
+    )
+    metrics["fissure_threshold_source"] = threshold.source
     metrics["checkpoint"] = str(trained.checkpoint)
     metrics["data"] = str(data.data_dir)
+    if note:
+        metrics["data_note"] = note
     if cam_dir is not None:
         metrics["cam_peak_in_tear"] = write_cams_and_check_peaks(
             trained, data, indices, probs, cut, runtime, Path(cam_dir)
@@ -277,13 +402,14 @@ def run_evaluation(
         hit = metrics["cam_peak_in_tear"]
         if hit["n"]:
             console.print(
-                f"Grad-CAM: fissure peak inside the dilated tear mask on {hit['hits']}/{hit['n']} "
+                f"saliency (LayerCAM): fissure peak inside the dilated tear mask on {hit['hits']}/{hit['n']} "
                 f"true-positive images ({hit['rate']:.1%}); overlays in {cam_dir}"
             )
 
     out_dir = Path(out_dir) if out_dir else (trained.run_dir or trained.checkpoint.parent) / f"eval-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_predictions(out_dir / "predictions.csv", data, indices, probs, plain, cut)
     curves = roc_points(targets, probs)
     plot_roc(curves, metrics, out_dir / "roc.png")
     console.print(
@@ -299,7 +425,7 @@ def run_evaluation(
         f"{view['orientation_correct']}, position right {view['position_correct']}, both right {view['all_correct']}",
         highlight=False,
     )
-    console.print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'roc.png'}")
+    console.print(f"wrote {out_dir / 'metrics.json'}, predictions.csv and roc.png")
     _log_to_wandb(config, out_dir, metrics, curves, wandb_mode)
     return metrics
 

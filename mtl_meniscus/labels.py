@@ -20,3 +20,12 @@ def orientation_name(target: float) -> str:
 def position_name(target: float) -> str:
     """Text label of a position target (1 = anterior)."""
     return "anterior" if target >= 0.5 else "posterior"
+
+
+def gated_labels(
+    p_fissure: float, p_horizontal: float, p_anterior: float, threshold: float
+) -> tuple[int, str, str]:
+    """Cascade gating: (tear 0/1, orientation, position); orientation and position only for a tear."""
+    if p_fissure < threshold:
+        return 0, "", ""
+    return 1, orientation_name(p_horizontal), position_name(p_anterior)

@@ -30,8 +30,9 @@ def masked_bce(
 ) -> torch.Tensor:
     """Mean BCE-with-logits over rows where mask is True; 0 (still attached to the graph) if none."""
     safe_targets = torch.where(mask, targets, torch.zeros_like(targets))  # NaN * 0 would still be NaN
+    # float32 like the loss itself: built in the logits' dtype under bf16 autocast, 10.1 became 10.125.
     weight = (
-        None if pos_weight is None else torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+        None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float32, device=logits.device)
     )
     per_row = F.binary_cross_entropy_with_logits(
         logits.float(), safe_targets.float(), pos_weight=weight, reduction="none"
@@ -69,9 +70,11 @@ class FixedWeighting(nn.Module):
 
 
 class UncertaintyWeighting(nn.Module):
-    """Kendall, Gal & Cipolla 2018: sum of exp(-s_t) * L_t + s_t with learnable s_t = log sigma_t^2.
+    """Kendall, Gal & Cipolla 2018, classification form: sum of exp(-s_t) * L_t + s_t / 2 with
+    learnable s_t = log sigma_t^2 (their 1/sigma^2 * L + log sigma for a softmax/sigmoid likelihood).
 
-    The log-variances are nn.Parameters, so the optimizer sees and updates them.
+    The log-variances are nn.Parameters, so the optimizer sees and updates them. At the optimum
+    exp(-s_t) = 1 / (2 L_t): each task's weight is inversely proportional to its loss.
     """
 
     def __init__(self, tasks: Sequence[str]):
@@ -82,7 +85,7 @@ class UncertaintyWeighting(nn.Module):
         total = 0.0
         for task, loss in losses.items():
             log_var = self.log_vars[task]
-            total = total + torch.exp(-log_var) * loss + log_var
+            total = total + torch.exp(-log_var) * loss + log_var / 2
         return total
 
     def current_weights(self) -> dict[str, float]:

@@ -250,5 +250,15 @@ def parameter_groups(
     return groups
 
 
+def set_train_mode(model: nn.Module, freeze_backbone: bool) -> None:
+    """model.train(), but a frozen timm backbone stays in eval mode: its BatchNorm layers keep
+    their running statistics (train mode would update them even with no gradient step)."""
+    model.train()
+    if freeze_backbone:
+        for module in model.modules():
+            if isinstance(module, TimmTrunk):
+                module.backbone.eval()
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -55,7 +55,7 @@ def plot_score_bars(table: list[dict], per_seed: list[dict], path: Path) -> None
     ax.set_xticks(range(len(table)), [row["variant"] for row in table], rotation=20, ha="right")
     ax.set_ylabel("challenge score (test)")
     ax.set_ylim(max(0.0, min(r["score_ci_low"] for r in table) - 0.05), 1.005)
-    ax.set_title("score: seed mean, 95% bootstrap CI, seeds as dots", fontsize=9)
+    ax.set_title("score: seed mean, 95% bootstrap CI (seeds + images), seeds as dots", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -19,9 +19,9 @@ from rich.progress import Progress
 from .cam import write_overlays
 from .config import TTAConfig
 from .errors import ImageReadError, MeniscusError
-from .evaluate import TrainedModel, load_trained
+from .evaluate import TrainedModel, load_trained, resolve_threshold
 from .imageio import is_supported_image, read_image
-from .labels import orientation_name, position_name
+from .labels import gated_labels
 from .runtime import resolve_runtime
 
 CSV_COLUMNS = [
@@ -77,11 +77,11 @@ def gate(
     p_fissure: float, p_horizontal: float, p_anterior: float, threshold: float, image: str
 ) -> Prediction:
     """Cascade gating: orientation and position are reported only when fissure >= threshold."""
-    tear = p_fissure >= threshold
-    prediction = Prediction(image=image, p_fissure=p_fissure, fissure=int(tear))
+    tear, orientation, position = gated_labels(p_fissure, p_horizontal, p_anterior, threshold)
+    prediction = Prediction(image=image, p_fissure=p_fissure, fissure=tear)
     if tear:
-        prediction.p_horizontal, prediction.orientation = p_horizontal, orientation_name(p_horizontal)
-        prediction.p_anterior, prediction.position = p_anterior, position_name(p_anterior)
+        prediction.p_horizontal, prediction.orientation = p_horizontal, orientation
+        prediction.p_anterior, prediction.position = p_anterior, position
     return prediction
 
 
@@ -105,10 +105,12 @@ def run_predict(
     trained = load_trained(run_or_checkpoint, runtime)
     config = trained.config
     size = config.data.image_size
-    cut = threshold if threshold is not None else (trained.saved_threshold or 0.5)
+    chosen = resolve_threshold(trained, threshold)
+    cut = chosen.value
     tta = TTAConfig(
         copies=config.tta.copies if tta_copies is None else tta_copies, augment=config.tta.augment
     )
+    console.print(chosen.describe(tta.copies), highlight=False, markup=False)
     files = collect_inputs(inputs)
     if not files:
         raise MeniscusError("no input images found (supported: PNG, TIFF, JPEG, DICOM, NIfTI, .npy)")

@@ -37,10 +37,11 @@ from .inference import predict_probs
 from .labels import TASKS
 from .losses import build_weighting, task_losses
 from .metrics import challenge_score, monitor_score, supervised_rows, task_aucs
-from .models import SeparateCascade, build_shared, build_single_task, parameter_groups
+from .models import SeparateCascade, build_shared, build_single_task, parameter_groups, set_train_mode
 from .phantom import ensure_phantom
 from .plots import plot_training_curves
 from .runtime import Runtime, resolve_runtime
+from .stopping import EarlyStopping
 from .tracking import RunLogger
 
 EpochCallback = Callable[[str, int], None]  # (member, epoch) after each finished epoch
@@ -108,21 +109,12 @@ class MemberTrainer:
         )
         groups.append({"params": list(self.weighting.parameters()), "lr": train.lr})
         self.optimizer = torch.optim.Adam(groups, lr=train.lr)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer,
-            mode="max",
-            factor=train.lr_factor,
-            patience=train.lr_patience,
-            min_lr=train.min_lr,
-        )
+        self.stopping = EarlyStopping(patience=train.early_stopping_patience, lr_patience=train.lr_patience)
         self.dataset = SliceDataset(data.images, data.targets, config.preprocess.edge_filter, config.augment)
         self.sampler = EpochBatchSampler(
             member.train_indices, train.steps_per_epoch, train.batch_size, train.seed
         )
         self.epoch = 0  # epochs finished
-        self.best_score: float | None = None
-        self.best_epoch = 0
-        self.bad_epochs = 0
         self.finished = False
         self.history: list[dict[str, Any]] = []
         self.train_seconds = 0.0
@@ -133,11 +125,8 @@ class MemberTrainer:
             "model": self.model.state_dict(),
             "weighting": self.weighting.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "stopping": self.stopping.state(),
             "epoch": self.epoch,
-            "best_score": self.best_score,
-            "best_epoch": self.best_epoch,
-            "bad_epochs": self.bad_epochs,
             "finished": self.finished,
             "history": self.history,
             "train_seconds": self.train_seconds,
@@ -148,16 +137,8 @@ class MemberTrainer:
         self.model.load_state_dict(state["model"])
         self.weighting.load_state_dict(state["weighting"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for key in (
-            "epoch",
-            "best_score",
-            "best_epoch",
-            "bad_epochs",
-            "finished",
-            "history",
-            "train_seconds",
-        ):
+        self.stopping = EarlyStopping(**state["stopping"])
+        for key in ("epoch", "finished", "history", "train_seconds"):
             setattr(self, key, state[key])
         torch.set_rng_state(state["torch_rng"])
 
@@ -168,7 +149,11 @@ class MemberTrainer:
         atomic_torch_save(payload, self.member.folder / "last.pt")
 
     def save_best(self) -> None:
-        extra = {"member": self.member.name, "best_epoch": self.best_epoch, "best_score": self.best_score}
+        extra = {
+            "member": self.member.name,
+            "best_epoch": self.stopping.best_epoch,
+            "best_score": self.stopping.best_score,
+        }
         payload = model_payload(self.model, self._member_config(), extra)
         atomic_torch_save(payload, self.member.folder / "best.pt")
 
@@ -197,14 +182,12 @@ class MemberTrainer:
             self.train_seconds += time.perf_counter() - start
             val = self._validate()
             score = val["score"]
-            improved = not math.isnan(score) and (self.best_score is None or score > self.best_score + 1e-4)
-            if improved:
-                self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch, 0
-                self.save_best()
-            else:
-                self.bad_epochs += 1
             lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step(0.0 if math.isnan(score) else score)
+            improved = self.stopping.update(self.epoch, score)
+            if improved:
+                self.save_best()
+            elif self.stopping.lr_cut_due:
+                self._cut_lr()
             row = {
                 "member": self.member.name,
                 "epoch": self.epoch,
@@ -212,19 +195,16 @@ class MemberTrainer:
                 "val_loss": val["loss"],
                 **{f"val_auc_{t}": val["auc"].get(t, float("nan")) for t in TASKS},
                 "val_score": score,
+                "improved": int(improved),
                 "lr": lr,
                 "seconds": time.perf_counter() - start,
             }
             self.history.append(row)
-            self.finished = (
-                self.epoch >= train.max_epochs
-                or self.bad_epochs >= train.early_stopping_patience
-                or (
-                    self.optimizer.param_groups[0]["lr"] < train.min_lr * 1.0001
-                    and self.bad_epochs > train.lr_patience
-                )
+            lr_exhausted = (
+                self.optimizer.param_groups[0]["lr"] <= train.min_lr * 1.0001 and self.stopping.lr_cut_due
             )
-            if self.best_score is None and self.finished:
+            self.finished = self.epoch >= train.max_epochs or self.stopping.should_stop or lr_exhausted
+            if self.stopping.best_score is None and self.finished:
                 self.save_best()  # never a defined score (e.g. one-class validation): keep the last weights
             self.save_last()
             self._report(row, improved)
@@ -232,6 +212,22 @@ class MemberTrainer:
                 on_epoch_end(self.member.name, self.epoch)
         best = load_checkpoint(self.member.folder / "best.pt")
         self.model.load_state_dict(best["state_dict"])
+
+    def _cut_lr(self) -> None:
+        """Multiply every group's learning rate by lr_factor, down to min_lr."""
+        train = self.config.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = max(group["lr"] * train.lr_factor, train.min_lr)
+        self.stopping.lr_was_cut()
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The restored epoch, as every report gives it."""
+        return {
+            "best_epoch": self.stopping.best_epoch,
+            "val_score": self.stopping.best_score,
+            "epochs": self.epoch,
+        }
 
     def _train_epoch(self) -> float:
         train = self.config.train
@@ -243,7 +239,7 @@ class MemberTrainer:
             prefetch_factor=4 if train.num_workers else None,
             collate_fn=partial(collate_batch, channels_last=self.runtime.bf16),
         )
-        self.model.train()
+        set_train_mode(self.model, self.config.model.freeze_backbone)
         total, steps = 0.0, 0
         with Progress(
             TextColumn(f"[bold]{self.member.name}[/] epoch {self.epoch}/{train.max_epochs}"),
@@ -331,7 +327,7 @@ def train_run(
     data_dir = resolve_data_dir(config)
     config.data.path = str(data_dir.resolve())
     data = prepare_data(data_dir, config.data)
-    if resume and not same_splits(run_dir, data):
+    if resume and not data.same_splits_as(run_dir / "splits.csv"):
         # Resuming on other splits would train on test images.
         raise MeniscusError(f"cannot resume {run_dir}: the data or its splits changed since the run started")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -347,6 +343,7 @@ def train_run(
         members = plan_members(config, data, run_dir)
         trained: dict[str, nn.Module] = {}
         history: list[dict[str, Any]] = []
+        best_by_member: dict[str, dict[str, Any]] = {}
         train_seconds = 0.0
         for member in members:
             trainer = MemberTrainer(member, config, data, runtime, logger, console)
@@ -358,11 +355,12 @@ def train_run(
             trainer.fit(on_epoch_end)
             trained[member.name] = trainer.model
             history += trainer.history
+            best_by_member[member.name] = trainer.best
             train_seconds += trainer.train_seconds
             _write_history(run_dir / "history.csv", history)
 
         model = trained["shared"] if "shared" in trained else SeparateCascade(trained)
-        metrics = _final_metrics(model, config, data, runtime, history, train_seconds)
+        metrics = _final_metrics(model, config, data, runtime, history, best_by_member, train_seconds)
         atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_training_curves(history, run_dir / "training_curves.png")
@@ -381,7 +379,7 @@ def train_run(
 
 
 def _final_metrics(
-    model, config: Config, data: PreparedData, runtime: Runtime, history, train_seconds
+    model, config: Config, data: PreparedData, runtime: Runtime, history, best_by_member, train_seconds
 ) -> dict:
     test = data.indices("test")
     images, targets = [data.images[i] for i in test], data.targets[test]
@@ -402,15 +400,6 @@ def _final_metrics(
             "score": challenge_score(aucs),
             "n_images": len(test),
             "n_tears": int(np.nansum(targets[:, 0])),
-        }
-    best_by_member = {}
-    for name in dict.fromkeys(r["member"] for r in history):
-        rows = [r for r in history if r["member"] == name]
-        best = max(rows, key=lambda r: -math.inf if math.isnan(r["val_score"]) else r["val_score"])
-        best_by_member[name] = {
-            "best_epoch": best["epoch"],
-            "val_score": best["val_score"],
-            "epochs": len(rows),
         }
     results["members"] = best_by_member
     results["train_seconds"] = train_seconds  # training steps only
@@ -455,13 +444,3 @@ def _load_run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise MeniscusError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
     return config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
-
-
-def same_splits(run_dir: Path, data: PreparedData) -> bool:
-    """True if the run's splits.csv lists exactly these images in these splits (or it has none yet)."""
-    saved = run_dir / "splits.csv"
-    if not saved.is_file():
-        return True
-    with saved.open(newline="") as handle:
-        before = [(row["image"], row["split"]) for row in csv.DictReader(handle)]
-    return before == [(r.image, s) for r, s in zip(data.records, data.splits)]

@@ -16,16 +16,19 @@ from typer.testing import CliRunner
 
 from mtl_meniscus import compare as compare_module
 from mtl_meniscus.compare import (
+    ScoredVariant,
     Variant,
     baseline_group,
     parse_list,
     parse_pretrained,
     plan_variants,
     run_compare,
+    summarize,
     variant_config,
 )
 from mtl_meniscus.config import CompareConfig, load_compare_config
 from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.metrics import challenge_score, task_aucs
 from mtl_meniscus.phantom import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,10 +205,25 @@ def test_table_matches_scores_recomputed_from_predictions(finished):
         assert row["baseline"] == "separate-reference" and row["n_seeds"] == "2"
     base, shared = table["separate-reference"], table["shared-reference"]
     assert float(base["diff_mean"]) == 0 and float(base["diff_ci_low"]) == float(base["diff_ci_high"]) == 0
+    assert float(base["diff_ci_images_low"]) == float(base["diff_ci_images_high"]) == 0
     paired = [by_hand["shared-reference", s] - by_hand["separate-reference", s] for s in (0, 1)]
     assert float(shared["diff_mean"]) == pytest.approx(np.mean(paired), abs=1e-9)
     assert float(shared["diff_ci_low"]) <= float(shared["diff_ci_high"])
+    assert float(shared["diff_ci_images_low"]) <= float(shared["diff_ci_images_high"])
     assert int(shared["params"]) < int(base["params"])  # one trunk instead of three
+
+    # DeLong's paired test, per seed, recomputed from the two variants' prediction files
+    delong = read_csv(finished / "results_delong.csv")
+    assert [r["variant"] for r in delong] == ["shared-reference-seed0", "shared-reference-seed1"]
+    for row, seed in zip(delong, (0, 1)):
+        ours = read_csv(finished / "variants" / f"shared-reference-seed{seed}" / "test_predictions.csv")
+        theirs = read_csv(finished / "variants" / f"separate-reference-seed{seed}" / "test_predictions.csv")
+        y = [int(r["fissure"]) for r in ours]
+        expected = roc_auc_score(y, [float(r["p_fissure"]) for r in ours]) - roc_auc_score(
+            y, [float(r["p_fissure"]) for r in theirs]
+        )
+        assert float(row["fissure_auc_diff"]) == pytest.approx(expected, abs=1e-9)
+        assert 0 <= float(row["fissure_p"]) <= 1
 
 
 def test_report_files(finished):
@@ -348,3 +366,58 @@ def test_cli_compare_and_its_errors(preset, phantom, tmp_path):
     assert bad.exit_code == 1 and "--seeds" in bad.output and "Traceback" not in bad.output
     other = runner.invoke(app, [*args, "--max-epochs", "2"])
     assert other.exit_code == 1 and "train.max_epochs" in other.output
+
+
+def _scored(group: str, seed: int, targets: np.ndarray, probs: dict) -> ScoredVariant:
+    mode, trunk = group.split("-")
+    aucs = task_aucs(targets, probs)
+    result = {
+        "test_auc": aucs,
+        "test_score": challenge_score(aucs),
+        "params": 1,
+        "train_wall_seconds": 1.0,
+        "train_images_per_s": 1.0,
+        "infer_ms_per_image": 1.0,
+        "tta_copies": 0,
+        "n_test": len(targets),
+    }
+    return ScoredVariant(Variant(mode, trunk, seed), result, [str(i) for i in range(len(targets))], probs)
+
+
+def test_seed_inclusive_intervals_hold_the_seed_to_seed_spread():
+    # A test split so large that the images hardly vary the AUCs, and a shared model whose three
+    # seeds differ a lot: the seeds + images interval is about the interval of the seed mean
+    # over the 27 equally likely draws of three seeds with replacement; the images-only one is narrow.
+    rng = np.random.default_rng(0)
+    n = 4000
+    fissure = (rng.random(n) < 0.25).astype(float)
+    orientation = np.where(fissure == 1, (rng.random(n) < 0.6).astype(float), np.nan)
+    position = np.where(fissure == 1, (rng.random(n) < 0.3).astype(float), np.nan)
+    targets = np.stack([fissure, orientation, position], axis=1)
+
+    def probs(signal: float) -> dict:
+        return {
+            task: signal * np.nan_to_num(targets[:, k]) + rng.normal(0, 1, n)
+            for k, task in enumerate(("fissure", "orientation", "position"))
+        }
+
+    scored = [_scored("separate-reference", seed, targets, probs(1.5)) for seed in range(3)]
+    scored += [_scored("shared-reference", seed, targets, probs(s)) for seed, s in enumerate((0.3, 1.0, 2.5))]
+    table = {row["variant"]: row for row in summarize(scored, targets, n_bootstrap=600)}
+    shared = table["shared-reference"]
+    seed_scores = [s.result["test_score"] for s in scored[3:]]
+    draws = [
+        np.mean([seed_scores[i], seed_scores[j], seed_scores[k]])
+        for i in range(3)
+        for j in range(3)
+        for k in range(3)
+    ]
+    low, high = np.percentile(draws, [2.5, 97.5], method="inverted_cdf")  # quantiles of the 27 draws
+    assert shared["score_ci_low"] == pytest.approx(low, abs=0.02)
+    assert shared["score_ci_high"] == pytest.approx(high, abs=0.02)
+    assert shared["score_ci_images_high"] - shared["score_ci_images_low"] < 0.05
+    assert shared["diff_ci_high"] - shared["diff_ci_low"] > 4 * (
+        shared["diff_ci_images_high"] - shared["diff_ci_images_low"]
+    )
+    base_mean = np.mean([s.result["test_score"] for s in scored[:3]])
+    assert shared["diff_mean"] == pytest.approx(np.mean(seed_scores) - base_mean, abs=1e-12)

@@ -139,7 +139,7 @@ def test_split_column_overrides_and_splits_file(tmp_path):
     data = prepare_data(tmp_path, DataConfig(image_size=32))
     assert data.splits == ["train", "val", "test"] * 3
     data.write_splits(tmp_path / "splits.csv")
-    assert (tmp_path / "splits.csv").read_text().splitlines()[1].startswith("img/0.png,train,0")
+    assert (tmp_path / "splits.csv").read_text().splitlines()[1].startswith("img/0.png,,train,0")
 
 
 def test_patient_groups_share_a_split(tmp_path):

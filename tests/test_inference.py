@@ -188,7 +188,7 @@ def test_evaluate_youden_saves_the_threshold_used_by_predict(tiny_run, tmp_path)
     metrics = run_evaluation(run, youden=True, n_bootstrap=0, out_dir=tmp_path / "e", console=_quiet())
     saved = json.loads((run / "threshold.json").read_text())["fissure_threshold"]
     assert metrics["fissure_threshold"] == saved
-    assert load_trained(run, FP32).saved_threshold == saved
+    assert load_trained(run, FP32).saved_threshold.value == saved
 
 
 def test_predict_on_a_folder_mixing_good_and_bad_files(tiny_run, tmp_path, pydicom_files):

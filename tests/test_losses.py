@@ -63,13 +63,36 @@ def test_uncertainty_weights_are_parameters_the_optimizer_moves():
     assert len(list(weighting.parameters())) == 2
     optimizer = torch.optim.SGD(weighting.parameters(), lr=0.1)
     losses = {"fissure": torch.tensor(4.0), "orientation": torch.tensor(0.25)}
-    # at s = 0 the total is sum(L_t); d/ds_t = 1 - L_t
+    # at s = 0 the total is sum(L_t); d/ds_t = 1/2 - L_t
     assert math.isclose(weighting(losses).item(), 4.25)
-    for _ in range(50):
+    for _ in range(80):
         optimizer.zero_grad()
         weighting(losses).backward()
         optimizer.step()
-    # optimum s_t = log L_t: the high-loss task gets the smaller weight exp(-s_t)
+    # optimum exp(-s_t) = 1 / (2 L_t): the high-loss task gets the smaller weight
     weights = weighting.current_weights()
-    assert math.isclose(weights["fissure"], 1 / 4.0, rel_tol=0.05)
-    assert math.isclose(weights["orientation"], 1 / 0.25, rel_tol=0.05)
+    assert math.isclose(weights["fissure"], 1 / 8.0, rel_tol=0.05)
+    assert math.isclose(weights["orientation"], 1 / 0.5, rel_tol=0.05)
+
+
+def test_uncertainty_weighting_is_kendalls_classification_form():
+    # Kendall et al. 2018 for a classification likelihood: L / sigma^2 + log sigma = exp(-s) L + s / 2
+    weighting = UncertaintyWeighting(["fissure", "orientation"])
+    with torch.no_grad():
+        weighting.log_vars["fissure"].fill_(1.0)
+        weighting.log_vars["orientation"].fill_(-1.0)
+    losses = {"fissure": torch.tensor(4.0), "orientation": torch.tensor(0.25)}
+    expected = math.exp(-1) * 4.0 + 0.5 + math.exp(1) * 0.25 - 0.5
+    assert math.isclose(weighting(losses).item(), expected, rel_tol=1e-6)
+
+
+def test_positive_class_weight_stays_exact_under_bf16_autocast():
+    logits = torch.tensor([0.3, -1.2, 2.0, 0.1]).to(torch.bfloat16)  # what autocast hands the loss
+    targets = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    mask = torch.ones(4, dtype=torch.bool)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), targets, pos_weight=torch.tensor(10.1)
+    )
+    assert math.isclose(
+        masked_bce(logits, targets, mask, pos_weight=10.1).item(), expected.item(), rel_tol=1e-6
+    )

@@ -1,0 +1,149 @@
+"""evaluate scores the run's own held-out images (its splits.csv), writes every scored image's
+row, and chooses and reports its threshold on the probabilities it applies it to."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+from sklearn.metrics import roc_auc_score
+
+from mtl_meniscus.config import load_config
+from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.evaluate import load_trained, run_evaluation
+from mtl_meniscus.inference import predict_probs
+from mtl_meniscus.metrics import youden_threshold
+from mtl_meniscus.phantom import write_phantom
+from mtl_meniscus.predict import run_predict
+from mtl_meniscus.runtime import resolve_runtime
+from mtl_meniscus.train import train_run
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+FP32 = resolve_runtime("fp32")
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("evalsplits")
+    write_phantom(folder / "data", n=100, seed=8, size=64)
+    config = load_config(TINY, {"data.path": str(folder / "data"), "train.max_epochs": 1})
+    train_run(config, folder / "run", console=Console(quiet=True))
+    return folder
+
+
+@pytest.fixture
+def run_with_changed_labels(trained, tmp_path):
+    """The trained run, whose labels.csv then gains 30 rows, loses one test row and relabels one."""
+    run, data = tmp_path / "run", Path(load_trained(trained / "run", FP32).config.data.path)
+    shutil.copytree(trained / "run", run)
+    original = (data / "labels.csv").read_text()
+    rows = _read(data / "labels.csv")
+    saved = {r["image"]: r["split"] for r in _read(run / "splits.csv")}
+    test_rows = [r for r in rows if saved.get(r["image"]) == "test"]
+    gone, relabelled = test_rows[0]["image"], test_rows[1]["image"]
+    for row in rows:
+        if row["image"] == relabelled and row["fissure"] == "0":
+            row.update(fissure="1", orientation="horizontal", position="posterior")
+        elif row["image"] == relabelled:
+            row.update(fissure="0", orientation="", position="")
+    kept = [r for r in rows if r["image"] != gone]
+    for k, row in enumerate(rows[:30]):  # the same pictures under new names: new images
+        copy = f"images/added_{k}.png"
+        shutil.copy(data / row["image"], data / copy)
+        kept.append({**row, "image": copy, "mask": row["mask"]})
+    with (data / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    yield run, saved, gone
+    (data / "labels.csv").write_text(original)
+
+
+def test_evaluate_scores_the_runs_own_test_images_after_labels_changed(run_with_changed_labels, tmp_path):
+    run, saved, gone = run_with_changed_labels
+    console = Console(record=True, width=200)
+    run_evaluation(run, n_bootstrap=0, tta_copies=0, out_dir=tmp_path / "e", console=console)
+    scored = {row["image"] for row in _read(tmp_path / "e" / "predictions.csv")}
+    expected = {image for image, split in saved.items() if split == "test"} - {gone}
+    assert scored == expected  # never a training image, never an image added since training
+    output = console.export_text()
+    assert "labels.csv changed since the run" in output
+    assert "1 image(s) of the run no longer kept (1 test)" in output
+    assert "1 relabelled" in output and "30 added since" in output
+
+
+def test_evaluate_refuses_a_split_it_cannot_know(trained, tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    shutil.copy(trained / "run" / "best.pt", checkpoint)  # no run folder around it
+    with pytest.raises(MeniscusError, match="split is unknown"):
+        run_evaluation(
+            checkpoint, n_bootstrap=0, tta_copies=0, out_dir=tmp_path / "e", console=Console(quiet=True)
+        )
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    (run / "splits.csv").unlink()
+    with pytest.raises(MeniscusError, match="splits.csv: not found"):
+        run_evaluation(run, n_bootstrap=0, tta_copies=0, out_dir=tmp_path / "e", console=Console(quiet=True))
+
+
+def test_predictions_csv_lets_anyone_recompute_the_figures(trained, tmp_path):
+    metrics = run_evaluation(
+        trained / "run", n_bootstrap=0, tta_copies=2, out_dir=tmp_path / "e", console=Console(quiet=True)
+    )
+    rows = _read(tmp_path / "e" / "predictions.csv")
+    assert len(rows) == metrics["n_images"] and {r["split"] for r in rows} == {"test"}
+    fissure = [int(r["fissure"]) for r in rows]
+    auc = roc_auc_score(fissure, [float(r["p_fissure_tta"]) for r in rows])
+    assert auc == pytest.approx(metrics["tasks"]["fissure"]["auc"], abs=1e-12)
+    assert any(r["p_fissure"] != r["p_fissure_tta"] for r in rows)  # with and without TTA
+    tears = [r for r in rows if r["fissure"] == "1"]
+    auc = roc_auc_score(
+        [int(r["orientation"]) for r in tears], [float(r["p_orientation_tta"]) for r in tears]
+    )
+    assert auc == pytest.approx(metrics["tasks"]["orientation"]["auc"], abs=1e-12)
+    for row in rows:
+        predicted = float(row["p_fissure_tta"]) >= metrics["fissure_threshold"]
+        assert row["pred_fissure"] == str(int(predicted))
+        assert (row["pred_orientation"] != "") == predicted and (row["pred_position"] != "") == predicted
+
+
+def test_youden_threshold_is_chosen_on_tta_probabilities_and_reported(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    console = Console(record=True, width=200)
+    metrics = run_evaluation(
+        run, youden=True, n_bootstrap=0, out_dir=tmp_path / "e", console=console, precision="fp32"
+    )
+    model = load_trained(run, FP32)
+    data_rows = {r["image"]: r for r in _read(run / "splits.csv")}
+    val = [image for image, r in data_rows.items() if r["split"] == "val"]
+    from mtl_meniscus.imageio import read_image
+
+    data_dir = Path(model.config.data.path)
+    images = [read_image(data_dir / image) for image in val]
+    probs = predict_probs(model.model, images, "sobel", FP32, tta=model.config.tta, seed=0)
+    truth = np.array([int(data_rows[image]["fissure"]) for image in val])
+    expected = youden_threshold(truth, probs["fissure"])
+    record = json.loads((run / "threshold.json").read_text())
+    assert record["fissure_threshold"] == pytest.approx(expected, abs=1e-9)
+    assert record["tta_copies"] == model.config.tta.copies == 1 and record["chosen_by"] == "youden_j"
+    assert metrics["fissure_threshold"] == record["fissure_threshold"]
+    assert "Youden's J on the run's validation split with TTA 1 copies" in console.export_text()
+
+    # predict and a later evaluate say which threshold they use and why
+    console = Console(record=True, width=200)
+    image = data_dir / val[0]
+    run_predict(run, [image], tmp_path / "p.csv", tta_copies=0, console=console)
+    text = console.export_text()
+    assert f"fissure threshold {expected:.3f}: Youden's J" in text and "applied here with 0" in text
+    console = Console(record=True, width=200)
+    run_evaluation(trained / "run", n_bootstrap=0, tta_copies=0, out_dir=tmp_path / "e2", console=console)
+    assert "fissure threshold 0.500: the default" in console.export_text()
