@@ -57,12 +57,25 @@ def make_phantom(
     ] = 1128,
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = 0,
     size: Annotated[int, typer.Option(help="Height and width of the regular images.")] = 256,
+    difficulty: Annotated[
+        str,
+        typer.Option(help="easy (clear tears), realistic (calibrated to the reference's scores) or hard."),
+    ] = "easy",
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a generator setting, e.g. --set tear_contrast=0.3,0.6 --set noise_sigma=0.05,0.09 "
+            "(repeatable; names in mtl_meniscus/phantom.py, PhantomSettings).",
+        ),
+    ] = None,
 ) -> None:
     """Write the synthetic knee MRI phantom in the folder format."""
-    from mtl_meniscus.phantom import summarize_cases, write_phantom
+    from mtl_meniscus.phantom import parse_setting, phantom_settings, summarize_cases, write_phantom
 
     try:
-        cases = write_phantom(out, n=n, seed=seed, size=size)
+        chosen = phantom_settings(difficulty, dict(parse_setting(text) for text in settings or []))
+        cases = write_phantom(out, n=n, seed=seed, size=size, settings=chosen)
     except (MeniscusError, ValueError) as err:
         fail(err)
     summary = summarize_cases(cases, size=size)

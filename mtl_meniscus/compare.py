@@ -251,6 +251,8 @@ def score_variant(
         # other load on the machine, which the total time is not.
         "infer_ms_per_image": float(np.median(ms_per_input)) * (1 + config.tta.copies),
         "best": metrics["members"],
+        "learned": metrics.get("learned", True),
+        "warnings": metrics.get("warnings", []),
         "precision": runtime.precision,
     }
     names = [data.records[i].image for i in test]
@@ -326,6 +328,11 @@ def summarize(scored: Sequence[ScoredVariant], targets: np.ndarray, n_bootstrap:
             "trunk": first.variant.trunk,
             "seeds": " ".join(str(m.variant.seed) for m in members),
             "n_seeds": len(members),
+            # Runs whose validation never left chance are kept in the means (they are what the
+            # mode gave) but counted and named, never averaged in silently.
+            "not_learned_seeds": " ".join(
+                str(m.variant.seed) for m in members if not m.result.get("learned", True)
+            ),
         }
         for task in TASKS:
             values = np.array([m.result["test_auc"][task] for m in members])
@@ -417,10 +424,16 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
                 f"{_num(row['diff_mean'], '+.3f')} [{_num(row[f'{ci}_low'], '+.3f')}, {_num(row[f'{ci}_high'], '+.3f')}]"
                 for ci in ("diff_ci", "diff_ci_images")
             ]
+        not_learned = row["not_learned_seeds"].split()
         rows.append(
             [
                 row["variant"],
-                str(row["n_seeds"]),
+                str(row["n_seeds"])
+                + (
+                    f" ({len(not_learned)} did not learn: seed {', '.join(not_learned)})"
+                    if not_learned
+                    else ""
+                ),
                 *(_mean_sd(row[f"auc_{t}_mean"], row[f"auc_{t}_sd"]) for t in TASKS),
                 _mean_sd(row["score_mean"], row["score_sd"]),
                 f"{_num(row['score_ci_low'])}-{_num(row['score_ci_high'])}",
@@ -495,6 +508,7 @@ def per_seed_rows(scored: Sequence[ScoredVariant]) -> list[dict[str, Any]]:
                 "train_images_per_s": r["train_images_per_s"],
                 "infer_ms_per_image": r["infer_ms_per_image"],
                 "best_epochs": " ".join(f"{m}:{b['best_epoch']}/{b['epochs']}" for m, b in r["best"].items()),
+                "learned": r.get("learned", True),
             }
         )
     return rows
@@ -614,6 +628,11 @@ def write_report(
         "test images (each task on its own rows, stratified on its own class), 'images only' keeps every "
         "seed and resamples the images. Δ: difference of seed means, paired on the resampled images."
     )
+    not_learned = [item.variant.name for item in scored if not item.result.get("learned", True)]
+    if not_learned:
+        caption += (
+            f" Did not learn (validation never left chance; kept in the means): {', '.join(not_learned)}."
+        )
     markdown = to_markdown(header, rows) + "\n" + caption + "\n"
     if delong:
         delong_header, delong_table = delong_cells(delong)

@@ -27,6 +27,7 @@ class DataConfig:
     split_seed: int = 0
     phantom_n: int = 1128
     phantom_seed: int = 0
+    phantom_difficulty: Literal["easy", "realistic", "hard"] = "easy"  # of the built-in phantom (path: null)
 
     def validate(self) -> None:
         _check(self.image_size >= 32, "data.image_size", self.image_size, "an integer >= 32")
@@ -89,6 +90,9 @@ class ModelConfig:
     widths: tuple[int, ...] = (16, 32, 48, 64)  # filters per conv block (not published; ours)
     kernels: tuple[int, ...] = DEEP_KERNELS  # trunk of the shared model and of orientation/position nets
     fissure_kernels: tuple[int, ...] = FISSURE_KERNELS  # fissure network of the separate cascade
+    strided_blocks: int = (
+        0  # leading conv blocks that downsample with a stride-2 conv instead of conv + max-pool
+    )
     pool_grid: int = 4  # trunk maps are max- and average-pooled to a pool_grid x pool_grid grid (1 = global)
     conv_dropout: float = 0.2
     dense: tuple[int, ...] = (32, 16)
@@ -116,6 +120,9 @@ class TrainConfig:
     lr_factor: float = 0.5  # learning rate multiplied by this when the monitored score plateaus
     lr_patience: int = 2  # epochs without improvement before the learning rate is cut
     early_stopping_patience: int = 6  # epochs without improvement before training stops
+    # Patience counts only once validation has left chance: a score of chance + 3 null standard
+    # deviations of the network's validation set, at most this (stopping.py).
+    left_chance_max: float = 0.7
     min_lr: float = 1e-5
     backbone_lr_factor: float = 1.0  # timm trunks: backbone learning rate = lr * this factor
     weighting: Literal["fixed", "uncertainty"] = "fixed"
@@ -131,6 +138,9 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "> 0")
         _check(0 < self.lr_factor < 1, "train.lr_factor", self.lr_factor, "0 < factor < 1")
+        _check(
+            0.5 < self.left_chance_max <= 1, "train.left_chance_max", self.left_chance_max, "0.5 < value <= 1"
+        )
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, ">= 0")
         for name in ("task_weights", "pos_weights"):
             unknown = set(getattr(self, name)) - set(TASKS)

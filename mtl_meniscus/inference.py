@@ -43,7 +43,7 @@ def predict_probs(
     loader = DataLoader(
         keys,
         batch_size=batch_size,
-        collate_fn=lambda batch: collate_batch([dataset[key] for key in batch], runtime.bf16),
+        collate_fn=lambda batch: collate_batch([dataset[key] for key in batch], runtime.channels_last),
     )
     chunks: dict[str, list[np.ndarray]] = {}
     for batch in loader:

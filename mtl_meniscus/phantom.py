@@ -11,6 +11,7 @@ or vertical (within 15 deg of its perpendicular). Every image is a pure function
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -42,6 +43,119 @@ class PhantomCase:
     @property
     def name(self) -> str:
         return f"knee_{self.index:05d}"
+
+
+@dataclass(frozen=True)
+class PhantomSettings:
+    """How the generator draws the anatomy, the tears and the MRI effects.
+
+    Ranges are (low, high) of a uniform draw per image. The defaults are the `easy` level,
+    the phantom the package has always made; the other levels add what makes real meniscus
+    tears hard to read (see DIFFICULTY_LEVELS).
+    """
+
+    anatomy_scale: tuple[float, float] = (1.05, 1.25)  # zoom of the knee
+    anatomy_shift_px: float = 10.0  # the knee's centre moves up to this far (pixels at 256) each way
+    anatomy_rotation_deg: float = 8.0
+    meniscus_size: tuple[float, float] = (1.0, 1.0)  # factor on each horn's width and height
+    noise_sigma: tuple[float, float] = (0.02, 0.05)  # Rician noise, as a fraction of the fluid signal
+    blur_sigma: tuple[float, float] = (0.4, 0.8)  # partial-volume blur, pixels
+    tear_contrast: tuple[float, float] = (0.5, 1.0)  # tear signal: 0 = meniscus, 1 = fluid
+    tear_length: tuple[float, float] = (1.0, 1.0)  # factor on the tear's length
+    tear_thickness_px: tuple[float, float] = (1.5, 3.0)
+    tear_angle_deg: float = 15.0  # spread around horizontal (or vertical); oblique tears at > 30
+    # Where along the horn a tear's centre lies: 0 = its outer rim, 1 = its inner apex.
+    horizontal_reach: tuple[float, float] = (0.25, 0.55)
+    vertical_reach: tuple[float, float] = (0.12, 0.45)
+    # Share of images with intrasubstance degeneration: bright and diffuse, not a tear.
+    degeneration_fraction: float = 0.0
+    degeneration_contrast: tuple[float, float] = (0.3, 0.6)
+    motion_fraction: float = 0.0  # share of images with motion blur
+    motion_px: tuple[float, float] = (2.0, 5.0)  # length of the motion-blur kernel
+
+    def overridden(self, values: dict[str, object]) -> PhantomSettings:
+        """A copy with some fields replaced (e.g. from `make-phantom --set KEY=VALUE`), checked."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise ValueError(f"unknown phantom setting {key!r} (known: {', '.join(sorted(fields))})")
+            current = getattr(self, key)
+            if isinstance(current, tuple):
+                if not (isinstance(value, (list, tuple)) and len(value) == 2):
+                    raise ValueError(f"phantom setting {key!r}: expected two numbers low,high, got {value!r}")
+                value = (float(value[0]), float(value[1]))
+                if value[0] > value[1] or value[0] < 0:
+                    raise ValueError(f"phantom setting {key!r}: expected 0 <= low <= high, got {value!r}")
+            else:
+                value = float(value)
+                if value < 0 or (key.endswith("_fraction") and value > 1):
+                    raise ValueError(f"phantom setting {key!r}: bad value {value!r}")
+            changes[key] = value
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+DIFFICULTY_LEVELS: dict[str, PhantomSettings] = {
+    # Today's phantom: clear, mostly surface-near tears of fixed look; kept for tests and the quick demo.
+    "easy": PhantomSettings(),
+    # What makes real tears hard: faint, short and thin tears, oblique ones between horizontal and
+    # vertical, tears far along the horn towards its apex; intrasubstance degeneration (bright but
+    # diffuse signal that is not a tear, the classic false positive); lower SNR, more partial-volume
+    # blur, motion blur; menisci of varying size and a knee that moves and turns more.
+    "realistic": PhantomSettings(
+        anatomy_scale=(0.95, 1.3),
+        anatomy_shift_px=16.0,
+        anatomy_rotation_deg=12.0,
+        meniscus_size=(0.8, 1.15),
+        noise_sigma=(0.04, 0.08),
+        blur_sigma=(0.5, 1.1),
+        tear_contrast=(0.25, 0.8),
+        tear_length=(0.5, 1.0),
+        tear_thickness_px=(1.0, 2.5),
+        tear_angle_deg=35.0,
+        horizontal_reach=(0.15, 0.75),
+        vertical_reach=(0.08, 0.6),
+        degeneration_fraction=0.25,
+        degeneration_contrast=(0.25, 0.6),
+        motion_fraction=0.3,
+        motion_px=(2.0, 6.0),
+    ),
+}
+DIFFICULTY_LEVELS["hard"] = dataclasses.replace(
+    DIFFICULTY_LEVELS["realistic"],
+    noise_sigma=(0.06, 0.11),
+    tear_contrast=(0.15, 0.6),
+    tear_length=(0.35, 0.9),
+    tear_angle_deg=42.0,
+    degeneration_fraction=0.4,
+    degeneration_contrast=(0.25, 0.7),
+    motion_fraction=0.5,
+)
+
+
+def phantom_settings(difficulty: str = "easy", overrides: dict[str, object] | None = None) -> PhantomSettings:
+    """The settings of a difficulty level, with optional overrides."""
+    if difficulty not in DIFFICULTY_LEVELS:
+        raise ValueError(
+            f"unknown phantom difficulty {difficulty!r} (allowed: {', '.join(DIFFICULTY_LEVELS)})"
+        )
+    settings = DIFFICULTY_LEVELS[difficulty]
+    return settings.overridden(overrides) if overrides else settings
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """'KEY=VALUE' or 'KEY=LOW,HIGH' -> (key, number or [low, high])."""
+    key, sep, value = text.partition("=")
+    try:
+        numbers = [float(part) for part in value.split(",")]
+    except ValueError:
+        numbers = []
+    if not sep or not key.strip() or len(numbers) not in (1, 2):
+        raise ValueError(f"--set {text!r}: expected KEY=VALUE or KEY=LOW,HIGH with numbers")
+    return key.strip(), numbers[0] if len(numbers) == 1 else numbers
 
 
 def plan_cases(
@@ -131,7 +245,7 @@ def _ellipse_points(center, axes, angle_deg: float, n: int = 72) -> np.ndarray:
     return np.stack([c * x - s * y + center[0], s * x + c * y + center[1]], axis=1)
 
 
-def _wedge(rng: np.random.Generator, horn: str) -> np.ndarray:
+def _wedge(rng: np.random.Generator, horn: str, size: float = 1.0) -> np.ndarray:
     """Triangle of a meniscal horn: outer base (2 points) and inner apex, in anatomy coordinates."""
     base_y = 3.0 + rng.uniform(-1, 1)  # lower edge rests on the tibial cartilage
     if horn == "anterior":
@@ -148,22 +262,28 @@ def _wedge(rng: np.random.Generator, horn: str) -> np.ndarray:
             rng.uniform(16, 20),
             -1,
         )
+    width, height = width * size, height * size
     apex = (outer + direction * width, base_y - rng.uniform(0.5, 2.5))
     return np.array([(outer, base_y), (outer, base_y - height), apex])
 
 
-def _tear_segment(rng: np.random.Generator, wedge: np.ndarray, orientation: str) -> tuple:
-    """Centre-based segment inside the wedge: direction within 15 deg of horizontal or vertical."""
+def _tear_segment(
+    rng: np.random.Generator, wedge: np.ndarray, orientation: str, settings: PhantomSettings
+) -> tuple:
+    """Centre-based segment inside the wedge: direction within tear_angle_deg of horizontal or vertical."""
     (outer_x, base_y), (_, top_y), (apex_x, apex_y) = wedge
     width = apex_x - outer_x  # signed: + for the anterior horn, - for the posterior
+    spread = settings.tear_angle_deg
     if orientation == "horizontal":
-        t = rng.uniform(0.25, 0.55)  # fraction of the way from the outer base to the apex
-        angle = rng.uniform(-15, 15)
+        t = rng.uniform(*settings.horizontal_reach)  # fraction of the way from the outer base to the apex
+        angle = rng.uniform(-spread, spread)
         length = abs(width) * rng.uniform(0.55, 0.9)
     else:
-        t = rng.uniform(0.12, 0.45)
-        angle = 90 + rng.uniform(-15, 15)
+        t = rng.uniform(*settings.vertical_reach)
+        angle = 90 + rng.uniform(-spread, spread)
         length = (base_y - top_y) * (1 - t) * rng.uniform(0.85, 1.1)
+    if settings.tear_length != (1.0, 1.0):
+        length *= rng.uniform(*settings.tear_length)
     x = outer_x + t * width
     # Middle of the wedge's height at x (the upper edge runs from the outer top to the apex).
     upper = top_y + t * (apex_y - top_y)
@@ -172,15 +292,26 @@ def _tear_segment(rng: np.random.Generator, wedge: np.ndarray, orientation: str)
     return (x - dx, y - dy), (x + dx, y + dy)
 
 
-def render_case(case: PhantomCase, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Render one image: uint16 (H, W) signal and uint8 mask (1 meniscus, 2 tear)."""
+def render_case(
+    case: PhantomCase, seed: int, settings: PhantomSettings | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render one image: uint16 (H, W) signal and uint8 mask (1 meniscus, 2 tear).
+
+    Draws that only the harder levels use come after all the `easy` draws or only when their
+    feature is on, so the `easy` level gives the same bytes as the phantom always did.
+    """
+    settings = settings or PhantomSettings()
     rng = np.random.default_rng([seed, 2, case.index])
     size = 256 if case.size == (256, 256) else max(case.size)
+    shift = settings.anatomy_shift_px
     canvas = _Canvas(
         size,
-        center=(size / 2 + rng.uniform(-10, 10) * size / 256, size / 2 + rng.uniform(-10, 10) * size / 256),
-        scale=rng.uniform(1.05, 1.25),
-        angle_deg=rng.uniform(-8, 8),
+        center=(
+            size / 2 + rng.uniform(-shift, shift) * size / 256,
+            size / 2 + rng.uniform(-shift, shift) * size / 256,
+        ),
+        scale=rng.uniform(*settings.anatomy_scale),
+        angle_deg=rng.uniform(-settings.anatomy_rotation_deg, settings.anatomy_rotation_deg),
     )
     draw = canvas.image
     # Soft tissue: subcutaneous fat around muscle; outside the leg is air.
@@ -224,7 +355,12 @@ def render_case(case: PhantomCase, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
     # Menisci (drawn last so nothing covers them) and their mask at canvas resolution.
     meniscus_mask = np.zeros_like(draw)
-    wedges = {horn: _wedge(rng, horn) for horn in ("anterior", "posterior")}
+    sizes = (
+        {horn: rng.uniform(*settings.meniscus_size) for horn in ("anterior", "posterior")}
+        if settings.meniscus_size != (1.0, 1.0)
+        else {"anterior": 1.0, "posterior": 1.0}
+    )
+    wedges = {horn: _wedge(rng, horn, sizes[horn]) for horn in ("anterior", "posterior")}
     for wedge in wedges.values():
         canvas.polygon(wedge, 1.0, meniscus_mask)
     draw[meniscus_mask > 0] = MENISCUS * rng.uniform(0.7, 1.3)
@@ -232,18 +368,19 @@ def render_case(case: PhantomCase, seed: int) -> tuple[np.ndarray, np.ndarray]:
     tear_mask = np.zeros_like(draw)
     if case.fissure:
         horns = ("anterior", "posterior") if case.position == "both" else (case.position,)
-        contrast = rng.uniform(0.5, 1.0)  # from subtle to obvious
+        contrast = rng.uniform(*settings.tear_contrast)  # from subtle to obvious
         for horn in horns:
-            start, end = _tear_segment(rng, wedges[horn], case.orientation)
-            canvas.line(start, end, rng.uniform(1.5, 3.0), 1.0, tear_mask)
+            start, end = _tear_segment(rng, wedges[horn], case.orientation, settings)
+            canvas.line(start, end, rng.uniform(*settings.tear_thickness_px), 1.0, tear_mask)
         tear_mask *= meniscus_mask  # a tear stays inside its meniscus
         draw += tear_mask * contrast * (FLUID - MENISCUS)
 
     signal = canvas.downsample(draw)
-    signal = cv2.GaussianBlur(signal, (0, 0), sigmaX=rng.uniform(0.4, 0.8))  # partial-volume blur
+    signal = cv2.GaussianBlur(signal, (0, 0), sigmaX=rng.uniform(*settings.blur_sigma))  # partial-volume blur
     signal *= _bias_field(rng, size)
     scale = rng.uniform(800, 3000)  # per-image intensity scale of the 16-bit output
-    sigma = rng.uniform(0.02, 0.05)
+    sigma = rng.uniform(*settings.noise_sigma)
+    signal = _harder_effects(rng, signal, canvas, wedges, settings)
     real = signal + rng.normal(0, sigma, signal.shape)
     imaginary = rng.normal(0, sigma, signal.shape)
     magnitude = np.sqrt(real**2 + imaginary**2) * scale  # Rician noise of a magnitude image
@@ -259,6 +396,35 @@ def render_case(case: PhantomCase, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
+def _harder_effects(
+    rng: np.random.Generator, signal: np.ndarray, canvas: _Canvas, wedges: dict, settings: PhantomSettings
+) -> np.ndarray:
+    """Intrasubstance degeneration and motion blur, for the levels that have them (none at `easy`).
+
+    Degeneration is what a tear is not: a bright, diffuse, globular signal in the middle of a
+    horn that does not reach its surface; on a real scan it is the classic false positive.
+    """
+    if settings.degeneration_fraction and rng.random() < settings.degeneration_fraction:
+        (outer_x, base_y), (_, top_y), (apex_x, apex_y) = wedges[rng.choice(["anterior", "posterior"])]
+        t = rng.uniform(0.2, 0.5)
+        x = outer_x + t * (apex_x - outer_x)
+        y = (base_y + top_y + t * (apex_y - top_y)) / 2
+        height = base_y - (top_y + t * (apex_y - top_y))
+        blob = np.zeros_like(canvas.image)
+        axes = (abs(apex_x - outer_x) * rng.uniform(0.12, 0.25), height * rng.uniform(0.15, 0.3))
+        canvas.ellipse((x, y), axes, rng.uniform(-30, 30), 1.0, blob)
+        blob = cv2.GaussianBlur(canvas.downsample(blob), (0, 0), sigmaX=rng.uniform(1.5, 3.0))
+        signal = signal + blob * rng.uniform(*settings.degeneration_contrast) * (FLUID - MENISCUS)
+    if settings.motion_fraction and rng.random() < settings.motion_fraction:
+        length = max(2, int(round(rng.uniform(*settings.motion_px))))
+        kernel = np.zeros((length, length), np.float32)
+        kernel[length // 2, :] = 1.0 / length
+        rotation = cv2.getRotationMatrix2D(((length - 1) / 2, (length - 1) / 2), rng.uniform(0, 180), 1.0)
+        kernel = cv2.warpAffine(kernel, rotation, (length, length))
+        signal = cv2.filter2D(signal, -1, kernel / max(kernel.sum(), 1e-6))
+    return signal
+
+
 def _bias_field(rng: np.random.Generator, size: int) -> np.ndarray:
     """Smooth multiplicative coil-sensitivity field, exp of a random quadratic, about +-25%."""
     y, x = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
@@ -268,7 +434,13 @@ def _bias_field(rng: np.random.Generator, size: int) -> np.ndarray:
     )
 
 
-def write_phantom(out_dir: str | Path, n: int = 1128, seed: int = 0, size: int = 256) -> list[PhantomCase]:
+def write_phantom(
+    out_dir: str | Path,
+    n: int = 1128,
+    seed: int = 0,
+    size: int = 256,
+    settings: PhantomSettings | None = None,
+) -> list[PhantomCase]:
     """Write images/*.png (16-bit), masks/*.png and labels.csv in the package's folder format."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -276,7 +448,7 @@ def write_phantom(out_dir: str | Path, n: int = 1128, seed: int = 0, size: int =
     cases = plan_cases(n=n, seed=seed, size=size)
     rows = []
     for case in cases:
-        image, mask = render_case(case, seed)
+        image, mask = render_case(case, seed, settings)
         image_path = f"images/{case.name}.png"
         mask_path = f"masks/{case.name}.png"
         cv2.imwrite(str(out_dir / image_path), image)
@@ -331,9 +503,12 @@ def default_cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "mtl_meniscus"
 
 
-def ensure_phantom(n: int = 1128, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+def ensure_phantom(
+    n: int = 1128, seed: int = 0, cache_dir: str | Path | None = None, difficulty: str = "easy"
+) -> Path:
     """Folder of the default phantom, generated on first use (labels.csv marks it complete)."""
-    folder = Path(cache_dir or default_cache_dir()) / f"phantom-v{PHANTOM_VERSION}-n{n}-seed{seed}"
+    level = "" if difficulty == "easy" else f"-{difficulty}"  # easy keeps the cache name it always had
+    folder = Path(cache_dir or default_cache_dir()) / f"phantom-v{PHANTOM_VERSION}{level}-n{n}-seed{seed}"
     if not (folder / "labels.csv").is_file():
-        write_phantom(folder, n=n, seed=seed)
+        write_phantom(folder, n=n, seed=seed, settings=phantom_settings(difficulty))
     return folder

@@ -34,14 +34,14 @@ from .data import PreparedData, prepare_data
 from .dataset import EpochBatchSampler, SliceDataset, collate_batch
 from .errors import MeniscusError
 from .inference import predict_probs
-from .labels import TASKS
+from .labels import CHALLENGE_WEIGHTS, TASKS
 from .losses import build_weighting, task_losses
 from .metrics import challenge_score, monitor_score, supervised_rows, task_aucs
 from .models import SeparateCascade, build_shared, build_single_task, parameter_groups, set_train_mode
 from .phantom import ensure_phantom
 from .plots import plot_training_curves
 from .runtime import Runtime, resolve_runtime
-from .stopping import EarlyStopping
+from .stopping import CHANCE, EarlyStopping, chance_sd, learning_score
 from .tracking import RunLogger
 
 EpochCallback = Callable[[str, int], None]  # (member, epoch) after each finished epoch
@@ -67,7 +67,8 @@ def resolve_data_dir(config: Config) -> Path:
     """The configured data folder, or the default phantom (generated into the cache on first use)."""
     if config.data.path:
         return Path(config.data.path)
-    return ensure_phantom(config.data.phantom_n, config.data.phantom_seed)
+    data = config.data
+    return ensure_phantom(data.phantom_n, data.phantom_seed, difficulty=data.phantom_difficulty)
 
 
 def default_run_dir(mode: str) -> Path:
@@ -109,7 +110,13 @@ class MemberTrainer:
         )
         groups.append({"params": list(self.weighting.parameters()), "lr": train.lr})
         self.optimizer = torch.optim.Adam(groups, lr=train.lr)
-        self.stopping = EarlyStopping(patience=train.early_stopping_patience, lr_patience=train.lr_patience)
+        self.stopping = EarlyStopping(
+            patience=train.early_stopping_patience,
+            lr_patience=train.lr_patience,
+            start_score=member_start_score(
+                data.targets[member.val_indices], member.tasks, train.left_chance_max
+            ),
+        )
         self.dataset = SliceDataset(data.images, data.targets, config.preprocess.edge_filter, config.augment)
         self.sampler = EpochBatchSampler(
             member.train_indices, train.steps_per_epoch, train.batch_size, train.seed
@@ -222,12 +229,28 @@ class MemberTrainer:
 
     @property
     def best(self) -> dict[str, Any]:
-        """The restored epoch, as every report gives it."""
+        """The restored epoch, as every report gives it, and whether the network learned at all."""
+        stopping = self.stopping
         return {
-            "best_epoch": self.stopping.best_epoch,
-            "val_score": self.stopping.best_score,
+            "best_epoch": stopping.best_epoch,
+            "val_score": stopping.best_score,
             "epochs": self.epoch,
+            "learned": stopping.started,
+            "left_chance_epoch": stopping.started_epoch or None,
+            "left_chance_score": stopping.start_score,
         }
+
+    @property
+    def warning(self) -> str | None:
+        """'did not learn: ...' when validation never left chance, else None."""
+        if self.stopping.started:
+            return None
+        best = self.stopping.best_score
+        return (
+            f"[{self.member.name}] did not learn: validation score {best if best is not None else math.nan:.2f}, "
+            f"chance is {CHANCE:.2f} (a score of {self.stopping.start_score:.2f} would have shown learning); "
+            "check the labels, or train longer or with another learning rate"
+        )
 
     def _train_epoch(self) -> float:
         train = self.config.train
@@ -237,7 +260,7 @@ class MemberTrainer:
             batch_sampler=self.sampler,
             num_workers=train.num_workers,
             prefetch_factor=4 if train.num_workers else None,
-            collate_fn=partial(collate_batch, channels_last=self.runtime.bf16),
+            collate_fn=partial(collate_batch, channels_last=self.runtime.channels_last),
         )
         set_train_mode(self.model, self.config.model.freeze_backbone)
         total, steps = 0.0, 0
@@ -294,6 +317,15 @@ class MemberTrainer:
         self.logger.log({f"{self.member.name}/{k}": v for k, v in row.items() if k != "member"})
 
 
+def member_start_score(val_targets: np.ndarray, tasks: tuple[str, ...], cap: float) -> float:
+    """Validation score at which this network counts as having left chance (see stopping.py)."""
+    spreads = []
+    for task in tasks:
+        y = val_targets[supervised_rows(val_targets, task), TASKS.index(task)]
+        spreads.append((CHALLENGE_WEIGHTS[task], chance_sd(int(np.sum(y == 1)), int(np.sum(y == 0)))))
+    return learning_score(spreads, cap)
+
+
 def _masked_log_loss(targets: np.ndarray, probs: dict[str, np.ndarray]) -> float:
     """Validation loss with the training loss's masking: sum over tasks of the mean BCE."""
     total = 0.0
@@ -344,6 +376,7 @@ def train_run(
         trained: dict[str, nn.Module] = {}
         history: list[dict[str, Any]] = []
         best_by_member: dict[str, dict[str, Any]] = {}
+        warnings: list[str] = []
         train_seconds = 0.0
         for member in members:
             trainer = MemberTrainer(member, config, data, runtime, logger, console)
@@ -356,16 +389,26 @@ def train_run(
             trained[member.name] = trainer.model
             history += trainer.history
             best_by_member[member.name] = trainer.best
+            if trainer.warning:
+                warnings.append(trainer.warning)
             train_seconds += trainer.train_seconds
             _write_history(run_dir / "history.csv", history)
 
         model = trained["shared"] if "shared" in trained else SeparateCascade(trained)
         metrics = _final_metrics(model, config, data, runtime, history, best_by_member, train_seconds)
+        metrics["learned"] = not warnings
+        metrics["warnings"] = warnings
         atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         plot_training_curves(history, run_dir / "training_curves.png")
         _print_metrics(console, metrics)
-        logger.summary(_flatten("test", metrics["test"]) | _flatten("test_tta", metrics["test_tta"]))
+        for warning in warnings:
+            console.print(f"WARNING: {warning}", style="bold red", highlight=False, markup=False)
+        logger.summary(
+            _flatten("test", metrics["test"])
+            | _flatten("test_tta", metrics["test_tta"])
+            | {"learned": metrics["learned"], "warnings": "; ".join(warnings)}
+        )
         logger.log_image("training_curves", run_dir / "training_curves.png")
         logger.log_artifact(run_dir / "best.pt", name=f"model-{run_dir.name}")
         if logger.folder is not None:

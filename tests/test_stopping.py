@@ -1,8 +1,10 @@
 """One rule for 'improved': early stopping, the learning-rate schedule, the restored weights and
 every report agree on the best epoch."""
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -79,7 +81,7 @@ def test_learning_rate_schedule_uses_the_same_rule(phantom, tmp_path, monkeypatc
     # A gain of 9e-5 over the best is not an improvement (margin 1e-4): the learning rate is cut
     # after lr_patience epochs without one. (torch's ReduceLROnPlateau, whose margin is relative,
     # 1e-4 x 0.5, counted epoch 2 as an improvement and cut two epochs later.)
-    scores = [0.5] + [0.50009] * 5
+    scores = [0.8] + [0.80009] * 5
     _scripted_validation(monkeypatch, scores)
     config = load_config(
         TINY,
@@ -97,3 +99,84 @@ def test_learning_rate_schedule_uses_the_same_rule(phantom, tmp_path, monkeypatc
     lrs = [float(line.split(",")[header.index("lr")]) for line in lines[1:]]
     # lr logged is the one the epoch trained with: cut after epochs 3 and 5 (2 bad epochs each)
     assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.005, 0.005, 0.0025])
+
+
+def test_patience_counts_only_once_validation_has_left_chance():
+    stopping = EarlyStopping(patience=2, lr_patience=1, start_score=0.7)
+    for epoch, score in enumerate([0.52, 0.5, 0.55, 0.51, 0.53, 0.5], 1):  # six epochs at chance
+        stopping.update(epoch, score)
+        assert not stopping.lr_cut_due and not stopping.should_stop
+    assert not stopping.started
+    stopping.update(7, 0.8)
+    assert stopping.started_epoch == 7
+    stopping.update(8, 0.79)
+    assert stopping.lr_cut_due and not stopping.should_stop
+    stopping.update(9, 0.78)
+    assert stopping.should_stop and stopping.best_epoch == 7
+
+
+def test_start_score_is_chance_plus_three_null_sds_capped():
+    from mtl_meniscus.stopping import chance_sd, learning_score
+
+    # Mann-Whitney null sd, by hand: sqrt((55 + 165 + 1) / (12 * 55 * 165))
+    assert chance_sd(55, 165) == pytest.approx((221 / (12 * 55 * 165)) ** 0.5)
+    assert learning_score([(0.4, chance_sd(55, 165))], cap=0.7) == pytest.approx(0.5 + 3 * chance_sd(55, 165))
+    assert (
+        learning_score([(0.3, chance_sd(3, 25))], cap=0.7) == 0.7
+    )  # three positives: chance alone reaches 0.7
+
+
+def test_a_run_that_starts_late_is_not_stopped_or_slowed_before_it_starts(phantom, tmp_path, monkeypatch):
+    # Validation at chance for six epochs, then learning. Patience 2 would have stopped it at
+    # epoch 3 and the learning rate would have been cut twice before it learned anything.
+    _scripted_validation(monkeypatch, [0.5, 0.52, 0.49, 0.51, 0.5, 0.53, 0.85, 0.9, 0.89, 0.88])
+    config = load_config(
+        TINY,
+        {
+            "data.path": str(phantom),
+            "train.max_epochs": 10,
+            "train.early_stopping_patience": 2,
+            "train.lr_patience": 1,
+            "train.lr": 0.01,
+        },
+    )
+    metrics = train_run(config, tmp_path / "run", console=Console(quiet=True))
+    shared = metrics["members"]["shared"]
+    assert shared["epochs"] == 10 and shared["best_epoch"] == 8 and shared["left_chance_epoch"] == 7
+    assert metrics["learned"] and not metrics["warnings"]
+    lines = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    lrs = [float(line.split(",")[header.index("lr")]) for line in lines[1:]]
+    assert (
+        lrs[:9] == [0.01] * 9 and lrs[9] == 0.005
+    )  # first cut after epoch 9, the first bad epoch after the best
+
+
+def test_a_run_that_cannot_learn_says_so(tmp_path):
+    # Shuffled labels: nothing to learn. The run ends at chance and says so on the console, in
+    # metrics.json and in the checkpoint's metrics.
+    import csv
+
+    write_phantom(tmp_path / "data", n=300, seed=9, size=64)
+    with (tmp_path / "data" / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    labels = [(r["fissure"], r["orientation"], r["position"]) for r in rows]
+    order = np.random.default_rng(0).permutation(len(rows))
+    for row, k in zip(rows, order):
+        row["fissure"], row["orientation"], row["position"] = labels[k]
+    with (tmp_path / "data" / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    config = load_config(
+        TINY,
+        {"data.path": str(tmp_path / "data"), "data.split_fractions": [0.5, 0.4, 0.1], "train.max_epochs": 4},
+    )
+    console = Console(record=True, width=250)
+    metrics = train_run(config, tmp_path / "run", console=console)
+    assert not metrics["learned"]
+    assert "did not learn: validation score" in metrics["warnings"][0]
+    output = console.export_text()
+    assert "WARNING: [shared] did not learn: validation score" in output and "chance is 0.50" in output
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["learned"] is False and saved["members"]["shared"]["learned"] is False
