@@ -19,6 +19,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .config import MAX_IMAGE_SIZE, MAX_SEED
+from .errors import ConfigError, MeniscusError
+from .outputs import atomic_write, check_output_dir
+
 PHANTOM_VERSION = 4  # bump when the generator changes: cached phantoms are keyed by it
 SUPERSAMPLE = 2  # shapes are drawn at 2x and area-averaged down: partial-volume edges
 MASK_MENISCUS = 1
@@ -268,9 +272,28 @@ def _bias_field(rng: np.random.Generator, size: int) -> np.ndarray:
     )
 
 
-def write_phantom(out_dir: str | Path, n: int = 1128, seed: int = 0, size: int = 256) -> list[PhantomCase]:
-    """Write images/*.png (16-bit), masks/*.png and labels.csv in the package's folder format."""
+def write_phantom(
+    out_dir: str | Path, n: int = 1128, seed: int = 0, size: int = 256, overwrite: bool = False
+) -> list[PhantomCase]:
+    """Write images/*.png (16-bit), masks/*.png and labels.csv in the package's folder format.
+
+    A folder that is not empty is refused unless `overwrite` (then files of the same names are replaced).
+    """
     out_dir = Path(out_dir)
+    if not 32 <= size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"--size: bad value {size} (allowed: 32..{MAX_IMAGE_SIZE} pixels)")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed: bad value {seed} (allowed: 0..{MAX_SEED})")
+    if n < 20:
+        raise ConfigError(f"--n: bad value {n} (allowed: at least 20 images)")
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        entries = sorted(p.name for p in out_dir.iterdir())
+        raise MeniscusError(
+            f"{out_dir} is not empty ({len(entries)} entries: {', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}); pass --overwrite to write the phantom into it anyway "
+            "(labels.csv and same-named images are replaced), or choose an empty folder"
+        )
+    check_output_dir(out_dir, "make-phantom OUT")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     cases = plan_cases(n=n, seed=seed, size=size)
@@ -283,12 +306,10 @@ def write_phantom(out_dir: str | Path, n: int = 1128, seed: int = 0, size: int =
         cv2.imwrite(str(out_dir / mask_path), mask)
         rows.append([image_path, case.fissure, case.orientation, case.position, mask_path])
     # labels.csv is written last and atomically: its presence marks a complete phantom.
-    tmp = out_dir / "labels.csv.tmp"
-    with tmp.open("w", newline="") as handle:
+    with atomic_write(out_dir / "labels.csv") as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "fissure", "orientation", "position", "mask"])
         writer.writerows(rows)
-    tmp.replace(out_dir / "labels.csv")
     return cases
 
 
@@ -335,5 +356,5 @@ def ensure_phantom(n: int = 1128, seed: int = 0, cache_dir: str | Path | None = 
     """Folder of the default phantom, generated on first use (labels.csv marks it complete)."""
     folder = Path(cache_dir or default_cache_dir()) / f"phantom-v{PHANTOM_VERSION}-n{n}-seed{seed}"
     if not (folder / "labels.csv").is_file():
-        write_phantom(folder, n=n, seed=seed)
+        write_phantom(folder, n=n, seed=seed, overwrite=True)  # an interrupted generation is redone
     return folder
