@@ -77,7 +77,16 @@ class TrainedModel:
         path = self.run_dir / THRESHOLD_FILE if self.run_dir else None
         if path is None or not path.is_file():
             return None
-        return float(json.loads(path.read_text())["fissure_threshold"])
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))["fissure_threshold"]
+            if isinstance(value, bool) or not 0 <= float(value) <= 1:  # NaN fails too
+                raise ValueError(f"fissure_threshold {value!r} is not a probability 0..1")
+            return float(value)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise MeniscusError(
+                f"{path}: malformed ({type(err).__name__}: {err}); it should hold "
+                '{"fissure_threshold": <0..1>}. Delete it, or write it again with evaluate --youden'
+            ) from None
 
 
 def load_trained(run_or_checkpoint: str | Path, runtime: Runtime) -> TrainedModel:
@@ -88,7 +97,7 @@ def load_trained(run_or_checkpoint: str | Path, runtime: Runtime) -> TrainedMode
         raise MeniscusError(
             f"{path}: no best.pt here; is the run finished? (resume it with train --resume {path})"
         )
-    model, config = model_from_checkpoint(load_checkpoint(checkpoint))
+    model, config = model_from_checkpoint(load_checkpoint(checkpoint), source=checkpoint)
     model = runtime.prepare_model(model)
     run_dir = checkpoint.parent if (checkpoint.parent / "config.yaml").is_file() else None
     return TrainedModel(model, config, checkpoint, run_dir)
@@ -175,6 +184,10 @@ def choose_threshold(trained: TrainedModel, runtime: Runtime, youden: bool, give
             )
         data = evaluation_data(trained, None)
         val = data.indices("val")
+        if not len(val):
+            raise MeniscusError(
+                f"--youden picks the threshold on the val split, and the val split of {data.data_dir} is empty"
+            )
         probs = trained.predict([data.images[i] for i in val], runtime)
         threshold = youden_threshold(data.targets[val, 0], probs["fissure"])
         (trained.run_dir / THRESHOLD_FILE).write_text(
@@ -318,13 +331,14 @@ def write_cams_and_check_peaks(
     fissure map's peak falls inside the tear mask dilated by `dilation_px` pixels."""
     import cv2
 
-    from .cam import peak_in_mask, write_overlays
+    from .cam import peak_in_mask, unique_names, write_overlays
 
     hits = checked = 0
+    names = unique_names([data.records[i].image for i in indices], lambda p: Path(p).stem)  # no overwrites
     for k, index in enumerate(indices):
         record, image = data.records[index], data.images[index]
         cams = trained.saliency(image, runtime)
-        write_overlays(cam_dir, Path(record.image).stem, image, cams)
+        write_overlays(cam_dir, names[k], image, cams)
         true_positive = data.targets[index, 0] == 1 and probs["fissure"][k] >= threshold
         if true_positive and record.mask:
             mask = cv2.imread(str(data.data_dir / record.mask), cv2.IMREAD_UNCHANGED)
