@@ -17,7 +17,10 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Meniscus tear classification on sagittal knee MRI: shared trunk vs three-CNN cascade.",
 )
-console = Console(soft_wrap=True)
+# markup=False: messages carry user text (paths, names in brackets) that must print as it is;
+# the few styled lines ask for markup themselves.
+console = Console(soft_wrap=True, markup=False)
+WIDE = 1000  # columns when not on a terminal: tables in a log file or a pipe are never cut
 PRESETS = Path(__file__).resolve().parent / "configs"
 
 
@@ -41,12 +44,44 @@ class WandbMode(str, Enum):
 @app.callback()
 def main() -> None:
     """Meniscus tear classification on sagittal knee MRI: shared trunk vs three-CNN cascade."""
+    if not console.is_terminal:
+        console.width = WIDE  # rich would cut tables to 80 columns in a file or a pipe
 
 
 def fail(err: Exception) -> None:
     """Print a domain error as a clear message and exit 1 (no traceback)."""
-    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True)
     raise typer.Exit(code=1)
+
+
+def os_error(err: OSError) -> MeniscusError:
+    """A file-system error that escaped the checks (disk full, a file removed meanwhile) as a message."""
+    where = f" {err.filename}" if err.filename else ""
+    return MeniscusError(f"cannot access{where}: {err.strerror or err}")
+
+
+def check_options(
+    tta: int | None = None,
+    threshold: float | None = None,
+    bootstrap: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+) -> None:
+    """Ranges of the options that are not config keys, each named in its message."""
+    from mtl_meniscus.config import MAX_BATCH, MAX_BOOTSTRAP, MAX_SEED, MAX_TTA_COPIES, check_option
+
+    if tta is not None:
+        check_option(0 <= tta <= MAX_TTA_COPIES, "--tta", tta, f"an integer 0..{MAX_TTA_COPIES}")
+    if threshold is not None:
+        check_option(0 <= threshold <= 1, "--threshold", threshold, "a probability 0..1")  # NaN fails too
+    if bootstrap is not None:
+        check_option(
+            0 <= bootstrap <= MAX_BOOTSTRAP, "--bootstrap", bootstrap, f"an integer 0..{MAX_BOOTSTRAP}"
+        )
+    if seed is not None:
+        check_option(0 <= seed <= MAX_SEED, "--seed", seed, f"an integer 0..{MAX_SEED}")
+    if batch_size is not None:
+        check_option(1 <= batch_size <= MAX_BATCH, "--batch-size", batch_size, f"an integer 1..{MAX_BATCH}")
 
 
 @app.command("make-phantom")
@@ -69,17 +104,22 @@ def make_phantom(
             "(repeatable; names in mtl_meniscus/phantom.py, PhantomSettings).",
         ),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Write into a folder that is not empty (same-named files are replaced).")
+    ] = False,
 ) -> None:
     """Write the synthetic knee MRI phantom in the folder format."""
     from mtl_meniscus.phantom import parse_setting, phantom_settings, summarize_cases, write_phantom
 
     try:
         chosen = phantom_settings(difficulty, dict(parse_setting(text) for text in settings or []))
-        cases = write_phantom(out, n=n, seed=seed, size=size, settings=chosen)
+        cases = write_phantom(out, n=n, seed=seed, size=size, settings=chosen, overwrite=overwrite)
     except (MeniscusError, ValueError) as err:
         fail(err)
+    except OSError as err:
+        fail(os_error(err))
     summary = summarize_cases(cases, size=size)
-    console.print(f"wrote {len(cases)} images to {out}")
+    console.print(f"wrote {len(cases)} images to {out}", highlight=False)
     console.print(", ".join(f"{k}: {v}" for k, v in summary.items()), highlight=False)
 
 
@@ -148,6 +188,8 @@ def train(
         train_run(run_config, run_dir, console=console)
     except MeniscusError as err:
         fail(err)
+    except OSError as err:
+        fail(os_error(err))
     except KeyboardInterrupt:
         # Every finished epoch is in last.pt; nothing is lost but the epoch in progress.
         console.print(f"interrupted; continue with: python cli.py train --resume {run_dir}")
@@ -183,8 +225,19 @@ def evaluate(
 ) -> None:
     """Evaluate a trained run: AUCs with bootstrap CIs, sensitivity/specificity, cascade view, ROC plot."""
     from mtl_meniscus.evaluate import run_evaluation
+    from mtl_meniscus.outputs import check_output_dir
 
     try:
+        check_options(tta=tta, threshold=threshold, bootstrap=bootstrap, seed=seed)
+        # Output locations first: a bad one must not cost the evaluation.
+        if out is not None:
+            check_output_dir(out, "--out")
+        elif run.exists():
+            check_output_dir(run if run.is_dir() else run.parent, "the default output folder (use --out)")
+        if youden and run.is_dir():
+            check_output_dir(run, "--youden (writes RUN/threshold.json)")
+        if cam is not None:
+            check_output_dir(cam, "--cam")
         run_evaluation(
             run,
             data_dir=data,
@@ -202,6 +255,8 @@ def evaluate(
         )
     except MeniscusError as err:
         fail(err)
+    except OSError as err:
+        fail(os_error(err))
 
 
 @app.command()
@@ -231,6 +286,7 @@ def predict(
     from mtl_meniscus.predict import run_predict
 
     try:
+        check_options(tta=tta, threshold=threshold, batch_size=batch_size)
         rows = run_predict(
             run,
             inputs,
@@ -246,6 +302,8 @@ def predict(
         )
     except MeniscusError as err:
         fail(err)
+    except OSError as err:
+        fail(os_error(err))
     if any(row.error for row in rows):
         raise typer.Exit(code=1)
 
@@ -308,6 +366,8 @@ def compare(
         )
     except MeniscusError as err:
         fail(err)
+    except OSError as err:
+        fail(os_error(err))
     except KeyboardInterrupt:
         console.print(
             "interrupted; rerun the same command to continue: scored variants are kept and the "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -10,6 +13,7 @@ import torch
 from torch import nn
 
 from .models import SeparateCascade, SharedTrunkNet
+from .outputs import OutputError
 
 
 def cam_layer(model: nn.Module, task: str) -> nn.Module:
@@ -78,9 +82,32 @@ def write_overlays(folder: Path, name: str, image: np.ndarray, cams: dict[str, n
     paths = []
     for task, cam in cams.items():
         path = folder / f"{name}_{task}.png"
-        cv2.imwrite(str(path), overlay(image, cam))
+        ok, encoded = cv2.imencode(".png", overlay(image, cam))
+        try:
+            if not ok:
+                raise OSError("PNG encoding failed")
+            path.write_bytes(encoded.tobytes())
+        except OSError as err:
+            raise OutputError(
+                f"cannot write the overlay {path} ({getattr(err, 'strerror', None) or err})"
+            ) from None
         paths.append(path)
     return paths
+
+
+def unique_names(paths: Sequence[str], short: Callable[[str], str]) -> list[str]:
+    """`short(path)` for each path (e.g. its file name), except where two paths share it: those are
+    named after their whole path ('a/x.png' -> 'a_x_png'), with '-2', '-3' added if still equal."""
+    counts = Counter(short(p) for p in paths)
+    names = [
+        short(p) if counts[short(p)] == 1 else re.sub(r"[^A-Za-z0-9-]+", "_", p).strip("_") for p in paths
+    ]
+    seen: Counter = Counter()
+    unique = []
+    for name in names:
+        seen[name] += 1
+        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return unique
 
 
 def peak_in_mask(cam: np.ndarray, mask: np.ndarray, dilation_px: int = 5) -> bool:

@@ -34,7 +34,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from .config import CompareConfig, Config, load_config
+from .config import CompareConfig, Config, load_config, read_config_file
 from .data import PreparedData, prepare_data
 from .errors import ConfigError, MeniscusError
 from .evaluate import load_trained
@@ -49,6 +49,8 @@ from .metrics import (
     task_resamples,
 )
 from .models import count_parameters, create_timm_backbone
+from .outputs import write_text_atomic
+from .runlock import RunLock
 from .runtime import Runtime, resolve_runtime
 from .train import resolve_data_dir, train_run
 
@@ -187,7 +189,7 @@ def variant_status(run_dir: Path, config: Config) -> str:
     """'scored', 'trained', 'started' or 'new'; a folder holding another config is an error."""
     if not (run_dir / "config.yaml").is_file():
         return "new"
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved = read_config_file(run_dir / "config.yaml")
     differences = config_differences(saved, config.to_dict())
     if differences:
         raise MeniscusError(
@@ -257,9 +259,9 @@ def score_variant(
     }
     names = [data.records[i].image for i in test]
     _write_predictions(run_dir / PREDICTIONS_FILE, names, data.targets[test], probs)
-    tmp = run_dir / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(run_dir / RESULT_FILE)  # result.json appears only complete: it marks the variant done
+    write_text_atomic(
+        run_dir / RESULT_FILE, json.dumps(result, indent=2)
+    )  # complete or absent: marks it done
     return ScoredVariant(variant, result, names, probs)
 
 
@@ -526,9 +528,30 @@ def run_compare(
     wandb_group: str | None = None,
     console: Console | None = None,
 ) -> list[dict[str, Any]]:
-    """Train and score every variant not yet done in `out_dir`, then write the tables and plots."""
+    """Train and score every variant not yet done in `out_dir`, then write the tables and plots.
+
+    `out_dir` is locked once the checks pass: a second comparison on the same folder is refused."""
+    locks: list[RunLock] = []
+    try:
+        return _compare_locked(
+            compare, Path(out_dir), presets, data_dir, wandb_mode, wandb_group, console, locks
+        )
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _compare_locked(
+    compare: CompareConfig,
+    out_dir: Path,
+    presets: dict[str, Path],
+    data_dir: Path | None,
+    wandb_mode: str | None,
+    wandb_group: str | None,
+    console: Console | None,
+    locks: list[RunLock],
+) -> list[dict[str, Any]]:
     console = console or Console(soft_wrap=True)
-    out_dir = Path(out_dir)
     group = wandb_group or out_dir.resolve().name
     variants = plan_variants(compare)
     data_path = str(Path(data_dir).resolve()) if data_dir else None
@@ -548,8 +571,13 @@ def run_compare(
     statuses = {v: variant_status(out_dir / "variants" / v.name, configs[v]) for v in variants}
     check_pretrained_weights([configs[v] for v in variants if statuses[v] in ("new", "started")])
 
-    data = prepare_data(data_dir, reference.data)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(data_dir, reference.data, report_dir=out_dir)
+    if not len(data.indices("test")):
+        raise MeniscusError(
+            f"the test split of {data_dir} is empty ({data.split_summary()}): compare scores every "
+            "variant on it"
+        )
+    locks.append(RunLock(out_dir, "--out"))  # creates out_dir; refuses one that another process holds
     (out_dir / "compare.yaml").write_text(yaml.safe_dump(compare.to_dict(), sort_keys=False))
     console.print(f"data {data_dir}: {data.exclusion_summary()}; splits: {data.split_summary()}")
     console.print(
@@ -575,6 +603,7 @@ def run_compare(
         console.print(
             f"[bold]── variant {k}/{len(variants)}: {variant.name}[/] ({status}; {_to_go(to_go, seconds_by_mode)})",
             highlight=False,
+            markup=True,  # the variant's name is letters, digits, '-', '_' and '.' only
         )
         start = time.perf_counter()
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +14,15 @@ import yaml
 
 from .errors import ConfigError
 from .labels import TASKS
+
+# Upper bounds that keep one bad value from exhausting memory or hanging (a batch of 1e8 images,
+# 1e9 TTA copies); far above any useful setting.
+MAX_SEED = 2**32 - 1
+MAX_BATCH = 4096
+MAX_EPOCH_SAMPLES = 1_000_000  # steps_per_epoch x batch_size: the sampler draws an epoch at once
+MAX_TTA_COPIES = 100
+MAX_BOOTSTRAP = 100_000
+MAX_IMAGE_SIZE = 4096
 
 
 @dataclass
@@ -28,9 +38,23 @@ class DataConfig:
     phantom_n: int = 1128
     phantom_seed: int = 0
     phantom_difficulty: Literal["easy", "realistic", "hard"] = "easy"  # of the built-in phantom (path: null)
+    max_pixels: int | None = None  # decoded-size limit per file; None: $MTL_MENISCUS_MAX_PIXELS or 64e6
 
     def validate(self) -> None:
-        _check(self.image_size >= 32, "data.image_size", self.image_size, "an integer >= 32")
+        _check(
+            32 <= self.image_size <= MAX_IMAGE_SIZE,
+            "data.image_size",
+            self.image_size,
+            f"an integer 32..{MAX_IMAGE_SIZE}",
+        )
+        _check(0 <= self.split_seed <= MAX_SEED, "data.split_seed", self.split_seed, f"0..{MAX_SEED}")
+        _check(0 <= self.phantom_seed <= MAX_SEED, "data.phantom_seed", self.phantom_seed, f"0..{MAX_SEED}")
+        _check(
+            self.max_pixels is None or self.max_pixels >= 1,
+            "data.max_pixels",
+            self.max_pixels,
+            "a number of pixels >= 1, or null for the default",
+        )
         fractions = self.split_fractions
         _check(
             len(fractions) == 3 and all(f >= 0 for f in fractions) and abs(sum(fractions) - 1) < 1e-6,
@@ -101,9 +125,34 @@ class ModelConfig:
     tasks: tuple[str, ...] = TASKS
 
     def validate(self) -> None:
-        _check(len(self.widths) >= len(self.kernels), "model.widths", self.widths, "one width per block")
-        _check(all(k % 2 == 1 for k in self.kernels), "model.kernels", self.kernels, "odd kernel sizes")
-        _check(self.pool_grid >= 1, "model.pool_grid", self.pool_grid, ">= 1")
+        blocks = max(len(self.kernels), len(self.fissure_kernels))
+        _check(len(self.widths) >= blocks, "model.widths", self.widths, "one width per block")
+        _check(all(1 <= w <= 2048 for w in self.widths), "model.widths", self.widths, "integers 1..2048")
+        for name in ("kernels", "fissure_kernels"):
+            kernels = getattr(self, name)
+            _check(
+                len(kernels) >= 1 and all(1 <= k <= 31 and k % 2 == 1 for k in kernels),
+                f"model.{name}",
+                kernels,
+                "one or more odd kernel sizes 1..31",
+            )
+        _check(1 <= self.pool_grid <= 64, "model.pool_grid", self.pool_grid, "1..64")
+        _check(all(1 <= d <= 4096 for d in self.dense), "model.dense", self.dense, "integers 1..4096")
+        if self.trunk == "reference":
+            # Weights files are for timm trunks; the reference trunk always starts from random weights.
+            _check(
+                self.pretrained in ("default", "none"),
+                "model.pretrained",
+                self.pretrained,
+                "'default' or 'none' with model.trunk 'reference' (a weights file needs a timm trunk, "
+                "e.g. --trunk resnet50)",
+            )
+            _check(
+                not self.freeze_backbone,
+                "model.freeze_backbone",
+                self.freeze_backbone,
+                "false with model.trunk 'reference' (it has no pretrained backbone to freeze)",
+            )
         _check(0 <= self.conv_dropout < 1, "model.conv_dropout", self.conv_dropout, "0..1")
         _check(0 <= self.dense_dropout < 1, "model.dense_dropout", self.dense_dropout, "0..1")
         _check(set(self.tasks) <= set(TASKS) and len(self.tasks) > 0, "model.tasks", self.tasks, str(TASKS))
@@ -134,17 +183,40 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("max_epochs", "steps_per_epoch", "batch_size", "eval_batch_size"):
+        for name in ("max_epochs", "steps_per_epoch"):
             _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")
+        for name in ("batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            _check(1 <= value <= MAX_BATCH, f"train.{name}", value, f"an integer 1..{MAX_BATCH}")
+        _check(
+            self.steps_per_epoch * self.batch_size <= MAX_EPOCH_SAMPLES,
+            "train.steps_per_epoch",
+            self.steps_per_epoch,
+            f"steps_per_epoch x batch_size ({self.batch_size}) at most {MAX_EPOCH_SAMPLES:,} images per epoch",
+        )
         _check(self.lr > 0, "train.lr", self.lr, "> 0")
         _check(0 < self.lr_factor < 1, "train.lr_factor", self.lr_factor, "0 < factor < 1")
         _check(
             0.5 < self.left_chance_max <= 1, "train.left_chance_max", self.left_chance_max, "0.5 < value <= 1"
         )
+        _check(self.lr_patience >= 0, "train.lr_patience", self.lr_patience, "an integer >= 0")
+        _check(
+            self.early_stopping_patience >= 1,
+            "train.early_stopping_patience",
+            self.early_stopping_patience,
+            "an integer >= 1",
+        )
+        _check(self.min_lr >= 0, "train.min_lr", self.min_lr, ">= 0")
+        _check(self.backbone_lr_factor >= 0, "train.backbone_lr_factor", self.backbone_lr_factor, ">= 0")
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, ">= 0")
+        _check(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"an integer 0..{MAX_SEED}")
         for name in ("task_weights", "pos_weights"):
             unknown = set(getattr(self, name)) - set(TASKS)
             _check(not unknown, f"train.{name}", getattr(self, name), f"keys among {', '.join(TASKS)}")
+        for task, weight in self.task_weights.items():
+            _check(weight >= 0, f"train.task_weights.{task}", weight, ">= 0")
+        for task, weight in self.pos_weights.items():
+            _check(weight > 0, f"train.pos_weights.{task}", weight, "> 0")
 
 
 @dataclass
@@ -169,7 +241,9 @@ class TTAConfig:
     augment: AugmentConfig = field(default_factory=_tta_augment)
 
     def validate(self) -> None:
-        _check(self.copies >= 0, "tta.copies", self.copies, "an integer >= 0")
+        _check(
+            0 <= self.copies <= MAX_TTA_COPIES, "tta.copies", self.copies, f"an integer 0..{MAX_TTA_COPIES}"
+        )
         self.augment.validate("tta.augment")
 
 
@@ -191,6 +265,14 @@ class Config:
         self.tta.validate()
         self.model.validate()
         self.train.validate()
+        if self.model.trunk == "reference":
+            blocks = max(len(self.model.kernels), len(self.model.fissure_kernels))
+            _check(
+                self.data.image_size >> blocks >= 1,
+                "data.image_size",
+                self.data.image_size,
+                f"at least {2**blocks} for {blocks} conv blocks (each halves the image)",
+            )
         expected = 1 if self.preprocess.edge_filter == "none" else 2
         _check(
             self.model.in_chans == expected,
@@ -208,6 +290,30 @@ class Config:
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': bad value {value!r} (allowed: {allowed})")
+
+
+def check_option(ok: bool, option: str, value: Any, allowed: str) -> None:
+    """The same check for a command-line option that is not a config key (e.g. predict's --tta)."""
+    if not ok:
+        raise ConfigError(f"{option}: bad value {value!r} (allowed: {allowed})")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file, with a message naming the file when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a config is YAML text)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as err:
+        raise ConfigError(f"{path}: invalid YAML ({str(err)[:500]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
 
 
 def _plain(value: Any) -> Any:
@@ -236,16 +342,8 @@ def _read_yaml(path: str | Path | None, overrides: dict[str, Any] | None) -> tup
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = read_config_file(path)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -294,7 +392,13 @@ class CompareConfig:
         for name in ("max_epochs", "steps_per_epoch"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "an integer >= 1 or null")
-        _check(self.bootstrap >= 0, "bootstrap", self.bootstrap, "an integer >= 0")
+        _check(all(0 <= s <= MAX_SEED for s in self.seeds), "seeds", self.seeds, f"integers 0..{MAX_SEED}")
+        _check(
+            0 <= self.bootstrap <= MAX_BOOTSTRAP,
+            "bootstrap",
+            self.bootstrap,
+            f"an integer 0..{MAX_BOOTSTRAP}",
+        )
         self.tta.validate()
         return self
 
@@ -367,6 +471,8 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: config key '{key}': bad value {value!r} (expected a finite number)")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

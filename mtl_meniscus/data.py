@@ -7,6 +7,9 @@ slice (index into a 3D volume) and mask (a label image: 1 meniscus, 2 tear).
 from __future__ import annotations
 
 import csv
+import os
+import posixpath
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +19,14 @@ import numpy as np
 
 from .config import DataConfig
 from .errors import DataError, ImageReadError
-from .imageio import read_image
+from .imageio import max_pixels_limit, read_image
 from .labels import DOUBLE_TEAR, ORIENTATION_VALUES, POSITION_VALUES
 from .splits import SPLIT_NAMES, stratified_group_split
 
 REQUIRED_COLUMNS = ("image", "fissure", "orientation", "position")
 OPTIONAL_COLUMNS = ("patient_id", "split", "slice", "mask")
+SHOWN_PROBLEMS = 50  # in the error message; all of them go to PROBLEMS_FILE
+PROBLEMS_FILE = "labels_problems.txt"
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class Record:
     """One validated row of labels.csv."""
 
     row: int  # line number in labels.csv (the header is line 1)
-    image: str  # as written in the CSV, relative to the data folder
+    image: str  # relative to the data folder, normalised: no '.', '..' or doubled '/' (see inside_path)
     fissure: int
     orientation: str  # '' when fissure is 0
     position: str  # '' when fissure is 0; 'both' for a double tear
@@ -66,8 +71,24 @@ class Record:
         )
 
 
-def read_labels(data_dir: str | Path) -> list[Record]:
-    """Parse and validate DIR/labels.csv; every bad row is reported at once in one DataError."""
+def inside_path(text: str) -> str | None:
+    """`text` as a normalised relative path ('./a//b.png' -> 'a/b.png'), or None when it is absolute or
+    leaves the folder with '..'. The check is on the text: a symbolic link inside the data folder that
+    points elsewhere is followed (the folder's owner made it)."""
+    if not text or posixpath.isabs(text) or os.path.isabs(text):
+        return None
+    normal = posixpath.normpath(text)
+    if normal == ".." or normal.startswith("../"):
+        return None
+    return normal
+
+
+def read_labels(data_dir: str | Path, report_dir: str | Path | None = None) -> list[Record]:
+    """Parse and validate DIR/labels.csv; every bad row is reported at once in one DataError.
+
+    When there are more problems than the message shows, all of them are written to
+    `report_dir`/labels_problems.txt (or a temporary file) and the message names that file.
+    """
     data_dir = Path(data_dir)
     csv_path = data_dir / "labels.csv"
     if not csv_path.is_file():
@@ -80,6 +101,12 @@ def read_labels(data_dir: str | Path) -> list[Record]:
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{csv_path}: cannot parse as CSV ({err})") from None
+    repeated = sorted({name for name in header if name and header.count(name) > 1})
+    if repeated:
+        raise DataError(
+            f"{csv_path}: column(s) {', '.join(repeated)} appear more than once in the header "
+            f"({', '.join(header)}); keep one of each"
+        )
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise DataError(
@@ -88,16 +115,27 @@ def read_labels(data_dir: str | Path) -> list[Record]:
         )
     problems: list[str] = []
     records: list[Record] = []
-    seen: dict[tuple[str, int | None], int] = {}
+    written: dict[int, str] = {}  # row -> its image as written
+    seen: dict[tuple[str, int | None], int] = {}  # (normalised path, slice) -> row
+    seen_files: dict[tuple[int, int, int | None], int] = {}  # (device, inode, slice): the file itself
     for line, row in enumerate(rows, start=2):
         record = _validate_row(row, line, data_dir, problems)
         if record is None:
             continue
-        key = (record.image, record.slice)
-        if key in seen:
-            problems.append(f"row {line}: image '{record.image}' is listed twice (also row {seen[key]})")
+        written[line] = (row.get("image") or "").strip()
+        stat = os.stat(data_dir / record.image)
+        file_key = (stat.st_dev, stat.st_ino, record.slice)
+        first = seen.get((record.image, record.slice), seen_files.get(file_key))
+        if first is not None:
+            same = written[first] == written[line]
+            problems.append(
+                f"row {line}: image '{written[line]}' is listed twice (also row {first}"
+                + ("" if same else f", as '{written[first]}': the same file")
+                + ")"
+            )
             continue
-        seen[key] = line
+        seen[(record.image, record.slice)] = line
+        seen_files[file_key] = line
         records.append(record)
     if not rows:
         problems.append("no data rows")
@@ -108,10 +146,32 @@ def read_labels(data_dir: str | Path) -> list[Record]:
             "(it then replaces the automatic split) or on none"
         )
     if problems:
-        shown = problems[:50]
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise DataError(f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more)
+        shown = problems[:SHOWN_PROBLEMS]
+        more = ""
+        if len(problems) > SHOWN_PROBLEMS:
+            report = _write_problems(csv_path, problems, report_dir)
+            more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more: all {len(problems)} are listed in {report}"
+        raise DataError(
+            f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more, problems=problems
+        )
     return records
+
+
+def _write_problems(csv_path: Path, problems: list[str], report_dir: str | Path | None) -> Path:
+    """Every problem of labels.csv, one a line, into report_dir (the run folder) or a temporary file."""
+    text = f"{csv_path}: {len(problems)} problem(s)\n" + "\n".join(problems) + "\n"
+    if report_dir is not None:
+        path = Path(report_dir) / PROBLEMS_FILE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            pass  # not writable: fall back to a temporary file
+    handle, name = tempfile.mkstemp(prefix="mtl_meniscus-labels-problems-", suffix=".txt")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+    return Path(name)
 
 
 def _validate_row(row: dict, line: int, data_dir: Path, problems: list[str]) -> Record | None:
@@ -123,11 +183,7 @@ def _validate_row(row: dict, line: int, data_dir: Path, problems: list[str]) -> 
     def bad(column: str, allowed: str) -> None:
         problems.append(f"row {line}, column '{column}': bad value '{value(column)}' ({allowed})")
 
-    image = value("image")
-    if not image:
-        bad("image", "a path relative to the data folder is required")
-    elif not (data_dir / image).is_file():
-        problems.append(f"row {line}, column 'image': file not found: {data_dir / image}")
+    image = _file_in_folder(value("image"), "image", line, data_dir, problems, required=True)
     fissure_text = value("fissure")
     fissure = {"0": 0, "1": 1}.get(fissure_text)
     if fissure is None:
@@ -153,9 +209,7 @@ def _validate_row(row: dict, line: int, data_dir: Path, problems: list[str]) -> 
                 raise ValueError
         except ValueError:
             bad("slice", "a non-negative integer slice index")
-    mask = value("mask")
-    if mask and not (data_dir / mask).is_file():
-        problems.append(f"row {line}, column 'mask': file not found: {data_dir / mask}")
+    mask = _file_in_folder(value("mask"), "mask", line, data_dir, problems, required=False)
     if len(problems) > start:
         return None
     return Record(
@@ -169,6 +223,36 @@ def _validate_row(row: dict, line: int, data_dir: Path, problems: list[str]) -> 
         slice=slice_index,
         mask=mask,
     )
+
+
+def _file_in_folder(
+    text: str, column: str, line: int, data_dir: Path, problems: list[str], required: bool
+) -> str:
+    """The normalised path of an existing file inside the data folder, or '' after adding a problem.
+
+    A path outside the folder is refused without looking at the file system, so the error says
+    nothing about which files exist out there."""
+    if not text:
+        if required:
+            problems.append(
+                f"row {line}, column '{column}': bad value '' (a path relative to the data folder is required)"
+            )
+        return ""
+    normal = inside_path(text)
+    if normal is None:
+        problems.append(
+            f"row {line}, column '{column}': bad value '{text}' (a path inside the data folder is required, "
+            "relative to it, without leading '/' or '..' that leads out)"
+        )
+        return ""
+    try:
+        found = (data_dir / normal).is_file()
+    except OSError:
+        found = False
+    if not found:
+        problems.append(f"row {line}, column '{column}': file not found: {data_dir / normal}")
+        return ""
+    return normal
 
 
 @dataclass
@@ -284,7 +368,9 @@ def read_saved_splits(path: str | Path) -> dict[tuple[str, int | None], dict[str
             rows = list(csv.DictReader(handle))
         return {(row["image"], int(row["slice"]) if row.get("slice") else None): row for row in rows}
     except (KeyError, ValueError, csv.Error, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a splits file of this package ({type(err).__name__}: {err})") from None
+        raise DataError(
+            f"{path}: damaged, not a splits file of this package ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _write_csv(path: str | Path, header: list[str], rows) -> None:
@@ -296,11 +382,17 @@ def _write_csv(path: str | Path, header: list[str], rows) -> None:
         writer.writerows(rows)
 
 
-def prepare_data(data_dir: str | Path, config: DataConfig) -> PreparedData:
-    """Validate labels.csv, read every image, apply the exclusion rules and split the rest."""
+def prepare_data(
+    data_dir: str | Path, config: DataConfig, report_dir: str | Path | None = None
+) -> PreparedData:
+    """Validate labels.csv, read every image, apply the exclusion rules and split the rest.
+
+    `report_dir` receives labels_problems.txt when labels.csv has more problems than the error shows.
+    """
     data_dir = Path(data_dir)
-    records = read_labels(data_dir)
+    records = read_labels(data_dir, report_dir)
     size = config.image_size
+    max_pixels = max_pixels_limit(config.max_pixels)
     kept: list[Record] = []
     images: list[np.ndarray] = []
     exclusions: list[tuple[str, str]] = []
@@ -310,7 +402,7 @@ def prepare_data(data_dir: str | Path, config: DataConfig) -> PreparedData:
             exclusions.append((record.image, "double tear: position 'both'"))
             continue
         try:
-            image = read_image(data_dir / record.image, record.slice)
+            image = read_image(data_dir / record.image, record.slice, max_pixels=max_pixels)
         except ImageReadError as err:
             exclusions.append((record.image, f"unreadable: {err}"))
             continue
@@ -325,7 +417,7 @@ def prepare_data(data_dir: str | Path, config: DataConfig) -> PreparedData:
         kept.append(record)
         images.append(image)
     if not kept:
-        raise DataError(f"{data_dir}: no usable image left after exclusions ({len(exclusions)} excluded)")
+        raise DataError(f"{data_dir}: no usable image left: {_exclusion_reasons(exclusions, size)}")
     targets = np.stack([r.targets() for r in kept])
     splits = assign_splits(kept, config)
     return PreparedData(
@@ -338,6 +430,26 @@ def prepare_data(data_dir: str | Path, config: DataConfig) -> PreparedData:
         n_rows=len(records),
         resized=resized,
     )
+
+
+def _exclusion_reasons(exclusions: list[tuple[str, str]], size: int) -> str:
+    """'all 60 rows were excluded: 60 wrong size (e.g. a.png: 256x256, expected 64x64); ...' and a hint."""
+    first: dict[str, tuple[str, str]] = {}
+    counts = Counter()
+    for image, reason in exclusions:
+        kind, _, detail = reason.partition(":")
+        counts[kind] += 1
+        first.setdefault(kind, (image, detail.strip()))
+    parts = [f"{counts[kind]} {kind} (e.g. {image}: {detail})" for kind, (image, detail) in first.items()]
+    text = f"all {len(exclusions)} rows were excluded: " + "; ".join(parts)
+    if "wrong size" in counts:
+        text += (
+            f". The config expects {size}x{size} images: set data.image_size to your images' size, "
+            "or data.size_policy: resize to resize them"
+        )
+    if "double tear" in counts:
+        text += ". Double tears are excluded while data.exclude_double_tears is true"
+    return text
 
 
 def assign_splits(records: list[Record], config: DataConfig) -> list[str]:

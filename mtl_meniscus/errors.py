@@ -10,7 +10,14 @@ class ConfigError(MeniscusError):
 
 
 class DataError(MeniscusError):
-    """labels.csv or the data folder is invalid; the message lists every bad row."""
+    """labels.csv or the data folder is invalid; the message lists every bad row.
+
+    `problems` holds every problem found, one line each (the message may show only the first ones).
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
 
 
 class ImageReadError(MeniscusError):

@@ -23,7 +23,6 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config, TTAConfig
 from .data import PreparedData, prepare_data
 from .errors import MeniscusError
-from .files import atomic_write_text
 from .inference import predict_probs
 from .labels import TASKS, gated_labels
 from .metrics import (
@@ -35,6 +34,7 @@ from .metrics import (
     task_aucs,
     youden_threshold,
 )
+from .outputs import atomic_write_text
 from .runtime import Runtime, resolve_runtime
 
 THRESHOLD_FILE = "threshold.json"
@@ -81,11 +81,20 @@ class TrainedModel:
         path = self.run_dir / THRESHOLD_FILE if self.run_dir else None
         if path is None or not path.is_file():
             return None
-        record = json.loads(path.read_text())
-        # Files written before the threshold was chosen with TTA carry no tta_copies: it was 0.
-        copies = int(record.get("tta_copies", 0))
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            value = record["fissure_threshold"]
+            if isinstance(value, bool) or not 0 <= float(value) <= 1:  # NaN fails too
+                raise ValueError(f"fissure_threshold {value!r} is not a probability 0..1")
+            # Files written before the threshold was chosen with TTA carry no tta_copies: it was 0.
+            copies = int(record.get("tta_copies", 0))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise MeniscusError(
+                f"{path}: malformed ({type(err).__name__}: {err}); it should hold "
+                '{"fissure_threshold": <0..1>}. Delete it, or write it again with evaluate --youden'
+            ) from None
         return Threshold(
-            float(record["fissure_threshold"]),
+            float(value),
             f"Youden's J on the run's validation split with TTA {copies} copies ({path})",
             tta_copies=copies,
         )
@@ -127,7 +136,7 @@ def load_trained(run_or_checkpoint: str | Path, runtime: Runtime) -> TrainedMode
         raise MeniscusError(
             f"{path}: no best.pt here; is the run finished? (resume it with train --resume {path})"
         )
-    model, config = model_from_checkpoint(load_checkpoint(checkpoint))
+    model, config = model_from_checkpoint(load_checkpoint(checkpoint), source=checkpoint)
     model = runtime.prepare_model(model)
     run_dir = checkpoint.parent if (checkpoint.parent / "config.yaml").is_file() else None
     return TrainedModel(model, config, checkpoint, run_dir)
@@ -282,7 +291,9 @@ def choose_threshold(
         console.print(note, highlight=False, markup=False)
     val = data.indices("val")
     if not len(val):
-        raise MeniscusError(f"--youden: the validation split of {trained.run_dir} is empty")
+        raise MeniscusError(
+            f"--youden picks the threshold on the val split, and the val split of {trained.run_dir} is empty"
+        )
     tta = trained.config.tta
     probs = trained.predict([data.images[i] for i in val], runtime, tta=tta, seed=0)
     value = youden_threshold(data.targets[val, 0], probs["fissure"])
@@ -444,13 +455,14 @@ def write_cams_and_check_peaks(
     fissure map's peak falls inside the tear mask dilated by `dilation_px` pixels."""
     import cv2
 
-    from .cam import peak_in_mask, write_overlays
+    from .cam import peak_in_mask, unique_names, write_overlays
 
     hits = checked = 0
+    names = unique_names([data.records[i].image for i in indices], lambda p: Path(p).stem)  # no overwrites
     for k, index in enumerate(indices):
         record, image = data.records[index], data.images[index]
         cams = trained.saliency(image, runtime)
-        write_overlays(cam_dir, Path(record.image).stem, image, cams)
+        write_overlays(cam_dir, names[k], image, cams)
         true_positive = data.targets[index, 0] == 1 and probs["fissure"][k] >= threshold
         if true_positive and record.mask:
             mask = cv2.imread(str(data.data_dir / record.mask), cv2.IMREAD_UNCHANGED)

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .errors import ImageReadError
+from .errors import ConfigError, ImageReadError
 
 RASTER_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NUMPY_SUFFIXES = (".npy",)
 SUPPORTED_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES + NUMPY_SUFFIXES
+
+# Decoded-size limit: every format's header is read first, and a file declaring more pixels (all
+# slices of a volume counted) is refused before anything is decoded. data.max_pixels in the config
+# sets it for train and evaluate; $MTL_MENISCUS_MAX_PIXELS for every command where that is unset.
+DEFAULT_MAX_PIXELS = 64_000_000
+MAX_PIXELS_ENV = "MTL_MENISCUS_MAX_PIXELS"
+VOLUME_HINT = "give the slice to use in a 'slice' column of labels.csv"
 
 
 def image_suffix(path: str | Path) -> str:
@@ -27,30 +38,62 @@ def is_supported_image(path: str | Path) -> bool:
     return image_suffix(path) in SUPPORTED_SUFFIXES
 
 
-def read_image(path: str | Path, slice_index: int | None = None) -> np.ndarray:
+def max_pixels_limit(configured: int | None = None) -> int:
+    """The decoded-size limit: `configured` (data.max_pixels), else $MTL_MENISCUS_MAX_PIXELS, else 64 MP."""
+    if configured is not None:
+        return configured
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = float(text)  # "64e6" works too
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise ConfigError(f"${MAX_PIXELS_ENV}: bad value {text!r} (allowed: a number of pixels >= 1)")
+    return int(value)
+
+
+def read_image(
+    path: str | Path,
+    slice_index: int | None = None,
+    max_pixels: int | None = None,
+    volume_hint: str = VOLUME_HINT,
+) -> np.ndarray:
     """Read one grey slice as float32 (H, W); `slice_index` picks a slice of a 3D volume.
 
     Slices are taken along the last axis of a NIfTI volume (its k axis) and the first
-    axis of a 3D .npy array or multi-frame DICOM. Raises ImageReadError naming the file.
+    axis of a 3D .npy array or multi-frame DICOM. A file whose header declares more than
+    `max_pixels` pixels (see max_pixels_limit) is refused before it is decoded; `volume_hint`
+    ends the message for a 3D volume read without a slice. Raises ImageReadError naming the file.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as err:  # e.g. a folder on the way that cannot be listed
+        raise ImageReadError(f"{path}: cannot access ({err.strerror or err})") from None
+    if not found:
+        if path.is_symlink():
+            raise ImageReadError(
+                f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)"
+            )
         raise ImageReadError(f"{path}: file not found")
     suffix = image_suffix(path)
+    limit = max_pixels_limit(max_pixels)
     try:
         if suffix in RASTER_SUFFIXES:
-            image = _read_raster(path)
+            image = _read_raster(path, limit)
         elif suffix in DICOM_SUFFIXES:
-            image = _read_dicom(path)
+            image = _read_dicom(path, limit)
         elif suffix in NIFTI_SUFFIXES:
-            image = _read_nifti(path)
+            image = _read_nifti(path, limit)
         elif suffix in NUMPY_SUFFIXES:
-            image = _read_npy(path)
+            image = _read_npy(path, limit)
         else:
             raise ImageReadError(
                 f"unsupported format '{suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
             )
-        image = _select_slice(image, slice_index, suffix)
+        image = _select_slice(image, slice_index, suffix, volume_hint)
     except ImageReadError as err:
         message = str(err)
         raise ImageReadError(message if message.startswith(str(path)) else f"{path}: {message}") from None
@@ -61,7 +104,62 @@ def read_image(path: str | Path, slice_index: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
-def _read_raster(path: Path) -> np.ndarray:
+def _pixels(count: float) -> str:
+    """'400.0 megapixels', or '10,000 pixels' below one megapixel."""
+    return f"{count / 1e6:.1f} megapixels" if count >= 1e6 else f"{int(count):,} pixels"
+
+
+def _check_declared_size(shape: tuple[int, ...], limit: int, what: str = "image") -> None:
+    """Refuse an empty image, or one whose header declares more than `limit` pixels in all."""
+    dims = tuple(int(d) for d in shape)
+    described = "x".join(map(str, dims))
+    if not dims or min(dims) <= 0:
+        raise ImageReadError(f"empty {what}: it declares {described or 'no'} pixels (shape {dims})")
+    pixels = math.prod(dims)
+    if pixels > limit:
+        raise ImageReadError(
+            f"{what} of {described} = {_pixels(pixels)} is above the limit of "
+            f"{_pixels(limit)}, refused before decoding (raise data.max_pixels in the "
+            f"config or ${MAX_PIXELS_ENV} to read it)"
+        )
+
+
+def _raster_header(path: Path, limit: int) -> None:
+    """PNG/TIFF/JPEG header only: one page, a size within the limit. Pillow reads the header
+    lazily; OpenCV then decodes only what passed (and only these three formats)."""
+    from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path, formats=["PNG", "TIFF", "JPEG"]) as header:
+                width, height = header.size
+                frames = getattr(header, "n_frames", 1)
+        except Image.DecompressionBombError as err:  # Pillow's own limit, above ours by default
+            found = re.search(r"\((\d+) pixels\)", str(err))
+            pixels = int(found.group(1)) if found else None
+            if pixels is not None and pixels <= limit:
+                raise ImageReadError(
+                    f"image of {_pixels(pixels)} is above Pillow's decompression-bomb limit "
+                    "(PIL.Image.MAX_IMAGE_PIXELS), refused before decoding"
+                ) from None
+            declared = _pixels(pixels) if pixels else f"more than {_pixels(limit)}"
+            raise ImageReadError(
+                f"image of {declared} is above the limit of {_pixels(limit)}, "
+                f"refused before decoding (raise data.max_pixels in the config or ${MAX_PIXELS_ENV} to read it)"
+            ) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+            raise ImageReadError("cannot decode image (corrupt or truncated file?)") from None
+    if frames > 1:
+        raise ImageReadError(
+            f"holds {frames} pages (multi-page TIFF or animated image); only the first would be "
+            "read: save each slice as its own file"
+        )
+    _check_declared_size((height, width), limit)
+
+
+def _read_raster(path: Path, limit: int) -> np.ndarray:
+    _raster_header(path, limit)
     # np.fromfile + imdecode also copes with non-ASCII paths, where cv2.imread fails quietly.
     data = np.fromfile(str(path), dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
@@ -73,12 +171,18 @@ def _read_raster(path: Path) -> np.ndarray:
     return image.astype(np.float32)
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+def _read_dicom(path: Path, limit: int) -> np.ndarray:
     import pydicom
 
     dataset = pydicom.dcmread(str(path))
     if "PixelData" not in dataset:
         raise ImageReadError("DICOM file has no pixel data")
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
+    shape = (
+        (frames, int(dataset.Rows), int(dataset.Columns)) if frames > 1 else (dataset.Rows, dataset.Columns)
+    )
+    _check_declared_size((*shape, samples) if samples > 1 else shape, limit, "DICOM image")
     pixels = dataset.pixel_array  # raises on truncated data or an undecodable transfer syntax
     if getattr(dataset, "SamplesPerPixel", 1) != 1:
         raise ImageReadError("colour DICOM images are not supported; expected a grey MR slice")
@@ -98,10 +202,12 @@ def _apply_modality_lut(pixels: np.ndarray, dataset) -> np.ndarray:
     return apply_modality_lut(pixels, dataset)
 
 
-def _read_nifti(path: Path) -> np.ndarray:
+def _read_nifti(path: Path, limit: int) -> np.ndarray:
     import nibabel
 
-    volume = np.asanyarray(nibabel.load(str(path)).dataobj, dtype=np.float32)
+    image = nibabel.load(str(path))  # reads the header only
+    _check_declared_size(image.shape, limit, "NIfTI image")
+    volume = np.asanyarray(image.dataobj, dtype=np.float32)
     # Trailing singleton axes (x, y, 1) or (x, y, 1, 1) are a 2D slice.
     while volume.ndim > 2 and volume.shape[-1] == 1:
         volume = volume[..., 0]
@@ -110,14 +216,25 @@ def _read_nifti(path: Path) -> np.ndarray:
     return volume
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _read_npy(path: Path, limit: int) -> np.ndarray:
+    with path.open("rb") as handle:  # the header first: shape and dtype, nothing decoded
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ImageReadError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise ImageReadError(f"expected a real numeric array, got dtype {dtype}")
+    _check_declared_size(shape, limit, "array")
     array = np.load(str(path), allow_pickle=False)
-    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise ImageReadError(f"expected a real numeric array, got dtype {array.dtype}")
     return array.astype(np.float32)
 
 
-def _select_slice(image: np.ndarray, slice_index: int | None, suffix: str) -> np.ndarray:
+def _select_slice(image: np.ndarray, slice_index: int | None, suffix: str, volume_hint: str) -> np.ndarray:
+    if image.size == 0:
+        raise ImageReadError(f"empty image (shape {image.shape})")
     if image.ndim == 3 and image.shape[0] == 1 and slice_index is None:
         image = image[0]
     if image.ndim == 2:
@@ -128,8 +245,7 @@ def _select_slice(image: np.ndarray, slice_index: int | None, suffix: str) -> np
         raise ImageReadError(f"expected a 2D slice or a 3D volume, got shape {image.shape}")
     if slice_index is None:
         raise ImageReadError(
-            f"is a 3D volume with {image.shape[0]} slices (shape {image.shape}); "
-            "give the slice to use in a 'slice' column of labels.csv"
+            f"is a 3D volume with {image.shape[0]} slices (shape {image.shape}); {volume_hint}"
         )
     if not 0 <= slice_index < image.shape[0]:
         raise ImageReadError(f"slice {slice_index} is out of range 0..{image.shape[0] - 1}")

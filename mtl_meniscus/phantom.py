@@ -20,6 +20,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .config import MAX_IMAGE_SIZE, MAX_SEED
+from .errors import ConfigError, MeniscusError
+from .outputs import atomic_write, check_output_dir
+
 PHANTOM_VERSION = 4  # bump when the generator changes: cached phantoms are keyed by it
 SUPERSAMPLE = 2  # shapes are drawn at 2x and area-averaged down: partial-volume edges
 MASK_MENISCUS = 1
@@ -440,9 +444,27 @@ def write_phantom(
     seed: int = 0,
     size: int = 256,
     settings: PhantomSettings | None = None,
+    overwrite: bool = False,
 ) -> list[PhantomCase]:
-    """Write images/*.png (16-bit), masks/*.png and labels.csv in the package's folder format."""
+    """Write images/*.png (16-bit), masks/*.png and labels.csv in the package's folder format.
+
+    A folder that is not empty is refused unless `overwrite` (then files of the same names are replaced).
+    """
     out_dir = Path(out_dir)
+    if not 32 <= size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"--size: bad value {size} (allowed: 32..{MAX_IMAGE_SIZE} pixels)")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed: bad value {seed} (allowed: 0..{MAX_SEED})")
+    if n < 20:
+        raise ConfigError(f"--n: bad value {n} (allowed: at least 20 images)")
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        entries = sorted(p.name for p in out_dir.iterdir())
+        raise MeniscusError(
+            f"{out_dir} is not empty ({len(entries)} entries: {', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}); pass --overwrite to write the phantom into it anyway "
+            "(labels.csv and same-named images are replaced), or choose an empty folder"
+        )
+    check_output_dir(out_dir, "make-phantom OUT")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     cases = plan_cases(n=n, seed=seed, size=size)
@@ -455,12 +477,10 @@ def write_phantom(
         cv2.imwrite(str(out_dir / mask_path), mask)
         rows.append([image_path, case.fissure, case.orientation, case.position, mask_path])
     # labels.csv is written last and atomically: its presence marks a complete phantom.
-    tmp = out_dir / "labels.csv.tmp"
-    with tmp.open("w", newline="") as handle:
+    with atomic_write(out_dir / "labels.csv") as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "fissure", "orientation", "position", "mask"])
         writer.writerows(rows)
-    tmp.replace(out_dir / "labels.csv")
     return cases
 
 
@@ -510,5 +530,6 @@ def ensure_phantom(
     level = "" if difficulty == "easy" else f"-{difficulty}"  # easy keeps the cache name it always had
     folder = Path(cache_dir or default_cache_dir()) / f"phantom-v{PHANTOM_VERSION}{level}-n{n}-seed{seed}"
     if not (folder / "labels.csv").is_file():
-        write_phantom(folder, n=n, seed=seed, settings=phantom_settings(difficulty))
+        # an interrupted generation is redone
+        write_phantom(folder, n=n, seed=seed, settings=phantom_settings(difficulty), overwrite=True)
     return folder

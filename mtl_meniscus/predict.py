@@ -1,7 +1,8 @@
 """`predict`: probabilities and gated labels for image files and folders, one row per input.
 
 A bad input (unreadable, truncated DICOM, 3D volume without a slice, NaN pixels, wrong size
-with --strict-size) gets its own row with an `error`; the other inputs are still predicted.
+with --strict-size, too large, multi-page, a broken link) gets its own row with an `error`; the
+other inputs are still predicted. The output location is checked before anything is predicted.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 
-from .cam import write_overlays
+from .cam import unique_names, write_overlays
 from .config import TTAConfig
 from .errors import ImageReadError, MeniscusError
 from .evaluate import TrainedModel, load_trained, resolve_threshold
-from .imageio import is_supported_image, read_image
+from .imageio import is_supported_image, max_pixels_limit, read_image
 from .labels import gated_labels
+from .outputs import atomic_write, check_output_dir, check_output_file
 from .runtime import resolve_runtime
+
+VOLUME_HINT = "predict reads 2D slices only: save the slice to predict as its own file"
 
 CSV_COLUMNS = [
     "image",
@@ -62,12 +66,15 @@ def _cell(value):
 
 
 def collect_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given, and the supported image files under folders (recursively, sorted)."""
+    """Files as given, and the supported image files under folders (recursively, sorted); a broken
+    link with a supported name is listed too, so that it gets its error row."""
     files: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_supported_image(p))
-            files.extend(found)
+            found = sorted(
+                p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and is_supported_image(p)
+            )
+            files.extend(p for p in found if not p.is_dir())
         else:
             files.append(path)  # missing or unsupported files get an error row
     return files
@@ -101,10 +108,14 @@ def run_predict(
 ) -> list[Prediction]:
     """Predict every input and write CSV (or JSON lines); returns the rows in input order."""
     console = console or Console(soft_wrap=True)
+    check_output_file(out, "--out")  # before any work: a bad --out must not cost the predictions
+    if cam_dir is not None:
+        check_output_dir(cam_dir, "--cam")
     runtime = resolve_runtime(precision)
     trained = load_trained(run_or_checkpoint, runtime)
     config = trained.config
     size = config.data.image_size
+    max_pixels = max_pixels_limit(config.data.max_pixels)
     chosen = resolve_threshold(trained, threshold)
     cut = chosen.value
     tta = TTAConfig(
@@ -120,22 +131,25 @@ def run_predict(
     for path in files:
         name = str(path)
         try:
-            image = read_image(path)
+            image = read_image(path, max_pixels=max_pixels, volume_hint=VOLUME_HINT)
+            note = ""
+            if image.shape != (size, size):
+                if strict_size:
+                    rows.append(
+                        Prediction(
+                            image=name,
+                            error=f"size {image.shape[0]}x{image.shape[1]}, expected {size}x{size} (--strict-size)",
+                        )
+                    )
+                    continue
+                note = f"resized from {image.shape[0]}x{image.shape[1]} to {size}x{size}"
+                image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         except ImageReadError as err:
             rows.append(Prediction(image=name, error=str(err)))
             continue
-        note = ""
-        if image.shape != (size, size):
-            if strict_size:
-                rows.append(
-                    Prediction(
-                        image=name,
-                        error=f"size {image.shape[0]}x{image.shape[1]}, expected {size}x{size} (--strict-size)",
-                    )
-                )
-                continue
-            note = f"resized from {image.shape[0]}x{image.shape[1]} to {size}x{size}"
-            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        except Exception as err:  # whatever else one file does, it fails that file's row only
+            rows.append(Prediction(image=name, error=f"{name}: cannot read ({type(err).__name__}: {err})"))
+            continue
         rows.append(Prediction(image=name, note=note))
         good.append((len(rows) - 1, image))
 
@@ -153,6 +167,10 @@ def run_predict(
                     on_batch=lambda n: progress.update(bar, advance=n),
                 )
                 for k, (row_index, _) in enumerate(chunk):
+                    values = [float(probs[task][k]) for task in ("fissure", "orientation", "position")]
+                    if not np.isfinite(values).all():
+                        rows[row_index].error = f"{rows[row_index].image}: the model's output is not finite"
+                        continue
                     gated = gate(
                         float(probs["fissure"][k]),
                         float(probs["orientation"][k]),
@@ -163,7 +181,9 @@ def run_predict(
                     gated.note = rows[row_index].note
                     rows[row_index] = gated
         if cam_dir is not None:
-            _write_cams(trained, good, rows, cam_dir, runtime)
+            _write_cams(
+                trained, [(i, image) for i, image in good if not rows[i].error], rows, cam_dir, runtime
+            )
 
     _write_rows(rows, out, as_json)
     failed = sum(1 for r in rows if r.error)
@@ -176,15 +196,16 @@ def run_predict(
 
 
 def _write_cams(trained: TrainedModel, good, rows: list[Prediction], cam_dir: Path, runtime) -> None:
-    for row_index, image in good:
+    """Overlays named after each input's file name; inputs sharing a file name get their whole path
+    in the name instead, so that no overlay overwrites another."""
+    names = unique_names([rows[i].image for i, _ in good], lambda p: Path(p).name.replace(".", "_"))
+    for (_, image), name in zip(good, names):
         cams = trained.saliency(image, runtime)
-        write_overlays(cam_dir, Path(rows[row_index].image).name.replace(".", "_"), image, cams)
+        write_overlays(cam_dir, name, image, cams)
 
 
 def _write_rows(rows: list[Prediction], out: Path, as_json: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_write(out) as tmp, tmp.open("w", newline="") as handle:
         if as_json:
             for row in rows:
                 handle.write(json.dumps({k: (None if v == "" else v) for k, v in row.row().items()}) + "\n")
@@ -192,4 +213,3 @@ def _write_rows(rows: list[Prediction], out: Path, as_json: bool) -> None:
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             writer.writerows(row.row() for row in rows)
-    tmp.replace(out)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_torch_save, load_checkpoint, model_payload
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, read_config_file
 from .data import PreparedData, prepare_data
 from .dataset import EpochBatchSampler, SliceDataset, collate_batch
 from .errors import MeniscusError
@@ -38,8 +38,10 @@ from .labels import CHALLENGE_WEIGHTS, TASKS
 from .losses import build_weighting, task_losses
 from .metrics import challenge_score, monitor_score, supervised_rows, task_aucs
 from .models import SeparateCascade, build_shared, build_single_task, parameter_groups, set_train_mode
+from .outputs import atomic_write, atomic_write_text
 from .phantom import ensure_phantom
 from .plots import plot_training_curves
+from .runlock import RunLock
 from .runtime import Runtime, resolve_runtime
 from .stopping import CHANCE, EarlyStopping, chance_sd, learning_score
 from .tracking import RunLogger
@@ -85,6 +87,44 @@ def plan_members(config: Config, data: PreparedData, run_dir: Path) -> list[Memb
         rows = supervised_rows(data.targets, task)  # all images for fissure, true tears for the others
         members.append(Member(task, (task,), run_dir / "members" / task, train[rows[train]], val[rows[val]]))
     return members
+
+
+def check_members(members: list[Member], data: PreparedData) -> list[str]:
+    """Refuse a member with no training image, naming the split and the member, before anything
+    trains; return warnings for members without validation images and for an empty test split."""
+    by_column = bool(data.records) and all(r.split for r in data.records)
+    origin = "the 'split' column of labels.csv" if by_column else "the automatic split (data.split_fractions)"
+    counts = ", ".join(f"{name} {len(data.indices(name))}" for name in ("train", "val", "test"))
+    warnings = []
+    for member in members:
+        only_tears = member.name in ("orientation", "position")
+        if not len(member.train_indices):
+            if only_tears and len(data.indices("train")):
+                raise MeniscusError(
+                    f"the {member.name} network has no training image: separate mode trains it on the "
+                    f"true tears of the train split, and the train split has none ({data.split_summary()})"
+                )
+            raise MeniscusError(
+                f"the train split is empty: {origin} puts none of the {len(data.records)} kept images "
+                f"there ({counts}); nothing to train on"
+            )
+        if not len(member.val_indices):
+            what = (
+                "the val split has no tear"
+                if only_tears and len(data.indices("val"))
+                else "the val split is empty"
+            )
+            warnings.append(
+                f"[{member.name}] no validation image ({what}): the run has no validation score to pick "
+                "its best epoch or to stop early"
+            )
+    if not len(data.indices("test")):
+        warnings.append(f"the test split is empty ({counts}): the run ends without test metrics")
+    return warnings
+
+
+class TrainingDivergedError(MeniscusError):
+    """The loss or the network's outputs stopped being finite numbers."""
 
 
 class MemberTrainer:
@@ -176,8 +216,34 @@ class MemberTrainer:
         last = self.member.folder / "last.pt"
         if not last.is_file():
             return False
-        self.load_state(load_checkpoint(last)["training_state"])
+        payload = load_checkpoint(last)
+        if not isinstance(payload.get("training_state"), dict):
+            raise MeniscusError(
+                f"{last}: holds no training state, so the run cannot resume from it "
+                "(a last.pt is written by train after each epoch; best.pt files cannot be resumed)"
+            )
+        try:
+            self.load_state(payload["training_state"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else ""
+            raise MeniscusError(
+                f"{last}: damaged training state, cannot resume ({type(err).__name__}: {reason[:300]})"
+            ) from None
         return True
+
+    def diverged(self, what: str) -> TrainingDivergedError:
+        """The error that stops a run whose loss or outputs are no longer finite; last.pt is kept."""
+        lr = self.config.train.lr
+        kept = (
+            f"last.pt keeps epoch {self.epoch - 1}, the last finished one"
+            if self.epoch > 1
+            else "no epoch had finished, so there is no last.pt"
+        )
+        return TrainingDivergedError(
+            f"[{self.member.name}] training diverged in epoch {self.epoch}: {what}. {kept}. Try a lower "
+            f"learning rate in a new run (--lr {lr / 10:g}; this run used {lr:g}); --resume would "
+            "repeat the same steps"
+        )
 
     # ---- loop --------------------------------------------------------------------------------
     def fit(self, on_epoch_end: EpochCallback | None = None) -> None:
@@ -235,7 +301,9 @@ class MemberTrainer:
             "best_epoch": stopping.best_epoch,
             "val_score": stopping.best_score,
             "epochs": self.epoch,
-            "learned": stopping.started,
+            "learned": stopping.started
+            if stopping.best_score is not None
+            else None,  # None: no score to tell
             "left_chance_epoch": stopping.started_epoch or None,
             "left_chance_score": stopping.start_score,
         }
@@ -243,11 +311,11 @@ class MemberTrainer:
     @property
     def warning(self) -> str | None:
         """'did not learn: ...' when validation never left chance, else None."""
-        if self.stopping.started:
-            return None
         best = self.stopping.best_score
+        if self.stopping.started or best is None:  # None: no defined validation score, warned before training
+            return None
         return (
-            f"[{self.member.name}] did not learn: validation score {best if best is not None else math.nan:.2f}, "
+            f"[{self.member.name}] did not learn: validation score {best:.2f}, "
             f"chance is {CHANCE:.2f} (a score of {self.stopping.start_score:.2f} would have shown learning); "
             "check the labels, or train longer or with another learning rate"
         )
@@ -281,6 +349,8 @@ class MemberTrainer:
                     outputs = self.model(x)
                 losses = task_losses(outputs, y, train.pos_weights)
                 loss = self.weighting(losses)
+                if not torch.isfinite(loss.detach()):
+                    raise self.diverged(f"the training loss is {float(loss.detach())} at step {steps + 1}")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -299,6 +369,8 @@ class MemberTrainer:
             self.runtime,
             self.config.train.eval_batch_size,
         )
+        if not all(np.isfinite(p).all() for p in probs.values()):
+            raise self.diverged("the network's outputs on the validation images are not finite numbers")
         aucs = task_aucs(targets, probs)
         return {"auc": aucs, "score": monitor_score(aucs), "loss": _masked_log_loss(targets, probs)}
 
@@ -347,8 +419,26 @@ def train_run(
 ) -> dict[str, Any]:
     """Train (or resume) a run end to end and return its metrics (also in metrics.json).
 
-    With resume=True the run's own config.yaml is used and `config` is ignored.
+    With resume=True the run's own config.yaml is used and `config` is ignored. The run folder
+    is locked while training: a second process on the same folder is refused.
     """
+    run_dir = Path(run_dir)
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise MeniscusError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
+    lock = RunLock(run_dir)  # creates the folder and checks that it can be written
+    try:
+        return _train_locked(config, run_dir, resume, console, on_epoch_end)
+    finally:
+        lock.release()
+
+
+def _train_locked(
+    config: Config | None,
+    run_dir: Path,
+    resume: bool,
+    console: Console | None,
+    on_epoch_end: EpochCallback | None,
+) -> dict[str, Any]:
     console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
     if resume:
@@ -358,7 +448,7 @@ def train_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data_dir(config)
     config.data.path = str(data_dir.resolve())
-    data = prepare_data(data_dir, config.data)
+    data = prepare_data(data_dir, config.data, report_dir=run_dir)
     if resume and not data.same_splits_as(run_dir / "splits.csv"):
         # Resuming on other splits would train on test images.
         raise MeniscusError(f"cannot resume {run_dir}: the data or its splits changed since the run started")
@@ -368,46 +458,52 @@ def train_run(
     console.print(f"data {data_dir}: {data.exclusion_summary()} (report: {run_dir / 'exclusions.csv'})")
     console.print(f"splits: {data.split_summary()}")
 
+    members = plan_members(config, data, run_dir)
+    warnings = check_members(members, data)
+    for warning in warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+
     runtime = resolve_runtime(config.train.precision)
     console.print(f"training {config.model.name} on {runtime.describe()} -> {run_dir}")
     logger = RunLogger(config.wandb, run_dir, run_dir.name, config.to_dict())
     try:
-        members = plan_members(config, data, run_dir)
         trained: dict[str, nn.Module] = {}
         history: list[dict[str, Any]] = []
         best_by_member: dict[str, dict[str, Any]] = {}
-        warnings: list[str] = []
+        learn_warnings: list[str] = []  # networks that did not learn
         train_seconds = 0.0
         for member in members:
             trainer = MemberTrainer(member, config, data, runtime, logger, console)
             if resume and trainer.try_resume():
                 console.print(
                     f"[{member.name}] resumed after epoch {trainer.epoch}"
-                    + (" (finished)" if trainer.finished else "")
+                    + (" (finished)" if trainer.finished else ""),
+                    markup=False,
                 )
             trainer.fit(on_epoch_end)
             trained[member.name] = trainer.model
             history += trainer.history
             best_by_member[member.name] = trainer.best
             if trainer.warning:
-                warnings.append(trainer.warning)
+                learn_warnings.append(trainer.warning)
             train_seconds += trainer.train_seconds
             _write_history(run_dir / "history.csv", history)
 
         model = trained["shared"] if "shared" in trained else SeparateCascade(trained)
         metrics = _final_metrics(model, config, data, runtime, history, best_by_member, train_seconds)
-        metrics["learned"] = not warnings
-        metrics["warnings"] = warnings
+        unknown = any(best["learned"] is None for best in best_by_member.values())
+        metrics["learned"] = False if learn_warnings else (None if unknown else True)
+        metrics["warnings"] = warnings + learn_warnings
         atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         plot_training_curves(history, run_dir / "training_curves.png")
         _print_metrics(console, metrics)
-        for warning in warnings:
+        for warning in learn_warnings:
             console.print(f"WARNING: {warning}", style="bold red", highlight=False, markup=False)
         logger.summary(
             _flatten("test", metrics["test"])
             | _flatten("test_tta", metrics["test_tta"])
-            | {"learned": metrics["learned"], "warnings": "; ".join(warnings)}
+            | {"learned": metrics["learned"], "warnings": "; ".join(metrics["warnings"])}
         )
         logger.log_image("training_curves", run_dir / "training_curves.png")
         logger.log_artifact(run_dir / "best.pt", name=f"model-{run_dir.name}")
@@ -474,16 +570,14 @@ def _print_metrics(console: Console, metrics: dict) -> None:
 def _write_history(path: Path, history: list[dict]) -> None:
     if not history:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_write(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    tmp.replace(path)
 
 
 def _load_run_config(run_dir: Path) -> Config:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise MeniscusError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
-    return config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
+    return config_from_dict(read_config_file(path), source=str(path))
