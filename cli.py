@@ -214,7 +214,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of TTA and bootstrap.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/eval-<split>).")] = None,
     cam: Annotated[
-        Path | None, typer.Option(help="Write Grad-CAM overlays of the evaluated images here.")
+        Path | None, typer.Option(help="Write saliency (LayerCAM) overlays of the evaluated images here.")
     ] = None,
     precision: Annotated[
         Precision, typer.Option(help="auto: bf16 + channels_last where native.")
@@ -276,7 +276,7 @@ def predict(
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     cam: Annotated[
-        Path | None, typer.Option(help="Write Grad-CAM overlays per task into this folder.")
+        Path | None, typer.Option(help="Write saliency (LayerCAM) overlays per task into this folder.")
     ] = None,
     precision: Annotated[
         Precision, typer.Option(help="auto: bf16 + channels_last where native.")
@@ -391,10 +391,12 @@ def bench(
 ) -> None:
     """Measure the package against bare PyTorch, bf16 against fp32, and shared against separate."""
     from mtl_meniscus.bench import run_benchmark
+    from mtl_meniscus.config import load_config
 
     runs = (shared_run, separate_run) if shared_run and separate_run else None
     try:
-        run_benchmark(quick=quick, out_dir=out, console=console, runs=runs)
+        models = {mode: load_config(PRESETS / f"{mode}.yaml").model for mode in ("shared", "separate")}
+        run_benchmark(quick=quick, out_dir=out, console=console, runs=runs, models=models)
     except (MeniscusError, FileNotFoundError, KeyError) as err:
         fail(err)
 

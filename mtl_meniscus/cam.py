@@ -1,4 +1,5 @@
-"""Grad-CAM saliency (Selvaraju et al. 2017) with forward/backward hooks; no extra dependency."""
+"""Saliency maps with forward/backward hooks: LayerCAM (Jiang et al. 2021) by default, Grad-CAM
+(Selvaraju et al. 2017) on request; no extra dependency."""
 
 from __future__ import annotations
 

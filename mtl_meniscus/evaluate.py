@@ -451,7 +451,7 @@ def write_cams_and_check_peaks(
     cam_dir: Path,
     dilation_px: int = 5,
 ) -> dict[str, Any]:
-    """Grad-CAM overlays of every evaluated image; on true positives with a tear mask, how often the
+    """Saliency (LayerCAM) overlays of every evaluated image; on true positives with a tear mask, how often the
     fissure map's peak falls inside the tear mask dilated by `dilation_px` pixels."""
     import cv2
 

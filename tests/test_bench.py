@@ -10,7 +10,7 @@ from mtl_meniscus.bench import run_benchmark
 def test_quick_benchmark_reports_every_measurement(tmp_path):
     results = run_benchmark(quick=True, out_dir=tmp_path, console=Console(quiet=True))
     saved = json.loads((tmp_path / "bench.json").read_text())
-    assert saved["machine"]["torch"] and "native_bf16" in saved["machine"]
+    assert saved["machine"]["torch"] and saved["machine"]["isa"] and "amx" in saved["machine"]
     for section, key in [
         ("training", "package_over_bare"),
         ("precision", "auto_over_fp32"),
