@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -100,6 +101,10 @@ class PhantomSettings:
 
     def describe(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def fingerprint(self) -> str:
+        """Eight hex digits that change whenever a setting does (cache folder names)."""
+        return hashlib.sha256(repr(sorted(self.describe().items())).encode()).hexdigest()[:8]
 
 
 DIFFICULTY_LEVELS: dict[str, PhantomSettings] = {
@@ -417,7 +422,8 @@ def _harder_effects(
         blob = np.zeros_like(canvas.image)
         axes = (abs(apex_x - outer_x) * rng.uniform(0.12, 0.25), height * rng.uniform(0.15, 0.3))
         canvas.ellipse((x, y), axes, rng.uniform(-30, 30), 1.0, blob)
-        blob = cv2.GaussianBlur(canvas.downsample(blob), (0, 0), sigmaX=rng.uniform(1.5, 3.0))
+        blob = cv2.GaussianBlur(canvas.downsample(blob), (0, 0), sigmaX=rng.uniform(1.0, 2.0))
+        blob /= max(float(blob.max()), 1e-6)  # diffuse edges, but a peak as bright as the contrast says
         signal = signal + blob * rng.uniform(*settings.degeneration_contrast) * (FLUID - MENISCUS)
     if settings.motion_fraction and rng.random() < settings.motion_fraction:
         length = max(2, int(round(rng.uniform(*settings.motion_px))))
@@ -527,9 +533,11 @@ def ensure_phantom(
     n: int = 1128, seed: int = 0, cache_dir: str | Path | None = None, difficulty: str = "easy"
 ) -> Path:
     """Folder of the default phantom, generated on first use (labels.csv marks it complete)."""
-    level = "" if difficulty == "easy" else f"-{difficulty}"  # easy keeps the cache name it always had
+    settings = phantom_settings(difficulty)
+    # easy keeps the cache name it always had; other levels are keyed by their settings too
+    level = "" if difficulty == "easy" else f"-{difficulty}-{settings.fingerprint()}"
     folder = Path(cache_dir or default_cache_dir()) / f"phantom-v{PHANTOM_VERSION}{level}-n{n}-seed{seed}"
     if not (folder / "labels.csv").is_file():
         # an interrupted generation is redone
-        write_phantom(folder, n=n, seed=seed, settings=phantom_settings(difficulty), overwrite=True)
+        write_phantom(folder, n=n, seed=seed, settings=settings, overwrite=True)
     return folder

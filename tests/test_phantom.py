@@ -2,6 +2,7 @@ import hashlib
 
 import cv2
 import numpy as np
+import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -108,3 +109,72 @@ def test_not_trivially_solvable_by_logistic_regression_on_small_pixels():
         model = LogisticRegression(C=c, max_iter=3000).fit(features[train], labels[train])
         best = max(best, roc_auc_score(labels[test], model.predict_proba(features[test])[:, 1]))
     assert best < 0.75
+
+
+def test_difficulty_levels_are_deterministic_and_keep_the_label_mix(tmp_path):
+    from mtl_meniscus.phantom import phantom_settings
+
+    realistic = phantom_settings("realistic")
+    write_phantom(tmp_path / "a", n=40, seed=5, size=64, settings=realistic)
+    write_phantom(tmp_path / "b", n=40, seed=5, size=64, settings=realistic)
+    write_phantom(tmp_path / "e", n=40, seed=5, size=64)
+    a, b, e = _digest(tmp_path / "a"), _digest(tmp_path / "b"), _digest(tmp_path / "e")
+    assert a == b  # same seed, same bytes, at every level
+    assert a["labels.csv"] == e["labels.csv"]  # the level changes the pictures, never the labels
+    assert a["images/knee_00000.png"] != e["images/knee_00000.png"]
+    # the label mix of the reference data at every level (plan_cases does not see the level)
+    summary = summarize_cases(plan_cases(n=1128, seed=0))
+    assert abs(summary["tear"] / summary["usable"] - 0.25) < 0.005
+
+
+def test_phantom_setting_overrides_are_checked():
+    from mtl_meniscus.phantom import parse_setting, phantom_settings
+
+    assert parse_setting("tear_contrast=0.3,0.6") == ("tear_contrast", [0.3, 0.6])
+    assert phantom_settings("easy", {"noise_sigma": [0.05, 0.09]}).noise_sigma == (0.05, 0.09)
+    for bad in ({"bogus": 1}, {"noise_sigma": 0.1}, {"tear_contrast": [0.9, 0.1]}, {"motion_fraction": 2}):
+        with pytest.raises(ValueError):
+            phantom_settings("easy", bad)
+    with pytest.raises(ValueError, match="allowed: easy, realistic, hard"):
+        phantom_settings("impossible")
+    with pytest.raises(ValueError):
+        parse_setting("tear_contrast")
+
+
+def test_realistic_tears_are_fainter_and_degeneration_is_not_a_tear():
+    """Tear contrast over the meniscus is lower at `realistic`, and some images without a tear
+    carry bright intrasubstance signal (degeneration) that the mask does not call a tear."""
+    from mtl_meniscus.phantom import phantom_settings
+
+    cases = [c for c in plan_cases(n=200, seed=3) if c.size == (256, 256) and c.position != "both"]
+    contrast = {}
+    for level in ("easy", "realistic"):
+        values = []
+        for case in [c for c in cases if c.fissure][:25]:
+            image, mask = render_case(case, 3, phantom_settings(level))
+            image = image.astype(float)
+            meniscus = image[mask == MASK_MENISCUS]
+            values.append((image[mask == MASK_TEAR].mean() - meniscus.mean()) / meniscus.std())
+        contrast[level] = np.median(values)
+    assert contrast["realistic"] < 0.7 * contrast["easy"]
+    # Degeneration alone, on a blank signal: a diffuse bump as bright as its contrast says, peaking
+    # inside a meniscus; and an image with it has no tear in its mask.
+    from mtl_meniscus.phantom import FLUID, MENISCUS, _Canvas, _harder_effects, _wedge
+
+    settings = phantom_settings("easy", {"degeneration_fraction": 1, "degeneration_contrast": [0.5, 0.5]})
+    for k in range(10):
+        rng = np.random.default_rng(k)
+        canvas = _Canvas(256, (128.0, 128.0), 1.15, 0.0)
+        wedges = {horn: _wedge(rng, horn) for horn in ("anterior", "posterior")}
+        menisci = np.zeros_like(canvas.image)
+        for wedge in wedges.values():
+            canvas.polygon(wedge, 1.0, menisci)
+        inside = (
+            cv2.dilate((canvas.downsample(menisci) > 0.5).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        )
+        bump = _harder_effects(rng, np.zeros((256, 256), np.float32), canvas, wedges, settings)
+        assert bump.max() == pytest.approx(0.5 * (FLUID - MENISCUS), rel=1e-3)
+        assert inside[np.unravel_index(np.argmax(bump), bump.shape)]
+    case = next(c for c in cases if not c.fissure)
+    _, mask = render_case(case, 3, settings)
+    assert not (mask == MASK_TEAR).any()
