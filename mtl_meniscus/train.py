@@ -257,9 +257,11 @@ class MemberTrainer:
             score = val["score"]
             lr = self.optimizer.param_groups[0]["lr"]
             improved = self.stopping.update(self.epoch, score)
+            # A cut that falls due at the floor of the learning rate ends the run instead.
+            lr_exhausted = lr <= train.min_lr * 1.0001 and self.stopping.lr_cut_due
             if improved:
                 self.save_best()
-            elif self.stopping.lr_cut_due:
+            elif self.stopping.lr_cut_due and not lr_exhausted:
                 self._cut_lr()
             row = {
                 "member": self.member.name,
@@ -273,9 +275,6 @@ class MemberTrainer:
                 "seconds": time.perf_counter() - start,
             }
             self.history.append(row)
-            lr_exhausted = (
-                self.optimizer.param_groups[0]["lr"] <= train.min_lr * 1.0001 and self.stopping.lr_cut_due
-            )
             self.finished = self.epoch >= train.max_epochs or self.stopping.should_stop or lr_exhausted
             if self.stopping.best_score is None and self.finished:
                 self.save_best()  # never a defined score (e.g. one-class validation): keep the last weights

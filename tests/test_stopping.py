@@ -180,3 +180,20 @@ def test_a_run_that_cannot_learn_says_so(tmp_path):
     assert "WARNING: [shared] did not learn: validation score" in output and "chance is 0.50" in output
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["learned"] is False and saved["members"]["shared"]["learned"] is False
+
+
+def test_a_cut_due_at_the_learning_rate_floor_ends_the_run(phantom, tmp_path, monkeypatch):
+    _scripted_validation(monkeypatch, [0.8, 0.79, 0.79, 0.79, 0.79, 0.79])
+    config = load_config(
+        TINY,
+        {
+            "data.path": str(phantom),
+            "train.max_epochs": 6,
+            "train.lr": 0.01,
+            "train.min_lr": 0.005,
+            "train.lr_patience": 1,
+            "train.early_stopping_patience": 10,
+        },
+    )
+    metrics = train_run(config, tmp_path / "run", console=Console(quiet=True))
+    assert metrics["members"]["shared"]["epochs"] == 3  # cut to the floor after epoch 2, done after 3
