@@ -3,6 +3,7 @@
 Tiny data only (64-pixel phantoms, the tiny preset, one-epoch runs): seconds per test.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -246,21 +247,28 @@ time.sleep(60)
 """
 
 
-def test_a_run_folder_held_by_a_live_process_is_refused_until_it_dies(data64, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
+@contextlib.contextmanager
+def _locked_by_another_process(folder: Path):
+    """Another live process holds `folder`'s lock inside the block; it is killed -9 on leaving."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(run / ".lock")], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD_LOCK, str(folder / ".lock")], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        config = load_config(TINY, {"data.path": str(data64), "train.max_epochs": 1})
-        with pytest.raises(MeniscusError, match="is in use by another process"):
-            train_run(config, run, console=_quiet())
-        assert not (run / "config.yaml").exists()  # nothing written into the other process's folder
+        yield
     finally:
         holder.send_signal(signal.SIGKILL)  # kill -9: the system drops its lock
         holder.wait()
+
+
+def test_a_run_folder_held_by_a_live_process_is_refused_until_it_dies(data64, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    config = load_config(TINY, {"data.path": str(data64), "train.max_epochs": 1})
+    with _locked_by_another_process(run):
+        with pytest.raises(MeniscusError, match="is in use by another process"):
+            train_run(config, run, console=_quiet())
+        assert not (run / "config.yaml").exists()  # nothing written into the other process's folder
     train_run(config, run, console=_quiet())
     assert (run / "best.pt").is_file()
     assert runner.invoke(app, ["train", "--resume", str(run)]).exit_code == 0  # the lock was released
@@ -272,18 +280,11 @@ def test_a_compare_folder_held_by_a_live_process_is_refused(data64, tmp_path):
 
     out = tmp_path / "cmp"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        settings = CompareConfig(modes=("shared",), seeds=(0,), max_epochs=1, steps_per_epoch=1).validate()
+    settings = CompareConfig(modes=("shared",), seeds=(0,), max_epochs=1, steps_per_epoch=1).validate()
+    with _locked_by_another_process(out):
         with pytest.raises(MeniscusError, match="is in use by another process"):
             run_compare(settings, out, {"shared": TINY}, data_dir=data64, console=_quiet())
         assert not (out / "variants").exists()
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
 
 
 # ---- 6. diverged training ----------------------------------------------------------------------
