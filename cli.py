@@ -323,6 +323,13 @@ def compare(
     seeds: Annotated[str | None, typer.Option(help="Comma-separated training seeds, e.g. 0,1,2.")] = None,
     max_epochs: Annotated[int | None, typer.Option(help="Training budget: epochs per network.")] = None,
     steps_per_epoch: Annotated[int | None, typer.Option(help="Training budget: steps per epoch.")] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="per-network: each cascade network gets the whole budget (default); "
+            "total: the cascade's three networks share the shared model's steps."
+        ),
+    ] = None,
     pretrained: Annotated[
         list[str] | None,
         typer.Option(help="timm trunk weights: TRUNK=FILE|default|none, or one value for all (repeatable)."),
@@ -348,6 +355,7 @@ def compare(
             "seeds": parse_list(seeds, "--seeds", int) if seeds else None,
             "max_epochs": max_epochs,
             "steps_per_epoch": steps_per_epoch,
+            "budget": budget,
             "tta.copies": tta,
             "bootstrap": bootstrap,
         }

@@ -130,7 +130,20 @@ def variant_config(
         "wandb.group": wandb_group,
         "wandb.job_type": "compare-variant",
     }
-    return load_config(preset, overrides)
+    config = load_config(preset, overrides)
+    if compare.budget == "total" and variant.mode == "separate":
+        overrides["train.steps_per_epoch"] = steps_per_network(config.train.steps_per_epoch)
+        config = load_config(preset, overrides)
+    return config
+
+
+def steps_per_network(steps_per_epoch: int) -> int:
+    """Budget 'total': the cascade's networks (one per task) share the shared model's steps.
+
+    Each network keeps the epochs (so all validate and stop on the same schedule) and trains
+    steps_per_epoch / len(TASKS) steps of each, rounded to the nearest step, at least one.
+    """
+    return max(1, round(steps_per_epoch / len(TASKS)))
 
 
 def parse_list(text: str, option: str, kind: type = str) -> list:
@@ -289,7 +302,9 @@ def load_scored(variant: Variant, run_dir: Path) -> ScoredVariant:
 # ---- the table -------------------------------------------------------------------------------
 
 
-def summarize(scored: Sequence[ScoredVariant], targets: np.ndarray, n_bootstrap: int) -> list[dict[str, Any]]:
+def summarize(
+    scored: Sequence[ScoredVariant], targets: np.ndarray, n_bootstrap: int, budget: str = "per-network"
+) -> list[dict[str, Any]]:
     """One row per group (mode, trunk): means and sds over seeds, bootstrap CIs, differences.
 
     Two-level bootstrap: each resample draws the test images (each task on its own rows,
@@ -352,6 +367,8 @@ def summarize(scored: Sequence[ScoredVariant], targets: np.ndarray, n_bootstrap:
             )
         row |= {
             "params": first.result["params"],
+            "budget": budget,
+            "train_images_mean": float(np.mean([m.result["train_images"] for m in members])),
             "train_seconds_mean": float(np.mean([m.result["train_wall_seconds"] for m in members])),
             "train_images_per_s_mean": float(np.mean([m.result["train_images_per_s"] for m in members])),
             "infer_ms_per_image_median": float(np.median([m.result["infer_ms_per_image"] for m in members])),
@@ -413,6 +430,7 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
         f"Δ score vs {baseline} [95% CI seeds + images]",
         "Δ [95% CI images only]",
         "params",
+        "train images",
         "train s",
         "train img/s",
         f"infer ms/img (TTA {copies})",
@@ -442,6 +460,7 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
                 f"{_num(row['score_ci_images_low'])}-{_num(row['score_ci_images_high'])}",
                 *diffs,
                 f"{row['params']:,}",
+                f"{row['train_images_mean']:,.0f}",
                 f"{row['train_seconds_mean']:.0f}",
                 f"{row['train_images_per_s_mean']:.0f}",
                 f"{row['infer_ms_per_image_median']:.2f}",
@@ -449,6 +468,19 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
         )
     return header, rows
 
+
+BUDGET_NOTES = {
+    "per-network": (
+        "Budget per network: each of the cascade's networks trained the whole budget, so the cascade "
+        "saw about three times the training images (column 'train images': images seen by all of a "
+        "variant's networks, mean over seeds)."
+    ),
+    "total": (
+        "Budget in total: the cascade's three networks shared the shared model's training steps, a "
+        "third of each epoch's steps each (column 'train images': images seen by all of a variant's "
+        "networks, mean over seeds)."
+    ),
+}
 
 ACCURACY_COLUMNS = 10  # display_cells: variant .. differences; the rest are cost figures
 
@@ -618,7 +650,7 @@ def _compare_locked(
             seconds_by_mode.setdefault(variant.mode, []).append(time.perf_counter() - start)
 
     test = data.indices("test")
-    table = summarize(scored, data.targets[test], compare.bootstrap)
+    table = summarize(scored, data.targets[test], compare.bootstrap, compare.budget)
     write_report(out_dir, table, scored, data.targets[test], console)
     _log_summary(reference, group, out_dir, table, compare)
     return table
@@ -655,7 +687,8 @@ def write_report(
         f"Test split: {n_test} images. AUC and score: mean ± sd over seeds. CIs: 95% percentile "
         f"bootstrap ({resamples} resamples); 'seeds + images' resamples the seeds of each variant and the "
         "test images (each task on its own rows, stratified on its own class), 'images only' keeps every "
-        "seed and resamples the images. Δ: difference of seed means, paired on the resampled images."
+        "seed and resamples the images. Δ: difference of seed means, paired on the resampled images. "
+        + BUDGET_NOTES[table[0]["budget"]]
     )
     not_learned = [item.variant.name for item in scored if not item.result.get("learned", True)]
     if not_learned:

@@ -356,6 +356,9 @@ def _read_yaml(path: str | Path | None, overrides: dict[str, Any] | None) -> tup
 
 
 MODES = ("separate", "shared")
+# per-network: each of the cascade's networks gets the whole budget (the reference protocol; the
+# cascade trains len(TASKS) times the steps). total: its networks share the shared model's steps.
+BUDGETS = ("per-network", "total")
 
 
 def _compare_tta() -> TTAConfig:
@@ -374,6 +377,7 @@ class CompareConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     max_epochs: int | None = None  # training budget per variant; None: the preset's
     steps_per_epoch: int | None = None
+    budget: str = "per-network"  # BUDGETS: how the budget above counts for the cascade
     presets: dict[str, str] = field(
         default_factory=dict
     )  # mode -> training preset; default configs/<mode>.yaml
@@ -388,6 +392,7 @@ class CompareConfig:
             values = getattr(self, name)
             _check(len(values) > 0 and len(set(values)) == len(values), f"{name}", values, "distinct values")
         _check(set(self.modes) <= set(MODES), "modes", self.modes, ", ".join(MODES))
+        _check(self.budget in BUDGETS, "budget", self.budget, " or ".join(BUDGETS))
         _check(set(self.presets) <= set(MODES), "presets", self.presets, f"keys among {', '.join(MODES)}")
         for name in ("max_epochs", "steps_per_epoch"):
             value = getattr(self, name)

@@ -118,6 +118,24 @@ def test_variant_configs_share_data_splits_tta_and_seeds(preset):
             assert config.model.pretrained == "none"
 
 
+def test_budget_total_gives_the_cascade_the_shared_models_steps(preset):
+    for budget, cascade_steps in (("per-network", 60), ("total", 20)):
+        compare = tiny_compare(preset, steps_per_epoch=60, budget=budget)
+        configs = {
+            v.mode: variant_config(compare, v, preset, "/data", None, "g") for v in plan_variants(compare)
+        }
+        assert configs["shared"].train.steps_per_epoch == 60
+        # total: a third of the steps for each of the cascade's 3 networks
+        assert configs["separate"].train.steps_per_epoch == cascade_steps
+        assert configs["separate"].train.max_epochs == configs["shared"].train.max_epochs
+    # Rounded to the nearest step, never zero; the preset's steps when the comparison sets none.
+    assert [compare_module.steps_per_network(n) for n in (1, 2, 80, 81)] == [1, 1, 27, 27]
+    preset_steps = yaml.safe_load(preset.read_text())["train"]["steps_per_epoch"]
+    compare = tiny_compare(preset, steps_per_epoch=None, budget="total")
+    separate = variant_config(compare, Variant("separate", "reference", 0), preset, "/data", None, "g")
+    assert separate.train.steps_per_epoch == compare_module.steps_per_network(preset_steps)
+
+
 def test_bad_options_name_the_option():
     assert parse_list("0, 1,2", "--seeds", int) == [0, 1, 2]
     with pytest.raises(ConfigError, match="--seeds"):
@@ -241,6 +259,14 @@ def test_report_files(finished):
         image = cv2.imread(str(finished / png))
         assert image is not None and image.shape[0] > 100
     assert yaml.safe_load((finished / "compare.yaml").read_text())["seeds"] == [0, 1]
+    # Budget per network: the cascade's 3 networks each saw the shared model's images (1 epoch x 2 steps).
+    images = {
+        row["variant"]: row["train_images_mean"]
+        for row in json.loads((finished / "results.json").read_text())
+    }
+    batch = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["train"]["batch_size"]
+    assert images == {"separate-reference": 3 * 2 * batch, "shared-reference": 2 * batch}
+    assert "Budget per network" in markdown and "| train images |" in markdown
 
 
 def test_rerun_skips_scored_variants(finished, preset, phantom, monkeypatch):
@@ -345,7 +371,9 @@ def test_cli_compare_and_its_errors(preset, phantom, tmp_path):
         "--max-epochs",
         "1",
         "--steps-per-epoch",
-        "2",
+        "3",
+        "--budget",
+        "total",
         "--bootstrap",
         "50",
         "--wandb",
@@ -357,7 +385,13 @@ def test_cli_compare_and_its_errors(preset, phantom, tmp_path):
         "variant 2/2: shared-reference-seed0" in result.output
         and "comparison on the test split" in result.output
     )
-    assert (tmp_path / "out" / "results.md").is_file()
+    assert "Budget in total" in (tmp_path / "out" / "results.md").read_text()
+    # Budget in total: the cascade's 3 networks trained 1 step each, the shared model 3 steps.
+    images = {
+        row["variant"]: row["train_images_mean"]
+        for row in json.loads((tmp_path / "out" / "results.json").read_text())
+    }
+    assert images["separate-reference"] == images["shared-reference"]
 
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "scored earlier; kept" in again.output
@@ -366,6 +400,10 @@ def test_cli_compare_and_its_errors(preset, phantom, tmp_path):
     assert bad.exit_code == 1 and "--seeds" in bad.output and "Traceback" not in bad.output
     other = runner.invoke(app, [*args, "--max-epochs", "2"])
     assert other.exit_code == 1 and "train.max_epochs" in other.output
+    per_network = runner.invoke(app, [*args, "--budget", "per-network"])  # the cascade's steps differ
+    assert per_network.exit_code == 1 and "train.steps_per_epoch" in per_network.output
+    unknown = runner.invoke(app, [*args, "--budget", "equal"])
+    assert unknown.exit_code == 1 and "budget" in unknown.output and "per-network or total" in unknown.output
 
 
 def _scored(group: str, seed: int, targets: np.ndarray, probs: dict) -> ScoredVariant:
@@ -376,6 +414,7 @@ def _scored(group: str, seed: int, targets: np.ndarray, probs: dict) -> ScoredVa
         "test_score": challenge_score(aucs),
         "params": 1,
         "train_wall_seconds": 1.0,
+        "train_images": 1,
         "train_images_per_s": 1.0,
         "infer_ms_per_image": 1.0,
         "tta_copies": 0,
