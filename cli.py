@@ -409,5 +409,35 @@ def bench(
         fail(err)
 
 
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
+    out: Annotated[
+        Path, typer.Option(help="Output file; a .json with the same name is written next to it.")
+    ] = Path("model.onnx"),
+    format: Annotated[ExportFormat, typer.Option(help="Export format.")] = ExportFormat.onnx,
+) -> None:
+    """Export a trained model (network + sigmoid) to ONNX; checks it against PyTorch before keeping it."""
+    from mtl_meniscus.export import export_onnx
+
+    try:
+        report = export_onnx(run, out)
+    except MeniscusError as err:
+        fail(err)
+    except OSError as err:
+        fail(os_error(err))
+    console.print(
+        f"wrote {report.path} ({format.value}): input x ({', '.join(map(str, report.input_shape))}) = "
+        f"preprocess.make_input(slice resized to {report.image_size}x{report.image_size}, "
+        f"'{report.edge_filter}'); outputs {', '.join('p_' + t for t in report.tasks)}; fissure threshold "
+        f"{report.fissure_threshold:.3f}; matches PyTorch within {report.max_abs_difference:.1e} on "
+        f"{report.checked_inputs} inputs; details in {report.sidecar}"
+    )
+
+
 if __name__ == "__main__":
     app()

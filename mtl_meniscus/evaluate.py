@@ -34,7 +34,7 @@ from .metrics import (
     task_aucs,
     youden_threshold,
 )
-from .outputs import atomic_write_text
+from .outputs import write_text_atomic
 from .runtime import Runtime, resolve_runtime
 
 THRESHOLD_FILE = "threshold.json"
@@ -247,7 +247,7 @@ def write_predictions(
     writer = csv.writer(buffer)
     writer.writerow(header)
     writer.writerows(lines)
-    atomic_write_text(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
 
 def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) -> tuple[PreparedData, str]:
@@ -307,7 +307,7 @@ def choose_threshold(
         "tta_seed": 0,
         "checkpoint": trained.checkpoint.name,
     }
-    atomic_write_text(trained.run_dir / THRESHOLD_FILE, json.dumps(record, indent=2))
+    write_text_atomic(trained.run_dir / THRESHOLD_FILE, json.dumps(record, indent=2))
     return trained.saved_threshold
 
 
@@ -419,7 +419,7 @@ def run_evaluation(
 
     out_dir = Path(out_dir) if out_dir else (trained.run_dir or trained.checkpoint.parent) / f"eval-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     write_predictions(out_dir / "predictions.csv", data, indices, probs, plain, cut)
     curves = roc_points(targets, probs)
     plot_roc(curves, metrics, out_dir / "roc.png")

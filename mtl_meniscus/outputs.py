@@ -82,12 +82,6 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """`path.write_text(text)`, atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` atomically (see atomic_write)."""
+    """`path.write_text(text)` in UTF-8, atomically (see atomic_write)."""
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -38,7 +38,7 @@ from .labels import CHALLENGE_WEIGHTS, TASKS
 from .losses import build_weighting, task_losses
 from .metrics import challenge_score, monitor_score, supervised_rows, task_aucs
 from .models import SeparateCascade, build_shared, build_single_task, parameter_groups, set_train_mode
-from .outputs import atomic_write, atomic_write_text
+from .outputs import atomic_write, write_text_atomic
 from .phantom import ensure_phantom
 from .plots import plot_training_curves
 from .runlock import RunLock
@@ -494,7 +494,7 @@ def _train_locked(
         metrics["learned"] = False if learn_warnings else (None if unknown else True)
         metrics["warnings"] = warnings + learn_warnings
         atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         plot_training_curves(history, run_dir / "training_curves.png")
         _print_metrics(console, metrics)
         for warning in learn_warnings:

@@ -1,0 +1,84 @@
+"""`export`: the ONNX file scores real slices as PyTorch does, in both modes, at any batch size."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from mtl_meniscus.config import load_config
+from mtl_meniscus.data import prepare_data
+from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.evaluate import load_trained
+from mtl_meniscus.export import PARITY_TOLERANCE, export_onnx
+from mtl_meniscus.phantom import write_phantom
+from mtl_meniscus.preprocess import make_input
+from mtl_meniscus.runtime import resolve_runtime
+from mtl_meniscus.train import train_run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+sys.path.insert(0, str(ROOT))
+from cli import app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """A one-epoch tiny run of each mode on a small phantom."""
+    folder = tmp_path_factory.mktemp("export")
+    write_phantom(folder / "data", n=60, seed=31, size=64)
+    for mode in ("shared", "separate"):
+        overrides = {"data.path": str(folder / "data"), "model.name": mode, "train.max_epochs": 1}
+        train_run(load_config(TINY, overrides), folder / mode, console=Console(quiet=True))
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_onnx_file_matches_pytorch_on_phantom_slices(runs, mode, tmp_path):
+    result = CliRunner().invoke(app, ["export", str(runs / mode), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "matches PyTorch within" in result.output
+
+    data = prepare_data(runs / "data", load_config(TINY).data)
+    images = data.images[:5]  # raw (64, 64) slices; a batch of 5, not the export's example batch of 2
+    fp32 = resolve_runtime("fp32")
+    expected = load_trained(runs / mode, fp32).predict(images, fp32)  # the package's own pipeline
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = np.stack([make_input(image, "sobel") for image in images])  # (5, 2, 64, 64)
+    names = [output.name for output in session.get_outputs()]
+    assert names == ["p_fissure", "p_orientation", "p_position"]
+    for name, probs in zip(names, session.run(names, {"x": x})):
+        assert probs.shape == (5,)
+        np.testing.assert_allclose(probs, expected[name.removeprefix("p_")], atol=PARITY_TOLERANCE, rtol=0)
+
+    metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert metadata["tasks"] == "fissure,orientation,position"
+    assert (metadata["edge_filter"], metadata["image_size"], metadata["fissure_threshold"]) == (
+        "sobel",
+        "64",
+        "0.5",
+    )
+    assert (tmp_path / "m.onnx.json").is_file()
+
+
+def test_a_graph_that_disagrees_with_pytorch_is_not_kept(runs, tmp_path, monkeypatch):
+    import mtl_meniscus.export as export_module
+
+    monkeypatch.setattr(export_module, "_parity", lambda *args: 0.5)
+    with pytest.raises(MeniscusError, match="disagrees with PyTorch by 5.00e-01"):
+        export_onnx(runs / "shared", tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one is left
+
+
+def test_missing_onnx_packages_and_bad_runs_get_a_message(runs, tmp_path, monkeypatch):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.onnx")])
+    assert missing.exit_code == 1 and "nothing" in missing.output and "Traceback" not in missing.output
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    result = runner.invoke(app, ["export", str(runs / "shared"), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and "onnxruntime is missing" in result.output and "[export]" in result.output
