@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import types
 import typing
@@ -409,6 +410,22 @@ class CompareConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+
+def preset_path(name: str) -> Path:
+    """A shipped preset by name, e.g. 'shared' -> <presets>/shared.yaml.
+
+    Installed from a wheel, the presets are package data (`mtl_meniscus/configs/`, from the
+    repository's `configs/`); in a checkout or an editable install, the repository's `configs/`.
+    """
+    packaged = Path(str(importlib.resources.files("mtl_meniscus") / "configs"))
+    checkout = Path(__file__).resolve().parents[1] / "configs"
+    for folder in (packaged, checkout):
+        if (folder / "shared.yaml").is_file():
+            return folder / f"{name}.yaml"
+    raise ConfigError(
+        f"the presets were not found (looked in {packaged} and {checkout}); reinstall mtl_meniscus"
+    )
 
 
 def load_compare_config(

@@ -133,9 +133,16 @@ def test_interrupted_training_says_how_to_resume(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "train_run", interrupted)
-    result = runner.invoke(app, ["train", "--config", TINY, "--out", str(tmp_path / "run")])
-    assert result.exit_code == 130
-    assert f"python cli.py train --resume {tmp_path / 'run'}" in result.output
+    # The hint repeats the way the user started the command.
+    for started_as, command in (
+        ("/repo/cli.py", "python cli.py"),
+        ("/venv/lib/python3.11/site-packages/mtl_meniscus/__main__.py", "python -m mtl_meniscus"),
+        ("/venv/bin/mtl-meniscus", "mtl-meniscus"),
+    ):
+        monkeypatch.setattr(sys, "argv", [started_as])
+        result = runner.invoke(app, ["train", "--config", TINY, "--out", str(tmp_path / "run")])
+        assert result.exit_code == 130
+        assert f"continue with: {command} train --resume {tmp_path / 'run'}" in result.output
 
 
 def test_train_with_a_timm_trunk(phantom, tmp_path):

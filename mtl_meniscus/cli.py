@@ -1,0 +1,465 @@
+"""Command-line interface: `mtl-meniscus --help` (or `python -m mtl_meniscus`, or `python cli.py` in a
+checkout). Each command parses options and makes one call."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from mtl_meniscus import __version__
+from mtl_meniscus.config import preset_path
+from mtl_meniscus.errors import MeniscusError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Meniscus tear classification on sagittal knee MRI: shared trunk vs three-CNN cascade.",
+)
+# markup=False: messages carry user text (paths, names in brackets) that must print as it is;
+# the few styled lines ask for markup themselves.
+console = Console(soft_wrap=True, markup=False)
+WIDE = 1000  # columns when not on a terminal: tables in a log file or a pipe are never cut
+
+
+class Mode(str, Enum):
+    shared = "shared"
+    separate = "separate"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"mtl_meniscus {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Meniscus tear classification on sagittal knee MRI: shared trunk vs three-CNN cascade."""
+    if not console.is_terminal:
+        console.width = WIDE  # rich would cut tables to 80 columns in a file or a pipe
+
+
+def command_name() -> str:
+    """How the user started us, for hints: `python cli.py`, `python -m mtl_meniscus` or `mtl-meniscus`."""
+    import sys
+
+    started_as = Path(sys.argv[0]).name
+    if started_as == "cli.py":
+        return "python cli.py"
+    return "python -m mtl_meniscus" if started_as == "__main__.py" else "mtl-meniscus"
+
+
+def fail(err: Exception) -> None:
+    """Print a domain error as a clear message and exit 1 (no traceback)."""
+    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True)
+    raise typer.Exit(code=1)
+
+
+def os_error(err: OSError) -> MeniscusError:
+    """A file-system error that escaped the checks (disk full, a file removed meanwhile) as a message."""
+    where = f" {err.filename}" if err.filename else ""
+    return MeniscusError(f"cannot access{where}: {err.strerror or err}")
+
+
+def check_options(
+    tta: int | None = None,
+    threshold: float | None = None,
+    bootstrap: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+) -> None:
+    """Ranges of the options that are not config keys, each named in its message."""
+    from mtl_meniscus.config import MAX_BATCH, MAX_BOOTSTRAP, MAX_SEED, MAX_TTA_COPIES, check_option
+
+    if tta is not None:
+        check_option(0 <= tta <= MAX_TTA_COPIES, "--tta", tta, f"an integer 0..{MAX_TTA_COPIES}")
+    if threshold is not None:
+        check_option(0 <= threshold <= 1, "--threshold", threshold, "a probability 0..1")  # NaN fails too
+    if bootstrap is not None:
+        check_option(
+            0 <= bootstrap <= MAX_BOOTSTRAP, "--bootstrap", bootstrap, f"an integer 0..{MAX_BOOTSTRAP}"
+        )
+    if seed is not None:
+        check_option(0 <= seed <= MAX_SEED, "--seed", seed, f"an integer 0..{MAX_SEED}")
+    if batch_size is not None:
+        check_option(1 <= batch_size <= MAX_BATCH, "--batch-size", batch_size, f"an integer 1..{MAX_BATCH}")
+
+
+@app.command("make-phantom")
+def make_phantom(
+    out: Annotated[Path, typer.Argument(help="Folder to write images/, masks/ and labels.csv into.")],
+    n: Annotated[
+        int, typer.Option(help="Number of images, wrong-size and double-tear ones included.")
+    ] = 1128,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = 0,
+    size: Annotated[int, typer.Option(help="Height and width of the regular images.")] = 256,
+    difficulty: Annotated[
+        str,
+        typer.Option(help="easy (clear tears), realistic (calibrated to the reference's scores) or hard."),
+    ] = "easy",
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a generator setting, e.g. --set tear_contrast=0.3,0.6 --set noise_sigma=0.05,0.09 "
+            "(repeatable; names in mtl_meniscus/phantom.py, PhantomSettings).",
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Write into a folder that is not empty (same-named files are replaced).")
+    ] = False,
+) -> None:
+    """Write the synthetic knee MRI phantom in the folder format."""
+    from mtl_meniscus.phantom import parse_setting, phantom_settings, summarize_cases, write_phantom
+
+    try:
+        chosen = phantom_settings(difficulty, dict(parse_setting(text) for text in settings or []))
+        cases = write_phantom(out, n=n, seed=seed, size=size, settings=chosen, overwrite=overwrite)
+    except (MeniscusError, ValueError) as err:
+        fail(err)
+    except OSError as err:
+        fail(os_error(err))
+    summary = summarize_cases(cases, size=size)
+    console.print(f"wrote {len(cases)} images to {out}", highlight=False)
+    console.print(", ".join(f"{k}: {v}" for k, v in summary.items()), highlight=False)
+
+
+@app.command()
+def train(
+    mode: Annotated[
+        Mode | None, typer.Option(help="shared: one trunk, three heads; separate: the reference cascade.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML preset (default: configs/<mode>.yaml).")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Data folder with labels.csv (default: the built-in phantom).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<mode>-<time>).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the killed run in this folder.")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Maximum number of epochs.")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(help="Training steps per epoch.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per training step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Initial Adam learning rate.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of initialisation, sampling and augmentation.")
+    ] = None,
+    precision: Annotated[
+        Precision | None, typer.Option(help="auto: bf16 + channels_last where native.")
+    ] = None,
+    wandb: Annotated[
+        WandbMode | None, typer.Option(help="wandb mode (default: $WANDB_MODE or offline).")
+    ] = None,
+    trunk: Annotated[
+        str | None, typer.Option(help="'reference' or a timm model: resnet50, vgg16, vgg19, ...")
+    ] = None,
+    pretrained: Annotated[
+        str | None, typer.Option(help="timm trunk weights: 'default' (offline cache), 'none', or a file.")
+    ] = None,
+    freeze_backbone: Annotated[bool, typer.Option(help="timm trunk: train the heads only.")] = False,
+    backbone_lr_factor: Annotated[
+        float | None, typer.Option(help="timm trunk: backbone learning rate = lr * factor.")
+    ] = None,
+) -> None:
+    """Train a model on a data folder (or the built-in phantom) and evaluate it on the test split."""
+    from mtl_meniscus.config import load_config
+    from mtl_meniscus.train import default_run_dir, train_run
+
+    run_dir = resume
+    try:
+        if resume is not None:
+            train_run(None, resume, resume=True, console=console)
+            return
+        preset = config or preset_path((mode or Mode.shared).value)
+        overrides = {
+            "model.name": mode.value if mode else None,
+            "data.path": str(data) if data else None,
+            "train.max_epochs": max_epochs,
+            "train.steps_per_epoch": steps_per_epoch,
+            "train.batch_size": batch_size,
+            "train.lr": lr,
+            "train.seed": seed,
+            "train.precision": precision.value if precision else None,
+            "wandb.mode": wandb.value if wandb else None,
+            "model.trunk": trunk,
+            "model.pretrained": pretrained,
+            "model.freeze_backbone": True if freeze_backbone else None,
+            "train.backbone_lr_factor": backbone_lr_factor,
+        }
+        run_config = load_config(preset if preset.is_file() or config else None, overrides)
+        run_dir = out or default_run_dir(run_config.model.name)
+        train_run(run_config, run_dir, console=console)
+    except MeniscusError as err:
+        fail(err)
+    except OSError as err:
+        fail(os_error(err))
+    except KeyboardInterrupt:
+        # Every finished epoch is in last.pt; nothing is lost but the epoch in progress.
+        console.print(f"interrupted; continue with: {command_name()} train --resume {run_dir}")
+        raise typer.Exit(code=130) from None
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
+    data: Annotated[
+        Path | None, typer.Option(help="External data folder (default: the run's own data).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="test, val, train, or all (every kept row of --data).")] = "test",
+    tta: Annotated[
+        int | None, typer.Option(help="Augmented copies averaged with the original (0 = off).")
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="Fissure probability threshold for gating.")] = None,
+    youden: Annotated[
+        bool, typer.Option(help="Pick the threshold by Youden's J on validation; save it.")
+    ] = False,
+    bootstrap: Annotated[int, typer.Option(help="Stratified bootstrap resamples for the 95% CIs.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of TTA and bootstrap.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/eval-<split>).")] = None,
+    cam: Annotated[
+        Path | None, typer.Option(help="Write saliency (LayerCAM) overlays of the evaluated images here.")
+    ] = None,
+    precision: Annotated[
+        Precision, typer.Option(help="auto: bf16 + channels_last where native.")
+    ] = Precision.auto,
+    wandb: Annotated[
+        WandbMode | None, typer.Option(help="wandb mode (default: the run's, or $WANDB_MODE).")
+    ] = None,
+) -> None:
+    """Evaluate a trained run: AUCs with bootstrap CIs, sensitivity/specificity, cascade view, ROC plot."""
+    from mtl_meniscus.evaluate import run_evaluation
+    from mtl_meniscus.outputs import check_output_dir
+
+    try:
+        check_options(tta=tta, threshold=threshold, bootstrap=bootstrap, seed=seed)
+        # Output locations first: a bad one must not cost the evaluation.
+        if out is not None:
+            check_output_dir(out, "--out")
+        elif run.exists():
+            check_output_dir(run if run.is_dir() else run.parent, "the default output folder (use --out)")
+        if youden and run.is_dir():
+            check_output_dir(run, "--youden (writes RUN/threshold.json)")
+        if cam is not None:
+            check_output_dir(cam, "--cam")
+        run_evaluation(
+            run,
+            data_dir=data,
+            split=split,
+            tta_copies=tta,
+            threshold=threshold,
+            youden=youden,
+            n_bootstrap=bootstrap,
+            seed=seed,
+            out_dir=out,
+            cam_dir=cam,
+            precision=precision.value,
+            console=console,
+            wandb_mode=wandb.value if wandb else None,
+        )
+    except MeniscusError as err:
+        fail(err)
+    except OSError as err:
+        fail(os_error(err))
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="Output file.")] = Path("predictions.csv"),
+    json_lines: Annotated[bool, typer.Option("--json", help="Write JSON lines instead of CSV.")] = False,
+    tta: Annotated[
+        int | None, typer.Option(help="Augmented copies averaged with the original (0 = off).")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Fissure threshold (default: the run's, else 0.5).")
+    ] = None,
+    strict_size: Annotated[
+        bool, typer.Option(help="Refuse images of another size instead of resizing.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    cam: Annotated[
+        Path | None, typer.Option(help="Write saliency (LayerCAM) overlays per task into this folder.")
+    ] = None,
+    precision: Annotated[
+        Precision, typer.Option(help="auto: bf16 + channels_last where native.")
+    ] = Precision.auto,
+) -> None:
+    """Predict tear, orientation and position for image files; exit code 1 if any input failed."""
+    from mtl_meniscus.predict import run_predict
+
+    try:
+        check_options(tta=tta, threshold=threshold, batch_size=batch_size)
+        rows = run_predict(
+            run,
+            inputs,
+            out,
+            as_json=json_lines,
+            tta_copies=tta,
+            threshold=threshold,
+            strict_size=strict_size,
+            batch_size=batch_size,
+            cam_dir=cam,
+            precision=precision.value,
+            console=console,
+        )
+    except MeniscusError as err:
+        fail(err)
+    except OSError as err:
+        fail(os_error(err))
+    if any(row.error for row in rows):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def compare(
+    out: Annotated[
+        Path, typer.Option(help="Comparison folder; rerunning on it skips the finished variants.")
+    ] = Path("runs/compare"),
+    config: Annotated[
+        Path | None, typer.Option(help="Comparison YAML (default: configs/compare.yaml).")
+    ] = None,
+    modes: Annotated[str | None, typer.Option(help="Comma-separated: separate,shared.")] = None,
+    trunks: Annotated[
+        str | None, typer.Option(help="Comma-separated: reference and/or timm models (resnet50,vgg16,vgg19).")
+    ] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated training seeds, e.g. 0,1,2.")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Training budget: epochs per network.")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(help="Training budget: steps per epoch.")] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="per-network: each cascade network gets the whole budget (default); "
+            "total: the cascade's three networks share the shared model's steps."
+        ),
+    ] = None,
+    pretrained: Annotated[
+        list[str] | None,
+        typer.Option(help="timm trunk weights: TRUNK=FILE|default|none, or one value for all (repeatable)."),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Data folder with labels.csv (default: the built-in phantom).")
+    ] = None,
+    tta: Annotated[int | None, typer.Option(help="Test-time augmented copies for every variant.")] = None,
+    bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples for the CIs.")] = None,
+    wandb: Annotated[
+        WandbMode | None, typer.Option(help="wandb mode (default: $WANDB_MODE or offline).")
+    ] = None,
+) -> None:
+    """Train and score separate vs shared (x trunks x seeds) on the same splits; write the table and plots."""
+    from mtl_meniscus.compare import parse_list, parse_pretrained, run_compare
+    from mtl_meniscus.config import load_compare_config
+
+    try:
+        path = config or preset_path("compare")
+        overrides = {
+            "modes": parse_list(modes, "--modes") if modes else None,
+            "trunks": parse_list(trunks, "--trunks") if trunks else None,
+            "seeds": parse_list(seeds, "--seeds", int) if seeds else None,
+            "max_epochs": max_epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "budget": budget,
+            "tta.copies": tta,
+            "bootstrap": bootstrap,
+        }
+        settings = load_compare_config(path, overrides)
+        settings.pretrained.update(parse_pretrained(pretrained or [], settings.trunks))
+        # Preset paths in the YAML are relative to the YAML's folder; missing modes use configs/<mode>.yaml.
+        presets = {mode: preset_path(mode) for mode in settings.modes}
+        presets |= {mode: path.parent / preset for mode, preset in settings.presets.items()}
+        run_compare(
+            settings,
+            out,
+            presets,
+            data_dir=data,
+            wandb_mode=wandb.value if wandb else None,
+            console=console,
+        )
+    except MeniscusError as err:
+        fail(err)
+    except OSError as err:
+        fail(os_error(err))
+    except KeyboardInterrupt:
+        console.print(
+            "interrupted; rerun the same command to continue: scored variants are kept and the "
+            "one in progress resumes from its last finished epoch"
+        )
+        raise typer.Exit(code=130) from None
+
+
+@app.command()
+def bench(
+    quick: Annotated[
+        bool, typer.Option(help="Tiny sizes that finish in seconds (CI); not for the targets.")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="Folder for bench.json and bench.md.")] = Path("bench"),
+    shared_run: Annotated[
+        Path | None, typer.Option(help="Finished shared run, for training compute to best.")
+    ] = None,
+    separate_run: Annotated[
+        Path | None, typer.Option(help="Finished separate run, for the same comparison.")
+    ] = None,
+) -> None:
+    """Measure the package against bare PyTorch, bf16 against fp32, and shared against separate."""
+    from mtl_meniscus.bench import run_benchmark
+    from mtl_meniscus.config import load_config
+
+    runs = (shared_run, separate_run) if shared_run and separate_run else None
+    try:
+        models = {mode: load_config(preset_path(mode)).model for mode in ("shared", "separate")}
+        run_benchmark(quick=quick, out_dir=out, console=console, runs=runs, models=models)
+    except (MeniscusError, FileNotFoundError, KeyError) as err:
+        fail(err)
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
+    out: Annotated[
+        Path, typer.Option(help="Output file; a .json with the same name is written next to it.")
+    ] = Path("model.onnx"),
+    format: Annotated[ExportFormat, typer.Option(help="Export format.")] = ExportFormat.onnx,
+) -> None:
+    """Export a trained model (network + sigmoid) to ONNX; checks it against PyTorch before keeping it."""
+    from mtl_meniscus.export import export_onnx
+
+    try:
+        report = export_onnx(run, out)
+    except MeniscusError as err:
+        fail(err)
+    except OSError as err:
+        fail(os_error(err))
+    console.print(
+        f"wrote {report.path} ({format.value}): input x ({', '.join(map(str, report.input_shape))}) = "
+        f"preprocess.make_input(slice resized to {report.image_size}x{report.image_size}, "
+        f"'{report.edge_filter}'); outputs {', '.join('p_' + t for t in report.tasks)}; fissure threshold "
+        f"{report.fissure_threshold:.3f}; matches PyTorch within {report.max_abs_difference:.1e} on "
+        f"{report.checked_inputs} inputs; details in {report.sidecar}"
+    )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,49 @@
+"""The package installed from a wheel (not editable): commands run from another folder and find the presets."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_ships_presets_and_entry_points(tmp_path):
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(
+        ROOT / "mtl_meniscus", source / "mtl_meniscus", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copytree(ROOT / "configs", source / "configs")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")],
+        check=True,
+    )
+    wheel = next((tmp_path / "wheel").glob("mtl_meniscus-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = os.environ | {"PYTHONPATH": str(tmp_path / "site")}
+    probe = "import mtl_meniscus, mtl_meniscus.config as c; print(mtl_meniscus.__file__); print(c.preset_path('shared'))"
+    found = subprocess.run(
+        [sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True, check=True
+    )
+    module_file, preset = found.stdout.split()
+    assert Path(module_file).is_relative_to(tmp_path / "site")  # the installed copy, not the checkout
+    assert Path(preset) == tmp_path / "site" / "mtl_meniscus" / "configs" / "shared.yaml"
+    assert Path(preset).read_text() == (ROOT / "configs" / "shared.yaml").read_text()
+
+    help_text = subprocess.run(
+        [sys.executable, "-m", "mtl_meniscus", "train", "--help"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert help_text.returncode == 0 and "python -m mtl_meniscus train" in help_text.stdout
+    scripts = (tmp_path / "site").glob("mtl_meniscus-*.dist-info/entry_points.txt")
+    assert "mtl-meniscus = mtl_meniscus.cli:app" in next(scripts).read_text()
