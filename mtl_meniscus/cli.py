@@ -116,7 +116,7 @@ def make_phantom(
     size: Annotated[int, typer.Option(help="Height and width of the regular images.")] = 256,
     difficulty: Annotated[
         str,
-        typer.Option(help="easy (clear tears), realistic (calibrated to the reference's scores) or hard."),
+        typer.Option(help="easy (clear tears), realistic (harder; not yet calibrated) or hard."),
     ] = "easy",
     settings: Annotated[
         list[str] | None,
@@ -441,7 +441,9 @@ def export(
     out: Annotated[
         Path, typer.Option(help="Output file; a .json with the same name is written next to it.")
     ] = Path("model.onnx"),
-    format: Annotated[ExportFormat, typer.Option(help="Export format.")] = ExportFormat.onnx,
+    export_format: Annotated[
+        ExportFormat, typer.Option("--format", help="Export format.")
+    ] = ExportFormat.onnx,
 ) -> None:
     """Export a trained model (network + sigmoid) to ONNX; checks it against PyTorch before keeping it."""
     from mtl_meniscus.export import export_onnx
@@ -453,7 +455,7 @@ def export(
     except OSError as err:
         fail(os_error(err))
     console.print(
-        f"wrote {report.path} ({format.value}): input x ({', '.join(map(str, report.input_shape))}) = "
+        f"wrote {report.path} ({export_format.value}): input x ({', '.join(map(str, report.input_shape))}) = "
         f"preprocess.make_input(slice resized to {report.image_size}x{report.image_size}, "
         f"'{report.edge_filter}'); outputs {', '.join('p_' + t for t in report.tasks)}; fissure threshold "
         f"{report.fissure_threshold:.3f}; matches PyTorch within {report.max_abs_difference:.1e} on "

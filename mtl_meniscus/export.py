@@ -28,7 +28,6 @@ from .evaluate import load_trained
 from .outputs import atomic_write, check_output_file, write_text_atomic
 from .runtime import resolve_runtime
 
-EXPORT_FORMATS = ("onnx",)
 PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch| over the check inputs
 OPSET = 18
 
