@@ -179,18 +179,30 @@ def train(
     backbone_lr_factor: Annotated[
         float | None, typer.Option(help="timm trunk: backbone learning rate = lr * factor.")
     ] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Any config key, e.g. --set train.weighting=uncertainty --set augment.rotation_deg=45 "
+            "(repeatable; the value is read as YAML; the named options above win).",
+        ),
+    ] = None,
 ) -> None:
     """Train a model on a data folder (or the built-in phantom) and evaluate it on the test split."""
-    from mtl_meniscus.config import load_config
+    from mtl_meniscus.config import load_config, parse_set_option
     from mtl_meniscus.train import default_run_dir, train_run
 
     run_dir = resume
     try:
         if resume is not None:
+            if settings:
+                raise MeniscusError(
+                    "--set cannot change a resumed run: it continues with its saved config.yaml"
+                )
             train_run(None, resume, resume=True, console=console)
             return
         preset = config or preset_path((mode or Mode.shared).value)
-        overrides = {
+        named = {
             "model.name": mode.value if mode else None,
             "data.path": str(data) if data else None,
             "train.max_epochs": max_epochs,
@@ -205,6 +217,8 @@ def train(
             "model.freeze_backbone": True if freeze_backbone else None,
             "train.backbone_lr_factor": backbone_lr_factor,
         }
+        overrides = dict(parse_set_option(text) for text in settings or [])
+        overrides |= {key: value for key, value in named.items() if value is not None}
         run_config = load_config(preset if preset.is_file() or config else None, overrides)
         run_dir = out or default_run_dir(run_config.model.name)
         train_run(run_config, run_dir, console=console)

@@ -345,15 +345,41 @@ def _read_yaml(path: str | Path | None, overrides: dict[str, Any] | None) -> tup
     if path is not None:
         source = str(path)
         data = read_config_file(path)
+    given = [key for key, value in (overrides or {}).items() if value is not None]
+    for key in given:
+        inside = [other for other in given if other.startswith(key + ".")]
+        if inside:
+            raise ConfigError(f"{inside[0]}: '{key}' is a value, not a section")
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         node = data
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents, 1):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: '{'.'.join(parents[:depth])}' is a value, not a section")
         node[leaf] = value
     return data, source
+
+
+def parse_set_option(text: str) -> tuple[str, Any]:
+    """`--set train.lr=0.0005` -> ('train.lr', 0.0005); the value is read as YAML (numbers, lists, booleans)."""
+    key, equals, value = text.partition("=")
+    key = key.strip()
+    if not equals or not key or not all(key.split(".")):
+        raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. --set train.lr=0.0005")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"--set {text}: the value is not valid YAML ({getattr(err, 'problem', err)})"
+        ) from None
+    if parsed is None:
+        raise ConfigError(
+            f"--set {text}: an empty or null value cannot be set here; put it in a --config file"
+        )
+    return key, parsed
 
 
 MODES = ("separate", "shared")

@@ -157,3 +157,38 @@ def test_train_with_a_timm_trunk(phantom, tmp_path):
         app, tiny_train(phantom, tmp_path / "r2", "--trunk", "resnet18", "--pretrained", missing_file)
     )
     assert missing.exit_code == 1 and "pretrained weights file not found" in missing.output
+
+
+def test_set_overrides_any_config_key_and_named_options_win(tmp_path, monkeypatch):
+    import mtl_meniscus.train as train_module
+
+    seen = {}
+    monkeypatch.setattr(
+        train_module, "train_run", lambda config, run_dir, **kwargs: seen.update(config=config)
+    )
+    sets = [
+        "train.weighting=uncertainty",
+        "augment.rotation_deg=45",
+        "model.widths=[4, 8, 8, 8]",
+        "train.lr=0.5",
+    ]
+    args = ["train", "--config", TINY, "--out", str(tmp_path / "run"), "--lr", "0.002"]
+    result = runner.invoke(app, [*args, *(part for text in sets for part in ("--set", text))])
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert config.train.weighting == "uncertainty" and config.augment.rotation_deg == 45
+    assert tuple(config.model.widths) == (4, 8, 8, 8)
+    assert config.train.lr == 0.002  # --lr beats --set train.lr
+
+    for bad, message in (
+        ("train.nope=1", "train.nope"),
+        ("trainlr", "KEY=VALUE"),
+        ("train.lr.x=1", "'train.lr' is a value, not a section"),
+        ("train.weighting=gradnorm", "train.weighting"),
+        ("augment.rotation_deg=", "empty or null value"),
+        ("augment.rotation_deg=[1, 2", "not valid YAML"),
+    ):
+        result = runner.invoke(app, [*args, "--set", bad])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, bad
+    resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--set", "train.lr=0.1"])
+    assert resumed.exit_code == 1 and "--set cannot change a resumed run" in resumed.output
