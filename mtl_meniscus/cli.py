@@ -179,6 +179,9 @@ def train(
     backbone_lr_factor: Annotated[
         float | None, typer.Option(help="timm trunk: backbone learning rate = lr * factor.")
     ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU if any, else the CPU).")
+    ] = None,
     settings: Annotated[
         list[str] | None,
         typer.Option(
@@ -216,6 +219,7 @@ def train(
             "model.pretrained": pretrained,
             "model.freeze_backbone": True if freeze_backbone else None,
             "train.backbone_lr_factor": backbone_lr_factor,
+            "train.device": device,
         }
         overrides = dict(parse_set_option(text) for text in settings or [])
         overrides |= {key: value for key, value in named.items() if value is not None}
@@ -258,6 +262,9 @@ def evaluate(
     wandb: Annotated[
         WandbMode | None, typer.Option(help="wandb mode (default: the run's, or $WANDB_MODE).")
     ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU if any, else the CPU).")
+    ] = None,
 ) -> None:
     """Evaluate a trained run: AUCs with bootstrap CIs, sensitivity/specificity, cascade view, ROC plot."""
     from mtl_meniscus.evaluate import run_evaluation
@@ -288,6 +295,7 @@ def evaluate(
             precision=precision.value,
             console=console,
             wandb_mode=wandb.value if wandb else None,
+            device=device,
         )
     except MeniscusError as err:
         fail(err)
@@ -317,6 +325,9 @@ def predict(
     precision: Annotated[
         Precision, typer.Option(help="auto: bf16 + channels_last where native.")
     ] = Precision.auto,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU if any, else the CPU).")
+    ] = None,
 ) -> None:
     """Predict tear, orientation and position for image files; exit code 1 if any input failed."""
     from mtl_meniscus.predict import run_predict
@@ -335,6 +346,7 @@ def predict(
             cam_dir=cam,
             precision=precision.value,
             console=console,
+            device=device,
         )
     except MeniscusError as err:
         fail(err)

@@ -618,7 +618,7 @@ def _compare_locked(
         f"{sum(s == 'scored' for s in statuses.values())} already done -> {out_dir}"
     )
 
-    runtime = resolve_runtime(reference.train.precision)
+    runtime = resolve_runtime(reference.train.precision, reference.train.device)
     test_names = [data.records[i].image for i in data.indices("test")]
     scored = []
     seconds_by_mode: dict[str, list[float]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from .labels import TASKS
 # Upper bounds that keep one bad value from exhausting memory or hanging (a batch of 1e8 images,
 # 1e9 TTA copies); far above any useful setting.
 MAX_SEED = 2**32 - 1
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")  # train.device and --device
 MAX_BATCH = 4096
 MAX_EPOCH_SAMPLES = 1_000_000  # steps_per_epoch x batch_size: the sampler draws an epoch at once
 MAX_TTA_COPIES = 100
@@ -179,6 +181,7 @@ class TrainConfig:
     task_weights: dict[str, float] = field(default_factory=dict)  # fixed weighting; missing tasks get 1
     pos_weights: dict[str, float] = field(default_factory=dict)  # BCE positive-class weight per task
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: str | None = None  # cpu, cuda or cuda:N; None: the first GPU when there is one, else the CPU
     num_workers: int = 0  # DataLoader worker processes for augmentation (0 = in the training process)
     eval_batch_size: int = 64
     seed: int = 0
@@ -196,6 +199,12 @@ class TrainConfig:
             f"steps_per_epoch x batch_size ({self.batch_size}) at most {MAX_EPOCH_SAMPLES:,} images per epoch",
         )
         _check(self.lr > 0, "train.lr", self.lr, "> 0")
+        _check(
+            self.device is None or bool(DEVICE_PATTERN.fullmatch(str(self.device))),
+            "train.device",
+            self.device,
+            "cpu, cuda, cuda:N or null",
+        )
         _check(0 < self.lr_factor < 1, "train.lr_factor", self.lr_factor, "0 < factor < 1")
         _check(
             0.5 < self.left_chance_max <= 1, "train.left_chance_max", self.left_chance_max, "0.5 < value <= 1"

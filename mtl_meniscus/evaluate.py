@@ -380,12 +380,13 @@ def run_evaluation(
     console: Console | None = None,
     wandb_mode: str | None = None,
     cam_dir: Path | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """The `evaluate` command: metrics.json, ROC PNG, a terminal table and the same in wandb."""
     console = console or Console(soft_wrap=True)
     if split not in ("test", "val", "train", "all"):
         raise MeniscusError(f"unknown split {split!r} (allowed: test, val, train, all)")
-    runtime = resolve_runtime(precision)
+    runtime = resolve_runtime(precision, device)
     trained = load_trained(run_or_checkpoint, runtime)
     config = trained.config
     tta = TTAConfig(

@@ -105,13 +105,14 @@ def run_predict(
     seed: int = 0,
     precision: str = "auto",
     console: Console | None = None,
+    device: str | None = None,
 ) -> list[Prediction]:
     """Predict every input and write CSV (or JSON lines); returns the rows in input order."""
     console = console or Console(soft_wrap=True)
     check_output_file(out, "--out")  # before any work: a bad --out must not cost the predictions
     if cam_dir is not None:
         check_output_dir(cam_dir, "--cam")
-    runtime = resolve_runtime(precision)
+    runtime = resolve_runtime(precision, device)
     trained = load_trained(run_or_checkpoint, runtime)
     config = trained.config
     size = config.data.image_size

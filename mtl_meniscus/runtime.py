@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import DEVICE_PATTERN
+from .errors import ConfigError
+
 
 def cpu_features() -> dict[str, object]:
     """What the CPU offers the convolutions: ATen's vector ISA, AMX tiles, AVX512-BF16."""
@@ -72,13 +75,31 @@ class Runtime:
         return f"{self.device.type} {self.precision}" + (" channels_last" if self.channels_last else "")
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N'; None = the first GPU when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise ConfigError(f"device {device!r}: allowed are cpu, cuda, cuda:N")
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {device!r}: PyTorch sees no CUDA GPU here (use --device cpu)")
+        if (chosen.index or 0) >= count:
+            raise ConfigError(
+                f"device {device!r}: PyTorch sees {count} CUDA GPU(s), cuda:0..cuda:{count - 1}"
+            )
+    return chosen
+
+
 def resolve_runtime(precision: str = "auto", device: str | None = None) -> Runtime:
     """'auto' = bf16 on CUDA and on CPUs with AMX, else fp32; 'fp32'/'bf16' force it."""
-    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    chosen = resolve_device(device)
     if precision == "auto":
         bf16 = chosen.type == "cuda" or (chosen.type == "cpu" and cpu_bf16_pays_off())
     elif precision in ("fp32", "bf16"):
         bf16 = precision == "bf16"
     else:
-        raise ValueError(f"unknown precision {precision!r} (allowed: auto, fp32, bf16)")
+        raise ConfigError(f"precision {precision!r}: allowed are auto, fp32, bf16")
     return Runtime(chosen, bf16)

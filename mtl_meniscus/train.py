@@ -444,6 +444,7 @@ def _train_locked(
         config = _load_run_config(run_dir)
     elif (run_dir / "last.pt").exists() or (run_dir / "members").exists():
         raise MeniscusError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    runtime = resolve_runtime(config.train.precision, config.train.device)  # a missing GPU stops here
     run_dir.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data_dir(config)
     config.data.path = str(data_dir.resolve())
@@ -462,7 +463,6 @@ def _train_locked(
     for warning in warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
-    runtime = resolve_runtime(config.train.precision)
     console.print(f"training {config.model.name} on {runtime.describe()} -> {run_dir}")
     logger = RunLogger(config.wandb, run_dir, run_dir.name, config.to_dict())
     try:

@@ -192,3 +192,32 @@ def test_set_overrides_any_config_key_and_named_options_win(tmp_path, monkeypatc
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, bad
     resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--set", "train.lr=0.1"])
     assert resumed.exit_code == 1 and "--set cannot change a resumed run" in resumed.output
+
+
+def test_device_option_names_a_missing_gpu_before_any_work(phantom, tmp_path):
+    import torch
+
+    # --device cpu trains on the CPU and records it in the run's config.
+    result = runner.invoke(app, tiny_train(phantom, tmp_path / "cpu", "--device", "cpu"))
+    assert result.exit_code == 0, result.output
+    assert "device: cpu" in (tmp_path / "cpu" / "config.yaml").read_text()
+    if not torch.cuda.is_available():  # this CI: a GPU that is not there is named, never a traceback
+        for command in (
+            tiny_train(phantom, tmp_path / "gpu", "--device", "cuda"),
+            ["evaluate", str(tmp_path / "cpu"), "--device", "cuda:0"],
+            [
+                "predict",
+                str(tmp_path / "cpu"),
+                str(phantom / "images"),
+                "--out",
+                str(tmp_path / "p.csv"),
+                "--device",
+                "cuda",
+            ],
+        ):
+            result = runner.invoke(app, command)
+            assert result.exit_code == 1 and "PyTorch sees no CUDA GPU" in result.output, command[0]
+            assert "Traceback" not in result.output
+        assert not (tmp_path / "gpu" / "config.yaml").exists()  # refused before the run started
+    bad = runner.invoke(app, tiny_train(phantom, tmp_path / "bad", "--device", "gpu"))
+    assert bad.exit_code == 1 and "train.device" in bad.output and "cpu, cuda, cuda:N" in bad.output
