@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .models import SeparateCascade, SharedTrunkNet
 from .outputs import OutputError
 
@@ -35,7 +36,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, task: str, method: str = "layerc
     over the map they mostly cancel, and plain Grad-CAM was often empty on the phantom.
     """
     if method not in ("gradcam", "layercam"):
-        raise ValueError(f"unknown saliency method {method!r} (allowed: gradcam, layercam)")
+        raise ConfigError(f"unknown saliency method {method!r} (allowed: gradcam, layercam)")
     layer = cam_layer(model, task)
     saved: dict[str, torch.Tensor] = {}
 

@@ -136,7 +136,7 @@ def make_phantom(
     try:
         chosen = phantom_settings(difficulty, dict(parse_setting(text) for text in settings or []))
         cases = write_phantom(out, n=n, seed=seed, size=size, settings=chosen, overwrite=overwrite)
-    except (MeniscusError, ValueError) as err:
+    except MeniscusError as err:
         fail(err)
     except OSError as err:
         fail(os_error(err))

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .augment import augment_image
 from .config import AugmentConfig
+from .errors import DataError
 from .preprocess import make_input
 
 
@@ -66,7 +67,7 @@ class EpochBatchSampler(Sampler):
 
     def __init__(self, indices: Sequence[int], steps: int, batch_size: int, seed: int):
         if len(indices) == 0:
-            raise ValueError("cannot sample batches from an empty training set")
+            raise DataError("cannot sample batches from an empty training set")
         self.indices = np.asarray(indices, dtype=np.int64)
         self.steps = steps
         self.batch_size = batch_size

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
 from .labels import TASKS
 
 
@@ -98,4 +99,4 @@ def build_weighting(name: str, tasks: Sequence[str], weights: dict[str, float] |
         return FixedWeighting(tasks, weights)
     if name == "uncertainty":
         return UncertaintyWeighting(tasks)
-    raise ValueError(f"unknown task weighting {name!r} (allowed: fixed, uncertainty)")
+    raise ConfigError(f"unknown task weighting {name!r} (allowed: fixed, uncertainty)")

@@ -84,18 +84,18 @@ class PhantomSettings:
         changes = {}
         for key, value in values.items():
             if key not in fields:
-                raise ValueError(f"unknown phantom setting {key!r} (known: {', '.join(sorted(fields))})")
+                raise ConfigError(f"unknown phantom setting {key!r} (known: {', '.join(sorted(fields))})")
             current = getattr(self, key)
             if isinstance(current, tuple):
                 if not (isinstance(value, (list, tuple)) and len(value) == 2):
-                    raise ValueError(f"phantom setting {key!r}: expected two numbers low,high, got {value!r}")
+                    raise ConfigError(f"phantom setting {key!r}: expected two numbers low,high, got {value!r}")
                 value = (float(value[0]), float(value[1]))
                 if value[0] > value[1] or value[0] < 0:
-                    raise ValueError(f"phantom setting {key!r}: expected 0 <= low <= high, got {value!r}")
+                    raise ConfigError(f"phantom setting {key!r}: expected 0 <= low <= high, got {value!r}")
             else:
                 value = float(value)
                 if value < 0 or (key.endswith("_fraction") and value > 1):
-                    raise ValueError(f"phantom setting {key!r}: bad value {value!r}")
+                    raise ConfigError(f"phantom setting {key!r}: bad value {value!r}")
             changes[key] = value
         return dataclasses.replace(self, **changes)
 
@@ -148,7 +148,7 @@ DIFFICULTY_LEVELS["hard"] = dataclasses.replace(
 def phantom_settings(difficulty: str = "easy", overrides: dict[str, object] | None = None) -> PhantomSettings:
     """The settings of a difficulty level, with optional overrides."""
     if difficulty not in DIFFICULTY_LEVELS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown phantom difficulty {difficulty!r} (allowed: {', '.join(DIFFICULTY_LEVELS)})"
         )
     settings = DIFFICULTY_LEVELS[difficulty]
@@ -163,7 +163,7 @@ def parse_setting(text: str) -> tuple[str, object]:
     except ValueError:
         numbers = []
     if not sep or not key.strip() or len(numbers) not in (1, 2):
-        raise ValueError(f"--set {text!r}: expected KEY=VALUE or KEY=LOW,HIGH with numbers")
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE or KEY=LOW,HIGH with numbers")
     return key.strip(), numbers[0] if len(numbers) == 1 else numbers
 
 
@@ -179,7 +179,7 @@ def plan_cases(
 ) -> list[PhantomCase]:
     """Exact label mix of the reference data (rounded), plus a few wrong-size and double-tear images."""
     if n < 20:
-        raise ValueError(f"a phantom needs at least 20 images, got n={n}")
+        raise ConfigError(f"a phantom needs at least 20 images, got n={n}")
     n_wrong_size = max(1, round(n * 0.005)) if n_wrong_size is None else n_wrong_size
     n_double_tear = max(1, round(n * 0.005)) if n_double_tear is None else n_double_tear
     n_regular = n - n_wrong_size - n_double_tear

@@ -5,6 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .errors import ConfigError
+
 EDGE_FILTERS = ("sobel", "scharr", "laplace", "none")
 
 # OpenCV's own thread pool is a loss here: on one 256x256 slice its start-up costs more than it
@@ -58,7 +60,7 @@ def edge_filter(image: np.ndarray, name: str) -> np.ndarray | None:
         return np.abs(cv2.Laplacian(image, cv2.CV_32F, dst=aligned_empty(shape), ksize=1))
     if name == "none":
         return None
-    raise ValueError(f"unknown edge filter {name!r} (allowed: {', '.join(EDGE_FILTERS)})")
+    raise ConfigError(f"unknown edge filter {name!r} (allowed: {', '.join(EDGE_FILTERS)})")
 
 
 def standardize(channel: np.ndarray, eps: float = 1e-6, out: np.ndarray | None = None) -> np.ndarray:

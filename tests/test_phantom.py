@@ -128,16 +128,17 @@ def test_difficulty_levels_are_deterministic_and_keep_the_label_mix(tmp_path):
 
 
 def test_phantom_setting_overrides_are_checked():
+    from mtl_meniscus.errors import ConfigError
     from mtl_meniscus.phantom import parse_setting, phantom_settings
 
     assert parse_setting("tear_contrast=0.3,0.6") == ("tear_contrast", [0.3, 0.6])
     assert phantom_settings("easy", {"noise_sigma": [0.05, 0.09]}).noise_sigma == (0.05, 0.09)
     for bad in ({"bogus": 1}, {"noise_sigma": 0.1}, {"tear_contrast": [0.9, 0.1]}, {"motion_fraction": 2}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             phantom_settings("easy", bad)
-    with pytest.raises(ValueError, match="allowed: easy, realistic, hard"):
+    with pytest.raises(ConfigError, match="allowed: easy, realistic, hard"):
         phantom_settings("impossible")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         parse_setting("tear_contrast")
 
 

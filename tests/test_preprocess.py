@@ -2,6 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
+from mtl_meniscus.errors import ConfigError
 from mtl_meniscus.preprocess import edge_filter, make_input, standardize
 
 SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32)
@@ -41,7 +42,7 @@ def test_laplace_is_absolute_laplacian(image):
 
 
 def test_unknown_filter_is_refused(image):
-    with pytest.raises(ValueError, match="unknown edge filter 'canny'"):
+    with pytest.raises(ConfigError, match="unknown edge filter 'canny'"):
         edge_filter(image, "canny")
 
 
