@@ -88,7 +88,9 @@ class PhantomSettings:
             current = getattr(self, key)
             if isinstance(current, tuple):
                 if not (isinstance(value, (list, tuple)) and len(value) == 2):
-                    raise ConfigError(f"phantom setting {key!r}: expected two numbers low,high, got {value!r}")
+                    raise ConfigError(
+                        f"phantom setting {key!r}: expected two numbers low,high, got {value!r}"
+                    )
                 value = (float(value[0]), float(value[1]))
                 if value[0] > value[1] or value[0] < 0:
                     raise ConfigError(f"phantom setting {key!r}: expected 0 <= low <= high, got {value!r}")
