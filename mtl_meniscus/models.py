@@ -1,8 +1,9 @@
 """Networks. Every model maps x (B, C, H, W) to {task: logits (B,)} for the tasks it predicts.
 
-- ConvTrunk: the reference method's conv blocks (conv + BatchNorm + ReLU + max-pool + dropout),
-  then adaptive average pooling to a small grid and flatten, so that *where* a tear is
-  (anterior/posterior horn) survives into the features.
+- ConvTrunk: the reference method's conv blocks (here conv + 2x2 max-pool + BatchNorm + ReLU +
+  dropout, or a stride-2 conv in place of conv + pool: ConvBlock says why), then adaptive average
+  pooling to a small grid and flatten, so that *where* a tear is (anterior/posterior horn)
+  survives into the features.
 - DenseHead: the reference method's dense 32 -> 16 -> 1 head with dropout.
 - SharedTrunkNet: one trunk, one head per task.
 - SeparateCascade: the reference method's three independent networks behind the same contract.
