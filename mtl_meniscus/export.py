@@ -24,7 +24,7 @@ from torch import nn
 
 from . import __version__
 from .errors import MeniscusError
-from .evaluate import load_trained
+from .evaluate import DEFAULT_THRESHOLD, load_trained
 from .outputs import atomic_write, check_output_file, write_text_atomic
 from .runtime import resolve_runtime
 
@@ -93,7 +93,7 @@ def export_onnx(
         raise MeniscusError(
             f"check inputs have shape {check_inputs.shape[1:]}; the model takes ({channels}, {size}, {size})"
         )
-    threshold = trained.saved_threshold
+    threshold = trained.saved_threshold or DEFAULT_THRESHOLD  # what predict would apply
     output_names = [f"p_{task}" for task in model.tasks]
 
     with atomic_write(out) as tmp:
@@ -113,7 +113,7 @@ def export_onnx(
             "tasks": ",".join(model.tasks),
             "edge_filter": trained.config.preprocess.edge_filter,
             "image_size": str(size),
-            "fissure_threshold": f"{threshold.value if threshold else 0.5}",
+            "fissure_threshold": f"{threshold.value}",
             "source": str(trained.checkpoint),
             "mtl_meniscus_version": __version__,
         }
@@ -135,8 +135,8 @@ def export_onnx(
         input_shape=("batch", channels, size, size),
         edge_filter=trained.config.preprocess.edge_filter,
         image_size=size,
-        fissure_threshold=threshold.value if threshold else 0.5,
-        threshold_source=threshold.source if threshold else "the default 0.5 (no threshold.json in the run)",
+        fissure_threshold=threshold.value,
+        threshold_source=threshold.source,
         max_abs_difference=difference,
         checked_inputs=len(check_inputs),
         source=str(trained.checkpoint),
