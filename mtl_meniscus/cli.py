@@ -116,7 +116,9 @@ def make_phantom(
     size: Annotated[int, typer.Option(help="Height and width of the regular images.")] = 256,
     difficulty: Annotated[
         str,
-        typer.Option(help="easy (clear tears), realistic (harder; not yet calibrated) or hard."),
+        typer.Option(
+            help="easy (clear tears), realistic (calibrated against the reference method; the default of compare) or hard."
+        ),
     ] = "easy",
     settings: Annotated[
         list[str] | None,
@@ -385,6 +387,10 @@ def compare(
     data: Annotated[
         Path | None, typer.Option(help="Data folder with labels.csv (default: the built-in phantom).")
     ] = None,
+    difficulty: Annotated[
+        str | None,
+        typer.Option(help="Level of the built-in phantom: easy, realistic (the default) or hard."),
+    ] = None,
     tta: Annotated[int | None, typer.Option(help="Test-time augmented copies for every variant.")] = None,
     bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples for the CIs.")] = None,
     wandb: Annotated[
@@ -404,6 +410,7 @@ def compare(
             "max_epochs": max_epochs,
             "steps_per_epoch": steps_per_epoch,
             "budget": budget,
+            "phantom_difficulty": difficulty,
             "tta.copies": tta,
             "bootstrap": bootstrap,
         }

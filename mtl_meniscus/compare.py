@@ -130,6 +130,8 @@ def variant_config(
         "wandb.group": wandb_group,
         "wandb.job_type": "compare-variant",
     }
+    if compare.phantom_difficulty:
+        overrides["data.phantom_difficulty"] = compare.phantom_difficulty
     config = load_config(preset, overrides)
     if compare.budget == "total" and variant.mode == "separate":
         overrides["train.steps_per_epoch"] = steps_per_network(config.train.steps_per_epoch)

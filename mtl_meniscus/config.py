@@ -414,6 +414,8 @@ class CompareConfig:
     max_epochs: int | None = None  # training budget per variant; None: the preset's
     steps_per_epoch: int | None = None
     budget: str = "per-network"  # BUDGETS: how the budget above counts for the cascade
+    # Level of the built-in phantom for every variant; None: the presets' data.phantom_difficulty.
+    phantom_difficulty: Literal["easy", "realistic", "hard"] | None = None
     presets: dict[str, str] = field(
         default_factory=dict
     )  # mode -> training preset; default configs/<mode>.yaml

@@ -136,6 +136,20 @@ def test_budget_total_gives_the_cascade_the_shared_models_steps(preset):
     assert separate.train.steps_per_epoch == compare_module.steps_per_network(preset_steps)
 
 
+def test_phantom_difficulty_applies_to_every_variant(preset):
+    """The default comparison runs on `realistic` (configs/compare.yaml); null keeps the presets' level."""
+    from mtl_meniscus.config import load_compare_config, preset_path
+
+    assert load_compare_config(preset_path("compare")).phantom_difficulty == "realistic"
+    for level, expected in (("realistic", "realistic"), (None, "easy")):
+        compare = tiny_compare(preset, phantom_difficulty=level)
+        levels = {
+            variant_config(compare, v, preset, None, None, "g").data.phantom_difficulty
+            for v in plan_variants(compare)
+        }
+        assert levels == {expected}
+
+
 def test_bad_options_name_the_option():
     assert parse_list("0, 1,2", "--seeds", int) == [0, 1, 2]
     with pytest.raises(ConfigError, match="--seeds"):
