@@ -35,9 +35,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import CompareConfig, Config, load_config, read_config_file
-from .data import PreparedData, prepare_data
+from .data import PreparedData, prepare_data, resolve_data_dir
 from .errors import ConfigError, MeniscusError
-from .evaluate import load_trained
 from .labels import CHALLENGE_WEIGHTS, TASKS
 from .metrics import (
     challenge_score,
@@ -52,7 +51,8 @@ from .models import count_parameters, create_timm_backbone
 from .outputs import write_text_atomic
 from .runlock import RunLock
 from .runtime import Runtime, resolve_runtime
-from .train import resolve_data_dir, train_run
+from .train import train_run
+from .trained import load_trained
 
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "test_predictions.csv"
@@ -599,7 +599,7 @@ def _compare_locked(
                 f"the presets of {variants[0].mode} and {variant.mode} disagree on the data section; "
                 "a comparison needs one data setup (same images, same splits)"
             )
-    data_dir = resolve_data_dir(reference)
+    data_dir = resolve_data_dir(reference.data)
     for config in configs.values():
         config.data.path = str(data_dir.resolve())
     statuses = {v: variant_status(out_dir / "variants" / v.name, configs[v]) for v in variants}

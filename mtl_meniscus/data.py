@@ -21,6 +21,7 @@ from .config import DataConfig
 from .errors import DataError, ImageReadError
 from .imageio import max_pixels_limit, read_image
 from .labels import DOUBLE_TEAR, ORIENTATION_VALUES, POSITION_VALUES
+from .phantom import ensure_phantom
 from .splits import SPLIT_NAMES, stratified_group_split
 
 REQUIRED_COLUMNS = ("image", "fissure", "orientation", "position")
@@ -380,6 +381,13 @@ def _write_csv(path: str | Path, header: list[str], rows) -> None:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def resolve_data_dir(data: DataConfig) -> Path:
+    """The configured data folder, or the built-in phantom (generated into the cache on first use)."""
+    if data.path:
+        return Path(data.path)
+    return ensure_phantom(data.phantom_n, data.phantom_seed, difficulty=data.phantom_difficulty)
 
 
 def prepare_data(

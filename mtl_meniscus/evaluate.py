@@ -10,20 +10,16 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config, TTAConfig
 from .data import PreparedData, prepare_data
 from .errors import MeniscusError
-from .inference import predict_probs
 from .labels import TASKS, gated_labels
 from .metrics import (
     binary_counts,
@@ -36,110 +32,13 @@ from .metrics import (
 )
 from .outputs import write_text_atomic
 from .runtime import Runtime, resolve_runtime
-
-THRESHOLD_FILE = "threshold.json"
-
-
-@dataclass
-class TrainedModel:
-    """A model loaded from a run folder or a checkpoint file, with what it was trained with."""
-
-    model: nn.Module
-    config: Config
-    checkpoint: Path
-    run_dir: Path | None
-
-    def predict(
-        self,
-        images: list[np.ndarray],
-        runtime: Runtime,
-        tta: TTAConfig | None = None,
-        seed: int = 0,
-        **kwargs,
-    ) -> dict[str, np.ndarray]:
-        """{task: (N,) probabilities} with this model's preprocessing (see inference.predict_probs)."""
-        kwargs.setdefault("batch_size", self.config.train.eval_batch_size)
-        return predict_probs(
-            self.model, images, self.config.preprocess.edge_filter, runtime, tta=tta, seed=seed, **kwargs
-        )
-
-    def saliency(self, image: np.ndarray, runtime: Runtime) -> dict[str, np.ndarray]:
-        """{task: (H, W) saliency map in [0, 1]} of one raw slice."""
-        import torch
-
-        from .cam import grad_cam
-        from .preprocess import make_input
-
-        x = runtime.prepare_input(
-            torch.from_numpy(make_input(image, self.config.preprocess.edge_filter))[None]
-        )
-        return {task: grad_cam(self.model, x, task)[0] for task in TASKS}  # x: (1, C, H, W)
-
-    @property
-    def saved_threshold(self) -> Threshold | None:
-        """The fissure threshold saved in the run by `evaluate --youden`, if any."""
-        path = self.run_dir / THRESHOLD_FILE if self.run_dir else None
-        if path is None or not path.is_file():
-            return None
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            value = record["fissure_threshold"]
-            if isinstance(value, bool) or not 0 <= float(value) <= 1:  # NaN fails too
-                raise ValueError(f"fissure_threshold {value!r} is not a probability 0..1")
-            # Files written before the threshold was chosen with TTA carry no tta_copies: it was 0.
-            copies = int(record.get("tta_copies", 0))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise MeniscusError(
-                f"{path}: malformed ({type(err).__name__}: {err}); it should hold "
-                '{"fissure_threshold": <0..1>}. Delete it, or write it again with evaluate --youden'
-            ) from None
-        return Threshold(
-            float(value),
-            f"Youden's J on the run's validation split with TTA {copies} copies ({path})",
-            tta_copies=copies,
-        )
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """The fissure threshold a command applies, and where it came from (printed on every run)."""
-
-    value: float
-    source: str
-    tta_copies: int | None = None  # TTA copies of the probabilities it was chosen on, if chosen on data
-
-    def describe(self, applied_tta_copies: int) -> str:
-        text = f"fissure threshold {self.value:.3f}: {self.source}"
-        if self.tta_copies is not None and self.tta_copies != applied_tta_copies:
-            text += (
-                f"; note: chosen on probabilities with TTA {self.tta_copies} copies, "
-                f"applied here with {applied_tta_copies}"
-            )
-        return text
-
-
-DEFAULT_THRESHOLD = Threshold(0.5, "the default (no --threshold given, no threshold.json in the run)")
-
-
-def resolve_threshold(trained: TrainedModel, given: float | None) -> Threshold:
-    """--threshold if given, else the run's saved threshold.json, else 0.5."""
-    if given is not None:
-        return Threshold(given, "--threshold")
-    return trained.saved_threshold or DEFAULT_THRESHOLD
-
-
-def load_trained(run_or_checkpoint: str | Path, runtime: Runtime) -> TrainedModel:
-    """A run folder (uses its best.pt) or a .pt checkpoint file, placed on the runtime's device."""
-    path = Path(run_or_checkpoint)
-    checkpoint = path / "best.pt" if path.is_dir() else path
-    if path.is_dir() and not checkpoint.is_file():
-        raise MeniscusError(
-            f"{path}: no best.pt here; is the run finished? (resume it with train --resume {path})"
-        )
-    model, config = model_from_checkpoint(load_checkpoint(checkpoint), source=checkpoint)
-    model = runtime.prepare_model(model)
-    run_dir = checkpoint.parent if (checkpoint.parent / "config.yaml").is_file() else None
-    return TrainedModel(model, config, checkpoint, run_dir)
+from .trained import (
+    THRESHOLD_FILE,
+    Threshold,
+    TrainedModel,
+    load_trained,
+    resolve_threshold,
+)
 
 
 def cascade_view(targets: np.ndarray, probs: dict[str, np.ndarray], threshold: float) -> dict[str, Any]:

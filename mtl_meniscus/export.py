@@ -24,9 +24,9 @@ from torch import nn
 
 from . import __version__
 from .errors import MeniscusError
-from .evaluate import DEFAULT_THRESHOLD, load_trained
 from .outputs import atomic_write, check_output_file, write_text_atomic
 from .runtime import resolve_runtime
+from .trained import DEFAULT_THRESHOLD, load_trained
 
 PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch| over the check inputs
 OPSET = 18

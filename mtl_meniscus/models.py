@@ -59,7 +59,7 @@ class GridPool(nn.Module):
 
 
 class ConvTrunk(nn.Module):
-    """Stack of ConvBlocks; forward (B, C, H, W) -> features (B, num_features)."""
+    """Stack of ConvBlocks: forward_features (B, C, H, W) -> maps; forward -> pooled (B, num_features)."""
 
     def __init__(
         self,
@@ -82,8 +82,11 @@ class ConvTrunk(nn.Module):
     def cam_layer(self) -> nn.Module:
         return self.blocks[-1]
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)  # (B, C, H / 2^blocks, W / 2^blocks)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.blocks(x))  # (B, C, H / 2^blocks, W / 2^blocks) -> (B, 2C * g * g)
+        return self.pool(self.forward_features(x))  # (B, 2C * g * g)
 
 
 class _ForwardFeatures(nn.Module):
@@ -110,8 +113,11 @@ class TimmTrunk(nn.Module):
     def cam_layer(self) -> nn.Module:
         return self.backbone
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)  # (B, C, h, w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.backbone(x))
+        return self.pool(self.forward_features(x))  # (B, 2C * g * g)
 
 
 def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module:
@@ -178,12 +184,16 @@ class SharedTrunkNet(nn.Module):
         self.trunk = trunk
         self.heads = nn.ModuleDict({t: DenseHead(trunk.num_features, hidden, dropout) for t in self.tasks})
 
+    # timm's naming: forward_features gives the trunk's maps, forward_head pools them and applies the heads.
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x)
+        return self.trunk.forward_features(x)  # (B, C, h, w)
+
+    def forward_head(self, maps: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.trunk.pool(maps)  # (B, F)
+        return {task: head(features) for task, head in self.heads.items()}  # {task: (B,) logits}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.forward_features(x)  # (B, F)
-        return {task: head(features) for task, head in self.heads.items()}
+        return self.forward_head(self.forward_features(x))
 
 
 class SeparateCascade(nn.Module):

@@ -20,11 +20,11 @@ from rich.progress import Progress
 from .cam import unique_names, write_overlays
 from .config import TTAConfig
 from .errors import ImageReadError, MeniscusError
-from .evaluate import TrainedModel, load_trained, resolve_threshold
 from .imageio import is_supported_image, max_pixels_limit, read_image
 from .labels import gated_labels
 from .outputs import atomic_write, check_output_dir, check_output_file
 from .runtime import resolve_runtime
+from .trained import TrainedModel, load_trained, resolve_threshold
 
 VOLUME_HINT = "predict reads 2D slices only: save the slice to predict as its own file"
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_torch_save, load_checkpoint, model_payload
 from .config import Config, config_from_dict, read_config_file
-from .data import PreparedData, prepare_data
+from .data import PreparedData, prepare_data, resolve_data_dir
 from .dataset import EpochBatchSampler, SliceDataset, collate_batch
 from .errors import MeniscusError
 from .inference import predict_probs
@@ -39,7 +39,6 @@ from .losses import build_weighting, task_losses
 from .metrics import challenge_score, monitor_score, supervised_rows, task_aucs
 from .models import SeparateCascade, build_shared, build_single_task, parameter_groups, set_train_mode
 from .outputs import atomic_write, write_text_atomic
-from .phantom import ensure_phantom
 from .plots import plot_training_curves
 from .runlock import RunLock
 from .runtime import Runtime, resolve_runtime
@@ -63,14 +62,6 @@ class Member:
         if self.name == "shared":
             return build_shared(config.model)
         return build_single_task(config.model, self.name)
-
-
-def resolve_data_dir(config: Config) -> Path:
-    """The configured data folder, or the default phantom (generated into the cache on first use)."""
-    if config.data.path:
-        return Path(config.data.path)
-    data = config.data
-    return ensure_phantom(data.phantom_n, data.phantom_seed, difficulty=data.phantom_difficulty)
 
 
 def default_run_dir(mode: str) -> Path:
@@ -446,7 +437,7 @@ def _train_locked(
         raise MeniscusError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
     runtime = resolve_runtime(config.train.precision, config.train.device)  # a missing GPU stops here
     run_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = resolve_data_dir(config)
+    data_dir = resolve_data_dir(config.data)
     config.data.path = str(data_dir.resolve())
     data = prepare_data(data_dir, config.data, report_dir=run_dir)
     if resume and not data.same_splits_as(run_dir / "splits.csv"):

@@ -13,13 +13,14 @@ from sklearn.metrics import roc_auc_score
 
 from mtl_meniscus.config import load_config
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.evaluate import load_trained, run_evaluation
+from mtl_meniscus.evaluate import run_evaluation
 from mtl_meniscus.inference import predict_probs
 from mtl_meniscus.metrics import youden_threshold
 from mtl_meniscus.phantom import write_phantom
 from mtl_meniscus.predict import run_predict
 from mtl_meniscus.runtime import resolve_runtime
 from mtl_meniscus.train import train_run
+from mtl_meniscus.trained import load_trained
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 FP32 = resolve_runtime("fp32")

@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 from mtl_meniscus.config import load_config
 from mtl_meniscus.data import prepare_data
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.evaluate import load_trained
 from mtl_meniscus.export import PARITY_TOLERANCE, export_onnx
 from mtl_meniscus.phantom import write_phantom
 from mtl_meniscus.preprocess import make_input
 from mtl_meniscus.runtime import resolve_runtime
 from mtl_meniscus.train import train_run
+from mtl_meniscus.trained import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -470,7 +470,7 @@ def test_bad_values_are_refused_with_the_option_named(run64, data64, tmp_path, c
 
 # ---- 11. output locations are checked first; no *.tmp left behind ----------------------------
 def test_predict_checks_its_output_before_predicting(run64, data64, tmp_path, monkeypatch):
-    from mtl_meniscus.evaluate import TrainedModel
+    from mtl_meniscus.trained import TrainedModel
 
     def never(*args, **kwargs):
         raise AssertionError("predicted although the output cannot be written")

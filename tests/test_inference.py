@@ -16,7 +16,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from mtl_meniscus.cam import grad_cam, overlay, peak_in_mask
 from mtl_meniscus.config import AugmentConfig, ModelConfig, TTAConfig, load_config
-from mtl_meniscus.evaluate import cascade_view, load_trained, run_evaluation
+from mtl_meniscus.evaluate import cascade_view, run_evaluation
 from mtl_meniscus.inference import predict_probs
 from mtl_meniscus.metrics import binary_counts, bootstrap_cis, youden_threshold
 from mtl_meniscus.models import build_model
@@ -24,6 +24,7 @@ from mtl_meniscus.phantom import write_phantom
 from mtl_meniscus.predict import CSV_COLUMNS, gate, run_predict
 from mtl_meniscus.runtime import resolve_runtime
 from mtl_meniscus.train import train_run
+from mtl_meniscus.trained import load_trained
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 FP32 = resolve_runtime("fp32")

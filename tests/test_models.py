@@ -57,3 +57,24 @@ def test_eval_mode_is_deterministic_and_any_input_size_works():
 def test_unknown_model_name_is_a_config_error():
     with pytest.raises(ConfigError, match="model.name"):
         build_model(ModelConfig(name="resnet9000"))
+
+
+def test_forward_features_gives_the_maps_and_forward_head_the_outputs():
+    """timm's split: forward_features -> the trunk's last maps, forward_head -> pooled heads."""
+    model = build_model(ModelConfig(name="shared", strided_blocks=1, **SMALL)).eval()
+    x = torch.randn(2, 2, 64, 64)
+    maps = model.forward_features(x)
+    # 4 blocks, each halving the size (the first by its stride): 64 -> 4; channels = last width
+    assert maps.shape == (2, 8, 4, 4)
+    direct, split = model(x), model.forward_head(maps)
+    assert all(torch.equal(direct[t], split[t]) for t in TASKS)
+    # the pooled features are max and mean over a 2x2 grid of those maps
+    pooled = model.trunk.pool(maps)
+    manual = torch.cat(
+        [
+            torch.nn.functional.adaptive_max_pool2d(maps, 2),
+            maps.unflatten(2, (2, 2)).unflatten(4, (2, 2)).mean((3, 5)),
+        ],
+        1,
+    )
+    assert torch.allclose(pooled, manual.flatten(1), atol=1e-6)
