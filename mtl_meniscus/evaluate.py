@@ -17,7 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .config import Config, TTAConfig
+from .config import TTAConfig
 from .data import PreparedData, prepare_data
 from .errors import MeniscusError
 from .labels import TASKS, gated_labels
@@ -337,7 +337,7 @@ def run_evaluation(
         highlight=False,
     )
     console.print(f"wrote {out_dir / 'metrics.json'}, predictions.csv and roc.png")
-    _log_to_wandb(config, out_dir, metrics, curves, wandb_mode)
+    _log_to_wandb(trained, out_dir, metrics, curves, wandb_mode, cam_dir)
     return metrics
 
 
@@ -377,18 +377,44 @@ def write_cams_and_check_peaks(
     }
 
 
-def _log_to_wandb(config: Config, out_dir: Path, metrics: dict, curves, wandb_mode: str | None) -> None:
+def _log_to_wandb(
+    trained: TrainedModel,
+    out_dir: Path,
+    metrics: dict,
+    curves,
+    wandb_mode: str | None,
+    cam_dir: str | Path | None,
+) -> None:
+    """One 'evaluate' run: summary AUCs, ROC, the per-image table, and which model it scored."""
     from dataclasses import replace
 
+    from .cam import unique_names
     from .tracking import RunLogger
 
+    config = trained.config
     wandb_config = replace(config.wandb, job_type="evaluate", **({"mode": wandb_mode} if wandb_mode else {}))
     logger = RunLogger(wandb_config, out_dir, f"eval-{out_dir.parent.name}-{metrics['split']}", metrics)
     try:
+        logger.record_model(trained.checkpoint, trained.run_dir)
         summary = {f"{t}/auc": m["auc"] for t, m in metrics["tasks"].items()}
         summary["challenge_score"] = metrics["challenge_score"]
         logger.summary(summary)
         logger.log_roc(curves)
         logger.log_image("roc", out_dir / "roc.png")
+        # One row per evaluated image, as in predictions.csv, plus the fissure saliency overlay.
+        with (out_dir / "predictions.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        columns = list(rows[0]) if rows else []
+        overlays = [None] * len(rows)
+        if cam_dir is not None and rows:
+            names = unique_names([r["image"] for r in rows], lambda p: Path(p).stem)
+            overlays = [Path(cam_dir) / f"{name}_fissure.png" for name in names]
+            overlays = [p if p.is_file() else None for p in overlays]
+        logger.log_table(
+            "predictions",
+            [*columns, "fissure_saliency"],
+            [[*r.values(), overlay] for r, overlay in zip(rows, overlays)],
+            image_columns=("fissure_saliency",),
+        )
     finally:
         logger.finish()

@@ -55,7 +55,30 @@ def task_losses(
     }
 
 
-class FixedWeighting(nn.Module):
+class TaskWeighting(nn.Module):
+    """How the task losses become one training signal.
+
+    As in LibMTL, the weighting owns the backward step: `backward` combines the losses,
+    backpropagates and returns the weight each task got, so the weights can be logged per epoch and
+    a strategy that works on gradients (GradNorm, PCGrad) fits behind the same call.
+    """
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def current_weights(self) -> dict[str, float]:
+        """{task: the factor its loss is multiplied by now}."""
+        raise NotImplementedError
+
+    def backward(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Combine and backpropagate; (the combined loss, detached; {task: weight applied})."""
+        weights = self.current_weights()  # the ones this step uses, before the optimizer moves them
+        loss = self(losses)
+        loss.backward()
+        return loss.detach(), weights
+
+
+class FixedWeighting(TaskWeighting):
     """Weighted sum with constant weights (default 1 per task)."""
 
     def __init__(self, tasks: Sequence[str], weights: dict[str, float] | None = None):
@@ -70,7 +93,7 @@ class FixedWeighting(nn.Module):
         return dict(self.weights)
 
 
-class UncertaintyWeighting(nn.Module):
+class UncertaintyWeighting(TaskWeighting):
     """Kendall, Gal & Cipolla 2018, classification form: sum of exp(-s_t) * L_t + s_t / 2 with
     learnable s_t = log sigma_t^2 (their 1/sigma^2 * L + log sigma for a softmax/sigmoid likelihood).
 
@@ -93,7 +116,9 @@ class UncertaintyWeighting(nn.Module):
         return {task: math.exp(-float(p.detach())) for task, p in self.log_vars.items()}
 
 
-def build_weighting(name: str, tasks: Sequence[str], weights: dict[str, float] | None = None) -> nn.Module:
+def build_weighting(
+    name: str, tasks: Sequence[str], weights: dict[str, float] | None = None
+) -> TaskWeighting:
     """Task-weighting strategy by name: 'fixed' or 'uncertainty'."""
     if name == "fixed":
         return FixedWeighting(tasks, weights)

@@ -10,7 +10,7 @@ not started is never slowed down or stopped early; `train.max_epochs` still boun
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 CHANCE = 0.5  # AUC, and every challenge-weighted mean of AUCs, of a model that has learned nothing
@@ -94,5 +94,9 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.started and self.bad_epochs >= self.patience
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):  # a missing key raises KeyError: the saved state is damaged
+            setattr(self, f.name, state[f.name])

@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -35,7 +35,7 @@ from .dataset import EpochBatchSampler, SliceDataset, collate_batch
 from .errors import MeniscusError
 from .inference import predict_probs
 from .labels import CHALLENGE_WEIGHTS, TASKS
-from .losses import build_weighting, task_losses
+from .losses import TaskWeighting, build_weighting, task_losses
 from .metrics import challenge_score, monitor_score, supervised_rows, task_aucs
 from .models import SeparateCascade, build_shared, build_single_task, parameter_groups, set_train_mode
 from .outputs import atomic_write, write_text_atomic
@@ -43,7 +43,7 @@ from .plots import plot_training_curves
 from .runlock import RunLock
 from .runtime import Runtime, resolve_runtime
 from .stopping import CHANCE, EarlyStopping, chance_sd, learning_score
-from .tracking import RunLogger
+from .tracking import MODEL_ARTIFACT_PREFIX, RunLogger
 
 EpochCallback = Callable[[str, int], None]  # (member, epoch) after each finished epoch
 
@@ -118,6 +118,42 @@ class TrainingDivergedError(MeniscusError):
     """The loss or the network's outputs stopped being finite numbers."""
 
 
+@dataclass
+class TrainingState:
+    """Everything a network's training needs to continue after a kill, saved in last.pt as one dict.
+
+    Each field is saved and restored the same way: through state_dict()/load_state_dict() where it
+    has them (model, weighting, optimizer, early stopping), as a plain value otherwise. The torch
+    RNG goes with it so that a resumed run draws the same dropout masks as an uninterrupted one.
+    """
+
+    model: nn.Module
+    weighting: TaskWeighting
+    optimizer: torch.optim.Optimizer
+    stopping: EarlyStopping
+    epoch: int = 0  # epochs finished
+    finished: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
+    train_seconds: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        saved: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            saved[f.name] = value.state_dict() if hasattr(value, "state_dict") else value
+        saved["torch_rng"] = torch.get_rng_state()
+        return saved
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "load_state_dict"):
+                value.load_state_dict(saved[f.name])
+            else:
+                setattr(self, f.name, saved[f.name])
+        torch.set_rng_state(saved["torch_rng"])
+
+
 class MemberTrainer:
     """Epoch loop of one network with LR-on-plateau, early stopping and resumable state."""
 
@@ -134,65 +170,42 @@ class MemberTrainer:
         self.logger, self.console = logger, console
         train = config.train
         torch.manual_seed(train.seed)
-        self.model = runtime.prepare_model(member.build(config))
-        self.weighting = build_weighting(train.weighting, member.tasks, train.task_weights).to(runtime.device)
-        groups = parameter_groups(
-            self.model, train.lr, train.backbone_lr_factor, config.model.freeze_backbone
-        )
-        groups.append({"params": list(self.weighting.parameters()), "lr": train.lr})
-        self.optimizer = torch.optim.Adam(groups, lr=train.lr)
-        self.stopping = EarlyStopping(
-            patience=train.early_stopping_patience,
-            lr_patience=train.lr_patience,
-            start_score=member_start_score(
-                data.targets[member.val_indices], member.tasks, train.left_chance_max
+        model = runtime.prepare_model(member.build(config))
+        weighting = build_weighting(train.weighting, member.tasks, train.task_weights).to(runtime.device)
+        groups = parameter_groups(model, train.lr, train.backbone_lr_factor, config.model.freeze_backbone)
+        groups.append({"params": list(weighting.parameters()), "lr": train.lr})
+        self.state = TrainingState(
+            model=model,
+            weighting=weighting,
+            optimizer=torch.optim.Adam(groups, lr=train.lr),
+            stopping=EarlyStopping(
+                patience=train.early_stopping_patience,
+                lr_patience=train.lr_patience,
+                start_score=member_start_score(
+                    data.targets[member.val_indices], member.tasks, train.left_chance_max
+                ),
             ),
         )
         self.dataset = SliceDataset(data.images, data.targets, config.preprocess.edge_filter, config.augment)
         self.sampler = EpochBatchSampler(
             member.train_indices, train.steps_per_epoch, train.batch_size, train.seed
         )
-        self.epoch = 0  # epochs finished
-        self.finished = False
-        self.history: list[dict[str, Any]] = []
-        self.train_seconds = 0.0
-
-    # ---- state -------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "weighting": self.weighting.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "stopping": self.stopping.state(),
-            "epoch": self.epoch,
-            "finished": self.finished,
-            "history": self.history,
-            "train_seconds": self.train_seconds,
-            "torch_rng": torch.get_rng_state(),
-        }
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.weighting.load_state_dict(state["weighting"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.stopping = EarlyStopping(**state["stopping"])
-        for key in ("epoch", "finished", "history", "train_seconds"):
-            setattr(self, key, state[key])
-        torch.set_rng_state(state["torch_rng"])
 
     def save_last(self) -> None:
         payload = model_payload(
-            self.model, self.config, {"member": self.member.name, "training_state": self.state()}
+            self.state.model,
+            self.config,
+            {"member": self.member.name, "training_state": self.state.state_dict()},
         )
         atomic_torch_save(payload, self.member.folder / "last.pt")
 
     def save_best(self) -> None:
         extra = {
             "member": self.member.name,
-            "best_epoch": self.stopping.best_epoch,
-            "best_score": self.stopping.best_score,
+            "best_epoch": self.state.stopping.best_epoch,
+            "best_score": self.state.stopping.best_score,
         }
-        payload = model_payload(self.model, self._member_config(), extra)
+        payload = model_payload(self.state.model, self._member_config(), extra)
         atomic_torch_save(payload, self.member.folder / "best.pt")
 
     def _member_config(self) -> Config:
@@ -214,7 +227,7 @@ class MemberTrainer:
                 "(a last.pt is written by train after each epoch; best.pt files cannot be resumed)"
             )
         try:
-            self.load_state(payload["training_state"])
+            self.state.load_state_dict(payload["training_state"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             reason = str(err).splitlines()[0] if str(err) else ""
             raise MeniscusError(
@@ -226,12 +239,12 @@ class MemberTrainer:
         """The error that stops a run whose loss or outputs are no longer finite; last.pt is kept."""
         lr = self.config.train.lr
         kept = (
-            f"last.pt keeps epoch {self.epoch - 1}, the last finished one"
-            if self.epoch > 1
+            f"last.pt keeps epoch {self.state.epoch - 1}, the last finished one"
+            if self.state.epoch > 1
             else "no epoch had finished, so there is no last.pt"
         )
         return TrainingDivergedError(
-            f"[{self.member.name}] training diverged in epoch {self.epoch}: {what}. {kept}. Try a lower "
+            f"[{self.member.name}] training diverged in epoch {self.state.epoch}: {what}. {kept}. Try a lower "
             f"learning rate in a new run (--lr {lr / 10:g}; this run used {lr:g}); --resume would "
             "repeat the same steps"
         )
@@ -239,58 +252,61 @@ class MemberTrainer:
     # ---- loop --------------------------------------------------------------------------------
     def fit(self, on_epoch_end: EpochCallback | None = None) -> None:
         train = self.config.train
-        while not self.finished:
-            self.epoch += 1
+        while not self.state.finished:
+            self.state.epoch += 1
             start = time.perf_counter()
-            train_loss = self._train_epoch()
-            self.train_seconds += time.perf_counter() - start
+            train_loss, task_weights = self._train_epoch()
+            self.state.train_seconds += time.perf_counter() - start
             val = self._validate()
             score = val["score"]
-            lr = self.optimizer.param_groups[0]["lr"]
-            improved = self.stopping.update(self.epoch, score)
+            lr = self.state.optimizer.param_groups[0]["lr"]
+            improved = self.state.stopping.update(self.state.epoch, score)
             # A cut that falls due at the floor of the learning rate ends the run instead.
-            lr_exhausted = lr <= train.min_lr * 1.0001 and self.stopping.lr_cut_due
+            lr_exhausted = lr <= train.min_lr * 1.0001 and self.state.stopping.lr_cut_due
             if improved:
                 self.save_best()
-            elif self.stopping.lr_cut_due and not lr_exhausted:
+            elif self.state.stopping.lr_cut_due and not lr_exhausted:
                 self._cut_lr()
             row = {
                 "member": self.member.name,
-                "epoch": self.epoch,
+                "epoch": self.state.epoch,
                 "train_loss": train_loss,
                 "val_loss": val["loss"],
                 **{f"val_auc_{t}": val["auc"].get(t, float("nan")) for t in TASKS},
                 "val_score": score,
                 "improved": int(improved),
                 "lr": lr,
+                **{f"weight_{t}": task_weights.get(t, float("nan")) for t in TASKS},
                 "seconds": time.perf_counter() - start,
             }
-            self.history.append(row)
-            self.finished = self.epoch >= train.max_epochs or self.stopping.should_stop or lr_exhausted
-            if self.stopping.best_score is None and self.finished:
+            self.state.history.append(row)
+            self.state.finished = (
+                self.state.epoch >= train.max_epochs or self.state.stopping.should_stop or lr_exhausted
+            )
+            if self.state.stopping.best_score is None and self.state.finished:
                 self.save_best()  # never a defined score (e.g. one-class validation): keep the last weights
             self.save_last()
             self._report(row, improved)
             if on_epoch_end is not None:
-                on_epoch_end(self.member.name, self.epoch)
+                on_epoch_end(self.member.name, self.state.epoch)
         best = load_checkpoint(self.member.folder / "best.pt")
-        self.model.load_state_dict(best["state_dict"])
+        self.state.model.load_state_dict(best["state_dict"])
 
     def _cut_lr(self) -> None:
         """Multiply every group's learning rate by lr_factor, down to min_lr."""
         train = self.config.train
-        for group in self.optimizer.param_groups:
+        for group in self.state.optimizer.param_groups:
             group["lr"] = max(group["lr"] * train.lr_factor, train.min_lr)
-        self.stopping.lr_was_cut()
+        self.state.stopping.lr_was_cut()
 
     @property
     def best(self) -> dict[str, Any]:
         """The restored epoch, as every report gives it, and whether the network learned at all."""
-        stopping = self.stopping
+        stopping = self.state.stopping
         return {
             "best_epoch": stopping.best_epoch,
             "val_score": stopping.best_score,
-            "epochs": self.epoch,
+            "epochs": self.state.epoch,
             "learned": stopping.started
             if stopping.best_score is not None
             else None,  # None: no score to tell
@@ -301,18 +317,21 @@ class MemberTrainer:
     @property
     def warning(self) -> str | None:
         """'did not learn: ...' when validation never left chance, else None."""
-        best = self.stopping.best_score
-        if self.stopping.started or best is None:  # None: no defined validation score, warned before training
+        best = self.state.stopping.best_score
+        if (
+            self.state.stopping.started or best is None
+        ):  # None: no defined validation score, warned before training
             return None
         return (
             f"[{self.member.name}] did not learn: validation score {best:.2f}, "
-            f"chance is {CHANCE:.2f} (a score of {self.stopping.start_score:.2f} would have shown learning); "
+            f"chance is {CHANCE:.2f} (a score of {self.state.stopping.start_score:.2f} would have shown learning); "
             "check the labels, or train longer or with another learning rate"
         )
 
-    def _train_epoch(self) -> float:
+    def _train_epoch(self) -> tuple[float, dict[str, float]]:
+        """One epoch of steps: (mean training loss, {task: mean weight the task weighting applied})."""
         train = self.config.train
-        self.sampler.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.state.epoch)
         loader = DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
@@ -320,10 +339,11 @@ class MemberTrainer:
             prefetch_factor=4 if train.num_workers else None,
             collate_fn=partial(collate_batch, channels_last=self.runtime.channels_last),
         )
-        set_train_mode(self.model, self.config.model.freeze_backbone)
+        set_train_mode(self.state.model, self.config.model.freeze_backbone)
         total, steps = 0.0, 0
+        weight_sums: dict[str, float] = {}
         with Progress(
-            TextColumn(f"[bold]{self.member.name}[/] epoch {self.epoch}/{train.max_epochs}"),
+            TextColumn(f"[bold]{self.member.name}[/] epoch {self.state.epoch}/{train.max_epochs}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}"),
@@ -336,24 +356,25 @@ class MemberTrainer:
             for x, y in loader:
                 x, y = self.runtime.prepare_input(x), y.to(self.runtime.device)  # (B, C, H, W), (B, 3)
                 with self.runtime.autocast():
-                    outputs = self.model(x)
+                    outputs = self.state.model(x)
                 losses = task_losses(outputs, y, train.pos_weights)
-                loss = self.weighting(losses)
-                if not torch.isfinite(loss.detach()):
-                    raise self.diverged(f"the training loss is {float(loss.detach())} at step {steps + 1}")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                total += float(loss.detach())
+                self.state.optimizer.zero_grad(set_to_none=True)
+                loss, weights = self.state.weighting.backward(losses)
+                if not torch.isfinite(loss):  # before the step: the weights stay as they were
+                    raise self.diverged(f"the training loss is {float(loss)} at step {steps + 1}")
+                self.state.optimizer.step()
+                total += float(loss)
+                for task, weight in weights.items():
+                    weight_sums[task] = weight_sums.get(task, 0.0) + weight
                 steps += 1
                 progress.update(bar, advance=1, loss=total / steps)
-        return total / max(steps, 1)
+        return total / max(steps, 1), {task: w / max(steps, 1) for task, w in weight_sums.items()}
 
     def _validate(self) -> dict[str, Any]:
         indices = self.member.val_indices
         targets = self.data.targets[indices]
         probs = predict_probs(
-            self.model,
+            self.state.model,
             [self.data.images[i] for i in indices],
             self.config.preprocess.edge_filter,
             self.runtime,
@@ -455,7 +476,9 @@ def _train_locked(
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
     console.print(f"training {config.model.name} on {runtime.describe()} -> {run_dir}")
-    logger = RunLogger(config.wandb, run_dir, run_dir.name, config.to_dict())
+    wandb_config = replace(config.wandb, job_type=config.wandb.job_type or "train")
+    logger = RunLogger(wandb_config, run_dir, run_dir.name, config.to_dict())
+    logger.define_step_axes([member.name for member in members])
     try:
         trained: dict[str, nn.Module] = {}
         history: list[dict[str, Any]] = []
@@ -466,17 +489,17 @@ def _train_locked(
             trainer = MemberTrainer(member, config, data, runtime, logger, console)
             if resume and trainer.try_resume():
                 console.print(
-                    f"[{member.name}] resumed after epoch {trainer.epoch}"
-                    + (" (finished)" if trainer.finished else ""),
+                    f"[{member.name}] resumed after epoch {trainer.state.epoch}"
+                    + (" (finished)" if trainer.state.finished else ""),
                     markup=False,
                 )
             trainer.fit(on_epoch_end)
-            trained[member.name] = trainer.model
-            history += trainer.history
+            trained[member.name] = trainer.state.model
+            history += trainer.state.history
             best_by_member[member.name] = trainer.best
             if trainer.warning:
                 learn_warnings.append(trainer.warning)
-            train_seconds += trainer.train_seconds
+            train_seconds += trainer.state.train_seconds
             _write_history(run_dir / "history.csv", history)
 
         model = trained["shared"] if "shared" in trained else SeparateCascade(trained)
@@ -496,7 +519,7 @@ def _train_locked(
             | {"learned": metrics["learned"], "warnings": "; ".join(metrics["warnings"])}
         )
         logger.log_image("training_curves", run_dir / "training_curves.png")
-        logger.log_artifact(run_dir / "best.pt", name=f"model-{run_dir.name}")
+        logger.log_artifact(run_dir / "best.pt", name=f"{MODEL_ARTIFACT_PREFIX}{run_dir.name}")
         if logger.folder is not None:
             console.print(
                 f"wandb ({logger.mode}): {logger.folder}"
@@ -561,7 +584,9 @@ def _write_history(path: Path, history: list[dict]) -> None:
     if not history:
         return
     with atomic_write(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        # every key of every row: rows resumed from a run of an older version may lack newer columns
+        columns = list(dict.fromkeys(key for row in history for key in row))
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
 

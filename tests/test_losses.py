@@ -75,6 +75,22 @@ def test_uncertainty_weights_are_parameters_the_optimizer_moves():
     assert math.isclose(weights["orientation"], 1 / 0.5, rel_tol=0.05)
 
 
+def test_the_weighting_owns_the_backward_step_and_reports_its_weights():
+    """backward() gives the parameters the gradient of the weighted sum and returns the weights used."""
+    shared = torch.tensor(1.5, requires_grad=True)  # stands in for a shared trunk parameter
+    losses = {"fissure": 2 * shared, "orientation": shared**2}
+    loss, weights = FixedWeighting(["fissure", "orientation"], {"orientation": 0.5}).backward(losses)
+    assert weights == {"fissure": 1.0, "orientation": 0.5}
+    assert math.isclose(loss.item(), 2 * 1.5 + 0.5 * 1.5**2) and not loss.requires_grad
+    assert math.isclose(shared.grad.item(), 2 + 0.5 * 2 * 1.5)  # d/dx (2x + 0.5 x^2)
+    weighting = UncertaintyWeighting(["fissure", "orientation"])
+    with torch.no_grad():
+        weighting.log_vars["fissure"].fill_(math.log(4.0))
+    _, weights = weighting.backward({"fissure": torch.tensor(1.0), "orientation": torch.tensor(1.0)})
+    assert math.isclose(weights["fissure"], 0.25, rel_tol=1e-6) and weights["orientation"] == 1.0
+    assert weighting.log_vars["fissure"].grad is not None
+
+
 def test_uncertainty_weighting_is_kendalls_classification_form():
     # Kendall et al. 2018 for a classification likelihood: L / sigma^2 + log sigma = exp(-s) L + s / 2
     weighting = UncertaintyWeighting(["fissure", "orientation"])

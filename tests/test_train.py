@@ -148,6 +148,16 @@ def test_uncertainty_weighting_trains_its_log_variances(phantom64, tmp_path):
     state = load_checkpoint(tmp_path / "run" / "last.pt")["training_state"]["weighting"]
     assert set(state) == {"log_vars.fissure", "log_vars.orientation", "log_vars.position"}
     assert all(float(v) != 0.0 for v in state.values())  # moved from their initial 0
+    # the weights each epoch applied are in the history, and they moved: exp(-s) != 1
+    rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for task in ("fissure", "orientation", "position"):
+        weights = [float(r[f"weight_{task}"]) for r in rows]
+        assert all(w > 0 for w in weights) and weights[1] != 1.0
+    fixed = tmp_path / "fixed"
+    train_run(_config(phantom64, **{"train.max_epochs": 1}), fixed, console=_quiet())
+    row = next(csv.DictReader((fixed / "history.csv").open()))
+    assert [float(row[f"weight_{t}"]) for t in ("fissure", "orientation", "position")] == [1.0, 1.0, 1.0]
 
 
 def test_wandb_offline_writes_a_run_folder(phantom64, tmp_path, monkeypatch):
