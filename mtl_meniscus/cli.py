@@ -396,6 +396,13 @@ def compare(
     wandb: Annotated[
         WandbMode | None, typer.Option(help="wandb mode (default: $WANDB_MODE or offline).")
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="Variants trained at once, each in its own process (CPU threads divided among them; "
+            "one GPU each when several are visible). Same results as one at a time."
+        ),
+    ] = 1,
 ) -> None:
     """Train and score separate vs shared (x trunks x seeds) on the same splits; write the table and plots."""
     from mtl_meniscus.compare import parse_list, parse_pretrained, run_compare
@@ -426,6 +433,7 @@ def compare(
             data_dir=data,
             wandb_mode=wandb.value if wandb else None,
             console=console,
+            jobs=jobs,
         )
     except MeniscusError as err:
         fail(err)

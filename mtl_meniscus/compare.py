@@ -561,14 +561,20 @@ def run_compare(
     wandb_mode: str | None = None,
     wandb_group: str | None = None,
     console: Console | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """Train and score every variant not yet done in `out_dir`, then write the tables and plots.
 
-    `out_dir` is locked once the checks pass: a second comparison on the same folder is refused."""
+    `jobs` > 1 trains that many variants at once in worker processes with `threads` CPU threads
+    each (default: this process's threads divided among them). `out_dir` is locked once the checks
+    pass: a second comparison on the same folder is refused."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs: bad value {jobs} (expected an integer >= 1)")
     locks: list[RunLock] = []
     try:
         return _compare_locked(
-            compare, Path(out_dir), presets, data_dir, wandb_mode, wandb_group, console, locks
+            compare, Path(out_dir), presets, data_dir, wandb_mode, wandb_group, console, locks, jobs, threads
         )
     finally:
         for lock in locks:
@@ -584,6 +590,8 @@ def _compare_locked(
     wandb_group: str | None,
     console: Console | None,
     locks: list[RunLock],
+    jobs: int,
+    threads: int | None,
 ) -> list[dict[str, Any]]:
     console = console or Console(soft_wrap=True)
     group = wandb_group or out_dir.resolve().name
@@ -622,13 +630,18 @@ def _compare_locked(
 
     runtime = resolve_runtime(reference.train.precision, reference.train.device)
     test_names = [data.records[i].image for i in data.indices("test")]
+    pending = [v for v in variants if statuses[v] != "scored"]
+    if jobs > 1 and len(pending) > 1:
+        _run_in_parallel(pending, statuses, configs, out_dir, jobs, threads, console)
+        statuses = {v: "scored" for v in variants}  # every pending variant now has its result.json
     scored = []
     seconds_by_mode: dict[str, list[float]] = {}
     for k, variant in enumerate(variants, 1):
         run_dir = out_dir / "variants" / variant.name
         status = statuses[variant]
         if status == "scored":
-            console.print(f"variant {k}/{len(variants)}: {variant.name} scored earlier; kept")
+            if variant not in pending:
+                console.print(f"variant {k}/{len(variants)}: {variant.name} scored earlier; kept")
             scored.append(load_scored(variant, run_dir))
             if scored[-1].images != test_names:
                 raise MeniscusError(f"{run_dir} was scored on another test split than this comparison's data")
@@ -641,11 +654,9 @@ def _compare_locked(
         )
         start = time.perf_counter()
         try:
-            if status == "new":
-                train_run(configs[variant], run_dir, console=console)
-            elif status == "started":
-                train_run(None, run_dir, resume=True, console=console)
-            scored.append(score_variant(variant, run_dir, data, configs[variant], runtime))
+            scored.append(
+                _train_and_score(variant, status, configs[variant], run_dir, data, runtime, console)
+            )
         except MeniscusError as err:
             raise MeniscusError(f"variant {variant.name}: {err}") from None
         if status == "new":  # resumed or score-only variants would skew the estimate of what is left
@@ -656,6 +667,106 @@ def _compare_locked(
     write_report(out_dir, table, scored, data.targets[test], console)
     _log_summary(reference, group, out_dir, table, compare)
     return table
+
+
+def _train_and_score(
+    variant: Variant,
+    status: str,
+    config: Config,
+    run_dir: Path,
+    data: PreparedData,
+    runtime: Runtime,
+    console: Console,
+) -> ScoredVariant:
+    """Train a new variant (or resume a started one), then score it."""
+    if status == "new":
+        train_run(config, run_dir, console=console)
+    elif status == "started":
+        train_run(None, run_dir, resume=True, console=console)
+    return score_variant(variant, run_dir, data, config, runtime)
+
+
+def _run_in_parallel(
+    pending: list[Variant],
+    statuses: dict[Variant, str],
+    configs: dict[Variant, Config],
+    out_dir: Path,
+    jobs: int,
+    threads: int | None,
+    console: Console,
+) -> None:
+    """`compare --jobs N`: train and score the pending variants in N worker processes.
+
+    Each worker gets `threads` CPU threads (default: this process's threads divided by N) and, when
+    GPUs are visible, one GPU of its own (round robin). A variant's output goes to
+    variants/<name>.log; results land in the variant folders exactly as in a sequential run.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    import torch
+
+    threads = threads or max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP/CUDA state
+    gpus = torch.cuda.device_count()
+    slots = context.Queue()
+    for slot in range(jobs):
+        slots.put(slot % gpus if gpus else None)
+    console.print(
+        f"training {len(pending)} variants in {jobs} processes, {threads} CPU thread(s) each"
+        + (f", one of {gpus} GPUs each" if gpus else "")
+        + f"; their output: {out_dir / 'variants'}/<variant>.log"
+    )
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_init_worker, initargs=(threads, slots)
+    ) as pool:
+        futures = {
+            pool.submit(_variant_worker, v, statuses[v], configs[v], out_dir / "variants" / v.name): v
+            for v in pending
+        }
+        try:
+            for done, future in enumerate(as_completed(futures), 1):
+                variant = futures[future]
+                try:
+                    seconds = future.result()
+                except MeniscusError as err:
+                    raise MeniscusError(
+                        f"variant {variant.name}: {err} (log: {out_dir / 'variants' / variant.name}.log)"
+                    ) from None
+                except BrokenProcessPool:
+                    raise MeniscusError(
+                        f"a worker process died while training {variant.name} (out of memory?); rerun the "
+                        "same command to continue, with fewer --jobs"
+                    ) from None
+                console.print(f"variant {variant.name} done in {seconds:.0f} s ({done}/{len(pending)})")
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _init_worker(threads: int, slots) -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(threads)
+    gpu = slots.get()
+    if gpu is not None:  # before CUDA starts in this process: it then sees only its own GPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+
+
+def _variant_worker(variant: Variant, status: str, config: Config, run_dir: Path) -> float:
+    """One variant in a worker process: its own copy of the data, its own log; seconds taken."""
+    start = time.perf_counter()
+    log = run_dir.parent / f"{variant.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as handle:
+        console = Console(file=handle, soft_wrap=True)
+        data = prepare_data(Path(config.data.path), config.data)
+        runtime = resolve_runtime(config.train.precision, config.train.device)
+        _train_and_score(variant, status, config, run_dir, data, runtime, console)
+    return time.perf_counter() - start
 
 
 def _to_go(to_go: list[Variant], seconds_by_mode: dict[str, list[float]]) -> str:

@@ -316,6 +316,42 @@ def test_trained_but_unscored_variant_is_scored_not_retrained(
     assert without_timing(read_csv(out / "results.csv")) == without_timing(read_csv(finished / "results.csv"))
 
 
+def test_jobs_in_parallel_give_the_same_table(finished, preset, phantom, tmp_path):
+    """`compare --jobs 2`: the variants train in two worker processes, with as many threads each as
+    the sequential run had, and the table is the same (timings aside)."""
+    import torch
+
+    out = tmp_path / "parallel"
+    run_compare(
+        tiny_compare(preset),
+        out,
+        presets_for(preset),
+        data_dir=phantom,
+        jobs=2,
+        threads=torch.get_num_threads(),
+    )
+
+    def without_timing(rows):
+        return [
+            {
+                k: v
+                for k, v in row.items()
+                if not k.startswith(("infer_", "train_seconds", "train_images_per_s"))
+            }
+            for row in rows
+        ]
+
+    assert without_timing(read_csv(out / "results_per_seed.csv")) == without_timing(
+        read_csv(finished / "results_per_seed.csv")
+    )
+    assert without_timing(read_csv(out / "results.csv")) == without_timing(read_csv(finished / "results.csv"))
+    assert sorted(p.name for p in (out / "variants").glob("*.log")) == sorted(
+        f"{p.name}.log" for p in (finished / "variants").iterdir() if p.is_dir()
+    )
+    with pytest.raises(ConfigError, match="--jobs"):
+        run_compare(tiny_compare(preset), tmp_path / "bad", presets_for(preset), data_dir=phantom, jobs=0)
+
+
 def test_rerun_with_other_settings_is_refused(finished, preset, phantom):
     with pytest.raises(MeniscusError, match="train.max_epochs: 1 -> 2"):
         run_compare(tiny_compare(preset, max_epochs=2), finished, presets_for(preset), data_dir=phantom)
