@@ -37,13 +37,12 @@ from rich.table import Table
 from .config import CompareConfig, Config, load_config, read_config_file
 from .data import PreparedData, prepare_data, resolve_data_dir
 from .errors import ConfigError, MeniscusError
-from .labels import CHALLENGE_WEIGHTS, TASKS
+from .labels import DEFAULT_TASKS, TASKS, TaskTable
 from .metrics import (
     challenge_score,
     delong_test,
     percentile_ci,
     resampled_aucs,
-    supervised_rows,
     task_aucs,
     task_resamples,
 )
@@ -134,18 +133,20 @@ def variant_config(
         overrides["data.phantom_difficulty"] = compare.phantom_difficulty
     config = load_config(preset, overrides)
     if compare.budget == "total" and variant.mode == "separate":
-        overrides["train.steps_per_epoch"] = steps_per_network(config.train.steps_per_epoch)
+        overrides["train.steps_per_epoch"] = steps_per_network(
+            config.train.steps_per_epoch, len(config.model.tasks)
+        )
         config = load_config(preset, overrides)
     return config
 
 
-def steps_per_network(steps_per_epoch: int) -> int:
+def steps_per_network(steps_per_epoch: int, networks: int = len(TASKS)) -> int:
     """Budget 'total': the cascade's networks (one per task) share the shared model's steps.
 
     Each network keeps the epochs (so all validate and stop on the same schedule) and trains
-    steps_per_epoch / len(TASKS) steps of each, rounded to the nearest step, at least one.
+    steps_per_epoch / networks steps of each, rounded to the nearest step, at least one.
     """
-    return max(1, round(steps_per_epoch / len(TASKS)))
+    return max(1, round(steps_per_epoch / networks))
 
 
 def parse_list(text: str, option: str, kind: type = str) -> list:
@@ -252,11 +253,11 @@ def score_variant(
 
     probs = trained.predict(images, runtime, tta=config.tta, seed=TTA_SEED, on_batch=time_batch)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    aucs = task_aucs(data.targets[test], probs)
+    aucs = task_aucs(data.targets[test], probs, data.tasks)
     result = {
         "variant": {"mode": variant.mode, "trunk": variant.trunk, "seed": variant.seed},
         "test_auc": aucs,
-        "test_score": challenge_score(aucs),
+        "test_score": challenge_score(aucs, data.tasks),
         "n_test": len(test),
         "tta_copies": config.tta.copies,
         "params": count_parameters(trained.model),
@@ -273,7 +274,7 @@ def score_variant(
         "precision": runtime.precision,
     }
     names = [data.records[i].image for i in test]
-    _write_predictions(run_dir / PREDICTIONS_FILE, names, data.targets[test], probs)
+    _write_predictions(run_dir / PREDICTIONS_FILE, names, data.targets[test], probs, data.tasks)
     write_text_atomic(
         run_dir / RESULT_FILE, json.dumps(result, indent=2)
     )  # complete or absent: marks it done
@@ -281,15 +282,18 @@ def score_variant(
 
 
 def _write_predictions(
-    path: Path, names: list[str], targets: np.ndarray, probs: dict[str, np.ndarray]
+    path: Path, names: list[str], targets: np.ndarray, probs: dict[str, np.ndarray], tasks: TaskTable
 ) -> None:
+    tasks_out = [t for t in tasks.names if t in probs]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", *TASKS, *(f"p_{t}" for t in TASKS)])
+        writer.writerow(["image", *tasks_out, *(f"p_{t}" for t in tasks_out)])
         for k, name in enumerate(names):
-            labels = ["" if math.isnan(v) else int(v) for v in targets[k]]
+            labels = [
+                "" if math.isnan(v) else int(v) for v in targets[k, [tasks.index(t) for t in tasks_out]]
+            ]
             # Full precision: rounded probabilities would tie and change the AUCs recomputed from this file.
-            writer.writerow([name, *labels, *(repr(float(probs[t][k])) for t in TASKS)])
+            writer.writerow([name, *labels, *(repr(float(probs[t][k])) for t in tasks_out)])
 
 
 def load_scored(variant: Variant, run_dir: Path) -> ScoredVariant:
@@ -297,7 +301,8 @@ def load_scored(variant: Variant, run_dir: Path) -> ScoredVariant:
     result = json.loads((run_dir / RESULT_FILE).read_text())
     with (run_dir / PREDICTIONS_FILE).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    probs = {t: np.array([float(r[f"p_{t}"]) for r in rows]) for t in TASKS}
+    tasks = [column[2:] for column in (rows[0] if rows else {}) if column.startswith("p_")]
+    probs = {t: np.array([float(r[f"p_{t}"]) for r in rows]) for t in tasks}
     return ScoredVariant(variant, result, [r["image"] for r in rows], probs)
 
 
@@ -305,7 +310,11 @@ def load_scored(variant: Variant, run_dir: Path) -> ScoredVariant:
 
 
 def summarize(
-    scored: Sequence[ScoredVariant], targets: np.ndarray, n_bootstrap: int, budget: str = "per-network"
+    scored: Sequence[ScoredVariant],
+    targets: np.ndarray,
+    n_bootstrap: int,
+    budget: str = "per-network",
+    tasks: TaskTable = DEFAULT_TASKS,
 ) -> list[dict[str, Any]]:
     """One row per group (mode, trunk): means and sds over seeds, bootstrap CIs, differences.
 
@@ -321,15 +330,16 @@ def summarize(
     for item in scored:
         groups.setdefault(item.variant.group, []).append(item)
     baseline = baseline_group([s.variant for s in scored])
-    keys = [*TASKS, "score"]
-    weights = np.array([CHALLENGE_WEIGHTS[t] for t in TASKS])
+    names = list(scored[0].probs)  # the tasks of the comparison, in table order
+    keys = [*names, "score"]
+    weights = np.array([tasks.weight(t) for t in names])
     with_seeds = {g: {k: [] for k in keys} for g in groups}
     images_only = {g: {k: [] for k in keys} for g in groups}
     seed_rng = np.random.default_rng([BOOTSTRAP_SEED, 1])
-    for rows_by_task in task_resamples(targets, n_bootstrap, BOOTSTRAP_SEED):
+    for rows_by_task in task_resamples(targets, n_bootstrap, BOOTSTRAP_SEED, tuple(names), tasks):
         for group, members in groups.items():
-            aucs = [resampled_aucs(targets, m.probs, rows_by_task) for m in members]
-            per_seed = np.array([[a[t] for t in TASKS] for a in aucs])  # (seeds, tasks)
+            aucs = [resampled_aucs(targets, m.probs, rows_by_task, tasks) for m in members]
+            per_seed = np.array([[a[t] for t in names] for a in aucs])  # (seeds, tasks)
             per_seed = np.column_stack([per_seed, per_seed @ weights])  # (seeds, tasks + score)
             drawn = seed_rng.integers(0, len(members), size=len(members))
             for column, key in enumerate(keys):
@@ -353,7 +363,7 @@ def summarize(
                 str(m.variant.seed) for m in members if not m.result.get("learned", True)
             ),
         }
-        for task in TASKS:
+        for task in names:
             values = np.array([m.result["test_auc"][task] for m in members])
             low, high = percentile_ci(np.array(with_seeds[group][task]))
             row |= {f"auc_{task}_mean": values.mean(), f"auc_{task}_sd": _sd(values)}
@@ -387,7 +397,9 @@ def _ci_columns(prefix: str, samples) -> dict[str, float]:
     return {f"{prefix}_low": low, f"{prefix}_high": high}
 
 
-def delong_rows(scored: Sequence[ScoredVariant], targets: np.ndarray) -> list[dict[str, Any]]:
+def delong_rows(
+    scored: Sequence[ScoredVariant], targets: np.ndarray, tasks: TaskTable = DEFAULT_TASKS
+) -> list[dict[str, Any]]:
     """DeLong's paired test of each task's AUC: every variant against the baseline of the same seed."""
     baseline = baseline_group([s.variant for s in scored])
     base_by_seed = {s.variant.seed: s for s in scored if s.variant.group == baseline}
@@ -397,10 +409,10 @@ def delong_rows(scored: Sequence[ScoredVariant], targets: np.ndarray) -> list[di
         if item.variant.group == baseline or base is None:
             continue
         row: dict[str, Any] = {"variant": item.variant.name, "baseline": base.variant.name}
-        for task in TASKS:
-            scored_rows = supervised_rows(targets, task)
+        for task in item.probs:
+            scored_rows = tasks.scored_rows(targets, task)
             test = delong_test(
-                targets[scored_rows, TASKS.index(task)],
+                targets[scored_rows, tasks.index(task)],
                 item.probs[task][scored_rows],
                 base.probs[task][scored_rows],
             )
@@ -418,6 +430,13 @@ def _sd(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
+def _task_names(row: dict[str, Any]) -> list[str]:
+    """The tasks of a table row, from its auc_<task>_mean columns."""
+    return [
+        key[len("auc_") : -len("_mean")] for key in row if key.startswith("auc_") and key.endswith("_mean")
+    ]
+
+
 def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the readable table, shared by the terminal and the markdown file."""
     baseline = table[0]["baseline"]
@@ -425,7 +444,7 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
     header = [
         "variant",
         "seeds",
-        *(f"{t} AUC" for t in TASKS),
+        *(f"{t} AUC" for t in _task_names(table[0])),
         "score",
         "score 95% CI (seeds + images)",
         "score 95% CI (images only)",
@@ -456,7 +475,7 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
                     if not_learned
                     else ""
                 ),
-                *(_mean_sd(row[f"auc_{t}_mean"], row[f"auc_{t}_sd"]) for t in TASKS),
+                *(_mean_sd(row[f"auc_{t}_mean"], row[f"auc_{t}_sd"]) for t in _task_names(row)),
                 _mean_sd(row["score_mean"], row["score_sd"]),
                 f"{_num(row['score_ci_low'])}-{_num(row['score_ci_high'])}",
                 f"{_num(row['score_ci_images_low'])}-{_num(row['score_ci_images_high'])}",
@@ -489,14 +508,15 @@ ACCURACY_COLUMNS = 10  # display_cells: variant .. differences; the rest are cos
 
 def delong_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the per-seed DeLong table: AUC difference, z and p per task."""
-    header = ["variant", "vs", *(f"{t} ΔAUC (z, p)" for t in TASKS)]
+    names = [key[: -len("_auc_diff")] for key in rows[0] if key.endswith("_auc_diff")] if rows else []
+    header = ["variant", "vs", *(f"{t} ΔAUC (z, p)" for t in names)]
     cells = [
         [
             row["variant"],
             row["baseline"],
             *(
                 f"{_num(row[f'{t}_auc_diff'], '+.3f')} ({_num(row[f'{t}_z'], '+.2f')}, p={_num(row[f'{t}_p'], '.3f')})"
-                for t in TASKS
+                for t in names
             ),
         ]
         for row in rows
@@ -537,7 +557,7 @@ def per_seed_rows(scored: Sequence[ScoredVariant]) -> list[dict[str, Any]]:
                 "mode": item.variant.mode,
                 "trunk": item.variant.trunk,
                 "seed": item.variant.seed,
-                **{f"auc_{t}": r["test_auc"][t] for t in TASKS},
+                **{f"auc_{t}": auc for t, auc in r["test_auc"].items()},
                 "score": r["test_score"],
                 "params": r["params"],
                 "train_seconds": r["train_wall_seconds"],
@@ -663,8 +683,8 @@ def _compare_locked(
             seconds_by_mode.setdefault(variant.mode, []).append(time.perf_counter() - start)
 
     test = data.indices("test")
-    table = summarize(scored, data.targets[test], compare.bootstrap, compare.budget)
-    write_report(out_dir, table, scored, data.targets[test], console)
+    table = summarize(scored, data.targets[test], compare.bootstrap, compare.budget, data.tasks)
+    write_report(out_dir, table, scored, data.targets[test], console, data.tasks)
     _log_summary(reference, group, out_dir, table, compare)
     return table
 
@@ -784,6 +804,7 @@ def write_report(
     scored: Sequence[ScoredVariant],
     targets: np.ndarray,
     console: Console,
+    tasks: TaskTable = DEFAULT_TASKS,
 ) -> None:
     """results*.csv / results.md / results.json, the plots, and the terminal tables."""
     from .plots import plot_roc_overlay, plot_score_bars
@@ -791,7 +812,7 @@ def write_report(
     _write_csv(out_dir / "results.csv", table)
     per_seed = per_seed_rows(scored)
     _write_csv(out_dir / "results_per_seed.csv", per_seed)
-    delong = delong_rows(scored, targets)
+    delong = delong_rows(scored, targets, tasks)
     if delong:
         _write_csv(out_dir / "results_delong.csv", delong)
     header, rows = display_cells(table)
@@ -819,7 +840,7 @@ def write_report(
     (out_dir / "results.md").write_text(markdown)
     (out_dir / "results.json").write_text(json.dumps(table, indent=2))
     plot_score_bars(table, per_seed, out_dir / "score_bars.png")
-    plot_roc_overlay(scored, targets, out_dir / "roc_overlay.png")
+    plot_roc_overlay(scored, targets, out_dir / "roc_overlay.png", tasks)
 
     # Narrower tables fit a terminal where the markdown table's fourteen columns would not.
     accuracy = (header[:ACCURACY_COLUMNS], [cells[:ACCURACY_COLUMNS] for cells in rows])

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
-from .labels import TASKS
+from .labels import DEFAULT_TASKS, TASKS, Task, TaskTable
 
 # Upper bounds that keep one bad value from exhausting memory or hanging (a batch of 1e8 images,
 # 1e9 TTA copies); far above any useful setting.
@@ -26,6 +26,17 @@ MAX_EPOCH_SAMPLES = 1_000_000  # steps_per_epoch x batch_size: the sampler draws
 MAX_TTA_COPIES = 100
 MAX_BOOTSTRAP = 100_000
 MAX_IMAGE_SIZE = 4096
+
+
+@dataclass
+class TaskConfig:
+    """A task beyond the built-in three (`data.extra_tasks: {NAME: {...}}`), e.g. a per-image flag
+    gated by fissure. Its labels.csv column is NAME; see labels.Task for what each key means."""
+
+    values: dict[str, float] = field(default_factory=dict)  # text -> 1 (positive) or 0, e.g. {yes: 1, no: 0}
+    gated_by: str | None = "fissure"  # null: defined on every image
+    weight: float = 0.0  # weight in the challenge score (0: reported, not scored)
+    positive: str = ""  # what a positive row is called in messages
 
 
 @dataclass
@@ -42,8 +53,40 @@ class DataConfig:
     phantom_seed: int = 0
     phantom_difficulty: Literal["easy", "realistic", "hard"] = "easy"  # of the built-in phantom (path: null)
     max_pixels: int | None = None  # decoded-size limit per file; None: $MTL_MENISCUS_MAX_PIXELS or 64e6
+    extra_tasks: dict[str, TaskConfig] = field(default_factory=dict)  # tasks after the built-in three
+
+    def task_table(self) -> TaskTable:
+        """The built-in tasks followed by `extra_tasks`, in output order."""
+        return DEFAULT_TASKS.extended(
+            Task(name, dict(extra.values), extra.gated_by, extra.weight, extra.positive)
+            for name, extra in self.extra_tasks.items()
+        )
 
     def validate(self) -> None:
+        known = list(DEFAULT_TASKS.names)
+        for name, extra in self.extra_tasks.items():
+            key = f"data.extra_tasks.{name}"
+            _check(
+                bool(re.fullmatch(r"[a-z][a-z0-9_]*", name)) and name not in known,
+                "data.extra_tasks",
+                name,
+                "a new task name: lower-case letters, digits and '_', not one of " + ", ".join(known),
+            )
+            targets = sorted(extra.values.values())
+            _check(
+                targets.count(1.0) == 1 and targets.count(0.0) >= 1 and set(targets) <= {0.0, 1.0},
+                f"{key}.values",
+                extra.values,
+                "texts mapped to 1 (exactly one) and 0, e.g. {yes: 1, no: 0}",
+            )
+            _check(
+                extra.gated_by is None or extra.gated_by in known,
+                f"{key}.gated_by",
+                extra.gated_by,
+                "null or a task declared before it: " + ", ".join(known),
+            )
+            _check(extra.weight >= 0, f"{key}.weight", extra.weight, ">= 0")
+            known.append(name)
         _check(
             32 <= self.image_size <= MAX_IMAGE_SIZE,
             "data.image_size",
@@ -158,7 +201,7 @@ class ModelConfig:
             )
         _check(0 <= self.conv_dropout < 1, "model.conv_dropout", self.conv_dropout, "0..1")
         _check(0 <= self.dense_dropout < 1, "model.dense_dropout", self.dense_dropout, "0..1")
-        _check(set(self.tasks) <= set(TASKS) and len(self.tasks) > 0, "model.tasks", self.tasks, str(TASKS))
+        _check(len(self.tasks) > 0, "model.tasks", self.tasks, "one or more task names")
 
 
 @dataclass
@@ -220,9 +263,6 @@ class TrainConfig:
         _check(self.backbone_lr_factor >= 0, "train.backbone_lr_factor", self.backbone_lr_factor, ">= 0")
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, ">= 0")
         _check(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"an integer 0..{MAX_SEED}")
-        for name in ("task_weights", "pos_weights"):
-            unknown = set(getattr(self, name)) - set(TASKS)
-            _check(not unknown, f"train.{name}", getattr(self, name), f"keys among {', '.join(TASKS)}")
         for task, weight in self.task_weights.items():
             _check(weight >= 0, f"train.task_weights.{task}", weight, ">= 0")
         for task, weight in self.pos_weights.items():
@@ -275,6 +315,23 @@ class Config:
         self.tta.validate()
         self.model.validate()
         self.train.validate()
+        tasks = self.data.task_table()
+        if self.data.extra_tasks and self.model.tasks == TASKS:  # the default: every task of the table
+            self.model.tasks = tasks.names
+        _check(
+            set(self.model.tasks) <= set(tasks.names),
+            "model.tasks",
+            self.model.tasks,
+            "tasks of the table: " + ", ".join(tasks.names),
+        )
+        for name in ("task_weights", "pos_weights"):
+            unknown = set(getattr(self.train, name)) - set(tasks.names)
+            _check(
+                not unknown,
+                f"train.{name}",
+                getattr(self.train, name),
+                f"keys among {', '.join(tasks.names)}",
+            )
         if self.model.trunk == "reference":
             blocks = max(len(self.model.kernels), len(self.model.fissure_kernels))
             _check(

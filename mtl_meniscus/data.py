@@ -20,11 +20,10 @@ import numpy as np
 from .config import DataConfig
 from .errors import DataError, ImageReadError
 from .imageio import max_pixels_limit, read_image
-from .labels import DOUBLE_TEAR, ORIENTATION_VALUES, POSITION_VALUES
+from .labels import DEFAULT_TASKS, DOUBLE_TEAR, TaskTable
 from .phantom import ensure_phantom
 from .splits import SPLIT_NAMES, stratified_group_split
 
-REQUIRED_COLUMNS = ("image", "fissure", "orientation", "position")
 OPTIONAL_COLUMNS = ("patient_id", "split", "slice", "mask")
 SHOWN_PROBLEMS = 50  # in the error message; all of them go to PROBLEMS_FILE
 PROBLEMS_FILE = "labels_problems.txt"
@@ -36,9 +35,7 @@ class Record:
 
     row: int  # line number in labels.csv (the header is line 1)
     image: str  # relative to the data folder, normalised: no '.', '..' or doubled '/' (see inside_path)
-    fissure: int
-    orientation: str  # '' when fissure is 0
-    position: str  # '' when fissure is 0; 'both' for a double tear
+    labels: dict[str, str]  # task -> its text as written (lower case); '' where the task does not apply
     patient_id: str = ""
     split: str = ""
     slice: int | None = None
@@ -49,27 +46,16 @@ class Record:
         """What identifies an image of the data set: its path and, in a volume, its slice."""
         return (self.image, self.slice)
 
-    def label_texts(self) -> tuple[str, str, str]:
-        """(fissure, orientation, position) as written in splits.csv."""
-        return (str(self.fissure), self.orientation, self.position)
-
     @property
     def stratum(self) -> str:
         """Joint label used to stratify splits."""
-        return f"{self.fissure}|{self.orientation}|{self.position}"
+        return "|".join(self.labels.values())
 
-    def targets(self) -> np.ndarray:
-        """(3,) float32 targets in TASKS order; NaN where a task does not apply.
-
-        Orientation and position are NaN without a tear; position is NaN for a double tear
-        (kept only when data.exclude_double_tears is off), so the loss skips it.
-        """
-        if not self.fissure:
-            return np.array([0.0, np.nan, np.nan], np.float32)
-        return np.array(
-            [1.0, ORIENTATION_VALUES[self.orientation], POSITION_VALUES.get(self.position, np.nan)],
-            np.float32,
-        )
+    def targets(self, tasks: TaskTable) -> np.ndarray:
+        """(T,) float32 targets in table order; NaN where a task does not apply or has no target
+        (a double tear's position, kept only when data.exclude_double_tears is off), so the loss
+        skips it."""
+        return np.array([task.target(self.labels[task.name]) for task in tasks], np.float32)
 
 
 def inside_path(text: str) -> str | None:
@@ -84,7 +70,9 @@ def inside_path(text: str) -> str | None:
     return normal
 
 
-def read_labels(data_dir: str | Path, report_dir: str | Path | None = None) -> list[Record]:
+def read_labels(
+    data_dir: str | Path, report_dir: str | Path | None = None, tasks: TaskTable = DEFAULT_TASKS
+) -> list[Record]:
     """Parse and validate DIR/labels.csv; every bad row is reported at once in one DataError.
 
     When there are more problems than the message shows, all of them are written to
@@ -108,11 +96,12 @@ def read_labels(data_dir: str | Path, report_dir: str | Path | None = None) -> l
             f"{csv_path}: column(s) {', '.join(repeated)} appear more than once in the header "
             f"({', '.join(header)}); keep one of each"
         )
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    required = ("image", *tasks.names)
+    missing = [c for c in required if c not in header]
     if missing:
         raise DataError(
             f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
-            f"(required: {', '.join(REQUIRED_COLUMNS)}; optional: {', '.join(OPTIONAL_COLUMNS)})"
+            f"(required: {', '.join(required)}; optional: {', '.join(OPTIONAL_COLUMNS)})"
         )
     problems: list[str] = []
     records: list[Record] = []
@@ -120,7 +109,7 @@ def read_labels(data_dir: str | Path, report_dir: str | Path | None = None) -> l
     seen: dict[tuple[str, int | None], int] = {}  # (normalised path, slice) -> row
     seen_files: dict[tuple[int, int, int | None], int] = {}  # (device, inode, slice): the file itself
     for line, row in enumerate(rows, start=2):
-        record = _validate_row(row, line, data_dir, problems)
+        record = _validate_row(row, line, data_dir, problems, tasks)
         if record is None:
             continue
         written[line] = (row.get("image") or "").strip()
@@ -175,7 +164,9 @@ def _write_problems(csv_path: Path, problems: list[str], report_dir: str | Path 
     return Path(name)
 
 
-def _validate_row(row: dict, line: int, data_dir: Path, problems: list[str]) -> Record | None:
+def _validate_row(
+    row: dict, line: int, data_dir: Path, problems: list[str], tasks: TaskTable
+) -> Record | None:
     def value(column: str) -> str:
         return (row.get(column) or "").strip()
 
@@ -185,20 +176,23 @@ def _validate_row(row: dict, line: int, data_dir: Path, problems: list[str]) -> 
         problems.append(f"row {line}, column '{column}': bad value '{value(column)}' ({allowed})")
 
     image = _file_in_folder(value("image"), "image", line, data_dir, problems, required=True)
-    fissure_text = value("fissure")
-    fissure = {"0": 0, "1": 1}.get(fissure_text)
-    if fissure is None:
-        bad("fissure", "allowed: 0, 1")
-    orientation, position = value("orientation").lower(), value("position").lower()
-    if fissure == 0:
-        for column, text in (("orientation", orientation), ("position", position)):
+    labels: dict[str, str] = {}
+    for task in tasks:
+        text = value(task.name) if task is tasks.root else value(task.name).lower()
+        if task.gated_by is None:
+            if text not in task.values:
+                bad(task.name, "allowed: " + ", ".join(task.values))
+        elif labels.get(task.gated_by) == tasks[task.gated_by].text(0.0):
             if text:
-                bad(column, "must be empty when fissure is 0")
-    elif fissure == 1:
-        if orientation not in ORIENTATION_VALUES:
-            bad("orientation", "a tear needs one of: " + ", ".join(ORIENTATION_VALUES))
-        if position not in (*POSITION_VALUES, DOUBLE_TEAR):
-            bad("position", "a tear needs one of: " + ", ".join((*POSITION_VALUES, DOUBLE_TEAR)))
+                bad(task.name, f"must be empty when {task.gated_by} is {labels[task.gated_by]}")
+        elif labels.get(task.gated_by) == tasks[task.gated_by].text(1.0):
+            if text not in (*task.values, *task.unscored):
+                bad(
+                    task.name,
+                    f"a {tasks[task.gated_by].noun} needs one of: "
+                    + ", ".join((*task.values, *task.unscored)),
+                )
+        labels[task.name] = text
     split = value("split").lower()
     if split and split not in SPLIT_NAMES:
         bad("split", "allowed: " + ", ".join(SPLIT_NAMES) + ", or empty on every row")
@@ -216,9 +210,7 @@ def _validate_row(row: dict, line: int, data_dir: Path, problems: list[str]) -> 
     return Record(
         row=line,
         image=image,
-        fissure=fissure,
-        orientation=orientation,
-        position=position,
+        labels=labels,
         patient_id=value("patient_id"),
         split=split,
         slice=slice_index,
@@ -263,8 +255,9 @@ class PreparedData:
     data_dir: Path
     records: list[Record]
     images: list[np.ndarray]  # raw float32 (H, W), all image_size x image_size
-    targets: np.ndarray  # (N, 3) float32, NaN where a task does not apply
+    targets: np.ndarray  # (N, T) float32 in the order of `tasks`, NaN where a task does not apply
     splits: list[str]
+    tasks: TaskTable = DEFAULT_TASKS
     exclusions: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
     n_rows: int = 0
     resized: int = 0
@@ -288,18 +281,10 @@ class PreparedData:
 
     def write_splits(self, path: str | Path) -> None:
         rows = [
-            (
-                r.image,
-                "" if r.slice is None else r.slice,
-                s,
-                r.fissure,
-                r.orientation,
-                r.position,
-                r.patient_id,
-            )
+            (r.image, "" if r.slice is None else r.slice, s, *r.labels.values(), r.patient_id)
             for r, s in zip(self.records, self.splits)
         ]
-        _write_csv(path, SPLITS_COLUMNS, rows)
+        _write_csv(path, ["image", "slice", "split", *self.tasks.names, "patient_id"], rows)
 
     def same_splits_as(self, path: str | Path) -> bool:
         """True if a run's splits.csv lists exactly these images in these splits (or does not exist yet)."""
@@ -323,8 +308,7 @@ class PreparedData:
         relabelled = [
             key
             for key, row in saved.items()
-            if key in current
-            and (row["fissure"], row["orientation"], row["position"]) != current[key].label_texts()
+            if key in current and any(row.get(name, "") != text for name, text in current[key].labels.items())
         ]
         added = len(self.records) - (len(saved) - len(gone))
         if not (gone or relabelled or added):
@@ -347,12 +331,11 @@ class PreparedData:
         parts = []
         for split in SPLIT_NAMES:
             idx = self.indices(split)
-            tears = int(np.nansum(self.targets[idx, 0])) if len(idx) else 0
+            tears = int(np.nansum(self.targets[idx, 0])) if len(idx) else 0  # the root task: fissure
             parts.append(f"{split} {len(idx)} ({tears} tears)")
         return ", ".join(parts)
 
 
-SPLITS_COLUMNS = ["image", "slice", "split", "fissure", "orientation", "position", "patient_id"]
 NEW_SPLIT = "new"  # an image added to labels.csv after the run: in none of the run's splits
 
 
@@ -398,7 +381,8 @@ def prepare_data(
     `report_dir` receives labels_problems.txt when labels.csv has more problems than the error shows.
     """
     data_dir = Path(data_dir)
-    records = read_labels(data_dir, report_dir)
+    tasks = config.task_table()
+    records = read_labels(data_dir, report_dir, tasks)
     size = config.image_size
     max_pixels = max_pixels_limit(config.max_pixels)
     kept: list[Record] = []
@@ -406,7 +390,7 @@ def prepare_data(
     exclusions: list[tuple[str, str]] = []
     resized = 0
     for record in records:
-        if config.exclude_double_tears and record.position == DOUBLE_TEAR:
+        if config.exclude_double_tears and record.labels.get("position") == DOUBLE_TEAR:
             exclusions.append((record.image, "double tear: position 'both'"))
             continue
         try:
@@ -426,7 +410,7 @@ def prepare_data(
         images.append(image)
     if not kept:
         raise DataError(f"{data_dir}: no usable image left: {_exclusion_reasons(exclusions, size)}")
-    targets = np.stack([r.targets() for r in kept])
+    targets = np.stack([r.targets(tasks) for r in kept])
     splits = assign_splits(kept, config)
     return PreparedData(
         data_dir=data_dir,
@@ -434,6 +418,7 @@ def prepare_data(
         images=images,
         targets=targets,
         splits=splits,
+        tasks=tasks,
         exclusions=exclusions,
         n_rows=len(records),
         resized=resized,

@@ -20,13 +20,12 @@ from rich.table import Table
 from .config import TTAConfig
 from .data import PreparedData, prepare_data
 from .errors import MeniscusError
-from .labels import TASKS, gated_labels
+from .labels import DEFAULT_TASKS, TaskTable
 from .metrics import (
     binary_counts,
     bootstrap_cis,
     challenge_score,
     roc_points,
-    supervised_rows,
     task_aucs,
     youden_threshold,
 )
@@ -41,15 +40,20 @@ from .trained import (
 )
 
 
-def cascade_view(targets: np.ndarray, probs: dict[str, np.ndarray], threshold: float) -> dict[str, Any]:
-    """What the gated cascade reports for the true tears: detected, and right orientation/position."""
-    tears = targets[:, 0] == 1
-    detected = tears & (probs["fissure"] >= threshold)
+def cascade_view(
+    targets: np.ndarray, probs: dict[str, np.ndarray], threshold: float, tasks: TaskTable = DEFAULT_TASKS
+) -> dict[str, Any]:
+    """What the gated cascade reports for the true tears: detected, and right orientation/position
+    (and any other task gated by fissure)."""
+    root = tasks.root.name
+    tears = targets[:, tasks.index(root)] == 1
+    detected = tears & (probs[root] >= threshold)
     view: dict[str, Any] = {"true_tears": int(tears.sum()), "detected": int(detected.sum())}
     correct = detected.copy()
-    for task in ("orientation", "position"):
-        known = detected & ~np.isnan(targets[:, TASKS.index(task)])
-        right = known & ((probs[task] >= 0.5) == (targets[:, TASKS.index(task)] == 1))
+    for task in (t.name for t in tasks if t.gated_by == root and t.name in probs):
+        column = targets[:, tasks.index(task)]
+        known = detected & ~np.isnan(column)
+        right = known & ((probs[task] >= 0.5) == (column == 1))
         view[f"{task}_correct"] = int(right.sum())
         correct &= right | ~known
     view["all_correct"] = int(correct.sum())
@@ -78,19 +82,23 @@ def evaluate(
     images = [data.images[i] for i in indices]
     plain = trained.predict(images, runtime)
     probs = trained.predict(images, runtime, tta=tta, seed=seed) if tta and tta.copies else plain
-    aucs = task_aucs(targets, probs)
-    cis = bootstrap_cis(targets, probs, n_resamples=n_bootstrap, seed=seed) if n_bootstrap else {}
+    tasks = data.tasks
+    aucs = task_aucs(targets, probs, tasks)
+    cis = (
+        bootstrap_cis(targets, probs, n_resamples=n_bootstrap, seed=seed, tasks=tasks) if n_bootstrap else {}
+    )
     per_task = {}
-    for task in TASKS:
-        rows = supervised_rows(targets, task)
-        cut = threshold if task == "fissure" else 0.5
+    for task in (t for t in tasks.names if t in probs):
+        rows = tasks.scored_rows(targets, task)
+        cut = threshold if task == tasks.root.name else 0.5
+        y = targets[rows, tasks.index(task)]
         per_task[task] = {
             "auc": aucs[task],
             "auc_ci95": list(cis.get(task, (math.nan, math.nan))),
             "n": int(rows.sum()),
-            "n_positive": int(np.sum(targets[rows, TASKS.index(task)] == 1)),
+            "n_positive": int(np.sum(y == 1)),
             "threshold": cut,
-            **binary_counts(targets[rows, TASKS.index(task)], probs[task][rows], cut),
+            **binary_counts(y, probs[task][rows], cut),
         }
     metrics = {
         "split": split,
@@ -98,9 +106,9 @@ def evaluate(
         "tta_copies": tta.copies if tta else 0,
         "fissure_threshold": threshold,
         "tasks": per_task,
-        "challenge_score": challenge_score(aucs),
+        "challenge_score": challenge_score(aucs, tasks),
         "challenge_score_ci95": list(cis.get("score", (math.nan, math.nan))),
-        "cascade": cascade_view(targets, probs, threshold),
+        "cascade": cascade_view(targets, probs, threshold, tasks),
         "bootstrap_resamples": n_bootstrap,
         "bootstrap_method": "percentile; each task resampled on its own scored rows, stratified on its own class",
     }
@@ -117,29 +125,33 @@ def write_predictions(
 ) -> None:
     """One row per scored image: labels (1 = tear / horizontal / anterior, empty where a task does
     not apply), probabilities without and with TTA (full precision) and the gated predictions."""
+    tasks = data.tasks
+    names = [t for t in tasks.names if t in probs]
     header = [
         "image",
         "slice",
         "split",
-        *TASKS,
-        *(f"p_{t}" for t in TASKS),
-        *(f"p_{t}_tta" for t in TASKS),
-        *(f"pred_{t}" for t in TASKS),
+        *names,
+        *(f"p_{t}" for t in names),
+        *(f"p_{t}_tta" for t in names),
+        *(f"pred_{t}" for t in names),
     ]
     lines = []
     for k, index in enumerate(indices):
         record = data.records[index]
-        labels = ["" if math.isnan(v) else int(v) for v in data.targets[index]]
-        gated = gated_labels(*(float(probs[t][k]) for t in TASKS), threshold)
+        labels = [
+            "" if math.isnan(v) else int(v) for v in data.targets[index, [tasks.index(t) for t in names]]
+        ]
+        predicted = tasks.predicted_labels({t: float(probs[t][k]) for t in names}, threshold)
         lines.append(
             [
                 record.image,
                 "" if record.slice is None else record.slice,
                 data.splits[index],
                 *labels,
-                *(repr(float(plain[t][k])) for t in TASKS),
-                *(repr(float(probs[t][k])) for t in TASKS),
-                *gated,
+                *(repr(float(plain[t][k])) for t in names),
+                *(repr(float(probs[t][k])) for t in names),
+                *(predicted[t] for t in names),
             ]
         )
     buffer = io.StringIO()
@@ -321,7 +333,7 @@ def run_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     write_predictions(out_dir / "predictions.csv", data, indices, probs, plain, cut)
-    curves = roc_points(targets, probs)
+    curves = roc_points(targets, probs, data.tasks)
     plot_roc(curves, metrics, out_dir / "roc.png")
     console.print(
         metrics_table(

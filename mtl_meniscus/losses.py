@@ -1,7 +1,8 @@
 """Masked multi-task loss and task-weighting strategies.
 
-Targets are (B, 3) in TASKS order with NaN where a task does not apply. Orientation and
-position count only where the true fissure is 1 (and their own target is known).
+Targets are (B, T) in the task table's order with NaN where a task does not apply. A gated task
+(orientation, position) counts only where its gating task's target (fissure) is 1 and its own
+target is known.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .labels import TASKS
+from .labels import DEFAULT_TASKS, TaskTable
 
 
-def task_mask(targets: torch.Tensor, task: str) -> torch.Tensor:
+def task_mask(targets: torch.Tensor, task: str, tasks: TaskTable = DEFAULT_TASKS) -> torch.Tensor:
     """(B,) bool: rows where `task` is supervised (all rows for fissure, true tears otherwise)."""
-    column = targets[:, TASKS.index(task)]
-    known = ~torch.isnan(column)
-    if task == "fissure":
+    known = ~torch.isnan(targets[:, tasks.index(task)])
+    gate = tasks[task].gated_by
+    if gate is None:
         return known
-    return known & (targets[:, 0] == 1)
+    return known & (targets[:, tasks.index(gate)] == 1)
 
 
 def masked_bce(
@@ -43,13 +44,16 @@ def masked_bce(
 
 
 def task_losses(
-    outputs: dict[str, torch.Tensor], targets: torch.Tensor, pos_weights: dict[str, float] | None = None
+    outputs: dict[str, torch.Tensor],
+    targets: torch.Tensor,
+    pos_weights: dict[str, float] | None = None,
+    tasks: TaskTable = DEFAULT_TASKS,
 ) -> dict[str, torch.Tensor]:
     """Masked BCE of each task the model predicts."""
     pos_weights = pos_weights or {}
     return {
         task: masked_bce(
-            logits, targets[:, TASKS.index(task)], task_mask(targets, task), pos_weights.get(task)
+            logits, targets[:, tasks.index(task)], task_mask(targets, task, tasks), pos_weights.get(task)
         )
         for task, logits in outputs.items()
     }

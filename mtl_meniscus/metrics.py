@@ -8,14 +8,12 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 from scipy.stats import rankdata
 
-from .labels import CHALLENGE_WEIGHTS, TASKS
+from .labels import DEFAULT_TASKS, TaskTable
 
 
-def supervised_rows(targets: np.ndarray, task: str) -> np.ndarray:
+def supervised_rows(targets: np.ndarray, task: str, tasks: TaskTable = DEFAULT_TASKS) -> np.ndarray:
     """(N,) bool: rows where a task is scored: all known fissure labels; tears only for the others."""
-    column = targets[:, TASKS.index(task)]
-    known = ~np.isnan(column)
-    return known if task == "fissure" else known & (targets[:, 0] == 1)
+    return tasks.scored_rows(targets, task)
 
 
 def binary_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
@@ -34,30 +32,37 @@ def binary_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def task_aucs(targets: np.ndarray, probs: Mapping[str, np.ndarray]) -> dict[str, float]:
+def task_aucs(
+    targets: np.ndarray, probs: Mapping[str, np.ndarray], tasks: TaskTable = DEFAULT_TASKS
+) -> dict[str, float]:
     """Per-task AUC: fissure on all images, orientation and position on true tears only."""
     out = {}
     for task, p in probs.items():
-        rows = supervised_rows(targets, task)
-        out[task] = binary_auc(targets[rows, TASKS.index(task)], np.asarray(p)[rows])
+        rows = tasks.scored_rows(targets, task)
+        out[task] = binary_auc(targets[rows, tasks.index(task)], np.asarray(p)[rows])
     return out
 
 
-def challenge_score(aucs: Mapping[str, float]) -> float:
-    """0.4 AUC(fissure) + 0.3 AUC(orientation) + 0.3 AUC(position); NaN if any is undefined."""
-    return float(sum(CHALLENGE_WEIGHTS[t] * aucs.get(t, float("nan")) for t in TASKS))
+def challenge_score(aucs: Mapping[str, float], tasks: TaskTable = DEFAULT_TASKS) -> float:
+    """0.4 AUC(fissure) + 0.3 AUC(orientation) + 0.3 AUC(position) (the tasks' weights); NaN if any
+    weighted task is undefined. Tasks of weight 0 are reported, not scored."""
+    return float(sum(t.weight * aucs.get(t.name, float("nan")) for t in tasks if t.weight > 0))
 
 
-def monitor_score(aucs: Mapping[str, float]) -> float:
+def monitor_score(aucs: Mapping[str, float], tasks: TaskTable = DEFAULT_TASKS) -> float:
     """Challenge-weighted mean over the tasks present and defined (the challenge score for all three).
 
-    Used to pick the best epoch: a single-task network of the cascade monitors its own AUC.
+    Used to pick the best epoch: a single-task network of the cascade monitors its own AUC. Tasks
+    of weight 0 count only when no weighted task is there (a network of an unscored task).
     """
     defined = {t: a for t, a in aucs.items() if not math.isnan(a)}
     if not defined:
         return float("nan")
-    total = sum(CHALLENGE_WEIGHTS[t] for t in defined)
-    return float(sum(CHALLENGE_WEIGHTS[t] * a for t, a in defined.items()) / total)
+    weights = {t: tasks.weight(t) for t in defined}
+    if not any(weights.values()):
+        return float(np.mean(list(defined.values())))
+    total = sum(weights.values())
+    return float(sum(weights[t] * a for t, a in defined.items()) / total)
 
 
 def binary_counts(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> dict[str, float]:
@@ -90,15 +95,15 @@ def youden_threshold(y_true: np.ndarray, y_prob: np.ndarray) -> float:
 
 
 def roc_points(
-    targets: np.ndarray, probs: Mapping[str, np.ndarray]
+    targets: np.ndarray, probs: Mapping[str, np.ndarray], tasks: TaskTable = DEFAULT_TASKS
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(fpr, tpr) per task on its scored rows; tasks with one class are left out."""
     from sklearn.metrics import roc_curve
 
     curves = {}
     for task, p in probs.items():
-        rows = supervised_rows(targets, task)
-        y = targets[rows, TASKS.index(task)]
+        rows = tasks.scored_rows(targets, task)
+        y = targets[rows, tasks.index(task)]
         if len(np.unique(y)) == 2:
             fpr, tpr, _ = roc_curve(y, np.asarray(p)[rows])
             curves[task] = (fpr, tpr)
@@ -106,7 +111,11 @@ def roc_points(
 
 
 def task_resamples(
-    targets: np.ndarray, n_resamples: int, seed: int = 0, tasks: tuple[str, ...] = TASKS
+    targets: np.ndarray,
+    n_resamples: int,
+    seed: int = 0,
+    names: tuple[str, ...] | None = None,
+    tasks: TaskTable = DEFAULT_TASKS,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Per resample, {task: row indices} of a bootstrap of that task's own scored rows.
 
@@ -120,9 +129,9 @@ def task_resamples(
     """
     rng = np.random.default_rng(seed)
     classes: dict[str, list[np.ndarray]] = {}
-    for task in tasks:
-        rows = np.flatnonzero(supervised_rows(targets, task))
-        labels = targets[rows, TASKS.index(task)]
+    for task in names or tasks.names:
+        rows = np.flatnonzero(tasks.scored_rows(targets, task))
+        labels = targets[rows, tasks.index(task)]
         classes[task] = [rows[labels == value] for value in (0.0, 1.0) if np.any(labels == value)]
     for _ in range(n_resamples):
         yield {
@@ -134,11 +143,14 @@ def task_resamples(
 
 
 def resampled_aucs(
-    targets: np.ndarray, probs: Mapping[str, np.ndarray], rows_by_task: Mapping[str, np.ndarray]
+    targets: np.ndarray,
+    probs: Mapping[str, np.ndarray],
+    rows_by_task: Mapping[str, np.ndarray],
+    tasks: TaskTable = DEFAULT_TASKS,
 ) -> dict[str, float]:
     """AUC of each task on its own resampled rows (see task_resamples)."""
     return {
-        task: binary_auc(targets[rows_by_task[task], TASKS.index(task)], np.asarray(p)[rows_by_task[task]])
+        task: binary_auc(targets[rows_by_task[task], tasks.index(task)], np.asarray(p)[rows_by_task[task]])
         for task, p in probs.items()
     }
 
@@ -159,6 +171,7 @@ def bootstrap_cis(
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    tasks: TaskTable = DEFAULT_TASKS,
 ) -> dict[str, tuple[float, float]]:
     """Percentile confidence intervals of each task AUC and of the challenge score.
 
@@ -167,11 +180,14 @@ def bootstrap_cis(
     """
     samples: dict[str, list[float]] = {task: [] for task in probs}
     samples["score"] = []
-    for rows_by_task in task_resamples(targets, n_resamples, seed, tuple(probs)):
-        aucs = resampled_aucs(targets, probs, rows_by_task)
+    scored = {t.name for t in tasks if t.weight > 0}
+    for rows_by_task in task_resamples(targets, n_resamples, seed, tuple(probs), tasks):
+        aucs = resampled_aucs(targets, probs, rows_by_task, tasks)
         for task, value in aucs.items():
             samples[task].append(value)
-        samples["score"].append(challenge_score(aucs) if set(aucs) == set(TASKS) else monitor_score(aucs))
+        samples["score"].append(
+            challenge_score(aucs, tasks) if scored <= set(aucs) else monitor_score(aucs, tasks)
+        )
     return {key: percentile_ci(np.asarray(values), level) for key, values in samples.items()}
 
 

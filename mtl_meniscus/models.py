@@ -20,7 +20,6 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError, MeniscusError
-from .labels import TASKS
 
 
 class ConvBlock(nn.Sequential):
@@ -201,7 +200,7 @@ class SeparateCascade(nn.Module):
 
     def __init__(self, networks: dict[str, nn.Module]):
         super().__init__()
-        self.tasks = tuple(t for t in TASKS if t in networks)
+        self.tasks = tuple(networks)  # in the order given: the task table's
         self.networks = nn.ModuleDict(networks)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

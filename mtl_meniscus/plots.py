@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .labels import TASKS  # noqa: E402
+from .labels import DEFAULT_TASKS, TaskTable  # noqa: E402
 
 
 def plot_training_curves(history: list[dict], path: Path) -> None:
@@ -23,7 +23,8 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
         loss_ax.plot(epochs, [r["train_loss"] for r in rows], label="train")
         loss_ax.plot(epochs, [r["val_loss"] for r in rows], label="validation")
         loss_ax.set_title(f"{member}: loss")
-        for task in TASKS:
+        tasks = [key[len("val_auc_") :] for key in rows[0] if key.startswith("val_auc_")]
+        for task in tasks:
             values = [r.get(f"val_auc_{task}") for r in rows]
             if any(v is not None and v == v for v in values):
                 auc_ax.plot(epochs, values, label=task)
@@ -62,22 +63,24 @@ def plot_score_bars(table: list[dict], per_seed: list[dict], path: Path) -> None
     plt.close(fig)
 
 
-def plot_roc_overlay(scored, targets, path: Path) -> None:
+def plot_roc_overlay(scored, targets, path: Path, tasks: TaskTable = DEFAULT_TASKS) -> None:
     """Test ROC per task: one colour per variant, one line per seed."""
     from .metrics import roc_points
 
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 4.2))
+    names = list(scored[0].probs)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
+    axes = axes[0]
     colours: dict[str, str] = {}
     for item in scored:
         group = item.variant.group
         first = group not in colours  # label each variant once
         colour = colours.setdefault(group, f"C{len(colours)}")
-        curves = roc_points(targets, item.probs)
-        for ax, task in zip(axes, TASKS):
+        curves = roc_points(targets, item.probs, tasks)
+        for ax, task in zip(axes, names):
             if task in curves:
                 fpr, tpr = curves[task]
                 ax.plot(fpr, tpr, color=colour, alpha=0.7, linewidth=1.2, label=group if first else None)
-    for ax, task in zip(axes, TASKS):
+    for ax, task in zip(axes, names):
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"{task} (test)")
         ax.set_xlabel("1 - specificity")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -21,42 +22,41 @@ from .cam import unique_names, write_overlays
 from .config import TTAConfig
 from .errors import ImageReadError, MeniscusError
 from .imageio import is_supported_image, max_pixels_limit, read_image
-from .labels import gated_labels
+from .labels import DEFAULT_TASKS, TaskTable
 from .outputs import atomic_write, check_output_dir, check_output_file
 from .runtime import resolve_runtime
 from .trained import TrainedModel, load_trained, resolve_threshold
 
 VOLUME_HINT = "predict reads 2D slices only: save the slice to predict as its own file"
 
-CSV_COLUMNS = [
-    "image",
-    "p_fissure",
-    "fissure",
-    "p_horizontal",
-    "orientation",
-    "p_anterior",
-    "position",
-    "error",
-    "note",
-]
+
+def csv_columns(tasks: TaskTable, names: Sequence[str]) -> list[str]:
+    """image, then per task its probability and predicted label (e.g. p_horizontal, orientation),
+    then error and note."""
+    per_task = [column for name in names for column in (tasks[name].p_column, name)]
+    return ["image", *per_task, "error", "note"]
+
+
+CSV_COLUMNS = csv_columns(DEFAULT_TASKS, DEFAULT_TASKS.names)  # a model of the built-in three tasks
 
 
 @dataclass
 class Prediction:
-    """One output row; probabilities of orientation/position only where a tear is predicted."""
+    """One output row; a gated task's probability and label only where its gate (a tear) is predicted."""
 
     image: str
-    p_fissure: float | None = None
-    fissure: int | None = None
-    p_horizontal: float | None = None
-    orientation: str = ""
-    p_anterior: float | None = None
-    position: str = ""
+    probs: dict[str, float] = field(default_factory=dict)  # task -> probability, where reported
+    labels: dict[str, int | str] = field(default_factory=dict)  # task -> predicted label, '' if gated off
     error: str = ""
     note: str = ""
 
-    def row(self) -> dict:
-        return {column: _cell(getattr(self, column)) for column in CSV_COLUMNS}
+    def row(self, tasks: TaskTable = DEFAULT_TASKS, names: Sequence[str] = DEFAULT_TASKS.names) -> dict:
+        row: dict = {"image": self.image}
+        for name in names:
+            row[tasks[name].p_column] = _cell(self.probs.get(name))
+            row[name] = _cell(self.labels.get(name))
+        row["error"], row["note"] = self.error, self.note
+        return row
 
 
 def _cell(value):
@@ -80,16 +80,17 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def gate(
-    p_fissure: float, p_horizontal: float, p_anterior: float, threshold: float, image: str
-) -> Prediction:
-    """Cascade gating: orientation and position are reported only when fissure >= threshold."""
-    tear, orientation, position = gated_labels(p_fissure, p_horizontal, p_anterior, threshold)
-    prediction = Prediction(image=image, p_fissure=p_fissure, fissure=tear)
-    if tear:
-        prediction.p_horizontal, prediction.orientation = p_horizontal, orientation
-        prediction.p_anterior, prediction.position = p_anterior, position
-    return prediction
+def gate(probs: dict[str, float], tasks: TaskTable, threshold: float, image: str) -> Prediction:
+    """Cascade gating: orientation and position (any task gated by fissure) are reported only when
+    fissure >= threshold."""
+    labels = tasks.predicted_labels(probs, threshold)
+    reported = [name for name, text in labels.items() if text or tasks[name].gated_by is None]
+    return Prediction(
+        image=image,
+        probs={name: probs[name] for name in reported},
+        # a digit label (fissure's 0/1) as a number: CSV and JSON show it as before
+        labels={name: int(text) if text.isdigit() else text for name, text in labels.items()},
+    )
 
 
 def run_predict(
@@ -119,6 +120,8 @@ def run_predict(
     max_pixels = max_pixels_limit(config.data.max_pixels)
     chosen = resolve_threshold(trained, threshold)
     cut = chosen.value
+    tasks = trained.tasks
+    names = [name for name in tasks.names if name in config.model.tasks]  # the model's outputs
     tta = TTAConfig(
         copies=config.tta.copies if tta_copies is None else tta_copies, augment=config.tta.augment
     )
@@ -168,17 +171,11 @@ def run_predict(
                     on_batch=lambda n: progress.update(bar, advance=n),
                 )
                 for k, (row_index, _) in enumerate(chunk):
-                    values = [float(probs[task][k]) for task in ("fissure", "orientation", "position")]
-                    if not np.isfinite(values).all():
+                    values = {task: float(probs[task][k]) for task in names}
+                    if not np.isfinite(list(values.values())).all():
                         rows[row_index].error = f"{rows[row_index].image}: the model's output is not finite"
                         continue
-                    gated = gate(
-                        float(probs["fissure"][k]),
-                        float(probs["orientation"][k]),
-                        float(probs["position"][k]),
-                        cut,
-                        rows[row_index].image,
-                    )
+                    gated = gate(values, tasks, cut, rows[row_index].image)
                     gated.note = rows[row_index].note
                     rows[row_index] = gated
         if cam_dir is not None:
@@ -186,7 +183,7 @@ def run_predict(
                 trained, [(i, image) for i, image in good if not rows[i].error], rows, cam_dir, runtime
             )
 
-    _write_rows(rows, out, as_json)
+    _write_rows(rows, out, as_json, tasks, names)
     failed = sum(1 for r in rows if r.error)
     console.print(
         f"predicted {len(rows) - failed} of {len(rows)} images (TTA {tta.copies} copies, "
@@ -205,12 +202,15 @@ def _write_cams(trained: TrainedModel, good, rows: list[Prediction], cam_dir: Pa
         write_overlays(cam_dir, name, image, cams)
 
 
-def _write_rows(rows: list[Prediction], out: Path, as_json: bool) -> None:
+def _write_rows(
+    rows: list[Prediction], out: Path, as_json: bool, tasks: TaskTable, names: Sequence[str]
+) -> None:
     with atomic_write(out) as tmp, tmp.open("w", newline="") as handle:
         if as_json:
             for row in rows:
-                handle.write(json.dumps({k: (None if v == "" else v) for k, v in row.row().items()}) + "\n")
+                values = row.row(tasks, names).items()
+                handle.write(json.dumps({k: (None if v == "" else v) for k, v in values}) + "\n")
         else:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=csv_columns(tasks, names))
             writer.writeheader()
-            writer.writerows(row.row() for row in rows)
+            writer.writerows(row.row(tasks, names) for row in rows)

@@ -34,9 +34,9 @@ from .data import PreparedData, prepare_data, resolve_data_dir
 from .dataset import EpochBatchSampler, SliceDataset, collate_batch
 from .errors import MeniscusError
 from .inference import predict_probs
-from .labels import CHALLENGE_WEIGHTS, TASKS
+from .labels import DEFAULT_TASKS, TaskTable
 from .losses import TaskWeighting, build_weighting, task_losses
-from .metrics import challenge_score, monitor_score, supervised_rows, task_aucs
+from .metrics import challenge_score, monitor_score, task_aucs
 from .models import SeparateCascade, build_shared, build_single_task, parameter_groups, set_train_mode
 from .outputs import atomic_write, write_text_atomic
 from .plots import plot_training_curves
@@ -75,7 +75,7 @@ def plan_members(config: Config, data: PreparedData, run_dir: Path) -> list[Memb
         return [Member("shared", config.model.tasks, run_dir, train, val)]
     members = []
     for task in config.model.tasks:
-        rows = supervised_rows(data.targets, task)  # all images for fissure, true tears for the others
+        rows = data.tasks.scored_rows(data.targets, task)  # all images for fissure, true tears for the others
         members.append(Member(task, (task,), run_dir / "members" / task, train[rows[train]], val[rows[val]]))
     return members
 
@@ -88,7 +88,8 @@ def check_members(members: list[Member], data: PreparedData) -> list[str]:
     counts = ", ".join(f"{name} {len(data.indices(name))}" for name in ("train", "val", "test"))
     warnings = []
     for member in members:
-        only_tears = member.name in ("orientation", "position")
+        # a gated task's network trains on the rows where its gate is positive (true tears)
+        only_tears = member.name in data.tasks and data.tasks[member.name].gated_by is not None
         if not len(member.train_indices):
             if only_tears and len(data.indices("train")):
                 raise MeniscusError(
@@ -182,7 +183,7 @@ class MemberTrainer:
                 patience=train.early_stopping_patience,
                 lr_patience=train.lr_patience,
                 start_score=member_start_score(
-                    data.targets[member.val_indices], member.tasks, train.left_chance_max
+                    data.targets[member.val_indices], member.tasks, train.left_chance_max, data.tasks
                 ),
             ),
         )
@@ -272,11 +273,11 @@ class MemberTrainer:
                 "epoch": self.state.epoch,
                 "train_loss": train_loss,
                 "val_loss": val["loss"],
-                **{f"val_auc_{t}": val["auc"].get(t, float("nan")) for t in TASKS},
+                **{f"val_auc_{t}": val["auc"].get(t, float("nan")) for t in self.data.tasks.names},
                 "val_score": score,
                 "improved": int(improved),
                 "lr": lr,
-                **{f"weight_{t}": task_weights.get(t, float("nan")) for t in TASKS},
+                **{f"weight_{t}": task_weights.get(t, float("nan")) for t in self.data.tasks.names},
                 "seconds": time.perf_counter() - start,
             }
             self.state.history.append(row)
@@ -357,7 +358,7 @@ class MemberTrainer:
                 x, y = self.runtime.prepare_input(x), y.to(self.runtime.device)  # (B, C, H, W), (B, 3)
                 with self.runtime.autocast():
                     outputs = self.state.model(x)
-                losses = task_losses(outputs, y, train.pos_weights)
+                losses = task_losses(outputs, y, train.pos_weights, self.data.tasks)
                 self.state.optimizer.zero_grad(set_to_none=True)
                 loss, weights = self.state.weighting.backward(losses)
                 if not torch.isfinite(loss):  # before the step: the weights stay as they were
@@ -382,12 +383,19 @@ class MemberTrainer:
         )
         if not all(np.isfinite(p).all() for p in probs.values()):
             raise self.diverged("the network's outputs on the validation images are not finite numbers")
-        aucs = task_aucs(targets, probs)
-        return {"auc": aucs, "score": monitor_score(aucs), "loss": _masked_log_loss(targets, probs)}
+        tasks = self.data.tasks
+        aucs = task_aucs(targets, probs, tasks)
+        return {
+            "auc": aucs,
+            "score": monitor_score(aucs, tasks),
+            "loss": _masked_log_loss(targets, probs, tasks),
+        }
 
     def _report(self, row: dict[str, Any], improved: bool) -> None:
         aucs = " ".join(
-            f"{t} {row[f'val_auc_{t}']:.3f}" for t in TASKS if not math.isnan(row[f"val_auc_{t}"])
+            f"{t} {row[f'val_auc_{t}']:.3f}"
+            for t in self.data.tasks.names
+            if not math.isnan(row[f"val_auc_{t}"])
         )
         star = " *" if improved else ""
         self.console.print(
@@ -400,22 +408,28 @@ class MemberTrainer:
         self.logger.log({f"{self.member.name}/{k}": v for k, v in row.items() if k != "member"})
 
 
-def member_start_score(val_targets: np.ndarray, tasks: tuple[str, ...], cap: float) -> float:
+def member_start_score(
+    val_targets: np.ndarray, names: tuple[str, ...], cap: float, tasks: TaskTable = DEFAULT_TASKS
+) -> float:
     """Validation score at which this network counts as having left chance (see stopping.py)."""
+    # the weights of its monitored score (monitor_score): the tasks' own, or equal when all are 0
+    weights = {name: tasks.weight(name) for name in names}
+    if not any(weights.values()):
+        weights = dict.fromkeys(names, 1.0)
     spreads = []
-    for task in tasks:
-        y = val_targets[supervised_rows(val_targets, task), TASKS.index(task)]
-        spreads.append((CHALLENGE_WEIGHTS[task], chance_sd(int(np.sum(y == 1)), int(np.sum(y == 0)))))
+    for name in names:
+        y = val_targets[tasks.scored_rows(val_targets, name), tasks.index(name)]
+        spreads.append((weights[name], chance_sd(int(np.sum(y == 1)), int(np.sum(y == 0)))))
     return learning_score(spreads, cap)
 
 
-def _masked_log_loss(targets: np.ndarray, probs: dict[str, np.ndarray]) -> float:
+def _masked_log_loss(targets: np.ndarray, probs: dict[str, np.ndarray], tasks: TaskTable) -> float:
     """Validation loss with the training loss's masking: sum over tasks of the mean BCE."""
     total = 0.0
     for task, p in probs.items():
-        rows = supervised_rows(targets, task)
+        rows = tasks.scored_rows(targets, task)
         if rows.any():
-            y = targets[rows, TASKS.index(task)]
+            y = targets[rows, tasks.index(task)]
             q = np.clip(p[rows], 1e-7, 1 - 1e-7)
             total += float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
     return total
@@ -546,10 +560,10 @@ def _final_metrics(
             tta=tta,
             seed=config.train.seed,
         )
-        aucs = task_aucs(targets, probs)
+        aucs = task_aucs(targets, probs, data.tasks)
         results[key] = {
             "auc": aucs,
-            "score": challenge_score(aucs),
+            "score": challenge_score(aucs, data.tasks),
             "n_images": len(test),
             "n_tears": int(np.nansum(targets[:, 0])),
         }

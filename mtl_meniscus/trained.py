@@ -16,7 +16,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import Config, TTAConfig
 from .errors import MeniscusError
 from .inference import predict_probs
-from .labels import TASKS
+from .labels import TaskTable
 from .runtime import Runtime
 
 THRESHOLD_FILE = "threshold.json"
@@ -30,6 +30,11 @@ class TrainedModel:
     config: Config
     checkpoint: Path
     run_dir: Path | None
+
+    @property
+    def tasks(self) -> TaskTable:
+        """The task table the model was trained with (built-in tasks plus its data.extra_tasks)."""
+        return self.config.data.task_table()
 
     def predict(
         self,
@@ -55,7 +60,7 @@ class TrainedModel:
         x = runtime.prepare_input(
             torch.from_numpy(make_input(image, self.config.preprocess.edge_filter))[None]
         )
-        return {task: grad_cam(self.model, x, task)[0] for task in TASKS}  # x: (1, C, H, W)
+        return {task: grad_cam(self.model, x, task)[0] for task in self.config.model.tasks}  # x: (1, C, H, W)
 
     @property
     def saved_threshold(self) -> Threshold | None:

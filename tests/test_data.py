@@ -8,6 +8,7 @@ import pytest
 from mtl_meniscus.config import DataConfig
 from mtl_meniscus.data import prepare_data, read_labels
 from mtl_meniscus.errors import DataError
+from mtl_meniscus.labels import DEFAULT_TASKS
 
 
 def _write_folder(folder, rows, header=("image", "fissure", "orientation", "position"), size=(32, 32)):
@@ -29,9 +30,9 @@ def test_valid_rows_parse(tmp_path):
     _write_folder(tmp_path, [("img/a.png", "0", "", ""), ("img/b.png", "1", "Horizontal", "posterior")])
     records = read_labels(tmp_path)
     assert [r.row for r in records] == [2, 3]
-    assert records[1].orientation == "horizontal"  # case-insensitive
-    np.testing.assert_array_equal(records[1].targets(), [1.0, 1.0, 0.0])
-    assert records[0].fissure == 0 and np.isnan(records[0].targets()[1:]).all()
+    assert records[1].labels == {"fissure": "1", "orientation": "horizontal", "position": "posterior"}
+    np.testing.assert_array_equal(records[1].targets(DEFAULT_TASKS), [1.0, 1.0, 0.0])  # case-insensitive
+    assert records[0].labels["fissure"] == "0" and np.isnan(records[0].targets(DEFAULT_TASKS)[1:]).all()
 
 
 def test_every_bad_row_is_reported_at_once(tmp_path):

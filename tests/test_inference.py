@@ -18,6 +18,7 @@ from mtl_meniscus.cam import grad_cam, overlay, peak_in_mask
 from mtl_meniscus.config import AugmentConfig, ModelConfig, TTAConfig, load_config
 from mtl_meniscus.evaluate import cascade_view, run_evaluation
 from mtl_meniscus.inference import predict_probs
+from mtl_meniscus.labels import DEFAULT_TASKS
 from mtl_meniscus.metrics import binary_counts, bootstrap_cis, youden_threshold
 from mtl_meniscus.models import build_model
 from mtl_meniscus.phantom import write_phantom
@@ -45,11 +46,18 @@ def tiny_run(tmp_path_factory):
 
 # ---- gating and TTA ---------------------------------------------------------------------------
 def test_gating_reports_orientation_and_position_only_for_predicted_tears():
-    tear = gate(0.7, 0.2, 0.9, threshold=0.5, image="a.png")
-    assert (tear.fissure, tear.orientation, tear.position) == (1, "vertical", "anterior")
-    none = gate(0.3, 0.9, 0.9, threshold=0.5, image="b.png")
-    assert none.fissure == 0 and none.orientation == "" and none.position == "" and none.p_horizontal is None
-    assert gate(0.3, 0.9, 0.9, threshold=0.25, image="c.png").orientation == "horizontal"
+    def probs(f, o, p):
+        return {"fissure": f, "orientation": o, "position": p}
+
+    tear = gate(probs(0.7, 0.2, 0.9), DEFAULT_TASKS, threshold=0.5, image="a.png")
+    assert tear.labels == {"fissure": 1, "orientation": "vertical", "position": "anterior"}
+    none = gate(probs(0.3, 0.9, 0.9), DEFAULT_TASKS, threshold=0.5, image="b.png")
+    assert none.labels == {"fissure": 0, "orientation": "", "position": ""}
+    assert none.row()["p_horizontal"] == "" and none.row()["p_fissure"] == 0.3
+    assert (
+        gate(probs(0.3, 0.9, 0.9), DEFAULT_TASKS, threshold=0.25, image="c.png").labels["orientation"]
+        == "horizontal"
+    )
 
 
 class _MeanModel(torch.nn.Module):
