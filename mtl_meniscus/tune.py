@@ -44,6 +44,7 @@ from .data import resolve_data_dir
 from .errors import ConfigError, MeniscusError
 from .labels import CHALLENGE_WEIGHTS
 from .outputs import atomic_write, check_output_dir, write_text_atomic
+from .tracking import resolve_wandb_mode
 from .train import TrainingDivergedError, train_run
 
 WARMUP_EPOCHS = 2  # no network is pruned before it has finished this many epochs
@@ -62,7 +63,7 @@ class Param:
 
     def describe(self) -> str:
         if self.choices:
-            return ", ".join(str(c) for c in self.choices)
+            return ", ".join(str(decode(self.key, c)) for c in self.choices)
         return f"{self.low:g} .. {self.high:g}" + (" (log)" if self.log else "")
 
 
@@ -327,6 +328,13 @@ def run_tune(
         **(overrides or {}),
     }
     base_config = load_config(preset, base)  # a bad preset or option stops here, before the study
+    wandb_resolved = resolve_wandb_mode(base_config.wandb)
+    if n_jobs > 1 and wandb_resolved != "disabled":
+        raise ConfigError(
+            f"--n-jobs {n_jobs} with wandb ({wandb_resolved}): wandb keeps one run per process, so trials "
+            "in parallel threads would end each other's runs; use --wandb disabled, or start several "
+            "tune processes on the same --storage (each with --n-jobs 1)"
+        )
     if data_dir is not None:
         base["data.path"] = str(Path(data_dir).resolve())
     else:
@@ -366,7 +374,22 @@ def run_tune(
     trials_dir = out_dir / "trials"
     write_lock = threading.Lock()  # n_jobs threads finish trials concurrently; one writer at a time
 
+    errors: list[BaseException] = []  # a trial's error stops the search, also from a worker thread
+
     def objective(trial) -> float:
+        try:
+            return train_trial(trial)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted")
+            raise
+        except Exception as err:
+            trial.set_user_attr("error", f"{type(err).__name__}: {str(err)[:500]}")
+            errors.append(err)
+            raise
+
+    def train_trial(trial) -> float:
         sampled = suggest(trial, space)
         run_dir = trials_dir / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
@@ -446,6 +469,8 @@ def run_tune(
     finally:
         with write_lock:
             write_outputs(study, out_dir, space)
+    if errors:  # with n_jobs > 1 Optuna does not re-raise the errors of the last trials
+        raise errors[0]
     write_plots(study, out_dir, console)
     best = best_trial(study)
     if best is not None:

@@ -21,7 +21,7 @@ from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.labels import CHALLENGE_WEIGHTS
 from mtl_meniscus.phantom import write_phantom
 from mtl_meniscus.runlock import RunLock
-from mtl_meniscus.train import train_run
+from mtl_meniscus.train import TrainingDivergedError, train_run
 from mtl_meniscus.tune import SEARCH_SPACE, run_tune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,3 +224,26 @@ def test_missing_optuna_is_a_clear_message(tiny, monkeypatch, tmp_path):
 
 def test_values_are_finite(study_dir):
     assert all(math.isfinite(float(r["value"])) for r in read_trials(study_dir))
+
+
+def test_readme_search_space_table_matches_the_code():
+    readme = (ROOT / "README.md").read_text()
+    for param in SEARCH_SPACE:
+        assert f"| `{param.key}` | {param.describe()} |" in readme, param.key
+
+
+def test_a_diverged_trial_fails_and_the_search_goes_on(tiny, phantom, tmp_path, monkeypatch):
+    def diverge(config, run_dir, **kwargs):
+        raise TrainingDivergedError("[shared] training diverged in epoch 1: the training loss is nan")
+
+    monkeypatch.setattr(tune_module, "train_run", diverge)
+    out = tmp_path / "diverged"
+    study = run_tune(out, tiny, data_dir=phantom, n_trials=2)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert all("diverged" in row["error"] for row in read_trials(out))
+    assert not (out / "best.yaml").exists()
+
+
+def test_parallel_trials_with_wandb_are_refused(tiny, phantom, tmp_path):
+    with pytest.raises(ConfigError, match="--n-jobs 2 with wandb"):
+        run_tune(tmp_path / "t", tiny, data_dir=phantom, n_trials=2, n_jobs=2, wandb_mode="offline")
