@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -27,6 +26,8 @@ from mtl_meniscus.tune import SEARCH_SPACE, run_tune
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cli import app  # noqa: E402
+
+optuna = pytest.importorskip("optuna")  # the [tune] extra (part of [dev])
 
 runner = CliRunner()
 
