@@ -434,7 +434,8 @@ def run_tune(
         elif trial.state == optuna.trial.TrialState.PRUNED:
             last = trial.last_step
             value = trial.intermediate_values.get(last) if last is not None else None
-            what = f"pruned at step {last}" + (f" (score {value:.4f})" if value is not None else "")
+            where = trial.user_attrs.get("pruned_at", f"step {last}")
+            what = f"pruned after {where}" + (f" (validation score {value:.4f})" if value is not None else "")
         else:
             what = f"{state}: {trial.user_attrs.get('error', 'see its train.log')}"
         console.print(
@@ -498,6 +499,7 @@ def _pruning_callback(trial, run_dir: Path, config: Config, warmup_epochs: int) 
         step = members.index(member) * max_epochs + epoch - 1
         trial.report(score, step)
         if epoch > warmup_epochs and trial.should_prune():
+            trial.set_user_attr("pruned_at", f"{member} epoch {epoch}")
             # train_run releases the folder's lock on the way out; last.pt keeps this epoch.
             raise optuna.TrialPruned(f"{member} epoch {epoch}: validation score {score:.4f}")
 

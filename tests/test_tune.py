@@ -133,6 +133,7 @@ def test_a_pruned_trial_leaves_a_resumable_run_folder(tiny, tmp_path, phantom):
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.PRUNED
     assert list(trial.intermediate_values) == [0]  # stopped after epoch 1
+    assert trial.user_attrs["pruned_at"] == "shared epoch 1"
     rows = read_trials(out)
     assert rows[0]["state"] == "PRUNED" and not (out / "best.yaml").exists()
     run_dir = Path(rows[0]["run_dir"])
