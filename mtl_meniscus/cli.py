@@ -448,6 +448,77 @@ def compare(
 
 
 @app.command()
+def tune(
+    mode: Annotated[
+        Mode | None, typer.Option(help="shared or separate (default: the preset's model.name).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Base YAML preset (default: configs/<mode>.yaml).")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Data folder with labels.csv (default: the built-in phantom).")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="Search folder: study.db, trials/, trials.csv, best.yaml, plots.")
+    ] = Path("runs/tune"),
+    n_trials: Annotated[int, typer.Option(help="Trials this process runs (added to the study's).")] = 20,
+    timeout: Annotated[float | None, typer.Option(help="Start no new trial after this many seconds.")] = None,
+    n_jobs: Annotated[
+        int, typer.Option(help="Trials at once, as threads sharing this process's CPU cores (or GPU).")
+    ] = 1,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Optuna storage URL (default: sqlite:///OUT/study.db); e.g. postgresql://user:pw@host/db "
+            "for workers on several machines."
+        ),
+    ] = None,
+    study_name: Annotated[
+        str | None, typer.Option(help="Study name (default: the --out folder's name).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Training seed of every trial, and the sampler's seed.")] = 0,
+    wandb: Annotated[
+        WandbMode | None, typer.Option(help="wandb mode (default: $WANDB_MODE or offline).")
+    ] = None,
+) -> None:
+    """Search hyper-parameters with Optuna, maximizing the validation score; rerun to add trials."""
+    from mtl_meniscus.tune import run_tune
+
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is printed instead
+    except ImportError:
+        pass  # run_tune says how to install it
+    try:
+        run_tune(
+            out,
+            config or preset_path((mode or Mode.shared).value),
+            mode=mode.value if mode else None,
+            data_dir=data,
+            n_trials=n_trials,
+            timeout=timeout,
+            n_jobs=n_jobs,
+            storage=storage,
+            study_name=study_name,
+            seed=seed,
+            wandb_mode=wandb.value if wandb else None,
+            console=console,
+        )
+    except MeniscusError as err:
+        fail(err)
+    except OSError as err:
+        fail(os_error(err))
+    except KeyboardInterrupt:
+        console.print(
+            f"interrupted; finished trials are kept in {out / 'trials.csv'} and the study: rerun the "
+            "same command to add trials (the interrupted one is marked failed; its folder can be "
+            f"continued with {command_name()} train --resume)"
+        )
+        raise typer.Exit(code=130) from None
+
+
+@app.command()
 def bench(
     quick: Annotated[
         bool, typer.Option(help="Tiny sizes that finish in seconds (CI); not for the targets.")
