@@ -10,7 +10,7 @@ OUT/
 
 The objective is the run's best validation score as training reports it in metrics.json: the shared
 model's `members.shared.val_score` (the challenge-weighted mean of its validation AUCs), or for the
-cascade the challenge-weighted mean (CHALLENGE_WEIGHTS) of its three networks' best validation AUCs.
+cascade the challenge-weighted mean (the task table's weights) of its three networks' best validation AUCs.
 
 Pruning: after each epoch the network's validation score is reported to the trial at a step that
 means the same network and epoch in every trial: step = index of the network x max_epochs + epoch
@@ -42,7 +42,7 @@ from .checkpoint import load_checkpoint
 from .config import MAX_SEED, Config, check_option, load_config
 from .data import resolve_data_dir
 from .errors import ConfigError, MeniscusError
-from .labels import CHALLENGE_WEIGHTS
+from .metrics import monitor_score
 from .outputs import atomic_write, check_output_dir, write_text_atomic
 from .tracking import resolve_wandb_mode
 from .train import TrainingDivergedError, train_run
@@ -112,8 +112,7 @@ def objective_value(metrics: dict[str, Any], config: Config) -> float | None:
     scores = {task: members[task]["val_score"] for task in config.model.tasks}
     if any(score is None for score in scores.values()):
         return None
-    total = sum(CHALLENGE_WEIGHTS[task] for task in scores)
-    return float(sum(CHALLENGE_WEIGHTS[task] * score for task, score in scores.items()) / total)
+    return monitor_score(scores, config.data.task_table())  # the tasks' challenge weights
 
 
 def member_folder(run_dir: Path, member: str) -> Path:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from mtl_meniscus import tune as tune_module
 from mtl_meniscus.config import load_config
 from mtl_meniscus.errors import ConfigError, MeniscusError
-from mtl_meniscus.labels import CHALLENGE_WEIGHTS
+from mtl_meniscus.labels import DEFAULT_TASKS
 from mtl_meniscus.phantom import write_phantom
 from mtl_meniscus.runlock import RunLock
 from mtl_meniscus.train import TrainingDivergedError, train_run
@@ -148,7 +148,7 @@ def test_separate_mode_value_is_the_challenge_weighted_mean_of_the_networks(tiny
     study = run_tune(out, tiny, mode="separate", data_dir=phantom, n_trials=1, seed=1)
     trial = study.trials[0]
     metrics = json.loads((Path(trial.user_attrs["run_dir"]) / "metrics.json").read_text())
-    expected = sum(w * metrics["members"][t]["val_score"] for t, w in CHALLENGE_WEIGHTS.items())
+    expected = sum(t.weight * metrics["members"][t.name]["val_score"] for t in DEFAULT_TASKS)
     assert trial.value == pytest.approx(expected)
     assert max(trial.intermediate_values) >= 4  # position network: steps 4.. (max_epochs 2)
 
