@@ -365,8 +365,12 @@ def check_option(ok: bool, option: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{option}: bad value {value!r} (allowed: {allowed})")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file, with a message naming the file when it is not one."""
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The top-level mapping of a YAML file, with a message naming the file when it is not one.
+
+    A file may start from another: `base: other.yaml` (relative to the file's folder) is read
+    first and the file's own sections are merged over it, key by key (a preset as its differences
+    from a base; see configs/base.yaml)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -380,7 +384,27 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid YAML ({str(err)[:500]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return data
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: 'base' must name a YAML file (relative to {path.parent}), got {base!r}")
+    base_path = (path.parent / base).resolve()
+    chain = (*_chain, path.resolve())
+    if base_path in chain:
+        raise ConfigError(
+            f"{path}: 'base: {base}' makes a cycle ({' -> '.join(p.name for p in (*chain, base_path))})"
+        )
+    return _merged(read_config_file(base_path, chain), data)
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` merged over it: mappings key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        both_sections = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_sections else value
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -1,6 +1,6 @@
 import pytest
 
-from mtl_meniscus.config import Config, config_from_dict, load_config
+from mtl_meniscus.config import Config, config_from_dict, load_config, preset_path
 from mtl_meniscus.errors import ConfigError
 
 
@@ -44,3 +44,31 @@ def test_yaml_and_overrides(tmp_path):
     (tmp_path / "bad.yaml").write_text("augment: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_a_preset_is_its_base_plus_its_differences(tmp_path):
+    """`base: FILE` merges the file's sections over its base key by key (lists and values replaced)."""
+    (tmp_path / "base.yaml").write_text("train: {lr: 0.002, batch_size: 16}\nmodel: {widths: [8, 8, 8, 8]}\n")
+    (tmp_path / "child.yaml").write_text(
+        "base: base.yaml\ntrain: {lr: 0.0005}\nmodel: {widths: [4, 4, 4, 4]}\n"
+    )
+    (tmp_path / "grandchild.yaml").write_text("base: child.yaml\ntrain: {batch_size: 8}\n")
+    config = load_config(tmp_path / "grandchild.yaml")
+    assert (config.train.lr, config.train.batch_size, config.model.widths) == (0.0005, 8, (4, 4, 4, 4))
+    # the shipped presets: shared and separate differ from base.yaml only where they say so
+    shared, separate = load_config(preset_path("shared")), load_config(preset_path("separate"))
+    assert shared.train.lr == separate.train.lr == 0.001 and shared.augment == separate.augment
+    assert (shared.model.name, separate.model.name) == ("shared", "separate")
+
+
+def test_a_bad_base_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [1, 2]\n")
+    with pytest.raises(ConfigError, match="'base' must name a YAML file"):
+        load_config(tmp_path / "d.yaml")

@@ -28,14 +28,18 @@ def test_wheel_ships_presets_and_entry_points(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = os.environ | {"PYTHONPATH": str(tmp_path / "site")}
-    probe = "import mtl_meniscus, mtl_meniscus.config as c; print(mtl_meniscus.__file__); print(c.preset_path('shared'))"
+    probe = (
+        "import mtl_meniscus, mtl_meniscus.config as c; print(mtl_meniscus.__file__); "
+        "print(c.preset_path('shared')); print(c.load_config(c.preset_path('shared')).model.widths)"
+    )
     found = subprocess.run(
         [sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True, check=True
     )
-    module_file, preset = found.stdout.split()
+    module_file, preset, widths = found.stdout.splitlines()
     assert Path(module_file).is_relative_to(tmp_path / "site")  # the installed copy, not the checkout
     assert Path(preset) == tmp_path / "site" / "mtl_meniscus" / "configs" / "shared.yaml"
     assert Path(preset).read_text() == (ROOT / "configs" / "shared.yaml").read_text()
+    assert widths == "(16, 32, 48, 64)"  # from base.yaml, shipped beside it
 
     help_text = subprocess.run(
         [sys.executable, "-m", "mtl_meniscus", "train", "--help"],
