@@ -33,7 +33,9 @@ class TaskConfig:
     """A task beyond the built-in three (`data.extra_tasks: {NAME: {...}}`), e.g. a per-image flag
     gated by fissure. Its labels.csv column is NAME; see labels.Task for what each key means."""
 
-    values: dict[str, float] = field(default_factory=dict)  # text -> 1 (positive) or 0, e.g. {yes: 1, no: 0}
+    values: dict[str, float] = field(
+        default_factory=dict
+    )  # text -> 1 (positive) or 0: {displaced: 1, stable: 0}
     gated_by: str | None = "fissure"  # null: defined on every image
     weight: float = 0.0  # weight in the challenge score (0: reported, not scored)
     positive: str = ""  # what a positive row is called in messages
@@ -77,7 +79,7 @@ class DataConfig:
                 targets.count(1.0) == 1 and targets.count(0.0) >= 1 and set(targets) <= {0.0, 1.0},
                 f"{key}.values",
                 extra.values,
-                "texts mapped to 1 (exactly one) and 0, e.g. {yes: 1, no: 0}",
+                "texts mapped to 1 (exactly one) and 0, e.g. {displaced: 1, stable: 0}; quote yes and no",
             )
             _check(
                 extra.gated_by is None or extra.gated_by in known,
