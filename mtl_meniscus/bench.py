@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -211,7 +211,9 @@ def run_benchmark(
     settings = BenchSettings.quick() if quick else BenchSettings()
     models = {mode: (models or {}).get(mode) or ModelConfig(name=mode) for mode in ("shared", "separate")}
     if quick:
-        models = {mode: replace(model, widths=settings.widths) for mode, model in models.items()}
+        models = {
+            mode: model.model_copy(update={"widths": settings.widths}) for mode, model in models.items()
+        }
     config = Config()
     config.data.image_size = settings.image_size
     config.model = models["shared"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,7 @@ def model_from_checkpoint(
         raise MeniscusError(f"{source}: damaged checkpoint: missing {', '.join(missing)}")
     config = config_from_dict(_ignored_settings_cleared(payload["config"]), source=f"{source} (its config)")
     # The weights come from the checkpoint: do not fetch a timm trunk's pretrained weights again.
-    model = build_model(replace(config.model, pretrained="none"))
+    model = build_model(config.model.model_copy(update={"pretrained": "none"}))
     load_weights(model, payload["state_dict"], source)
     model.eval()
     return model, config

@@ -25,7 +25,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -867,7 +867,7 @@ def _log_summary(config: Config, group: str, out_dir: Path, table: list[dict[str
     """One summary run in the comparison's wandb group: the table and both plots."""
     from .tracking import RunLogger
 
-    wandb_config = replace(config.wandb, group=group, job_type="compare-summary")
+    wandb_config = config.wandb.model_copy(update={"group": group, "job_type": "compare-summary"})
     logger = RunLogger(wandb_config, out_dir, f"{group}-summary", compare.to_dict())
     try:
         columns = list(table[0])

@@ -1,18 +1,20 @@
-"""Typed run configuration: dataclasses validated when loaded from YAML (unknown keys fail at once)."""
+"""Typed run configuration: pydantic models, checked when loaded from YAML.
+
+Loading is strict (a YAML `true` is not an integer, a string is not a number, unknown keys fail at
+once) and every error names the key, the value and what is allowed; ranges and cross-field rules
+are the `validate()` methods below.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.resources
-import math
+import json
 import re
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
 from .labels import DEFAULT_TASKS, TASKS, Task, TaskTable
@@ -28,12 +30,17 @@ MAX_BOOTSTRAP = 100_000
 MAX_IMAGE_SIZE = 4096
 
 
-@dataclass
-class TaskConfig:
+class Section(BaseModel):
+    """A config section: unknown keys are refused, numbers must be finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class TaskConfig(Section):
     """A task beyond the built-in three (`data.extra_tasks: {NAME: {...}}`), e.g. a per-image flag
     gated by fissure. Its labels.csv column is NAME; see labels.Task for what each key means."""
 
-    values: dict[str, float] = field(
+    values: dict[str, float] = Field(
         default_factory=dict
     )  # text -> 1 (positive) or 0: {displaced: 1, stable: 0}
     gated_by: str | None = "fissure"  # null: defined on every image
@@ -41,8 +48,7 @@ class TaskConfig:
     positive: str = ""  # what a positive row is called in messages
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the images are and which ones are kept."""
 
     path: str | None = None  # folder with labels.csv; None = the embedded phantom (generated on first use)
@@ -55,7 +61,7 @@ class DataConfig:
     phantom_seed: int = 0
     phantom_difficulty: Literal["easy", "realistic", "hard"] = "easy"  # of the built-in phantom (path: null)
     max_pixels: int | None = None  # decoded-size limit per file; None: $MTL_MENISCUS_MAX_PIXELS or 64e6
-    extra_tasks: dict[str, TaskConfig] = field(default_factory=dict)  # tasks after the built-in three
+    extra_tasks: dict[str, TaskConfig] = Field(default_factory=dict)  # tasks after the built-in three
 
     def task_table(self) -> TaskTable:
         """The built-in tasks followed by `extra_tasks`, in output order."""
@@ -113,8 +119,7 @@ class DataConfig:
         _check(self.phantom_n >= 20, "data.phantom_n", self.phantom_n, "an integer >= 20")
 
 
-@dataclass
-class AugmentConfig:
+class AugmentConfig(Section):
     """Random transforms of one raw image; geometric first, then intensity."""
 
     rotation_deg: float = 45.0  # uniform in [-r, r]; small because 90 deg turns a vertical tear horizontal
@@ -138,8 +143,7 @@ class AugmentConfig:
         _check(self.noise_std >= 0, f"{prefix}.noise_std", self.noise_std, ">= 0")
 
 
-@dataclass
-class PreprocessConfig:
+class PreprocessConfig(Section):
     """How a raw slice becomes the network input (2, H, W)."""
 
     edge_filter: Literal["sobel", "scharr", "laplace", "none"] = "sobel"  # second channel
@@ -149,8 +153,7 @@ FISSURE_KERNELS = (7, 5, 3)  # reference fissure network: 3 blocks
 DEEP_KERNELS = (7, 5, 3, 3)  # reference orientation/position networks: 4 blocks
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Architecture choices; saved in checkpoints so a model can be rebuilt without the YAML."""
 
     name: str = "shared"  # a key of MODEL_BUILDERS: 'shared' or 'separate'
@@ -206,8 +209,7 @@ class ModelConfig:
         _check(len(self.tasks) > 0, "model.tasks", self.tasks, "one or more task names")
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation; defaults from the reference method (Adam, lr 0.001, batch 32, 80 steps/epoch)."""
 
     max_epochs: int = 30
@@ -223,8 +225,8 @@ class TrainConfig:
     min_lr: float = 1e-5
     backbone_lr_factor: float = 1.0  # timm trunks: backbone learning rate = lr * this factor
     weighting: Literal["fixed", "uncertainty"] = "fixed"
-    task_weights: dict[str, float] = field(default_factory=dict)  # fixed weighting; missing tasks get 1
-    pos_weights: dict[str, float] = field(default_factory=dict)  # BCE positive-class weight per task
+    task_weights: dict[str, float] = Field(default_factory=dict)  # fixed weighting; missing tasks get 1
+    pos_weights: dict[str, float] = Field(default_factory=dict)  # BCE positive-class weight per task
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str | None = None  # cpu, cuda or cuda:N; None: the first GPU when there is one, else the CPU
     num_workers: int = 0  # DataLoader worker processes for augmentation (0 = in the training process)
@@ -271,8 +273,7 @@ class TrainConfig:
             _check(weight > 0, f"train.pos_weights.{task}", weight, "> 0")
 
 
-@dataclass
-class WandbConfig:
+class WandbConfig(Section):
     """Weights & Biases logging; offline by default, into the run folder."""
 
     mode: Literal["offline", "online", "disabled"] | None = None  # None: $WANDB_MODE, else offline
@@ -285,12 +286,11 @@ def _tta_augment() -> AugmentConfig:
     return AugmentConfig(rotation_deg=15.0, translate_frac=0.1)
 
 
-@dataclass
-class TTAConfig:
+class TTAConfig(Section):
     """Test-time augmentation: the original plus `copies` milder random copies, averaged."""
 
     copies: int = 5
-    augment: AugmentConfig = field(default_factory=_tta_augment)
+    augment: AugmentConfig = Field(default_factory=_tta_augment)
 
     def validate(self) -> None:
         _check(
@@ -299,17 +299,16 @@ class TTAConfig:
         self.augment.validate("tta.augment")
 
 
-@dataclass
-class Config:
+class Config(Section):
     """Everything a run needs; saved into each run folder and each checkpoint."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    tta: TTAConfig = field(default_factory=TTAConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    tta: TTAConfig = Field(default_factory=TTAConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     def validate(self) -> Config:
         self.data.validate()
@@ -353,7 +352,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists for tuples), ready for YAML, JSON and torch.save(weights_only)."""
-        return _plain(dataclasses.asdict(self))
+        return _plain(self.model_dump())
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -419,8 +418,7 @@ def _plain(value: Any) -> Any:
 
 def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:
     """Build and validate a Config from a nested dict; unknown keys and wrong types name the key."""
-    config = _build(Config, data or {}, prefix="", source=source)
-    return config.validate()
+    return _parse(Config, data or {}, source).validate()
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -484,8 +482,7 @@ def _compare_tta() -> TTAConfig:
     return TTAConfig(copies=5, augment=AugmentConfig(rotation_deg=8.0, translate_frac=0.05))
 
 
-@dataclass
-class CompareConfig:
+class CompareConfig(Section):
     """A comparison: every (mode, trunk, seed) variant trains on the same splits and is scored alike.
 
     Each variant's training config is its mode's preset with the budget, trunk and seed below.
@@ -499,13 +496,13 @@ class CompareConfig:
     budget: str = "per-network"  # BUDGETS: how the budget above counts for the cascade
     # Level of the built-in phantom for every variant; None: the presets' data.phantom_difficulty.
     phantom_difficulty: Literal["easy", "realistic", "hard"] | None = None
-    presets: dict[str, str] = field(
+    presets: dict[str, str] = Field(
         default_factory=dict
     )  # mode -> training preset; default configs/<mode>.yaml
-    pretrained: dict[str, str] = field(
+    pretrained: dict[str, str] = Field(
         default_factory=dict
     )  # timm trunk -> 'default' | 'none' | weights file
-    tta: TTAConfig = field(default_factory=_compare_tta)  # the same test-time augmentation for every variant
+    tta: TTAConfig = Field(default_factory=_compare_tta)  # the same test-time augmentation for every variant
     bootstrap: int = 1000  # stratified bootstrap resamples of the test split for the CIs
 
     def validate(self) -> CompareConfig:
@@ -529,7 +526,7 @@ class CompareConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return _plain(self.model_dump())
 
 
 def preset_path(name: str) -> Path:
@@ -553,84 +550,48 @@ def load_compare_config(
 ) -> CompareConfig:
     """Load a comparison YAML (or the defaults) with dotted-key overrides like {'seeds': [0, 1]}."""
     data, source = _read_yaml(path, overrides)
-    return _build(CompareConfig, data, prefix="", source=source).validate()
+    return _parse(CompareConfig, data, source).validate()
 
 
-def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+def _parse(cls: type[Section], data: dict[str, Any], source: str) -> Any:
+    """`cls` from YAML data, strictly typed (validated as JSON: lists may stand for tuples, but a
+    bool is not a number and a number not a string); the first problem as a ConfigError."""
+    try:
+        return cls.model_validate_json(json.dumps(data, default=str), strict=True)
+    except ValidationError as err:
+        raise _config_error(err, cls, source) from None
+
+
+def _config_error(err: ValidationError, cls: type[Section], source: str) -> ConfigError:
+    """'SOURCE: config key 'train.lr': bad value 'x' (Input should be a valid number)', or, for
+    unknown keys, every unknown key of the first such section with the keys it allows."""
+    problems = err.errors()
+    unknown = [p for p in problems if p["type"] == "extra_forbidden"]
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown config key(s) {', '.join(prefix + k for k in unknown)} "
-            f"(allowed in {prefix.rstrip('.') or 'top level'}: {', '.join(sorted(known))})"
+        section = unknown[0]["loc"][:-1]
+        keys = [".".join(map(str, p["loc"])) for p in unknown if p["loc"][:-1] == section]
+        allowed = ", ".join(sorted(_section_class(cls, section).model_fields))
+        where = ".".join(map(str, section)) or "top level"
+        return ConfigError(
+            f"{source}: unknown config key(s) {', '.join(keys)} (allowed in {where}: {allowed})"
         )
-    values = {name: _coerce(hints[name], value, prefix + name, source) for name, value in data.items()}
-    return cls(**values)
+    first = problems[0]
+    loc, message = first["loc"], first["msg"]
+    if first["type"] == "missing" and loc and isinstance(loc[-1], int):  # a tuple given too few values
+        loc, message = loc[:-1], f"too few values: no item {loc[-1]}"
+    key = ".".join(map(str, loc)) or "top level"
+    return ConfigError(f"{source}: config key '{key}': bad value {first['input']!r} ({message})")
 
 
-def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    bad = ConfigError(f"{source}: config key '{key}': bad value {value!r} (expected {_describe(hint)})")
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".", source)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, key, source)
-            except ConfigError:
-                continue
-        raise bad
-    if origin is Literal:
-        if value not in args:
-            raise bad
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, key, source) for v in value)
-        if len(value) != len(args):
-            raise bad
-        return tuple(_coerce(a, v, key, source) for a, v in zip(args, value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return {str(k): _coerce(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        if not math.isfinite(value):
-            raise ConfigError(f"{source}: config key '{key}': bad value {value!r} (expected a finite number)")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if hint is Any:
-        return value
-    raise bad  # pragma: no cover - a type this loader does not know
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    return getattr(hint, "__name__", str(hint))
+def _section_class(cls: type[Section], loc: tuple) -> type[Section]:
+    """The section class at a location, e.g. ('data', 'extra_tasks', 'displaced') -> TaskConfig."""
+    for part in loc:
+        if isinstance(part, str) and part in cls.model_fields:
+            annotation = cls.model_fields[part].annotation
+            inner = getattr(annotation, "__args__", ())
+            cls = (
+                annotation
+                if isinstance(annotation, type)
+                else next((a for a in inner if isinstance(a, type) and issubclass(a, Section)), cls)
+            )
+    return cls

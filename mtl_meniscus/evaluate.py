@@ -398,13 +398,14 @@ def _log_to_wandb(
     cam_dir: str | Path | None,
 ) -> None:
     """One 'evaluate' run: summary AUCs, ROC, the per-image table, and which model it scored."""
-    from dataclasses import replace
 
     from .cam import unique_names
     from .tracking import RunLogger
 
     config = trained.config
-    wandb_config = replace(config.wandb, job_type="evaluate", **({"mode": wandb_mode} if wandb_mode else {}))
+    wandb_config = config.wandb.model_copy(
+        update={"job_type": "evaluate", **({"mode": wandb_mode} if wandb_mode else {})}
+    )
     logger = RunLogger(wandb_config, out_dir, f"eval-{out_dir.parent.name}-{metrics['split']}", metrics)
     try:
         logger.record_model(trained.checkpoint, trained.run_dir)

@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -212,9 +212,9 @@ class MemberTrainer:
     def _member_config(self) -> Config:
         """Config of this member alone (a single-task network is a one-task 'shared' model)."""
         config = config_from_dict(self.config.to_dict(), source="run config")
-        config.model = replace(config.model, name="shared", tasks=self.member.tasks)
+        config.model = config.model.model_copy(update={"name": "shared", "tasks": self.member.tasks})
         if self.member.name == "fissure" and self.config.model.name == "separate":
-            config.model = replace(config.model, kernels=self.config.model.fissure_kernels)
+            config.model = config.model.model_copy(update={"kernels": self.config.model.fissure_kernels})
         return config
 
     def try_resume(self) -> bool:
@@ -490,7 +490,7 @@ def _train_locked(
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
     console.print(f"training {config.model.name} on {runtime.describe()} -> {run_dir}")
-    wandb_config = replace(config.wandb, job_type=config.wandb.job_type or "train")
+    wandb_config = config.wandb.model_copy(update={"job_type": config.wandb.job_type or "train"})
     logger = RunLogger(wandb_config, run_dir, run_dir.name, config.to_dict())
     logger.define_step_axes([member.name for member in members])
     try:
