@@ -3,6 +3,7 @@ checkout). Each command parses options and makes one call."""
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +14,7 @@ from rich.markup import escape
 
 from mtl_meniscus import __version__
 from mtl_meniscus.config import preset_path
-from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.errors import ConfigError, MeniscusError
 
 app = typer.Typer(
     add_completion=False,
@@ -226,6 +227,9 @@ def train(
         overrides = dict(parse_set_option(text) for text in settings or [])
         overrides |= {key: value for key, value in named.items() if value is not None}
         run_config = load_config(preset if preset.is_file() or config else None, overrides)
+        if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # each process would name its own dated folder
+            raise ConfigError("under torchrun give --out: every process must write to the same run folder")
         run_dir = out or default_run_dir(run_config.model.name)
         train_run(run_config, run_dir, console=console)
     except MeniscusError as err:

@@ -65,13 +65,16 @@ class EpochBatchSampler(Sampler):
     the training set still sees every image before any repeats. Call set_epoch() before iterating.
     """
 
-    def __init__(self, indices: Sequence[int], steps: int, batch_size: int, seed: int):
+    def __init__(
+        self, indices: Sequence[int], steps: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ):
         if len(indices) == 0:
             raise DataError("cannot sample batches from an empty training set")
         self.indices = np.asarray(indices, dtype=np.int64)
         self.steps = steps
         self.batch_size = batch_size
         self.seed = seed
+        self.rank, self.world = rank, world  # under torchrun: this process's rows of each batch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -87,5 +90,5 @@ class EpochBatchSampler(Sampler):
         order = np.concatenate([rng.permutation(self.indices) for _ in range(rounds)])[:needed]
         sample_seeds = rng.integers(0, 2**63 - 1, size=needed)
         for step in range(self.steps):
-            batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            batch = slice(step * self.batch_size + self.rank, (step + 1) * self.batch_size, self.world)
             yield [(int(i), int(s)) for i, s in zip(order[batch], sample_seeds[batch])]

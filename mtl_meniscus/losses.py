@@ -28,9 +28,17 @@ def task_mask(targets: torch.Tensor, task: str, tasks: TaskTable = DEFAULT_TASKS
 
 
 def masked_bce(
-    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, pos_weight: float | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    pos_weight: float | None = None,
+    denominator: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean BCE-with-logits over rows where mask is True; 0 (still attached to the graph) if none."""
+    """Mean BCE-with-logits over rows where mask is True; 0 (still attached to the graph) if none.
+
+    `denominator` replaces the number of masked rows (under torchrun: the whole global batch's
+    count divided by the processes, so that DDP's average of the processes' losses is the mean
+    over the global batch, as in one process)."""
     safe_targets = torch.where(mask, targets, torch.zeros_like(targets))  # NaN * 0 would still be NaN
     # float32 like the loss itself: built in the logits' dtype under bf16 autocast, 10.1 became 10.125.
     weight = (
@@ -40,7 +48,7 @@ def masked_bce(
         logits.float(), safe_targets.float(), pos_weight=weight, reduction="none"
     )
     per_row = per_row * mask.float()
-    return per_row.sum() / mask.sum().clamp(min=1)
+    return per_row.sum() / (mask.sum().clamp(min=1) if denominator is None else denominator)
 
 
 def task_losses(
@@ -48,12 +56,17 @@ def task_losses(
     targets: torch.Tensor,
     pos_weights: dict[str, float] | None = None,
     tasks: TaskTable = DEFAULT_TASKS,
+    denominators: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Masked BCE of each task the model predicts."""
-    pos_weights = pos_weights or {}
+    """Masked BCE of each task the model predicts (`denominators`: see masked_bce)."""
+    pos_weights, denominators = pos_weights or {}, denominators or {}
     return {
         task: masked_bce(
-            logits, targets[:, tasks.index(task)], task_mask(targets, task, tasks), pos_weights.get(task)
+            logits,
+            targets[:, tasks.index(task)],
+            task_mask(targets, task, tasks),
+            pos_weights.get(task),
+            denominators.get(task),
         )
         for task, logits in outputs.items()
     }

@@ -102,4 +102,7 @@ def resolve_runtime(precision: str = "auto", device: str | None = None) -> Runti
         bf16 = precision == "bf16"
     else:
         raise ConfigError(f"precision {precision!r}: allowed are auto, fp32, bf16")
+    if chosen.type == "cuda":
+        # fixed input sizes: let cuDNN pick its fastest convolution algorithms once
+        torch.backends.cudnn.benchmark = True
     return Runtime(chosen, bf16)

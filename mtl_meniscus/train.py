@@ -32,10 +32,13 @@ from .checkpoint import atomic_torch_save, load_checkpoint, model_payload
 from .config import Config, config_from_dict, read_config_file
 from .data import PreparedData, prepare_data, resolve_data_dir
 from .dataset import EpochBatchSampler, SliceDataset, collate_batch
+from .distributed import SINGLE, Distributed, check_batch
+from .distributed import start as start_processes
+from .distributed import stop as stop_processes
 from .errors import MeniscusError
 from .inference import predict_probs
 from .labels import DEFAULT_TASKS, TaskTable
-from .losses import TaskWeighting, build_weighting, task_losses
+from .losses import TaskWeighting, build_weighting, task_losses, task_mask
 from .metrics import challenge_score, monitor_score, task_aucs
 from .models import SeparateCascade, build_shared, build_single_task, parameter_groups, set_train_mode
 from .outputs import atomic_write, write_text_atomic
@@ -166,9 +169,10 @@ class MemberTrainer:
         runtime: Runtime,
         logger: RunLogger,
         console: Console,
+        processes: Distributed = SINGLE,
     ):
         self.member, self.config, self.data, self.runtime = member, config, data, runtime
-        self.logger, self.console = logger, console
+        self.logger, self.console, self.processes = logger, console, processes
         train = config.train
         torch.manual_seed(train.seed)
         model = runtime.prepare_model(member.build(config))
@@ -189,10 +193,18 @@ class MemberTrainer:
         )
         self.dataset = SliceDataset(data.images, data.targets, config.preprocess.edge_filter, config.augment)
         self.sampler = EpochBatchSampler(
-            member.train_indices, train.steps_per_epoch, train.batch_size, train.seed
+            member.train_indices,
+            train.steps_per_epoch,
+            train.batch_size,
+            train.seed,
+            rank=processes.rank,
+            world=processes.world,
         )
+        self.net = processes.wrap(self.state.model, runtime.device)  # DDP under torchrun
 
     def save_last(self) -> None:
+        if not self.processes.main:
+            return
         payload = model_payload(
             self.state.model,
             self.config,
@@ -201,6 +213,8 @@ class MemberTrainer:
         atomic_torch_save(payload, self.member.folder / "last.pt")
 
     def save_best(self) -> None:
+        if not self.processes.main:
+            return
         extra = {
             "member": self.member.name,
             "best_epoch": self.state.stopping.best_epoch,
@@ -290,6 +304,7 @@ class MemberTrainer:
             self._report(row, improved)
             if on_epoch_end is not None:
                 on_epoch_end(self.member.name, self.state.epoch)
+        self.processes.barrier()  # rank 0 has written best.pt
         best = load_checkpoint(self.member.folder / "best.pt")
         self.state.model.load_state_dict(best["state_dict"])
 
@@ -338,6 +353,7 @@ class MemberTrainer:
             batch_sampler=self.sampler,
             num_workers=train.num_workers,
             prefetch_factor=4 if train.num_workers else None,
+            pin_memory=self.runtime.device.type == "cuda",  # faster, asynchronous copies to the GPU
             collate_fn=partial(collate_batch, channels_last=self.runtime.channels_last),
         )
         set_train_mode(self.state.model, self.config.model.freeze_backbone)
@@ -357,10 +373,14 @@ class MemberTrainer:
             for x, y in loader:
                 x, y = self.runtime.prepare_input(x), y.to(self.runtime.device)  # (B, C, H, W), (B, 3)
                 with self.runtime.autocast():
-                    outputs = self.state.model(x)
-                losses = task_losses(outputs, y, train.pos_weights, self.data.tasks)
+                    outputs = self.net(x)
+                tasks = self.data.tasks
+                denominators = self.processes.loss_denominators({t: task_mask(y, t, tasks) for t in outputs})
+                losses = task_losses(outputs, y, train.pos_weights, tasks, denominators)
                 self.state.optimizer.zero_grad(set_to_none=True)
                 loss, weights = self.state.weighting.backward(losses)
+                self.processes.average_gradients(self.state.weighting.parameters())
+                loss = self.processes.mean(loss)  # NaN on every process if one diverged
                 if not torch.isfinite(loss):  # before the step: the weights stay as they were
                     raise self.diverged(f"the training loss is {float(loss)} at step {steps + 1}")
                 self.state.optimizer.step()
@@ -374,13 +394,17 @@ class MemberTrainer:
     def _validate(self) -> dict[str, Any]:
         indices = self.member.val_indices
         targets = self.data.targets[indices]
-        probs = predict_probs(
+        # each process predicts its share of the images; all then hold every probability
+        shards = self.processes.shards(len(indices))
+        mine = [self.data.images[indices[k]] for k in shards[self.processes.rank]]
+        local = predict_probs(
             self.state.model,
-            [self.data.images[i] for i in indices],
+            mine,
             self.config.preprocess.edge_filter,
             self.runtime,
             self.config.train.eval_batch_size,
         )
+        probs = self.processes.gather_probs(local, shards)
         if not all(np.isfinite(p).all() for p in probs.values()):
             raise self.diverged("the network's outputs on the validation images are not finite numbers")
         tasks = self.data.tasks
@@ -450,37 +474,62 @@ def train_run(
     run_dir = Path(run_dir)
     if resume and not (run_dir / "config.yaml").is_file():
         raise MeniscusError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
-    lock = RunLock(run_dir)  # creates the folder and checks that it can be written
+    if resume:
+        config = _load_run_config(run_dir)
+    device_type = resolve_runtime(config.train.precision, config.train.device).device.type
+    processes = start_processes(device_type)  # one process unless started by torchrun
     try:
-        return _train_locked(config, run_dir, resume, console, on_epoch_end)
+        lock, error = None, None
+        if processes.main:  # creates the folder and checks that it can be written
+            try:
+                lock = RunLock(run_dir)
+            except MeniscusError as err:
+                error = err
+        if not processes.agree(error is None):
+            raise error or MeniscusError(f"rank 0 could not take {run_dir}: see its message")
+        try:
+            return _train_locked(config, run_dir, resume, console, on_epoch_end, processes)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
-        lock.release()
+        stop_processes(processes)
 
 
 def _train_locked(
-    config: Config | None,
+    config: Config,
     run_dir: Path,
     resume: bool,
     console: Console | None,
     on_epoch_end: EpochCallback | None,
+    processes: Distributed = SINGLE,
 ) -> dict[str, Any]:
-    console = console or Console(soft_wrap=True)
+    if processes.main:
+        console = console or Console(soft_wrap=True)
+    else:
+        console = Console(quiet=True)  # rank 0 prints
     run_dir = Path(run_dir)
-    if resume:
-        config = _load_run_config(run_dir)
-    elif (run_dir / "last.pt").exists() or (run_dir / "members").exists():
+    if not resume and ((run_dir / "last.pt").exists() or (run_dir / "members").exists()):
         raise MeniscusError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    check_batch(processes, config.train.batch_size)
     runtime = resolve_runtime(config.train.precision, config.train.device)  # a missing GPU stops here
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = resolve_data_dir(config.data)
+    if processes.active and runtime.device.type == "cuda":  # one GPU per process
+        runtime = Runtime(torch.device("cuda", processes.local_rank), runtime.bf16)
+    processes.barrier()  # every process has checked the folder before rank 0 writes into it
+    if processes.main:  # rank 0 generates the built-in phantom, the others then find it cached
+        data_dir = resolve_data_dir(config.data)
+    processes.barrier()
+    if not processes.main:
+        data_dir = resolve_data_dir(config.data)
     config.data.path = str(data_dir.resolve())
     data = prepare_data(data_dir, config.data, report_dir=run_dir)
     if resume and not data.same_splits_as(run_dir / "splits.csv"):
         # Resuming on other splits would train on test images.
         raise MeniscusError(f"cannot resume {run_dir}: the data or its splits changed since the run started")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    data.write_splits(run_dir / "splits.csv")
-    data.write_exclusions(run_dir / "exclusions.csv")
+    if processes.main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        data.write_splits(run_dir / "splits.csv")
+        data.write_exclusions(run_dir / "exclusions.csv")
     console.print(f"data {data_dir}: {data.exclusion_summary()} (report: {run_dir / 'exclusions.csv'})")
     console.print(f"splits: {data.split_summary()}")
 
@@ -489,8 +538,13 @@ def _train_locked(
     for warning in warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
-    console.print(f"training {config.model.name} on {runtime.describe()} -> {run_dir}")
+    console.print(
+        f"training {config.model.name} on {runtime.describe()} -> {run_dir}"
+        + (f" ({processes.world} processes, torchrun)" if processes.active else "")
+    )
     wandb_config = config.wandb.model_copy(update={"job_type": config.wandb.job_type or "train"})
+    if not processes.main:
+        wandb_config.mode = "disabled"
     logger = RunLogger(wandb_config, run_dir, run_dir.name, config.to_dict())
     logger.define_step_axes([member.name for member in members])
     try:
@@ -500,7 +554,7 @@ def _train_locked(
         learn_warnings: list[str] = []  # networks that did not learn
         train_seconds = 0.0
         for member in members:
-            trainer = MemberTrainer(member, config, data, runtime, logger, console)
+            trainer = MemberTrainer(member, config, data, runtime, logger, console, processes)
             if resume and trainer.try_resume():
                 console.print(
                     f"[{member.name}] resumed after epoch {trainer.state.epoch}"
@@ -514,8 +568,11 @@ def _train_locked(
             if trainer.warning:
                 learn_warnings.append(trainer.warning)
             train_seconds += trainer.state.train_seconds
-            _write_history(run_dir / "history.csv", history)
+            if processes.main:
+                _write_history(run_dir / "history.csv", history)
 
+        if not processes.main:
+            return {}  # rank 0 scores the test split and writes the run's files
         model = trained["shared"] if "shared" in trained else SeparateCascade(trained)
         metrics = _final_metrics(model, config, data, runtime, history, best_by_member, train_seconds)
         unknown = any(best["learned"] is None for best in best_by_member.values())
