@@ -62,6 +62,9 @@ class DataConfig(Section):
     phantom_difficulty: Literal["easy", "realistic", "hard"] = "easy"  # of the built-in phantom (path: null)
     max_pixels: int | None = None  # decoded-size limit per file; None: $MTL_MENISCUS_MAX_PIXELS or 64e6
     extra_tasks: dict[str, TaskConfig] = Field(default_factory=dict)  # tasks after the built-in three
+    # A tear may leave orientation/position (any task gated by fissure) empty: unknown, so masked in
+    # the loss and the metrics. Off by default, so that a forgotten label is still an error.
+    allow_unknown_subtype: bool = False
 
     def task_table(self) -> TaskTable:
         """The built-in tasks followed by `extra_tasks`, in output order."""

@@ -71,7 +71,10 @@ def inside_path(text: str) -> str | None:
 
 
 def read_labels(
-    data_dir: str | Path, report_dir: str | Path | None = None, tasks: TaskTable = DEFAULT_TASKS
+    data_dir: str | Path,
+    report_dir: str | Path | None = None,
+    tasks: TaskTable = DEFAULT_TASKS,
+    allow_unknown_subtype: bool = False,
 ) -> list[Record]:
     """Parse and validate DIR/labels.csv; every bad row is reported at once in one DataError.
 
@@ -109,7 +112,7 @@ def read_labels(
     seen: dict[tuple[str, int | None], int] = {}  # (normalised path, slice) -> row
     seen_files: dict[tuple[int, int, int | None], int] = {}  # (device, inode, slice): the file itself
     for line, row in enumerate(rows, start=2):
-        record = _validate_row(row, line, data_dir, problems, tasks)
+        record = _validate_row(row, line, data_dir, problems, tasks, allow_unknown_subtype)
         if record is None:
             continue
         written[line] = (row.get("image") or "").strip()
@@ -141,8 +144,15 @@ def read_labels(
         if len(problems) > SHOWN_PROBLEMS:
             report = _write_problems(csv_path, problems, report_dir)
             more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more: all {len(problems)} are listed in {report}"
+        hint = ""
+        if any("bad value '' (a " in problem and "needs one of" in problem for problem in problems):
+            hint = (
+                "\n  (an empty orientation or position on a tear is an error unless unknown subtypes are "
+                "expected: set data.allow_unknown_subtype: true to mask them in the loss and the metrics)"
+            )
         raise DataError(
-            f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more, problems=problems
+            f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more + hint,
+            problems=problems,
         )
     return records
 
@@ -165,7 +175,12 @@ def _write_problems(csv_path: Path, problems: list[str], report_dir: str | Path 
 
 
 def _validate_row(
-    row: dict, line: int, data_dir: Path, problems: list[str], tasks: TaskTable
+    row: dict,
+    line: int,
+    data_dir: Path,
+    problems: list[str],
+    tasks: TaskTable,
+    allow_unknown_subtype: bool = False,
 ) -> Record | None:
     def value(column: str) -> str:
         return (row.get(column) or "").strip()
@@ -186,7 +201,8 @@ def _validate_row(
             if text:
                 bad(task.name, f"must be empty when {task.gated_by} is {labels[task.gated_by]}")
         elif labels.get(task.gated_by) == tasks[task.gated_by].text(1.0):
-            if text not in (*task.values, *task.unscored):
+            unknown = text == "" and allow_unknown_subtype  # known to be a tear, kind not known
+            if text not in (*task.values, *task.unscored) and not unknown:
                 bad(
                     task.name,
                     f"a {tasks[task.gated_by].noun} needs one of: "
@@ -274,7 +290,24 @@ class PreparedData:
             line += f"; excluded {len(self.exclusions)} ({detail})"
         if self.resized:
             line += f"; resized {self.resized}"
+        unknown = self.unknown_subtypes()
+        if unknown:
+            line += "; unknown (masked, not negative): " + ", ".join(
+                f"{count} {task}" for task, count in unknown.items()
+            )
         return line
+
+    def unknown_subtypes(self) -> dict[str, int]:
+        """{gated task: rows whose gate is positive (a tear) but whose own label is empty}."""
+        counts = {}
+        for task in self.tasks:
+            if task.gated_by is None:
+                continue
+            gate = self.targets[:, self.tasks.index(task.gated_by)] == 1
+            empty = np.array([r.labels[task.name] == "" for r in self.records], dtype=bool)
+            if (gate & empty).any():
+                counts[task.name] = int((gate & empty).sum())
+        return counts
 
     def write_exclusions(self, path: str | Path) -> None:
         _write_csv(path, ["image", "reason"], self.exclusions)
@@ -382,7 +415,7 @@ def prepare_data(
     """
     data_dir = Path(data_dir)
     tasks = config.task_table()
-    records = read_labels(data_dir, report_dir, tasks)
+    records = read_labels(data_dir, report_dir, tasks, config.allow_unknown_subtype)
     size = config.image_size
     max_pixels = max_pixels_limit(config.max_pixels)
     kept: list[Record] = []

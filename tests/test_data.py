@@ -159,3 +159,37 @@ def test_default_phantom_exclusions(small_phantom):
     assert reasons == {"wrong size": 1, "double tear": 1}
     assert all(image.shape == (256, 256) for image in data.images)
     assert Counter(data.splits) == {"train": 41, "val": 11, "test": 6}
+
+
+def test_unknown_subtypes_are_masked_only_when_asked(tmp_path):
+    """A tear with an empty orientation or position: an error by default (a forgotten label), a
+    masked unknown with data.allow_unknown_subtype, counted in the summary line."""
+    rows = [
+        ("img/a.png", "1", "", ""),  # a tear, kind unknown
+        ("img/b.png", "1", "horizontal", ""),  # orientation known, position unknown
+        ("img/c.png", "0", "", ""),
+        ("img/d.png", "1", "vertical", "anterior"),
+    ]
+    _write_folder(tmp_path, rows)
+    with pytest.raises(DataError) as err:
+        read_labels(tmp_path)
+    assert "row 2, column 'orientation': bad value '' (a tear needs one of: horizontal, vertical)" in str(
+        err.value
+    )
+    assert "data.allow_unknown_subtype: true" in str(err.value)
+
+    data = prepare_data(
+        tmp_path, DataConfig(image_size=32, allow_unknown_subtype=True, split_fractions=(1, 0, 0))
+    )
+    by_image = {r.image: data.targets[k] for k, r in enumerate(data.records)}
+    np.testing.assert_array_equal(by_image["img/a.png"], [1.0, np.nan, np.nan])
+    np.testing.assert_array_equal(by_image["img/b.png"], [1.0, 1.0, np.nan])
+    assert "unknown (masked, not negative): 1 orientation, 2 position" in data.exclusion_summary()
+    # unknown is not negative: the loss and the metrics leave those rows out
+    import torch
+
+    from mtl_meniscus.losses import task_mask
+
+    targets = torch.tensor(data.targets)
+    assert task_mask(targets, "position").tolist() == [r.image == "img/d.png" for r in data.records]
+    assert DEFAULT_TASKS.scored_rows(data.targets, "orientation").sum() == 2
