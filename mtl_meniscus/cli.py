@@ -334,12 +334,39 @@ def predict(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU if any, else the CPU).")
     ] = None,
+    exams: Annotated[
+        bool,
+        typer.Option(
+            help="Each input is one exam (a volume: .npy slices first, NIfTI, multi-frame DICOM; or a folder "
+            "holding one DICOM series): one row per exam, from its most suspicious slice."
+        ),
+    ] = False,
+    slices: Annotated[bool, typer.Option(help="With --exams: a row per slice as well.")] = False,
 ) -> None:
-    """Predict tear, orientation and position for image files; exit code 1 if any input failed."""
-    from mtl_meniscus.predict import run_predict
+    """Predict tear, orientation and position for image files or exams; exit code 1 if any input failed."""
+    from mtl_meniscus.predict import run_predict, run_predict_exams
 
     try:
         check_options(tta=tta, threshold=threshold, batch_size=batch_size)
+        if slices and not exams:
+            raise ConfigError("--slices: only with --exams (one row per slice of each exam)")
+        if exams:
+            rows = run_predict_exams(
+                run,
+                inputs,
+                out,
+                as_json=json_lines,
+                tta_copies=tta,
+                threshold=threshold,
+                with_slices=slices,
+                batch_size=batch_size,
+                precision=precision.value,
+                console=console,
+                device=device,
+            )
+            if any(row["error"] for row in rows):
+                raise typer.Exit(code=1)
+            return
         rows = run_predict(
             run,
             inputs,

@@ -104,6 +104,33 @@ def read_image(
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
+def read_volume(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """Every slice of a 3D .npy (slices first), NIfTI (along its last axis) or multi-frame DICOM
+    as float32 (S, H, W); a single 2D image gives one slice. Raises ImageReadError naming the file."""
+    path = Path(path)
+    suffix = image_suffix(path)
+    readers = {**dict.fromkeys(DICOM_SUFFIXES, _read_dicom), **dict.fromkeys(NIFTI_SUFFIXES, _read_nifti)}
+    readers |= dict.fromkeys(NUMPY_SUFFIXES, _read_npy)
+    if suffix not in readers:
+        raise ImageReadError(f"{path}: not a volume (expected .npy, .nii, .nii.gz or DICOM)")
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    try:
+        volume = readers[suffix](path, max_pixels_limit(max_pixels))
+    except ImageReadError as err:
+        raise ImageReadError(f"{path}: {err}") from None
+    except Exception as err:  # decoder errors come in many types; name the file, keep the cause
+        raise ImageReadError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
+    volume = volume[None] if volume.ndim == 2 else volume
+    if volume.ndim != 3 or volume.size == 0:
+        raise ImageReadError(
+            f"{path}: expected a 3D volume (slices, height, width), got shape {volume.shape}"
+        )
+    if not np.isfinite(volume).all():
+        raise ImageReadError(f"{path}: contains NaN or infinite pixel values")
+    return np.ascontiguousarray(volume, dtype=np.float32)
+
+
 def _pixels(count: float) -> str:
     """'400.0 megapixels', or '10,000 pixels' below one megapixel."""
     return f"{count / 1e6:.1f} megapixels" if count >= 1e6 else f"{int(count):,} pixels"

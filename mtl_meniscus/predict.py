@@ -21,6 +21,7 @@ from rich.progress import Progress
 from .cam import unique_names, write_overlays
 from .config import TTAConfig
 from .errors import ImageReadError, MeniscusError
+from .exams import read_exam
 from .imageio import is_supported_image, max_pixels_limit, read_image
 from .labels import DEFAULT_TASKS, TaskTable
 from .outputs import atomic_write, check_output_dir, check_output_file
@@ -214,3 +215,97 @@ def _write_rows(
             writer = csv.DictWriter(handle, fieldnames=csv_columns(tasks, names))
             writer.writeheader()
             writer.writerows(row.row(tasks, names) for row in rows)
+
+
+# ---- whole exams --------------------------------------------------------------------------------
+
+
+def exam_columns(tasks: TaskTable, names: Sequence[str]) -> list[str]:
+    """exam, slice (empty on the exam's own row), slices, top_slice, the per-task columns, error, note."""
+    return ["exam", "slice", "slices", "top_slice", *csv_columns(tasks, names)[1:]]
+
+
+def run_predict_exams(
+    run_or_checkpoint: Path,
+    exams: list[Path],
+    out: Path,
+    as_json: bool = False,
+    tta_copies: int | None = None,
+    threshold: float | None = None,
+    with_slices: bool = False,
+    batch_size: int = 32,
+    seed: int = 0,
+    precision: str = "auto",
+    console: Console | None = None,
+    device: str | None = None,
+) -> list[dict]:
+    """One row per exam (a volume file or a DICOM series folder), from the slice model.
+
+    The exam's fissure probability is the highest of its slices' (max pooling, as in MRNet); the
+    most suspicious slice (`top_slice`, 0-based in the exam's order) gives orientation and
+    position, gated as for a slice. `with_slices` adds a row per slice. A bad exam gets an error
+    row; the others are predicted. Returns the rows as written.
+    """
+    console = console or Console(soft_wrap=True)
+    check_output_file(out, "--out")
+    runtime = resolve_runtime(precision, device)
+    trained = load_trained(run_or_checkpoint, runtime)
+    config, tasks = trained.config, trained.tasks
+    names = [name for name in tasks.names if name in config.model.tasks]
+    size = config.data.image_size
+    chosen = resolve_threshold(trained, threshold)
+    tta = TTAConfig(
+        copies=config.tta.copies if tta_copies is None else tta_copies, augment=config.tta.augment
+    )
+    console.print(chosen.describe(tta.copies), highlight=False, markup=False)
+    columns = exam_columns(tasks, names)
+    rows: list[dict] = []
+    for k, path in enumerate(exams):
+        exam = {"exam": str(path)}
+        try:
+            volume = read_exam(path, max_pixels=max_pixels_limit(config.data.max_pixels))  # (S, H, W)
+        except ImageReadError as err:
+            rows.append(exam | {"error": str(err)})
+            continue
+        slices = [
+            s if s.shape == (size, size) else cv2.resize(s, (size, size), interpolation=cv2.INTER_AREA)
+            for s in volume
+        ]
+        note = (
+            ""
+            if volume.shape[1:] == (size, size)
+            else f"slices resized from {volume.shape[1]}x{volume.shape[2]}"
+        )
+        probs = trained.predict(
+            slices, runtime, tta=tta, seed=seed + k, batch_size=batch_size
+        )  # {task: (S,)}
+        if not all(np.isfinite(p).all() for p in probs.values()):
+            rows.append(exam | {"error": f"{path}: the model's output is not finite"})
+            continue
+        top = int(np.argmax(probs[tasks.root.name]))
+        pooled = {name: float(probs[name][top]) for name in names}  # the root's max, the others there
+        row = gate(pooled, tasks, chosen.value, str(path)).row(tasks, names)
+        rows.append(exam | row | {"slices": len(slices), "top_slice": top, "note": note})
+        if with_slices:
+            for index in range(len(slices)):
+                values = {name: float(probs[name][index]) for name in names}
+                rows.append(
+                    {"exam": str(path), "slice": index}
+                    | gate(values, tasks, chosen.value, "").row(tasks, names)
+                )
+    rows = [{column: row.get(column, "") for column in columns} for row in rows]
+    with atomic_write(out) as tmp, tmp.open("w", newline="") as handle:
+        if as_json:
+            for row in rows:
+                handle.write(json.dumps({k: (None if v == "" else v) for k, v in row.items()}) + "\n")
+        else:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    failed = sum(1 for row in rows if row["error"])
+    console.print(
+        f"predicted {len(exams) - failed} of {len(exams)} exams (TTA {tta.copies} copies, fissure threshold "
+        f"{chosen.value:.3f}; exam = its most suspicious slice) -> {out}"
+        + (f"; {failed} failed, see the error column" if failed else "")
+    )
+    return rows

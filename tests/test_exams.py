@@ -1,0 +1,132 @@
+"""Whole exams: volumes and DICOM series read in anatomical order, and predict on exams."""
+
+import csv
+import shutil
+from pathlib import Path
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from mtl_meniscus.cli import app
+from mtl_meniscus.config import load_config
+from mtl_meniscus.errors import ImageReadError
+from mtl_meniscus.exams import read_exam
+from mtl_meniscus.phantom import write_phantom
+from mtl_meniscus.runtime import resolve_runtime
+from mtl_meniscus.train import train_run
+from mtl_meniscus.trained import load_trained
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+SAGITTAL = [0, 1, 0, 0, 0, -1]  # rows along y, columns along -z: the slice normal is -x
+
+
+def write_series(
+    folder: Path, source: Path, n: int, uid: str = "1.2.3.4", geometry: bool = True
+) -> np.ndarray:
+    """n slices of MR_small.dcm, slice k brightened by 100 k, written in shuffled file order with
+    positions along the normal (or only InstanceNumber); returns the expected (n, 64, 64) stack."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = pydicom.dcmread(source)
+    raw = base.pixel_array.astype(np.int32)
+    names = np.random.default_rng(1).permutation(n)  # file k gets a name unrelated to its place
+    for k in range(n):
+        ds = pydicom.dcmread(source)
+        ds.PixelData = (raw + 100 * k).astype(base.pixel_array.dtype).tobytes()
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, f"{uid}.{k}"
+        ds.InstanceNumber = k + 1
+        if geometry:
+            ds.ImageOrientationPatient = SAGITTAL
+            ds.ImagePositionPatient = [10.0 - 2.5 * k, 0.0, 0.0]  # along -x: k increases along the normal
+        else:
+            for tag in ("ImageOrientationPatient", "ImagePositionPatient"):
+                if tag in ds:
+                    delattr(ds, tag)
+        ds.save_as(folder / f"IM{names[k]:04d}.dcm")
+    return np.stack([(raw + 100 * k).astype(np.float32) for k in range(n)])
+
+
+def test_a_dicom_series_is_read_in_slice_order_not_file_order(pydicom_files, tmp_path):
+    expected = write_series(tmp_path / "exam", pydicom_files / "MR_small.dcm", 5)
+    np.testing.assert_array_equal(read_exam(tmp_path / "exam"), expected)
+    # without the geometry tags, InstanceNumber orders it
+    expected = write_series(tmp_path / "numbered", pydicom_files / "MR_small.dcm", 4, geometry=False)
+    np.testing.assert_array_equal(read_exam(tmp_path / "numbered"), expected)
+
+
+def test_two_series_in_one_folder_are_named(pydicom_files, tmp_path):
+    write_series(tmp_path / "exam", pydicom_files / "MR_small.dcm", 3, uid="1.2.3.4")
+    write_series(tmp_path / "other", pydicom_files / "MR_small.dcm", 2, uid="9.8.7")
+    for file in (tmp_path / "other").iterdir():
+        shutil.copy(file, tmp_path / "exam" / f"other_{file.name}")
+    with pytest.raises(
+        ImageReadError, match=r"2 series in one exam folder: 1\.2\.3\.4 .*3 files.*9\.8\.7 .*2 files"
+    ):
+        read_exam(tmp_path / "exam")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageReadError, match="no DICOM files"):
+        read_exam(tmp_path / "empty")
+
+
+def test_volumes_are_read_slices_first(tmp_path):
+    volume = np.random.default_rng(0).normal(size=(6, 32, 40)).astype(np.float32)
+    np.save(tmp_path / "exam.npy", volume)
+    np.testing.assert_array_equal(read_exam(tmp_path / "exam.npy"), volume)
+    # NIfTI keeps slices along its last axis
+    nib.save(nib.Nifti1Image(np.moveaxis(volume, 0, -1), np.eye(4)), tmp_path / "exam.nii.gz")
+    np.testing.assert_allclose(read_exam(tmp_path / "exam.nii.gz"), volume, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("exam_run")
+    write_phantom(folder / "data", n=80, seed=21, size=64)
+    config = load_config(TINY, {"data.path": str(folder / "data"), "train.max_epochs": 1})
+    train_run(config, folder / "run", console=Console(quiet=True))
+    return folder
+
+
+def test_predict_on_exams_takes_the_most_suspicious_slice(run, pydicom_files, tmp_path):
+    images = sorted((run / "data" / "images").glob("*.png"))[:5]
+    slices = np.stack([cv2.imread(str(p), cv2.IMREAD_UNCHANGED).astype(np.float32) for p in images])
+    np.save(tmp_path / "knee.npy", slices)
+    write_series(tmp_path / "series", pydicom_files / "MR_small.dcm", 3)  # 64x64 like the model
+    out = tmp_path / "exams.csv"
+    inputs = [tmp_path / "knee.npy", tmp_path / "series", tmp_path / "missing.npy"]
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(run / "run"),
+            *map(str, inputs),
+            "--exams",
+            "--slices",
+            "--tta",
+            "0",
+            "--precision",
+            "fp32",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 1, result.output  # the missing exam fails; the others are predicted
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    exams = [r for r in rows if r["slice"] == ""]
+    assert [r["exam"] for r in exams] == list(map(str, inputs))
+    assert "not found" in exams[2]["error"] and exams[0]["error"] == exams[1]["error"] == ""
+    # the exam's fissure probability is its slices' maximum, its top slice where that is
+    trained = load_trained(run / "run", resolve_runtime("fp32"))
+    probs = trained.predict(list(slices), resolve_runtime("fp32"))
+    top = int(np.argmax(probs["fissure"]))
+    assert int(exams[0]["slices"]) == 5 and int(exams[0]["top_slice"]) == top
+    assert float(exams[0]["p_fissure"]) == pytest.approx(float(probs["fissure"].max()), abs=1e-5)
+    per_slice = [r for r in rows if r["exam"] == str(inputs[0]) and r["slice"] != ""]
+    assert [int(r["slice"]) for r in per_slice] == [0, 1, 2, 3, 4]
+    for row, p in zip(per_slice, probs["fissure"]):
+        assert float(row["p_fissure"]) == pytest.approx(float(p), abs=1e-5)
+    assert len([r for r in rows if r["exam"] == str(inputs[1]) and r["slice"] != ""]) == 3
