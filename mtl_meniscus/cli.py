@@ -350,42 +350,31 @@ def predict(
         check_options(tta=tta, threshold=threshold, batch_size=batch_size)
         if slices and not exams:
             raise ConfigError("--slices: only with --exams (one row per slice of each exam)")
-        if exams:
-            rows = run_predict_exams(
-                run,
-                inputs,
-                out,
-                as_json=json_lines,
-                tta_copies=tta,
-                threshold=threshold,
-                with_slices=slices,
-                batch_size=batch_size,
-                precision=precision.value,
-                console=console,
-                device=device,
-            )
-            if any(row["error"] for row in rows):
-                raise typer.Exit(code=1)
-            return
-        rows = run_predict(
-            run,
-            inputs,
-            out,
+        for name, given in (("--cam", cam is not None), ("--strict-size", strict_size)):
+            if exams and given:
+                raise ConfigError(
+                    f"{name}: not available with --exams (exam slices are resized to the model's size)"
+                )
+        common = dict(
             as_json=json_lines,
             tta_copies=tta,
             threshold=threshold,
-            strict_size=strict_size,
             batch_size=batch_size,
-            cam_dir=cam,
             precision=precision.value,
             console=console,
             device=device,
         )
+        if exams:
+            rows = run_predict_exams(run, inputs, out, with_slices=slices, **common)
+            failed = any(row["error"] for row in rows)
+        else:
+            rows = run_predict(run, inputs, out, strict_size=strict_size, cam_dir=cam, **common)
+            failed = any(row.error for row in rows)
     except MeniscusError as err:
         fail(err)
     except OSError as err:
         fail(os_error(err))
-    if any(row.error for row in rows):
+    if failed:
         raise typer.Exit(code=1)
 
 

@@ -130,3 +130,17 @@ def test_predict_on_exams_takes_the_most_suspicious_slice(run, pydicom_files, tm
     for row, p in zip(per_slice, probs["fissure"]):
         assert float(row["p_fissure"]) == pytest.approx(float(p), abs=1e-5)
     assert len([r for r in rows if r["exam"] == str(inputs[1]) and r["slice"] != ""]) == 3
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--slices"], "--slices: only with --exams"),
+        (["--exams", "--strict-size"], "--strict-size: not available"),
+    ],
+)
+def test_exam_options_that_do_not_fit_are_named(run, tmp_path, options, message):
+    np.save(tmp_path / "knee.npy", np.zeros((2, 64, 64), np.float32))
+    result = CliRunner().invoke(app, ["predict", str(run / "run"), str(tmp_path / "knee.npy"), *options])
+    assert result.exit_code == 1 and message in result.output
+    assert "Traceback" not in result.output
