@@ -132,12 +132,38 @@ def make_phantom(
     overwrite: Annotated[
         bool, typer.Option(help="Write into a folder that is not empty (same-named files are replaced).")
     ] = False,
+    exams: Annotated[
+        int | None,
+        typer.Option(
+            help="Write this many whole exams (slice stacks) instead of single slices; see --format."
+        ),
+    ] = None,
+    slices: Annotated[int, typer.Option(help="With --exams: slices per exam.")] = 24,
+    exam_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="With --exams: mrnet (train|valid/sagittal/NNNN.npy + *-meniscus.csv), dicom-series "
+            "(exam_NNNN/ folders of DICOM slices) or nifti (exam_NNNN.nii.gz).",
+        ),
+    ] = "mrnet",
 ) -> None:
-    """Write the synthetic knee MRI phantom in the folder format."""
+    """Write the synthetic knee MRI phantom in the folder format (or, with --exams, whole exams)."""
     from mtl_meniscus.phantom import parse_setting, phantom_settings, summarize_cases, write_phantom
 
     try:
         chosen = phantom_settings(difficulty, dict(parse_setting(text) for text in settings or []))
+        if exams is not None:
+            from mtl_meniscus.phantom_exams import write_phantom_exams
+
+            written = write_phantom_exams(
+                out, n=exams, n_slices=slices, seed=seed, size=size, fmt=exam_format, settings=chosen
+            )
+            tears = sum(exam.case.fissure for exam in written)
+            console.print(
+                f"wrote {len(written)} exams of {slices} slices ({exam_format}) to {out}; {tears} with a tear"
+            )
+            return
         cases = write_phantom(out, n=n, seed=seed, size=size, settings=chosen, overwrite=overwrite)
     except MeniscusError as err:
         fail(err)

@@ -144,3 +144,47 @@ def test_exam_options_that_do_not_fit_are_named(run, tmp_path, options, message)
     result = CliRunner().invoke(app, ["predict", str(run / "run"), str(tmp_path / "knee.npy"), *options])
     assert result.exit_code == 1 and message in result.output
     assert "Traceback" not in result.output
+
+
+# ---- phantom exams ------------------------------------------------------------------------------
+
+
+def _digest(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_phantom_exams_in_the_mrnet_layout(tmp_path):
+    from mtl_meniscus.phantom_exams import write_phantom_exams
+
+    exams = write_phantom_exams(tmp_path / "a", n=20, n_slices=6, seed=3, size=64, fmt="mrnet")
+    write_phantom_exams(tmp_path / "b", n=20, n_slices=6, seed=3, size=64, fmt="mrnet")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")  # same seed, same bytes
+    train = sorted((tmp_path / "a" / "train" / "sagittal").glob("*.npy"))
+    valid = sorted((tmp_path / "a" / "valid" / "sagittal").glob("*.npy"))
+    assert (len(train), len(valid)) == (18, 2)
+    volume = np.load(train[0])
+    assert volume.dtype == np.uint8 and volume.shape == (6, 64, 64)
+    with (tmp_path / "a" / "valid-meniscus.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))  # no header: case,label
+    assert rows == [[p.stem, str(e.case.fissure)] for p, e in zip(valid, exams[18:])]
+    assert sum(e.case.fissure for e in exams) == 6  # the phantom's label mix: a quarter with a tear
+
+
+def test_phantom_exam_formats_hold_the_same_volume_and_the_tear_spans_adjacent_slices(tmp_path):
+    from mtl_meniscus.phantom import PhantomSettings
+    from mtl_meniscus.phantom_exams import render_exam, write_phantom_exams
+
+    exams = write_phantom_exams(tmp_path / "dicom", n=20, n_slices=8, seed=5, size=64, fmt="dicom-series")
+    write_phantom_exams(tmp_path / "nifti", n=20, n_slices=8, seed=5, size=64, fmt="nifti")
+    exam = next(e for e in exams if e.case.fissure)
+    from_dicom = read_exam(tmp_path / "dicom" / f"exam_{exam.name}")  # files in shuffled order
+    np.testing.assert_array_equal(from_dicom, read_exam(tmp_path / "nifti" / f"exam_{exam.name}.nii.gz"))
+    # the same exam without its tear differs exactly on the tear's slices, which are adjacent
+    import dataclasses
+
+    healthy = render_exam(dataclasses.replace(exam, tear_slices=None), 8, 5, PhantomSettings())
+    differs = [s for s in range(8) if not np.array_equal(healthy[s], from_dicom[s])]
+    first, last = exam.tear_slices
+    assert differs == list(range(first, last + 1)) and 3 <= len(differs) <= 5
