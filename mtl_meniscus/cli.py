@@ -174,6 +174,33 @@ def make_phantom(
     console.print(", ".join(f"{k}: {v}" for k, v in summary.items()), highlight=False)
 
 
+@app.command("import-fastmri")
+def import_fastmri(
+    annotations: Annotated[
+        Path, typer.Argument(help="fastMRI+ knee.csv (file,slice,study_level,x,y,width,height,label).")
+    ],
+    volumes: Annotated[Path, typer.Argument(help="Folder of the fastMRI knee .h5 files.")],
+    out: Annotated[
+        Path, typer.Argument(help="Empty folder for the data folder (labels.csv, volumes/, masks/).")
+    ],
+) -> None:
+    """Turn fastMRI+ annotations into a data folder: a row per slice, tear where a "Meniscus Tear" box lies."""
+    from mtl_meniscus.fastmri import import_fastmri_plus
+
+    try:
+        counts = import_fastmri_plus(annotations, volumes, out)
+    except MeniscusError as err:
+        fail(err)
+    except OSError as err:
+        fail(os_error(err))
+    console.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out}", highlight=False)
+    console.print(
+        "orientation and position are unknown in fastMRI+: train with --data "
+        f"{out} --set data.allow_unknown_subtype=true --set data.image_size=320 (its reconstructions are 320x320)",
+        highlight=False,
+    )
+
+
 @app.command()
 def train(
     mode: Annotated[

@@ -17,7 +17,9 @@ RASTER_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NUMPY_SUFFIXES = (".npy",)
-SUPPORTED_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES + NUMPY_SUFFIXES
+HDF5_SUFFIXES = (".h5",)  # fastMRI's files: a reconstructed volume per file
+SUPPORTED_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES + NUMPY_SUFFIXES + HDF5_SUFFIXES
+HDF5_DATASETS = ("reconstruction_rss", "reconstruction_esc")  # fastMRI knee: multi-coil, single-coil
 
 # Decoded-size limit: every format's header is read first, and a file declaring more pixels (all
 # slices of a volume counted) is refused before anything is decoded. data.max_pixels in the config
@@ -89,6 +91,9 @@ def read_image(
             image = _read_nifti(path, limit)
         elif suffix in NUMPY_SUFFIXES:
             image = _read_npy(path, limit)
+        elif suffix in HDF5_SUFFIXES:  # only the requested slice is read from the file
+            image = _read_hdf5(path, limit, slice_index)
+            slice_index = None if slice_index is None else 0
         else:
             raise ImageReadError(
                 f"unsupported format '{suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
@@ -110,9 +115,9 @@ def read_volume(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     path = Path(path)
     suffix = image_suffix(path)
     readers = {**dict.fromkeys(DICOM_SUFFIXES, _read_dicom), **dict.fromkeys(NIFTI_SUFFIXES, _read_nifti)}
-    readers |= dict.fromkeys(NUMPY_SUFFIXES, _read_npy)
+    readers |= dict.fromkeys(NUMPY_SUFFIXES, _read_npy) | dict.fromkeys(HDF5_SUFFIXES, _read_hdf5)
     if suffix not in readers:
-        raise ImageReadError(f"{path}: not a volume (expected .npy, .nii, .nii.gz or DICOM)")
+        raise ImageReadError(f"{path}: not a volume (expected .npy, .nii, .nii.gz, .h5 or DICOM)")
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found")
     try:
@@ -257,6 +262,28 @@ def _read_npy(path: Path, limit: int) -> np.ndarray:
     _check_declared_size(shape, limit, "array")
     array = np.load(str(path), allow_pickle=False)
     return array.astype(np.float32)
+
+
+def _read_hdf5(path: Path, limit: int, slice_index: int | None = None) -> np.ndarray:
+    """A fastMRI file's reconstruction (slices, H, W): reconstruction_rss, else reconstruction_esc;
+    with `slice_index`, that slice alone as (1, H, W), the rest of the file left unread."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        name = next((n for n in HDF5_DATASETS if n in handle), None)
+        if name is None:
+            raise ImageReadError(
+                f"no {' or '.join(HDF5_DATASETS)} dataset (found: {', '.join(handle.keys()) or 'none'}); "
+                "fastMRI's raw k-space files hold no image"
+            )
+        dataset = handle[name]
+        if slice_index is None:
+            _check_declared_size(dataset.shape, limit, "HDF5 volume")
+            return np.asarray(dataset, dtype=np.float32)
+        if dataset.ndim != 3 or not 0 <= slice_index < dataset.shape[0]:
+            raise ImageReadError(f"slice {slice_index} is out of range for a volume of shape {dataset.shape}")
+        _check_declared_size(dataset.shape[1:], limit, "HDF5 slice")
+        return np.asarray(dataset[slice_index], dtype=np.float32)[None]
 
 
 def _select_slice(image: np.ndarray, slice_index: int | None, suffix: str, volume_hint: str) -> np.ndarray:

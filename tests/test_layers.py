@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mtl_meniscus"
-COMMANDS = {"evaluate", "predict", "compare", "bench", "export", "tune"}
+COMMANDS = {"evaluate", "predict", "compare", "bench", "export", "tune", "fastmri"}
 ENTRY_POINTS = {"cli", "__main__"}
 
 
