@@ -85,8 +85,6 @@ def import_fastmri_plus(annotations: Path, volumes_dir: Path, out_dir: Path) -> 
             if dataset is None:
                 raise DataError(f"{source}: no {' or '.join(HDF5_DATASETS)} dataset (a k-space-only file?)")
             n_slices, height, width = dataset.shape
-        link = out_dir / "volumes" / source.name
-        os.symlink(source.resolve(), link)
         boxes = defaultdict(list)
         for row in by_file[name]:
             if (row["study_level"] or "").strip().lower() != "yes" and row[
@@ -95,6 +93,13 @@ def import_fastmri_plus(annotations: Path, volumes_dir: Path, out_dir: Path) -> 
                 boxes[int(float(row["slice"]))].append(
                     tuple(int(float(row[c])) for c in ("x", "y", "width", "height"))
                 )
+        outside = sorted(index for index in boxes if index >= n_slices)
+        if outside:
+            raise DataError(
+                f"{annotations}: a Meniscus Tear box of {name} on slice {outside[0]}, but {source} has "
+                f"{n_slices} slices (0..{n_slices - 1})"
+            )
+        os.symlink(source.resolve(), out_dir / "volumes" / source.name)
         for index in range(n_slices):
             mask = ""
             if boxes.get(index):

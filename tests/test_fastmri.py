@@ -71,6 +71,9 @@ def test_bad_annotations_and_missing_images_are_named(fastmri, tmp_path):
     (fastmri / "bad.csv").write_text(HEADER + "file1000001,two,No,5,6,10,4,Meniscus Tear\n")
     with pytest.raises(DataError, match="row 2, column 'slice': bad value 'two'"):
         import_fastmri_plus(fastmri / "bad.csv", fastmri / "h5", tmp_path / "a")
+    (fastmri / "beyond.csv").write_text(HEADER + "file1000001,9,No,5,6,10,4,Meniscus Tear\n")
+    with pytest.raises(DataError, match="on slice 9, but .* has 4 slices"):
+        import_fastmri_plus(fastmri / "beyond.csv", fastmri / "h5", tmp_path / "c")
     (fastmri / "other.csv").write_text(HEADER + "file9,1,No,5,6,10,4,Meniscus Tear\n")
     with pytest.raises(DataError, match="none of the 1 annotated volumes"):
         import_fastmri_plus(fastmri / "other.csv", fastmri / "h5", tmp_path / "b")
