@@ -87,12 +87,10 @@ def import_fastmri_plus(annotations: Path, volumes_dir: Path, out_dir: Path) -> 
             n_slices, height, width = dataset.shape
         boxes = defaultdict(list)
         for row in by_file[name]:
-            if (row["study_level"] or "").strip().lower() != "yes" and row[
-                "label"
-            ].strip().lower() == TEAR_LABEL:
-                boxes[int(float(row["slice"]))].append(
-                    tuple(int(float(row[c])) for c in ("x", "y", "width", "height"))
-                )
+            is_box = (row["study_level"] or "").strip().lower() != "yes"  # 'Yes': about the whole exam
+            if is_box and row["label"].strip().lower() == TEAR_LABEL:
+                box = tuple(int(float(row[c])) for c in ("x", "y", "width", "height"))
+                boxes[int(float(row["slice"]))].append(box)
         outside = sorted(index for index in boxes if index >= n_slices)
         if outside:
             raise DataError(
