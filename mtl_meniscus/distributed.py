@@ -54,7 +54,7 @@ class Distributed:
         """The mean of a scalar over the processes (NaN if any process's value is NaN)."""
         if not self.active:
             return value.detach()
-        total = value.detach().float().to(self._collective_device())
+        total = value.detach().float().to(self._collective_device()).clone()  # all_reduce works in place
         torch.distributed.all_reduce(total)
         return total / self.world
 
