@@ -324,13 +324,38 @@ def evaluate(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU if any, else the CPU).")
     ] = None,
+    mrnet: Annotated[
+        Path | None,
+        typer.Option(
+            help="An MRNet folder: exam-level tear AUC of the slice model (max over slices) on --split "
+            "valid (the default here, MRNet's test split) or train."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a trained run: AUCs with bootstrap CIs, sensitivity/specificity, cascade view, ROC plot."""
-    from mtl_meniscus.evaluate import run_evaluation
+    from mtl_meniscus.evaluate import run_evaluation, run_exam_evaluation
     from mtl_meniscus.outputs import check_output_dir
 
     try:
         check_options(tta=tta, threshold=threshold, bootstrap=bootstrap, seed=seed)
+        if mrnet is not None:
+            given = {"--data": data is not None, "--threshold": threshold is not None, "--youden": youden}
+            given |= {"--cam": cam is not None}
+            for name in (name for name, used in given.items() if used):
+                raise ConfigError(f"{name}: not available with --mrnet (exam-level tear AUC only)")
+            run_exam_evaluation(
+                run,
+                mrnet,
+                split="valid" if split == "test" else split,
+                tta_copies=tta,
+                n_bootstrap=bootstrap,
+                seed=seed,
+                out_dir=out,
+                precision=precision.value,
+                console=console,
+                device=device,
+            )
+            return
         # Output locations first: a bad one must not cost the evaluation.
         if out is not None:
             check_output_dir(out, "--out")

@@ -267,27 +267,21 @@ def run_predict_exams(
         except ImageReadError as err:
             rows.append(exam | {"error": str(err)})
             continue
-        slices = [
-            s if s.shape == (size, size) else cv2.resize(s, (size, size), interpolation=cv2.INTER_AREA)
-            for s in volume
-        ]
         note = (
             ""
             if volume.shape[1:] == (size, size)
             else f"slices resized from {volume.shape[1]}x{volume.shape[2]}"
         )
-        probs = trained.predict(
-            slices, runtime, tta=tta, seed=seed + k, batch_size=batch_size
-        )  # {task: (S,)}
+        found = trained.predict_exam(volume, runtime, tta=tta, seed=seed + k, batch_size=batch_size)
+        probs = found.slices  # {task: (S,)}
         if not all(np.isfinite(p).all() for p in probs.values()):
             rows.append(exam | {"error": f"{path}: the model's output is not finite"})
             continue
-        top = int(np.argmax(probs[tasks.root.name]))
-        pooled = {name: float(probs[name][top]) for name in names}  # the root's max, the others there
+        pooled = {name: found.exam[name] for name in names}  # the root's max, the others there
         row = gate(pooled, tasks, chosen.value, str(path)).row(tasks, names)
-        rows.append(exam | row | {"slices": len(slices), "top_slice": top, "note": note})
+        rows.append(exam | row | {"slices": len(volume), "top_slice": found.top_slice, "note": note})
         if with_slices:
-            for index in range(len(slices)):
+            for index in range(len(volume)):
                 values = {name: float(probs[name][index]) for name in names}
                 rows.append(
                     {"exam": str(path), "slice": index}

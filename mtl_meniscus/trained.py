@@ -22,6 +22,13 @@ from .runtime import Runtime
 THRESHOLD_FILE = "threshold.json"
 
 
+@dataclass(frozen=True)
+class ExamPrediction:
+    slices: dict[str, np.ndarray]  # {task: (S,) probability of every slice}
+    exam: dict[str, float]  # {task: the exam's probability}
+    top_slice: int  # the most suspicious slice (highest fissure probability), 0-based
+
+
 @dataclass
 class TrainedModel:
     """A model loaded from a run folder or a checkpoint file, with what it was trained with."""
@@ -49,6 +56,23 @@ class TrainedModel:
         return predict_probs(
             self.model, images, self.config.preprocess.edge_filter, runtime, tta=tta, seed=seed, **kwargs
         )
+
+    def predict_exam(
+        self, volume: np.ndarray, runtime: Runtime, tta: TTAConfig | None = None, seed: int = 0, **kwargs
+    ) -> ExamPrediction:
+        """An exam (S, H, W) through the slice model: every slice's probabilities, and the exam's:
+        the highest fissure probability over the slices (max pooling, as in MRNet) with the other
+        tasks' probabilities at that most suspicious slice. Slices are resized to the model's size."""
+        import cv2
+
+        size = self.config.data.image_size
+        slices = [
+            s if s.shape == (size, size) else cv2.resize(s, (size, size), interpolation=cv2.INTER_AREA)
+            for s in volume
+        ]
+        probs = self.predict(slices, runtime, tta=tta, seed=seed, **kwargs)  # {task: (S,)}
+        top = int(np.argmax(probs[self.tasks.root.name]))
+        return ExamPrediction(probs, {task: float(p[top]) for task, p in probs.items()}, top)
 
     def saliency(self, image: np.ndarray, runtime: Runtime) -> dict[str, np.ndarray]:
         """{task: (H, W) saliency map in [0, 1]} of one raw slice."""

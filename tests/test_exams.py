@@ -188,3 +188,46 @@ def test_phantom_exam_formats_hold_the_same_volume_and_the_tear_spans_adjacent_s
     differs = [s for s in range(8) if not np.array_equal(healthy[s], from_dicom[s])]
     first, last = exam.tear_slices
     assert differs == list(range(first, last + 1)) and 3 <= len(differs) <= 5
+
+
+def test_evaluate_on_mrnet_exams_gives_the_exam_level_auc(run, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from mtl_meniscus.phantom_exams import write_phantom_exams
+
+    write_phantom_exams(tmp_path / "mrnet", n=40, n_slices=5, seed=2, size=64, fmt="mrnet")
+    out = tmp_path / "eval"
+    args = ["evaluate", str(run / "run"), "--mrnet", str(tmp_path / "mrnet"), "--split", "train"]
+    result = CliRunner().invoke(
+        app, [*args, "--tta", "0", "--precision", "fp32", "--bootstrap", "50", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "exam-level tear AUC" in result.output
+    with (out / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 36  # the train split: all but the last tenth
+    metrics = __import__("json").loads((out / "metrics.json").read_text())
+    truth = roc_auc_score([int(r["tear"]) for r in rows], [float(r["p_fissure"]) for r in rows])
+    assert metrics["auc"] == pytest.approx(truth) and metrics["n_exams"] == 36
+    low, high = metrics["auc_ci95"]
+    assert low <= metrics["auc"] <= high
+    # an exam's probability is the highest of its slices'
+    volume = np.load(tmp_path / "mrnet" / "train" / "sagittal" / f"{rows[0]['case']}.npy").astype(np.float32)
+    fp32 = resolve_runtime("fp32")
+    slices = load_trained(run / "run", fp32).predict(list(volume), fp32)["fissure"]
+    assert float(rows[0]["p_fissure"]) == pytest.approx(float(slices.max()), abs=1e-6)
+    assert int(rows[0]["top_slice"]) == int(np.argmax(slices))
+
+
+def test_a_bad_mrnet_folder_is_named(tmp_path):
+    from mtl_meniscus.errors import DataError
+    from mtl_meniscus.mrnet import read_mrnet
+
+    (tmp_path / "valid" / "sagittal").mkdir(parents=True)
+    np.save(tmp_path / "valid" / "sagittal" / "1130.npy", np.zeros((3, 8, 8), np.uint8))
+    (tmp_path / "valid-meniscus.csv").write_text("1130,1\n1131,0\n1132,yes\n")
+    with pytest.raises(DataError) as err:
+        read_mrnet(tmp_path, "valid")
+    assert "row 2: case '1131' has no file" in str(err.value) and "row 3: '1132,yes'" in str(err.value)
+    with pytest.raises(DataError, match="train-meniscus.csv: not found"):
+        read_mrnet(tmp_path, "train")
