@@ -71,6 +71,17 @@ def command_name() -> str:
     return "python -m mtl_meniscus" if started_as == "__main__.py" else "mtl-meniscus"
 
 
+# Options several commands share, declared once.
+DataOption = Annotated[
+    Path | None, typer.Option(help="Data folder with labels.csv (default: the built-in phantom).")
+]
+WandbOption = Annotated[WandbMode | None, typer.Option(help="wandb mode (default: $WANDB_MODE or offline).")]
+DeviceOption = Annotated[
+    str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU if any, else the CPU).")
+]
+PrecisionOption = Annotated[Precision, typer.Option(help="auto: bf16 + channels_last where native.")]
+
+
 def fail(err: Exception) -> None:
     """Print a domain error as a clear message and exit 1 (no traceback)."""
     console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True)
@@ -207,9 +218,7 @@ def train(
         Mode | None, typer.Option(help="shared: one trunk, three heads; separate: the reference cascade.")
     ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML preset (default: configs/<mode>.yaml).")] = None,
-    data: Annotated[
-        Path | None, typer.Option(help="Data folder with labels.csv (default: the built-in phantom).")
-    ] = None,
+    data: DataOption = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<mode>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the killed run in this folder.")] = None,
     max_epochs: Annotated[int | None, typer.Option(help="Maximum number of epochs.")] = None,
@@ -222,9 +231,7 @@ def train(
     precision: Annotated[
         Precision | None, typer.Option(help="auto: bf16 + channels_last where native.")
     ] = None,
-    wandb: Annotated[
-        WandbMode | None, typer.Option(help="wandb mode (default: $WANDB_MODE or offline).")
-    ] = None,
+    wandb: WandbOption = None,
     trunk: Annotated[
         str | None, typer.Option(help="'reference' or a timm model: resnet50, vgg16, vgg19, ...")
     ] = None,
@@ -235,9 +242,7 @@ def train(
     backbone_lr_factor: Annotated[
         float | None, typer.Option(help="timm trunk: backbone learning rate = lr * factor.")
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU if any, else the CPU).")
-    ] = None,
+    device: DeviceOption = None,
     settings: Annotated[
         list[str] | None,
         typer.Option(
@@ -315,15 +320,11 @@ def evaluate(
     cam: Annotated[
         Path | None, typer.Option(help="Write saliency (LayerCAM) overlays of the evaluated images here.")
     ] = None,
-    precision: Annotated[
-        Precision, typer.Option(help="auto: bf16 + channels_last where native.")
-    ] = Precision.auto,
+    precision: PrecisionOption = Precision.auto,
     wandb: Annotated[
         WandbMode | None, typer.Option(help="wandb mode (default: the run's, or $WANDB_MODE).")
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU if any, else the CPU).")
-    ] = None,
+    device: DeviceOption = None,
     mrnet: Annotated[
         Path | None,
         typer.Option(
@@ -406,12 +407,8 @@ def predict(
     cam: Annotated[
         Path | None, typer.Option(help="Write saliency (LayerCAM) overlays per task into this folder.")
     ] = None,
-    precision: Annotated[
-        Precision, typer.Option(help="auto: bf16 + channels_last where native.")
-    ] = Precision.auto,
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU if any, else the CPU).")
-    ] = None,
+    precision: PrecisionOption = Precision.auto,
+    device: DeviceOption = None,
     exams: Annotated[
         bool,
         typer.Option(
@@ -482,18 +479,14 @@ def compare(
         list[str] | None,
         typer.Option(help="timm trunk weights: TRUNK=FILE|default|none, or one value for all (repeatable)."),
     ] = None,
-    data: Annotated[
-        Path | None, typer.Option(help="Data folder with labels.csv (default: the built-in phantom).")
-    ] = None,
+    data: DataOption = None,
     difficulty: Annotated[
         str | None,
         typer.Option(help="Level of the built-in phantom: easy, realistic (the default) or hard."),
     ] = None,
     tta: Annotated[int | None, typer.Option(help="Test-time augmented copies for every variant.")] = None,
     bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples for the CIs.")] = None,
-    wandb: Annotated[
-        WandbMode | None, typer.Option(help="wandb mode (default: $WANDB_MODE or offline).")
-    ] = None,
+    wandb: WandbOption = None,
     jobs: Annotated[
         int,
         typer.Option(
@@ -553,9 +546,7 @@ def tune(
     config: Annotated[
         Path | None, typer.Option(help="Base YAML preset (default: configs/<mode>.yaml).")
     ] = None,
-    data: Annotated[
-        Path | None, typer.Option(help="Data folder with labels.csv (default: the built-in phantom).")
-    ] = None,
+    data: DataOption = None,
     out: Annotated[
         Path, typer.Option(help="Search folder: study.db, trials/, trials.csv, best.yaml, plots.")
     ] = Path("runs/tune"),
@@ -575,9 +566,7 @@ def tune(
         str | None, typer.Option(help="Study name (default: the --out folder's name).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Training seed of every trial, and the sampler's seed.")] = 0,
-    wandb: Annotated[
-        WandbMode | None, typer.Option(help="wandb mode (default: $WANDB_MODE or offline).")
-    ] = None,
+    wandb: WandbOption = None,
 ) -> None:
     """Search hyper-parameters with Optuna, maximizing the validation score; rerun to add trials."""
     from mtl_meniscus.tune import run_tune
