@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
-
 DOUBLE_TEAR = "both"  # position of a tear in both horns; excluded by default, as in the reference method
 
 
@@ -82,11 +80,15 @@ class TaskTable:
     def weight(self, name: str) -> float:
         return self[name].weight
 
-    def scored_rows(self, targets: np.ndarray, name: str) -> np.ndarray:
+    def scored_rows(self, targets, name: str):
         """(N,) bool: rows where `name` is supervised and scored: its label is known and, for a
-        gated task, the gating task's target is 1 (orientation and position: true tears only)."""
+        gated task, the gating task's target is 1 (orientation and position: true tears only).
+
+        `targets` is a numpy array (metrics) or a torch tensor (the loss's mask); the answer is of
+        the same kind."""
         task = self[name]
-        known = ~np.isnan(targets[:, self.index(name)])
+        column = targets[:, self.index(name)]
+        known = column == column  # False where NaN: unknown or not applicable
         if task.gated_by is None:
             return known
         return known & (targets[:, self.index(task.gated_by)] == 1)

@@ -19,12 +19,9 @@ from .labels import DEFAULT_TASKS, TaskTable
 
 
 def task_mask(targets: torch.Tensor, task: str, tasks: TaskTable = DEFAULT_TASKS) -> torch.Tensor:
-    """(B,) bool: rows where `task` is supervised (all rows for fissure, true tears otherwise)."""
-    known = ~torch.isnan(targets[:, tasks.index(task)])
-    gate = tasks[task].gated_by
-    if gate is None:
-        return known
-    return known & (targets[:, tasks.index(gate)] == 1)
+    """(B,) bool: rows where `task` is supervised (all rows for fissure, true tears otherwise): the
+    rows the metrics score (TaskTable.scored_rows), so loss and metrics cannot disagree."""
+    return tasks.scored_rows(targets, task)
 
 
 def masked_bce(

@@ -11,11 +11,6 @@ from scipy.stats import rankdata
 from .labels import DEFAULT_TASKS, TaskTable
 
 
-def supervised_rows(targets: np.ndarray, task: str, tasks: TaskTable = DEFAULT_TASKS) -> np.ndarray:
-    """(N,) bool: rows where a task is scored: all known fissure labels; tears only for the others."""
-    return tasks.scored_rows(targets, task)
-
-
 def binary_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """ROC AUC, or NaN when only one class is present (undefined, not a crash).
 
