@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 from scipy.stats import rankdata
@@ -44,20 +44,24 @@ def challenge_score(aucs: Mapping[str, float], tasks: TaskTable = DEFAULT_TASKS)
     return float(sum(t.weight * aucs.get(t.name, float("nan")) for t in tasks if t.weight > 0))
 
 
+def monitor_weights(names: Iterable[str], tasks: TaskTable = DEFAULT_TASKS) -> dict[str, float]:
+    """The weights of the monitored score over these tasks: their challenge weights, or equal
+    weights when all of them are 0 (a network of an unscored task)."""
+    weights = {name: tasks.weight(name) for name in names}
+    return weights if any(weights.values()) else dict.fromkeys(weights, 1.0)
+
+
 def monitor_score(aucs: Mapping[str, float], tasks: TaskTable = DEFAULT_TASKS) -> float:
     """Challenge-weighted mean over the tasks present and defined (the challenge score for all three).
 
     Used to pick the best epoch: a single-task network of the cascade monitors its own AUC. Tasks
-    of weight 0 count only when no weighted task is there (a network of an unscored task).
+    of weight 0 count only when no weighted task is there (monitor_weights).
     """
     defined = {t: a for t, a in aucs.items() if not math.isnan(a)}
     if not defined:
         return float("nan")
-    weights = {t: tasks.weight(t) for t in defined}
-    if not any(weights.values()):
-        return float(np.mean(list(defined.values())))
-    total = sum(weights.values())
-    return float(sum(weights[t] * a for t, a in defined.items()) / total)
+    weights = monitor_weights(defined, tasks)
+    return float(sum(weights[t] * a for t, a in defined.items()) / sum(weights.values()))
 
 
 def binary_counts(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> dict[str, float]:

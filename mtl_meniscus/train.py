@@ -39,7 +39,7 @@ from .errors import MeniscusError
 from .inference import predict_probs
 from .labels import DEFAULT_TASKS, TaskTable
 from .losses import TaskWeighting, build_weighting, task_losses, task_mask
-from .metrics import challenge_score, monitor_score, task_aucs
+from .metrics import challenge_score, monitor_score, monitor_weights, task_aucs
 from .models import SeparateCascade, build_shared, build_single_task, parameter_groups, set_train_mode
 from .outputs import atomic_write, write_text_atomic
 from .plots import plot_training_curves
@@ -436,10 +436,7 @@ def member_start_score(
     val_targets: np.ndarray, names: tuple[str, ...], cap: float, tasks: TaskTable = DEFAULT_TASKS
 ) -> float:
     """Validation score at which this network counts as having left chance (see stopping.py)."""
-    # the weights of its monitored score (monitor_score): the tasks' own, or equal when all are 0
-    weights = {name: tasks.weight(name) for name in names}
-    if not any(weights.values()):
-        weights = dict.fromkeys(names, 1.0)
+    weights = monitor_weights(names, tasks)  # those of the score it monitors
     spreads = []
     for name in names:
         y = val_targets[tasks.scored_rows(val_targets, name), tasks.index(name)]
