@@ -58,15 +58,17 @@ class Distributed:
         torch.distributed.all_reduce(total)
         return total / self.world
 
-    def loss_denominators(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    def loss_denominators(self, targets: torch.Tensor, names, tasks) -> dict[str, torch.Tensor] | None:
         """{task: rows supervised in the whole global batch / processes (at least 1 / processes)}:
-        the denominators that make the processes' averaged masked means the global batch's mean."""
+        the denominators that make the processes' averaged masked means the global batch's mean.
+        None in one process (the masked mean's own count is right there)."""
         if not self.active:
             return None
-        counts = torch.stack([mask.sum() for mask in masks.values()]).float().to(self._collective_device())
+        masks = [tasks.scored_rows(targets, name) for name in names]
+        counts = torch.stack([mask.sum() for mask in masks]).float().to(self._collective_device())
         torch.distributed.all_reduce(counts)
-        counts = counts.clamp(min=1).to(next(iter(masks.values())).device) / self.world
-        return dict(zip(masks, counts))
+        counts = counts.clamp(min=1).to(targets.device) / self.world
+        return dict(zip(names, counts))
 
     def average_gradients(self, parameters) -> None:
         """Average the gradients of parameters outside the DDP-wrapped model (task weighting)."""

@@ -38,7 +38,7 @@ from .distributed import stop as stop_processes
 from .errors import MeniscusError
 from .inference import predict_probs
 from .labels import DEFAULT_TASKS, TaskTable
-from .losses import TaskWeighting, build_weighting, task_losses, task_mask
+from .losses import TaskWeighting, build_weighting, task_losses
 from .metrics import challenge_score, monitor_score, monitor_weights, task_aucs
 from .models import SeparateCascade, build_shared, build_single_task, parameter_groups, set_train_mode
 from .outputs import atomic_write, write_text_atomic
@@ -375,7 +375,7 @@ class MemberTrainer:
                 with self.runtime.autocast():
                     outputs = self.net(x)
                 tasks = self.data.tasks
-                denominators = self.processes.loss_denominators({t: task_mask(y, t, tasks) for t in outputs})
+                denominators = self.processes.loss_denominators(y, list(outputs), tasks)  # torchrun only
                 losses = task_losses(outputs, y, train.pos_weights, tasks, denominators)
                 self.state.optimizer.zero_grad(set_to_none=True)
                 loss, weights = self.state.weighting.backward(losses)
