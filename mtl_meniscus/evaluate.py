@@ -299,10 +299,7 @@ def run_evaluation(
         raise MeniscusError(f"unknown split {split!r} (allowed: test, val, train, all)")
     runtime = resolve_runtime(precision, device)
     trained = load_trained(run_or_checkpoint, runtime)
-    config = trained.config
-    tta = TTAConfig(
-        copies=config.tta.copies if tta_copies is None else tta_copies, augment=config.tta.augment
-    )
+    tta = trained.tta(tta_copies)
     threshold = choose_threshold(trained, runtime, youden, threshold, console)
     cut = threshold.value
     data, note = evaluation_data(trained, data_dir, split)
@@ -455,10 +452,7 @@ def run_exam_evaluation(
     exams = read_mrnet(mrnet_dir, split)
     runtime = resolve_runtime(precision, device)
     trained = load_trained(run_or_checkpoint, runtime)
-    config = trained.config
-    tta = TTAConfig(
-        copies=config.tta.copies if tta_copies is None else tta_copies, augment=config.tta.augment
-    )
+    tta = trained.tta(tta_copies)
     out_dir = (
         Path(out_dir) if out_dir else (trained.run_dir or trained.checkpoint.parent) / f"eval-mrnet-{split}"
     )

@@ -19,7 +19,6 @@ from rich.console import Console
 from rich.progress import Progress
 
 from .cam import unique_names, write_overlays
-from .config import TTAConfig
 from .errors import ImageReadError, MeniscusError
 from .exams import read_exam
 from .imageio import is_supported_image, max_pixels_limit, read_image
@@ -122,10 +121,8 @@ def run_predict(
     chosen = resolve_threshold(trained, threshold)
     cut = chosen.value
     tasks = trained.tasks
-    names = [name for name in tasks.names if name in config.model.tasks]  # the model's outputs
-    tta = TTAConfig(
-        copies=config.tta.copies if tta_copies is None else tta_copies, augment=config.tta.augment
-    )
+    names = trained.outputs
+    tta = trained.tta(tta_copies)
     console.print(chosen.describe(tta.copies), highlight=False, markup=False)
     files = collect_inputs(inputs)
     if not files:
@@ -184,7 +181,7 @@ def run_predict(
                 trained, [(i, image) for i, image in good if not rows[i].error], rows, cam_dir, runtime
             )
 
-    _write_rows(rows, out, as_json, tasks, names)
+    _write_table(out, csv_columns(tasks, names), [row.row(tasks, names) for row in rows], as_json)
     failed = sum(1 for r in rows if r.error)
     console.print(
         f"predicted {len(rows) - failed} of {len(rows)} images (TTA {tta.copies} copies, "
@@ -203,18 +200,16 @@ def _write_cams(trained: TrainedModel, good, rows: list[Prediction], cam_dir: Pa
         write_overlays(cam_dir, name, image, cams)
 
 
-def _write_rows(
-    rows: list[Prediction], out: Path, as_json: bool, tasks: TaskTable, names: Sequence[str]
-) -> None:
+def _write_table(out: Path, columns: list[str], rows: list[dict], as_json: bool) -> None:
+    """The rows as CSV with these columns, or as JSON lines with empty cells as null."""
     with atomic_write(out) as tmp, tmp.open("w", newline="") as handle:
         if as_json:
             for row in rows:
-                values = row.row(tasks, names).items()
-                handle.write(json.dumps({k: (None if v == "" else v) for k, v in values}) + "\n")
+                handle.write(json.dumps({c: (None if row[c] == "" else row[c]) for c in columns}) + "\n")
         else:
-            writer = csv.DictWriter(handle, fieldnames=csv_columns(tasks, names))
+            writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(row.row(tasks, names) for row in rows)
+            writer.writerows(rows)
 
 
 # ---- whole exams --------------------------------------------------------------------------------
@@ -251,12 +246,10 @@ def run_predict_exams(
     runtime = resolve_runtime(precision, device)
     trained = load_trained(run_or_checkpoint, runtime)
     config, tasks = trained.config, trained.tasks
-    names = [name for name in tasks.names if name in config.model.tasks]
+    names = trained.outputs
     size = config.data.image_size
     chosen = resolve_threshold(trained, threshold)
-    tta = TTAConfig(
-        copies=config.tta.copies if tta_copies is None else tta_copies, augment=config.tta.augment
-    )
+    tta = trained.tta(tta_copies)
     console.print(chosen.describe(tta.copies), highlight=False, markup=False)
     columns = exam_columns(tasks, names)
     rows: list[dict] = []
@@ -288,14 +281,7 @@ def run_predict_exams(
                     | gate(values, tasks, chosen.value, "").row(tasks, names)
                 )
     rows = [{column: row.get(column, "") for column in columns} for row in rows]
-    with atomic_write(out) as tmp, tmp.open("w", newline="") as handle:
-        if as_json:
-            for row in rows:
-                handle.write(json.dumps({k: (None if v == "" else v) for k, v in row.items()}) + "\n")
-        else:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+    _write_table(out, columns, rows, as_json)
     failed = sum(1 for row in rows if row["error"])
     console.print(
         f"predicted {len(exams) - failed} of {len(exams)} exams (TTA {tta.copies} copies, fissure threshold "

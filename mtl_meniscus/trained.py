@@ -43,6 +43,16 @@ class TrainedModel:
         """The task table the model was trained with (built-in tasks plus its data.extra_tasks)."""
         return self.config.data.task_table()
 
+    @property
+    def outputs(self) -> list[str]:
+        """The tasks the model predicts, in the task table's order."""
+        return [name for name in self.tasks.names if name in self.config.model.tasks]
+
+    def tta(self, copies: int | None = None) -> TTAConfig:
+        """The model's test-time augmentation, with `copies` (e.g. --tta) instead of its own if given."""
+        own = self.config.tta
+        return TTAConfig(copies=own.copies if copies is None else copies, augment=own.augment)
+
     def predict(
         self,
         images: list[np.ndarray],
