@@ -445,7 +445,6 @@ def run_exam_evaluation(
     """A slice model on MRNet exams: exam tear probability = its slices' highest (max pooling),
     exam-level AUC with a stratified bootstrap 95% CI; metrics.json and predictions.csv."""
     from .exams import read_exam
-    from .metrics import binary_auc, percentile_ci
     from .mrnet import read_mrnet
 
     console = console or Console(soft_wrap=True)
@@ -456,29 +455,28 @@ def run_exam_evaluation(
     out_dir = (
         Path(out_dir) if out_dir else (trained.run_dir or trained.checkpoint.parent) / f"eval-mrnet-{split}"
     )
-    root = trained.tasks.root.name
+    tasks = trained.tasks
+    root = tasks.root.name
     probs, tops, sizes = [], [], []
     for k, exam in enumerate(exams):
         found = trained.predict_exam(read_exam(exam.path), runtime, tta=tta, seed=seed + k)
         probs.append(found.exam[root])
         tops.append(found.top_slice)
         sizes.append(len(found.slices[root]))
-    labels, scores = np.array([e.tear for e in exams]), np.array(probs)
-    rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(labels == value) for value in (0, 1) if np.any(labels == value)]
-    resampled = [
-        binary_auc(labels[rows], scores[rows])
-        for rows in (np.concatenate([rng.choice(g, size=len(g)) for g in groups]) for _ in range(n_bootstrap))
-    ]
+    # exam rows with only the tear known: the same AUC and per-class bootstrap as for slices
+    targets = np.full((len(exams), len(tasks)), np.nan)
+    targets[:, tasks.index(root)] = [e.tear for e in exams]
+    scores = {root: np.array(probs)}
+    ci = bootstrap_cis(targets, scores, n_resamples=n_bootstrap, seed=seed, tasks=tasks)[root]
     metrics = {
         "data": str(mrnet_dir),
         "split": split,
         "n_exams": len(exams),
-        "n_tears": int(labels.sum()),
+        "n_tears": sum(e.tear for e in exams),
         "pooling": "max over slices of the slice model's fissure probability",
         "tta_copies": tta.copies,
-        "auc": binary_auc(labels, scores),
-        "auc_ci95": list(percentile_ci(np.array(resampled))) if n_bootstrap else [math.nan, math.nan],
+        "auc": task_aucs(targets, scores, tasks)[root],
+        "auc_ci95": list(ci),
         "bootstrap_resamples": n_bootstrap,
         "checkpoint": str(trained.checkpoint),
     }
