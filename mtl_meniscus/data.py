@@ -27,6 +27,10 @@ from .splits import SPLIT_NAMES, stratified_group_split
 OPTIONAL_COLUMNS = ("patient_id", "split", "slice", "mask")
 SHOWN_PROBLEMS = 50  # in the error message; all of them go to PROBLEMS_FILE
 PROBLEMS_FILE = "labels_problems.txt"
+UNKNOWN_SUBTYPE_HINT = (
+    "\n  (an empty orientation or position on a tear is an error unless unknown subtypes are "
+    "expected: set data.allow_unknown_subtype: true to mask them in the loss and the metrics)"
+)
 
 
 @dataclass(frozen=True)
@@ -107,12 +111,13 @@ def read_labels(
             f"(required: {', '.join(required)}; optional: {', '.join(OPTIONAL_COLUMNS)})"
         )
     problems: list[str] = []
+    hints: set[str] = set()  # advice the message ends with, once however many rows need it
     records: list[Record] = []
     written: dict[int, str] = {}  # row -> its image as written
     seen: dict[tuple[str, int | None], int] = {}  # (normalised path, slice) -> row
     seen_files: dict[tuple[int, int, int | None], int] = {}  # (device, inode, slice): the file itself
     for line, row in enumerate(rows, start=2):
-        record = _validate_row(row, line, data_dir, problems, tasks, allow_unknown_subtype)
+        record = _validate_row(row, line, data_dir, problems, hints, tasks, allow_unknown_subtype)
         if record is None:
             continue
         written[line] = (row.get("image") or "").strip()
@@ -139,22 +144,23 @@ def read_labels(
             "(it then replaces the automatic split) or on none"
         )
     if problems:
-        shown = problems[:SHOWN_PROBLEMS]
-        more = ""
-        if len(problems) > SHOWN_PROBLEMS:
-            report = _write_problems(csv_path, problems, report_dir)
-            more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more: all {len(problems)} are listed in {report}"
-        hint = ""
-        if any("bad value '' (a " in problem and "needs one of" in problem for problem in problems):
-            hint = (
-                "\n  (an empty orientation or position on a tear is an error unless unknown subtypes are "
-                "expected: set data.allow_unknown_subtype: true to mask them in the loss and the metrics)"
-            )
-        raise DataError(
-            f"{csv_path}: {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more + hint,
-            problems=problems,
-        )
+        raise problems_error(csv_path, problems, report_dir, hint="".join(hints))
     return records
+
+
+def problems_error(
+    path: Path, problems: list[str], report_dir: str | Path | None = None, hint: str = ""
+) -> DataError:
+    """One DataError for every problem of a file: the first SHOWN_PROBLEMS in the message, and when
+    there are more, all of them in report_dir (or a temporary file) named by the message."""
+    more = ""
+    if len(problems) > SHOWN_PROBLEMS:
+        report = _write_problems(path, problems, report_dir)
+        more = (
+            f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more: all {len(problems)} are listed in {report}"
+        )
+    shown = "\n  ".join(problems[:SHOWN_PROBLEMS])
+    return DataError(f"{path}: {len(problems)} problem(s):\n  {shown}{more}{hint}", problems=problems)
 
 
 def _write_problems(csv_path: Path, problems: list[str], report_dir: str | Path | None) -> Path:
@@ -179,6 +185,7 @@ def _validate_row(
     line: int,
     data_dir: Path,
     problems: list[str],
+    hints: set[str],
     tasks: TaskTable,
     allow_unknown_subtype: bool = False,
 ) -> Record | None:
@@ -208,6 +215,8 @@ def _validate_row(
                     f"a {tasks[task.gated_by].noun} needs one of: "
                     + ", ".join((*task.values, *task.unscored)),
                 )
+                if text == "":
+                    hints.add(UNKNOWN_SUBTYPE_HINT)
         labels[task.name] = text
     split = value("split").lower()
     if split and split not in SPLIT_NAMES:

@@ -27,6 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .data import problems_error
 from .errors import DataError, MeniscusError
 from .outputs import atomic_write, check_output_dir
 
@@ -57,7 +58,7 @@ def read_annotations(path: Path) -> dict[str, list[dict[str, str]]]:
                         )
             by_file[row["file"].strip()].append(row)
         if problems:
-            raise DataError(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:50]))
+            raise problems_error(path, problems)
     return by_file
 
 

@@ -15,6 +15,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import problems_error
 from .errors import DataError
 
 SPLITS = ("train", "valid")
@@ -54,7 +55,7 @@ def read_mrnet(root: str | Path, split: str) -> list[MrnetExam]:
                 continue
             exams.append(MrnetExam(case, path, int(row[1])))
     if problems:
-        raise DataError(f"{labels}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:50]))
+        raise problems_error(labels, problems)
     if not exams:
         raise DataError(f"{labels}: no exams listed")
     return exams
