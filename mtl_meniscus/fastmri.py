@@ -28,8 +28,8 @@ import cv2
 import numpy as np
 
 from .data import problems_error
-from .errors import DataError, MeniscusError
-from .outputs import atomic_write, check_output_dir
+from .errors import DataError
+from .outputs import atomic_write, check_empty_output_dir
 
 TEAR_LABEL = "meniscus tear"  # compared case-insensitively
 COLUMNS = ("file", "slice", "study_level", "x", "y", "width", "height", "label")
@@ -70,9 +70,7 @@ def import_fastmri_plus(annotations: Path, volumes_dir: Path, out_dir: Path) -> 
 
     annotations, volumes_dir, out_dir = Path(annotations), Path(volumes_dir), Path(out_dir)
     by_file = read_annotations(annotations)
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise MeniscusError(f"{out_dir} is not empty; the import writes into an empty folder")
-    check_output_dir(out_dir, "OUT")
+    check_empty_output_dir(out_dir, "OUT", instead="the import writes into an empty folder")
     (out_dir / "volumes").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(exist_ok=True)
     rows, counts = [], defaultdict(int)

@@ -52,6 +52,19 @@ def check_output_dir(folder: str | Path, what: str = "output folder") -> Path:
     return folder
 
 
+def check_empty_output_dir(folder: str | Path, what: str, instead: str = "choose an empty folder") -> Path:
+    """check_output_dir for a command that fills a whole folder: one that holds anything is refused,
+    naming a few of its entries and what to do `instead`."""
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()):
+        entries = sorted(p.name for p in folder.iterdir())
+        raise MeniscusError(
+            f"{folder} is not empty ({len(entries)} entries: {', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}); {instead}"
+        )
+    return check_output_dir(folder, what)
+
+
 def check_output_file(path: str | Path, what: str = "output file") -> Path:
     """Make sure `path` can be written (its folder is created if needed); `what` names the option."""
     path = Path(path)

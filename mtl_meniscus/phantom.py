@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 
 from .config import MAX_IMAGE_SIZE, MAX_SEED
-from .errors import ConfigError, MeniscusError
-from .outputs import atomic_write, check_output_dir
+from .errors import ConfigError
+from .outputs import atomic_write, check_empty_output_dir, check_output_dir
 
 PHANTOM_VERSION = 4  # bump when the generator changes: cached phantoms are keyed by it
 SUPERSAMPLE = 2  # shapes are drawn at 2x and area-averaged down: partial-volume edges
@@ -469,14 +469,15 @@ def write_phantom(
         raise ConfigError(f"--seed: bad value {seed} (allowed: 0..{MAX_SEED})")
     if n < 20:
         raise ConfigError(f"--n: bad value {n} (allowed: at least 20 images)")
-    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
-        entries = sorted(p.name for p in out_dir.iterdir())
-        raise MeniscusError(
-            f"{out_dir} is not empty ({len(entries)} entries: {', '.join(entries[:3])}"
-            f"{', ...' if len(entries) > 3 else ''}); pass --overwrite to write the phantom into it anyway "
-            "(labels.csv and same-named images are replaced), or choose an empty folder"
+    if overwrite:
+        check_output_dir(out_dir, "make-phantom OUT")
+    else:
+        check_empty_output_dir(
+            out_dir,
+            "make-phantom OUT",
+            instead="pass --overwrite to write the phantom into it anyway (labels.csv and same-named "
+            "images are replaced), or choose an empty folder",
         )
-    check_output_dir(out_dir, "make-phantom OUT")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     cases = plan_cases(n=n, seed=seed, size=size)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, MeniscusError
-from .outputs import atomic_write, check_output_dir
+from .errors import ConfigError
+from .outputs import atomic_write, check_empty_output_dir
 from .phantom import PhantomCase, PhantomSettings, plan_cases, render_case
 
 FORMATS = ("mrnet", "dicom-series", "nifti")
@@ -87,9 +87,9 @@ def write_phantom_exams(
         raise ConfigError(f"--format: bad value {fmt!r} (allowed: {', '.join(FORMATS)})")
     if not 3 <= n_slices <= 200:
         raise ConfigError(f"--slices: bad value {n_slices} (allowed: 3..200 slices per exam)")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        raise MeniscusError(f"{out_dir} is not empty; phantom exams are written into an empty folder")
-    check_output_dir(out_dir, "make-phantom OUT")
+    check_empty_output_dir(
+        out_dir, "make-phantom OUT", instead="phantom exams are written into an empty folder"
+    )
     settings = settings or PhantomSettings()
     exams = plan_exams(n, n_slices, seed, size)
     n_valid = max(1, n // 10)
