@@ -333,14 +333,13 @@ class MemberTrainer:
     @property
     def warning(self) -> str | None:
         """'did not learn: ...' when validation never left chance, else None."""
-        best = self.state.stopping.best_score
-        if (
-            self.state.stopping.started or best is None
-        ):  # None: no defined validation score, warned before training
+        stopping = self.state.stopping
+        best = stopping.best_score
+        if stopping.started or best is None:  # None: no defined validation score, warned before training
             return None
         return (
             f"[{self.member.name}] did not learn: validation score {best:.2f}, "
-            f"chance is {CHANCE:.2f} (a score of {self.state.stopping.start_score:.2f} would have shown learning); "
+            f"chance is {CHANCE:.2f} (a score of {stopping.start_score:.2f} would have shown learning); "
             "check the labels, or train longer or with another learning rate"
         )
 
