@@ -70,6 +70,56 @@ def read_image(
     ends the message for a 3D volume read without a slice. Raises ImageReadError naming the file.
     """
     path = Path(path)
+    _check_exists(path)
+    suffix = image_suffix(path)
+    limit = max_pixels_limit(max_pixels)
+
+    def decode() -> np.ndarray:
+        if suffix in HDF5_SUFFIXES and slice_index is not None:  # that slice alone is read
+            return _select_slice(_read_hdf5(path, limit, slice_index), 0, suffix, volume_hint)
+        reader = _reader(suffix)
+        if reader is None:
+            raise ImageReadError(
+                f"unsupported format '{suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
+            )
+        return _select_slice(reader(path, limit), slice_index, suffix, volume_hint)
+
+    return _decoded(path, decode)
+
+
+def read_volume(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """Every slice of a 3D .npy (slices first), NIfTI (along its last axis) or multi-frame DICOM
+    as float32 (S, H, W); a single 2D image gives one slice. Raises ImageReadError naming the file."""
+    path = Path(path)
+    suffix = image_suffix(path)
+    if suffix in RASTER_SUFFIXES or _reader(suffix) is None:
+        raise ImageReadError(f"{path}: not a volume (expected .npy, .nii, .nii.gz, .h5 or DICOM)")
+    _check_exists(path)
+
+    def decode() -> np.ndarray:
+        volume = _reader(suffix)(path, max_pixels_limit(max_pixels))
+        volume = volume[None] if volume.ndim == 2 else volume
+        if volume.ndim != 3 or volume.size == 0:
+            raise ImageReadError(f"expected a 3D volume (slices, height, width), got shape {volume.shape}")
+        return volume
+
+    return _decoded(path, decode)
+
+
+def _reader(suffix: str):
+    """The function that decodes files of this suffix, (path, pixel limit) -> array; None if none."""
+    readers = {
+        **dict.fromkeys(RASTER_SUFFIXES, _read_raster),
+        **dict.fromkeys(DICOM_SUFFIXES, _read_dicom),
+        **dict.fromkeys(NIFTI_SUFFIXES, _read_nifti),
+        **dict.fromkeys(NUMPY_SUFFIXES, _read_npy),
+        **dict.fromkeys(HDF5_SUFFIXES, _read_hdf5),
+    }
+    return readers.get(suffix)
+
+
+def _check_exists(path: Path) -> None:
+    """An ImageReadError naming the file unless it is a readable file (broken links said as such)."""
     try:
         found = path.is_file()
     except OSError as err:  # e.g. a folder on the way that cannot be listed
@@ -80,25 +130,13 @@ def read_image(
                 f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)"
             )
         raise ImageReadError(f"{path}: file not found")
-    suffix = image_suffix(path)
-    limit = max_pixels_limit(max_pixels)
+
+
+def _decoded(path: Path, decode) -> np.ndarray:
+    """decode() as contiguous float32, every failure an ImageReadError naming `path`, and NaN or
+    infinite pixels refused."""
     try:
-        if suffix in RASTER_SUFFIXES:
-            image = _read_raster(path, limit)
-        elif suffix in DICOM_SUFFIXES:
-            image = _read_dicom(path, limit)
-        elif suffix in NIFTI_SUFFIXES:
-            image = _read_nifti(path, limit)
-        elif suffix in NUMPY_SUFFIXES:
-            image = _read_npy(path, limit)
-        elif suffix in HDF5_SUFFIXES:  # only the requested slice is read from the file
-            image = _read_hdf5(path, limit, slice_index)
-            slice_index = None if slice_index is None else 0
-        else:
-            raise ImageReadError(
-                f"unsupported format '{suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
-            )
-        image = _select_slice(image, slice_index, suffix, volume_hint)
+        image = decode()
     except ImageReadError as err:
         message = str(err)
         raise ImageReadError(message if message.startswith(str(path)) else f"{path}: {message}") from None
@@ -107,33 +145,6 @@ def read_image(
     if not np.isfinite(image).all():
         raise ImageReadError(f"{path}: contains NaN or infinite pixel values")
     return np.ascontiguousarray(image, dtype=np.float32)
-
-
-def read_volume(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
-    """Every slice of a 3D .npy (slices first), NIfTI (along its last axis) or multi-frame DICOM
-    as float32 (S, H, W); a single 2D image gives one slice. Raises ImageReadError naming the file."""
-    path = Path(path)
-    suffix = image_suffix(path)
-    readers = {**dict.fromkeys(DICOM_SUFFIXES, _read_dicom), **dict.fromkeys(NIFTI_SUFFIXES, _read_nifti)}
-    readers |= dict.fromkeys(NUMPY_SUFFIXES, _read_npy) | dict.fromkeys(HDF5_SUFFIXES, _read_hdf5)
-    if suffix not in readers:
-        raise ImageReadError(f"{path}: not a volume (expected .npy, .nii, .nii.gz, .h5 or DICOM)")
-    if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
-    try:
-        volume = readers[suffix](path, max_pixels_limit(max_pixels))
-    except ImageReadError as err:
-        raise ImageReadError(f"{path}: {err}") from None
-    except Exception as err:  # decoder errors come in many types; name the file, keep the cause
-        raise ImageReadError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
-    volume = volume[None] if volume.ndim == 2 else volume
-    if volume.ndim != 3 or volume.size == 0:
-        raise ImageReadError(
-            f"{path}: expected a 3D volume (slices, height, width), got shape {volume.shape}"
-        )
-    if not np.isfinite(volume).all():
-        raise ImageReadError(f"{path}: contains NaN or infinite pixel values")
-    return np.ascontiguousarray(volume, dtype=np.float32)
 
 
 def _pixels(count: float) -> str:
