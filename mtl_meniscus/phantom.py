@@ -450,6 +450,16 @@ def _bias_field(rng: np.random.Generator, size: int) -> np.ndarray:
     )
 
 
+def check_phantom_options(n: int, seed: int, size: int, what: str = "images", n_option: str = "--n") -> None:
+    """make-phantom's size, seed and count, named by option when out of range."""
+    if not 32 <= size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"--size: bad value {size} (allowed: 32..{MAX_IMAGE_SIZE} pixels)")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed: bad value {seed} (allowed: 0..{MAX_SEED})")
+    if n < 20:
+        raise ConfigError(f"{n_option}: bad value {n} (allowed: at least 20 {what})")
+
+
 def write_phantom(
     out_dir: str | Path,
     n: int = 1128,
@@ -463,12 +473,7 @@ def write_phantom(
     A folder that is not empty is refused unless `overwrite` (then files of the same names are replaced).
     """
     out_dir = Path(out_dir)
-    if not 32 <= size <= MAX_IMAGE_SIZE:
-        raise ConfigError(f"--size: bad value {size} (allowed: 32..{MAX_IMAGE_SIZE} pixels)")
-    if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"--seed: bad value {seed} (allowed: 0..{MAX_SEED})")
-    if n < 20:
-        raise ConfigError(f"--n: bad value {n} (allowed: at least 20 images)")
+    check_phantom_options(n, seed, size)
     if overwrite:
         check_output_dir(out_dir, "make-phantom OUT")
     else:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .outputs import atomic_write, check_empty_output_dir
-from .phantom import PhantomCase, PhantomSettings, plan_cases, render_case
+from .phantom import PhantomCase, PhantomSettings, check_phantom_options, plan_cases, render_case
 
 FORMATS = ("mrnet", "dicom-series", "nifti")
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # rows along +y (anterior-posterior), columns along -z
@@ -61,9 +61,8 @@ def render_exam(exam: PhantomExam, n_slices: int, seed: int, settings: PhantomSe
     slices = []
     for s in range(n_slices):
         offset = (s - (n_slices - 1) / 2) / max(1.0, n_slices / 2)  # -1 .. 1 across the exam
-        factor = float(
-            np.clip(0.99 - 0.6 * offset**2, 0.35, 0.99)
-        )  # never 1.0: the same draws on every slice
+        # meniscus size: never 1.0, where the generator would skip the size draws on that slice alone
+        factor = float(np.clip(0.99 - 0.6 * offset**2, 0.35, 0.99))
         shows_tear = exam.tear_slices is not None and exam.tear_slices[0] <= s <= exam.tear_slices[1]
         case = dataclasses.replace(exam.case, fissure=int(shows_tear))
         slice_settings = dataclasses.replace(settings, meniscus_size=(factor, factor))
@@ -85,6 +84,7 @@ def write_phantom_exams(
     out_dir = Path(out_dir)
     if fmt not in FORMATS:
         raise ConfigError(f"--format: bad value {fmt!r} (allowed: {', '.join(FORMATS)})")
+    check_phantom_options(n, seed, size, what="exams", n_option="--exams")
     if not 3 <= n_slices <= 200:
         raise ConfigError(f"--slices: bad value {n_slices} (allowed: 3..200 slices per exam)")
     check_empty_output_dir(

@@ -231,3 +231,12 @@ def test_a_bad_mrnet_folder_is_named(tmp_path):
     assert "row 2: case '1131' has no file" in str(err.value) and "row 3: '1132,yes'" in str(err.value)
     with pytest.raises(DataError, match="train-meniscus.csv: not found"):
         read_mrnet(tmp_path, "train")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--exams", "20", "--seed", "-1"], "--seed: bad value -1"), (["--exams", "5"], "--exams: bad value 5")],
+)
+def test_bad_phantom_exam_options_are_named(tmp_path, options, message):
+    result = CliRunner().invoke(app, ["make-phantom", str(tmp_path / "out"), *options])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
