@@ -97,3 +97,18 @@ def test_train_and_evaluate_runs_in_wandb(recorded, tmp_path):
         n_test = sum(row["split"] == "test" for row in csv.DictReader(handle))
     assert len(table.data) == n_test
     assert all(isinstance(row[-1], wandb.Image) for row in table.data)
+
+
+def test_the_scored_model_is_recorded_in_the_offline_run_files(tmp_path):
+    """Without the stand-in: a real offline evaluate run's log file names the training run's wandb
+    id and the checkpoint it scored (offline wandb refuses use_artifact; the config carries it)."""
+    write_phantom(tmp_path / "data", n=60, seed=3, size=64)
+    config = load_config(
+        TINY, {"data.path": str(tmp_path / "data"), "train.max_epochs": 1, "wandb.mode": "offline"}
+    )
+    train_run(config, tmp_path / "run", console=Console(quiet=True))
+    run_evaluation(tmp_path / "run", n_bootstrap=10, console=Console(quiet=True), wandb_mode="offline")
+    (log,) = (tmp_path / "run" / "eval-test" / "wandb").glob("offline-run-*/run-*.wandb")
+    recorded = log.read_bytes()
+    assert (tmp_path / "run" / "wandb_id.txt").read_text().strip().encode() in recorded
+    assert str(tmp_path / "run" / "best.pt").encode() in recorded and b"model_wandb_id" in recorded
