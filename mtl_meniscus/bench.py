@@ -156,7 +156,7 @@ def package_training(
             prefetch_factor=4 if num_workers else None,
             collate_fn=partial(collate_batch, channels_last=runtime.channels_last),
         )
-        for x, y in loader:
+        for (x,), y in loader:
             _train_step(model, optimizer, weighting, runtime, runtime.prepare_input(x), y.to(runtime.device))
 
     return run

@@ -243,6 +243,13 @@ def train(
         float | None, typer.Option(help="timm trunk: backbone learning rate = lr * factor.")
     ] = None,
     device: DeviceOption = None,
+    mrnet: Annotated[
+        Path | None,
+        typer.Option(
+            help="Train on whole exams in MRNet's layout (train|valid/sagittal/*.npy + *-meniscus.csv): "
+            "an exam model (slice features max-pooled over each exam) with configs/exams.yaml's budget."
+        ),
+    ] = None,
     settings: Annotated[
         list[str] | None,
         typer.Option(
@@ -266,9 +273,12 @@ def train(
             train_run(None, resume, resume=True, console=console)
             return
         preset = config or preset_path((mode or Mode.shared).value)
+        if mrnet is not None and data is not None:
+            raise ConfigError("give --data (a labels.csv folder) or --mrnet (an MRNet folder), not both")
         named = {
             "model.name": mode.value if mode else None,
-            "data.path": str(data) if data else None,
+            "data.path": str(data or mrnet) if data or mrnet else None,
+            "data.layout": "mrnet" if mrnet else None,
             "train.max_epochs": max_epochs,
             "train.steps_per_epoch": steps_per_epoch,
             "train.batch_size": batch_size,
@@ -284,7 +294,9 @@ def train(
         }
         overrides = dict(parse_set_option(text) for text in settings or [])
         overrides |= {key: value for key, value in named.items() if value is not None}
-        run_config = load_config(preset if preset.is_file() or config else None, overrides)
+        # a mode's preset counts images per step; on exams the budget is configs/exams.yaml's
+        overlay = preset_path("exams") if mrnet is not None and config is None else None
+        run_config = load_config(preset if preset.is_file() or config else None, overrides, overlay)
         if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # each process would name its own dated folder
             raise ConfigError("under torchrun give --out: every process must write to the same run folder")

@@ -52,6 +52,9 @@ class DataConfig(Section):
     """Where the images are and which ones are kept."""
 
     path: str | None = None  # folder with labels.csv; None = the embedded phantom (generated on first use)
+    # How the folder is laid out: labels-csv (labels.csv naming slices or volumes, one row per
+    # slice) or mrnet (MRNet's train|valid/sagittal/NNNN.npy with *-meniscus.csv: one label per exam).
+    layout: Literal["labels-csv", "mrnet"] = "labels-csv"
     image_size: int = 256  # expected height and width
     size_policy: Literal["exclude", "resize"] = "exclude"  # images of another size: set aside or resize
     exclude_double_tears: bool = True  # position 'both' cannot be one binary label
@@ -177,6 +180,9 @@ class ModelConfig(Section):
     dense_dropout: float = 0.4
     in_chans: int = 2
     tasks: tuple[str, ...] = TASKS
+    # None: a slice model. max or attention: an exam model, the trunk run on every slice of an exam
+    # and its features pooled over the slices (max as in MRNet; attention as in Ilse et al. 2018).
+    exam_pooling: Literal["max", "attention"] | None = None
 
     def validate(self) -> None:
         blocks = max(len(self.kernels), len(self.fissure_kernels))
@@ -319,6 +325,21 @@ class Config(Section):
         self.tta.validate()
         self.model.validate()
         self.train.validate()
+        _check(
+            self.data.layout != "mrnet" or bool(self.data.path),
+            "data.path",
+            self.data.path,
+            "an MRNet folder with data.layout mrnet (there is no built-in one: make-phantom OUT --exams 600 "
+            "--format mrnet writes phantom exams)",
+        )
+        if self.data.layout == "mrnet" and self.model.exam_pooling is None:
+            self.model.exam_pooling = "max"  # MRNet labels whole exams: only an exam model can learn them
+        _check(
+            self.model.exam_pooling is None or self.data.layout == "mrnet",
+            "model.exam_pooling",
+            self.model.exam_pooling,
+            "null unless data.layout is mrnet (an exam model trains on exam labels)",
+        )
         tasks = self.data.task_table()
         if self.data.extra_tasks and self.model.tasks == TASKS:  # the default: every task of the table
             self.model.tasks = tasks.names
@@ -424,20 +445,30 @@ def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Con
     return _parse(Config, data or {}, source).validate()
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a YAML preset (or the defaults) and apply dotted-key overrides like {'train.lr': 0.01}."""
-    data, source = _read_yaml(path, overrides)
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    overlay: str | Path | None = None,
+) -> Config:
+    """Load a YAML preset (or the defaults), merge `overlay` over it (another YAML file, e.g.
+    configs/exams.yaml for training on exams) and apply dotted-key overrides like {'train.lr': 0.01}."""
+    data, source = _read_yaml(path, overrides, overlay)
     return config_from_dict(data, source)
 
 
-def _read_yaml(path: str | Path | None, overrides: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
-    """(nested dict, source name) of a YAML file (or {} for None) with dotted-key overrides applied;
-    overrides whose value is None are skipped."""
+def _read_yaml(
+    path: str | Path | None, overrides: dict[str, Any] | None, overlay: str | Path | None = None
+) -> tuple[dict[str, Any], str]:
+    """(nested dict, source name) of a YAML file (or {} for None), `overlay` merged over it, with
+    dotted-key overrides applied; overrides whose value is None are skipped."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
         data = read_config_file(path)
+    if overlay is not None:
+        source += f" + {overlay}"
+        data = _merged(data, read_config_file(overlay))
     given = [key for key, value in (overrides or {}).items() if value is not None]
     for key in given:
         inside = [other for other in given if other.startswith(key + ".")]

@@ -11,6 +11,7 @@ import os
 import posixpath
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,13 +280,19 @@ class PreparedData:
 
     data_dir: Path
     records: list[Record]
-    images: list[np.ndarray]  # raw float32 (H, W), all image_size x image_size
+    images: Sequence[np.ndarray]  # raw float32 (H, W), all image_size x image_size; exams: (S, H, W) each
     targets: np.ndarray  # (N, T) float32 in the order of `tasks`, NaN where a task does not apply
     splits: list[str]
     tasks: TaskTable = DEFAULT_TASKS
     exclusions: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
     n_rows: int = 0
     resized: int = 0
+    unit: str = "images"  # what a row is: an image (a slice), or with data.layout mrnet an exam
+
+    @property
+    def exams(self) -> bool:
+        """True when each row is a whole exam (S, H, W) rather than one slice (H, W)."""
+        return self.unit == "exams"
 
     def indices(self, split: str) -> np.ndarray:
         return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
@@ -294,7 +301,7 @@ class PreparedData:
         """One line: how many rows were kept and why the others were set aside."""
         reasons = Counter(reason.split(":")[0] for _, reason in self.exclusions)
         detail = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
-        line = f"kept {len(self.records)} of {self.n_rows} images"
+        line = f"kept {len(self.records)} of {self.n_rows} {self.unit}"
         if self.exclusions:
             line += f"; excluded {len(self.exclusions)} ({detail})"
         if self.resized:
@@ -423,6 +430,10 @@ def prepare_data(
     `report_dir` receives labels_problems.txt when labels.csv has more problems than the error shows.
     """
     data_dir = Path(data_dir)
+    if config.layout == "mrnet":
+        from .mrnet import prepare_mrnet
+
+        return prepare_mrnet(data_dir, config)
     tasks = config.task_table()
     records = read_labels(data_dir, report_dir, tasks, config.allow_unknown_subtype)
     size = config.image_size

@@ -45,17 +45,40 @@ class SliceDataset(Dataset):
         return torch.from_numpy(make_input(image, self.edge_filter)), self.targets[index]
 
 
+class ExamDataset(SliceDataset):
+    """Item (index, seed or None) -> (x (S, C, H, W) float32: every slice of the exam, targets (T,)).
+
+    `images` holds whole exams (S, H, W). An augmentation seed moves every slice of the exam
+    alike (one draw of rotation, shift and intensity, as a patient who moved would)."""
+
+    def __getitem__(self, key: tuple[int, int | None] | int) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        volume = self.images[index]  # (S, H, W)
+        if self.augment is not None and seed is not None:
+            # the same generator state for each slice: the same transform
+            volume = [augment_image(s, self.augment, np.random.default_rng(seed)) for s in volume]
+        slices = [make_input(s, self.edge_filter) for s in volume]  # S x (C, H, W)
+        return torch.from_numpy(np.stack(slices)), self.targets[index]
+
+
 def collate_batch(
     samples: Sequence[tuple[torch.Tensor, torch.Tensor]], channels_last: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack samples into x (B, C, H, W) and targets (B, 3), x already in the memory format the
-    model wants: one copy per batch instead of a stack plus a channels_last conversion."""
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """((x,), targets (B, T)) for slices: x (B, C, H, W). For exams (samples (S_b, C, H, W)):
+    ((x, lengths), targets) with x (N, C, H, W) every exam's slices one after another and lengths
+    (B,) their counts, as ExamNet takes them. x is already in the memory format the model wants:
+    one copy per batch instead of a stack plus a channels_last conversion."""
     first = samples[0][0]
+    exams = first.dim() == 4
+    lengths = [len(x) for x, _ in samples] if exams else [1] * len(samples)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.empty((len(samples), *first.shape), dtype=first.dtype, memory_format=memory_format)
-    for row, (image, _) in enumerate(samples):
-        x[row].copy_(image)
-    return x, torch.stack([target for _, target in samples])
+    x = torch.empty((sum(lengths), *first.shape[-3:]), dtype=first.dtype, memory_format=memory_format)
+    row = 0
+    for (image, _), length in zip(samples, lengths):
+        x[row : row + length].copy_(image.reshape(length, *first.shape[-3:]))
+        row += length
+    inputs = (x, torch.tensor(lengths, dtype=torch.long)) if exams else (x,)
+    return inputs, torch.stack([target for _, target in samples])
 
 
 class EpochBatchSampler(Sampler):

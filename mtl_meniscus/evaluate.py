@@ -107,7 +107,10 @@ def evaluate(
         "fissure_threshold": threshold,
         "tasks": per_task,
         "challenge_score": challenge_score(aucs, tasks),
-        "challenge_score_ci95": list(cis.get("score", (math.nan, math.nan))),
+        # undefined (NaN) when the model does not predict a weighted task, and so is its interval
+        "challenge_score_ci95": list(cis.get("score", (math.nan, math.nan)))
+        if not math.isnan(challenge_score(aucs, tasks))
+        else [math.nan, math.nan],
         "cascade": cascade_view(targets, probs, threshold, tasks),
         "bootstrap_resamples": n_bootstrap,
         "bootstrap_method": "percentile; each task resampled on its own scored rows, stratified on its own class",
@@ -299,6 +302,10 @@ def run_evaluation(
         raise MeniscusError(f"unknown split {split!r} (allowed: test, val, train, all)")
     runtime = resolve_runtime(precision, device)
     trained = load_trained(run_or_checkpoint, runtime)
+    if cam_dir is not None and trained.config.model.exam_pooling is not None:
+        raise MeniscusError(
+            f"--cam: {trained.checkpoint} is a model of whole exams; saliency maps are for slice models"
+        )
     tta = trained.tta(tta_copies)
     threshold = choose_threshold(trained, runtime, youden, threshold, console)
     cut = threshold.value
@@ -335,16 +342,19 @@ def run_evaluation(
     console.print(
         metrics_table(
             metrics,
-            f"{split} split, {metrics['n_images']} images, TTA {tta.copies} copies, "
+            f"{split} split, {metrics['n_images']} {data.unit}, TTA {tta.copies} copies, "
             f"fissure threshold {cut:.3f}",
         )
     )
     view = metrics["cascade"]
-    console.print(
-        f"cascade: {view['detected']}/{view['true_tears']} true tears detected; of those, orientation right "
-        f"{view['orientation_correct']}, position right {view['position_correct']}, both right {view['all_correct']}",
-        highlight=False,
-    )
+    right = [
+        f"{key.removesuffix('_correct')} right {n}" for key, n in view.items() if key.endswith("_correct")
+    ]
+    line = f"cascade: {view['detected']}/{view['true_tears']} true tears detected"
+    if len(right) > 1:  # each gated task's count, then all of them at once
+        every = "both" if len(right) == 3 else "all"
+        line += "; of those, " + ", ".join(right[:-1]) + f", {every} right {view['all_correct']}"
+    console.print(line, highlight=False)
     console.print(f"wrote {out_dir / 'metrics.json'}, predictions.csv and roc.png")
     _log_to_wandb(trained, out_dir, metrics, curves, wandb_mode, cam_dir)
     return metrics

@@ -10,6 +10,7 @@ InstanceNumber where those tags are missing; the file names and their order do n
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,30 @@ def read_exam(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     if path.is_dir():
         return _read_dicom_series(path, max_pixels)
     return read_volume(path, max_pixels)
+
+
+class ExamVolumes(Sequence):
+    """Exams read from their files when asked for, as float32 (S, size, size): a data set of exams
+    is read one exam at a time (MRNet's training exams would take about 9 GB as float32 in memory).
+    Slices of another size are resized (INTER_AREA, as for single slices)."""
+
+    def __init__(self, paths: Sequence[Path], size: int, max_pixels: int | None = None):
+        self.paths, self.size, self.max_pixels = list(paths), size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return resized_slices(read_exam(self.paths[index], self.max_pixels), self.size)
+
+
+def resized_slices(volume: np.ndarray, size: int) -> np.ndarray:
+    """(S, H, W) -> (S, size, size); the volume itself when it already has that size."""
+    import cv2
+
+    if volume.shape[1:] == (size, size):
+        return volume
+    return np.stack([cv2.resize(s, (size, size), interpolation=cv2.INTER_AREA) for s in volume])
 
 
 def _read_dicom_series(folder: Path, max_pixels: int | None) -> np.ndarray:

@@ -83,6 +83,11 @@ def export_onnx(
     onnx, onnxruntime = _onnx_modules()
     out = check_output_file(out, "--out")
     trained = load_trained(run_or_checkpoint, resolve_runtime("fp32", "cpu"))
+    if trained.config.model.exam_pooling is not None:
+        raise MeniscusError(
+            f"{trained.checkpoint}: a model of whole exams (model.exam_pooling "
+            f"{trained.config.model.exam_pooling}); ONNX export takes slice models only"
+        )
     # Contiguous (NCHW) weights: the graph must not depend on how this machine lays out memory.
     model = TaskProbabilities(trained.model.to(memory_format=torch.contiguous_format)).eval()
     channels, size = trained.config.model.in_chans, trained.config.data.image_size

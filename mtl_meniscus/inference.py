@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import TTAConfig
-from .dataset import SliceDataset, collate_batch
+from .dataset import ExamDataset, SliceDataset, collate_batch
+from .models import takes_exams
 from .runtime import Runtime
 
 
@@ -28,12 +29,14 @@ def predict_probs(
     """{task: (N,) probabilities}; with TTA, the mean over the original and `tta.copies` copies.
 
     Copy k of image i is augmented with the generator seeded (seed, i, k): deterministic and
-    independent of the batch size.
+    independent of the batch size. For an exam model (models.takes_exams) `images` are whole
+    exams (S, H, W), one probability each, and `batch_size` counts exams.
     """
     model.eval()
     n = len(images)
     copies = tta.copies if tta is not None else 0
-    dataset = SliceDataset(images, np.zeros((n, 3), np.float32), edge_filter, tta.augment if copies else None)
+    kind = ExamDataset if takes_exams(model) else SliceDataset
+    dataset = kind(images, np.zeros((n, 1), np.float32), edge_filter, tta.augment if copies else None)
     keys = [(i, None) for i in range(n)]
     keys += [
         (i, int(np.random.SeedSequence([seed, i, k]).generate_state(1)[0]))
@@ -46,12 +49,12 @@ def predict_probs(
         collate_fn=lambda batch: collate_batch([dataset[key] for key in batch], runtime.channels_last),
     )
     chunks: dict[str, list[np.ndarray]] = {}
-    for batch in loader:
-        x = runtime.prepare_input(batch[0])  # (B, C, H, W)
+    for inputs, _ in loader:
+        x, *exam_lengths = inputs  # x (B, C, H, W); for exams (N, C, H, W) and lengths (B,)
         with runtime.autocast():
-            logits = model(x)
+            logits = model(runtime.prepare_input(x), *(t.to(runtime.device) for t in exam_lengths))
         for task, value in logits.items():
             chunks.setdefault(task, []).append(torch.sigmoid(value.float()).cpu().numpy())
         if on_batch is not None:
-            on_batch(len(x))
+            on_batch(len(value))
     return {task: np.concatenate(parts).reshape(copies + 1, n).mean(axis=0) for task, parts in chunks.items()}

@@ -7,6 +7,9 @@
 - DenseHead: the reference method's dense 32 -> 16 -> 1 head with dropout.
 - SharedTrunkNet: one trunk, one head per task.
 - SeparateCascade: the reference method's three independent networks behind the same contract.
+- ExamNet: a slice network run on every slice of whole exams, its features pooled over each exam's
+  slices (SlicePooling) into its heads. It maps (x (N, C, H, W): the slices of B exams one after
+  another, lengths (B,): each exam's slice count) to {task: logits (B,)}: one row per exam.
 Models are built by name from a ModelConfig through MODEL_BUILDERS.
 """
 
@@ -195,6 +198,53 @@ class SharedTrunkNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class SlicePooling(nn.Module):
+    """Slice features (N, F) of B exams, one after another, -> one feature vector per exam (B, F).
+
+    max: each feature's highest value over the exam's slices (MRNet's pooling). attention: a
+    weighted mean whose weights a small network computes from each slice's features (the
+    attention-based multiple-instance pooling of Ilse, Tomczak & Welling 2018), so the model can
+    learn which slices matter. Both ignore the order of the slices.
+    """
+
+    def __init__(self, kind: str, num_features: int, hidden: int = 64):
+        super().__init__()
+        self.kind = kind
+        if kind == "attention":
+            self.score = nn.Sequential(nn.Linear(num_features, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        elif kind != "max":
+            raise ConfigError(
+                f"config key 'model.exam_pooling': bad value {kind!r} (allowed: max, attention)"
+            )
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        exams = torch.split(features, lengths.tolist())  # B tensors (S_b, F)
+        if self.kind == "max":
+            return torch.stack([slices.amax(dim=0) for slices in exams])  # (B, F)
+        pooled = []
+        for slices in exams:
+            weights = torch.softmax(self.score(slices).float(), dim=0).to(slices.dtype)  # (S_b, 1)
+            pooled.append((weights * slices).sum(dim=0))
+        return torch.stack(pooled)  # (B, F)
+
+
+class ExamNet(nn.Module):
+    """A slice network (trunk + heads) on whole exams: the trunk on every slice, the features
+    pooled over each exam's slices, the heads on the pooled features (see the module docstring)."""
+
+    def __init__(self, slice_net: SharedTrunkNet, pooling: str):
+        super().__init__()
+        self.tasks = slice_net.tasks
+        self.exam_pooling = pooling
+        self.slice_net = slice_net
+        self.pool = SlicePooling(pooling, slice_net.trunk.num_features)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.slice_net.trunk(x)  # (N, F), N = lengths.sum()
+        pooled = self.pool(features, lengths)  # (B, F)
+        return {task: head(pooled) for task, head in self.slice_net.heads.items()}  # {task: (B,)}
+
+
 class SeparateCascade(nn.Module):
     """The reference method's independent networks, one per task, behind the shared contract."""
 
@@ -202,12 +252,18 @@ class SeparateCascade(nn.Module):
         super().__init__()
         self.tasks = tuple(networks)  # in the order given: the task table's
         self.networks = nn.ModuleDict(networks)
+        self.exam_pooling = getattr(next(iter(networks.values())), "exam_pooling", None)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, *exam_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for network in self.networks.values():
-            out.update(network(x))
+            out.update(network(x, *exam_lengths))
         return {task: out[task] for task in self.tasks}
+
+
+def takes_exams(model: nn.Module) -> bool:
+    """True for a model of whole exams: it is called as model(x, lengths), see ExamNet."""
+    return getattr(model, "exam_pooling", None) is not None
 
 
 def _trunk(config: ModelConfig, kernels: Sequence[int]) -> nn.Module:
@@ -223,15 +279,22 @@ def _trunk(config: ModelConfig, kernels: Sequence[int]) -> nn.Module:
     )
 
 
-def build_shared(config: ModelConfig) -> SharedTrunkNet:
+def _on_exams(net: SharedTrunkNet, config: ModelConfig) -> nn.Module:
+    """The slice network itself, or, with model.exam_pooling, the same network on whole exams."""
+    return net if config.exam_pooling is None else ExamNet(net, config.exam_pooling)
+
+
+def build_shared(config: ModelConfig) -> nn.Module:
     """Shared trunk (the reference's 4-block trunk by default) with one head per task."""
-    return SharedTrunkNet(_trunk(config, config.kernels), config.tasks, config.dense, config.dense_dropout)
+    net = SharedTrunkNet(_trunk(config, config.kernels), config.tasks, config.dense, config.dense_dropout)
+    return _on_exams(net, config)
 
 
-def build_single_task(config: ModelConfig, task: str) -> SharedTrunkNet:
+def build_single_task(config: ModelConfig, task: str) -> nn.Module:
     """One network of the cascade: fissure has 3 conv blocks, orientation and position 4."""
     kernels = config.fissure_kernels if task == "fissure" else config.kernels
-    return SharedTrunkNet(_trunk(config, kernels), (task,), config.dense, config.dense_dropout)
+    net = SharedTrunkNet(_trunk(config, kernels), (task,), config.dense, config.dense_dropout)
+    return _on_exams(net, config)
 
 
 def build_separate(config: ModelConfig) -> SeparateCascade:

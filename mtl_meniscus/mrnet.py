@@ -15,8 +15,14 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import problems_error
-from .errors import DataError
+import numpy as np
+
+from .config import DataConfig
+from .data import PreparedData, Record, problems_error
+from .errors import DataError, ImageReadError
+from .exams import ExamVolumes, read_exam
+from .imageio import max_pixels_limit
+from .splits import stratified_group_split
 
 SPLITS = ("train", "valid")
 
@@ -59,3 +65,64 @@ def read_mrnet(root: str | Path, split: str) -> list[MrnetExam]:
     if not exams:
         raise DataError(f"{labels}: no exams listed")
     return exams
+
+
+def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
+    """MRNet as a data set of exams: `valid` is the test split; `train` is split into train and val
+    in the proportion of data.split_fractions' first two values, stratified on the tear label.
+
+    Each exam is read once here, so that an unreadable exam or one of the wrong size is set aside
+    (exclusions.csv) before anything trains; training reads them again one at a time
+    (exams.ExamVolumes). Only the tear label exists: the tasks it gates are unknown (NaN), which
+    the masked loss leaves out and the summary line counts.
+    """
+    root = Path(root)
+    tasks = config.task_table()
+    size, max_pixels = config.image_size, max_pixels_limit(config.max_pixels)
+    records, splits, paths, exclusions, resized = [], [], [], [], 0
+    listed = 0
+    for folder, split in (("train", ""), ("valid", "test")):
+        for exam in read_mrnet(root, folder):
+            listed += 1
+            relative = exam.path.relative_to(root).as_posix()
+            try:
+                shape = read_exam(exam.path, max_pixels).shape
+            except ImageReadError as err:
+                exclusions.append((relative, f"unreadable: {err}"))
+                continue
+            if shape[1:] != (size, size):
+                if config.size_policy == "exclude":
+                    exclusions.append(
+                        (relative, f"wrong size: {shape[1]}x{shape[2]} slices, expected {size}x{size}")
+                    )
+                    continue
+                resized += 1
+            labels = {task.name: "" for task in tasks} | {tasks.root.name: str(exam.tear)}
+            records.append(Record(row=len(records) + 1, image=relative, labels=labels, split=split))
+            splits.append(split)
+            paths.append(exam.path)
+    if not records:
+        raise DataError(f"{root}: no usable exam left ({len(exclusions)} set aside, e.g. {exclusions[0][1]})")
+    train_rows = [k for k, split in enumerate(splits) if not split]
+    train_share, val_share = config.split_fractions[0], config.split_fractions[1]
+    if train_share + val_share == 0:
+        raise DataError(
+            f"data.split_fractions {list(config.split_fractions)}: MRNet's train folder is split into train "
+            "and val by the first two fractions, and both are 0"
+        )
+    fractions = (train_share / (train_share + val_share), val_share / (train_share + val_share), 0.0)
+    chosen = stratified_group_split([records[k].stratum for k in train_rows], fractions, config.split_seed)
+    for k, split in zip(train_rows, chosen):
+        splits[k] = split
+    return PreparedData(
+        data_dir=root,
+        records=records,
+        images=ExamVolumes(paths, size, max_pixels),
+        targets=np.stack([r.targets(tasks) for r in records]),
+        splits=splits,
+        tasks=tasks,
+        exclusions=exclusions,
+        n_rows=listed,
+        resized=resized,
+        unit="exams",
+    )

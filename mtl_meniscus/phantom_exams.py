@@ -64,9 +64,15 @@ def render_exam(exam: PhantomExam, n_slices: int, seed: int, settings: PhantomSe
         # meniscus size: never 1.0, where the generator would skip the size draws on that slice alone
         factor = float(np.clip(0.99 - 0.6 * offset**2, 0.35, 0.99))
         shows_tear = exam.tear_slices is not None and exam.tear_slices[0] <= s <= exam.tear_slices[1]
-        case = dataclasses.replace(exam.case, fissure=int(shows_tear))
-        slice_settings = dataclasses.replace(settings, meniscus_size=(factor, factor))
-        image, _ = render_case(case, seed, slice_settings)
+        # Every slice of a tear exam goes through the tear's random draws, with the tear's contrast
+        # 0 where it does not show: the draws after it (blur, bias field, intensity scale, noise)
+        # stay the exam's own on every slice, so the tear is the only thing that sets its slices apart.
+        slice_settings = dataclasses.replace(
+            settings,
+            meniscus_size=(factor, factor),
+            tear_contrast=settings.tear_contrast if shows_tear else (0.0, 0.0),
+        )
+        image, _ = render_case(exam.case, seed, slice_settings)
         slices.append(image)
     return np.stack(slices)
 

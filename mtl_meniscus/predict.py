@@ -116,6 +116,10 @@ def run_predict(
     runtime = resolve_runtime(precision, device)
     trained = load_trained(run_or_checkpoint, runtime)
     config = trained.config
+    if cam_dir is not None and config.model.exam_pooling is not None:
+        raise MeniscusError(
+            f"--cam: {trained.checkpoint} is a model of whole exams; saliency maps are for slice models"
+        )
     size = config.data.image_size
     max_pixels = max_pixels_limit(config.data.max_pixels)
     chosen = resolve_threshold(trained, threshold)
@@ -234,12 +238,13 @@ def run_predict_exams(
     console: Console | None = None,
     device: str | None = None,
 ) -> list[dict]:
-    """One row per exam (a volume file or a DICOM series folder), from the slice model.
+    """One row per exam (a volume file or a DICOM series folder).
 
-    The exam's fissure probability is the highest of its slices' (max pooling, as in MRNet); the
-    most suspicious slice (`top_slice`, 0-based in the exam's order) gives orientation and
-    position, gated as for a slice. `with_slices` adds a row per slice. A bad exam gets an error
-    row; the others are predicted. Returns the rows as written.
+    From a slice model, the exam's fissure probability is the highest of its slices' (max pooling,
+    as in MRNet) and the most suspicious slice (`top_slice`, 0-based in the exam's order) gives
+    orientation and position, gated as for a slice; an exam model gives the exam its own output
+    (TrainedModel.predict_exam). `with_slices` adds a row per slice. A bad exam gets an error row;
+    the others are predicted. Returns the rows as written.
     """
     console = console or Console(soft_wrap=True)
     check_output_file(out, "--out")
@@ -252,6 +257,11 @@ def run_predict_exams(
     tta = trained.tta(tta_copies)
     console.print(chosen.describe(tta.copies), highlight=False, markup=False)
     columns = exam_columns(tasks, names)
+    pooling = (
+        f"exam = the exam model's output ({config.model.exam_pooling} pooling over its slices)"
+        if config.model.exam_pooling
+        else "exam = its most suspicious slice"
+    )
     rows: list[dict] = []
     for k, path in enumerate(exams):
         exam = {"exam": str(path)}
@@ -285,7 +295,7 @@ def run_predict_exams(
     failed = sum(1 for row in rows if row["error"])
     console.print(
         f"predicted {len(exams) - failed} of {len(exams)} exams (TTA {tta.copies} copies, fissure threshold "
-        f"{chosen.value:.3f}; exam = its most suspicious slice) -> {out}"
+        f"{chosen.value:.3f}; {pooling}) -> {out}"
         + (f"; {failed} failed, see the error column" if failed else "")
     )
     return rows

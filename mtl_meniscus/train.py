@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import atomic_torch_save, load_checkpoint, model_payload
 from .config import Config, config_from_dict, read_config_file
 from .data import PreparedData, prepare_data, resolve_data_dir
-from .dataset import EpochBatchSampler, SliceDataset, collate_batch
+from .dataset import EpochBatchSampler, ExamDataset, SliceDataset, collate_batch
 from .distributed import SINGLE, Distributed, check_batch
 from .distributed import start as start_processes
 from .distributed import stop as stop_processes
@@ -191,7 +191,8 @@ class MemberTrainer:
                 ),
             ),
         )
-        self.dataset = SliceDataset(data.images, data.targets, config.preprocess.edge_filter, config.augment)
+        kind = ExamDataset if data.exams else SliceDataset
+        self.dataset = kind(data.images, data.targets, config.preprocess.edge_filter, config.augment)
         self.sampler = EpochBatchSampler(
             member.train_indices,
             train.steps_per_epoch,
@@ -369,10 +370,12 @@ class MemberTrainer:
             disable=not self.console.is_terminal,
         ) as progress:
             bar = progress.add_task("train", total=len(self.sampler), loss=float("nan"))
-            for x, y in loader:
-                x, y = self.runtime.prepare_input(x), y.to(self.runtime.device)  # (B, C, H, W), (B, 3)
+            for inputs, y in loader:
+                # x (B, C, H, W); for exams (N, C, H, W), every slice of the B exams, and lengths (B,)
+                x, *exam_lengths = inputs
+                x, y = self.runtime.prepare_input(x), y.to(self.runtime.device)  # y (B, T)
                 with self.runtime.autocast():
-                    outputs = self.net(x)
+                    outputs = self.net(x, *(t.to(self.runtime.device) for t in exam_lengths))
                 tasks = self.data.tasks
                 denominators = self.processes.loss_denominators(y, list(outputs), tasks)  # torchrun only
                 losses = task_losses(outputs, y, train.pos_weights, tasks, denominators)
@@ -429,6 +432,22 @@ class MemberTrainer:
             markup=False,
         )
         self.logger.log({f"{self.member.name}/{k}": v for k, v in row.items() if k != "member"})
+
+
+def tasks_without_labels(names: tuple[str, ...], data: PreparedData) -> dict[str, int]:
+    """{gated task: the train split's gate positives (tears)} for the tasks whose label is unknown on
+    every one of them (MRNet, fastMRI+): nothing to learn from, so the run leaves them out rather
+    than predict with an untrained head. A train split without any tear is check_members' error."""
+    train, tasks = data.indices("train"), data.tasks
+    out = {}
+    for name in names:
+        gate = tasks[name].gated_by
+        if gate is None:
+            continue
+        gated = int(np.sum(data.targets[train, tasks.index(gate)] == 1))
+        if gated and not tasks.scored_rows(data.targets[train], name).any():
+            out[name] = gated
+    return out
 
 
 def member_start_score(
@@ -522,6 +541,10 @@ def _train_locked(
     if resume and not data.same_splits_as(run_dir / "splits.csv"):
         # Resuming on other splits would train on test images.
         raise MeniscusError(f"cannot resume {run_dir}: the data or its splits changed since the run started")
+    unlabelled = tasks_without_labels(config.model.tasks, data)
+    if unlabelled:  # the model predicts what it can learn; config.yaml and the checkpoints say so
+        kept = tuple(t for t in config.model.tasks if t not in unlabelled)
+        config.model = config.model.model_copy(update={"tasks": kept})
     if processes.main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         data.write_splits(run_dir / "splits.csv")
@@ -530,7 +553,11 @@ def _train_locked(
     console.print(f"splits: {data.split_summary()}")
 
     members = plan_members(config, data, run_dir)
-    warnings = check_members(members, data)
+    warnings = [
+        f"{task}: no known label in the train split ({count} {data.tasks.root.noun}s, every one unknown): "
+        f"not trained, and not predicted by this run's model"
+        for task, count in unlabelled.items()
+    ] + check_members(members, data)
     for warning in warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
@@ -617,7 +644,8 @@ def _final_metrics(
         results[key] = {
             "auc": aucs,
             "score": challenge_score(aucs, data.tasks),
-            "n_images": len(test),
+            "n_images": len(test),  # exams with data.layout mrnet
+            "unit": data.unit,
             "n_tears": int(np.nansum(targets[:, 0])),
         }
     results["members"] = best_by_member
@@ -640,9 +668,12 @@ def _print_metrics(console: Console, metrics: dict) -> None:
     for key, label in (("test", "test"), ("test_tta", "test + TTA")):
         m = metrics[key]
         aucs = "  ".join(f"{t} {a:.4f}" for t, a in m["auc"].items())
+        score = (
+            "undefined (a weighted task is not predicted)" if math.isnan(m["score"]) else f"{m['score']:.4f}"
+        )
         console.print(
-            f"{label}: AUC {aucs}  challenge score {m['score']:.4f}  "
-            f"({m['n_images']} images, {m['n_tears']} tears)",
+            f"{label}: AUC {aucs}  challenge score {score}  "
+            f"({m['n_images']} {m.get('unit', 'images')}, {m['n_tears']} tears)",
             highlight=False,
         )
 

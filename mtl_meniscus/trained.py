@@ -61,7 +61,12 @@ class TrainedModel:
         seed: int = 0,
         **kwargs,
     ) -> dict[str, np.ndarray]:
-        """{task: (N,) probabilities} with this model's preprocessing (see inference.predict_probs)."""
+        """{task: (N,) probabilities} with this model's preprocessing (see inference.predict_probs).
+        An exam model takes exams (S, H, W); a single slice (H, W) is to it an exam of one slice."""
+        from .models import takes_exams
+
+        if takes_exams(self.model):
+            images = [image if image.ndim == 3 else image[None] for image in images]
         kwargs.setdefault("batch_size", self.config.train.eval_batch_size)
         return predict_probs(
             self.model, images, self.config.preprocess.edge_filter, runtime, tta=tta, seed=seed, **kwargs
@@ -70,23 +75,38 @@ class TrainedModel:
     def predict_exam(
         self, volume: np.ndarray, runtime: Runtime, tta: TTAConfig | None = None, seed: int = 0, **kwargs
     ) -> ExamPrediction:
-        """An exam (S, H, W) through the slice model: every slice's probabilities, and the exam's:
-        the highest fissure probability over the slices (max pooling, as in MRNet) with the other
-        tasks' probabilities at that most suspicious slice. Slices are resized to the model's size."""
-        import cv2
+        """An exam (S, H, W): every slice's probabilities, and the exam's. Slices are resized to the
+        model's size.
 
-        size = self.config.data.image_size
-        slices = [
-            s if s.shape == (size, size) else cv2.resize(s, (size, size), interpolation=cv2.INTER_AREA)
-            for s in volume
-        ]
-        probs = self.predict(slices, runtime, tta=tta, seed=seed, **kwargs)  # {task: (S,)}
-        top = int(np.argmax(probs[self.tasks.root.name]))
+        A slice model gives the exam the highest fissure probability over its slices (max pooling,
+        as in MRNet) and the other tasks' probabilities at that most suspicious slice. An exam model
+        (trained on exam labels) gives the exam its own output; each slice's probabilities are its
+        output on that slice alone, and the most suspicious slice is again the highest fissure one."""
+        from .exams import resized_slices
+        from .models import takes_exams
+
+        slices = resized_slices(volume, self.config.data.image_size)
+        root = self.tasks.root.name
+        if takes_exams(self.model):
+            exam = self.predict([slices], runtime, tta=tta, seed=seed, **kwargs)  # {task: (1,)}
+            per_slice = self.predict([s[None] for s in slices], runtime, tta=tta, seed=seed, **kwargs)
+            top = int(np.argmax(per_slice[root]))
+            return ExamPrediction(per_slice, {task: float(p[0]) for task, p in exam.items()}, top)
+        probs = self.predict(list(slices), runtime, tta=tta, seed=seed, **kwargs)  # {task: (S,)}
+        top = int(np.argmax(probs[root]))
         return ExamPrediction(probs, {task: float(p[top]) for task, p in probs.items()}, top)
 
     def saliency(self, image: np.ndarray, runtime: Runtime) -> dict[str, np.ndarray]:
         """{task: (H, W) saliency map in [0, 1]} of one raw slice."""
         import torch
+
+        from .models import takes_exams
+
+        if takes_exams(self.model):
+            raise MeniscusError(
+                f"{self.checkpoint}: saliency maps are for slice models; this one was trained on whole "
+                "exams (model.exam_pooling), and predict --exams names each exam's most suspicious slice"
+            )
 
         from .cam import grad_cam
         from .preprocess import make_input

@@ -1,0 +1,247 @@
+"""Training on whole exams: slice features pooled over each exam, MRNet's layout read as data, and
+the tasks its labels leave unknown left out of the model."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtl_meniscus.cli import app
+from mtl_meniscus.config import DataConfig, ModelConfig, load_config
+from mtl_meniscus.data import prepare_data
+from mtl_meniscus.dataset import ExamDataset, collate_batch
+from mtl_meniscus.errors import ConfigError
+from mtl_meniscus.models import ExamNet, build_model
+from mtl_meniscus.phantom_exams import write_phantom_exams
+from mtl_meniscus.runtime import resolve_runtime
+from mtl_meniscus.trained import load_trained
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+SMALL_NET = {"widths": (4, 8, 8, 8), "pool_grid": 2, "dense": (8, 4), "conv_dropout": 0.0}
+
+
+def exam_net(pooling: str, name: str = "shared") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name=name, exam_pooling=pooling, **SMALL_NET)).eval()
+
+
+@pytest.mark.parametrize("pooling", ["max", "attention"])
+def test_exam_pooling_ignores_the_order_of_slices_and_keeps_exams_apart(pooling):
+    net = exam_net(pooling)
+    exams = [torch.randn(5, 2, 32, 32), torch.randn(3, 2, 32, 32)]
+    with torch.no_grad():
+        both = net(torch.cat(exams), torch.tensor([5, 3]))
+        shuffled = net(torch.cat([exams[0][[3, 0, 4, 2, 1]], exams[1][[2, 0, 1]]]), torch.tensor([5, 3]))
+        alone = [net(exam, torch.tensor([len(exam)])) for exam in exams]
+    for task, logits in both.items():
+        assert logits.shape == (2,)
+        torch.testing.assert_close(shuffled[task], logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.cat([a[task] for a in alone]), logits, rtol=1e-5, atol=1e-6)
+
+
+def test_max_pooling_is_the_highest_slice_feature():
+    net = exam_net("max")
+    assert isinstance(net, ExamNet)
+    exam = torch.randn(4, 2, 32, 32)
+    with torch.no_grad():
+        features = net.slice_net.trunk(exam)  # (4, F), computed slice by slice here
+        by_hand = torch.stack([features[:, j].max() for j in range(features.shape[1])])[None]
+        expected = {task: head(by_hand) for task, head in net.slice_net.heads.items()}
+        got = net(exam, torch.tensor([4]))
+    for task in expected:
+        torch.testing.assert_close(got[task], expected[task], rtol=1e-5, atol=1e-6)
+
+
+def test_the_cascade_on_exams_runs_each_network_on_the_same_exams():
+    cascade = exam_net("max", name="separate")
+    x, lengths = torch.randn(7, 2, 32, 32), torch.tensor([4, 3])
+    with torch.no_grad():
+        out = cascade(x, lengths)
+        fissure = cascade.networks["fissure"](x, lengths)["fissure"]
+    assert set(out) == {"fissure", "orientation", "position"} and out["fissure"].shape == (2,)
+    torch.testing.assert_close(out["fissure"], fissure)
+
+
+def test_exams_are_collated_slice_after_slice_with_their_lengths():
+    a, b = torch.arange(3 * 2 * 4.0).reshape(3, 2, 2, 2), -torch.arange(1 * 2 * 4.0).reshape(1, 2, 2, 2)
+    (x, lengths), targets = collate_batch([(a, torch.tensor([1.0])), (b, torch.tensor([0.0]))])
+    assert lengths.tolist() == [3, 1] and targets.tolist() == [[1.0], [0.0]]
+    torch.testing.assert_close(x, torch.cat([a, b]))
+    (single,), _ = collate_batch([(a[0], torch.tensor([1.0]))])  # slices stay (B, C, H, W)
+    torch.testing.assert_close(single, a[:1])
+
+
+def test_an_augmented_exam_moves_every_slice_alike():
+    from mtl_meniscus.config import AugmentConfig
+
+    image = np.zeros((32, 32), np.float32)
+    image[8:20, 10:14] = 1.0
+    volume = np.stack([image, image * 2, image * 3])  # the same shape, three brightnesses
+    dataset = ExamDataset(
+        [volume], np.ones((1, 1)), "none", AugmentConfig(rotation_deg=40, translate_frac=0.2)
+    )
+    moved, _ = dataset[(0, 123)]  # (3, 1, 32, 32), each channel standardized
+    assert moved.shape == (3, 1, 32, 32)
+    assert not torch.allclose(moved[0], dataset[(0, None)][0][0])  # it did move
+    torch.testing.assert_close(moved[1], moved[0], rtol=1e-4, atol=1e-4)  # and all slices alike
+    torch.testing.assert_close(moved[2], moved[0], rtol=1e-4, atol=1e-4)
+
+
+def test_mrnet_is_read_as_exams_with_valid_as_the_test_split(tmp_path):
+    root = tmp_path / "mrnet"
+    exams = write_phantom_exams(root, n=40, n_slices=4, seed=1, size=64, fmt="mrnet")
+    # one more training exam whose slices are of another size
+    np.save(root / "train" / "sagittal" / "0040.npy", np.zeros((4, 48, 48), np.uint8))
+    with (root / "train-meniscus.csv").open("a") as handle:
+        handle.write("0040,0\n")
+    data = prepare_data(root, DataConfig(layout="mrnet", image_size=64))
+    assert data.exams and len(data.records) == 40
+    assert data.exclusions == [("train/sagittal/0040.npy", "wrong size: 48x48 slices, expected 64x64")]
+    test = [data.records[i].image for i in data.indices("test")]
+    assert test == [f"valid/sagittal/{e.name}.npy" for e in exams[36:]]  # MRNet's valid folder, all of it
+    tears = data.targets[:, 0]
+    assert tears.tolist() == [e.case.fissure for e in exams]
+    # the train folder split 7:2 (data.split_fractions' first two), stratified on the tear label
+    train, val = data.indices("train"), data.indices("val")
+    assert len(train) + len(val) == 36 and len(val) == round(36 * 2 / 9)
+    assert abs(tears[val].mean() - tears[np.r_[train, val]].mean()) < 0.1
+    # subtypes are unknown on tears (NaN, not negative) and the summary line says so
+    assert np.isnan(data.targets[tears == 1, 1:]).all()
+    assert f"unknown (masked, not negative): {int(tears.sum())} orientation" in data.exclusion_summary()
+    assert data.images[0].shape == (4, 64, 64) and data.images[0].dtype == np.float32
+    resized = prepare_data(root, DataConfig(layout="mrnet", image_size=64, size_policy="resize"))
+    assert len(resized.records) == 41 and resized.resized == 1 and resized.images[40].shape == (4, 64, 64)
+
+
+def test_an_exam_model_needs_exam_data():
+    with pytest.raises(ConfigError, match="model.exam_pooling"):
+        load_config(TINY, {"model.exam_pooling": "max"})
+    with pytest.raises(ConfigError, match="'data.path'.*make-phantom OUT --exams"):
+        load_config(TINY, {"data.layout": "mrnet"})  # no built-in MRNet folder
+    config = load_config(TINY, {"data.layout": "mrnet", "data.path": "MRNet-v1.0"})
+    assert config.model.exam_pooling == "max"  # MRNet's labels are per exam
+
+
+def _tiny_exam_config(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny-exams.yaml"
+    path.write_text(f"base: {TINY}\ntrain:\n  batch_size: 4\n  eval_batch_size: 4\n  max_epochs: 2\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mrnet_runs(tmp_path_factory):
+    """Both modes trained on phantom exams in MRNet's layout through the CLI."""
+    folder = tmp_path_factory.mktemp("exam-training")
+    write_phantom_exams(folder / "mrnet", n=40, n_slices=5, seed=2, size=64, fmt="mrnet")
+    config = _tiny_exam_config(folder)
+    results = {}
+    for mode in ("shared", "separate"):
+        result = CliRunner().invoke(
+            app,
+            ["train", "--mode", mode, "--config", str(config), "--mrnet", str(folder / "mrnet")]
+            + ["--precision", "fp32", "--out", str(folder / mode)],
+        )
+        assert result.exit_code == 0, result.output
+        results[mode] = result.output
+    return folder, results
+
+
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_both_modes_train_on_mrnet_exams_and_predict_only_the_tear(mrnet_runs, mode):
+    folder, outputs = mrnet_runs
+    run = folder / mode
+    assert "unknown (masked, not negative)" in outputs[mode]
+    assert "orientation: no known label in the train split" in outputs[mode]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["unit"] == "exams" and metrics["test"]["n_images"] == 4  # the valid folder
+    assert list(metrics["test"]["auc"]) == ["fissure"]
+    trained = load_trained(run, resolve_runtime("fp32"))
+    assert trained.config.model.tasks == ("fissure",) and trained.config.model.exam_pooling == "max"
+    assert trained.outputs == ["fissure"]
+    if mode == "separate":
+        assert sorted(p.name for p in (run / "members").iterdir()) == ["fissure"]
+    # the test AUC is the exam model's on the valid folder's exams
+    from sklearn.metrics import roc_auc_score
+
+    with (folder / "mrnet" / "valid-meniscus.csv").open() as handle:
+        cases = list(csv.reader(handle))
+    volumes = [
+        np.load(folder / "mrnet" / "valid" / "sagittal" / f"{c}.npy").astype(np.float32) for c, _ in cases
+    ]
+    probs = trained.predict(volumes, resolve_runtime("fp32"))["fissure"]
+    truth = [int(label) for _, label in cases]
+    assert metrics["test"]["auc"]["fissure"] == pytest.approx(roc_auc_score(truth, probs))
+
+
+def test_predict_with_an_exam_model_on_a_dicom_series_and_a_bad_exam(mrnet_runs, tmp_path):
+    folder, _ = mrnet_runs
+    write_phantom_exams(tmp_path / "dicom", n=20, n_slices=5, seed=4, size=64, fmt="dicom-series")
+    series = tmp_path / "dicom" / "exam_0000"
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"not an array")
+    out = tmp_path / "exams.csv"
+    result = CliRunner().invoke(
+        app,
+        ["predict", str(folder / "shared"), str(series), str(bad), "--exams", "--slices", "--tta", "0"]
+        + ["--precision", "fp32", "--out", str(out)],
+    )
+    assert result.exit_code == 1, result.output  # the bad exam fails; the series is predicted
+    assert "exam model's output (max pooling" in result.output
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    exam_rows = [r for r in rows if r["slice"] == ""]
+    assert exam_rows[0]["error"] == "" and str(bad) in exam_rows[1]["error"]
+    assert "p_horizontal" not in rows[0]  # orientation was not learned, so it is not predicted
+    # the exam's row is the exam model on the whole series in anatomical order
+    from mtl_meniscus.exams import read_exam
+
+    fp32 = resolve_runtime("fp32")
+    trained = load_trained(folder / "shared", fp32)
+    expected = trained.predict([read_exam(series)], fp32)["fissure"][0]
+    assert float(exam_rows[0]["p_fissure"]) == pytest.approx(float(expected), abs=1e-5)
+    assert int(exam_rows[0]["slices"]) == 5 and len(rows) == 1 + 5 + 1
+
+
+def test_attention_pooling_trains_and_an_exam_model_is_not_exported(mrnet_runs, tmp_path):
+    folder, _ = mrnet_runs
+    result = CliRunner().invoke(
+        app,
+        ["train", "--config", str(_tiny_exam_config(tmp_path)), "--mrnet", str(folder / "mrnet")]
+        + ["--set", "model.exam_pooling=attention", "--max-epochs", "1", "--out", str(tmp_path / "run")],
+    )
+    assert result.exit_code == 0, result.output
+    assert load_trained(tmp_path / "run", resolve_runtime("fp32")).config.model.exam_pooling == "attention"
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and "ONNX export takes slice models only" in result.output
+
+
+def test_subtypes_unknown_on_every_training_tear_are_left_out(small_phantom, tmp_path):
+    """labels.csv with orientation and position empty on every tear (as fastMRI+ gives it): the
+    model predicts the tear only, instead of two heads that never saw a label."""
+    from mtl_meniscus.train import train_run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(small_phantom / "images")
+    with (small_phantom / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with (data / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "fissure", "orientation", "position"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(
+                {"image": row["image"], "fissure": row["fissure"], "orientation": "", "position": ""}
+            )
+    config = load_config(
+        TINY,
+        {"data.path": str(data), "data.allow_unknown_subtype": True}
+        | {"data.size_policy": "resize", "train.max_epochs": 1},
+    )
+    metrics = train_run(config, tmp_path / "run")
+    assert list(metrics["test"]["auc"]) == ["fissure"]
+    assert any("position: no known label in the train split" in w for w in metrics["warnings"])
+    assert load_trained(tmp_path / "run", resolve_runtime("fp32")).outputs == ["fissure"]
