@@ -247,7 +247,8 @@ def train(
         Path | None,
         typer.Option(
             help="Train on whole exams in MRNet's layout (train|valid/sagittal/*.npy + *-meniscus.csv): "
-            "an exam model (slice features max-pooled over each exam) with configs/exams.yaml's budget."
+            "an exam model (slice features max-pooled over each exam) with configs/exams.yaml's budget "
+            "(merged over the mode's preset; a --config file is taken as it is)."
         ),
     ] = None,
     settings: Annotated[

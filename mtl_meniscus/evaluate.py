@@ -452,8 +452,9 @@ def run_exam_evaluation(
     console: Console | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """A slice model on MRNet exams: exam tear probability = its slices' highest (max pooling),
-    exam-level AUC with a stratified bootstrap 95% CI; metrics.json and predictions.csv."""
+    """A model on MRNet exams: the exam tear probability of a slice model is its slices' highest
+    (max pooling), an exam model's is its own output (TrainedModel.predict_exam); exam-level AUC
+    with a stratified bootstrap 95% CI; metrics.json and predictions.csv."""
     from .exams import read_exam
     from .mrnet import read_mrnet
 
@@ -483,7 +484,9 @@ def run_exam_evaluation(
         "split": split,
         "n_exams": len(exams),
         "n_tears": sum(e.tear for e in exams),
-        "pooling": "max over slices of the slice model's fissure probability",
+        "pooling": f"the exam model's output ({trained.config.model.exam_pooling} pooling of slice features)"
+        if trained.config.model.exam_pooling
+        else "max over slices of the slice model's fissure probability",
         "tta_copies": tta.copies,
         "auc": task_aucs(targets, scores, tasks)[root],
         "auc_ci95": list(ci),

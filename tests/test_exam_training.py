@@ -175,6 +175,15 @@ def test_both_modes_train_on_mrnet_exams_and_predict_only_the_tear(mrnet_runs, m
     probs = trained.predict(volumes, resolve_runtime("fp32"))["fissure"]
     truth = [int(label) for _, label in cases]
     assert metrics["test"]["auc"]["fissure"] == pytest.approx(roc_auc_score(truth, probs))
+    # evaluate --mrnet scores the same exams with the exam model's own output
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", str(run), "--mrnet", str(folder / "mrnet"), "--tta", "0", "--bootstrap", "20"]
+        + ["--precision", "fp32", "--out", str(run / "eval-mrnet")],
+    )
+    assert result.exit_code == 0, result.output
+    exam_level = json.loads((run / "eval-mrnet" / "metrics.json").read_text())
+    assert exam_level["auc"] == pytest.approx(metrics["test"]["auc"]["fissure"])
 
 
 def test_predict_with_an_exam_model_on_a_dicom_series_and_a_bad_exam(mrnet_runs, tmp_path):
@@ -204,6 +213,18 @@ def test_predict_with_an_exam_model_on_a_dicom_series_and_a_bad_exam(mrnet_runs,
     expected = trained.predict([read_exam(series)], fp32)["fissure"][0]
     assert float(exam_rows[0]["p_fissure"]) == pytest.approx(float(expected), abs=1e-5)
     assert int(exam_rows[0]["slices"]) == 5 and len(rows) == 1 + 5 + 1
+    # the same as JSON lines, one object per exam
+    out = tmp_path / "exams.jsonl"
+    result = CliRunner().invoke(
+        app,
+        ["predict", str(folder / "shared"), str(series), str(bad), "--exams", "--json", "--tta", "0"]
+        + ["--precision", "fp32", "--out", str(out)],
+    )
+    assert result.exit_code == 1, result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["exam"] for line in lines] == [str(series), str(bad)]
+    assert float(lines[0]["p_fissure"]) == pytest.approx(float(expected), abs=1e-5)
+    assert lines[0]["error"] is None and "cannot read" in lines[1]["error"]
 
 
 def test_attention_pooling_trains_and_an_exam_model_is_not_exported(mrnet_runs, tmp_path):
