@@ -332,6 +332,16 @@ class MemberTrainer:
         }
 
     @property
+    def late_start(self) -> str | None:
+        """A warning when the network left chance only in the last epochs before the budget ended it."""
+        return late_start_warning(
+            self.member.name,
+            self.state.stopping.started_epoch or None,
+            self.state.epoch,
+            self.config.train.max_epochs,
+        )
+
+    @property
     def warning(self) -> str | None:
         """'did not learn: ...' when validation never left chance, else None."""
         stopping = self.state.stopping
@@ -432,6 +442,25 @@ class MemberTrainer:
             markup=False,
         )
         self.logger.log({f"{self.member.name}/{k}": v for k, v in row.items() if k != "member"})
+
+
+LATE_START_EPOCHS = 3  # leaving chance within this many epochs of the budget's end counts as late
+
+
+def late_start_warning(name: str, left_chance_epoch: int | None, epochs: int, max_epochs: int) -> str | None:
+    """'[name] left chance only at epoch 20 of 20 ...' when the budget (max_epochs) ended a network
+    that had only just started to learn; None otherwise (also when it never left chance: that is
+    the did-not-learn warning)."""
+    if (
+        left_chance_epoch is None
+        or epochs < max_epochs
+        or left_chance_epoch <= max_epochs - LATE_START_EPOCHS
+    ):
+        return None
+    return (
+        f"[{name}] left chance only at epoch {left_chance_epoch} of {max_epochs}: it had just started to learn "
+        "when the budget ended it, so its scores understate what it can learn; train longer (--max-epochs)"
+    )
 
 
 def tasks_without_labels(names: tuple[str, ...], data: PreparedData) -> dict[str, int]:
@@ -575,6 +604,7 @@ def _train_locked(
         history: list[dict[str, Any]] = []
         best_by_member: dict[str, dict[str, Any]] = {}
         learn_warnings: list[str] = []  # networks that did not learn
+        late_warnings: list[str] = []  # networks that started to learn just before the budget ended
         train_seconds = 0.0
         for member in members:
             trainer = MemberTrainer(member, config, data, runtime, logger, console, processes)
@@ -590,6 +620,8 @@ def _train_locked(
             best_by_member[member.name] = trainer.best
             if trainer.warning:
                 learn_warnings.append(trainer.warning)
+            if trainer.late_start:
+                late_warnings.append(trainer.late_start)
             train_seconds += trainer.state.train_seconds
             if processes.main:
                 _write_history(run_dir / "history.csv", history)
@@ -600,12 +632,12 @@ def _train_locked(
         metrics = _final_metrics(model, config, data, runtime, history, best_by_member, train_seconds)
         unknown = any(best["learned"] is None for best in best_by_member.values())
         metrics["learned"] = False if learn_warnings else (None if unknown else True)
-        metrics["warnings"] = warnings + learn_warnings
+        metrics["warnings"] = warnings + late_warnings + learn_warnings
         atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")
         write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         plot_training_curves(history, run_dir / "training_curves.png")
         _print_metrics(console, metrics)
-        for warning in learn_warnings:
+        for warning in late_warnings + learn_warnings:
             console.print(f"WARNING: {warning}", style="bold red", highlight=False, markup=False)
         logger.summary(
             _flatten("test", metrics["test"])

@@ -197,3 +197,14 @@ def test_a_cut_due_at_the_learning_rate_floor_ends_the_run(phantom, tmp_path, mo
     )
     metrics = train_run(config, tmp_path / "run", console=Console(quiet=True))
     assert metrics["members"]["shared"]["epochs"] == 3  # cut to the floor after epoch 2, done after 3
+
+
+def test_a_network_that_started_learning_as_the_budget_ended_is_warned_about():
+    from mtl_meniscus.train import late_start_warning
+
+    warning = late_start_warning("shared", left_chance_epoch=20, epochs=20, max_epochs=20)
+    assert warning.startswith("[shared] left chance only at epoch 20 of 20") and "--max-epochs" in warning
+    assert late_start_warning("fissure", 18, 20, 20) is not None  # within the last three epochs
+    assert late_start_warning("fissure", 17, 20, 20) is None  # four epochs to learn in
+    assert late_start_warning("shared", None, 20, 20) is None  # never left chance: did-not-learn instead
+    assert late_start_warning("shared", 19, 19, 20) is None  # stopped early, not by the budget
