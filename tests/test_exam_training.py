@@ -266,3 +266,32 @@ def test_subtypes_unknown_on_every_training_tear_are_left_out(small_phantom, tmp
     assert list(metrics["test"]["auc"]) == ["fissure"]
     assert any("position: no known label in the train split" in w for w in metrics["warnings"])
     assert load_trained(tmp_path / "run", resolve_runtime("fp32")).outputs == ["fissure"]
+
+
+def test_a_killed_exam_run_resumes_to_the_same_model(mrnet_runs, tmp_path):
+    """Long jobs can be resumed: an exam run killed after epoch 1 ends as the uninterrupted one."""
+    from mtl_meniscus.checkpoint import load_checkpoint
+    from mtl_meniscus.train import train_run
+
+    folder, _ = mrnet_runs
+    overrides = {"data.path": str(folder / "mrnet"), "data.layout": "mrnet", "train.precision": "fp32"}
+
+    def config():  # a fresh one per run: train_run fills in what it resolves
+        return load_config(_tiny_exam_config(tmp_path), overrides)
+
+    full = train_run(config(), tmp_path / "full")
+
+    class Killed(Exception):
+        pass
+
+    def crash(member, epoch):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_run(config(), tmp_path / "killed", on_epoch_end=crash)
+    resumed = train_run(None, tmp_path / "killed", resume=True)
+    assert resumed["test"]["auc"] == full["test"]["auc"] and resumed["members"] == full["members"]
+    a = load_checkpoint(tmp_path / "full" / "best.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "killed" / "best.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
