@@ -442,12 +442,15 @@ def prepare_data(
     images: list[np.ndarray] = []
     exclusions: list[tuple[str, str]] = []
     resized = 0
+    last_volume: dict[Path, np.ndarray] = {}  # rows of one volume decode it once (read_image)
     for record in records:
         if config.exclude_double_tears and record.labels.get("position") == DOUBLE_TEAR:
             exclusions.append((record.image, "double tear: position 'both'"))
             continue
         try:
-            image = read_image(data_dir / record.image, record.slice, max_pixels=max_pixels)
+            image = read_image(
+                data_dir / record.image, record.slice, max_pixels=max_pixels, last_volume=last_volume
+            )
         except ImageReadError as err:
             exclusions.append((record.image, f"unreadable: {err}"))
             continue

@@ -61,6 +61,7 @@ def read_image(
     slice_index: int | None = None,
     max_pixels: int | None = None,
     volume_hint: str = VOLUME_HINT,
+    last_volume: dict[Path, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Read one grey slice as float32 (H, W); `slice_index` picks a slice of a 3D volume.
 
@@ -68,6 +69,9 @@ def read_image(
     axis of a 3D .npy array or multi-frame DICOM. A file whose header declares more than
     `max_pixels` pixels (see max_pixels_limit) is refused before it is decoded; `volume_hint`
     ends the message for a 3D volume read without a slice. Raises ImageReadError naming the file.
+
+    `last_volume` (an empty dict the caller keeps) holds the last file decoded for a slice, so that
+    rows naming slices of one volume one after another decode it once, not once per row.
     """
     path = Path(path)
     _check_exists(path)
@@ -82,7 +86,13 @@ def read_image(
             raise ImageReadError(
                 f"unsupported format '{suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
             )
-        return _select_slice(reader(path, limit), slice_index, suffix, volume_hint)
+        if last_volume is None or slice_index is None:
+            return _select_slice(reader(path, limit), slice_index, suffix, volume_hint)
+        if path not in last_volume:
+            last_volume.clear()  # one volume in memory at a time
+            last_volume[path] = reader(path, limit)
+        # a copy: the kept slice must not hold the whole volume in memory
+        return _select_slice(last_volume[path], slice_index, suffix, volume_hint).copy()
 
     return _decoded(path, decode)
 

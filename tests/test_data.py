@@ -193,3 +193,31 @@ def test_unknown_subtypes_are_masked_only_when_asked(tmp_path):
     targets = torch.tensor(data.targets)
     assert task_mask(targets, "position").tolist() == [r.image == "img/d.png" for r in data.records]
     assert DEFAULT_TASKS.scored_rows(data.targets, "orientation").sum() == 2
+
+
+def test_rows_of_one_volume_decode_it_once(tmp_path, monkeypatch):
+    """labels.csv naming many slices of one volume: the file is decoded once, not once per row,
+    and every row gets its own slice (a copy, so a kept slice does not keep the volume)."""
+    import mtl_meniscus.imageio as imageio
+
+    volume = np.random.default_rng(0).random((6, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "knee.npy", volume)
+    np.save(tmp_path / "other.npy", volume[:2] * 2)
+    rows = ["image,fissure,orientation,position,slice"]
+    rows += [
+        f"knee.npy,{k % 2},{'horizontal' if k % 2 else ''},{'posterior' if k % 2 else ''},{k}"
+        for k in range(6)
+    ]
+    rows += ["other.npy,0,,,0", "other.npy,0,,,1"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    decoded = []
+    read_npy = imageio._read_npy
+    monkeypatch.setattr(
+        imageio, "_read_npy", lambda path, limit: decoded.append(path.name) or read_npy(path, limit)
+    )
+    data = prepare_data(tmp_path, DataConfig(image_size=32))
+    assert decoded == ["knee.npy", "other.npy"]
+    for k in range(6):
+        np.testing.assert_array_equal(data.images[k], volume[k])
+        assert data.images[k].base is None  # its own memory, not a view into the volume
+    np.testing.assert_array_equal(data.images[7], volume[1] * 2)
