@@ -100,17 +100,18 @@ def evaluate(
             "threshold": cut,
             **binary_counts(y, probs[task][rows], cut),
         }
+    score = challenge_score(aucs, tasks)
     metrics = {
         "split": split,
         "n_images": len(indices),
         "tta_copies": tta.copies if tta else 0,
         "fissure_threshold": threshold,
         "tasks": per_task,
-        "challenge_score": challenge_score(aucs, tasks),
+        "challenge_score": score,
         # undefined (NaN) when the model does not predict a weighted task, and so is its interval
-        "challenge_score_ci95": list(cis.get("score", (math.nan, math.nan)))
-        if not math.isnan(challenge_score(aucs, tasks))
-        else [math.nan, math.nan],
+        "challenge_score_ci95": [math.nan, math.nan]
+        if math.isnan(score)
+        else list(cis.get("score", (math.nan, math.nan))),
         "cascade": cascade_view(targets, probs, threshold, tasks),
         "bootstrap_resamples": n_bootstrap,
         "bootstrap_method": "percentile; each task resampled on its own scored rows, stratified on its own class",
@@ -347,13 +348,15 @@ def run_evaluation(
         )
     )
     view = metrics["cascade"]
-    right = [
-        f"{key.removesuffix('_correct')} right {n}" for key, n in view.items() if key.endswith("_correct")
+    gated = [
+        f"{key.removesuffix('_correct')} right {n}"
+        for key, n in view.items()
+        if key.endswith("_correct") and key != "all_correct"
     ]
     line = f"cascade: {view['detected']}/{view['true_tears']} true tears detected"
-    if len(right) > 1:  # each gated task's count, then all of them at once
-        every = "both" if len(right) == 3 else "all"
-        line += "; of those, " + ", ".join(right[:-1]) + f", {every} right {view['all_correct']}"
+    if gated:  # each gated task's count, then all of them at once
+        every = "both" if len(gated) == 2 else "all"
+        line += "; of those, " + ", ".join(gated) + f", {every} right {view['all_correct']}"
     console.print(line, highlight=False)
     console.print(f"wrote {out_dir / 'metrics.json'}, predictions.csv and roc.png")
     _log_to_wandb(trained, out_dir, metrics, curves, wandb_mode, cam_dir)
@@ -484,9 +487,7 @@ def run_exam_evaluation(
         "split": split,
         "n_exams": len(exams),
         "n_tears": sum(e.tear for e in exams),
-        "pooling": f"the exam model's output ({trained.config.model.exam_pooling} pooling of slice features)"
-        if trained.config.model.exam_pooling
-        else "max over slices of the slice model's fissure probability",
+        "pooling": trained.exam_rule,
         "tta_copies": tta.copies,
         "auc": task_aucs(targets, scores, tasks)[root],
         "auc_ci95": list(ci),

@@ -79,7 +79,7 @@ def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
     root = Path(root)
     tasks = config.task_table()
     size, max_pixels = config.image_size, max_pixels_limit(config.max_pixels)
-    records, splits, paths, exclusions, resized = [], [], [], [], 0
+    records, paths, exclusions, resized = [], [], [], 0
     listed = 0
     for folder, split in (("train", ""), ("valid", "test")):
         for exam in read_mrnet(root, folder):
@@ -99,10 +99,10 @@ def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
                 resized += 1
             labels = {task.name: "" for task in tasks} | {tasks.root.name: str(exam.tear)}
             records.append(Record(row=len(records) + 1, image=relative, labels=labels, split=split))
-            splits.append(split)
             paths.append(exam.path)
     if not records:
         raise DataError(f"{root}: no usable exam left ({len(exclusions)} set aside, e.g. {exclusions[0][1]})")
+    splits = [record.split for record in records]  # 'test' for valid/, train/ is split below
     train_rows = [k for k, split in enumerate(splits) if not split]
     train_share, val_share = config.split_fractions[0], config.split_fractions[1]
     if train_share + val_share == 0:

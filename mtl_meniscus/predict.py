@@ -257,11 +257,6 @@ def run_predict_exams(
     tta = trained.tta(tta_copies)
     console.print(chosen.describe(tta.copies), highlight=False, markup=False)
     columns = exam_columns(tasks, names)
-    pooling = (
-        f"exam = the exam model's output ({config.model.exam_pooling} pooling over its slices)"
-        if config.model.exam_pooling
-        else "exam = its most suspicious slice"
-    )
     rows: list[dict] = []
     for k, path in enumerate(exams):
         exam = {"exam": str(path)}
@@ -295,7 +290,7 @@ def run_predict_exams(
     failed = sum(1 for row in rows if row["error"])
     console.print(
         f"predicted {len(exams) - failed} of {len(exams)} exams (TTA {tta.copies} copies, fissure threshold "
-        f"{chosen.value:.3f}; {pooling}) -> {out}"
+        f"{chosen.value:.3f}; exam = {trained.exam_rule}) -> {out}"
         + (f"; {failed} failed, see the error column" if failed else "")
     )
     return rows

@@ -72,6 +72,14 @@ class TrainedModel:
             self.model, images, self.config.preprocess.edge_filter, runtime, tta=tta, seed=seed, **kwargs
         )
 
+    @property
+    def exam_rule(self) -> str:
+        """How predict_exam turns an exam into its probabilities, for messages and metrics.json."""
+        pooling = self.config.model.exam_pooling
+        if pooling:
+            return f"the exam model's output ({pooling} pooling over its slices)"
+        return "its most suspicious slice (the highest fissure probability over its slices)"
+
     def predict_exam(
         self, volume: np.ndarray, runtime: Runtime, tta: TTAConfig | None = None, seed: int = 0, **kwargs
     ) -> ExamPrediction:
