@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config, config_from_dict
+from .config import OWN_TRUNKS, Config, config_from_dict
 from .errors import MeniscusError
 from .models import build_model
 from .outputs import atomic_write
@@ -88,7 +88,7 @@ def _ignored_settings_cleared(config: Any) -> Any:
     """Older checkpoints of the reference trunk may carry a pretrained file or freeze_backbone, which
     that trunk ignored and a config now refuses; they say nothing about the weights, so drop them."""
     model = config.get("model") if isinstance(config, dict) else None
-    if not isinstance(model, dict) or model.get("trunk", "reference") != "reference":
+    if not isinstance(model, dict) or model.get("trunk", "reference") not in OWN_TRUNKS:
         return config
     cleared = {**model, "freeze_backbone": False}
     if model.get("pretrained") not in (None, "default", "none"):

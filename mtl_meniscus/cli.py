@@ -233,7 +233,8 @@ def train(
     ] = None,
     wandb: WandbOption = None,
     trunk: Annotated[
-        str | None, typer.Option(help="'reference' or a timm model: resnet50, vgg16, vgg19, ...")
+        str | None,
+        typer.Option(help="'reference', 'plain' (the floor) or a timm model: resnet50, vgg16, vgg19, ..."),
     ] = None,
     pretrained: Annotated[
         str | None, typer.Option(help="timm trunk weights: 'default' (offline cache), 'none', or a file.")

@@ -34,7 +34,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from .config import CompareConfig, Config, load_config, read_config_file
+from .config import OWN_TRUNKS, CompareConfig, Config, load_config, read_config_file
 from .data import PreparedData, prepare_data, resolve_data_dir
 from .errors import ConfigError, MeniscusError
 from .labels import DEFAULT_TASKS, TASKS, TaskTable
@@ -115,7 +115,7 @@ def variant_config(
     wandb_group: str,
 ) -> Config:
     """The training config of one variant: its mode's preset with the comparison's settings on top."""
-    timm_trunk = variant.trunk != "reference"
+    timm_trunk = variant.trunk not in OWN_TRUNKS
     overrides = {
         "model.name": variant.mode,
         "model.trunk": variant.trunk,
@@ -168,7 +168,7 @@ def parse_pretrained(values: Sequence[str], trunks: Sequence[str]) -> dict[str, 
 
     WEIGHTS is 'default' (timm's weights, from an existing offline cache), 'none' or a file.
     """
-    timm_trunks = [t for t in trunks if t != "reference"]
+    timm_trunks = [t for t in trunks if t not in OWN_TRUNKS]
     out: dict[str, str] = {}
     for value in values:
         trunk, sep, weights = value.partition("=")
@@ -224,7 +224,7 @@ def check_pretrained_weights(configs: Sequence[Config]) -> None:
     for config in configs:
         model = config.model
         key = (model.trunk, model.pretrained, model.in_chans)
-        if model.trunk != "reference" and key not in checked:
+        if model.trunk not in OWN_TRUNKS and key not in checked:
             create_timm_backbone(model.trunk, model.in_chans, model.pretrained)
             checked.add(key)
 

@@ -159,11 +159,16 @@ FISSURE_KERNELS = (7, 5, 3)  # reference fissure network: 3 blocks
 DEEP_KERNELS = (7, 5, 3, 3)  # reference orientation/position networks: 4 blocks
 
 
+# Trunks of this package (random initial weights); any other model.trunk is a timm model name.
+OWN_TRUNKS = ("reference", "plain")
+
+
 class ModelConfig(Section):
     """Architecture choices; saved in checkpoints so a model can be rebuilt without the YAML."""
 
     name: str = "shared"  # a key of MODEL_BUILDERS: 'shared' or 'separate'
-    trunk: str = "reference"  # 'reference' (the conv blocks below) or a timm model name, e.g. resnet50
+    # 'reference' (the conv blocks below), 'plain' (the fixed floor: models.PlainTrunk) or a timm model
+    trunk: str = "reference"
     pretrained: str = (
         "default"  # timm trunks: 'default' (timm's weights, must be available offline), 'none', or a file
     )
@@ -198,20 +203,20 @@ class ModelConfig(Section):
             )
         _check(1 <= self.pool_grid <= 64, "model.pool_grid", self.pool_grid, "1..64")
         _check(all(1 <= d <= 4096 for d in self.dense), "model.dense", self.dense, "integers 1..4096")
-        if self.trunk == "reference":
-            # Weights files are for timm trunks; the reference trunk always starts from random weights.
+        if self.trunk in OWN_TRUNKS:
+            # Weights files are for timm trunks; our own trunks always start from random weights.
             _check(
                 self.pretrained in ("default", "none"),
                 "model.pretrained",
                 self.pretrained,
-                "'default' or 'none' with model.trunk 'reference' (a weights file needs a timm trunk, "
+                f"'default' or 'none' with model.trunk {self.trunk!r} (a weights file needs a timm trunk, "
                 "e.g. --trunk resnet50)",
             )
             _check(
                 not self.freeze_backbone,
                 "model.freeze_backbone",
                 self.freeze_backbone,
-                "false with model.trunk 'reference' (it has no pretrained backbone to freeze)",
+                f"false with model.trunk {self.trunk!r} (it has no pretrained backbone to freeze)",
             )
         _check(0 <= self.conv_dropout < 1, "model.conv_dropout", self.conv_dropout, "0..1")
         _check(0 <= self.dense_dropout < 1, "model.dense_dropout", self.dense_dropout, "0..1")
@@ -357,8 +362,12 @@ class Config(Section):
                 getattr(self.train, name),
                 f"keys among {', '.join(tasks.names)}",
             )
-        if self.model.trunk == "reference":
-            blocks = max(len(self.model.kernels), len(self.model.fissure_kernels))
+        if self.model.trunk in OWN_TRUNKS:
+            blocks = (
+                5
+                if self.model.trunk == "plain"
+                else max(len(self.model.kernels), len(self.model.fissure_kernels))
+            )
             _check(
                 self.data.image_size >> blocks >= 1,
                 "data.image_size",
@@ -523,7 +532,9 @@ class CompareConfig(Section):
     """
 
     modes: tuple[str, ...] = MODES
-    trunks: tuple[str, ...] = ("reference",)  # 'reference' or timm model names: resnet50, vgg16, vgg19
+    trunks: tuple[str, ...] = (
+        "reference",
+    )  # 'reference', 'plain' (the floor) or timm models: resnet50, vgg16
     seeds: tuple[int, ...] = (0, 1, 2)
     max_epochs: int | None = None  # training budget per variant; None: the preset's
     steps_per_epoch: int | None = None

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import OWN_TRUNKS, ModelConfig
 from .errors import ConfigError, MeniscusError
 
 
@@ -89,6 +89,41 @@ class ConvTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.forward_features(x))  # (B, 2C * g * g)
+
+
+class PlainTrunk(nn.Module):
+    """The floor every preset is measured against: a plain CNN of five conv3x3-BN-ReLU-maxpool
+    blocks (16/32/64/64/96 filters) and global average pooling; forward -> (B, 96).
+
+    Deliberately fixed (model.widths, kernels, pool_grid and dropout do not apply) so that "plain"
+    means the same network in every run, compare table and bench report.
+    """
+
+    WIDTHS = (16, 32, 64, 64, 96)
+
+    def __init__(self, in_chans: int):
+        super().__init__()
+        blocks, chans = [], in_chans
+        for width in self.WIDTHS:
+            blocks += [
+                nn.Conv2d(chans, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            chans = width
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features = chans
+
+    def cam_layer(self) -> nn.Module:
+        return self.blocks
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)  # (B, 96, H / 32, W / 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_features(x))  # (B, 96)
 
 
 class _ForwardFeatures(nn.Module):
@@ -267,7 +302,7 @@ def takes_exams(model: nn.Module) -> bool:
 
 
 def _trunk(config: ModelConfig, kernels: Sequence[int]) -> nn.Module:
-    if config.trunk != "reference":
+    if config.trunk not in OWN_TRUNKS:
         return TimmTrunk(config.trunk, config.in_chans, config.pool_grid, config.pretrained)
     return ConvTrunk(
         config.in_chans,
@@ -279,6 +314,14 @@ def _trunk(config: ModelConfig, kernels: Sequence[int]) -> nn.Module:
     )
 
 
+def _net(config: ModelConfig, kernels: Sequence[int], tasks: Sequence[str]) -> SharedTrunkNet:
+    """Trunk + one head per task; the plain floor's heads are single linear layers (one linear
+    layer for all tasks, split by task), every other trunk's the configured dense heads."""
+    if config.trunk == "plain":
+        return SharedTrunkNet(PlainTrunk(config.in_chans), tasks, (), 0.0)
+    return SharedTrunkNet(_trunk(config, kernels), tasks, config.dense, config.dense_dropout)
+
+
 def _on_exams(net: SharedTrunkNet, config: ModelConfig) -> nn.Module:
     """The slice network itself, or, with model.exam_pooling, the same network on whole exams."""
     return net if config.exam_pooling is None else ExamNet(net, config.exam_pooling)
@@ -286,15 +329,13 @@ def _on_exams(net: SharedTrunkNet, config: ModelConfig) -> nn.Module:
 
 def build_shared(config: ModelConfig) -> nn.Module:
     """Shared trunk (the reference's 4-block trunk by default) with one head per task."""
-    net = SharedTrunkNet(_trunk(config, config.kernels), config.tasks, config.dense, config.dense_dropout)
-    return _on_exams(net, config)
+    return _on_exams(_net(config, config.kernels, config.tasks), config)
 
 
 def build_single_task(config: ModelConfig, task: str) -> nn.Module:
     """One network of the cascade: fissure has 3 conv blocks, orientation and position 4."""
     kernels = config.fissure_kernels if task == "fissure" else config.kernels
-    net = SharedTrunkNet(_trunk(config, kernels), (task,), config.dense, config.dense_dropout)
-    return _on_exams(net, config)
+    return _on_exams(_net(config, kernels, (task,)), config)
 
 
 def build_separate(config: ModelConfig) -> SeparateCascade:

@@ -78,3 +78,39 @@ def test_forward_features_gives_the_maps_and_forward_head_the_outputs():
         1,
     )
     assert torch.allclose(pooled, manual.flatten(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["shared", "separate"])
+def test_plain_floor_is_the_fixed_five_block_cnn_in_both_modes(name):
+    """trunk 'plain': conv3x3-BN-ReLU-maxpool x5 (16/32/64/64/96), global average pooling and one
+    linear layer per task, whatever the preset says of widths, kernels, grid, dense layers, dropout."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, trunk="plain", **SMALL, conv_dropout=0.3, dense_dropout=0.4))
+    nets = model.networks.values() if isinstance(model, SeparateCascade) else [model]
+    for net in nets:
+        layers = [type(m).__name__ for m in net.trunk.blocks]
+        assert layers == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 5
+        convs = [m for m in net.trunk.blocks if isinstance(m, torch.nn.Conv2d)]
+        assert [c.out_channels for c in convs] == [16, 32, 64, 64, 96]
+        assert all(c.kernel_size == (3, 3) and c.stride == (1, 1) for c in convs)
+        assert not [m for m in net.modules() if isinstance(m, torch.nn.Dropout | torch.nn.Dropout2d)]
+        for head in net.heads.values():
+            assert [type(m).__name__ for m in head] == ["Linear"] and head[0].in_features == 96
+    x = torch.randn(3, 2, 64, 64)
+    out = model(x)
+    assert list(out) == list(TASKS) and all(v.shape == (3,) for v in out.values())
+    sum(v.sum() for v in out.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # global average pooling of the last maps (64 px -> 2 x 2 after five poolings)
+    if name == "shared":
+        model.eval()
+        maps = model.forward_features(x)
+        assert maps.shape == (3, 96, 2, 2)
+        assert torch.allclose(model.trunk.pool(maps), maps.mean((2, 3)), atol=1e-6)
+
+
+def test_plain_floor_takes_no_weights_file():
+    from mtl_meniscus.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        config_from_dict({"model": {"trunk": "plain", "pretrained": "/tmp/w.pth"}})
