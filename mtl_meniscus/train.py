@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,11 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
-from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_torch_save, load_checkpoint, model_payload
 from .config import Config, config_from_dict, read_config_file
 from .data import PreparedData, prepare_data, resolve_data_dir
-from .dataset import EpochBatchSampler, ExamDataset, SliceDataset, collate_batch
+from .dataset import EpochBatchSampler, ExamDataset, SliceDataset, training_batches
 from .distributed import SINGLE, Distributed, check_batch
 from .distributed import start as start_processes
 from .distributed import stop as stop_processes
@@ -39,7 +37,7 @@ from .errors import MeniscusError
 from .inference import predict_probs
 from .labels import DEFAULT_TASKS, TaskTable
 from .losses import TaskWeighting, build_weighting, task_losses
-from .metrics import challenge_score, monitor_score, monitor_weights, task_aucs
+from .metrics import bootstrap_cis, challenge_score, monitor_score, monitor_weights, task_aucs
 from .models import SeparateCascade, build_shared, build_single_task, parameter_groups, set_train_mode
 from .outputs import atomic_write, write_text_atomic
 from .plots import plot_training_curves
@@ -358,13 +356,12 @@ class MemberTrainer:
         """One epoch of steps: (mean training loss, {task: mean weight the task weighting applied})."""
         train = self.config.train
         self.sampler.set_epoch(self.state.epoch)
-        loader = DataLoader(
+        loader = training_batches(
             self.dataset,
-            batch_sampler=self.sampler,
-            num_workers=train.num_workers,
-            prefetch_factor=4 if train.num_workers else None,
-            pin_memory=self.runtime.device.type == "cuda",  # faster, asynchronous copies to the GPU
-            collate_fn=partial(collate_batch, channels_last=self.runtime.channels_last),
+            self.sampler,
+            train.num_workers,
+            channels_last=self.runtime.channels_last,
+            pin_memory=self.runtime.device.type == "cuda",
         )
         set_train_mode(self.state.model, self.config.model.freeze_backbone)
         total, steps = 0.0, 0
@@ -565,6 +562,8 @@ def _train_locked(
     processes.barrier()
     if not processes.main:
         data_dir = resolve_data_dir(config.data)
+    # what the summary calls the data: the built-in phantom by its level, a user's folder by its path
+    data_name = f"the {config.data.phantom_difficulty} phantom" if not config.data.path else str(data_dir)
     config.data.path = str(data_dir.resolve())
     data = prepare_data(data_dir, config.data, report_dir=run_dir)
     if resume and not data.same_splits_as(run_dir / "splits.csv"):
@@ -636,7 +635,7 @@ def _train_locked(
         atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")
         write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         plot_training_curves(history, run_dir / "training_curves.png")
-        _print_metrics(console, metrics)
+        _print_metrics(console, metrics, data_name)
         for warning in late_warnings + learn_warnings:
             console.print(f"WARNING: {warning}", style="bold red", highlight=False, markup=False)
         logger.summary(
@@ -656,6 +655,9 @@ def _train_locked(
         logger.finish()
 
 
+FINAL_BOOTSTRAP = 1000  # stratified bootstrap resamples for the test split's CIs in the summary
+
+
 def _final_metrics(
     model, config: Config, data: PreparedData, runtime: Runtime, history, best_by_member, train_seconds
 ) -> dict:
@@ -673,9 +675,12 @@ def _final_metrics(
             seed=config.train.seed,
         )
         aucs = task_aucs(targets, probs, data.tasks)
+        cis = bootstrap_cis(targets, probs, FINAL_BOOTSTRAP, seed=config.train.seed, tasks=data.tasks)
         results[key] = {
             "auc": aucs,
+            "auc_ci95": {task: list(cis[task]) for task in aucs},
             "score": challenge_score(aucs, data.tasks),
+            "score_ci95": list(cis["score"]),
             "n_images": len(test),  # exams with data.layout mrnet
             "unit": data.unit,
             "n_tears": int(np.nansum(targets[:, 0])),
@@ -696,7 +701,7 @@ def _flatten(prefix: str, values: dict) -> dict:
     return out
 
 
-def _print_metrics(console: Console, metrics: dict) -> None:
+def _print_metrics(console: Console, metrics: dict, data_name: str) -> None:
     for key, label in (("test", "test"), ("test_tta", "test + TTA")):
         m = metrics[key]
         aucs = "  ".join(f"{t} {a:.4f}" for t, a in m["auc"].items())
@@ -708,6 +713,24 @@ def _print_metrics(console: Console, metrics: dict) -> None:
             f"({m['n_images']} {m.get('unit', 'images')}, {m['n_tears']} tears)",
             highlight=False,
         )
+    reading = result_reading(metrics["test_tta"], data_name)
+    if reading:
+        console.print(reading, style="bold", highlight=False, markup=False)
+
+
+REFERENCE_SCORE = 0.892  # the JFR 2018 entry's challenge score on its own test split of real scans
+
+
+def result_reading(test: dict, data_name: str) -> str | None:
+    """One line a newcomer can read: the test score with its 95% CI, on what, and the reference's."""
+    low, high = test.get("score_ci95", (math.nan, math.nan))
+    if math.isnan(test["score"]):
+        return None
+    ci = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
+    return (
+        f"test score {test['score']:.2f}{ci} with TTA on {data_name} ({test['n_images']} "
+        f"{test.get('unit', 'images')}, 95% bootstrap CI); the reference reported {REFERENCE_SCORE} on real scans"
+    )
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
