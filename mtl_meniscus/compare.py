@@ -798,6 +798,30 @@ def _to_go(to_go: list[Variant], seconds_by_mode: dict[str, list[float]]) -> str
     return text
 
 
+FLOOR_MARGIN = 0.02  # a variant this far below the plain floor of its mode loses to it
+
+
+def floor_findings(table: list[dict[str, Any]]) -> list[str]:
+    """For every variant with a plain-floor variant of the same mode in the table: a sentence
+    saying whether it beat the floor (mean test score), so a user sees at once when a preset
+    loses to the simple baseline on their data."""
+    floors = {row["mode"]: row for row in table if row["trunk"] == "plain"}
+    findings = []
+    for row in table:
+        floor = floors.get(row["mode"])
+        if floor is None or row is floor:
+            continue
+        gap = row["score_mean"] - floor["score_mean"]
+        verdict = (
+            f"LOSES to the plain floor {floor['variant']} by {-gap:.3f}: on this data the preset is worse "
+            "than a plain CNN"
+            if gap < -FLOOR_MARGIN
+            else f"is within {FLOOR_MARGIN} of the plain floor {floor['variant']} or above it ({gap:+.3f})"
+        )
+        findings.append(f"Floor check: {row['variant']} {verdict}.")
+    return findings
+
+
 def write_report(
     out_dir: Path,
     table: list[dict[str, Any]],
@@ -829,6 +853,9 @@ def write_report(
         caption += (
             f" Did not learn (validation never left chance; kept in the means): {', '.join(not_learned)}."
         )
+    floor = floor_findings(table)
+    if floor:
+        caption += " " + " ".join(floor)
     markdown = to_markdown(header, rows) + "\n" + caption + "\n"
     if delong:
         delong_header, delong_table = delong_cells(delong)
@@ -860,6 +887,8 @@ def write_report(
         for cells in cells_rows:
             terminal.add_row(*cells)
         console.print(terminal)
+    for finding in floor:
+        console.print(finding, style="bold red" if "LOSES" in finding else None, markup=False, highlight=False)
     console.print(f"wrote {out_dir / 'results.md'}, results.csv, results_per_seed.csv and plots")
 
 

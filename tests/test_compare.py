@@ -535,3 +535,24 @@ def test_a_variant_that_did_not_learn_is_marked_not_averaged_in_silently():
     cells = {row[0]: row for row in rows}
     assert cells["shared-reference"][1] == "2 (1 did not learn: seed 1)"
     assert cells["separate-reference"][1] == "2"
+
+
+def test_floor_check_names_a_variant_that_loses_to_the_plain_cnn():
+    from mtl_meniscus.compare import floor_findings
+
+    def row(mode, trunk, score):
+        return {"variant": f"{mode}-{trunk}", "mode": mode, "trunk": trunk, "score_mean": score}
+
+    table = [
+        row("separate", "reference", 0.80),
+        row("shared", "reference", 0.95),
+        row("shared", "plain", 0.94),
+        row("separate", "plain", 0.90),
+        row("shared", "resnet50", 0.92),  # 0.02 below: within the margin
+    ]
+    findings = floor_findings(table)
+    assert len(findings) == 3  # every non-floor variant with a floor of its mode
+    assert "separate-reference LOSES to the plain floor separate-plain by 0.100" in findings[0]
+    assert "shared-reference is within 0.02 of the plain floor shared-plain or above it (+0.010)" in findings[1]
+    assert "shared-resnet50 is within" in findings[2]
+    assert floor_findings([row("shared", "reference", 0.5)]) == []  # no floor in the table: nothing said
