@@ -18,6 +18,35 @@ def test_quick_benchmark_reports_every_measurement(tmp_path):
         ("data_pipeline", "augment_filter_standardize_images_per_s"),
     ]:
         assert saved[section][key] > 0, section
+    assert saved["floor"]["plain_images_per_s"] > 0
+    assert [row["what"].split(",")[0] for row in saved["flops"]["rows"]] == ["the preset"] * 2 + [
+        "the plain floor"
+    ]
+    assert all(row["achieved_gflops"] > 0 for row in saved["flops"]["rows"])
     markdown = (tmp_path / "bench.md").read_text()
     assert "| training images/s" in markdown and "quick mode" in markdown
     assert results["training"]["precision"] in ("bf16", "fp32")
+
+
+def test_training_step_flops_match_a_hand_count():
+    """The plain floor on one 32 x 32 image: forward 2*Cin*Cout*9*H*W per conv + 2*96 per linear head;
+    backward twice the forward (weight and input gradients) except the first conv's input gradient."""
+    from mtl_meniscus.bench import training_step_flops
+    from mtl_meniscus.config import Config
+
+    convs = [(2, 16, 32), (16, 32, 16), (32, 64, 8), (64, 64, 4), (64, 96, 2)]  # (Cin, Cout, H = W)
+    forward = sum(2 * cin * cout * 9 * size * size for cin, cout, size in convs) + 3 * 2 * 96
+    first = 2 * 2 * 16 * 9 * 32 * 32
+    config = Config()
+    config.model = config.model.model_copy(update={"trunk": "plain"})
+    assert training_step_flops(config, batch_size=1, image_size=32) == 3 * forward - first
+
+
+def test_peak_flops_follow_the_isa_and_precision():
+    from mtl_meniscus.bench import peak_flops
+
+    machine = {"cores": 2, "mhz": 2600.0, "isa": "AVX512", "amx": True, "gpu": None}
+    assert peak_flops(machine, "bf16") == (2 * 2600e6 * 1024, "AMX bf16")
+    assert peak_flops(machine, "fp32") == (2 * 2600e6 * 64, "AVX512 fp32")
+    assert peak_flops({**machine, "isa": "AVX2", "amx": False}, "fp32") == (2 * 2600e6 * 32, "AVX2 fp32")
+    assert peak_flops({**machine, "mhz": None}, "fp32")[0] is None  # unknown clock: no made-up peak
