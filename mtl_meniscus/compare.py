@@ -888,7 +888,9 @@ def write_report(
             terminal.add_row(*cells)
         console.print(terminal)
     for finding in floor:
-        console.print(finding, style="bold red" if "LOSES" in finding else None, markup=False, highlight=False)
+        console.print(
+            finding, style="bold red" if "LOSES" in finding else None, markup=False, highlight=False
+        )
     console.print(f"wrote {out_dir / 'results.md'}, results.csv, results_per_seed.csv and plots")
 
 

@@ -167,3 +167,33 @@ def test_wandb_offline_writes_a_run_folder(phantom64, tmp_path, monkeypatch):
     folders = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(folders) == 1
     assert list(folders[0].glob("*.wandb")), "offline run log missing"
+
+
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_the_plain_floor_trains_and_reloads_in_both_modes(phantom64, tmp_path, mode):
+    from mtl_meniscus.models import PlainTrunk
+
+    run = tmp_path / mode
+    metrics = train_run(
+        _config(phantom64, **{"model.name": mode, "model.trunk": "plain"}), run, console=_quiet()
+    )
+    assert set(metrics["test"]["auc"]) == {"fissure", "orientation", "position"}
+    model, config = model_from_checkpoint(load_checkpoint(run / "best.pt"))
+    assert config.model.trunk == "plain"
+    trunks = [m for m in model.modules() if isinstance(m, PlainTrunk)]
+    assert len(trunks) == (1 if mode == "shared" else 3)
+    # the summary's test AUCs come with their bootstrap intervals around them
+    low, high = metrics["test_tta"]["auc_ci95"]["fissure"]
+    assert low <= metrics["test_tta"]["auc"]["fissure"] <= high
+
+
+def test_result_reading_names_the_data_the_interval_and_the_reference():
+    from mtl_meniscus.train import result_reading
+
+    test = {"score": 0.9123, "score_ci95": [0.861, 0.952], "n_images": 112, "unit": "images"}
+    line = result_reading(test, "the realistic phantom")
+    assert line == (
+        "test score 0.91 [0.86, 0.95] with TTA on the realistic phantom (112 images, 95% bootstrap CI); "
+        "the reference reported 0.892 on real scans"
+    )
+    assert result_reading({**test, "score": math.nan}, "x") is None  # no score: nothing to read
