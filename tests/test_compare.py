@@ -553,6 +553,8 @@ def test_floor_check_names_a_variant_that_loses_to_the_plain_cnn():
     findings = floor_findings(table)
     assert len(findings) == 3  # every non-floor variant with a floor of its mode
     assert "separate-reference LOSES to the plain floor separate-plain by 0.100" in findings[0]
-    assert "shared-reference is within 0.02 of the plain floor shared-plain or above it (+0.010)" in findings[1]
+    assert (
+        "shared-reference is within 0.02 of the plain floor shared-plain or above it (+0.010)" in findings[1]
+    )
     assert "shared-resnet50 is within" in findings[2]
     assert floor_findings([row("shared", "reference", 0.5)]) == []  # no floor in the table: nothing said

@@ -1,0 +1,120 @@
+"""The README's main-job table: `python cli.py train --mode shared` timed end to end.
+
+    python scripts/main_job.py run LABEL [--avx2] [-- EXTRA TRAIN OPTIONS]
+    python scripts/main_job.py render
+
+`run` times the main job from an empty phantom cache (generation, training, evaluation with and
+without TTA) and writes results/main-job/LABEL.json: wall time, training seconds, epochs, best
+epoch, test scores, the summary's reading line, CPU model and ISA. --avx2 holds oneDNN and ATen
+to AVX2 and fp32 (`ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ... --precision fp32`), the
+emulation of a 2-core AVX2 machine on a newer CPU. `render` writes the README table between its
+main-job markers from those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from readme_section import replace_between  # scripts/readme_section.py
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "results" / "main-job"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def run(label: str, avx2: bool, extra: list[str]) -> dict:
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    cache = Path(tempfile.mkdtemp(prefix="main-job-cache-"))
+    env["MTL_MENISCUS_CACHE"] = str(cache)  # empty: phantom generation is part of the time
+    options = ["--precision", "fp32"] if avx2 else []
+    if avx2:
+        env |= {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    run_dir = Path(tempfile.mkdtemp(prefix="main-job-run-")) / "run"
+    command = [sys.executable, "cli.py", "train", "--mode", "shared", *options, *extra, "--out", str(run_dir)]
+    start = time.perf_counter()
+    printed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    wall = time.perf_counter() - start
+    isa = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    best = metrics["members"]["shared"]
+    shown = (
+        "WANDB_MODE=disabled "
+        + ("ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 " if avx2 else "")
+        + " ".join(["python cli.py train --mode shared", *options, *extra])
+    )
+    result = {
+        "label": label,
+        "command": shown,
+        "cpu": cpu_model(),
+        "isa": isa,
+        "precision": metrics["precision"],
+        "wall_seconds": wall,
+        "train_wall_seconds": metrics["train_wall_seconds"],
+        "epochs": best["epochs"],
+        "best_epoch": best["best_epoch"],
+        "left_chance_epoch": best["left_chance_epoch"],
+        "test_score": metrics["test"]["score"],
+        "test_score_tta": metrics["test_tta"]["score"],
+        "reading": next((line for line in printed.splitlines() if line.startswith("test score ")), ""),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{label}.json").write_text(json.dumps(result, indent=2))
+    shutil.rmtree(cache, ignore_errors=True)
+    return result
+
+
+def render() -> str:
+    rows = sorted((json.loads(p.read_text()) for p in OUT.glob("*.json")), key=lambda r: r["label"])
+    lines = [
+        "| machine | command | wall time (generation + training + evaluation) | training | test score (with TTA) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        minutes, seconds = divmod(round(r["wall_seconds"]), 60)
+        lines.append(
+            f"| {r['label']}: {r['cpu']}, ISA {r['isa']}, {r['precision']} | `{r['command']}` | "
+            f"{minutes} min {seconds} s | {r['epochs']} epochs in {r['train_wall_seconds']:.0f} s, left chance "
+            f"at {r['left_chance_epoch']}, best {r['best_epoch']} | {r['test_score']:.3f} ({r['test_score_tta']:.3f}) |"
+        )
+    table = "\n".join(lines)
+    replace_between(ROOT / "README.md", "main-job", table)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["run", "render"])
+    parser.add_argument("label", nargs="?")
+    parser.add_argument("--avx2", action="store_true")
+    parser.add_argument("extra", nargs="*")
+    args = parser.parse_args()
+    if args.action == "run":
+        if not args.label:
+            parser.error("run needs a LABEL")
+        print(json.dumps(run(args.label, args.avx2, args.extra), indent=2))
+    print(render())
+
+
+if __name__ == "__main__":
+    main()
