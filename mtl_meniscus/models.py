@@ -302,6 +302,8 @@ def takes_exams(model: nn.Module) -> bool:
 
 
 def _trunk(config: ModelConfig, kernels: Sequence[int]) -> nn.Module:
+    if config.trunk == "plain":
+        return PlainTrunk(config.in_chans)
     if config.trunk not in OWN_TRUNKS:
         return TimmTrunk(config.trunk, config.in_chans, config.pool_grid, config.pretrained)
     return ConvTrunk(
@@ -317,9 +319,10 @@ def _trunk(config: ModelConfig, kernels: Sequence[int]) -> nn.Module:
 def _net(config: ModelConfig, kernels: Sequence[int], tasks: Sequence[str]) -> SharedTrunkNet:
     """Trunk + one head per task; the plain floor's heads are single linear layers (one linear
     layer for all tasks, split by task), every other trunk's the configured dense heads."""
-    if config.trunk == "plain":
-        return SharedTrunkNet(PlainTrunk(config.in_chans), tasks, (), 0.0)
-    return SharedTrunkNet(_trunk(config, kernels), tasks, config.dense, config.dense_dropout)
+    trunk = _trunk(config, kernels)
+    if config.trunk == "plain":  # the floor's heads are fixed too
+        return SharedTrunkNet(trunk, tasks, (), 0.0)
+    return SharedTrunkNet(trunk, tasks, config.dense, config.dense_dropout)
 
 
 def _on_exams(net: SharedTrunkNet, config: ModelConfig) -> nn.Module:
