@@ -61,17 +61,19 @@ class BenchSettings:
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, clock, vector ISA and bf16 support, torch version and GPU, for the report header."""
-    cpu, mhz = platform.processor() or platform.machine(), None
+    fields: dict[str, str] = {}  # the first value of each /proc/cpuinfo field (the first core's)
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("cpu MHz") and mhz is None:
-                mhz = float(line.split(":", 1)[1])
-    except (OSError, ValueError):
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
+    try:
+        mhz = float(fields["cpu MHz"])
+    except (KeyError, ValueError):
+        mhz = None
     return {
-        "cpu": cpu,
+        "cpu": fields.get("model name") or platform.processor() or platform.machine(),
         "mhz": mhz,
         "cores": torch.get_num_threads(),
         **cpu_features(),  # isa (what ATen runs: AVX2 when held there with ATEN_CPU_CAPABILITY), amx, ...

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -70,21 +69,9 @@ def data_folders(row: str, out: Path) -> tuple[list[str], Path | None]:
 
 
 def run(out: Path, rows: list[str], models: list[str], seeds: list[int]) -> None:
-    machine = {"cpu": platform.processor(), "python": platform.python_version()}
-    try:
-        import torch
+    from mtl_meniscus.bench import machine_info
 
-        from mtl_meniscus.runtime import cpu_features
-
-        machine |= {"torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability()}
-        machine["amx"] = cpu_features()["amx"]
-        machine["cpu"] = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (ImportError, OSError, StopIteration):
-        pass
+    machine = machine_info()  # cpu, isa, amx, torch, ...
     for seed in seeds:  # seed-major: after the first round every row has a value
         for row in rows:
             data_options, test = data_folders(row, out)

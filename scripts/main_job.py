@@ -29,14 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "main-job"
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def run(label: str, avx2: bool, extra: list[str]) -> dict:
+    from mtl_meniscus.bench import machine_info
+
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     cache = Path(tempfile.mkdtemp(prefix="main-job-cache-"))
     env["MTL_MENISCUS_CACHE"] = str(cache)  # empty: phantom generation is part of the time
@@ -65,7 +60,7 @@ def run(label: str, avx2: bool, extra: list[str]) -> dict:
     result = {
         "label": label,
         "command": shown,
-        "cpu": cpu_model(),
+        "cpu": machine_info()["cpu"],
         "isa": isa,
         "precision": metrics["precision"],
         "wall_seconds": wall,
