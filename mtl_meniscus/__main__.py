@@ -1,5 +1,5 @@
 """`python -m mtl_meniscus ...`: the same commands as `mtl-meniscus` and `python cli.py`."""
 
-from .cli import app
+from mtl_meniscus.cli import app
 
 app(prog_name="python -m mtl_meniscus")

@@ -3,7 +3,7 @@ checkout). Each command parses options and makes one call."""
 
 from __future__ import annotations
 
-import os
+import functools
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +15,7 @@ from rich.markup import escape
 from mtl_meniscus import __version__
 from mtl_meniscus.config import preset_path
 from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.networks.models import MODELS
 
 app = typer.Typer(
     add_completion=False,
@@ -27,9 +28,8 @@ console = Console(soft_wrap=True, markup=False)
 WIDE = 1000  # columns when not on a terminal: tables in a log file or a pipe are never cut
 
 
-class Mode(str, Enum):
-    shared = "shared"
-    separate = "separate"
+# --mode: the registered models (networks/models.py, MODELS); reading them imports torch
+Mode = Enum("Mode", {name: name for name in MODELS.names()}, type=str)
 
 
 class Precision(str, Enum):
@@ -82,6 +82,25 @@ DeviceOption = Annotated[
 PrecisionOption = Annotated[Precision, typer.Option(help="auto: bf16 + channels_last where native.")]
 
 
+def command(name: str | None = None):
+    """app.command(name), with the one error rule of every command: a domain error (MeniscusError)
+    or a file-system error is printed as a clear message and exits 1, never a traceback."""
+
+    def register(func):
+        @functools.wraps(func)  # typer reads the options from the wrapped signature
+        def run(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except MeniscusError as err:
+                fail(err)
+            except OSError as err:
+                fail(os_error(err))
+
+        return app.command(name)(run)
+
+    return register
+
+
 def fail(err: Exception) -> None:
     """Print a domain error as a clear message and exit 1 (no traceback)."""
     console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True)
@@ -118,7 +137,7 @@ def check_options(
         check_option(1 <= batch_size <= MAX_BATCH, "--batch-size", batch_size, f"an integer 1..{MAX_BATCH}")
 
 
-@app.command("make-phantom")
+@command("make-phantom")
 def make_phantom(
     out: Annotated[Path, typer.Argument(help="Folder to write images/, masks/ and labels.csv into.")],
     n: Annotated[
@@ -160,32 +179,27 @@ def make_phantom(
     ] = "mrnet",
 ) -> None:
     """Write the synthetic knee MRI phantom in the folder format (or, with --exams, whole exams)."""
-    from mtl_meniscus.phantom import parse_setting, phantom_settings, summarize_cases, write_phantom
+    from mtl_meniscus.phantom.slices import parse_setting, phantom_settings, summarize_cases, write_phantom
 
-    try:
-        chosen = phantom_settings(difficulty, dict(parse_setting(text) for text in settings or []))
-        if exams is not None:
-            from mtl_meniscus.phantom_exams import write_phantom_exams
+    chosen = phantom_settings(difficulty, dict(parse_setting(text) for text in settings or []))
+    if exams is not None:
+        from mtl_meniscus.phantom.exams import write_phantom_exams
 
-            written = write_phantom_exams(
-                out, n=exams, n_slices=slices, seed=seed, size=size, fmt=exam_format, settings=chosen
-            )
-            tears = sum(exam.case.fissure for exam in written)
-            console.print(
-                f"wrote {len(written)} exams of {slices} slices ({exam_format}) to {out}; {tears} with a tear"
-            )
-            return
-        cases = write_phantom(out, n=n, seed=seed, size=size, settings=chosen, overwrite=overwrite)
-    except MeniscusError as err:
-        fail(err)
-    except OSError as err:
-        fail(os_error(err))
+        written = write_phantom_exams(
+            out, n=exams, n_slices=slices, seed=seed, size=size, fmt=exam_format, settings=chosen
+        )
+        tears = sum(exam.case.fissure for exam in written)
+        console.print(
+            f"wrote {len(written)} exams of {slices} slices ({exam_format}) to {out}; {tears} with a tear"
+        )
+        return
+    cases = write_phantom(out, n=n, seed=seed, size=size, settings=chosen, overwrite=overwrite)
     summary = summarize_cases(cases, size=size)
     console.print(f"wrote {len(cases)} images to {out}", highlight=False)
     console.print(", ".join(f"{k}: {v}" for k, v in summary.items()), highlight=False)
 
 
-@app.command("import-fastmri")
+@command("import-fastmri")
 def import_fastmri(
     annotations: Annotated[
         Path, typer.Argument(help="fastMRI+ knee.csv (file,slice,study_level,x,y,width,height,label).")
@@ -196,14 +210,9 @@ def import_fastmri(
     ],
 ) -> None:
     """Turn fastMRI+ annotations into a data folder: a row per slice, tear where a "Meniscus Tear" box lies."""
-    from mtl_meniscus.fastmri import import_fastmri_plus
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
 
-    try:
-        counts = import_fastmri_plus(annotations, volumes, out)
-    except MeniscusError as err:
-        fail(err)
-    except OSError as err:
-        fail(os_error(err))
+    counts = import_fastmri_plus(annotations, volumes, out)
     console.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out}", highlight=False)
     console.print(
         "orientation and position are unknown in fastMRI+: train with --data "
@@ -212,10 +221,11 @@ def import_fastmri(
     )
 
 
-@app.command()
+@command()
 def train(
     mode: Annotated[
-        Mode | None, typer.Option(help="shared: one trunk, three heads; separate: the reference cascade.")
+        Mode | None,
+        typer.Option(help="; ".join(f"{name}: {MODELS.describe(name)}" for name in MODELS.names())),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML preset (default: configs/<mode>.yaml).")] = None,
     data: DataOption = None,
@@ -262,19 +272,13 @@ def train(
     ] = None,
 ) -> None:
     """Train a model on a data folder (or the built-in phantom) and evaluate it on the test split."""
-    from mtl_meniscus.config import load_config, parse_set_option
-    from mtl_meniscus.train import default_run_dir, train_run
+    from mtl_meniscus.engine.run import resume_run, run_folder, train_run, training_config
 
     run_dir = resume
     try:
         if resume is not None:
-            if settings:
-                raise MeniscusError(
-                    "--set cannot change a resumed run: it continues with its saved config.yaml"
-                )
-            train_run(None, resume, resume=True, console=console)
+            resume_run(resume, settings or [], console=console)
             return
-        preset = config or preset_path((mode or Mode.shared).value)
         if mrnet is not None and data is not None:
             raise ConfigError("give --data (a labels.csv folder) or --mrnet (an MRNet folder), not both")
         named = {
@@ -294,27 +298,18 @@ def train(
             "train.backbone_lr_factor": backbone_lr_factor,
             "train.device": device,
         }
-        overrides = dict(parse_set_option(text) for text in settings or [])
-        overrides |= {key: value for key, value in named.items() if value is not None}
-        # a mode's preset counts images per step; on exams the budget is configs/exams.yaml's
-        overlay = preset_path("exams") if mrnet is not None and config is None else None
-        run_config = load_config(preset if preset.is_file() or config else None, overrides, overlay)
-        if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # each process would name its own dated folder
-            raise ConfigError("under torchrun give --out: every process must write to the same run folder")
-        run_dir = out or default_run_dir(run_config.model.name)
+        run_config = training_config(
+            config, mode.value if mode else None, named, settings or [], exams=mrnet is not None
+        )
+        run_dir = run_folder(out, run_config)
         train_run(run_config, run_dir, console=console)
-    except MeniscusError as err:
-        fail(err)
-    except OSError as err:
-        fail(os_error(err))
     except KeyboardInterrupt:
         # Every finished epoch is in last.pt; nothing is lost but the epoch in progress.
         console.print(f"interrupted; continue with: {command_name()} train --resume {run_dir}")
         raise typer.Exit(code=130) from None
 
 
-@app.command()
+@command()
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
     data: Annotated[
@@ -348,61 +343,56 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate a trained run: AUCs with bootstrap CIs, sensitivity/specificity, cascade view, ROC plot."""
-    from mtl_meniscus.evaluate import run_evaluation, run_exam_evaluation
-    from mtl_meniscus.outputs import check_output_dir
+    from mtl_meniscus.commands.evaluate import run_evaluation, run_exam_evaluation
+    from mtl_meniscus.io.outputs import check_output_dir
 
-    try:
-        check_options(tta=tta, threshold=threshold, bootstrap=bootstrap, seed=seed)
-        if mrnet is not None:
-            given = {"--data": data is not None, "--threshold": threshold is not None, "--youden": youden}
-            given |= {"--cam": cam is not None}
-            for name in (name for name, used in given.items() if used):
-                raise ConfigError(f"{name}: not available with --mrnet (exam-level tear AUC only)")
-            run_exam_evaluation(
-                run,
-                mrnet,
-                split="valid" if split == "test" else split,
-                tta_copies=tta,
-                n_bootstrap=bootstrap,
-                seed=seed,
-                out_dir=out,
-                precision=precision.value,
-                console=console,
-                device=device,
-            )
-            return
-        # Output locations first: a bad one must not cost the evaluation.
-        if out is not None:
-            check_output_dir(out, "--out")
-        elif run.exists():
-            check_output_dir(run if run.is_dir() else run.parent, "the default output folder (use --out)")
-        if youden and run.is_dir():
-            check_output_dir(run, "--youden (writes RUN/threshold.json)")
-        if cam is not None:
-            check_output_dir(cam, "--cam")
-        run_evaluation(
+    check_options(tta=tta, threshold=threshold, bootstrap=bootstrap, seed=seed)
+    if mrnet is not None:
+        given = {"--data": data is not None, "--threshold": threshold is not None, "--youden": youden}
+        given |= {"--cam": cam is not None}
+        for name in (name for name, used in given.items() if used):
+            raise ConfigError(f"{name}: not available with --mrnet (exam-level tear AUC only)")
+        run_exam_evaluation(
             run,
-            data_dir=data,
-            split=split,
+            mrnet,
+            split="valid" if split == "test" else split,
             tta_copies=tta,
-            threshold=threshold,
-            youden=youden,
             n_bootstrap=bootstrap,
             seed=seed,
             out_dir=out,
-            cam_dir=cam,
             precision=precision.value,
             console=console,
-            wandb_mode=wandb.value if wandb else None,
             device=device,
         )
-    except MeniscusError as err:
-        fail(err)
-    except OSError as err:
-        fail(os_error(err))
+        return
+    # Output locations first: a bad one must not cost the evaluation.
+    if out is not None:
+        check_output_dir(out, "--out")
+    elif run.exists():
+        check_output_dir(run if run.is_dir() else run.parent, "the default output folder (use --out)")
+    if youden and run.is_dir():
+        check_output_dir(run, "--youden (writes RUN/threshold.json)")
+    if cam is not None:
+        check_output_dir(cam, "--cam")
+    run_evaluation(
+        run,
+        data_dir=data,
+        split=split,
+        tta_copies=tta,
+        threshold=threshold,
+        youden=youden,
+        n_bootstrap=bootstrap,
+        seed=seed,
+        out_dir=out,
+        cam_dir=cam,
+        precision=precision.value,
+        console=console,
+        wandb_mode=wandb.value if wandb else None,
+        device=device,
+    )
 
 
-@app.command()
+@command()
 def predict(
     run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
@@ -433,41 +423,36 @@ def predict(
     slices: Annotated[bool, typer.Option(help="With --exams: a row per slice as well.")] = False,
 ) -> None:
     """Predict tear, orientation and position for image files or exams; exit code 1 if any input failed."""
-    from mtl_meniscus.predict import run_predict, run_predict_exams
+    from mtl_meniscus.commands.predict import run_predict, run_predict_exams
 
-    try:
-        check_options(tta=tta, threshold=threshold, batch_size=batch_size)
-        if slices and not exams:
-            raise ConfigError("--slices: only with --exams (one row per slice of each exam)")
-        for name, given in (("--cam", cam is not None), ("--strict-size", strict_size)):
-            if exams and given:
-                raise ConfigError(
-                    f"{name}: not available with --exams (exam slices are resized to the model's size)"
-                )
-        common = dict(
-            as_json=json_lines,
-            tta_copies=tta,
-            threshold=threshold,
-            batch_size=batch_size,
-            precision=precision.value,
-            console=console,
-            device=device,
-        )
-        if exams:
-            rows = run_predict_exams(run, inputs, out, with_slices=slices, **common)
-            failed = any(row["error"] for row in rows)
-        else:
-            rows = run_predict(run, inputs, out, strict_size=strict_size, cam_dir=cam, **common)
-            failed = any(row.error for row in rows)
-    except MeniscusError as err:
-        fail(err)
-    except OSError as err:
-        fail(os_error(err))
+    check_options(tta=tta, threshold=threshold, batch_size=batch_size)
+    if slices and not exams:
+        raise ConfigError("--slices: only with --exams (one row per slice of each exam)")
+    for name, given in (("--cam", cam is not None), ("--strict-size", strict_size)):
+        if exams and given:
+            raise ConfigError(
+                f"{name}: not available with --exams (exam slices are resized to the model's size)"
+            )
+    common = dict(
+        as_json=json_lines,
+        tta_copies=tta,
+        threshold=threshold,
+        batch_size=batch_size,
+        precision=precision.value,
+        console=console,
+        device=device,
+    )
+    if exams:
+        rows = run_predict_exams(run, inputs, out, with_slices=slices, **common)
+        failed = any(row["error"] for row in rows)
+    else:
+        rows = run_predict(run, inputs, out, strict_size=strict_size, cam_dir=cam, **common)
+        failed = any(row.error for row in rows)
     if failed:
         raise typer.Exit(code=1)
 
 
-@app.command()
+@command()
 def compare(
     out: Annotated[
         Path, typer.Option(help="Comparison folder; rerunning on it skips the finished variants.")
@@ -510,7 +495,7 @@ def compare(
     ] = 1,
 ) -> None:
     """Train and score separate vs shared (x trunks x seeds) on the same splits; write the table and plots."""
-    from mtl_meniscus.compare import parse_list, parse_pretrained, run_compare
+    from mtl_meniscus.commands.compare import parse_list, parse_pretrained, run_compare
     from mtl_meniscus.config import load_compare_config
 
     try:
@@ -540,10 +525,6 @@ def compare(
             console=console,
             jobs=jobs,
         )
-    except MeniscusError as err:
-        fail(err)
-    except OSError as err:
-        fail(os_error(err))
     except KeyboardInterrupt:
         console.print(
             "interrupted; rerun the same command to continue: scored variants are kept and the "
@@ -552,7 +533,7 @@ def compare(
         raise typer.Exit(code=130) from None
 
 
-@app.command()
+@command()
 def tune(
     mode: Annotated[
         Mode | None, typer.Option(help="shared or separate (default: the preset's model.name).")
@@ -583,7 +564,7 @@ def tune(
     wandb: WandbOption = None,
 ) -> None:
     """Search hyper-parameters with Optuna, maximizing the validation score; rerun to add trials."""
-    from mtl_meniscus.tune import run_tune
+    from mtl_meniscus.commands.tune import run_tune
 
     try:
         import optuna
@@ -606,10 +587,6 @@ def tune(
             wandb_mode=wandb.value if wandb else None,
             console=console,
         )
-    except MeniscusError as err:
-        fail(err)
-    except OSError as err:
-        fail(os_error(err))
     except KeyboardInterrupt:
         console.print(
             f"interrupted; finished trials are kept in {out / 'trials.csv'} and the study: rerun the "
@@ -619,7 +596,7 @@ def tune(
         raise typer.Exit(code=130) from None
 
 
-@app.command()
+@command()
 def bench(
     quick: Annotated[
         bool, typer.Option(help="Tiny sizes that finish in seconds (CI); not for the targets.")
@@ -633,7 +610,7 @@ def bench(
     ] = None,
 ) -> None:
     """Measure the package against bare PyTorch, bf16 against fp32, and shared against separate."""
-    from mtl_meniscus.bench import run_benchmark
+    from mtl_meniscus.commands.bench import run_benchmark
     from mtl_meniscus.config import load_config
 
     runs = (shared_run, separate_run) if shared_run and separate_run else None
@@ -648,7 +625,7 @@ class ExportFormat(str, Enum):
     onnx = "onnx"
 
 
-@app.command()
+@command()
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
     out: Annotated[
@@ -659,14 +636,9 @@ def export(
     ] = ExportFormat.onnx,
 ) -> None:
     """Export a trained model (network + sigmoid) to ONNX; checks it against PyTorch before keeping it."""
-    from mtl_meniscus.export import export_onnx
+    from mtl_meniscus.commands.export import export_onnx
 
-    try:
-        report = export_onnx(run, out)
-    except MeniscusError as err:
-        fail(err)
-    except OSError as err:
-        fail(os_error(err))
+    report = export_onnx(run, out)
     console.print(
         f"wrote {report.path} ({export_format.value}): input x ({', '.join(map(str, report.input_shape))}) = "
         f"preprocess.make_input(slice resized to {report.image_size}x{report.image_size}, "

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
-from .labels import DEFAULT_TASKS, TASKS, Task, TaskTable
+from mtl_meniscus.errors import ConfigError
+from mtl_meniscus.labels import DEFAULT_TASKS, TASKS, Task, TaskTable
 
 # Upper bounds that keep one bad value from exhausting memory or hanging (a batch of 1e8 images,
 # 1e9 TTA copies); far above any useful setting.
@@ -166,7 +166,7 @@ OWN_TRUNKS = ("reference", "plain")
 class ModelConfig(Section):
     """Architecture choices; saved in checkpoints so a model can be rebuilt without the YAML."""
 
-    name: str = "shared"  # a key of MODEL_BUILDERS: 'shared' or 'separate'
+    name: str = "shared"  # a registered model (networks/models.py, MODELS): 'shared' or 'separate'
     # 'reference' (the conv blocks below), 'plain' (the fixed floor: models.PlainTrunk) or a timm model
     trunk: str = "reference"
     pretrained: str = (
@@ -238,7 +238,7 @@ class TrainConfig(Section):
     left_chance_max: float = 0.7
     min_lr: float = 1e-5
     backbone_lr_factor: float = 1.0  # timm trunks: backbone learning rate = lr * this factor
-    weighting: Literal["fixed", "uncertainty"] = "fixed"
+    weighting: str = "fixed"  # a registered task weighting (networks/losses.py, WEIGHTINGS)
     task_weights: dict[str, float] = Field(default_factory=dict)  # fixed weighting; missing tasks get 1
     pos_weights: dict[str, float] = Field(default_factory=dict)  # BCE positive-class weight per task
     precision: Literal["auto", "fp32", "bf16"] = "auto"

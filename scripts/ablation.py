@@ -3,13 +3,13 @@
     python scripts/ablation.py DATA --tag NAME [--preset configs/shared.yaml] [--set KEY=VALUE ...]
                                [--lr 0.001] [--steps 960] [--seed 1] [--sched const|cosine]
                                [--out results/ablation]
-    python scripts/ablation.py --render [--out results/ablation] [--readme README.md]
+    python scripts/ablation.py --render [--out results/ablation] [--page docs/results.md]
 
 The same pieces as `train` (a preset with --set overrides, the data folder's splits, augmentation,
 masked loss, validation score), without its stopping rules and LR cuts, so that variants are
 compared step for step. Each run writes OUT/<tag>.json (validation score after every 80 steps,
-onset epoch = first score above 0.7, the command and the machine); --render prints the README's
-table from those files (also between the README's ablation-table markers).
+onset epoch = first score above 0.7, the command and the machine); --render prints the table of
+docs/results.md from those files (and writes it between that page's ablation-table markers).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from readme_section import replace_between  # scripts/readme_section.py
+from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCH = 80  # steps between validations: the presets' steps_per_epoch
@@ -31,13 +31,13 @@ def train_variant(args: argparse.Namespace) -> dict:
     import torch
 
     from mtl_meniscus.config import load_config, parse_set_option
-    from mtl_meniscus.data import prepare_data
-    from mtl_meniscus.dataset import EpochBatchSampler, SliceDataset, training_batches
-    from mtl_meniscus.inference import predict_probs
-    from mtl_meniscus.losses import task_losses
-    from mtl_meniscus.metrics import monitor_score, task_aucs
-    from mtl_meniscus.models import build_model
-    from mtl_meniscus.runtime import cpu_features, resolve_runtime
+    from mtl_meniscus.data.load import prepare_data
+    from mtl_meniscus.data.torch_dataset import EpochBatchSampler, SliceDataset, training_batches
+    from mtl_meniscus.engine.inference import predict_probs
+    from mtl_meniscus.engine.runtime import cpu_features, resolve_runtime
+    from mtl_meniscus.evaluation.metrics import monitor_score, task_aucs
+    from mtl_meniscus.networks.losses import task_losses
+    from mtl_meniscus.networks.models import build_model
 
     config = load_config(args.preset, dict(parse_set_option(text) for text in args.set))
     data = prepare_data(args.data, config.data)
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "ablation")
     parser.add_argument("--render", action="store_true")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--page", type=Path, default=RESULTS_PAGE)
     args = parser.parse_args()
     if not args.render:
         if not args.data or not args.tag:
@@ -125,7 +125,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.tag}.json").write_text(json.dumps(result, indent=2))
     table = render(args.out)
-    replace_between(args.readme, "ablation-table", table)
+    replace_between(args.page, "ablation-table", table)
     print(table)
 
 

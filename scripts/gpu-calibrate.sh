@@ -1,5 +1,5 @@
 #!/bin/bash
-# The README's calibration sweep and AMX main-job figure, in one run on a GPU machine (16 cores):
+# The calibration sweep and AMX main-job figure of docs/results-archive.md, in one run on a GPU machine (16 cores):
 # (1) the main job on the host CPU held to 2 cores, if it has AMX;
 # (2) candidate generator settings for `realistic` x data seeds 5 and 6, the separate preset and
 #     the shared preset on each, all in parallel on the GPU.

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The README's default comparison at `realistic` (both budgets, seeds 0-2) on one GPU: nine
+# The default comparison of docs/results-archive.md at `realistic` (both budgets, seeds 0-2) on one GPU: nine
 # one-variant compares in parallel, plus one more calibration run of the cascade (data seed 7).
 # $OUT gets shared/pernet/total.tar.gz (the scored variant folders) and logs.tar.gz. Merge and
 # summarize anywhere (same MTL_MENISCUS_CACHE path, so the saved data paths agree):

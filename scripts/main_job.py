@@ -1,14 +1,14 @@
-"""The README's main-job table: `python cli.py train --mode shared` timed end to end.
+"""The main-job table of docs/results.md: `python cli.py train --mode shared` timed end to end.
 
     python scripts/main_job.py run LABEL [--avx2] [-- EXTRA TRAIN OPTIONS]
-    python scripts/main_job.py render
+    python scripts/main_job.py render [--page docs/results.md]
 
 `run` times the main job from an empty phantom cache (generation, training, evaluation with and
 without TTA) and writes results/main-job/LABEL.json: wall time, training seconds, epochs, best
 epoch, test scores, the summary's reading line, CPU model and ISA. --avx2 holds oneDNN and ATen
 to AVX2 and fp32 (`ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ... --precision fp32`), the
-emulation of a 2-core AVX2 machine on a newer CPU. `render` writes the README table between its
-main-job markers from those files.
+emulation of a 2-core AVX2 machine on a newer CPU. `render` writes the table between the main-job
+markers of docs/results.md from those files.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from readme_section import replace_between  # scripts/readme_section.py
+from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "main-job"
 
 
 def run(label: str, avx2: bool, extra: list[str]) -> dict:
-    from mtl_meniscus.bench import machine_info
+    from mtl_meniscus.commands.bench import machine_info
 
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     cache = Path(tempfile.mkdtemp(prefix="main-job-cache-"))
@@ -79,7 +79,7 @@ def run(label: str, avx2: bool, extra: list[str]) -> dict:
     return result
 
 
-def render() -> str:
+def render(page: Path = RESULTS_PAGE) -> str:
     rows = sorted((json.loads(p.read_text()) for p in OUT.glob("*.json")), key=lambda r: r["label"])
     lines = [
         "| machine | command | wall time (generation + training + evaluation) | training | test score (with TTA) |",
@@ -93,7 +93,7 @@ def render() -> str:
             f"at {r['left_chance_epoch']}, best {r['best_epoch']} | {r['test_score']:.3f} ({r['test_score_tta']:.3f}) |"
         )
     table = "\n".join(lines)
-    replace_between(ROOT / "README.md", "main-job", table)
+    replace_between(page, "main-job", table)
     return table
 
 
@@ -103,12 +103,13 @@ def main() -> None:
     parser.add_argument("label", nargs="?")
     parser.add_argument("--avx2", action="store_true")
     parser.add_argument("extra", nargs="*")
+    parser.add_argument("--page", type=Path, default=RESULTS_PAGE)
     args = parser.parse_args()
     if args.action == "run":
         if not args.label:
             parser.error("run needs a LABEL")
         print(json.dumps(run(args.label, args.avx2, args.extra), indent=2))
-    print(render())
+    print(render(args.page))
 
 
 if __name__ == "__main__":

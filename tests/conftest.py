@@ -7,7 +7,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from mtl_meniscus.phantom import write_phantom
+from mtl_meniscus.phantom.slices import write_phantom
 
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 

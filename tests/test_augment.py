@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from mtl_meniscus.augment import AffineParams, affine_matrix, apply_affine, augment_image, sample_affine
 from mtl_meniscus.config import AugmentConfig
+from mtl_meniscus.data.augment import AffineParams, affine_matrix, apply_affine, augment_image, sample_affine
 
 
 def _bright_spot(height, width, x, y):

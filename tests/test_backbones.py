@@ -7,11 +7,16 @@ import pytest
 import timm
 import torch
 
-from mtl_meniscus.cam import grad_cam
-from mtl_meniscus.checkpoint import atomic_torch_save, load_checkpoint, model_from_checkpoint, model_payload
 from mtl_meniscus.config import Config, ModelConfig
+from mtl_meniscus.engine.checkpoint import (
+    atomic_torch_save,
+    load_checkpoint,
+    model_from_checkpoint,
+    model_payload,
+)
 from mtl_meniscus.errors import ConfigError, MeniscusError
-from mtl_meniscus.models import build_model, parameter_groups
+from mtl_meniscus.networks.cam import grad_cam
+from mtl_meniscus.networks.models import build_model, parameter_groups
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -96,9 +101,9 @@ def test_frozen_backbone_keeps_its_weights_and_batchnorm_statistics(tmp_path):
     from rich.console import Console
 
     from mtl_meniscus.config import load_config
-    from mtl_meniscus.models import build_shared
-    from mtl_meniscus.phantom import write_phantom
-    from mtl_meniscus.train import train_run
+    from mtl_meniscus.engine.run import train_run
+    from mtl_meniscus.networks.models import build_shared
+    from mtl_meniscus.phantom.slices import write_phantom
 
     write_phantom(tmp_path / "data", n=40, seed=2, size=64)
     config = load_config(

@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mtl_meniscus.phantom import write_phantom
+from mtl_meniscus.phantom.slices import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -4,7 +4,7 @@ import json
 
 from rich.console import Console
 
-from mtl_meniscus.bench import run_benchmark
+from mtl_meniscus.commands.bench import run_benchmark
 
 
 def test_quick_benchmark_reports_every_measurement(tmp_path):
@@ -31,7 +31,7 @@ def test_quick_benchmark_reports_every_measurement(tmp_path):
 def test_training_step_flops_match_a_hand_count():
     """The plain floor on one 32 x 32 image: forward 2*Cin*Cout*9*H*W per conv + 2*96 per linear head;
     backward twice the forward (weight and input gradients) except the first conv's input gradient."""
-    from mtl_meniscus.bench import training_step_flops
+    from mtl_meniscus.commands.bench import training_step_flops
     from mtl_meniscus.config import Config
 
     convs = [(2, 16, 32), (16, 32, 16), (32, 64, 8), (64, 64, 4), (64, 96, 2)]  # (Cin, Cout, H = W)
@@ -43,7 +43,7 @@ def test_training_step_flops_match_a_hand_count():
 
 
 def test_peak_flops_follow_the_isa_and_precision():
-    from mtl_meniscus.bench import peak_flops
+    from mtl_meniscus.commands.bench import peak_flops
 
     machine = {"cores": 2, "mhz": 2600.0, "isa": "AVX512", "amx": True, "gpu": None}
     assert peak_flops(machine, "bf16") == (2 * 2600e6 * 1024, "AMX bf16")

@@ -127,7 +127,7 @@ def test_evaluate_predict_and_bench_commands(phantom, tmp_path):
 
 
 def test_interrupted_training_says_how_to_resume(tmp_path, monkeypatch):
-    import mtl_meniscus.train as train_module
+    import mtl_meniscus.engine.run as train_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -160,7 +160,7 @@ def test_train_with_a_timm_trunk(phantom, tmp_path):
 
 
 def test_set_overrides_any_config_key_and_named_options_win(tmp_path, monkeypatch):
-    import mtl_meniscus.train as train_module
+    import mtl_meniscus.engine.run as train_module
 
     seen = {}
     monkeypatch.setattr(

@@ -14,8 +14,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from mtl_meniscus import compare as compare_module
-from mtl_meniscus.compare import (
+from mtl_meniscus.commands.compare import (
     ScoredVariant,
     Variant,
     baseline_group,
@@ -26,10 +25,12 @@ from mtl_meniscus.compare import (
     summarize,
     variant_config,
 )
+from mtl_meniscus.commands.compare import plan as compare_plan
+from mtl_meniscus.commands.compare import run as compare_run
 from mtl_meniscus.config import CompareConfig, load_compare_config
 from mtl_meniscus.errors import ConfigError, MeniscusError
-from mtl_meniscus.metrics import challenge_score, task_aucs
-from mtl_meniscus.phantom import write_phantom
+from mtl_meniscus.evaluation.metrics import challenge_score, task_aucs
+from mtl_meniscus.phantom.slices import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -129,11 +130,11 @@ def test_budget_total_gives_the_cascade_the_shared_models_steps(preset):
         assert configs["separate"].train.steps_per_epoch == cascade_steps
         assert configs["separate"].train.max_epochs == configs["shared"].train.max_epochs
     # Rounded to the nearest step, never zero; the preset's steps when the comparison sets none.
-    assert [compare_module.steps_per_network(n) for n in (1, 2, 80, 81)] == [1, 1, 27, 27]
+    assert [compare_plan.steps_per_network(n) for n in (1, 2, 80, 81)] == [1, 1, 27, 27]
     preset_steps = yaml.safe_load(preset.read_text())["train"]["steps_per_epoch"]
     compare = tiny_compare(preset, steps_per_epoch=None, budget="total")
     separate = variant_config(compare, Variant("separate", "reference", 0), preset, "/data", None, "g")
-    assert separate.train.steps_per_epoch == compare_module.steps_per_network(preset_steps)
+    assert separate.train.steps_per_epoch == compare_plan.steps_per_network(preset_steps)
 
 
 def test_phantom_difficulty_applies_to_every_variant(preset):
@@ -289,8 +290,8 @@ def test_rerun_skips_scored_variants(finished, preset, phantom, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a scored variant was retrained")
 
-    monkeypatch.setattr(compare_module, "train_run", no_training)
-    monkeypatch.setattr(compare_module, "score_variant", no_training)
+    monkeypatch.setattr(compare_run, "train_run", no_training)
+    monkeypatch.setattr(compare_run, "score_variant", no_training)
     run_compare(tiny_compare(preset), finished, presets_for(preset), data_dir=phantom)
     assert read_csv(finished / "results.csv") == before
 
@@ -305,7 +306,7 @@ def test_trained_but_unscored_variant_is_scored_not_retrained(
     def no_training(*args, **kwargs):
         raise AssertionError("a trained variant was retrained")
 
-    monkeypatch.setattr(compare_module, "train_run", no_training)
+    monkeypatch.setattr(compare_run, "train_run", no_training)
     run_compare(tiny_compare(preset), out, presets_for(preset), data_dir=phantom)
     assert (out / "variants" / "shared-reference-seed1" / "result.json").is_file()
 
@@ -359,7 +360,7 @@ def test_rerun_with_other_settings_is_refused(finished, preset, phantom):
 
 def test_interrupted_variant_resumes_and_finished_one_is_kept(preset, phantom, tmp_path, monkeypatch):
     compare = tiny_compare(preset, modes=("shared", "separate"), seeds=(0,))
-    real_train_run = compare_module.train_run
+    real_train_run = compare_run.train_run
     calls = []
 
     def interrupt_separate(config, run_dir, resume=False, console=None, on_epoch_end=None):
@@ -372,7 +373,7 @@ def test_interrupted_variant_resumes_and_finished_one_is_kept(preset, phantom, t
         hook = stop if Path(run_dir).name.startswith("separate") else None
         return real_train_run(config, run_dir, resume=resume, console=console, on_epoch_end=hook)
 
-    monkeypatch.setattr(compare_module, "train_run", interrupt_separate)
+    monkeypatch.setattr(compare_run, "train_run", interrupt_separate)
     with pytest.raises(KeyboardInterrupt):
         run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=phantom)
     separate = tmp_path / "out" / "variants" / "separate-reference-seed0"
@@ -382,7 +383,7 @@ def test_interrupted_variant_resumes_and_finished_one_is_kept(preset, phantom, t
 
     calls.clear()
     monkeypatch.setattr(
-        compare_module,
+        compare_run,
         "train_run",
         lambda config, run_dir, resume=False, console=None: (
             calls.append((Path(run_dir).name, resume))
@@ -513,7 +514,7 @@ def test_seed_inclusive_intervals_hold_the_seed_to_seed_spread():
 
 
 def test_a_variant_that_did_not_learn_is_marked_not_averaged_in_silently():
-    from mtl_meniscus.compare import display_cells
+    from mtl_meniscus.commands.compare import display_cells
 
     rng = np.random.default_rng(1)
     n = 200
@@ -538,7 +539,7 @@ def test_a_variant_that_did_not_learn_is_marked_not_averaged_in_silently():
 
 
 def test_floor_check_names_a_variant_that_loses_to_the_plain_cnn():
-    from mtl_meniscus.compare import floor_findings
+    from mtl_meniscus.commands.compare import floor_findings
 
     def row(mode, trunk, score):
         return {"variant": f"{mode}-{trunk}", "mode": mode, "trunk": trunk, "score_mean": score}

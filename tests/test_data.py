@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mtl_meniscus.config import DataConfig
-from mtl_meniscus.data import prepare_data, read_labels
+from mtl_meniscus.data.folder import read_labels
+from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.errors import DataError
 from mtl_meniscus.labels import DEFAULT_TASKS
 
@@ -188,7 +189,7 @@ def test_unknown_subtypes_are_masked_only_when_asked(tmp_path):
     # unknown is not negative: the loss and the metrics leave those rows out
     import torch
 
-    from mtl_meniscus.losses import task_mask
+    from mtl_meniscus.networks.losses import task_mask
 
     targets = torch.tensor(data.targets)
     assert task_mask(targets, "position").tolist() == [r.image == "img/d.png" for r in data.records]
@@ -198,7 +199,7 @@ def test_unknown_subtypes_are_masked_only_when_asked(tmp_path):
 def test_rows_of_one_volume_decode_it_once(tmp_path, monkeypatch):
     """labels.csv naming many slices of one volume: the file is decoded once, not once per row,
     and every row gets its own slice (a copy, so a kept slice does not keep the volume)."""
-    import mtl_meniscus.imageio as imageio
+    import mtl_meniscus.io.imageio as imageio
 
     volume = np.random.default_rng(0).random((6, 32, 32)).astype(np.float32)
     np.save(tmp_path / "knee.npy", volume)

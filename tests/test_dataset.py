@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from mtl_meniscus.config import AugmentConfig
-from mtl_meniscus.dataset import EpochBatchSampler, SliceDataset, training_batches
+from mtl_meniscus.data.torch_dataset import EpochBatchSampler, SliceDataset, training_batches
 
 
 def test_training_batches_are_the_samples_collated_channels_last():

@@ -11,8 +11,8 @@ import pytest
 from rich.console import Console
 
 from mtl_meniscus.config import load_config
-from mtl_meniscus.phantom import write_phantom
-from mtl_meniscus.train import train_run
+from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.phantom.slices import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -11,16 +11,16 @@ import pytest
 from rich.console import Console
 from sklearn.metrics import roc_auc_score
 
+from mtl_meniscus.commands.evaluate import run_evaluation
+from mtl_meniscus.commands.predict import run_predict
 from mtl_meniscus.config import load_config
+from mtl_meniscus.engine.inference import predict_probs
+from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.runtime import resolve_runtime
+from mtl_meniscus.engine.trained import load_trained
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.evaluate import run_evaluation
-from mtl_meniscus.inference import predict_probs
-from mtl_meniscus.metrics import youden_threshold
-from mtl_meniscus.phantom import write_phantom
-from mtl_meniscus.predict import run_predict
-from mtl_meniscus.runtime import resolve_runtime
-from mtl_meniscus.train import train_run
-from mtl_meniscus.trained import load_trained
+from mtl_meniscus.evaluation.metrics import youden_threshold
+from mtl_meniscus.phantom.slices import write_phantom
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 FP32 = resolve_runtime("fp32")
@@ -126,7 +126,7 @@ def test_youden_threshold_is_chosen_on_tta_probabilities_and_reported(trained, t
     model = load_trained(run, FP32)
     data_rows = {r["image"]: r for r in _read(run / "splits.csv")}
     val = [image for image, r in data_rows.items() if r["split"] == "val"]
-    from mtl_meniscus.imageio import read_image
+    from mtl_meniscus.io.imageio import read_image
 
     data_dir = Path(model.config.data.path)
     images = [read_image(data_dir / image) for image in val]

@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 
 from mtl_meniscus.cli import app
 from mtl_meniscus.config import DataConfig, ModelConfig, load_config
-from mtl_meniscus.data import prepare_data
-from mtl_meniscus.dataset import ExamDataset, collate_batch
+from mtl_meniscus.data.load import prepare_data
+from mtl_meniscus.data.torch_dataset import ExamDataset, collate_batch
+from mtl_meniscus.engine.runtime import resolve_runtime
+from mtl_meniscus.engine.trained import load_trained
 from mtl_meniscus.errors import ConfigError
-from mtl_meniscus.models import ExamNet, build_model
-from mtl_meniscus.phantom_exams import write_phantom_exams
-from mtl_meniscus.runtime import resolve_runtime
-from mtl_meniscus.trained import load_trained
+from mtl_meniscus.networks.models import ExamNet, build_model
+from mtl_meniscus.phantom.exams import write_phantom_exams
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 SMALL_NET = {"widths": (4, 8, 8, 8), "pool_grid": 2, "dense": (8, 4), "conv_dropout": 0.0}
@@ -206,7 +206,7 @@ def test_predict_with_an_exam_model_on_a_dicom_series_and_a_bad_exam(mrnet_runs,
     assert exam_rows[0]["error"] == "" and str(bad) in exam_rows[1]["error"]
     assert "p_horizontal" not in rows[0]  # orientation was not learned, so it is not predicted
     # the exam's row is the exam model on the whole series in anatomical order
-    from mtl_meniscus.exams import read_exam
+    from mtl_meniscus.io.exams import read_exam
 
     fp32 = resolve_runtime("fp32")
     trained = load_trained(folder / "shared", fp32)
@@ -243,7 +243,7 @@ def test_attention_pooling_trains_and_an_exam_model_is_not_exported(mrnet_runs, 
 def test_subtypes_unknown_on_every_training_tear_are_left_out(small_phantom, tmp_path):
     """labels.csv with orientation and position empty on every tear (as fastMRI+ gives it): the
     model predicts the tear only, instead of two heads that never saw a label."""
-    from mtl_meniscus.train import train_run
+    from mtl_meniscus.engine.run import train_run
 
     data = tmp_path / "data"
     data.mkdir()
@@ -270,8 +270,8 @@ def test_subtypes_unknown_on_every_training_tear_are_left_out(small_phantom, tmp
 
 def test_a_killed_exam_run_resumes_to_the_same_model(mrnet_runs, tmp_path):
     """Long jobs can be resumed: an exam run killed after epoch 1 ends as the uninterrupted one."""
-    from mtl_meniscus.checkpoint import load_checkpoint
-    from mtl_meniscus.train import train_run
+    from mtl_meniscus.engine.checkpoint import load_checkpoint
+    from mtl_meniscus.engine.run import train_run
 
     folder, _ = mrnet_runs
     overrides = {"data.path": str(folder / "mrnet"), "data.layout": "mrnet", "train.precision": "fp32"}

@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 
 from mtl_meniscus.cli import app
 from mtl_meniscus.config import load_config
+from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.runtime import resolve_runtime
+from mtl_meniscus.engine.trained import load_trained
 from mtl_meniscus.errors import ImageReadError
-from mtl_meniscus.exams import read_exam
-from mtl_meniscus.phantom import write_phantom
-from mtl_meniscus.runtime import resolve_runtime
-from mtl_meniscus.train import train_run
-from mtl_meniscus.trained import load_trained
+from mtl_meniscus.io.exams import read_exam
+from mtl_meniscus.phantom.slices import write_phantom
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 SAGITTAL = [0, 1, 0, 0, 0, -1]  # rows along y, columns along -z: the slice normal is -x
@@ -156,7 +156,7 @@ def _digest(folder: Path) -> dict[str, bytes]:
 
 
 def test_phantom_exams_in_the_mrnet_layout(tmp_path):
-    from mtl_meniscus.phantom_exams import write_phantom_exams
+    from mtl_meniscus.phantom.exams import write_phantom_exams
 
     exams = write_phantom_exams(tmp_path / "a", n=20, n_slices=6, seed=3, size=64, fmt="mrnet")
     write_phantom_exams(tmp_path / "b", n=20, n_slices=6, seed=3, size=64, fmt="mrnet")
@@ -173,8 +173,8 @@ def test_phantom_exams_in_the_mrnet_layout(tmp_path):
 
 
 def test_phantom_exam_formats_hold_the_same_volume_and_the_tear_spans_adjacent_slices(tmp_path):
-    from mtl_meniscus.phantom import PhantomSettings
-    from mtl_meniscus.phantom_exams import render_exam, write_phantom_exams
+    from mtl_meniscus.phantom.exams import render_exam, write_phantom_exams
+    from mtl_meniscus.phantom.slices import PhantomSettings
 
     exams = write_phantom_exams(tmp_path / "dicom", n=20, n_slices=8, seed=5, size=64, fmt="dicom-series")
     write_phantom_exams(tmp_path / "nifti", n=20, n_slices=8, seed=5, size=64, fmt="nifti")
@@ -197,7 +197,7 @@ def test_phantom_exam_formats_hold_the_same_volume_and_the_tear_spans_adjacent_s
 def test_evaluate_on_mrnet_exams_gives_the_exam_level_auc(run, tmp_path):
     from sklearn.metrics import roc_auc_score
 
-    from mtl_meniscus.phantom_exams import write_phantom_exams
+    from mtl_meniscus.phantom.exams import write_phantom_exams
 
     write_phantom_exams(tmp_path / "mrnet", n=40, n_slices=5, seed=2, size=64, fmt="mrnet")
     out = tmp_path / "eval"
@@ -224,8 +224,8 @@ def test_evaluate_on_mrnet_exams_gives_the_exam_level_auc(run, tmp_path):
 
 
 def test_a_bad_mrnet_folder_is_named(tmp_path):
+    from mtl_meniscus.data.mrnet import read_mrnet
     from mtl_meniscus.errors import DataError
-    from mtl_meniscus.mrnet import read_mrnet
 
     (tmp_path / "valid" / "sagittal").mkdir(parents=True)
     np.save(tmp_path / "valid" / "sagittal" / "1130.npy", np.zeros((3, 8, 8), np.uint8))

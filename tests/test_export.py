@@ -10,15 +10,15 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from mtl_meniscus.commands.export import PARITY_TOLERANCE, export_onnx
 from mtl_meniscus.config import load_config
-from mtl_meniscus.data import prepare_data
+from mtl_meniscus.data.load import prepare_data
+from mtl_meniscus.data.preprocess import make_input
+from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.runtime import resolve_runtime
+from mtl_meniscus.engine.trained import load_trained
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.export import PARITY_TOLERANCE, export_onnx
-from mtl_meniscus.phantom import write_phantom
-from mtl_meniscus.preprocess import make_input
-from mtl_meniscus.runtime import resolve_runtime
-from mtl_meniscus.train import train_run
-from mtl_meniscus.trained import load_trained
+from mtl_meniscus.phantom.slices import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -66,7 +66,7 @@ def test_onnx_file_matches_pytorch_on_phantom_slices(runs, mode, tmp_path):
 
 
 def test_a_graph_that_disagrees_with_pytorch_is_not_kept(runs, tmp_path, monkeypatch):
-    import mtl_meniscus.export as export_module
+    import mtl_meniscus.commands.export as export_module
 
     monkeypatch.setattr(export_module, "_parity", lambda *args: 0.5)
     with pytest.raises(MeniscusError, match="disagrees with PyTorch by 5.00e-01"):

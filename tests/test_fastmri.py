@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from mtl_meniscus.cli import app
 from mtl_meniscus.config import DataConfig
-from mtl_meniscus.data import prepare_data
+from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.errors import DataError
-from mtl_meniscus.imageio import read_image
+from mtl_meniscus.io.imageio import read_image
 
 HEADER = "file,slice,study_level,x,y,width,height,label\n"
 
@@ -66,7 +66,7 @@ def test_an_import_gives_a_row_per_slice_and_tear_masks(fastmri, tmp_path):
 
 
 def test_bad_annotations_and_missing_images_are_named(fastmri, tmp_path):
-    from mtl_meniscus.fastmri import import_fastmri_plus
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
 
     (fastmri / "bad.csv").write_text(HEADER + "file1000001,two,No,5,6,10,4,Meniscus Tear\n")
     with pytest.raises(DataError, match="row 2, column 'slice': bad value 'two'"):

@@ -25,12 +25,13 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from mtl_meniscus.config import DataConfig, load_config
-from mtl_meniscus.data import prepare_data, read_labels
+from mtl_meniscus.data.folder import read_labels
+from mtl_meniscus.data.load import prepare_data
+from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.errors import DataError, ImageReadError, MeniscusError
-from mtl_meniscus.imageio import read_image
-from mtl_meniscus.outputs import atomic_write
-from mtl_meniscus.phantom import write_phantom
-from mtl_meniscus.train import train_run
+from mtl_meniscus.io.imageio import read_image
+from mtl_meniscus.io.outputs import atomic_write
+from mtl_meniscus.phantom.slices import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -169,7 +170,7 @@ def test_a_zero_size_array_gets_an_error_row_and_the_others_are_predicted(run64,
 
 
 def test_any_per_file_exception_becomes_that_files_row(run64, data64, tmp_path, monkeypatch):
-    import mtl_meniscus.predict as predict_module
+    import mtl_meniscus.commands.predict as predict_module
 
     good = sorted((data64 / "images").glob("*.png"))[:2]
     real = predict_module.read_image
@@ -275,7 +276,7 @@ def test_a_run_folder_held_by_a_live_process_is_refused_until_it_dies(data64, tm
 
 
 def test_a_compare_folder_held_by_a_live_process_is_refused(data64, tmp_path):
-    from mtl_meniscus.compare import run_compare
+    from mtl_meniscus.commands.compare import run_compare
     from mtl_meniscus.config import CompareConfig
 
     out = tmp_path / "cmp"
@@ -289,7 +290,7 @@ def test_a_compare_folder_held_by_a_live_process_is_refused(data64, tmp_path):
 
 # ---- 6. diverged training ----------------------------------------------------------------------
 def test_non_finite_loss_stops_with_a_message_and_keeps_last_pt(data64, tmp_path, monkeypatch):
-    import mtl_meniscus.train as train_module
+    import mtl_meniscus.engine.trainer as train_module
 
     real = train_module.task_losses
     calls = {"n": 0}
@@ -313,12 +314,12 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_last_pt(data64, tmp_path
 
 
 def test_non_finite_validation_outputs_stop_with_a_message(data64, tmp_path, monkeypatch):
-    import mtl_meniscus.train as train_module
+    import mtl_meniscus.engine.validation as validation_module
 
     def nan_probs(model, images, *args, **kwargs):
         return {task: np.full(len(images), np.nan) for task in ("fissure", "orientation", "position")}
 
-    monkeypatch.setattr(train_module, "predict_probs", nan_probs)
+    monkeypatch.setattr(validation_module, "predict_probs", nan_probs)
     config = load_config(TINY, {"data.path": str(data64)})
     with pytest.raises(MeniscusError, match="diverged in epoch 1: the network's outputs .* not finite"):
         train_run(config, tmp_path / "run", console=_quiet())
@@ -352,7 +353,7 @@ def test_an_empty_training_set_is_named_before_training(tmp_path):
 
 
 def test_compare_refuses_data_without_a_test_split(tmp_path):
-    from mtl_meniscus.compare import run_compare
+    from mtl_meniscus.commands.compare import run_compare
     from mtl_meniscus.config import CompareConfig
 
     _split_folder(tmp_path / "d", ["train"] * 6 + ["val"] * 2)
@@ -470,7 +471,7 @@ def test_bad_values_are_refused_with_the_option_named(run64, data64, tmp_path, c
 
 # ---- 11. output locations are checked first; no *.tmp left behind ----------------------------
 def test_predict_checks_its_output_before_predicting(run64, data64, tmp_path, monkeypatch):
-    from mtl_meniscus.trained import TrainedModel
+    from mtl_meniscus.engine.trained import TrainedModel
 
     def never(*args, **kwargs):
         raise AssertionError("predicted although the output cannot be written")

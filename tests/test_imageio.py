@@ -7,7 +7,7 @@ import pydicom
 import pytest
 
 from mtl_meniscus.errors import ImageReadError
-from mtl_meniscus.imageio import is_supported_image, read_image
+from mtl_meniscus.io.imageio import is_supported_image, read_image
 
 
 def test_png_8_and_16_bit(tmp_path):

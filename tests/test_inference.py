@@ -14,18 +14,18 @@ import torch
 from rich.console import Console
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from mtl_meniscus.cam import grad_cam, overlay, peak_in_mask
+from mtl_meniscus.commands.evaluate import cascade_view, run_evaluation
+from mtl_meniscus.commands.predict import CSV_COLUMNS, gate, run_predict
 from mtl_meniscus.config import AugmentConfig, ModelConfig, TTAConfig, load_config
-from mtl_meniscus.evaluate import cascade_view, run_evaluation
-from mtl_meniscus.inference import predict_probs
+from mtl_meniscus.engine.inference import predict_probs
+from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.runtime import resolve_runtime
+from mtl_meniscus.engine.trained import load_trained
+from mtl_meniscus.evaluation.metrics import binary_counts, bootstrap_cis, youden_threshold
 from mtl_meniscus.labels import DEFAULT_TASKS
-from mtl_meniscus.metrics import binary_counts, bootstrap_cis, youden_threshold
-from mtl_meniscus.models import build_model
-from mtl_meniscus.phantom import write_phantom
-from mtl_meniscus.predict import CSV_COLUMNS, gate, run_predict
-from mtl_meniscus.runtime import resolve_runtime
-from mtl_meniscus.train import train_run
-from mtl_meniscus.trained import load_trained
+from mtl_meniscus.networks.cam import grad_cam, overlay, peak_in_mask
+from mtl_meniscus.networks.models import build_model
+from mtl_meniscus.phantom.slices import write_phantom
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 FP32 = resolve_runtime("fp32")
@@ -81,8 +81,8 @@ def test_tta_averages_the_original_and_n_copies_deterministically():
     assert not np.allclose(a["fissure"], c["fissure"])  # the seed does
     assert not np.allclose(a["fissure"], plain["fissure"])
     # by hand: the mean over the original and the 4 copies, each copy seeded (seed, image, copy)
-    from mtl_meniscus.augment import augment_image
-    from mtl_meniscus.preprocess import make_input
+    from mtl_meniscus.data.augment import augment_image
+    from mtl_meniscus.data.preprocess import make_input
 
     def prob(image):
         return torch.sigmoid(model(torch.from_numpy(make_input(image, "none"))[None])["fissure"]).item()

@@ -15,7 +15,7 @@ def test_wheel_ships_presets_and_entry_points(tmp_path):
         ROOT / "mtl_meniscus", source / "mtl_meniscus", ignore=shutil.ignore_patterns("__pycache__")
     )
     shutil.copytree(ROOT / "configs", source / "configs")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
@@ -49,5 +49,21 @@ def test_wheel_ships_presets_and_entry_points(tmp_path):
         text=True,
     )
     assert help_text.returncode == 0 and "python -m mtl_meniscus train" in help_text.stdout
+
+    # a tiny training from the other folder, with the installed tiny preset (found by the package)
+    command = [sys.executable, "-m", "mtl_meniscus"]
+    subprocess.run(
+        [*command, "make-phantom", "data", "--n", "40", "--size", "64"], cwd=elsewhere, env=env, check=True
+    )
+    tiny = tmp_path / "site" / "mtl_meniscus" / "configs" / "tiny.yaml"
+    trained = subprocess.run(
+        [*command, "train", "--config", str(tiny), "--data", "data", "--max-epochs", "1", "--out", "run"],
+        cwd=elsewhere,
+        env=env | {"WANDB_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+    )
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert (elsewhere / "run" / "best.pt").is_file() and (elsewhere / "run" / "metrics.json").is_file()
     scripts = (tmp_path / "site").glob("mtl_meniscus-*.dist-info/entry_points.txt")
     assert "mtl-meniscus = mtl_meniscus.cli:app" in next(scripts).read_text()

@@ -2,7 +2,13 @@ import math
 
 import torch
 
-from mtl_meniscus.losses import FixedWeighting, UncertaintyWeighting, masked_bce, task_losses, task_mask
+from mtl_meniscus.networks.losses import (
+    FixedWeighting,
+    UncertaintyWeighting,
+    masked_bce,
+    task_losses,
+    task_mask,
+)
 
 NAN = float("nan")
 

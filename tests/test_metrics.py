@@ -3,7 +3,7 @@ import math
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from mtl_meniscus.metrics import (
+from mtl_meniscus.evaluation.metrics import (
     binary_auc,
     bootstrap_cis,
     challenge_score,

@@ -4,7 +4,7 @@ import torch
 from mtl_meniscus.config import ModelConfig
 from mtl_meniscus.errors import ConfigError
 from mtl_meniscus.labels import TASKS
-from mtl_meniscus.models import SeparateCascade, SharedTrunkNet, build_model, count_parameters
+from mtl_meniscus.networks.models import SeparateCascade, SharedTrunkNet, build_model, count_parameters
 
 SMALL = dict(widths=(4, 8, 8, 8), pool_grid=2, dense=(8, 4))
 

@@ -6,7 +6,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from mtl_meniscus.phantom import (
+from mtl_meniscus.phantom.slices import (
     MASK_MENISCUS,
     MASK_TEAR,
     plan_cases,
@@ -112,7 +112,7 @@ def test_not_trivially_solvable_by_logistic_regression_on_small_pixels():
 
 
 def test_difficulty_levels_are_deterministic_and_keep_the_label_mix(tmp_path):
-    from mtl_meniscus.phantom import phantom_settings
+    from mtl_meniscus.phantom.slices import phantom_settings
 
     realistic = phantom_settings("realistic")
     write_phantom(tmp_path / "a", n=40, seed=5, size=64, settings=realistic)
@@ -129,7 +129,7 @@ def test_difficulty_levels_are_deterministic_and_keep_the_label_mix(tmp_path):
 
 def test_phantom_setting_overrides_are_checked():
     from mtl_meniscus.errors import ConfigError
-    from mtl_meniscus.phantom import parse_setting, phantom_settings
+    from mtl_meniscus.phantom.slices import parse_setting, phantom_settings
 
     assert parse_setting("tear_contrast=0.3,0.6") == ("tear_contrast", [0.3, 0.6])
     assert phantom_settings("easy", {"noise_sigma": [0.05, 0.09]}).noise_sigma == (0.05, 0.09)
@@ -145,7 +145,7 @@ def test_phantom_setting_overrides_are_checked():
 def test_realistic_tears_are_fainter_and_degeneration_is_not_a_tear():
     """Tear contrast over the meniscus is lower at `realistic`, and some images without a tear
     carry bright intrasubstance signal (degeneration) that the mask does not call a tear."""
-    from mtl_meniscus.phantom import phantom_settings
+    from mtl_meniscus.phantom.slices import phantom_settings
 
     cases = [c for c in plan_cases(n=200, seed=3) if c.size == (256, 256) and c.position != "both"]
     contrast = {}
@@ -160,7 +160,7 @@ def test_realistic_tears_are_fainter_and_degeneration_is_not_a_tear():
     assert contrast["realistic"] < 0.7 * contrast["easy"]
     # Degeneration alone, on a blank signal: a diffuse bump as bright as its contrast says, peaking
     # inside a meniscus; and an image with it has no tear in its mask.
-    from mtl_meniscus.phantom import FLUID, MENISCUS, _Canvas, _harder_effects, _wedge
+    from mtl_meniscus.phantom.slices import FLUID, MENISCUS, _Canvas, _harder_effects, _wedge
 
     settings = phantom_settings("easy", {"degeneration_fraction": 1, "degeneration_contrast": [0.5, 0.5]})
     for k in range(10):
@@ -193,8 +193,8 @@ def test_levels_are_ordered_for_a_fixed_small_training(tmp_path):
     from rich.console import Console
 
     from mtl_meniscus.config import load_config, preset_path
-    from mtl_meniscus.phantom import phantom_settings
-    from mtl_meniscus.train import train_run
+    from mtl_meniscus.engine.run import train_run
+    from mtl_meniscus.phantom.slices import phantom_settings
 
     score = {}
     for level in ("easy", "realistic"):

@@ -2,8 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
+from mtl_meniscus.data.preprocess import edge_filter, make_input, standardize
 from mtl_meniscus.errors import ConfigError
-from mtl_meniscus.preprocess import edge_filter, make_input, standardize
 
 SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32)
 SCHARR_X = np.array([[-3, 0, 3], [-10, 0, 10], [-3, 0, 3]], np.float32)

@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mtl_meniscus.splits import stratified_group_split
+from mtl_meniscus.data.splits import stratified_group_split
 
 
 def _strata(n_per_stratum):

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from mtl_meniscus import train as train_module
-from mtl_meniscus.checkpoint import load_checkpoint
 from mtl_meniscus.config import load_config
-from mtl_meniscus.phantom import write_phantom
-from mtl_meniscus.stopping import EarlyStopping
-from mtl_meniscus.train import train_run
+from mtl_meniscus.engine import trainer as trainer_module
+from mtl_meniscus.engine.checkpoint import load_checkpoint
+from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.stopping import EarlyStopping
+from mtl_meniscus.phantom.slices import write_phantom
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -53,11 +53,11 @@ def _scripted_validation(monkeypatch, scores):
     """Make every validation return the next score of `scores` (the rule under test, not learning)."""
     remaining = list(scores)
 
-    def validate(self):
+    def validate(*args, **kwargs):
         score = remaining.pop(0)
-        return {"auc": {"fissure": score}, "score": score, "loss": 1.0}
+        return {"finite": True, "auc": {"fissure": score}, "score": score, "loss": 1.0}
 
-    monkeypatch.setattr(train_module.MemberTrainer, "_validate", validate)
+    monkeypatch.setattr(trainer_module, "validate", validate)
 
 
 def test_reported_best_epoch_is_the_restored_one(phantom, tmp_path, monkeypatch):
@@ -116,7 +116,7 @@ def test_patience_counts_only_once_validation_has_left_chance():
 
 
 def test_start_score_is_chance_plus_three_null_sds_capped():
-    from mtl_meniscus.stopping import chance_sd, learning_score
+    from mtl_meniscus.engine.stopping import chance_sd, learning_score
 
     # Mann-Whitney null sd, by hand: sqrt((55 + 165 + 1) / (12 * 55 * 165))
     assert chance_sd(55, 165) == pytest.approx((221 / (12 * 55 * 165)) ** 0.5)
@@ -200,7 +200,7 @@ def test_a_cut_due_at_the_learning_rate_floor_ends_the_run(phantom, tmp_path, mo
 
 
 def test_a_network_that_started_learning_as_the_budget_ended_is_warned_about():
-    from mtl_meniscus.train import late_start_warning
+    from mtl_meniscus.engine.trainer import late_start_warning
 
     warning = late_start_warning("shared", left_chance_epoch=20, epochs=20, max_epochs=20)
     assert warning.startswith("[shared] left chance only at epoch 20 of 20") and "--max-epochs" in warning

@@ -11,12 +11,12 @@ import pytest
 from rich.console import Console
 from sklearn.metrics import roc_auc_score
 
+from mtl_meniscus.commands.evaluate import run_evaluation
+from mtl_meniscus.commands.predict import run_predict
 from mtl_meniscus.config import load_config
+from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.errors import ConfigError, DataError
-from mtl_meniscus.evaluate import run_evaluation
-from mtl_meniscus.phantom import write_phantom
-from mtl_meniscus.predict import run_predict
-from mtl_meniscus.train import train_run
+from mtl_meniscus.phantom.slices import write_phantom
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 DISPLACED = {"values": {"displaced": 1, "stable": 0}, "gated_by": "fissure"}
@@ -128,7 +128,7 @@ def test_its_labels_are_checked_like_the_built_in_ones(data, tmp_path):
     (bad / "images").symlink_to(data / "images")
     (bad / "masks").symlink_to(data / "masks")
     _write(bad / "labels.csv", rows)
-    from mtl_meniscus.data import prepare_data
+    from mtl_meniscus.data.load import prepare_data
 
     with pytest.raises(DataError) as err:
         prepare_data(bad, _config(bad).data)

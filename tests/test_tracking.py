@@ -9,10 +9,10 @@ import pytest
 import wandb
 from rich.console import Console
 
+from mtl_meniscus.commands.evaluate import run_evaluation
 from mtl_meniscus.config import load_config
-from mtl_meniscus.evaluate import run_evaluation
-from mtl_meniscus.phantom import write_phantom
-from mtl_meniscus.train import train_run
+from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.phantom.slices import write_phantom
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

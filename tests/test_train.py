@@ -10,11 +10,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from mtl_meniscus.checkpoint import load_checkpoint, model_from_checkpoint
 from mtl_meniscus.config import load_config
+from mtl_meniscus.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.phantom import write_phantom
-from mtl_meniscus.train import train_run
+from mtl_meniscus.phantom.slices import write_phantom
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -71,8 +71,8 @@ def test_run_folder_contents(phantom64, tmp_path, mode):
 
 def test_member_training_data_follows_the_reference(phantom64, tmp_path):
     """Orientation and position networks train and validate on tear images only."""
-    from mtl_meniscus.data import prepare_data
-    from mtl_meniscus.train import plan_members
+    from mtl_meniscus.data.load import prepare_data
+    from mtl_meniscus.engine.members import plan_members
 
     config = _config(phantom64, **{"model.name": "separate"})
     data = prepare_data(phantom64, config.data)
@@ -171,7 +171,7 @@ def test_wandb_offline_writes_a_run_folder(phantom64, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["shared", "separate"])
 def test_the_plain_floor_trains_and_reloads_in_both_modes(phantom64, tmp_path, mode):
-    from mtl_meniscus.models import PlainTrunk
+    from mtl_meniscus.networks.models import PlainTrunk
 
     run = tmp_path / mode
     metrics = train_run(
@@ -188,7 +188,7 @@ def test_the_plain_floor_trains_and_reloads_in_both_modes(phantom64, tmp_path, m
 
 
 def test_result_reading_names_the_data_the_interval_and_the_reference():
-    from mtl_meniscus.train import result_reading
+    from mtl_meniscus.engine.run import result_reading
 
     test = {"score": 0.9123, "score_ci95": [0.861, 0.952], "n_images": 112, "unit": "images"}
     line = result_reading(test, "the realistic phantom")

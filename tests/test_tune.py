@@ -14,14 +14,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mtl_meniscus import tune as tune_module
+from mtl_meniscus.commands import tune as tune_module
+from mtl_meniscus.commands.tune import SEARCH_SPACE, run_tune
 from mtl_meniscus.config import load_config
+from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.trainer import TrainingDivergedError
 from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.io.runlock import RunLock
 from mtl_meniscus.labels import DEFAULT_TASKS
-from mtl_meniscus.phantom import write_phantom
-from mtl_meniscus.runlock import RunLock
-from mtl_meniscus.train import TrainingDivergedError, train_run
-from mtl_meniscus.tune import SEARCH_SPACE, run_tune
+from mtl_meniscus.phantom.slices import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -229,7 +230,7 @@ def test_values_are_finite(study_dir):
 
 
 def test_readme_search_space_table_matches_the_code():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "cli.md").read_text()  # the page with the search-space table
     for param in SEARCH_SPACE:
         assert f"| `{param.key}` | {param.describe()} |" in readme, param.key
 

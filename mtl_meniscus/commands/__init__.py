@@ -1,0 +1,1 @@
+"""One module per CLI command's workflow (cli.py parses options and calls one of these)."""

@@ -1,0 +1,176 @@
+"""Which variants a comparison trains and with which config: the plan, and whether a variant's run folder is done, resumable or from other settings."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtl_meniscus.config import OWN_TRUNKS, CompareConfig, Config, load_config, read_config_file
+from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.labels import TASKS
+from mtl_meniscus.networks.models import create_timm_backbone
+
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training run of the comparison."""
+
+    mode: str
+    trunk: str
+    seed: int
+
+    @property
+    def group(self) -> str:
+        """The variant without its seed: what the table has one row for."""
+        return f"{self.mode}-{re.sub(r'[^A-Za-z0-9._]+', '_', self.trunk)}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}-seed{self.seed}"
+
+
+def plan_variants(compare: CompareConfig) -> list[Variant]:
+    """Every (mode, trunk, seed), seed-major: after the first round every row of the table has a value."""
+    return [
+        Variant(mode, trunk, seed)
+        for seed in compare.seeds
+        for trunk in compare.trunks
+        for mode in compare.modes
+    ]
+
+
+def baseline_group(variants: Sequence[Variant]) -> str:
+    """The `separate` cascade with the reference trunk; else the first separate group; else the first."""
+    groups = list(dict.fromkeys(v.group for v in variants))
+    for preferred in ("separate-reference", *(g for g in groups if g.startswith("separate-"))):
+        if preferred in groups:
+            return preferred
+    return groups[0]
+
+
+def variant_config(
+    compare: CompareConfig,
+    variant: Variant,
+    preset: Path,
+    data_path: str | None,
+    wandb_mode: str | None,
+    wandb_group: str,
+) -> Config:
+    """The training config of one variant: its mode's preset with the comparison's settings on top."""
+    timm_trunk = variant.trunk not in OWN_TRUNKS
+    overrides = {
+        "model.name": variant.mode,
+        "model.trunk": variant.trunk,
+        "model.pretrained": compare.pretrained.get(variant.trunk) if timm_trunk else None,
+        "train.seed": variant.seed,
+        "train.max_epochs": compare.max_epochs,
+        "train.steps_per_epoch": compare.steps_per_epoch,
+        "data.path": data_path,
+        "tta": compare.to_dict()["tta"],
+        "wandb.mode": wandb_mode,
+        "wandb.group": wandb_group,
+        "wandb.job_type": "compare-variant",
+    }
+    if compare.phantom_difficulty:
+        overrides["data.phantom_difficulty"] = compare.phantom_difficulty
+    config = load_config(preset, overrides)
+    if compare.budget == "total" and variant.mode == "separate":
+        overrides["train.steps_per_epoch"] = steps_per_network(
+            config.train.steps_per_epoch, len(config.model.tasks)
+        )
+        config = load_config(preset, overrides)
+    return config
+
+
+def steps_per_network(steps_per_epoch: int, networks: int = len(TASKS)) -> int:
+    """Budget 'total': the cascade's networks (one per task) share the shared model's steps.
+
+    Each network keeps the epochs (so all validate and stop on the same schedule) and trains
+    steps_per_epoch / networks steps of each, rounded to the nearest step, at least one.
+    """
+    return max(1, round(steps_per_epoch / networks))
+
+
+def parse_list(text: str, option: str, kind: type = str) -> list:
+    """'a,b,c' -> ['a', 'b', 'c'] (or ints), with a message naming the option on bad input."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        values = [kind(item) for item in items]
+    except ValueError:
+        raise ConfigError(
+            f"{option}: {text!r} is not a comma-separated list of {kind.__name__} values"
+        ) from None
+    if not values:
+        raise ConfigError(f"{option}: empty list")
+    return values
+
+
+def parse_pretrained(values: Sequence[str], trunks: Sequence[str]) -> dict[str, str]:
+    """--pretrained options: 'TRUNK=WEIGHTS' for one timm trunk, or 'WEIGHTS' for every timm trunk.
+
+    WEIGHTS is 'default' (timm's weights, from an existing offline cache), 'none' or a file.
+    """
+    timm_trunks = [t for t in trunks if t not in OWN_TRUNKS]
+    out: dict[str, str] = {}
+    for value in values:
+        trunk, sep, weights = value.partition("=")
+        if not sep:
+            out.update({t: value for t in timm_trunks})
+        elif trunk in timm_trunks:
+            out[trunk] = weights
+        else:
+            raise ConfigError(
+                f"--pretrained {value!r}: {trunk!r} is not a timm trunk of this comparison "
+                f"(trunks: {', '.join(trunks)})"
+            )
+    return out
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ, as 'key: saved -> wanted' (wandb settings do not count)."""
+    a = {k: v for k, v in _flatten(saved).items() if not k.startswith("wandb.")}
+    b = {k: v for k, v in _flatten(wanted).items() if not k.startswith("wandb.")}
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def variant_status(run_dir: Path, config: Config) -> str:
+    """'scored', 'trained', 'started' or 'new'; a folder holding another config is an error."""
+    if not (run_dir / "config.yaml").is_file():
+        return "new"
+    saved = read_config_file(run_dir / "config.yaml")
+    differences = config_differences(saved, config.to_dict())
+    if differences:
+        raise MeniscusError(
+            f"{run_dir} was trained with other settings ({'; '.join(differences[:4])}"
+            f"{'; ...' if len(differences) > 4 else ''}); rerun with the same options or use another --out"
+        )
+    if (run_dir / RESULT_FILE).is_file():
+        return "scored"
+    return "trained" if (run_dir / "metrics.json").is_file() else "started"
+
+
+def check_pretrained_weights(configs: Sequence[Config]) -> None:
+    """Build each timm trunk once with its weights before any training: a missing weights file
+    stops the comparison now, not after hours of other variants."""
+    checked = set()
+    for config in configs:
+        model = config.model
+        key = (model.trunk, model.pretrained, model.in_chans)
+        if model.trunk not in OWN_TRUNKS and key not in checked:
+            create_timm_backbone(model.trunk, model.in_chans, model.pretrained)
+            checked.add(key)

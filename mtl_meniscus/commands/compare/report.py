@@ -1,0 +1,235 @@
+"""The comparison's report: the terminal table, results.md/.csv/.json, the figures and the wandb summary run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from mtl_meniscus.commands.compare.statistics import ScoredVariant, delong_rows, floor_findings, per_seed_rows
+from mtl_meniscus.config import Config
+from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
+
+
+def _task_names(row: dict[str, Any]) -> list[str]:
+    """The tasks of a table row, from its auc_<task>_mean columns."""
+    return [
+        key[len("auc_") : -len("_mean")] for key in row if key.startswith("auc_") and key.endswith("_mean")
+    ]
+
+
+def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the readable table, shared by the terminal and the markdown file."""
+    baseline = table[0]["baseline"]
+    copies = table[0]["tta_copies"]
+    header = [
+        "variant",
+        "seeds",
+        *(f"{t} AUC" for t in _task_names(table[0])),
+        "score",
+        "score 95% CI (seeds + images)",
+        "score 95% CI (images only)",
+        f"Δ score vs {baseline} [95% CI seeds + images]",
+        "Δ [95% CI images only]",
+        "params",
+        "train images",
+        "train s",
+        "train img/s",
+        f"infer ms/img (TTA {copies})",
+    ]
+    rows = []
+    for row in table:
+        if row["variant"] == baseline:
+            diffs = ["baseline", "baseline"]
+        else:
+            diffs = [
+                f"{_num(row['diff_mean'], '+.3f')} [{_num(row[f'{ci}_low'], '+.3f')}, {_num(row[f'{ci}_high'], '+.3f')}]"
+                for ci in ("diff_ci", "diff_ci_images")
+            ]
+        not_learned = row["not_learned_seeds"].split()
+        rows.append(
+            [
+                row["variant"],
+                str(row["n_seeds"])
+                + (
+                    f" ({len(not_learned)} did not learn: seed {', '.join(not_learned)})"
+                    if not_learned
+                    else ""
+                ),
+                *(_mean_sd(row[f"auc_{t}_mean"], row[f"auc_{t}_sd"]) for t in _task_names(row)),
+                _mean_sd(row["score_mean"], row["score_sd"]),
+                f"{_num(row['score_ci_low'])}-{_num(row['score_ci_high'])}",
+                f"{_num(row['score_ci_images_low'])}-{_num(row['score_ci_images_high'])}",
+                *diffs,
+                f"{row['params']:,}",
+                f"{row['train_images_mean']:,.0f}",
+                f"{row['train_seconds_mean']:.0f}",
+                f"{row['train_images_per_s_mean']:.0f}",
+                f"{row['infer_ms_per_image_median']:.2f}",
+            ]
+        )
+    return header, rows
+
+
+BUDGET_NOTES = {
+    "per-network": (
+        "Budget per network: each of the cascade's networks trained the whole budget, so the cascade "
+        "saw about three times the training images (column 'train images': images seen by all of a "
+        "variant's networks, mean over seeds)."
+    ),
+    "total": (
+        "Budget in total: the cascade's three networks shared the shared model's training steps, a "
+        "third of each epoch's steps each (column 'train images': images seen by all of a variant's "
+        "networks, mean over seeds)."
+    ),
+}
+
+ACCURACY_COLUMNS = 10  # display_cells: variant .. differences; the rest are cost figures
+
+
+def delong_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-seed DeLong table: AUC difference, z and p per task."""
+    names = [key[: -len("_auc_diff")] for key in rows[0] if key.endswith("_auc_diff")] if rows else []
+    header = ["variant", "vs", *(f"{t} ΔAUC (z, p)" for t in names)]
+    cells = [
+        [
+            row["variant"],
+            row["baseline"],
+            *(
+                f"{_num(row[f'{t}_auc_diff'], '+.3f')} ({_num(row[f'{t}_z'], '+.2f')}, p={_num(row[f'{t}_p'], '.3f')})"
+                for t in names
+            ),
+        ]
+        for row in rows
+    ]
+    return header, cells
+
+
+def _num(value: float, spec: str = ".3f") -> str:
+    """A number, or 'n/a' where it is undefined (e.g. an AUC on a one-class test split)."""
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    return _num(mean) if math.isnan(sd) else f"{_num(mean)} ± {sd:.3f}"
+
+
+def to_markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_report(
+    out_dir: Path,
+    table: list[dict[str, Any]],
+    scored: Sequence[ScoredVariant],
+    targets: np.ndarray,
+    console: Console,
+    tasks: TaskTable = DEFAULT_TASKS,
+) -> None:
+    """results*.csv / results.md / results.json, the plots, and the terminal tables."""
+    from mtl_meniscus.evaluation.plots import plot_roc_overlay, plot_score_bars
+
+    _write_csv(out_dir / "results.csv", table)
+    per_seed = per_seed_rows(scored)
+    _write_csv(out_dir / "results_per_seed.csv", per_seed)
+    delong = delong_rows(scored, targets, tasks)
+    if delong:
+        _write_csv(out_dir / "results_delong.csv", delong)
+    header, rows = display_cells(table)
+    caption, floor = _caption(table, scored)
+    markdown = to_markdown(header, rows) + "\n" + caption + "\n"
+    if delong:
+        delong_header, delong_table = delong_cells(delong)
+        markdown += (
+            "\nDeLong's paired test of each task's AUC, each variant against the baseline trained with "
+            "the same seed, on the same test images (two-sided p):\n\n"
+            + to_markdown(delong_header, delong_table)
+        )
+    (out_dir / "results.md").write_text(markdown)
+    (out_dir / "results.json").write_text(json.dumps(table, indent=2))
+    plot_score_bars(table, per_seed, out_dir / "score_bars.png")
+    plot_roc_overlay(scored, targets, out_dir / "roc_overlay.png", tasks)
+
+    _print_tables(console, header, rows, caption, delong)
+    for finding in floor:
+        console.print(
+            finding, style="bold red" if "LOSES" in finding else None, markup=False, highlight=False
+        )
+    console.print(f"wrote {out_dir / 'results.md'}, results.csv, results_per_seed.csv and plots")
+
+
+def _caption(table: list[dict[str, Any]], scored: Sequence[ScoredVariant]) -> tuple[str, list[str]]:
+    """The table's caption (what the numbers are, the budget, runs that did not learn, the floor
+    check) and the floor check's findings alone."""
+    n_test, resamples = table[0]["n_test"], table[0]["bootstrap_resamples"]
+    caption = (
+        f"Test split: {n_test} images. AUC and score: mean ± sd over seeds. CIs: 95% percentile "
+        f"bootstrap ({resamples} resamples); 'seeds + images' resamples the seeds of each variant and the "
+        "test images (each task on its own rows, stratified on its own class), 'images only' keeps every "
+        "seed and resamples the images. Δ: difference of seed means, paired on the resampled images. "
+        + BUDGET_NOTES[table[0]["budget"]]
+    )
+    not_learned = [item.variant.name for item in scored if not item.result.get("learned", True)]
+    if not_learned:
+        caption += (
+            f" Did not learn (validation never left chance; kept in the means): {', '.join(not_learned)}."
+        )
+    floor = floor_findings(table)
+    if floor:
+        caption += " " + " ".join(floor)
+    return caption, floor
+
+
+def _print_tables(
+    console: Console, header: list[str], rows: list[list[str]], caption: str, delong: list[dict[str, Any]]
+) -> None:
+    """Narrower tables fit a terminal where the markdown table's fourteen columns would not."""
+    accuracy = (header[:ACCURACY_COLUMNS], [cells[:ACCURACY_COLUMNS] for cells in rows])
+    cost = (
+        [header[0], *header[ACCURACY_COLUMNS:]],
+        [[cells[0], *cells[ACCURACY_COLUMNS:]] for cells in rows],
+    )
+    tables = [("comparison on the test split", accuracy, caption), ("cost", cost, None)]
+    if delong:
+        tables.append(("DeLong's paired test per seed", delong_cells(delong), None))
+    for title, (columns, cells_rows), note in tables:
+        terminal = Table(title=title, caption=note)
+        for column in columns:
+            terminal.add_column(
+                column, justify="left" if column == "variant" else "right", no_wrap=column == "variant"
+            )
+        for cells in cells_rows:
+            terminal.add_row(*cells)
+        console.print(terminal)
+
+
+def log_summary(config: Config, group: str, out_dir: Path, table: list[dict[str, Any]], compare) -> None:
+    """One summary run in the comparison's wandb group: the table and both plots."""
+    from mtl_meniscus.engine.tracking import RunLogger
+
+    wandb_config = config.wandb.model_copy(update={"group": group, "job_type": "compare-summary"})
+    logger = RunLogger(wandb_config, out_dir, f"{group}-summary", compare.to_dict())
+    try:
+        columns = list(table[0])
+        logger.log_table("results", columns, [[row[c] for c in columns] for row in table])
+        logger.summary({f"{row['variant']}/score_mean": row["score_mean"] for row in table})
+        logger.log_image("score_bars", out_dir / "score_bars.png")
+        logger.log_image("roc_overlay", out_dir / "roc_overlay.png")
+    finally:
+        logger.finish()

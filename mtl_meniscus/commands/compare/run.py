@@ -1,0 +1,370 @@
+"""Training and scoring the variants: one after another or in a process pool, each scored on the same test split with the same test-time augmentation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from rich.console import Console
+
+from mtl_meniscus.commands.compare.plan import (
+    RESULT_FILE,
+    Variant,
+    check_pretrained_weights,
+    plan_variants,
+    variant_config,
+    variant_status,
+)
+from mtl_meniscus.commands.compare.report import log_summary, write_report
+from mtl_meniscus.commands.compare.statistics import ScoredVariant, summarize
+from mtl_meniscus.config import CompareConfig, Config
+from mtl_meniscus.data.load import prepare_data
+from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.engine.data_source import resolve_data_dir
+from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
+from mtl_meniscus.engine.trained import load_trained
+from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.evaluation.metrics import (
+    challenge_score,
+    task_aucs,
+)
+from mtl_meniscus.io.outputs import write_text_atomic
+from mtl_meniscus.io.runlock import RunLock
+from mtl_meniscus.labels import TaskTable
+from mtl_meniscus.networks.models import count_parameters
+
+PREDICTIONS_FILE = "test_predictions.csv"
+
+TTA_SEED = 0  # one seed for every variant: each sees the same augmented copies of each test image
+
+
+def score_variant(
+    variant: Variant, run_dir: Path, data: PreparedData, config: Config, runtime: Runtime
+) -> ScoredVariant:
+    """Predict the test split with the comparison's TTA; time it; write test_predictions.csv and result.json."""
+    if not data.same_splits_as(run_dir / "splits.csv"):
+        raise MeniscusError(f"{run_dir} was trained on other splits than this comparison's data")
+    trained = load_trained(run_dir, runtime)
+    test = data.indices("test")
+    images = [data.images[i] for i in test]
+    trained.predict(images[:8], runtime)  # warm-up: the first batch pays one-off kernel setup
+    ms_per_input: list[float] = []  # per batch: preparation + forward, per network input
+    last = time.perf_counter()
+
+    def time_batch(n_inputs: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        ms_per_input.append(1000 * (now - last) / n_inputs)
+        last = now
+
+    probs = trained.predict(images, runtime, tta=config.tta, seed=TTA_SEED, on_batch=time_batch)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    aucs = task_aucs(data.targets[test], probs, data.tasks)
+    result = {
+        "variant": {"mode": variant.mode, "trunk": variant.trunk, "seed": variant.seed},
+        "test_auc": aucs,
+        "test_score": challenge_score(aucs, data.tasks),
+        "n_test": len(test),
+        "tta_copies": config.tta.copies,
+        "params": count_parameters(trained.model),
+        "train_seconds": metrics["train_seconds"],
+        "train_wall_seconds": metrics["train_wall_seconds"],
+        "train_images": metrics["train_images"],
+        "train_images_per_s": metrics["train_images"] / max(metrics["train_seconds"], 1e-9),
+        # An image is 1 + copies network inputs. The median over batches is robust to a moment of
+        # other load on the machine, which the total time is not.
+        "infer_ms_per_image": float(np.median(ms_per_input)) * (1 + config.tta.copies),
+        "best": metrics["members"],
+        "learned": metrics.get("learned", True),
+        "warnings": metrics.get("warnings", []),
+        "precision": runtime.precision,
+    }
+    names = [data.records[i].image for i in test]
+    _write_predictions(run_dir / PREDICTIONS_FILE, names, data.targets[test], probs, data.tasks)
+    write_text_atomic(
+        run_dir / RESULT_FILE, json.dumps(result, indent=2)
+    )  # complete or absent: marks it done
+    return ScoredVariant(variant, result, names, probs)
+
+
+def _write_predictions(
+    path: Path, names: list[str], targets: np.ndarray, probs: dict[str, np.ndarray], tasks: TaskTable
+) -> None:
+    tasks_out = [t for t in tasks.names if t in probs]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", *tasks_out, *(f"p_{t}" for t in tasks_out)])
+        for k, name in enumerate(names):
+            labels = [
+                "" if math.isnan(v) else int(v) for v in targets[k, [tasks.index(t) for t in tasks_out]]
+            ]
+            # Full precision: rounded probabilities would tie and change the AUCs recomputed from this file.
+            writer.writerow([name, *labels, *(repr(float(probs[t][k])) for t in tasks_out)])
+
+
+def load_scored(variant: Variant, run_dir: Path) -> ScoredVariant:
+    """A scored variant read back from its folder."""
+    result = json.loads((run_dir / RESULT_FILE).read_text())
+    with (run_dir / PREDICTIONS_FILE).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    tasks = [column[2:] for column in (rows[0] if rows else {}) if column.startswith("p_")]
+    probs = {t: np.array([float(r[f"p_{t}"]) for r in rows]) for t in tasks}
+    return ScoredVariant(variant, result, [r["image"] for r in rows], probs)
+
+
+def run_compare(
+    compare: CompareConfig,
+    out_dir: Path,
+    presets: dict[str, Path],
+    data_dir: Path | None = None,
+    wandb_mode: str | None = None,
+    wandb_group: str | None = None,
+    console: Console | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Train and score every variant not yet done in `out_dir`, then write the tables and plots.
+
+    `jobs` > 1 trains that many variants at once in worker processes with `threads` CPU threads
+    each (default: this process's threads divided among them). `out_dir` is locked once the checks
+    pass: a second comparison on the same folder is refused."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs: bad value {jobs} (expected an integer >= 1)")
+    locks: list[RunLock] = []
+    try:
+        return _compare_locked(
+            compare, Path(out_dir), presets, data_dir, wandb_mode, wandb_group, console, locks, jobs, threads
+        )
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _compare_locked(
+    compare: CompareConfig,
+    out_dir: Path,
+    presets: dict[str, Path],
+    data_dir: Path | None,
+    wandb_mode: str | None,
+    wandb_group: str | None,
+    console: Console | None,
+    locks: list[RunLock],
+    jobs: int,
+    threads: int | None,
+) -> list[dict[str, Any]]:
+    console = console or Console(soft_wrap=True)
+    group = wandb_group or out_dir.resolve().name
+    variants = plan_variants(compare)
+    data_path = str(Path(data_dir).resolve()) if data_dir else None
+    configs = {v: variant_config(compare, v, presets[v.mode], data_path, wandb_mode, group) for v in variants}
+    data, statuses = _shared_data(compare, variants, configs, out_dir, locks, console)
+    reference = configs[variants[0]]
+    runtime = resolve_runtime(reference.train.precision, reference.train.device)
+    pending = [v for v in variants if statuses[v] != "scored"]
+    if jobs > 1 and len(pending) > 1:
+        _run_in_parallel(pending, statuses, configs, out_dir, jobs, threads, console)
+        statuses = {v: "scored" for v in variants}  # every pending variant now has its result.json
+    scored = _score_in_turn(variants, pending, statuses, configs, out_dir, data, runtime, console)
+    test = data.indices("test")
+    table = summarize(scored, data.targets[test], compare.bootstrap, compare.budget, data.tasks)
+    write_report(out_dir, table, scored, data.targets[test], console, data.tasks)
+    log_summary(reference, group, out_dir, table, compare)
+    return table
+
+
+def _shared_data(
+    compare: CompareConfig,
+    variants: list[Variant],
+    configs: dict[Variant, Config],
+    out_dir: Path,
+    locks: list[RunLock],
+    console: Console,
+) -> tuple[PreparedData, dict[Variant, str]]:
+    """The one data set every variant trains and is scored on (the presets must agree on it), and
+    each variant's status (new, started, trained, scored); takes the --out folder's lock."""
+    reference = configs[variants[0]]
+    for variant, config in configs.items():
+        if config.data != reference.data:  # or the variants would not share their splits
+            raise MeniscusError(
+                f"the presets of {variants[0].mode} and {variant.mode} disagree on the data section; "
+                "a comparison needs one data setup (same images, same splits)"
+            )
+    data_dir = resolve_data_dir(reference.data)
+    for config in configs.values():
+        config.data.path = str(data_dir.resolve())
+    statuses = {v: variant_status(out_dir / "variants" / v.name, configs[v]) for v in variants}
+    check_pretrained_weights([configs[v] for v in variants if statuses[v] in ("new", "started")])
+    data = prepare_data(data_dir, reference.data, report_dir=out_dir)
+    if not len(data.indices("test")):
+        raise MeniscusError(
+            f"the test split of {data_dir} is empty ({data.split_summary()}): compare scores every "
+            "variant on it"
+        )
+    locks.append(RunLock(out_dir, "--out"))  # creates out_dir; refuses one that another process holds
+    (out_dir / "compare.yaml").write_text(yaml.safe_dump(compare.to_dict(), sort_keys=False))
+    console.print(f"data {data_dir}: {data.exclusion_summary()}; splits: {data.split_summary()}")
+    console.print(
+        f"comparison: {len(variants)} variants ({', '.join(compare.modes)} x {', '.join(compare.trunks)} "
+        f"x seeds {', '.join(map(str, compare.seeds))}); "
+        f"{sum(s == 'scored' for s in statuses.values())} already done -> {out_dir}"
+    )
+    return data, statuses
+
+
+def _score_in_turn(
+    variants: list[Variant],
+    pending: list[Variant],
+    statuses: dict[Variant, str],
+    configs: dict[Variant, Config],
+    out_dir: Path,
+    data: PreparedData,
+    runtime: Runtime,
+    console: Console,
+) -> list[ScoredVariant]:
+    """Every variant's scores in plan order: read where it was scored before, else trained (or
+    resumed) and scored now, with an estimate of the time left."""
+    test_names = [data.records[i].image for i in data.indices("test")]
+    scored = []
+    seconds_by_mode: dict[str, list[float]] = {}
+    for k, variant in enumerate(variants, 1):
+        run_dir = out_dir / "variants" / variant.name
+        status = statuses[variant]
+        if status == "scored":
+            if variant not in pending:
+                console.print(f"variant {k}/{len(variants)}: {variant.name} scored earlier; kept")
+            scored.append(load_scored(variant, run_dir))
+            if scored[-1].images != test_names:
+                raise MeniscusError(f"{run_dir} was scored on another test split than this comparison's data")
+            continue
+        to_go = [v for v in variants[k - 1 :] if statuses[v] != "scored"]
+        console.print(
+            f"[bold]── variant {k}/{len(variants)}: {variant.name}[/] ({status}; {_to_go(to_go, seconds_by_mode)})",
+            highlight=False,
+            markup=True,  # the variant's name is letters, digits, '-', '_' and '.' only
+        )
+        start = time.perf_counter()
+        try:
+            scored.append(
+                _train_and_score(variant, status, configs[variant], run_dir, data, runtime, console)
+            )
+        except MeniscusError as err:
+            raise MeniscusError(f"variant {variant.name}: {err}") from None
+        if status == "new":  # resumed or score-only variants would skew the estimate of what is left
+            seconds_by_mode.setdefault(variant.mode, []).append(time.perf_counter() - start)
+    return scored
+
+
+def _train_and_score(
+    variant: Variant,
+    status: str,
+    config: Config,
+    run_dir: Path,
+    data: PreparedData,
+    runtime: Runtime,
+    console: Console,
+) -> ScoredVariant:
+    """Train a new variant (or resume a started one), then score it."""
+    if status == "new":
+        train_run(config, run_dir, console=console)
+    elif status == "started":
+        train_run(None, run_dir, resume=True, console=console)
+    return score_variant(variant, run_dir, data, config, runtime)
+
+
+def _run_in_parallel(
+    pending: list[Variant],
+    statuses: dict[Variant, str],
+    configs: dict[Variant, Config],
+    out_dir: Path,
+    jobs: int,
+    threads: int | None,
+    console: Console,
+) -> None:
+    """`compare --jobs N`: train and score the pending variants in N worker processes.
+
+    Each worker gets `threads` CPU threads (default: this process's threads divided by N) and, when
+    GPUs are visible, one GPU of its own (round robin). A variant's output goes to
+    variants/<name>.log; results land in the variant folders exactly as in a sequential run.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    import torch
+
+    threads = threads or max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP/CUDA state
+    gpus = torch.cuda.device_count()
+    slots = context.Queue()
+    for slot in range(jobs):
+        slots.put(slot % gpus if gpus else None)
+    console.print(
+        f"training {len(pending)} variants in {jobs} processes, {threads} CPU thread(s) each"
+        + (f", one of {gpus} GPUs each" if gpus else "")
+        + f"; their output: {out_dir / 'variants'}/<variant>.log"
+    )
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_init_worker, initargs=(threads, slots)
+    ) as pool:
+        futures = {
+            pool.submit(_variant_worker, v, statuses[v], configs[v], out_dir / "variants" / v.name): v
+            for v in pending
+        }
+        try:
+            for done, future in enumerate(as_completed(futures), 1):
+                variant = futures[future]
+                try:
+                    seconds = future.result()
+                except MeniscusError as err:
+                    raise MeniscusError(
+                        f"variant {variant.name}: {err} (log: {out_dir / 'variants' / variant.name}.log)"
+                    ) from None
+                except BrokenProcessPool:
+                    raise MeniscusError(
+                        f"a worker process died while training {variant.name} (out of memory?); rerun the "
+                        "same command to continue, with fewer --jobs"
+                    ) from None
+                console.print(f"variant {variant.name} done in {seconds:.0f} s ({done}/{len(pending)})")
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _init_worker(threads: int, slots) -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(threads)
+    gpu = slots.get()
+    if gpu is not None:  # before CUDA starts in this process: it then sees only its own GPU
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+
+
+def _variant_worker(variant: Variant, status: str, config: Config, run_dir: Path) -> float:
+    """One variant in a worker process: its own copy of the data, its own log; seconds taken."""
+    start = time.perf_counter()
+    log = run_dir.parent / f"{variant.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as handle:
+        console = Console(file=handle, soft_wrap=True)
+        data = prepare_data(Path(config.data.path), config.data)
+        runtime = resolve_runtime(config.train.precision, config.train.device)
+        _train_and_score(variant, status, config, run_dir, data, runtime, console)
+    return time.perf_counter() - start
+
+
+def _to_go(to_go: list[Variant], seconds_by_mode: dict[str, list[float]]) -> str:
+    """'4 to go with this one, about 27 min', from the mean time of each mode's variants so far."""
+    text = f"{len(to_go)} to go with this one" if len(to_go) > 1 else "the last one"
+    if all(v.mode in seconds_by_mode for v in to_go):
+        seconds = sum(float(np.mean(seconds_by_mode[v.mode])) for v in to_go)
+        text += f", about {seconds / 60:.0f} min" if seconds >= 90 else f", about {seconds:.0f} s"
+    return text

@@ -1,0 +1,540 @@
+"""`tune`: hyper-parameter search with Optuna, maximizing the validation score (never the test split).
+
+OUT/
+    study.db                  the study (default storage: SQLite); --storage URL for a shared database
+    trials/trial-NNNN/        one ordinary run folder per trial (train --resume works on it), with
+                              train.log (the training's output)
+    trials.csv                every trial of the study: number, state, value, params, duration, folder
+    best.yaml                 the best trial's resolved config, a preset for `train --config`
+    history.png, importance.png   Optuna's optimization history and parameter importances
+
+The objective is the run's best validation score as training reports it in metrics.json: the shared
+model's `members.shared.val_score` (the challenge-weighted mean of its validation AUCs), or for the
+cascade the challenge-weighted mean (the task table's weights) of its three networks' best validation AUCs.
+
+Pruning: after each epoch the network's validation score is reported to the trial at a step that
+means the same network and epoch in every trial: step = index of the network x max_epochs + epoch
+- 1 (the shared model is network 0; the cascade trains fissure, orientation, position in that order).
+The pruner therefore compares a trial's fissure network at epoch 3 with the others' fissure networks
+at epoch 3, never with another network's AUC. No network is pruned in its first `warmup_epochs`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from rich.console import Console
+
+from mtl_meniscus.config import MAX_SEED, Config, check_option, load_config
+from mtl_meniscus.engine.checkpoint import load_checkpoint
+from mtl_meniscus.engine.data_source import resolve_data_dir
+from mtl_meniscus.engine.members import JOINT
+from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.tracking import resolve_wandb_mode
+from mtl_meniscus.engine.trainer import TrainingDivergedError
+from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.evaluation.metrics import monitor_score
+from mtl_meniscus.io.outputs import atomic_write, check_output_dir, write_text_atomic
+from mtl_meniscus.networks.losses import WEIGHTINGS
+from mtl_meniscus.networks.models import trains_per_task
+
+WARMUP_EPOCHS = 2  # no network is pruned before it has finished this many epochs
+JOB_TYPE = "tune-trial"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config key: a float range (`low`..`high`, log-uniform if `log`) or `choices`."""
+
+    key: str  # dotted config key, also the parameter's name in the study
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()  # categorical: primitives only (Optuna stores them); lists as "a,b,c"
+
+    def describe(self) -> str:
+        if self.choices:
+            return ", ".join(str(decode(self.key, c)) for c in self.choices)
+        return f"{self.low:g} .. {self.high:g}" + (" (log)" if self.log else "")
+
+
+# The search space, one row per config key (README, "Tune", shows the same table).
+SEARCH_SPACE: tuple[Param, ...] = (
+    Param("train.lr", 1e-4, 3e-3, log=True),
+    Param("train.batch_size", choices=(16, 32, 64)),
+    Param("train.weighting", choices=WEIGHTINGS.names()),  # every registered task weighting
+    Param("train.pos_weights.position", 1.0, 10.0, log=True),  # BCE positive-class weight (anterior)
+    Param("model.widths", choices=("8,16,24,32", "16,32,48,64", "24,48,64,96")),  # filters per block
+    Param("model.conv_dropout", 0.0, 0.3),
+    Param("model.dense_dropout", 0.0, 0.5),
+    Param("augment.rotation_deg", 0.0, 45.0),
+    Param("augment.translate_frac", 0.0, 0.2),
+)
+
+LIST_KEYS = {"model.widths"}  # categorical values stored as "a,b,c" strings, decoded to lists of int
+
+
+def decode(key: str, value: Any) -> Any:
+    """A study parameter as the config value it stands for ("16,32,48,64" -> [16, 32, 48, 64])."""
+    if key in LIST_KEYS:
+        return [int(part) for part in str(value).split(",")]
+    return value
+
+
+def suggest(trial, space: tuple[Param, ...]) -> dict[str, Any]:
+    """Config overrides sampled for one trial, keyed by dotted config key."""
+    overrides = {}
+    for param in space:
+        if param.choices:
+            value = trial.suggest_categorical(param.key, list(param.choices))
+        else:
+            value = trial.suggest_float(param.key, param.low, param.high, log=param.log)
+        overrides[param.key] = decode(param.key, value)
+    return overrides
+
+
+def objective_value(metrics: dict[str, Any], config: Config) -> float | None:
+    """The trial's value: the best validation score (challenge-weighted over the cascade's networks).
+
+    None when a network has no defined validation score (e.g. a validation split with one class)."""
+    members = metrics["members"]
+    if not trains_per_task(config.model.name):
+        return members[JOINT]["val_score"]
+    scores = {task: members[task]["val_score"] for task in config.model.tasks}
+    if any(score is None for score in scores.values()):
+        return None
+    return monitor_score(scores, config.data.task_table())  # the tasks' challenge weights
+
+
+def member_folder(run_dir: Path, member: str) -> Path:
+    """Where a network writes last.pt (train.py's layout: the run folder, or members/<task>/)."""
+    return run_dir if member == JOINT else run_dir / "members" / member
+
+
+def epoch_score(run_dir: Path, member: str, epoch: int) -> float | None:
+    """The validation score of `member` at `epoch`, from the history in its last.pt (written before
+    train_run calls on_epoch_end); None when it is not a finite number."""
+    payload = load_checkpoint(member_folder(run_dir, member) / "last.pt")
+    rows = [row for row in payload["training_state"]["history"] if row["epoch"] == epoch]
+    score = rows[-1]["val_score"] if rows else None
+    return float(score) if score is not None and math.isfinite(score) else None
+
+
+def default_storage(out_dir: Path) -> str:
+    return f"sqlite:///{(Path(out_dir).resolve() / 'study.db').as_posix()}"
+
+
+def _safe_url(url: str) -> str:
+    """The storage URL with its password hidden, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: show it as given (there is no password to hide then)
+        return url
+
+
+def open_storage(url: str):
+    """An Optuna RDB storage with heartbeats: a trial whose worker died is marked FAIL by the next
+    worker instead of staying RUNNING forever."""
+    import optuna
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+    except Exception as err:  # malformed URL, unknown dialect, missing driver, unreachable server
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise MeniscusError(
+            f"--storage {_safe_url(url)}: cannot open the study storage ({type(err).__name__}: {reason[:300]}); "
+            "expected a database URL such as sqlite:///path/study.db or "
+            "postgresql://user:password@host/database (its driver installed, e.g. psycopg2)"
+        ) from None
+
+
+def check_tune_options(
+    n_trials: int, timeout: float | None, n_jobs: int, seed: int, study_name: str | None
+) -> None:
+    check_option(n_trials >= 1, "--n-trials", n_trials, "an integer >= 1")
+    check_option(
+        timeout is None or (math.isfinite(timeout) and timeout > 0), "--timeout", timeout, "seconds > 0"
+    )
+    check_option(n_jobs >= 1, "--n-jobs", n_jobs, "an integer >= 1")
+    check_option(0 <= seed <= MAX_SEED, "--seed", seed, f"an integer 0..{MAX_SEED}")
+    check_option(
+        study_name is None or bool(study_name.strip()), "--study-name", study_name, "a non-empty name"
+    )
+
+
+def check_space(preset: Path | None, base: dict[str, Any], space: tuple[Param, ...]) -> None:
+    """Every bound and choice of the search space gives a valid config with this preset, checked
+    before anything trains (e.g. 4 widths with a preset of 5 conv blocks is refused here)."""
+    for param in space:
+        values = param.choices or (param.low, param.high)
+        for value in values:
+            try:
+                load_config(preset, base | {param.key: decode(param.key, value)})
+            except ConfigError as err:
+                raise ConfigError(
+                    f"search space: {param.key} = {value!r} does not fit the preset {preset}: {err}"
+                ) from None
+
+
+def sampler_seed(seed: int, trials_before: int) -> int:
+    """The sampler's seed: --seed for a new study (same seed, same trials), mixed with the number of
+    trials already in the study when it continues, so that a rerun draws new points instead of
+    replaying the first ones."""
+    return int(np.random.SeedSequence([seed, trials_before]).generate_state(1)[0])
+
+
+def _trial_rows(study, space: tuple[Param, ...]) -> list[dict[str, Any]]:
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        duration = trial.duration.total_seconds() if trial.duration is not None else None
+        row = {
+            "number": trial.number,
+            "state": trial.state.name,
+            "value": trial.value,
+            "learned": trial.user_attrs.get("learned"),
+            "epochs": trial.user_attrs.get("epochs"),
+            "duration_s": round(duration, 1) if duration is not None else None,
+            "run_dir": trial.user_attrs.get("run_dir", ""),
+            "error": trial.user_attrs.get("error", ""),
+        }
+        row |= {param.key: trial.params.get(param.key) for param in space}
+        rows.append(row)
+    return rows
+
+
+def best_trial(study):
+    """The best COMPLETE trial, or None while there is none."""
+    import optuna
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    return max(done, key=lambda t: t.value) if done else None
+
+
+def best_preset_text(trial, study_name: str) -> str:
+    """best.yaml: the best trial's resolved config in config.yaml's YAML form, with a header.
+
+    The same as the trial's config.yaml but for wandb.group and wandb.job_type, cleared: a training
+    from best.yaml is not a trial of the study."""
+    config = json.loads(trial.user_attrs["config"])
+    config["wandb"] |= {"group": None, "job_type": None}
+    header = (
+        f"# Best trial of the Optuna study '{study_name}': trial {trial.number}, validation score "
+        f"{trial.value:.4f}.\n# Its resolved config (its run folder's config.yaml, without the study's "
+        "wandb group and job type);\n# train with: train --config best.yaml\n"
+    )
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+def write_outputs(study, out_dir: Path, space: tuple[Param, ...]) -> None:
+    """trials.csv and best.yaml, written atomically (a killed search keeps the last complete ones)."""
+    rows = _trial_rows(study, space)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["number"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out_dir / "trials.csv", buffer.getvalue())
+    best = best_trial(study)
+    if best is not None and "config" in best.user_attrs:
+        write_text_atomic(out_dir / "best.yaml", best_preset_text(best, study.study_name))
+
+
+def write_plots(study, out_dir: Path, console: Console) -> None:
+    """history.png always (once a trial has completed); importance.png with >= 2 completed trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not completed:
+        console.print("no completed trial yet: history.png and importance.png not written")
+        return
+    plots = [("history.png", optuna_plots.plot_optimization_history)]
+    if len(completed) >= 2:
+        plots.append(("importance.png", optuna_plots.plot_param_importances))
+    else:
+        console.print("importance.png not written: parameter importances need >= 2 completed trials")
+    for name, plot in plots:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = plot(study)
+            figure = axes.figure
+            figure.set_size_inches(8, 5)
+            figure.tight_layout()
+            with atomic_write(out_dir / name) as tmp:
+                figure.savefig(tmp, format="png", dpi=120)
+            plt.close(figure)
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. parameters that never varied
+            console.print(f"{name} not written: {err}")
+
+
+@dataclass
+class TuneRequest:
+    """What one `tune` call asks for (the CLI's options; tests pass a small `space` and a `pruner`).
+
+    `preset` is the base config (a YAML preset); each trial is it plus `overrides` plus the sampled
+    values, trained into OUT/trials/trial-NNNN with train.seed = `seed`. `pruner` defaults to
+    MedianPruner(n_warmup_steps=warmup_epochs)."""
+
+    out_dir: Path
+    preset: Path | None
+    mode: str | None = None
+    data_dir: Path | None = None
+    n_trials: int = 20
+    timeout: float | None = None
+    n_jobs: int = 1
+    storage: str | None = None
+    study_name: str | None = None
+    seed: int = 0
+    wandb_mode: str | None = None
+    space: tuple[Param, ...] = SEARCH_SPACE
+    pruner: Any = None
+    warmup_epochs: int = WARMUP_EPOCHS
+    overrides: dict[str, Any] | None = None
+
+
+def run_tune(out_dir: Path, preset: Path | None, console: Console | None = None, **options: Any):
+    """Run `n_trials` more trials of the study (created, or continued when it exists) and return it;
+    `options` are TuneRequest's fields."""
+    return TuneSearch(TuneRequest(out_dir, preset, **options), console).run()
+
+
+class TuneSearch:
+    """One `tune` call: checks, the base config, the study, the trials and the files they leave."""
+
+    def __init__(self, request: TuneRequest, console: Console | None = None):
+        try:
+            import optuna
+        except ImportError:
+            raise MeniscusError("tune needs optuna: pip install 'mtl_meniscus[tune]'") from None
+        self.optuna, self.request = optuna, request
+        check_tune_options(
+            request.n_trials, request.timeout, request.n_jobs, request.seed, request.study_name
+        )
+        self.console = console or Console(soft_wrap=True)
+        self.out_dir = check_output_dir(request.out_dir, "--out")
+        self.trials_dir = self.out_dir / "trials"
+        self.study_name = request.study_name or self.out_dir.resolve().name
+        self.storage_url = request.storage or default_storage(self.out_dir)
+        self.rdb = open_storage(self.storage_url)  # a bad URL is refused before the data is read or generated
+        self.base = self._base_settings()
+        self.write_lock = threading.Lock()  # n_jobs threads finish trials concurrently; one writer at a time
+        self.errors: list[BaseException] = []  # a trial's error stops the search, also from a worker thread
+
+    def _base_settings(self) -> dict[str, Any]:
+        """The overrides every trial shares; checks them and generates the built-in phantom once,
+        before trials (possibly threads) would race to."""
+        request = self.request
+        base = {
+            "model.name": request.mode,
+            "train.seed": request.seed,
+            "wandb.mode": request.wandb_mode,
+            "wandb.group": self.study_name,
+            "wandb.job_type": JOB_TYPE,
+            **(request.overrides or {}),
+        }
+        base_config = load_config(request.preset, base)  # a bad preset or option stops here, before the study
+        wandb_resolved = resolve_wandb_mode(base_config.wandb)
+        if request.n_jobs > 1 and wandb_resolved != "disabled":
+            raise ConfigError(
+                f"--n-jobs {request.n_jobs} with wandb ({wandb_resolved}): wandb keeps one run per process, so "
+                "trials in parallel threads would end each other's runs; use --wandb disabled, or start "
+                "several tune processes on the same --storage (each with --n-jobs 1)"
+            )
+        data = request.data_dir or resolve_data_dir(base_config.data)
+        base["data.path"] = str(Path(data).resolve())
+        self.mode = load_config(request.preset, base).model.name
+        check_space(request.preset, base, request.space)
+        return base
+
+    def _open_study(self):
+        """The study, created or loaded from the storage; refuses one of another direction or mode."""
+        optuna, request = self.optuna, self.request
+        try:
+            study = optuna.create_study(
+                storage=self.rdb,
+                study_name=self.study_name,
+                direction="maximize",
+                load_if_exists=True,
+                pruner=request.pruner or optuna.pruners.MedianPruner(n_warmup_steps=request.warmup_epochs),
+            )
+        except Exception as err:  # e.g. a database that is not an Optuna one, or read-only
+            raise MeniscusError(
+                f"--storage {_safe_url(self.storage_url)}: cannot create or load the study '{self.study_name}' "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})"
+            ) from None
+        if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+            raise MeniscusError(
+                f"study '{self.study_name}' in {_safe_url(self.storage_url)} minimizes; tune maximizes"
+            )
+        saved_mode = study.user_attrs.get("mode")
+        if saved_mode is None:
+            study.set_user_attr("mode", self.mode)
+            study.set_user_attr("objective", "best validation score (challenge-weighted)")
+        elif saved_mode != self.mode:
+            raise ConfigError(
+                f"study '{self.study_name}' tunes {saved_mode} mode; this search is {self.mode} mode: "
+                f"use --mode {saved_mode}, or another --study-name / --out"
+            )
+        return study
+
+    def run(self):
+        request = self.request
+        study = self._open_study()
+        trials_before = len(study.get_trials(deepcopy=False))
+        study.sampler = self.optuna.samplers.TPESampler(seed=sampler_seed(request.seed, trials_before))
+        self._announce(trials_before)
+        started = time.perf_counter()
+        try:
+            study.optimize(
+                self._objective,
+                n_trials=request.n_trials,
+                timeout=request.timeout,
+                n_jobs=request.n_jobs,
+                callbacks=[self._after_trial],
+                gc_after_trial=False,
+            )
+        finally:
+            with self.write_lock:
+                write_outputs(study, self.out_dir, request.space)
+        if self.errors:  # with n_jobs > 1 Optuna does not re-raise the errors of the last trials
+            raise self.errors[0]
+        write_plots(study, self.out_dir, self.console)
+        best = best_trial(study)
+        if best is not None:
+            self.console.print(
+                f"best: trial {best.number}, validation score {best.value:.4f}; its config: "
+                f"{self.out_dir / 'best.yaml'} ({time.perf_counter() - started:.0f} s for this search)",
+                highlight=False,
+                markup=False,
+            )
+        return study
+
+    def _announce(self, trials_before: int) -> None:
+        request = self.request
+        self.console.print(
+            f"study '{self.study_name}' ({self.mode}, maximizes the validation score) in "
+            f"{_safe_url(self.storage_url)}: {trials_before} trials so far; running {request.n_trials} more"
+            + (f" or for {request.timeout:g} s" if request.timeout else "")
+            + (
+                f", {request.n_jobs} at a time (threads sharing this process's {os.cpu_count()} CPU cores)"
+                if request.n_jobs > 1
+                else ""
+            )
+            + f" -> {self.trials_dir}",
+            highlight=False,
+            markup=False,
+        )
+
+    def _objective(self, trial) -> float:
+        try:
+            return self._train_trial(trial)
+        except self.optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted")
+            raise
+        except Exception as err:
+            trial.set_user_attr("error", f"{type(err).__name__}: {str(err)[:500]}")
+            self.errors.append(err)
+            raise
+
+    def _train_trial(self, trial) -> float:
+        sampled = suggest(trial, self.request.space)
+        run_dir = self.trials_dir / f"trial-{trial.number:04d}"
+        trial.set_user_attr("run_dir", str(run_dir.resolve()))
+        if (run_dir / "config.yaml").exists():
+            raise MeniscusError(
+                f"{run_dir} already holds a run, from another study in the same --out (trial numbers "
+                "start at 0 in each study): use another --out, or this folder's --study-name"
+            )
+        config = load_config(self.request.preset, self.base | sampled)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        report = _pruning_callback(trial, run_dir, config, self.request.warmup_epochs)
+        with (run_dir / "train.log").open("w", encoding="utf-8") as log:
+            log_console = Console(file=log, soft_wrap=True, width=200)
+            try:
+                metrics = train_run(config, run_dir, console=log_console, on_epoch_end=report)
+            except TrainingDivergedError as err:  # this trial's setting (a high lr): the search goes on
+                trial.set_user_attr("error", str(err))
+                return float("nan")  # Optuna marks the trial FAIL
+        saved = (run_dir / "config.yaml").read_text(encoding="utf-8")
+        trial.set_user_attr("config", json.dumps(yaml.safe_load(saved)))
+        trial.set_user_attr("learned", metrics.get("learned"))
+        trial.set_user_attr("epochs", sum(m["epochs"] for m in metrics["members"].values()))
+        value = objective_value(metrics, config)
+        if value is None:
+            raise MeniscusError(
+                f"{run_dir}: no defined validation score (a validation split with one class?); "
+                "tune needs one to compare trials (see its metrics.json warnings)"
+            )
+        return value
+
+    def _after_trial(self, study, trial) -> None:
+        with self.write_lock:
+            write_outputs(study, self.out_dir, self.request.space)
+        best = best_trial(study)
+        best_text = f"best {best.value:.4f} (trial {best.number})" if best is not None else "no best yet"
+        duration = trial.duration.total_seconds() if trial.duration is not None else float("nan")
+        self.console.print(
+            f"trial {trial.number}: {_trial_outcome(self.optuna, trial)}  {duration:.0f}s  "
+            f"[{trial.state.name.lower()}]  {best_text}",
+            highlight=False,
+            markup=False,
+        )
+
+
+def _trial_outcome(optuna, trial) -> str:
+    """'value 0.91', 'pruned after ...' or 'fail: <error>': what became of a finished trial."""
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        return f"value {trial.value:.4f}" + (
+            " (did not learn)" if trial.user_attrs.get("learned") is False else ""
+        )
+    if trial.state == optuna.trial.TrialState.PRUNED:
+        last = trial.last_step
+        value = trial.intermediate_values.get(last) if last is not None else None
+        where = trial.user_attrs.get("pruned_at", f"step {last}")
+        return f"pruned after {where}" + (f" (validation score {value:.4f})" if value is not None else "")
+    return f"{trial.state.name.lower()}: {trial.user_attrs.get('error', 'see its train.log')}"
+
+
+def _pruning_callback(trial, run_dir: Path, config: Config, warmup_epochs: int) -> Callable[[str, int], None]:
+    """train_run's on_epoch_end: report the network's validation score at a step that means the
+    same network and epoch in every trial, and stop the trial when the pruner says so."""
+    import optuna
+
+    members = list(config.model.tasks) if trains_per_task(config.model.name) else [JOINT]
+    max_epochs = config.train.max_epochs
+
+    def report(member: str, epoch: int) -> None:
+        score = epoch_score(run_dir, member, epoch)
+        if score is None:
+            return
+        step = members.index(member) * max_epochs + epoch - 1
+        trial.report(score, step)
+        if epoch > warmup_epochs and trial.should_prune():
+            trial.set_user_attr("pruned_at", f"{member} epoch {epoch}")
+            # train_run releases the folder's lock on the way out; last.pt keeps this epoch.
+            raise optuna.TrialPruned(f"{member} epoch {epoch}: validation score {score:.4f}")
+
+    return report

@@ -1,0 +1,128 @@
+"""The MRNet layout (Bien et al. 2018), read as it ships:
+
+    ROOT/train/sagittal/0000.npy ...   uint8 (slices, 256, 256), one file per exam
+    ROOT/valid/sagittal/1130.npy ...
+    ROOT/train-meniscus.csv            no header: case,label (1 = meniscus tear)
+    ROOT/valid-meniscus.csv
+
+Only the tear label exists; orientation and position are unknown. The `valid` folder is the test
+split of every MRNet paper.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mtl_meniscus.config import DataConfig
+from mtl_meniscus.data.records import PreparedData, Record, problems_error
+from mtl_meniscus.data.splits import stratified_group_split
+from mtl_meniscus.errors import DataError, ImageReadError
+from mtl_meniscus.io.exams import ExamVolumes, read_exam
+from mtl_meniscus.io.imageio import max_pixels_limit
+
+SPLITS = ("train", "valid")
+
+
+@dataclass(frozen=True)
+class MrnetExam:
+    case: str
+    path: Path  # the sagittal .npy
+    tear: int
+
+
+def read_mrnet(root: str | Path, split: str) -> list[MrnetExam]:
+    """The exams of one split with their meniscus labels; every problem named at once."""
+    root = Path(root)
+    if split not in SPLITS:
+        raise DataError(f"MRNet split {split!r}: allowed are {', '.join(SPLITS)} (valid is the test split)")
+    labels = root / f"{split}-meniscus.csv"
+    if not labels.is_file():
+        raise DataError(
+            f"{labels}: not found (an MRNet folder has {split}-meniscus.csv and {split}/sagittal/)"
+        )
+    exams, problems = [], []
+    with labels.open(newline="") as handle:
+        for line, row in enumerate(csv.reader(handle), start=1):
+            if len(row) != 2 or row[1].strip() not in ("0", "1"):
+                problems.append(
+                    f"row {line}: {','.join(row)!r} (expected case,label with label 0 or 1; no header)"
+                )
+                continue
+            case = row[0].strip()
+            path = root / split / "sagittal" / f"{int(case):04d}.npy" if case.isdigit() else None
+            if path is None or not path.is_file():
+                problems.append(
+                    f"row {line}: case {case!r} has no file {root / split / 'sagittal'}/{case}.npy"
+                )
+                continue
+            exams.append(MrnetExam(case, path, int(row[1])))
+    if problems:
+        raise problems_error(labels, problems)
+    if not exams:
+        raise DataError(f"{labels}: no exams listed")
+    return exams
+
+
+def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
+    """MRNet as a data set of exams: `valid` is the test split; `train` is split into train and val
+    in the proportion of data.split_fractions' first two values, stratified on the tear label.
+
+    Each exam is read once here, so that an unreadable exam or one of the wrong size is set aside
+    (exclusions.csv) before anything trains; training reads them again one at a time
+    (exams.ExamVolumes). Only the tear label exists: the tasks it gates are unknown (NaN), which
+    the masked loss leaves out and the summary line counts.
+    """
+    root = Path(root)
+    tasks = config.task_table()
+    size, max_pixels = config.image_size, max_pixels_limit(config.max_pixels)
+    records, paths, exclusions, resized = [], [], [], 0
+    listed = 0
+    for folder, split in (("train", ""), ("valid", "test")):
+        for exam in read_mrnet(root, folder):
+            listed += 1
+            relative = exam.path.relative_to(root).as_posix()
+            try:
+                shape = read_exam(exam.path, max_pixels).shape
+            except ImageReadError as err:
+                exclusions.append((relative, f"unreadable: {err}"))
+                continue
+            if shape[1:] != (size, size):
+                if config.size_policy == "exclude":
+                    exclusions.append(
+                        (relative, f"wrong size: {shape[1]}x{shape[2]} slices, expected {size}x{size}")
+                    )
+                    continue
+                resized += 1
+            labels = {task.name: "" for task in tasks} | {tasks.root.name: str(exam.tear)}
+            records.append(Record(row=len(records) + 1, image=relative, labels=labels, split=split))
+            paths.append(exam.path)
+    if not records:
+        raise DataError(f"{root}: no usable exam left ({len(exclusions)} set aside, e.g. {exclusions[0][1]})")
+    splits = [record.split for record in records]  # 'test' for valid/, train/ is split below
+    train_rows = [k for k, split in enumerate(splits) if not split]
+    train_share, val_share = config.split_fractions[0], config.split_fractions[1]
+    if train_share + val_share == 0:
+        raise DataError(
+            f"data.split_fractions {list(config.split_fractions)}: MRNet's train folder is split into train "
+            "and val by the first two fractions, and both are 0"
+        )
+    fractions = (train_share / (train_share + val_share), val_share / (train_share + val_share), 0.0)
+    chosen = stratified_group_split([records[k].stratum for k in train_rows], fractions, config.split_seed)
+    for k, split in zip(train_rows, chosen):
+        splits[k] = split
+    return PreparedData(
+        data_dir=root,
+        records=records,
+        images=ExamVolumes(paths, size, max_pixels),
+        targets=np.stack([r.targets(tasks) for r in records]),
+        splits=splits,
+        tasks=tasks,
+        exclusions=exclusions,
+        n_rows=listed,
+        resized=resized,
+        unit="exams",
+    )

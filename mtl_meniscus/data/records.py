@@ -1,0 +1,239 @@
+"""What every reader of a data set produces: validated rows (Record), the prepared data set in
+memory (PreparedData) with its splits and exclusions, and one error listing every problem of a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import posixpath
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mtl_meniscus.data.splits import SPLIT_NAMES
+from mtl_meniscus.errors import DataError
+from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
+
+SHOWN_PROBLEMS = 50  # in the error message; all of them go to PROBLEMS_FILE
+
+
+PROBLEMS_FILE = "labels_problems.txt"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated row of labels.csv."""
+
+    row: int  # line number in labels.csv (the header is line 1)
+    image: str  # relative to the data folder, normalised: no '.', '..' or doubled '/' (see inside_path)
+    labels: dict[str, str]  # task -> its text as written (lower case); '' where the task does not apply
+    patient_id: str = ""
+    split: str = ""
+    slice: int | None = None
+    mask: str = ""
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        """What identifies an image of the data set: its path and, in a volume, its slice."""
+        return (self.image, self.slice)
+
+    @property
+    def stratum(self) -> str:
+        """Joint label used to stratify splits."""
+        return "|".join(self.labels.values())
+
+    def targets(self, tasks: TaskTable) -> np.ndarray:
+        """(T,) float32 targets in table order; NaN where a task does not apply or has no target
+        (a double tear's position, kept only when data.exclude_double_tears is off), so the loss
+        skips it."""
+        return np.array([task.target(self.labels[task.name]) for task in tasks], np.float32)
+
+
+def inside_path(text: str) -> str | None:
+    """`text` as a normalised relative path ('./a//b.png' -> 'a/b.png'), or None when it is absolute or
+    leaves the folder with '..'. The check is on the text: a symbolic link inside the data folder that
+    points elsewhere is followed (the folder's owner made it)."""
+    if not text or posixpath.isabs(text) or os.path.isabs(text):
+        return None
+    normal = posixpath.normpath(text)
+    if normal == ".." or normal.startswith("../"):
+        return None
+    return normal
+
+
+def problems_error(
+    path: Path, problems: list[str], report_dir: str | Path | None = None, hint: str = ""
+) -> DataError:
+    """One DataError for every problem of a file: the first SHOWN_PROBLEMS in the message, and when
+    there are more, all of them in report_dir (or a temporary file) named by the message."""
+    more = ""
+    if len(problems) > SHOWN_PROBLEMS:
+        report = _write_problems(path, problems, report_dir)
+        more = (
+            f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more: all {len(problems)} are listed in {report}"
+        )
+    shown = "\n  ".join(problems[:SHOWN_PROBLEMS])
+    return DataError(f"{path}: {len(problems)} problem(s):\n  {shown}{more}{hint}", problems=problems)
+
+
+def _write_problems(csv_path: Path, problems: list[str], report_dir: str | Path | None) -> Path:
+    """Every problem of labels.csv, one a line, into report_dir (the run folder) or a temporary file."""
+    text = f"{csv_path}: {len(problems)} problem(s)\n" + "\n".join(problems) + "\n"
+    if report_dir is not None:
+        path = Path(report_dir) / PROBLEMS_FILE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            pass  # not writable: fall back to a temporary file
+    handle, name = tempfile.mkstemp(prefix="mtl_meniscus-labels-problems-", suffix=".txt")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+    return Path(name)
+
+
+@dataclass
+class PreparedData:
+    """The kept images in memory, their labels and splits, and what was set aside."""
+
+    data_dir: Path
+    records: list[Record]
+    images: Sequence[np.ndarray]  # raw float32 (H, W), all image_size x image_size; exams: (S, H, W) each
+    targets: np.ndarray  # (N, T) float32 in the order of `tasks`, NaN where a task does not apply
+    splits: list[str]
+    tasks: TaskTable = DEFAULT_TASKS
+    exclusions: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
+    n_rows: int = 0
+    resized: int = 0
+    unit: str = "images"  # what a row is: an image (a slice), or with data.layout mrnet an exam
+
+    @property
+    def exams(self) -> bool:
+        """True when each row is a whole exam (S, H, W) rather than one slice (H, W)."""
+        return self.unit == "exams"
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
+
+    def exclusion_summary(self) -> str:
+        """One line: how many rows were kept and why the others were set aside."""
+        reasons = Counter(reason.split(":")[0] for _, reason in self.exclusions)
+        detail = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+        line = f"kept {len(self.records)} of {self.n_rows} {self.unit}"
+        if self.exclusions:
+            line += f"; excluded {len(self.exclusions)} ({detail})"
+        if self.resized:
+            line += f"; resized {self.resized}"
+        unknown = self.unknown_subtypes()
+        if unknown:
+            line += "; unknown (masked, not negative): " + ", ".join(
+                f"{count} {task}" for task, count in unknown.items()
+            )
+        return line
+
+    def unknown_subtypes(self) -> dict[str, int]:
+        """{gated task: rows whose gate is positive (a tear) but whose own label is empty}."""
+        counts = {}
+        for task in self.tasks:
+            if task.gated_by is None:
+                continue
+            gate = self.targets[:, self.tasks.index(task.gated_by)] == 1
+            empty = np.array([r.labels[task.name] == "" for r in self.records], dtype=bool)
+            if (gate & empty).any():
+                counts[task.name] = int((gate & empty).sum())
+        return counts
+
+    def write_exclusions(self, path: str | Path) -> None:
+        _write_csv(path, ["image", "reason"], self.exclusions)
+
+    def write_splits(self, path: str | Path) -> None:
+        rows = [
+            (r.image, "" if r.slice is None else r.slice, s, *r.labels.values(), r.patient_id)
+            for r, s in zip(self.records, self.splits)
+        ]
+        _write_csv(path, ["image", "slice", "split", *self.tasks.names, "patient_id"], rows)
+
+    def same_splits_as(self, path: str | Path) -> bool:
+        """True if a run's splits.csv lists exactly these images in these splits (or does not exist yet)."""
+        if not Path(path).is_file():
+            return True
+        saved = {key: row["split"] for key, row in read_saved_splits(path).items()}
+        return saved == {r.key: s for r, s in zip(self.records, self.splits)}
+
+    def restore_splits(self, path: str | Path) -> str:
+        """Give every kept image the split it had in a run (the run's splits.csv).
+
+        Images that were not in the run get the split 'new', so they are never scored as test
+        or validation images; the splits are never recomputed, since a recomputed split can
+        move training images into the test split. Labels are taken as they are now. Returns a
+        one-line account of what changed in labels.csv since the run, or '' if nothing did.
+        """
+        saved = read_saved_splits(path)
+        current = {record.key: record for record in self.records}
+        self.splits = [saved[r.key]["split"] if r.key in saved else NEW_SPLIT for r in self.records]
+        gone = [key for key in saved if key not in current]
+        relabelled = [
+            key
+            for key, row in saved.items()
+            if key in current and any(row.get(name, "") != text for name, text in current[key].labels.items())
+        ]
+        added = len(self.records) - (len(saved) - len(gone))
+        if not (gone or relabelled or added):
+            return ""
+        changes = []
+        if gone:
+            moved = Counter(saved[key]["split"] for key in gone)
+            changes.append(
+                f"{len(gone)} image(s) of the run no longer kept ("
+                + ", ".join(f"{n} {split}" for split, n in sorted(moved.items()))
+                + ")"
+            )
+        if relabelled:
+            changes.append(f"{len(relabelled)} relabelled (scored with today's labels)")
+        if added:
+            changes.append(f"{added} added since (split '{NEW_SPLIT}': not scored as test or val)")
+        return f"labels.csv changed since the run: {'; '.join(changes)}"
+
+    def split_summary(self) -> str:
+        parts = []
+        for split in SPLIT_NAMES:
+            idx = self.indices(split)
+            tears = int(np.nansum(self.targets[idx, 0])) if len(idx) else 0  # the root task: fissure
+            parts.append(f"{split} {len(idx)} ({tears} tears)")
+        return ", ".join(parts)
+
+
+NEW_SPLIT = "new"  # an image added to labels.csv after the run: in none of the run's splits
+
+
+def read_saved_splits(path: str | Path) -> dict[tuple[str, int | None], dict[str, str]]:
+    """A run's splits.csv as {(image, slice): row}; runs older than the slice column have none."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: not found; without the run's splits its test images cannot be told from its "
+            "training images (evaluate a run folder, or pass --data DIR --split all)"
+        )
+    try:
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        return {(row["image"], int(row["slice"]) if row.get("slice") else None): row for row in rows}
+    except (KeyError, ValueError, csv.Error, UnicodeDecodeError) as err:
+        raise DataError(
+            f"{path}: damaged, not a splits file of this package ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _write_csv(path: str | Path, header: list[str], rows) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)

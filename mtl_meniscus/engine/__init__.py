@@ -1,0 +1,1 @@
+"""Training and inference: the trainer, its stopping rule, checkpoints, trained runs, tracking."""

@@ -1,0 +1,18 @@
+"""Where a run's images come from: the configured folder, or the built-in phantom when none is given.
+
+The choice is the caller's (training, tune, compare): the readers in mtl_meniscus.data only read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mtl_meniscus.config import DataConfig
+from mtl_meniscus.phantom.slices import ensure_phantom
+
+
+def resolve_data_dir(data: DataConfig) -> Path:
+    """The configured data folder, or the built-in phantom (generated into the cache on first use)."""
+    if data.path:
+        return Path(data.path)
+    return ensure_phantom(data.phantom_n, data.phantom_seed, difficulty=data.phantom_difficulty)

@@ -1,0 +1,125 @@
+"""The networks a run trains ("members"): one for all tasks, or the cascade's one per task.
+
+A model of one network per task (registered with per_task=True, the reference's cascade) trains
+each network on its own images: fissure on all, a gated task (orientation, position) on the true
+tears only. Every other model is one member, JOINT, trained on all images and tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from mtl_meniscus.config import Config, config_from_dict
+from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.engine.stopping import chance_sd, learning_score
+from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.evaluation.metrics import monitor_weights
+from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
+from mtl_meniscus.networks.models import build_model, build_single_task, trains_per_task
+
+JOINT = "shared"  # the member name of a one-network model (its folder is the run folder)
+
+
+@dataclass
+class Member:
+    """One network to train: its name, tasks, folder and the images it trains and validates on."""
+
+    name: str
+    tasks: tuple[str, ...]
+    folder: Path
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+
+    def build(self, config: Config) -> nn.Module:
+        if trains_per_task(config.model.name):
+            return build_single_task(config.model, self.name)
+        return build_model(config.model)
+
+
+def plan_members(config: Config, data: PreparedData, run_dir: Path) -> list[Member]:
+    """One network for all tasks: one member on all images. The cascade (one network per task):
+    fissure on all images, the others on tears."""
+    train, val = data.indices("train"), data.indices("val")
+    if not trains_per_task(config.model.name):
+        return [Member(JOINT, config.model.tasks, run_dir, train, val)]
+    members = []
+    for task in config.model.tasks:
+        rows = data.tasks.scored_rows(data.targets, task)  # all images for fissure, true tears for the others
+        members.append(Member(task, (task,), run_dir / "members" / task, train[rows[train]], val[rows[val]]))
+    return members
+
+
+def check_members(members: list[Member], data: PreparedData) -> list[str]:
+    """Refuse a member with no training image, naming the split and the member, before anything
+    trains; return warnings for members without validation images and for an empty test split."""
+    by_column = bool(data.records) and all(r.split for r in data.records)
+    origin = "the 'split' column of labels.csv" if by_column else "the automatic split (data.split_fractions)"
+    counts = ", ".join(f"{name} {len(data.indices(name))}" for name in ("train", "val", "test"))
+    warnings = []
+    for member in members:
+        # a gated task's network trains on the rows where its gate is positive (true tears)
+        only_tears = member.name in data.tasks and data.tasks[member.name].gated_by is not None
+        if not len(member.train_indices):
+            if only_tears and len(data.indices("train")):
+                raise MeniscusError(
+                    f"the {member.name} network has no training image: separate mode trains it on the "
+                    f"true tears of the train split, and the train split has none ({data.split_summary()})"
+                )
+            raise MeniscusError(
+                f"the train split is empty: {origin} puts none of the {len(data.records)} kept images "
+                f"there ({counts}); nothing to train on"
+            )
+        if not len(member.val_indices):
+            what = (
+                "the val split has no tear"
+                if only_tears and len(data.indices("val"))
+                else "the val split is empty"
+            )
+            warnings.append(
+                f"[{member.name}] no validation image ({what}): the run has no validation score to pick "
+                "its best epoch or to stop early"
+            )
+    if not len(data.indices("test")):
+        warnings.append(f"the test split is empty ({counts}): the run ends without test metrics")
+    return warnings
+
+
+def member_config(config: Config, member: Member) -> Config:
+    """Config of this member alone (a single-task network is a one-task 'shared' model)."""
+    own = config_from_dict(config.to_dict(), source="run config")
+    own.model = own.model.model_copy(update={"name": "shared", "tasks": member.tasks})
+    if member.name == "fissure" and trains_per_task(config.model.name):
+        own.model = own.model.model_copy(update={"kernels": config.model.fissure_kernels})
+    return own
+
+
+def tasks_without_labels(names: tuple[str, ...], data: PreparedData) -> dict[str, int]:
+    """{gated task: the train split's gate positives (tears)} for the tasks whose label is unknown on
+    every one of them (MRNet, fastMRI+): nothing to learn from, so the run leaves them out rather
+    than predict with an untrained head. A train split without any tear is check_members' error."""
+    train, tasks = data.indices("train"), data.tasks
+    out = {}
+    for name in names:
+        gate = tasks[name].gated_by
+        if gate is None:
+            continue
+        gated = int(np.sum(data.targets[train, tasks.index(gate)] == 1))
+        if gated and not tasks.scored_rows(data.targets[train], name).any():
+            out[name] = gated
+    return out
+
+
+def member_start_score(
+    val_targets: np.ndarray, names: tuple[str, ...], cap: float, tasks: TaskTable = DEFAULT_TASKS
+) -> float:
+    """Validation score at which this network counts as having left chance (see stopping.py)."""
+    weights = monitor_weights(names, tasks)  # those of the score it monitors
+    spreads = []
+    for name in names:
+        y = val_targets[tasks.scored_rows(val_targets, name), tasks.index(name)]
+        spreads.append((weights[name], chance_sd(int(np.sum(y == 1)), int(np.sum(y == 0)))))
+    return learning_score(spreads, cap)

@@ -1,0 +1,360 @@
+"""A training run end to end: the run folder and its lock, the data, the members one after another,
+the test split's metrics and the files a run writes (config.yaml, splits.csv, exclusions.csv,
+history.csv, best.pt/last.pt, metrics.json, training_curves.png).
+
+In separate mode each network ("member") trains in members/<task>/ on its own data (fissure: all
+images; orientation, position: tears only) with its own learning-rate schedule and early stopping,
+as in the reference method; the run's best.pt is the assembled cascade.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from torch import nn
+
+from mtl_meniscus.config import (
+    Config,
+    config_from_dict,
+    load_config,
+    parse_set_option,
+    preset_path,
+    read_config_file,
+)
+from mtl_meniscus.data.load import prepare_data
+from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.engine.checkpoint import atomic_torch_save, model_payload
+from mtl_meniscus.engine.data_source import resolve_data_dir
+from mtl_meniscus.engine.distributed import SINGLE, Distributed, check_batch
+from mtl_meniscus.engine.distributed import start as start_processes
+from mtl_meniscus.engine.distributed import stop as stop_processes
+from mtl_meniscus.engine.inference import predict_probs
+from mtl_meniscus.engine.members import JOINT, check_members, plan_members, tasks_without_labels
+from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
+from mtl_meniscus.engine.tracking import MODEL_ARTIFACT_PREFIX, RunLogger
+from mtl_meniscus.engine.trainer import EpochCallback, MemberTrainer
+from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.evaluation.metrics import bootstrap_cis, challenge_score, task_aucs
+from mtl_meniscus.evaluation.plots import plot_training_curves
+from mtl_meniscus.io.outputs import atomic_write, write_text_atomic
+from mtl_meniscus.io.runlock import RunLock
+from mtl_meniscus.networks.losses import WEIGHTINGS
+from mtl_meniscus.networks.models import MODELS, SeparateCascade
+
+
+def default_run_dir(mode: str) -> Path:
+    return Path("runs") / f"{mode}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def train_run(
+    config: Config | None,
+    run_dir: Path,
+    resume: bool = False,
+    console: Console | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) a run end to end and return its metrics (also in metrics.json).
+
+    With resume=True the run's own config.yaml is used and `config` is ignored. The run folder
+    is locked while training: a second process on the same folder is refused.
+    """
+    run_dir = Path(run_dir)
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise MeniscusError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
+    if resume:
+        config = _load_run_config(run_dir)
+    check_registered(config)  # a misspelt model or weighting stops here, before any work
+    device_type = resolve_runtime(config.train.precision, config.train.device).device.type
+    processes = start_processes(device_type)  # one process unless started by torchrun
+    try:
+        lock, error = None, None
+        if processes.main:  # creates the folder and checks that it can be written
+            try:
+                lock = RunLock(run_dir)
+            except MeniscusError as err:
+                error = err
+        if not processes.agree(error is None):
+            raise error or MeniscusError(f"rank 0 could not take {run_dir}: see its message")
+        try:
+            return _train_locked(config, run_dir, resume, console, on_epoch_end, processes)
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        stop_processes(processes)
+
+
+def _train_locked(
+    config: Config,
+    run_dir: Path,
+    resume: bool,
+    console: Console | None,
+    on_epoch_end: EpochCallback | None,
+    processes: Distributed = SINGLE,
+) -> dict[str, Any]:
+    console = (console or Console(soft_wrap=True)) if processes.main else Console(quiet=True)  # rank 0 prints
+    run_dir = Path(run_dir)
+    if not resume and ((run_dir / "last.pt").exists() or (run_dir / "members").exists()):
+        raise MeniscusError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    check_batch(processes, config.train.batch_size)
+    runtime = resolve_runtime(config.train.precision, config.train.device)  # a missing GPU stops here
+    if processes.active and runtime.device.type == "cuda":  # one GPU per process
+        runtime = Runtime(torch.device("cuda", processes.local_rank), runtime.bf16)
+    data, data_name, warnings = _prepare_run_data(config, run_dir, resume, processes, console)
+    members = plan_members(config, data, run_dir)
+    warnings += check_members(members, data)
+    for warning in warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+    console.print(
+        f"training {config.model.name} on {runtime.describe()} -> {run_dir}"
+        + (f" ({processes.world} processes, torchrun)" if processes.active else "")
+    )
+    wandb_config = config.wandb.model_copy(update={"job_type": config.wandb.job_type or "train"})
+    if not processes.main:
+        wandb_config.mode = "disabled"
+    logger = RunLogger(wandb_config, run_dir, run_dir.name, config.to_dict())
+    logger.define_step_axes([member.name for member in members])
+    try:
+        trainers = []
+        for member in members:
+            trainer = MemberTrainer(member, config, data, runtime, logger, console, processes)
+            if resume and trainer.try_resume():
+                console.print(
+                    f"[{member.name}] resumed after epoch {trainer.state.epoch}"
+                    + (" (finished)" if trainer.state.finished else ""),
+                    markup=False,
+                )
+            trainer.fit(on_epoch_end)
+            trainers.append(trainer)
+            if processes.main:
+                _write_history(run_dir / "history.csv", [row for t in trainers for row in t.state.history])
+        if not processes.main:
+            return {}  # rank 0 scores the test split and writes the run's files
+        return _finish_run(trainers, config, data, runtime, run_dir, warnings, data_name, logger, console)
+    finally:
+        logger.finish()
+
+
+def _prepare_run_data(
+    config: Config, run_dir: Path, resume: bool, processes: Distributed, console: Console
+) -> tuple[PreparedData, str, list[str]]:
+    """Read and split the data (the built-in phantom when no folder is configured), leave out tasks
+    without a known label, write config.yaml, splits.csv and exclusions.csv; (data, what the summary
+    calls it, warnings)."""
+    processes.barrier()  # every process has checked the folder before rank 0 writes into it
+    if processes.main:  # rank 0 generates the built-in phantom, the others then find it cached
+        data_dir = resolve_data_dir(config.data)
+    processes.barrier()
+    if not processes.main:
+        data_dir = resolve_data_dir(config.data)
+    # what the summary calls the data: the built-in phantom by its level, a user's folder by its path
+    data_name = f"the {config.data.phantom_difficulty} phantom" if not config.data.path else str(data_dir)
+    config.data.path = str(data_dir.resolve())
+    data = prepare_data(data_dir, config.data, report_dir=run_dir)
+    if resume and not data.same_splits_as(run_dir / "splits.csv"):
+        # Resuming on other splits would train on test images.
+        raise MeniscusError(f"cannot resume {run_dir}: the data or its splits changed since the run started")
+    unlabelled = tasks_without_labels(config.model.tasks, data)
+    if unlabelled:  # the model predicts what it can learn; config.yaml and the checkpoints say so
+        kept = tuple(t for t in config.model.tasks if t not in unlabelled)
+        config.model = config.model.model_copy(update={"tasks": kept})
+    if processes.main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        data.write_splits(run_dir / "splits.csv")
+        data.write_exclusions(run_dir / "exclusions.csv")
+    console.print(f"data {data_dir}: {data.exclusion_summary()} (report: {run_dir / 'exclusions.csv'})")
+    console.print(f"splits: {data.split_summary()}")
+    warnings = [
+        f"{task}: no known label in the train split ({count} {data.tasks.root.noun}s, every one unknown): "
+        f"not trained, and not predicted by this run's model"
+        for task, count in unlabelled.items()
+    ]
+    return data, data_name, warnings
+
+
+def _finish_run(
+    trainers: list[MemberTrainer],
+    config: Config,
+    data: PreparedData,
+    runtime: Runtime,
+    run_dir: Path,
+    warnings: list[str],
+    data_name: str,
+    logger: RunLogger,
+    console: Console,
+) -> dict[str, Any]:
+    """Assemble the model, score the test split, write best.pt, metrics.json and the curves, print
+    the summary and the warnings of networks that did not learn or started late."""
+    trained: dict[str, nn.Module] = {t.member.name: t.state.model for t in trainers}
+    history = [row for t in trainers for row in t.state.history]
+    best_by_member = {t.member.name: t.best for t in trainers}
+    learn_warnings = [t.warning for t in trainers if t.warning]  # networks that did not learn
+    late_warnings = [t.late_start for t in trainers if t.late_start]  # started just before the budget ended
+    model = trained[JOINT] if JOINT in trained else SeparateCascade(trained)
+    train_seconds = sum(t.state.train_seconds for t in trainers)
+    metrics = _final_metrics(model, config, data, runtime, history, best_by_member, train_seconds)
+    unknown = any(best["learned"] is None for best in best_by_member.values())
+    metrics["learned"] = False if learn_warnings else (None if unknown else True)
+    metrics["warnings"] = warnings + late_warnings + learn_warnings
+    atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    plot_training_curves(history, run_dir / "training_curves.png")
+    _print_metrics(console, metrics, data_name)
+    for warning in late_warnings + learn_warnings:
+        console.print(f"WARNING: {warning}", style="bold red", highlight=False, markup=False)
+    logger.summary(
+        _flatten("test", metrics["test"])
+        | _flatten("test_tta", metrics["test_tta"])
+        | {"learned": metrics["learned"], "warnings": "; ".join(metrics["warnings"])}
+    )
+    logger.log_image("training_curves", run_dir / "training_curves.png")
+    logger.log_artifact(run_dir / "best.pt", name=f"{MODEL_ARTIFACT_PREFIX}{run_dir.name}")
+    if logger.folder is not None:
+        console.print(
+            f"wandb ({logger.mode}): {logger.folder}"
+            + (f"  (upload: wandb sync {logger.folder})" if logger.mode == "offline" else "")
+        )
+    return metrics
+
+
+FINAL_BOOTSTRAP = 1000  # stratified bootstrap resamples for the test split's CIs in the summary
+
+
+def _final_metrics(
+    model, config: Config, data: PreparedData, runtime: Runtime, history, best_by_member, train_seconds
+) -> dict:
+    test = data.indices("test")
+    images, targets = [data.images[i] for i in test], data.targets[test]
+    results = {}
+    for key, tta in (("test", None), ("test_tta", config.tta)):
+        probs = predict_probs(
+            model,
+            images,
+            config.preprocess.edge_filter,
+            runtime,
+            config.train.eval_batch_size,
+            tta=tta,
+            seed=config.train.seed,
+        )
+        aucs = task_aucs(targets, probs, data.tasks)
+        cis = bootstrap_cis(targets, probs, FINAL_BOOTSTRAP, seed=config.train.seed, tasks=data.tasks)
+        results[key] = {
+            "auc": aucs,
+            "auc_ci95": {task: list(cis[task]) for task in aucs},
+            "score": challenge_score(aucs, data.tasks),
+            "score_ci95": list(cis["score"]),
+            "n_images": len(test),  # exams with data.layout mrnet
+            "unit": data.unit,
+            "n_tears": int(np.nansum(targets[:, 0])),
+        }
+    results["members"] = best_by_member
+    results["train_seconds"] = train_seconds  # training steps only
+    results["train_wall_seconds"] = float(sum(r["seconds"] for r in history))  # with validation
+    results["train_images"] = len(history) * config.train.steps_per_epoch * config.train.batch_size
+    results["precision"] = runtime.precision
+    results["device"] = runtime.device.type
+    results["model"] = config.model.name
+    return results
+
+
+def _flatten(prefix: str, values: dict) -> dict:
+    out = {f"{prefix}/score": values["score"]}
+    out.update({f"{prefix}/auc_{t}": a for t, a in values["auc"].items()})
+    return out
+
+
+def _print_metrics(console: Console, metrics: dict, data_name: str) -> None:
+    for key, label in (("test", "test"), ("test_tta", "test + TTA")):
+        m = metrics[key]
+        aucs = "  ".join(f"{t} {a:.4f}" for t, a in m["auc"].items())
+        score = (
+            "undefined (a weighted task is not predicted)" if math.isnan(m["score"]) else f"{m['score']:.4f}"
+        )
+        console.print(
+            f"{label}: AUC {aucs}  challenge score {score}  "
+            f"({m['n_images']} {m.get('unit', 'images')}, {m['n_tears']} tears)",
+            highlight=False,
+        )
+    reading = result_reading(metrics["test_tta"], data_name)
+    if reading:
+        console.print(reading, style="bold", highlight=False, markup=False)
+
+
+REFERENCE_SCORE = 0.892  # the JFR 2018 entry's challenge score on its own test split of real scans
+
+
+def result_reading(test: dict, data_name: str) -> str | None:
+    """One line a newcomer can read: the test score with its 95% CI, on what, and the reference's."""
+    low, high = test.get("score_ci95", (math.nan, math.nan))
+    if math.isnan(test["score"]):
+        return None
+    ci = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
+    return (
+        f"test score {test['score']:.2f}{ci} with TTA on {data_name} ({test['n_images']} "
+        f"{test.get('unit', 'images')}, 95% bootstrap CI); the reference reported {REFERENCE_SCORE} on real scans"
+    )
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    with atomic_write(path) as tmp, tmp.open("w", newline="") as handle:
+        # every key of every row: rows resumed from a run of an older version may lack newer columns
+        columns = list(dict.fromkeys(key for row in history for key in row))
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _load_run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise MeniscusError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
+    return config_from_dict(read_config_file(path), source=str(path))
+
+
+def check_registered(config: Config) -> None:
+    """The config's model and task weighting are registered ones (a ConfigError naming the key)."""
+    MODELS.check(config.model.name)
+    WEIGHTINGS.check(config.train.weighting)
+
+
+def training_config(
+    config_file: Path | None, mode: str | None, named: dict[str, Any], settings: list[str], exams: bool
+) -> Config:
+    """The config a `train` command asks for: its --config file, else the mode's preset
+    (configs/<mode>.yaml); on exams (exams=True, no --config) configs/exams.yaml's budget merged over
+    it; then the --set values, then the named options (those given, not None) over them."""
+    preset = config_file or preset_path(mode or "shared")
+    overrides = dict(parse_set_option(text) for text in settings)
+    overrides |= {key: value for key, value in named.items() if value is not None}
+    # a mode's preset counts images per step; on exams the budget is configs/exams.yaml's
+    overlay = preset_path("exams") if exams and config_file is None else None
+    config = load_config(preset if preset.is_file() or config_file else None, overrides, overlay)
+    check_registered(config)
+    return config
+
+
+def run_folder(out: Path | None, config: Config) -> Path:
+    """--out, else runs/<model>-<time>; under torchrun --out is required (every process must write
+    to the same folder, and each would name its own dated one)."""
+    if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("under torchrun give --out: every process must write to the same run folder")
+    return out or default_run_dir(config.model.name)
+
+
+def resume_run(run_dir: Path, settings: list[str], console: Console | None = None) -> dict[str, Any]:
+    """Continue a killed run with its saved config.yaml (which --set cannot change)."""
+    if settings:
+        raise MeniscusError("--set cannot change a resumed run: it continues with its saved config.yaml")
+    return train_run(None, run_dir, resume=True, console=console)

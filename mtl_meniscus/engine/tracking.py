@@ -1,0 +1,131 @@
+"""Weights & Biases logging behind a small interface; 'disabled' makes every call a no-op."""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtl_meniscus.config import WandbConfig
+
+MODEL_ARTIFACT_PREFIX = "model-"  # + the run folder's name: the artifact train logs best.pt as
+
+
+def resolve_wandb_mode(config: WandbConfig) -> str:
+    """The configured mode, else $WANDB_MODE, else offline ('dryrun' is the old name of offline)."""
+    mode = config.mode or os.environ.get("WANDB_MODE") or "offline"
+    return {"dryrun": "offline", "run": "online"}.get(mode, mode)
+
+
+class RunLogger:
+    """One wandb run writing into `run_dir/wandb` (offline: sync later with `wandb sync`)."""
+
+    def __init__(self, config: WandbConfig, run_dir: Path, name: str, run_config: dict[str, Any]):
+        self.mode = resolve_wandb_mode(config)
+        self.run = None
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+        id_file.write_text(run_id)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(
+            project=config.project,
+            name=name,
+            id=run_id,
+            resume="allow",  # a resumed training run continues the same wandb run
+            dir=str(run_dir),
+            mode=self.mode,
+            group=config.group,
+            job_type=config.job_type,
+            config=run_config,
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+
+    @property
+    def folder(self) -> Path | None:
+        return Path(self.run.dir).parent if self.run is not None else None
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def log_roc(self, curves: dict[str, tuple[np.ndarray, np.ndarray]], key: str = "roc") -> None:
+        """ROC points as one table (task, fpr, tpr), plottable in the wandb UI."""
+        rows = [[task, float(f), float(t)] for task, (fpr, tpr) in curves.items() for f, t in zip(fpr, tpr)]
+        self.log_table(key, ["task", "fpr", "tpr"], rows)
+
+    def log_table(
+        self, key: str, columns: list[str], rows: list[list[Any]], image_columns: tuple[str, ...] = ()
+    ) -> None:
+        """A table; values of `image_columns` are PNG paths (or None) shown as images."""
+        if self.run is not None:
+            import wandb
+
+            at = [columns.index(c) for c in image_columns]
+            rows = [
+                [wandb.Image(str(v)) if k in at and v is not None else v for k, v in enumerate(row)]
+                for row in rows
+            ]
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def define_step_axes(self, prefixes: list[str]) -> None:
+        """Each prefix (a network of the cascade, or the shared model) plots against its own
+        '<prefix>/epoch', so the three networks trained one after the other share an x-axis."""
+        if self.run is not None:
+            for prefix in prefixes:
+                self.run.define_metric(f"{prefix}/epoch")
+                self.run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/epoch")
+
+    def record_model(self, checkpoint: Path, model_run: Path | None) -> None:
+        """Which trained model this run scores. Online, a lineage edge to the model artifact the
+        training run logged (`model-<run folder name>`); offline wandb refuses use_artifact, so the
+        run's config names the checkpoint and the training run's wandb id either way."""
+        if self.run is None:
+            return
+        id_file = model_run / "wandb_id.txt" if model_run else None
+        self.run.config.update(
+            {
+                "model_checkpoint": str(checkpoint),
+                "model_run": str(model_run) if model_run else None,
+                "model_wandb_id": id_file.read_text().strip() if id_file and id_file.is_file() else None,
+            },
+            allow_val_change=True,
+        )
+        if self.mode == "online" and model_run is not None:
+            try:
+                self.run.use_artifact(f"{MODEL_ARTIFACT_PREFIX}{model_run.name}:latest")
+            except (
+                Exception
+            ) as err:  # e.g. trained offline or in another project: lineage stays in the config
+                warnings.warn(f"wandb: no model artifact to link ({type(err).__name__}: {err})", stacklevel=2)
+
+    def log_image(self, key: str, path: Path) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))})
+
+    def log_artifact(self, path: Path, name: str, kind: str = "model") -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name=name, type=kind)
+        artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

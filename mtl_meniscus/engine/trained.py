@@ -1,0 +1,191 @@
+"""A trained model loaded from a run folder or a checkpoint, and the fissure threshold it applies.
+
+Used by every command that scores or exports a trained model (evaluate, predict, compare, export).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from mtl_meniscus.config import Config, TTAConfig
+from mtl_meniscus.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from mtl_meniscus.engine.inference import predict_probs
+from mtl_meniscus.engine.runtime import Runtime
+from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.labels import TaskTable
+
+THRESHOLD_FILE = "threshold.json"
+
+
+@dataclass(frozen=True)
+class ExamPrediction:
+    slices: dict[str, np.ndarray]  # {task: (S,) probability of every slice}
+    exam: dict[str, float]  # {task: the exam's probability}
+    top_slice: int  # the most suspicious slice (highest fissure probability), 0-based
+
+
+@dataclass
+class TrainedModel:
+    """A model loaded from a run folder or a checkpoint file, with what it was trained with."""
+
+    model: nn.Module
+    config: Config
+    checkpoint: Path
+    run_dir: Path | None
+
+    @property
+    def tasks(self) -> TaskTable:
+        """The task table the model was trained with (built-in tasks plus its data.extra_tasks)."""
+        return self.config.data.task_table()
+
+    @property
+    def outputs(self) -> list[str]:
+        """The tasks the model predicts, in the task table's order."""
+        return [name for name in self.tasks.names if name in self.config.model.tasks]
+
+    def tta(self, copies: int | None = None) -> TTAConfig:
+        """The model's test-time augmentation, with `copies` (e.g. --tta) instead of its own if given."""
+        own = self.config.tta
+        return TTAConfig(copies=own.copies if copies is None else copies, augment=own.augment)
+
+    def predict(
+        self,
+        images: list[np.ndarray],
+        runtime: Runtime,
+        tta: TTAConfig | None = None,
+        seed: int = 0,
+        **kwargs,
+    ) -> dict[str, np.ndarray]:
+        """{task: (N,) probabilities} with this model's preprocessing (see inference.predict_probs).
+        An exam model takes exams (S, H, W); a single slice (H, W) is to it an exam of one slice."""
+        from mtl_meniscus.networks.models import takes_exams
+
+        if takes_exams(self.model):
+            images = [image if image.ndim == 3 else image[None] for image in images]
+        kwargs.setdefault("batch_size", self.config.train.eval_batch_size)
+        return predict_probs(
+            self.model, images, self.config.preprocess.edge_filter, runtime, tta=tta, seed=seed, **kwargs
+        )
+
+    @property
+    def exam_rule(self) -> str:
+        """How predict_exam turns an exam into its probabilities, for messages and metrics.json."""
+        pooling = self.config.model.exam_pooling
+        if pooling:
+            return f"the exam model's output ({pooling} pooling over its slices)"
+        return "its most suspicious slice (the highest fissure probability over its slices)"
+
+    def predict_exam(
+        self, volume: np.ndarray, runtime: Runtime, tta: TTAConfig | None = None, seed: int = 0, **kwargs
+    ) -> ExamPrediction:
+        """An exam (S, H, W): every slice's probabilities, and the exam's. Slices are resized to the
+        model's size.
+
+        A slice model gives the exam the highest fissure probability over its slices (max pooling,
+        as in MRNet) and the other tasks' probabilities at that most suspicious slice. An exam model
+        (trained on exam labels) gives the exam its own output; each slice's probabilities are its
+        output on that slice alone, and the most suspicious slice is again the highest fissure one."""
+        from mtl_meniscus.io.exams import resized_slices
+        from mtl_meniscus.networks.models import takes_exams
+
+        slices = resized_slices(volume, self.config.data.image_size)
+        root = self.tasks.root.name
+        if takes_exams(self.model):
+            exam = self.predict([slices], runtime, tta=tta, seed=seed, **kwargs)  # {task: (1,)}
+            per_slice = self.predict([s[None] for s in slices], runtime, tta=tta, seed=seed, **kwargs)
+            top = int(np.argmax(per_slice[root]))
+            return ExamPrediction(per_slice, {task: float(p[0]) for task, p in exam.items()}, top)
+        probs = self.predict(list(slices), runtime, tta=tta, seed=seed, **kwargs)  # {task: (S,)}
+        top = int(np.argmax(probs[root]))
+        return ExamPrediction(probs, {task: float(p[top]) for task, p in probs.items()}, top)
+
+    def saliency(self, image: np.ndarray, runtime: Runtime) -> dict[str, np.ndarray]:
+        """{task: (H, W) saliency map in [0, 1]} of one raw slice."""
+        import torch
+
+        from mtl_meniscus.networks.models import takes_exams
+
+        if takes_exams(self.model):
+            raise MeniscusError(
+                f"{self.checkpoint}: saliency maps are for slice models; this one was trained on whole "
+                "exams (model.exam_pooling), and predict --exams names each exam's most suspicious slice"
+            )
+
+        from mtl_meniscus.data.preprocess import make_input
+        from mtl_meniscus.networks.cam import grad_cam
+
+        x = runtime.prepare_input(
+            torch.from_numpy(make_input(image, self.config.preprocess.edge_filter))[None]
+        )
+        return {task: grad_cam(self.model, x, task)[0] for task in self.config.model.tasks}  # x: (1, C, H, W)
+
+    @property
+    def saved_threshold(self) -> Threshold | None:
+        """The fissure threshold saved in the run by `evaluate --youden`, if any."""
+        path = self.run_dir / THRESHOLD_FILE if self.run_dir else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            value = record["fissure_threshold"]
+            if isinstance(value, bool) or not 0 <= float(value) <= 1:  # NaN fails too
+                raise ValueError(f"fissure_threshold {value!r} is not a probability 0..1")
+            # Files written before the threshold was chosen with TTA carry no tta_copies: it was 0.
+            copies = int(record.get("tta_copies", 0))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise MeniscusError(
+                f"{path}: malformed ({type(err).__name__}: {err}); it should hold "
+                '{"fissure_threshold": <0..1>}. Delete it, or write it again with evaluate --youden'
+            ) from None
+        return Threshold(
+            float(value),
+            f"Youden's J on the run's validation split with TTA {copies} copies ({path})",
+            tta_copies=copies,
+        )
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The fissure threshold a command applies, and where it came from (printed on every run)."""
+
+    value: float
+    source: str
+    tta_copies: int | None = None  # TTA copies of the probabilities it was chosen on, if chosen on data
+
+    def describe(self, applied_tta_copies: int) -> str:
+        text = f"fissure threshold {self.value:.3f}: {self.source}"
+        if self.tta_copies is not None and self.tta_copies != applied_tta_copies:
+            text += (
+                f"; note: chosen on probabilities with TTA {self.tta_copies} copies, "
+                f"applied here with {applied_tta_copies}"
+            )
+        return text
+
+
+DEFAULT_THRESHOLD = Threshold(0.5, "the default (no --threshold given, no threshold.json in the run)")
+
+
+def resolve_threshold(trained: TrainedModel, given: float | None) -> Threshold:
+    """--threshold if given, else the run's saved threshold.json, else 0.5."""
+    if given is not None:
+        return Threshold(given, "--threshold")
+    return trained.saved_threshold or DEFAULT_THRESHOLD
+
+
+def load_trained(run_or_checkpoint: str | Path, runtime: Runtime) -> TrainedModel:
+    """A run folder (uses its best.pt) or a .pt checkpoint file, placed on the runtime's device."""
+    path = Path(run_or_checkpoint)
+    checkpoint = path / "best.pt" if path.is_dir() else path
+    if path.is_dir() and not checkpoint.is_file():
+        raise MeniscusError(
+            f"{path}: no best.pt here; is the run finished? (resume it with train --resume {path})"
+        )
+    model, config = model_from_checkpoint(load_checkpoint(checkpoint), source=checkpoint)
+    model = runtime.prepare_model(model)
+    run_dir = checkpoint.parent if (checkpoint.parent / "config.yaml").is_file() else None
+    return TrainedModel(model, config, checkpoint, run_dir)

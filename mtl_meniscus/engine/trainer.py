@@ -1,0 +1,287 @@
+"""The epoch loop of one network ("member"): steps, validation, stopping decision, checkpoints.
+
+A run (engine/run.py) trains its members one after another: one network for all tasks, or the
+reference cascade's one network per task (engine/members.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from mtl_meniscus.config import Config
+from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.data.torch_dataset import EpochBatchSampler, ExamDataset, SliceDataset, training_batches
+from mtl_meniscus.engine.distributed import SINGLE, Distributed
+from mtl_meniscus.engine.members import Member, member_config, member_start_score
+from mtl_meniscus.engine.runtime import Runtime
+from mtl_meniscus.engine.stopping import CHANCE, EarlyStopping, decide_after_epoch
+from mtl_meniscus.engine.tracking import RunLogger
+from mtl_meniscus.engine.training_state import MemberCheckpoints, TrainingState
+from mtl_meniscus.engine.validation import validate
+from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.networks.losses import build_weighting, task_losses
+from mtl_meniscus.networks.models import parameter_groups, set_train_mode
+
+EpochCallback = Callable[[str, int], None]  # (member, epoch) after each finished epoch
+
+
+class TrainingDivergedError(MeniscusError):
+    """The loss or the network's outputs stopped being finite numbers."""
+
+
+class MemberTrainer:
+    """The epoch loop of one network: training steps, validation, the stopping decision
+    (stopping.py) and the checkpoints that make it resumable (training_state.py)."""
+
+    def __init__(
+        self,
+        member: Member,
+        config: Config,
+        data: PreparedData,
+        runtime: Runtime,
+        logger: RunLogger,
+        console: Console,
+        processes: Distributed = SINGLE,
+    ):
+        self.member, self.config, self.data, self.runtime = member, config, data, runtime
+        self.logger, self.console, self.processes = logger, console, processes
+        train = config.train
+        torch.manual_seed(train.seed)
+        model = runtime.prepare_model(member.build(config))
+        self.checkpoints = MemberCheckpoints(member.folder, member.name, processes.main)
+        weighting = build_weighting(train.weighting, member.tasks, train.task_weights).to(runtime.device)
+        groups = parameter_groups(model, train.lr, train.backbone_lr_factor, config.model.freeze_backbone)
+        groups.append({"params": list(weighting.parameters()), "lr": train.lr})
+        self.state = TrainingState(
+            model=model,
+            weighting=weighting,
+            optimizer=torch.optim.Adam(groups, lr=train.lr),
+            stopping=EarlyStopping(
+                patience=train.early_stopping_patience,
+                lr_patience=train.lr_patience,
+                start_score=member_start_score(
+                    data.targets[member.val_indices], member.tasks, train.left_chance_max, data.tasks
+                ),
+            ),
+        )
+        kind = ExamDataset if data.exams else SliceDataset
+        self.dataset = kind(data.images, data.targets, config.preprocess.edge_filter, config.augment)
+        self.sampler = EpochBatchSampler(
+            member.train_indices,
+            train.steps_per_epoch,
+            train.batch_size,
+            train.seed,
+            rank=processes.rank,
+            world=processes.world,
+        )
+        self.net = processes.wrap(self.state.model, runtime.device)  # DDP under torchrun
+
+    def diverged(self, what: str) -> TrainingDivergedError:
+        """The error that stops a run whose loss or outputs are no longer finite; last.pt is kept."""
+        lr = self.config.train.lr
+        kept = (
+            f"last.pt keeps epoch {self.state.epoch - 1}, the last finished one"
+            if self.state.epoch > 1
+            else "no epoch had finished, so there is no last.pt"
+        )
+        return TrainingDivergedError(
+            f"[{self.member.name}] training diverged in epoch {self.state.epoch}: {what}. {kept}. Try a lower "
+            f"learning rate in a new run (--lr {lr / 10:g}; this run used {lr:g}); --resume would "
+            "repeat the same steps"
+        )
+
+    # ---- loop --------------------------------------------------------------------------------
+    def try_resume(self) -> bool:
+        return self.checkpoints.resume(self.state)
+
+    # ---- loop --------------------------------------------------------------------------------
+    def fit(self, on_epoch_end: EpochCallback | None = None) -> None:
+        """Train epoch after epoch until the stopping rule or the budget ends it; the model then
+        holds the best epoch's weights (best.pt)."""
+        train = self.config.train
+        while not self.state.finished:
+            self.state.epoch += 1
+            start = time.perf_counter()
+            train_loss, task_weights = self._train_epoch()
+            self.state.train_seconds += time.perf_counter() - start
+            val = validate(
+                self.state.model,
+                self.data,
+                self.member.val_indices,
+                self.config,
+                self.runtime,
+                self.processes,
+            )
+            if not val["finite"]:
+                raise self.diverged("the network's outputs on the validation images are not finite numbers")
+            lr = self.state.optimizer.param_groups[0]["lr"]
+            decision = decide_after_epoch(
+                self.state.stopping, self.state.epoch, val["score"], lr, train.min_lr, train.max_epochs
+            )
+            if decision.improved:
+                self.checkpoints.save_best(self.state, member_config(self.config, self.member))
+            elif decision.cut_lr:
+                self._cut_lr()
+            row = self._history_row(train_loss, task_weights, val, decision.improved, lr, start)
+            self.state.history.append(row)
+            self.state.finished = decision.finished
+            if self.state.stopping.best_score is None and self.state.finished:
+                # never a defined score (e.g. one-class validation): keep the last weights
+                self.checkpoints.save_best(self.state, member_config(self.config, self.member))
+            self.checkpoints.save_last(self.state, self.config)
+            self._report(row, decision.improved)
+            if on_epoch_end is not None:
+                on_epoch_end(self.member.name, self.state.epoch)
+        self.processes.barrier()  # rank 0 has written best.pt
+        self.checkpoints.restore_best(self.state.model)
+
+    def _history_row(self, train_loss, task_weights, val, improved, lr, start) -> dict[str, Any]:
+        """One row of history.csv: the epoch's losses, AUCs, score, learning rate and task weights."""
+        names = self.data.tasks.names
+        return {
+            "member": self.member.name,
+            "epoch": self.state.epoch,
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            **{f"val_auc_{t}": val["auc"].get(t, float("nan")) for t in names},
+            "val_score": val["score"],
+            "improved": int(improved),
+            "lr": lr,
+            **{f"weight_{t}": task_weights.get(t, float("nan")) for t in names},
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _cut_lr(self) -> None:
+        """Multiply every group's learning rate by lr_factor, down to min_lr."""
+        train = self.config.train
+        for group in self.state.optimizer.param_groups:
+            group["lr"] = max(group["lr"] * train.lr_factor, train.min_lr)
+        self.state.stopping.lr_was_cut()
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The restored epoch, as every report gives it, and whether the network learned at all."""
+        stopping = self.state.stopping
+        return {
+            "best_epoch": stopping.best_epoch,
+            "val_score": stopping.best_score,
+            "epochs": self.state.epoch,
+            "learned": stopping.started
+            if stopping.best_score is not None
+            else None,  # None: no score to tell
+            "left_chance_epoch": stopping.started_epoch or None,
+            "left_chance_score": stopping.start_score,
+        }
+
+    @property
+    def late_start(self) -> str | None:
+        """A warning when the network left chance only in the last epochs before the budget ended it."""
+        return late_start_warning(
+            self.member.name,
+            self.state.stopping.started_epoch or None,
+            self.state.epoch,
+            self.config.train.max_epochs,
+        )
+
+    @property
+    def warning(self) -> str | None:
+        """'did not learn: ...' when validation never left chance, else None."""
+        stopping = self.state.stopping
+        best = stopping.best_score
+        if stopping.started or best is None:  # None: no defined validation score, warned before training
+            return None
+        return (
+            f"[{self.member.name}] did not learn: validation score {best:.2f}, "
+            f"chance is {CHANCE:.2f} (a score of {stopping.start_score:.2f} would have shown learning); "
+            "check the labels, or train longer or with another learning rate"
+        )
+
+    def _train_epoch(self) -> tuple[float, dict[str, float]]:
+        """One epoch of steps: (mean training loss, {task: mean weight the task weighting applied})."""
+        train = self.config.train
+        self.sampler.set_epoch(self.state.epoch)
+        loader = training_batches(
+            self.dataset,
+            self.sampler,
+            train.num_workers,
+            channels_last=self.runtime.channels_last,
+            pin_memory=self.runtime.device.type == "cuda",
+        )
+        set_train_mode(self.state.model, self.config.model.freeze_backbone)
+        total, steps = 0.0, 0
+        weight_sums: dict[str, float] = {}
+        with Progress(
+            TextColumn(f"[bold]{self.member.name}[/] epoch {self.state.epoch}/{train.max_epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            disable=not self.console.is_terminal,
+        ) as progress:
+            bar = progress.add_task("train", total=len(self.sampler), loss=float("nan"))
+            for inputs, y in loader:
+                # x (B, C, H, W); for exams (N, C, H, W), every slice of the B exams, and lengths (B,)
+                x, *exam_lengths = inputs
+                x, y = self.runtime.prepare_input(x), y.to(self.runtime.device)  # y (B, T)
+                with self.runtime.autocast():
+                    outputs = self.net(x, *(t.to(self.runtime.device) for t in exam_lengths))
+                tasks = self.data.tasks
+                denominators = self.processes.loss_denominators(y, list(outputs), tasks)  # torchrun only
+                losses = task_losses(outputs, y, train.pos_weights, tasks, denominators)
+                self.state.optimizer.zero_grad(set_to_none=True)
+                loss, weights = self.state.weighting.backward(losses)
+                self.processes.average_gradients(self.state.weighting.parameters())
+                loss = self.processes.mean(loss)  # NaN on every process if one diverged
+                if not torch.isfinite(loss):  # before the step: the weights stay as they were
+                    raise self.diverged(f"the training loss is {float(loss)} at step {steps + 1}")
+                self.state.optimizer.step()
+                total += float(loss)
+                for task, weight in weights.items():
+                    weight_sums[task] = weight_sums.get(task, 0.0) + weight
+                steps += 1
+                progress.update(bar, advance=1, loss=total / steps)
+        return total / max(steps, 1), {task: w / max(steps, 1) for task, w in weight_sums.items()}
+
+    def _report(self, row: dict[str, Any], improved: bool) -> None:
+        aucs = " ".join(
+            f"{t} {row[f'val_auc_{t}']:.3f}"
+            for t in self.data.tasks.names
+            if not math.isnan(row[f"val_auc_{t}"])
+        )
+        star = " *" if improved else ""
+        self.console.print(
+            f"[{self.member.name}] epoch {row['epoch']:>2}  loss {row['train_loss']:.4f}  "
+            f"val loss {row['val_loss']:.4f}  AUC {aucs}  score {row['val_score']:.4f}{star}  "
+            f"lr {row['lr']:.2g}  {row['seconds']:.1f}s",
+            highlight=False,
+            markup=False,
+        )
+        self.logger.log({f"{self.member.name}/{k}": v for k, v in row.items() if k != "member"})
+
+
+LATE_START_EPOCHS = 3  # leaving chance within this many epochs of the budget's end counts as late
+
+
+def late_start_warning(name: str, left_chance_epoch: int | None, epochs: int, max_epochs: int) -> str | None:
+    """'[name] left chance only at epoch 20 of 20 ...' when the budget (max_epochs) ended a network
+    that had only just started to learn; None otherwise (also when it never left chance: that is
+    the did-not-learn warning)."""
+    if (
+        left_chance_epoch is None
+        or epochs < max_epochs
+        or left_chance_epoch <= max_epochs - LATE_START_EPOCHS
+    ):
+        return None
+    return (
+        f"[{name}] left chance only at epoch {left_chance_epoch} of {max_epochs}: it had just started to learn "
+        "when the budget ended it, so its scores understate what it can learn; train longer (--max-epochs)"
+    )

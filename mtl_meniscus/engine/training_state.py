@@ -1,0 +1,104 @@
+"""A network's training state, saved after every epoch (last.pt) so that a killed run resumes, and
+its best epoch's weights (best.pt)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtl_meniscus.config import Config
+from mtl_meniscus.engine.checkpoint import atomic_torch_save, load_checkpoint, model_payload
+from mtl_meniscus.engine.stopping import EarlyStopping
+from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.networks.losses import TaskWeighting
+
+
+@dataclass
+class TrainingState:
+    """Everything a network's training needs to continue after a kill, saved in last.pt as one dict.
+
+    Each field is saved and restored the same way: through state_dict()/load_state_dict() where it
+    has them (model, weighting, optimizer, early stopping), as a plain value otherwise. The torch
+    RNG goes with it so that a resumed run draws the same dropout masks as an uninterrupted one.
+    """
+
+    model: nn.Module
+    weighting: TaskWeighting
+    optimizer: torch.optim.Optimizer
+    stopping: EarlyStopping
+    epoch: int = 0  # epochs finished
+    finished: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
+    train_seconds: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        saved: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            saved[f.name] = value.state_dict() if hasattr(value, "state_dict") else value
+        saved["torch_rng"] = torch.get_rng_state()
+        return saved
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "load_state_dict"):
+                value.load_state_dict(saved[f.name])
+            else:
+                setattr(self, f.name, saved[f.name])
+        torch.set_rng_state(saved["torch_rng"])
+
+
+@dataclass
+class MemberCheckpoints:
+    """A member's last.pt (the training state) and best.pt (its best epoch's weights, with the
+    member's own config), written by the main process only."""
+
+    folder: Path
+    member: str  # its name, saved in both files
+    main: bool = True  # False on the other processes under torchrun: they write nothing
+
+    def save_last(self, state: TrainingState, config: Config) -> None:
+        if not self.main:
+            return
+        payload = model_payload(
+            state.model, config, {"member": self.member, "training_state": state.state_dict()}
+        )
+        atomic_torch_save(payload, self.folder / "last.pt")
+
+    def save_best(self, state: TrainingState, member_config: Config) -> None:
+        if not self.main:
+            return
+        extra = {
+            "member": self.member,
+            "best_epoch": state.stopping.best_epoch,
+            "best_score": state.stopping.best_score,
+        }
+        atomic_torch_save(model_payload(state.model, member_config, extra), self.folder / "best.pt")
+
+    def restore_best(self, model: nn.Module) -> None:
+        model.load_state_dict(load_checkpoint(self.folder / "best.pt")["state_dict"])
+
+    def resume(self, state: TrainingState) -> bool:
+        """Load last.pt into `state`; False when there is none (the member had not started)."""
+        last = self.folder / "last.pt"
+        if not last.is_file():
+            return False
+        payload = load_checkpoint(last)
+        if not isinstance(payload.get("training_state"), dict):
+            raise MeniscusError(
+                f"{last}: holds no training state, so the run cannot resume from it "
+                "(a last.pt is written by train after each epoch; best.pt files cannot be resumed)"
+            )
+        try:
+            state.load_state_dict(payload["training_state"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else ""
+            raise MeniscusError(
+                f"{last}: damaged training state, cannot resume ({type(err).__name__}: {reason[:300]})"
+            ) from None
+        return True

@@ -1,0 +1,1 @@
+"""Scores and figures: AUCs with confidence intervals, DeLong, ROC and training plots."""

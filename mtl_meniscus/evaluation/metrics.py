@@ -1,0 +1,225 @@
+"""Metrics as pure functions on arrays. AUCs use scikit-learn; a one-class subset gives NaN."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+from scipy.stats import rankdata
+
+from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
+
+
+def binary_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """ROC AUC, or NaN when only one class is present (undefined, not a crash).
+
+    Computed as the Mann-Whitney statistic from mid-ranks (ties count half), which equals
+    scikit-learn's roc_auc_score (the tests check it) at a fraction of its overhead: the
+    bootstraps compute hundreds of thousands of AUCs.
+    """
+    positives = np.asarray(y_true) == 1
+    n_pos = int(positives.sum())
+    n_neg = len(positives) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(y_score, dtype=float))  # 1-based, ties get their mean rank
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def task_aucs(
+    targets: np.ndarray, probs: Mapping[str, np.ndarray], tasks: TaskTable = DEFAULT_TASKS
+) -> dict[str, float]:
+    """Per-task AUC: fissure on all images, orientation and position on true tears only."""
+    out = {}
+    for task, p in probs.items():
+        rows = tasks.scored_rows(targets, task)
+        out[task] = binary_auc(targets[rows, tasks.index(task)], np.asarray(p)[rows])
+    return out
+
+
+def challenge_score(aucs: Mapping[str, float], tasks: TaskTable = DEFAULT_TASKS) -> float:
+    """0.4 AUC(fissure) + 0.3 AUC(orientation) + 0.3 AUC(position) (the tasks' weights); NaN if any
+    weighted task is undefined. Tasks of weight 0 are reported, not scored."""
+    return float(sum(t.weight * aucs.get(t.name, float("nan")) for t in tasks if t.weight > 0))
+
+
+def monitor_weights(names: Iterable[str], tasks: TaskTable = DEFAULT_TASKS) -> dict[str, float]:
+    """The weights of the monitored score over these tasks: their challenge weights, or equal
+    weights when all of them are 0 (a network of an unscored task)."""
+    weights = {name: tasks.weight(name) for name in names}
+    return weights if any(weights.values()) else dict.fromkeys(weights, 1.0)
+
+
+def monitor_score(aucs: Mapping[str, float], tasks: TaskTable = DEFAULT_TASKS) -> float:
+    """Challenge-weighted mean over the tasks present and defined (the challenge score for all three).
+
+    Used to pick the best epoch: a single-task network of the cascade monitors its own AUC. Tasks
+    of weight 0 count only when no weighted task is there (monitor_weights).
+    """
+    defined = {t: a for t, a in aucs.items() if not math.isnan(a)}
+    if not defined:
+        return float("nan")
+    weights = monitor_weights(defined, tasks)
+    return float(sum(weights[t] * a for t, a in defined.items()) / sum(weights.values()))
+
+
+def binary_counts(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> dict[str, float]:
+    """Confusion matrix at a threshold (p >= threshold is positive), sensitivity and specificity."""
+    y_true = np.asarray(y_true).astype(bool)
+    predicted = np.asarray(y_prob) >= threshold
+    tp = int(np.sum(predicted & y_true))
+    fp = int(np.sum(predicted & ~y_true))
+    tn = int(np.sum(~predicted & ~y_true))
+    fn = int(np.sum(~predicted & y_true))
+    return {
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+    }
+
+
+def youden_threshold(y_true: np.ndarray, y_prob: np.ndarray) -> float:
+    """Threshold maximising Youden's J = sensitivity + specificity - 1 on the ROC curve."""
+    from sklearn.metrics import roc_curve
+
+    if len(np.unique(y_true)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(y_true, y_prob)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thresholds[best], 1.0))  # roc_curve's first threshold is +inf
+
+
+def roc_points(
+    targets: np.ndarray, probs: Mapping[str, np.ndarray], tasks: TaskTable = DEFAULT_TASKS
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(fpr, tpr) per task on its scored rows; tasks with one class are left out."""
+    from sklearn.metrics import roc_curve
+
+    curves = {}
+    for task, p in probs.items():
+        rows = tasks.scored_rows(targets, task)
+        y = targets[rows, tasks.index(task)]
+        if len(np.unique(y)) == 2:
+            fpr, tpr, _ = roc_curve(y, np.asarray(p)[rows])
+            curves[task] = (fpr, tpr)
+    return curves
+
+
+def task_resamples(
+    targets: np.ndarray,
+    n_resamples: int,
+    seed: int = 0,
+    names: tuple[str, ...] | None = None,
+    tasks: TaskTable = DEFAULT_TASKS,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Per resample, {task: row indices} of a bootstrap of that task's own scored rows.
+
+    Each task is resampled on the rows where it is scored (all images for fissure, true tears
+    for orientation and position), with replacement within its own two classes: the task keeps
+    its numbers of positives and negatives, and its AUC varies with every one of them. (A
+    stratification on the joint label would draw a stratum of one image, e.g. the only anterior
+    vertical tear, in every resample and leave the rare class's variance out.) The tasks' draws
+    are independent of each other. Same targets and seed, same resamples: variants scored on the
+    same test split can be compared resample by resample (paired bootstrap).
+    """
+    rng = np.random.default_rng(seed)
+    classes: dict[str, list[np.ndarray]] = {}
+    for task in names or tasks.names:
+        rows = np.flatnonzero(tasks.scored_rows(targets, task))
+        labels = targets[rows, tasks.index(task)]
+        classes[task] = [rows[labels == value] for value in (0.0, 1.0) if np.any(labels == value)]
+    for _ in range(n_resamples):
+        yield {
+            task: np.concatenate([rng.choice(group, size=len(group)) for group in groups])
+            if groups
+            else np.zeros(0, np.int64)
+            for task, groups in classes.items()
+        }
+
+
+def resampled_aucs(
+    targets: np.ndarray,
+    probs: Mapping[str, np.ndarray],
+    rows_by_task: Mapping[str, np.ndarray],
+    tasks: TaskTable = DEFAULT_TASKS,
+) -> dict[str, float]:
+    """AUC of each task on its own resampled rows (see task_resamples)."""
+    return {
+        task: binary_auc(targets[rows_by_task[task], tasks.index(task)], np.asarray(p)[rows_by_task[task]])
+        for task, p in probs.items()
+    }
+
+
+def percentile_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the defined (non-NaN) values; NaNs if there are none."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return (float("nan"), float("nan"))
+    tail = (1 - level) / 2 * 100
+    return (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail)))
+
+
+def bootstrap_cis(
+    targets: np.ndarray,
+    probs: Mapping[str, np.ndarray],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    tasks: TaskTable = DEFAULT_TASKS,
+) -> dict[str, tuple[float, float]]:
+    """Percentile confidence intervals of each task AUC and of the challenge score.
+
+    Each task's AUC is bootstrapped on its own rows, stratified on its own class (task_resamples);
+    the score of a resample combines the three tasks' resampled AUCs.
+    """
+    samples: dict[str, list[float]] = {task: [] for task in probs}
+    samples["score"] = []
+    scored = {t.name for t in tasks if t.weight > 0}
+    for rows_by_task in task_resamples(targets, n_resamples, seed, tuple(probs), tasks):
+        aucs = resampled_aucs(targets, probs, rows_by_task, tasks)
+        for task, value in aucs.items():
+            samples[task].append(value)
+        samples["score"].append(
+            challenge_score(aucs, tasks) if scored <= set(aucs) else monitor_score(aucs, tasks)
+        )
+    return {key: percentile_ci(np.asarray(values), level) for key, values in samples.items()}
+
+
+def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict[str, float]:
+    """DeLong's test of two correlated ROC AUCs (two models scored on the same images).
+
+    DeLong, DeLong & Clarke-Pearson 1988: each positive's and each negative's placement value
+    (its share of the other class it outranks, ties counting half) gives the AUCs and the
+    covariance of their difference. Returns auc_a, auc_b, difference (a - b), its standard
+    error, z and the two-sided p-value; NaN where a class is missing. Equal AUCs with zero
+    variance (e.g. both perfect) give z = 0 and p = 1.
+    """
+    y_true = np.asarray(y_true)
+    positives, negatives = y_true == 1, y_true == 0
+    m, n = int(positives.sum()), int(negatives.sum())
+    nan = float("nan")
+    if m == 0 or n == 0:
+        return {"auc_a": nan, "auc_b": nan, "difference": nan, "se": nan, "z": nan, "p_value": nan}
+    v10, v01 = [], []  # per model: placement values of the positives (m,) and of the negatives (n,)
+    for scores in (np.asarray(score_a, float), np.asarray(score_b, float)):
+        x, y = scores[positives][:, None], scores[negatives][None, :]  # (m, 1), (1, n)
+        psi = (x > y) + 0.5 * (x == y)  # (m, n)
+        v10.append(psi.mean(axis=1))
+        v01.append(psi.mean(axis=0))
+    auc_a, auc_b = float(v10[0].mean()), float(v10[1].mean())
+    s10 = np.cov(np.stack(v10)) if m > 1 else np.zeros((2, 2))
+    s01 = np.cov(np.stack(v01)) if n > 1 else np.zeros((2, 2))
+    variance = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    difference = auc_a - auc_b
+    se = math.sqrt(max(float(variance), 0.0))
+    if se == 0.0:
+        z = 0.0 if difference == 0 else math.copysign(math.inf, difference)
+    else:
+        z = difference / se
+    p_value = math.erfc(abs(z) / math.sqrt(2))
+    return {"auc_a": auc_a, "auc_b": auc_b, "difference": difference, "se": se, "z": z, "p_value": p_value}

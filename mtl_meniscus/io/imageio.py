@@ -1,0 +1,327 @@
+"""Read one 2D grey slice from PNG/TIFF/JPEG, DICOM, NIfTI or .npy as float32 (H, W)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mtl_meniscus.errors import ConfigError, ImageReadError
+
+RASTER_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NUMPY_SUFFIXES = (".npy",)
+HDF5_SUFFIXES = (".h5",)  # fastMRI's files: a reconstructed volume per file
+SUPPORTED_SUFFIXES = RASTER_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES + NUMPY_SUFFIXES + HDF5_SUFFIXES
+HDF5_DATASETS = ("reconstruction_rss", "reconstruction_esc")  # fastMRI knee: multi-coil, single-coil
+
+# Decoded-size limit: every format's header is read first, and a file declaring more pixels (all
+# slices of a volume counted) is refused before anything is decoded. data.max_pixels in the config
+# sets it for train and evaluate; $MTL_MENISCUS_MAX_PIXELS for every command where that is unset.
+DEFAULT_MAX_PIXELS = 64_000_000
+MAX_PIXELS_ENV = "MTL_MENISCUS_MAX_PIXELS"
+VOLUME_HINT = "give the slice to use in a 'slice' column of labels.csv"
+
+
+def image_suffix(path: str | Path) -> str:
+    """Lower-case suffix of an image path, treating `.nii.gz` as one suffix."""
+    name = str(path).lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def is_supported_image(path: str | Path) -> bool:
+    """True when the file's suffix is one of the formats this package reads."""
+    return image_suffix(path) in SUPPORTED_SUFFIXES
+
+
+def max_pixels_limit(configured: int | None = None) -> int:
+    """The decoded-size limit: `configured` (data.max_pixels), else $MTL_MENISCUS_MAX_PIXELS, else 64 MP."""
+    if configured is not None:
+        return configured
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = float(text)  # "64e6" works too
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise ConfigError(f"${MAX_PIXELS_ENV}: bad value {text!r} (allowed: a number of pixels >= 1)")
+    return int(value)
+
+
+def read_image(
+    path: str | Path,
+    slice_index: int | None = None,
+    max_pixels: int | None = None,
+    volume_hint: str = VOLUME_HINT,
+    last_volume: dict[Path, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Read one grey slice as float32 (H, W); `slice_index` picks a slice of a 3D volume.
+
+    Slices are taken along the last axis of a NIfTI volume (its k axis) and the first
+    axis of a 3D .npy array or multi-frame DICOM. A file whose header declares more than
+    `max_pixels` pixels (see max_pixels_limit) is refused before it is decoded; `volume_hint`
+    ends the message for a 3D volume read without a slice. Raises ImageReadError naming the file.
+
+    `last_volume` (an empty dict the caller keeps) holds the last file decoded for a slice, so that
+    rows naming slices of one volume one after another decode it once, not once per row.
+    """
+    path = Path(path)
+    _check_exists(path)
+    suffix = image_suffix(path)
+    limit = max_pixels_limit(max_pixels)
+
+    def decode() -> np.ndarray:
+        if suffix in HDF5_SUFFIXES and slice_index is not None:  # that slice alone is read
+            return _select_slice(_read_hdf5(path, limit, slice_index), 0, suffix, volume_hint)
+        reader = _reader(suffix)
+        if reader is None:
+            raise ImageReadError(
+                f"unsupported format '{suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
+            )
+        if last_volume is None or slice_index is None:
+            return _select_slice(reader(path, limit), slice_index, suffix, volume_hint)
+        if path not in last_volume:
+            last_volume.clear()  # one volume in memory at a time
+            last_volume[path] = reader(path, limit)
+        # a copy: the kept slice must not hold the whole volume in memory
+        return _select_slice(last_volume[path], slice_index, suffix, volume_hint).copy()
+
+    return _decoded(path, decode)
+
+
+def read_volume(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """Every slice of a 3D .npy (slices first), NIfTI (along its last axis) or multi-frame DICOM
+    as float32 (S, H, W); a single 2D image gives one slice. Raises ImageReadError naming the file."""
+    path = Path(path)
+    suffix = image_suffix(path)
+    if suffix in RASTER_SUFFIXES or _reader(suffix) is None:
+        raise ImageReadError(f"{path}: not a volume (expected .npy, .nii, .nii.gz, .h5 or DICOM)")
+    _check_exists(path)
+
+    def decode() -> np.ndarray:
+        volume = _reader(suffix)(path, max_pixels_limit(max_pixels))
+        volume = volume[None] if volume.ndim == 2 else volume
+        if volume.ndim != 3 or volume.size == 0:
+            raise ImageReadError(f"expected a 3D volume (slices, height, width), got shape {volume.shape}")
+        return volume
+
+    return _decoded(path, decode)
+
+
+def _reader(suffix: str):
+    """The function that decodes files of this suffix, (path, pixel limit) -> array; None if none."""
+    readers = {
+        **dict.fromkeys(RASTER_SUFFIXES, _read_raster),
+        **dict.fromkeys(DICOM_SUFFIXES, _read_dicom),
+        **dict.fromkeys(NIFTI_SUFFIXES, _read_nifti),
+        **dict.fromkeys(NUMPY_SUFFIXES, _read_npy),
+        **dict.fromkeys(HDF5_SUFFIXES, _read_hdf5),
+    }
+    return readers.get(suffix)
+
+
+def _check_exists(path: Path) -> None:
+    """An ImageReadError naming the file unless it is a readable file (broken links said as such)."""
+    try:
+        found = path.is_file()
+    except OSError as err:  # e.g. a folder on the way that cannot be listed
+        raise ImageReadError(f"{path}: cannot access ({err.strerror or err})") from None
+    if not found:
+        if path.is_symlink():
+            raise ImageReadError(
+                f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)"
+            )
+        raise ImageReadError(f"{path}: file not found")
+
+
+def _decoded(path: Path, decode) -> np.ndarray:
+    """decode() as contiguous float32, every failure an ImageReadError naming `path`, and NaN or
+    infinite pixels refused."""
+    try:
+        image = decode()
+    except ImageReadError as err:
+        message = str(err)
+        raise ImageReadError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+    except Exception as err:  # decoder errors come in many types; name the file, keep the cause
+        raise ImageReadError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
+    if not np.isfinite(image).all():
+        raise ImageReadError(f"{path}: contains NaN or infinite pixel values")
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def _pixels(count: float) -> str:
+    """'400.0 megapixels', or '10,000 pixels' below one megapixel."""
+    return f"{count / 1e6:.1f} megapixels" if count >= 1e6 else f"{int(count):,} pixels"
+
+
+def _check_declared_size(shape: tuple[int, ...], limit: int, what: str = "image") -> None:
+    """Refuse an empty image, or one whose header declares more than `limit` pixels in all."""
+    dims = tuple(int(d) for d in shape)
+    described = "x".join(map(str, dims))
+    if not dims or min(dims) <= 0:
+        raise ImageReadError(f"empty {what}: it declares {described or 'no'} pixels (shape {dims})")
+    pixels = math.prod(dims)
+    if pixels > limit:
+        raise ImageReadError(
+            f"{what} of {described} = {_pixels(pixels)} is above the limit of "
+            f"{_pixels(limit)}, refused before decoding (raise data.max_pixels in the "
+            f"config or ${MAX_PIXELS_ENV} to read it)"
+        )
+
+
+def _raster_header(path: Path, limit: int) -> None:
+    """PNG/TIFF/JPEG header only: one page, a size within the limit. Pillow reads the header
+    lazily; OpenCV then decodes only what passed (and only these three formats)."""
+    from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path, formats=["PNG", "TIFF", "JPEG"]) as header:
+                width, height = header.size
+                frames = getattr(header, "n_frames", 1)
+        except Image.DecompressionBombError as err:  # Pillow's own limit, above ours by default
+            found = re.search(r"\((\d+) pixels\)", str(err))
+            pixels = int(found.group(1)) if found else None
+            if pixels is not None and pixels <= limit:
+                raise ImageReadError(
+                    f"image of {_pixels(pixels)} is above Pillow's decompression-bomb limit "
+                    "(PIL.Image.MAX_IMAGE_PIXELS), refused before decoding"
+                ) from None
+            declared = _pixels(pixels) if pixels else f"more than {_pixels(limit)}"
+            raise ImageReadError(
+                f"image of {declared} is above the limit of {_pixels(limit)}, "
+                f"refused before decoding (raise data.max_pixels in the config or ${MAX_PIXELS_ENV} to read it)"
+            ) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+            raise ImageReadError("cannot decode image (corrupt or truncated file?)") from None
+    if frames > 1:
+        raise ImageReadError(
+            f"holds {frames} pages (multi-page TIFF or animated image); only the first would be "
+            "read: save each slice as its own file"
+        )
+    _check_declared_size((height, width), limit)
+
+
+def _read_raster(path: Path, limit: int) -> np.ndarray:
+    _raster_header(path, limit)
+    # np.fromfile + imdecode also copes with non-ASCII paths, where cv2.imread fails quietly.
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise ImageReadError("cannot decode image (corrupt or truncated file?)")
+    if image.ndim == 3:
+        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        image = cv2.cvtColor(image, code)
+    return image.astype(np.float32)
+
+
+def _read_dicom(path: Path, limit: int) -> np.ndarray:
+    import pydicom
+
+    dataset = pydicom.dcmread(str(path))
+    if "PixelData" not in dataset:
+        raise ImageReadError("DICOM file has no pixel data")
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
+    shape = (
+        (frames, int(dataset.Rows), int(dataset.Columns)) if frames > 1 else (dataset.Rows, dataset.Columns)
+    )
+    _check_declared_size((*shape, samples) if samples > 1 else shape, limit, "DICOM image")
+    pixels = dataset.pixel_array  # raises on truncated data or an undecodable transfer syntax
+    if getattr(dataset, "SamplesPerPixel", 1) != 1:
+        raise ImageReadError("colour DICOM images are not supported; expected a grey MR slice")
+    image = _apply_modality_lut(pixels, dataset).astype(np.float32)
+    if getattr(dataset, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
+        # MONOCHROME1 shows low values as white: invert so that bright means high signal everywhere.
+        image = image.max() + image.min() - image
+    return image
+
+
+def _apply_modality_lut(pixels: np.ndarray, dataset) -> np.ndarray:
+    """Stored values to real values (RescaleSlope/RescaleIntercept or a modality LUT)."""
+    try:
+        from pydicom.pixels import apply_modality_lut  # pydicom >= 3
+    except ImportError:  # pragma: no cover - pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut
+    return apply_modality_lut(pixels, dataset)
+
+
+def _read_nifti(path: Path, limit: int) -> np.ndarray:
+    import nibabel
+
+    image = nibabel.load(str(path))  # reads the header only
+    _check_declared_size(image.shape, limit, "NIfTI image")
+    volume = np.asanyarray(image.dataobj, dtype=np.float32)
+    # Trailing singleton axes (x, y, 1) or (x, y, 1, 1) are a 2D slice.
+    while volume.ndim > 2 and volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    if volume.ndim == 3:
+        volume = np.moveaxis(volume, -1, 0)  # (slices, X, Y): slices first like the other formats
+    return volume
+
+
+def _read_npy(path: Path, limit: int) -> np.ndarray:
+    with path.open("rb") as handle:  # the header first: shape and dtype, nothing decoded
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ImageReadError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise ImageReadError(f"expected a real numeric array, got dtype {dtype}")
+    _check_declared_size(shape, limit, "array")
+    array = np.load(str(path), allow_pickle=False)
+    return array.astype(np.float32)
+
+
+def _read_hdf5(path: Path, limit: int, slice_index: int | None = None) -> np.ndarray:
+    """A fastMRI file's reconstruction (slices, H, W): reconstruction_rss, else reconstruction_esc;
+    with `slice_index`, that slice alone as (1, H, W), the rest of the file left unread."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        name = next((n for n in HDF5_DATASETS if n in handle), None)
+        if name is None:
+            raise ImageReadError(
+                f"no {' or '.join(HDF5_DATASETS)} dataset (found: {', '.join(handle.keys()) or 'none'}); "
+                "fastMRI's raw k-space files hold no image"
+            )
+        dataset = handle[name]
+        if slice_index is None:
+            _check_declared_size(dataset.shape, limit, "HDF5 volume")
+            return np.asarray(dataset, dtype=np.float32)
+        if dataset.ndim != 3 or not 0 <= slice_index < dataset.shape[0]:
+            raise ImageReadError(f"slice {slice_index} is out of range for a volume of shape {dataset.shape}")
+        _check_declared_size(dataset.shape[1:], limit, "HDF5 slice")
+        return np.asarray(dataset[slice_index], dtype=np.float32)[None]
+
+
+def _select_slice(image: np.ndarray, slice_index: int | None, suffix: str, volume_hint: str) -> np.ndarray:
+    if image.size == 0:
+        raise ImageReadError(f"empty image (shape {image.shape})")
+    if image.ndim == 3 and image.shape[0] == 1 and slice_index is None:
+        image = image[0]
+    if image.ndim == 2:
+        if slice_index not in (None, 0):
+            raise ImageReadError(f"slice {slice_index} requested but the image is a single 2D slice")
+        return image
+    if image.ndim != 3:
+        raise ImageReadError(f"expected a 2D slice or a 3D volume, got shape {image.shape}")
+    if slice_index is None:
+        raise ImageReadError(
+            f"is a 3D volume with {image.shape[0]} slices (shape {image.shape}); {volume_hint}"
+        )
+    if not 0 <= slice_index < image.shape[0]:
+        raise ImageReadError(f"slice {slice_index} is out of range 0..{image.shape[0] - 1}")
+    return image[slice_index]

@@ -1,0 +1,100 @@
+"""Where results go: output locations checked before any work, and files written atomically.
+
+`check_output_file` / `check_output_dir` run before a command computes anything, so a bad
+`--out` (a folder where a file is wanted, a file where a folder is wanted, a folder that cannot
+be written) is reported at once instead of after every prediction. `atomic_write` writes to a
+temporary file next to the target and renames it: a reader never sees a half-written file, and
+the temporary file is removed if writing fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from mtl_meniscus.errors import MeniscusError
+
+
+class OutputError(MeniscusError):
+    """An output location cannot be used (not writable, a file where a folder is needed, ...)."""
+
+
+def _probe(folder: Path, what: str) -> None:
+    """Create and remove a small file in `folder`: the only reliable test that it is writable."""
+    probe = folder / f".mtl_meniscus-probe-{os.getpid()}"
+    try:
+        with probe.open("x"):
+            pass
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"{what}: cannot write into {folder} ({err.strerror or err})") from None
+
+
+def _make_folder(folder: Path, what: str) -> None:
+    for existing in (folder, *folder.parents):  # the nearest part of the path that exists
+        if existing.exists():
+            if not existing.is_dir():
+                raise OutputError(f"{what}: {existing} is a file, not a folder")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{what}: cannot create the folder {folder} ({err.strerror or err})") from None
+
+
+def check_output_dir(folder: str | Path, what: str = "output folder") -> Path:
+    """Create `folder` if needed and make sure files can be written into it; `what` names the option."""
+    folder = Path(folder)
+    _make_folder(folder, what)
+    _probe(folder, what)
+    return folder
+
+
+def check_empty_output_dir(folder: str | Path, what: str, instead: str = "choose an empty folder") -> Path:
+    """check_output_dir for a command that fills a whole folder: one that holds anything is refused,
+    naming a few of its entries and what to do `instead`."""
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()):
+        entries = sorted(p.name for p in folder.iterdir())
+        raise MeniscusError(
+            f"{folder} is not empty ({len(entries)} entries: {', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}); {instead}"
+        )
+    return check_output_dir(folder, what)
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """Make sure `path` can be written (its folder is created if needed); `what` names the option."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what}: {path} is a folder; give a file name")
+    _make_folder(path.parent, what)
+    _probe(path.parent, what)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it is renamed to `path`, on failure removed.
+
+    with atomic_write(out) as tmp:
+        tmp.write_text(...)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """`path.write_text(text)` in UTF-8, atomically (see atomic_write)."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

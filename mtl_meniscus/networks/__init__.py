@@ -1,0 +1,1 @@
+"""Networks: trunks and heads, the masked multi-task loss and task weightings, Grad-CAM."""

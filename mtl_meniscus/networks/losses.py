@@ -1,0 +1,147 @@
+"""Masked multi-task loss and task-weighting strategies.
+
+Targets are (B, T) in the task table's order with NaN where a task does not apply. A gated task
+(orientation, position) counts only where its gating task's target (fissure) is 1 and its own
+target is known.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
+from mtl_meniscus.registry import Registry
+
+
+def task_mask(targets: torch.Tensor, task: str, tasks: TaskTable = DEFAULT_TASKS) -> torch.Tensor:
+    """(B,) bool: rows where `task` is supervised (all rows for fissure, true tears otherwise): the
+    rows the metrics score (TaskTable.scored_rows), so loss and metrics cannot disagree."""
+    return tasks.scored_rows(targets, task)
+
+
+def masked_bce(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    pos_weight: float | None = None,
+    denominator: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean BCE-with-logits over rows where mask is True; 0 (still attached to the graph) if none.
+
+    `denominator` replaces the number of masked rows (under torchrun: the whole global batch's
+    count divided by the processes, so that DDP's average of the processes' losses is the mean
+    over the global batch, as in one process)."""
+    safe_targets = torch.where(mask, targets, torch.zeros_like(targets))  # NaN * 0 would still be NaN
+    # float32 like the loss itself: built in the logits' dtype under bf16 autocast, 10.1 became 10.125.
+    weight = (
+        None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float32, device=logits.device)
+    )
+    per_row = F.binary_cross_entropy_with_logits(
+        logits.float(), safe_targets.float(), pos_weight=weight, reduction="none"
+    )
+    per_row = per_row * mask.float()
+    return per_row.sum() / (mask.sum().clamp(min=1) if denominator is None else denominator)
+
+
+def task_losses(
+    outputs: dict[str, torch.Tensor],
+    targets: torch.Tensor,
+    pos_weights: dict[str, float] | None = None,
+    tasks: TaskTable = DEFAULT_TASKS,
+    denominators: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Masked BCE of each task the model predicts (`denominators`: see masked_bce)."""
+    pos_weights, denominators = pos_weights or {}, denominators or {}
+    return {
+        task: masked_bce(
+            logits,
+            targets[:, tasks.index(task)],
+            task_mask(targets, task, tasks),
+            pos_weights.get(task),
+            denominators.get(task),
+        )
+        for task, logits in outputs.items()
+    }
+
+
+class TaskWeighting(nn.Module):
+    """How the task losses become one training signal.
+
+    As in LibMTL, the weighting owns the backward step: `backward` combines the losses,
+    backpropagates and returns the weight each task got, so the weights can be logged per epoch and
+    a strategy that works on gradients (GradNorm, PCGrad) fits behind the same call.
+    """
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def current_weights(self) -> dict[str, float]:
+        """{task: the factor its loss is multiplied by now}."""
+        raise NotImplementedError
+
+    def backward(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Combine and backpropagate; (the combined loss, detached; {task: weight applied})."""
+        weights = self.current_weights()  # the ones this step uses, before the optimizer moves them
+        loss = self(losses)
+        loss.backward()
+        return loss.detach(), weights
+
+
+WEIGHTINGS = Registry("task weighting", key="train.weighting")
+
+
+@WEIGHTINGS.register("fixed")
+class FixedWeighting(TaskWeighting):
+    """Weighted sum with constant weights (default 1 per task)."""
+
+    def __init__(self, tasks: Sequence[str], weights: dict[str, float] | None = None):
+        super().__init__()
+        weights = weights or {}
+        self.weights = {task: float(weights.get(task, 1.0)) for task in tasks}
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.weights[task] * loss for task, loss in losses.items())
+
+    def current_weights(self) -> dict[str, float]:
+        return dict(self.weights)
+
+
+@WEIGHTINGS.register("uncertainty")
+class UncertaintyWeighting(TaskWeighting):
+    """Kendall, Gal & Cipolla 2018, classification form: sum of exp(-s_t) * L_t + s_t / 2 with
+    learnable s_t = log sigma_t^2 (their 1/sigma^2 * L + log sigma for a softmax/sigmoid likelihood).
+
+    The log-variances are nn.Parameters, so the optimizer sees and updates them. At the optimum
+    exp(-s_t) = 1 / (2 L_t): each task's weight is inversely proportional to its loss.
+    """
+
+    def __init__(self, tasks: Sequence[str]):
+        super().__init__()
+        self.log_vars = nn.ParameterDict({task: nn.Parameter(torch.zeros(())) for task in tasks})
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = 0.0
+        for task, loss in losses.items():
+            log_var = self.log_vars[task]
+            total = total + torch.exp(-log_var) * loss + log_var / 2
+        return total
+
+    def current_weights(self) -> dict[str, float]:
+        return {task: math.exp(-float(p.detach())) for task, p in self.log_vars.items()}
+
+
+def build_weighting(
+    name: str, tasks: Sequence[str], weights: dict[str, float] | None = None
+) -> TaskWeighting:
+    """The registered task weighting `name` for `tasks`; `weights` (train.task_weights) go to the ones
+    that take them (a `weights` parameter), e.g. 'fixed'."""
+    weighting = WEIGHTINGS.get(name)
+    if "weights" in inspect.signature(weighting).parameters:
+        return weighting(tasks, weights)
+    return weighting(tasks)

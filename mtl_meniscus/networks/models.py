@@ -1,0 +1,396 @@
+"""Networks. Every model maps x (B, C, H, W) to {task: logits (B,)} for the tasks it predicts.
+
+- ConvTrunk: the reference method's conv blocks (here conv + 2x2 max-pool + BatchNorm + ReLU +
+  dropout, or a stride-2 conv in place of conv + pool: ConvBlock says why), then adaptive average
+  pooling to a small grid and flatten, so that *where* a tear is (anterior/posterior horn)
+  survives into the features.
+- DenseHead: the reference method's dense 32 -> 16 -> 1 head with dropout.
+- SharedTrunkNet: one trunk, one head per task.
+- SeparateCascade: the reference method's three independent networks behind the same contract.
+- ExamNet: a slice network run on every slice of whole exams, its features pooled over each exam's
+  slices (SlicePooling) into its heads. It maps (x (N, C, H, W): the slices of B exams one after
+  another, lengths (B,): each exam's slice count) to {task: logits (B,)}: one row per exam.
+Models are built by name from a ModelConfig through the MODELS registry (model.name).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mtl_meniscus.config import OWN_TRUNKS, ModelConfig
+from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.registry import Registry
+
+
+class ConvBlock(nn.Sequential):
+    """conv(k) + 2x2 max-pool + BatchNorm + ReLU + dropout: halves H and W.
+
+    Pooling comes before normalisation: max-pool commutes with ReLU and with BatchNorm's
+    positive-scale affine map, and BatchNorm's backward on the full-resolution map was
+    43% of a training step on CPU (torch.profiler); after the pool it runs on 4x fewer values.
+    """
+
+    def __init__(self, in_chans: int, out_chans: int, kernel: int, dropout: float, strided: bool = False):
+        downsample = (
+            [nn.Conv2d(in_chans, out_chans, kernel, stride=2, padding=kernel // 2, bias=False)]
+            if strided
+            else [nn.Conv2d(in_chans, out_chans, kernel, padding=kernel // 2, bias=False), nn.MaxPool2d(2)]
+        )
+        super().__init__(
+            *downsample,
+            nn.BatchNorm2d(out_chans),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout),
+        )
+
+
+class GridPool(nn.Module):
+    """maps (B, C, h, w) -> (B, 2C * g * g): max- and average-pooled to a g x g grid, flattened."""
+
+    def __init__(self, grid: int):
+        super().__init__()
+        self.max_pool = nn.AdaptiveMaxPool2d(grid)
+        self.avg_pool = nn.AdaptiveAvgPool2d(grid)
+        self.grid = grid
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.max_pool(maps), self.avg_pool(maps)], dim=1).flatten(1)
+
+
+class ConvTrunk(nn.Module):
+    """Stack of ConvBlocks: forward_features (B, C, H, W) -> maps; forward -> pooled (B, num_features)."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        widths: Sequence[int],
+        kernels: Sequence[int],
+        pool_grid: int,
+        dropout: float,
+        strided_blocks: int = 0,
+    ):
+        super().__init__()
+        blocks, chans = [], in_chans
+        for k, (width, kernel) in enumerate(zip(widths, kernels)):
+            blocks.append(ConvBlock(chans, width, kernel, dropout, strided=k < strided_blocks))
+            chans = width
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = GridPool(pool_grid)
+        self.num_features = 2 * chans * pool_grid * pool_grid
+
+    def cam_layer(self) -> nn.Module:
+        return self.blocks[-1]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)  # (B, C, H / 2^blocks, W / 2^blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_features(x))  # (B, 2C * g * g)
+
+
+class PlainTrunk(nn.Module):
+    """The floor every preset is measured against: a plain CNN of five conv3x3-BN-ReLU-maxpool
+    blocks (16/32/64/64/96 filters) and global average pooling; forward -> (B, 96).
+
+    Deliberately fixed (model.widths, kernels, pool_grid and dropout do not apply) so that "plain"
+    means the same network in every run, compare table and bench report.
+    """
+
+    WIDTHS = (16, 32, 64, 64, 96)
+
+    def __init__(self, in_chans: int):
+        super().__init__()
+        blocks, chans = [], in_chans
+        for width in self.WIDTHS:
+            blocks += [
+                nn.Conv2d(chans, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            chans = width
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features = chans
+
+    def cam_layer(self) -> nn.Module:
+        return self.blocks
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)  # (B, 96, H / 32, W / 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_features(x))  # (B, 96)
+
+
+class _ForwardFeatures(nn.Module):
+    """A timm model seen through forward_features, so hooks see its last feature maps."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)  # (B, C, h, w)
+
+
+class TimmTrunk(nn.Module):
+    """Any timm model as the trunk (in_chans adapted by timm, no classifier) + the same grid pooling."""
+
+    def __init__(self, name: str, in_chans: int, pool_grid: int, pretrained: str):
+        super().__init__()
+        self.backbone = _ForwardFeatures(create_timm_backbone(name, in_chans, pretrained))
+        chans = self.backbone.model.feature_info[-1]["num_chs"]
+        self.pool = GridPool(pool_grid)
+        self.num_features = 2 * chans * pool_grid * pool_grid
+
+    def cam_layer(self) -> nn.Module:
+        return self.backbone
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)  # (B, C, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.forward_features(x))  # (B, 2C * g * g)
+
+
+def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module:
+    """timm model without classifier; weights: 'none', 'default' (timm's, offline cache) or a file.
+
+    Requested weights that cannot be found stop the run with instructions: never a silent
+    fall-back to random weights.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"config key 'model.trunk': unknown timm model {name!r} (e.g. resnet50, vgg16, vgg19)"
+        )
+    kwargs = dict(num_classes=0, in_chans=in_chans, global_pool="")
+    how_to = (
+        f"download {name}'s weights on a machine with internet access (timm / Hugging Face hub) and "
+        f"pass --pretrained /path/to/weights.pth (or .safetensors), or --pretrained none to train from scratch"
+    )
+    if pretrained == "none":
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if pretrained == "default":
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as err:  # offline hub, missing cache: many exception types
+            raise MeniscusError(
+                f"pretrained weights for {name} are not available here ({type(err).__name__}); {how_to}"
+            ) from None
+    path = Path(pretrained)
+    if not path.is_file():
+        raise MeniscusError(f"pretrained weights file not found: {path}; {how_to}")
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    except Exception as err:
+        raise MeniscusError(f"{path}: cannot load as {name} weights ({type(err).__name__}: {err})") from None
+
+
+class DenseHead(nn.Sequential):
+    """features (B, F) -> logits (B,) through dense layers with leaky ReLU and dropout.
+
+    Leaky, not plain, ReLU: with plain ReLU the 16-unit layer of a head could die early in
+    training (every unit negative on every input) and the head then output a constant for good;
+    we saw the orientation head stuck at AUC exactly 0.500 for 7 epochs on the phantom.
+    """
+
+    def __init__(self, in_features: int, hidden: Sequence[int], dropout: float):
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_features, width), nn.LeakyReLU(0.01, inplace=True), nn.Dropout(dropout)]
+            in_features = width
+        layers.append(nn.Linear(in_features, 1))
+        super().__init__(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward(features).squeeze(1)
+
+
+class SharedTrunkNet(nn.Module):
+    """One trunk feeding one head per task: the shared representation of the reference's next step."""
+
+    def __init__(self, trunk: nn.Module, tasks: Sequence[str], hidden: Sequence[int], dropout: float):
+        super().__init__()
+        self.tasks = tuple(tasks)
+        self.trunk = trunk
+        self.heads = nn.ModuleDict({t: DenseHead(trunk.num_features, hidden, dropout) for t in self.tasks})
+
+    # timm's naming: forward_features gives the trunk's maps, forward_head pools them and applies the heads.
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk.forward_features(x)  # (B, C, h, w)
+
+    def forward_head(self, maps: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.trunk.pool(maps)  # (B, F)
+        return {task: head(features) for task, head in self.heads.items()}  # {task: (B,) logits}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_head(self.forward_features(x))
+
+
+class SlicePooling(nn.Module):
+    """Slice features (N, F) of B exams, one after another, -> one feature vector per exam (B, F).
+
+    max: each feature's highest value over the exam's slices (MRNet's pooling). attention: a
+    weighted mean whose weights a small network computes from each slice's features (the
+    attention-based multiple-instance pooling of Ilse, Tomczak & Welling 2018), so the model can
+    learn which slices matter. Both ignore the order of the slices.
+    """
+
+    def __init__(self, kind: str, num_features: int, hidden: int = 64):
+        super().__init__()
+        self.kind = kind
+        if kind == "attention":
+            self.score = nn.Sequential(nn.Linear(num_features, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        elif kind != "max":
+            raise ConfigError(
+                f"config key 'model.exam_pooling': bad value {kind!r} (allowed: max, attention)"
+            )
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        exams = torch.split(features, lengths.tolist())  # B tensors (S_b, F)
+        if self.kind == "max":
+            return torch.stack([slices.amax(dim=0) for slices in exams])  # (B, F)
+        pooled = []
+        for slices in exams:
+            weights = torch.softmax(self.score(slices).float(), dim=0).to(slices.dtype)  # (S_b, 1)
+            pooled.append((weights * slices).sum(dim=0))
+        return torch.stack(pooled)  # (B, F)
+
+
+class ExamNet(nn.Module):
+    """A slice network (trunk + heads) on whole exams: the trunk on every slice, the features
+    pooled over each exam's slices, the heads on the pooled features (see the module docstring)."""
+
+    def __init__(self, slice_net: SharedTrunkNet, pooling: str):
+        super().__init__()
+        self.tasks = slice_net.tasks
+        self.exam_pooling = pooling
+        self.slice_net = slice_net
+        self.pool = SlicePooling(pooling, slice_net.trunk.num_features)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.slice_net.trunk(x)  # (N, F), N = lengths.sum()
+        pooled = self.pool(features, lengths)  # (B, F)
+        return {task: head(pooled) for task, head in self.slice_net.heads.items()}  # {task: (B,)}
+
+
+class SeparateCascade(nn.Module):
+    """The reference method's independent networks, one per task, behind the shared contract."""
+
+    def __init__(self, networks: dict[str, nn.Module]):
+        super().__init__()
+        self.tasks = tuple(networks)  # in the order given: the task table's
+        self.networks = nn.ModuleDict(networks)
+        self.exam_pooling = getattr(next(iter(networks.values())), "exam_pooling", None)
+
+    def forward(self, x: torch.Tensor, *exam_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for network in self.networks.values():
+            out.update(network(x, *exam_lengths))
+        return {task: out[task] for task in self.tasks}
+
+
+def takes_exams(model: nn.Module) -> bool:
+    """True for a model of whole exams: it is called as model(x, lengths), see ExamNet."""
+    return getattr(model, "exam_pooling", None) is not None
+
+
+def _trunk(config: ModelConfig, kernels: Sequence[int]) -> nn.Module:
+    if config.trunk == "plain":
+        return PlainTrunk(config.in_chans)
+    if config.trunk not in OWN_TRUNKS:
+        return TimmTrunk(config.trunk, config.in_chans, config.pool_grid, config.pretrained)
+    return ConvTrunk(
+        config.in_chans,
+        config.widths[: len(kernels)],
+        kernels,
+        config.pool_grid,
+        config.conv_dropout,
+        config.strided_blocks,
+    )
+
+
+def _net(config: ModelConfig, kernels: Sequence[int], tasks: Sequence[str]) -> SharedTrunkNet:
+    """Trunk + one head per task; the plain floor's heads are single linear layers (one linear
+    layer for all tasks, split by task), every other trunk's the configured dense heads."""
+    trunk = _trunk(config, kernels)
+    if config.trunk == "plain":  # the floor's heads are fixed too
+        return SharedTrunkNet(trunk, tasks, (), 0.0)
+    return SharedTrunkNet(trunk, tasks, config.dense, config.dense_dropout)
+
+
+def _on_exams(net: SharedTrunkNet, config: ModelConfig) -> nn.Module:
+    """The slice network itself, or, with model.exam_pooling, the same network on whole exams."""
+    return net if config.exam_pooling is None else ExamNet(net, config.exam_pooling)
+
+
+MODELS = Registry("model", key="model.name")
+
+
+def trains_per_task(name: str) -> bool:
+    """True for a model of one network per task (the cascade): the engine trains each on its own
+    images (fissure on all, the subtypes on tears); False for one network trained on all tasks."""
+    return MODELS.facts(name)["per_task"]
+
+
+@MODELS.register("shared", per_task=False)
+def build_shared(config: ModelConfig) -> nn.Module:
+    """Shared trunk (the reference's 4-block trunk by default) with one head per task."""
+    return _on_exams(_net(config, config.kernels, config.tasks), config)
+
+
+def build_single_task(config: ModelConfig, task: str) -> nn.Module:
+    """One network of the cascade: fissure has 3 conv blocks, orientation and position 4."""
+    kernels = config.fissure_kernels if task == "fissure" else config.kernels
+    return _on_exams(_net(config, kernels, (task,)), config)
+
+
+@MODELS.register("separate", per_task=True)
+def build_separate(config: ModelConfig) -> SeparateCascade:
+    """Three independent single-task networks (the reference baseline)."""
+    return SeparateCascade({task: build_single_task(config, task) for task in config.tasks})
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Build a model by name (a registered one) from its config."""
+    return MODELS.get(config.name)(config)
+
+
+def parameter_groups(
+    model: nn.Module, lr: float, backbone_lr_factor: float, freeze_backbone: bool
+) -> list[dict]:
+    """Optimizer groups: timm backbones at lr * factor (or frozen), everything else at lr."""
+    backbone, rest = [], []
+    for module_name, param in model.named_parameters():
+        if ".backbone." in f".{module_name}":
+            if freeze_backbone:
+                param.requires_grad_(False)
+                continue
+            backbone.append(param)
+        else:
+            rest.append(param)
+    groups = [{"params": rest, "lr": lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr * backbone_lr_factor})
+    return groups
+
+
+def set_train_mode(model: nn.Module, freeze_backbone: bool) -> None:
+    """model.train(), but a frozen timm backbone stays in eval mode: its BatchNorm layers keep
+    their running statistics (train mode would update them even with no gradient step)."""
+    model.train()
+    if freeze_backbone:
+        for module in model.modules():
+            if isinstance(module, TimmTrunk):
+                module.backbone.eval()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""The built-in phantom: synthetic sagittal slices and exams with known labels."""

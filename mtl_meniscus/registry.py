@@ -1,0 +1,67 @@
+"""Named plug-ins: one registry per kind (models, task weightings), filled where each plug-in is defined.
+
+    MODELS = Registry("model", key="model.name")
+
+    @MODELS.register("shared", per_task=False)
+    def build_shared(config): ...
+
+Adding a plug-in is one definition and its decorator; the config check, the CLI help and the docs
+read the names from the registry. A name can carry facts the engine needs (e.g. per_task: whether
+the model is one network per task, trained one after the other as the reference's cascade).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from mtl_meniscus.errors import ConfigError
+
+
+class Registry:
+    """{name: plug-in} with the facts registered beside it, in registration order."""
+
+    def __init__(self, kind: str, key: str):
+        self.kind = kind  # 'model', 'task weighting': for messages
+        self.key = key  # the config key that names an entry, e.g. 'model.name'
+        self._entries: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
+
+    def register(self, name: str, **facts: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: register the decorated class or function under `name` (unique)."""
+
+        def add(plugin: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = (plugin, facts)
+            return plugin
+
+        return add
+
+    def unregister(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def check(self, name: str) -> None:
+        """A ConfigError naming the config key and the registered names when `name` is not one of them."""
+        if name not in self._entries:
+            raise ConfigError(
+                f"config key '{self.key}': unknown {self.kind} {name!r} (registered: {', '.join(self._entries)})"
+            )
+
+    def get(self, name: str) -> Callable[..., Any]:
+        self.check(name)
+        return self._entries[name][0]
+
+    def describe(self, name: str) -> str:
+        """The first line of the plug-in's docstring (the CLI help and the docs show it)."""
+        doc = (self.get(name).__doc__ or "").strip()
+        return doc.splitlines()[0].rstrip(".") if doc else ""
+
+    def facts(self, name: str) -> dict[str, Any]:
+        self.check(name)
+        return dict(self._entries[name][1])
