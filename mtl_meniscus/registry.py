@@ -58,9 +58,9 @@ class Registry:
         return self._entries[name][0]
 
     def describe(self, name: str) -> str:
-        """The first line of the plug-in's docstring (the CLI help and the docs show it)."""
-        doc = (self.get(name).__doc__ or "").strip()
-        return doc.splitlines()[0].rstrip(".") if doc else ""
+        """The first paragraph of the plug-in's docstring on one line (the CLI help and the docs show it)."""
+        paragraph = (self.get(name).__doc__ or "").strip().split("\n\n")[0]
+        return " ".join(paragraph.split()).rstrip(".")
 
     def facts(self, name: str) -> dict[str, Any]:
         self.check(name)

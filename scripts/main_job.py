@@ -14,6 +14,7 @@ markers of docs/results.md from those files.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.p
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "main-job"
+FIGURES = ROOT / "docs" / "images"
 
 
 def run(label: str, avx2: bool, extra: list[str]) -> dict:
@@ -71,12 +73,21 @@ def run(label: str, avx2: bool, extra: list[str]) -> dict:
         "test_score": metrics["test"]["score"],
         "test_score_tta": metrics["test_tta"]["score"],
         "reading": next((line for line in printed.splitlines() if line.startswith("test score ")), ""),
+        # epoch by epoch: a change that should not change training (a refactoring) is checked on these
+        "val_scores": [round(float(row["val_score"]), 4) for row in _history(run_dir / "history.csv")],
         "date": time.strftime("%Y-%m-%d"),
     }
     OUT.mkdir(parents=True, exist_ok=True)
+    FIGURES.mkdir(parents=True, exist_ok=True)  # the run's training curves, shown in the README's tour
+    shutil.copy(run_dir / "training_curves.png", FIGURES / f"main-job-{label}.png")
     (OUT / f"{label}.json").write_text(json.dumps(result, indent=2))
     shutil.rmtree(cache, ignore_errors=True)
     return result
+
+
+def _history(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def render(page: Path = RESULTS_PAGE) -> str:

@@ -1,11 +1,13 @@
 """timm trunks: the documented backbones build, local pretrained weights load through timm with the
-first convolution adapted to 2 channels, and requested weights that are missing stop the run."""
+first convolution adapted to 2 channels, requested weights that are missing stop the run, and a
+weights file with the package's own trunk is refused."""
 
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from support import _clean, app, runner
 
 from mtl_meniscus.config import Config, ModelConfig
 from mtl_meniscus.engine.checkpoint import (
@@ -126,3 +128,16 @@ def test_frozen_backbone_keeps_its_weights_and_batchnorm_statistics(tmp_path):
         assert torch.equal(after[key], value), key
     heads = [k for k in after if k.startswith("heads.")]
     assert heads  # the heads did train (checked by the rest of the suite); only the backbone is frozen
+
+
+def test_pretrained_file_with_the_reference_trunk_is_refused(data64, tmp_path):
+    weights = tmp_path / "w.pth"
+    torch.save({}, weights)
+    args = ["train", "--config", str(TINY), "--data", str(data64), "--out", str(tmp_path / "r")]
+    result = runner.invoke(app, [*args, "--pretrained", str(weights)])
+    _clean(result)
+    assert result.exit_code == 1 and "'model.pretrained'" in result.output and "timm trunk" in result.output
+    assert not (tmp_path / "r" / "best.pt").exists()
+    result = runner.invoke(app, [*args, "--freeze-backbone"])  # the same kind of silent no-op
+    _clean(result)
+    assert result.exit_code == 1 and "'model.freeze_backbone'" in result.output

@@ -1,9 +1,11 @@
-"""The CLI through typer's CliRunner: commands work, domain errors give a message and exit 1."""
+"""The CLI through typer's CliRunner: commands work, domain errors give a message and exit 1, a bad
+option value is refused naming the option, and tables are printed in full outside a terminal."""
 
 import sys
 from pathlib import Path
 
 import pytest
+from support import _clean, _copy_run
 from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,3 +223,72 @@ def test_device_option_names_a_missing_gpu_before_any_work(phantom, tmp_path):
         assert not (tmp_path / "gpu" / "config.yaml").exists()  # refused before the run started
     bad = runner.invoke(app, tiny_train(phantom, tmp_path / "bad", "--device", "gpu"))
     assert bad.exit_code == 1 and "train.device" in bad.output and "cpu, cuda, cuda:N" in bad.output
+
+
+def _yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "command,expected",
+    [
+        (["predict", "RUN", "IMG", "--batch-size", "0"], "--batch-size: bad value 0"),
+        (["predict", "RUN", "IMG", "--batch-size", "-3"], "--batch-size: bad value -3"),
+        (["predict", "RUN", "IMG", "--tta", "-1"], "--tta: bad value -1"),
+        (["predict", "RUN", "IMG", "--tta", "-2"], "--tta: bad value -2"),
+        (["predict", "RUN", "IMG", "--threshold", "nan"], "--threshold: bad value nan"),
+        (["predict", "RUN", "IMG", "--threshold", "-0.5"], "--threshold: bad value -0.5"),
+        (["evaluate", "RUN", "--bootstrap", "-5"], "--bootstrap: bad value -5"),
+        (["evaluate", "RUN", "--tta", "-2"], "--tta: bad value -2"),
+        (["evaluate", "RUN", "--threshold", "nan"], "--threshold: bad value nan"),
+        (["evaluate", "RUN", "--seed", "-1"], "--seed: bad value -1"),
+        (["train", "--config", "TINY", "--seed", "-1"], "'train.seed': bad value -1"),
+        (
+            ["train", "--config", "TINY", "--batch-size", "100000000"],
+            "'train.batch_size': bad value 100000000",
+        ),
+        (["train", "--config", "TINY", "--lr", "nan"], "'train.lr': bad value nan"),
+        (["train", "--config", "YAML:model:\n  widths: [0, 0, 0, 0]\n"], "'model.widths'"),
+        (["train", "--config", "YAML:model:\n  dense: [-3]\n"], "'model.dense'"),
+        (["train", "--config", "YAML:model:\n  kernels: [-1]\n"], "'model.kernels'"),
+        (["train", "--config", "YAML:tta:\n  copies: 1000000000\n"], "'tta.copies'"),
+        (["train", "--config", "BINARY"], "not a text file"),
+        (["compare", "--seeds", "-1", "--out", "OUT"], "'seeds': bad value"),
+        (["compare", "--bootstrap", "-5", "--out", "OUT"], "'bootstrap': bad value -5"),
+        (["make-phantom", "OUT", "--size", "0"], "--size: bad value 0"),
+        (["make-phantom", "OUT", "--n", "3"], "--n: bad value 3"),
+    ],
+)
+def test_bad_values_are_refused_with_the_option_named(run64, data64, tmp_path, command, expected):
+    image = next((data64 / "images").glob("*.png"))
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    args = []
+    for arg in command:
+        if arg.startswith("YAML:"):
+            arg = _yaml(tmp_path, arg[5:])
+        arg = {"RUN": str(run64), "IMG": str(image), "TINY": str(TINY), "OUT": str(tmp_path / "o")}.get(
+            arg, arg
+        )
+        args.append(str(tmp_path / "binary.yaml") if arg == "BINARY" else arg)
+    if command[0] == "train":
+        args += ["--data", str(data64), "--out", str(tmp_path / "r")]
+    result = runner.invoke(app, args)
+    _clean(result)
+    assert result.exit_code == 1, result.output
+    assert expected in result.output
+    assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_tables_are_not_cut_and_member_prefixes_survive(run64, tmp_path):
+    result = runner.invoke(app, ["evaluate", str(run64), "--bootstrap", "20", "--tta", "0", "--split", "all"])
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output and "TP/FP/TN/FN" in result.output
+    fissure_row = next(line for line in result.output.splitlines() if "fissure " in line and "│" in line)
+    assert fissure_row.count("/") == 3  # TP/FP/TN/FN in full
+
+    run = _copy_run(run64, tmp_path)
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "[shared] resumed after epoch 1 (finished)" in result.output

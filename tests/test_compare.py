@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from sklearn.metrics import roc_auc_score
+from support import TINY, _quiet, _split_folder
 from typer.testing import CliRunner
 
 from mtl_meniscus.commands.compare import (
@@ -317,6 +318,7 @@ def test_trained_but_unscored_variant_is_scored_not_retrained(
     assert without_timing(read_csv(out / "results.csv")) == without_timing(read_csv(finished / "results.csv"))
 
 
+@pytest.mark.slow
 def test_jobs_in_parallel_give_the_same_table(finished, preset, phantom, tmp_path):
     """`compare --jobs 2`: the variants train in two worker processes, with as many threads each as
     the sequential run had, and the table is the same (timings aside)."""
@@ -559,3 +561,13 @@ def test_floor_check_names_a_variant_that_loses_to_the_plain_cnn():
     )
     assert "shared-resnet50 is within" in findings[2]
     assert floor_findings([row("shared", "reference", 0.5)]) == []  # no floor in the table: nothing said
+
+
+def test_compare_refuses_data_without_a_test_split(tmp_path):
+    from mtl_meniscus.commands.compare import run_compare
+    from mtl_meniscus.config import CompareConfig
+
+    _split_folder(tmp_path / "d", ["train"] * 6 + ["val"] * 2)
+    settings = CompareConfig(modes=("shared",), seeds=(0,), max_epochs=1, steps_per_epoch=1).validate()
+    with pytest.raises(MeniscusError, match="the test split of .* is empty"):
+        run_compare(settings, tmp_path / "cmp", {"shared": TINY}, data_dir=tmp_path / "d", console=_quiet())

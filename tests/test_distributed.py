@@ -14,6 +14,8 @@ from mtl_meniscus.config import load_config
 from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.phantom.slices import write_phantom
 
+pytestmark = pytest.mark.slow  # each test starts torchrun with two training processes
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 # The tiny preset with a global batch of 16: 8 images per process.

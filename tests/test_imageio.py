@@ -1,11 +1,20 @@
+"""Image readers (io/imageio.py): formats and bit depths, DICOM rescale and inversion, named errors,
+and the pixel limit, checked on the header before decoding."""
+
 import shutil
+import struct
+import zlib
+from pathlib import Path
 
 import cv2
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from support import _labels, _png
 
+from mtl_meniscus.config import DataConfig
+from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.errors import ImageReadError
 from mtl_meniscus.io.imageio import is_supported_image, read_image
 
@@ -107,3 +116,53 @@ def test_bad_files_name_the_file(tmp_path):
 def test_supported_suffixes():
     assert is_supported_image("a/b.NII.GZ") and is_supported_image("x.dcm") and is_supported_image("y.tiff")
     assert not is_supported_image("labels.csv")
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header declares width x height (IHDR patched, CRC fixed)."""
+    ok, encoded = cv2.imencode(".png", np.zeros((8, 8), np.uint8))
+    data = bytearray(encoded.tobytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_declared_sizes_above_the_limit_are_refused_before_decoding(tmp_path):
+    _png_declaring(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(
+        ImageReadError, match="bomb.png: image of 400.0 megapixels is above the limit of 64.0 megapixels"
+    ):
+        read_image(tmp_path / "bomb.png")
+    header = nib.Nifti1Header()
+    header.set_data_shape((600, 600, 600))
+    header.set_data_dtype(np.uint8)
+    header["vox_offset"] = 352
+    (tmp_path / "cube.nii").write_bytes(header.binaryblock + bytes(104))  # 840 KB would be the gz
+    with pytest.raises(ImageReadError, match="cube.nii: NIfTI image of 600x600x600 = 216.0 megapixels"):
+        read_image(tmp_path / "cube.nii", slice_index=0)
+    with (tmp_path / "big.npy").open("wb") as handle:
+        np.lib.format.write_array_header_1_0(
+            handle, {"descr": "<f4", "fortran_order": False, "shape": (20000, 20000)}
+        )
+    with pytest.raises(ImageReadError, match="big.npy: array of 20000x20000 .* above the limit"):
+        read_image(tmp_path / "big.npy")
+
+
+def test_the_pixel_limit_is_configurable(tmp_path, pydicom_files, monkeypatch):
+    _png(tmp_path / "a.png", size=(100, 100))
+    with pytest.raises(ImageReadError, match="100x100 = 10,000 pixels is above the limit of 5,000 pixels"):
+        read_image(tmp_path / "a.png", max_pixels=5000)
+    assert read_image(tmp_path / "a.png", max_pixels=10000).shape == (100, 100)
+    monkeypatch.setenv("MTL_MENISCUS_MAX_PIXELS", "1000")  # MR_small is 64x64
+    with pytest.raises(
+        ImageReadError, match="DICOM image of 64x64 = 4,096 pixels is above the limit of 1,000 pixels"
+    ):
+        read_image(pydicom_files / "MR_small.dcm")
+    monkeypatch.delenv("MTL_MENISCUS_MAX_PIXELS")
+    # data.max_pixels, the config key: an image above it is excluded with the reason
+    _labels(tmp_path, [("a.png", "0", "", ""), ("b.png", "0", "", "")])
+    _png(tmp_path / "b.png", size=(32, 32))
+    data = prepare_data(tmp_path, DataConfig(image_size=32, max_pixels=2000, split_fractions=(1, 0, 0)))
+    assert [image for image, _ in data.exclusions] == ["a.png"]
+    assert "above the limit" in data.exclusions[0][1]

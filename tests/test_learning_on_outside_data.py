@@ -46,6 +46,7 @@ def outside_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_the_default_preset_leaves_chance_on_the_outside_phantom(outside_folder, tmp_path):
     run = tmp_path / "run"
     result = CliRunner().invoke(

@@ -1,15 +1,20 @@
+"""Metrics (evaluation/metrics.py): masked task AUCs, the challenge score, threshold counts, bootstrap
+intervals and DeLong's test, against hand values and scikit-learn."""
+
 import math
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from mtl_meniscus.evaluation.metrics import (
     binary_auc,
+    binary_counts,
     bootstrap_cis,
     challenge_score,
     delong_test,
     monitor_score,
     task_aucs,
+    youden_threshold,
 )
 
 NAN = float("nan")
@@ -129,3 +134,56 @@ def test_delong_on_a_hand_computed_example():
     same = delong_test(y, a, a)
     assert same["z"] == 0 and same["p_value"] == 1
     assert math.isnan(delong_test(np.ones(3), a[:3], b[:3])["p_value"])
+
+
+def test_threshold_metrics_against_sklearn():
+    rng = np.random.default_rng(3)
+    y = (rng.random(200) < 0.3).astype(int)
+    p = np.clip(y * 0.3 + rng.random(200) * 0.7, 0, 1)
+    counts = binary_counts(y, p, 0.5)
+    tn, fp, fn, tp = confusion_matrix(y, p >= 0.5).ravel()
+    assert (counts["tp"], counts["fp"], counts["tn"], counts["fn"]) == (tp, fp, tn, fn)
+    assert math.isclose(counts["sensitivity"], tp / (tp + fn)) and math.isclose(
+        counts["specificity"], tn / (tn + fp)
+    )
+    t = youden_threshold(y, p)
+    best = max(
+        binary_counts(y, p, c)["sensitivity"] + binary_counts(y, p, c)["specificity"] for c in np.unique(p)
+    )
+    at_t = binary_counts(y, p, t)
+    assert math.isclose(at_t["sensitivity"] + at_t["specificity"], best)
+
+
+def _synthetic(n, seed):
+    rng = np.random.default_rng(seed)
+    fissure = (rng.random(n) < 0.3).astype(float)
+    orientation = np.where(fissure == 1, (rng.random(n) < 0.6).astype(float), np.nan)
+    position = np.where(fissure == 1, (rng.random(n) < 0.3).astype(float), np.nan)
+    targets = np.stack([fissure, orientation, position], axis=1)
+    noise = lambda: rng.normal(0, 1.0, n)  # noqa: E731
+    probs = {
+        "fissure": 1 / (1 + np.exp(-(2 * fissure - 1 + noise()))),
+        "orientation": 1 / (1 + np.exp(-(2 * np.nan_to_num(orientation) - 1 + noise()))),
+        "position": 1 / (1 + np.exp(-(2 * np.nan_to_num(position) - 1 + noise()))),
+    }
+    return targets, probs
+
+
+def test_bootstrap_ci_covers_the_estimate_and_narrows_with_more_data():
+    targets, probs = _synthetic(300, 0)
+    cis = bootstrap_cis(targets, probs, n_resamples=300, seed=0)
+    tears = targets[:, 0] == 1
+    point = {
+        "fissure": roc_auc_score(targets[:, 0], probs["fissure"]),
+        "orientation": roc_auc_score(targets[tears, 1], probs["orientation"][tears]),
+    }
+    for task, value in point.items():
+        low, high = cis[task]
+        assert low < value < high
+    big_targets, big_probs = _synthetic(3000, 0)
+    big = bootstrap_cis(big_targets, big_probs, n_resamples=300, seed=0)
+    for task in ("fissure", "orientation", "position", "score"):
+        assert big[task][1] - big[task][0] < 0.6 * (cis[task][1] - cis[task][0])
+    assert bootstrap_cis(targets, probs, n_resamples=50, seed=4) == bootstrap_cis(
+        targets, probs, n_resamples=50, seed=4
+    )

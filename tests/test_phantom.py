@@ -181,6 +181,7 @@ def test_realistic_tears_are_fainter_and_degeneration_is_not_a_tear():
     assert not (mask == MASK_TEAR).any()
 
 
+@pytest.mark.slow
 def test_levels_are_ordered_for_a_fixed_small_training(tmp_path):
     """The same small model, budget and seeds learn `easy` clearly and `realistic` much less.
 

@@ -1,6 +1,8 @@
 """Plug-ins: a model or a task weighting is one registration, seen by the config check, the
 training engine, the checkpoint loader and the CLI help, with no other module edited."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,13 @@ def test_registry_refuses_a_second_entry_of_one_name_and_reports_its_facts():
     assert registry.facts("a") == {"per_task": True} and registry.names() == ("a",)
     with pytest.raises(ConfigError, match=r"config key 'x.thing': unknown thing 'b' \(registered: a\)"):
         registry.get("b")
+
+
+def test_the_docs_table_of_plugins_is_the_registries():
+    root = Path(__file__).resolve().parents[1]
+    checked = subprocess.run(
+        [sys.executable, str(root / "scripts" / "plugins_table.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0, checked.stderr

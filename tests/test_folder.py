@@ -1,13 +1,18 @@
+"""The labels.csv reader (data/folder.py): every bad row reported at once, paths kept inside the data
+folder and normalised, duplicates found by file, exclusions with their reasons, and splits."""
+
 import csv
 from collections import Counter
 
 import cv2
 import numpy as np
 import pytest
+from support import TINY, _labels, _png, _quiet, app, runner
 
-from mtl_meniscus.config import DataConfig
+from mtl_meniscus.config import DataConfig, load_config
 from mtl_meniscus.data.folder import read_labels
 from mtl_meniscus.data.load import prepare_data
+from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.errors import DataError
 from mtl_meniscus.labels import DEFAULT_TASKS
 
@@ -222,3 +227,96 @@ def test_rows_of_one_volume_decode_it_once(tmp_path, monkeypatch):
         np.testing.assert_array_equal(data.images[k], volume[k])
         assert data.images[k].base is None  # its own memory, not a view into the volume
     np.testing.assert_array_equal(data.images[7], volume[1] * 2)
+
+
+def test_image_and_mask_paths_outside_the_data_folder_are_refused(tmp_path):
+    outside = _png(tmp_path / "outside.png")
+    data = tmp_path / "data"
+    _png(data / "img" / "a.png")
+    rows = [
+        ("img/a.png", "0", "", "", ""),
+        (str(outside), "0", "", "", ""),  # row 3: absolute path to a file that exists
+        ("../outside.png", "1", "vertical", "posterior", ""),  # row 4
+        ("img/../../outside.png", "0", "", "", ""),  # row 5
+        ("/etc/passwd", "0", "", "", ""),  # row 6
+        ("img/a.png", "0", "", "", "../outside.png"),  # row 7: mask outside (and a duplicate)
+    ]
+    _labels(data, rows, header=("image", "fissure", "orientation", "position", "mask"))
+    with pytest.raises(DataError) as info:
+        read_labels(data)
+    message = str(info.value)
+    for line in (3, 4, 5, 6):
+        assert f"row {line}, column 'image': bad value" in message and "inside the data folder" in message
+    assert "row 7, column 'mask': bad value '../outside.png'" in message
+    assert "file not found" not in message  # nothing is said about which outside files exist
+    assert "unsupported format" not in message
+
+
+def test_symlinks_inside_the_data_folder_are_the_owners_choice(tmp_path):
+    outside = _png(tmp_path / "elsewhere" / "b.png")
+    data = tmp_path / "data"
+    _png(data / "img" / "a.png")
+    (data / "img" / "b.png").symlink_to(outside)
+    _labels(data, [("img/a.png", "0", "", ""), ("img/b.png", "0", "", "")])
+    assert [r.image for r in read_labels(data)] == ["img/a.png", "img/b.png"]
+
+
+def test_path_variants_of_one_image_are_duplicates(tmp_path):
+    _png(tmp_path / "img" / "x.png")
+    (tmp_path / "img" / "alias.png").symlink_to("x.png")
+    rows = [
+        ("img/x.png", "0", "", ""),
+        ("img//x.png", "0", "", ""),  # row 3
+        ("./img/x.png", "1", "vertical", "posterior"),  # row 4: a contradictory label
+        ("img/alias.png", "0", "", ""),  # row 5: another name of the same file
+    ]
+    _labels(tmp_path, rows)
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path)
+    message = str(info.value)
+    assert "row 3: image 'img//x.png' is listed twice (also row 2, as 'img/x.png': the same file)" in message
+    assert "row 4: image './img/x.png' is listed twice (also row 2, as 'img/x.png': the same file)" in message
+    assert (
+        "row 5: image 'img/alias.png' is listed twice (also row 2, as 'img/x.png': the same file)" in message
+    )
+
+
+def test_paths_are_normalised_in_the_records(tmp_path):
+    _png(tmp_path / "img" / "x.png")
+    _labels(tmp_path, [("./img//x.png", "0", "", "")])
+    assert read_labels(tmp_path)[0].image == "img/x.png"
+
+
+def test_a_duplicated_header_column_is_reported(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    _labels(
+        tmp_path,
+        [("img/a.png", "0", "", "", "1")],
+        header=("image", "fissure", "orientation", "position", "fissure"),
+    )
+    with pytest.raises(DataError, match="column\\(s\\) fissure appear more than once in the header"):
+        read_labels(tmp_path)
+
+
+def test_every_problem_is_written_to_a_file(tmp_path):
+    rows = [(f"img/missing{k}.png", "0", "", "") for k in range(70)]
+    _labels(tmp_path / "data", rows)
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path / "data", report_dir=tmp_path / "run")
+    message = str(info.value)
+    assert "70 problem(s)" in message and "and 20 more: all 70 are listed in" in message
+    report = (tmp_path / "run" / "labels_problems.txt").read_text().splitlines()
+    assert sum("file not found" in line for line in report) == 70 and len(info.value.problems) == 70
+    result = runner.invoke(
+        app, ["train", "--config", str(TINY), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 1 and str(tmp_path / "r" / "labels_problems.txt") in result.output
+
+
+def test_all_images_excluded_for_their_size_says_why(data64, tmp_path):
+    config = load_config(TINY, {"data.path": str(data64), "data.image_size": 128})
+    with pytest.raises(DataError) as info:
+        train_run(config, tmp_path / "r", console=_quiet())
+    message = str(info.value)
+    assert "wrong size (e.g." in message and "expected 128x128" in message
+    assert "data.image_size" in message and "size_policy: resize" in message

@@ -1,14 +1,18 @@
-"""End-to-end training on a tiny 64-pixel phantom with the tiny preset (seconds per run)."""
+"""A training run end to end (engine/run.py) on a tiny 64-pixel phantom with the tiny preset (seconds
+per run): the run folder, kill and resume, damaged run files named on resume, empty splits named
+before training or warned about."""
 
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from support import _clean, _copy_run, _split_folder, app, runner
 
 from mtl_meniscus.config import load_config
 from mtl_meniscus.engine.checkpoint import load_checkpoint, model_from_checkpoint
@@ -197,3 +201,64 @@ def test_result_reading_names_the_data_the_interval_and_the_reference():
         "the reference reported 0.892 on real scans"
     )
     assert result_reading({**test, "score": math.nan}, "x") is None  # no score: nothing to read
+
+
+def test_an_empty_training_set_is_named_before_training(tmp_path):
+    _split_folder(tmp_path / "d1", ["test"] * 8)
+    config = load_config(TINY, {"data.path": str(tmp_path / "d1")})
+    with pytest.raises(
+        MeniscusError, match=r"the train split is empty: the 'split' column .* \(train 0, val 0, test 8\)"
+    ):
+        train_run(config, tmp_path / "r1", console=_quiet())
+    assert not (tmp_path / "r1" / "last.pt").exists()
+
+    _split_folder(tmp_path / "d2", ["train"] * 6 + ["val"] * 2 + ["test"] * 2, tears=False)
+    config = load_config(TINY, {"data.path": str(tmp_path / "d2"), "model.name": "separate"})
+    with pytest.raises(MeniscusError, match="the orientation network has no training image"):
+        train_run(config, tmp_path / "r2", console=_quiet())
+
+
+def test_empty_val_and_test_splits_are_warned_and_recorded(tmp_path):
+    _split_folder(tmp_path / "d", ["train"] * 8)
+    config = load_config(TINY, {"data.path": str(tmp_path / "d"), "train.max_epochs": 1})
+    console = Console(record=True, width=200)
+    metrics = train_run(config, tmp_path / "r", console=console)
+    text = console.export_text()
+    assert "warning: [shared] no validation image (the val split is empty)" in text
+    assert "warning: the test split is empty" in text
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert saved["warnings"] == metrics["warnings"] and len(saved["warnings"]) == 2
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--youden", "--bootstrap", "0"])
+    _clean(result)
+    assert result.exit_code == 1 and "--youden picks the threshold on the val split" in result.output
+
+
+def test_a_broken_config_yaml_on_resume_is_named(run64, tmp_path):
+    run = _copy_run(run64, tmp_path)
+    for content in ("model: [unclosed\n", "- a list\n", "model:\n  widths: many\n"):
+        (run / "config.yaml").write_text(content)
+        result = runner.invoke(app, ["train", "--resume", str(run)])
+        _clean(result)
+        assert result.exit_code == 1 and "config.yaml" in result.output, content
+
+
+def test_a_broken_splits_csv_on_resume_is_named(run64, tmp_path):
+    run = _copy_run(run64, tmp_path)
+    (run / "splits.csv").write_text("name,set\na.png,train\n")
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    _clean(result)
+    assert result.exit_code == 1 and "splits.csv: damaged" in result.output
+
+
+def test_last_pt_without_training_state_is_named(run64, tmp_path):
+    run = _copy_run(run64, tmp_path)
+    shutil.copy(run / "best.pt", run / "last.pt")
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    _clean(result)
+    assert result.exit_code == 1 and "last.pt: holds no training state" in result.output
+    payload = torch.load(run64 / "last.pt", weights_only=True)
+    del payload["training_state"]["optimizer"]
+    torch.save(payload, run / "last.pt")
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    _clean(result)
+    assert result.exit_code == 1 and "last.pt: damaged training state" in result.output

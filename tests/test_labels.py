@@ -1,4 +1,4 @@
-"""Tasks are data: a fourth task declared in the config trains, evaluates and predicts through
+"""The task table (labels.py): tasks are data. A fourth task declared in the config trains, evaluates and predicts through
 every layer (data validation, loss, both modes, metrics, cascade view, predict's columns) without
 a change to any module."""
 

@@ -1,5 +1,6 @@
 """evaluate scores the run's own held-out images (its splits.csv), writes every scored image's
-row, and chooses and reports its threshold on the probabilities it applies it to."""
+row, chooses and reports its threshold on the probabilities it applies it to, and writes metrics, the
+ROC plot and saliency maps; the cascade view by hand."""
 
 import csv
 import json
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 from rich.console import Console
 from sklearn.metrics import roc_auc_score
+from support import _quiet
 
-from mtl_meniscus.commands.evaluate import run_evaluation
+from mtl_meniscus.commands.evaluate import cascade_view, run_evaluation
 from mtl_meniscus.commands.predict import run_predict
 from mtl_meniscus.config import load_config
 from mtl_meniscus.engine.inference import predict_probs
@@ -148,3 +150,48 @@ def test_youden_threshold_is_chosen_on_tta_probabilities_and_reported(trained, t
     console = Console(record=True, width=200)
     run_evaluation(trained / "run", n_bootstrap=0, tta_copies=0, out_dir=tmp_path / "e2", console=console)
     assert "fissure threshold 0.500: the default" in console.export_text()
+
+
+def test_cascade_view_by_hand():
+    targets = np.array([[1, 1, 0], [1, 0, 1], [1, 1, 1], [0, np.nan, np.nan]], dtype=float)
+    probs = {
+        "fissure": np.array([0.9, 0.8, 0.2, 0.9]),
+        "orientation": np.array([0.7, 0.6, 0.9, 0.5]),  # row 1 wrong
+        "position": np.array([0.1, 0.9, 0.9, 0.5]),
+    }
+    view = cascade_view(targets, probs, 0.5)
+    assert view == {
+        "true_tears": 3,
+        "detected": 2,
+        "orientation_correct": 1,
+        "position_correct": 2,
+        "all_correct": 1,
+    }
+
+
+def test_evaluate_writes_metrics_roc_and_cams(tiny_run, tmp_path):
+    metrics = run_evaluation(
+        tiny_run / "run",
+        split="all",
+        n_bootstrap=50,
+        out_dir=tmp_path / "eval",
+        console=_quiet(),
+        cam_dir=tmp_path / "cams",
+        tta_copies=1,
+    )
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["n_images"] == 78 and saved["split"] == "all"
+    assert set(saved["tasks"]) == {"fissure", "orientation", "position"}
+    assert saved["tasks"]["orientation"]["n"] == saved["cascade"]["true_tears"]
+    assert (tmp_path / "eval" / "roc.png").is_file()
+    assert len(list((tmp_path / "cams").glob("*_fissure.png"))) == 78
+    assert metrics["cam_peak_in_tear"]["n"] <= saved["tasks"]["fissure"]["tp"]
+
+
+def test_evaluate_youden_saves_the_threshold_used_by_predict(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run)
+    metrics = run_evaluation(run, youden=True, n_bootstrap=0, out_dir=tmp_path / "e", console=_quiet())
+    saved = json.loads((run / "threshold.json").read_text())["fissure_threshold"]
+    assert metrics["fissure_threshold"] == saved
+    assert load_trained(run, FP32).saved_threshold.value == saved

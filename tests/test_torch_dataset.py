@@ -1,4 +1,4 @@
-"""The training batches: one epoch of the sampler's batches, augmented and collated."""
+"""The PyTorch dataset (data/torch_dataset.py): one epoch of the sampler's batches, augmented and collated."""
 
 import numpy as np
 import torch

@@ -1,0 +1,71 @@
+"""Helpers shared by the test modules (fixtures are in conftest.py): the CLI app and a runner for
+it, tiny data folders, and the check that a command ended as documented.
+
+Test modules import them as `from support import ...`: pytest puts tests/ on sys.path.
+"""
+
+import csv
+import shutil
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+from rich.console import Console
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from cli import app  # noqa: E402
+
+runner = CliRunner()
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def _quiet():
+    return Console(quiet=True)
+
+
+def _png(path: Path, size=(64, 64), value: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    cv2.imwrite(str(path), rng.integers(0, 4000, size).astype(np.uint16))
+    return path
+
+
+def _labels(folder: Path, rows, header=("image", "fissure", "orientation", "position")) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "labels.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return folder
+
+
+def _split_folder(folder: Path, splits: list[str], tears: bool = True) -> Path:
+    """A data folder of one image per entry of `splits`, its labels.csv with that split column."""
+    rows = []
+    for k, split in enumerate(splits):
+        _png(folder / "img" / f"{k}.png", value=k)
+        tear = tears and k % 2 == 1
+        rows.append(
+            (f"img/{k}.png", int(tear), "vertical" if tear else "", "posterior" if tear else "", split)
+        )
+    return _labels(folder, rows, header=("image", "fissure", "orientation", "position", "split"))
+
+
+def _clean(result) -> None:
+    """A command ended as documented: no traceback, no exception other than its exit."""
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+def _copy_run(run64: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run64, copy)
+    return copy
+
+
+def _predict(run, *inputs, out, extra=()):
+    args = ["predict", str(run), *map(str, inputs), "--out", str(out), "--tta", "0", *extra]
+    return runner.invoke(app, args)

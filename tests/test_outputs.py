@@ -1,0 +1,94 @@
+"""Output locations (io/outputs.py): every command checks where it writes before any work: a file
+where a folder is due, a folder where a file is due, a read-only folder, a non-empty folder for
+make-phantom without --overwrite; an atomic write leaves no temporary file behind."""
+
+import os
+import re
+
+import pytest
+from support import TINY, _clean, _predict, app, runner
+
+from mtl_meniscus.io.outputs import atomic_write
+
+
+def test_predict_checks_its_output_before_predicting(run64, data64, tmp_path, monkeypatch):
+    from mtl_meniscus.engine.trained import TrainedModel
+
+    def never(*args, **kwargs):
+        raise AssertionError("predicted although the output cannot be written")
+
+    monkeypatch.setattr(TrainedModel, "predict", never)
+    image = next((data64 / "images").glob("*.png"))
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    for out, expected in (
+        (tmp_path / "a_folder", "--out: .*a_folder is a folder"),
+        (tmp_path / "a_file" / "p.csv", "--out: .*a_file is a file, not a folder"),
+    ):
+        result = _predict(run64, image, out=out)
+        _clean(result)
+        assert result.exit_code == 1
+        assert re.search(expected, result.output), result.output
+    result = _predict(run64, image, out=tmp_path / "p.csv", extra=["--cam", str(tmp_path / "a_file")])
+    assert result.exit_code == 1 and "--cam" in result.output and "is a file" in result.output
+
+
+def test_train_evaluate_and_make_phantom_check_their_output(run64, data64, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    file = str(tmp_path / "a_file")
+    cases = [
+        ["train", "--config", str(TINY), "--data", str(data64), "--out", file],
+        ["evaluate", str(run64), "--out", file, "--bootstrap", "0", "--tta", "0"],
+        ["evaluate", str(run64), "--cam", file, "--bootstrap", "0", "--tta", "0"],
+        ["make-phantom", file, "--n", "20", "--size", "64"],
+        ["make-phantom", str(tmp_path / "a_file" / "sub"), "--n", "20", "--size", "64"],
+    ]
+    for args in cases:
+        result = runner.invoke(app, args)
+        _clean(result)
+        assert result.exit_code == 1 and "a_file is a file, not a folder" in result.output, args
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_a_read_only_output_folder_is_refused(run64, data64, tmp_path):
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):
+        locked.chmod(0o755)
+        pytest.skip("this user (root) can write into read-only folders")
+    try:
+        image = next((data64 / "images").glob("*.png"))
+        result = _predict(run64, image, out=locked / "p.csv")
+        _clean(result)
+        assert result.exit_code == 1 and "cannot write into" in result.output
+        result = runner.invoke(
+            app, ["train", "--config", str(TINY), "--data", str(data64), "--out", str(locked)]
+        )
+        _clean(result)
+        assert result.exit_code == 1 and "cannot write into" in result.output
+    finally:
+        locked.chmod(0o755)
+
+
+def test_make_phantom_refuses_a_non_empty_folder_without_overwrite(tmp_path):
+    (tmp_path / "labels.csv").write_text("image,fissure,orientation,position\nmine.png,0,,\n")
+    args = ["make-phantom", str(tmp_path), "--n", "20", "--size", "64"]
+    result = runner.invoke(app, args)
+    _clean(result)
+    assert result.exit_code == 1 and "is not empty" in result.output and "--overwrite" in result.output
+    assert "mine.png" in (tmp_path / "labels.csv").read_text()
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert "mine.png" not in (tmp_path / "labels.csv").read_text()
+
+
+def test_atomic_write_leaves_no_temporary_file_on_failure(tmp_path):
+    target = tmp_path / "result.csv"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_write(target) as tmp:
+        tmp.write_text("whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["result.csv"] and target.read_text() == "whole"

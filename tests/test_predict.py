@@ -1,0 +1,142 @@
+"""`predict`: the subtype answers gated by the tear answer, and one row per input whatever it
+holds: a bad file gets an error row and never ends the run; saliency overlays never overwrite."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import nibabel as nib
+import numpy as np
+from support import _clean, _predict, _quiet
+
+from mtl_meniscus.commands.predict import CSV_COLUMNS, gate, run_predict
+from mtl_meniscus.labels import DEFAULT_TASKS
+
+
+def test_gating_reports_orientation_and_position_only_for_predicted_tears():
+    def probs(f, o, p):
+        return {"fissure": f, "orientation": o, "position": p}
+
+    tear = gate(probs(0.7, 0.2, 0.9), DEFAULT_TASKS, threshold=0.5, image="a.png")
+    assert tear.labels == {"fissure": 1, "orientation": "vertical", "position": "anterior"}
+    none = gate(probs(0.3, 0.9, 0.9), DEFAULT_TASKS, threshold=0.5, image="b.png")
+    assert none.labels == {"fissure": 0, "orientation": "", "position": ""}
+    assert none.row()["p_horizontal"] == "" and none.row()["p_fissure"] == 0.3
+    assert (
+        gate(probs(0.3, 0.9, 0.9), DEFAULT_TASKS, threshold=0.25, image="c.png").labels["orientation"]
+        == "horizontal"
+    )
+
+
+def test_predict_on_a_folder_mixing_good_and_bad_files(tiny_run, tmp_path, pydicom_files):
+    inputs = tmp_path / "inputs"
+    (inputs / "nested").mkdir(parents=True)
+    good = sorted((tiny_run / "data" / "images").glob("*.png"))[:3]
+    for path in good:
+        shutil.copy(path, inputs / path.name)
+    cv2.imwrite(str(inputs / "nested" / "big.png"), np.full((96, 80), 500, np.uint16))
+    shutil.copy(pydicom_files / "MR_small.dcm", inputs / "nested" / "mr.dcm")
+    shutil.copy(pydicom_files / "MR_truncated.dcm", inputs / "nested" / "truncated.dcm")
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 3), np.float32), np.eye(4)), inputs / "volume.nii.gz")
+    np.save(inputs / "nan.npy", np.full((64, 64), np.nan))
+    (inputs / "readme.txt").write_text("not an image, skipped in folders")
+
+    rows = run_predict(tiny_run / "run", [inputs], tmp_path / "p.csv", tta_copies=1, console=_quiet())
+    with (tmp_path / "p.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == CSV_COLUMNS
+    by_name = {Path(r["image"]).name: r for r in table}
+    assert len(by_name) == 8 and "readme.txt" not in by_name
+    for name in ("truncated.dcm", "volume.nii.gz", "nan.npy"):
+        assert by_name[name]["error"] and by_name[name]["p_fissure"] == ""
+    assert "slice" in by_name["volume.nii.gz"]["error"] and "NaN" in by_name["nan.npy"]["error"]
+    assert by_name["big.png"]["note"] == "resized from 96x80 to 64x64" and not by_name["big.png"]["error"]
+    assert by_name["mr.dcm"]["p_fissure"] != "" and not by_name["mr.dcm"]["error"]  # a 64x64 MR slice
+    for row in table:
+        if row["p_fissure"] and float(row["p_fissure"]) < 0.5:
+            assert row["orientation"] == "" and row["position"] == "" and row["p_horizontal"] == ""
+        if row["fissure"] == "1":
+            assert row["orientation"] in ("horizontal", "vertical") and row["position"] in (
+                "anterior",
+                "posterior",
+            )
+    assert sum(1 for r in rows if r.error) == 3
+
+    strict = run_predict(
+        tiny_run / "run",
+        [inputs / "nested" / "big.png"],
+        tmp_path / "s.jsonl",
+        as_json=True,
+        strict_size=True,
+        console=_quiet(),
+    )
+    record = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])
+    assert "strict-size" in record["error"] and record["p_fissure"] is None and strict[0].error
+
+
+def test_a_zero_size_array_gets_an_error_row_and_the_others_are_predicted(run64, data64, tmp_path):
+    good = sorted((data64 / "images").glob("*.png"))[:2]
+    np.save(tmp_path / "empty.npy", np.zeros((0, 64), np.float32))
+    result = _predict(run64, good[0], tmp_path / "empty.npy", good[1], out=tmp_path / "p.csv")
+    _clean(result)
+    assert result.exit_code == 1
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert [Path(r["image"]).name for r in rows] == [good[0].name, "empty.npy", good[1].name]
+    assert "empty" in rows[1]["error"] and rows[0]["p_fissure"] and rows[2]["p_fissure"]
+
+
+def test_any_per_file_exception_becomes_that_files_row(run64, data64, tmp_path, monkeypatch):
+    import mtl_meniscus.commands.predict as predict_module
+
+    good = sorted((data64 / "images").glob("*.png"))[:2]
+    real = predict_module.read_image
+
+    def flaky(path, *args, **kwargs):
+        if Path(path) == good[1]:
+            raise MemoryError("out of memory in a decoder")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "read_image", flaky)
+    result = _predict(run64, *good, out=tmp_path / "p.csv")
+    _clean(result)
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert len(rows) == 2 and rows[0]["p_fissure"] and "MemoryError" in rows[1]["error"]
+
+
+def test_multi_page_tiffs_and_broken_links_get_error_rows(run64, data64, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    page = cv2.imread(str(next((data64 / "images").glob("*.png"))), cv2.IMREAD_UNCHANGED)
+    assert cv2.imwritemulti(str(scans / "stack.tif"), [page, page])
+    shutil.copy(next((data64 / "images").glob("*.png")), scans / "good.png")
+    (scans / "gone.png").symlink_to(tmp_path / "deleted.png")
+    result = _predict(run64, scans, out=tmp_path / "p.csv")
+    _clean(result)
+    rows = {Path(r["image"]).name: r for r in csv.DictReader((tmp_path / "p.csv").open())}
+    assert set(rows) == {"stack.tif", "good.png", "gone.png"}
+    assert "holds 2 pages" in rows["stack.tif"]["error"] and not rows["stack.tif"]["p_fissure"]
+    assert "broken symbolic link" in rows["gone.png"]["error"]
+    assert rows["good.png"]["p_fissure"] and result.exit_code == 1
+
+
+def test_predict_on_a_volume_does_not_mention_labels_csv(run64, tmp_path):
+    np.save(tmp_path / "vol.npy", np.zeros((3, 64, 64), np.float32))
+    result = _predict(run64, tmp_path / "vol.npy", out=tmp_path / "p.csv")
+    _clean(result)
+    assert result.exit_code == 1
+    error = next(csv.DictReader((tmp_path / "p.csv").open()))["error"]
+    assert "3D volume" in error and "predict reads 2D slices only" in error and "labels.csv" not in error
+
+
+def test_cam_overlays_of_inputs_with_the_same_file_name_do_not_overwrite(run64, data64, tmp_path):
+    images = sorted((data64 / "images").glob("*.png"))[:2]
+    for folder, image in zip(("a", "b"), images):
+        (tmp_path / folder).mkdir()
+        shutil.copy(image, tmp_path / folder / "scan.png")
+    inputs = [tmp_path / "a" / "scan.png", tmp_path / "b" / "scan.png"]
+    result = _predict(run64, *inputs, out=tmp_path / "p.csv", extra=["--cam", str(tmp_path / "cams")])
+    _clean(result)
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "cams").glob("*.png"))) == 2 * 3  # two inputs x three tasks

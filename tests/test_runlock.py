@@ -1,0 +1,63 @@
+"""One process per run folder (io/runlock.py): a folder whose lock another live process holds is
+refused by train and compare, and the lock goes with the process that held it."""
+
+import contextlib
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import TINY, _quiet, app, runner
+
+from mtl_meniscus.config import load_config
+from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.errors import MeniscusError
+
+HOLD_LOCK = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@contextlib.contextmanager
+def _locked_by_another_process(folder: Path):
+    """Another live process holds `folder`'s lock inside the block; it is killed -9 on leaving."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(folder / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.send_signal(signal.SIGKILL)  # kill -9: the system drops its lock
+        holder.wait()
+
+
+def test_a_run_folder_held_by_a_live_process_is_refused_until_it_dies(data64, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    config = load_config(TINY, {"data.path": str(data64), "train.max_epochs": 1})
+    with _locked_by_another_process(run):
+        with pytest.raises(MeniscusError, match="is in use by another process"):
+            train_run(config, run, console=_quiet())
+        assert not (run / "config.yaml").exists()  # nothing written into the other process's folder
+    train_run(config, run, console=_quiet())
+    assert (run / "best.pt").is_file()
+    assert runner.invoke(app, ["train", "--resume", str(run)]).exit_code == 0  # the lock was released
+
+
+def test_a_compare_folder_held_by_a_live_process_is_refused(data64, tmp_path):
+    from mtl_meniscus.commands.compare import run_compare
+    from mtl_meniscus.config import CompareConfig
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    settings = CompareConfig(modes=("shared",), seeds=(0,), max_epochs=1, steps_per_epoch=1).validate()
+    with _locked_by_another_process(out):
+        with pytest.raises(MeniscusError, match="is in use by another process"):
+            run_compare(settings, out, {"shared": TINY}, data_dir=data64, console=_quiet())
+        assert not (out / "variants").exists()
