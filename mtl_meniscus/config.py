@@ -395,6 +395,24 @@ def check_option(ok: bool, option: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{option}: bad value {value!r} (allowed: {allowed})")
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: `*name` is refused where it is read, so a few hundred bytes of nested
+    aliases cannot expand into gigabytes ("billion laughs") or a recursive structure."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in a config; write the value out", mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load without aliases (see _NoAliasLoader); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The top-level mapping of a YAML file, with a message naming the file when it is not one.
 
@@ -405,7 +423,7 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (a config is YAML text)") from None
     except OSError as err:
@@ -499,10 +517,10 @@ def parse_set_option(text: str) -> tuple[str, Any]:
     if not equals or not key or not all(key.split(".")):
         raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. --set train.lr=0.0005")
     try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as err:
+        parsed = load_yaml(value)
+    except (yaml.YAMLError, RecursionError) as err:
         raise ConfigError(
-            f"--set {text}: the value is not valid YAML ({getattr(err, 'problem', err)})"
+            f"--set {text[:200]}: the value is not valid YAML ({getattr(err, 'problem', err)})"
         ) from None
     if parsed is None:
         raise ConfigError(

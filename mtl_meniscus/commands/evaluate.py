@@ -522,7 +522,8 @@ def _predict_exams(trained, exams, runtime, tta, seed) -> tuple[list[float], lis
     root = trained.tasks.root.name
     probs, tops, sizes = [], [], []
     for k, exam in enumerate(exams):
-        found = trained.predict_exam(read_exam(exam.path), runtime, tta=tta, seed=seed + k)
+        volume = read_exam(exam.path, trained.config.data.max_pixels, trained.config.data.image_size)
+        found = trained.predict_exam(volume, runtime, tta=tta, seed=seed + k)
         probs.append(found.exam[root])
         tops.append(found.top_slice)
         sizes.append(len(found.slices[root]))

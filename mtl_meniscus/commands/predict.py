@@ -218,7 +218,7 @@ def _exam_rows(trained, path: Path, runtime, tta, cut, seed, batch_size, with_sl
     size = config.data.image_size
     exam = {"exam": str(path)}
     try:
-        volume = read_exam(path, max_pixels=max_pixels_limit(config.data.max_pixels))  # (S, H, W)
+        volume = read_exam(path, config.data.max_pixels, size)  # (S, H, W)
     except ImageReadError as err:
         return [exam | {"error": str(err)}]
     note = (

@@ -48,6 +48,7 @@ from mtl_meniscus.engine.trainer import TrainingDivergedError
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.evaluation.metrics import monitor_score
 from mtl_meniscus.io.outputs import atomic_write, check_output_dir, write_text_atomic
+from mtl_meniscus.io.secrets import mask_url, scrub
 from mtl_meniscus.networks.losses import WEIGHTINGS
 from mtl_meniscus.networks.models import trains_per_task
 
@@ -137,16 +138,6 @@ def default_storage(out_dir: Path) -> str:
     return f"sqlite:///{(Path(out_dir).resolve() / 'study.db').as_posix()}"
 
 
-def _safe_url(url: str) -> str:
-    """The storage URL with its password hidden, for messages."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not even a URL: show it as given (there is no password to hide then)
-        return url
-
-
 def open_storage(url: str):
     """An Optuna RDB storage with heartbeats: a trial whose worker died is marked FAIL by the next
     worker instead of staying RUNNING forever."""
@@ -157,9 +148,9 @@ def open_storage(url: str):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
     except Exception as err:  # malformed URL, unknown dialect, missing driver, unreachable server
-        reason = str(err).splitlines()[0] if str(err) else ""
+        reason = scrub(str(err).splitlines()[0] if str(err) else "", url)
         raise MeniscusError(
-            f"--storage {_safe_url(url)}: cannot open the study storage ({type(err).__name__}: {reason[:300]}); "
+            f"--storage {mask_url(url)}: cannot open the study storage ({type(err).__name__}: {reason[:300]}); "
             "expected a database URL such as sqlite:///path/study.db or "
             "postgresql://user:password@host/database (its driver installed, e.g. psycopg2)"
         ) from None
@@ -380,12 +371,12 @@ class TuneSearch:
             )
         except Exception as err:  # e.g. a database that is not an Optuna one, or read-only
             raise MeniscusError(
-                f"--storage {_safe_url(self.storage_url)}: cannot create or load the study '{self.study_name}' "
-                f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})"
+                f"--storage {mask_url(self.storage_url)}: cannot create or load the study '{self.study_name}' "
+                f"({type(err).__name__}: {scrub(str(err).splitlines()[0], self.storage_url)[:300] if str(err) else ''})"
             ) from None
         if study.direction != optuna.study.StudyDirection.MAXIMIZE:
             raise MeniscusError(
-                f"study '{self.study_name}' in {_safe_url(self.storage_url)} minimizes; tune maximizes"
+                f"study '{self.study_name}' in {mask_url(self.storage_url)} minimizes; tune maximizes"
             )
         saved_mode = study.user_attrs.get("mode")
         if saved_mode is None:
@@ -434,7 +425,7 @@ class TuneSearch:
         request = self.request
         self.console.print(
             f"study '{self.study_name}' ({self.mode}, maximizes the validation score) in "
-            f"{_safe_url(self.storage_url)}: {trials_before} trials so far; running {request.n_trials} more"
+            f"{mask_url(self.storage_url)}: {trials_before} trials so far; running {request.n_trials} more"
             + (f" or for {request.timeout:g} s" if request.timeout else "")
             + (
                 f", {request.n_jobs} at a time (threads sharing this process's {os.cpu_count()} CPU cores)"

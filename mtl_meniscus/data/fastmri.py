@@ -20,57 +20,99 @@ every volume, and an unannotated volume is not a healthy one.
 from __future__ import annotations
 
 import csv
+import io
+import math
 import os
+import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from mtl_meniscus.data.records import problems_error
-from mtl_meniscus.errors import DataError
+from mtl_meniscus.data.records import csv_text, inside_path, problems_error
+from mtl_meniscus.errors import DataError, ImageReadError
 from mtl_meniscus.io.outputs import atomic_write, check_empty_output_dir
 
 TEAR_LABEL = "meniscus tear"  # compared case-insensitively
 COLUMNS = ("file", "slice", "study_level", "x", "y", "width", "height", "label")
+MAX_SLICES = 2048  # a declared slice count above this is not a knee volume (fastMRI's have 30-50)
 
 
 def read_annotations(path: Path) -> dict[str, list[dict[str, str]]]:
-    """knee.csv as {file: [rows]}; a bad row is named (row number, column, value)."""
+    """knee.csv as {file: [rows]}, each row with its line number ('_line'); every bad row named at
+    once (row number, column, value). A `file` must name a file inside the volumes folder: an
+    absolute path or one that leaves it with '..' is refused (the one rule of records.inside_path)."""
     if not path.is_file():
         raise DataError(f"{path}: not found (the fastMRI+ knee annotations, knee.csv)")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+    try:
+        reader = csv.DictReader(io.StringIO(csv_text(path), newline=""))
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(COLUMNS)})")
-        by_file: dict[str, list[dict[str, str]]] = defaultdict(list)
-        problems = []
-        for line, row in enumerate(reader, start=2):
-            if (row["study_level"] or "").strip().lower() != "yes":
-                for column in ("slice", "x", "y", "width", "height"):
-                    try:
-                        if int(float(row[column])) < 0:
-                            raise ValueError
-                    except (TypeError, ValueError):
-                        problems.append(
-                            f"row {line}, column '{column}': bad value {row[column]!r} (a number >= 0)"
-                        )
-            by_file[row["file"].strip()].append(row)
-        if problems:
-            raise problems_error(path, problems)
+        rows = list(reader)
+    except csv.Error as err:
+        raise DataError(f"{path}: not a readable CSV file ({err})") from None
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(COLUMNS)})")
+    by_file: dict[str, list[dict[str, str]]] = defaultdict(list)
+    problems = []
+    for line, row in enumerate(rows, start=2):
+        if (row["study_level"] or "").strip().lower() != "yes":
+            for column in ("slice", "x", "y", "width", "height"):
+                if _count(row[column]) is None:
+                    problems.append(
+                        f"row {line}, column '{column}': bad value {row[column]!r} (a whole number >= 0)"
+                    )
+        name = inside_path((row["file"] or "").strip())
+        if name is None:
+            problems.append(
+                f"row {line}, column 'file': {row['file']!r} is not a file name inside the volumes folder "
+                "(absolute, or leaves it with '..')"
+            )
+            continue
+        by_file[name].append(row | {"_line": str(line)})
+    if problems:
+        raise problems_error(path, problems)
     return by_file
 
 
+def _count(text: str | None) -> int | None:
+    """A whole number >= 0 written as '12' or '12.0'; None for anything else (also inf and NaN)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(value) or value < 0 or value != int(value):
+        return None
+    return int(value)
+
+
 def import_fastmri_plus(annotations: Path, volumes_dir: Path, out_dir: Path) -> dict[str, int]:
-    """Write OUT (see the module's docstring); returns counts for the summary line."""
-    import h5py
+    """Write OUT (see the module's docstring); returns counts for the summary line.
 
-    from mtl_meniscus.io.imageio import HDF5_DATASETS
-
+    Everything is written into a temporary folder beside OUT and moved into place at the end: a
+    refused import leaves OUT as it was."""
     annotations, volumes_dir, out_dir = Path(annotations), Path(volumes_dir), Path(out_dir)
     by_file = read_annotations(annotations)
-    check_empty_output_dir(out_dir, "OUT", instead="the import writes into an empty folder")
+    existed = out_dir.exists()
+    check_empty_output_dir(out_dir, "OUT", instead="the import writes into an empty folder")  # may create it
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-import-", dir=out_dir.parent))
+    try:
+        counts = _write_import(annotations, volumes_dir, staging, by_file)
+        out_dir.rmdir()  # empty (checked above): the staging folder takes its place
+        staging.rename(out_dir)
+    except BaseException:
+        if not existed:
+            out_dir.rmdir()
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after the rename
+    return counts
+
+
+def _write_import(
+    annotations: Path, volumes_dir: Path, out_dir: Path, by_file: dict[str, list[dict[str, str]]]
+) -> dict[str, int]:
     (out_dir / "volumes").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(exist_ok=True)
     rows, counts = [], defaultdict(int)
@@ -79,23 +121,8 @@ def import_fastmri_plus(annotations: Path, volumes_dir: Path, out_dir: Path) -> 
         if not source.is_file():
             counts["annotated volumes not found"] += 1
             continue
-        with h5py.File(source, "r") as handle:
-            dataset = next((handle[n] for n in HDF5_DATASETS if n in handle), None)
-            if dataset is None:
-                raise DataError(f"{source}: no {' or '.join(HDF5_DATASETS)} dataset (a k-space-only file?)")
-            n_slices, height, width = dataset.shape
-        boxes = defaultdict(list)
-        for row in by_file[name]:
-            is_box = (row["study_level"] or "").strip().lower() != "yes"  # 'Yes': about the whole exam
-            if is_box and row["label"].strip().lower() == TEAR_LABEL:
-                box = tuple(int(float(row[c])) for c in ("x", "y", "width", "height"))
-                boxes[int(float(row["slice"]))].append(box)
-        outside = sorted(index for index in boxes if index >= n_slices)
-        if outside:
-            raise DataError(
-                f"{annotations}: a Meniscus Tear box of {name} on slice {outside[0]}, but {source} has "
-                f"{n_slices} slices (0..{n_slices - 1})"
-            )
+        n_slices, height, width = _volume_shape(source)
+        boxes = _tear_boxes(annotations, source, by_file[name], (n_slices, height, width))
         os.symlink(source.resolve(), out_dir / "volumes" / source.name)
         for index in range(n_slices):
             mask = ""
@@ -119,3 +146,65 @@ def import_fastmri_plus(annotations: Path, volumes_dir: Path, out_dir: Path) -> 
         writer.writerow(["image", "slice", "fissure", "orientation", "position", "patient_id", "mask"])
         writer.writerows(rows)
     return dict(counts)
+
+
+def _volume_shape(source: Path) -> tuple[int, int, int]:
+    """(slices, height, width) of a fastMRI file's reconstruction, from its header: a 3-D volume
+    within the pixel budget (imageio.max_pixels_limit) and MAX_SLICES; a DataError naming the file."""
+    import h5py
+
+    from mtl_meniscus.io.imageio import HDF5_DATASETS, PixelBudget, check_pixel_budget, max_pixels_limit
+
+    try:
+        with h5py.File(source, "r") as handle:
+            dataset = next((handle[n] for n in HDF5_DATASETS if n in handle), None)
+            if dataset is None:
+                raise DataError(f"{source}: no {' or '.join(HDF5_DATASETS)} dataset (a k-space-only file?)")
+            shape = tuple(int(d) for d in dataset.shape)
+    except OSError as err:  # h5py's error for a truncated or damaged file
+        raise DataError(f"{source}: not a readable HDF5 file ({err})") from None
+    if len(shape) != 3 or min(shape) <= 0:
+        raise DataError(f"{source}: the reconstruction has shape {shape}; expected (slices, height, width)")
+    if shape[0] > MAX_SLICES:
+        raise DataError(
+            f"{source}: declares {shape[0]} slices; a knee volume has far fewer (at most {MAX_SLICES})"
+        )
+    budget = PixelBudget(max_pixels_limit())
+    try:
+        check_pixel_budget(
+            budget.cost(*shape),
+            budget,
+            f"{source}: a volume of {'x'.join(map(str, shape))}",
+        )
+    except ImageReadError as err:
+        raise DataError(str(err)) from None
+    return shape
+
+
+def _tear_boxes(
+    annotations: Path, source: Path, rows: list[dict[str, str]], shape: tuple[int, int, int]
+) -> dict[int, list[tuple[int, int, int, int]]]:
+    """{slice: [(x, y, width, height)]} of the volume's Meniscus Tear boxes; a box on no slice of
+    the volume, or not on its image, is an error naming its row."""
+    n_slices, height, width = shape
+    boxes, problems = defaultdict(list), []
+    for row in rows:
+        is_box = (row["study_level"] or "").strip().lower() != "yes"  # 'Yes': about the whole exam
+        if not is_box or row["label"].strip().lower() != TEAR_LABEL:
+            continue
+        index = _count(row["slice"])
+        x, y, w, h = (_count(row[c]) for c in ("x", "y", "width", "height"))
+        where = f"row {row['_line']}: a Meniscus Tear box of {source.name}"
+        if index >= n_slices:
+            problems.append(
+                f"{where} on slice {index}, but the volume has {n_slices} slices (0..{n_slices - 1})"
+            )
+        elif w == 0 or h == 0 or x >= width or y >= height:
+            problems.append(
+                f"{where} at x={x}, y={y}, {w}x{h}, outside its {width}x{height} image (or empty)"
+            )
+        else:
+            boxes[index].append((x, y, w, h))
+    if problems:
+        raise problems_error(annotations, problems)
+    return boxes

@@ -12,13 +12,14 @@ split of every MRNet paper.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mtl_meniscus.config import DataConfig
-from mtl_meniscus.data.records import PreparedData, Record, problems_error
+from mtl_meniscus.data.records import PreparedData, Record, csv_text, problems_error
 from mtl_meniscus.data.splits import stratified_group_split
 from mtl_meniscus.errors import DataError, ImageReadError
 from mtl_meniscus.io.exams import ExamVolumes, read_exam
@@ -45,26 +46,46 @@ def read_mrnet(root: str | Path, split: str) -> list[MrnetExam]:
             f"{labels}: not found (an MRNet folder has {split}-meniscus.csv and {split}/sagittal/)"
         )
     exams, problems = [], []
-    with labels.open(newline="") as handle:
-        for line, row in enumerate(csv.reader(handle), start=1):
-            if len(row) != 2 or row[1].strip() not in ("0", "1"):
-                problems.append(
-                    f"row {line}: {','.join(row)!r} (expected case,label with label 0 or 1; no header)"
-                )
-                continue
-            case = row[0].strip()
-            path = root / split / "sagittal" / f"{int(case):04d}.npy" if case.isdigit() else None
-            if path is None or not path.is_file():
-                problems.append(
-                    f"row {line}: case {case!r} has no file {root / split / 'sagittal'}/{case}.npy"
-                )
-                continue
-            exams.append(MrnetExam(case, path, int(row[1])))
+    first_row: dict[int, tuple[int, str]] = {}  # case number -> (its first row, its label there)
+    for line, row in _csv_rows(labels):
+        if len(row) != 2 or row[1].strip() not in ("0", "1"):
+            problems.append(
+                f"row {line}: {','.join(row)!r} (expected case,label with label 0 or 1; no header)"
+            )
+            continue
+        case, label = row[0].strip(), row[1].strip()
+        # a case is a number (its file is NNNN.npy): nothing in the file can name a path elsewhere
+        if not (case.isascii() and case.isdigit()):
+            problems.append(
+                f"row {line}: case {case!r} is not a case number (MRNet's cases are 0000, 0001, ...)"
+            )
+            continue
+        if int(case) in first_row:
+            seen_line, seen_label = first_row[int(case)]
+            conflict = (
+                f" with label {label}, but row {seen_line} says {seen_label}" if label != seen_label else ""
+            )
+            problems.append(f"row {line}: case {case} listed again (first at row {seen_line}){conflict}")
+            continue
+        first_row[int(case)] = (line, label)
+        path = root / split / "sagittal" / f"{int(case):04d}.npy"
+        if not path.is_file():
+            problems.append(f"row {line}: case {case!r} has no file {path}")
+            continue
+        exams.append(MrnetExam(case, path, int(label)))
     if problems:
         raise problems_error(labels, problems)
     if not exams:
         raise DataError(f"{labels}: no exams listed")
     return exams
+
+
+def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of every row of a UTF-8 CSV file; a DataError naming the file otherwise."""
+    try:
+        return list(enumerate(csv.reader(io.StringIO(csv_text(path), newline="")), start=1))
+    except csv.Error as err:
+        raise DataError(f"{path}: not a readable CSV file ({err})") from None
 
 
 def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
@@ -86,7 +107,7 @@ def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
             listed += 1
             relative = exam.path.relative_to(root).as_posix()
             try:
-                shape = read_exam(exam.path, max_pixels).shape
+                shape = read_exam(exam.path, max_pixels, size).shape
             except ImageReadError as err:
                 exclusions.append((relative, f"unreadable: {err}"))
                 continue
@@ -125,4 +146,5 @@ def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
         n_rows=listed,
         resized=resized,
         unit="exams",
+        layout="mrnet",
     )

@@ -66,6 +66,19 @@ def inside_path(text: str) -> str | None:
     return normal
 
 
+def csv_text(path: Path) -> str:
+    """A CSV file's text (UTF-8, a byte-order mark allowed); a DataError naming the file when it is
+    not UTF-8 text or cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as a UTF-8 CSV file"
+        ) from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
 def problems_error(
     path: Path, problems: list[str], report_dir: str | Path | None = None, hint: str = ""
 ) -> DataError:
@@ -112,6 +125,7 @@ class PreparedData:
     n_rows: int = 0
     resized: int = 0
     unit: str = "images"  # what a row is: an image (a slice), or with data.layout mrnet an exam
+    layout: str = "labels-csv"  # data.layout: which reader made it
 
     @property
     def exams(self) -> bool:

@@ -119,14 +119,47 @@ class Distributed:
 SINGLE = Distributed()
 
 
+def world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE; 1 when it is not set)."""
+    if not os.environ.get("WORLD_SIZE"):
+        return 1
+    return _environment_int("WORLD_SIZE", 1, 1_000_000)
+
+
+def _environment_int(name: str, low: int, high: int) -> int:
+    """An integer environment variable of torchrun's, low..high, with a message naming it."""
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        raise ConfigError(
+            _torchrun_hint(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} is set but {name} is not")
+        )
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(_torchrun_hint(f"{name}={text!r} is not an integer")) from None
+    if not low <= value <= high:
+        raise ConfigError(_torchrun_hint(f"{name}={value} is outside {low}..{high}"))
+    return value
+
+
+def _torchrun_hint(problem: str) -> str:
+    return (
+        f"torchrun environment: {problem}. Start several processes with torchrun (it sets WORLD_SIZE, "
+        "RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), or unset WORLD_SIZE for one process"
+    )
+
+
 def start(device_type: str) -> Distributed:
     """Join the process group when started by torchrun (WORLD_SIZE > 1), else one process.
 
     Backend gloo on the CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         return SINGLE
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = (_environment_int(name, 0, world - 1) for name in ("RANK", "LOCAL_RANK"))
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # what init_process_group's env:// reads
+        if not os.environ.get(name):
+            raise ConfigError(_torchrun_hint(f"WORLD_SIZE={world} is set but {name} is not"))
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)  # this process's GPU (all_gather_object uses it too)
     if not torch.distributed.is_initialized():

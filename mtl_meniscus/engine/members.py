@@ -57,7 +57,12 @@ def check_members(members: list[Member], data: PreparedData) -> list[str]:
     """Refuse a member with no training image, naming the split and the member, before anything
     trains; return warnings for members without validation images and for an empty test split."""
     by_column = bool(data.records) and all(r.split for r in data.records)
-    origin = "the 'split' column of labels.csv" if by_column else "the automatic split (data.split_fractions)"
+    if data.layout == "mrnet":
+        origin = "MRNet's train folder (its readable exams; valid/ is the test split)"
+    elif by_column:
+        origin = "the 'split' column of labels.csv"
+    else:
+        origin = "the automatic split (data.split_fractions)"
     counts = ", ".join(f"{name} {len(data.indices(name))}" for name in ("train", "val", "test"))
     warnings = []
     for member in members:
@@ -83,9 +88,26 @@ def check_members(members: list[Member], data: PreparedData) -> list[str]:
                 f"[{member.name}] no validation image ({what}): the run has no validation score to pick "
                 "its best epoch or to stop early"
             )
+    _check_root_classes(data)  # after the members': a missing network's own message says more
     if not len(data.indices("test")):
         warnings.append(f"the test split is empty ({counts}): the run ends without test metrics")
     return warnings
+
+
+def _check_root_classes(data: PreparedData) -> None:
+    """Refuse a train split whose root task (fissure) has one class only: no model, shared or
+    separate, can learn a tear from images that all have one, or all have none."""
+    root = data.tasks.root
+    train = data.indices("train")
+    labels = data.targets[train, data.tasks.index(root.name)]
+    positives, negatives = int(np.sum(labels == 1)), int(np.sum(labels == 0))
+    if len(train) and not (positives and negatives):
+        which = "no" if not positives else "only"
+        raise MeniscusError(
+            f"the train split has {which} {root.noun}s ({positives} of {len(train)} {data.unit} with "
+            f"{root.name} = 1): nothing can learn to tell a {root.noun} from its absence; "
+            f"check the {root.name} column ({data.split_summary()})"
+        )
 
 
 def member_config(config: Config, member: Member) -> Config:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.checkpoint import atomic_torch_save, model_payload
 from mtl_meniscus.engine.data_source import resolve_data_dir
-from mtl_meniscus.engine.distributed import SINGLE, Distributed, check_batch
+from mtl_meniscus.engine.distributed import SINGLE, Distributed, check_batch, world_size
 from mtl_meniscus.engine.distributed import start as start_processes
 from mtl_meniscus.engine.distributed import stop as stop_processes
 from mtl_meniscus.engine.inference import predict_probs
@@ -348,7 +347,7 @@ def training_config(
 def run_folder(out: Path | None, config: Config) -> Path:
     """--out, else runs/<model>-<time>; under torchrun --out is required (every process must write
     to the same folder, and each would name its own dated one)."""
-    if out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if out is None and world_size() > 1:
         raise ConfigError("under torchrun give --out: every process must write to the same run folder")
     return out or default_run_dir(config.model.name)
 

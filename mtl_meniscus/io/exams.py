@@ -16,15 +16,28 @@ from pathlib import Path
 import numpy as np
 
 from mtl_meniscus.errors import ImageReadError
-from mtl_meniscus.io.imageio import DICOM_SUFFIXES, image_suffix, read_image, read_volume
+from mtl_meniscus.io.imageio import (
+    DICOM_SUFFIXES,
+    PixelBudget,
+    check_pixel_budget,
+    image_suffix,
+    max_pixels_limit,
+    read_image,
+    read_volume,
+)
 
 
-def read_exam(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
-    """The exam's slices as float32 (S, H, W), in anatomical order for a DICOM series."""
+def read_exam(path: str | Path, max_pixels: int | None = None, size: int | None = None) -> np.ndarray:
+    """The exam's slices as float32 (S, H, W), in anatomical order for a DICOM series.
+
+    The pixel budget (max_pixels, see imageio.max_pixels_limit) is for the whole exam, checked from
+    the headers before anything is decoded; with `size` (the model's input size) its slices count
+    as resized to size x size when that is larger."""
     path = Path(path)
+    budget = PixelBudget(max_pixels_limit(max_pixels), size)
     if path.is_dir():
-        return _read_dicom_series(path, max_pixels)
-    return read_volume(path, max_pixels)
+        return _read_dicom_series(path, budget)
+    return read_volume(path, budget.limit, size)
 
 
 class ExamVolumes(Sequence):
@@ -39,7 +52,7 @@ class ExamVolumes(Sequence):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return resized_slices(read_exam(self.paths[index], self.max_pixels), self.size)
+        return resized_slices(read_exam(self.paths[index], self.max_pixels, self.size), self.size)
 
 
 def resized_slices(volume: np.ndarray, size: int) -> np.ndarray:
@@ -51,7 +64,7 @@ def resized_slices(volume: np.ndarray, size: int) -> np.ndarray:
     return np.stack([cv2.resize(s, (size, size), interpolation=cv2.INTER_AREA) for s in volume])
 
 
-def _read_dicom_series(folder: Path, max_pixels: int | None) -> np.ndarray:
+def _read_dicom_series(folder: Path, budget: PixelBudget) -> np.ndarray:
     import pydicom
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and image_suffix(p) in DICOM_SUFFIXES)
@@ -77,8 +90,10 @@ def _read_dicom_series(folder: Path, max_pixels: int | None) -> np.ndarray:
         raise ImageReadError(
             f"{folder}: {len(series)} series in one exam folder: {listed}; put each series in its own folder"
         )
+    declared = sum(_declared_pixels(file, header, budget) for file, header in headers.items())
+    check_pixel_budget(declared, budget, f"{folder}: a series of {len(files)} DICOM files")
     order = _series_order(headers)
-    slices = [read_image(file, max_pixels=max_pixels) for file in order]
+    slices = [read_image(file, max_pixels=budget.limit) for file in order]
     shapes = {s.shape for s in slices}
     if len(shapes) > 1:
         raise ImageReadError(
@@ -87,25 +102,77 @@ def _read_dicom_series(folder: Path, max_pixels: int | None) -> np.ndarray:
     return np.stack(slices)
 
 
+def _declared_pixels(file: Path, header, budget: PixelBudget) -> int:
+    """What a series file will hold in memory, from its header (rows x columns x frames)."""
+    try:
+        rows, columns = int(header.Rows), int(header.Columns)
+        frames = int(getattr(header, "NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ImageReadError(
+            f"{file}: no usable Rows/Columns/NumberOfFrames ({type(err).__name__}: {err})"
+        ) from None
+    return budget.cost(frames, rows, columns)
+
+
 def _series_order(headers: dict) -> list[Path]:
     """The files by position along the slice normal when every slice has the geometry tags, else
-    by InstanceNumber (one rule for the whole series: mixed keys would not sort)."""
+    by InstanceNumber (one rule for the whole series: mixed keys would not sort). Two files at one
+    place (a slice exported twice) are refused, naming both."""
+    positions = {file: _position(file, header) for file, header in headers.items()}
+    if all(p is not None for p in positions.values()):
+        keys = positions
+        what = "position along the slice normal (mm)"
+    else:
+        missing = [
+            file for file, header in headers.items() if getattr(header, "InstanceNumber", None) is None
+        ]
+        if missing:
+            raise ImageReadError(
+                f"{missing[0]}: neither ImagePositionPatient/ImageOrientationPatient nor InstanceNumber: "
+                "the slice's place in the series is unknown"
+            )
+        keys = {
+            file: _number(file, header.InstanceNumber, "InstanceNumber") for file, header in headers.items()
+        }
+        what = "InstanceNumber"
+    order = sorted(headers, key=lambda file: (keys[file], file.name))
+    for first, second in zip(order, order[1:]):
+        if np.isclose(keys[first], keys[second], rtol=0, atol=1e-4):
+            raise ImageReadError(
+                f"{first} and {second} have the same {what}: {keys[first]:g}; one slice exported twice, "
+                "or two series in one folder; remove the duplicate"
+            )
+    return order
 
-    def position(header) -> float | None:
+
+def _position(file: Path, header) -> float | None:
+    """The slice's position along the normal of its plane (mm); None without the geometry tags."""
+    try:
         orientation = getattr(header, "ImageOrientationPatient", None)
         origin = getattr(header, "ImagePositionPatient", None)
-        if orientation is None or origin is None or len(orientation) != 6 or len(origin) != 3:
-            return None
-        normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
-        return float(np.dot(normal, np.asarray(origin, float)))
+    except (TypeError, ValueError) as err:  # a value pydicom cannot convert when it is read
+        raise ImageReadError(f"{file}: unreadable geometry tags ({type(err).__name__}: {err})") from None
+    if orientation is None or origin is None:
+        return None
+    values = [_number(file, v, "ImageOrientationPatient") for v in _values(orientation)]
+    point = [_number(file, v, "ImagePositionPatient") for v in _values(origin)]
+    if len(values) != 6 or len(point) != 3:
+        return None
+    normal = np.cross(np.asarray(values[:3]), np.asarray(values[3:]))
+    return float(np.dot(normal, np.asarray(point)))
 
-    positions = {file: position(header) for file, header in headers.items()}
-    if all(p is not None for p in positions.values()):
-        return sorted(headers, key=lambda file: (positions[file], file.name))
-    missing = [file for file, header in headers.items() if getattr(header, "InstanceNumber", None) is None]
-    if missing:
-        raise ImageReadError(
-            f"{missing[0]}: neither ImagePositionPatient/ImageOrientationPatient nor InstanceNumber: "
-            "the slice's place in the series is unknown"
-        )
-    return sorted(headers, key=lambda file: (int(headers[file].InstanceNumber), file.name))
+
+def _values(value) -> list:
+    """A multi-valued tag as a list; a single value (or text) as a list of one."""
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else [value]
+
+
+def _number(file: Path, value, tag: str) -> float:
+    """A DICOM tag's value as a finite number, or an ImageReadError naming the file and the tag."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ImageReadError(f"{file}: {tag} {value!r} is not a number") from None
+    if not np.isfinite(number):
+        raise ImageReadError(f"{file}: {tag} {value!r} is not a finite number")
+    return number

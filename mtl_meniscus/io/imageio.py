@@ -6,6 +6,7 @@ import math
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -97,9 +98,10 @@ def read_image(
     return _decoded(path, decode)
 
 
-def read_volume(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+def read_volume(path: str | Path, max_pixels: int | None = None, size: int | None = None) -> np.ndarray:
     """Every slice of a 3D .npy (slices first), NIfTI (along its last axis) or multi-frame DICOM
-    as float32 (S, H, W); a single 2D image gives one slice. Raises ImageReadError naming the file."""
+    as float32 (S, H, W); a single 2D image gives one slice. `size`: the slices will be resized to
+    size x size, so the pixel budget counts them so (PixelBudget). Raises ImageReadError naming the file."""
     path = Path(path)
     suffix = image_suffix(path)
     if suffix in RASTER_SUFFIXES or _reader(suffix) is None:
@@ -107,7 +109,7 @@ def read_volume(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     _check_exists(path)
 
     def decode() -> np.ndarray:
-        volume = _reader(suffix)(path, max_pixels_limit(max_pixels))
+        volume = _reader(suffix)(path, PixelBudget(max_pixels_limit(max_pixels), size))
         volume = volume[None] if volume.ndim == 2 else volume
         if volume.ndim != 3 or volume.size == 0:
             raise ImageReadError(f"expected a 3D volume (slices, height, width), got shape {volume.shape}")
@@ -162,26 +164,55 @@ def _pixels(count: float) -> str:
     return f"{count / 1e6:.1f} megapixels" if count >= 1e6 else f"{int(count):,} pixels"
 
 
-def _check_declared_size(shape: tuple[int, ...], limit: int, what: str = "image") -> None:
-    """Refuse an empty image, or one whose header declares more than `limit` pixels in all."""
+@dataclass(frozen=True)
+class PixelBudget:
+    """How many pixels one input may hold in memory: `limit` pixels as decoded, and, when the
+    slices are resized to the model's `size` x `size` afterwards, as resized (many tiny slices of a
+    volume cost little on disk and size x size each once resized)."""
+
+    limit: int
+    size: int | None = None
+
+    def cost(self, slices: int, height: int, width: int) -> int:
+        """Pixels held for `slices` slices of height x width: decoded, or resized when larger."""
+        resized = self.size * self.size if self.size else 0
+        return slices * max(height * width, resized)
+
+
+def _check_declared_size(
+    shape: tuple[int, ...], budget: int | PixelBudget, what: str = "image", slices_last: bool = False
+) -> None:
+    """Refuse an empty image, or one whose header declares more pixels than the budget allows; the
+    slices of a volume are its axes but the two in-plane ones (the first two with `slices_last`,
+    as in NIfTI, else the last two)."""
+    budget = budget if isinstance(budget, PixelBudget) else PixelBudget(budget)
     dims = tuple(int(d) for d in shape)
     described = "x".join(map(str, dims))
     if not dims or min(dims) <= 0:
         raise ImageReadError(f"empty {what}: it declares {described or 'no'} pixels (shape {dims})")
-    pixels = math.prod(dims)
-    if pixels > limit:
+    plane = dims[:2] if slices_last else dims[-2:]
+    height, width = plane if len(plane) == 2 else (1, plane[0])
+    check_pixel_budget(
+        budget.cost(math.prod(dims) // (height * width), height, width), budget, f"{what} of {described}"
+    )
+
+
+def check_pixel_budget(pixels: int, budget: PixelBudget, what: str) -> None:
+    """An ImageReadError when `pixels` (declared, before decoding) exceed the budget's limit."""
+    if pixels > budget.limit:
+        resized = f" once its slices are resized to {budget.size}x{budget.size}" if budget.size else ""
         raise ImageReadError(
-            f"{what} of {described} = {_pixels(pixels)} is above the limit of "
-            f"{_pixels(limit)}, refused before decoding (raise data.max_pixels in the "
-            f"config or ${MAX_PIXELS_ENV} to read it)"
+            f"{what} = {_pixels(pixels)}{resized} is above the limit of {_pixels(budget.limit)}, "
+            f"refused before decoding (raise data.max_pixels in the config or ${MAX_PIXELS_ENV} to read it)"
         )
 
 
-def _raster_header(path: Path, limit: int) -> None:
+def _raster_header(path: Path, budget: int | PixelBudget) -> None:
     """PNG/TIFF/JPEG header only: one page, a size within the limit. Pillow reads the header
     lazily; OpenCV then decodes only what passed (and only these three formats)."""
     from PIL import Image, UnidentifiedImageError
 
+    limit = budget.limit if isinstance(budget, PixelBudget) else budget
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -211,7 +242,7 @@ def _raster_header(path: Path, limit: int) -> None:
     _check_declared_size((height, width), limit)
 
 
-def _read_raster(path: Path, limit: int) -> np.ndarray:
+def _read_raster(path: Path, limit: int | PixelBudget) -> np.ndarray:
     _raster_header(path, limit)
     # np.fromfile + imdecode also copes with non-ASCII paths, where cv2.imread fails quietly.
     data = np.fromfile(str(path), dtype=np.uint8)
@@ -224,7 +255,7 @@ def _read_raster(path: Path, limit: int) -> np.ndarray:
     return image.astype(np.float32)
 
 
-def _read_dicom(path: Path, limit: int) -> np.ndarray:
+def _read_dicom(path: Path, limit: int | PixelBudget) -> np.ndarray:
     import pydicom
 
     dataset = pydicom.dcmread(str(path))
@@ -255,11 +286,11 @@ def _apply_modality_lut(pixels: np.ndarray, dataset) -> np.ndarray:
     return apply_modality_lut(pixels, dataset)
 
 
-def _read_nifti(path: Path, limit: int) -> np.ndarray:
+def _read_nifti(path: Path, limit: int | PixelBudget) -> np.ndarray:
     import nibabel
 
     image = nibabel.load(str(path))  # reads the header only
-    _check_declared_size(image.shape, limit, "NIfTI image")
+    _check_declared_size(image.shape, limit, "NIfTI image", slices_last=True)
     volume = np.asanyarray(image.dataobj, dtype=np.float32)
     # Trailing singleton axes (x, y, 1) or (x, y, 1, 1) are a 2D slice.
     while volume.ndim > 2 and volume.shape[-1] == 1:
@@ -269,7 +300,7 @@ def _read_nifti(path: Path, limit: int) -> np.ndarray:
     return volume
 
 
-def _read_npy(path: Path, limit: int) -> np.ndarray:
+def _read_npy(path: Path, limit: int | PixelBudget) -> np.ndarray:
     with path.open("rb") as handle:  # the header first: shape and dtype, nothing decoded
         version = np.lib.format.read_magic(handle)
         if version == (1, 0):
@@ -285,7 +316,7 @@ def _read_npy(path: Path, limit: int) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def _read_hdf5(path: Path, limit: int, slice_index: int | None = None) -> np.ndarray:
+def _read_hdf5(path: Path, limit: int | PixelBudget, slice_index: int | None = None) -> np.ndarray:
     """A fastMRI file's reconstruction (slices, H, W): reconstruction_rss, else reconstruction_esc;
     with `slice_index`, that slice alone as (1, H, W), the rest of the file left unread."""
     import h5py

@@ -11,7 +11,7 @@ from typing import Any
 from mtl_meniscus.config import OWN_TRUNKS, CompareConfig, Config, load_config, read_config_file
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.labels import TASKS
-from mtl_meniscus.networks.models import create_timm_backbone
+from mtl_meniscus.networks.models import create_timm_backbone, trains_per_task
 
 RESULT_FILE = "result.json"
 
@@ -79,7 +79,7 @@ def variant_config(
     if compare.phantom_difficulty:
         overrides["data.phantom_difficulty"] = compare.phantom_difficulty
     config = load_config(preset, overrides)
-    if compare.budget == "total" and variant.mode == "separate":
+    if compare.budget == "total" and trains_per_task(variant.mode):
         overrides["train.steps_per_epoch"] = steps_per_network(
             config.train.steps_per_epoch, len(config.model.tasks)
         )

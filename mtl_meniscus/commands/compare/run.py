@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -135,8 +136,12 @@ def run_compare(
     `jobs` > 1 trains that many variants at once in worker processes with `threads` CPU threads
     each (default: this process's threads divided among them). `out_dir` is locked once the checks
     pass: a second comparison on the same folder is refused."""
-    if jobs < 1:
-        raise ConfigError(f"--jobs: bad value {jobs} (expected an integer >= 1)")
+    limit = max_jobs()
+    if not 1 <= jobs <= limit:
+        raise ConfigError(
+            f"--jobs: bad value {jobs} (expected an integer 1..{limit}: one process per CPU core or GPU "
+            "of this machine at most)"
+        )
     locks: list[RunLock] = []
     try:
         return _compare_locked(
@@ -145,6 +150,14 @@ def run_compare(
     finally:
         for lock in locks:
             lock.release()
+
+
+def max_jobs() -> int:
+    """The most worker processes `compare --jobs` starts: this machine's CPU cores, or its GPUs
+    when it has more of them."""
+    import torch
+
+    return max(os.cpu_count() or 1, torch.cuda.device_count())
 
 
 def _compare_locked(
@@ -299,12 +312,11 @@ def _run_in_parallel(
 
     import torch
 
+    jobs = min(jobs, len(pending))  # a worker per variant at most
     threads = threads or max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP/CUDA state
     gpus = torch.cuda.device_count()
-    slots = context.Queue()
-    for slot in range(jobs):
-        slots.put(slot % gpus if gpus else None)
+    slots = _gpu_slots(context, jobs, gpus)
     console.print(
         f"training {len(pending)} variants in {jobs} processes, {threads} CPU thread(s) each"
         + (f", one of {gpus} GPUs each" if gpus else "")
@@ -335,6 +347,17 @@ def _run_in_parallel(
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+        finally:
+            slots.close()
+            slots.cancel_join_thread()  # slots no worker took must not hold this process at exit
+
+
+def _gpu_slots(context, jobs: int, gpus: int):
+    """A queue with each worker's GPU (round robin), or None for each when there is no GPU."""
+    slots = context.Queue()
+    for slot in range(jobs):
+        slots.put(slot % gpus if gpus else None)
+    return slots
 
 
 def _init_worker(threads: int, slots) -> None:
