@@ -496,7 +496,7 @@ def compare(
 ) -> None:
     """Train and score separate vs shared (x trunks x seeds) on the same splits; write the table and plots."""
     from mtl_meniscus.commands.compare import parse_list, parse_pretrained, run_compare
-    from mtl_meniscus.config import load_compare_config
+    from mtl_meniscus.commands.compare.settings import load_compare_config
 
     try:
         path = config or preset_path("compare")

@@ -80,49 +80,51 @@ class DataConfig(Section):
         known = list(DEFAULT_TASKS.names)
         for name, extra in self.extra_tasks.items():
             key = f"data.extra_tasks.{name}"
-            _check(
+            check_value(
                 bool(re.fullmatch(r"[a-z][a-z0-9_]*", name)) and name not in known,
                 "data.extra_tasks",
                 name,
                 "a new task name: lower-case letters, digits and '_', not one of " + ", ".join(known),
             )
             targets = sorted(extra.values.values())
-            _check(
+            check_value(
                 targets.count(1.0) == 1 and targets.count(0.0) >= 1 and set(targets) <= {0.0, 1.0},
                 f"{key}.values",
                 extra.values,
                 "texts mapped to 1 (exactly one) and 0, e.g. {displaced: 1, stable: 0}; quote yes and no",
             )
-            _check(
+            check_value(
                 extra.gated_by is None or extra.gated_by in known,
                 f"{key}.gated_by",
                 extra.gated_by,
                 "null or a task declared before it: " + ", ".join(known),
             )
-            _check(extra.weight >= 0, f"{key}.weight", extra.weight, ">= 0")
+            check_value(extra.weight >= 0, f"{key}.weight", extra.weight, ">= 0")
             known.append(name)
-        _check(
+        check_value(
             32 <= self.image_size <= MAX_IMAGE_SIZE,
             "data.image_size",
             self.image_size,
             f"an integer 32..{MAX_IMAGE_SIZE}",
         )
-        _check(0 <= self.split_seed <= MAX_SEED, "data.split_seed", self.split_seed, f"0..{MAX_SEED}")
-        _check(0 <= self.phantom_seed <= MAX_SEED, "data.phantom_seed", self.phantom_seed, f"0..{MAX_SEED}")
-        _check(
+        check_value(0 <= self.split_seed <= MAX_SEED, "data.split_seed", self.split_seed, f"0..{MAX_SEED}")
+        check_value(
+            0 <= self.phantom_seed <= MAX_SEED, "data.phantom_seed", self.phantom_seed, f"0..{MAX_SEED}"
+        )
+        check_value(
             self.max_pixels is None or self.max_pixels >= 1,
             "data.max_pixels",
             self.max_pixels,
             "a number of pixels >= 1, or null for the default",
         )
         fractions = self.split_fractions
-        _check(
+        check_value(
             len(fractions) == 3 and all(f >= 0 for f in fractions) and abs(sum(fractions) - 1) < 1e-6,
             "data.split_fractions",
             fractions,
             "three non-negative fractions summing to 1",
         )
-        _check(self.phantom_n >= 20, "data.phantom_n", self.phantom_n, "an integer >= 20")
+        check_value(self.phantom_n >= 20, "data.phantom_n", self.phantom_n, "an integer >= 20")
 
 
 class AugmentConfig(Section):
@@ -138,15 +140,15 @@ class AugmentConfig(Section):
     gamma_range: tuple[float, float] = (0.7, 1.5)
 
     def validate(self, prefix: str = "augment") -> None:
-        _check(0 <= self.rotation_deg <= 180, f"{prefix}.rotation_deg", self.rotation_deg, "0..180")
-        _check(0 <= self.translate_frac < 1, f"{prefix}.translate_frac", self.translate_frac, "0..1")
+        check_value(0 <= self.rotation_deg <= 180, f"{prefix}.rotation_deg", self.rotation_deg, "0..180")
+        check_value(0 <= self.translate_frac < 1, f"{prefix}.translate_frac", self.translate_frac, "0..1")
         for name in ("blur_prob", "noise_prob", "gamma_prob"):
             value = getattr(self, name)
-            _check(0 <= value <= 1, f"{prefix}.{name}", value, "a probability 0..1")
+            check_value(0 <= value <= 1, f"{prefix}.{name}", value, "a probability 0..1")
         for name in ("blur_sigma", "gamma_range"):
             low, high = getattr(self, name)
-            _check(0 < low <= high, f"{prefix}.{name}", (low, high), "0 < low <= high")
-        _check(self.noise_std >= 0, f"{prefix}.noise_std", self.noise_std, ">= 0")
+            check_value(0 < low <= high, f"{prefix}.{name}", (low, high), "0 < low <= high")
+        check_value(self.noise_std >= 0, f"{prefix}.noise_std", self.noise_std, ">= 0")
 
 
 class PreprocessConfig(Section):
@@ -191,36 +193,36 @@ class ModelConfig(Section):
 
     def validate(self) -> None:
         blocks = max(len(self.kernels), len(self.fissure_kernels))
-        _check(len(self.widths) >= blocks, "model.widths", self.widths, "one width per block")
-        _check(all(1 <= w <= 2048 for w in self.widths), "model.widths", self.widths, "integers 1..2048")
+        check_value(len(self.widths) >= blocks, "model.widths", self.widths, "one width per block")
+        check_value(all(1 <= w <= 2048 for w in self.widths), "model.widths", self.widths, "integers 1..2048")
         for name in ("kernels", "fissure_kernels"):
             kernels = getattr(self, name)
-            _check(
+            check_value(
                 len(kernels) >= 1 and all(1 <= k <= 31 and k % 2 == 1 for k in kernels),
                 f"model.{name}",
                 kernels,
                 "one or more odd kernel sizes 1..31",
             )
-        _check(1 <= self.pool_grid <= 64, "model.pool_grid", self.pool_grid, "1..64")
-        _check(all(1 <= d <= 4096 for d in self.dense), "model.dense", self.dense, "integers 1..4096")
+        check_value(1 <= self.pool_grid <= 64, "model.pool_grid", self.pool_grid, "1..64")
+        check_value(all(1 <= d <= 4096 for d in self.dense), "model.dense", self.dense, "integers 1..4096")
         if self.trunk in OWN_TRUNKS:
             # Weights files are for timm trunks; our own trunks always start from random weights.
-            _check(
+            check_value(
                 self.pretrained in ("default", "none"),
                 "model.pretrained",
                 self.pretrained,
                 f"'default' or 'none' with model.trunk {self.trunk!r} (a weights file needs a timm trunk, "
                 "e.g. --trunk resnet50)",
             )
-            _check(
+            check_value(
                 not self.freeze_backbone,
                 "model.freeze_backbone",
                 self.freeze_backbone,
                 f"false with model.trunk {self.trunk!r} (it has no pretrained backbone to freeze)",
             )
-        _check(0 <= self.conv_dropout < 1, "model.conv_dropout", self.conv_dropout, "0..1")
-        _check(0 <= self.dense_dropout < 1, "model.dense_dropout", self.dense_dropout, "0..1")
-        _check(len(self.tasks) > 0, "model.tasks", self.tasks, "one or more task names")
+        check_value(0 <= self.conv_dropout < 1, "model.conv_dropout", self.conv_dropout, "0..1")
+        check_value(0 <= self.dense_dropout < 1, "model.dense_dropout", self.dense_dropout, "0..1")
+        check_value(len(self.tasks) > 0, "model.tasks", self.tasks, "one or more task names")
 
 
 class TrainConfig(Section):
@@ -249,42 +251,42 @@ class TrainConfig(Section):
 
     def validate(self) -> None:
         for name in ("max_epochs", "steps_per_epoch"):
-            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")
+            check_value(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "an integer >= 1")
         for name in ("batch_size", "eval_batch_size"):
             value = getattr(self, name)
-            _check(1 <= value <= MAX_BATCH, f"train.{name}", value, f"an integer 1..{MAX_BATCH}")
-        _check(
+            check_value(1 <= value <= MAX_BATCH, f"train.{name}", value, f"an integer 1..{MAX_BATCH}")
+        check_value(
             self.steps_per_epoch * self.batch_size <= MAX_EPOCH_SAMPLES,
             "train.steps_per_epoch",
             self.steps_per_epoch,
             f"steps_per_epoch x batch_size ({self.batch_size}) at most {MAX_EPOCH_SAMPLES:,} images per epoch",
         )
-        _check(self.lr > 0, "train.lr", self.lr, "> 0")
-        _check(
+        check_value(self.lr > 0, "train.lr", self.lr, "> 0")
+        check_value(
             self.device is None or bool(DEVICE_PATTERN.fullmatch(str(self.device))),
             "train.device",
             self.device,
             "cpu, cuda, cuda:N or null",
         )
-        _check(0 < self.lr_factor < 1, "train.lr_factor", self.lr_factor, "0 < factor < 1")
-        _check(
+        check_value(0 < self.lr_factor < 1, "train.lr_factor", self.lr_factor, "0 < factor < 1")
+        check_value(
             0.5 < self.left_chance_max <= 1, "train.left_chance_max", self.left_chance_max, "0.5 < value <= 1"
         )
-        _check(self.lr_patience >= 0, "train.lr_patience", self.lr_patience, "an integer >= 0")
-        _check(
+        check_value(self.lr_patience >= 0, "train.lr_patience", self.lr_patience, "an integer >= 0")
+        check_value(
             self.early_stopping_patience >= 1,
             "train.early_stopping_patience",
             self.early_stopping_patience,
             "an integer >= 1",
         )
-        _check(self.min_lr >= 0, "train.min_lr", self.min_lr, ">= 0")
-        _check(self.backbone_lr_factor >= 0, "train.backbone_lr_factor", self.backbone_lr_factor, ">= 0")
-        _check(self.num_workers >= 0, "train.num_workers", self.num_workers, ">= 0")
-        _check(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"an integer 0..{MAX_SEED}")
+        check_value(self.min_lr >= 0, "train.min_lr", self.min_lr, ">= 0")
+        check_value(self.backbone_lr_factor >= 0, "train.backbone_lr_factor", self.backbone_lr_factor, ">= 0")
+        check_value(self.num_workers >= 0, "train.num_workers", self.num_workers, ">= 0")
+        check_value(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"an integer 0..{MAX_SEED}")
         for task, weight in self.task_weights.items():
-            _check(weight >= 0, f"train.task_weights.{task}", weight, ">= 0")
+            check_value(weight >= 0, f"train.task_weights.{task}", weight, ">= 0")
         for task, weight in self.pos_weights.items():
-            _check(weight > 0, f"train.pos_weights.{task}", weight, "> 0")
+            check_value(weight > 0, f"train.pos_weights.{task}", weight, "> 0")
 
 
 class WandbConfig(Section):
@@ -307,7 +309,7 @@ class TTAConfig(Section):
     augment: AugmentConfig = Field(default_factory=_tta_augment)
 
     def validate(self) -> None:
-        _check(
+        check_value(
             0 <= self.copies <= MAX_TTA_COPIES, "tta.copies", self.copies, f"an integer 0..{MAX_TTA_COPIES}"
         )
         self.augment.validate("tta.augment")
@@ -330,7 +332,7 @@ class Config(Section):
         self.tta.validate()
         self.model.validate()
         self.train.validate()
-        _check(
+        check_value(
             self.data.layout != "mrnet" or bool(self.data.path),
             "data.path",
             self.data.path,
@@ -339,7 +341,7 @@ class Config(Section):
         )
         if self.data.layout == "mrnet" and self.model.exam_pooling is None:
             self.model.exam_pooling = "max"  # MRNet labels whole exams: only an exam model can learn them
-        _check(
+        check_value(
             self.model.exam_pooling is None or self.data.layout == "mrnet",
             "model.exam_pooling",
             self.model.exam_pooling,
@@ -348,7 +350,7 @@ class Config(Section):
         tasks = self.data.task_table()
         if self.data.extra_tasks and self.model.tasks == TASKS:  # the default: every task of the table
             self.model.tasks = tasks.names
-        _check(
+        check_value(
             set(self.model.tasks) <= set(tasks.names),
             "model.tasks",
             self.model.tasks,
@@ -356,7 +358,7 @@ class Config(Section):
         )
         for name in ("task_weights", "pos_weights"):
             unknown = set(getattr(self.train, name)) - set(tasks.names)
-            _check(
+            check_value(
                 not unknown,
                 f"train.{name}",
                 getattr(self.train, name),
@@ -364,14 +366,14 @@ class Config(Section):
             )
         if self.model.trunk == "reference":  # (the plain floor's five blocks fit the smallest size, 32)
             blocks = max(len(self.model.kernels), len(self.model.fissure_kernels))
-            _check(
+            check_value(
                 self.data.image_size >> blocks >= 1,
                 "data.image_size",
                 self.data.image_size,
                 f"at least {2**blocks} for {blocks} conv blocks (each halves the image)",
             )
         expected = 1 if self.preprocess.edge_filter == "none" else 2
-        _check(
+        check_value(
             self.model.in_chans == expected,
             "model.in_chans",
             self.model.in_chans,
@@ -381,10 +383,10 @@ class Config(Section):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists for tuples), ready for YAML, JSON and torch.save(weights_only)."""
-        return _plain(self.model_dump())
+        return plain(self.model_dump())
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+def check_value(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': bad value {value!r} (allowed: {allowed})")
 
@@ -455,17 +457,17 @@ def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
 def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:
     """Build and validate a Config from a nested dict; unknown keys and wrong types name the key."""
-    return _parse(Config, data or {}, source).validate()
+    return parse_section(Config, data or {}, source).validate()
 
 
 def load_config(
@@ -475,11 +477,11 @@ def load_config(
 ) -> Config:
     """Load a YAML preset (or the defaults), merge `overlay` over it (another YAML file, e.g.
     configs/exams.yaml for training on exams) and apply dotted-key overrides like {'train.lr': 0.01}."""
-    data, source = _read_yaml(path, overrides, overlay)
+    data, source = read_yaml(path, overrides, overlay)
     return config_from_dict(data, source)
 
 
-def _read_yaml(
+def read_yaml(
     path: str | Path | None, overrides: dict[str, Any] | None, overlay: str | Path | None = None
 ) -> tuple[dict[str, Any], str]:
     """(nested dict, source name) of a YAML file (or {} for None), `overlay` merged over it, with
@@ -529,64 +531,6 @@ def parse_set_option(text: str) -> tuple[str, Any]:
     return key, parsed
 
 
-MODES = ("separate", "shared")
-# per-network: each of the cascade's networks gets the whole budget (the reference protocol; the
-# cascade trains len(TASKS) times the steps). total: its networks share the shared model's steps.
-BUDGETS = ("per-network", "total")
-
-
-def _compare_tta() -> TTAConfig:
-    return TTAConfig(copies=5, augment=AugmentConfig(rotation_deg=8.0, translate_frac=0.05))
-
-
-class CompareConfig(Section):
-    """A comparison: every (mode, trunk, seed) variant trains on the same splits and is scored alike.
-
-    Each variant's training config is its mode's preset with the budget, trunk and seed below.
-    """
-
-    modes: tuple[str, ...] = MODES
-    # 'reference', 'plain' (the floor) or timm model names: resnet50, vgg16, vgg19
-    trunks: tuple[str, ...] = ("reference",)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    max_epochs: int | None = None  # training budget per variant; None: the preset's
-    steps_per_epoch: int | None = None
-    budget: str = "per-network"  # BUDGETS: how the budget above counts for the cascade
-    # Level of the built-in phantom for every variant; None: the presets' data.phantom_difficulty.
-    phantom_difficulty: Literal["easy", "realistic", "hard"] | None = None
-    presets: dict[str, str] = Field(
-        default_factory=dict
-    )  # mode -> training preset; default configs/<mode>.yaml
-    pretrained: dict[str, str] = Field(
-        default_factory=dict
-    )  # timm trunk -> 'default' | 'none' | weights file
-    tta: TTAConfig = Field(default_factory=_compare_tta)  # the same test-time augmentation for every variant
-    bootstrap: int = 1000  # stratified bootstrap resamples of the test split for the CIs
-
-    def validate(self) -> CompareConfig:
-        for name in ("modes", "trunks", "seeds"):
-            values = getattr(self, name)
-            _check(len(values) > 0 and len(set(values)) == len(values), f"{name}", values, "distinct values")
-        _check(set(self.modes) <= set(MODES), "modes", self.modes, ", ".join(MODES))
-        _check(self.budget in BUDGETS, "budget", self.budget, " or ".join(BUDGETS))
-        _check(set(self.presets) <= set(MODES), "presets", self.presets, f"keys among {', '.join(MODES)}")
-        for name in ("max_epochs", "steps_per_epoch"):
-            value = getattr(self, name)
-            _check(value is None or value >= 1, name, value, "an integer >= 1 or null")
-        _check(all(0 <= s <= MAX_SEED for s in self.seeds), "seeds", self.seeds, f"integers 0..{MAX_SEED}")
-        _check(
-            0 <= self.bootstrap <= MAX_BOOTSTRAP,
-            "bootstrap",
-            self.bootstrap,
-            f"an integer 0..{MAX_BOOTSTRAP}",
-        )
-        self.tta.validate()
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(self.model_dump())
-
-
 def preset_path(name: str) -> Path:
     """A shipped preset by name, e.g. 'shared' -> <presets>/shared.yaml.
 
@@ -603,15 +547,7 @@ def preset_path(name: str) -> Path:
     )
 
 
-def load_compare_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None
-) -> CompareConfig:
-    """Load a comparison YAML (or the defaults) with dotted-key overrides like {'seeds': [0, 1]}."""
-    data, source = _read_yaml(path, overrides)
-    return _parse(CompareConfig, data, source).validate()
-
-
-def _parse(cls: type[Section], data: dict[str, Any], source: str) -> Any:
+def parse_section(cls: type[Section], data: dict[str, Any], source: str) -> Any:
     """`cls` from YAML data, strictly typed (validated as JSON: lists may stand for tuples, but a
     bool is not a number and a number not a string); the first problem as a ConfigError."""
     try:

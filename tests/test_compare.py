@@ -28,7 +28,7 @@ from mtl_meniscus.commands.compare import (
 )
 from mtl_meniscus.commands.compare import plan as compare_plan
 from mtl_meniscus.commands.compare import run as compare_run
-from mtl_meniscus.config import CompareConfig, load_compare_config
+from mtl_meniscus.commands.compare.settings import CompareConfig, load_compare_config
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.evaluation.metrics import challenge_score, task_aucs
 from mtl_meniscus.phantom.slices import write_phantom
@@ -140,7 +140,8 @@ def test_budget_total_gives_the_cascade_the_shared_models_steps(preset):
 
 def test_phantom_difficulty_applies_to_every_variant(preset):
     """The default comparison runs on `realistic` (configs/compare.yaml); null keeps the presets' level."""
-    from mtl_meniscus.config import load_compare_config, preset_path
+    from mtl_meniscus.commands.compare.settings import load_compare_config
+    from mtl_meniscus.config import preset_path
 
     assert load_compare_config(preset_path("compare")).phantom_difficulty == "realistic"
     for level, expected in (("realistic", "realistic"), (None, "easy")):
@@ -565,7 +566,7 @@ def test_floor_check_names_a_variant_that_loses_to_the_plain_cnn():
 
 def test_compare_refuses_data_without_a_test_split(tmp_path):
     from mtl_meniscus.commands.compare import run_compare
-    from mtl_meniscus.config import CompareConfig
+    from mtl_meniscus.commands.compare.settings import CompareConfig
 
     _split_folder(tmp_path / "d", ["train"] * 6 + ["val"] * 2)
     settings = CompareConfig(modes=("shared",), seeds=(0,), max_epochs=1, steps_per_epoch=1).validate()

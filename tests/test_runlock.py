@@ -52,7 +52,7 @@ def test_a_run_folder_held_by_a_live_process_is_refused_until_it_dies(data64, tm
 
 def test_a_compare_folder_held_by_a_live_process_is_refused(data64, tmp_path):
     from mtl_meniscus.commands.compare import run_compare
-    from mtl_meniscus.config import CompareConfig
+    from mtl_meniscus.commands.compare.settings import CompareConfig
 
     out = tmp_path / "cmp"
     out.mkdir()

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtl_meniscus.config import OWN_TRUNKS, CompareConfig, Config, load_config, read_config_file
+from mtl_meniscus.commands.compare.settings import CompareConfig
+from mtl_meniscus.config import OWN_TRUNKS, Config, load_config, read_config_file
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.labels import TASKS
 from mtl_meniscus.networks.models import create_timm_backbone, trains_per_task

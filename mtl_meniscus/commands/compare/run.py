@@ -23,8 +23,9 @@ from mtl_meniscus.commands.compare.plan import (
     variant_status,
 )
 from mtl_meniscus.commands.compare.report import log_summary, write_report
+from mtl_meniscus.commands.compare.settings import CompareConfig
 from mtl_meniscus.commands.compare.statistics import ScoredVariant, summarize
-from mtl_meniscus.config import CompareConfig, Config
+from mtl_meniscus.config import Config
 from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.data_source import resolve_data_dir

@@ -1,0 +1,95 @@
+"""`compare`'s own settings (configs/compare.yaml): which variants, with what budget and test-time
+augmentation; each variant's training config is its mode's preset with these applied (plan.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from mtl_meniscus.config import (
+    MAX_BOOTSTRAP,
+    MAX_SEED,
+    AugmentConfig,
+    Section,
+    TTAConfig,
+    check_value,
+    parse_section,
+    plain,
+    read_yaml,
+)
+from mtl_meniscus.networks.models import MODELS
+
+# per-network: each of the cascade's networks gets the whole budget (the reference protocol; the
+# cascade trains len(TASKS) times the steps). total: its networks share the shared model's steps.
+BUDGETS = ("per-network", "total")
+
+
+def _compare_tta() -> TTAConfig:
+    return TTAConfig(copies=5, augment=AugmentConfig(rotation_deg=8.0, translate_frac=0.05))
+
+
+class CompareConfig(Section):
+    """A comparison: every (mode, trunk, seed) variant trains on the same splits and is scored alike.
+
+    Each variant's training config is its mode's preset with the budget, trunk and seed below.
+    """
+
+    modes: tuple[str, ...] = ("separate", "shared")  # registered models (networks/models.py, MODELS)
+    # 'reference', 'plain' (the floor) or timm model names: resnet50, vgg16, vgg19
+    trunks: tuple[str, ...] = ("reference",)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_epochs: int | None = None  # training budget per variant; None: the preset's
+    steps_per_epoch: int | None = None
+    budget: str = "per-network"  # BUDGETS: how the budget above counts for the cascade
+    # Level of the built-in phantom for every variant; None: the presets' data.phantom_difficulty.
+    phantom_difficulty: Literal["easy", "realistic", "hard"] | None = None
+    presets: dict[str, str] = Field(
+        default_factory=dict
+    )  # mode -> training preset; default configs/<mode>.yaml
+    pretrained: dict[str, str] = Field(
+        default_factory=dict
+    )  # timm trunk -> 'default' | 'none' | weights file
+    tta: TTAConfig = Field(default_factory=_compare_tta)  # the same test-time augmentation for every variant
+    bootstrap: int = 1000  # stratified bootstrap resamples of the test split for the CIs
+
+    def validate(self) -> CompareConfig:
+        for name in ("modes", "trunks", "seeds"):
+            values = getattr(self, name)
+            check_value(
+                len(values) > 0 and len(set(values)) == len(values), f"{name}", values, "distinct values"
+            )
+        check_value(set(self.modes) <= set(MODELS.names()), "modes", self.modes, ", ".join(MODELS.names()))
+        check_value(self.budget in BUDGETS, "budget", self.budget, " or ".join(BUDGETS))
+        check_value(
+            set(self.presets) <= set(MODELS.names()),
+            "presets",
+            self.presets,
+            f"keys among {', '.join(MODELS.names())}",
+        )
+        for name in ("max_epochs", "steps_per_epoch"):
+            value = getattr(self, name)
+            check_value(value is None or value >= 1, name, value, "an integer >= 1 or null")
+        check_value(
+            all(0 <= s <= MAX_SEED for s in self.seeds), "seeds", self.seeds, f"integers 0..{MAX_SEED}"
+        )
+        check_value(
+            0 <= self.bootstrap <= MAX_BOOTSTRAP,
+            "bootstrap",
+            self.bootstrap,
+            f"an integer 0..{MAX_BOOTSTRAP}",
+        )
+        self.tta.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain(self.model_dump())
+
+
+def load_compare_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> CompareConfig:
+    """Load a comparison YAML (or the defaults) with dotted-key overrides like {'seeds': [0, 1]}."""
+    data, source = read_yaml(path, overrides)
+    return parse_section(CompareConfig, data, source).validate()
