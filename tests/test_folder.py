@@ -320,3 +320,19 @@ def test_all_images_excluded_for_their_size_says_why(data64, tmp_path):
     message = str(info.value)
     assert "wrong size (e.g." in message and "expected 128x128" in message
     assert "data.image_size" in message and "size_policy: resize" in message
+
+
+def test_rows_sharing_a_patient_are_counted_as_patients(tmp_path):
+    from mtl_meniscus.data.records import PreparedData, Record
+
+    def record(row, patient):
+        return Record(row=row, image=f"{row}.png", labels={"fissure": "0"}, patient_id=patient)
+
+    shared = [record(2, "a"), record(3, "a"), record(4, "b"), record(5, "")]
+    data = PreparedData(tmp_path, shared, [np.zeros((2, 2))] * 4, np.zeros((4, 1)), ["test"] * 4)
+    assert data.patients([0, 1, 2, 3]) == ["a", "a", "b", "row 5"]
+    assert data.unit_phrase([0, 1, 2, 3]) == "4 images of 3 patients"
+    alone = PreparedData(
+        tmp_path, [record(2, ""), record(3, "")], [np.zeros((2, 2))] * 2, np.zeros((2, 1)), ["test"] * 2
+    )
+    assert alone.patients([0, 1]) is None and alone.unit_phrase([0, 1]) == "2 images"

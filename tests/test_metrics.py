@@ -4,6 +4,7 @@ intervals and DeLong's test, against hand values and scikit-learn."""
 import math
 
 import numpy as np
+import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from mtl_meniscus.evaluation.metrics import (
@@ -187,3 +188,40 @@ def test_bootstrap_ci_covers_the_estimate_and_narrows_with_more_data():
     assert bootstrap_cis(targets, probs, n_resamples=50, seed=4) == bootstrap_cis(
         targets, probs, n_resamples=50, seed=4
     )
+
+
+def _clustered_draw(rng, patients=30, slices=20, delta=1.0, sd_patient=1.0, sd_slice=0.5):
+    """Slices of a knee share its label and a patient effect: scores correlated within a patient.
+    The population AUC of a slice of a torn knee against one of a healthy knee is
+    Phi(delta / sqrt(2 (sd_patient^2 + sd_slice^2)))."""
+    label = np.repeat(np.arange(patients) % 2, slices).astype(float)
+    effect = np.repeat(rng.normal(0, sd_patient, patients), slices)
+    score = delta * label + effect + rng.normal(0, sd_slice, patients * slices)
+    targets = np.full((len(label), 3), np.nan)
+    targets[:, 0] = label
+    return targets, {"fissure": score}, [f"p{k}" for k in np.repeat(np.arange(patients), slices)]
+
+
+@pytest.mark.slow  # 200 x 2 bootstraps, ~10 s
+def test_the_cluster_bootstrap_covers_the_true_auc_where_slices_share_a_patient():
+    from scipy.stats import norm
+
+    true_auc = norm.cdf(1.0 / np.sqrt(2 * (1.0**2 + 0.5**2)))
+    covered = {"rows": 0, "patients": 0}
+    rng = np.random.default_rng(0)
+    for k in range(200):  # 200 simulated test sets of 30 knees x 20 slices
+        targets, probs, patients = _clustered_draw(rng)
+        for unit, groups in (("rows", None), ("patients", patients)):
+            low, high = bootstrap_cis(targets, probs, 200, seed=k, groups=groups)["fissure"]
+            covered[unit] += low <= true_auc <= high
+    assert covered["patients"] / 200 >= 0.90
+    assert covered["rows"] / 200 < 0.60  # slices taken as independent: far too narrow
+
+
+def test_one_row_per_patient_gives_the_unclustered_intervals_exactly():
+    rng = np.random.default_rng(1)
+    targets, probs, _ = _clustered_draw(rng, patients=80, slices=1)
+    targets[:, 1] = np.where(targets[:, 0] == 1, rng.integers(0, 2, len(targets)), np.nan)
+    probs["orientation"] = rng.random(len(targets))
+    alone = bootstrap_cis(targets, probs, 300, seed=4)
+    assert bootstrap_cis(targets, probs, 300, seed=4, groups=[f"id{k}" for k in range(80)]) == alone

@@ -85,8 +85,11 @@ def evaluate(
     probs = trained.predict(images, runtime, tta=tta, seed=seed) if tta and tta.copies else plain
     tasks = data.tasks
     aucs = task_aucs(targets, probs, tasks)
+    patients = data.patients(indices)  # the bootstrap resamples patients where rows share them
     cis = (
-        bootstrap_cis(targets, probs, n_resamples=n_bootstrap, seed=seed, tasks=tasks) if n_bootstrap else {}
+        bootstrap_cis(targets, probs, n_resamples=n_bootstrap, seed=seed, tasks=tasks, groups=patients)
+        if n_bootstrap
+        else {}
     )
     per_task = {}
     for task in (t for t in tasks.names if t in probs):
@@ -105,6 +108,8 @@ def evaluate(
     metrics = {
         "split": split,
         "n_images": len(indices),
+        "n_patients": len(set(patients)) if patients else len(indices),
+        "sample": data.unit_phrase(indices),
         "tta_copies": tta.copies if tta else 0,
         "fissure_threshold": threshold,
         "tasks": per_task,
@@ -346,8 +351,7 @@ def _write_and_show(out_dir, metrics, data, indices, probs, plain, targets, cut,
     console.print(
         metrics_table(
             metrics,
-            f"{split} split, {metrics['n_images']} {data.unit}, TTA {tta.copies} copies, "
-            f"fissure threshold {cut:.3f}",
+            f"{split} split, {metrics['sample']}, TTA {tta.copies} copies, fissure threshold {cut:.3f}",
         )
     )
     console.print(cascade_line(metrics["cascade"]), highlight=False)

@@ -135,6 +135,21 @@ class PreparedData:
     def indices(self, split: str) -> np.ndarray:
         return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
 
+    def patients(self, indices) -> list[str] | None:
+        """The patient of each row of `indices` (statistics resample patients, not rows), or None
+        when no row names one (every row its own patient). A row without a patient_id among rows
+        with one is its own patient."""
+        if not any(self.records[i].patient_id for i in indices):
+            return None
+        return [self.records[i].patient_id or f"row {self.records[i].row}" for i in indices]
+
+    def unit_phrase(self, indices) -> str:
+        """'112 images', or '600 images of 30 patients' when rows share patients."""
+        patients = self.patients(indices)
+        count = len(set(patients)) if patients else len(indices)
+        phrase = f"{len(indices)} {self.unit}"
+        return phrase + (f" of {count} patients" if count < len(indices) else "")
+
     def exclusion_summary(self) -> str:
         """One line: how many rows were kept and why the others were set aside."""
         reasons = Counter(reason.split(":")[0] for _, reason in self.exclusions)

@@ -246,7 +246,10 @@ def _final_metrics(
             seed=config.train.seed,
         )
         aucs = task_aucs(targets, probs, data.tasks)
-        cis = bootstrap_cis(targets, probs, FINAL_BOOTSTRAP, seed=config.train.seed, tasks=data.tasks)
+        patients = data.patients(test)  # the bootstrap resamples patients where rows share them
+        cis = bootstrap_cis(
+            targets, probs, FINAL_BOOTSTRAP, seed=config.train.seed, tasks=data.tasks, groups=patients
+        )
         results[key] = {
             "auc": aucs,
             "auc_ci95": {task: list(cis[task]) for task in aucs},
@@ -254,6 +257,8 @@ def _final_metrics(
             "score_ci95": list(cis["score"]),
             "n_images": len(test),  # exams with data.layout mrnet
             "unit": data.unit,
+            "n_patients": len(set(patients)) if patients else len(test),
+            "sample": data.unit_phrase(test),  # what the CIs rest on, for the summary
             "n_tears": int(np.nansum(targets[:, 0])),
         }
     results["members"] = best_by_member
@@ -281,7 +286,7 @@ def _print_metrics(console: Console, metrics: dict, data_name: str) -> None:
         )
         console.print(
             f"{label}: AUC {aucs}  challenge score {score}  "
-            f"({m['n_images']} {m.get('unit', 'images')}, {m['n_tears']} tears)",
+            f"({m.get('sample', str(m['n_images']) + ' images')}, {m['n_tears']} tears)",
             highlight=False,
         )
     reading = result_reading(metrics["test_tta"], data_name)
@@ -299,8 +304,10 @@ def result_reading(test: dict, data_name: str) -> str | None:
         return None
     ci = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
     return (
-        f"test score {test['score']:.2f}{ci} with TTA on {data_name} ({test['n_images']} "
-        f"{test.get('unit', 'images')}, 95% bootstrap CI); the reference reported {REFERENCE_SCORE} on real scans"
+        f"test score {test['score']:.2f}{ci} with TTA on {data_name} "
+        f"({test.get('sample', str(test['n_images']) + ' images')}, 95% bootstrap CI"
+        f"{' over patients' if test.get('n_patients', test['n_images']) < test['n_images'] else ''}); "
+        f"the reference reported {REFERENCE_SCORE} on real scans"
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
@@ -115,6 +115,7 @@ def task_resamples(
     seed: int = 0,
     names: tuple[str, ...] | None = None,
     tasks: TaskTable = DEFAULT_TASKS,
+    groups: Sequence[str] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Per resample, {task: row indices} of a bootstrap of that task's own scored rows.
 
@@ -125,20 +126,55 @@ def task_resamples(
     vertical tear, in every resample and leave the rare class's variance out.) The tasks' draws
     are independent of each other. Same targets and seed, same resamples: variants scored on the
     same test split can be compared resample by resample (paired bootstrap).
+
+    `groups` (one patient id per row) makes it a cluster bootstrap: whole patients are drawn with
+    replacement, stratified on whether the patient has a positive of the task, and bring all their
+    rows, so that slices of one knee, which are not independent, widen the interval as they
+    should. With one row per patient the draws, and so the intervals, are the unclustered ones.
     """
     rng = np.random.default_rng(seed)
-    classes: dict[str, list[np.ndarray]] = {}
+    strata: dict[str, list[list[np.ndarray]]] = {}  # task -> strata -> clusters -> rows
     for task in names or tasks.names:
         rows = np.flatnonzero(tasks.scored_rows(targets, task))
-        labels = targets[rows, tasks.index(task)]
-        classes[task] = [rows[labels == value] for value in (0.0, 1.0) if np.any(labels == value)]
+        strata[task] = _strata(rows, targets[rows, tasks.index(task)], groups)
     for _ in range(n_resamples):
-        yield {
-            task: np.concatenate([rng.choice(group, size=len(group)) for group in groups])
-            if groups
-            else np.zeros(0, np.int64)
-            for task, groups in classes.items()
-        }
+        yield {task: _draw(rng, clusters) for task, clusters in strata.items()}
+
+
+def _strata(rows: np.ndarray, labels: np.ndarray, groups: Sequence[str] | None) -> list:
+    """The task's rows as [negative stratum, positive stratum] (empty strata left out), each a
+    list of clusters (rows of one patient, in row order; one row each without `groups`). A
+    patient is in the positive stratum when any of its rows is positive."""
+    if groups is None:  # (n, 1): a cluster per row
+        return [rows[labels == value][:, None] for value in (0.0, 1.0) if np.any(labels == value)]
+    by_patient: dict[str, list[int]] = {}
+    for row in rows:
+        by_patient.setdefault(groups[row], []).append(row)
+    clusters = [np.array(members) for members in by_patient.values()]  # ordered by their first row
+    positive = {row for row, label in zip(rows, labels) if label == 1}
+    has_positive = [any(row in positive for row in cluster) for cluster in clusters]
+    return [
+        stratum
+        for stratum in (
+            [c for c, p in zip(clusters, has_positive) if not p],
+            [c for c, p in zip(clusters, has_positive) if p],
+        )
+        if stratum
+    ]
+
+
+def _draw(rng: np.random.Generator, strata: list) -> np.ndarray:
+    """One resample: per stratum as many clusters as it has, drawn with replacement, their rows."""
+    if not strata:
+        return np.zeros(0, np.int64)
+    drawn = []
+    for clusters in strata:
+        picks = rng.choice(len(clusters), size=len(clusters))
+        if isinstance(clusters, np.ndarray):  # one row per cluster
+            drawn.append(clusters[picks, 0])
+        else:
+            drawn.extend(clusters[k] for k in picks)
+    return np.concatenate(drawn).astype(np.int64)
 
 
 def resampled_aucs(
@@ -171,16 +207,18 @@ def bootstrap_cis(
     seed: int = 0,
     level: float = 0.95,
     tasks: TaskTable = DEFAULT_TASKS,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile confidence intervals of each task AUC and of the challenge score.
 
     Each task's AUC is bootstrapped on its own rows, stratified on its own class (task_resamples);
-    the score of a resample combines the three tasks' resampled AUCs.
+    the score of a resample combines the three tasks' resampled AUCs. With `groups` (a patient id
+    per row) whole patients are resampled (a cluster bootstrap).
     """
     samples: dict[str, list[float]] = {task: [] for task in probs}
     samples["score"] = []
     scored = {t.name for t in tasks if t.weight > 0}
-    for rows_by_task in task_resamples(targets, n_resamples, seed, tuple(probs), tasks):
+    for rows_by_task in task_resamples(targets, n_resamples, seed, tuple(probs), tasks, groups):
         aucs = resampled_aucs(targets, probs, rows_by_task, tasks)
         for task, value in aucs.items():
             samples[task].append(value)

@@ -179,7 +179,7 @@ def _caption(table: list[dict[str, Any]], scored: Sequence[ScoredVariant]) -> tu
     check) and the floor check's findings alone."""
     n_test, resamples = table[0]["n_test"], table[0]["bootstrap_resamples"]
     caption = (
-        f"Test split: {n_test} images. AUC and score: mean ± sd over seeds. CIs: 95% percentile "
+        f"Test split: {n_test} images{_of_patients(table[0])}. AUC and score: mean ± sd over seeds. CIs: 95% percentile "
         f"bootstrap ({resamples} resamples); 'seeds + images' resamples the seeds of each variant and the "
         "test images (each task on its own rows, stratified on its own class), 'images only' keeps every "
         "seed and resamples the images. Δ: difference of seed means, paired on the resampled images. "
@@ -194,6 +194,12 @@ def _caption(table: list[dict[str, Any]], scored: Sequence[ScoredVariant]) -> tu
     if floor:
         caption += " " + " ".join(floor)
     return caption, floor
+
+
+def _of_patients(row: dict[str, Any]) -> str:
+    """' of 30 patients (the bootstrap resamples patients)' when images share patients, else ''."""
+    patients = row.get("n_patients", row["n_test"])
+    return f" of {patients} patients (the bootstrap resamples patients)" if patients < row["n_test"] else ""
 
 
 def _print_tables(

@@ -187,7 +187,9 @@ def _compare_locked(
         statuses = {v: "scored" for v in variants}  # every pending variant now has its result.json
     scored = _score_in_turn(variants, pending, statuses, configs, out_dir, data, runtime, console)
     test = data.indices("test")
-    table = summarize(scored, data.targets[test], compare.bootstrap, compare.budget, data.tasks)
+    table = summarize(
+        scored, data.targets[test], compare.bootstrap, compare.budget, data.tasks, data.patients(test)
+    )
     write_report(out_dir, table, scored, data.targets[test], console, data.tasks)
     log_summary(reference, group, out_dir, table, compare)
     return table

@@ -37,6 +37,7 @@ def summarize(
     n_bootstrap: int,
     budget: str = "per-network",
     tasks: TaskTable = DEFAULT_TASKS,
+    patients: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per group (mode, trunk): means and sds over seeds, bootstrap CIs, differences.
 
@@ -53,12 +54,13 @@ def summarize(
         groups.setdefault(item.variant.group, []).append(item)
     baseline = baseline_group([s.variant for s in scored])
     names = list(scored[0].probs)  # the tasks of the comparison, in table order
-    samples = _bootstrap(groups, targets, n_bootstrap, names, tasks)
+    samples = _bootstrap(groups, targets, n_bootstrap, names, tasks, patients)
     base_mean = float(np.mean([m.result["test_score"] for m in groups[baseline]]))
     table = []
     for group, members in groups.items():
         row = _group_row(group, members, names, samples, baseline, base_mean)
         row |= _cost_columns(members, budget, n_bootstrap)
+        row["n_patients"] = len(set(patients)) if patients else row["n_test"]
         table.append(row)
     return table
 
@@ -69,6 +71,7 @@ def _bootstrap(
     n_bootstrap: int,
     names: list[str],
     tasks: TaskTable,
+    patients: list[str] | None = None,
 ) -> dict[str, dict[str, dict[str, list[float]]]]:
     """{"with_seeds" | "images_only": {group: {task or "score": resampled seed means}}} (summarize)."""
     keys = [*names, "score"]
@@ -76,7 +79,7 @@ def _bootstrap(
     with_seeds = {g: {k: [] for k in keys} for g in groups}
     images_only = {g: {k: [] for k in keys} for g in groups}
     seed_rng = np.random.default_rng([BOOTSTRAP_SEED, 1])
-    for rows_by_task in task_resamples(targets, n_bootstrap, BOOTSTRAP_SEED, tuple(names), tasks):
+    for rows_by_task in task_resamples(targets, n_bootstrap, BOOTSTRAP_SEED, tuple(names), tasks, patients):
         for group, members in groups.items():
             aucs = [resampled_aucs(targets, m.probs, rows_by_task, tasks) for m in members]
             per_seed = np.array([[a[t] for t in names] for a in aucs])  # (seeds, tasks)
