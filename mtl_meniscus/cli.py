@@ -216,7 +216,8 @@ def import_fastmri(
     console.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out}", highlight=False)
     console.print(
         "orientation and position are unknown in fastMRI+: train with --data "
-        f"{out} --set data.allow_unknown_subtype=true --set data.image_size=320 (its reconstructions are 320x320)",
+        f"{out} --set data.allow_unknown_subtype=true --set data.image_size=320 --set data.plane=coronal "
+        "(its reconstructions are 320x320 coronal slices)",
         highlight=False,
     )
 

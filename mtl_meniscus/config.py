@@ -64,6 +64,8 @@ class DataConfig(Section):
     phantom_seed: int = 0
     phantom_difficulty: Literal["easy", "realistic", "hard"] = "easy"  # of the built-in phantom (path: null)
     max_pixels: int | None = None  # decoded-size limit per file; None: $MTL_MENISCUS_MAX_PIXELS or 64e6
+    # The plane the model reads: DICOM and NIfTI of another plane (from their geometry) are refused.
+    plane: Literal["sagittal", "coronal", "axial"] = "sagittal"
     extra_tasks: dict[str, TaskConfig] = Field(default_factory=dict)  # tasks after the built-in three
     # A tear may leave orientation/position (any task gated by fissure) empty: unknown, so masked in
     # the loss and the metrics. Off by default, so that a forgotten label is still an error.

@@ -69,3 +69,18 @@ def _copy_run(run64: Path, tmp_path: Path) -> Path:
 def _predict(run, *inputs, out, extra=()):
     args = ["predict", str(run), *map(str, inputs), "--out", str(out), "--tta", "0", *extra]
     return runner.invoke(app, args)
+
+
+SAGITTAL_ORIENTATION = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]  # the canonical view's (io/orientation.py)
+
+
+def sagittal_copy(source: Path, target: Path) -> Path:
+    """A copy of a DICOM file (e.g. pydicom's axial MR_small.dcm) that says it is a sagittal slice
+    in the canonical view, for the models here, which read sagittal images only."""
+    import pydicom
+
+    dataset = pydicom.dcmread(source)
+    dataset.ImageOrientationPatient = SAGITTAL_ORIENTATION
+    target.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(target)
+    return target

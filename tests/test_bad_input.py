@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from support import sagittal_copy
 from typer.testing import CliRunner
 
 from mtl_meniscus.phantom.slices import write_phantom
@@ -283,7 +284,7 @@ def test_predict_answers_every_input_with_one_row(corpus, tmp_path, pydicom_file
     for name in corpus["extra"]:
         shutil.copy(corpus["mixed"] / "images" / name, scans / name)
     shutil.copy(pydicom_files / "MR_truncated.dcm", scans / "truncated.dcm")
-    shutil.copy(pydicom_files / "MR_small.dcm", scans / "small.dcm")  # 64x64: predicted
+    sagittal_copy(pydicom_files / "MR_small.dcm", scans / "small.dcm")  # 64x64: predicted
     (scans / "dangling.png").symlink_to(tmp_path / "gone.png")
     (scans / "sub").mkdir()
     shutil.copy(images[2], scans / "sub" / "a.png")  # same name in another folder

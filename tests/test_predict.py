@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import nibabel as nib
 import numpy as np
-from support import _clean, _predict, _quiet
+from support import _clean, _predict, _quiet, sagittal_copy
 
 from mtl_meniscus.commands.predict import CSV_COLUMNS, gate, run_predict
 from mtl_meniscus.labels import DEFAULT_TASKS
@@ -37,7 +37,7 @@ def test_predict_on_a_folder_mixing_good_and_bad_files(tiny_run, tmp_path, pydic
     for path in good:
         shutil.copy(path, inputs / path.name)
     cv2.imwrite(str(inputs / "nested" / "big.png"), np.full((96, 80), 500, np.uint16))
-    shutil.copy(pydicom_files / "MR_small.dcm", inputs / "nested" / "mr.dcm")
+    sagittal_copy(pydicom_files / "MR_small.dcm", inputs / "nested" / "mr.dcm")
     shutil.copy(pydicom_files / "MR_truncated.dcm", inputs / "nested" / "truncated.dcm")
     nib.save(nib.Nifti1Image(np.zeros((64, 64, 3), np.float32), np.eye(4)), inputs / "volume.nii.gz")
     np.save(inputs / "nan.npy", np.full((64, 64), np.nan))

@@ -91,19 +91,7 @@ def evaluate(
         if n_bootstrap
         else {}
     )
-    per_task = {}
-    for task in (t for t in tasks.names if t in probs):
-        rows = tasks.scored_rows(targets, task)
-        cut = threshold if task == tasks.root.name else 0.5
-        y = targets[rows, tasks.index(task)]
-        per_task[task] = {
-            "auc": aucs[task],
-            "auc_ci95": list(cis.get(task, (math.nan, math.nan))),
-            "n": int(rows.sum()),
-            "n_positive": int(np.sum(y == 1)),
-            "threshold": cut,
-            **binary_counts(y, probs[task][rows], cut),
-        }
+    per_task = _per_task(targets, probs, aucs, cis, threshold, tasks)
     score = challenge_score(aucs, tasks)
     metrics = {
         "split": split,
@@ -359,6 +347,25 @@ def _write_and_show(out_dir, metrics, data, indices, probs, plain, targets, cut,
     return curves
 
 
+def _per_task(targets, probs, aucs, cis, threshold: float, tasks) -> dict[str, dict[str, Any]]:
+    """Each task's AUC and CI, its counts and its confusion at its threshold (the fissure threshold
+    for the root task, 0.5 for the others)."""
+    per_task = {}
+    for task in (t for t in tasks.names if t in probs):
+        rows = tasks.scored_rows(targets, task)
+        cut = threshold if task == tasks.root.name else 0.5
+        y = targets[rows, tasks.index(task)]
+        per_task[task] = {
+            "auc": aucs[task],
+            "auc_ci95": list(cis.get(task, (math.nan, math.nan))),
+            "n": int(rows.sum()),
+            "n_positive": int(np.sum(y == 1)),
+            "threshold": cut,
+            **binary_counts(y, probs[task][rows], cut),
+        }
+    return per_task
+
+
 def _print_cam_check(console: Console, hit: dict[str, Any], cam_dir: Path) -> None:
     if hit["n"]:
         console.print(
@@ -526,7 +533,8 @@ def _predict_exams(trained, exams, runtime, tta, seed) -> tuple[list[float], lis
     root = trained.tasks.root.name
     probs, tops, sizes = [], [], []
     for k, exam in enumerate(exams):
-        volume = read_exam(exam.path, trained.config.data.max_pixels, trained.config.data.image_size)
+        data = trained.config.data
+        volume = read_exam(exam.path, data.max_pixels, data.image_size, data.plane)
         found = trained.predict_exam(volume, runtime, tta=tta, seed=seed + k)
         probs.append(found.exam[root])
         tops.append(found.top_slice)

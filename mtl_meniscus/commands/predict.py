@@ -132,7 +132,7 @@ def run_predict(
     if not files:
         raise MeniscusError("no input images found (supported: PNG, TIFF, JPEG, DICOM, NIfTI, .npy)")
 
-    rows, good = _read_inputs(files, size, max_pixels, strict_size)
+    rows, good = _read_inputs(files, size, max_pixels, strict_size, config.data.plane)
     if good:
         _predict_rows(trained, good, rows, runtime, tta, cut, seed, batch_size, console)
         if cam_dir is not None:
@@ -151,7 +151,7 @@ def run_predict(
 
 
 def _read_inputs(
-    files: list[Path], size: int, max_pixels: int, strict_size: bool
+    files: list[Path], size: int, max_pixels: int, strict_size: bool, plane: str
 ) -> tuple[list[Prediction], list[tuple[int, np.ndarray]]]:
     """A row per file (with the error of a file that cannot be read) and the (row index, image) of
     those that can, resized to the model's size unless strict_size."""
@@ -160,8 +160,9 @@ def _read_inputs(
     for path in files:
         name = str(path)
         try:
-            image = read_image(path, max_pixels=max_pixels, volume_hint=VOLUME_HINT)
-            note = ""
+            notes: list[str] = []  # the orientation note of a DICOM/NIfTI file without geometry
+            image = read_image(path, max_pixels=max_pixels, volume_hint=VOLUME_HINT, plane=plane, notes=notes)
+            note = "; ".join(notes)
             if image.shape != (size, size):
                 if strict_size:
                     rows.append(
@@ -171,7 +172,7 @@ def _read_inputs(
                         )
                     )
                     continue
-                note = f"resized from {image.shape[0]}x{image.shape[1]} to {size}x{size}"
+                note = "; ".join([*notes, f"resized from {image.shape[0]}x{image.shape[1]} to {size}x{size}"])
                 image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         except ImageReadError as err:
             rows.append(Prediction(image=name, error=str(err)))
@@ -217,13 +218,14 @@ def _exam_rows(trained, path: Path, runtime, tta, cut, seed, batch_size, with_sl
     config, tasks, names = trained.config, trained.tasks, trained.outputs
     size = config.data.image_size
     exam = {"exam": str(path)}
+    notes: list[str] = []  # the orientation note of an exam without geometry
     try:
-        volume = read_exam(path, config.data.max_pixels, size)  # (S, H, W)
+        volume = read_exam(path, config.data.max_pixels, size, config.data.plane, notes)  # (S, H, W)
     except ImageReadError as err:
         return [exam | {"error": str(err)}]
-    note = (
-        "" if volume.shape[1:] == (size, size) else f"slices resized from {volume.shape[1]}x{volume.shape[2]}"
-    )
+    if volume.shape[1:] != (size, size):
+        notes.append(f"slices resized from {volume.shape[1]}x{volume.shape[2]}")
+    note = "; ".join(notes)
     found = trained.predict_exam(volume, runtime, tta=tta, seed=seed, batch_size=batch_size)
     probs = found.slices  # {task: (S,)}
     if not all(np.isfinite(p).all() for p in probs.values()):

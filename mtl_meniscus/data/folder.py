@@ -214,14 +214,22 @@ def prepare_folder(
     exclusions: list[tuple[str, str]] = []
     resized = 0
     last_volume: dict[Path, np.ndarray] = {}  # rows of one volume decode it once (read_image)
+    unoriented: list[str] = []  # a row per DICOM/NIfTI file without geometry: taken as stored
     for record in records:
         if config.exclude_double_tears and record.labels.get("position") == DOUBLE_TEAR:
             exclusions.append((record.image, "double tear: position 'both'"))
             continue
         try:
+            notes: list[str] = []
             image = read_image(
-                data_dir / record.image, record.slice, max_pixels=max_pixels, last_volume=last_volume
+                data_dir / record.image,
+                record.slice,
+                max_pixels=max_pixels,
+                last_volume=last_volume,
+                plane=config.plane,
+                notes=notes,
             )
+            unoriented += [record.image] if notes else []
         except ImageReadError as err:
             exclusions.append((record.image, f"unreadable: {err}"))
             continue
@@ -249,6 +257,7 @@ def prepare_folder(
         exclusions=exclusions,
         n_rows=len(records),
         resized=resized,
+        unoriented=len(set(unoriented)),
     )
 
 

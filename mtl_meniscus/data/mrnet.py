@@ -107,7 +107,7 @@ def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
             listed += 1
             relative = exam.path.relative_to(root).as_posix()
             try:
-                shape = read_exam(exam.path, max_pixels, size).shape
+                shape = read_exam(exam.path, max_pixels, size, config.plane).shape
             except ImageReadError as err:
                 exclusions.append((relative, f"unreadable: {err}"))
                 continue

@@ -126,6 +126,7 @@ class PreparedData:
     resized: int = 0
     unit: str = "images"  # what a row is: an image (a slice), or with data.layout mrnet an exam
     layout: str = "labels-csv"  # data.layout: which reader made it
+    unoriented: int = 0  # DICOM/NIfTI files without geometry, taken as stored (io/orientation.py)
 
     @property
     def exams(self) -> bool:
@@ -159,6 +160,8 @@ class PreparedData:
             line += f"; excluded {len(self.exclusions)} ({detail})"
         if self.resized:
             line += f"; resized {self.resized}"
+        if self.unoriented:
+            line += f"; {self.unoriented} DICOM/NIfTI file(s) with the orientation not in the file: taken as stored"
         unknown = self.unknown_subtypes()
         if unknown:
             line += "; unknown (masked, not negative): " + ", ".join(

@@ -20,24 +20,34 @@ from mtl_meniscus.io.imageio import (
     DICOM_SUFFIXES,
     PixelBudget,
     check_pixel_budget,
+    dicom_orientation,
     image_suffix,
     max_pixels_limit,
     read_image,
     read_volume,
 )
+from mtl_meniscus.io.orientation import CANONICAL_SLICE_LPS, check_plane, dicom_geometry
 
 
-def read_exam(path: str | Path, max_pixels: int | None = None, size: int | None = None) -> np.ndarray:
-    """The exam's slices as float32 (S, H, W), in anatomical order for a DICOM series.
+def read_exam(
+    path: str | Path,
+    max_pixels: int | None = None,
+    size: int | None = None,
+    plane: str | None = None,
+    notes: list[str] | None = None,
+) -> np.ndarray:
+    """The exam's slices as float32 (S, H, W) in the canonical view (io/orientation.py), in
+    anatomical order for a DICOM series.
 
     The pixel budget (max_pixels, see imageio.max_pixels_limit) is for the whole exam, checked from
     the headers before anything is decoded; with `size` (the model's input size) its slices count
-    as resized to size x size when that is larger."""
+    as resized to size x size when that is larger. With `plane`, an exam of another plane is
+    refused; `notes` receives orientation.NOT_IN_FILE for an exam without geometry."""
     path = Path(path)
     budget = PixelBudget(max_pixels_limit(max_pixels), size)
     if path.is_dir():
-        return _read_dicom_series(path, budget)
-    return read_volume(path, budget.limit, size)
+        return _read_dicom_series(path, budget, plane, notes)
+    return read_volume(path, budget.limit, size, plane, notes)
 
 
 class ExamVolumes(Sequence):
@@ -64,7 +74,9 @@ def resized_slices(volume: np.ndarray, size: int) -> np.ndarray:
     return np.stack([cv2.resize(s, (size, size), interpolation=cv2.INTER_AREA) for s in volume])
 
 
-def _read_dicom_series(folder: Path, budget: PixelBudget) -> np.ndarray:
+def _read_dicom_series(
+    folder: Path, budget: PixelBudget, plane: str | None, notes: list[str] | None
+) -> np.ndarray:
     import pydicom
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and image_suffix(p) in DICOM_SUFFIXES)
@@ -92,8 +104,10 @@ def _read_dicom_series(folder: Path, budget: PixelBudget) -> np.ndarray:
         )
     declared = sum(_declared_pixels(file, header, budget) for file, header in headers.items())
     check_pixel_budget(declared, budget, f"{folder}: a series of {len(files)} DICOM files")
-    order = _series_order(headers)
-    slices = [read_image(file, max_pixels=budget.limit) for file in order]
+    normal, found = _series_normal(headers)
+    check_plane(found, plane, str(folder))  # before the order: another plane is the clearer message
+    order = _series_order(headers, normal)
+    slices = [read_image(file, max_pixels=budget.limit, plane=plane, notes=notes) for file in order]
     shapes = {s.shape for s in slices}
     if len(shapes) > 1:
         raise ImageReadError(
@@ -114,11 +128,11 @@ def _declared_pixels(file: Path, header, budget: PixelBudget) -> int:
     return budget.cost(frames, rows, columns)
 
 
-def _series_order(headers: dict) -> list[Path]:
+def _series_order(headers: dict, normal: np.ndarray | None) -> list[Path]:
     """The files by position along the slice normal when every slice has the geometry tags, else
     by InstanceNumber (one rule for the whole series: mixed keys would not sort). Two files at one
     place (a slice exported twice) are refused, naming both."""
-    positions = {file: _position(file, header) for file, header in headers.items()}
+    positions = {file: _position(file, header, normal) for file, header in headers.items()}
     if all(p is not None for p in positions.values()):
         keys = positions
         what = "position along the slice normal (mm)"
@@ -145,20 +159,43 @@ def _series_order(headers: dict) -> list[Path]:
     return order
 
 
-def _position(file: Path, header) -> float | None:
-    """The slice's position along the normal of its plane (mm); None without the geometry tags."""
+def _series_normal(headers: dict) -> tuple[np.ndarray | None, str | None]:
+    """(The series' slice normal (LPS), pointing the way a canonical volume's slices run
+    (orientation.CANONICAL_SLICE_LPS), and its plane); (None, None) without orientation tags.
+    Slices that disagree on their orientation are refused, naming two of them."""
+    found = {}
+    for file, header in headers.items():
+        orientation = dicom_orientation(header)
+        if orientation is not None:
+            found[file] = np.array(
+                [_number(file, v, "ImageOrientationPatient") for v in _values(orientation)]
+            )
+    if not found:
+        return None, None
+    first, reference = next(iter(found.items()))
+    for file, values in found.items():
+        if values.shape != reference.shape or not np.allclose(values, reference, atol=1e-3):
+            raise ImageReadError(
+                f"{first} and {file} disagree on ImageOrientationPatient ({list(reference)} vs {list(values)}): "
+                "the slices of one series share one orientation; put each series in its own folder"
+            )
+    geometry = dicom_geometry(reference)  # refuses a degenerate orientation
+    normal = np.cross(reference[:3], reference[3:])
+    axis, sign = CANONICAL_SLICE_LPS[geometry.plane]
+    return (normal if normal[axis] * sign >= 0 else -normal), geometry.plane
+
+
+def _position(file: Path, header, normal: np.ndarray | None) -> float | None:
+    """The slice's position along the series' normal (mm); None without the geometry tags."""
     try:
-        orientation = getattr(header, "ImageOrientationPatient", None)
         origin = getattr(header, "ImagePositionPatient", None)
     except (TypeError, ValueError) as err:  # a value pydicom cannot convert when it is read
         raise ImageReadError(f"{file}: unreadable geometry tags ({type(err).__name__}: {err})") from None
-    if orientation is None or origin is None:
+    if origin is None or normal is None or dicom_orientation(header) is None:
         return None
-    values = [_number(file, v, "ImageOrientationPatient") for v in _values(orientation)]
     point = [_number(file, v, "ImagePositionPatient") for v in _values(origin)]
-    if len(values) != 6 or len(point) != 3:
+    if len(point) != 3:
         return None
-    normal = np.cross(np.asarray(values[:3]), np.asarray(values[3:]))
     return float(np.dot(normal, np.asarray(point)))
 
 

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from mtl_meniscus.errors import ConfigError, ImageReadError
+from mtl_meniscus.io.orientation import NOT_IN_FILE, check_plane, dicom_geometry, nifti_canonical
 
 RASTER_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -63,6 +64,8 @@ def read_image(
     max_pixels: int | None = None,
     volume_hint: str = VOLUME_HINT,
     last_volume: dict[Path, np.ndarray] | None = None,
+    plane: str | None = None,
+    notes: list[str] | None = None,
 ) -> np.ndarray:
     """Read one grey slice as float32 (H, W); `slice_index` picks a slice of a 3D volume.
 
@@ -73,6 +76,10 @@ def read_image(
 
     `last_volume` (an empty dict the caller keeps) holds the last file decoded for a slice, so that
     rows naming slices of one volume one after another decode it once, not once per row.
+
+    DICOM and NIfTI pixels are turned to the canonical view of their plane (io/orientation.py);
+    with `plane` ('sagittal', ...) a file of another plane is refused; `notes` (a list the caller
+    keeps) receives orientation.NOT_IN_FILE when a DICOM or NIfTI file has no geometry.
     """
     path = Path(path)
     _check_exists(path)
@@ -81,24 +88,32 @@ def read_image(
 
     def decode() -> np.ndarray:
         if suffix in HDF5_SUFFIXES and slice_index is not None:  # that slice alone is read
-            return _select_slice(_read_hdf5(path, limit, slice_index), 0, suffix, volume_hint)
+            return _select_slice(_read_hdf5(path, limit, slice_index)[0], 0, suffix, volume_hint)
         reader = _reader(suffix)
         if reader is None:
             raise ImageReadError(
                 f"unsupported format '{suffix}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
             )
         if last_volume is None or slice_index is None:
-            return _select_slice(reader(path, limit), slice_index, suffix, volume_hint)
+            return _select_slice(
+                _oriented(path, reader(path, limit), plane, notes), slice_index, suffix, volume_hint
+            )
         if path not in last_volume:
             last_volume.clear()  # one volume in memory at a time
-            last_volume[path] = reader(path, limit)
+            last_volume[path] = _oriented(path, reader(path, limit), plane, notes)
         # a copy: the kept slice must not hold the whole volume in memory
         return _select_slice(last_volume[path], slice_index, suffix, volume_hint).copy()
 
     return _decoded(path, decode)
 
 
-def read_volume(path: str | Path, max_pixels: int | None = None, size: int | None = None) -> np.ndarray:
+def read_volume(
+    path: str | Path,
+    max_pixels: int | None = None,
+    size: int | None = None,
+    plane: str | None = None,
+    notes: list[str] | None = None,
+) -> np.ndarray:
     """Every slice of a 3D .npy (slices first), NIfTI (along its last axis) or multi-frame DICOM
     as float32 (S, H, W); a single 2D image gives one slice. `size`: the slices will be resized to
     size x size, so the pixel budget counts them so (PixelBudget). Raises ImageReadError naming the file."""
@@ -109,7 +124,8 @@ def read_volume(path: str | Path, max_pixels: int | None = None, size: int | Non
     _check_exists(path)
 
     def decode() -> np.ndarray:
-        volume = _reader(suffix)(path, PixelBudget(max_pixels_limit(max_pixels), size))
+        read = _reader(suffix)(path, PixelBudget(max_pixels_limit(max_pixels), size))
+        volume = _oriented(path, read, plane, notes)
         volume = volume[None] if volume.ndim == 2 else volume
         if volume.ndim != 3 or volume.size == 0:
             raise ImageReadError(f"expected a 3D volume (slices, height, width), got shape {volume.shape}")
@@ -128,6 +144,21 @@ def _reader(suffix: str):
         **dict.fromkeys(HDF5_SUFFIXES, _read_hdf5),
     }
     return readers.get(suffix)
+
+
+def _oriented(path: Path, read: tuple[np.ndarray, str | None], plane: str | None, notes: list[str] | None):
+    """A reader's (pixels, orientation) -> the pixels, after the plane check and the note.
+
+    The orientation is the plane found in the file's geometry, orientation.NOT_IN_FILE for a
+    DICOM or NIfTI file without geometry, or None for formats that have none (PNG, .npy, .h5:
+    taken as stored, as documented)."""
+    pixels, found = read
+    if found == NOT_IN_FILE:
+        if notes is not None and NOT_IN_FILE not in notes:
+            notes.append(NOT_IN_FILE)
+    else:
+        check_plane(found, plane, str(path))
+    return pixels
 
 
 def _check_exists(path: Path) -> None:
@@ -242,7 +273,7 @@ def _raster_header(path: Path, budget: int | PixelBudget) -> None:
     _check_declared_size((height, width), limit)
 
 
-def _read_raster(path: Path, limit: int | PixelBudget) -> np.ndarray:
+def _read_raster(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None]:
     _raster_header(path, limit)
     # np.fromfile + imdecode also copes with non-ASCII paths, where cv2.imread fails quietly.
     data = np.fromfile(str(path), dtype=np.uint8)
@@ -252,10 +283,10 @@ def _read_raster(path: Path, limit: int | PixelBudget) -> np.ndarray:
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         image = cv2.cvtColor(image, code)
-    return image.astype(np.float32)
+    return image.astype(np.float32), None
 
 
-def _read_dicom(path: Path, limit: int | PixelBudget) -> np.ndarray:
+def _read_dicom(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, str]:
     import pydicom
 
     dataset = pydicom.dcmread(str(path))
@@ -274,7 +305,8 @@ def _read_dicom(path: Path, limit: int | PixelBudget) -> np.ndarray:
     if getattr(dataset, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         # MONOCHROME1 shows low values as white: invert so that bright means high signal everywhere.
         image = image.max() + image.min() - image
-    return image
+    geometry = dicom_geometry(dicom_orientation(dataset))
+    return geometry.apply(image), geometry.plane or NOT_IN_FILE
 
 
 def _apply_modality_lut(pixels: np.ndarray, dataset) -> np.ndarray:
@@ -286,21 +318,26 @@ def _apply_modality_lut(pixels: np.ndarray, dataset) -> np.ndarray:
     return apply_modality_lut(pixels, dataset)
 
 
-def _read_nifti(path: Path, limit: int | PixelBudget) -> np.ndarray:
+def _read_nifti(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, str]:
     import nibabel
 
     image = nibabel.load(str(path))  # reads the header only
     _check_declared_size(image.shape, limit, "NIfTI image", slices_last=True)
     volume = np.asanyarray(image.dataobj, dtype=np.float32)
-    # Trailing singleton axes (x, y, 1) or (x, y, 1, 1) are a 2D slice.
-    while volume.ndim > 2 and volume.shape[-1] == 1:
+    # Trailing singleton axes beyond the third, (x, y, z, 1), are a 3-D volume.
+    while volume.ndim > 3 and volume.shape[-1] == 1:
         volume = volume[..., 0]
-    if volume.ndim == 3:
-        volume = np.moveaxis(volume, -1, 0)  # (slices, X, Y): slices first like the other formats
-    return volume
+    if volume.ndim == 2:
+        volume = volume[..., None]
+    if volume.ndim != 3:
+        return volume, NOT_IN_FILE  # refused by the caller as not a slice or a volume
+    has_geometry = int(image.header.get("sform_code", 0)) > 0 or int(image.header.get("qform_code", 0)) > 0
+    # (slices, rows, columns) in the canonical view of its plane; slices first like the other formats
+    volume, plane = nifti_canonical(volume, image.affine if has_geometry else None)
+    return (volume[0] if len(volume) == 1 else volume), plane or NOT_IN_FILE
 
 
-def _read_npy(path: Path, limit: int | PixelBudget) -> np.ndarray:
+def _read_npy(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None]:
     with path.open("rb") as handle:  # the header first: shape and dtype, nothing decoded
         version = np.lib.format.read_magic(handle)
         if version == (1, 0):
@@ -313,10 +350,12 @@ def _read_npy(path: Path, limit: int | PixelBudget) -> np.ndarray:
         raise ImageReadError(f"expected a real numeric array, got dtype {dtype}")
     _check_declared_size(shape, limit, "array")
     array = np.load(str(path), allow_pickle=False)
-    return array.astype(np.float32)
+    return array.astype(np.float32), None
 
 
-def _read_hdf5(path: Path, limit: int | PixelBudget, slice_index: int | None = None) -> np.ndarray:
+def _read_hdf5(
+    path: Path, limit: int | PixelBudget, slice_index: int | None = None
+) -> tuple[np.ndarray, None]:
     """A fastMRI file's reconstruction (slices, H, W): reconstruction_rss, else reconstruction_esc;
     with `slice_index`, that slice alone as (1, H, W), the rest of the file left unread."""
     import h5py
@@ -331,11 +370,22 @@ def _read_hdf5(path: Path, limit: int | PixelBudget, slice_index: int | None = N
         dataset = handle[name]
         if slice_index is None:
             _check_declared_size(dataset.shape, limit, "HDF5 volume")
-            return np.asarray(dataset, dtype=np.float32)
+            return np.asarray(dataset, dtype=np.float32), None
         if dataset.ndim != 3 or not 0 <= slice_index < dataset.shape[0]:
             raise ImageReadError(f"slice {slice_index} is out of range for a volume of shape {dataset.shape}")
         _check_declared_size(dataset.shape[1:], limit, "HDF5 slice")
-        return np.asarray(dataset[slice_index], dtype=np.float32)[None]
+        return np.asarray(dataset[slice_index], dtype=np.float32)[None], None
+
+
+def dicom_orientation(dataset):
+    """ImageOrientationPatient of a DICOM dataset: its own, or a multi-frame file's shared one
+    (SharedFunctionalGroupsSequence / PlaneOrientationSequence); None when it has none."""
+    if "ImageOrientationPatient" in dataset:
+        return dataset.ImageOrientationPatient
+    try:
+        return dataset.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    except (AttributeError, IndexError, KeyError):
+        return None
 
 
 def _select_slice(image: np.ndarray, slice_index: int | None, suffix: str, volume_hint: str) -> np.ndarray:

@@ -9,7 +9,7 @@ spans a few adjacent slices around one of them. Formats:
   the exams is `valid`.
 - `dicom-series`: `exam_NNNN/` folders of single-slice DICOM files (MR, 16-bit) with real
   ImagePositionPatient / ImageOrientationPatient / InstanceNumber tags, in shuffled file order.
-- `nifti`: `exam_NNNN.nii.gz`, slices along the last axis.
+- `nifti`: `exam_NNNN.nii.gz`, slices along the last axis, with a sagittal affine (SAGITTAL_AFFINE).
 
 Every format also gets `phantom-exams.csv` (exam, fissure, orientation, position, tear_slices as
 first-last, 0-based): the full labels, which MRNet's own CSVs do not carry.
@@ -36,6 +36,11 @@ from mtl_meniscus.phantom.slices import (
 FORMATS = ("mrnet", "dicom-series", "nifti")
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # rows along +y (anterior-posterior), columns along -z
 SLICE_SPACING_MM = 3.0
+# NIfTI (RAS) of a volume stored (rows, columns, slices) in the canonical view: rows run inferior,
+# columns posterior (0.5 mm pixels), slices to the patient's right (io/orientation.py)
+SAGITTAL_AFFINE = np.array(
+    [[0.0, 0.0, SLICE_SPACING_MM, 0.0], [0.0, -0.5, 0.0, 0.0], [-0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,9 +124,7 @@ def write_phantom_exams(
         else:
             import nibabel
 
-            image = nibabel.Nifti1Image(
-                np.moveaxis(volume, 0, -1), np.diag([1.0, 1.0, SLICE_SPACING_MM, 1.0])
-            )
+            image = nibabel.Nifti1Image(np.moveaxis(volume, 0, -1), SAGITTAL_AFFINE)
             nibabel.save(image, out_dir / f"exam_{exam.name}.nii.gz")
     if fmt == "mrnet":
         for split, members in (("train", exams[: n - n_valid]), ("valid", exams[n - n_valid :])):
