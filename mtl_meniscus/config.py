@@ -64,6 +64,9 @@ class DataConfig(Section):
     phantom_seed: int = 0
     phantom_difficulty: Literal["easy", "realistic", "hard"] = "easy"  # of the built-in phantom (path: null)
     max_pixels: int | None = None  # decoded-size limit per file; None: $MTL_MENISCUS_MAX_PIXELS or 64e6
+    # memory: decode every image once into memory (fast); lazy: read each image from its file when
+    # a batch needs it (memory does not grow with the data set); auto: lazy above 2 GiB of images.
+    load: Literal["auto", "memory", "lazy"] = "auto"
     # The plane the model reads: DICOM and NIfTI of another plane (from their geometry) are refused.
     plane: Literal["sagittal", "coronal", "axial"] = "sagittal"
     extra_tasks: dict[str, TaskConfig] = Field(default_factory=dict)  # tasks after the built-in three

@@ -80,7 +80,7 @@ def evaluate(
     if not indices:
         raise MeniscusError(f"the {split} split of {data.data_dir} is empty")
     targets = data.targets[indices]
-    images = [data.images[i] for i in indices]
+    images = data.view(indices)
     plain = trained.predict(images, runtime)
     probs = trained.predict(images, runtime, tta=tta, seed=seed) if tta and tta.copies else plain
     tasks = data.tasks
@@ -204,7 +204,7 @@ def choose_threshold(
             f"--youden picks the threshold on the val split, and the val split of {trained.run_dir} is empty"
         )
     tta = trained.config.tta
-    probs = trained.predict([data.images[i] for i in val], runtime, tta=tta, seed=0)
+    probs = trained.predict(data.view(val), runtime, tta=tta, seed=0)
     value = youden_threshold(data.targets[val, 0], probs["fissure"])
     record = {
         "fissure_threshold": value,

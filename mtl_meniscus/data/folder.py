@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -215,6 +216,8 @@ def prepare_folder(
     resized = 0
     last_volume: dict[Path, np.ndarray] = {}  # rows of one volume decode it once (read_image)
     unoriented: list[str] = []  # a row per DICOM/NIfTI file without geometry: taken as stored
+    lazy = reads_lazily(config, len(records))
+    sources: list[tuple[str, int | None]] = []  # lazy: (image, slice) of each kept row
     for record in records:
         if config.exclude_double_tears and record.labels.get("position") == DOUBLE_TEAR:
             exclusions.append((record.image, "double tear: position 'both'"))
@@ -242,7 +245,10 @@ def prepare_folder(
             image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
             resized += 1
         kept.append(record)
-        images.append(image)
+        if lazy:  # checked now, read again when a batch needs it
+            sources.append((record.image, record.slice))
+        else:
+            images.append(image)
     if not kept:
         raise DataError(f"{data_dir}: no usable image left: {_exclusion_reasons(exclusions, size)}")
     targets = np.stack([r.targets(tasks) for r in kept])
@@ -250,7 +256,7 @@ def prepare_folder(
     return PreparedData(
         data_dir=data_dir,
         records=kept,
-        images=images,
+        images=LazySlices(data_dir, sources, config) if lazy else images,
         targets=targets,
         splits=splits,
         tasks=tasks,
@@ -259,6 +265,37 @@ def prepare_folder(
         resized=resized,
         unoriented=len(set(unoriented)),
     )
+
+
+LAZY_ABOVE_BYTES = 2 << 30  # data.load auto: images of more than 2 GiB (float32) are read lazily
+
+
+def reads_lazily(config: DataConfig, n_rows: int) -> bool:
+    """Whether the images are read from their files when needed (data.load) rather than held."""
+    if config.load != "auto":
+        return config.load == "lazy"
+    return n_rows * config.image_size**2 * 4 > LAZY_ABOVE_BYTES
+
+
+class LazySlices(Sequence):
+    """The kept images of a labels.csv folder, read from their files when asked for, as float32
+    (image_size, image_size): the same pixels prepare_folder checked (the same reader, plane and
+    resize), without holding them. Picklable, for DataLoader workers."""
+
+    def __init__(self, data_dir: Path, sources: list[tuple[str, int | None]], config: DataConfig):
+        self.data_dir, self.sources = Path(data_dir), sources
+        self.size, self.plane = config.image_size, config.plane
+        self.max_pixels = max_pixels_limit(config.max_pixels)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        image, slice_index = self.sources[index]
+        pixels = read_image(self.data_dir / image, slice_index, max_pixels=self.max_pixels, plane=self.plane)
+        if pixels.shape != (self.size, self.size):
+            pixels = cv2.resize(pixels, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return pixels
 
 
 def _exclusion_reasons(exclusions: list[tuple[str, str]], size: int) -> str:

@@ -111,6 +111,22 @@ def _write_problems(csv_path: Path, problems: list[str], report_dir: str | Path 
     return Path(name)
 
 
+class ImageView(Sequence):
+    """The images at `indices` of a data set, read when asked for: a split's images without a list
+    that holds them all (a lazily read data set stays out of memory)."""
+
+    def __init__(self, images: Sequence[np.ndarray], indices: Sequence[int]):
+        self.images, self.indices = images, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int | slice):
+        if isinstance(k, slice):
+            return ImageView(self.images, self.indices[k])
+        return self.images[self.indices[k]]
+
+
 @dataclass
 class PreparedData:
     """The kept images in memory, their labels and splits, and what was set aside."""
@@ -135,6 +151,10 @@ class PreparedData:
 
     def indices(self, split: str) -> np.ndarray:
         return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
+
+    def view(self, indices) -> ImageView:
+        """The images at `indices`, read when asked for."""
+        return ImageView(self.images, indices)
 
     def patients(self, indices) -> list[str] | None:
         """The patient of each row of `indices` (statistics resample patients, not rows), or None

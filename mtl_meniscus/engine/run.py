@@ -233,7 +233,7 @@ def _final_metrics(
     model, config: Config, data: PreparedData, runtime: Runtime, history, best_by_member, train_seconds
 ) -> dict:
     test = data.indices("test")
-    images, targets = [data.images[i] for i in test], data.targets[test]
+    images, targets = data.view(test), data.targets[test]
     results = {}
     for key, tta in (("test", None), ("test_tta", config.tta)):
         probs = predict_probs(

@@ -28,7 +28,7 @@ def validate(
     finite} on the images `indices`; under torchrun each process predicts its share."""
     targets = data.targets[indices]
     shards = processes.shards(len(indices))
-    mine = [data.images[indices[k]] for k in shards[processes.rank]]
+    mine = data.view([indices[k] for k in shards[processes.rank]])
     local = predict_probs(model, mine, config.preprocess.edge_filter, runtime, config.train.eval_batch_size)
     probs = processes.gather_probs(local, shards)  # every process now holds every probability
     if not all(np.isfinite(p).all() for p in probs.values()):

@@ -55,7 +55,7 @@ def score_variant(
         raise MeniscusError(f"{run_dir} was trained on other splits than this comparison's data")
     trained = load_trained(run_dir, runtime)
     test = data.indices("test")
-    images = [data.images[i] for i in test]
+    images = data.view(test)
     trained.predict(images[:8], runtime)  # warm-up: the first batch pays one-off kernel setup
     ms_per_input: list[float] = []  # per batch: preparation + forward, per network input
     last = time.perf_counter()
