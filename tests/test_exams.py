@@ -188,8 +188,8 @@ def test_phantom_exam_formats_hold_the_same_volume_and_the_tear_spans_adjacent_s
     differs = [s for s in range(8) if not np.array_equal(healthy[s], from_dicom[s])]
     first, last = exam.tear_slices
     assert differs == list(range(first, last + 1)) and 3 <= len(differs) <= 5
-    # and there only around the tear: the exam's anatomy, intensity and noise are the same on every
-    # slice, so the tear is all that tells its slices apart
+    # and there only around the tear: the exam's anatomy and intensity are the same on every slice,
+    # and a slice's noise is its own whether the tear shows or not
     for s in differs:
         assert 0 < np.mean(healthy[s] != from_dicom[s]) < 0.03
 
@@ -244,3 +244,32 @@ def test_a_bad_mrnet_folder_is_named(tmp_path):
 def test_bad_phantom_exam_options_are_named(tmp_path, options, message):
     result = CliRunner().invoke(app, ["make-phantom", str(tmp_path / "out"), *options])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_slices_of_a_phantom_exam_have_independent_noise():
+    from mtl_meniscus.phantom.exams import plan_exams, render_exam
+    from mtl_meniscus.phantom.slices import PhantomSettings
+
+    exam = next(e for e in plan_exams(20, 8, seed=1, size=64) if not e.case.fissure)
+    volume = render_exam(exam, 8, 1, PhantomSettings()).astype(np.float64)
+    # slices 0 and 7 lie symmetric about the middle: the same anatomy (the same meniscus size),
+    # so all that may set them apart is their noise (with one shared noise field: nothing)
+    difference = volume[0] - volume[7]
+    assert np.std(difference) > 0.02 * np.mean(volume[0])
+    # and the difference is noise, not structure: neighbouring pixels of it are nearly uncorrelated
+    assert abs(np.corrcoef(difference[:, :-1].ravel(), difference[:, 1:].ravel())[0, 1]) < 0.3
+
+
+def test_exam_augmentation_moves_slices_alike_with_noise_of_their_own():
+    from mtl_meniscus.config import AugmentConfig
+    from mtl_meniscus.data.torch_dataset import ExamDataset
+
+    pattern = np.random.default_rng(0).random((32, 32)).astype(np.float32) * 100
+    exam = np.stack([pattern, pattern])  # two identical slices
+    config = AugmentConfig(rotation_deg=10, translate_frac=0.1, noise_prob=1.0, noise_std=0.5)
+    dataset = ExamDataset([exam], np.zeros((1, 3), np.float32), "none", config)
+    x, _ = dataset[(0, 123)]  # (S, C, H, W)
+    assert not np.allclose(x[0, 0].numpy(), x[1, 0].numpy())  # different noise
+    dataset.augment = config.model_copy(update={"noise_prob": 0.0})
+    x, _ = dataset[(0, 123)]
+    np.testing.assert_array_equal(x[0, 0].numpy(), x[1, 0].numpy())  # the same movement

@@ -127,8 +127,9 @@ def _series(folder: Path, exam: Path, variant: str, orientation=None, drop_tags:
         ds.Rows, ds.Columns = pixels.shape
         ds.PixelData = np.ascontiguousarray(pixels).tobytes()
         ds.ImageOrientationPatient = list(orientation or variant_orientation)
-        normal = np.cross(ds.ImageOrientationPatient[:3], ds.ImageOrientationPatient[3:])
-        ds.ImagePositionPatient = list(3.0 * int(ds.InstanceNumber) * normal)  # the slices along it
+        if orientation is not None:  # another plane: its slices are stacked along its own normal
+            normal = np.cross(ds.ImageOrientationPatient[:3], ds.ImageOrientationPatient[3:])
+            ds.ImagePositionPatient = list(3.0 * int(ds.InstanceNumber) * normal)
         if drop_tags:
             del ds.ImageOrientationPatient, ds.ImagePositionPatient
         ds.save_as(folder / file.name)

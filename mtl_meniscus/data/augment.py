@@ -50,10 +50,17 @@ def apply_affine(image: np.ndarray, params: AffineParams) -> np.ndarray:
     )
 
 
-def augment_image(image: np.ndarray, config: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+def augment_image(
+    image: np.ndarray,
+    config: AugmentConfig,
+    rng: np.random.Generator,
+    noise_rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """Geometric transform, then optional gamma, blur and noise; returns a new float32 (H, W) image.
 
     The edge filter is computed afterwards (see preprocess.make_input) so both channels match.
+    `noise_rng` draws the noise field (default: `rng`): the slices of an exam share every draw of
+    `rng` (one movement, one contrast) but get their own noise, as on a scanner.
     """
     image = np.asarray(image, dtype=np.float32)
     height, width = image.shape
@@ -65,7 +72,7 @@ def augment_image(image: np.ndarray, config: AugmentConfig, rng: np.random.Gener
         out = cv2.GaussianBlur(out, (0, 0), sigmaX=sigma)
     if config.noise_prob and rng.random() < config.noise_prob:
         scale = config.noise_std * float(out.std())
-        out = out + rng.normal(0.0, scale, size=out.shape).astype(np.float32)
+        out = out + (noise_rng or rng).normal(0.0, scale, size=out.shape).astype(np.float32)
     return out
 
 

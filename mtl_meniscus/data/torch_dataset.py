@@ -50,14 +50,18 @@ class ExamDataset(SliceDataset):
     """Item (index, seed or None) -> (x (S, C, H, W) float32: every slice of the exam, targets (T,)).
 
     `images` holds whole exams (S, H, W). An augmentation seed moves every slice of the exam
-    alike (one draw of rotation, shift and intensity, as a patient who moved would)."""
+    alike (one draw of rotation, shift and intensity, as a patient who moved would); the noise
+    field is drawn per slice."""
 
     def __getitem__(self, key: tuple[int, int | None] | int) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         volume = self.images[index]  # (S, H, W)
         if self.augment is not None and seed is not None:
-            # the same generator state for each slice: the same transform
-            volume = [augment_image(s, self.augment, np.random.default_rng(seed)) for s in volume]
+            # the same generator state for each slice: the same transform; its own noise draw
+            volume = [
+                augment_image(s, self.augment, np.random.default_rng(seed), np.random.default_rng([seed, k]))
+                for k, s in enumerate(volume)
+            ]
         slices = [make_input(s, self.edge_filter) for s in volume]  # S x (C, H, W)
         return torch.from_numpy(np.stack(slices)), self.targets[index]
 

@@ -68,7 +68,8 @@ def plan_exams(n: int, n_slices: int, seed: int, size: int) -> list[PhantomExam]
 
 
 def render_exam(exam: PhantomExam, n_slices: int, seed: int, settings: PhantomSettings) -> np.ndarray:
-    """uint16 (S, H, W): the case's anatomy on every slice, menisci largest in the middle."""
+    """uint16 (S, H, W): the case's anatomy on every slice, menisci largest in the middle; each
+    slice with its own noise field and intensity jitter (render_case's slice_index)."""
     slices = []
     for s in range(n_slices):
         offset = (s - (n_slices - 1) / 2) / max(1.0, n_slices / 2)  # -1 .. 1 across the exam
@@ -76,14 +77,15 @@ def render_exam(exam: PhantomExam, n_slices: int, seed: int, settings: PhantomSe
         factor = float(np.clip(0.99 - 0.6 * offset**2, 0.35, 0.99))
         shows_tear = exam.tear_slices is not None and exam.tear_slices[0] <= s <= exam.tear_slices[1]
         # Every slice of a tear exam goes through the tear's random draws, with the tear's contrast
-        # 0 where it does not show: the draws after it (blur, bias field, intensity scale, noise)
-        # stay the exam's own on every slice, so the tear is the only thing that sets its slices apart.
+        # 0 where it does not show: the draws after it (blur, bias field, intensity scale) stay the
+        # exam's own on every slice; the noise field and a small intensity jitter are each slice's
+        # own, as on a scanner, so max pooling over an exam meets independent noise.
         slice_settings = dataclasses.replace(
             settings,
             meniscus_size=(factor, factor),
             tear_contrast=settings.tear_contrast if shows_tear else (0.0, 0.0),
         )
-        image, _ = render_case(exam.case, seed, slice_settings)
+        image, _ = render_case(exam.case, seed, slice_settings, slice_index=s)
         slices.append(image)
     return np.stack(slices)
 

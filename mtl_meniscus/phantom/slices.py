@@ -308,12 +308,14 @@ def _tear_segment(
 
 
 def render_case(
-    case: PhantomCase, seed: int, settings: PhantomSettings | None = None
+    case: PhantomCase, seed: int, settings: PhantomSettings | None = None, slice_index: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one image: uint16 (H, W) signal and uint8 mask (1 meniscus, 2 tear).
 
     Draws that only the harder levels use come after all the `easy` draws or only when their
     feature is on, so the `easy` level gives the same bytes as the phantom always did.
+    `slice_index` (a slice of an exam): the noise field and a small intensity jitter (+-3%) are
+    drawn for that slice alone, everything else is the case's.
     """
     settings = settings or PhantomSettings()
     rng = np.random.default_rng([seed, 2, case.index])
@@ -396,8 +398,12 @@ def render_case(
     scale = rng.uniform(800, 3000)  # per-image intensity scale of the 16-bit output
     sigma = rng.uniform(*settings.noise_sigma)
     signal = _harder_effects(rng, signal, canvas, wedges, settings)
-    real = signal + rng.normal(0, sigma, signal.shape)
-    imaginary = rng.normal(0, sigma, signal.shape)
+    noise_rng = rng  # a single slice: the case's own generator, as always
+    if slice_index is not None:  # a slice of an exam: its own noise and intensity jitter
+        noise_rng = np.random.default_rng([seed, 3, case.index, slice_index])
+        scale *= noise_rng.uniform(0.97, 1.03)
+    real = signal + noise_rng.normal(0, sigma, signal.shape)
+    imaginary = noise_rng.normal(0, sigma, signal.shape)
     magnitude = np.sqrt(real**2 + imaginary**2) * scale  # Rician noise of a magnitude image
     image = np.clip(np.round(magnitude), 0, 65535).astype(np.uint16)
 
