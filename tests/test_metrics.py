@@ -225,3 +225,35 @@ def test_one_row_per_patient_gives_the_unclustered_intervals_exactly():
     probs["orientation"] = rng.random(len(targets))
     alone = bootstrap_cis(targets, probs, 300, seed=4)
     assert bootstrap_cis(targets, probs, 300, seed=4, groups=[f"id{k}" for k in range(80)]) == alone
+
+
+def test_the_paired_cluster_test_agrees_with_delong_when_every_row_is_a_patient():
+    from mtl_meniscus.evaluation.metrics import delong_test, paired_cluster_test
+
+    rng = np.random.default_rng(5)
+    y = (rng.random(300) < 0.4).astype(float)
+    a, b = y + rng.normal(0, 1.0, 300), y + rng.normal(0, 1.4, 300)
+    delong = delong_test(y, a, b)
+    cluster = paired_cluster_test(y, a, b, [f"p{k}" for k in range(300)], n_resamples=2000, seed=1)
+    assert cluster["difference"] == pytest.approx(delong["difference"])
+    assert cluster["z"] == pytest.approx(delong["z"], rel=0.15)
+
+
+@pytest.mark.slow  # 100 simulated test sets x 200 resamples, ~6 s
+def test_the_paired_cluster_test_keeps_its_level_where_delong_does_not():
+    from mtl_meniscus.evaluation.metrics import delong_test, paired_cluster_test
+
+    rejected = {"delong": 0, "cluster": 0}
+    rng = np.random.default_rng(0)
+    for k in range(100):  # no true difference; a knee effect that the two models share and see apart
+        targets, _, patients = _clustered_draw(rng, patients=20, slices=10)
+        y = targets[:, 0]
+        knee_a, knee_b = (np.repeat(rng.normal(0, 1.0, 20), 10) for _ in range(2))
+        a = y + knee_a + rng.normal(0, 0.3, len(y))
+        b = y + knee_b + rng.normal(0, 0.3, len(y))
+        rejected["delong"] += delong_test(y, a, b)["p_value"] < 0.05
+        rejected["cluster"] += (
+            paired_cluster_test(y, a, b, patients, n_resamples=200, seed=k)["p_value"] < 0.05
+        )
+    assert rejected["cluster"] <= 12  # about 5 of 100 expected
+    assert rejected["delong"] >= 2 * rejected["cluster"]  # slices taken as independent: far more

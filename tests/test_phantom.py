@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -221,3 +222,21 @@ def test_levels_are_ordered_for_a_fixed_small_training(tmp_path):
         score[level] = metrics["members"]["shared"]["val_score"]
     assert score["easy"] > 0.8
     assert score["easy"] - score["realistic"] > 0.15
+
+
+def test_a_cache_folder_that_cannot_hold_the_phantom_is_named(tmp_path):
+    from typer.testing import CliRunner
+
+    from mtl_meniscus.cli import app
+
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    result = CliRunner().invoke(
+        app,
+        ["train", "--config", str(tiny), "--out", str(tmp_path / "run")],
+        env={"MTL_MENISCUS_CACHE": str(blocked)},
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"cannot generate the built-in phantom in the cache folder {blocked}" in result.output
+    assert "MTL_MENISCUS_CACHE" in result.output

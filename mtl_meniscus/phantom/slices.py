@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from mtl_meniscus.config import MAX_IMAGE_SIZE, MAX_SEED
-from mtl_meniscus.errors import ConfigError
+from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.io.outputs import atomic_write, check_empty_output_dir, check_output_dir
 
 PHANTOM_VERSION = 4  # bump when the generator changes: cached phantoms are keyed by it
@@ -557,5 +557,12 @@ def ensure_phantom(
     folder = Path(cache_dir or default_cache_dir()) / f"phantom-v{PHANTOM_VERSION}{level}-n{n}-seed{seed}"
     if not (folder / "labels.csv").is_file():
         # an interrupted generation is redone
-        write_phantom(folder, n=n, seed=seed, settings=settings, overwrite=True)
+        try:
+            write_phantom(folder, n=n, seed=seed, settings=settings, overwrite=True)
+        except (MeniscusError, OSError) as err:  # a cache folder that is a file, read-only or full
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise MeniscusError(
+                f"cannot generate the built-in phantom in the cache folder {folder.parent} ({reason}); "
+                "point $MTL_MENISCUS_CACHE at a writable folder with ~300 MB free, or give --data DIR"
+            ) from None
     return folder

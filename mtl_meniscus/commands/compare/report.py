@@ -141,6 +141,7 @@ def write_report(
     targets: np.ndarray,
     console: Console,
     tasks: TaskTable = DEFAULT_TASKS,
+    patients: list[str] | None = None,
 ) -> None:
     """results*.csv / results.md / results.json, the plots, and the terminal tables."""
     from mtl_meniscus.evaluation.plots import plot_roc_overlay, plot_score_bars
@@ -148,7 +149,7 @@ def write_report(
     _write_csv(out_dir / "results.csv", table)
     per_seed = per_seed_rows(scored)
     _write_csv(out_dir / "results_per_seed.csv", per_seed)
-    delong = delong_rows(scored, targets, tasks)
+    delong = delong_rows(scored, targets, tasks, patients)
     if delong:
         _write_csv(out_dir / "results_delong.csv", delong)
     header, rows = display_cells(table)
@@ -157,8 +158,8 @@ def write_report(
     if delong:
         delong_header, delong_table = delong_cells(delong)
         markdown += (
-            "\nDeLong's paired test of each task's AUC, each variant against the baseline trained with "
-            "the same seed, on the same test images (two-sided p):\n\n"
+            f"\n{delong[0]['test']} paired test of each task's AUC, each variant against the baseline "
+            "trained with the same seed, on the same test images (two-sided p):\n\n"
             + to_markdown(delong_header, delong_table)
         )
     (out_dir / "results.md").write_text(markdown)
@@ -213,7 +214,7 @@ def _print_tables(
     )
     tables = [("comparison on the test split", accuracy, caption), ("cost", cost, None)]
     if delong:
-        tables.append(("DeLong's paired test per seed", delong_cells(delong), None))
+        tables.append((f"{delong[0]['test']} paired test per seed", delong_cells(delong), None))
     for title, (columns, cells_rows), note in tables:
         terminal = Table(title=title, caption=note)
         for column in columns:

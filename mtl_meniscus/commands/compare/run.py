@@ -190,7 +190,7 @@ def _compare_locked(
     table = summarize(
         scored, data.targets[test], compare.bootstrap, compare.budget, data.tasks, data.patients(test)
     )
-    write_report(out_dir, table, scored, data.targets[test], console, data.tasks)
+    write_report(out_dir, table, scored, data.targets[test], console, data.tasks, data.patients(test))
     log_summary(reference, group, out_dir, table, compare)
     return table
 

@@ -12,6 +12,7 @@ import numpy as np
 from mtl_meniscus.commands.compare.plan import Variant, baseline_group
 from mtl_meniscus.evaluation.metrics import (
     delong_test,
+    paired_cluster_test,
     percentile_ci,
     resampled_aucs,
     task_resamples,
@@ -152,9 +153,15 @@ def _ci_columns(prefix: str, samples) -> dict[str, float]:
 
 
 def delong_rows(
-    scored: Sequence[ScoredVariant], targets: np.ndarray, tasks: TaskTable = DEFAULT_TASKS
+    scored: Sequence[ScoredVariant],
+    targets: np.ndarray,
+    tasks: TaskTable = DEFAULT_TASKS,
+    patients: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """DeLong's paired test of each task's AUC: every variant against the baseline of the same seed."""
+    """A paired test of each task's AUC: every variant against the baseline of the same seed.
+    DeLong's when every row is its own patient; where rows share patients, the paired cluster
+    bootstrap (metrics.paired_cluster_test), since DeLong's takes rows as independent."""
+    clustered = patients is not None and len(set(patients)) < len(patients)
     baseline = baseline_group([s.variant for s in scored])
     base_by_seed = {s.variant.seed: s for s in scored if s.variant.group == baseline}
     rows = []
@@ -162,14 +169,23 @@ def delong_rows(
         base = base_by_seed.get(item.variant.seed)
         if item.variant.group == baseline or base is None:
             continue
-        row: dict[str, Any] = {"variant": item.variant.name, "baseline": base.variant.name}
+        row: dict[str, Any] = {
+            "variant": item.variant.name,
+            "baseline": base.variant.name,
+            "test": "paired cluster bootstrap" if clustered else "DeLong",
+        }
         for task in item.probs:
             scored_rows = tasks.scored_rows(targets, task)
-            test = delong_test(
+            arguments = (
                 targets[scored_rows, tasks.index(task)],
                 item.probs[task][scored_rows],
                 base.probs[task][scored_rows],
             )
+            if clustered:
+                groups = [patients[k] for k in np.flatnonzero(scored_rows)]
+                test = paired_cluster_test(*arguments, groups, seed=BOOTSTRAP_SEED)
+            else:
+                test = delong_test(*arguments)
             row |= {
                 f"{task}_auc_diff": test["difference"],
                 f"{task}_z": test["z"],
