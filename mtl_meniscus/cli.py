@@ -4,6 +4,7 @@ checkout). Each command parses options and makes one call."""
 from __future__ import annotations
 
 import functools
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -304,10 +305,28 @@ def train(
         )
         run_dir = run_folder(out, run_config)
         train_run(run_config, run_dir, console=console)
+        _print_next_steps(run_dir)
     except KeyboardInterrupt:
         # Every finished epoch is in last.pt; nothing is lost but the epoch in progress.
         console.print(f"interrupted; continue with: {command_name()} train --resume {run_dir}")
         raise typer.Exit(code=130) from None
+
+
+def _print_next_steps(run_dir: Path) -> None:
+    """The end of `train`: the files it wrote and the commands that use them."""
+    if os.environ.get("RANK", "0") not in ("", "0") or not run_dir.is_dir():
+        return  # under torchrun, rank 0 speaks
+    written = sorted(
+        p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if not p.name.startswith(".")
+    )
+    run = command_name()
+    console.print(f"wrote {run_dir}: {', '.join(written)}", highlight=False)
+    console.print(
+        f"next: {run} evaluate {run_dir}    # AUCs with CIs, ROC, --youden, --cam\n"
+        f"      {run} predict {run_dir} IMAGES... --out predictions.csv\n"
+        f"      {run} export {run_dir} --out model.onnx",
+        highlight=False,
+    )
 
 
 @command()

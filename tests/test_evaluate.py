@@ -108,9 +108,7 @@ def test_predictions_csv_lets_anyone_recompute_the_figures(trained, tmp_path):
     assert auc == pytest.approx(metrics["tasks"]["fissure"]["auc"], abs=1e-12)
     assert any(r["p_fissure"] != r["p_fissure_tta"] for r in rows)  # with and without TTA
     tears = [r for r in rows if r["fissure"] == "1"]
-    auc = roc_auc_score(
-        [int(r["orientation"]) for r in tears], [float(r["p_orientation_tta"]) for r in tears]
-    )
+    auc = roc_auc_score([int(r["orientation"]) for r in tears], [float(r["p_horizontal_tta"]) for r in tears])
     assert auc == pytest.approx(metrics["tasks"]["orientation"]["auc"], abs=1e-12)
     for row in rows:
         predicted = float(row["p_fissure_tta"]) >= metrics["fissure_threshold"]

@@ -50,10 +50,10 @@ def test_onnx_file_matches_pytorch_on_phantom_slices(runs, mode, tmp_path):
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     x = np.stack([make_input(image, "sobel") for image in images])  # (5, 2, 64, 64)
     names = [output.name for output in session.get_outputs()]
-    assert names == ["p_fissure", "p_orientation", "p_position"]
-    for name, probs in zip(names, session.run(names, {"x": x})):
+    assert names == ["p_fissure", "p_horizontal", "p_anterior"]  # predict's column names
+    for task, probs in zip(("fissure", "orientation", "position"), session.run(names, {"x": x})):
         assert probs.shape == (5,)
-        np.testing.assert_allclose(probs, expected[name.removeprefix("p_")], atol=PARITY_TOLERANCE, rtol=0)
+        np.testing.assert_allclose(probs, expected[task], atol=PARITY_TOLERANCE, rtol=0)
 
     metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert metadata["tasks"] == "fissure,orientation,position"
@@ -82,3 +82,29 @@ def test_missing_onnx_packages_and_bad_runs_get_a_message(runs, tmp_path, monkey
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
     result = runner.invoke(app, ["export", str(runs / "shared"), "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 1 and "onnxruntime is missing" in result.output and "[export]" in result.output
+
+
+def test_predict_evaluate_and_export_name_each_probability_alike(runs, tmp_path):
+    """One set of probability names: predict's CSV, evaluate's predictions.csv, the ONNX outputs."""
+    import csv
+
+    run, images = runs / "shared", sorted((runs / "data" / "images").glob("*.png"))[:3]
+    invoke = CliRunner().invoke
+    assert (
+        invoke(app, ["predict", str(run), *map(str, images), "--out", str(tmp_path / "p.csv")]).exit_code == 0
+    )
+    args = ["evaluate", str(run), "--data", str(runs / "data"), "--split", "all", "--bootstrap", "0"]
+    assert invoke(app, [*args, "--out", str(tmp_path / "eval")]).exit_code == 0
+    assert invoke(app, ["export", str(run), "--out", str(tmp_path / "m.onnx")]).exit_code == 0
+
+    def probability_columns(path: Path) -> list[str]:
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle))
+        return [c for c in header if c.startswith("p_") and not c.endswith("_tta")]
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    onnx_names = [output.name for output in session.get_outputs()]
+    assert (
+        probability_columns(tmp_path / "p.csv") == onnx_names == ["p_fissure", "p_horizontal", "p_anterior"]
+    )
+    assert probability_columns(tmp_path / "eval" / "predictions.csv") == onnx_names

@@ -92,3 +92,35 @@ def test_atomic_write_leaves_no_temporary_file_on_failure(tmp_path):
     with atomic_write(target) as tmp:
         tmp.write_text("whole")
     assert [p.name for p in tmp_path.iterdir()] == ["result.csv"] and target.read_text() == "whole"
+
+
+def test_json_text_writes_undefined_numbers_as_null():
+    import json
+
+    import numpy as np
+
+    from mtl_meniscus.io.outputs import json_text, nan_for_null
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    text = json_text({"auc": float("nan"), "ci": [np.float32(0.5), float("inf")], "n": np.int64(3)})
+    assert json.loads(text, parse_constant=refuse) == {"auc": None, "ci": [0.5, None], "n": 3}
+    assert np.isnan(nan_for_null(None)) and nan_for_null(0.25) == 0.25
+
+
+def test_every_json_a_run_evaluate_and_export_write_is_strict(run64, data64, tmp_path):
+    import json
+
+    from support import app, runner
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    args = ["evaluate", str(run64), "--data", str(data64), "--split", "all", "--out", str(tmp_path / "eval")]
+    assert runner.invoke(app, [*args, "--bootstrap", "20"]).exit_code == 0
+    assert runner.invoke(app, ["export", str(run64), "--out", str(tmp_path / "m.onnx")]).exit_code == 0
+    written = [*run64.glob("*.json"), *(tmp_path / "eval").glob("*.json"), *tmp_path.glob("*.json")]
+    assert len(written) >= 3
+    for path in written:
+        json.loads(path.read_text(), parse_constant=refuse)

@@ -262,3 +262,31 @@ def test_last_pt_without_training_state_is_named(run64, tmp_path):
     result = runner.invoke(app, ["train", "--resume", str(run)])
     _clean(result)
     assert result.exit_code == 1 and "last.pt: damaged training state" in result.output
+
+
+def test_an_undefined_score_says_why():
+    from mtl_meniscus.engine.run import undefined_reasons
+    from mtl_meniscus.labels import DEFAULT_TASKS
+
+    nan = float("nan")
+    targets = np.array([[1, 1, 0], [1, 0, 0], [0, nan, nan], [0, nan, nan]], np.float32)  # no anterior tear
+    probs = {"fissure": np.array([0.9, 0.8, 0.1, 0.2]), "orientation": np.array([0.7, 0.2, 0.5, 0.5])}
+    aucs = {"fissure": 1.0, "orientation": 1.0, "position": nan}
+    assert undefined_reasons(aucs, probs, targets, DEFAULT_TASKS) == ["position: not predicted by this model"]
+    probs["position"] = np.array([0.1, 0.2, 0.5, 0.5])
+    assert undefined_reasons(aucs, probs, targets, DEFAULT_TASKS) == [
+        "position: no anterior among the 2 tears it is scored on"
+    ]
+
+
+def test_the_end_of_train_names_the_files_and_the_next_commands(data64, tmp_path):
+    from support import TINY, app, runner
+
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app, ["train", "--config", str(TINY), "--data", str(data64), "--out", str(out), "--max-epochs", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: best.pt, config.yaml" in result.output and "metrics.json" in result.output
+    for command in (f"evaluate {out}", f"predict {out} IMAGES", f"export {out} --out model.onnx"):
+        assert command in result.output

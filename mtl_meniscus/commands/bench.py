@@ -28,6 +28,7 @@ from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.data.torch_dataset import EpochBatchSampler, SliceDataset, training_batches
 from mtl_meniscus.engine.inference import predict_probs
 from mtl_meniscus.engine.runtime import Runtime, cpu_bf16_pays_off, cpu_features, resolve_runtime
+from mtl_meniscus.io.outputs import json_text
 from mtl_meniscus.networks.losses import FixedWeighting, task_losses
 from mtl_meniscus.networks.models import build_model
 from mtl_meniscus.phantom.slices import write_phantom
@@ -272,7 +273,7 @@ def run_benchmark(
             "num_workers": config.train.num_workers
         }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "bench.json").write_text(json_text(results))
     markdown = to_markdown(results)
     (out_dir / "bench.md").write_text(markdown)
     console.print(markdown, markup=False, highlight=False)

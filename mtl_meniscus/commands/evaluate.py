@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from mtl_meniscus.evaluation.metrics import (
     task_aucs,
     youden_threshold,
 )
-from mtl_meniscus.io.outputs import write_text_atomic
+from mtl_meniscus.io.outputs import json_text, write_text_atomic
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
 
 
@@ -130,8 +129,8 @@ def write_predictions(
         "slice",
         "split",
         *names,
-        *(f"p_{t}" for t in names),
-        *(f"p_{t}_tta" for t in names),
+        *(tasks[t].p_column for t in names),  # predict's names: one column name per probability
+        *(f"{tasks[t].p_column}_tta" for t in names),
         *(f"pred_{t}" for t in names),
     ]
     lines = []
@@ -216,7 +215,7 @@ def choose_threshold(
         "tta_seed": 0,
         "checkpoint": trained.checkpoint.name,
     }
-    write_text_atomic(trained.run_dir / THRESHOLD_FILE, json.dumps(record, indent=2))
+    write_text_atomic(trained.run_dir / THRESHOLD_FILE, json_text(record))
     return trained.saved_threshold
 
 
@@ -332,7 +331,7 @@ def run_evaluation(
 def _write_and_show(out_dir, metrics, data, indices, probs, plain, targets, cut, split, tta, console):
     """metrics.json, predictions.csv and roc.png in out_dir, and the terminal summary; the ROC points."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_text_atomic(out_dir / "metrics.json", json_text(metrics))
     write_predictions(out_dir / "predictions.csv", data, indices, probs, plain, cut)
     curves = roc_points(targets, probs, data.tasks)
     plot_roc(curves, metrics, out_dir / "roc.png")
@@ -515,7 +514,7 @@ def run_exam_evaluation(
         "checkpoint": str(trained.checkpoint),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_text_atomic(out_dir / "metrics.json", json_text(metrics))
     _write_exam_predictions(out_dir / "predictions.csv", exams, probs, tops, sizes)
     low, high = metrics["auc_ci95"]
     console.print(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from mtl_meniscus import __version__
 from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import DEFAULT_THRESHOLD, load_trained
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.io.outputs import atomic_write, check_output_file, write_text_atomic
+from mtl_meniscus.io.outputs import atomic_write, check_output_file, json_text, write_text_atomic
 
 PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch| over the check inputs
 OPSET = 18
@@ -99,7 +98,7 @@ def export_onnx(
             f"check inputs have shape {check_inputs.shape[1:]}; the model takes ({channels}, {size}, {size})"
         )
     threshold = trained.saved_threshold or DEFAULT_THRESHOLD  # what predict would apply
-    output_names = [f"p_{task}" for task in model.tasks]
+    output_names = [trained.tasks[task].p_column for task in model.tasks]  # predict's column names
 
     with atomic_write(out) as tmp:
         graph = _onnx_graph(model, check_inputs[:2], output_names)
@@ -127,7 +126,7 @@ def export_onnx(
         checked_inputs=len(check_inputs),
         source=str(trained.checkpoint),
     )
-    write_text_atomic(report.sidecar, json.dumps(asdict(report), indent=2))
+    write_text_atomic(report.sidecar, json_text(asdict(report)))
     return report
 
 

@@ -10,7 +10,6 @@ as in the reference method; the run's best.pt is the assembled cascade.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from datetime import datetime
 from pathlib import Path
@@ -45,8 +44,9 @@ from mtl_meniscus.engine.trainer import EpochCallback, MemberTrainer
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.evaluation.metrics import bootstrap_cis, challenge_score, task_aucs
 from mtl_meniscus.evaluation.plots import plot_training_curves
-from mtl_meniscus.io.outputs import atomic_write, write_text_atomic
+from mtl_meniscus.io.outputs import atomic_write, json_text, write_text_atomic
 from mtl_meniscus.io.runlock import RunLock
+from mtl_meniscus.labels import TaskTable
 from mtl_meniscus.networks.losses import WEIGHTINGS
 from mtl_meniscus.networks.models import MODELS, SeparateCascade
 
@@ -206,7 +206,7 @@ def _finish_run(
     metrics["learned"] = False if learn_warnings else (None if unknown else True)
     metrics["warnings"] = warnings + late_warnings + learn_warnings
     atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")
-    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_text_atomic(run_dir / "metrics.json", json_text(metrics))
     plot_training_curves(history, run_dir / "training_curves.png")
     _print_metrics(console, metrics, data_name)
     for warning in late_warnings + learn_warnings:
@@ -260,6 +260,7 @@ def _final_metrics(
             "n_patients": len(set(patients)) if patients else len(test),
             "sample": data.unit_phrase(test),  # what the CIs rest on, for the summary
             "n_tears": int(np.nansum(targets[:, 0])),
+            "undefined": undefined_reasons(aucs, probs, targets, data.tasks),
         }
     results["members"] = best_by_member
     results["train_seconds"] = train_seconds  # training steps only
@@ -269,6 +270,25 @@ def _final_metrics(
     results["device"] = runtime.device.type
     results["model"] = config.model.name
     return results
+
+
+def undefined_reasons(aucs: dict, probs: dict, targets: np.ndarray, tasks: TaskTable) -> list[str]:
+    """Why each weighted task's AUC is undefined: not predicted by the model, or one class only
+    among the rows it is scored on (e.g. 'position: no anterior tear among the 28 tears')."""
+    reasons = []
+    for task in (t for t in tasks if t.weight > 0 and math.isnan(aucs.get(t.name, math.nan))):
+        if task.name not in probs:
+            reasons.append(f"{task.name}: not predicted by this model")
+            continue
+        rows = tasks.scored_rows(targets, task.name)
+        values = targets[rows, tasks.index(task.name)]
+        missing = task.text(1.0) if not np.any(values == 1) else task.text(0.0)
+        count = int(rows.sum())
+        noun = "image" if task.gated_by is None else tasks[task.gated_by].noun
+        reasons.append(
+            f"{task.name}: no {missing} among the {count} {noun}{'' if count == 1 else 's'} it is scored on"
+        )
+    return reasons
 
 
 def _flatten(prefix: str, values: dict) -> dict:
@@ -281,9 +301,8 @@ def _print_metrics(console: Console, metrics: dict, data_name: str) -> None:
     for key, label in (("test", "test"), ("test_tta", "test + TTA")):
         m = metrics[key]
         aucs = "  ".join(f"{t} {a:.4f}" for t, a in m["auc"].items())
-        score = (
-            "undefined (a weighted task is not predicted)" if math.isnan(m["score"]) else f"{m['score']:.4f}"
-        )
+        reasons = "; ".join(m.get("undefined", [])) or "a weighted task's AUC is undefined"
+        score = f"undefined ({reasons})" if math.isnan(m["score"]) else f"{m['score']:.4f}"
         console.print(
             f"{label}: AUC {aucs}  challenge score {score}  "
             f"({m.get('sample', str(m['n_images']) + ' images')}, {m['n_tears']} tears)",

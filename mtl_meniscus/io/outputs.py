@@ -98,3 +98,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """`path.write_text(text)` in UTF-8, atomically (see atomic_write)."""
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def json_text(value) -> str:
+    """Strict JSON (indented): a NaN or infinite number, an undefined value here, is written as null,
+    which every JSON parser accepts (JavaScript's JSON.parse refuses NaN)."""
+    import json
+    import math
+
+    def strict(item):
+        if isinstance(item, dict):
+            return {key: strict(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [strict(v) for v in item]
+        if hasattr(item, "item") and not isinstance(item, (str, bytes)):  # numpy scalars
+            item = item.item()
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        return item
+
+    return json.dumps(strict(value), indent=2, allow_nan=False)
+
+
+def nan_for_null(value):
+    """A number read back from json_text's output: null (undefined) as NaN, for arithmetic."""
+    return float("nan") if value is None else value

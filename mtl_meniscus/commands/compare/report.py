@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from rich.table import Table
 
 from mtl_meniscus.commands.compare.statistics import ScoredVariant, delong_rows, floor_findings, per_seed_rows
 from mtl_meniscus.config import Config
+from mtl_meniscus.io.outputs import json_text
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
 
 
@@ -163,7 +163,7 @@ def write_report(
             + to_markdown(delong_header, delong_table)
         )
     (out_dir / "results.md").write_text(markdown)
-    (out_dir / "results.json").write_text(json.dumps(table, indent=2))
+    (out_dir / "results.json").write_text(json_text(table))
     plot_score_bars(table, per_seed, out_dir / "score_bars.png")
     plot_roc_overlay(scored, targets, out_dir / "roc_overlay.png", tasks)
 

@@ -37,7 +37,7 @@ from mtl_meniscus.evaluation.metrics import (
     challenge_score,
     task_aucs,
 )
-from mtl_meniscus.io.outputs import write_text_atomic
+from mtl_meniscus.io.outputs import json_text, nan_for_null, write_text_atomic
 from mtl_meniscus.io.runlock import RunLock
 from mtl_meniscus.labels import TaskTable
 from mtl_meniscus.networks.models import count_parameters
@@ -90,9 +90,7 @@ def score_variant(
     }
     names = [data.records[i].image for i in test]
     _write_predictions(run_dir / PREDICTIONS_FILE, names, data.targets[test], probs, data.tasks)
-    write_text_atomic(
-        run_dir / RESULT_FILE, json.dumps(result, indent=2)
-    )  # complete or absent: marks it done
+    write_text_atomic(run_dir / RESULT_FILE, json_text(result))  # complete or absent: marks it done
     return ScoredVariant(variant, result, names, probs)
 
 
@@ -114,6 +112,8 @@ def _write_predictions(
 def load_scored(variant: Variant, run_dir: Path) -> ScoredVariant:
     """A scored variant read back from its folder."""
     result = json.loads((run_dir / RESULT_FILE).read_text())
+    result["test_auc"] = {task: nan_for_null(auc) for task, auc in result["test_auc"].items()}
+    result["test_score"] = nan_for_null(result["test_score"])  # null: undefined (json_text)
     with (run_dir / PREDICTIONS_FILE).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     tasks = [column[2:] for column in (rows[0] if rows else {}) if column.startswith("p_")]
