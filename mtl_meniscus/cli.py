@@ -22,6 +22,11 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Meniscus tear classification on sagittal knee MRI: shared trunk vs three-CNN cascade.",
+    epilog=(
+        "Examples: train --mode shared (the built-in phantom) | train --mode separate --data DIR | "
+        "train --mode shared --show-config | evaluate RUN --cam RUN/cams | "
+        "predict RUN scans/ --out predictions.csv | export RUN --out model.onnx | compare --seeds 0,1,2"
+    ),
 )
 # markup=False: messages carry user text (paths, names in brackets) that must print as it is;
 # the few styled lines ask for markup themselves.
@@ -31,6 +36,13 @@ WIDE = 1000  # columns when not on a terminal: tables in a log file or a pipe ar
 
 # --mode: the registered models (networks/models.py, MODELS); reading them imports torch
 Mode = Enum("Mode", {name: name for name in MODELS.names()}, type=str)
+
+
+# Fixed choices as Enums: shown in --help, and a bad value is typer's usage error (exit 2).
+Difficulty = Enum("Difficulty", {name: name for name in ("easy", "realistic", "hard")}, type=str)
+ExamFormat = Enum("ExamFormat", {name: name for name in ("mrnet", "dicom-series", "nifti")}, type=str)
+Split = Enum("Split", {name: name for name in ("test", "val", "train", "all", "valid")}, type=str)
+Budget = Enum("Budget", {name: name for name in ("per-network", "total")}, type=str)
 
 
 class Precision(str, Enum):
@@ -147,7 +159,7 @@ def make_phantom(
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = 0,
     size: Annotated[int, typer.Option(help="Height and width of the regular images.")] = 256,
     difficulty: Annotated[
-        str,
+        Difficulty,
         typer.Option(
             help="easy (clear tears), realistic (calibrated against the reference method; the default of compare) or hard."
         ),
@@ -171,7 +183,7 @@ def make_phantom(
     ] = None,
     slices: Annotated[int, typer.Option(help="With --exams: slices per exam.")] = 24,
     exam_format: Annotated[
-        str,
+        ExamFormat,
         typer.Option(
             "--format",
             help="With --exams: mrnet (train|valid/sagittal/NNNN.npy + *-meniscus.csv), dicom-series "
@@ -182,16 +194,16 @@ def make_phantom(
     """Write the synthetic knee MRI phantom in the folder format (or, with --exams, whole exams)."""
     from mtl_meniscus.phantom.slices import parse_setting, phantom_settings, summarize_cases, write_phantom
 
-    chosen = phantom_settings(difficulty, dict(parse_setting(text) for text in settings or []))
+    chosen = phantom_settings(difficulty.value, dict(parse_setting(text) for text in settings or []))
     if exams is not None:
         from mtl_meniscus.phantom.exams import write_phantom_exams
 
         written = write_phantom_exams(
-            out, n=exams, n_slices=slices, seed=seed, size=size, fmt=exam_format, settings=chosen
+            out, n=exams, n_slices=slices, seed=seed, size=size, fmt=exam_format.value, settings=chosen
         )
         tears = sum(exam.case.fissure for exam in written)
         console.print(
-            f"wrote {len(written)} exams of {slices} slices ({exam_format}) to {out}; {tears} with a tear"
+            f"wrote {len(written)} exams of {slices} slices ({exam_format.value}) to {out}; {tears} with a tear"
         )
         return
     cases = write_phantom(out, n=n, seed=seed, size=size, settings=chosen, overwrite=overwrite)
@@ -272,6 +284,14 @@ def train(
             "(repeatable; the value is read as YAML; the named options above win).",
         ),
     ] = None,
+    show_config: Annotated[
+        bool,
+        typer.Option(
+            "--show-config",
+            help="Print the resolved config (the preset with every option applied: the defaults the "
+            "options above leave to the preset) and exit without training.",
+        ),
+    ] = False,
 ) -> None:
     """Train a model on a data folder (or the built-in phantom) and evaluate it on the test split."""
     from mtl_meniscus.engine.run import resume_run, run_folder, train_run, training_config
@@ -303,6 +323,11 @@ def train(
         run_config = training_config(
             config, mode.value if mode else None, named, settings or [], exams=mrnet is not None
         )
+        if show_config:
+            import yaml
+
+            console.print(yaml.safe_dump(run_config.to_dict(), sort_keys=False), highlight=False, end="")
+            return
         run_dir = run_folder(out, run_config)
         train_run(run_config, run_dir, console=console)
         _print_next_steps(run_dir)
@@ -335,7 +360,12 @@ def evaluate(
     data: Annotated[
         Path | None, typer.Option(help="External data folder (default: the run's own data).")
     ] = None,
-    split: Annotated[str, typer.Option(help="test, val, train, or all (every kept row of --data).")] = "test",
+    split: Annotated[
+        Split,
+        typer.Option(
+            help="test, val, train, or all (every kept row of --data); with --mrnet: valid or train."
+        ),
+    ] = "test",
     tta: Annotated[
         int | None, typer.Option(help="Augmented copies averaged with the original (0 = off).")
     ] = None,
@@ -375,7 +405,7 @@ def evaluate(
         run_exam_evaluation(
             run,
             mrnet,
-            split="valid" if split == "test" else split,
+            split="valid" if split.value == "test" else split.value,
             tta_copies=tta,
             n_bootstrap=bootstrap,
             seed=seed,
@@ -397,7 +427,7 @@ def evaluate(
     run_evaluation(
         run,
         data_dir=data,
-        split=split,
+        split=split.value,
         tta_copies=tta,
         threshold=threshold,
         youden=youden,
@@ -488,7 +518,7 @@ def compare(
     max_epochs: Annotated[int | None, typer.Option(help="Training budget: epochs per network.")] = None,
     steps_per_epoch: Annotated[int | None, typer.Option(help="Training budget: steps per epoch.")] = None,
     budget: Annotated[
-        str | None,
+        Budget | None,
         typer.Option(
             help="per-network: each cascade network gets the whole budget (default); "
             "total: the cascade's three networks share the shared model's steps."
@@ -500,7 +530,7 @@ def compare(
     ] = None,
     data: DataOption = None,
     difficulty: Annotated[
-        str | None,
+        Difficulty | None,
         typer.Option(help="Level of the built-in phantom: easy, realistic (the default) or hard."),
     ] = None,
     tta: Annotated[int | None, typer.Option(help="Test-time augmented copies for every variant.")] = None,
@@ -526,8 +556,8 @@ def compare(
             "seeds": parse_list(seeds, "--seeds", int) if seeds else None,
             "max_epochs": max_epochs,
             "steps_per_epoch": steps_per_epoch,
-            "budget": budget,
-            "phantom_difficulty": difficulty,
+            "budget": budget.value if budget else None,
+            "phantom_difficulty": difficulty.value if difficulty else None,
             "tta.copies": tta,
             "bootstrap": bootstrap,
         }

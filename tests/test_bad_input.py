@@ -342,7 +342,7 @@ RUN_CASES = [
     (["predict", "RUN", "--out", "TMP/p.csv"], 2, "Missing argument"),
     (["predict", "RUN", "IMG", "--tta", "many"], 2, "Invalid value"),
     (["evaluate", "RUN", "--bootstrap", "-5"], 1, "--bootstrap"),
-    (["evaluate", "RUN", "--split", "everything", "--bootstrap", "0"], 1, "unknown split"),
+    (["evaluate", "RUN", "--split", "everything", "--bootstrap", "0"], 2, "Invalid value"),  # a choice
     (["evaluate", "EVIL"], 1, "not a checkpoint of this package"),
     (["evaluate", "TMP/nowhere"], 1, "checkpoint not found"),
     (["train", "--resume", "TMP"], 1, "no config.yaml"),

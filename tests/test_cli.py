@@ -292,3 +292,35 @@ def test_tables_are_not_cut_and_member_prefixes_survive(run64, tmp_path):
     result = runner.invoke(app, ["train", "--resume", str(run)])
     assert result.exit_code == 0, result.output
     assert "[shared] resumed after epoch 1 (finished)" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["make-phantom", "OUT", "--difficulty", "medium"],
+        ["make-phantom", "OUT", "--exams", "20", "--format", "png"],
+        ["evaluate", "RUN", "--split", "everything"],
+        ["compare", "--budget", "equal"],
+        ["compare", "--difficulty", "medium"],
+        ["train", "--mode", "joint"],
+        ["train", "--precision", "fp8"],
+        ["export", "RUN", "--format", "tflite"],
+    ],
+)
+def test_every_fixed_choice_refuses_a_bad_value_with_exit_2(args, tmp_path):
+    result = runner.invoke(app, [str(tmp_path / a) if a in ("OUT", "RUN") else a for a in args])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value" in result.output
+
+
+def test_show_config_prints_the_resolved_config_without_training(tmp_path):
+    import yaml
+
+    result = runner.invoke(
+        app, ["train", "--mode", "separate", "--lr", "0.0005", "--set", "train.max_epochs=3", "--show-config"]
+    )
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["model"]["name"] == "separate" and shown["train"]["lr"] == 0.0005
+    assert shown["train"]["max_epochs"] == 3 and shown["train"]["steps_per_epoch"] > 0  # from the preset
+    assert "epoch" not in result.output  # nothing trained
