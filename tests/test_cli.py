@@ -323,4 +323,4 @@ def test_show_config_prints_the_resolved_config_without_training(tmp_path):
     shown = yaml.safe_load(result.output)
     assert shown["model"]["name"] == "separate" and shown["train"]["lr"] == 0.0005
     assert shown["train"]["max_epochs"] == 3 and shown["train"]["steps_per_epoch"] > 0  # from the preset
-    assert "epoch" not in result.output  # nothing trained
+    assert "] epoch" not in result.output and "wrote" not in result.output  # nothing trained

@@ -93,15 +93,16 @@ def dicom_geometry(orientation) -> SliceGeometry:
 
 def _geometry(plane: str, along_row: np.ndarray, down_column: np.ndarray) -> SliceGeometry:
     """The transpose and flips that take (along_row, down_column), LPS, to the plane's canonical pair."""
-    (row_axis, row_sign), (column_axis, column_sign) = CANONICAL_LPS[plane]
-    transpose = abs(along_row[row_axis]) < abs(down_column[row_axis])
+    (right_axis, right_sign), (down_axis, down_sign) = CANONICAL_LPS[plane]
+    # stored rows run along the canonical down axis: swap rows and columns first
+    transpose = abs(along_row[right_axis]) < abs(down_column[right_axis])
     if transpose:
         along_row, down_column = down_column, along_row
     return SliceGeometry(
         plane,
         transpose=transpose,
-        flip_rows=np.sign(down_column[column_axis]) != column_sign,
-        flip_columns=np.sign(along_row[row_axis]) != row_sign,
+        flip_rows=np.sign(down_column[down_axis]) != down_sign,
+        flip_columns=np.sign(along_row[right_axis]) != right_sign,
     )
 
 
