@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import nibabel as nib
 import numpy as np
-from support import _clean, _predict, _quiet, sagittal_copy
+from support import _clean, _predict, _quiet, app, runner, sagittal_copy
 
 from mtl_meniscus.commands.predict import CSV_COLUMNS, gate, run_predict
 from mtl_meniscus.labels import DEFAULT_TASKS
@@ -140,3 +140,17 @@ def test_cam_overlays_of_inputs_with_the_same_file_name_do_not_overwrite(run64, 
     _clean(result)
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "cams").glob("*.png"))) == 2 * 3  # two inputs x three tasks
+
+
+def test_an_mrnet_folder_given_to_predict_exams_is_one_exam_per_volume(run64, tmp_path):
+    from mtl_meniscus.phantom.exams import write_phantom_exams
+
+    write_phantom_exams(tmp_path / "mrnet", n=20, n_slices=4, seed=2, size=64, fmt="mrnet")
+    folder = tmp_path / "mrnet" / "valid" / "sagittal"  # MRNet's own layout: NNNN.npy per exam
+    out = tmp_path / "exams.csv"
+    result = runner.invoke(app, ["predict", str(run64), str(folder), "--exams", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [Path(row["exam"]).name for row in rows] == sorted(p.name for p in folder.glob("*.npy"))
+    assert all(row["p_fissure"] and not row["error"] for row in rows)

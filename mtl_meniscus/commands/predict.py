@@ -22,7 +22,16 @@ from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import TrainedModel, load_trained, resolve_threshold
 from mtl_meniscus.errors import ImageReadError, MeniscusError
 from mtl_meniscus.io.exams import read_exam
-from mtl_meniscus.io.imageio import is_supported_image, max_pixels_limit, read_image
+from mtl_meniscus.io.imageio import (
+    DICOM_SUFFIXES,
+    HDF5_SUFFIXES,
+    NIFTI_SUFFIXES,
+    NUMPY_SUFFIXES,
+    image_suffix,
+    is_supported_image,
+    max_pixels_limit,
+    read_image,
+)
 from mtl_meniscus.io.outputs import atomic_write, check_output_dir, check_output_file
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
 from mtl_meniscus.networks.cam import unique_names, write_overlays
@@ -78,6 +87,25 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
         else:
             files.append(path)  # missing or unsupported files get an error row
     return files
+
+
+VOLUME_SUFFIXES = NUMPY_SUFFIXES + NIFTI_SUFFIXES + HDF5_SUFFIXES  # a file that can be a whole exam
+
+
+def collect_exams(inputs: list[Path]) -> list[Path]:
+    """The exams named on the command line: a volume file is one exam; a folder of DICOM files is
+    one series; a folder without DICOM files but with volume files (MRNet's `valid/sagittal/`) is
+    one exam per volume file, in name order."""
+    exams: list[Path] = []
+    for path in inputs:
+        if path.is_dir() and not any(
+            image_suffix(p) in DICOM_SUFFIXES for p in path.iterdir() if p.is_file()
+        ):
+            volumes = sorted(p for p in path.iterdir() if p.is_file() and image_suffix(p) in VOLUME_SUFFIXES)
+            exams.extend(volumes or [path])  # nothing of either kind: the folder gets its error row
+        else:
+            exams.append(path)
+    return exams
 
 
 def gate(probs: dict[str, float], tasks: TaskTable, threshold: float, image: str) -> Prediction:
@@ -293,6 +321,7 @@ def run_predict_exams(
     """
     console = console or Console(soft_wrap=True)
     check_output_file(out, "--out")
+    exams = collect_exams(exams)
     runtime = resolve_runtime(precision, device)
     trained = load_trained(run_or_checkpoint, runtime)
     tasks, names = trained.tasks, trained.outputs
