@@ -336,3 +336,14 @@ def test_rows_sharing_a_patient_are_counted_as_patients(tmp_path):
         tmp_path, [record(2, ""), record(3, "")], [np.zeros((2, 2))] * 2, np.zeros((2, 1)), ["test"] * 2
     )
     assert alone.patients([0, 1]) is None and alone.unit_phrase([0, 1]) == "2 images"
+
+
+def test_reading_a_folder_reports_its_progress_row_by_row(tmp_path):
+    from mtl_meniscus.phantom.slices import write_phantom
+
+    write_phantom(tmp_path / "data", n=40, seed=2, size=64)
+    seen = []
+    data = prepare_data(
+        tmp_path / "data", DataConfig(image_size=64), on_row=lambda done, total: seen.append((done, total))
+    )
+    assert seen == [(k, 40) for k in range(1, 41)] and data.n_rows == 40

@@ -19,6 +19,7 @@ from rich.table import Table
 from mtl_meniscus.config import TTAConfig
 from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.engine.run import reading_progress
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
 from mtl_meniscus.engine.trained import (
     THRESHOLD_FILE,
@@ -170,7 +171,8 @@ def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) ->
     folder = data_dir if data_dir is not None else own_dir
     if folder is None:
         raise MeniscusError("this checkpoint does not record its data folder; pass --data DIR")
-    data = prepare_data(folder, config.data)
+    with reading_progress(Console(soft_wrap=True), "reading the data") as on_row:
+        data = prepare_data(folder, config.data, on_row=on_row)
     is_own = own_dir is not None and Path(folder).resolve() == own_dir.resolve()
     if not is_own or split == "all":
         return data, ""

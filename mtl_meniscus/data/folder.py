@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -199,7 +199,10 @@ def _file_in_folder(
 
 
 def prepare_folder(
-    data_dir: str | Path, config: DataConfig, report_dir: str | Path | None = None
+    data_dir: str | Path,
+    config: DataConfig,
+    report_dir: str | Path | None = None,
+    on_row: Callable[[int, int], None] | None = None,
 ) -> PreparedData:
     """Validate labels.csv, read every image, apply the exclusion rules and split the rest.
 
@@ -218,7 +221,9 @@ def prepare_folder(
     unoriented: list[str] = []  # a row per DICOM/NIfTI file without geometry: taken as stored
     lazy = reads_lazily(config, len(records))
     sources: list[tuple[str, int | None]] = []  # lazy: (image, slice) of each kept row
-    for record in records:
+    for done, record in enumerate(records, 1):
+        if on_row is not None:
+            on_row(done, len(records))  # (rows read, rows in all): a progress display's
         if config.exclude_double_tears and record.labels.get("position") == DOUBLE_TEAR:
             exclusions.append((record.image, "double tear: position 'both'"))
             continue

@@ -9,8 +9,10 @@ as in the reference method; the run's best.pt is the assembled cascade.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 import yaml
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from mtl_meniscus.config import (
@@ -159,7 +162,8 @@ def _prepare_run_data(
     # what the summary calls the data: the built-in phantom by its level, a user's folder by its path
     data_name = f"the {config.data.phantom_difficulty} phantom" if not config.data.path else str(data_dir)
     config.data.path = str(data_dir.resolve())
-    data = prepare_data(data_dir, config.data, report_dir=run_dir)
+    with reading_progress(console, "reading the data") as on_row:
+        data = prepare_data(data_dir, config.data, report_dir=run_dir, on_row=on_row)
     if resume and not data.same_splits_as(run_dir / "splits.csv"):
         # Resuming on other splits would train on test images.
         raise MeniscusError(f"cannot resume {run_dir}: the data or its splits changed since the run started")
@@ -179,6 +183,23 @@ def _prepare_run_data(
         for task, count in unlabelled.items()
     ]
     return data, data_name, warnings
+
+
+@contextlib.contextmanager
+def reading_progress(console: Console, what: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar for reading a data set, fed by `on_row(done, total)`; nothing when the
+    console is not a terminal (a log file or a pipe) or is quiet."""
+    with Progress(
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal or console.quiet,
+    ) as progress:
+        bar = progress.add_task(what, total=None)
+        yield lambda done, total: progress.update(bar, completed=done, total=total)
 
 
 def _finish_run(
