@@ -17,12 +17,9 @@ import h5py
 import nibabel
 import numpy as np
 import pytest
-from rich.console import Console
 from typer.testing import CliRunner
 
 from mtl_meniscus.cli import app
-from mtl_meniscus.config import load_config
-from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.phantom.exams import write_phantom_exams
 from mtl_meniscus.phantom.slices import write_phantom
 
@@ -50,16 +47,6 @@ def limited(*args, cwd: Path, env: dict[str, str] | None = None) -> subprocess.C
         text=True,
         timeout=300,
     )
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A tiny shared run on a 64-pixel phantom (seconds): what predict and evaluate load."""
-    folder = tmp_path_factory.mktemp("untrusted")
-    write_phantom(folder / "data", n=60, seed=2, size=64)
-    config = load_config(TINY, {"data.path": str(folder / "data"), "train.max_epochs": 1})
-    train_run(config, folder / "run", console=Console(quiet=True))
-    return folder / "run"
 
 
 @pytest.fixture
@@ -108,7 +95,7 @@ def test_paths_named_in_a_file_never_leave_its_folder(volumes, tmp_path):
     assert not (tmp_path / "run" / "best.pt").exists()
 
 
-def test_declared_sizes_are_held_to_one_pixel_budget_before_decoding(run, volumes, tmp_path):
+def test_declared_sizes_are_held_to_one_pixel_budget_before_decoding(run64, volumes, tmp_path):
     # a tiny .h5 that declares 3,000,000 slices, or 40 slices of 20000x20000
     for name, shape in (("file1000002", (3_000_000, 320, 320)), ("file1000003", (40, 20_000, 20_000))):
         with h5py.File(volumes / f"{name}.h5", "w") as handle:
@@ -125,7 +112,7 @@ def test_declared_sizes_are_held_to_one_pixel_budget_before_decoding(run, volume
     nibabel.save(nibabel.Nifti2Image(np.zeros((1, 1, 250_000), np.float32), np.eye(4)), bomb / "tall.nii.gz")
     np.save(bomb / "tall.npy", np.zeros((250_000, 1, 1), np.float32))
     result = limited(
-        "predict", run, bomb / "tall.nii.gz", "--exams", "--out", tmp_path / "p.csv", cwd=tmp_path
+        "predict", run64, bomb / "tall.nii.gz", "--exams", "--out", tmp_path / "p.csv", cwd=tmp_path
     )
     assert result.returncode == 1 and "1 failed, see the error column" in result.stdout, result.stderr
     row = (tmp_path / "p.csv").read_text().splitlines()[1]  # the exam's error row
@@ -134,7 +121,7 @@ def test_declared_sizes_are_held_to_one_pixel_budget_before_decoding(run, volume
     (mrnet / "valid" / "sagittal").mkdir(parents=True)
     shutil.copy(bomb / "tall.npy", mrnet / "valid" / "sagittal" / "0000.npy")
     (mrnet / "valid-meniscus.csv").write_text("0,1\n")
-    result = limited("evaluate", run, "--mrnet", mrnet, "--out", tmp_path / "eval", cwd=tmp_path)
+    result = limited("evaluate", run64, "--mrnet", mrnet, "--out", tmp_path / "eval", cwd=tmp_path)
     assert result.returncode == 1 and "0000.npy" in result.stdout and "above the limit" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
 
@@ -143,9 +130,9 @@ def test_declared_sizes_are_held_to_one_pixel_budget_before_decoding(run, volume
     write_phantom_exams(series, n=20, n_slices=6, seed=0, size=64, fmt="dicom-series")
     exam = sorted(p for p in series.iterdir() if p.is_dir())[0]
     limit = {"MTL_MENISCUS_MAX_PIXELS": "20000"}
-    result = invoke("predict", run, exam, "--exams", "--out", tmp_path / "s.csv", env=limit)
+    result = invoke("predict", run64, exam, "--exams", "--out", tmp_path / "s.csv", env=limit)
     assert result.exit_code == 1 and "a series of 6 DICOM files" in (tmp_path / "s.csv").read_text()
-    result = invoke("predict", run, exam / "IM0000.dcm", "--out", tmp_path / "one.csv", env=limit)
+    result = invoke("predict", run64, exam / "IM0000.dcm", "--out", tmp_path / "one.csv", env=limit)
     assert result.exit_code == 0, result.output
 
 
@@ -183,13 +170,13 @@ def test_secrets_in_a_storage_url_are_never_printed(url, secrets, tmp_path):
         assert secret not in result.output
 
 
-def test_parse_errors_name_the_file_and_cost_no_other_work(run, volumes, tmp_path):
+def test_parse_errors_name_the_file_and_cost_no_other_work(run64, volumes, tmp_path):
     # a series with a non-numeric InstanceNumber: its own error row, the other exam predicted
     series = tmp_path / "series"
     write_phantom_exams(series, n=20, n_slices=6, seed=0, size=64, fmt="dicom-series")
     bad, good = sorted(p for p in series.iterdir() if p.is_dir())[:2]
     _break_instance_numbers(bad)  # no geometry tags: the series is ordered by InstanceNumber
-    result = invoke("predict", run, bad, good, "--exams", "--out", tmp_path / "p.csv")
+    result = invoke("predict", run64, bad, good, "--exams", "--out", tmp_path / "p.csv")
     assert result.exit_code == 1 and "Traceback" not in result.output
     rows = (tmp_path / "p.csv").read_text().splitlines()
     assert len(rows) == 3 and "is not a number" in rows[1] and bad.name in rows[1]
@@ -199,7 +186,7 @@ def test_parse_errors_name_the_file_and_cost_no_other_work(run, volumes, tmp_pat
     mrnet = tmp_path / "mrnet"
     (mrnet / "valid" / "sagittal").mkdir(parents=True)
     (mrnet / "valid-meniscus.csv").write_bytes("0,1\n1,0 \xe9\n".encode("latin-1"))
-    result = invoke("evaluate", run, "--mrnet", mrnet)
+    result = invoke("evaluate", run64, "--mrnet", mrnet)
     assert result.exit_code == 1 and "valid-meniscus.csv: not UTF-8" in result.output
     result = import_fastmri("file1000001,1,No,inf,1,4,4,Meniscus Tear\n", volumes, tmp_path / "out")
     assert result.exit_code == 1 and "row 2, column 'x': bad value 'inf'" in result.output
@@ -239,13 +226,13 @@ def _break_instance_numbers(folder: Path) -> None:
             file.write_bytes(raw[:value] + b"x" * len(number) + raw[value + len(number) :])
 
 
-def test_duplicates_and_conflicts_are_named_by_row_or_file(run, volumes, tmp_path):
+def test_duplicates_and_conflicts_are_named_by_row_or_file(run64, volumes, tmp_path):
     # a slice exported twice in a series
     series = tmp_path / "series"
     write_phantom_exams(series, n=20, n_slices=6, seed=0, size=64, fmt="dicom-series")
     exam = sorted(p for p in series.iterdir() if p.is_dir())[0]
     shutil.copy(exam / "IM0002.dcm", exam / "copy_of_2.dcm")
-    invoke("predict", run, exam, "--exams", "--out", tmp_path / "p.csv")
+    invoke("predict", run64, exam, "--exams", "--out", tmp_path / "p.csv")
     row = (tmp_path / "p.csv").read_text().splitlines()[1]
     assert "IM0002.dcm" in row and "copy_of_2.dcm" in row and "exported twice" in row
 
@@ -256,7 +243,7 @@ def test_duplicates_and_conflicts_are_named_by_row_or_file(run, volumes, tmp_pat
     first = labels.read_text().splitlines()[0]
     case, label = first.split(",")
     labels.write_text(labels.read_text() + f"{first}\n{case},{1 - int(label)}\n")
-    result = invoke("evaluate", run, "--mrnet", mrnet)
+    result = invoke("evaluate", run64, "--mrnet", mrnet)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"case {case} listed again (first at row 1)" in result.output
     assert f"with label {1 - int(label)}, but row 1 says {label}" in result.output

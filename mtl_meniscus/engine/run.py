@@ -255,6 +255,7 @@ def _final_metrics(
 ) -> dict:
     test = data.indices("test")
     images, targets = data.view(test), data.targets[test]
+    patients = data.patients(test)  # the bootstrap resamples patients where rows share them
     results = {}
     for key, tta in (("test", None), ("test_tta", config.tta)):
         probs = predict_probs(
@@ -267,7 +268,6 @@ def _final_metrics(
             seed=config.train.seed,
         )
         aucs = task_aucs(targets, probs, data.tasks)
-        patients = data.patients(test)  # the bootstrap resamples patients where rows share them
         cis = bootstrap_cis(
             targets, probs, FINAL_BOOTSTRAP, seed=config.train.seed, tasks=data.tasks, groups=patients
         )

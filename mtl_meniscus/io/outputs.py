@@ -10,6 +10,8 @@ the temporary file is removed if writing fails.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,8 +105,6 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def json_text(value) -> str:
     """Strict JSON (indented): a NaN or infinite number, an undefined value here, is written as null,
     which every JSON parser accepts (JavaScript's JSON.parse refuses NaN)."""
-    import json
-    import math
 
     def strict(item):
         if isinstance(item, dict):
