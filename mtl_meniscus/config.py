@@ -341,8 +341,8 @@ class Config(Section):
             self.data.layout != "mrnet" or bool(self.data.path),
             "data.path",
             self.data.path,
-            "an MRNet folder with data.layout mrnet (there is no built-in one: make-phantom OUT --exams 600 "
-            "--format mrnet writes phantom exams)",
+            "an MRNet folder with data.layout mrnet (there is no built-in one: make-phantom OUT --n-exams 600 "
+            "--exam-format mrnet writes phantom exams)",
         )
         if self.data.layout == "mrnet" and self.model.exam_pooling is None:
             self.model.exam_pooling = "max"  # MRNet labels whole exams: only an exam model can learn them

@@ -1,11 +1,11 @@
 """The results page's exam table: both modes trained on phantom exams in MRNet's layout.
 
-    python scripts/exam_job.py run LABEL [--exams 600] [--slices 24]
+    python scripts/exam_job.py run LABEL [--n-exams 600] [--slices-per-exam 24]
     python scripts/exam_job.py render
 
-`run` writes the phantom exams (`python cli.py make-phantom DATA --exams 600 --slices 24 --format
-mrnet`: each slice with its own noise) into a temporary folder, trains `python cli.py train --mode
-MODE --mrnet DATA` for both modes with configs/exams.yaml's budget, and writes
+`run` writes the phantom exams (`python cli.py make-phantom DATA --n-exams 600 --slices-per-exam 24
+--exam-format mrnet`: each slice with its own noise) into a temporary folder, trains `python cli.py
+train --mode MODE --mrnet DATA` for both modes with configs/exams.yaml's budget, and writes
 results/exams/LABEL.json: per mode the wall time, epochs, best epoch and its validation AUC, the
 epoch that left chance, and the test split's exam-level tear AUC (MRNet's valid folder) with and
 without TTA. `render` writes the table between the results page's exam-job markers.
@@ -35,7 +35,8 @@ def run(label: str, exams: int, slices: int) -> dict:
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     work = Path(tempfile.mkdtemp(prefix="exam-job-"))
     data = work / "exams"
-    make = ["make-phantom", str(data), "--exams", str(exams), "--slices", str(slices), "--format", "mrnet"]
+    make = ["make-phantom", str(data), "--n-exams", str(exams), "--slices-per-exam", str(slices)]
+    make += ["--exam-format", "mrnet"]
     subprocess.run([sys.executable, "cli.py", *make], cwd=ROOT, env=env, check=True, capture_output=True)
     result = {"label": label, "cpu": machine_info()["cpu"], "isa": machine_info()["isa"], "modes": {}}
     for mode in ("shared", "separate"):
@@ -60,7 +61,9 @@ def run(label: str, exams: int, slices: int) -> dict:
             "test_exams": metrics["test"]["n_images"],
         }
     shutil.rmtree(work, ignore_errors=True)
-    result["data"] = f"python cli.py make-phantom DATA --exams {exams} --slices {slices} --format mrnet"
+    result["data"] = (
+        f"python cli.py make-phantom DATA --n-exams {exams} --slices-per-exam {slices} --exam-format mrnet"
+    )
     result["date"] = time.strftime("%Y-%m-%d")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{label}.json").write_text(json.dumps(result, indent=2))
@@ -90,14 +93,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["run", "render"])
     parser.add_argument("label", nargs="?")
-    parser.add_argument("--exams", type=int, default=600)
-    parser.add_argument("--slices", type=int, default=24)
+    parser.add_argument("--n-exams", type=int, default=600)  # make-phantom's option names
+    parser.add_argument("--slices-per-exam", type=int, default=24)
     parser.add_argument("--page", type=Path, default=RESULTS_PAGE)
     args = parser.parse_args()
     if args.action == "run":
         if not args.label:
             parser.error("run needs a LABEL")
-        print(json.dumps(run(args.label, args.exams, args.slices), indent=2))
+        print(json.dumps(run(args.label, args.n_exams, args.slices_per_exam), indent=2))
     print(render(args.page))
 
 

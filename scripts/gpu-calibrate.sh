@@ -36,10 +36,10 @@ fi
 
 # (2) candidates, written out in full on top of `realistic` (r2 is today's `realistic`, r0 the level before)
 declare -A CAND
-CAND[r0]="--set tear_angle_deg=35 --set tear_length=0.5,1.0 --set tear_thickness_px=1.0,2.5 --set tear_contrast=0.25,0.8 --set motion_fraction=0.3"
-CAND[r1]="--set tear_angle_deg=25 --set tear_length=0.7,1.0 --set tear_thickness_px=1.5,3.0 --set tear_contrast=0.25,0.8 --set motion_fraction=0.15"
+CAND[r0]="--phantom-setting tear_angle_deg=35 --phantom-setting tear_length=0.5,1.0 --phantom-setting tear_thickness_px=1.0,2.5 --phantom-setting tear_contrast=0.25,0.8 --phantom-setting motion_fraction=0.3"
+CAND[r1]="--phantom-setting tear_angle_deg=25 --phantom-setting tear_length=0.7,1.0 --phantom-setting tear_thickness_px=1.5,3.0 --phantom-setting tear_contrast=0.25,0.8 --phantom-setting motion_fraction=0.15"
 CAND[r2]=""
-CAND[r3]="--set tear_angle_deg=25 --set tear_length=0.7,1.0 --set tear_thickness_px=1.5,3.0 --set motion_fraction=0.15 --set tear_contrast=0.35,0.9 --set noise_sigma=0.03,0.07"
+CAND[r3]="--phantom-setting tear_angle_deg=25 --phantom-setting tear_length=0.7,1.0 --phantom-setting tear_thickness_px=1.5,3.0 --phantom-setting motion_fraction=0.15 --phantom-setting tear_contrast=0.35,0.9 --phantom-setting noise_sigma=0.03,0.07"
 run_one() {  # candidate seed
   local c=$1 s=$2 d=$W/data/$1-s$2
   taskset -c $SWEEP_CPUS $PY cli.py make-phantom $d --n ${PHANTOM_N:-1128} --seed $s --difficulty realistic ${CAND[$c]} > $W/logs/$c-s$s-phantom.log 2>&1 || return

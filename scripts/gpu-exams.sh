@@ -17,7 +17,7 @@ run() {  # name data options...
 }
 phantom() {  # name options...
   local name=$1; shift
-  $PY cli.py make-phantom $W/$name --exams $N --slices 24 --format mrnet "$@" > $W/logs/$name.log 2>&1 &
+  $PY cli.py make-phantom $W/$name --n-exams $N --slices-per-exam 24 --exam-format mrnet "$@" > $W/logs/$name.log 2>&1 &
 }
 S128="--set data.image_size=128"
 B="--batch-size 8 --steps-per-epoch 40 --max-epochs 20"

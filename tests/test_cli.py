@@ -298,7 +298,7 @@ def test_tables_are_not_cut_and_member_prefixes_survive(run64, tmp_path):
     "args",
     [
         ["make-phantom", "OUT", "--difficulty", "medium"],
-        ["make-phantom", "OUT", "--exams", "20", "--format", "png"],
+        ["make-phantom", "OUT", "--n-exams", "20", "--exam-format", "png"],
         ["evaluate", "RUN", "--split", "everything"],
         ["compare", "--budget", "equal"],
         ["compare", "--difficulty", "medium"],
@@ -324,3 +324,109 @@ def test_show_config_prints_the_resolved_config_without_training(tmp_path):
     assert shown["model"]["name"] == "separate" and shown["train"]["lr"] == 0.0005
     assert shown["train"]["max_epochs"] == 3 and shown["train"]["steps_per_epoch"] > 0  # from the preset
     assert "] epoch" not in result.output and "wrote" not in result.output  # nothing trained
+
+
+# An option name that several commands use means one thing in all of them. A name shared by two
+# commands must be listed here with that one meaning; a name with another meaning gets another
+# name (make-phantom's --set, --exams, --slices and --format became --phantom-setting, --n-exams,
+# --slices-per-exam and --exam-format: --set is a config key, predict's --exams and --slices are
+# switches, export's --format is the export format).
+SHARED_OPTIONS = {
+    "--out": "where the command writes (a run, output folder or file)",
+    "--config": "the command's YAML settings file",
+    "--set": "a config key, KEY=VALUE read as YAML",
+    "--data": "a data folder with labels.csv",
+    "--mrnet": "a folder in MRNet's layout",
+    "--mode": "the model, by its registered name",
+    "--seed": "a random seed",
+    "--difficulty": "the built-in phantom's level",
+    "--max-epochs": "the training budget in epochs",
+    "--steps-per-epoch": "the training budget in steps per epoch",
+    "--batch-size": "images per batch",
+    "--pretrained": "timm trunk weights",
+    "--tta": "test-time augmented copies",
+    "--threshold": "the fissure probability threshold",
+    "--bootstrap": "bootstrap resamples for the CIs",
+    "--cam": "a folder for saliency overlays",
+    "--precision": "auto, fp32 or bf16",
+    "--device": "cpu, cuda or cuda:N",
+    "--wandb": "the wandb mode",
+    "--quiet": "no progress bars",
+}
+
+
+def _options_by_command() -> dict[str, set[str]]:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    return {
+        name: {opt for param in command.params for opt in param.opts if opt.startswith("--")}
+        for name, command in group.commands.items()
+    }
+
+
+def test_an_option_name_shared_by_commands_has_one_meaning():
+    users: dict[str, list[str]] = {}
+    for command, options in _options_by_command().items():
+        for option in options:
+            users.setdefault(option, []).append(command)
+    shared = {option: commands for option, commands in users.items() if len(commands) > 1}
+    unlisted = {option: commands for option, commands in shared.items() if option not in SHARED_OPTIONS}
+    assert unlisted == {}, "an option name used by several commands must mean one thing: list it or rename it"
+    assert {"--exams", "--slices", "--format", "--set"}.isdisjoint(_options_by_command()["make-phantom"])
+
+
+def test_make_phantom_exams_with_the_renamed_options(tmp_path):
+    out = tmp_path / "exams"
+    options = ["--n-exams", "20", "--slices-per-exam", "3", "--exam-format", "nifti", "--size", "32"]
+    result = runner.invoke(
+        app, ["make-phantom", str(out), *options, "--phantom-setting", "noise_sigma=0.05,0.09"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "wrote 20 exams of 3 slices (nifti)" in result.output
+    assert len(list(out.glob("exam_*.nii.gz"))) == 20 and (out / "phantom-exams.csv").is_file()
+
+    too_few = runner.invoke(app, ["make-phantom", str(tmp_path / "few"), "--n-exams", "2"])
+    assert too_few.exit_code == 1 and "--n-exams: bad value 2" in too_few.output
+    bad_setting = runner.invoke(
+        app, ["make-phantom", str(tmp_path / "s"), "--phantom-setting", "noise_sigma"]
+    )
+    assert bad_setting.exit_code == 1 and "--phantom-setting 'noise_sigma'" in bad_setting.output
+
+
+@pytest.mark.parametrize(
+    "old", [["--exams", "20"], ["--slices", "3"], ["--format", "nifti"], ["--set", "noise_sigma=0.05,0.09"]]
+)
+def test_make_phantoms_old_option_names_are_usage_errors(tmp_path, old):
+    result = runner.invoke(app, ["make-phantom", str(tmp_path / "out"), *old])
+    assert result.exit_code == 2 and "No such option" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+LONG_RUNNING = ["train", "evaluate", "predict", "compare", "tune", "bench", "make-phantom", "import-fastmri"]
+
+
+@pytest.mark.parametrize("command", LONG_RUNNING)
+def test_every_long_running_command_takes_quiet(command):
+    assert "--quiet" in _options_by_command()[command]
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "--quiet" in result.output
+
+
+def test_quiet_turns_the_progress_bars_of_that_command_off(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import mtl_meniscus.cli
+
+    # each command sets it anew: --quiet does not outlive its command
+    for k, quiet in enumerate((False, True, False)):
+        terminal = Console(force_terminal=True, file=io.StringIO(), width=100)
+        monkeypatch.setattr(mtl_meniscus.cli, "console", terminal)
+        args = ["make-phantom", str(tmp_path / f"ph{k}"), "--n", "20", "--size", "32"]
+        args += ["--quiet"] if quiet else []
+        assert runner.invoke(app, args).exit_code == 0
+        shown = terminal.file.getvalue()
+        assert "wrote 20 images" in shown  # --quiet keeps the messages
+        assert ("writing images" in shown) is not quiet and ("20/20" in shown) is not quiet

@@ -120,7 +120,7 @@ def test_mrnet_is_read_as_exams_with_valid_as_the_test_split(tmp_path):
 def test_an_exam_model_needs_exam_data():
     with pytest.raises(ConfigError, match="model.exam_pooling"):
         load_config(TINY, {"model.exam_pooling": "max"})
-    with pytest.raises(ConfigError, match="'data.path'.*make-phantom OUT --exams"):
+    with pytest.raises(ConfigError, match="'data.path'.*make-phantom OUT --n-exams"):
         load_config(TINY, {"data.layout": "mrnet"})  # no built-in MRNet folder
     config = load_config(TINY, {"data.layout": "mrnet", "data.path": "MRNet-v1.0"})
     assert config.model.exam_pooling == "max"  # MRNet's labels are per exam

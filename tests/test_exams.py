@@ -158,7 +158,11 @@ def _digest(folder: Path) -> dict[str, bytes]:
 def test_phantom_exams_in_the_mrnet_layout(tmp_path):
     from mtl_meniscus.phantom.exams import write_phantom_exams
 
-    exams = write_phantom_exams(tmp_path / "a", n=20, n_slices=6, seed=3, size=64, fmt="mrnet")
+    seen = []  # on_exam(done, total), as a progress display is fed
+    exams = write_phantom_exams(
+        tmp_path / "a", n=20, n_slices=6, seed=3, size=64, fmt="mrnet", on_exam=lambda *d: seen.append(d)
+    )
+    assert seen == [(k, 20) for k in range(1, 21)]
     write_phantom_exams(tmp_path / "b", n=20, n_slices=6, seed=3, size=64, fmt="mrnet")
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")  # same seed, same bytes
     train = sorted((tmp_path / "a" / "train" / "sagittal").glob("*.npy"))
@@ -239,7 +243,11 @@ def test_a_bad_mrnet_folder_is_named(tmp_path):
 
 @pytest.mark.parametrize(
     "options, message",
-    [(["--exams", "20", "--seed", "-1"], "--seed: bad value -1"), (["--exams", "5"], "--exams: bad value 5")],
+    [
+        (["--n-exams", "20", "--seed", "-1"], "--seed: bad value -1"),
+        (["--n-exams", "5"], "--n-exams: bad value 5"),
+        (["--n-exams", "20", "--slices-per-exam", "2"], "--slices-per-exam: bad value 2"),
+    ],
 )
 def test_bad_phantom_exam_options_are_named(tmp_path, options, message):
     result = CliRunner().invoke(app, ["make-phantom", str(tmp_path / "out"), *options])

@@ -81,3 +81,17 @@ def test_bad_annotations_and_missing_images_are_named(fastmri, tmp_path):
         handle["kspace"] = np.zeros((2, 2, 2), np.complex64)
     with pytest.raises(Exception, match="reconstruction_rss or reconstruction_esc"):
         read_image(fastmri / "h5" / "kspace_only.h5", 0)
+
+
+def test_an_import_counts_its_volumes_for_a_progress_display(fastmri, tmp_path):
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
+
+    (fastmri / "two.csv").write_text(
+        (fastmri / "knee.csv").read_text() + "file9,1,No,5,6,10,4,Meniscus Tear\n"  # not in h5/
+    )
+    seen = []
+    counts = import_fastmri_plus(
+        fastmri / "two.csv", fastmri / "h5", tmp_path / "out", on_volume=lambda *done: seen.append(done)
+    )
+    assert seen == [(1, 3), (2, 3), (3, 3)]  # every annotated volume, found or not
+    assert counts == {"slices": 8, "tear slices": 1, "volumes": 2, "annotated volumes not found": 1}

@@ -27,6 +27,7 @@ from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.data.torch_dataset import EpochBatchSampler, SliceDataset, training_batches
 from mtl_meniscus.engine.inference import predict_probs
+from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import Runtime, cpu_bf16_pays_off, cpu_features, resolve_runtime
 from mtl_meniscus.io.outputs import json_text
 from mtl_meniscus.networks.losses import FixedWeighting, task_losses
@@ -255,23 +256,27 @@ def run_benchmark(
     config.data.image_size = settings.image_size
     config.model = models["shared"]
     results: dict[str, Any] = {"machine": machine_info(), "settings": settings.__dict__ | {"quick": quick}}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, progress_bar(console) as progress:
         data_dir = Path(tmp) / "phantom"
         write_phantom(data_dir, n=settings.n_images, seed=0, size=settings.image_size)
         data = prepare_data(data_dir, config.data)
+        bar = progress.add_task("measurements", total=4)
         console.print(
             "1/4 + 2/4 training throughput: package loop vs bare loop, auto precision vs fp32, "
             "the preset vs the plain floor"
         )
         results |= training_throughput(config, data, settings, results["machine"])
+        progress.advance(bar, 2)  # measurements 1 and 2, taken side by side
         console.print("3/4 shared vs separate: inference with 6-pass TTA")
         results["shared_vs_separate"] = shared_vs_separate(config, models, data, settings)
         if runs is not None:
             results["shared_vs_separate"].update(training_compute(*runs))
+        progress.advance(bar)
         console.print("4/4 data pipeline alone")
         results["data_pipeline"] = data_pipeline(config, data_dir, settings) | {
             "num_workers": config.train.num_workers
         }
+        progress.advance(bar)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json_text(results))
     markdown = to_markdown(results)

@@ -42,6 +42,7 @@ from mtl_meniscus.config import MAX_SEED, Config, check_option, load_config
 from mtl_meniscus.engine.checkpoint import load_checkpoint
 from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.members import JOINT
+from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.engine.tracking import resolve_wandb_mode
 from mtl_meniscus.engine.trainer import TrainingDivergedError
@@ -397,14 +398,16 @@ class TuneSearch:
         self._announce(trials_before)
         started = time.perf_counter()
         try:
-            study.optimize(
-                self._objective,
-                n_trials=request.n_trials,
-                timeout=request.timeout,
-                n_jobs=request.n_jobs,
-                callbacks=[self._after_trial],
-                gc_after_trial=False,
-            )
+            with progress_bar(self.console) as progress:
+                bar = progress.add_task("trials", total=request.n_trials)
+                study.optimize(
+                    self._objective,
+                    n_trials=request.n_trials,
+                    timeout=request.timeout,
+                    n_jobs=request.n_jobs,
+                    callbacks=[self._after_trial, lambda _study, _trial: progress.advance(bar)],
+                    gc_after_trial=False,
+                )
         finally:
             with self.write_lock:
                 write_outputs(study, self.out_dir, request.space)

@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -87,8 +88,14 @@ def _count(text: str | None) -> int | None:
     return int(value)
 
 
-def import_fastmri_plus(annotations: Path, volumes_dir: Path, out_dir: Path) -> dict[str, int]:
+def import_fastmri_plus(
+    annotations: Path,
+    volumes_dir: Path,
+    out_dir: Path,
+    on_volume: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
     """Write OUT (see the module's docstring); returns counts for the summary line.
+    `on_volume(done, total)` is called after each annotated volume is read (a progress display).
 
     Everything is written into a temporary folder beside OUT and moved into place at the end: a
     refused import leaves OUT as it was."""
@@ -98,7 +105,7 @@ def import_fastmri_plus(annotations: Path, volumes_dir: Path, out_dir: Path) -> 
     check_empty_output_dir(out_dir, "OUT", instead="the import writes into an empty folder")  # may create it
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-import-", dir=out_dir.parent))
     try:
-        counts = _write_import(annotations, volumes_dir, staging, by_file)
+        counts = _write_import(annotations, volumes_dir, staging, by_file, on_volume)
         out_dir.rmdir()  # empty (checked above): the staging folder takes its place
         staging.rename(out_dir)
     except BaseException:
@@ -111,32 +118,25 @@ def import_fastmri_plus(annotations: Path, volumes_dir: Path, out_dir: Path) -> 
 
 
 def _write_import(
-    annotations: Path, volumes_dir: Path, out_dir: Path, by_file: dict[str, list[dict[str, str]]]
+    annotations: Path,
+    volumes_dir: Path,
+    out_dir: Path,
+    by_file: dict[str, list[dict[str, str]]],
+    on_volume: Callable[[int, int], None] | None = None,
 ) -> dict[str, int]:
     (out_dir / "volumes").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(exist_ok=True)
-    rows, counts = [], defaultdict(int)
-    for name in sorted(by_file):
+    rows, found = [], 0
+    for done, name in enumerate(sorted(by_file), 1):
         source = volumes_dir / (name if name.endswith(".h5") else f"{name}.h5")
-        if not source.is_file():
-            counts["annotated volumes not found"] += 1
-            continue
-        n_slices, height, width = _volume_shape(source)
-        boxes = _tear_boxes(annotations, source, by_file[name], (n_slices, height, width))
-        os.symlink(source.resolve(), out_dir / "volumes" / source.name)
-        for index in range(n_slices):
-            mask = ""
-            if boxes.get(index):
-                picture = np.zeros((height, width), np.uint8)
-                for x, y, w, h in boxes[index]:
-                    picture[y : y + h, x : x + w] = 2  # 2 = tear, as in the phantom's masks
-                mask = f"masks/{source.stem}_{index:03d}.png"
-                cv2.imwrite(str(out_dir / mask), picture)
-            tear = int(bool(boxes.get(index)))
-            rows.append([f"volumes/{source.name}", index, tear, "", "", source.stem, mask])
-            counts["slices"] += 1
-            counts["tear slices"] += tear
-        counts["volumes"] += 1
+        if source.is_file():
+            rows += _volume_rows(annotations, source, by_file[name], out_dir)
+            found += 1
+        if on_volume is not None:
+            on_volume(done, len(by_file))
+    counts = {"slices": len(rows), "tear slices": sum(row[2] for row in rows), "volumes": found}
+    if found < len(by_file):
+        counts["annotated volumes not found"] = len(by_file) - found
     if not rows:
         raise DataError(
             f"{volumes_dir}: none of the {len(by_file)} annotated volumes of {annotations} is there"
@@ -145,7 +145,29 @@ def _write_import(
         writer = csv.writer(handle)
         writer.writerow(["image", "slice", "fissure", "orientation", "position", "patient_id", "mask"])
         writer.writerows(rows)
-    return dict(counts)
+    return counts
+
+
+def _volume_rows(
+    annotations: Path, source: Path, annotated: list[dict[str, str]], out_dir: Path
+) -> list[list]:
+    """labels.csv's rows of one volume, a row per slice; links the volume into OUT/volumes and
+    writes a mask for each slice with a tear box."""
+    n_slices, height, width = _volume_shape(source)
+    boxes = _tear_boxes(annotations, source, annotated, (n_slices, height, width))
+    os.symlink(source.resolve(), out_dir / "volumes" / source.name)
+    rows = []
+    for index in range(n_slices):
+        mask = ""
+        if boxes.get(index):
+            picture = np.zeros((height, width), np.uint8)
+            for x, y, w, h in boxes[index]:
+                picture[y : y + h, x : x + w] = 2  # 2 = tear, as in the phantom's masks
+            mask = f"masks/{source.stem}_{index:03d}.png"
+            cv2.imwrite(str(out_dir / mask), picture)
+        tear = int(bool(boxes.get(index)))
+        rows.append([f"volumes/{source.name}", index, tear, "", "", source.stem, mask])
+    return rows
 
 
 def _volume_shape(source: Path) -> tuple[int, int, int]:

@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import TextColumn
 
 from mtl_meniscus.config import Config
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.data.torch_dataset import EpochBatchSampler, ExamDataset, SliceDataset, training_batches
 from mtl_meniscus.engine.distributed import SINGLE, Distributed
 from mtl_meniscus.engine.members import Member, member_config, member_start_score
+from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import Runtime
 from mtl_meniscus.engine.stopping import CHANCE, EarlyStopping, decide_after_epoch
 from mtl_meniscus.engine.tracking import RunLogger
@@ -217,17 +218,9 @@ class MemberTrainer:
         set_train_mode(self.state.model, self.config.model.freeze_backbone)
         total, steps = 0.0, 0
         weight_sums: dict[str, float] = {}
-        with Progress(
-            TextColumn(f"[bold]{self.member.name}[/] epoch {self.state.epoch}/{train.max_epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=True,
-            disable=not self.console.is_terminal,
-        ) as progress:
-            bar = progress.add_task("train", total=len(self.sampler), loss=float("nan"))
+        with progress_bar(self.console, TextColumn("loss {task.fields[loss]:.4f}")) as progress:
+            epoch = f"[bold]{self.member.name}[/] epoch {self.state.epoch}/{train.max_epochs}"
+            bar = progress.add_task(epoch, total=len(self.sampler), loss=float("nan"))
             for inputs, y in loader:
                 # x (B, C, H, W); for exams (N, C, H, W), every slice of the B exams, and lengths (B,)
                 x, *exam_lengths = inputs

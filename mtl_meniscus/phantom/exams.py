@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,14 +99,16 @@ def write_phantom_exams(
     size: int = 256,
     fmt: str = "mrnet",
     settings: PhantomSettings | None = None,
+    on_exam: Callable[[int, int], None] | None = None,
 ) -> list[PhantomExam]:
-    """Write `n` exams of `n_slices` slices in format `fmt` into an empty `out_dir`."""
+    """Write `n` exams of `n_slices` slices in format `fmt` into an empty `out_dir`;
+    `on_exam(done, total)` is called after each exam is written (a progress display)."""
     out_dir = Path(out_dir)
     if fmt not in FORMATS:
-        raise ConfigError(f"--format: bad value {fmt!r} (allowed: {', '.join(FORMATS)})")
-    check_phantom_options(n, seed, size, what="exams", n_option="--exams")
+        raise ConfigError(f"--exam-format: bad value {fmt!r} (allowed: {', '.join(FORMATS)})")
+    check_phantom_options(n, seed, size, what="exams", n_option="--n-exams")
     if not 3 <= n_slices <= 200:
-        raise ConfigError(f"--slices: bad value {n_slices} (allowed: 3..200 slices per exam)")
+        raise ConfigError(f"--slices-per-exam: bad value {n_slices} (allowed: 3..200 slices per exam)")
     check_empty_output_dir(
         out_dir, "make-phantom OUT", instead="phantom exams are written into an empty folder"
     )
@@ -128,6 +131,8 @@ def write_phantom_exams(
 
             image = nibabel.Nifti1Image(np.moveaxis(volume, 0, -1), SAGITTAL_AFFINE)
             nibabel.save(image, out_dir / f"exam_{exam.name}.nii.gz")
+        if on_exam is not None:
+            on_exam(k + 1, len(exams))
     if fmt == "mrnet":
         for split, members in (("train", exams[: n - n_valid]), ("valid", exams[n - n_valid :])):
             with atomic_write(out_dir / f"{split}-meniscus.csv") as tmp, tmp.open("w", newline="") as handle:

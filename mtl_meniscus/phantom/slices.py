@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class PhantomSettings:
     motion_px: tuple[float, float] = (2.0, 5.0)  # length of the motion-blur kernel
 
     def overridden(self, values: dict[str, object]) -> PhantomSettings:
-        """A copy with some fields replaced (e.g. from `make-phantom --set KEY=VALUE`), checked."""
+        """A copy with some fields replaced (e.g. from `make-phantom --phantom-setting KEY=VALUE`), checked."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         changes = {}
         for key, value in values.items():
@@ -169,7 +170,7 @@ def parse_setting(text: str) -> tuple[str, object]:
     except ValueError:
         numbers = []
     if not sep or not key.strip() or len(numbers) not in (1, 2):
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE or KEY=LOW,HIGH with numbers")
+        raise ConfigError(f"--phantom-setting {text!r}: expected KEY=VALUE or KEY=LOW,HIGH with numbers")
     return key.strip(), numbers[0] if len(numbers) == 1 else numbers
 
 
@@ -473,10 +474,12 @@ def write_phantom(
     size: int = 256,
     settings: PhantomSettings | None = None,
     overwrite: bool = False,
+    on_image: Callable[[int, int], None] | None = None,
 ) -> list[PhantomCase]:
     """Write images/*.png (16-bit), masks/*.png and labels.csv in the package's folder format.
 
-    A folder that is not empty is refused unless `overwrite` (then files of the same names are replaced).
+    A folder that is not empty is refused unless `overwrite` (then files of the same names are
+    replaced). `on_image(done, total)` is called after each image is written (a progress display).
     """
     out_dir = Path(out_dir)
     check_phantom_options(n, seed, size)
@@ -493,13 +496,15 @@ def write_phantom(
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     cases = plan_cases(n=n, seed=seed, size=size)
     rows = []
-    for case in cases:
+    for done, case in enumerate(cases, 1):
         image, mask = render_case(case, seed, settings)
         image_path = f"images/{case.name}.png"
         mask_path = f"masks/{case.name}.png"
         cv2.imwrite(str(out_dir / image_path), image)
         cv2.imwrite(str(out_dir / mask_path), mask)
         rows.append([image_path, case.fissure, case.orientation, case.position, mask_path])
+        if on_image is not None:
+            on_image(done, len(cases))
     # labels.csv is written last and atomically: its presence marks a complete phantom.
     with atomic_write(out_dir / "labels.csv") as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)

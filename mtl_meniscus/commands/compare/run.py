@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from mtl_meniscus.config import Config
 from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.data_source import resolve_data_dir
+from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
 from mtl_meniscus.engine.trained import load_trained
@@ -182,10 +185,15 @@ def _compare_locked(
     reference = configs[variants[0]]
     runtime = resolve_runtime(reference.train.precision, reference.train.device)
     pending = [v for v in variants if statuses[v] != "scored"]
-    if jobs > 1 and len(pending) > 1:
-        _run_in_parallel(pending, statuses, configs, out_dir, jobs, threads, console)
-        statuses = {v: "scored" for v in variants}  # every pending variant now has its result.json
-    scored = _score_in_turn(variants, pending, statuses, configs, out_dir, data, runtime, console)
+    with progress_bar(console) as progress:
+        bar = progress.add_task("variants trained and scored", total=len(pending))
+        advance = functools.partial(progress.advance, bar)
+        if jobs > 1 and len(pending) > 1:
+            _run_in_parallel(pending, statuses, configs, out_dir, jobs, threads, console, advance)
+            statuses = {v: "scored" for v in variants}  # every pending variant now has its result.json
+        scored = _score_in_turn(
+            variants, pending, statuses, configs, out_dir, data, runtime, console, advance
+        )
     test = data.indices("test")
     table = summarize(
         scored, data.targets[test], compare.bootstrap, compare.budget, data.tasks, data.patients(test)
@@ -243,9 +251,11 @@ def _score_in_turn(
     data: PreparedData,
     runtime: Runtime,
     console: Console,
+    on_variant: Callable[[], None],
 ) -> list[ScoredVariant]:
     """Every variant's scores in plan order: read where it was scored before, else trained (or
-    resumed) and scored now, with an estimate of the time left."""
+    resumed) and scored now, with an estimate of the time left; `on_variant()` after each one
+    trained and scored here."""
     test_names = [data.records[i].image for i in data.indices("test")]
     scored = []
     seconds_by_mode: dict[str, list[float]] = {}
@@ -272,6 +282,7 @@ def _score_in_turn(
             )
         except MeniscusError as err:
             raise MeniscusError(f"variant {variant.name}: {err}") from None
+        on_variant()
         if status == "new":  # resumed or score-only variants would skew the estimate of what is left
             seconds_by_mode.setdefault(variant.mode, []).append(time.perf_counter() - start)
     return scored
@@ -302,8 +313,10 @@ def _run_in_parallel(
     jobs: int,
     threads: int | None,
     console: Console,
+    on_variant: Callable[[], None],
 ) -> None:
-    """`compare --jobs N`: train and score the pending variants in N worker processes.
+    """`compare --jobs N`: train and score the pending variants in N worker processes;
+    `on_variant()` as each one is done.
 
     Each worker gets `threads` CPU threads (default: this process's threads divided by N) and, when
     GPUs are visible, one GPU of its own (round robin). A variant's output goes to
@@ -311,7 +324,6 @@ def _run_in_parallel(
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
 
     import torch
 
@@ -335,24 +347,32 @@ def _run_in_parallel(
         try:
             for done, future in enumerate(as_completed(futures), 1):
                 variant = futures[future]
-                try:
-                    seconds = future.result()
-                except MeniscusError as err:
-                    raise MeniscusError(
-                        f"variant {variant.name}: {err} (log: {out_dir / 'variants' / variant.name}.log)"
-                    ) from None
-                except BrokenProcessPool:
-                    raise MeniscusError(
-                        f"a worker process died while training {variant.name} (out of memory?); rerun the "
-                        "same command to continue, with fewer --jobs"
-                    ) from None
+                seconds = _worker_seconds(future, variant, out_dir)
                 console.print(f"variant {variant.name} done in {seconds:.0f} s ({done}/{len(pending)})")
+                on_variant()
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
             slots.close()
             slots.cancel_join_thread()  # slots no worker took must not hold this process at exit
+
+
+def _worker_seconds(future, variant: Variant, out_dir: Path) -> float:
+    """The seconds a worker took for `variant`; its failure as a MeniscusError naming the variant."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except MeniscusError as err:
+        raise MeniscusError(
+            f"variant {variant.name}: {err} (log: {out_dir / 'variants' / variant.name}.log)"
+        ) from None
+    except BrokenProcessPool:
+        raise MeniscusError(
+            f"a worker process died while training {variant.name} (out of memory?); rerun the "
+            "same command to continue, with fewer --jobs"
+        ) from None
 
 
 def _gpu_slots(context, jobs: int, gpus: int):
