@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from mtl_meniscus import __version__
 from mtl_meniscus.config import preset_path
+from mtl_meniscus.engine.progress import counted_progress, set_quiet
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.networks.models import MODELS
 
@@ -93,15 +94,22 @@ DeviceOption = Annotated[
     str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU if any, else the CPU).")
 ]
 PrecisionOption = Annotated[Precision, typer.Option(help="auto: bf16 + channels_last where native.")]
+# Every command that can take more than a few seconds has it; command() below applies it.
+QuietOption = Annotated[
+    bool,
+    typer.Option("--quiet", help="No progress bars (they are off anyway when the output is not a terminal)."),
+]
 
 
 def command(name: str | None = None):
-    """app.command(name), with the one error rule of every command: a domain error (MeniscusError)
-    or a file-system error is printed as a clear message and exits 1, never a traceback."""
+    """app.command(name), with the rules of every command: `--quiet` (where the command has it)
+    turns the progress bars off, and a domain error (MeniscusError) or a file-system error is
+    printed as a clear message and exits 1, never a traceback."""
 
     def register(func):
         @functools.wraps(func)  # typer reads the options from the wrapped signature
         def run(*args, **kwargs):
+            set_quiet(kwargs.get("quiet", False))  # also resets it: one process may run several commands
             try:
                 return func(*args, **kwargs)
             except MeniscusError as err:
@@ -167,46 +175,59 @@ def make_phantom(
     settings: Annotated[
         list[str] | None,
         typer.Option(
-            "--set",
-            help="Override a generator setting, e.g. --set tear_contrast=0.3,0.6 --set noise_sigma=0.05,0.09 "
-            "(repeatable; names in mtl_meniscus/phantom.py, PhantomSettings).",
+            "--phantom-setting",
+            help="Override a generator setting, e.g. --phantom-setting tear_contrast=0.3,0.6 "
+            "--phantom-setting noise_sigma=0.05,0.09 (repeatable; names in mtl_meniscus/phantom/slices.py, "
+            "PhantomSettings).",
         ),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Write into a folder that is not empty (same-named files are replaced).")
     ] = False,
-    exams: Annotated[
+    n_exams: Annotated[
         int | None,
         typer.Option(
-            help="Write this many whole exams (slice stacks) instead of single slices; see --format."
+            help="Write this many whole exams (slice stacks) instead of single slices; see --exam-format."
         ),
     ] = None,
-    slices: Annotated[int, typer.Option(help="With --exams: slices per exam.")] = 24,
+    slices_per_exam: Annotated[int, typer.Option(help="With --n-exams: slices per exam.")] = 24,
     exam_format: Annotated[
         ExamFormat,
         typer.Option(
-            "--format",
-            help="With --exams: mrnet (train|valid/sagittal/NNNN.npy + *-meniscus.csv), dicom-series "
+            help="With --n-exams: mrnet (train|valid/sagittal/NNNN.npy + *-meniscus.csv), dicom-series "
             "(exam_NNNN/ folders of DICOM slices) or nifti (exam_NNNN.nii.gz).",
         ),
     ] = "mrnet",
+    quiet: QuietOption = False,
 ) -> None:
-    """Write the synthetic knee MRI phantom in the folder format (or, with --exams, whole exams)."""
+    """Write the synthetic knee MRI phantom in the folder format (or, with --n-exams, whole exams)."""
     from mtl_meniscus.phantom.slices import parse_setting, phantom_settings, summarize_cases, write_phantom
 
     chosen = phantom_settings(difficulty.value, dict(parse_setting(text) for text in settings or []))
-    if exams is not None:
+    if n_exams is not None:
         from mtl_meniscus.phantom.exams import write_phantom_exams
 
-        written = write_phantom_exams(
-            out, n=exams, n_slices=slices, seed=seed, size=size, fmt=exam_format.value, settings=chosen
-        )
+        with counted_progress(console, "writing exams") as on_exam:
+            written = write_phantom_exams(
+                out,
+                n=n_exams,
+                n_slices=slices_per_exam,
+                seed=seed,
+                size=size,
+                fmt=exam_format.value,
+                settings=chosen,
+                on_exam=on_exam,
+            )
         tears = sum(exam.case.fissure for exam in written)
         console.print(
-            f"wrote {len(written)} exams of {slices} slices ({exam_format.value}) to {out}; {tears} with a tear"
+            f"wrote {len(written)} exams of {slices_per_exam} slices ({exam_format.value}) to {out}; "
+            f"{tears} with a tear"
         )
         return
-    cases = write_phantom(out, n=n, seed=seed, size=size, settings=chosen, overwrite=overwrite)
+    with counted_progress(console, "writing images") as on_image:
+        cases = write_phantom(
+            out, n=n, seed=seed, size=size, settings=chosen, overwrite=overwrite, on_image=on_image
+        )
     summary = summarize_cases(cases, size=size)
     console.print(f"wrote {len(cases)} images to {out}", highlight=False)
     console.print(", ".join(f"{k}: {v}" for k, v in summary.items()), highlight=False)
@@ -221,11 +242,13 @@ def import_fastmri(
     out: Annotated[
         Path, typer.Argument(help="Empty folder for the data folder (labels.csv, volumes/, masks/).")
     ],
+    quiet: QuietOption = False,
 ) -> None:
     """Turn fastMRI+ annotations into a data folder: a row per slice, tear where a "Meniscus Tear" box lies."""
     from mtl_meniscus.data.fastmri import import_fastmri_plus
 
-    counts = import_fastmri_plus(annotations, volumes, out)
+    with counted_progress(console, "reading volumes") as on_volume:
+        counts = import_fastmri_plus(annotations, volumes, out, on_volume=on_volume)
     console.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out}", highlight=False)
     console.print(
         "orientation and position are unknown in fastMRI+: train with --data "
@@ -292,6 +315,7 @@ def train(
             "options above leave to the preset) and exit without training.",
         ),
     ] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Train a model on a data folder (or the built-in phantom) and evaluate it on the test split."""
     from mtl_meniscus.engine.run import resume_run, run_folder, train_run, training_config
@@ -347,7 +371,7 @@ def _print_next_steps(run_dir: Path) -> None:
     run = command_name()
     console.print(f"wrote {run_dir}: {', '.join(written)}", highlight=False)
     console.print(
-        f"next: {run} evaluate {run_dir}    # AUCs with CIs, ROC, --youden, --cam\n"
+        f"next: {run} evaluate {run_dir}    # AUCs with CIs, figures; --calibrate, --youden, --cam\n"
         f"      {run} predict {run_dir} IMAGES... --out predictions.csv\n"
         f"      {run} export {run_dir} --out model.onnx",
         highlight=False,
@@ -373,6 +397,13 @@ def evaluate(
     youden: Annotated[
         bool, typer.Option(help="Pick the threshold by Youden's J on validation; save it.")
     ] = False,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            help="Fit temperature scaling per task on the run's validation split and save it in the run "
+            "(calibration.json): evaluate, predict and export apply it from then on."
+        ),
+    ] = False,
     bootstrap: Annotated[int, typer.Option(help="Stratified bootstrap resamples for the 95% CIs.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of TTA and bootstrap.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/eval-<split>).")] = None,
@@ -391,15 +422,16 @@ def evaluate(
             "valid (the default here, MRNet's test split) or train."
         ),
     ] = None,
+    quiet: QuietOption = False,
 ) -> None:
-    """Evaluate a trained run: AUCs with bootstrap CIs, sensitivity/specificity, cascade view, ROC plot."""
+    """Evaluate a trained run: AUCs with bootstrap CIs, sensitivity/specificity, calibration, cascade view, figures."""
     from mtl_meniscus.commands.evaluate import run_evaluation, run_exam_evaluation
     from mtl_meniscus.io.outputs import check_output_dir
 
     check_options(tta=tta, threshold=threshold, bootstrap=bootstrap, seed=seed)
     if mrnet is not None:
         given = {"--data": data is not None, "--threshold": threshold is not None, "--youden": youden}
-        given |= {"--cam": cam is not None}
+        given |= {"--cam": cam is not None, "--calibrate": calibrate}
         for name in (name for name, used in given.items() if used):
             raise ConfigError(f"{name}: not available with --mrnet (exam-level tear AUC only)")
         run_exam_evaluation(
@@ -422,6 +454,8 @@ def evaluate(
         check_output_dir(run if run.is_dir() else run.parent, "the default output folder (use --out)")
     if youden and run.is_dir():
         check_output_dir(run, "--youden (writes RUN/threshold.json)")
+    if calibrate and run.is_dir():
+        check_output_dir(run, "--calibrate (writes RUN/calibration.json)")
     if cam is not None:
         check_output_dir(cam, "--cam")
     run_evaluation(
@@ -439,6 +473,7 @@ def evaluate(
         console=console,
         wandb_mode=wandb.value if wandb else None,
         device=device,
+        calibrate=calibrate,
     )
 
 
@@ -471,6 +506,7 @@ def predict(
         ),
     ] = False,
     slices: Annotated[bool, typer.Option(help="With --exams: a row per slice as well.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Predict tear, orientation and position for image files or exams; exit code 1 if any input failed."""
     from mtl_meniscus.commands.predict import run_predict, run_predict_exams
@@ -543,6 +579,7 @@ def compare(
             "one GPU each when several are visible). Same results as one at a time."
         ),
     ] = 1,
+    quiet: QuietOption = False,
 ) -> None:
     """Train and score separate vs shared (x trunks x seeds) on the same splits; write the table and plots."""
     from mtl_meniscus.commands.compare import parse_list, parse_pretrained, run_compare
@@ -612,6 +649,7 @@ def tune(
     ] = None,
     seed: Annotated[int, typer.Option(help="Training seed of every trial, and the sampler's seed.")] = 0,
     wandb: WandbOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Search hyper-parameters with Optuna, maximizing the validation score; rerun to add trials."""
     from mtl_meniscus.commands.tune import run_tune
@@ -658,6 +696,7 @@ def bench(
     separate_run: Annotated[
         Path | None, typer.Option(help="Finished separate run, for the same comparison.")
     ] = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Measure the package against bare PyTorch, bf16 against fp32, and shared against separate."""
     from mtl_meniscus.commands.bench import run_benchmark
@@ -685,14 +724,20 @@ def export(
         ExportFormat, typer.Option("--format", help="Export format.")
     ] = ExportFormat.onnx,
 ) -> None:
-    """Export a trained model (network + sigmoid) to ONNX; checks it against PyTorch before keeping it."""
+    """Export a trained model (network, its calibration, sigmoid) to ONNX; checks it against PyTorch."""
     from mtl_meniscus.commands.export import export_onnx
 
     report = export_onnx(run, out)
+    scaled = {task: t for task, t in report.temperatures.items() if t != 1.0}
+    calibration = (
+        "calibrated (" + ", ".join(f"{task} T={t:.2f}" for task, t in scaled.items()) + ")"
+        if scaled
+        else "uncalibrated (no calibration.json in the run)"
+    )
     console.print(
         f"wrote {report.path} ({export_format.value}): input x ({', '.join(map(str, report.input_shape))}) = "
         f"preprocess.make_input(slice resized to {report.image_size}x{report.image_size}, "
-        f"'{report.edge_filter}'); outputs {', '.join('p_' + t for t in report.tasks)}; fissure threshold "
+        f"'{report.edge_filter}'); outputs {', '.join(report.outputs)}, {calibration}; fissure threshold "
         f"{report.fissure_threshold:.3f}; matches PyTorch within {report.max_abs_difference:.1e} on "
         f"{report.checked_inputs} inputs; details in {report.sidecar}"
     )

@@ -38,6 +38,12 @@ class Task:
         wanted = 1.0 if target >= 0.5 else 0.0
         return next(text for text, value in self.values.items() if value == wanted)
 
+    def class_name(self, target: float) -> str:
+        """A class as a reader says it, for figures: 'tear' / 'no tear', 'horizontal' / 'vertical'."""
+        if self.positive:
+            return self.positive if target >= 0.5 else f"no {self.positive}"
+        return self.text(target)
+
     def target(self, text: str) -> float:
         """The target of a labels.csv text: 1, 0, or NaN for an accepted text without one."""
         return float(self.values[text]) if text in self.values else float("nan")

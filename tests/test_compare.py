@@ -31,6 +31,7 @@ from mtl_meniscus.commands.compare import run as compare_run
 from mtl_meniscus.commands.compare.settings import CompareConfig, load_compare_config
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.evaluation.metrics import challenge_score, task_aucs
+from mtl_meniscus.evaluation.plots import seed_differences
 from mtl_meniscus.phantom.slices import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,9 +273,24 @@ def test_report_files(finished):
     markdown = (finished / "results.md").read_text()
     assert "| variant | seeds | fissure AUC |" in markdown and "Δ score vs separate-reference" in markdown
     assert "| shared-reference | 2" in markdown  # tiny runs may add "(k did not learn: ...)"
-    for png in ("score_bars.png", "roc_overlay.png"):
-        image = cv2.imread(str(finished / png))
+    for name in ("score_bars", "roc_overlay", "forest"):
+        image = cv2.imread(str(finished / f"{name}.png"))
         assert image is not None and image.shape[0] > 100
+        assert (finished / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+    # the forest plot's dots: each seed's score minus the baseline's score of the same seed
+    table = json.loads((finished / "results.json").read_text())
+    scores = {r["variant"]: float(r["score"]) for r in per_seed}
+    differences = seed_differences(
+        table, [{**r, "seed": int(r["seed"]), "score": float(r["score"])} for r in per_seed]
+    )
+    assert differences["shared-reference"] == pytest.approx(
+        [scores[f"shared-reference-seed{s}"] - scores[f"separate-reference-seed{s}"] for s in (0, 1)]
+    )
+    # each seed's calibration on the test split, recomputed from its predictions
+    ours = read_csv(finished / "variants" / "shared-reference-seed0" / "test_predictions.csv")
+    y = np.array([int(r["fissure"]) for r in ours])
+    p = np.array([float(r["p_fissure"]) for r in ours])
+    assert float(per_seed[1]["brier_fissure"]) == pytest.approx(np.mean((p - y) ** 2), abs=1e-9)
     assert yaml.safe_load((finished / "compare.yaml").read_text())["seeds"] == [0, 1]
     # Budget per network: the cascade's 3 networks each saw the shared model's images (1 epoch x 2 steps).
     images = {

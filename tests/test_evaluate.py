@@ -137,7 +137,10 @@ def test_youden_threshold_is_chosen_on_tta_probabilities_and_reported(trained, t
     assert record["fissure_threshold"] == pytest.approx(expected, abs=1e-9)
     assert record["tta_copies"] == model.config.tta.copies == 1 and record["chosen_by"] == "youden_j"
     assert metrics["fissure_threshold"] == record["fissure_threshold"]
-    assert "Youden's J on the run's validation split with TTA 1 copies" in console.export_text()
+    assert (
+        "Youden's J on the run's validation split, TTA 1 copies, uncalibrated probabilities"
+        in console.export_text()
+    )
 
     # predict and a later evaluate say which threshold they use and why
     console = Console(record=True, width=200)
@@ -181,9 +184,39 @@ def test_evaluate_writes_metrics_roc_and_cams(tiny_run, tmp_path):
     assert saved["n_images"] == 78 and saved["split"] == "all"
     assert set(saved["tasks"]) == {"fissure", "orientation", "position"}
     assert saved["tasks"]["orientation"]["n"] == saved["cascade"]["true_tears"]
-    assert (tmp_path / "eval" / "roc.png").is_file()
     assert len(list((tmp_path / "cams").glob("*_fissure.png"))) == 78
     assert metrics["cam_peak_in_tear"]["n"] <= saved["tasks"]["fissure"]["tp"]
+    # every figure as a PNG and a vector PDF beside it
+    for name in ("roc", "pr", "confusion", "reliability", "errors"):
+        assert (tmp_path / "eval" / f"{name}.png").stat().st_size > 1000
+        assert (tmp_path / "eval" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+    # calibration per task, from the same probabilities as predictions.csv (recomputed by hand)
+    with (tmp_path / "eval" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    y = np.array([int(r["fissure"]) for r in rows])
+    p = np.array([float(r["p_fissure_tta"]) for r in rows])
+    assert saved["tasks"]["fissure"]["calibration"]["brier"] == pytest.approx(np.mean((p - y) ** 2))
+    assert sum(b["n"] for b in saved["tasks"]["fissure"]["calibration"]["bins"]) == 78
+    assert saved["calibration"] is None and "uncalibrated" not in saved["tasks"]["fissure"]
+
+
+def test_a_degenerate_interval_is_marked_in_the_table_and_the_metrics():
+    from mtl_meniscus.commands.evaluate import metrics_table, table_notes
+    from mtl_meniscus.evaluation.figures import degenerate_interval
+
+    assert degenerate_interval(2, 40) == "only 2 positive images: the interval is not informative"
+    assert degenerate_interval(30, 1) == "only 1 negative image: the interval is not informative"
+    assert degenerate_interval(5, 5) is None
+    task = {
+        "n": 3, "n_positive": 2, "auc": 0.5, "auc_ci95": [0.5, 0.5],
+        "auc_ci95_note": degenerate_interval(2, 1), "sensitivity": 0.5, "specificity": 1.0,
+        "tp": 1, "fp": 0, "tn": 1, "fn": 1, "calibration": {"ece": 0.1, "brier": 0.2},
+    }  # fmt: skip
+    metrics = {"tasks": {"position": task}, "challenge_score": 0.5, "challenge_score_ci95": [0.4, 0.6]}
+    console = Console(record=True, width=200)
+    console.print(metrics_table(metrics, "t"))
+    assert "0.500-0.500 !" in console.export_text()
+    assert table_notes(metrics) == ["! position: only 1 negative image: the interval is not informative"]
 
 
 def test_evaluate_youden_saves_the_threshold_used_by_predict(tiny_run, tmp_path):

@@ -117,10 +117,15 @@ def test_every_json_a_run_evaluate_and_export_write_is_strict(run64, data64, tmp
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
 
-    args = ["evaluate", str(run64), "--data", str(data64), "--split", "all", "--out", str(tmp_path / "eval")]
-    assert runner.invoke(app, [*args, "--bootstrap", "20"]).exit_code == 0
-    assert runner.invoke(app, ["export", str(run64), "--out", str(tmp_path / "m.onnx")]).exit_code == 0
-    written = [*run64.glob("*.json"), *(tmp_path / "eval").glob("*.json"), *tmp_path.glob("*.json")]
-    assert len(written) >= 3
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run64, run)  # --calibrate and --youden write into the run
+    args = ["evaluate", str(run), "--data", str(data64), "--split", "all", "--out", str(tmp_path / "eval")]
+    result = runner.invoke(app, [*args, "--bootstrap", "20", "--calibrate", "--youden"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "m.onnx")]).exit_code == 0
+    written = [*run.glob("*.json"), *(tmp_path / "eval").glob("*.json"), *tmp_path.glob("*.json")]
+    assert {"metrics.json", "calibration.json", "threshold.json", "m.onnx.json"} <= {p.name for p in written}
     for path in written:
         json.loads(path.read_text(), parse_constant=refuse)

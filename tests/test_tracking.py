@@ -79,7 +79,7 @@ def test_train_and_evaluate_runs_in_wandb(recorded, tmp_path):
     assert [v["orientation/epoch"] for v in epochs] == [1, 2]
     assert epochs[0]["orientation/weight_orientation"] == 1.0  # the weights each epoch applied
 
-    run_evaluation(
+    metrics = run_evaluation(
         tmp_path / "run",
         n_bootstrap=20,
         console=Console(quiet=True),
@@ -97,6 +97,17 @@ def test_train_and_evaluate_runs_in_wandb(recorded, tmp_path):
         n_test = sum(row["split"] == "test" for row in csv.DictReader(handle))
     assert len(table.data) == n_test
     assert all(isinstance(row[-1], wandb.Image) for row in table.data)
+
+    # grouped with its training run; settings in the config, numbers in the summary
+    assert evaluation.init["group"] == train.init["group"] == "run"
+    assert "tasks" not in evaluation.init["config"] and "challenge_score" not in evaluation.init["config"]
+    assert evaluation.init["config"]["split"] == "test"
+    assert evaluation.summary["fissure/auc"] == metrics["tasks"]["fissure"]["auc"]
+    assert evaluation.summary["fissure/ece"] == metrics["tasks"]["fissure"]["calibration"]["ece"]
+    assert evaluation.summary["fissure/auc_ci_low"] == metrics["tasks"]["fissure"]["auc_ci95"][0]
+    logged = {key for values in evaluation.logged for key in values}
+    assert {"fissure/roc", "fissure/pr", "fissure/confusion"} <= logged  # wandb's own charts
+    assert {"figures/roc", "figures/pr", "figures/reliability", "figures/errors"} <= logged
 
 
 def test_the_scored_model_is_recorded_in_the_offline_run_files(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +18,19 @@ from rich.console import Console
 from rich.table import Table
 
 from mtl_meniscus.config import TTAConfig
-from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.records import PreparedData
-from mtl_meniscus.engine.run import reading_progress
+from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
-from mtl_meniscus.engine.trained import (
-    THRESHOLD_FILE,
-    Threshold,
-    TrainedModel,
-    load_trained,
-    resolve_threshold,
-)
+from mtl_meniscus.engine.trained import TrainedModel, evaluation_data, load_trained
+from mtl_meniscus.engine.validation_fits import calibrate_run, choose_threshold
 from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.evaluation.calibration import calibration_summary
+from mtl_meniscus.evaluation.figures import degenerate_interval
 from mtl_meniscus.evaluation.metrics import (
     binary_counts,
     bootstrap_cis,
     challenge_score,
-    roc_points,
     task_aucs,
-    youden_threshold,
 )
 from mtl_meniscus.io.outputs import json_text, write_text_atomic
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
@@ -70,19 +65,20 @@ def evaluate(
     threshold: float,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    console: Console | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, list[int]]:
     """Metrics of one split ('all' = every kept row).
 
     Returns (metrics, probs, plain_probs, targets, indices): the metrics are computed on `probs`,
-    the TTA-averaged probabilities (the plain ones when TTA is off); `plain_probs` are without TTA.
+    the TTA-averaged probabilities (the plain ones when TTA is off), calibrated when the run is;
+    `plain_probs` are without TTA. One forward pass gives both (row 0 of the logits is the images
+    as they are), and the uncalibrated probabilities for the calibration's before/after.
     """
     indices = list(range(len(data.records))) if split == "all" else list(data.indices(split))
     if not indices:
         raise MeniscusError(f"the {split} split of {data.data_dir} is empty")
     targets = data.targets[indices]
-    images = data.view(indices)
-    plain = trained.predict(images, runtime)
-    probs = trained.predict(images, runtime, tta=tta, seed=seed) if tta and tta.copies else plain
+    probs, plain, uncalibrated = _predict_split(trained, data.view(indices), runtime, tta, seed, console)
     tasks = data.tasks
     aucs = task_aucs(targets, probs, tasks)
     patients = data.patients(indices)  # the bootstrap resamples patients where rows share them
@@ -91,7 +87,7 @@ def evaluate(
         if n_bootstrap
         else {}
     )
-    per_task = _per_task(targets, probs, aucs, cis, threshold, tasks)
+    per_task = _per_task(targets, probs, aucs, cis, threshold, tasks, uncalibrated)
     score = challenge_score(aucs, tasks)
     metrics = {
         "split": split,
@@ -100,6 +96,11 @@ def evaluate(
         "sample": data.unit_phrase(indices),
         "tta_copies": tta.copies if tta else 0,
         "fissure_threshold": threshold,
+        "calibration": (
+            {"temperatures": trained.calibration.temperatures, "file": str(trained.calibration.source)}
+            if trained.calibration
+            else None
+        ),
         "tasks": per_task,
         "challenge_score": score,
         # undefined (NaN) when the model does not predict a weighted task, and so is its interval
@@ -113,16 +114,34 @@ def evaluate(
     return metrics, probs, plain, targets, indices
 
 
-def write_predictions(
-    path: Path,
-    data: PreparedData,
-    indices: list[int],
-    probs: dict[str, np.ndarray],
-    plain: dict[str, np.ndarray],
-    threshold: float,
-) -> None:
+def _predict_split(trained: TrainedModel, images, runtime: Runtime, tta, seed: int, console: Console | None):
+    """(probs, plain, uncalibrated) of evaluate, from one forward pass with a progress bar."""
+    copies = tta.copies if tta else 0
+    with progress_bar(console or Console(quiet=True)) as progress:
+        bar = progress.add_task("predicting", total=len(images) * (copies + 1))
+        logits = trained.predict_logits(
+            images,
+            runtime,
+            tta=tta if copies else None,
+            seed=seed,
+            on_batch=lambda n: progress.advance(bar, n),
+        )
+    probs = trained.probabilities(logits)
+    plain = trained.probabilities({task: z[:1] for task, z in logits.items()})  # row 0: no augmentation
+    uncalibrated = trained.probabilities(logits, calibrated=False) if trained.calibration else None
+    return probs, plain, uncalibrated
+
+
+def write_predictions(path: Path, scored: Scored) -> None:
     """One row per scored image: labels (1 = tear / horizontal / anterior, empty where a task does
     not apply), probabilities without and with TTA (full precision) and the gated predictions."""
+    data, indices, probs, plain, threshold = (
+        scored.data,
+        scored.indices,
+        scored.probs,
+        scored.plain,
+        scored.threshold,
+    )
     tasks = data.tasks
     names = [t for t in tasks.names if t in probs]
     header = [
@@ -159,94 +178,49 @@ def write_predictions(
     write_text_atomic(path, buffer.getvalue())
 
 
-def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) -> tuple[PreparedData, str]:
-    """The data to score and a note on it.
-
-    The run's own data (no --data, or --data naming the run's folder) keeps the splits the run
-    was trained with, read from its splits.csv: a recomputed split can move training images
-    into the test split when labels.csv has changed. Another folder is split by its own rules.
-    """
-    config = trained.config
-    own_dir = Path(config.data.path) if config.data.path else None
-    folder = data_dir if data_dir is not None else own_dir
-    if folder is None:
-        raise MeniscusError("this checkpoint does not record its data folder; pass --data DIR")
-    with reading_progress(Console(soft_wrap=True), "reading the data") as on_row:
-        data = prepare_data(folder, config.data, on_row=on_row)
-    is_own = own_dir is not None and Path(folder).resolve() == own_dir.resolve()
-    if not is_own or split == "all":
-        return data, ""
-    if trained.run_dir is None:
-        raise MeniscusError(
-            f"{trained.checkpoint} is not in a run folder, so its {split} split is unknown: evaluate the run "
-            "folder (its splits.csv lists the split of every image), or pass --data DIR --split all"
-        )
-    return data, data.restore_splits(trained.run_dir / "splits.csv")
-
-
-def choose_threshold(
-    trained: TrainedModel, runtime: Runtime, youden: bool, given: float | None, console: Console
-) -> Threshold:
-    """--threshold if given; with --youden the Youden-J threshold on the run's validation split,
-    with the run's test-time augmentation (saved as threshold.json in the run); else the run's
-    saved threshold, else 0.5."""
-    if given is not None or not youden:
-        return resolve_threshold(trained, given)
-    if trained.run_dir is None:
-        raise MeniscusError(
-            "--youden needs a run folder (it picks the threshold on the run's validation split)"
-        )
-    data, note = evaluation_data(trained, None, "val")
-    if note:
-        console.print(note, highlight=False, markup=False)
-    val = data.indices("val")
-    if not len(val):
-        raise MeniscusError(
-            f"--youden picks the threshold on the val split, and the val split of {trained.run_dir} is empty"
-        )
-    tta = trained.config.tta
-    probs = trained.predict(data.view(val), runtime, tta=tta, seed=0)
-    value = youden_threshold(data.targets[val, 0], probs["fissure"])
-    record = {
-        "fissure_threshold": value,
-        "chosen_by": "youden_j",
-        "split": "val",
-        "n_images": len(val),
-        "n_tears": int(np.nansum(data.targets[val, 0])),
-        "tta_copies": tta.copies,
-        "tta_seed": 0,
-        "checkpoint": trained.checkpoint.name,
-    }
-    write_text_atomic(trained.run_dir / THRESHOLD_FILE, json_text(record))
-    return trained.saved_threshold
-
-
 def metrics_table(metrics: dict[str, Any], title: str) -> Table:
-    """Readable terminal table of an evaluation."""
+    """Readable terminal table of an evaluation; a CI marked "!" is degenerate (see table_notes)."""
     table = Table(title=title)
-    for column in ("task", "n (pos)", "AUC", "95% CI", "sens", "spec", "TP/FP/TN/FN"):
+    for column in ("task", "n (pos)", "AUC", "95% CI", "sens", "spec", "TP/FP/TN/FN", "ECE", "Brier"):
         table.add_column(column, justify="right" if column != "task" else "left", no_wrap=True)
     for task, m in metrics["tasks"].items():
         table.add_row(
             task,
             f"{m['n']} ({m['n_positive']})",
             _fmt(m["auc"]),
-            _ci(m["auc_ci95"]),
+            _ci(m["auc_ci95"]) + (" !" if m.get("auc_ci95_note") else ""),
             _fmt(m["sensitivity"]),
             _fmt(m["specificity"]),
             f"{m['tp']}/{m['fp']}/{m['tn']}/{m['fn']}",
+            _fmt(m["calibration"]["ece"]),
+            _fmt(m["calibration"]["brier"]),
         )
     table.add_row(
         "challenge score",
         "",
         _fmt(metrics["challenge_score"]),
         _ci(metrics["challenge_score_ci95"]),
-        "",
-        "",
-        "",
+        *[""] * 5,
         style="bold",
     )
     return table
+
+
+def table_notes(metrics: dict[str, Any]) -> list[str]:
+    """The lines printed under the table: degenerate intervals, and calibration before/after."""
+    notes = [
+        f"! {task}: {m['auc_ci95_note']}" for task, m in metrics["tasks"].items() if m.get("auc_ci95_note")
+    ]
+    if metrics.get("calibration"):
+        changes = ", ".join(
+            f"{task} {m['uncalibrated']['ece']:.3f} -> {m['calibration']['ece']:.3f}"
+            for task, m in metrics["tasks"].items()
+            if "uncalibrated" in m
+        )
+        notes.append(
+            f"calibrated probabilities ({metrics['calibration']['file']}); ECE before -> after: {changes}"
+        )
+    return notes
 
 
 def _fmt(value: float) -> str:
@@ -256,24 +230,6 @@ def _fmt(value: float) -> str:
 def _ci(bounds) -> str:
     low, high = bounds
     return "" if math.isnan(low) else f"{low:.3f}-{high:.3f}"
-
-
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict[str, Any], path: Path) -> None:
-    """One figure, three tasks, AUC and CI in the legend."""
-    from mtl_meniscus.evaluation.plots import plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for task, (fpr, tpr) in curves.items():
-        m = metrics["tasks"][task]
-        ax.plot(fpr, tpr, label=f"{task}: AUC {_fmt(m['auc'])} (95% CI {_ci(m['auc_ci95'])}, n={m['n']})")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title(f"ROC, {metrics['split']} split, score {_fmt(metrics['challenge_score'])}")
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run_evaluation(
@@ -291,8 +247,10 @@ def run_evaluation(
     wandb_mode: str | None = None,
     cam_dir: Path | None = None,
     device: str | None = None,
+    calibrate: bool = False,
 ) -> dict[str, Any]:
-    """The `evaluate` command: metrics.json, ROC PNG, a terminal table and the same in wandb."""
+    """The `evaluate` command: metrics.json, predictions.csv, the figures, a terminal table and the
+    same in wandb. --calibrate first fits the run's calibration (engine.validation_fits)."""
     console = console or Console(soft_wrap=True)
     if split not in ("test", "val", "train", "all"):
         raise MeniscusError(f"unknown split {split!r} (allowed: test, val, train, all)")
@@ -303,67 +261,124 @@ def run_evaluation(
             f"--cam: {trained.checkpoint} is a model of whole exams; saliency maps are for slice models"
         )
     tta = trained.tta(tta_copies)
+    if calibrate:
+        calibrate_run(trained, runtime, console)
     threshold = choose_threshold(trained, runtime, youden, threshold, console)
-    cut = threshold.value
     data, note = evaluation_data(trained, data_dir, split)
     console.print(f"data {data.data_dir}: {data.exclusion_summary()}", highlight=False, markup=False)
     if note:
         console.print(note, highlight=False, markup=False)
     console.print(threshold.describe(tta.copies), highlight=False, markup=False)
+    console.print(trained.calibration_note, highlight=False, markup=False)
     metrics, probs, plain, targets, indices = evaluate(
-        trained, data, split, runtime, tta, cut, n_bootstrap, seed
+        trained, data, split, runtime, tta, threshold.value, n_bootstrap, seed, console
     )
     metrics["fissure_threshold_source"] = threshold.source
     metrics["checkpoint"] = str(trained.checkpoint)
     metrics["data"] = str(data.data_dir)
     if note:
         metrics["data_note"] = note
+    scored = Scored(data, indices, probs, plain, targets, threshold.value)
     if cam_dir is not None:
-        metrics["cam_peak_in_tear"] = write_cams_and_check_peaks(
-            trained, data, indices, probs, cut, runtime, Path(cam_dir)
-        )
+        metrics["cam_peak_in_tear"] = write_cams_and_check_peaks(trained, scored, runtime, Path(cam_dir))
         _print_cam_check(console, metrics["cam_peak_in_tear"], cam_dir)
 
     out_dir = Path(out_dir) if out_dir else (trained.run_dir or trained.checkpoint.parent) / f"eval-{split}"
-    curves = _write_and_show(out_dir, metrics, data, indices, probs, plain, targets, cut, split, tta, console)
-    _log_to_wandb(trained, out_dir, metrics, curves, wandb_mode, cam_dir)
+    figures = _write_outputs(out_dir, metrics, scored, trained, runtime, seed)
+    _show(console, metrics, out_dir, figures, tta)
+    _log_to_wandb(trained, out_dir, metrics, scored, figures, wandb_mode, cam_dir)
     return metrics
 
 
-def _write_and_show(out_dir, metrics, data, indices, probs, plain, targets, cut, split, tta, console):
-    """metrics.json, predictions.csv and roc.png in out_dir, and the terminal summary; the ROC points."""
+@dataclass
+class Scored:
+    """What an evaluation scored: the rows, their probabilities (with TTA and calibration; `plain`
+    without TTA), their targets and the fissure threshold."""
+
+    data: PreparedData
+    indices: list[int]
+    probs: dict[str, np.ndarray]
+    plain: dict[str, np.ndarray]
+    targets: np.ndarray
+    threshold: float
+
+    def thresholds(self) -> dict[str, float]:
+        """Each task's cut: the fissure threshold for the root task, 0.5 for the gated ones."""
+        root = self.data.tasks.root.name
+        return {task: self.threshold if task == root else 0.5 for task in self.probs}
+
+
+def _write_outputs(
+    out_dir: Path, metrics, scored: Scored, trained: TrainedModel, runtime, seed: int
+) -> list[Path]:
+    """metrics.json, predictions.csv and the figures (PNG + PDF) in out_dir; returns the PNGs."""
+    from mtl_meniscus.evaluation.figures import confusion_figure, pr_figure, reliability_figure, roc_figure
+
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "metrics.json", json_text(metrics))
-    write_predictions(out_dir / "predictions.csv", data, indices, probs, plain, cut)
-    curves = roc_points(targets, probs, data.tasks)
-    plot_roc(curves, metrics, out_dir / "roc.png")
-    console.print(
-        metrics_table(
-            metrics,
-            f"{split} split, {metrics['sample']}, TTA {tta.copies} copies, fissure threshold {cut:.3f}",
-        )
+    write_predictions(out_dir / "predictions.csv", scored)
+    tasks, targets, probs = scored.data.tasks, scored.targets, scored.probs
+    intervals = {task: m["auc_ci95"] for task, m in metrics["tasks"].items()}
+    patients = scored.data.patients(scored.indices)
+    roc_figure(
+        targets, probs, tasks, scored.thresholds(), intervals, out_dir / "roc.png", patients, seed=seed
     )
+    pr_figure(targets, probs, tasks, out_dir / "pr.png")
+    confusion_figure(metrics["tasks"], tasks, out_dir / "confusion.png")
+    reliability = {
+        task: {
+            "calibrated": m["calibration"],
+            **({"uncalibrated": m["uncalibrated"]} if "uncalibrated" in m else {}),
+        }
+        for task, m in metrics["tasks"].items()
+    }
+    reliability_figure(reliability, out_dir / "reliability.png")
+    figures = [out_dir / name for name in ("roc.png", "pr.png", "confusion.png", "reliability.png")]
+    return figures + write_galleries(trained, scored, runtime, out_dir)
+
+
+def _show(console: Console, metrics, out_dir: Path, figures: list[Path], tta) -> None:
+    """The terminal summary: the table, its notes, the cascade and what was written."""
+    title = (
+        f"{metrics['split']} split, {metrics['sample']}, TTA {tta.copies} copies, "
+        f"fissure threshold {metrics['fissure_threshold']:.3f}"
+    )
+    console.print(metrics_table(metrics, title))
+    for line in table_notes(metrics):
+        console.print(line, highlight=False, markup=False)
     console.print(cascade_line(metrics["cascade"]), highlight=False)
-    console.print(f"wrote {out_dir / 'metrics.json'}, predictions.csv and roc.png")
-    return curves
+    console.print(
+        f"wrote {out_dir / 'metrics.json'}, predictions.csv and the figures "
+        f"{', '.join(path.stem for path in figures)} (.png and .pdf)",
+        highlight=False,
+        markup=False,
+    )
 
 
-def _per_task(targets, probs, aucs, cis, threshold: float, tasks) -> dict[str, dict[str, Any]]:
-    """Each task's AUC and CI, its counts and its confusion at its threshold (the fissure threshold
-    for the root task, 0.5 for the others)."""
+def _per_task(
+    targets, probs, aucs, cis, threshold: float, tasks, uncalibrated=None
+) -> dict[str, dict[str, Any]]:
+    """Each task's AUC and CI (with a note when too few images of a class make it degenerate), its
+    counts, its confusion at its threshold (the fissure threshold for the root task, 0.5 for the
+    others) and its calibration (and, for a calibrated run, the network's own before it)."""
     per_task = {}
     for task in (t for t in tasks.names if t in probs):
         rows = tasks.scored_rows(targets, task)
         cut = threshold if task == tasks.root.name else 0.5
         y = targets[rows, tasks.index(task)]
+        n_positive = int(np.sum(y == 1))
         per_task[task] = {
             "auc": aucs[task],
             "auc_ci95": list(cis.get(task, (math.nan, math.nan))),
+            "auc_ci95_note": degenerate_interval(n_positive, len(y) - n_positive),
             "n": int(rows.sum()),
-            "n_positive": int(np.sum(y == 1)),
+            "n_positive": n_positive,
             "threshold": cut,
             **binary_counts(y, probs[task][rows], cut),
+            "calibration": calibration_summary(y, probs[task][rows]),
         }
+        if uncalibrated is not None:
+            per_task[task]["uncalibrated"] = calibration_summary(y, uncalibrated[task][rows])
     return per_task
 
 
@@ -391,33 +406,26 @@ def cascade_line(view: dict[str, int]) -> str:
 
 
 def write_cams_and_check_peaks(
-    trained: TrainedModel,
-    data: PreparedData,
-    indices: list[int],
-    probs: dict[str, np.ndarray],
-    threshold: float,
-    runtime: Runtime,
-    cam_dir: Path,
-    dilation_px: int = 5,
+    trained: TrainedModel, scored: Scored, runtime: Runtime, cam_dir: Path, dilation_px: int = 5
 ) -> dict[str, Any]:
     """Saliency (LayerCAM) overlays of every evaluated image; on true positives with a tear mask, how often the
     fissure map's peak falls inside the tear mask dilated by `dilation_px` pixels."""
-    import cv2
-
     from mtl_meniscus.networks.cam import peak_in_mask, unique_names, write_overlays
 
+    data, root = scored.data, scored.data.tasks.root.name
     hits = checked = 0
-    names = unique_names([data.records[i].image for i in indices], lambda p: Path(p).stem)  # no overwrites
-    for k, index in enumerate(indices):
-        record, image = data.records[index], data.images[index]
+    names = unique_names(
+        [data.records[i].image for i in scored.indices], lambda p: Path(p).stem
+    )  # no overwrites
+    for k, index in enumerate(scored.indices):
+        image = data.images[index]
         cams = trained.saliency(image, runtime)
         write_overlays(cam_dir, names[k], image, cams)
-        true_positive = data.targets[index, 0] == 1 and probs["fissure"][k] >= threshold
-        if true_positive and record.mask:
-            mask = cv2.imread(str(data.data_dir / record.mask), cv2.IMREAD_UNCHANGED)
-            if mask is not None and mask.shape == image.shape:
-                checked += 1
-                hits += peak_in_mask(cams["fissure"], mask == 2, dilation_px)
+        true_positive = data.targets[index, 0] == 1 and scored.probs[root][k] >= scored.threshold
+        mask = tear_mask(data, index) if true_positive else None
+        if mask is not None:
+            checked += 1
+            hits += peak_in_mask(cams[root], mask, dilation_px)
     return {
         "n": checked,
         "hits": hits,
@@ -426,48 +434,140 @@ def write_cams_and_check_peaks(
     }
 
 
+def tear_mask(data: PreparedData, index: int) -> np.ndarray | None:
+    """(H, W) bool: the tear of row `index` from its mask file (value 2), or None without a usable one."""
+    import cv2
+
+    record, image = data.records[index], data.images[index]
+    if not record.mask:
+        return None
+    mask = cv2.imread(str(data.data_dir / record.mask), cv2.IMREAD_UNCHANGED)
+    return mask == 2 if mask is not None and mask.shape == image.shape[-2:] else None
+
+
+GALLERY_SIZE = 8
+
+
+def write_galleries(trained: TrainedModel, scored: Scored, runtime: Runtime, out_dir: Path) -> list[Path]:
+    """errors.png: the fissure task's false positives and false negatives, most confident first, then
+    the correct images nearest the threshold; saliency.png: the detected tears with the fissure
+    saliency (LayerCAM) and the tear mask's outline. Captions give probability and truth. Slice
+    models only (an exam has no single image to show)."""
+    from mtl_meniscus.evaluation.figures import GalleryItem, gallery_figure
+
+    if trained.config.model.exam_pooling is not None:
+        return []
+    root, data = scored.data.tasks.root.name, scored.data
+    p = scored.probs[root]
+    y = scored.targets[:, data.tasks.index(root)]
+    predicted = p >= scored.threshold
+    confidence = np.abs(p - scored.threshold)
+    false_pos = sorted(np.flatnonzero(predicted & (y == 0)), key=lambda k: -confidence[k])
+    false_neg = sorted(np.flatnonzero(~predicted & (y == 1)), key=lambda k: -confidence[k])
+    correct = sorted(np.flatnonzero(predicted == (y == 1)), key=lambda k: confidence[k])
+    true_pos = sorted(np.flatnonzero(predicted & (y == 1)), key=lambda k: -p[k])
+
+    def item(k: int, kind: str, saliency: bool = False) -> GalleryItem:
+        index = scored.indices[k]
+        image = data.images[index]
+        truth = data.tasks[root].class_name(float(y[k]))
+        return GalleryItem(
+            image,
+            f"{kind} p={p[k]:.2f} ({truth})\n{Path(data.records[index].image).name}",
+            trained.saliency(image, runtime)[root] if saliency else None,
+            tear_mask(data, index),
+        )
+
+    errors = [item(k, "FP") for k in false_pos] + [item(k, "FN") for k in false_neg]
+    errors += [item(k, "correct") for k in correct]
+    written = [out_dir / "errors.png", out_dir / "saliency.png"]
+    title = f"{root}: false positives and negatives first ({len(false_pos)} FP, {len(false_neg)} FN), threshold {scored.threshold:.2f}"
+    gallery_figure(errors[:GALLERY_SIZE], title, written[0])
+    detected = [item(k, "TP", saliency=True) for k in true_pos[:GALLERY_SIZE]]
+    gallery_figure(detected, f"{root} saliency (LayerCAM) on detected tears; green: tear mask", written[1])
+    return [path for path in written if path.is_file()]
+
+
 def _log_to_wandb(
     trained: TrainedModel,
     out_dir: Path,
     metrics: dict,
-    curves,
+    scored: Scored,
+    figures: list[Path],
     wandb_mode: str | None,
     cam_dir: str | Path | None,
 ) -> None:
-    """One 'evaluate' run: summary AUCs, ROC, the per-image table, and which model it scored."""
-
+    """One 'evaluate' run in its training run's group: the settings in the config, the metrics in the
+    summary, wandb's own ROC/PR/confusion charts, the figures as media, the per-image table, and
+    which model it scored."""
     from mtl_meniscus.engine.tracking import RunLogger
-    from mtl_meniscus.networks.cam import unique_names
 
     config = trained.config
+    group = config.wandb.group or (trained.run_dir.name if trained.run_dir else None)
     wandb_config = config.wandb.model_copy(
-        update={"job_type": "evaluate", **({"mode": wandb_mode} if wandb_mode else {})}
+        update={"job_type": "evaluate", "group": group, **({"mode": wandb_mode} if wandb_mode else {})}
     )
-    logger = RunLogger(wandb_config, out_dir, f"eval-{out_dir.parent.name}-{metrics['split']}", metrics)
+    settings = {
+        key: value for key, value in metrics.items() if key not in ("tasks", "cascade") and "score" not in key
+    }
+    logger = RunLogger(wandb_config, out_dir, f"eval-{out_dir.parent.name}-{metrics['split']}", settings)
     try:
         logger.record_model(trained.checkpoint, trained.run_dir)
-        summary = {f"{t}/auc": m["auc"] for t, m in metrics["tasks"].items()}
-        summary["challenge_score"] = metrics["challenge_score"]
-        logger.summary(summary)
-        logger.log_roc(curves)
-        logger.log_image("roc", out_dir / "roc.png")
-        # One row per evaluated image, as in predictions.csv, plus the fissure saliency overlay.
-        with (out_dir / "predictions.csv").open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        columns = list(rows[0]) if rows else []
-        overlays = [None] * len(rows)
-        if cam_dir is not None and rows:
-            names = unique_names([r["image"] for r in rows], lambda p: Path(p).stem)
-            overlays = [Path(cam_dir) / f"{name}_fissure.png" for name in names]
-            overlays = [p if p.is_file() else None for p in overlays]
-        logger.log_table(
-            "predictions",
-            [*columns, "fissure_saliency"],
-            [[*r.values(), overlay] for r, overlay in zip(rows, overlays)],
-            image_columns=("fissure_saliency",),
-        )
+        logger.summary(summary_values(metrics))
+        for task in scored.probs:
+            rows = scored.data.tasks.scored_rows(scored.targets, task)
+            y = scored.targets[rows, scored.data.tasks.index(task)].astype(int)
+            classes = [scored.data.tasks[task].class_name(0.0), scored.data.tasks[task].class_name(1.0)]
+            logger.log_charts(task, y, scored.probs[task][rows], scored.thresholds()[task], classes)
+        for path in figures:
+            logger.log_image(f"figures/{path.stem}", path)
+        _log_predictions_table(logger, out_dir, cam_dir)
     finally:
         logger.finish()
+
+
+def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of an evaluation, flat ("fissure/auc", "fissure/auc_ci_low", ..., "challenge_score"),
+    for wandb's summary, where runs are compared."""
+    values: dict[str, Any] = {
+        "challenge_score": metrics["challenge_score"],
+        "challenge_score_ci_low": metrics["challenge_score_ci95"][0],
+        "challenge_score_ci_high": metrics["challenge_score_ci95"][1],
+    }
+    for task, m in metrics["tasks"].items():
+        low, high = m["auc_ci95"]
+        values |= {
+            f"{task}/auc": m["auc"],
+            f"{task}/auc_ci_low": low,
+            f"{task}/auc_ci_high": high,
+            f"{task}/sensitivity": m["sensitivity"],
+            f"{task}/specificity": m["specificity"],
+            f"{task}/ece": m["calibration"]["ece"],
+            f"{task}/brier": m["calibration"]["brier"],
+            f"{task}/n": m["n"],
+            f"{task}/n_positive": m["n_positive"],
+        }
+    return values
+
+
+def _log_predictions_table(logger, out_dir: Path, cam_dir: str | Path | None) -> None:
+    """One row per evaluated image, as in predictions.csv, plus the fissure saliency overlay."""
+    from mtl_meniscus.networks.cam import unique_names
+
+    with (out_dir / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = list(rows[0]) if rows else []
+    overlays = [None] * len(rows)
+    if cam_dir is not None and rows:
+        names = unique_names([r["image"] for r in rows], lambda p: Path(p).stem)
+        overlays = [Path(cam_dir) / f"{name}_fissure.png" for name in names]
+        overlays = [p if p.is_file() else None for p in overlays]
+    logger.log_table(
+        "predictions",
+        [*columns, "fissure_saliency"],
+        [[*r.values(), overlay] for r, overlay in zip(rows, overlays)],
+        image_columns=("fissure_saliency",),
+    )
 
 
 def run_exam_evaluation(

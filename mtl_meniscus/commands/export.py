@@ -1,8 +1,9 @@
 """Export a trained model to ONNX, for runtimes without PyTorch (onnxruntime, TensorRT, browsers).
 
-The graph holds the network and the sigmoid: input `x`, the preprocessed slice (B, C, H, W)
-float32 exactly as `preprocess.make_input` makes it from an (H, W) slice of the run's image size;
-outputs `p_<task>`, one (B,) probability per task. Preprocessing (resize, edge filter, per-image
+The graph holds the network, the run's calibration (the logits divided by each task's temperature,
+when `evaluate --calibrate` has saved one) and the sigmoid: input `x`, the preprocessed slice
+(B, C, H, W) float32 exactly as `preprocess.make_input` makes it from an (H, W) slice of the run's
+image size; outputs `p_<task>`, one (B,) probability per task, the probabilities predict gives. Preprocessing (resize, edge filter, per-image
 standardization) and test-time augmentation stay outside the graph: they are OpenCV code, and
 the file's metadata and the `.json` written next to it say which filter and size to use.
 
@@ -32,16 +33,18 @@ OPSET = 18
 
 
 class TaskProbabilities(nn.Module):
-    """(B, C, H, W) -> tuple of (B,) probabilities in the order of `model.tasks` (ONNX wants tuples)."""
+    """(B, C, H, W) -> tuple of (B,) probabilities sigmoid(logit / T) in the order of `model.tasks`
+    (ONNX wants tuples); T is the task's calibration temperature, 1 where none is given."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, temperatures: dict[str, float] | None = None):
         super().__init__()
         self.model = model
         self.tasks = tuple(model.tasks)
+        self.temperatures = {task: float((temperatures or {}).get(task, 1.0)) for task in self.tasks}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = self.model(x)
-        return tuple(torch.sigmoid(logits[task]) for task in self.tasks)
+        return tuple(torch.sigmoid(logits[task] / self.temperatures[task]) for task in self.tasks)
 
 
 @dataclass
@@ -51,11 +54,13 @@ class ExportReport:
     path: str
     sidecar: str
     tasks: tuple[str, ...]
+    outputs: tuple[str, ...]  # the graph's output names, predict's probability columns (p_horizontal, ...)
     input_shape: tuple[str, int, int, int]  # ('batch', C, H, W)
     edge_filter: str
     image_size: int
     fissure_threshold: float
     threshold_source: str
+    temperatures: dict[str, float]  # calibration applied in the graph (1 = the network's own probability)
     max_abs_difference: float
     checked_inputs: int
     source: str
@@ -88,7 +93,8 @@ def export_onnx(
             f"{trained.config.model.exam_pooling}); ONNX export takes slice models only"
         )
     # Contiguous (NCHW) weights: the graph must not depend on how this machine lays out memory.
-    model = TaskProbabilities(trained.model.to(memory_format=torch.contiguous_format)).eval()
+    temperatures = trained.calibration.temperatures if trained.calibration else {}
+    model = TaskProbabilities(trained.model.to(memory_format=torch.contiguous_format), temperatures).eval()
     channels, size = trained.config.model.in_chans, trained.config.data.image_size
     if check_inputs is None:
         check_inputs = np.random.default_rng(seed).standard_normal((4, channels, size, size), np.float32)
@@ -102,7 +108,7 @@ def export_onnx(
 
     with atomic_write(out) as tmp:
         graph = _onnx_graph(model, check_inputs[:2], output_names)
-        for key, value in _metadata(trained, model.tasks, threshold.value).items():
+        for key, value in _metadata(trained, model, threshold.value).items():
             graph.metadata_props.add(key=key, value=value)
         onnx.save_model(graph, str(tmp))
         difference = _parity(onnxruntime, tmp, model, check_inputs, output_names)
@@ -117,11 +123,13 @@ def export_onnx(
         path=str(out),
         sidecar=str(out.with_name(out.name + ".json")),
         tasks=model.tasks,
+        outputs=tuple(output_names),
         input_shape=("batch", channels, size, size),
         edge_filter=trained.config.preprocess.edge_filter,
         image_size=size,
         fissure_threshold=threshold.value,
         threshold_source=threshold.source,
+        temperatures=model.temperatures,
         max_abs_difference=difference,
         checked_inputs=len(check_inputs),
         source=str(trained.checkpoint),
@@ -130,10 +138,11 @@ def export_onnx(
     return report
 
 
-def _metadata(trained, tasks: tuple[str, ...], threshold: float) -> dict[str, str]:
+def _metadata(trained, model: TaskProbabilities, threshold: float) -> dict[str, str]:
     """What the graph carries besides the network: how to prepare its input, and where it came from."""
     return {
-        "tasks": ",".join(tasks),
+        "tasks": ",".join(model.tasks),
+        "temperatures": ",".join(f"{task}={t}" for task, t in model.temperatures.items()),
         "edge_filter": trained.config.preprocess.edge_filter,
         "image_size": str(trained.config.data.image_size),
         "fissure_threshold": f"{threshold}",

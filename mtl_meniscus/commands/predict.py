@@ -16,8 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 from rich.console import Console
-from rich.progress import Progress
 
+from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import TrainedModel, load_trained, resolve_threshold
 from mtl_meniscus.errors import ImageReadError, MeniscusError
@@ -156,6 +156,7 @@ def run_predict(
     names = trained.outputs
     tta = trained.tta(tta_copies)
     console.print(chosen.describe(tta.copies), highlight=False, markup=False)
+    console.print(trained.calibration_note, highlight=False, markup=False)
     files = collect_inputs(inputs)
     if not files:
         raise MeniscusError("no input images found (supported: PNG, TIFF, JPEG, DICOM, NIfTI, .npy)")
@@ -219,7 +220,7 @@ def _predict_rows(
     """Fill the rows of the readable images with the gated predictions, in chunks of 256 images
     (they bound the memory of large folders); a non-finite output fails its row only."""
     tasks, names = trained.tasks, trained.outputs
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+    with progress_bar(console) as progress:
         bar = progress.add_task("predicting", total=len(good) * (tta.copies + 1))
         for start in range(0, len(good), 256):
             chunk = good[start : start + 256]
@@ -328,6 +329,7 @@ def run_predict_exams(
     chosen = resolve_threshold(trained, threshold)
     tta = trained.tta(tta_copies)
     console.print(chosen.describe(tta.copies), highlight=False, markup=False)
+    console.print(trained.calibration_note, highlight=False, markup=False)
     columns = exam_columns(tasks, names)
     rows: list[dict] = []
     for k, path in enumerate(exams):

@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader
 from mtl_meniscus.config import TTAConfig
 from mtl_meniscus.data.torch_dataset import ExamDataset, SliceDataset, collate_batch
 from mtl_meniscus.engine.runtime import Runtime
+from mtl_meniscus.evaluation.calibration import scaled_probability
 from mtl_meniscus.networks.models import takes_exams
 
 
-@torch.no_grad()
 def predict_probs(
     model: nn.Module,
     images: Sequence[np.ndarray],
@@ -27,10 +27,27 @@ def predict_probs(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """{task: (N,) probabilities}; with TTA, the mean over the original and `tta.copies` copies.
+    (A trained run's calibration is applied by engine.trained.TrainedModel.)"""
+    logits = predict_logits(model, images, edge_filter, runtime, batch_size, tta, seed, on_batch)
+    return {task: scaled_probability(value, 1.0) for task, value in logits.items()}
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    edge_filter: str,
+    runtime: Runtime,
+    batch_size: int = 64,
+    tta: TTAConfig | None = None,
+    seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """{task: (copies + 1, N) logits}: row 0 the images as they are, row k their k-th augmented copy.
 
     Copy k of image i is augmented with the generator seeded (seed, i, k): deterministic and
     independent of the batch size. For an exam model (models.takes_exams) `images` are whole
-    exams (S, H, W), one probability each, and `batch_size` counts exams.
+    exams (S, H, W), one output each, and `batch_size` counts exams.
     """
     model.eval()
     n = len(images)
@@ -54,7 +71,7 @@ def predict_probs(
         with runtime.autocast():
             logits = model(runtime.prepare_input(x), *(t.to(runtime.device) for t in exam_lengths))
         for task, value in logits.items():
-            chunks.setdefault(task, []).append(torch.sigmoid(value.float()).cpu().numpy())
+            chunks.setdefault(task, []).append(value.float().cpu().numpy())
         if on_batch is not None:
             on_batch(len(value))
-    return {task: np.concatenate(parts).reshape(copies + 1, n).mean(axis=0) for task, parts in chunks.items()}
+    return {task: np.concatenate(parts).reshape(copies + 1, n) for task, parts in chunks.items()}

@@ -9,10 +9,8 @@ as in the reference method; the run's best.pt is the assembled cascade.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
-from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,6 @@ import numpy as np
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from mtl_meniscus.config import (
@@ -41,6 +38,7 @@ from mtl_meniscus.engine.distributed import start as start_processes
 from mtl_meniscus.engine.distributed import stop as stop_processes
 from mtl_meniscus.engine.inference import predict_probs
 from mtl_meniscus.engine.members import JOINT, check_members, plan_members, tasks_without_labels
+from mtl_meniscus.engine.progress import counted_progress
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
 from mtl_meniscus.engine.tracking import MODEL_ARTIFACT_PREFIX, RunLogger
 from mtl_meniscus.engine.trainer import EpochCallback, MemberTrainer
@@ -121,7 +119,10 @@ def _train_locked(
         f"training {config.model.name} on {runtime.describe()} -> {run_dir}"
         + (f" ({processes.world} processes, torchrun)" if processes.active else "")
     )
-    wandb_config = config.wandb.model_copy(update={"job_type": config.wandb.job_type or "train"})
+    # A run of its own is a wandb group of its own, which its evaluate runs join (evaluate.py).
+    wandb_config = config.wandb.model_copy(
+        update={"job_type": config.wandb.job_type or "train", "group": config.wandb.group or run_dir.name}
+    )
     if not processes.main:
         wandb_config.mode = "disabled"
     logger = RunLogger(wandb_config, run_dir, run_dir.name, config.to_dict())
@@ -162,7 +163,7 @@ def _prepare_run_data(
     # what the summary calls the data: the built-in phantom by its level, a user's folder by its path
     data_name = f"the {config.data.phantom_difficulty} phantom" if not config.data.path else str(data_dir)
     config.data.path = str(data_dir.resolve())
-    with reading_progress(console, "reading the data") as on_row:
+    with counted_progress(console, "reading the data") as on_row:
         data = prepare_data(data_dir, config.data, report_dir=run_dir, on_row=on_row)
     if resume and not data.same_splits_as(run_dir / "splits.csv"):
         # Resuming on other splits would train on test images.
@@ -183,23 +184,6 @@ def _prepare_run_data(
         for task, count in unlabelled.items()
     ]
     return data, data_name, warnings
-
-
-@contextlib.contextmanager
-def reading_progress(console: Console, what: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar for reading a data set, fed by `on_row(done, total)`; nothing when the
-    console is not a terminal (a log file or a pipe) or is quiet."""
-    with Progress(
-        TextColumn(what),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal or console.quiet,
-    ) as progress:
-        bar = progress.add_task(what, total=None)
-        yield lambda done, total: progress.update(bar, completed=done, total=total)
 
 
 def _finish_run(
@@ -228,7 +212,7 @@ def _finish_run(
     metrics["warnings"] = warnings + late_warnings + learn_warnings
     atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")
     write_text_atomic(run_dir / "metrics.json", json_text(metrics))
-    plot_training_curves(history, run_dir / "training_curves.png")
+    plot_training_curves(history, run_dir / "training_curves.png", best_by_member)
     _print_metrics(console, metrics, data_name)
     for warning in late_warnings + learn_warnings:
         console.print(f"WARNING: {warning}", style="bold red", highlight=False, markup=False)

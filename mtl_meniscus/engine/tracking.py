@@ -60,10 +60,42 @@ class RunLogger:
         if self.run is not None:
             self.run.summary.update(values)
 
-    def log_roc(self, curves: dict[str, tuple[np.ndarray, np.ndarray]], key: str = "roc") -> None:
-        """ROC points as one table (task, fpr, tpr), plottable in the wandb UI."""
-        rows = [[task, float(f), float(t)] for task, (fpr, tpr) in curves.items() for f, t in zip(fpr, tpr)]
-        self.log_table(key, ["task", "fpr", "tpr"], rows)
+    def log_charts(
+        self, task: str, y_true: np.ndarray, y_prob: np.ndarray, threshold: float, classes: list[str]
+    ) -> None:
+        """wandb's own ROC, precision-recall and confusion-matrix charts of one task ("<task>/roc",
+        "<task>/pr", "<task>/confusion"); `classes` names 0 and 1, the confusion is at `threshold`.
+        The curves' points are computed here (wandb's roc_curve helper would need pandas) and drawn
+        with wandb's area-under-curve chart, the one its own helpers use."""
+        if self.run is None or len(np.unique(y_true)) < 2:  # a curve needs both classes
+            return
+        import wandb
+        from sklearn.metrics import precision_recall_curve, roc_curve
+
+        fpr, tpr, _ = roc_curve(y_true, y_prob)
+        precision, recall, _ = precision_recall_curve(y_true, y_prob)
+        curves = {
+            "roc": (fpr, tpr, "1 - specificity", "sensitivity", "ROC"),
+            "pr": (recall, precision, "recall", "precision", "precision-recall"),
+        }
+        charts = {}
+        for key, (x, y, x_title, y_title, title) in curves.items():
+            table = wandb.Table(
+                columns=["class", "x", "y"], data=[[classes[1], float(a), float(b)] for a, b in zip(x, y)]
+            )
+            charts[f"{task}/{key}"] = wandb.plot_table(
+                "wandb/area-under-curve/v0",
+                table,
+                {"x": "x", "y": "y", "class": "class"},
+                {"title": f"{task}: {title}", "x-axis-title": x_title, "y-axis-title": y_title},
+            )
+        charts[f"{task}/confusion"] = wandb.plot.confusion_matrix(
+            y_true=[int(v) for v in y_true],
+            preds=[int(p >= threshold) for p in y_prob],
+            class_names=classes,
+            title=f"{task}: confusion at {threshold:.2f}",
+        )
+        self.run.log(charts)
 
     def log_table(
         self, key: str, columns: list[str], rows: list[list[Any]], image_columns: tuple[str, ...] = ()

@@ -5,7 +5,9 @@ Used by every command that scores or exports a trained model (evaluate, predict,
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +15,71 @@ import numpy as np
 from torch import nn
 
 from mtl_meniscus.config import Config, TTAConfig
+from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from mtl_meniscus.engine.inference import predict_probs
+from mtl_meniscus.engine.inference import predict_logits
 from mtl_meniscus.engine.runtime import Runtime
 from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.evaluation.calibration import scaled_probability
 from mtl_meniscus.labels import TaskTable
 
 THRESHOLD_FILE = "threshold.json"
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Temperature scaling saved in a run by `evaluate --calibrate` (see evaluation.calibration)."""
+
+    temperatures: dict[str, float]  # {task: T}: p = sigmoid(logit / T)
+    source: Path
+
+    def describe(self) -> str:
+        values = ", ".join(f"{task} T={t:.2f}" for task, t in self.temperatures.items())
+        return f"calibrated by temperature scaling ({values}; {self.source})"
+
+    def temperature(self, task: str) -> float:
+        return self.temperatures.get(task, 1.0)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_calibration(run_dir: Path | None, checkpoint: Path) -> Calibration | None:
+    """The run's calibration.json if it was fitted on this checkpoint (a run's best.pt; another
+    checkpoint of the run, e.g. last.pt, is scored uncalibrated). Refused when best.pt has changed
+    since (the run was trained further) or the file is malformed: no probability is silently off."""
+    path = run_dir / CALIBRATION_FILE if run_dir else None
+    if path is None or not path.is_file():
+        return None
+    fix = f"fit it again with evaluate {run_dir} --calibrate, or delete it"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        temperatures = {str(task): float(t) for task, t in record["temperatures"].items()}
+        if not all(math.isfinite(t) and t > 0 for t in temperatures.values()):
+            raise ValueError("every temperature must be a positive number")
+        fitted_name, fitted_on = str(record["checkpoint"]), record["checkpoint_sha256"]
+    except (
+        OSError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+    ) as err:
+        raise MeniscusError(
+            f"{path}: malformed ({type(err).__name__}: {err}); it should hold "
+            f'{{"temperatures": {{"fissure": <T>, ...}}, "checkpoint": "best.pt", "checkpoint_sha256": ...}}: {fix}'
+        ) from None
+    if fitted_name != checkpoint.name:
+        return None
+    if fitted_on != file_sha256(checkpoint):
+        raise MeniscusError(
+            f"{path} was fitted on another {checkpoint.name} than the run's current one: {fix}"
+        )
+    return Calibration(temperatures, path)
 
 
 @dataclass(frozen=True)
@@ -37,6 +97,7 @@ class TrainedModel:
     config: Config
     checkpoint: Path
     run_dir: Path | None
+    calibration: Calibration | None = None
 
     @property
     def tasks(self) -> TaskTable:
@@ -59,18 +120,48 @@ class TrainedModel:
         runtime: Runtime,
         tta: TTAConfig | None = None,
         seed: int = 0,
+        calibrated: bool = True,
         **kwargs,
     ) -> dict[str, np.ndarray]:
-        """{task: (N,) probabilities} with this model's preprocessing (see inference.predict_probs).
-        An exam model takes exams (S, H, W); a single slice (H, W) is to it an exam of one slice."""
+        """{task: (N,) probabilities}: the mean over the TTA copies (if any) of sigmoid(logit / T),
+        T the run's calibration temperature (1 without calibration or with calibrated=False)."""
+        return self.probabilities(self.predict_logits(images, runtime, tta, seed, **kwargs), calibrated)
+
+    def predict_logits(
+        self,
+        images: list[np.ndarray],
+        runtime: Runtime,
+        tta: TTAConfig | None = None,
+        seed: int = 0,
+        **kwargs,
+    ) -> dict[str, np.ndarray]:
+        """{task: (copies + 1, N) logits} with this model's preprocessing (see inference.predict_logits);
+        row 0 is the images as they are. An exam model takes exams (S, H, W); a single slice (H, W)
+        is to it an exam of one slice."""
         from mtl_meniscus.networks.models import takes_exams
 
         if takes_exams(self.model):
             images = [image if image.ndim == 3 else image[None] for image in images]
         kwargs.setdefault("batch_size", self.config.train.eval_batch_size)
-        return predict_probs(
+        return predict_logits(
             self.model, images, self.config.preprocess.edge_filter, runtime, tta=tta, seed=seed, **kwargs
         )
+
+    def probabilities(self, logits: dict[str, np.ndarray], calibrated: bool = True) -> dict[str, np.ndarray]:
+        """{task: (N,)} from predict_logits' (copies + 1, N) logits; predict's probabilities."""
+        use = self.calibration if calibrated and self.calibration is not None else None
+        return {
+            task: scaled_probability(z, use.temperature(task) if use else 1.0) for task, z in logits.items()
+        }
+
+    @property
+    def calibration_note(self) -> str:
+        """What the probabilities are, for the terminal of every command that prints them."""
+        if self.calibration is None:
+            return (
+                "probabilities: the network's own, uncalibrated (evaluate RUN --calibrate fits a calibration)"
+            )
+        return f"probabilities: {self.calibration.describe()}"
 
     @property
     def exam_rule(self) -> str:
@@ -135,16 +226,26 @@ class TrainedModel:
             value = record["fissure_threshold"]
             if isinstance(value, bool) or not 0 <= float(value) <= 1:  # NaN fails too
                 raise ValueError(f"fissure_threshold {value!r} is not a probability 0..1")
-            # Files written before the threshold was chosen with TTA carry no tta_copies: it was 0.
+            # Files written before the threshold was chosen with TTA carry no tta_copies: it was 0;
+            # those written before calibration existed were chosen on the network's own probabilities.
             copies = int(record.get("tta_copies", 0))
+            chosen_at = float(record.get("fissure_temperature", 1.0))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise MeniscusError(
                 f"{path}: malformed ({type(err).__name__}: {err}); it should hold "
                 '{"fissure_threshold": <0..1>}. Delete it, or write it again with evaluate --youden'
             ) from None
+        applied = self.calibration.temperature(self.tasks.root.name) if self.calibration else 1.0
+        if not math.isclose(chosen_at, applied):
+            raise MeniscusError(
+                f"{path} was chosen on probabilities with fissure temperature {chosen_at:.3g}, and the run's "
+                f"probabilities now have temperature {applied:.3g} ({CALIBRATION_FILE}): choose it again with "
+                f"evaluate {self.run_dir} --youden"
+            )
+        kind = "calibrated" if self.calibration else "uncalibrated"
         return Threshold(
             float(value),
-            f"Youden's J on the run's validation split with TTA {copies} copies ({path})",
+            f"Youden's J on the run's validation split, TTA {copies} copies, {kind} probabilities ({path})",
             tta_copies=copies,
         )
 
@@ -188,4 +289,34 @@ def load_trained(run_or_checkpoint: str | Path, runtime: Runtime) -> TrainedMode
     model, config = model_from_checkpoint(load_checkpoint(checkpoint), source=checkpoint)
     model = runtime.prepare_model(model)
     run_dir = checkpoint.parent if (checkpoint.parent / "config.yaml").is_file() else None
-    return TrainedModel(model, config, checkpoint, run_dir)
+    return TrainedModel(model, config, checkpoint, run_dir, read_calibration(run_dir, checkpoint))
+
+
+def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) -> tuple[PreparedData, str]:
+    """The data to score and a note on it.
+
+    The run's own data (no --data, or --data naming the run's folder) keeps the splits the run
+    was trained with, read from its splits.csv: a recomputed split can move training images
+    into the test split when labels.csv has changed. Another folder is split by its own rules.
+    """
+    from rich.console import Console
+
+    from mtl_meniscus.data.load import prepare_data
+    from mtl_meniscus.engine.progress import counted_progress
+
+    config = trained.config
+    own_dir = Path(config.data.path) if config.data.path else None
+    folder = data_dir if data_dir is not None else own_dir
+    if folder is None:
+        raise MeniscusError("this checkpoint does not record its data folder; pass --data DIR")
+    with counted_progress(Console(soft_wrap=True), "reading the data") as on_row:
+        data = prepare_data(folder, config.data, on_row=on_row)
+    is_own = own_dir is not None and Path(folder).resolve() == own_dir.resolve()
+    if not is_own or split == "all":
+        return data, ""
+    if trained.run_dir is None:
+        raise MeniscusError(
+            f"{trained.checkpoint} is not in a run folder, so its {split} split is unknown: evaluate the run "
+            "folder (its splits.csv lists the split of every image), or pass --data DIR --split all"
+        )
+    return data, data.restore_splits(trained.run_dir / "splits.csv")

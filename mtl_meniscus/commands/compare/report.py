@@ -144,10 +144,10 @@ def write_report(
     patients: list[str] | None = None,
 ) -> None:
     """results*.csv / results.md / results.json, the plots, and the terminal tables."""
-    from mtl_meniscus.evaluation.plots import plot_roc_overlay, plot_score_bars
+    from mtl_meniscus.evaluation.plots import plot_forest, plot_roc_overlay, plot_score_bars
 
     _write_csv(out_dir / "results.csv", table)
-    per_seed = per_seed_rows(scored)
+    per_seed = per_seed_rows(scored, targets, tasks)
     _write_csv(out_dir / "results_per_seed.csv", per_seed)
     delong = delong_rows(scored, targets, tasks, patients)
     if delong:
@@ -166,13 +166,17 @@ def write_report(
     (out_dir / "results.json").write_text(json_text(table))
     plot_score_bars(table, per_seed, out_dir / "score_bars.png")
     plot_roc_overlay(scored, targets, out_dir / "roc_overlay.png", tasks)
+    plot_forest(table, per_seed, out_dir / "forest.png")
 
     _print_tables(console, header, rows, caption, delong)
     for finding in floor:
         console.print(
             finding, style="bold red" if "LOSES" in finding else None, markup=False, highlight=False
         )
-    console.print(f"wrote {out_dir / 'results.md'}, results.csv, results_per_seed.csv and plots")
+    console.print(
+        f"wrote {out_dir / 'results.md'}, results.csv, results_per_seed.csv and the figures score_bars, "
+        "roc_overlay, forest (.png and .pdf)"
+    )
 
 
 def _caption(table: list[dict[str, Any]], scored: Sequence[ScoredVariant]) -> tuple[str, list[str]]:

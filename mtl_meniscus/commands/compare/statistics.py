@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from mtl_meniscus.commands.compare.plan import Variant, baseline_group
+from mtl_meniscus.evaluation.calibration import brier_score, expected_calibration_error
 from mtl_meniscus.evaluation.metrics import (
     delong_test,
     paired_cluster_test,
@@ -60,6 +61,8 @@ def summarize(
     table = []
     for group, members in groups.items():
         row = _group_row(group, members, names, samples, baseline, base_mean)
+        for key, values in _calibration_columns(members, targets, tasks).items():
+            row[f"{key}_mean"] = float(np.mean(values))
         row |= _cost_columns(members, budget, n_bootstrap)
         row["n_patients"] = len(set(patients)) if patients else row["n_test"]
         table.append(row)
@@ -195,15 +198,34 @@ def delong_rows(
     return rows
 
 
+def _calibration_columns(
+    members: Sequence[ScoredVariant], targets: np.ndarray, tasks: TaskTable
+) -> dict[str, list[float]]:
+    """{"ece_<task>" | "brier_<task>": one value per member}: each seed's calibration on the test
+    split (the uncalibrated probabilities: compare does not calibrate its runs)."""
+    columns: dict[str, list[float]] = {}
+    for member in members:
+        for task, probs in member.probs.items():
+            rows = tasks.scored_rows(targets, task)
+            y = targets[rows, tasks.index(task)]
+            columns.setdefault(f"ece_{task}", []).append(expected_calibration_error(y, probs[rows]))
+            columns.setdefault(f"brier_{task}", []).append(brier_score(y, probs[rows]))
+    return columns
+
+
 def _sd(values: np.ndarray) -> float:
     """Sample standard deviation; NaN for fewer than two values."""
     return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
-def per_seed_rows(scored: Sequence[ScoredVariant]) -> list[dict[str, Any]]:
+def per_seed_rows(
+    scored: Sequence[ScoredVariant], targets: np.ndarray, tasks: TaskTable = DEFAULT_TASKS
+) -> list[dict[str, Any]]:
+    """One row per trained variant (a seed): its test AUCs and score, calibration and costs."""
     rows = []
     for item in scored:
         r = item.result
+        calibration = {key: values[0] for key, values in _calibration_columns([item], targets, tasks).items()}
         rows.append(
             {
                 "variant": item.variant.name,
@@ -213,6 +235,7 @@ def per_seed_rows(scored: Sequence[ScoredVariant]) -> list[dict[str, Any]]:
                 "seed": item.variant.seed,
                 **{f"auc_{t}": auc for t, auc in r["test_auc"].items()},
                 "score": r["test_score"],
+                **calibration,
                 "params": r["params"],
                 "train_seconds": r["train_wall_seconds"],
                 "train_images_per_s": r["train_images_per_s"],
