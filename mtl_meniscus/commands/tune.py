@@ -11,12 +11,18 @@ OUT/
 The objective is the run's best validation score as training reports it in metrics.json: the shared
 model's `members.shared.val_score` (the challenge-weighted mean of its validation AUCs), or for the
 cascade the challenge-weighted mean (the task table's weights) of its three networks' best validation AUCs.
+The best trial's value is optimistic (the maximum over trials on one validation split); training
+best.yaml and scoring the test split gives the unbiased figure.
 
 Pruning: after each epoch the network's validation score is reported to the trial at a step that
 means the same network and epoch in every trial: step = index of the network x max_epochs + epoch
 - 1 (the shared model is network 0; the cascade trains fissure, orientation, position in that order).
-The pruner therefore compares a trial's fissure network at epoch 3 with the others' fissure networks
-at epoch 3, never with another network's AUC. No network is pruned in its first `warmup_epochs`.
+PerNetworkMedianPruner judges the network a trial trains now on that network's steps alone, so a
+cascade's good fissure network cannot carry a stuck orientation network. No network is pruned in
+its first `warmup_epochs`.
+
+Every trial sees the same number of images per epoch: a sampled `train.batch_size` sets
+`train.steps_per_epoch` to the base preset's batch_size x steps_per_epoch / batch_size.
 """
 
 from __future__ import annotations
@@ -53,8 +59,19 @@ from mtl_meniscus.io.secrets import mask_url, scrub
 from mtl_meniscus.networks.losses import WEIGHTINGS
 from mtl_meniscus.networks.models import trains_per_task
 
-WARMUP_EPOCHS = 2  # no network is pruned before it has finished this many epochs
+try:
+    from optuna.pruners import BasePruner
+except ImportError:  # the [tune] extra is missing: TuneSearch says how to install it
+    BasePruner = object
+
+# No network is pruned before it has finished this many epochs: the latest documented onset of the
+# shared preset (docs/results.md, the floor table: validation above 0.7 at epoch 9 on outside-a
+# with training seed 0; 4 with seed 1, 2 on the realistic phantom, 1 on easy) plus one; a test
+# reads the table. A network still at chance before its onset is no sign of a bad setting.
+WARMUP_EPOCHS = 10
+HEARTBEAT_S = 60  # a running trial's heartbeat; one silent for 3 heartbeats is marked FAIL
 JOB_TYPE = "tune-trial"
+STEPS_KEY = "train.steps_per_epoch"  # set per trial from its batch size (steps_at_fixed_images)
 
 
 @dataclass(frozen=True)
@@ -135,26 +152,99 @@ def epoch_score(run_dir: Path, member: str, epoch: int) -> float | None:
     return float(score) if score is not None and math.isfinite(score) else None
 
 
+class PerNetworkMedianPruner(BasePruner):
+    """Optuna's MedianPruner, judged on the network the trial trains now.
+
+    Steps come in segments of `epochs_per_network` (one per network, `_pruning_callback`'s steps).
+    At step s of segment k = s // epochs_per_network the trial's best value over segment k's steps
+    is compared with the median, over completed trials, of their values at step s (the same network
+    and epoch). MedianPruner takes the best over all steps instead, so a cascade whose fissure
+    network scored 0.97 kept a stuck orientation network. With one segment (the shared model) it
+    decides as MedianPruner(n_startup_trials, n_warmup_steps=n_warmup_epochs)."""
+
+    def __init__(self, epochs_per_network: int, n_startup_trials: int = 5, n_warmup_epochs: int = 0):
+        if epochs_per_network < 1 or n_startup_trials < 0 or n_warmup_epochs < 0:
+            raise ValueError(
+                f"PerNetworkMedianPruner: epochs_per_network {epochs_per_network} (>= 1), "
+                f"n_startup_trials {n_startup_trials} and n_warmup_epochs {n_warmup_epochs} (>= 0)"
+            )
+        self.epochs_per_network = epochs_per_network
+        self.n_startup_trials = n_startup_trials
+        self.n_warmup_epochs = n_warmup_epochs  # per network: the first epochs of each segment
+
+    def prune(self, study, trial) -> bool:
+        import optuna
+
+        completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        step = trial.last_step
+        if not completed or len(completed) < self.n_startup_trials or step is None:
+            return False
+        first = step - step % self.epochs_per_network  # the current network's first step
+        if step - first < self.n_warmup_epochs:
+            return False
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        values = [
+            v for s, v in trial.intermediate_values.items() if first <= s < first + self.epochs_per_network
+        ]
+        best = _nan_best(values, maximize)
+        if math.isnan(best):
+            return True  # as MedianPruner: a network with no number so far is pruned
+        others = [t.intermediate_values[step] for t in completed if step in t.intermediate_values]
+        if all(math.isnan(v) for v in others):  # none, or none with a number: no median to judge by
+            return False
+        median = float(np.nanmedian(others))
+        return best < median if maximize else best > median
+
+
+def _nan_best(values: list[float], maximize: bool) -> float:
+    """The largest (or smallest) value that is not NaN; NaN when there is none."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan
+    return max(finite) if maximize else min(finite)
+
+
 def default_storage(out_dir: Path) -> str:
     return f"sqlite:///{(Path(out_dir).resolve() / 'study.db').as_posix()}"
 
 
-def open_storage(url: str):
-    """An Optuna RDB storage with heartbeats: a trial whose worker died is marked FAIL by the next
-    worker instead of staying RUNNING forever."""
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, attempts: int = 3):
+    """An Optuna RDB storage with heartbeats: a trial whose worker died (no heartbeat for 3 x
+    `heartbeat_s`) is marked FAIL by the next trial any worker starts, instead of staying RUNNING."""
     import optuna
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-    except Exception as err:  # malformed URL, unknown dialect, missing driver, unreachable server
-        reason = scrub(str(err).splitlines()[0] if str(err) else "", url)
-        raise MeniscusError(
-            f"--storage {mask_url(url)}: cannot open the study storage ({type(err).__name__}: {reason[:300]}); "
-            "expected a database URL such as sqlite:///path/study.db or "
-            "postgresql://user:password@host/database (its driver installed, e.g. psycopg2)"
-        ) from None
+    for attempt in range(1, attempts + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s
+                )
+        except Exception as err:  # malformed URL, unknown dialect, missing driver, unreachable server
+            if attempt < attempts and _lost_schema_race(err):
+                time.sleep(attempt)  # the tables now exist: the next attempt finds them
+                continue
+            reason = scrub(str(err).splitlines()[0] if str(err) else "", url)
+            raise MeniscusError(
+                f"--storage {mask_url(url)}: cannot open the study storage ({type(err).__name__}: {reason[:300]}); "
+                "expected a database URL such as sqlite:///path/study.db or "
+                "postgresql+psycopg://user:password@host/database (its driver installed: psycopg)"
+            ) from None
+
+
+def _lost_schema_race(err: Exception) -> bool:
+    """Workers started together on a new database each create Optuna's tables; all but one fail
+    (duplicate key in pg_type, "already exists"), a known Optuna limitation (optuna#1092)."""
+    import sqlalchemy.exc
+
+    return isinstance(err, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.ProgrammingError) or (
+        "already exists" in str(err)
+    )
+
+
+def steps_at_fixed_images(batch_size: int, images_per_epoch: int) -> int:
+    """Steps per epoch that show `images_per_epoch` images at `batch_size` (rounded, at least 1)."""
+    return max(1, round(images_per_epoch / batch_size))
 
 
 def check_tune_options(
@@ -204,11 +294,17 @@ def _trial_rows(study, space: tuple[Param, ...]) -> list[dict[str, Any]]:
             "epochs": trial.user_attrs.get("epochs"),
             "duration_s": round(duration, 1) if duration is not None else None,
             "run_dir": trial.user_attrs.get("run_dir", ""),
-            "error": trial.user_attrs.get("error", ""),
+            "error": trial.user_attrs.get("error", _stale_error(trial)),
         }
         row |= {param.key: trial.params.get(param.key) for param in space}
+        row[STEPS_KEY] = trial.user_attrs.get(STEPS_KEY)  # derived from train.batch_size
         rows.append(row)
     return rows
+
+
+def _stale_error(trial) -> str:
+    """A FAIL without an error of its own: the heartbeat check failed it (its worker stopped)."""
+    return "its worker stopped (no heartbeat)" if trial.state.name == "FAIL" else ""
 
 
 def best_trial(study):
@@ -286,7 +382,8 @@ class TuneRequest:
 
     `preset` is the base config (a YAML preset); each trial is it plus `overrides` plus the sampled
     values, trained into OUT/trials/trial-NNNN with train.seed = `seed`. `pruner` defaults to
-    MedianPruner(n_warmup_steps=warmup_epochs)."""
+    PerNetworkMedianPruner(max_epochs, n_warmup_epochs=warmup_epochs); `heartbeat_s` is the
+    storage's heartbeat (tests shorten it)."""
 
     out_dir: Path
     preset: Path | None
@@ -303,6 +400,7 @@ class TuneRequest:
     pruner: Any = None
     warmup_epochs: int = WARMUP_EPOCHS
     overrides: dict[str, Any] | None = None
+    heartbeat_s: int = HEARTBEAT_S
 
 
 def run_tune(out_dir: Path, preset: Path | None, console: Console | None = None, **options: Any):
@@ -328,7 +426,8 @@ class TuneSearch:
         self.trials_dir = self.out_dir / "trials"
         self.study_name = request.study_name or self.out_dir.resolve().name
         self.storage_url = request.storage or default_storage(self.out_dir)
-        self.rdb = open_storage(self.storage_url)  # a bad URL is refused before the data is read or generated
+        # a bad URL is refused before the data is read or generated
+        self.rdb = open_storage(self.storage_url, request.heartbeat_s)
         self.base = self._base_settings()
         self.write_lock = threading.Lock()  # n_jobs threads finish trials concurrently; one writer at a time
         self.errors: list[BaseException] = []  # a trial's error stops the search, also from a worker thread
@@ -355,7 +454,9 @@ class TuneSearch:
             )
         data = request.data_dir or resolve_data_dir(base_config.data)
         base["data.path"] = str(Path(data).resolve())
-        self.mode = load_config(request.preset, base).model.name
+        resolved = load_config(request.preset, base)
+        self.mode, self.max_epochs = resolved.model.name, resolved.train.max_epochs
+        self.images_per_epoch = resolved.train.batch_size * resolved.train.steps_per_epoch
         check_space(request.preset, base, request.space)
         return base
 
@@ -368,7 +469,8 @@ class TuneSearch:
                 study_name=self.study_name,
                 direction="maximize",
                 load_if_exists=True,
-                pruner=request.pruner or optuna.pruners.MedianPruner(n_warmup_steps=request.warmup_epochs),
+                pruner=request.pruner
+                or PerNetworkMedianPruner(self.max_epochs, n_warmup_epochs=request.warmup_epochs),
             )
         except Exception as err:  # e.g. a database that is not an Optuna one, or read-only
             raise MeniscusError(
@@ -379,6 +481,11 @@ class TuneSearch:
             raise MeniscusError(
                 f"study '{self.study_name}' in {mask_url(self.storage_url)} minimizes; tune maximizes"
             )
+        self._check_study_attrs(study)
+        return study
+
+    def _check_study_attrs(self, study) -> None:
+        """A study keeps its mode and its epochs per network (the steps' meaning, for the pruner)."""
         saved_mode = study.user_attrs.get("mode")
         if saved_mode is None:
             study.set_user_attr("mode", self.mode)
@@ -388,7 +495,15 @@ class TuneSearch:
                 f"study '{self.study_name}' tunes {saved_mode} mode; this search is {self.mode} mode: "
                 f"use --mode {saved_mode}, or another --study-name / --out"
             )
-        return study
+        saved_epochs = study.user_attrs.get("epochs_per_network")
+        if saved_epochs is None:
+            study.set_user_attr("epochs_per_network", self.max_epochs)
+        elif saved_epochs != self.max_epochs:
+            raise ConfigError(
+                f"study '{self.study_name}' trains {saved_epochs} epochs per network (train.max_epochs); "
+                f"this search {self.max_epochs}: its steps would mean other epochs to the pruner; use a "
+                "preset with the study's train.max_epochs, or another --study-name / --out"
+            )
 
     def run(self):
         request = self.request
@@ -414,15 +529,26 @@ class TuneSearch:
         if self.errors:  # with n_jobs > 1 Optuna does not re-raise the errors of the last trials
             raise self.errors[0]
         write_plots(study, self.out_dir, self.console)
-        best = best_trial(study)
-        if best is not None:
-            self.console.print(
-                f"best: trial {best.number}, validation score {best.value:.4f}; its config: "
-                f"{self.out_dir / 'best.yaml'} ({time.perf_counter() - started:.0f} s for this search)",
-                highlight=False,
-                markup=False,
-            )
+        self._report_best(study, time.perf_counter() - started)
         return study
+
+    def _report_best(self, study, seconds: float) -> None:
+        """The best trial, and why its validation score is not the figure to publish."""
+        best = best_trial(study)
+        if best is None:
+            return
+        n_done = len(study.get_trials(deepcopy=False, states=(self.optuna.trial.TrialState.COMPLETE,)))
+        trials = f"{n_done} completed trial" + ("s" if n_done != 1 else "")
+        best_yaml = self.out_dir / "best.yaml"
+        self.console.print(
+            f"best: trial {best.number}, validation score {best.value:.4f}; its config: {best_yaml} "
+            f"({seconds:.0f} s for this search)\n"
+            f"That score is optimistic: it is the maximum over {trials} on the same validation split "
+            f"(selection bias). For an unbiased figure, train the config and score its test split: "
+            f"train --config {best_yaml} --out RUN, then evaluate RUN",
+            highlight=False,
+            markup=False,
+        )
 
     def _announce(self, trials_before: int) -> None:
         request = self.request
@@ -455,6 +581,9 @@ class TuneSearch:
 
     def _train_trial(self, trial) -> float:
         sampled = suggest(trial, self.request.space)
+        if "train.batch_size" in sampled:  # the same images per epoch at every batch size
+            sampled[STEPS_KEY] = steps_at_fixed_images(sampled["train.batch_size"], self.images_per_epoch)
+            trial.set_user_attr(STEPS_KEY, sampled[STEPS_KEY])
         run_dir = self.trials_dir / f"trial-{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         if (run_dir / "config.yaml").exists():

@@ -47,6 +47,9 @@ def scrub(text: str, url: str) -> str:
         pass
     if "//" in url and "://" not in url:  # unparsed: the part after '//' may hold a password
         secrets.append(url.split("//", 1)[1])
+    # A driver may split the user info at the first '@' instead of the last: "user:p@ss-w0rd@host"
+    # becomes password "p" and host "ss-w0rd@host", which its error then quotes.
+    secrets += [secret.split("@", k)[k] for secret in secrets for k in range(1, secret.count("@") + 1)]
     for secret in sorted((s for s in secrets if len(s) >= 3), key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
