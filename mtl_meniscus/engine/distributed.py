@@ -6,6 +6,11 @@ every global batch (the batch's rows rank, rank + N, ...), DDP averages the grad
 copy therefore holds the same weights after each step. Validation images are shared out the same
 way and the probabilities gathered, so every copy takes the same decisions (best epoch, learning
 rate cuts, stopping). Rank 0 alone writes files, checkpoints and wandb.
+
+Random streams: the initial weights are drawn alike in every copy (the same seed; DDP also
+broadcasts rank 0's); the batch order and each image's augmentation come from (seed, epoch,
+position in the global batch), so they do not depend on the rank; the torch stream that draws the
+dropout masks is each copy's own (seed_own_stream), rank 0 keeping the one a single process draws.
 """
 
 from __future__ import annotations
@@ -79,6 +84,30 @@ class Distributed:
                 torch.distributed.all_reduce(parameter.grad)
                 parameter.grad /= self.world
 
+    def seed_own_stream(self, seed: int, epoch: int = 0) -> None:
+        """Give this process its own torch random stream (dropout masks), once every weight the
+        processes share is drawn. Rank 0 keeps the stream it is on, so one process draws what it
+        always drew; rank r > 0 starts from stream_seed(seed, r, epoch)."""
+        if self.rank:
+            torch.manual_seed(stream_seed(seed, self.rank, epoch))
+
+    def rng_states(self) -> list[torch.Tensor]:
+        """Every process's torch RNG state (CPU), in rank order; every process must call it."""
+        own = torch.get_rng_state()
+        if not self.active:
+            return [own]
+        gathered: list = [None] * self.world
+        torch.distributed.all_gather_object(gathered, own)
+        return gathered
+
+    def restore_own_stream(self, saved: list[torch.Tensor], seed: int, epoch: int) -> None:
+        """Continue this process's stream from its saved state (`saved[rank]`). A process without one
+        (a run saved by fewer processes) starts its own stream anew from (seed, rank, epoch)."""
+        if self.rank < len(saved):
+            torch.set_rng_state(saved[self.rank])
+        else:
+            self.seed_own_stream(seed, epoch)
+
     def _collective_device(self) -> torch.device:
         """nccl reduces CUDA tensors only; gloo CPU ones."""
         if torch.distributed.get_backend() == "nccl":
@@ -117,6 +146,13 @@ class Distributed:
 
 
 SINGLE = Distributed()
+
+
+def stream_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """The seed of process `rank`'s own torch stream: from (seed, rank), or (seed, rank, epoch) for
+    a stream started anew on resume after `epoch` epochs (a 32-bit integer)."""
+    entropy = [seed, rank, epoch] if epoch else [seed, rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def world_size() -> int:

@@ -54,9 +54,9 @@ class MemberTrainer:
         self.member, self.config, self.data, self.runtime = member, config, data, runtime
         self.logger, self.console, self.processes = logger, console, processes
         train = config.train
-        torch.manual_seed(train.seed)
+        torch.manual_seed(train.seed)  # the same initial weights in every process
         model = runtime.prepare_model(member.build(config))
-        self.checkpoints = MemberCheckpoints(member.folder, member.name, processes.main)
+        self.checkpoints = MemberCheckpoints(member.folder, member.name, processes)
         weighting = build_weighting(train.weighting, member.tasks, train.task_weights).to(runtime.device)
         groups = parameter_groups(model, train.lr, train.backbone_lr_factor, config.model.freeze_backbone)
         groups.append({"params": list(weighting.parameters()), "lr": train.lr})
@@ -83,6 +83,7 @@ class MemberTrainer:
             world=processes.world,
         )
         self.net = processes.wrap(self.state.model, runtime.device)  # DDP under torchrun
+        processes.seed_own_stream(train.seed)  # dropout: each process its own masks (rank 0 as before)
 
     def diverged(self, what: str) -> TrainingDivergedError:
         """The error that stops a run whose loss or outputs are no longer finite; last.pt is kept."""
@@ -98,9 +99,9 @@ class MemberTrainer:
             "repeat the same steps"
         )
 
-    # ---- loop --------------------------------------------------------------------------------
+    # ---- resume ------------------------------------------------------------------------------
     def try_resume(self) -> bool:
-        return self.checkpoints.resume(self.state)
+        return self.checkpoints.resume(self.state, self.config.train.seed)
 
     # ---- loop --------------------------------------------------------------------------------
     def fit(self, on_epoch_end: EpochCallback | None = None) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from mtl_meniscus.config import Config
 from mtl_meniscus.engine.checkpoint import atomic_torch_save, load_checkpoint, model_payload
+from mtl_meniscus.engine.distributed import SINGLE, Distributed
 from mtl_meniscus.engine.stopping import EarlyStopping
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.networks.losses import TaskWeighting
@@ -23,7 +24,8 @@ class TrainingState:
 
     Each field is saved and restored the same way: through state_dict()/load_state_dict() where it
     has them (model, weighting, optimizer, early stopping), as a plain value otherwise. The torch
-    RNG goes with it so that a resumed run draws the same dropout masks as an uninterrupted one.
+    RNG goes with it so that a resumed run draws the same dropout masks as an uninterrupted one
+    (this process's; under torchrun MemberCheckpoints adds every process's).
     """
 
     model: nn.Module
@@ -56,22 +58,29 @@ class TrainingState:
 @dataclass
 class MemberCheckpoints:
     """A member's last.pt (the training state) and best.pt (its best epoch's weights, with the
-    member's own config), written by the main process only."""
+    member's own config), written by the main process only.
+
+    Under torchrun last.pt also holds every process's torch RNG state ("torch_rng_by_rank"): each
+    process draws its own dropout masks, and a resumed run continues each process's own stream."""
 
     folder: Path
     member: str  # its name, saved in both files
-    main: bool = True  # False on the other processes under torchrun: they write nothing
+    processes: Distributed = SINGLE  # under torchrun the processes other than rank 0 write nothing
 
     def save_last(self, state: TrainingState, config: Config) -> None:
-        if not self.main:
+        streams = self.processes.rng_states()  # every process takes part
+        if not self.processes.main:
             return
+        training_state = state.state_dict()
+        if self.processes.active:  # one process's last.pt stays as it was: its stream is torch_rng
+            training_state["torch_rng_by_rank"] = streams
         payload = model_payload(
-            state.model, config, {"member": self.member, "training_state": state.state_dict()}
+            state.model, config, {"member": self.member, "training_state": training_state}
         )
         atomic_torch_save(payload, self.folder / "last.pt")
 
     def save_best(self, state: TrainingState, member_config: Config) -> None:
-        if not self.main:
+        if not self.processes.main:
             return
         extra = {
             "member": self.member,
@@ -83,8 +92,10 @@ class MemberCheckpoints:
     def restore_best(self, model: nn.Module) -> None:
         model.load_state_dict(load_checkpoint(self.folder / "best.pt")["state_dict"])
 
-    def resume(self, state: TrainingState) -> bool:
-        """Load last.pt into `state`; False when there is none (the member had not started)."""
+    def resume(self, state: TrainingState, seed: int) -> bool:
+        """Load last.pt into `state`, and this process's own random stream (a stream that last.pt
+        does not hold starts anew from `seed`, the rank and the epoch); False when there is no
+        last.pt (the member had not started)."""
         last = self.folder / "last.pt"
         if not last.is_file():
             return False
@@ -94,8 +105,11 @@ class MemberCheckpoints:
                 f"{last}: holds no training state, so the run cannot resume from it "
                 "(a last.pt is written by train after each epoch; best.pt files cannot be resumed)"
             )
+        saved = payload["training_state"]
         try:
-            state.load_state_dict(payload["training_state"])
+            state.load_state_dict(saved)
+            streams = saved.get("torch_rng_by_rank") or [saved["torch_rng"]]
+            self.processes.restore_own_stream(streams, seed, state.epoch)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             reason = str(err).splitlines()[0] if str(err) else ""
             raise MeniscusError(
