@@ -43,7 +43,7 @@ Mode = Enum("Mode", {name: name for name in MODELS.names()}, type=str)
 Difficulty = Enum("Difficulty", {name: name for name in ("easy", "realistic", "hard")}, type=str)
 ExamFormat = Enum("ExamFormat", {name: name for name in ("mrnet", "dicom-series", "nifti")}, type=str)
 Split = Enum("Split", {name: name for name in ("test", "val", "train", "all", "valid")}, type=str)
-Budget = Enum("Budget", {name: name for name in ("per-network", "total")}, type=str)
+Budget = Enum("Budget", {name: name for name in ("per-network", "equal-images", "equal-flops")}, type=str)
 
 
 class Precision(str, Enum):
@@ -556,10 +556,25 @@ def compare(
     budget: Annotated[
         Budget | None,
         typer.Option(
-            help="per-network: each cascade network gets the whole budget (default); "
-            "total: the cascade's three networks share the shared model's steps."
+            help="per-network: each cascade network gets the whole budget (default); equal-images: the "
+            "cascade's networks share the shared model's steps; equal-flops: they share its training FLOPs."
         ),
     ] = None,
+    train_fraction: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated shares of the training split, e.g. 0.1,0.25,0.5,1.0: every mode on "
+            "nested, stratified, patient-grouped subsets (a learning curve)."
+        ),
+    ] = None,
+    same_regularization: Annotated[
+        bool,
+        typer.Option(
+            "--same-regularization",
+            help="Every mode with the shared preset's dropout, optimiser, LR schedule, stopping and "
+            "augmentation: the modes then differ in sharing (and its architecture) only.",
+        ),
+    ] = False,
     pretrained: Annotated[
         list[str] | None,
         typer.Option(help="timm trunk weights: TRUNK=FILE|default|none, or one value for all (repeatable)."),
@@ -594,6 +609,10 @@ def compare(
             "max_epochs": max_epochs,
             "steps_per_epoch": steps_per_epoch,
             "budget": budget.value if budget else None,
+            "train_fractions": parse_list(train_fraction, "--train-fraction", float)
+            if train_fraction
+            else None,
+            "same_regularization": True if same_regularization else None,
             "phantom_difficulty": difficulty.value if difficulty else None,
             "tta.copies": tta,
             "bootstrap": bootstrap,
@@ -723,23 +742,40 @@ def export(
     export_format: Annotated[
         ExportFormat, typer.Option("--format", help="Export format.")
     ] = ExportFormat.onnx,
+    pipeline: Annotated[
+        bool,
+        typer.Option(
+            "--pipeline",
+            help="The whole pipeline in the graph: raw slices of any size in (resize, edge filter, "
+            "standardisation inside), probabilities and gated predictions out.",
+        ),
+    ] = False,
 ) -> None:
     """Export a trained model (network, its calibration, sigmoid) to ONNX; checks it against PyTorch."""
     from mtl_meniscus.commands.export import export_onnx
 
-    report = export_onnx(run, out)
+    report = export_onnx(run, out, pipeline=pipeline)
     scaled = {task: t for task, t in report.temperatures.items() if t != 1.0}
     calibration = (
         "calibrated (" + ", ".join(f"{task} T={t:.2f}" for task, t in scaled.items()) + ")"
         if scaled
         else "uncalibrated (no calibration.json in the run)"
     )
+    shape = ", ".join(map(str, report.input_shape))
+    if pipeline:
+        given = (
+            f"input image ({shape}): raw canonical-view slices of any size, resized to {report.image_size}"
+        )
+    else:
+        given = (
+            f"input x ({shape}) = preprocess.make_input(slice resized to {report.image_size}x"
+            f"{report.image_size}, '{report.edge_filter}')"
+        )
     console.print(
-        f"wrote {report.path} ({export_format.value}): input x ({', '.join(map(str, report.input_shape))}) = "
-        f"preprocess.make_input(slice resized to {report.image_size}x{report.image_size}, "
-        f"'{report.edge_filter}'); outputs {', '.join(report.outputs)}, {calibration}; fissure threshold "
-        f"{report.fissure_threshold:.3f}; matches PyTorch within {report.max_abs_difference:.1e} on "
-        f"{report.checked_inputs} inputs; details in {report.sidecar}"
+        f"wrote {report.path} ({export_format.value}): {given}; outputs {', '.join(report.outputs)}, "
+        f"{calibration}; fissure threshold {report.fissure_threshold:.3f}; matches PyTorch within "
+        f"{report.max_abs_difference:.1e} on {report.checked_inputs} inputs; details in {report.sidecar}",
+        highlight=False,
     )
 
 

@@ -60,6 +60,9 @@ class DataConfig(Section):
     exclude_double_tears: bool = True  # position 'both' cannot be one binary label
     split_fractions: tuple[float, float, float] = (0.7, 0.2, 0.1)  # train, val, test
     split_seed: int = 0
+    # Share of the training split trained on (compare --train-fraction: learning curves): a nested,
+    # stratified, patient-grouped subset; the rest of the training split is left unused.
+    train_fraction: float = 1.0
     phantom_n: int = 1128
     phantom_seed: int = 0
     phantom_difficulty: Literal["easy", "realistic", "hard"] = "easy"  # of the built-in phantom (path: null)
@@ -130,6 +133,9 @@ class DataConfig(Section):
             "three non-negative fractions summing to 1",
         )
         check_value(self.phantom_n >= 20, "data.phantom_n", self.phantom_n, "an integer >= 20")
+        check_value(
+            0 < self.train_fraction <= 1, "data.train_fraction", self.train_fraction, "a fraction in (0, 1]"
+        )
 
 
 class AugmentConfig(Section):

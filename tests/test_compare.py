@@ -75,17 +75,10 @@ def presets_for(preset: Path) -> dict[str, Path]:
 # ---- planning ----------------------------------------------------------------------------------
 
 
-def test_default_plan_is_separate_vs_shared_three_seeds():
+def test_default_plan_is_separate_vs_shared_five_seeds():
     config = load_compare_config(ROOT / "configs" / "compare.yaml")
     names = [v.name for v in plan_variants(config)]
-    assert names == [
-        "separate-reference-seed0",
-        "shared-reference-seed0",
-        "separate-reference-seed1",
-        "shared-reference-seed1",
-        "separate-reference-seed2",
-        "shared-reference-seed2",
-    ]
+    assert names == [f"{mode}-reference-seed{seed}" for seed in range(5) for mode in ("separate", "shared")]
 
 
 def test_plan_crosses_modes_trunks_seeds():
@@ -108,7 +101,9 @@ def test_baseline_is_the_reference_cascade_when_present():
 
 def test_variant_configs_share_data_splits_tta_and_seeds(preset):
     compare = tiny_compare(preset, trunks=("reference", "resnet50"), pretrained={"resnet50": "none"})
-    configs = {v: variant_config(compare, v, preset, "/data", None, "g") for v in plan_variants(compare)}
+    configs = {
+        v: variant_config(compare, v, presets_for(preset), "/data", None, "g") for v in plan_variants(compare)
+    }
     data_sections = {json.dumps(c.to_dict()["data"]) for c in configs.values()}
     assert len(data_sections) == 1  # same images, same split seed and fractions: same splits
     for variant, config in configs.items():
@@ -121,11 +116,12 @@ def test_variant_configs_share_data_splits_tta_and_seeds(preset):
             assert config.model.pretrained == "none"
 
 
-def test_budget_total_gives_the_cascade_the_shared_models_steps(preset):
-    for budget, cascade_steps in (("per-network", 60), ("total", 20)):
+def test_budget_equal_images_gives_the_cascade_the_shared_models_steps(preset):
+    for budget, cascade_steps in (("per-network", 60), ("equal-images", 20), ("total", 20)):
         compare = tiny_compare(preset, steps_per_epoch=60, budget=budget)
         configs = {
-            v.mode: variant_config(compare, v, preset, "/data", None, "g") for v in plan_variants(compare)
+            v.mode: variant_config(compare, v, presets_for(preset), "/data", None, "g")
+            for v in plan_variants(compare)
         }
         assert configs["shared"].train.steps_per_epoch == 60
         # total: a third of the steps for each of the cascade's 3 networks
@@ -134,8 +130,10 @@ def test_budget_total_gives_the_cascade_the_shared_models_steps(preset):
     # Rounded to the nearest step, never zero; the preset's steps when the comparison sets none.
     assert [compare_plan.steps_per_network(n) for n in (1, 2, 80, 81)] == [1, 1, 27, 27]
     preset_steps = yaml.safe_load(preset.read_text())["train"]["steps_per_epoch"]
-    compare = tiny_compare(preset, steps_per_epoch=None, budget="total")
-    separate = variant_config(compare, Variant("separate", "reference", 0), preset, "/data", None, "g")
+    compare = tiny_compare(preset, steps_per_epoch=None, budget="equal-images")
+    separate = variant_config(
+        compare, Variant("separate", "reference", 0), presets_for(preset), "/data", None, "g"
+    )
     assert separate.train.steps_per_epoch == compare_plan.steps_per_network(preset_steps)
 
 
@@ -148,7 +146,7 @@ def test_phantom_difficulty_applies_to_every_variant(preset):
     for level, expected in (("realistic", "realistic"), (None, "easy")):
         compare = tiny_compare(preset, phantom_difficulty=level)
         levels = {
-            variant_config(compare, v, preset, None, None, "g").data.phantom_difficulty
+            variant_config(compare, v, presets_for(preset), None, None, "g").data.phantom_difficulty
             for v in plan_variants(compare)
         }
         assert levels == {expected}
@@ -443,7 +441,7 @@ def test_cli_compare_and_its_errors(preset, phantom, tmp_path):
         "--steps-per-epoch",
         "3",
         "--budget",
-        "total",
+        "equal-images",
         "--bootstrap",
         "50",
         "--wandb",
@@ -455,7 +453,7 @@ def test_cli_compare_and_its_errors(preset, phantom, tmp_path):
         "variant 2/2: shared-reference-seed0" in result.output
         and "comparison on the test split" in result.output
     )
-    assert "Budget in total" in (tmp_path / "out" / "results.md").read_text()
+    assert "Budget of equal images" in (tmp_path / "out" / "results.md").read_text()
     # Budget in total: the cascade's 3 networks trained 1 step each, the shared model 3 steps.
     images = {
         row["variant"]: row["train_images_mean"]
@@ -495,8 +493,8 @@ def _scored(group: str, seed: int, targets: np.ndarray, probs: dict) -> ScoredVa
 
 def test_seed_inclusive_intervals_hold_the_seed_to_seed_spread():
     # A test split so large that the images hardly vary the AUCs, and a shared model whose three
-    # seeds differ a lot: the seeds + images interval is about the interval of the seed mean
-    # over the 27 equally likely draws of three seeds with replacement; the images-only one is narrow.
+    # seeds differ a lot: the seeds + images interval is about the t-interval of the three seeds'
+    # mean (metrics.seeds_and_images_interval); the images-only one is narrow.
     rng = np.random.default_rng(0)
     n = 4000
     fissure = (rng.random(n) < 0.25).astype(float)
@@ -515,13 +513,11 @@ def test_seed_inclusive_intervals_hold_the_seed_to_seed_spread():
     table = {row["variant"]: row for row in summarize(scored, targets, n_bootstrap=600)}
     shared = table["shared-reference"]
     seed_scores = [s.result["test_score"] for s in scored[3:]]
-    draws = [
-        np.mean([seed_scores[i], seed_scores[j], seed_scores[k]])
-        for i in range(3)
-        for j in range(3)
-        for k in range(3)
-    ]
-    low, high = np.percentile(draws, [2.5, 97.5], method="inverted_cdf")  # quantiles of the 27 draws
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, 2) * np.std(seed_scores, ddof=1) / np.sqrt(3)  # by hand, seeds only
+    low, high = np.mean(seed_scores) - half, np.mean(seed_scores) + half
+    assert low < min(seed_scores) and high > max(seed_scores)  # a bootstrap of 3 seeds cannot do this
     assert shared["score_ci_low"] == pytest.approx(low, abs=0.02)
     assert shared["score_ci_high"] == pytest.approx(high, abs=0.02)
     assert shared["score_ci_images_high"] - shared["score_ci_images_low"] < 0.05
@@ -588,3 +584,28 @@ def test_compare_refuses_data_without_a_test_split(tmp_path):
     settings = CompareConfig(modes=("shared",), seeds=(0,), max_epochs=1, steps_per_epoch=1).validate()
     with pytest.raises(MeniscusError, match="the test split of .* is empty"):
         run_compare(settings, tmp_path / "cmp", {"shared": TINY}, data_dir=tmp_path / "d", console=_quiet())
+
+
+def test_learning_curves_train_every_mode_on_nested_shares_of_the_training_split(preset, phantom, tmp_path):
+    compare = tiny_compare(preset, seeds=(0, 1), train_fractions=(0.5, 1.0))
+    table = {
+        row["variant"]: row
+        for row in run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=phantom)
+    }
+    assert set(table) == {
+        "separate-reference-train0.5",
+        "shared-reference-train0.5",
+        "separate-reference",
+        "shared-reference",
+    }
+    assert table["shared-reference-train0.5"]["baseline"] == "separate-reference-train0.5"
+    half, full = table["shared-reference-train0.5"]["n_train"], table["shared-reference"]["n_train"]
+    assert 0.4 * full <= half <= 0.6 * full
+    # the half run's training images are among the full run's, and its val/test splits are the same
+    half_splits = read_csv(tmp_path / "out" / "variants" / "shared-reference-train0.5-seed0" / "splits.csv")
+    full_splits = read_csv(tmp_path / "out" / "variants" / "shared-reference-seed0" / "splits.csv")
+    for a, b in zip(half_splits, full_splits):
+        assert a["image"] == b["image"]
+        assert a["split"] == b["split"] or (a["split"] == "unused" and b["split"] == "train")
+    assert (tmp_path / "out" / "learning_curves.png").is_file()
+    assert (tmp_path / "out" / "learning_curves.pdf").is_file()

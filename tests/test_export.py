@@ -108,3 +108,45 @@ def test_predict_evaluate_and_export_name_each_probability_alike(runs, tmp_path)
         probability_columns(tmp_path / "p.csv") == onnx_names == ["p_fissure", "p_horizontal", "p_anterior"]
     )
     assert probability_columns(tmp_path / "eval" / "predictions.csv") == onnx_names
+
+
+def test_the_whole_pipeline_in_onnx_gives_predicts_answers_on_raw_slices(runs, pydicom_files, tmp_path):
+    """Raw slices of three sizes (smaller than, equal to and larger than the model's 64 px) and a
+    DICOM file: onnxruntime alone, on the slice as read, gives predict's probabilities (no TTA) and
+    its gated labels."""
+    import json
+
+    from mtl_meniscus.commands.predict import VOLUME_HINT
+    from mtl_meniscus.io.imageio import read_image
+
+    for size in (48, 100):
+        write_phantom(tmp_path / f"p{size}", n=20, seed=size, size=size)
+    files = [sorted((tmp_path / f"p{size}" / "images").glob("*.png"))[1] for size in (48, 100)]
+    from support import sagittal_copy
+
+    dicom = sagittal_copy(pydicom_files / "MR_small.dcm", tmp_path / "small.dcm")  # 64x64 MR, int16
+    files += [sorted((runs / "data" / "images").glob("*.png"))[1], dicom]
+    run, invoke = runs / "shared", CliRunner().invoke
+    result = invoke(app, ["export", str(run), "--out", str(tmp_path / "p.onnx"), "--pipeline"])
+    assert result.exit_code == 0, result.output
+    args = ["predict", str(run), *map(str, files), "--out", str(tmp_path / "p.jsonl"), "--json"]
+    result = invoke(app, [*args, "--tta", "0", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    session = onnxruntime.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    assert names[:3] == ["p_fissure", "p_horizontal", "p_anterior"] and names[3] == "pred_fissure"
+    shapes = set()
+    for path, row in zip(files, rows):
+        image = read_image(path, max_pixels=10**8, volume_hint=VOLUME_HINT, plane="sagittal", notes=[])
+        shapes.add(image.shape)
+        outputs = dict(zip(names, session.run(names, {"image": image[None].astype(np.float32)})))
+        assert outputs["p_fissure"][0] == pytest.approx(row["p_fissure"], abs=1e-4), path
+        tear = int(outputs["pred_fissure"][0])
+        assert tear == row["fissure"]
+        if tear:  # the gate is open: predict gives the gated tasks too
+            assert outputs["p_horizontal"][0] == pytest.approx(row["p_horizontal"], abs=1e-4)
+            assert int(outputs["pred_orientation"][0]) == (row["orientation"] == "horizontal")
+        else:  # closed: predict leaves them out, the graph says -1
+            assert int(outputs["pred_orientation"][0]) == int(outputs["pred_position"][0]) == -1
+    assert len(shapes) == 3  # 48, 64 (a PNG and the DICOM) and 100 pixels through the one graph

@@ -1,5 +1,12 @@
 """Export a trained model to ONNX, for runtimes without PyTorch (onnxruntime, TensorRT, browsers).
 
+Two graphs. `--pipeline` (WholePipeline): the whole of predict's pipeline but test-time
+augmentation: input `image`, raw canonical-view slices (B, H, W) float32 of any size; in the graph
+the resize to the run's size (OpenCV's INTER_AREA, as weight matrices), the edge filter, the
+per-image standardisation, the network, the calibration, the sigmoid and the cascade's gating;
+outputs `p_<task>` and `pred_<task>` (1/0, -1 where the gate is closed), so onnxruntime alone gives
+what predict gives. Without it, the network graph below.
+
 The graph holds the network, the run's calibration (the logits divided by each task's temperature,
 when `evaluate --calibrate` has saved one) and the sigmoid: input `x`, the preprocessed slice
 (B, C, H, W) float32 exactly as `preprocess.make_input` makes it from an (H, W) slice of the run's
@@ -47,6 +54,104 @@ class TaskProbabilities(nn.Module):
         return tuple(torch.sigmoid(logits[task] / self.temperatures[task]) for task in self.tasks)
 
 
+def resize_weights(
+    length: torch.Tensor, positions: torch.Tensor, size: int, area: torch.Tensor
+) -> torch.Tensor:
+    """(size, n) weights that resize n pixels (positions 0..n-1, length n as a float tensor) to
+    `size` as OpenCV's INTER_AREA does: where both sides shrink, the area of each input pixel under
+    each output pixel (`area` True); otherwise OpenCV's linear weights for INTER_AREA (the pixel at
+    floor(i * scale) and the next, weighted by the fractional overlap). Tensor arithmetic on the
+    input's shape, so the ONNX graph takes any size."""
+    scale = length / size
+    i = torch.arange(size, dtype=torch.float32)[:, None]  # (size, 1) output pixels
+    j = positions[None, :]  # (1, n) input pixels
+    overlap = torch.clamp(torch.minimum(j + 1, (i + 1) * scale) - torch.maximum(j, i * scale), min=0)
+    first = torch.floor(i * scale)
+    frac = (i + 1) - (first + 1) / scale
+    frac = torch.where(frac <= 0, torch.zeros_like(frac), frac - torch.floor(frac))
+    low, high = torch.minimum(first, length - 1), torch.minimum(first + 1, length - 1)
+    linear = (j == low).float() * (1 - frac) + (j == high).float() * frac
+    return torch.where(area, overlap / scale, linear)
+
+
+EDGE_KERNELS = {  # OpenCV's 3x3 derivative kernels (x direction; y is the transpose)
+    "sobel": [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]],
+    "scharr": [[-3.0, 0.0, 3.0], [-10.0, 0.0, 10.0], [-3.0, 0.0, 3.0]],
+}
+LAPLACE_KERNEL = [[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]  # cv2.Laplacian, ksize=1
+
+
+class Preprocess(nn.Module):
+    """preprocess.make_input after predict's resize, in torch ops: (B, H, W) raw slices ->
+    (B, C, size, size), the resized slice and its edge map, each standardised per image. Borders
+    reflect without repeating the edge pixel (OpenCV's default, BORDER_REFLECT_101)."""
+
+    def __init__(self, size: int, edge_filter: str, eps: float = 1e-6):
+        super().__init__()
+        self.size, self.edge_filter, self.eps = size, edge_filter, eps
+        if edge_filter in EDGE_KERNELS:
+            gx = torch.tensor(EDGE_KERNELS[edge_filter])
+            self.register_buffer("kernels", torch.stack([gx, gx.T])[:, None])  # (2, 1, 3, 3)
+        elif edge_filter == "laplace":
+            self.register_buffer("kernels", torch.tensor(LAPLACE_KERNEL)[None, None])
+        elif edge_filter != "none":
+            raise MeniscusError(f"unknown edge filter {edge_filter!r}")
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(image.shape[1], dtype=torch.float32)
+        cols = torch.arange(image.shape[2], dtype=torch.float32)
+        height, width = rows[-1] + 1, cols[-1] + 1
+        area = (height >= self.size) & (width >= self.size)
+        resized = (
+            resize_weights(height, rows, self.size, area)
+            @ image
+            @ resize_weights(width, cols, self.size, area).T
+        )
+        x = resized[:, None]  # (B, 1, size, size)
+        if self.edge_filter != "none":
+            padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+            grads = nn.functional.conv2d(padded, self.kernels)  # (B, 1 or 2, size, size)
+            edges = (
+                grads.abs() if self.edge_filter == "laplace" else torch.sqrt((grads**2).sum(1, keepdim=True))
+            )
+            x = torch.cat([x, edges], dim=1)
+        return self._standardize(x)
+
+    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero mean, unit (population) variance per image and channel; a constant one becomes zeros."""
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        std = ((x - mean) ** 2).mean(dim=(2, 3), keepdim=True).sqrt()
+        constant = std < self.eps * torch.clamp(mean.abs(), min=1.0)
+        return torch.where(constant, torch.zeros_like(x), (x - mean) / torch.where(constant, 1.0, std))
+
+
+class WholePipeline(nn.Module):
+    """Raw slices (B, H, W) -> (p_<task>..., pred_<task>...): Preprocess, the network with its
+    calibration and sigmoid (TaskProbabilities), then the cascade's gating: the root task (fissure)
+    cut at `threshold`, a task it gates at 0.5 where it is predicted and -1 where it is not."""
+
+    def __init__(
+        self,
+        probabilities: TaskProbabilities,
+        preprocess: Preprocess,
+        threshold: float,
+        gated: tuple[bool, ...],
+    ):
+        super().__init__()
+        self.probabilities, self.preprocess = probabilities, preprocess
+        self.tasks, self.threshold, self.gated = probabilities.tasks, threshold, gated
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        probs = self.probabilities(self.preprocess(image))
+        root = (probs[0] >= self.threshold).long()  # the task table's root comes first
+        closed = torch.full_like(root, -1)
+        predicted = [root] + [
+            torch.where(root == 1, (p >= 0.5).long(), closed) if gated else (p >= 0.5).long()
+            for p, gated in zip(probs[1:], self.gated[1:])
+        ]
+        return (*probs, *predicted)
+
+
 @dataclass
 class ExportReport:
     """What was written and how closely the exported graph matches PyTorch."""
@@ -55,7 +160,8 @@ class ExportReport:
     sidecar: str
     tasks: tuple[str, ...]
     outputs: tuple[str, ...]  # the graph's output names, predict's probability columns (p_horizontal, ...)
-    input_shape: tuple[str, int, int, int]  # ('batch', C, H, W)
+    input_name: str  # x (preprocessed) or image (raw slices, --pipeline)
+    input_shape: tuple  # ('batch', C, H, W), or ('batch', 'height', 'width') for the pipeline
     edge_filter: str
     image_size: int
     fissure_threshold: float
@@ -64,6 +170,7 @@ class ExportReport:
     max_abs_difference: float
     checked_inputs: int
     source: str
+    pipeline: bool = False
     mtl_meniscus_version: str = __version__
 
 
@@ -81,20 +188,76 @@ def _onnx_modules():
 
 
 def export_onnx(
-    run_or_checkpoint: str | Path, out: str | Path, check_inputs: np.ndarray | None = None, seed: int = 0
+    run_or_checkpoint: str | Path,
+    out: str | Path,
+    check_inputs: list[np.ndarray] | np.ndarray | None = None,
+    seed: int = 0,
+    pipeline: bool = False,
 ) -> ExportReport:
-    """Write `out` (.onnx) and `out`.json; `check_inputs` (N, C, H, W) default to 4 random inputs."""
+    """Write `out` (.onnx) and `out`.json: the network graph, or with `pipeline` the WholePipeline.
+    `check_inputs`: the inputs of the parity check (network: (N, C, H, W); pipeline: a list of
+    (B, H, W) slices of any sizes); by default random ones (for the pipeline, of three sizes)."""
     onnx, onnxruntime = _onnx_modules()
     out = check_output_file(out, "--out")
+    trained = _slice_model(run_or_checkpoint)
+    threshold = trained.saved_threshold or DEFAULT_THRESHOLD  # what predict would apply
+    build = _pipeline_export if pipeline else _network_export
+    module, inputs, input_name, input_shape = build(trained, threshold.value, check_inputs, seed)
+    output_names = _output_names(trained, module)
+
+    with atomic_write(out) as tmp:
+        graph = _onnx_graph(module, inputs[0][:2], input_name, output_names, input_shape)
+        for key, value in _metadata(trained, module, threshold.value, pipeline).items():
+            graph.metadata_props.add(key=key, value=value)
+        onnx.save_model(graph, str(tmp))
+        difference = _parity(onnxruntime, tmp, module, inputs, input_name, output_names)
+        if not difference <= PARITY_TOLERANCE:  # also catches NaN
+            raise MeniscusError(
+                f"the exported graph disagrees with PyTorch by {difference:.2e} (tolerance "
+                f"{PARITY_TOLERANCE:.0e}); nothing written. Please report it with torch "
+                f"{torch.__version__} and onnxruntime {onnxruntime.__version__}"
+            )
+    probabilities = module.probabilities if pipeline else module
+    report = ExportReport(
+        path=str(out),
+        sidecar=str(out.with_name(out.name + ".json")),
+        tasks=probabilities.tasks,
+        outputs=tuple(output_names),
+        input_name=input_name,
+        input_shape=input_shape,
+        edge_filter=trained.config.preprocess.edge_filter,
+        image_size=trained.config.data.image_size,
+        fissure_threshold=threshold.value,
+        threshold_source=threshold.source,
+        temperatures=probabilities.temperatures,
+        max_abs_difference=difference,
+        checked_inputs=sum(len(x) for x in inputs),
+        source=str(trained.checkpoint),
+        pipeline=pipeline,
+    )
+    write_text_atomic(report.sidecar, json_text(asdict(report)))
+    return report
+
+
+def _slice_model(run_or_checkpoint):
     trained = load_trained(run_or_checkpoint, resolve_runtime("fp32", "cpu"))
     if trained.config.model.exam_pooling is not None:
         raise MeniscusError(
             f"{trained.checkpoint}: a model of whole exams (model.exam_pooling "
             f"{trained.config.model.exam_pooling}); ONNX export takes slice models only"
         )
-    # Contiguous (NCHW) weights: the graph must not depend on how this machine lays out memory.
+    return trained
+
+
+def _probabilities(trained) -> TaskProbabilities:
+    """The network with its calibration and sigmoid; contiguous (NCHW) weights, so the graph does not
+    depend on how this machine lays out memory."""
     temperatures = trained.calibration.temperatures if trained.calibration else {}
-    model = TaskProbabilities(trained.model.to(memory_format=torch.contiguous_format), temperatures).eval()
+    return TaskProbabilities(trained.model.to(memory_format=torch.contiguous_format), temperatures).eval()
+
+
+def _network_export(trained, threshold: float, check_inputs, seed: int):
+    """(module, parity inputs, input name, input shape) of the network graph: x (B, C, size, size)."""
     channels, size = trained.config.model.in_chans, trained.config.data.image_size
     if check_inputs is None:
         check_inputs = np.random.default_rng(seed).standard_normal((4, channels, size, size), np.float32)
@@ -103,46 +266,46 @@ def export_onnx(
         raise MeniscusError(
             f"check inputs have shape {check_inputs.shape[1:]}; the model takes ({channels}, {size}, {size})"
         )
-    threshold = trained.saved_threshold or DEFAULT_THRESHOLD  # what predict would apply
-    output_names = [trained.tasks[task].p_column for task in model.tasks]  # predict's column names
+    return _probabilities(trained), [check_inputs], "x", ("batch", channels, size, size)
 
-    with atomic_write(out) as tmp:
-        graph = _onnx_graph(model, check_inputs[:2], output_names)
-        for key, value in _metadata(trained, model, threshold.value).items():
-            graph.metadata_props.add(key=key, value=value)
-        onnx.save_model(graph, str(tmp))
-        difference = _parity(onnxruntime, tmp, model, check_inputs, output_names)
-        if not difference <= PARITY_TOLERANCE:  # also catches NaN
-            raise MeniscusError(
-                f"the exported graph disagrees with PyTorch by {difference:.2e} (tolerance "
-                f"{PARITY_TOLERANCE:.0e}); nothing written. Please report it with torch "
-                f"{torch.__version__} and onnxruntime {onnxruntime.__version__}"
-            )
 
-    report = ExportReport(
-        path=str(out),
-        sidecar=str(out.with_name(out.name + ".json")),
-        tasks=model.tasks,
-        outputs=tuple(output_names),
-        input_shape=("batch", channels, size, size),
-        edge_filter=trained.config.preprocess.edge_filter,
-        image_size=size,
-        fissure_threshold=threshold.value,
-        threshold_source=threshold.source,
-        temperatures=model.temperatures,
-        max_abs_difference=difference,
-        checked_inputs=len(check_inputs),
-        source=str(trained.checkpoint),
+def _pipeline_export(trained, threshold: float, check_inputs, seed: int):
+    """(module, parity inputs, input name, input shape) of the WholePipeline: image (B, H, W), any H, W."""
+    size = trained.config.data.image_size
+    tasks = trained.tasks
+    probabilities = _probabilities(trained)
+    gated = tuple(tasks[task].gated_by == tasks.root.name for task in probabilities.tasks)
+    if probabilities.tasks[0] != tasks.root.name:
+        raise MeniscusError(
+            f"{trained.checkpoint}: the pipeline export needs the model to predict {tasks.root.name}"
+        )
+    module = WholePipeline(
+        probabilities, Preprocess(size, trained.config.preprocess.edge_filter), threshold, gated
     )
-    write_text_atomic(report.sidecar, json_text(asdict(report)))
-    return report
+    if check_inputs is None:  # smaller, equal and larger than the model's size, not square
+        rng = np.random.default_rng(seed)
+        shapes = [(2, size, size), (2, size // 2 + 3, size - 5), (2, 2 * size + 7, size + 11)]
+        check_inputs = [rng.random(shape, np.float32) * 1000 for shape in shapes]
+    check_inputs = [np.ascontiguousarray(x, dtype=np.float32) for x in check_inputs]
+    return module.eval(), check_inputs, "image", ("batch", "height", "width")
 
 
-def _metadata(trained, model: TaskProbabilities, threshold: float) -> dict[str, str]:
+def _output_names(trained, module) -> list[str]:
+    """predict's column names: p_fissure, p_horizontal, p_anterior (and pred_<task> for the pipeline)."""
+    probabilities = module.probabilities if isinstance(module, WholePipeline) else module
+    names = [trained.tasks[task].p_column for task in probabilities.tasks]
+    if isinstance(module, WholePipeline):
+        names += [f"pred_{task}" for task in probabilities.tasks]
+    return names
+
+
+def _metadata(trained, module, threshold: float, pipeline: bool) -> dict[str, str]:
     """What the graph carries besides the network: how to prepare its input, and where it came from."""
+    probabilities = module.probabilities if pipeline else module
     return {
-        "tasks": ",".join(model.tasks),
-        "temperatures": ",".join(f"{task}={t}" for task, t in model.temperatures.items()),
+        "tasks": ",".join(probabilities.tasks),
+        "temperatures": ",".join(f"{task}={t}" for task, t in probabilities.temperatures.items()),
+        "input": "raw slices (batch, height, width), canonical view" if pipeline else "make_input output",
         "edge_filter": trained.config.preprocess.edge_filter,
         "image_size": str(trained.config.data.image_size),
         "fissure_threshold": f"{threshold}",
@@ -151,25 +314,34 @@ def _metadata(trained, model: TaskProbabilities, threshold: float) -> dict[str, 
     }
 
 
-def _onnx_graph(model: nn.Module, example: np.ndarray, output_names: list[str]):
-    """The model as an ONNX ModelProto with a dynamic batch axis (torch.onnx's dynamo exporter)."""
+def _onnx_graph(module: nn.Module, example: np.ndarray, input_name: str, output_names: list[str], shape):
+    """The module as an ONNX ModelProto with the dynamic axes `shape` names ('batch', 'height', ...)."""
+    argument = "image" if input_name == "image" else "x"  # the forward argument's name
+    dynamic = {
+        axis: torch.export.Dim(name, min=2) for axis, name in enumerate(shape) if isinstance(name, str)
+    }
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every stage
         program = torch.onnx.export(
-            model,
+            module,
             (torch.from_numpy(example),),
-            input_names=["x"],
+            input_names=[input_name],
             output_names=output_names,
-            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+            dynamic_shapes={argument: dynamic},
             opset_version=OPSET,
             dynamo=True,
         )
     return program.model_proto
 
 
-def _parity(onnxruntime, path: Path, model: nn.Module, inputs: np.ndarray, output_names: list[str]) -> float:
-    """Largest |probability difference| between onnxruntime and PyTorch on `inputs`."""
+def _parity(
+    onnxruntime, path: Path, module: nn.Module, inputs, input_name: str, output_names: list[str]
+) -> float:
+    """Largest |difference| between onnxruntime and PyTorch over every output on every input batch."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    exported = session.run(output_names, {"x": inputs})  # [(N,) per task]
-    with torch.no_grad():
-        reference = model(torch.from_numpy(inputs))
-    return max(float(np.max(np.abs(a - b.numpy()))) for a, b in zip(exported, reference))
+    largest = 0.0
+    for batch in inputs:
+        exported = session.run(output_names, {input_name: batch})
+        with torch.no_grad():
+            reference = module(torch.from_numpy(batch))
+        largest = max([largest] + [float(np.max(np.abs(a - b.numpy()))) for a, b in zip(exported, reference)])
+    return largest

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl_meniscus.data.splits import SPLIT_NAMES
+from mtl_meniscus.data.splits import SPLIT_NAMES, UNUSED
 from mtl_meniscus.errors import DataError
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
 
@@ -258,6 +258,9 @@ class PreparedData:
             idx = self.indices(split)
             tears = int(np.nansum(self.targets[idx, 0])) if len(idx) else 0  # the root task: fissure
             parts.append(f"{split} {len(idx)} ({tears} tears)")
+        unused = len(self.indices(UNUSED))
+        if unused:  # data.train_fraction < 1
+            parts.append(f"{unused} training images unused (data.train_fraction)")
         return ", ".join(parts)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 SPLIT_NAMES = ("train", "val", "test")
+UNUSED = "unused"  # a training image left out by data.train_fraction (a learning curve's smaller point)
 
 
 def stratified_group_split(
@@ -55,3 +56,40 @@ def stratified_group_split(
             for index in members[group]:
                 assignment[index] = SPLIT_NAMES[choice]
     return assignment
+
+
+def nested_training_subset(
+    splits: Sequence[str],
+    strata: Sequence[str],
+    fraction: float,
+    seed: int = 0,
+    groups: Sequence[str] | None = None,
+) -> list[str]:
+    """`splits` with the training items outside a `fraction` of the training split marked UNUSED.
+
+    The subset is stratified (each stratum of the training split keeps round(fraction x its
+    groups), at least one) and patient-grouped (a group is kept or left out whole), and nested: the
+    groups of each stratum are put in one seeded order that does not depend on `fraction`, and the
+    first ones are kept, so the subset for 0.25 is inside the subset for 0.5. Validation and test
+    items are never touched.
+    """
+    if fraction >= 1.0:
+        return list(splits)
+    groups = list(groups) if groups is not None else [str(i) for i in range(len(splits))]
+    members: dict[str, list[int]] = defaultdict(list)
+    for index, (split, group) in enumerate(zip(splits, groups)):
+        if split == "train":
+            members[group].append(index)
+    by_stratum: dict[str, list[str]] = defaultdict(list)
+    for group, indices in members.items():
+        by_stratum[strata[indices[0]]].append(group)
+    rng = np.random.default_rng([seed, 7])  # 7: a stream of its own, apart from the split's
+    result = list(splits)
+    for stratum in sorted(by_stratum):
+        ordered = sorted(by_stratum[stratum])
+        rng.shuffle(ordered)
+        keep = max(1, round(fraction * len(ordered)))
+        for group in ordered[keep:]:
+            for index in members[group]:
+                result[index] = UNUSED
+    return result

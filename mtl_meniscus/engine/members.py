@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from mtl_meniscus.config import Config, config_from_dict
+from mtl_meniscus.config import Config, ModelConfig, config_from_dict
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.stopping import chance_sd, learning_score
 from mtl_meniscus.errors import MeniscusError
@@ -117,6 +117,18 @@ def member_config(config: Config, member: Member) -> Config:
     if member.name == "fissure" and trains_per_task(config.model.name):
         own.model = own.model.model_copy(update={"kernels": config.model.fissure_kernels})
     return own
+
+
+def network_model_configs(config: Config) -> dict[str, ModelConfig]:
+    """{network: its model config}: the one network of a shared run, or the cascade's one per task
+    (as member_config builds them), without data: what compare counts the FLOPs of."""
+    if not trains_per_task(config.model.name):
+        return {JOINT: config.model}
+    none = np.zeros(0, np.int64)
+    return {
+        task: member_config(config, Member(task, (task,), Path("."), none, none)).model
+        for task in config.model.tasks
+    }
 
 
 def tasks_without_labels(names: tuple[str, ...], data: PreparedData) -> dict[str, int]:

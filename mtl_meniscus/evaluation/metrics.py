@@ -288,3 +288,32 @@ def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) ->
         z = difference / se
     p_value = math.erfc(abs(z) / math.sqrt(2))
     return {"auc_a": auc_a, "auc_b": auc_b, "difference": difference, "se": se, "z": z, "p_value": p_value}
+
+
+def seeds_and_images_interval(
+    per_seed: np.ndarray, image_resamples: np.ndarray, level: float = 0.95
+) -> tuple[float, float]:
+    """Interval of a mean over training seeds that holds with few seeds: the seeds' own t-interval
+    combined with the test images' sampling error.
+
+    `per_seed` (n,) holds one value per seed (a score, or a paired difference: each seed's value
+    minus the baseline's of the same seed, on the same test images); `image_resamples` (B,) the
+    bootstrap distribution of their mean when only the test images are resampled. The two sources
+    of error are independent (the training randomness and the draw of the test set), so their
+    half-widths add in quadrature: t(n-1) * sd / sqrt(n) for the seeds (a resampled mean of n
+    seeds cannot leave the range of the n values, so it is too narrow with 3-5 seeds) and z * the
+    bootstrap's standard deviation for the images. NaNs with fewer than two seeds.
+    """
+    from scipy import stats
+
+    values = np.asarray(per_seed, dtype=float)
+    values = values[~np.isnan(values)]
+    resamples = np.asarray(image_resamples, dtype=float)
+    resamples = resamples[~np.isnan(resamples)]
+    if len(values) < 2:
+        return (math.nan, math.nan)
+    tail = (1 + level) / 2
+    seed_half = stats.t.ppf(tail, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    image_half = stats.norm.ppf(tail) * resamples.std(ddof=1) if len(resamples) > 1 else 0.0
+    half = math.hypot(seed_half, image_half)
+    return (float(values.mean() - half), float(values.mean() + half))

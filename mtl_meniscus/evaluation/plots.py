@@ -162,6 +162,37 @@ def plot_forest(table: list[dict], per_seed: list[dict], path: Path) -> None:
         save_figure(fig, path)
 
 
+def plot_learning_curves(table: list[dict], path: Path) -> bool:
+    """Test score (seed mean with its 95% interval over seeds and images) against the number of
+    training images, one line per mode and trunk: where a shared representation should pay off
+    (less data) is where the lines part. False (nothing written) with one training share only."""
+    fractions = {row["train_fraction"] for row in table}
+    if len(fractions) < 2:
+        return False
+    lines: dict[str, list[dict]] = {}
+    for row in table:
+        lines.setdefault(f"{row['mode']}-{row['trunk']}", []).append(row)
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
+        for k, (name, rows) in enumerate(lines.items()):
+            rows = sorted(rows, key=lambda r: r["train_fraction"])
+            x = [r["n_train"] or r["train_fraction"] for r in rows]
+            y = [r["score_mean"] for r in rows]
+            low = [r["score_mean"] - r["score_ci_low"] for r in rows]
+            high = [r["score_ci_high"] - r["score_mean"] for r in rows]
+            ax.errorbar(
+                x, y, yerr=[low, high], marker="o", markersize=3, capsize=3, color=f"C{k}", label=name
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("training images (share of the training split)")
+        ax.set_ylabel("challenge score (test)")
+        ax.set_title("learning curves: seed mean, 95% CI (seeds + images)")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        save_figure(fig, path)
+    return True
+
+
 def seed_differences(table: list[dict], per_seed: list[dict]) -> dict[str, list[float]]:
     """{variant: [score of seed s - the baseline's score of seed s, for each seed both have]}."""
     differences = {}

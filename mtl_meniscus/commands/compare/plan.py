@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtl_meniscus.commands.compare.settings import CompareConfig
-from mtl_meniscus.config import OWN_TRUNKS, Config, load_config, read_config_file
+from mtl_meniscus.commands.compare.settings import REGULARIZATION_KEYS, CompareConfig
+from mtl_meniscus.config import OWN_TRUNKS, Config, load_config, preset_path, read_config_file
+from mtl_meniscus.engine.members import network_model_configs
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.labels import TASKS
-from mtl_meniscus.networks.models import create_timm_backbone, trains_per_task
+from mtl_meniscus.networks.flops import flops_per_image
+from mtl_meniscus.networks.models import build_model, create_timm_backbone, trains_per_task
 
 RESULT_FILE = "result.json"
 
@@ -24,11 +26,13 @@ class Variant:
     mode: str
     trunk: str
     seed: int
+    fraction: float = 1.0  # share of the training split it trains on (a learning curve's point)
 
     @property
     def group(self) -> str:
         """The variant without its seed: what the table has one row for."""
-        return f"{self.mode}-{re.sub(r'[^A-Za-z0-9._]+', '_', self.trunk)}"
+        group = f"{self.mode}-{re.sub(r'[^A-Za-z0-9._]+', '_', self.trunk)}"
+        return group if self.fraction == 1.0 else f"{group}-train{self.fraction:g}"
 
     @property
     def name(self) -> str:
@@ -36,10 +40,12 @@ class Variant:
 
 
 def plan_variants(compare: CompareConfig) -> list[Variant]:
-    """Every (mode, trunk, seed), seed-major: after the first round every row of the table has a value."""
+    """Every (mode, trunk, training fraction, seed), seed-major: after the first round every row of
+    the table has a value."""
     return [
-        Variant(mode, trunk, seed)
+        Variant(mode, trunk, seed, fraction)
         for seed in compare.seeds
+        for fraction in compare.train_fractions
         for trunk in compare.trunks
         for mode in compare.modes
     ]
@@ -48,27 +54,38 @@ def plan_variants(compare: CompareConfig) -> list[Variant]:
 def baseline_group(variants: Sequence[Variant]) -> str:
     """The `separate` cascade with the reference trunk; else the first separate group; else the first."""
     groups = list(dict.fromkeys(v.group for v in variants))
-    for preferred in ("separate-reference", *(g for g in groups if g.startswith("separate-"))):
-        if preferred in groups:
-            return preferred
-    return groups[0]
+    preferred = [v.group for v in variants if v.mode == "separate" and v.trunk == "reference"]
+    preferred += [v.group for v in variants if v.mode == "separate"]
+    return preferred[0] if preferred else groups[0]
+
+
+def baselines(variants: Sequence[Variant]) -> dict[str, str]:
+    """{group: the group it is compared with}: the baseline (baseline_group) among the variants
+    trained on the same fraction of the training split."""
+    by_fraction: dict[float, list[Variant]] = {}
+    for variant in variants:
+        by_fraction.setdefault(variant.fraction, []).append(variant)
+    return {v.group: baseline_group(by_fraction[v.fraction]) for v in variants}
 
 
 def variant_config(
     compare: CompareConfig,
     variant: Variant,
-    preset: Path,
+    presets: dict[str, Path],
     data_path: str | None,
     wandb_mode: str | None,
     wandb_group: str,
 ) -> Config:
-    """The training config of one variant: its mode's preset with the comparison's settings on top."""
+    """The training config of one variant: its mode's preset with the comparison's settings on top
+    (budget, trunk, seed, training fraction; with same_regularization the shared preset's
+    REGULARIZATION_KEYS), and for the cascade the steps per epoch its budget gives each network."""
     timm_trunk = variant.trunk not in OWN_TRUNKS
     overrides = {
         "model.name": variant.mode,
         "model.trunk": variant.trunk,
         "model.pretrained": compare.pretrained.get(variant.trunk) if timm_trunk else None,
         "train.seed": variant.seed,
+        "data.train_fraction": variant.fraction,
         "train.max_epochs": compare.max_epochs,
         "train.steps_per_epoch": compare.steps_per_epoch,
         "data.path": data_path,
@@ -79,17 +96,60 @@ def variant_config(
     }
     if compare.phantom_difficulty:
         overrides["data.phantom_difficulty"] = compare.phantom_difficulty
-    config = load_config(preset, overrides)
-    if compare.budget == "total" and trains_per_task(variant.mode):
-        overrides["train.steps_per_epoch"] = steps_per_network(
-            config.train.steps_per_epoch, len(config.model.tasks)
-        )
-        config = load_config(preset, overrides)
+    if compare.same_regularization:
+        overrides |= regularization_of(_shared_config(compare, variant, presets, overrides))
+    config = load_config(presets[variant.mode], overrides)
+    if compare.budget != "per-network" and trains_per_task(variant.mode):
+        steps = config.train.steps_per_epoch
+        if compare.budget == "equal-images":
+            overrides["train.steps_per_epoch"] = steps_per_network(steps, len(config.model.tasks))
+        else:
+            shared = _shared_config(compare, variant, presets, overrides)
+            overrides["train.steps_per_epoch"] = flops_matched_steps(
+                shared.train.steps_per_epoch, training_flops(shared), training_flops(config)
+            )
+        config = load_config(presets[variant.mode], overrides)
     return config
 
 
+def _shared_config(compare: CompareConfig, variant: Variant, presets: dict[str, Path], overrides) -> Config:
+    """The shared model's config for this variant's trunk and budget: the reference compute budget
+    (equal-flops) and regularization (same_regularization) the other modes are matched to."""
+    shared = dict(overrides, **{"model.name": "shared"})
+    return load_config(presets.get("shared") or preset_path("shared"), shared)
+
+
+def regularization_of(config: Config) -> dict[str, Any]:
+    """{key: value} of REGULARIZATION_KEYS in `config` (sections such as 'augment' whole)."""
+    values = config.to_dict()
+    out = {}
+    for key in REGULARIZATION_KEYS:
+        section, _, name = key.partition(".")
+        out[key] = values[section][name] if name else values[section]
+    return out
+
+
+def training_flops(config: Config) -> dict[str, float]:
+    """{network: FLOPs of one training image (forward and backward)} of the networks the config's
+    run trains, counted by networks.flops (timm trunks built without their weights)."""
+    flops = {}
+    for network, model in network_model_configs(config).items():
+        model = model.model_copy(update={"pretrained": "none"}) if model.trunk not in OWN_TRUNKS else model
+        flops[network] = flops_per_image(
+            build_model(model), model.in_chans, config.data.image_size, training=True
+        )
+    return flops
+
+
+def flops_matched_steps(shared_steps: int, shared: dict[str, float], cascade: dict[str, float]) -> int:
+    """Budget 'equal-flops': steps per epoch of each cascade network such that the three together
+    cost what the shared model's steps cost (same batch): shared_steps x F_shared / sum of the
+    networks' F, rounded to the nearest step, at least one."""
+    return max(1, round(shared_steps * sum(shared.values()) / sum(cascade.values())))
+
+
 def steps_per_network(steps_per_epoch: int, networks: int = len(TASKS)) -> int:
-    """Budget 'total': the cascade's networks (one per task) share the shared model's steps.
+    """Budget 'equal-images': the cascade's networks (one per task) share the shared model's steps.
 
     Each network keeps the epochs (so all validate and stop on the same schedule) and trains
     steps_per_epoch / networks steps of each, rounded to the nearest step, at least one.

@@ -12,7 +12,14 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mtl_meniscus.commands.compare.statistics import ScoredVariant, delong_rows, floor_findings, per_seed_rows
+from mtl_meniscus.commands.compare.statistics import (
+    STILL_IMPROVING_SHARE,
+    ScoredVariant,
+    delong_rows,
+    floor_findings,
+    per_seed_rows,
+    still_improving,
+)
 from mtl_meniscus.config import Config
 from mtl_meniscus.io.outputs import json_text
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
@@ -27,7 +34,8 @@ def _task_names(row: dict[str, Any]) -> list[str]:
 
 def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the readable table, shared by the terminal and the markdown file."""
-    baseline = table[0]["baseline"]
+    baselines = list(dict.fromkeys(row["baseline"] for row in table))
+    baseline = baselines[0] if len(baselines) == 1 else "the cascade on the same training share"
     copies = table[0]["tta_copies"]
     header = [
         "variant",
@@ -40,29 +48,24 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
         "Δ [95% CI images only]",
         "params",
         "train images",
+        "train TFLOPs",
         "train s",
         "train img/s",
         f"infer ms/img (TTA {copies})",
     ]
     rows = []
     for row in table:
-        if row["variant"] == baseline:
+        if row["variant"] == row["baseline"]:
             diffs = ["baseline", "baseline"]
         else:
             diffs = [
                 f"{_num(row['diff_mean'], '+.3f')} [{_num(row[f'{ci}_low'], '+.3f')}, {_num(row[f'{ci}_high'], '+.3f')}]"
                 for ci in ("diff_ci", "diff_ci_images")
             ]
-        not_learned = row["not_learned_seeds"].split()
         rows.append(
             [
                 row["variant"],
-                str(row["n_seeds"])
-                + (
-                    f" ({len(not_learned)} did not learn: seed {', '.join(not_learned)})"
-                    if not_learned
-                    else ""
-                ),
+                _seeds_cell(row),
                 *(_mean_sd(row[f"auc_{t}_mean"], row[f"auc_{t}_sd"]) for t in _task_names(row)),
                 _mean_sd(row["score_mean"], row["score_sd"]),
                 f"{_num(row['score_ci_low'])}-{_num(row['score_ci_high'])}",
@@ -70,6 +73,7 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
                 *diffs,
                 f"{row['params']:,}",
                 f"{row['train_images_mean']:,.0f}",
+                _num(row["train_flops_mean"] / 1e12, ".3g"),
                 f"{row['train_seconds_mean']:.0f}",
                 f"{row['train_images_per_s_mean']:.0f}",
                 f"{row['infer_ms_per_image_median']:.2f}",
@@ -78,16 +82,32 @@ def display_cells(table: list[dict[str, Any]]) -> tuple[list[str], list[list[str
     return header, rows
 
 
+def _seeds_cell(row: dict[str, Any]) -> str:
+    """'5', or '5 (1 did not learn: seed 3; 2 still improving: seeds 0, 4)'."""
+    notes = []
+    for key, what in (("not_learned_seeds", "did not learn"), ("still_improving_seeds", "still improving")):
+        seeds = row.get(key, "").split()
+        if seeds:
+            notes.append(f"{len(seeds)} {what}: seed {', '.join(seeds)}")
+    return str(row["n_seeds"]) + (f" ({'; '.join(notes)})" if notes else "")
+
+
 BUDGET_NOTES = {
     "per-network": (
         "Budget per network: each of the cascade's networks trained the whole budget, so the cascade "
         "saw about three times the training images (column 'train images': images seen by all of a "
         "variant's networks, mean over seeds)."
     ),
-    "total": (
-        "Budget in total: the cascade's three networks shared the shared model's training steps, a "
-        "third of each epoch's steps each (column 'train images': images seen by all of a variant's "
-        "networks, mean over seeds)."
+    "equal-images": (
+        "Budget of equal images: the cascade's three networks shared the shared model's training "
+        "steps, a third of each epoch's steps each (column 'train images': images seen by all of a "
+        "variant's networks, mean over seeds). Its networks cost more FLOPs per image than the shared "
+        "model, so this is not equal compute: see 'train TFLOPs'."
+    ),
+    "equal-flops": (
+        "Budget of equal FLOPs: the cascade's networks together trained on the shared model's "
+        "training FLOPs per epoch (FLOPs per image counted by torch.utils.flop_counter, forward and "
+        "backward; column 'train TFLOPs': all of a variant's networks, mean over seeds)."
     ),
 }
 
@@ -144,7 +164,12 @@ def write_report(
     patients: list[str] | None = None,
 ) -> None:
     """results*.csv / results.md / results.json, the plots, and the terminal tables."""
-    from mtl_meniscus.evaluation.plots import plot_forest, plot_roc_overlay, plot_score_bars
+    from mtl_meniscus.evaluation.plots import (
+        plot_forest,
+        plot_learning_curves,
+        plot_roc_overlay,
+        plot_score_bars,
+    )
 
     _write_csv(out_dir / "results.csv", table)
     per_seed = per_seed_rows(scored, targets, tasks)
@@ -167,6 +192,7 @@ def write_report(
     plot_score_bars(table, per_seed, out_dir / "score_bars.png")
     plot_roc_overlay(scored, targets, out_dir / "roc_overlay.png", tasks)
     plot_forest(table, per_seed, out_dir / "forest.png")
+    plot_learning_curves(table, out_dir / "learning_curves.png")
 
     _print_tables(console, header, rows, caption, delong)
     for finding in floor:
@@ -175,7 +201,7 @@ def write_report(
         )
     console.print(
         f"wrote {out_dir / 'results.md'}, results.csv, results_per_seed.csv and the figures score_bars, "
-        "roc_overlay, forest (.png and .pdf)"
+        "roc_overlay, forest and, with several training shares, learning_curves (.png and .pdf)"
     )
 
 
@@ -184,12 +210,18 @@ def _caption(table: list[dict[str, Any]], scored: Sequence[ScoredVariant]) -> tu
     check) and the floor check's findings alone."""
     n_test, resamples = table[0]["n_test"], table[0]["bootstrap_resamples"]
     caption = (
-        f"Test split: {n_test} images{_of_patients(table[0])}. AUC and score: mean ± sd over seeds. CIs: 95% percentile "
-        f"bootstrap ({resamples} resamples); 'seeds + images' resamples the seeds of each variant and the "
-        "test images (each task on its own rows, stratified on its own class), 'images only' keeps every "
-        "seed and resamples the images. Δ: difference of seed means, paired on the resampled images. "
-        + BUDGET_NOTES[table[0]["budget"]]
+        f"Test split: {n_test} images{_of_patients(table[0])}. AUC and score: mean ± sd over seeds. 95% CIs: "
+        f"'seeds + images': a t-interval over the seeds combined with the test images' bootstrap error "
+        f"({resamples} resamples; each task on its own rows, stratified on its own class); 'images only': "
+        "the percentile bootstrap with every seed kept. Δ: mean over seeds of (score - the baseline's score "
+        "with the same seed), on the same images. " + BUDGET_NOTES[table[0]["budget"]]
     )
+    improving = [item.variant.name for item in scored if still_improving(item.result)]
+    if improving:
+        caption += (
+            f" Still improving when the budget ended (best epoch in its last {STILL_IMPROVING_SHARE:.0%}): "
+            f"{', '.join(improving)}; a conclusion should rest on variants that are not."
+        )
     not_learned = [item.variant.name for item in scored if not item.result.get("learned", True)]
     if not_learned:
         caption += (

@@ -21,6 +21,7 @@ from mtl_meniscus.commands.compare.plan import (
     Variant,
     check_pretrained_weights,
     plan_variants,
+    training_flops,
     variant_config,
     variant_status,
 )
@@ -28,7 +29,7 @@ from mtl_meniscus.commands.compare.report import log_summary, write_report
 from mtl_meniscus.commands.compare.settings import CompareConfig
 from mtl_meniscus.commands.compare.statistics import ScoredVariant, summarize
 from mtl_meniscus.config import Config
-from mtl_meniscus.data.load import prepare_data
+from mtl_meniscus.data.load import prepare_data, with_train_fraction
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.progress import progress_bar
@@ -54,7 +55,8 @@ def score_variant(
     variant: Variant, run_dir: Path, data: PreparedData, config: Config, runtime: Runtime
 ) -> ScoredVariant:
     """Predict the test split with the comparison's TTA; time it; write test_predictions.csv and result.json."""
-    if not data.same_splits_as(run_dir / "splits.csv"):
+    own = with_train_fraction(data, config.data.train_fraction, config.data.split_seed)
+    if not own.same_splits_as(run_dir / "splits.csv"):
         raise MeniscusError(f"{run_dir} was trained on other splits than this comparison's data")
     trained = load_trained(run_dir, runtime)
     test = data.indices("test")
@@ -77,6 +79,7 @@ def score_variant(
         "test_auc": aucs,
         "test_score": challenge_score(aucs, data.tasks),
         "n_test": len(test),
+        "n_train": len(own.indices("train")),  # the training images it had (its share of the split)
         "tta_copies": config.tta.copies,
         "params": count_parameters(trained.model),
         "train_seconds": metrics["train_seconds"],
@@ -87,6 +90,8 @@ def score_variant(
         # other load on the machine, which the total time is not.
         "infer_ms_per_image": float(np.median(ms_per_input)) * (1 + config.tta.copies),
         "best": metrics["members"],
+        "max_epochs": config.train.max_epochs,  # the budget, for the "still improving" flag
+        **_training_compute(config, metrics["members"]),
         "learned": metrics.get("learned", True),
         "warnings": metrics.get("warnings", []),
         "precision": runtime.precision,
@@ -95,6 +100,15 @@ def score_variant(
     _write_predictions(run_dir / PREDICTIONS_FILE, names, data.targets[test], probs, data.tasks)
     write_text_atomic(run_dir / RESULT_FILE, json_text(result))  # complete or absent: marks it done
     return ScoredVariant(variant, result, names, probs)
+
+
+def _training_compute(config: Config, members: dict[str, dict]) -> dict[str, Any]:
+    """Each network's training FLOPs per image (networks/flops.py) and the run's training FLOPs:
+    the sum over networks of epochs trained x steps per epoch x batch x FLOPs per image."""
+    flops = training_flops(config)
+    images_per_epoch = config.train.steps_per_epoch * config.train.batch_size
+    total = sum(members[network]["epochs"] * images_per_epoch * f for network, f in flops.items())
+    return {"train_flops_per_image": flops, "train_flops": total}
 
 
 def _write_predictions(
@@ -180,7 +194,7 @@ def _compare_locked(
     group = wandb_group or out_dir.resolve().name
     variants = plan_variants(compare)
     data_path = str(Path(data_dir).resolve()) if data_dir else None
-    configs = {v: variant_config(compare, v, presets[v.mode], data_path, wandb_mode, group) for v in variants}
+    configs = {v: variant_config(compare, v, presets, data_path, wandb_mode, group) for v in variants}
     data, statuses = _shared_data(compare, variants, configs, out_dir, locks, console)
     reference = configs[variants[0]]
     runtime = resolve_runtime(reference.train.precision, reference.train.device)
@@ -213,9 +227,13 @@ def _shared_data(
 ) -> tuple[PreparedData, dict[Variant, str]]:
     """The one data set every variant trains and is scored on (the presets must agree on it), and
     each variant's status (new, started, trained, scored); takes the --out folder's lock."""
-    reference = configs[variants[0]]
+    # The full training split: each variant cuts its own share (data.train_fraction) of it.
+    reference = configs[variants[0]].model_copy(deep=True)
+    reference.data.train_fraction = 1.0
     for variant, config in configs.items():
-        if config.data != reference.data:  # or the variants would not share their splits
+        # the same data setup up to each variant's share of the training split, or the variants
+        # would not share their splits
+        if config.data.model_copy(update={"train_fraction": 1.0}) != reference.data:
             raise MeniscusError(
                 f"the presets of {variants[0].mode} and {variant.mode} disagree on the data section; "
                 "a comparison needs one data setup (same images, same splits)"

@@ -22,8 +22,26 @@ from mtl_meniscus.config import (
 from mtl_meniscus.networks.models import MODELS
 
 # per-network: each of the cascade's networks gets the whole budget (the reference protocol; the
-# cascade trains len(TASKS) times the steps). total: its networks share the shared model's steps.
-BUDGETS = ("per-network", "total")
+# cascade trains len(TASKS) times the steps). equal-images: its networks share the shared model's
+# steps (the same training images in all). equal-flops: they share the shared model's training
+# FLOPs (counted by networks/flops.py: the cascade's networks cost more per image than the shared
+# model, so they get fewer steps than with equal-images).
+BUDGETS = ("per-network", "equal-images", "equal-flops")
+RENAMED_BUDGETS = {"total": "equal-images"}  # 'total' was the name of equal-images
+# What --same-regularization copies from the shared preset into every mode's config, so that the
+# modes differ in sharing (and the architecture that goes with it) only.
+REGULARIZATION_KEYS = (
+    "model.conv_dropout",
+    "model.dense_dropout",
+    "train.lr",
+    "train.lr_factor",
+    "train.lr_patience",
+    "train.min_lr",
+    "train.early_stopping_patience",
+    "train.left_chance_max",
+    "train.batch_size",
+    "augment",
+)
 
 
 def _compare_tta() -> TTAConfig:
@@ -39,10 +57,13 @@ class CompareConfig(Section):
     modes: tuple[str, ...] = ("separate", "shared")  # registered models (networks/models.py, MODELS)
     # 'reference', 'plain' (the floor) or timm model names: resnet50, vgg16, vgg19
     trunks: tuple[str, ...] = ("reference",)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    # Shares of the training split (a learning curve: every mode on nested subsets; 1.0 = all of it).
+    train_fractions: tuple[float, ...] = (1.0,)
     max_epochs: int | None = None  # training budget per variant; None: the preset's
     steps_per_epoch: int | None = None
     budget: str = "per-network"  # BUDGETS: how the budget above counts for the cascade
+    same_regularization: bool = False  # REGULARIZATION_KEYS from the shared preset for every mode
     # Level of the built-in phantom for every variant; None: the presets' data.phantom_difficulty.
     phantom_difficulty: Literal["easy", "realistic", "hard"] | None = None
     presets: dict[str, str] = Field(
@@ -55,13 +76,20 @@ class CompareConfig(Section):
     bootstrap: int = 1000  # stratified bootstrap resamples of the test split for the CIs
 
     def validate(self) -> CompareConfig:
-        for name in ("modes", "trunks", "seeds"):
+        self.budget = RENAMED_BUDGETS.get(self.budget, self.budget)
+        for name in ("modes", "trunks", "seeds", "train_fractions"):
             values = getattr(self, name)
             check_value(
                 len(values) > 0 and len(set(values)) == len(values), f"{name}", values, "distinct values"
             )
         check_value(set(self.modes) <= set(MODELS.names()), "modes", self.modes, ", ".join(MODELS.names()))
         check_value(self.budget in BUDGETS, "budget", self.budget, " or ".join(BUDGETS))
+        check_value(
+            all(0 < f <= 1 for f in self.train_fractions),
+            "train_fractions",
+            self.train_fractions,
+            "fractions in (0, 1]",
+        )
         check_value(
             set(self.presets) <= set(MODELS.names()),
             "presets",

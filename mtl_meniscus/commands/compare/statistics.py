@@ -9,13 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from mtl_meniscus.commands.compare.plan import Variant, baseline_group
+from mtl_meniscus.commands.compare.plan import Variant, baselines
 from mtl_meniscus.evaluation.calibration import brier_score, expected_calibration_error
 from mtl_meniscus.evaluation.metrics import (
     delong_test,
     paired_cluster_test,
     percentile_ci,
     resampled_aucs,
+    seeds_and_images_interval,
     task_resamples,
 )
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
@@ -41,26 +42,28 @@ def summarize(
     tasks: TaskTable = DEFAULT_TASKS,
     patients: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per group (mode, trunk): means and sds over seeds, bootstrap CIs, differences.
+    """One row per group (mode, trunk, training fraction): means and sds over seeds, intervals,
+    differences to the group's baseline (the cascade trained on the same fraction).
 
-    Two-level bootstrap: each resample draws the test images (each task on its own rows,
-    stratified on its own class: metrics.task_resamples) and, for every group independently,
-    its seeds with replacement; the group's value is the mean over the drawn seeds of the AUCs on
-    the drawn images. Its intervals therefore hold both the test-set and the seed-to-seed
-    variance. The image-only intervals keep every seed once and resample the images alone. A
-    difference to the baseline is taken resample by resample on the same drawn images (paired on
-    images; the seeds of the two groups are drawn independently).
+    Intervals hold two sources of error: the training seeds (a t-interval over the seeds; a
+    bootstrap of 3-5 seeds cannot leave their range and is too narrow) and the test images (a
+    bootstrap of the test split with every seed kept: each task on its own rows, stratified on its
+    own class, patient-grouped: metrics.task_resamples), added in quadrature
+    (metrics.seeds_and_images_interval). A difference to the baseline is paired twice: per seed
+    (each seed's score minus the baseline's score of the same seed) and per resample (both groups on
+    the same drawn images). The image-only intervals keep the seeds as they are.
     """
     groups: dict[str, list[ScoredVariant]] = {}
     for item in scored:
         groups.setdefault(item.variant.group, []).append(item)
-    baseline = baseline_group([s.variant for s in scored])
+    baseline_of = baselines([s.variant for s in scored])
     names = list(scored[0].probs)  # the tasks of the comparison, in table order
-    samples = _bootstrap(groups, targets, n_bootstrap, names, tasks, patients)
-    base_mean = float(np.mean([m.result["test_score"] for m in groups[baseline]]))
+    samples = _image_bootstrap(groups, targets, n_bootstrap, names, tasks, patients)
     table = []
     for group, members in groups.items():
-        row = _group_row(group, members, names, samples, baseline, base_mean)
+        baseline = baseline_of[group]
+        row = _group_row(group, members, names, samples)
+        row |= _difference_columns(members, groups[baseline], samples[group], samples[baseline], baseline)
         for key, values in _calibration_columns(members, targets, tasks).items():
             row[f"{key}_mean"] = float(np.mean(values))
         row |= _cost_columns(members, budget, n_bootstrap)
@@ -69,48 +72,44 @@ def summarize(
     return table
 
 
-def _bootstrap(
+def _image_bootstrap(
     groups: dict[str, list[ScoredVariant]],
     targets: np.ndarray,
     n_bootstrap: int,
     names: list[str],
     tasks: TaskTable,
     patients: list[str] | None = None,
-) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """{"with_seeds" | "images_only": {group: {task or "score": resampled seed means}}} (summarize)."""
+) -> dict[str, dict[str, list[float]]]:
+    """{group: {task or "score": the seed mean on each resample of the test images}}; every group
+    is scored on the same resamples, so differences can be taken resample by resample."""
     keys = [*names, "score"]
     weights = np.array([tasks.weight(t) for t in names])
-    with_seeds = {g: {k: [] for k in keys} for g in groups}
-    images_only = {g: {k: [] for k in keys} for g in groups}
-    seed_rng = np.random.default_rng([BOOTSTRAP_SEED, 1])
+    means = {g: {k: [] for k in keys} for g in groups}
     for rows_by_task in task_resamples(targets, n_bootstrap, BOOTSTRAP_SEED, tuple(names), tasks, patients):
         for group, members in groups.items():
             aucs = [resampled_aucs(targets, m.probs, rows_by_task, tasks) for m in members]
             per_seed = np.array([[a[t] for t in names] for a in aucs])  # (seeds, tasks)
             per_seed = np.column_stack([per_seed, per_seed @ weights])  # (seeds, tasks + score)
-            drawn = seed_rng.integers(0, len(members), size=len(members))
             for column, key in enumerate(keys):
-                images_only[group][key].append(per_seed[:, column].mean())
-                with_seeds[group][key].append(per_seed[drawn, column].mean())
-    return {"with_seeds": with_seeds, "images_only": images_only}
+                means[group][key].append(per_seed[:, column].mean())
+    return means
 
 
 def _group_row(
     group: str,
     members: list[ScoredVariant],
     names: list[str],
-    samples: dict[str, dict[str, dict[str, list[float]]]],
-    baseline: str,
-    base_mean: float,
+    samples: dict[str, dict[str, list[float]]],
 ) -> dict[str, Any]:
-    """A group's accuracy columns: AUC and score means, sds and CIs, and its difference to the baseline."""
-    with_seeds, images_only = samples["with_seeds"], samples["images_only"]
+    """A group's accuracy columns: AUC and score means, sds and intervals (seeds and images, and
+    images only), and the seeds whose training was still improving when its budget ended."""
     first = members[0]
     scores = np.array([m.result["test_score"] for m in members])
     row: dict[str, Any] = {
         "variant": group,
         "mode": first.variant.mode,
         "trunk": first.variant.trunk,
+        "train_fraction": first.variant.fraction,
         "seeds": " ".join(str(m.variant.seed) for m in members),
         "n_seeds": len(members),
         # Runs whose validation never left chance are kept in the means (they are what the
@@ -118,20 +117,62 @@ def _group_row(
         "not_learned_seeds": " ".join(
             str(m.variant.seed) for m in members if not m.result.get("learned", True)
         ),
+        "still_improving_seeds": " ".join(str(m.variant.seed) for m in members if still_improving(m.result)),
     }
     for task in names:
         values = np.array([m.result["test_auc"][task] for m in members])
-        low, high = percentile_ci(np.array(with_seeds[group][task]))
+        low, high = seeds_and_images_interval(values, samples[group][task])
         row |= {f"auc_{task}_mean": values.mean(), f"auc_{task}_sd": _sd(values)}
         row |= {f"auc_{task}_ci_low": low, f"auc_{task}_ci_high": high}
     row |= {"score_mean": scores.mean(), "score_sd": _sd(scores)}
-    row |= _ci_columns("score_ci", with_seeds[group]["score"])
-    row |= _ci_columns("score_ci_images", images_only[group]["score"])
-    row["baseline"] = baseline
-    row["diff_mean"] = float(scores.mean()) - base_mean
-    for prefix, drawn in (("diff_ci", with_seeds), ("diff_ci_images", images_only)):
-        row |= _ci_columns(prefix, np.array(drawn[group]["score"]) - np.array(drawn[baseline]["score"]))
+    row |= _interval("score_ci", seeds_and_images_interval(scores, samples[group]["score"]))
+    row |= _interval("score_ci_images", percentile_ci(np.array(samples[group]["score"])))
     return row
+
+
+def _difference_columns(
+    members: list[ScoredVariant],
+    base_members: list[ScoredVariant],
+    samples: dict[str, list[float]],
+    base_samples: dict[str, list[float]],
+    baseline: str,
+) -> dict[str, Any]:
+    """The difference in score to the baseline: mean over the seeds both have of (score - the
+    baseline's score of the same seed), its interval over seeds and images, and over images only."""
+    base_by_seed = {m.variant.seed: m.result["test_score"] for m in base_members}
+    deltas = np.array(
+        [
+            m.result["test_score"] - base_by_seed[m.variant.seed]
+            for m in members
+            if m.variant.seed in base_by_seed
+        ]
+    )
+    image_deltas = np.array(samples["score"]) - np.array(base_samples["score"])
+    row: dict[str, Any] = {
+        "baseline": baseline,
+        "diff_mean": float(deltas.mean()) if len(deltas) else math.nan,
+    }
+    if members is base_members:  # the baseline against itself: exactly zero
+        return row | {f"diff_ci{kind}_{end}": 0.0 for kind in ("", "_images") for end in ("low", "high")}
+    row |= _interval("diff_ci", seeds_and_images_interval(deltas, image_deltas))
+    row |= _interval("diff_ci_images", percentile_ci(image_deltas))
+    return row
+
+
+STILL_IMPROVING_SHARE = 0.2  # a best epoch in the last 20% of the budget: the budget, not the method, decided
+
+
+def still_improving(result: dict[str, Any]) -> bool:
+    """True when any network of the run restored an epoch in the last STILL_IMPROVING_SHARE of its
+    epoch budget and was not stopped early: it was probably still improving when the budget ended,
+    so its score says more about the budget than about the method."""
+    budget = result.get("max_epochs")
+    if not budget:
+        return False
+    return any(
+        best["epochs"] >= budget and best["best_epoch"] > (1 - STILL_IMPROVING_SHARE) * budget
+        for best in result["best"].values()
+    )
 
 
 def _cost_columns(members: list[ScoredVariant], budget: str, n_bootstrap: int) -> dict[str, Any]:
@@ -140,7 +181,10 @@ def _cost_columns(members: list[ScoredVariant], budget: str, n_bootstrap: int) -
     return {
         "params": first.result["params"],
         "budget": budget,
+        "n_train": first.result.get("n_train"),  # its share of the training split, in images
         "train_images_mean": float(np.mean([m.result["train_images"] for m in members])),
+        # results scored before FLOPs were counted have none: NaN, not a made-up number
+        "train_flops_mean": float(np.mean([m.result.get("train_flops", math.nan) for m in members])),
         "train_seconds_mean": float(np.mean([m.result["train_wall_seconds"] for m in members])),
         "train_images_per_s_mean": float(np.mean([m.result["train_images_per_s"] for m in members])),
         "infer_ms_per_image_median": float(np.median([m.result["infer_ms_per_image"] for m in members])),
@@ -150,9 +194,8 @@ def _cost_columns(members: list[ScoredVariant], budget: str, n_bootstrap: int) -
     }
 
 
-def _ci_columns(prefix: str, samples) -> dict[str, float]:
-    low, high = percentile_ci(np.asarray(samples, dtype=float))
-    return {f"{prefix}_low": low, f"{prefix}_high": high}
+def _interval(prefix: str, bounds: tuple[float, float]) -> dict[str, float]:
+    return {f"{prefix}_low": bounds[0], f"{prefix}_high": bounds[1]}
 
 
 def delong_rows(
@@ -165,11 +208,12 @@ def delong_rows(
     DeLong's when every row is its own patient; where rows share patients, the paired cluster
     bootstrap (metrics.paired_cluster_test), since DeLong's takes rows as independent."""
     clustered = patients is not None and len(set(patients)) < len(patients)
-    baseline = baseline_group([s.variant for s in scored])
-    base_by_seed = {s.variant.seed: s for s in scored if s.variant.group == baseline}
+    baseline_of = baselines([s.variant for s in scored])
+    by_group_seed = {(s.variant.group, s.variant.seed): s for s in scored}
     rows = []
     for item in scored:
-        base = base_by_seed.get(item.variant.seed)
+        baseline = baseline_of[item.variant.group]
+        base = by_group_seed.get((baseline, item.variant.seed))
         if item.variant.group == baseline or base is None:
             continue
         row: dict[str, Any] = {
@@ -235,6 +279,10 @@ def per_seed_rows(
                 "seed": item.variant.seed,
                 **{f"auc_{t}": auc for t, auc in r["test_auc"].items()},
                 "score": r["test_score"],
+                "train_fraction": item.variant.fraction,
+                "train_images": r["train_images"],
+                "train_flops": r.get("train_flops", math.nan),
+                "still_improving": still_improving(r),
                 **calibration,
                 "params": r["params"],
                 "train_seconds": r["train_wall_seconds"],
