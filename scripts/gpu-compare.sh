@@ -7,7 +7,7 @@
 #   cp -r shared-*/variants/* pernet-*/variants/* cmp/variants/
 #   cp -r shared-*/variants/* total-*/variants/* cmp-total/variants/
 #   MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --out cmp
-#   MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --out cmp-total --budget total
+#   MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --out cmp-total --budget equal-images
 # Dry run on a CPU: PY=python EXTRA="--max-epochs 1 --steps-per-epoch 2 --tta 1 --bootstrap 10".
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; PY=${PY:-python3}; LIMIT=${LIMIT:-380}; EXTRA=${EXTRA:-}
@@ -20,7 +20,7 @@ $PY cli.py make-phantom $W/data-s7 --seed 7 --difficulty realistic > $W/logs/dat
 for k in 0 1 2; do
   timeout $LIMIT $PY cli.py compare --modes shared --seeds $k --wandb disabled --out $W/shared-$k $EXTRA > $W/logs/shared-$k.log 2>&1 &
   timeout $LIMIT $PY cli.py compare --modes separate --seeds $k --budget per-network --wandb disabled --out $W/pernet-$k $EXTRA > $W/logs/pernet-$k.log 2>&1 &
-  timeout $LIMIT $PY cli.py compare --modes separate --seeds $k --budget total --wandb disabled --out $W/total-$k $EXTRA > $W/logs/total-$k.log 2>&1 &
+  timeout $LIMIT $PY cli.py compare --modes separate --seeds $k --budget equal-images --wandb disabled --out $W/total-$k $EXTRA > $W/logs/total-$k.log 2>&1 &
 done
 sleep 20; wait %1 2>/dev/null
 timeout $((LIMIT-30)) $PY cli.py train --mode separate --data $W/data-s7 --wandb disabled --out $W/calib-s7 ${CAL_EXTRA:-} > $W/logs/calib-s7.log 2>&1 &

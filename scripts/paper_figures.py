@@ -89,6 +89,9 @@ def run() -> dict:
     calibration = json.loads((run_dir / "calibration.json").read_text())
     FIGURES.mkdir(parents=True, exist_ok=True)
     for name in SHOWN:
+        if not (run_dir / "eval-test" / f"{name}.png").is_file():  # e.g. no tear detected: no saliency
+            (FIGURES / f"eval-{name}.png").unlink(missing_ok=True)
+            continue
         image = cv2.imread(str(run_dir / "eval-test" / f"{name}.png"))
         scale = WIDTH / image.shape[1]
         small = cv2.resize(image, (WIDTH, round(image.shape[0] * scale)), interpolation=cv2.INTER_AREA)

@@ -384,18 +384,6 @@ def postgres_binaries() -> Path | None:
     return found[-1].parent if found else None
 
 
-def install_postgres() -> str:
-    """Install Debian's postgresql package as .ci/run does: '' when it worked, else why not."""
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        return "installing needs apt-get and root"
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "postgresql"]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        if done.returncode:
-            return f"{' '.join(command)} failed: {(done.stderr.strip().splitlines() or [''])[-1]}"
-    return ""
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -411,13 +399,8 @@ def postgres_url():
         "psycopg", reason="the PostgreSQL driver (the [tune] extra: psycopg[binary])"
     )
     binaries = postgres_binaries()
-    if binaries is None:
-        why = install_postgres()
-        binaries = postgres_binaries()
-        if binaries is None:
-            pytest.skip(
-                f"no PostgreSQL server binaries (/usr/lib/postgresql/*/bin) and apt-get could not install them: {why}"
-            )
+    if binaries is None:  # .ci/run installs them; a test never installs system packages itself
+        pytest.skip("no PostgreSQL server binaries (/usr/lib/postgresql/*/bin): apt-get install postgresql")
     as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
     folder = Path(tempfile.mkdtemp(prefix="mtl-tune-pg-"))  # not under pytest's root-only tmp folders
     if as_user:

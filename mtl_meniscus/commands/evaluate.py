@@ -255,7 +255,8 @@ def run_evaluation(
     if split not in ("test", "val", "train", "all"):
         raise MeniscusError(f"unknown split {split!r} (allowed: test, val, train, all)")
     runtime = resolve_runtime(precision, device)
-    trained = load_trained(run_or_checkpoint, runtime)
+    # --calibrate fits the calibration anew: a stale or broken calibration.json must not stop it
+    trained = load_trained(run_or_checkpoint, runtime, calibration=not calibrate)
     if cam_dir is not None and trained.config.model.exam_pooling is not None:
         raise MeniscusError(
             f"--cam: {trained.checkpoint} is a model of whole exams; saliency maps are for slice models"

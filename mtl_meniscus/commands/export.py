@@ -279,6 +279,12 @@ def _pipeline_export(trained, threshold: float, check_inputs, seed: int):
         raise MeniscusError(
             f"{trained.checkpoint}: the pipeline export needs the model to predict {tasks.root.name}"
         )
+    deeper = [t for t in probabilities.tasks if tasks[t].gated_by not in (None, tasks.root.name)]
+    if deeper:  # WholePipeline gates on the root task only
+        raise MeniscusError(
+            f"--pipeline: {', '.join(deeper)} is gated by a task other than {tasks.root.name}, which the "
+            "graph's gating does not follow; export the network without --pipeline and gate as predict does"
+        )
     module = WholePipeline(
         probabilities, Preprocess(size, trained.config.preprocess.edge_filter), threshold, gated
     )

@@ -156,7 +156,7 @@ def _prepare_run_data(
     calls it, warnings)."""
     processes.barrier()  # every process has checked the folder before rank 0 writes into it
     if processes.main:  # rank 0 generates the built-in phantom, the others then find it cached
-        data_dir = resolve_data_dir(config.data)
+        data_dir = resolve_data_dir(config.data, console)
     processes.barrier()
     if not processes.main:
         data_dir = resolve_data_dir(config.data)

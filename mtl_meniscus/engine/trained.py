@@ -217,30 +217,45 @@ class TrainedModel:
 
     @property
     def saved_threshold(self) -> Threshold | None:
-        """The fissure threshold saved in the run by `evaluate --youden`, if any."""
+        """The fissure threshold saved in the run by `evaluate --youden`, if any. It belongs to the
+        checkpoint it was chosen with: another checkpoint of the run (last.pt) gets 0.5 with a note
+        saying why, and a best.pt changed since (the run was trained further) is refused."""
         path = self.run_dir / THRESHOLD_FILE if self.run_dir else None
         if path is None or not path.is_file():
             return None
+        fix = f"choose it again with evaluate {self.run_dir} --youden, or delete it"
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
             value = record["fissure_threshold"]
             if isinstance(value, bool) or not 0 <= float(value) <= 1:  # NaN fails too
                 raise ValueError(f"fissure_threshold {value!r} is not a probability 0..1")
             # Files written before the threshold was chosen with TTA carry no tta_copies: it was 0;
-            # those written before calibration existed were chosen on the network's own probabilities.
+            # those written before calibration existed were chosen on the network's own probabilities,
+            # and those written before checkpoints were hashed say only the checkpoint's name.
             copies = int(record.get("tta_copies", 0))
             chosen_at = float(record.get("fissure_temperature", 1.0))
+            chosen_for, digest = (
+                str(record.get("checkpoint", self.checkpoint.name)),
+                record.get("checkpoint_sha256"),
+            )
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise MeniscusError(
                 f"{path}: malformed ({type(err).__name__}: {err}); it should hold "
-                '{"fissure_threshold": <0..1>}. Delete it, or write it again with evaluate --youden'
+                f'{{"fissure_threshold": <0..1>}}: {fix}'
             ) from None
+        if chosen_for != self.checkpoint.name:
+            return Threshold(
+                0.5, f"the default: {path} was chosen for {chosen_for}, not {self.checkpoint.name}"
+            )
+        if digest is not None and digest != file_sha256(self.checkpoint):
+            raise MeniscusError(
+                f"{path} was chosen for another {chosen_for} than the run's current one: {fix}"
+            )
         applied = self.calibration.temperature(self.tasks.root.name) if self.calibration else 1.0
         if not math.isclose(chosen_at, applied):
             raise MeniscusError(
                 f"{path} was chosen on probabilities with fissure temperature {chosen_at:.3g}, and the run's "
-                f"probabilities now have temperature {applied:.3g} ({CALIBRATION_FILE}): choose it again with "
-                f"evaluate {self.run_dir} --youden"
+                f"probabilities now have temperature {applied:.3g} ({CALIBRATION_FILE}): {fix}"
             )
         kind = "calibrated" if self.calibration else "uncalibrated"
         return Threshold(
@@ -278,8 +293,9 @@ def resolve_threshold(trained: TrainedModel, given: float | None) -> Threshold:
     return trained.saved_threshold or DEFAULT_THRESHOLD
 
 
-def load_trained(run_or_checkpoint: str | Path, runtime: Runtime) -> TrainedModel:
-    """A run folder (uses its best.pt) or a .pt checkpoint file, placed on the runtime's device."""
+def load_trained(run_or_checkpoint: str | Path, runtime: Runtime, calibration: bool = True) -> TrainedModel:
+    """A run folder (uses its best.pt) or a .pt checkpoint file, placed on the runtime's device, with
+    the run's calibration (calibration=False: without it, e.g. to fit it again)."""
     path = Path(run_or_checkpoint)
     checkpoint = path / "best.pt" if path.is_dir() else path
     if path.is_dir() and not checkpoint.is_file():
@@ -289,7 +305,15 @@ def load_trained(run_or_checkpoint: str | Path, runtime: Runtime) -> TrainedMode
     model, config = model_from_checkpoint(load_checkpoint(checkpoint), source=checkpoint)
     model = runtime.prepare_model(model)
     run_dir = checkpoint.parent if (checkpoint.parent / "config.yaml").is_file() else None
-    return TrainedModel(model, config, checkpoint, run_dir, read_calibration(run_dir, checkpoint))
+    calibrated = read_calibration(run_dir, checkpoint) if calibration else None
+    unknown = sorted(set(calibrated.temperatures) - set(config.model.tasks)) if calibrated else []
+    if unknown:
+        raise MeniscusError(
+            f"{calibrated.source}: temperatures for {', '.join(unknown)}, which the model does not predict "
+            f"(it predicts {', '.join(config.model.tasks)}): fit it again with evaluate {run_dir} --calibrate, "
+            "or delete it"
+        )
+    return TrainedModel(model, config, checkpoint, run_dir, calibrated)
 
 
 def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) -> tuple[PreparedData, str]:

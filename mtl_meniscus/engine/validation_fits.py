@@ -40,9 +40,7 @@ def validation_split(trained: TrainedModel, what: str, console: Console):
         console.print(note, highlight=False, markup=False)
     val = data.indices("val")
     if not len(val):
-        raise MeniscusError(
-            f"{what} on the val split, and the val split of {trained.run_dir} is empty"
-        )
+        raise MeniscusError(f"{what} on the val split, and the val split of {trained.run_dir} is empty")
     return data, val
 
 
@@ -128,6 +126,7 @@ def choose_threshold(
         "tta_seed": 0,
         "fissure_temperature": trained.calibration.temperature(root) if trained.calibration else 1.0,
         "checkpoint": trained.checkpoint.name,
+        "checkpoint_sha256": file_sha256(trained.checkpoint),
     }
     write_text_atomic(trained.run_dir / THRESHOLD_FILE, json_text(record))
     return trained.saved_threshold

@@ -553,9 +553,14 @@ def default_cache_dir() -> Path:
 
 
 def ensure_phantom(
-    n: int = 1128, seed: int = 0, cache_dir: str | Path | None = None, difficulty: str = "easy"
+    n: int = 1128,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    difficulty: str = "easy",
+    on_image: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Folder of the default phantom, generated on first use (labels.csv marks it complete)."""
+    """Folder of the default phantom, generated on first use (labels.csv marks it complete);
+    `on_image(done, total)` while it is generated (a progress display)."""
     settings = phantom_settings(difficulty)
     # easy keeps the cache name it always had; other levels are keyed by their settings too
     level = "" if difficulty == "easy" else f"-{difficulty}-{settings.fingerprint()}"
@@ -563,7 +568,7 @@ def ensure_phantom(
     if not (folder / "labels.csv").is_file():
         # an interrupted generation is redone
         try:
-            write_phantom(folder, n=n, seed=seed, settings=settings, overwrite=True)
+            write_phantom(folder, n=n, seed=seed, settings=settings, overwrite=True, on_image=on_image)
         except (MeniscusError, OSError) as err:  # a cache folder that is a file, read-only or full
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             raise MeniscusError(

@@ -106,7 +106,10 @@ def variant_config(
         else:
             shared = _shared_config(compare, variant, presets, overrides)
             overrides["train.steps_per_epoch"] = flops_matched_steps(
-                shared.train.steps_per_epoch, training_flops(shared), training_flops(config)
+                shared.train.steps_per_epoch * shared.train.batch_size,
+                training_flops(shared),
+                training_flops(config),
+                config.train.batch_size,
             )
         config = load_config(presets[variant.mode], overrides)
     return config
@@ -141,11 +144,13 @@ def training_flops(config: Config) -> dict[str, float]:
     return flops
 
 
-def flops_matched_steps(shared_steps: int, shared: dict[str, float], cascade: dict[str, float]) -> int:
-    """Budget 'equal-flops': steps per epoch of each cascade network such that the three together
-    cost what the shared model's steps cost (same batch): shared_steps x F_shared / sum of the
-    networks' F, rounded to the nearest step, at least one."""
-    return max(1, round(shared_steps * sum(shared.values()) / sum(cascade.values())))
+def flops_matched_steps(
+    shared_images: int, shared: dict[str, float], cascade: dict[str, float], batch_size: int
+) -> int:
+    """Budget 'equal-flops': steps per epoch of each cascade network (at `batch_size`) such that the
+    networks together cost what the shared model's `shared_images` per epoch cost: shared_images x
+    F_shared / (batch_size x the networks' summed F), rounded to the nearest step, at least one."""
+    return max(1, round(shared_images * sum(shared.values()) / (batch_size * sum(cascade.values()))))
 
 
 def steps_per_network(steps_per_epoch: int, networks: int = len(TASKS)) -> int:

@@ -107,7 +107,8 @@ def _training_compute(config: Config, members: dict[str, dict]) -> dict[str, Any
     the sum over networks of epochs trained x steps per epoch x batch x FLOPs per image."""
     flops = training_flops(config)
     images_per_epoch = config.train.steps_per_epoch * config.train.batch_size
-    total = sum(members[network]["epochs"] * images_per_epoch * f for network, f in flops.items())
+    # the networks the run trained: a task without labels in the data (fastMRI+) trained none
+    total = sum(best["epochs"] * images_per_epoch * flops[network] for network, best in members.items())
     return {"train_flops_per_image": flops, "train_flops": total}
 
 
@@ -209,9 +210,17 @@ def _compare_locked(
             variants, pending, statuses, configs, out_dir, data, runtime, console, advance
         )
     test = data.indices("test")
-    table = summarize(
-        scored, data.targets[test], compare.bootstrap, compare.budget, data.tasks, data.patients(test)
-    )
+    with progress_bar(console) as progress:
+        bar = progress.add_task("bootstrap of the test split", total=compare.bootstrap)
+        table = summarize(
+            scored,
+            data.targets[test],
+            compare.bootstrap,
+            compare.budget,
+            data.tasks,
+            data.patients(test),
+            on_resample=functools.partial(progress.advance, bar),
+        )
     write_report(out_dir, table, scored, data.targets[test], console, data.tasks, data.patients(test))
     log_summary(reference, group, out_dir, table, compare)
     return table
@@ -238,7 +247,7 @@ def _shared_data(
                 f"the presets of {variants[0].mode} and {variant.mode} disagree on the data section; "
                 "a comparison needs one data setup (same images, same splits)"
             )
-    data_dir = resolve_data_dir(reference.data)
+    data_dir = resolve_data_dir(reference.data, console)
     for config in configs.values():
         config.data.path = str(data_dir.resolve())
     statuses = {v: variant_status(out_dir / "variants" / v.name, configs[v]) for v in variants}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ def summarize(
     budget: str = "per-network",
     tasks: TaskTable = DEFAULT_TASKS,
     patients: list[str] | None = None,
+    on_resample: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per group (mode, trunk, training fraction): means and sds over seeds, intervals,
     differences to the group's baseline (the cascade trained on the same fraction).
@@ -58,7 +59,7 @@ def summarize(
         groups.setdefault(item.variant.group, []).append(item)
     baseline_of = baselines([s.variant for s in scored])
     names = list(scored[0].probs)  # the tasks of the comparison, in table order
-    samples = _image_bootstrap(groups, targets, n_bootstrap, names, tasks, patients)
+    samples = _image_bootstrap(groups, targets, n_bootstrap, names, tasks, patients, on_resample)
     table = []
     for group, members in groups.items():
         baseline = baseline_of[group]
@@ -79,9 +80,11 @@ def _image_bootstrap(
     names: list[str],
     tasks: TaskTable,
     patients: list[str] | None = None,
+    on_resample: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """{group: {task or "score": the seed mean on each resample of the test images}}; every group
-    is scored on the same resamples, so differences can be taken resample by resample."""
+    is scored on the same resamples, so differences can be taken resample by resample.
+    `on_resample()` after each resample (a progress display)."""
     keys = [*names, "score"]
     weights = np.array([tasks.weight(t) for t in names])
     means = {g: {k: [] for k in keys} for g in groups}
@@ -92,6 +95,8 @@ def _image_bootstrap(
             per_seed = np.column_stack([per_seed, per_seed @ weights])  # (seeds, tasks + score)
             for column, key in enumerate(keys):
                 means[group][key].append(per_seed[:, column].mean())
+        if on_resample is not None:
+            on_resample()
     return means
 
 
