@@ -26,7 +26,8 @@ app = typer.Typer(
     epilog=(
         "Examples: train --mode shared (the built-in phantom) | train --mode separate --data DIR | "
         "train --mode shared --show-config | evaluate RUN --cam RUN/cams | "
-        "predict RUN scans/ --out predictions.csv | export RUN --out model.onnx | compare --seeds 0,1,2"
+        "predict RUN scans/ --out predictions.csv | export RUN --out model.onnx | serve RUN | "
+        "compare --seeds 0,1,2"
     ),
 )
 # markup=False: messages carry user text (paths, names in brackets) that must print as it is;
@@ -67,7 +68,10 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def main(
     version: Annotated[
-        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version.")
+        bool,
+        typer.Option(
+            "--version", metavar="", callback=_print_version, is_eager=True, help="Print the version."
+        ),
     ] = False,
 ) -> None:
     """Meniscus tear classification on sagittal knee MRI: shared trunk vs three-CNN cascade."""
@@ -97,7 +101,11 @@ PrecisionOption = Annotated[Precision, typer.Option(help="auto: bf16 + channels_
 # Every command that can take more than a few seconds has it; command() below applies it.
 QuietOption = Annotated[
     bool,
-    typer.Option("--quiet", help="No progress bars (they are off anyway when the output is not a terminal)."),
+    typer.Option(
+        "--quiet",
+        metavar="",
+        help="No progress bars (they are off anyway when the output is not a terminal).",
+    ),
 ]
 
 
@@ -182,7 +190,10 @@ def make_phantom(
         ),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option(help="Write into a folder that is not empty (same-named files are replaced).")
+        bool,
+        typer.Option(
+            metavar="", help="Write into a folder that is not empty (same-named files are replaced)."
+        ),
     ] = False,
     n_exams: Annotated[
         int | None,
@@ -286,7 +297,9 @@ def train(
     pretrained: Annotated[
         str | None, typer.Option(help="timm trunk weights: 'default' (offline cache), 'none', or a file.")
     ] = None,
-    freeze_backbone: Annotated[bool, typer.Option(help="timm trunk: train the heads only.")] = False,
+    freeze_backbone: Annotated[
+        bool, typer.Option(metavar="", help="timm trunk: train the heads only.")
+    ] = False,
     backbone_lr_factor: Annotated[
         float | None, typer.Option(help="timm trunk: backbone learning rate = lr * factor.")
     ] = None,
@@ -311,6 +324,7 @@ def train(
         bool,
         typer.Option(
             "--show-config",
+            metavar="",
             help="Print the resolved config (the preset with every option applied: the defaults the "
             "options above leave to the preset) and exit without training.",
         ),
@@ -395,13 +409,14 @@ def evaluate(
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="Fissure probability threshold for gating.")] = None,
     youden: Annotated[
-        bool, typer.Option(help="Pick the threshold by Youden's J on validation; save it.")
+        bool, typer.Option(metavar="", help="Pick the threshold by Youden's J on validation; save it.")
     ] = False,
     calibrate: Annotated[
         bool,
         typer.Option(
+            metavar="",
             help="Fit temperature scaling per task on the run's validation split and save it in the run "
-            "(calibration.json): evaluate, predict and export apply it from then on."
+            "(calibration.json): evaluate, predict and export apply it from then on.",
         ),
     ] = False,
     bootstrap: Annotated[int, typer.Option(help="Stratified bootstrap resamples for the 95% CIs.")] = 1000,
@@ -482,7 +497,9 @@ def predict(
     run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     out: Annotated[Path, typer.Option(help="Output file.")] = Path("predictions.csv"),
-    json_lines: Annotated[bool, typer.Option("--json", help="Write JSON lines instead of CSV.")] = False,
+    json_lines: Annotated[
+        bool, typer.Option("--json", metavar="", help="Write JSON lines instead of CSV.")
+    ] = False,
     tta: Annotated[
         int | None, typer.Option(help="Augmented copies averaged with the original (0 = off).")
     ] = None,
@@ -490,7 +507,7 @@ def predict(
         float | None, typer.Option(help="Fissure threshold (default: the run's, else 0.5).")
     ] = None,
     strict_size: Annotated[
-        bool, typer.Option(help="Refuse images of another size instead of resizing.")
+        bool, typer.Option(metavar="", help="Refuse images of another size instead of resizing.")
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     cam: Annotated[
@@ -501,11 +518,12 @@ def predict(
     exams: Annotated[
         bool,
         typer.Option(
+            metavar="",
             help="Each input is one exam (a volume: .npy slices first, NIfTI, multi-frame DICOM; or a folder "
-            "holding one DICOM series): one row per exam, from its most suspicious slice."
+            "holding one DICOM series): one row per exam, from its most suspicious slice.",
         ),
     ] = False,
-    slices: Annotated[bool, typer.Option(help="With --exams: a row per slice as well.")] = False,
+    slices: Annotated[bool, typer.Option(metavar="", help="With --exams: a row per slice as well.")] = False,
     quiet: QuietOption = False,
 ) -> None:
     """Predict tear, orientation and position for image files or exams; exit code 1 if any input failed."""
@@ -571,6 +589,7 @@ def compare(
         bool,
         typer.Option(
             "--same-regularization",
+            metavar="",
             help="Every mode with the shared preset's dropout, optimiser, LR schedule, stopping and "
             "augmentation: the modes then differ in sharing (and its architecture) only.",
         ),
@@ -706,7 +725,7 @@ def tune(
 @command()
 def bench(
     quick: Annotated[
-        bool, typer.Option(help="Tiny sizes that finish in seconds (CI); not for the targets.")
+        bool, typer.Option(metavar="", help="Tiny sizes that finish in seconds (CI); not for the targets.")
     ] = False,
     out: Annotated[Path, typer.Option(help="Folder for bench.json and bench.md.")] = Path("bench"),
     shared_run: Annotated[
@@ -746,6 +765,7 @@ def export(
         bool,
         typer.Option(
             "--pipeline",
+            metavar="",
             help="The whole pipeline in the graph: raw slices of any size in (resize, edge filter, "
             "standardisation inside), probabilities and gated predictions out.",
         ),
@@ -759,7 +779,7 @@ def export(
     calibration = (
         "calibrated (" + ", ".join(f"{task} T={t:.2f}" for task, t in scaled.items()) + ")"
         if scaled
-        else "uncalibrated (no calibration.json in the run)"
+        else "uncalibrated (every temperature 1)"
     )
     shape = ", ".join(map(str, report.input_shape))
     if pipeline:
@@ -777,6 +797,63 @@ def export(
         f"{report.max_abs_difference:.1e} on {report.checked_inputs} inputs; details in {report.sidecar}",
         highlight=False,
     )
+
+
+@command()
+def serve(
+    run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 127.0.0.1 answers this machine only.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload in MiB (413 above).")] = 64.0,
+    max_pixels: Annotated[
+        int | None, typer.Option(help="Decoded pixels per input (413 above; default: predict's, 64 MP).")
+    ] = None,
+    max_in_flight: Annotated[int, typer.Option(help="Requests at work at once.")] = 2,
+    max_waiting: Annotated[int, typer.Option(help="Requests queued behind them; more get 503.")] = 16,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds from a request's start to its answer (504 past it).")
+    ] = 60.0,
+    tta: Annotated[
+        int | None, typer.Option(help="Augmented copies averaged with the original (0 = off).")
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Fissure threshold (default: the run's, else 0.5).")
+    ] = None,
+    precision: PrecisionOption = Precision.auto,
+    device: DeviceOption = None,
+) -> None:
+    """Serve a trained model over HTTP: POST /predict, GET /model, GET /health, and a page at /."""
+    from mtl_meniscus.config import check_option
+
+    try:
+        from mtl_meniscus.commands.serve import MiB, ServeLimits, run_serve
+    except ImportError as err:
+        raise MeniscusError(
+            f"serve needs fastapi, uvicorn and python-multipart ({err.name} is missing): pip install -e "
+            "'.[serve]' in a checkout (or pip install fastapi uvicorn python-multipart)"
+        ) from None
+
+    check_options(tta=tta, threshold=threshold)
+    for name, value, ok, allowed in (
+        ("--port", port, 1 <= port <= 65535, "a port 1..65535"),
+        ("--max-upload-mb", max_upload_mb, 0 < max_upload_mb <= 4096, "MiB, above 0 and at most 4096"),
+        ("--max-pixels", max_pixels, max_pixels is None or max_pixels >= 1, "a number of pixels >= 1"),
+        ("--max-in-flight", max_in_flight, 1 <= max_in_flight <= 64, "an integer 1..64"),
+        ("--max-waiting", max_waiting, 0 <= max_waiting <= 1024, "an integer 0..1024"),
+        ("--request-timeout", request_timeout, 0 < request_timeout <= 3600, "seconds, 0 < s <= 3600"),
+    ):
+        check_option(ok, name, value, allowed)
+    limits = ServeLimits(
+        upload_bytes=int(max_upload_mb * MiB),
+        max_pixels=max_pixels,
+        in_flight=max_in_flight,
+        waiting=max_waiting,
+        timeout_s=request_timeout,
+    )
+    options = dict(threshold=threshold, tta_copies=tta, precision=precision.value, device=device)
+    run_serve(run, host, port, console, limits=limits, **options)
 
 
 if __name__ == "__main__":

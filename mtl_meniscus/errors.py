@@ -22,3 +22,7 @@ class DataError(MeniscusError):
 
 class ImageReadError(MeniscusError):
     """One image file cannot be read as a single 2D grey slice."""
+
+
+class PixelLimitError(ImageReadError):
+    """An input declares more pixels than the decoded-size limit; refused before it is decoded."""

@@ -59,12 +59,12 @@ def _copy_test_slices(run_dir: Path, scans: Path, n: int = 3) -> None:
 
 
 def _train_summary(printed: str) -> str:
-    """train's output as the README shows it: the lines before the first epoch, the first epoch,
-    then the end-of-train summary from the test scores on."""
+    """train's output as the README shows it: the lines before the first epoch, then the
+    end-of-train summary from the test scores on."""
     lines = printed.rstrip("\n").splitlines()
     first_epoch = next(k for k, line in enumerate(lines) if line.startswith("["))
     summary = next(k for k, line in enumerate(lines) if line.startswith("test:"))
-    return "\n".join([*lines[: first_epoch + 1], "...", *lines[summary:]])
+    return "\n".join([*lines[:first_epoch], "... (one line per epoch)", *lines[summary:]])
 
 
 def run() -> dict:

@@ -430,3 +430,14 @@ def test_quiet_turns_the_progress_bars_of_that_command_off(tmp_path, monkeypatch
         shown = terminal.file.getvalue()
         assert "wrote 20 images" in shown  # --quiet keeps the messages
         assert ("writing images" in shown) is not quiet and ("20/20" in shown) is not quiet
+
+
+def test_switches_show_no_bool_metavar_in_help():
+    """A flag reads `--json`, not `--json <bool>`: the type of a switch says nothing."""
+    import typer.main
+
+    for name in typer.main.get_command(app).commands:
+        result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, name
+        options = [line for line in result.output.splitlines() if "--help" not in line]  # typer's own
+        assert not [line for line in options if "<bool>" in line], name

@@ -88,17 +88,17 @@ def test_a_zero_size_array_gets_an_error_row_and_the_others_are_predicted(run64,
 
 
 def test_any_per_file_exception_becomes_that_files_row(run64, data64, tmp_path, monkeypatch):
-    import mtl_meniscus.commands.predict as predict_module
+    import mtl_meniscus.engine.answers as answers_module  # predict reads each slice there
 
     good = sorted((data64 / "images").glob("*.png"))[:2]
-    real = predict_module.read_image
+    real = answers_module.read_image
 
     def flaky(path, *args, **kwargs):
         if Path(path) == good[1]:
             raise MemoryError("out of memory in a decoder")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "read_image", flaky)
+    monkeypatch.setattr(answers_module, "read_image", flaky)
     result = _predict(run64, *good, out=tmp_path / "p.csv")
     _clean(result)
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))

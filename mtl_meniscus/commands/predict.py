@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from rich.console import Console
 
+from mtl_meniscus.engine.answers import (
+    Prediction,
+    csv_columns,
+    exam_columns,
+    exam_rows,
+    gate,  # noqa: F401  (predict's gating, imported from here by tests and users)
+    gated_row,
+    json_row,
+    read_slice,
+)
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import TrainedModel, load_trained, resolve_threshold
 from mtl_meniscus.errors import ImageReadError, MeniscusError
-from mtl_meniscus.io.exams import read_exam
 from mtl_meniscus.io.imageio import (
     DICOM_SUFFIXES,
     HDF5_SUFFIXES,
@@ -30,48 +36,15 @@ from mtl_meniscus.io.imageio import (
     image_suffix,
     is_supported_image,
     max_pixels_limit,
-    read_image,
 )
 from mtl_meniscus.io.outputs import atomic_write, check_output_dir, check_output_file
-from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
+from mtl_meniscus.labels import DEFAULT_TASKS
 from mtl_meniscus.networks.cam import unique_names, write_overlays
 
 VOLUME_HINT = "predict reads 2D slices only: save the slice to predict as its own file"
 
 
-def csv_columns(tasks: TaskTable, names: Sequence[str]) -> list[str]:
-    """image, then per task its probability and predicted label (e.g. p_horizontal, orientation),
-    then error and note."""
-    per_task = [column for name in names for column in (tasks[name].p_column, name)]
-    return ["image", *per_task, "error", "note"]
-
-
 CSV_COLUMNS = csv_columns(DEFAULT_TASKS, DEFAULT_TASKS.names)  # a model of the built-in three tasks
-
-
-@dataclass
-class Prediction:
-    """One output row; a gated task's probability and label only where its gate (a tear) is predicted."""
-
-    image: str
-    probs: dict[str, float] = field(default_factory=dict)  # task -> probability, where reported
-    labels: dict[str, int | str] = field(default_factory=dict)  # task -> predicted label, '' if gated off
-    error: str = ""
-    note: str = ""
-
-    def row(self, tasks: TaskTable = DEFAULT_TASKS, names: Sequence[str] = DEFAULT_TASKS.names) -> dict:
-        row: dict = {"image": self.image}
-        for name in names:
-            row[tasks[name].p_column] = _cell(self.probs.get(name))
-            row[name] = _cell(self.labels.get(name))
-        row["error"], row["note"] = self.error, self.note
-        return row
-
-
-def _cell(value):
-    if value is None:
-        return ""
-    return round(value, 6) if isinstance(value, float) else value
 
 
 def collect_inputs(inputs: list[Path]) -> list[Path]:
@@ -106,19 +79,6 @@ def collect_exams(inputs: list[Path]) -> list[Path]:
         else:
             exams.append(path)
     return exams
-
-
-def gate(probs: dict[str, float], tasks: TaskTable, threshold: float, image: str) -> Prediction:
-    """Cascade gating: orientation and position (any task gated by fissure) are reported only when
-    fissure >= threshold."""
-    labels = tasks.predicted_labels(probs, threshold)
-    reported = [name for name, text in labels.items() if text or tasks[name].gated_by is None]
-    return Prediction(
-        image=image,
-        probs={name: probs[name] for name in reported},
-        # a digit label (fissure's 0/1) as a number: CSV and JSON show it as before
-        labels={name: int(text) if text.isdigit() else text for name, text in labels.items()},
-    )
 
 
 def run_predict(
@@ -189,20 +149,7 @@ def _read_inputs(
     for path in files:
         name = str(path)
         try:
-            notes: list[str] = []  # the orientation note of a DICOM/NIfTI file without geometry
-            image = read_image(path, max_pixels=max_pixels, volume_hint=VOLUME_HINT, plane=plane, notes=notes)
-            note = "; ".join(notes)
-            if image.shape != (size, size):
-                if strict_size:
-                    rows.append(
-                        Prediction(
-                            image=name,
-                            error=f"size {image.shape[0]}x{image.shape[1]}, expected {size}x{size} (--strict-size)",
-                        )
-                    )
-                    continue
-                note = "; ".join([*notes, f"resized from {image.shape[0]}x{image.shape[1]} to {size}x{size}"])
-                image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+            image, note = read_slice(path, size, max_pixels, plane, VOLUME_HINT, strict_size)
         except ImageReadError as err:
             rows.append(Prediction(image=name, error=str(err)))
             continue
@@ -219,7 +166,6 @@ def _predict_rows(
 ) -> None:
     """Fill the rows of the readable images with the gated predictions, in chunks of 256 images
     (they bound the memory of large folders); a non-finite output fails its row only."""
-    tasks, names = trained.tasks, trained.outputs
     with progress_bar(console) as progress:
         bar = progress.add_task("predicting", total=len(good) * (tta.copies + 1))
         for start in range(0, len(good), 256):
@@ -233,40 +179,8 @@ def _predict_rows(
                 on_batch=lambda n: progress.update(bar, advance=n),
             )
             for k, (row_index, _) in enumerate(chunk):
-                values = {task: float(probs[task][k]) for task in names}
-                if not np.isfinite(list(values.values())).all():
-                    rows[row_index].error = f"{rows[row_index].image}: the model's output is not finite"
-                    continue
-                gated = gate(values, tasks, cut, rows[row_index].image)
-                gated.note = rows[row_index].note
-                rows[row_index] = gated
-
-
-def _exam_rows(trained, path: Path, runtime, tta, cut, seed, batch_size, with_slices) -> list[dict]:
-    """The exam's row (or its error row), then with `with_slices` a row per slice."""
-    config, tasks, names = trained.config, trained.tasks, trained.outputs
-    size = config.data.image_size
-    exam = {"exam": str(path)}
-    notes: list[str] = []  # the orientation note of an exam without geometry
-    try:
-        volume = read_exam(path, config.data.max_pixels, size, config.data.plane, notes)  # (S, H, W)
-    except ImageReadError as err:
-        return [exam | {"error": str(err)}]
-    if volume.shape[1:] != (size, size):
-        notes.append(f"slices resized from {volume.shape[1]}x{volume.shape[2]}")
-    note = "; ".join(notes)
-    found = trained.predict_exam(volume, runtime, tta=tta, seed=seed, batch_size=batch_size)
-    probs = found.slices  # {task: (S,)}
-    if not all(np.isfinite(p).all() for p in probs.values()):
-        return [exam | {"error": f"{path}: the model's output is not finite"}]
-    pooled = {name: found.exam[name] for name in names}  # the root's max, the others there
-    row = gate(pooled, tasks, cut, str(path)).row(tasks, names)
-    rows = [exam | row | {"slices": len(volume), "top_slice": found.top_slice, "note": note}]
-    if with_slices:
-        for index in range(len(volume)):
-            values = {name: float(probs[name][index]) for name in names}
-            rows.append({"exam": str(path), "slice": index} | gate(values, tasks, cut, "").row(tasks, names))
-    return rows
+                row = rows[row_index]
+                rows[row_index] = gated_row(probs, k, trained, cut, row.image, row.note)
 
 
 def _write_cams(trained: TrainedModel, good, rows: list[Prediction], cam_dir: Path, runtime) -> None:
@@ -283,7 +197,7 @@ def _write_table(out: Path, columns: list[str], rows: list[dict], as_json: bool)
     with atomic_write(out) as tmp, tmp.open("w", newline="") as handle:
         if as_json:
             for row in rows:
-                handle.write(json.dumps({c: (None if row[c] == "" else row[c]) for c in columns}) + "\n")
+                handle.write(json.dumps(json_row(row, columns)) + "\n")
         else:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
@@ -291,11 +205,6 @@ def _write_table(out: Path, columns: list[str], rows: list[dict], as_json: bool)
 
 
 # ---- whole exams --------------------------------------------------------------------------------
-
-
-def exam_columns(tasks: TaskTable, names: Sequence[str]) -> list[str]:
-    """exam, slice (empty on the exam's own row), slices, top_slice, the per-task columns, error, note."""
-    return ["exam", "slice", "slices", "top_slice", *csv_columns(tasks, names)[1:]]
 
 
 def run_predict_exams(
@@ -333,7 +242,7 @@ def run_predict_exams(
     columns = exam_columns(tasks, names)
     rows: list[dict] = []
     for k, path in enumerate(exams):
-        rows += _exam_rows(trained, path, runtime, tta, chosen.value, seed + k, batch_size, with_slices)
+        rows += exam_rows(trained, path, runtime, tta, chosen.value, seed + k, batch_size, with_slices)
     rows = [{column: row.get(column, "") for column in columns} for row in rows]
     _write_table(out, columns, rows, as_json)
     failed = sum(1 for row in rows if row["error"])

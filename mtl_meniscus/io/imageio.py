@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mtl_meniscus.errors import ConfigError, ImageReadError
+from mtl_meniscus.errors import ConfigError, ImageReadError, PixelLimitError
 from mtl_meniscus.io.orientation import NOT_IN_FILE, check_plane, dicom_geometry, nifti_canonical
 
 RASTER_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -180,9 +180,9 @@ def _decoded(path: Path, decode) -> np.ndarray:
     infinite pixels refused."""
     try:
         image = decode()
-    except ImageReadError as err:
+    except ImageReadError as err:  # its own class kept: a PixelLimitError stays one
         message = str(err)
-        raise ImageReadError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        raise type(err)(message if message.startswith(str(path)) else f"{path}: {message}") from None
     except Exception as err:  # decoder errors come in many types; name the file, keep the cause
         raise ImageReadError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
     if not np.isfinite(image).all():
@@ -229,10 +229,10 @@ def _check_declared_size(
 
 
 def check_pixel_budget(pixels: int, budget: PixelBudget, what: str) -> None:
-    """An ImageReadError when `pixels` (declared, before decoding) exceed the budget's limit."""
+    """A PixelLimitError when `pixels` (declared, before decoding) exceed the budget's limit."""
     if pixels > budget.limit:
         resized = f" once its slices are resized to {budget.size}x{budget.size}" if budget.size else ""
-        raise ImageReadError(
+        raise PixelLimitError(
             f"{what} = {_pixels(pixels)}{resized} is above the limit of {_pixels(budget.limit)}, "
             f"refused before decoding (raise data.max_pixels in the config or ${MAX_PIXELS_ENV} to read it)"
         )
@@ -254,12 +254,12 @@ def _raster_header(path: Path, budget: int | PixelBudget) -> None:
             found = re.search(r"\((\d+) pixels\)", str(err))
             pixels = int(found.group(1)) if found else None
             if pixels is not None and pixels <= limit:
-                raise ImageReadError(
+                raise PixelLimitError(
                     f"image of {_pixels(pixels)} is above Pillow's decompression-bomb limit "
                     "(PIL.Image.MAX_IMAGE_PIXELS), refused before decoding"
                 ) from None
             declared = _pixels(pixels) if pixels else f"more than {_pixels(limit)}"
-            raise ImageReadError(
+            raise PixelLimitError(
                 f"image of {declared} is above the limit of {_pixels(limit)}, "
                 f"refused before decoding (raise data.max_pixels in the config or ${MAX_PIXELS_ENV} to read it)"
             ) from None

@@ -1,0 +1,316 @@
+"""`serve` through FastAPI's TestClient: every input kind answers what `predict --json` writes for
+the same file, an exam zip what `predict --exams --json` writes, every bad input is a 4xx with a
+message (and the server keeps answering), and the limits hold: upload size, pixels, zip members and
+size, the bounded queue (503) and the request timeout (504)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import shutil
+import socket
+import stat
+import struct
+import threading
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import cv2
+import nibabel
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from rich.console import Console
+from support import app as cli_app
+from support import runner, sagittal_copy
+
+from mtl_meniscus.commands.predict import run_predict, run_predict_exams
+from mtl_meniscus.commands.serve import ServeLimits, create_app
+from mtl_meniscus.phantom.exams import write_phantom_exams
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run) -> Path:
+    return tiny_run / "run"
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    with TestClient(create_app(run)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory) -> Path:
+    """A DICOM series of 3 sagittal 64-pixel phantom slices (the first of 20 phantom exams)."""
+    folder = tmp_path_factory.mktemp("exams")
+    write_phantom_exams(folder / "exams", n=20, n_slices=3, size=64, fmt="dicom-series")
+    return folder / "exams" / "exam_0000"
+
+
+def post(client, name: str, data: bytes, query: str = ""):
+    return client.post(f"/predict{query}", files={"file": (name, data)})
+
+
+def predict_line(run: Path, path: Path, tmp_path: Path, exams: bool = False) -> dict:
+    """The line `predict --json` (or `predict --exams --json`) writes for one input."""
+    out = tmp_path / f"{path.name}.jsonl"
+    predict = run_predict_exams if exams else run_predict
+    predict(run, [path], out, as_json=True, console=Console(quiet=True))
+    (line,) = out.read_text().splitlines()
+    return json.loads(line)
+
+
+def assert_same_answer(served: dict, predicted: dict, name_key: str) -> None:
+    """Every column equal but the input's name (a path for predict), probabilities to 1e-6."""
+    assert set(served) == set(predicted)
+    for key, value in predicted.items():
+        if key == name_key:
+            continue
+        if isinstance(value, float):
+            assert served[key] == pytest.approx(value, abs=1e-6), key
+        else:
+            assert served[key] == value, key
+
+
+def slice_files(run: Path, folder: Path, pydicom_files: Path) -> dict[str, Path]:
+    """One phantom slice in every format serve reads (the .npy at another size, so it is resized)."""
+    png = run.parent / "data" / "images" / "knee_00000.png"
+    image = cv2.imread(str(png), cv2.IMREAD_UNCHANGED).astype(np.float32)
+    files = {"png": folder / "slice.png", "tiff": folder / "slice.tif", "jpeg": folder / "slice.jpg"}
+    shutil.copy(png, files["png"])
+    cv2.imwrite(str(files["tiff"]), image.astype(np.uint16))
+    cv2.imwrite(str(files["jpeg"]), np.clip(image / max(image.max(), 1) * 255, 0, 255).astype(np.uint8))
+    files["npy"] = folder / "slice.npy"
+    np.save(files["npy"], cv2.resize(image, (80, 80)))
+    files["dicom"] = sagittal_copy(pydicom_files / "MR_small.dcm", folder / "small.dcm")
+    for suffix in (".nii", ".nii.gz"):  # no geometry in the header: taken as stored, with a note
+        files[suffix[1:]] = folder / f"slice{suffix}"
+        nibabel.save(nibabel.Nifti1Image(image.T[:, :, None], None), files[suffix[1:]])
+    return files
+
+
+KINDS = ["png", "tiff", "jpeg", "npy", "dicom", "nii", "nii.gz"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_input_kind_answers_what_predict_json_writes(kind, run, client, pydicom_files, tmp_path):
+    path = slice_files(run, tmp_path, pydicom_files)[kind]
+    response = post(client, path.name, path.read_bytes())
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert_same_answer(answer, predict_line(run, path, tmp_path), "image")
+    assert answer["image"] == path.name and answer["error"] is None
+    if kind == "npy":
+        assert answer["note"] == "resized from 80x80 to 64x64"
+
+
+def test_an_exam_zip_answers_what_predict_exams_json_writes(run, client, series, tmp_path):
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w") as archive:
+        for file in sorted(series.iterdir(), reverse=True):  # the order in the zip does not matter
+            archive.write(file, f"knee/series/{file.name}")
+    response = post(client, "knee.zip", packed.getvalue(), "?exam=1&preview=1")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    per_slice = answer.pop("per_slice")
+    preview = answer.pop("preview")
+    assert_same_answer(answer, predict_line(run, series, tmp_path, exams=True), "exam")
+    assert answer["exam"] == "knee.zip" and answer["slices"] == 3
+    assert [s["slice"] for s in per_slice] == [0, 1, 2] and all(s["preview"] for s in per_slice)
+    top = max(per_slice, key=lambda s: s["p"])
+    assert top["slice"] == answer["top_slice"] and top["p"] == pytest.approx(answer["p_fissure"], abs=1e-6)
+    assert decoded(preview).shape == (64, 64)
+
+
+def decoded(base64_png: str) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(base64.b64decode(base64_png), np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def test_saliency_overlays_are_predicts_cam_pictures(run, client, tmp_path):
+    png = run.parent / "data" / "images" / "knee_00003.png"
+    response = post(client, "knee.png", png.read_bytes(), "?saliency=1&preview=1")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    cams = tmp_path / "cams"
+    run_predict(run, [png], tmp_path / "p.csv", cam_dir=cams, console=Console(quiet=True))
+    assert sorted(answer["saliency"]) == ["fissure", "orientation", "position"]
+    for task, picture in answer["saliency"].items():
+        written = cv2.imread(str(cams / f"knee_00003_png_{task}.png"), cv2.IMREAD_UNCHANGED)
+        assert np.abs(decoded(picture).astype(int) - written.astype(int)).max() <= 1, task
+    assert decoded(answer["preview"]).shape == (64, 64)
+
+
+def test_model_describes_the_run(run, client):
+    info = client.get("/model").json()
+    assert info["config_sha256"] == hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest()
+    assert info["tasks"] == ["fissure", "orientation", "position"]
+    assert info["probabilities"] == ["p_fissure", "p_horizontal", "p_anterior"]
+    assert info["fissure_threshold"] == 0.5 and "default" in info["threshold_source"]
+    assert info["calibration"] is None and info["version"] and info["exam_model"] is False
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_the_page_and_its_files_are_served_with_a_strict_policy(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert 'src="/page.js"' in page.text and 'href="/page.css"' in page.text
+    assert "http" not in page.text.replace("http-equiv", "")  # no CDN: everything from the package
+    assert client.get("/page.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/page.css").status_code == 200
+    assert client.get("/serve_static/index.html").status_code == 404  # no file is named by a request
+    assert client.get("/docs").status_code == 404  # FastAPI's docs page would load from a CDN
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height (a decompression bomb's header)."""
+    _, encoded = cv2.imencode(".png", np.zeros((8, 8), np.uint8))
+    data = bytearray(encoded.tobytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def zipped(members: dict[str, bytes], links: tuple[str, ...] = ()) -> bytes:
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        for name in links:  # a symbolic link as zip tools store one: its mode in external_attr
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, "/etc/passwd")
+    return packed.getvalue()
+
+
+def bad_inputs(pydicom_files: Path) -> list[tuple[str, dict, int, str]]:
+    """(what, request keywords, status, a part of the message)."""
+    dicom = (pydicom_files / "MR_small.dcm").read_bytes()
+    return [
+        ("no body", {}, 400, "no file"),
+        ("a form without a file", {"data": {"name": "x"}}, 400, "no file"),
+        ("an empty file", {"files": {"file": ("a.png", b"")}}, 400, "a.png: the uploaded file is empty"),
+        ("wrong type", {"files": {"file": ("notes.txt", b"not an image")}}, 415, "notes.txt: unsupported type"),
+        ("bomb", {"files": {"file": ("bomb.png", png_declaring(20000, 20000))}}, 413, "bomb.png: image of 400.0"),
+        ("corrupt DICOM", {"files": {"file": ("t.dcm", (pydicom_files / "MR_truncated.dcm").read_bytes())}}, 422, "t.dcm: cannot read"),
+        ("half a PNG", {"files": {"file": ("half.png", png_declaring(8, 8)[:40])}}, 422, "half.png: cannot decode"),
+        ("a volume as a slice", {"files": {"file": ("v.npy", npy(np.zeros((3, 8, 8))))}}, 422, "send a volume with ?exam=1"),
+        ("a zip without exam", {"files": {"file": ("s.zip", zipped({"a.dcm": dicom}))}}, 415, "send it with ?exam=1"),
+        ("a zip climbing out", {"files": {"file": ("s.zip", zipped({"../a.dcm": dicom}))}, "params": {"exam": 1}}, 400, "'../a.dcm': an absolute name or one with '..'"),
+        ("an absolute member", {"files": {"file": ("s.zip", zipped({"/tmp/a.dcm": dicom}))}, "params": {"exam": 1}}, 400, "'/tmp/a.dcm': an absolute name"),
+        ("a symlink member", {"files": {"file": ("s.zip", zipped({"a.dcm": dicom}, ("b.dcm",)))}, "params": {"exam": 1}}, 400, "'b.dcm' is a symbolic link"),
+        ("a zip of non-DICOM", {"files": {"file": ("s.zip", zipped({"readme.txt": b"hi"}))}, "params": {"exam": 1}}, 422, "zip member 'readme.txt': not a readable DICOM"),
+        ("a broken zip", {"files": {"file": ("s.zip", b"PK\x03\x04broken")}, "params": {"exam": 1}}, 422, "not a readable zip"),
+        ("a bad parameter", {"files": {"file": ("a.png", b"x")}, "params": {"exam": "maybe"}}, 422, "query.exam"),
+    ]  # fmt: skip
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array.astype(np.float32))
+    return buffer.getvalue()
+
+
+def test_every_bad_input_is_a_4xx_with_a_message_and_the_server_keeps_answering(run, client, pydicom_files):
+    good = (run.parent / "data" / "images" / "knee_00000.png").read_bytes()
+    for what, request, status, text in bad_inputs(pydicom_files):
+        response = client.post("/predict", **request)
+        assert response.status_code == status, (what, response.text)
+        message = response.json()["error"]
+        assert text in message, (what, message)
+        assert "mtl-serve-" not in message and "/tmp" not in message.replace("'/tmp/a.dcm'", ""), what
+        assert client.get("/health").status_code == 200, what
+    assert post(client, "knee.png", good).status_code == 200
+
+
+def test_upload_pixel_and_zip_limits(run, pydicom_files):
+    dicom = (pydicom_files / "MR_small.dcm").read_bytes()
+    limits = ServeLimits(upload_bytes=20_000, max_pixels=1000, zip_members=4, zip_bytes=60_000)
+    with TestClient(create_app(run, limits)) as client:
+        big = post(client, "big.npy", npy(np.zeros((100, 100))))  # 40 kB
+        assert big.status_code == 413 and "above the limit of 20,000 bytes" in big.json()["error"]
+        pixels = post(client, "s.npy", npy(np.zeros((40, 40))))  # 1,600 pixels
+        assert pixels.status_code == 413 and "s.npy: array of 40x40 = 1,600 pixels" in pixels.json()["error"]
+        members = zipped({f"{k}.dcm": b"x" for k in range(5)})
+        many = post(client, "s.zip", members, "?exam=1")
+        assert many.status_code == 413 and "declares 5 members" in many.json()["error"]
+        bomb = zipped(
+            {"a.dcm": dicom, "b.dcm": bytes(100_000)}
+        )  # 100 kB of zeros pack into a few hundred bytes
+        assert len(bomb) < 20_000
+        refused = post(client, "s.zip", bomb, "?exam=1")
+        assert refused.status_code == 413 and "a zip bomb?" in refused.json()["error"]
+        assert client.get("/health").status_code == 200
+
+
+# ---- the queue and the deadline ------------------------------------------------------------------
+
+
+def slow_answer(started: threading.Event, release: threading.Event):
+    def answer(upload, options):
+        started.set()
+        release.wait(10)
+        return {"image": upload.name}
+
+    return answer
+
+
+def test_a_full_queue_is_answered_503_at_once(run, monkeypatch):
+    app = create_app(run, ServeLimits(in_flight=1, waiting=0))
+    started, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(app.state.served, "answer", slow_answer(started, release))
+    with TestClient(app) as client:
+        first: dict = {}
+        worker = threading.Thread(target=lambda: first.update(r=post(client, "a.png", b"\x89PNG")))
+        worker.start()
+        assert started.wait(10)
+        clock = time.monotonic()
+        busy = post(client, "b.png", b"\x89PNG")
+        assert busy.status_code == 503 and "busy" in busy.json()["error"]
+        assert time.monotonic() - clock < 2  # refused, not queued
+        assert client.get("/health").json()["requests_at_work_or_queued"] == 1
+        release.set()
+        worker.join(10)
+        assert first["r"].status_code == 200 and first["r"].json() == {"image": "a.png"}
+        assert post(client, "c.png", b"\x89PNG").status_code == 200
+
+
+def test_a_request_past_its_deadline_is_answered_504_and_keeps_its_place_until_it_ends(run, monkeypatch):
+    app = create_app(run, ServeLimits(in_flight=1, waiting=0, timeout_s=0.3))
+    started, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(app.state.served, "answer", slow_answer(started, release))
+    with TestClient(app) as client:
+        late = post(client, "a.png", b"\x89PNG")
+        assert late.status_code == 504 and "no answer within 0.3 s" in late.json()["error"]
+        assert post(client, "b.png", b"\x89PNG").status_code == 503  # its work still runs
+        release.set()
+        for _ in range(100):
+            if client.get("/health").json()["requests_at_work_or_queued"] == 0:
+                break
+            time.sleep(0.05)
+        assert post(client, "c.png", b"\x89PNG").status_code == 200
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+
+def test_serve_refuses_bad_options_and_a_busy_port(run):
+    result = runner.invoke(cli_app, ["serve", str(run), "--port", "70000"])
+    assert result.exit_code == 1 and "--port: bad value 70000" in result.output
+    result = runner.invoke(cli_app, ["serve", str(run), "--max-in-flight", "0"])
+    assert result.exit_code == 1 and "--max-in-flight: bad value 0" in result.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(cli_app, ["serve", str(run), "--port", str(port)])
+    assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "Traceback" not in result.output

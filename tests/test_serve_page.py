@@ -1,0 +1,179 @@
+"""serve's page in a real browser: Debian's headless chromium, driven by selenium through Debian's
+chromedriver, loads the page from `serve` running in a subprocess on 127.0.0.1, uploads phantom
+slices, and the answers appear in the DOM as predict gives them. Skipped, saying why, where chromium
+or its driver is not installed (.ci/run installs both).
+
+With MTL_MENISCUS_WRITE_SCREENSHOT=1 the page is also saved as docs/images/serve-page.png (the
+README's picture); otherwise the screenshot goes to the test's temporary folder only."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from mtl_meniscus.commands.predict import run_predict
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+SCREENSHOT = ROOT / "docs" / "images" / "serve-page.png"
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def predicted(run: Path, images: list[Path], folder: Path, threshold: float | None = None) -> list[dict]:
+    out = folder / "predicted.jsonl"
+    run_predict(run, images, out, as_json=True, threshold=threshold, console=Console(quiet=True))
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def slices(tiny_run, tmp_path_factory) -> tuple[list[Path], list[dict], float]:
+    """12 phantom slices, predict's lines for them, and the fissure threshold they are cut at: the
+    median of their probabilities, so that the page shows both sides of the gate (a tiny model's
+    probabilities sit close together)."""
+    run, folder = tiny_run / "run", tmp_path_factory.mktemp("page")
+    images = sorted((tiny_run / "data" / "images").glob("*.png"))[:12]
+    cut = float(np.median([row["p_fissure"] for row in predicted(run, images, folder)]))
+    return images, predicted(run, images, folder, cut), cut
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, slices):
+    """`serve` on the tiny run, in a subprocess on a free port of 127.0.0.1: its base URL."""
+    port = free_port()
+    command = [sys.executable, "cli.py", "serve", str(tiny_run / "run"), "--port", str(port)]
+    command += ["--threshold", repr(slices[2])]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=os.environ | {"WANDB_MODE": "disabled"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                    assert json.load(response)["status"] == "ok"
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"serve did not start: {process.communicate()[0]}") from None
+                time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    selenium = pytest.importorskip("selenium", reason="selenium (the dev extra) is not installed")
+    from selenium.webdriver import Chrome, ChromeOptions
+    from selenium.webdriver.chrome.service import Service
+
+    assert selenium
+    options = ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1000,960")
+    driver = Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def upload(browser, path: Path) -> dict[str, list[str]]:
+    """Pick `path` in the page's file input; the answers table once the page says it is done."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    status = browser.find_element(By.ID, "status")
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    WebDriverWait(browser, 60).until(
+        lambda _: status.get_attribute("data-state") in ("done", "error") and path.name in status.text
+    )
+    assert status.get_attribute("data-state") == "done", status.text
+    rows = browser.find_elements(By.CSS_SELECTOR, "#answers tbody tr")
+    return {
+        row.get_attribute("data-task"): [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+        for row in rows
+    }
+
+
+def test_the_page_shows_predicts_answers_gated_with_the_saliency_views(server, browser, slices, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    images, rows, _ = slices
+    browser.get(server + "/")
+    WebDriverWait(browser, 30).until(lambda b: "fissure threshold" in b.find_element(By.ID, "model").text)
+    # a slice without a predicted tear first (where there is one), the screenshot's tear last
+    order = sorted(range(len(rows)), key=lambda k: (rows[k]["fissure"], -abs(rows[k]["p_fissure"] - 0.5)))
+    for k in (
+        [order[0], order[-1]] if rows[order[0]]["fissure"] != rows[order[-1]]["fissure"] else [order[-1]]
+    ):
+        expected = rows[k]
+        shown = upload(browser, images[k])
+        assert list(shown) == ["fissure", "orientation", "position"]
+        assert shown["fissure"][1:] == [
+            "tear" if expected["fissure"] else "no tear",
+            f"{expected['p_fissure']:.3f}",
+        ]
+        for task, column in (("orientation", "p_horizontal"), ("position", "p_anterior")):
+            if expected["fissure"]:
+                assert shown[task][1:] == [expected[task], f"{expected[column]:.3f}"]
+            else:
+                assert shown[task][1:] == ["not reported", "–"]  # gated as predict gates it
+        views = [b.text for b in browser.find_elements(By.CSS_SELECTOR, "#views button")]
+        assert views == ["slice", "saliency: fissure", "saliency: orientation", "saliency: position"]
+        assert browser.find_element(By.ID, "slice").get_attribute("src").startswith("data:image/png;base64,")
+    browser.find_element(By.CSS_SELECTOR, "#views button[data-view='saliency: fissure']").click()
+    assert browser.find_element(By.ID, "caption").text == "where fissure's answer looks (LayerCAM)"
+    browser.execute_script("window.scrollTo(0, 0)")
+    assert browser.save_screenshot(str(tmp_path / "serve-page.png"))
+    if os.environ.get("MTL_MENISCUS_WRITE_SCREENSHOT") == "1":
+        shutil.copy(tmp_path / "serve-page.png", SCREENSHOT)
+
+
+def test_an_exam_shows_its_most_suspicious_slice_and_a_slider_over_its_slices(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from mtl_meniscus.phantom.exams import write_phantom_exams
+
+    write_phantom_exams(tmp_path / "exams", n=20, n_slices=3, size=64, fmt="dicom-series")
+    packed = shutil.make_archive(str(tmp_path / "knee"), "zip", tmp_path / "exams" / "exam_0000")
+    browser.get(server + "/")
+    shown = upload(browser, Path(packed))
+    assert shown["fissure"][1] in ("tear", "no tear")
+    slider = browser.find_element(By.ID, "slider")
+    assert browser.find_element(By.ID, "exam-slider").is_displayed() and slider.get_attribute("max") == "2"
+    top = int(slider.get_attribute("value"))
+    assert "(the most suspicious slice)" in browser.find_element(By.ID, "caption").text
+    assert browser.find_element(By.ID, "slider-text").text.startswith(f"P(tear) on slice {top + 1}: ")
