@@ -97,6 +97,7 @@ WandbOption = Annotated[WandbMode | None, typer.Option(help="wandb mode (default
 DeviceOption = Annotated[
     str | None, typer.Option(help="cpu, cuda or cuda:N (default: the first GPU if any, else the CPU).")
 ]
+RunArgument = Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")]
 PrecisionOption = Annotated[Precision, typer.Option(help="auto: bf16 + channels_last where native.")]
 # Every command that can take more than a few seconds has it; command() below applies it.
 QuietOption = Annotated[
@@ -394,7 +395,7 @@ def _print_next_steps(run_dir: Path) -> None:
 
 @command()
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
+    run: RunArgument,
     data: Annotated[
         Path | None, typer.Option(help="External data folder (default: the run's own data).")
     ] = None,
@@ -494,7 +495,7 @@ def evaluate(
 
 @command()
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
+    run: RunArgument,
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
     out: Annotated[Path, typer.Option(help="Output file.")] = Path("predictions.csv"),
     json_lines: Annotated[
@@ -754,7 +755,7 @@ class ExportFormat(str, Enum):
 
 @command()
 def export(
-    run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
+    run: RunArgument,
     out: Annotated[
         Path, typer.Option(help="Output file; a .json with the same name is written next to it.")
     ] = Path("model.onnx"),
@@ -801,7 +802,7 @@ def export(
 
 @command()
 def serve(
-    run: Annotated[Path, typer.Argument(help="Run folder (uses its best.pt) or a checkpoint file.")],
+    run: RunArgument,
     host: Annotated[
         str, typer.Option(help="Address to listen on; 127.0.0.1 answers this machine only.")
     ] = "127.0.0.1",
