@@ -679,7 +679,7 @@ def tune(
     storage: Annotated[
         str | None,
         typer.Option(
-            help="Optuna storage URL (default: sqlite:///OUT/study.db); e.g. postgresql://user:pw@host/db "
+            help="Optuna storage URL (default: sqlite:///OUT/study.db); e.g. postgresql+psycopg://user:pw@host/db "
             "for workers on several machines."
         ),
     ] = None,
