@@ -41,7 +41,9 @@ WIDTH = 900  # pixels: readable in the README, small in the repository
 
 def _cli(work: Path, *args: str) -> str:
     """What `python cli.py ARGS` prints, run in `work` as a user would, on a wide terminal."""
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", COLUMNS="120")
+    # wandb as a newcomer has it (offline, the default), so the output is theirs line for line
+    env = {key: value for key, value in os.environ.items() if key != "WANDB_MODE"}
+    env |= {"PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
     command = [sys.executable, str(ROOT / "cli.py"), *args]
     printed = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, check=True).stdout
     return printed.replace(str(Path.home()), "~")
