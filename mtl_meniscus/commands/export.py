@@ -217,7 +217,7 @@ def export_onnx(
                 f"{PARITY_TOLERANCE:.0e}); nothing written. Please report it with torch "
                 f"{torch.__version__} and onnxruntime {onnxruntime.__version__}"
             )
-    probabilities = module.probabilities if pipeline else module
+    probabilities = _network_of(module)
     report = ExportReport(
         path=str(out),
         sidecar=str(out.with_name(out.name + ".json")),
@@ -296,9 +296,14 @@ def _pipeline_export(trained, threshold: float, check_inputs, seed: int):
     return module.eval(), check_inputs, "image", ("batch", "height", "width")
 
 
+def _network_of(module: nn.Module) -> TaskProbabilities:
+    """The network (with calibration and sigmoid) of either graph's module."""
+    return module.probabilities if isinstance(module, WholePipeline) else module
+
+
 def _output_names(trained, module) -> list[str]:
     """predict's column names: p_fissure, p_horizontal, p_anterior (and pred_<task> for the pipeline)."""
-    probabilities = module.probabilities if isinstance(module, WholePipeline) else module
+    probabilities = _network_of(module)
     names = [trained.tasks[task].p_column for task in probabilities.tasks]
     if isinstance(module, WholePipeline):
         names += [f"pred_{task}" for task in probabilities.tasks]
@@ -307,7 +312,7 @@ def _output_names(trained, module) -> list[str]:
 
 def _metadata(trained, module, threshold: float, pipeline: bool) -> dict[str, str]:
     """What the graph carries besides the network: how to prepare its input, and where it came from."""
-    probabilities = module.probabilities if pipeline else module
+    probabilities = _network_of(module)
     return {
         "tasks": ",".join(probabilities.tasks),
         "temperatures": ",".join(f"{task}={t}" for task, t in probabilities.temperatures.items()),
@@ -322,7 +327,6 @@ def _metadata(trained, module, threshold: float, pipeline: bool) -> dict[str, st
 
 def _onnx_graph(module: nn.Module, example: np.ndarray, input_name: str, output_names: list[str], shape):
     """The module as an ONNX ModelProto with the dynamic axes `shape` names ('batch', 'height', ...)."""
-    argument = "image" if input_name == "image" else "x"  # the forward argument's name
     dynamic = {
         axis: torch.export.Dim(name, min=2) for axis, name in enumerate(shape) if isinstance(name, str)
     }
@@ -332,7 +336,7 @@ def _onnx_graph(module: nn.Module, example: np.ndarray, input_name: str, output_
             (torch.from_numpy(example),),
             input_names=[input_name],
             output_names=output_names,
-            dynamic_shapes={argument: dynamic},
+            dynamic_shapes={input_name: dynamic},  # the input is named as forward's argument
             opset_version=OPSET,
             dynamo=True,
         )

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,11 @@ class TrainedModel:
         )
         return {task: grad_cam(self.model, x, task)[0] for task in self.config.model.tasks}  # x: (1, C, H, W)
 
+    @cached_property
+    def checkpoint_sha256(self) -> str:
+        """The checkpoint file's SHA-256 (what a saved threshold or calibration was fitted on)."""
+        return file_sha256(self.checkpoint)
+
     @property
     def saved_threshold(self) -> Threshold | None:
         """The fissure threshold saved in the run by `evaluate --youden`, if any. It belongs to the
@@ -247,7 +253,7 @@ class TrainedModel:
             return Threshold(
                 0.5, f"the default: {path} was chosen for {chosen_for}, not {self.checkpoint.name}"
             )
-        if digest is not None and digest != file_sha256(self.checkpoint):
+        if digest is not None and digest != self.checkpoint_sha256:
             raise MeniscusError(
                 f"{path} was chosen for another {chosen_for} than the run's current one: {fix}"
             )

@@ -15,7 +15,6 @@ from mtl_meniscus.engine.trained import (
     Threshold,
     TrainedModel,
     evaluation_data,
-    file_sha256,
     read_calibration,
     resolve_threshold,
 )
@@ -87,7 +86,7 @@ def calibrate_run(trained: TrainedModel, runtime: Runtime, console: Console) -> 
         "tta_copies": tta.copies,
         "tta_seed": 0,
         "checkpoint": trained.checkpoint.name,
-        "checkpoint_sha256": file_sha256(trained.checkpoint),
+        "checkpoint_sha256": trained.checkpoint_sha256,
     }
     write_text_atomic(trained.run_dir / CALIBRATION_FILE, json_text(record))
     trained.calibration = read_calibration(trained.run_dir, trained.checkpoint)
@@ -126,7 +125,7 @@ def choose_threshold(
         "tta_seed": 0,
         "fissure_temperature": trained.calibration.temperature(root) if trained.calibration else 1.0,
         "checkpoint": trained.checkpoint.name,
-        "checkpoint_sha256": file_sha256(trained.checkpoint),
+        "checkpoint_sha256": trained.checkpoint_sha256,
     }
     write_text_atomic(trained.run_dir / THRESHOLD_FILE, json_text(record))
     return trained.saved_threshold
