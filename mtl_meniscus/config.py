@@ -246,8 +246,8 @@ class TrainConfig(Section):
     lr_factor: float = 0.5  # learning rate multiplied by this when the monitored score plateaus
     lr_patience: int = 2  # epochs without improvement before the learning rate is cut
     early_stopping_patience: int = 6  # epochs without improvement before training stops
-    # Patience counts only once validation has left chance: a score of chance + 3 null standard
-    # deviations of the network's validation set, at most this (stopping.py).
+    # Unused: "left chance" is now decided per task against each task's own null (stopping.py),
+    # with no cap. Kept so that older configs and runs, which set it, still load.
     left_chance_max: float = 0.7
     min_lr: float = 1e-5
     backbone_lr_factor: float = 1.0  # timm trunks: backbone learning rate = lr * this factor

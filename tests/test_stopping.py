@@ -80,8 +80,9 @@ def test_reported_best_epoch_is_the_restored_one(phantom, tmp_path, monkeypatch)
 def test_learning_rate_schedule_uses_the_same_rule(phantom, tmp_path, monkeypatch):
     # A gain of 9e-5 over the best is not an improvement (margin 1e-4): the learning rate is cut
     # after lr_patience epochs without one. (torch's ReduceLROnPlateau, whose margin is relative,
-    # 1e-4 x 0.5, counted epoch 2 as an improvement and cut two epochs later.)
-    scores = [0.8] + [0.80009] * 5
+    # 1e-4 x 0.5, counted epoch 2 as an improvement and cut two epochs later.) Every score is
+    # above the fissure bar of this validation split (3 tears vs 9: 26/27), so patience counts.
+    scores = [0.97] + [0.97009] * 5
     _scripted_validation(monkeypatch, scores)
     config = load_config(
         TINY,
@@ -102,34 +103,32 @@ def test_learning_rate_schedule_uses_the_same_rule(phantom, tmp_path, monkeypatc
 
 
 def test_patience_counts_only_once_validation_has_left_chance():
-    stopping = EarlyStopping(patience=2, lr_patience=1, start_score=0.7)
+    stopping = EarlyStopping(patience=2, lr_patience=1, chance_bars={"fissure": 0.7})
     for epoch, score in enumerate([0.52, 0.5, 0.55, 0.51, 0.53, 0.5], 1):  # six epochs at chance
-        stopping.update(epoch, score)
+        stopping.update(epoch, score, {"fissure": score})
         assert not stopping.lr_cut_due and not stopping.should_stop
     assert not stopping.started
-    stopping.update(7, 0.8)
-    assert stopping.started_epoch == 7
-    stopping.update(8, 0.79)
+    stopping.update(7, 0.8, {"fissure": 0.8})
+    assert not stopping.started  # one epoch above the bar could be noise
+    stopping.update(8, 0.79, {"fissure": 0.79})
+    assert stopping.started_epoch == 7  # confirmed by epoch 8, which is the first to count
     assert stopping.lr_cut_due and not stopping.should_stop
-    stopping.update(9, 0.78)
+    stopping.update(9, 0.78, {"fissure": 0.78})
     assert stopping.should_stop and stopping.best_epoch == 7
 
 
-def test_start_score_is_chance_plus_three_null_sds_capped():
-    from mtl_meniscus.engine.stopping import chance_sd, learning_score
+def test_chance_sd_is_the_mann_whitney_null_sd():
+    from mtl_meniscus.engine.stopping import chance_sd
 
-    # Mann-Whitney null sd, by hand: sqrt((55 + 165 + 1) / (12 * 55 * 165))
+    # by hand: sqrt((55 + 165 + 1) / (12 * 55 * 165)); the bars themselves: test_left_chance.py
     assert chance_sd(55, 165) == pytest.approx((221 / (12 * 55 * 165)) ** 0.5)
-    assert learning_score([(0.4, chance_sd(55, 165))], cap=0.7) == pytest.approx(0.5 + 3 * chance_sd(55, 165))
-    assert (
-        learning_score([(0.3, chance_sd(3, 25))], cap=0.7) == 0.7
-    )  # three positives: chance alone reaches 0.7
 
 
 def test_a_run_that_starts_late_is_not_stopped_or_slowed_before_it_starts(phantom, tmp_path, monkeypatch):
-    # Validation at chance for six epochs, then learning. Patience 2 would have stopped it at
-    # epoch 3 and the learning rate would have been cut twice before it learned anything.
-    _scripted_validation(monkeypatch, [0.5, 0.52, 0.49, 0.51, 0.5, 0.53, 0.85, 0.9, 0.89, 0.88])
+    # Validation at chance for six epochs, then learning (above the fissure bar of this split, 26/27,
+    # from epoch 7 on). Patience 2 would have stopped it at epoch 3 and the learning rate would
+    # have been cut twice before it learned anything.
+    _scripted_validation(monkeypatch, [0.5, 0.52, 0.49, 0.51, 0.5, 0.53, 0.97, 1.0, 0.99, 0.98])
     config = load_config(
         TINY,
         {
@@ -143,6 +142,8 @@ def test_a_run_that_starts_late_is_not_stopped_or_slowed_before_it_starts(phanto
     metrics = train_run(config, tmp_path / "run", console=Console(quiet=True))
     shared = metrics["members"]["shared"]
     assert shared["epochs"] == 10 and shared["best_epoch"] == 8 and shared["left_chance_epoch"] == 7
+    assert shared["left_chance_tasks"] == {"fissure": 7} and shared["tasks_at_chance"] == []
+    assert shared["chance_bars"] == {"fissure": pytest.approx(26 / 27)}  # the others: too few rows to tell
     assert metrics["learned"] and not metrics["warnings"]
     lines = (tmp_path / "run" / "history.csv").read_text().splitlines()
     header = lines[0].split(",")
@@ -175,15 +176,15 @@ def test_a_run_that_cannot_learn_says_so(tmp_path):
     console = Console(record=True, width=250)
     metrics = train_run(config, tmp_path / "run", console=console)
     assert not metrics["learned"]
-    assert "did not learn: validation score" in metrics["warnings"][0]
+    assert "did not learn: no task left chance" in metrics["warnings"][0]
     output = console.export_text()
-    assert "WARNING: [shared] did not learn: validation score" in output and "chance is 0.50" in output
+    assert "WARNING: [shared] did not learn: no task left chance" in output and "chance is 0.50" in output
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["learned"] is False and saved["members"]["shared"]["learned"] is False
 
 
 def test_a_cut_due_at_the_learning_rate_floor_ends_the_run(phantom, tmp_path, monkeypatch):
-    _scripted_validation(monkeypatch, [0.8, 0.79, 0.79, 0.79, 0.79, 0.79])
+    _scripted_validation(monkeypatch, [0.99, 0.98, 0.98, 0.98, 0.98, 0.98])  # above chance from epoch 1
     config = load_config(
         TINY,
         {

@@ -15,7 +15,7 @@ from torch import nn
 
 from mtl_meniscus.config import Config, ModelConfig, config_from_dict
 from mtl_meniscus.data.records import PreparedData
-from mtl_meniscus.engine.stopping import chance_sd, learning_score
+from mtl_meniscus.engine.stopping import chance_bar
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.evaluation.metrics import monitor_weights
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
@@ -147,13 +147,19 @@ def tasks_without_labels(names: tuple[str, ...], data: PreparedData) -> dict[str
     return out
 
 
-def member_start_score(
-    val_targets: np.ndarray, names: tuple[str, ...], cap: float, tasks: TaskTable = DEFAULT_TASKS
-) -> float:
-    """Validation score at which this network counts as having left chance (see stopping.py)."""
-    weights = monitor_weights(names, tasks)  # those of the score it monitors
-    spreads = []
+def member_chance_bars(
+    val_targets: np.ndarray, names: tuple[str, ...], tasks: TaskTable = DEFAULT_TASKS
+) -> dict[str, float]:
+    """{task: validation AUC that counts as above chance} for the tasks of the score this network
+    monitors, each from its own scored validation rows (stopping.py); a task with too few rows to
+    tell is left out."""
+    weights = monitor_weights(names, tasks)  # a task of weight 0 does not move the monitored score
+    bars = {}
     for name in names:
+        if weights[name] <= 0:
+            continue
         y = val_targets[tasks.scored_rows(val_targets, name), tasks.index(name)]
-        spreads.append((weights[name], chance_sd(int(np.sum(y == 1)), int(np.sum(y == 0)))))
-    return learning_score(spreads, cap)
+        bar = chance_bar(int(np.sum(y == 1)), int(np.sum(y == 0)))
+        if bar is not None:
+            bars[name] = bar
+    return bars

@@ -19,10 +19,10 @@ from mtl_meniscus.config import Config
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.data.torch_dataset import EpochBatchSampler, ExamDataset, SliceDataset, training_batches
 from mtl_meniscus.engine.distributed import SINGLE, Distributed
-from mtl_meniscus.engine.members import Member, member_config, member_start_score
+from mtl_meniscus.engine.members import Member, member_chance_bars, member_config
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import Runtime
-from mtl_meniscus.engine.stopping import CHANCE, EarlyStopping, decide_after_epoch
+from mtl_meniscus.engine.stopping import CHANCE, CONFIRMING_EPOCHS, EarlyStopping, decide_after_epoch
 from mtl_meniscus.engine.tracking import RunLogger
 from mtl_meniscus.engine.training_state import MemberCheckpoints, TrainingState
 from mtl_meniscus.engine.validation import validate
@@ -67,9 +67,7 @@ class MemberTrainer:
             stopping=EarlyStopping(
                 patience=train.early_stopping_patience,
                 lr_patience=train.lr_patience,
-                start_score=member_start_score(
-                    data.targets[member.val_indices], member.tasks, train.left_chance_max, data.tasks
-                ),
+                chance_bars=member_chance_bars(data.targets[member.val_indices], member.tasks, data.tasks),
             ),
         )
         kind = ExamDataset if data.exams else SliceDataset
@@ -125,7 +123,13 @@ class MemberTrainer:
                 raise self.diverged("the network's outputs on the validation images are not finite numbers")
             lr = self.state.optimizer.param_groups[0]["lr"]
             decision = decide_after_epoch(
-                self.state.stopping, self.state.epoch, val["score"], lr, train.min_lr, train.max_epochs
+                self.state.stopping,
+                self.state.epoch,
+                val["score"],
+                lr,
+                train.min_lr,
+                train.max_epochs,
+                task_aucs=val["auc"],  # "left chance" is decided per task
             )
             if decision.improved:
                 self.checkpoints.save_best(self.state, member_config(self.config, self.member))
@@ -143,6 +147,8 @@ class MemberTrainer:
                 on_epoch_end(self.member.name, self.state.epoch)
         self.processes.barrier()  # rank 0 has written best.pt
         self.checkpoints.restore_best(self.state.model)
+        if self.chance_note:
+            self.console.print(f"note: {self.chance_note}", style="yellow", markup=False, highlight=False)
 
     def _history_row(self, train_loss, task_weights, val, improved, lr, start) -> dict[str, Any]:
         """One row of history.csv: the epoch's losses, AUCs, score, learning rate and task weights."""
@@ -171,15 +177,17 @@ class MemberTrainer:
     def best(self) -> dict[str, Any]:
         """The restored epoch, as every report gives it, and whether the network learned at all."""
         stopping = self.state.stopping
+        can_tell = stopping.best_score is not None and stopping.can_tell_chance
         return {
             "best_epoch": stopping.best_epoch,
             "val_score": stopping.best_score,
             "epochs": self.state.epoch,
-            "learned": stopping.started
-            if stopping.best_score is not None
-            else None,  # None: no score to tell
+            "learned": stopping.started if can_tell else None,  # None: no score, or too few rows to tell
+            # the first epoch of the confirming pair; patience counted from the second (stopping.py)
             "left_chance_epoch": stopping.started_epoch or None,
-            "left_chance_score": stopping.start_score,
+            "left_chance_tasks": dict(stopping.left_chance_epochs),  # {task: first epoch of its pair}
+            "tasks_at_chance": stopping.tasks_at_chance,
+            "chance_bars": dict(stopping.chance_bars),  # {task: validation AUC counted as above chance}
         }
 
     @property
@@ -194,16 +202,13 @@ class MemberTrainer:
 
     @property
     def warning(self) -> str | None:
-        """'did not learn: ...' when validation never left chance, else None."""
-        stopping = self.state.stopping
-        best = stopping.best_score
-        if stopping.started or best is None:  # None: no defined validation score, warned before training
-            return None
-        return (
-            f"[{self.member.name}] did not learn: validation score {best:.2f}, "
-            f"chance is {CHANCE:.2f} (a score of {stopping.start_score:.2f} would have shown learning); "
-            "check the labels, or train longer or with another learning rate"
-        )
+        """'did not learn: ...' when no task of the network left chance on validation, else None."""
+        return did_not_learn_warning(self.member.name, self.state.stopping)
+
+    @property
+    def chance_note(self) -> str | None:
+        """The tasks that stayed at chance in a network that learned others, else None."""
+        return tasks_at_chance_note(self.member.name, self.state.stopping)
 
     def _train_epoch(self) -> tuple[float, dict[str, float]]:
         """One epoch of steps: (mean training loss, {task: mean weight the task weighting applied})."""
@@ -260,6 +265,38 @@ class MemberTrainer:
             markup=False,
         )
         self.logger.log({f"{self.member.name}/{k}": v for k, v in row.items() if k != "member"})
+
+
+def did_not_learn_warning(name: str, stopping: EarlyStopping) -> str | None:
+    """'[name] did not learn: no task left chance ...' when none did, else None (also when there
+    is no validation score, warned before training, or too few validation rows to tell)."""
+    if stopping.started or stopping.best_score is None or not stopping.can_tell_chance:
+        return None
+    return (
+        f"[{name}] did not learn: no task left chance on validation "
+        f"({_bars_text(stopping.chance_bars)}, each needed in {CONFIRMING_EPOCHS} consecutive epochs; "
+        f"best validation score {stopping.best_score:.2f}, chance is {CHANCE:.2f}); "
+        "check the labels, or train longer or with another learning rate"
+    )
+
+
+def tasks_at_chance_note(name: str, stopping: EarlyStopping) -> str | None:
+    """'[name] orientation did not leave chance ...' in a network that learned other tasks, else
+    None: softer than the warning, since the network did learn (and its patience counted)."""
+    at_chance = stopping.tasks_at_chance
+    if not stopping.started_epoch or not at_chance:
+        return None
+    learned = ", ".join(f"{task} from epoch {epoch}" for task, epoch in stopping.left_chance_epochs.items())
+    return (
+        f"[{name}] {', '.join(at_chance)} did not leave chance on validation "
+        f"({_bars_text({task: stopping.chance_bars[task] for task in at_chance})} never reached in "
+        f"{CONFIRMING_EPOCHS} consecutive epochs); the network learned {learned}"
+    )
+
+
+def _bars_text(bars: dict[str, float]) -> str:
+    """'fissure AUC >= 0.65, position AUC >= 0.81'."""
+    return ", ".join(f"{task} AUC >= {bar:.2f}" for task, bar in bars.items())
 
 
 LATE_START_EPOCHS = 3  # leaving chance within this many epochs of the budget's end counts as late

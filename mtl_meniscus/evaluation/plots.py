@@ -54,7 +54,7 @@ def save_figure(fig, path: Path, dpi: int = 200) -> None:
 def plot_training_curves(history: list[dict], path: Path, best: Mapping[str, dict] | None = None) -> None:
     """Loss, per-task validation AUC with the monitored score, and learning rate per epoch, one row
     per network. `best` ({network: trainer's best record}) adds the restored (best) epoch and the
-    score that counts as having left chance; learning-rate cuts are dotted lines."""
+    epoch it left chance; learning-rate cuts are dotted lines."""
     members = list(dict.fromkeys(row["member"] for row in history))
     best = best or {}
     with paper_style():
@@ -78,9 +78,9 @@ def _plot_member_curves(row_axes, member: str, rows: list[dict], best: dict) -> 
         if any(v is not None and v == v for v in values):
             auc_ax.plot(epochs, values, label=task)
     auc_ax.plot(epochs, [r["val_score"] for r in rows], "k--", label="monitored score")
-    if best.get("left_chance_score") is not None:
-        auc_ax.axhline(
-            best["left_chance_score"], color="grey", linewidth=0.8, linestyle="-.", label="left chance"
+    if best.get("left_chance_epoch"):  # decided per task (stopping.py): an epoch, not one score
+        auc_ax.axvline(
+            best["left_chance_epoch"], color="grey", linewidth=0.8, linestyle="-.", label="left chance"
         )
     auc_ax.set_title(f"{member}: validation AUC")
     auc_ax.set_ylim(0.4, 1.01)

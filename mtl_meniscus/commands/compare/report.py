@@ -222,7 +222,7 @@ def _caption(table: list[dict[str, Any]], scored: Sequence[ScoredVariant]) -> tu
             f" Still improving when the budget ended (best epoch in its last {STILL_IMPROVING_SHARE:.0%}): "
             f"{', '.join(improving)}; a conclusion should rest on variants that are not."
         )
-    not_learned = [item.variant.name for item in scored if not item.result.get("learned", True)]
+    not_learned = [item.variant.name for item in scored if item.result.get("learned") is False]
     if not_learned:
         caption += (
             f" Did not learn (validation never left chance; kept in the means): {', '.join(not_learned)}."

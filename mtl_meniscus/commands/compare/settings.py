@@ -38,7 +38,6 @@ REGULARIZATION_KEYS = (
     "train.lr_patience",
     "train.min_lr",
     "train.early_stopping_patience",
-    "train.left_chance_max",
     "train.batch_size",
     "augment",
 )

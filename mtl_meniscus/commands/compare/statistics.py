@@ -120,7 +120,7 @@ def _group_row(
         # Runs whose validation never left chance are kept in the means (they are what the
         # mode gave) but counted and named, never averaged in silently.
         "not_learned_seeds": " ".join(
-            str(m.variant.seed) for m in members if not m.result.get("learned", True)
+            str(m.variant.seed) for m in members if m.result.get("learned") is False
         ),
         "still_improving_seeds": " ".join(str(m.variant.seed) for m in members if still_improving(m.result)),
     }
