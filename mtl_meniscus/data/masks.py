@@ -1,0 +1,137 @@
+"""Label masks of labels.csv's optional `mask` column, read with checks: one label image per row,
+the size of the row's image, values 0 background, 1 meniscus, 2 tear.
+
+A row without a mask has none (None): partial supervision, not a problem. A folder's masks are
+checked at once, and every bad row is reported in one DataError, as read_labels reports labels.csv.
+A mask is in the image's own pixel grid as the package reads it (for DICOM and NIfTI: the canonical
+view of io/orientation.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mtl_meniscus.data.records import Record, problems_error
+from mtl_meniscus.errors import ImageReadError
+from mtl_meniscus.io.imageio import read_image
+
+# The phantom (phantom/slices.py) and the fastMRI+ import (data/fastmri.py) write these values.
+MASK_BACKGROUND, MASK_MENISCUS, MASK_TEAR = 0, 1, 2
+MASK_VALUES = {MASK_BACKGROUND: "background", MASK_MENISCUS: "meniscus", MASK_TEAR: "tear"}
+_ALLOWED = ", ".join(f"{value} {name}" for value, name in MASK_VALUES.items())
+_SHOWN_VALUES = 5  # bad values named in a problem line
+MASK_VOLUME_HINT = "a mask is one 2D label image per row, of that row's slice"
+
+
+def read_masks(
+    data_dir: str | Path,
+    records: Sequence[Record],
+    image_shapes: Sequence[tuple[int, int]] | None = None,
+    report_dir: str | Path | None = None,
+    max_pixels: int | None = None,
+) -> list[np.ndarray | None]:
+    """Each row's mask as uint8 (H, W), None where the row has none; one DataError listing every
+    bad row (file missing or unreadable, size not its image's, values other than 0, 1, 2).
+
+    `image_shapes` (one (H, W) per record, as read) saves reading the images again; without it each
+    image is read for its size. `report_dir` receives the full list when the message shows only
+    part of it (as for labels.csv).
+    """
+    data_dir = Path(data_dir)
+    problems: list[str] = []
+    last_volume: dict[Path, np.ndarray] = {}  # rows naming slices of one volume decode it once
+    masks = []
+    for k, record in enumerate(records):
+        shape = image_shapes[k] if image_shapes is not None else None
+        if record.mask and shape is None:
+            shape = _image_shape(data_dir, record, problems, last_volume, max_pixels)
+        masks.append(_row_mask(data_dir, record, shape, problems, max_pixels) if record.mask else None)
+    if problems:
+        raise problems_error(data_dir / "labels.csv", problems, report_dir)
+    return masks
+
+
+def read_row_mask(
+    data_dir: str | Path, record: Record, image_shape: tuple[int, int], max_pixels: int | None = None
+) -> np.ndarray | None:
+    """One row's mask as uint8 (H, W), None when the row has none; a DataError naming the row and file."""
+    problems: list[str] = []
+    mask = _row_mask(Path(data_dir), record, image_shape, problems, max_pixels) if record.mask else None
+    if problems:
+        raise problems_error(Path(data_dir) / "labels.csv", problems)
+    return mask
+
+
+def _image_shape(
+    data_dir: Path,
+    record: Record,
+    problems: list[str],
+    last_volume: dict[Path, np.ndarray],
+    max_pixels: int | None,
+) -> tuple[int, int] | None:
+    """The (H, W) of the row's image as read, or None after adding a problem: a mask's size is
+    checked against it."""
+    try:
+        image = read_image(
+            data_dir / record.image, record.slice, max_pixels=max_pixels, last_volume=last_volume
+        )
+    except ImageReadError as err:
+        problems.append(f"row {record.row}, column 'image': {err} (its mask's size cannot be checked)")
+        return None
+    return image.shape
+
+
+def _row_mask(
+    data_dir: Path,
+    record: Record,
+    image_shape: tuple[int, int] | None,
+    problems: list[str],
+    max_pixels: int | None,
+) -> np.ndarray | None:
+    """The row's mask, or None after adding a problem naming the row (labels.csv line) and the file.
+    With `image_shape` None (the image could not be read) the size is not checked."""
+    where = f"row {record.row}, column 'mask'"
+    path = data_dir / record.mask
+    try:
+        found = path.is_file()
+    except OSError:
+        found = False
+    if not found:
+        problems.append(f"{where}: file not found: {path}")
+        return None
+    try:
+        # float32 (H, W); a failure's message names the file
+        pixels = read_image(path, max_pixels=max_pixels, volume_hint=MASK_VOLUME_HINT)
+    except ImageReadError as err:
+        problems.append(f"{where}: {err}")
+        return None
+    if image_shape is not None and pixels.shape != tuple(image_shape):
+        problems.append(
+            f"{where}: {path}: {_size(pixels.shape)} (height x width), but its image {record.image} "
+            f"is {_size(image_shape)}"
+        )
+        return None
+    bad = _bad_values(pixels)
+    if bad:
+        problems.append(f"{where}: {path}: {bad} (allowed: {_ALLOWED})")
+        return None
+    return pixels.astype(np.uint8)
+
+
+def _size(shape: Sequence[int]) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+def _bad_values(pixels: np.ndarray) -> str:
+    """'' when every pixel is an allowed label, else which values are not, e.g. 'values 3, 255'."""
+    values = np.unique(pixels)
+    bad = values[~np.isin(values, list(MASK_VALUES))]
+    if not len(bad):
+        return ""
+    shown = ", ".join(f"{v:g}" for v in bad[:_SHOWN_VALUES])
+    more = f" and {len(bad) - _SHOWN_VALUES} more" if len(bad) > _SHOWN_VALUES else ""
+    count = int(np.isin(pixels, bad).sum())
+    return f"value{'s' if len(bad) > 1 else ''} {shown}{more} ({count} pixel{'s' if count > 1 else ''})"
