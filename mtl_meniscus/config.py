@@ -254,6 +254,12 @@ class TrainConfig(Section):
     weighting: str = "fixed"  # a registered task weighting (networks/losses.py, WEIGHTINGS)
     task_weights: dict[str, float] = Field(default_factory=dict)  # fixed weighting; missing tasks get 1
     pos_weights: dict[str, float] = Field(default_factory=dict)  # BCE positive-class weight per task
+    # What a gated task's (orientation, position) masked BCE is averaged over: "per-image" divides
+    # the sum over the tears by every image of the batch, so the loss is the mean per image of the
+    # labels' joint log-likelihood; "per-gated-row" (the earlier default) divides by the tears only,
+    # which weighs each tear's gated terms 1 / (tear fraction) times its fissure term and kept the
+    # shared trunk at chance on data with 25% tears (README, "What makes the defaults learn").
+    gated_loss_mean: Literal["per-image", "per-gated-row"] = "per-image"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str | None = None  # cpu, cuda or cuda:N; None: the first GPU when there is one, else the CPU
     num_workers: int = 0  # DataLoader worker processes for augmentation (0 = in the training process)

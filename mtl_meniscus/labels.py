@@ -99,6 +99,16 @@ class TaskTable:
             return known
         return known & (targets[:, self.index(task.gated_by)] == 1)
 
+    def asked_rows(self, targets, name: str):
+        """(N,) bool: rows the task's question is asked of: for a gated task every row whose
+        gating label is known ("if torn, how?" is asked of every image with a fissure label and
+        answered only by the tears), for the root task its scored rows. The per-image loss
+        (networks/losses.py) is a mean over these rows."""
+        task = self[name]
+        if task.gated_by is None:
+            return self.scored_rows(targets, name)
+        return self.scored_rows(targets, task.gated_by)
+
     def extended(self, extra: Iterable[Task]) -> TaskTable:
         return TaskTable((*self.tasks, *extra))
 

@@ -60,7 +60,7 @@ def train_variant(args: argparse.Namespace) -> dict:
         for (x,), y in training_batches(dataset, sampler, 0, runtime.channels_last, pin_memory=False):
             with runtime.autocast():
                 outputs = model(runtime.prepare_input(x))
-            loss = sum(task_losses(outputs, y, {}, data.tasks).values())
+            loss = sum(task_losses(outputs, y, {}, data.tasks, None, config.train.gated_loss_mean).values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -79,6 +79,7 @@ def train_variant(args: argparse.Namespace) -> dict:
         "tag": args.tag,
         "command": "python scripts/ablation.py " + " ".join(sys.argv[1:]),
         "params": sum(p.numel() for p in model.parameters()),
+        "gated_loss_mean": config.train.gated_loss_mean,
         "val_scores": scores,
         "onset_epoch": next((k for k, s in enumerate(scores, 1) if s > 0.7), None),
         "final": scores[-1],
@@ -92,12 +93,15 @@ def train_variant(args: argparse.Namespace) -> dict:
 def render(out: Path) -> str:
     rows = sorted((json.loads(p.read_text()) for p in out.glob("*.json")), key=lambda r: r["order"])
     lines = [
-        "| variant | command | validation score every 80 steps | onset epoch (> 0.7) | at the last step |",
-        "|---|---|---|---|---|",
+        "| variant | command | gated loss mean | validation score every 80 steps | onset epoch (> 0.7) "
+        "| at the last step |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        # runs from before train.gated_loss_mean existed used what is now "per-gated-row"
+        gated = r.get("gated_loss_mean", "per-gated-row")
         lines.append(
-            f"| {r['tag']} | `{r['command']}` | {' '.join(f'{s:.2f}' for s in r['val_scores'])} | "
+            f"| {r['tag']} | `{r['command']}` | {gated} | {' '.join(f'{s:.2f}' for s in r['val_scores'])} | "
             f"{r['onset_epoch'] or 'never'} | {r['final']:.3f} |"
         )
     return "\n".join(lines)

@@ -25,13 +25,37 @@ def test_masked_loss_against_hand_values():
         "orientation": torch.tensor([1.0, 9.0, -2.0, -9.0]),  # rows 1 and 3 must not count
         "position": torch.tensor([0.0, 5.0, 1.5, 5.0]),
     }
-    losses = task_losses(outputs, targets)
     expected_fissure = (_bce(2.0, 1) + _bce(-1.0, 0) + _bce(0.5, 1) + _bce(3.0, 0)) / 4
-    expected_orientation = (_bce(1.0, 1) + _bce(-2.0, 0)) / 2
-    expected_position = (_bce(0.0, 0) + _bce(1.5, 1)) / 2
+    tears_orientation = _bce(1.0, 1) + _bce(-2.0, 0)  # rows 0 and 2, the tears
+    tears_position = _bce(0.0, 0) + _bce(1.5, 1)
+    # per image (the default): the tears' sum over all 4 images, the labels' joint log-likelihood
+    losses = task_losses(outputs, targets)
     assert math.isclose(losses["fissure"].item(), expected_fissure, rel_tol=1e-6)
-    assert math.isclose(losses["orientation"].item(), expected_orientation, rel_tol=1e-6)
-    assert math.isclose(losses["position"].item(), expected_position, rel_tol=1e-6)
+    assert math.isclose(losses["orientation"].item(), tears_orientation / 4, rel_tol=1e-6)
+    assert math.isclose(losses["position"].item(), tears_position / 4, rel_tol=1e-6)
+    total = sum(losses.values()).item()
+    per_image = [  # BCE(fissure) + [torn] (BCE(orientation) + BCE(position)), image by image
+        _bce(2.0, 1) + _bce(1.0, 1) + _bce(0.0, 0),
+        _bce(-1.0, 0),
+        _bce(0.5, 1) + _bce(-2.0, 0) + _bce(1.5, 1),
+        _bce(3.0, 0),
+    ]
+    assert math.isclose(total, sum(per_image) / 4, rel_tol=1e-6)
+    # per gated row (the earlier default): the tears' mean
+    losses = task_losses(outputs, targets, gated_mean="per-gated-row")
+    assert math.isclose(losses["fissure"].item(), expected_fissure, rel_tol=1e-6)
+    assert math.isclose(losses["orientation"].item(), tears_orientation / 2, rel_tol=1e-6)
+    assert math.isclose(losses["position"].item(), tears_position / 2, rel_tol=1e-6)
+
+
+def test_per_image_mean_ignores_rows_without_a_fissure_label():
+    """A row whose fissure label is unknown was never asked "if torn, how?": it is not in the
+    gated tasks' denominator either."""
+    targets = torch.tensor([[1.0, 1.0, 0.0], [NAN, NAN, NAN], [0.0, NAN, NAN]])
+    outputs = {task: torch.tensor([1.0, -3.0, 2.0]) for task in ("fissure", "orientation", "position")}
+    losses = task_losses(outputs, targets)
+    assert math.isclose(losses["orientation"].item(), _bce(1.0, 1) / 2, rel_tol=1e-6)
+    assert math.isclose(losses["fissure"].item(), (_bce(1.0, 1) + _bce(2.0, 0)) / 2, rel_tol=1e-6)
 
 
 def test_all_negative_batch_gives_zero_connected_loss():

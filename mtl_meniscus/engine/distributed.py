@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mtl_meniscus.errors import ConfigError
+from mtl_meniscus.networks.losses import loss_rows
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,15 @@ class Distributed:
         torch.distributed.all_reduce(total)
         return total / self.world
 
-    def loss_denominators(self, targets: torch.Tensor, names, tasks) -> dict[str, torch.Tensor] | None:
-        """{task: rows supervised in the whole global batch / processes (at least 1 / processes)}:
+    def loss_denominators(
+        self, targets: torch.Tensor, names, tasks, gated_mean: str
+    ) -> dict[str, torch.Tensor] | None:
+        """{task: its loss rows in the whole global batch / processes (at least 1 / processes)}:
         the denominators that make the processes' averaged masked means the global batch's mean.
-        None in one process (the masked mean's own count is right there)."""
+        None in one process (the batch's own count is right there)."""
         if not self.active:
             return None
-        masks = [tasks.scored_rows(targets, name) for name in names]
+        masks = [loss_rows(targets, name, gated_mean, tasks) for name in names]
         counts = torch.stack([mask.sum() for mask in masks]).float().to(self._collective_device())
         torch.distributed.all_reduce(counts)
         counts = counts.clamp(min=1).to(targets.device) / self.world

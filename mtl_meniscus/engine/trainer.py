@@ -234,8 +234,13 @@ class MemberTrainer:
                 with self.runtime.autocast():
                     outputs = self.net(x, *(t.to(self.runtime.device) for t in exam_lengths))
                 tasks = self.data.tasks
-                denominators = self.processes.loss_denominators(y, list(outputs), tasks)  # torchrun only
-                losses = task_losses(outputs, y, train.pos_weights, tasks, denominators)
+                # torchrun only: the global batch's counts
+                denominators = self.processes.loss_denominators(
+                    y, list(outputs), tasks, train.gated_loss_mean
+                )
+                losses = task_losses(
+                    outputs, y, train.pos_weights, tasks, denominators, train.gated_loss_mean
+                )
                 self.state.optimizer.zero_grad(set_to_none=True)
                 loss, weights = self.state.weighting.backward(losses)
                 self.processes.average_gradients(self.state.weighting.parameters())

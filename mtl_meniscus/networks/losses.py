@@ -32,11 +32,12 @@ def masked_bce(
     pos_weight: float | None = None,
     denominator: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean BCE-with-logits over rows where mask is True; 0 (still attached to the graph) if none.
+    """BCE-with-logits summed over rows where mask is True, divided by `denominator` (default: the
+    number of those rows, a mean); 0 (still attached to the graph) if none.
 
-    `denominator` replaces the number of masked rows (under torchrun: the whole global batch's
-    count divided by the processes, so that DDP's average of the processes' losses is the mean
-    over the global batch, as in one process)."""
+    task_losses passes the count of the task's loss_rows; under torchrun, the whole global
+    batch's count divided by the processes, so that DDP's average of the processes' losses is the
+    mean over the global batch, as in one process."""
     safe_targets = torch.where(mask, targets, torch.zeros_like(targets))  # NaN * 0 would still be NaN
     # float32 like the loss itself: built in the logits' dtype under bf16 autocast, 10.1 became 10.125.
     weight = (
@@ -49,14 +50,35 @@ def masked_bce(
     return per_row.sum() / (mask.sum().clamp(min=1) if denominator is None else denominator)
 
 
+GATED_LOSS_MEANS = ("per-image", "per-gated-row")
+
+
+def loss_rows(
+    targets: torch.Tensor, task: str, gated_mean: str, tasks: TaskTable = DEFAULT_TASKS
+) -> torch.Tensor:
+    """(B,) bool: the rows a task's masked BCE is averaged over (its denominator's rows).
+
+    "per-image": the rows the task's question is asked of (TaskTable.asked_rows), so a gated task
+    (orientation) sums over the tears and divides by every image with a fissure label: the total
+    is then the mean per image of BCE(fissure) + [torn] (BCE(orientation) + BCE(position)), the
+    labels' joint log-likelihood. "per-gated-row": the supervised rows themselves (the tears)."""
+    if gated_mean == "per-gated-row":
+        return task_mask(targets, task, tasks)
+    if gated_mean == "per-image":
+        return tasks.asked_rows(targets, task)
+    raise ValueError(f"unknown gated loss mean {gated_mean!r} (allowed: {', '.join(GATED_LOSS_MEANS)})")
+
+
 def task_losses(
     outputs: dict[str, torch.Tensor],
     targets: torch.Tensor,
     pos_weights: dict[str, float] | None = None,
     tasks: TaskTable = DEFAULT_TASKS,
     denominators: dict[str, torch.Tensor] | None = None,
+    gated_mean: str = "per-image",
 ) -> dict[str, torch.Tensor]:
-    """Masked BCE of each task the model predicts (`denominators`: see masked_bce)."""
+    """Masked BCE of each task the model predicts, each averaged over its loss_rows (`denominators`
+    replace those counts under torchrun: see masked_bce)."""
     pos_weights, denominators = pos_weights or {}, denominators or {}
     return {
         task: masked_bce(
@@ -64,7 +86,7 @@ def task_losses(
             targets[:, tasks.index(task)],
             task_mask(targets, task, tasks),
             pos_weights.get(task),
-            denominators.get(task),
+            denominators.get(task, loss_rows(targets, task, gated_mean, tasks).sum().clamp(min=1)),
         )
         for task, logits in outputs.items()
     }
