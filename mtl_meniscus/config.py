@@ -174,6 +174,8 @@ DEEP_KERNELS = (7, 5, 3, 3)  # reference orientation/position networks: 4 blocks
 
 # Trunks of this package (random initial weights); any other model.trunk is a timm model name.
 OWN_TRUNKS = ("reference", "plain")
+# The segmentation loss's name among the task losses (weighting, train.task_weights, history.csv).
+SEGMENTATION = "segmentation"
 
 
 class ModelConfig(Section):
@@ -201,6 +203,9 @@ class ModelConfig(Section):
     # None: a slice model. max or attention: an exam model, the trunk run on every slice of an exam
     # and its features pooled over the slices (max as in MRNet; attention as in Ilse et al. 2018).
     exam_pooling: Literal["max", "attention"] | None = None
+    # A decoder on the trunk's stages predicting background / meniscus / tear per pixel from the
+    # labels.csv `mask` column (rows without one are masked out of its loss): an auxiliary task.
+    segmentation: bool = False
 
     def validate(self) -> None:
         blocks = max(len(self.kernels), len(self.fissure_kernels))
@@ -234,6 +239,32 @@ class ModelConfig(Section):
         check_value(0 <= self.conv_dropout < 1, "model.conv_dropout", self.conv_dropout, "0..1")
         check_value(0 <= self.dense_dropout < 1, "model.dense_dropout", self.dense_dropout, "0..1")
         check_value(len(self.tasks) > 0, "model.tasks", self.tasks, "one or more task names")
+        if self.segmentation:
+            self._validate_segmentation()
+
+    def _validate_segmentation(self) -> None:
+        """What the segmentation decoder is built for so far: the shared model on slices, with one
+        of the package's own trunks (their stages are known; a timm trunk's are not wired yet)."""
+        check_value(
+            self.trunk in OWN_TRUNKS,
+            "model.segmentation",
+            self.segmentation,
+            f"false with model.trunk {self.trunk!r}: the decoder is built on the trunks "
+            f"{', '.join(OWN_TRUNKS)} only",
+        )
+        check_value(
+            self.name == "shared",
+            "model.segmentation",
+            self.segmentation,
+            f"false with model.name {self.name!r}: segmentation is an auxiliary task of the shared model "
+            "(separate mode has no segmentation network yet)",
+        )
+        check_value(
+            self.exam_pooling is None,
+            "model.segmentation",
+            self.segmentation,
+            "false with model.exam_pooling (an exam model has no per-slice masks)",
+        )
 
 
 class TrainConfig(Section):
@@ -356,6 +387,12 @@ class Config(Section):
             "an MRNet folder with data.layout mrnet (there is no built-in one: make-phantom OUT --n-exams 600 "
             "--exam-format mrnet writes phantom exams)",
         )
+        check_value(
+            not self.model.segmentation or self.data.layout == "labels-csv",
+            "model.segmentation",
+            self.model.segmentation,
+            "false with data.layout mrnet (masks come from labels.csv's mask column)",
+        )
         if self.data.layout == "mrnet" and self.model.exam_pooling is None:
             self.model.exam_pooling = "max"  # MRNet labels whole exams: only an exam model can learn them
         check_value(
@@ -374,12 +411,18 @@ class Config(Section):
             "tasks of the table: " + ", ".join(tasks.names),
         )
         for name in ("task_weights", "pos_weights"):
-            unknown = set(getattr(self.train, name)) - set(tasks.names)
+            # the segmentation loss is weighed as one more task (networks/losses.py)
+            known = (
+                (*tasks.names, SEGMENTATION)
+                if name == "task_weights" and self.model.segmentation
+                else tasks.names
+            )
+            unknown = set(getattr(self.train, name)) - set(known)
             check_value(
                 not unknown,
                 f"train.{name}",
                 getattr(self.train, name),
-                f"keys among {', '.join(tasks.names)}",
+                f"keys among {', '.join(known)}",
             )
         if self.model.trunk == "reference":  # (the plain floor's five blocks fit the smallest size, 32)
             blocks = max(len(self.model.kernels), len(self.model.fissure_kernels))

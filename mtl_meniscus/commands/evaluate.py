@@ -19,6 +19,7 @@ from rich.table import Table
 
 from mtl_meniscus.config import TTAConfig
 from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.engine.inference import segmentation_metrics
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
 from mtl_meniscus.engine.trained import TrainedModel, evaluation_data, load_trained
@@ -34,6 +35,7 @@ from mtl_meniscus.evaluation.metrics import (
 )
 from mtl_meniscus.io.outputs import json_text, write_text_atomic
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
+from mtl_meniscus.networks.models import segments
 
 
 def cascade_view(
@@ -108,10 +110,54 @@ def evaluate(
         if math.isnan(score)
         else list(cis.get("score", (math.nan, math.nan))),
         "cascade": cascade_view(targets, probs, threshold, tasks),
+        **_segmentation_entry(trained, data, indices, runtime, n_bootstrap, seed),
         "bootstrap_resamples": n_bootstrap,
         "bootstrap_method": "percentile; each task resampled on its own scored rows, stratified on its own class",
     }
     return metrics, probs, plain, targets, indices
+
+
+def _segmentation_entry(
+    trained: TrainedModel,
+    data: PreparedData,
+    indices: list[int],
+    runtime: Runtime,
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    """{"segmentation": Dice and IoU per class with bootstrap CIs} for a segmenting model on the
+    rows with a mask (the masks were read: evaluation_data reads them for such a model), else {}."""
+    if not segments(trained.model):
+        return {}
+    summary = segmentation_metrics(
+        trained.model,
+        data,
+        indices,
+        trained.config.preprocess.edge_filter,
+        runtime,
+        trained.config.train.eval_batch_size,
+        n_bootstrap,
+        seed,
+    )
+    return {"segmentation": summary} if summary else {}
+
+
+def segmentation_table(summary: dict[str, Any]) -> Table:
+    """Dice and IoU per class (mean over the images where the class is defined) with their 95% CIs."""
+    table = Table(title=f"segmentation, {summary['n_images']} images with a mask")
+    for column in ("class", "n", "Dice", "95% CI", "IoU", "95% CI", "pooled Dice"):
+        table.add_column(column, justify="right" if column != "class" else "left", no_wrap=True)
+    for name, entry in summary["classes"].items():
+        table.add_row(
+            name,
+            str(entry["n_images"]),
+            _fmt(entry["dice"]),
+            _ci(entry["dice_ci95"]),
+            _fmt(entry["iou"]),
+            _ci(entry["iou_ci95"]),
+            _fmt(entry["pooled_dice"]),
+        )
+    return table
 
 
 def _predict_split(trained: TrainedModel, images, runtime: Runtime, tta, seed: int, console: Console | None):
@@ -345,6 +391,8 @@ def _show(console: Console, metrics, out_dir: Path, figures: list[Path], tta) ->
         f"fissure threshold {metrics['fissure_threshold']:.3f}"
     )
     console.print(metrics_table(metrics, title))
+    if metrics.get("segmentation"):
+        console.print(segmentation_table(metrics["segmentation"]))
     for line in table_notes(metrics):
         console.print(line, highlight=False, markup=False)
     console.print(cascade_line(metrics["cascade"]), highlight=False)

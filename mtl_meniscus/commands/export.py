@@ -14,6 +14,10 @@ image size; outputs `p_<task>`, one (B,) probability per task, the probabilities
 standardization) and test-time augmentation stay outside the graph: they are OpenCV code, and
 the file's metadata and the `.json` written next to it say which filter and size to use.
 
+A segmenting network (model.segmentation) adds to the network graph the output `p_segmentation`,
+the per-pixel class probabilities (B, 3, H, W) of background, meniscus and tear; the pipeline graph,
+whose input is any size while the decoder's output is at the run's size, leaves it out.
+
 Every export is checked before it is kept: onnxruntime and PyTorch score the same inputs and must
 agree within PARITY_TOLERANCE, else the file is not written.
 """
@@ -34,23 +38,37 @@ from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import DEFAULT_THRESHOLD, load_trained
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.io.outputs import atomic_write, check_output_file, json_text, write_text_atomic
+from mtl_meniscus.networks.models import segments
 
 PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch| over the check inputs
 OPSET = 18
+SEGMENTATION_OUTPUT = "p_segmentation"  # a segmenting network's pixel probabilities (B, 3, H, W)
 
 
 class TaskProbabilities(nn.Module):
     """(B, C, H, W) -> tuple of (B,) probabilities sigmoid(logit / T) in the order of `model.tasks`
-    (ONNX wants tuples); T is the task's calibration temperature, 1 where none is given."""
+    (ONNX wants tuples); T is the task's calibration temperature, 1 where none is given.
 
-    def __init__(self, model: nn.Module, temperatures: dict[str, float] | None = None):
+    With `segmentation` (a segmenting network's network graph) one more output follows: the
+    per-pixel class probabilities (B, 3, H, W), softmax over background, meniscus, tear, from the
+    same pass of the trunk (models.SharedTrunkNet.forward_with_segmentation)."""
+
+    def __init__(
+        self, model: nn.Module, temperatures: dict[str, float] | None = None, segmentation: bool = False
+    ):
         super().__init__()
         self.model = model
         self.tasks = tuple(model.tasks)
         self.temperatures = {task: float((temperatures or {}).get(task, 1.0)) for task in self.tasks}
+        self.segmentation = segmentation
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.model(x)
+        if not self.segmentation:
+            return self._task_probabilities(self.model(x))
+        logits, pixels = self.model.forward_with_segmentation(x)  # pixels (B, 3, H, W)
+        return (*self._task_probabilities(logits), torch.softmax(pixels, dim=1))
+
+    def _task_probabilities(self, logits: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return tuple(torch.sigmoid(logits[task] / self.temperatures[task]) for task in self.tasks)
 
 
@@ -249,11 +267,13 @@ def _slice_model(run_or_checkpoint):
     return trained
 
 
-def _probabilities(trained) -> TaskProbabilities:
-    """The network with its calibration and sigmoid; contiguous (NCHW) weights, so the graph does not
-    depend on how this machine lays out memory."""
+def _probabilities(trained, segmentation: bool = False) -> TaskProbabilities:
+    """The network with its calibration and sigmoid (and with `segmentation` its pixel
+    probabilities); contiguous (NCHW) weights, so the graph does not depend on how this machine
+    lays out memory."""
     temperatures = trained.calibration.temperatures if trained.calibration else {}
-    return TaskProbabilities(trained.model.to(memory_format=torch.contiguous_format), temperatures).eval()
+    model = trained.model.to(memory_format=torch.contiguous_format)
+    return TaskProbabilities(model, temperatures, segmentation).eval()
 
 
 def _network_export(trained, threshold: float, check_inputs, seed: int):
@@ -266,7 +286,8 @@ def _network_export(trained, threshold: float, check_inputs, seed: int):
         raise MeniscusError(
             f"check inputs have shape {check_inputs.shape[1:]}; the model takes ({channels}, {size}, {size})"
         )
-    return _probabilities(trained), [check_inputs], "x", ("batch", channels, size, size)
+    module = _probabilities(trained, segmentation=segments(trained.model))
+    return module, [check_inputs], "x", ("batch", channels, size, size)
 
 
 def _pipeline_export(trained, threshold: float, check_inputs, seed: int):
@@ -307,6 +328,8 @@ def _output_names(trained, module) -> list[str]:
     names = [trained.tasks[task].p_column for task in probabilities.tasks]
     if isinstance(module, WholePipeline):
         names += [f"pred_{task}" for task in probabilities.tasks]
+    if probabilities.segmentation:
+        names.append(SEGMENTATION_OUTPUT)
     return names
 
 
@@ -317,6 +340,11 @@ def _metadata(trained, module, threshold: float, pipeline: bool) -> dict[str, st
         "tasks": ",".join(probabilities.tasks),
         "temperatures": ",".join(f"{task}={t}" for task, t in probabilities.temperatures.items()),
         "input": "raw slices (batch, height, width), canonical view" if pipeline else "make_input output",
+        **(
+            {"segmentation": f"{SEGMENTATION_OUTPUT}: (batch, 3, H, W) softmax of background, meniscus, tear"}
+            if probabilities.segmentation
+            else {}
+        ),
         "edge_filter": trained.config.preprocess.edge_filter,
         "image_size": str(trained.config.data.image_size),
         "fissure_threshold": f"{threshold}",

@@ -50,6 +50,20 @@ def apply_affine(image: np.ndarray, params: AffineParams) -> np.ndarray:
     )
 
 
+def apply_affine_to_mask(mask: np.ndarray, params: AffineParams) -> np.ndarray:
+    """Warp a label mask (H, W) as apply_affine warps its image: nearest neighbour, so labels stay
+    labels; uncovered corners are background (0)."""
+    height, width = mask.shape
+    return cv2.warpAffine(
+        mask,
+        affine_matrix(params, height, width),
+        (width, height),
+        flags=cv2.INTER_NEAREST,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+
+
 def augment_image(
     image: np.ndarray,
     config: AugmentConfig,
@@ -65,6 +79,26 @@ def augment_image(
     image = np.asarray(image, dtype=np.float32)
     height, width = image.shape
     out = apply_affine(image, sample_affine(config, height, width, rng))
+    return _intensity_changes(out, config, rng, noise_rng)
+
+
+def augment_with_mask(
+    image: np.ndarray, mask: np.ndarray, config: AugmentConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(augmented image, its mask moved alike): augment_image's image from the same draws of `rng`,
+    and the label mask (H, W) under the same geometric transform (apply_affine_to_mask)."""
+    image = np.asarray(image, dtype=np.float32)
+    height, width = image.shape
+    params = sample_affine(config, height, width, rng)
+    out = _intensity_changes(apply_affine(image, params), config, rng, None)
+    return out, apply_affine_to_mask(mask, params)
+
+
+def _intensity_changes(
+    out: np.ndarray, config: AugmentConfig, rng: np.random.Generator, noise_rng: np.random.Generator | None
+) -> np.ndarray:
+    """Optional gamma, blur and noise of a float32 (H, W) image, in that order, drawn from `rng`
+    (the noise field from `noise_rng` when given)."""
     if config.gamma_prob and rng.random() < config.gamma_prob:
         out = _gamma(out, float(rng.uniform(*config.gamma_range)))
     if config.blur_prob and rng.random() < config.blur_prob:

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from mtl_meniscus.config import DataConfig
+from mtl_meniscus.data.masks import read_masks, resized_mask
 from mtl_meniscus.data.records import PreparedData, Record, inside_path, problems_error
 from mtl_meniscus.data.splits import SPLIT_NAMES, stratified_group_split
 from mtl_meniscus.errors import DataError, ImageReadError
@@ -203,10 +204,13 @@ def prepare_folder(
     config: DataConfig,
     report_dir: str | Path | None = None,
     on_row: Callable[[int, int], None] | None = None,
+    masks: bool = False,
 ) -> PreparedData:
     """Validate labels.csv, read every image, apply the exclusion rules and split the rest.
 
     `report_dir` receives labels_problems.txt when labels.csv has more problems than the error shows.
+    With `masks` the kept rows' masks are read too (data/masks.py: every bad one named in one
+    DataError) and resized with their images.
     """
     data_dir = Path(data_dir)
     tasks = config.task_table()
@@ -221,6 +225,7 @@ def prepare_folder(
     unoriented: list[str] = []  # a row per DICOM/NIfTI file without geometry: taken as stored
     lazy = reads_lazily(config, len(records))
     sources: list[tuple[str, int | None]] = []  # lazy: (image, slice) of each kept row
+    shapes: list[tuple[int, int]] = []  # each kept image's (H, W) as read
     for done, record in enumerate(records, 1):
         if on_row is not None:
             on_row(done, len(records))  # (rows read, rows in all): a progress display's
@@ -241,6 +246,7 @@ def prepare_folder(
         except ImageReadError as err:
             exclusions.append((record.image, f"unreadable: {err}"))
             continue
+        shape = image.shape  # as read: its mask's size
         if image.shape != (size, size):
             if config.size_policy == "exclude":
                 exclusions.append(
@@ -250,6 +256,7 @@ def prepare_folder(
             image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
             resized += 1
         kept.append(record)
+        shapes.append(shape)
         if lazy:  # checked now, read again when a batch needs it
             sources.append((record.image, record.slice))
         else:
@@ -269,7 +276,21 @@ def prepare_folder(
         n_rows=len(records),
         resized=resized,
         unoriented=len(set(unoriented)),
+        masks=_kept_masks(data_dir, kept, shapes, config, report_dir) if masks else None,
     )
+
+
+def _kept_masks(
+    data_dir: Path,
+    kept: list[Record],
+    shapes: list[tuple[int, int]],
+    config: DataConfig,
+    report_dir: str | Path | None,
+) -> list[np.ndarray | None]:
+    """The kept rows' masks at the model's size (None for a row without one); one DataError naming
+    every bad mask (missing, unreadable, not its image's size, values other than 0/1/2)."""
+    found = read_masks(data_dir, kept, shapes, report_dir, max_pixels_limit(config.max_pixels))
+    return [None if mask is None else resized_mask(mask, config.image_size) for mask in found]
 
 
 LAZY_ABOVE_BYTES = 2 << 30  # data.load auto: images of more than 2 GiB (float32) are read lazily

@@ -18,17 +18,19 @@ def prepare_data(
     config: DataConfig,
     report_dir: str | Path | None = None,
     on_row: Callable[[int, int], None] | None = None,
+    masks: bool = False,
 ) -> PreparedData:
     """The data set in `data_dir`, read by the reader of `config.layout` ('labels-csv' or 'mrnet').
 
     `report_dir` receives labels_problems.txt when labels.csv has more problems than the error shows;
     `on_row(done, total)` is called as the rows of labels.csv are read (a progress display).
     With data.train_fraction < 1 the training split is cut to its nested subset (the rest: 'unused').
+    `masks` (model.segmentation) reads labels.csv's mask column too; otherwise no mask is opened.
     """
     if config.layout == "mrnet":
         data = prepare_mrnet(Path(data_dir), config)
     else:
-        data = prepare_folder(data_dir, config, report_dir, on_row)
+        data = prepare_folder(data_dir, config, report_dir, on_row, masks)
     return with_train_fraction(data, config.train_fraction, config.split_seed)
 
 

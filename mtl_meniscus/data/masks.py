@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from mtl_meniscus.data.records import Record, problems_error
@@ -52,6 +53,14 @@ def read_masks(
     if problems:
         raise problems_error(data_dir / "labels.csv", problems, report_dir)
     return masks
+
+
+def resized_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """`mask` at size x size, each pixel the label of its nearest source pixel (labels stay labels),
+    as data.size_policy resize does to its image."""
+    if mask.shape == (size, size):
+        return mask
+    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
 
 
 def read_row_mask(

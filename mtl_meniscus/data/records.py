@@ -143,6 +143,15 @@ class PreparedData:
     unit: str = "images"  # what a row is: an image (a slice), or with data.layout mrnet an exam
     layout: str = "labels-csv"  # data.layout: which reader made it
     unoriented: int = 0  # DICOM/NIfTI files without geometry, taken as stored (io/orientation.py)
+    # Label masks (data/masks.py) only when asked for (model.segmentation): per row uint8
+    # (image_size, image_size), 0 background, 1 meniscus, 2 tear; None for a row without one.
+    masks: list[np.ndarray | None] | None = None
+
+    def rows_with_mask(self, indices) -> np.ndarray:
+        """The rows of `indices` that have a mask (none when the masks were not read)."""
+        if self.masks is None:
+            return np.zeros(0, np.int64)
+        return np.array([i for i in indices if self.masks[i] is not None], np.int64)
 
     @property
     def exams(self) -> bool:
@@ -180,6 +189,8 @@ class PreparedData:
             line += f"; excluded {len(self.exclusions)} ({detail})"
         if self.resized:
             line += f"; resized {self.resized}"
+        if self.masks is not None:  # a segmentation run's: which rows supervise the decoder
+            line += f"; masks on {sum(m is not None for m in self.masks)}"
         if self.unoriented:
             line += f"; {self.unoriented} DICOM/NIfTI file(s) with the orientation not in the file: taken as stored"
         unknown = self.unknown_subtypes()

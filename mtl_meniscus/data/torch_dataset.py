@@ -15,13 +15,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mtl_meniscus.config import AugmentConfig
-from mtl_meniscus.data.augment import augment_image
+from mtl_meniscus.data.augment import augment_image, augment_with_mask
 from mtl_meniscus.data.preprocess import make_input
 from mtl_meniscus.errors import DataError
 
+NO_MASK = -1  # a batch's mask value on every pixel of a row without a mask: left out of the loss
+
 
 class SliceDataset(Dataset):
-    """Item (index, seed or None) -> (x (C, H, W) float32, targets (3,) float32 with NaN)."""
+    """Item (index, seed or None) -> (x (C, H, W) float32, targets (3,) float32 with NaN).
+
+    With `masks` (a segmentation model's training data: uint8 (H, W) per row, None for a row
+    without one) an item is (x, targets, mask (H, W) int64), the mask moved with its image by the
+    augmentation and NO_MASK everywhere for a row without one. Without, nothing about a mask is done.
+    """
 
     def __init__(
         self,
@@ -29,21 +36,40 @@ class SliceDataset(Dataset):
         targets: np.ndarray,
         edge_filter: str,
         augment: AugmentConfig | None = None,
+        masks: Sequence[np.ndarray | None] | None = None,
     ):
         self.images = images
         self.targets = torch.from_numpy(np.asarray(targets, np.float32))
         self.edge_filter = edge_filter
         self.augment = augment
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: tuple[int, int | None] | int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int | None] | int) -> tuple[torch.Tensor, ...]:
         index, seed = key if isinstance(key, tuple) else (key, None)
+        if self.masks is not None:
+            return self._with_mask(index, seed)
         image = self.images[index]
         if self.augment is not None and seed is not None:
             image = augment_image(image, self.augment, np.random.default_rng(seed))
         return torch.from_numpy(make_input(image, self.edge_filter)), self.targets[index]
+
+    def _with_mask(self, index: int, seed: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, targets, mask (H, W) int64): the image and its mask under one augmentation draw (the
+        image as augment_image makes it from that seed), or NO_MASK everywhere without a mask."""
+        image, mask = self.images[index], self.masks[index]
+        augmenting = self.augment is not None and seed is not None
+        if mask is None:
+            if augmenting:
+                image = augment_image(image, self.augment, np.random.default_rng(seed))
+            labels = torch.full(image.shape, NO_MASK, dtype=torch.int64)
+        else:
+            if augmenting:
+                image, mask = augment_with_mask(image, mask, self.augment, np.random.default_rng(seed))
+            labels = torch.from_numpy(mask.astype(np.int64))
+        return torch.from_numpy(make_input(image, self.edge_filter)), self.targets[index], labels
 
 
 class ExamDataset(SliceDataset):
@@ -67,23 +93,28 @@ class ExamDataset(SliceDataset):
 
 
 def collate_batch(
-    samples: Sequence[tuple[torch.Tensor, torch.Tensor]], channels_last: bool = False
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    samples: Sequence[tuple[torch.Tensor, ...]], channels_last: bool = False
+) -> tuple[tuple[torch.Tensor, ...] | torch.Tensor, ...]:
     """((x,), targets (B, T)) for slices: x (B, C, H, W). For exams (samples (S_b, C, H, W)):
     ((x, lengths), targets) with x (N, C, H, W) every exam's slices one after another and lengths
     (B,) their counts, as ExamNet takes them. x is already in the memory format the model wants:
-    one copy per batch instead of a stack plus a channels_last conversion."""
+    one copy per batch instead of a stack plus a channels_last conversion.
+
+    Samples with masks (SliceDataset's `masks`) give ((x,), targets, masks (B, H, W) int64)."""
     first = samples[0][0]
     exams = first.dim() == 4
-    lengths = [len(x) for x, _ in samples] if exams else [1] * len(samples)
+    lengths = [len(sample[0]) for sample in samples] if exams else [1] * len(samples)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.empty((sum(lengths), *first.shape[-3:]), dtype=first.dtype, memory_format=memory_format)
     row = 0
-    for (image, _), length in zip(samples, lengths):
-        x[row : row + length].copy_(image.reshape(length, *first.shape[-3:]))
+    for sample, length in zip(samples, lengths):
+        x[row : row + length].copy_(sample[0].reshape(length, *first.shape[-3:]))
         row += length
     inputs = (x, torch.tensor(lengths, dtype=torch.long)) if exams else (x,)
-    return inputs, torch.stack([target for _, target in samples])
+    targets = torch.stack([sample[1] for sample in samples])
+    if len(samples[0]) == 3:  # with masks
+        return inputs, targets, torch.stack([sample[2] for sample in samples])
+    return inputs, targets
 
 
 class EpochBatchSampler(Sampler):

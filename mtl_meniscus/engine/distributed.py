@@ -78,6 +78,15 @@ class Distributed:
         counts = counts.clamp(min=1).to(targets.device) / self.world
         return dict(zip(names, counts))
 
+    def rows_denominator(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The global batch's count of `rows` (B,) bool over the processes (at least 1 / processes),
+        as loss_denominators gives a task's; None in one process."""
+        if not self.active:
+            return None
+        count = rows.sum().float().to(self._collective_device())
+        torch.distributed.all_reduce(count)
+        return count.clamp(min=1).to(rows.device) / self.world
+
     def average_gradients(self, parameters) -> None:
         """Average the gradients of parameters outside the DDP-wrapped model (task weighting)."""
         if not self.active:

@@ -1,4 +1,5 @@
-"""Batched prediction of task probabilities, optionally with test-time augmentation."""
+"""Batched prediction of task probabilities, optionally with test-time augmentation, and of a
+segmenting network's label maps."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mtl_meniscus.config import TTAConfig
+from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.data.torch_dataset import ExamDataset, SliceDataset, collate_batch
 from mtl_meniscus.engine.runtime import Runtime
 from mtl_meniscus.evaluation.calibration import scaled_probability
+from mtl_meniscus.evaluation.segmentation import segmentation_summary, set_scores
 from mtl_meniscus.networks.models import takes_exams
 
 
@@ -75,3 +78,45 @@ def predict_logits(
         if on_batch is not None:
             on_batch(len(value))
     return {task: np.concatenate(parts).reshape(copies + 1, n) for task, parts in chunks.items()}
+
+
+@torch.no_grad()
+def predict_label_maps(
+    model: nn.Module, images: Sequence[np.ndarray], edge_filter: str, runtime: Runtime, batch_size: int = 64
+) -> list[np.ndarray]:
+    """Each image's segmentation by a segmenting network (models.segments): uint8 (H, W), the most
+    probable of 0 background, 1 meniscus, 2 tear at every pixel."""
+    model.eval()
+    dataset = SliceDataset(images, np.zeros((len(images), 1), np.float32), edge_filter)
+    loader = DataLoader(
+        range(len(images)),
+        batch_size=batch_size,
+        collate_fn=lambda batch: collate_batch([dataset[key] for key in batch], runtime.channels_last),
+    )
+    maps = []
+    for (x,), _ in loader:
+        with runtime.autocast():
+            _, logits = model.forward_with_segmentation(runtime.prepare_input(x))  # (B, 3, H, W)
+        maps += list(logits.argmax(1).to(torch.uint8).cpu().numpy())
+    return maps
+
+
+def segmentation_metrics(
+    model: nn.Module,
+    data: PreparedData,
+    indices: Sequence[int],
+    edge_filter: str,
+    runtime: Runtime,
+    batch_size: int = 64,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, object] | None:
+    """Dice and IoU per class with bootstrap intervals (evaluation/segmentation.py
+    segmentation_summary) of a segmenting network on the rows of `indices` that have a mask; the
+    bootstrap resamples patients where rows share them. None when no such row has a mask."""
+    rows = data.rows_with_mask(indices)
+    if not len(rows):
+        return None
+    maps = predict_label_maps(model, data.view(rows), edge_filter, runtime, batch_size)
+    scores = set_scores(maps, [data.masks[i] for i in rows])
+    return segmentation_summary(scores, n_resamples, seed, groups=data.patients(rows))

@@ -88,9 +88,24 @@ def check_members(members: list[Member], data: PreparedData) -> list[str]:
                 f"[{member.name}] no validation image ({what}): the run has no validation score to pick "
                 "its best epoch or to stop early"
             )
+    if data.masks is not None:  # model.segmentation
+        warnings += _mask_warnings(data)
     _check_root_classes(data)  # after the members': a missing network's own message says more
     if not len(data.indices("test")):
         warnings.append(f"the test split is empty ({counts}): the run ends without test metrics")
+    return warnings
+
+
+def _mask_warnings(data: PreparedData) -> list[str]:
+    """What a segmentation run lacks when the train or val split has no row with a mask."""
+    warnings = []
+    if not len(data.rows_with_mask(data.indices("train"))):
+        warnings.append(
+            "model.segmentation: no row of the train split has a mask (labels.csv's mask column): the "
+            "segmentation loss is absent and the decoder stays untrained; the classification heads train"
+        )
+    if not len(data.rows_with_mask(data.indices("val"))):
+        warnings.append("model.segmentation: no row of the val split has a mask: no validation Dice")
     return warnings
 
 

@@ -36,7 +36,7 @@ from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.distributed import SINGLE, Distributed, check_batch, world_size
 from mtl_meniscus.engine.distributed import start as start_processes
 from mtl_meniscus.engine.distributed import stop as stop_processes
-from mtl_meniscus.engine.inference import predict_probs
+from mtl_meniscus.engine.inference import predict_probs, segmentation_metrics
 from mtl_meniscus.engine.members import JOINT, check_members, plan_members, tasks_without_labels
 from mtl_meniscus.engine.progress import counted_progress
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
@@ -49,7 +49,7 @@ from mtl_meniscus.io.outputs import atomic_write, json_text, write_text_atomic
 from mtl_meniscus.io.runlock import RunLock
 from mtl_meniscus.labels import TaskTable
 from mtl_meniscus.networks.losses import WEIGHTINGS
-from mtl_meniscus.networks.models import MODELS, SeparateCascade
+from mtl_meniscus.networks.models import MODELS, SeparateCascade, segments
 
 
 def default_run_dir(mode: str) -> Path:
@@ -164,7 +164,9 @@ def _prepare_run_data(
     data_name = f"the {config.data.phantom_difficulty} phantom" if not config.data.path else str(data_dir)
     config.data.path = str(data_dir.resolve())
     with counted_progress(console, "reading the data") as on_row:
-        data = prepare_data(data_dir, config.data, report_dir=run_dir, on_row=on_row)
+        data = prepare_data(
+            data_dir, config.data, report_dir=run_dir, on_row=on_row, masks=config.model.segmentation
+        )
     if resume and not data.same_splits_as(run_dir / "splits.csv"):
         # Resuming on other splits would train on test images.
         raise MeniscusError(f"cannot resume {run_dir}: the data or its splits changed since the run started")
@@ -267,6 +269,17 @@ def _final_metrics(
             "n_tears": int(np.nansum(targets[:, 0])),
             "undefined": undefined_reasons(aucs, probs, targets, data.tasks),
         }
+    if segments(model):  # Dice and IoU of the test rows with a mask (None: no such row)
+        results["test"]["segmentation"] = segmentation_metrics(
+            model,
+            data,
+            test,
+            config.preprocess.edge_filter,
+            runtime,
+            config.train.eval_batch_size,
+            FINAL_BOOTSTRAP,
+            config.train.seed,
+        )
     results["members"] = best_by_member
     results["train_seconds"] = train_seconds  # training steps only
     results["train_wall_seconds"] = float(sum(r["seconds"] for r in history))  # with validation
@@ -313,9 +326,21 @@ def _print_metrics(console: Console, metrics: dict, data_name: str) -> None:
             f"({m.get('sample', str(m['n_images']) + ' images')}, {m['n_tears']} tears)",
             highlight=False,
         )
+    if metrics["test"].get("segmentation"):
+        console.print(segmentation_line(metrics["test"]["segmentation"]), highlight=False, markup=False)
     reading = result_reading(metrics["test_tta"], data_name)
     if reading:
         console.print(reading, style="bold", highlight=False, markup=False)
+
+
+def segmentation_line(summary: dict) -> str:
+    """'test segmentation (6 images with a mask): Dice meniscus 0.77 [0.70, 0.81], tear 0.12 [...]'."""
+    parts = []
+    for name, entry in summary["classes"].items():
+        low, high = entry["dice_ci95"]
+        ci = "" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]"
+        parts.append(f"{name} {entry['dice']:.2f}{ci}")
+    return f"test segmentation ({summary['n_images']} images with a mask): Dice " + ", ".join(parts)
 
 
 REFERENCE_SCORE = 0.892  # the JFR 2018 entry's challenge score on its own test split of real scans

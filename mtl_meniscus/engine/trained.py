@@ -340,7 +340,7 @@ def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) ->
     if folder is None:
         raise MeniscusError("this checkpoint does not record its data folder; pass --data DIR")
     with counted_progress(Console(soft_wrap=True), "reading the data") as on_row:
-        data = prepare_data(folder, config.data, on_row=on_row)
+        data = prepare_data(folder, config.data, on_row=on_row, masks=config.model.segmentation)
     is_own = own_dir is not None and Path(folder).resolve() == own_dir.resolve()
     if not is_own or split == "all":
         return data, ""

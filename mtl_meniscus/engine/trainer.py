@@ -15,9 +15,15 @@ import torch
 from rich.console import Console
 from rich.progress import TextColumn
 
-from mtl_meniscus.config import Config
+from mtl_meniscus.config import SEGMENTATION, Config
 from mtl_meniscus.data.records import PreparedData
-from mtl_meniscus.data.torch_dataset import EpochBatchSampler, ExamDataset, SliceDataset, training_batches
+from mtl_meniscus.data.torch_dataset import (
+    NO_MASK,
+    EpochBatchSampler,
+    ExamDataset,
+    SliceDataset,
+    training_batches,
+)
 from mtl_meniscus.engine.distributed import SINGLE, Distributed
 from mtl_meniscus.engine.members import Member, member_chance_bars, member_config
 from mtl_meniscus.engine.progress import progress_bar
@@ -27,8 +33,8 @@ from mtl_meniscus.engine.tracking import RunLogger
 from mtl_meniscus.engine.training_state import MemberCheckpoints, TrainingState
 from mtl_meniscus.engine.validation import validate
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.networks.losses import build_weighting, task_losses
-from mtl_meniscus.networks.models import parameter_groups, set_train_mode
+from mtl_meniscus.networks.losses import build_weighting, segmentation_loss, task_losses
+from mtl_meniscus.networks.models import SegmentationTraining, parameter_groups, segments, set_train_mode
 
 EpochCallback = Callable[[str, int], None]  # (member, epoch) after each finished epoch
 
@@ -57,7 +63,10 @@ class MemberTrainer:
         torch.manual_seed(train.seed)  # the same initial weights in every process
         model = runtime.prepare_model(member.build(config))
         self.checkpoints = MemberCheckpoints(member.folder, member.name, processes)
-        weighting = build_weighting(train.weighting, member.tasks, train.task_weights).to(runtime.device)
+        # the decoder trains when a training row has a mask; without any, its loss is absent
+        self.segmenting = segments(model) and len(data.rows_with_mask(member.train_indices)) > 0
+        loss_names = (*member.tasks, SEGMENTATION) if self.segmenting else member.tasks
+        weighting = build_weighting(train.weighting, loss_names, train.task_weights).to(runtime.device)
         groups = parameter_groups(model, train.lr, train.backbone_lr_factor, config.model.freeze_backbone)
         groups.append({"params": list(weighting.parameters()), "lr": train.lr})
         self.state = TrainingState(
@@ -71,7 +80,8 @@ class MemberTrainer:
             ),
         )
         kind = ExamDataset if data.exams else SliceDataset
-        self.dataset = kind(data.images, data.targets, config.preprocess.edge_filter, config.augment)
+        masks = {"masks": data.masks} if self.segmenting else {}  # else the batches have no mask element
+        self.dataset = kind(data.images, data.targets, config.preprocess.edge_filter, config.augment, **masks)
         self.sampler = EpochBatchSampler(
             member.train_indices,
             train.steps_per_epoch,
@@ -80,7 +90,8 @@ class MemberTrainer:
             rank=processes.rank,
             world=processes.world,
         )
-        self.net = processes.wrap(self.state.model, runtime.device)  # DDP under torchrun
+        trained = SegmentationTraining(self.state.model) if self.segmenting else self.state.model
+        self.net = processes.wrap(trained, runtime.device)  # DDP under torchrun
         processes.seed_own_stream(train.seed)  # dropout: each process its own masks (rank 0 as before)
 
     def diverged(self, what: str) -> TrainingDivergedError:
@@ -153,6 +164,7 @@ class MemberTrainer:
     def _history_row(self, train_loss, task_weights, val, improved, lr, start) -> dict[str, Any]:
         """One row of history.csv: the epoch's losses, AUCs, score, learning rate and task weights."""
         names = self.data.tasks.names
+        weighted = (*names, SEGMENTATION) if self.segmenting else names
         return {
             "member": self.member.name,
             "epoch": self.state.epoch,
@@ -160,9 +172,10 @@ class MemberTrainer:
             "val_loss": val["loss"],
             **{f"val_auc_{t}": val["auc"].get(t, float("nan")) for t in names},
             "val_score": val["score"],
+            **{f"val_dice_{c}": dice for c, dice in val.get("dice", {}).items()},  # a segmenting network's
             "improved": int(improved),
             "lr": lr,
-            **{f"weight_{t}": task_weights.get(t, float("nan")) for t in names},
+            **{f"weight_{t}": task_weights.get(t, float("nan")) for t in weighted},
             "seconds": time.perf_counter() - start,
         }
 
@@ -227,20 +240,8 @@ class MemberTrainer:
         with progress_bar(self.console, TextColumn("loss {task.fields[loss]:.4f}")) as progress:
             epoch = f"[bold]{self.member.name}[/] epoch {self.state.epoch}/{train.max_epochs}"
             bar = progress.add_task(epoch, total=len(self.sampler), loss=float("nan"))
-            for inputs, y in loader:
-                # x (B, C, H, W); for exams (N, C, H, W), every slice of the B exams, and lengths (B,)
-                x, *exam_lengths = inputs
-                x, y = self.runtime.prepare_input(x), y.to(self.runtime.device)  # y (B, T)
-                with self.runtime.autocast():
-                    outputs = self.net(x, *(t.to(self.runtime.device) for t in exam_lengths))
-                tasks = self.data.tasks
-                # torchrun only: the global batch's counts
-                denominators = self.processes.loss_denominators(
-                    y, list(outputs), tasks, train.gated_loss_mean
-                )
-                losses = task_losses(
-                    outputs, y, train.pos_weights, tasks, denominators, train.gated_loss_mean
-                )
+            for batch in loader:
+                losses = self._batch_losses(*batch)
                 self.state.optimizer.zero_grad(set_to_none=True)
                 loss, weights = self.state.weighting.backward(losses)
                 self.processes.average_gradients(self.state.weighting.parameters())
@@ -255,6 +256,28 @@ class MemberTrainer:
                 progress.update(bar, advance=1, loss=total / steps)
         return total / max(steps, 1), {task: w / max(steps, 1) for task, w in weight_sums.items()}
 
+    def _batch_losses(
+        self, inputs: tuple[torch.Tensor, ...], y: torch.Tensor, *masks: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """{task: masked loss} of one training batch, and {"segmentation": its loss} when the network
+        segments (the batch then carries masks (B, H, W) int64, NO_MASK on rows without one)."""
+        train, tasks = self.config.train, self.data.tasks
+        # x (B, C, H, W); for exams (N, C, H, W), every slice of the B exams, and lengths (B,)
+        x, *exam_lengths = inputs
+        x, y = self.runtime.prepare_input(x), y.to(self.runtime.device)  # y (B, T)
+        with self.runtime.autocast():
+            outputs = self.net(x, *(t.to(self.runtime.device) for t in exam_lengths))
+        if self.segmenting:
+            outputs, segmentation = outputs  # {task: (B,)}, (B, 3, H, W)
+        # torchrun only: the global batch's counts
+        denominators = self.processes.loss_denominators(y, list(outputs), tasks, train.gated_loss_mean)
+        losses = task_losses(outputs, y, train.pos_weights, tasks, denominators, train.gated_loss_mean)
+        if self.segmenting:
+            labels = masks[0].to(self.runtime.device, non_blocking=True)  # (B, H, W)
+            rows = self.processes.rows_denominator((labels != NO_MASK).flatten(1).any(1))
+            losses[SEGMENTATION] = segmentation_loss(segmentation, labels, rows, NO_MASK)
+        return losses
+
     def _report(self, row: dict[str, Any], improved: bool) -> None:
         aucs = " ".join(
             f"{t} {row[f'val_auc_{t}']:.3f}"
@@ -262,10 +285,16 @@ class MemberTrainer:
             if not math.isnan(row[f"val_auc_{t}"])
         )
         star = " *" if improved else ""
+        dice = " ".join(
+            f"{key.removeprefix('val_dice_')} {value:.3f}"
+            for key, value in row.items()
+            if key.startswith("val_dice_")
+        )
         self.console.print(
             f"[{self.member.name}] epoch {row['epoch']:>2}  loss {row['train_loss']:.4f}  "
             f"val loss {row['val_loss']:.4f}  AUC {aucs}  score {row['val_score']:.4f}{star}  "
-            f"lr {row['lr']:.2g}  {row['seconds']:.1f}s",
+            + (f"Dice {dice}  " if dice else "")
+            + f"lr {row['lr']:.2g}  {row['seconds']:.1f}s",
             highlight=False,
             markup=False,
         )

@@ -1,4 +1,5 @@
-"""A network's validation after each epoch: AUCs, the score it monitors and the masked loss."""
+"""A network's validation after each epoch: AUCs, the score it monitors and the masked loss (and a
+segmenting network's Dice)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from torch import nn
 from mtl_meniscus.config import Config
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.distributed import SINGLE, Distributed
-from mtl_meniscus.engine.inference import predict_probs
+from mtl_meniscus.engine.inference import predict_label_maps, predict_probs
 from mtl_meniscus.engine.runtime import Runtime
 from mtl_meniscus.evaluation.metrics import monitor_score, task_aucs
+from mtl_meniscus.evaluation.segmentation import CLASSES, SetScores, set_scores
 from mtl_meniscus.labels import TaskTable
+from mtl_meniscus.networks.models import segments
 
 
 def validate(
@@ -25,7 +28,8 @@ def validate(
     processes: Distributed = SINGLE,
 ) -> dict[str, Any]:
     """{"auc": {task: AUC}, "score": the monitored score, "loss": masked BCE, "finite": all outputs
-    finite} on the images `indices`; under torchrun each process predicts its share."""
+    finite} on the images `indices`, and for a segmenting network "dice": {class: Dice}
+    (validation_dice); under torchrun each process predicts its share."""
     targets = data.targets[indices]
     shards = processes.shards(len(indices))
     mine = data.view([indices[k] for k in shards[processes.rank]])
@@ -34,12 +38,39 @@ def validate(
     if not all(np.isfinite(p).all() for p in probs.values()):
         return {"finite": False}
     aucs = task_aucs(targets, probs, data.tasks)
+    dice = validation_dice(model, data, indices, config, runtime, processes) if segments(model) else None
     return {
         "finite": True,
         "auc": aucs,
         "score": monitor_score(aucs, data.tasks),
         "loss": masked_log_loss(targets, probs, data.tasks),
+        **({"dice": dice} if dice is not None else {}),
     }
+
+
+def validation_dice(
+    model: nn.Module,
+    data: PreparedData,
+    indices: np.ndarray,
+    config: Config,
+    runtime: Runtime,
+    processes: Distributed = SINGLE,
+) -> dict[str, float]:
+    """{class: mean Dice over the images of `indices` with a mask} of a segmenting network (NaN
+    where no such image has the class in its mask or its prediction); under torchrun each
+    process predicts its share. Reported, not monitored: early stopping follows the classification."""
+    rows = data.rows_with_mask(indices)
+    shards = processes.shards(len(rows))
+    mine = [rows[k] for k in shards[processes.rank]]
+    maps = predict_label_maps(
+        model, data.view(mine), config.preprocess.edge_filter, runtime, config.train.eval_batch_size
+    )
+    width = len(CLASSES) * 3  # per image: [in both, predicted, true] of each class
+    counts = set_scores(maps, [data.masks[i] for i in mine]).counts.reshape(len(mine), width)
+    # gathered as 1-D columns, as the probabilities are: every process's rows, in the rows' order
+    columns = processes.gather_probs({str(k): counts[:, k] for k in range(width)}, shards)
+    every = np.stack([columns[str(k)] for k in range(width)], axis=1).reshape(len(rows), len(CLASSES), 3)
+    return SetScores(tuple(CLASSES), every.astype(np.int64)).mean_over_images("dice")
 
 
 def masked_log_loss(targets: np.ndarray, probs: dict[str, np.ndarray], tasks: TaskTable) -> float:

@@ -139,3 +139,26 @@ def mean_score_ci(
 def _nanmean(values: np.ndarray) -> float:
     defined = values[~np.isnan(values)]
     return float(defined.mean()) if len(defined) else float("nan")
+
+
+def segmentation_summary(
+    scores: SetScores, n_resamples: int = 1000, seed: int = 0, groups: Sequence[str] | None = None
+) -> dict[str, object]:
+    """What evaluate reports of a set's segmentations: per class the mean Dice and IoU over the
+    images where the class is defined, each with its percentile bootstrap interval over images
+    (over patients with `groups`, one per image; NaN without resamples), the pooled Dice and IoU
+    and the number of images each mean averages. JSON-ready: plain floats and lists."""
+    per_class: dict[str, dict[str, object]] = {}
+    means = {score: scores.mean_over_images(score) for score in SCORES}
+    pooled = {score: scores.pooled(score) for score in SCORES}
+    per_image = {score: scores.per_image(score) for score in SCORES}
+    for name, defined in scores.defined_images().items():
+        entry: dict[str, object] = {"n_images": defined}
+        for score in SCORES:
+            entry[score] = means[score][name]
+            entry[f"{score}_ci95"] = list(
+                mean_score_ci(per_image[score][name], n_resamples, seed, groups=groups)
+            )
+            entry[f"pooled_{score}"] = pooled[score][name]
+        per_class[name] = entry
+    return {"n_images": len(scores.counts), "classes": per_class}

@@ -92,6 +92,47 @@ def task_losses(
     }
 
 
+DICE_SMOOTHING = 1.0  # pixels: a class absent from both truth and prediction scores Dice 1, not 0/0
+DICE_CLASSES = (1, 2)  # meniscus, tear: Dice of the structures; background is left to the CE
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    masks: torch.Tensor,
+    denominator: torch.Tensor | None = None,
+    ignore_value: int = -1,
+) -> torch.Tensor:
+    """Soft Dice loss (meniscus and tear, per image) plus pixel cross-entropy (mean over each
+    image's pixels), summed over the rows with a mask and divided by `denominator` (default: their
+    count, a mean per image); exactly 0, still attached to the graph, when no row has one.
+
+    logits (B, 3, H, W); masks (B, H, W) int64 with 0 background, 1 meniscus, 2 tear and
+    `ignore_value` on every pixel of a row without a mask (data/torch_dataset.py NO_MASK). Such a
+    row's logits get exactly zero gradient. Under torchrun `denominator` is the global batch's
+    count of rows with a mask over the processes, as for masked_bce."""
+    valid = masks != ignore_value  # (B, H, W)
+    rows = valid.flatten(1).any(1)  # (B,) rows with a mask
+    logits = logits.float()  # the loss in float32 under bf16 autocast, as masked_bce
+    truth = torch.where(valid, masks, torch.zeros_like(masks))  # (B, H, W) a label on every pixel
+    pixels = valid.flatten(1).sum(1).clamp(min=1)  # (B,)
+    cross_entropy = (F.cross_entropy(logits, truth, reduction="none") * valid).flatten(1).sum(1) / pixels
+    per_row = cross_entropy + 1 - _soft_dice(logits, truth, valid)  # (B,)
+    per_row = torch.where(rows, per_row, torch.zeros_like(per_row))  # no gradient to rows without one
+    return per_row.sum() / (rows.sum().clamp(min=1) if denominator is None else denominator)
+
+
+def _soft_dice(logits: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B,) mean over DICE_CLASSES of each image's soft Dice (2 sum(p g) + s) / (sum p + sum g + s),
+    p the softmax probability of the class and g its one-hot truth, over the valid pixels."""
+    probs = torch.softmax(logits, dim=1)  # (B, 3, H, W)
+    classes = list(DICE_CLASSES)
+    p = probs[:, classes] * valid[:, None]  # (B, 2, H, W)
+    g = F.one_hot(truth, probs.shape[1]).permute(0, 3, 1, 2)[:, classes].float() * valid[:, None]
+    overlap = (p * g).flatten(2).sum(2)  # (B, 2)
+    total = p.flatten(2).sum(2) + g.flatten(2).sum(2)
+    return ((2 * overlap + DICE_SMOOTHING) / (total + DICE_SMOOTHING)).mean(1)
+
+
 class TaskWeighting(nn.Module):
     """How the task losses become one training signal.
 
