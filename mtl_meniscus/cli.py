@@ -514,6 +514,14 @@ def predict(
     cam: Annotated[
         Path | None, typer.Option(help="Write saliency (LayerCAM) overlays per task into this folder.")
     ] = None,
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write each input's predicted mask (PNG at its own size and geometry) and an overlay with "
+            "the horn boxes into this folder; the boxes go into the output (a run without a segmentation "
+            "head: boxes from the classical horn finder, no mask).",
+        ),
+    ] = None,
     precision: PrecisionOption = Precision.auto,
     device: DeviceOption = None,
     exams: Annotated[
@@ -546,6 +554,7 @@ def predict(
         precision=precision.value,
         console=console,
         device=device,
+        masks_dir=masks,
     )
     if exams:
         rows = run_predict_exams(run, inputs, out, with_slices=slices, **common)

@@ -18,13 +18,15 @@ from rich.console import Console
 from rich.table import Table
 
 from mtl_meniscus.config import TTAConfig
+from mtl_meniscus.data.masks import MASK_TEAR
 from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.engine.horns import label_maps, roi_hit_rates, roi_window, truth_masks
 from mtl_meniscus.engine.inference import segmentation_metrics
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
 from mtl_meniscus.engine.trained import TrainedModel, evaluation_data, load_trained
 from mtl_meniscus.engine.validation_fits import calibrate_run, choose_threshold
-from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.errors import DataError, MeniscusError
 from mtl_meniscus.evaluation.calibration import calibration_summary
 from mtl_meniscus.evaluation.figures import degenerate_interval
 from mtl_meniscus.evaluation.metrics import (
@@ -111,6 +113,7 @@ def evaluate(
         else list(cis.get("score", (math.nan, math.nan))),
         "cascade": cascade_view(targets, probs, threshold, tasks),
         **_segmentation_entry(trained, data, indices, runtime, n_bootstrap, seed),
+        **_roi_entry(trained, data, indices, runtime, n_bootstrap, seed),
         "bootstrap_resamples": n_bootstrap,
         "bootstrap_method": "percentile; each task resampled on its own scored rows, stratified on its own class",
     }
@@ -140,6 +143,66 @@ def _segmentation_entry(
         seed,
     )
     return {"segmentation": summary} if summary else {}
+
+
+def _roi_entry(
+    trained: TrainedModel,
+    data: PreparedData,
+    indices: list[int],
+    runtime: Runtime,
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    """{"roi_hit_rate": engine/horns.py roi_hit_rates} on the rows whose mask has a tear: the
+    classical finder's horns, and a segmenting run's predicted ones; {} when no row has such a mask
+    (or the rows are exams). Masks a run did not read are read here; bad ones are named in the
+    entry ("not_computed") rather than stopping an evaluation that does not need them."""
+    config = trained.config.data
+    if data.exams:
+        return {}
+    try:
+        masks = truth_masks(data, indices, config.image_size, config.max_pixels)
+    except DataError as err:
+        return {"roi_hit_rate": {"not_computed": str(err)}}
+    tears = [k for k, mask in enumerate(masks) if mask is not None and (mask == MASK_TEAR).any()]
+    if not tears:
+        return {}
+    images = [data.images[indices[k]] for k in tears]
+    maps = label_maps(trained, images, runtime, trained.config.train.eval_batch_size)
+    patients = data.patients([indices[k] for k in tears])
+    entry = roi_hit_rates(
+        images,
+        [masks[k] for k in tears],
+        roi_window(config.image_size),
+        predicted=None if maps[0] is None else maps,
+        groups=patients,
+        n_resamples=n_bootstrap,
+        seed=seed,
+    )
+    return {"roi_hit_rate": entry}
+
+
+ROI_SOURCES = {"classical": "classical finder", "predicted_mask": "predicted mask"}
+
+
+def roi_line(entry: dict[str, Any]) -> str:
+    """'ROI hit rate (...): classical finder 20/28 = 0.714 (95% CI 0.536-0.857), ...' from
+    metrics["roi_hit_rate"]."""
+    if "not_computed" in entry:
+        return f"ROI hit rate not computed: {entry['not_computed']}"
+    parts = []
+    for source, name in ROI_SOURCES.items():
+        if source in entry:
+            found = entry[source]
+            missing = f", no horns on {found['no_horns']}" if found["no_horns"] else ""
+            parts.append(
+                f"{name} {found['hits']}/{entry['n_tears']} = {_fmt(found['rate'])} "
+                f"(95% CI {_ci(found['rate_ci95']) or 'undefined'}{missing})"
+            )
+    return (
+        f"ROI hit rate (the whole tear inside the two {entry['window_px']}-px horn windows, "
+        f"{entry['n_tears']} tear{'s' if entry['n_tears'] != 1 else ''} with a mask): " + "; ".join(parts)
+    )
 
 
 def segmentation_table(summary: dict[str, Any]) -> Table:
@@ -393,6 +456,8 @@ def _show(console: Console, metrics, out_dir: Path, figures: list[Path], tta) ->
     console.print(metrics_table(metrics, title))
     if metrics.get("segmentation"):
         console.print(segmentation_table(metrics["segmentation"]))
+    if metrics.get("roi_hit_rate"):
+        console.print(roi_line(metrics["roi_hit_rate"]), highlight=False, markup=False)
     for line in table_notes(metrics):
         console.print(line, highlight=False, markup=False)
     console.print(cascade_line(metrics["cascade"]), highlight=False)
@@ -583,6 +648,9 @@ def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:
         "challenge_score_ci_low": metrics["challenge_score_ci95"][0],
         "challenge_score_ci_high": metrics["challenge_score_ci95"][1],
     }
+    for source, found in metrics.get("roi_hit_rate", {}).items():
+        if source in ROI_SOURCES:
+            values[f"roi/{source}_hit_rate"] = found["rate"]
     for task, m in metrics["tasks"].items():
         low, high = m["auc_ci95"]
         values |= {

@@ -17,17 +17,21 @@ from rich.console import Console
 from mtl_meniscus.engine.answers import (
     Prediction,
     csv_columns,
+    csv_row,
     exam_columns,
     exam_rows,
     gate,  # noqa: F401  (predict's gating, imported from here by tests and users)
     gated_row,
     json_row,
     read_slice,
+    volume_rows,
 )
+from mtl_meniscus.engine.horns import exam_answers, horn_answer, label_maps, masks_note, write_answer
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import TrainedModel, load_trained, resolve_threshold
 from mtl_meniscus.errors import ImageReadError, MeniscusError
+from mtl_meniscus.io.exams import read_exam
 from mtl_meniscus.io.imageio import (
     DICOM_SUFFIXES,
     HDF5_SUFFIXES,
@@ -36,6 +40,7 @@ from mtl_meniscus.io.imageio import (
     image_suffix,
     is_supported_image,
     max_pixels_limit,
+    read_image,
 )
 from mtl_meniscus.io.outputs import atomic_write, check_output_dir, check_output_file
 from mtl_meniscus.labels import DEFAULT_TASKS
@@ -95,12 +100,12 @@ def run_predict(
     precision: str = "auto",
     console: Console | None = None,
     device: str | None = None,
+    masks_dir: Path | None = None,
 ) -> list[Prediction]:
-    """Predict every input and write CSV (or JSON lines); returns the rows in input order."""
+    """Predict every input and write CSV (or JSON lines); returns the rows in input order. With
+    `masks_dir`, each input's predicted mask, horn boxes and overlay as well (_write_masks)."""
     console = console or Console(soft_wrap=True)
-    check_output_file(out, "--out")  # before any work: a bad --out must not cost the predictions
-    if cam_dir is not None:
-        check_output_dir(cam_dir, "--cam")
+    _check_outputs(out, cam_dir, masks_dir)  # before any work: a bad output must not cost the predictions
     runtime = resolve_runtime(precision, device)
     trained = load_trained(run_or_checkpoint, runtime)
     config = trained.config
@@ -124,12 +129,13 @@ def run_predict(
     rows, good = _read_inputs(files, size, max_pixels, strict_size, config.data.plane)
     if good:
         _predict_rows(trained, good, rows, runtime, tta, cut, seed, batch_size, console)
+        readable = [(i, image) for i, image in good if not rows[i].error]
         if cam_dir is not None:
-            _write_cams(
-                trained, [(i, image) for i, image in good if not rows[i].error], rows, cam_dir, runtime
-            )
-
-    _write_table(out, csv_columns(tasks, names), [row.row(tasks, names) for row in rows], as_json)
+            _write_cams(trained, readable, rows, cam_dir, runtime)
+        if masks_dir is not None:
+            _write_masks(trained, readable, rows, masks_dir, runtime, batch_size, console)
+    columns = csv_columns(tasks, names, masks=masks_dir is not None)
+    _write_table(out, columns, [row.row(tasks, names) for row in rows], as_json)
     failed = sum(1 for r in rows if r.error)
     console.print(
         f"predicted {len(rows) - failed} of {len(rows)} images (TTA {tta.copies} copies, "
@@ -137,6 +143,14 @@ def run_predict(
         + (f"; {failed} failed, see the error column" if failed else "")
     )
     return rows
+
+
+def _check_outputs(out: Path, cam_dir: Path | None, masks_dir: Path | None) -> None:
+    """--out, --cam and --masks can be written (OutputError naming the option otherwise)."""
+    check_output_file(out, "--out")
+    for folder, option in ((cam_dir, "--cam"), (masks_dir, "--masks")):
+        if folder is not None:
+            check_output_dir(folder, option)
 
 
 def _read_inputs(
@@ -192,6 +206,44 @@ def _write_cams(trained: TrainedModel, good, rows: list[Prediction], cam_dir: Pa
         write_overlays(cam_dir, name, image, cams)
 
 
+def input_stem(path: str) -> str:
+    """A file's name without its image suffix ('knee.nii.gz' -> 'knee'): masks are named after it."""
+    name = Path(path).name
+    suffix = image_suffix(name)
+    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
+
+
+def _write_masks(
+    trained: TrainedModel, good, rows: list[Prediction], masks_dir: Path, runtime, batch_size, console
+) -> None:
+    """--masks: for each readable input, DIR/<name>.png (the predicted label map at the input's size
+    and in its own geometry; none without a decoder) and DIR/overlays/<name>.png, and the row's mask
+    cells. <name> is the file's name without its suffix; inputs that share it are named after their
+    whole path (as --cam's overlays). The file is read again for its own size and geometry."""
+    console.print(masks_note(trained, masks_dir), highlight=False, markup=False)
+    names = unique_names([rows[i].image for i, _ in good], input_stem)
+    data = trained.config.data
+    for start in range(0, len(good), 256):  # chunks bound the memory, as in _predict_rows
+        chunk = good[start : start + 256]
+        maps = label_maps(trained, [image for _, image in chunk], runtime, batch_size)
+        for (i, _), name, label_map in zip(chunk, names[start : start + 256], maps):
+            geometry: list = []
+            try:
+                image = read_image(
+                    rows[i].image,
+                    max_pixels=max_pixels_limit(data.max_pixels),
+                    plane=data.plane,
+                    geometry=geometry,
+                )
+            except ImageReadError as err:  # the file changed since it was predicted
+                rows[i].note = "; ".join(filter(None, [rows[i].note, f"no mask: {err}"]))
+                continue
+            answer = horn_answer(image, geometry[0], label_map)
+            written = write_answer(answer, masks_dir / f"{name}.png", masks_dir / "overlays" / f"{name}.png")
+            rows[i].masks = answer.cells(written)
+            rows[i].note = "; ".join(filter(None, [rows[i].note, answer.note]))
+
+
 def _write_table(out: Path, columns: list[str], rows: list[dict], as_json: bool) -> None:
     """The rows as CSV with these columns, or as JSON lines with empty cells as null."""
     with atomic_write(out) as tmp, tmp.open("w", newline="") as handle:
@@ -201,7 +253,7 @@ def _write_table(out: Path, columns: list[str], rows: list[dict], as_json: bool)
         else:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(csv_row(row) for row in rows)
 
 
 # ---- whole exams --------------------------------------------------------------------------------
@@ -220,6 +272,7 @@ def run_predict_exams(
     precision: str = "auto",
     console: Console | None = None,
     device: str | None = None,
+    masks_dir: Path | None = None,
 ) -> list[dict]:
     """One row per exam (a volume file or a DICOM series folder).
 
@@ -227,10 +280,11 @@ def run_predict_exams(
     as in MRNet) and the most suspicious slice (`top_slice`, 0-based in the exam's order) gives
     orientation and position, gated as for a slice; an exam model gives the exam its own output
     (TrainedModel.predict_exam). `with_slices` adds a row per slice. A bad exam gets an error row;
-    the others are predicted. Returns the rows as written.
+    the others are predicted. With `masks_dir`, each slice's mask and overlay as well
+    (_exam_rows_with_masks). Returns the rows as written.
     """
     console = console or Console(soft_wrap=True)
-    check_output_file(out, "--out")
+    _check_outputs(out, None, masks_dir)
     exams = collect_exams(exams)
     runtime = resolve_runtime(precision, device)
     trained = load_trained(run_or_checkpoint, runtime)
@@ -239,10 +293,19 @@ def run_predict_exams(
     tta = trained.tta(tta_copies)
     console.print(chosen.describe(tta.copies), highlight=False, markup=False)
     console.print(trained.calibration_note, highlight=False, markup=False)
-    columns = exam_columns(tasks, names)
+    columns = exam_columns(tasks, names, masks=masks_dir is not None)
+    if masks_dir is not None:
+        console.print(masks_note(trained, masks_dir), highlight=False, markup=False)
+    folders = unique_names([str(path) for path in exams], input_stem)
     rows: list[dict] = []
     for k, path in enumerate(exams):
-        rows += exam_rows(trained, path, runtime, tta, chosen.value, seed + k, batch_size, with_slices)
+        answer = (trained, path, runtime, tta, chosen.value, seed + k, batch_size, with_slices)
+        if masks_dir is None:
+            rows += exam_rows(*answer)
+        else:
+            rows += _exam_rows_with_masks(
+                *answer, masks_dir / folders[k], masks_dir / "overlays" / folders[k]
+            )
     rows = [{column: row.get(column, "") for column in columns} for row in rows]
     _write_table(out, columns, rows, as_json)
     failed = sum(1 for row in rows if row["error"])
@@ -251,4 +314,41 @@ def run_predict_exams(
         f"{chosen.value:.3f}; exam = {trained.exam_rule}) -> {out}"
         + (f"; {failed} failed, see the error column" if failed else "")
     )
+    return rows
+
+
+def _exam_rows_with_masks(
+    trained: TrainedModel,
+    path: Path,
+    runtime,
+    tta,
+    cut,
+    seed,
+    batch_size,
+    with_slices,
+    folder: Path,
+    overlays: Path,
+) -> list[dict]:
+    """exam_rows, and each slice's mask and overlay (folder/<slice>.png, overlays/<slice>.png,
+    <slice> the 0-based slice of the `slice` column, 3 digits) in the geometry of the exam's slices
+    as stored; slice rows get their mask cells, the exam's row the folder and its top slice's boxes."""
+    config = trained.config.data
+    notes: list[str] = []
+    geometry: list = []
+    try:
+        volume = read_exam(path, config.max_pixels, config.image_size, config.plane, notes, geometry)
+    except ImageReadError as err:
+        return [{"exam": str(path), "error": str(err)}]
+    rows = volume_rows(trained, volume, str(path), notes, runtime, tta, cut, seed, batch_size, with_slices)
+    if rows[0].get("error"):
+        return rows
+    answers = exam_answers(trained, volume, geometry, runtime, batch_size)
+    cells = [
+        answer.cells(write_answer(answer, folder / f"{index:03d}.png", overlays / f"{index:03d}.png"))
+        for index, answer in enumerate(answers)
+    ]
+    for row in rows[1:]:  # a row per slice (with_slices)
+        row |= cells[row["slice"]] | {"note": answers[row["slice"]].note}
+    top = rows[0]["top_slice"]
+    rows[0] |= cells[top] | {"mask": str(folder) if answers[0].mask is not None else ""}
     return rows

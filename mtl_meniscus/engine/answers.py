@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mtl_meniscus.engine.horns import MASK_COLUMNS, box_text
 from mtl_meniscus.engine.trained import TrainedModel
 from mtl_meniscus.errors import ImageReadError
 from mtl_meniscus.io.exams import read_exam
@@ -18,16 +19,17 @@ from mtl_meniscus.io.imageio import read_image
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
 
 
-def csv_columns(tasks: TaskTable, names: Sequence[str]) -> list[str]:
+def csv_columns(tasks: TaskTable, names: Sequence[str], masks: bool = False) -> list[str]:
     """image, then per task its probability and predicted label (e.g. p_horizontal, orientation),
+    with `masks` (predict --masks) the mask file and horn boxes (engine/horns.py MASK_COLUMNS),
     then error and note."""
     per_task = [column for name in names for column in (tasks[name].p_column, name)]
-    return ["image", *per_task, "error", "note"]
+    return ["image", *per_task, *(MASK_COLUMNS if masks else ()), "error", "note"]
 
 
-def exam_columns(tasks: TaskTable, names: Sequence[str]) -> list[str]:
+def exam_columns(tasks: TaskTable, names: Sequence[str], masks: bool = False) -> list[str]:
     """exam, slice (empty on the exam's own row), slices, top_slice, the per-task columns, error, note."""
-    return ["exam", "slice", "slices", "top_slice", *csv_columns(tasks, names)[1:]]
+    return ["exam", "slice", "slices", "top_slice", *csv_columns(tasks, names, masks)[1:]]
 
 
 @dataclass
@@ -39,12 +41,14 @@ class Prediction:
     labels: dict[str, int | str] = field(default_factory=dict)  # task -> predicted label, '' if gated off
     error: str = ""
     note: str = ""
+    masks: dict[str, object] = field(default_factory=dict)  # predict --masks: its MASK_COLUMNS cells
 
     def row(self, tasks: TaskTable = DEFAULT_TASKS, names: Sequence[str] = DEFAULT_TASKS.names) -> dict:
         row: dict = {"image": self.image}
         for name in names:
             row[tasks[name].p_column] = _cell(self.probs.get(name))
             row[name] = _cell(self.labels.get(name))
+        row |= self.masks
         row["error"], row["note"] = self.error, self.note
         return row
 
@@ -56,8 +60,14 @@ def _cell(value):
 
 
 def json_row(row: dict, columns: Sequence[str]) -> dict:
-    """A row as one line of `predict --json`: these columns, empty cells as null."""
-    return {column: (None if row[column] == "" else row[column]) for column in columns}
+    """A row as one line of `predict --json`: these columns, empty or missing cells as null (a box
+    is a list of four numbers)."""
+    return {column: (None if row.get(column, "") == "" else row[column]) for column in columns}
+
+
+def csv_row(row: dict) -> dict:
+    """A row's cells as CSV writes them: a box (a tuple) as 'x0 y0 x1 y1'."""
+    return {column: box_text(value) if isinstance(value, tuple) else value for column, value in row.items()}
 
 
 def gate(probs: dict[str, float], tasks: TaskTable, threshold: float, image: str) -> Prediction:

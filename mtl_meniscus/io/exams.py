@@ -26,7 +26,7 @@ from mtl_meniscus.io.imageio import (
     read_image,
     read_volume,
 )
-from mtl_meniscus.io.orientation import CANONICAL_SLICE_LPS, check_plane, dicom_geometry
+from mtl_meniscus.io.orientation import CANONICAL_SLICE_LPS, SliceGeometry, check_plane, dicom_geometry
 
 
 def read_exam(
@@ -35,6 +35,7 @@ def read_exam(
     size: int | None = None,
     plane: str | None = None,
     notes: list[str] | None = None,
+    geometry: list[SliceGeometry] | None = None,
 ) -> np.ndarray:
     """The exam's slices as float32 (S, H, W) in the canonical view (io/orientation.py), in
     anatomical order for a DICOM series.
@@ -42,12 +43,14 @@ def read_exam(
     The pixel budget (max_pixels, see imageio.max_pixels_limit) is for the whole exam, checked from
     the headers before anything is decoded; with `size` (the model's input size) its slices count
     as resized to size x size when that is larger. With `plane`, an exam of another plane is
-    refused; `notes` receives orientation.NOT_IN_FILE for an exam without geometry."""
+    refused; `notes` receives orientation.NOT_IN_FILE for an exam without geometry; `geometry` the
+    SliceGeometry of every slice (a series: one per file, in the exam's order) or, for a volume
+    file, one for all its slices (see imageio.read_image)."""
     path = Path(path)
     budget = PixelBudget(max_pixels_limit(max_pixels), size)
     if path.is_dir():
-        return _read_dicom_series(path, budget, plane, notes)
-    return read_volume(path, budget.limit, size, plane, notes)
+        return _read_dicom_series(path, budget, plane, notes, geometry)
+    return read_volume(path, budget.limit, size, plane, notes, geometry)
 
 
 class ExamVolumes(Sequence):
@@ -75,7 +78,11 @@ def resized_slices(volume: np.ndarray, size: int) -> np.ndarray:
 
 
 def _read_dicom_series(
-    folder: Path, budget: PixelBudget, plane: str | None, notes: list[str] | None
+    folder: Path,
+    budget: PixelBudget,
+    plane: str | None,
+    notes: list[str] | None,
+    geometry: list[SliceGeometry] | None = None,
 ) -> np.ndarray:
     import pydicom
 
@@ -107,7 +114,10 @@ def _read_dicom_series(
     normal, found = _series_normal(headers)
     check_plane(found, plane, str(folder))  # before the order: another plane is the clearer message
     order = _series_order(headers, normal)
-    slices = [read_image(file, max_pixels=budget.limit, plane=plane, notes=notes) for file in order]
+    slices = [
+        read_image(file, max_pixels=budget.limit, plane=plane, notes=notes, geometry=geometry)
+        for file in order
+    ]
     shapes = {s.shape for s in slices}
     if len(shapes) > 1:
         raise ImageReadError(

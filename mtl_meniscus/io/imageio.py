@@ -13,7 +13,14 @@ import cv2
 import numpy as np
 
 from mtl_meniscus.errors import ConfigError, ImageReadError, PixelLimitError
-from mtl_meniscus.io.orientation import NOT_IN_FILE, check_plane, dicom_geometry, nifti_canonical
+from mtl_meniscus.io.orientation import (
+    AS_STORED,
+    NOT_IN_FILE,
+    SliceGeometry,
+    check_plane,
+    dicom_geometry,
+    nifti_canonical,
+)
 
 RASTER_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -66,6 +73,7 @@ def read_image(
     last_volume: dict[Path, np.ndarray] | None = None,
     plane: str | None = None,
     notes: list[str] | None = None,
+    geometry: list[SliceGeometry] | None = None,
 ) -> np.ndarray:
     """Read one grey slice as float32 (H, W); `slice_index` picks a slice of a 3D volume.
 
@@ -79,7 +87,10 @@ def read_image(
 
     DICOM and NIfTI pixels are turned to the canonical view of their plane (io/orientation.py);
     with `plane` ('sagittal', ...) a file of another plane is refused; `notes` (a list the caller
-    keeps) receives orientation.NOT_IN_FILE when a DICOM or NIfTI file has no geometry.
+    keeps) receives orientation.NOT_IN_FILE when a DICOM or NIfTI file has no geometry;
+    `geometry` (a list the caller keeps) receives the SliceGeometry that turned the stored slice
+    into the canonical one (AS_STORED for formats without geometry), to undo it (predict --masks);
+    it is filled when the file is decoded, so not from `last_volume`.
     """
     path = Path(path)
     _check_exists(path)
@@ -88,7 +99,8 @@ def read_image(
 
     def decode() -> np.ndarray:
         if suffix in HDF5_SUFFIXES and slice_index is not None:  # that slice alone is read
-            return _select_slice(_read_hdf5(path, limit, slice_index)[0], 0, suffix, volume_hint)
+            pixels = _oriented(path, _read_hdf5(path, limit, slice_index), plane, notes, geometry)
+            return _select_slice(pixels, 0, suffix, volume_hint)
         reader = _reader(suffix)
         if reader is None:
             raise ImageReadError(
@@ -96,7 +108,7 @@ def read_image(
             )
         if last_volume is None or slice_index is None:
             return _select_slice(
-                _oriented(path, reader(path, limit), plane, notes), slice_index, suffix, volume_hint
+                _oriented(path, reader(path, limit), plane, notes, geometry), slice_index, suffix, volume_hint
             )
         if path not in last_volume:
             last_volume.clear()  # one volume in memory at a time
@@ -113,10 +125,12 @@ def read_volume(
     size: int | None = None,
     plane: str | None = None,
     notes: list[str] | None = None,
+    geometry: list[SliceGeometry] | None = None,
 ) -> np.ndarray:
     """Every slice of a 3D .npy (slices first), NIfTI (along its last axis) or multi-frame DICOM
     as float32 (S, H, W); a single 2D image gives one slice. `size`: the slices will be resized to
-    size x size, so the pixel budget counts them so (PixelBudget). Raises ImageReadError naming the file."""
+    size x size, so the pixel budget counts them so (PixelBudget). `notes` and `geometry` as for
+    read_image (one SliceGeometry, every slice's). Raises ImageReadError naming the file."""
     path = Path(path)
     suffix = image_suffix(path)
     if suffix in RASTER_SUFFIXES or _reader(suffix) is None:
@@ -125,7 +139,7 @@ def read_volume(
 
     def decode() -> np.ndarray:
         read = _reader(suffix)(path, PixelBudget(max_pixels_limit(max_pixels), size))
-        volume = _oriented(path, read, plane, notes)
+        volume = _oriented(path, read, plane, notes, geometry)
         volume = volume[None] if volume.ndim == 2 else volume
         if volume.ndim != 3 or volume.size == 0:
             raise ImageReadError(f"expected a 3D volume (slices, height, width), got shape {volume.shape}")
@@ -146,18 +160,26 @@ def _reader(suffix: str):
     return readers.get(suffix)
 
 
-def _oriented(path: Path, read: tuple[np.ndarray, str | None], plane: str | None, notes: list[str] | None):
-    """A reader's (pixels, orientation) -> the pixels, after the plane check and the note.
+def _oriented(
+    path: Path,
+    read: tuple[np.ndarray, SliceGeometry | None],
+    plane: str | None,
+    notes: list[str] | None,
+    geometry: list[SliceGeometry] | None = None,
+):
+    """A reader's (pixels, geometry) -> the pixels, after the plane check and the note.
 
-    The orientation is the plane found in the file's geometry, orientation.NOT_IN_FILE for a
-    DICOM or NIfTI file without geometry, or None for formats that have none (PNG, .npy, .h5:
-    taken as stored, as documented)."""
+    The geometry is what the reader applied to a DICOM or NIfTI file (its plane None when the file
+    has none: orientation.NOT_IN_FILE), or None for formats that have none (PNG, .npy, .h5: taken
+    as stored, as documented)."""
     pixels, found = read
-    if found == NOT_IN_FILE:
+    if found is not None and found.plane is None:
         if notes is not None and NOT_IN_FILE not in notes:
             notes.append(NOT_IN_FILE)
-    else:
-        check_plane(found, plane, str(path))
+    elif found is not None:
+        check_plane(found.plane, plane, str(path))
+    if geometry is not None:
+        geometry.append(found or AS_STORED)
     return pixels
 
 
@@ -286,7 +308,7 @@ def _read_raster(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None
     return image.astype(np.float32), None
 
 
-def _read_dicom(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, str]:
+def _read_dicom(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, SliceGeometry]:
     import pydicom
 
     dataset = pydicom.dcmread(str(path))
@@ -306,7 +328,7 @@ def _read_dicom(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, str]:
         # MONOCHROME1 shows low values as white: invert so that bright means high signal everywhere.
         image = image.max() + image.min() - image
     geometry = dicom_geometry(dicom_orientation(dataset))
-    return geometry.apply(image), geometry.plane or NOT_IN_FILE
+    return geometry.apply(image), geometry
 
 
 def _apply_modality_lut(pixels: np.ndarray, dataset) -> np.ndarray:
@@ -318,7 +340,7 @@ def _apply_modality_lut(pixels: np.ndarray, dataset) -> np.ndarray:
     return apply_modality_lut(pixels, dataset)
 
 
-def _read_nifti(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, str]:
+def _read_nifti(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, SliceGeometry]:
     import nibabel
 
     image = nibabel.load(str(path))  # reads the header only
@@ -330,11 +352,11 @@ def _read_nifti(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, str]:
     if volume.ndim == 2:
         volume = volume[..., None]
     if volume.ndim != 3:
-        return volume, NOT_IN_FILE  # refused by the caller as not a slice or a volume
+        return volume, AS_STORED  # refused by the caller as not a slice or a volume
     has_geometry = int(image.header.get("sform_code", 0)) > 0 or int(image.header.get("qform_code", 0)) > 0
     # (slices, rows, columns) in the canonical view of its plane; slices first like the other formats
-    volume, plane = nifti_canonical(volume, image.affine if has_geometry else None)
-    return (volume[0] if len(volume) == 1 else volume), plane or NOT_IN_FILE
+    volume, geometry = nifti_canonical(volume, image.affine if has_geometry else None)
+    return (volume[0] if len(volume) == 1 else volume), geometry
 
 
 def _read_npy(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None]:

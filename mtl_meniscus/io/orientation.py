@@ -60,6 +60,30 @@ class SliceGeometry:
             pixels = pixels[..., :, ::-1]
         return np.ascontiguousarray(pixels)
 
+    def undo(self, pixels: np.ndarray) -> np.ndarray:
+        """`pixels` (..., H, W) in the canonical view back in the stored slice's geometry: apply's
+        inverse (a mask predicted on the canonical view, laid on the file's own pixels)."""
+        if self.flip_columns:
+            pixels = pixels[..., :, ::-1]
+        if self.flip_rows:
+            pixels = pixels[..., ::-1, :]
+        if self.transpose:
+            pixels = np.swapaxes(pixels, -1, -2)
+        return np.ascontiguousarray(pixels)
+
+    def undo_box(self, box: tuple[int, int, int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+        """A box (x0, y0, x1, y1; x1 and y1 excluded) on a canonical slice of `shape` (H, W), as the
+        box of the same pixels in the stored slice: undo's counterpart for coordinates."""
+        x0, y0, x1, y1 = box
+        height, width = shape
+        if self.flip_columns:
+            x0, x1 = width - x1, width - x0
+        if self.flip_rows:
+            y0, y1 = height - y1, height - y0
+        if self.transpose:
+            x0, y0, x1, y1 = y0, x0, y1, x1
+        return (x0, y0, x1, y1)
+
     @property
     def note(self) -> str:
         return NOT_IN_FILE if self.plane is None else ""
@@ -106,25 +130,40 @@ def _geometry(plane: str, along_row: np.ndarray, down_column: np.ndarray) -> Sli
     )
 
 
-def nifti_canonical(volume: np.ndarray, affine: np.ndarray | None) -> tuple[np.ndarray, str | None]:
+def nifti_canonical(volume: np.ndarray, affine: np.ndarray | None) -> tuple[np.ndarray, SliceGeometry]:
     """A 3-D NIfTI array (i, j, k) as (slices, rows, columns) in the canonical view of its plane,
-    and the plane: the one normal to the slice axis, the voxel axis with the thickest voxels (a 2-D
-    acquisition's slices are thicker than its pixels), or k (the converters' slice axis) when the
-    voxels are near isotropic.
-    Without geometry (affine None or the identity), slices are taken along k as stored, plane None.
+    and the geometry of a slice: its plane and how a stored slice (the array at one index of the
+    slice axis, the other two axes in stored order) turns into a canonical one. The slice axis is
+    the voxel axis with the thickest voxels (a 2-D acquisition's slices are thicker than its
+    pixels), or k (the converters' slice axis) when the voxels are near isotropic.
+    Without geometry (affine None or the identity), slices are taken along k as stored (AS_STORED).
     An ImageReadError for a singular affine."""
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
     if affine is None or np.allclose(affine, np.eye(4)):
-        return np.moveaxis(volume, -1, 0), None
+        return np.moveaxis(volume, -1, 0), AS_STORED
     rotation = np.asarray(affine, float)[:3, :3]
     if not np.isfinite(rotation).all() or abs(np.linalg.det(rotation)) < 1e-9:
         raise ImageReadError("singular NIfTI affine (its voxel axes do not span space)")
     current = io_orientation(affine)  # per voxel axis: (world axis in RAS, direction)
     plane = PLANE_OF_NORMAL[int(current[_slice_axis(rotation), 0])]
-    canonical = axcodes2ornt(CANONICAL_AXCODES[plane])
     # the target's first axis is the slice axis: bring the volume to (slices, rows, columns)
-    return apply_orientation(volume, ornt_transform(current, canonical)), plane
+    transform = ornt_transform(current, axcodes2ornt(CANONICAL_AXCODES[plane]))
+    return apply_orientation(volume, transform), _in_plane_geometry(plane, transform)
+
+
+def _in_plane_geometry(plane: str, transform: np.ndarray) -> SliceGeometry:
+    """The SliceGeometry of one slice under a nibabel orientation transform (per stored axis: the
+    canonical axis it becomes, 0 slices, 1 rows, 2 columns, and -1 where it is reversed first)."""
+    first, second = (int(axis) for axis in np.flatnonzero(transform[:, 0] != 0))  # the stored slice's axes
+    transpose = int(transform[first, 0]) == 2  # the stored rows become canonical columns
+    rows, columns = (second, first) if transpose else (first, second)
+    return SliceGeometry(
+        plane,
+        transpose=transpose,
+        flip_rows=bool(transform[rows, 1] < 0),
+        flip_columns=bool(transform[columns, 1] < 0),
+    )
 
 
 def _slice_axis(rotation: np.ndarray) -> int:
