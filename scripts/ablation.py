@@ -6,7 +6,7 @@
     python scripts/ablation.py --render [--out results/ablation] [--page docs/results.md]
 
 The same pieces as `train` (a preset with --set overrides, the data folder's splits, augmentation,
-masked loss, validation score), without its stopping rules and LR cuts, so that variants are
+masked loss with train.task_weights, validation score), without its stopping rules and LR cuts, so that variants are
 compared step for step. Each run writes OUT/<tag>.json (validation score after every 80 steps,
 onset epoch = first score above 0.7, the command and the machine); --render prints the table of
 docs/results.md from those files (and writes it between that page's ablation-table markers).
@@ -36,7 +36,7 @@ def train_variant(args: argparse.Namespace) -> dict:
     from mtl_meniscus.engine.inference import predict_probs
     from mtl_meniscus.engine.runtime import cpu_features, resolve_runtime
     from mtl_meniscus.evaluation.metrics import monitor_score, task_aucs
-    from mtl_meniscus.networks.losses import task_losses
+    from mtl_meniscus.networks.losses import FixedWeighting, task_losses
     from mtl_meniscus.networks.models import build_model
 
     config = load_config(args.preset, dict(parse_set_option(text) for text in args.set))
@@ -45,6 +45,7 @@ def train_variant(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = runtime.prepare_model(build_model(config.model))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    weighting = FixedWeighting(data.tasks.names, config.train.task_weights)  # train's `fixed` weighting
     schedule = None
     if args.sched == "cosine":  # 50 warm-up steps, then cosine decay to 0 at the last step
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -60,7 +61,7 @@ def train_variant(args: argparse.Namespace) -> dict:
         for (x,), y in training_batches(dataset, sampler, 0, runtime.channels_last, pin_memory=False):
             with runtime.autocast():
                 outputs = model(runtime.prepare_input(x))
-            loss = sum(task_losses(outputs, y, {}, data.tasks, None, config.train.gated_loss_mean).values())
+            loss = weighting(task_losses(outputs, y, {}, data.tasks, None, config.train.gated_loss_mean))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
