@@ -595,6 +595,17 @@ def compare(
             "nested, stratified, patient-grouped subsets (a learning curve)."
         ),
     ] = None,
+    roi: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated ROI-first classification: none, classical, predicted, truth (an upper "
+            "bound; needs masks). predicted trains the shared model's decoder (the cascade has none).",
+        ),
+    ] = None,
+    segmentation: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated off,on: segmentation as an auxiliary task of the shared model."),
+    ] = None,
     same_regularization: Annotated[
         bool,
         typer.Option(
@@ -626,7 +637,7 @@ def compare(
     quiet: QuietOption = False,
 ) -> None:
     """Train and score separate vs shared (x trunks x seeds) on the same splits; write the table and plots."""
-    from mtl_meniscus.commands.compare import parse_list, parse_pretrained, run_compare
+    from mtl_meniscus.commands.compare import parse_list, parse_on_off, parse_pretrained, run_compare
     from mtl_meniscus.commands.compare.settings import load_compare_config
 
     try:
@@ -641,6 +652,8 @@ def compare(
             "train_fractions": parse_list(train_fraction, "--train-fraction", float)
             if train_fraction
             else None,
+            "rois": parse_list(roi, "--roi") if roi else None,
+            "segmentation": parse_on_off(segmentation, "--segmentation") if segmentation else None,
             "same_regularization": True if same_regularization else None,
             "phantom_difficulty": difficulty.value if difficulty else None,
             "tta.copies": tta,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -176,6 +177,8 @@ DEEP_KERNELS = (7, 5, 3, 3)  # reference orientation/position networks: 4 blocks
 OWN_TRUNKS = ("reference", "plain")
 # The segmentation loss's name among the task losses (weighting, train.task_weights, history.csv).
 SEGMENTATION = "segmentation"
+# model.roi_crop is given in pixels of an image this size (data.image_size scales it).
+ROI_REFERENCE_SIZE = 256
 
 
 class ModelConfig(Section):
@@ -206,6 +209,20 @@ class ModelConfig(Section):
     # A decoder on the trunk's stages predicting background / meniscus / tear per pixel from the
     # labels.csv `mask` column (rows without one are masked out of its loss): an auxiliary task.
     segmentation: bool = False
+    # ROI-first classification: a fixed-size crop around each meniscus horn, classified together
+    # with the whole image. The horns come from the run's own segmentation decoder (predicted), the
+    # classical pipeline (data/roi.py, no learning) or the true mask (truth: an upper bound).
+    roi: Literal["none", "predicted", "classical", "truth"] = "none"
+    # Side of each horn's crop in pixels of a ROI_REFERENCE_SIZE-pixel image, scaled with the input:
+    # at 256 px, classical horn boxes' 96-pixel windows held the whole tear in 0.988 of the
+    # realistic phantom's tear images (issue 29).
+    roi_crop: int = 96
+
+    @property
+    def reads_masks(self) -> bool:
+        """True when a run of this model reads labels.csv's masks: to train its decoder, or to find
+        the true horns (roi truth)."""
+        return self.segmentation or self.roi == "truth"
 
     def validate(self) -> None:
         blocks = max(len(self.kernels), len(self.fissure_kernels))
@@ -241,6 +258,8 @@ class ModelConfig(Section):
         check_value(len(self.tasks) > 0, "model.tasks", self.tasks, "one or more task names")
         if self.segmentation:
             self._validate_segmentation()
+        if self.roi != "none":
+            self._validate_roi()
 
     def _validate_segmentation(self) -> None:
         """What the segmentation decoder is built for so far: the shared model on slices, with one
@@ -265,6 +284,35 @@ class ModelConfig(Section):
             self.segmentation,
             "false with model.exam_pooling (an exam model has no per-slice masks)",
         )
+
+    def _validate_roi(self) -> None:
+        """What ROI-first classification is built for so far: slice models; 'predicted' needs the
+        run's own segmentation decoder."""
+        check_value(
+            16 <= self.roi_crop <= MAX_IMAGE_SIZE,
+            "model.roi_crop",
+            self.roi_crop,
+            f"an integer 16..{MAX_IMAGE_SIZE} (pixels at {ROI_REFERENCE_SIZE} px)",
+        )
+        check_value(
+            self.roi != "predicted" or self.segmentation,
+            "model.roi",
+            self.roi,
+            "none, classical or truth without model.segmentation: 'predicted' crops around the horns "
+            "that the run's own segmentation decoder finds (set model.segmentation: true)",
+        )
+        check_value(
+            self.exam_pooling is None,
+            "model.roi",
+            self.roi,
+            "none with model.exam_pooling (an exam model's slices are not cropped)",
+        )
+
+
+def roi_crop_pixels(roi_crop: int, image_size: int) -> int:
+    """The side in pixels of a horn's crop (model.roi_crop, given at ROI_REFERENCE_SIZE px) in an
+    image of `image_size` pixels."""
+    return max(1, round(roi_crop * image_size / ROI_REFERENCE_SIZE))
 
 
 class TrainConfig(Section):
@@ -396,6 +444,12 @@ class Config(Section):
         if self.data.layout == "mrnet" and self.model.exam_pooling is None:
             self.model.exam_pooling = "max"  # MRNet labels whole exams: only an exam model can learn them
         check_value(
+            self.model.roi == "none" or self.model.exam_pooling is None,
+            "model.roi",
+            self.model.roi,
+            "none with data.layout mrnet or model.exam_pooling (an exam model's slices are not cropped)",
+        )
+        check_value(
             self.model.exam_pooling is None or self.data.layout == "mrnet",
             "model.exam_pooling",
             self.model.exam_pooling,
@@ -432,6 +486,8 @@ class Config(Section):
                 self.data.image_size,
                 f"at least {2**blocks} for {blocks} conv blocks (each halves the image)",
             )
+        if self.model.roi != "none":
+            self._validate_roi_crop()
         expected = 1 if self.preprocess.edge_filter == "none" else 2
         check_value(
             self.model.in_chans == expected,
@@ -440,6 +496,24 @@ class Config(Section):
             f"{expected} with preprocess.edge_filter '{self.preprocess.edge_filter}'",
         )
         return self
+
+    def _validate_roi_crop(self) -> None:
+        """A horn's crop at this image size must survive the crop trunk's downsampling (the same
+        trunk as the image's)."""
+        crop = roi_crop_pixels(self.model.roi_crop, self.data.image_size)
+        if self.model.trunk == "reference":
+            blocks = max(len(self.model.kernels), len(self.model.fissure_kernels))
+            needed, trunk = 2**blocks, f"{blocks} conv blocks"
+        else:
+            needed, trunk = 32, f"the {self.model.trunk} trunk"
+        check_value(
+            crop >= needed,
+            "model.roi_crop",
+            self.model.roi_crop,
+            f"a crop of at least {needed} px for {trunk}: at data.image_size {self.data.image_size} "
+            f"this one is {crop} px (model.roi_crop is given at {ROI_REFERENCE_SIZE} px), so at least "
+            f"{math.ceil(needed * ROI_REFERENCE_SIZE / self.data.image_size)}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists for tuples), ready for YAML, JSON and torch.save(weights_only)."""

@@ -29,6 +29,7 @@ from mtl_meniscus.data.torch_dataset import EpochBatchSampler, SliceDataset, tra
 from mtl_meniscus.engine.inference import predict_probs
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import Runtime, cpu_bf16_pays_off, cpu_features, resolve_runtime
+from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.io.outputs import json_text
 from mtl_meniscus.networks.losses import FixedWeighting, task_losses
 from mtl_meniscus.networks.models import build_model
@@ -248,6 +249,7 @@ def run_benchmark(
     console = console or Console(soft_wrap=True)
     settings = BenchSettings.quick() if quick else BenchSettings()
     models = {mode: (models or {}).get(mode) or ModelConfig(name=mode) for mode in ("shared", "separate")}
+    _refuse_roi(models)
     if quick:
         models = {
             mode: model.model_copy(update={"widths": settings.widths}) for mode, model in models.items()
@@ -283,6 +285,15 @@ def run_benchmark(
     (out_dir / "bench.md").write_text(markdown)
     console.print(markdown, markup=False, highlight=False)
     return results
+
+
+def _refuse_roi(models: dict[str, ModelConfig]) -> None:
+    """bench times models called as model(x): a ROI model (model.roi) is refused by name."""
+    for mode, model in models.items():
+        if model.roi != "none":
+            raise MeniscusError(
+                f"bench of ROI models is not supported yet: the {mode} preset sets model.roi {model.roi}"
+            )
 
 
 def training_throughput(

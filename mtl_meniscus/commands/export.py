@@ -264,6 +264,11 @@ def _slice_model(run_or_checkpoint):
             f"{trained.checkpoint}: a model of whole exams (model.exam_pooling "
             f"{trained.config.model.exam_pooling}); ONNX export takes slice models only"
         )
+    if trained.config.model.roi != "none":
+        raise MeniscusError(
+            f"{trained.checkpoint}: export of ROI models (model.roi {trained.config.model.roi}) is not "
+            "supported yet: the horn crops are not part of the graph"
+        )
     return trained
 
 

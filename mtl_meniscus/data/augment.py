@@ -82,16 +82,40 @@ def augment_image(
     return _intensity_changes(out, config, rng, noise_rng)
 
 
+def move_points(points: np.ndarray, params: AffineParams, height: int, width: int) -> np.ndarray:
+    """Points (K, 2) as (x, y) in pixel coordinates (pixel k covers k..k+1) where apply_affine
+    moves the image content under them: (K, 2) float32."""
+    matrix = affine_matrix(params, height, width)
+    centres = np.asarray(points, np.float64) - 0.5  # OpenCV puts pixel k's centre at k
+    return (centres @ matrix[:, :2].T + matrix[:, 2] + 0.5).astype(np.float32)
+
+
 def augment_with_mask(
     image: np.ndarray, mask: np.ndarray, config: AugmentConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """(augmented image, its mask moved alike): augment_image's image from the same draws of `rng`,
     and the label mask (H, W) under the same geometric transform (apply_affine_to_mask)."""
+    out, moved, _ = augment_with_labels(image, config, rng, mask=mask)
+    return out, moved
+
+
+def augment_with_labels(
+    image: np.ndarray,
+    config: AugmentConfig,
+    rng: np.random.Generator,
+    mask: np.ndarray | None = None,
+    points: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(augmented image, its mask moved alike or None, its points (K, 2) moved alike or None):
+    augment_image's image from the same draws of `rng`, and the label mask (H, W) and the points
+    (x, y) under the same geometric transform (apply_affine_to_mask, move_points)."""
     image = np.asarray(image, dtype=np.float32)
     height, width = image.shape
     params = sample_affine(config, height, width, rng)
     out = _intensity_changes(apply_affine(image, params), config, rng, None)
-    return out, apply_affine_to_mask(mask, params)
+    moved_mask = apply_affine_to_mask(mask, params) if mask is not None else None
+    moved_points = move_points(points, params, height, width) if points is not None else None
+    return out, moved_mask, moved_points
 
 
 def _intensity_changes(

@@ -8,10 +8,12 @@ vision (edge detection, dilation, erosion, thresholding) as a next step: find_ho
 
 Boxes are (x0, y0, x1, y1) in pixels, x1 and y1 excluded: the box's pixels are image[y0:y1, x0:x1].
 Which horn is anterior comes from the canonical sagittal view (io/orientation.py), not from a guess.
+HornCentres gives a ROI model (model.roi classical or truth) each image's two horn centres.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Sequence
@@ -22,12 +24,8 @@ import cv2
 import numpy as np
 
 from mtl_meniscus.data.masks import MASK_MENISCUS, MASK_TEAR
-from mtl_meniscus.io.orientation import CANONICAL_LPS
-
-# A sagittal slice's rows run along the anterior-posterior axis (LPS y, +y posterior); the canonical
-# view gives the sign of moving right along a row: +1, so the posterior horn is the one further right.
-_, _ROW_SIGN = CANONICAL_LPS["sagittal"][0]
-POSTERIOR_IS_RIGHT = _ROW_SIGN > 0
+from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.io.orientation import POSTERIOR_IS_RIGHT  # the canonical view's (io/orientation.py)
 
 
 class Box(NamedTuple):
@@ -358,3 +356,76 @@ def tear_inside(mask: np.ndarray, windows: Sequence[Box]) -> bool | None:
     False when some of it lies outside, None when the mask has no tear."""
     coverage = tear_coverage(mask, windows)
     return None if math.isnan(coverage) else coverage == 1.0
+
+
+# --- the horns a ROI model crops around (model.roi: classical or truth) ----------------------------
+
+
+def horn_centres(horns: HornBoxes | None) -> np.ndarray:
+    """(2, 3) float32: (x, y, found) of the anterior and the posterior horn's box centre, in pixel
+    coordinates (pixel k covers k..k+1, as Box.center), found 1; all zero when there are no horns
+    (found 0: the model crops its fallback windows instead, and counts them)."""
+    if horns is None:
+        return np.zeros((2, 3), np.float32)
+    return np.array([[*box.center, 1.0] for box in horns], np.float32)
+
+
+class HornCentres:
+    """Each image's horn centres (horn_centres), found when first asked for and then kept: from its
+    label mask (source "truth"; a row without a mask has none) or by the classical pipeline on the
+    image as given (source "classical").
+
+    Found once per image, not per augmented copy: the classical search costs 7-12 ms an image (one core;
+    measured on the phantom at 64 and 256 px), more than the time of the rest of an image's preparation, and a random affine moves the
+    centres exactly as it moves the image (data/augment.py move_points). `subset` gives a view of
+    some rows that shares what was found.
+    """
+
+    def __init__(
+        self,
+        source: Literal["classical", "truth"],
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray | None] | None = None,
+    ):
+        if source == "truth" and masks is None:
+            raise MeniscusError("the true horns (model.roi truth) come from the masks, and none were read")
+        self.source, self.images, self.masks = source, images, masks
+        self._rows: list[int] | None = None  # the rows of `images` this view holds (None: all)
+        self._found: dict[int, np.ndarray] = {}  # row of `images` -> its (2, 3) centres
+
+    def __len__(self) -> int:
+        return len(self.images) if self._rows is None else len(self._rows)
+
+    def _row(self, k: int) -> int:
+        return int(k) if self._rows is None else self._rows[k]
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        row = self._row(k)
+        if row not in self._found:
+            self._found[row] = horn_centres(self._find(row))
+        return self._found[row]
+
+    def _find(self, row: int) -> HornBoxes | None:
+        if self.source == "truth":
+            mask = self.masks[row]
+            return None if mask is None else horn_boxes_from_mask(mask)
+        return find_horns_classical(np.asarray(self.images[row], np.float32))
+
+    def subset(self, indices: Sequence[int]) -> HornCentres:
+        """The rows `indices` of this view, sharing the centres found so far and from now on."""
+        view = copy.copy(self)  # shallow: the same images, masks and found centres
+        view._rows = [self._row(k) for k in indices]
+        return view
+
+    def not_found(self) -> int:
+        """How many of this view's images have no horns (each looked for now if not yet)."""
+        return sum(not self[k][0, 2] for k in range(len(self)))
+
+
+def horn_source(
+    roi: str, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None = None
+) -> HornCentres | None:
+    """Where a ROI model (model.roi) gets its horns from outside the network: the masks (truth) or
+    the classical pipeline (classical); None for a model that needs none (none; predicted, whose
+    decoder finds them)."""
+    return HornCentres(roi, images, masks) if roi in ("classical", "truth") else None

@@ -15,8 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mtl_meniscus.config import AugmentConfig
-from mtl_meniscus.data.augment import augment_image, augment_with_mask
+from mtl_meniscus.data.augment import augment_image, augment_with_labels
 from mtl_meniscus.data.preprocess import make_input
+from mtl_meniscus.data.roi import HornCentres
 from mtl_meniscus.errors import DataError
 
 NO_MASK = -1  # a batch's mask value on every pixel of a row without a mask: left out of the loss
@@ -27,7 +28,10 @@ class SliceDataset(Dataset):
 
     With `masks` (a segmentation model's training data: uint8 (H, W) per row, None for a row
     without one) an item is (x, targets, mask (H, W) int64), the mask moved with its image by the
-    augmentation and NO_MASK everywhere for a row without one. Without, nothing about a mask is done.
+    augmentation and NO_MASK everywhere for a row without one. With `horns` (a ROI model's: each
+    row's horn centres, data/roi.py HornCentres) the item ends with the row's horns (2, 3) float32,
+    (x, y, found) of the anterior and posterior horn, the centres moved with the image. Without
+    either, nothing about a mask or a horn is done.
     """
 
     def __init__(
@@ -37,39 +41,48 @@ class SliceDataset(Dataset):
         edge_filter: str,
         augment: AugmentConfig | None = None,
         masks: Sequence[np.ndarray | None] | None = None,
+        horns: HornCentres | None = None,
     ):
         self.images = images
         self.targets = torch.from_numpy(np.asarray(targets, np.float32))
         self.edge_filter = edge_filter
         self.augment = augment
         self.masks = masks
+        self.horns = horns
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, key: tuple[int, int | None] | int) -> tuple[torch.Tensor, ...]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        if self.masks is not None:
-            return self._with_mask(index, seed)
+        if self.masks is not None or self.horns is not None:
+            return self._with_labels(index, seed)
         image = self.images[index]
         if self.augment is not None and seed is not None:
             image = augment_image(image, self.augment, np.random.default_rng(seed))
         return torch.from_numpy(make_input(image, self.edge_filter)), self.targets[index]
 
-    def _with_mask(self, index: int, seed: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, targets, mask (H, W) int64): the image and its mask under one augmentation draw (the
-        image as augment_image makes it from that seed), or NO_MASK everywhere without a mask."""
-        image, mask = self.images[index], self.masks[index]
-        augmenting = self.augment is not None and seed is not None
-        if mask is None:
-            if augmenting:
-                image = augment_image(image, self.augment, np.random.default_rng(seed))
-            labels = torch.full(image.shape, NO_MASK, dtype=torch.int64)
-        else:
-            if augmenting:
-                image, mask = augment_with_mask(image, mask, self.augment, np.random.default_rng(seed))
-            labels = torch.from_numpy(mask.astype(np.int64))
-        return torch.from_numpy(make_input(image, self.edge_filter)), self.targets[index], labels
+    def _with_labels(self, index: int, seed: int | None) -> tuple[torch.Tensor, ...]:
+        """(x, targets[, mask (H, W) int64][, horns (2, 3) float32]): the image, its mask and its horn
+        centres under one augmentation draw (the image as augment_image makes it from that seed);
+        NO_MASK everywhere for a row without a mask."""
+        image = self.images[index]
+        mask = self.masks[index] if self.masks is not None else None
+        horns = self.horns[index].copy() if self.horns is not None else None  # (2, 3): x, y, found
+        if self.augment is not None and seed is not None:
+            points = horns[:, :2] if horns is not None else None
+            image, mask, moved = augment_with_labels(
+                image, self.augment, np.random.default_rng(seed), mask=mask, points=points
+            )
+            if horns is not None:
+                horns[:, :2] = moved
+        item = [torch.from_numpy(make_input(image, self.edge_filter)), self.targets[index]]
+        if self.masks is not None:
+            no_mask = torch.full(np.shape(image), NO_MASK, dtype=torch.int64)
+            item.append(no_mask if mask is None else torch.from_numpy(mask.astype(np.int64)))
+        if self.horns is not None:
+            item.append(torch.from_numpy(horns))
+        return tuple(item)
 
 
 class ExamDataset(SliceDataset):
@@ -93,14 +106,16 @@ class ExamDataset(SliceDataset):
 
 
 def collate_batch(
-    samples: Sequence[tuple[torch.Tensor, ...]], channels_last: bool = False
+    samples: Sequence[tuple[torch.Tensor, ...]], channels_last: bool = False, horns: bool = False
 ) -> tuple[tuple[torch.Tensor, ...] | torch.Tensor, ...]:
     """((x,), targets (B, T)) for slices: x (B, C, H, W). For exams (samples (S_b, C, H, W)):
     ((x, lengths), targets) with x (N, C, H, W) every exam's slices one after another and lengths
     (B,) their counts, as ExamNet takes them. x is already in the memory format the model wants:
     one copy per batch instead of a stack plus a channels_last conversion.
 
-    Samples with masks (SliceDataset's `masks`) give ((x,), targets, masks (B, H, W) int64)."""
+    Samples with masks (SliceDataset's `masks`) give ((x,), targets, masks (B, H, W) int64). With
+    `horns` (SliceDataset's `horns`: each sample ends with its horns) the inputs are (x, horns
+    (B, 2, 3)), as a ROI model takes them."""
     first = samples[0][0]
     exams = first.dim() == 4
     lengths = [len(sample[0]) for sample in samples] if exams else [1] * len(samples)
@@ -112,6 +127,9 @@ def collate_batch(
         row += length
     inputs = (x, torch.tensor(lengths, dtype=torch.long)) if exams else (x,)
     targets = torch.stack([sample[1] for sample in samples])
+    if horns:  # a ROI model's: the last element of each sample
+        inputs = (*inputs, torch.stack([sample[-1] for sample in samples]))
+        samples = [sample[:-1] for sample in samples]
     if len(samples[0]) == 3:  # with masks
         return inputs, targets, torch.stack([sample[2] for sample in samples])
     return inputs, targets
@@ -165,5 +183,5 @@ def training_batches(
         num_workers=num_workers,
         prefetch_factor=4 if num_workers else None,
         pin_memory=pin_memory,  # faster, asynchronous copies to the GPU
-        collate_fn=partial(collate_batch, channels_last=channels_last),
+        collate_fn=partial(collate_batch, channels_last=channels_last, horns=dataset.horns is not None),
     )

@@ -12,11 +12,13 @@ from torch.utils.data import DataLoader
 
 from mtl_meniscus.config import TTAConfig
 from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.data.roi import HornCentres
 from mtl_meniscus.data.torch_dataset import ExamDataset, SliceDataset, collate_batch
 from mtl_meniscus.engine.runtime import Runtime
+from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.evaluation.calibration import scaled_probability
 from mtl_meniscus.evaluation.segmentation import segmentation_summary, set_scores
-from mtl_meniscus.networks.models import takes_exams
+from mtl_meniscus.networks.models import needs_horns, roi_of, takes_exams
 
 
 def predict_probs(
@@ -28,11 +30,31 @@ def predict_probs(
     tta: TTAConfig | None = None,
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    horns: HornCentres | None = None,
 ) -> dict[str, np.ndarray]:
     """{task: (N,) probabilities}; with TTA, the mean over the original and `tta.copies` copies.
     (A trained run's calibration is applied by engine.trained.TrainedModel.)"""
-    logits = predict_logits(model, images, edge_filter, runtime, batch_size, tta, seed, on_batch)
+    logits = predict_logits(model, images, edge_filter, runtime, batch_size, tta, seed, on_batch, horns)
     return {task: scaled_probability(value, 1.0) for task, value in logits.items()}
+
+
+def model_horns(
+    model: nn.Module, images: Sequence[np.ndarray], horns: HornCentres | None = None
+) -> HornCentres | None:
+    """The horns a ROI model needs from outside the network (models.needs_horns): `horns` when
+    given, else for roi classical the classical pipeline's on `images`; None for a model that needs
+    none. A model of the true horns (roi truth) is refused without them: they come from masks."""
+    if not needs_horns(model):
+        return None
+    if horns is not None:
+        return horns
+    if roi_of(model) == "classical":
+        return HornCentres("classical", images)
+    raise MeniscusError(
+        "this model crops around the true horns (model.roi truth, an upper bound for the study), which "
+        "come from each image's mask; only train and compare pass them. To score or predict new images, "
+        "train with model.roi classical or predicted"
+    )
 
 
 @torch.no_grad()
@@ -45,18 +67,22 @@ def predict_logits(
     tta: TTAConfig | None = None,
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    horns: HornCentres | None = None,
 ) -> dict[str, np.ndarray]:
     """{task: (copies + 1, N) logits}: row 0 the images as they are, row k their k-th augmented copy.
 
     Copy k of image i is augmented with the generator seeded (seed, i, k): deterministic and
     independent of the batch size. For an exam model (models.takes_exams) `images` are whole
-    exams (S, H, W), one output each, and `batch_size` counts exams.
+    exams (S, H, W), one output each, and `batch_size` counts exams. A ROI model of horns found
+    outside it gets them from `horns` (one per image), or finds them (model_horns).
     """
     model.eval()
     n = len(images)
     copies = tta.copies if tta is not None else 0
     kind = ExamDataset if takes_exams(model) else SliceDataset
-    dataset = kind(images, np.zeros((n, 1), np.float32), edge_filter, tta.augment if copies else None)
+    horns = model_horns(model, images, horns)
+    roi = {"horns": horns} if horns is not None else {}  # the centres move with each TTA copy
+    dataset = kind(images, np.zeros((n, 1), np.float32), edge_filter, tta.augment if copies else None, **roi)
     keys = [(i, None) for i in range(n)]
     keys += [
         (i, int(np.random.SeedSequence([seed, i, k]).generate_state(1)[0]))
@@ -66,13 +92,16 @@ def predict_logits(
     loader = DataLoader(
         keys,
         batch_size=batch_size,
-        collate_fn=lambda batch: collate_batch([dataset[key] for key in batch], runtime.channels_last),
+        collate_fn=lambda batch: collate_batch(
+            [dataset[key] for key in batch], runtime.channels_last, horns=horns is not None
+        ),
     )
     chunks: dict[str, list[np.ndarray]] = {}
     for inputs, _ in loader:
-        x, *exam_lengths = inputs  # x (B, C, H, W); for exams (N, C, H, W) and lengths (B,)
+        # x (B, C, H, W); for exams (N, C, H, W) and lengths (B,); for a ROI model horns (B, 2, 3)
+        x, *rest = inputs
         with runtime.autocast():
-            logits = model(runtime.prepare_input(x), *(t.to(runtime.device) for t in exam_lengths))
+            logits = model(runtime.prepare_input(x), *(t.to(runtime.device) for t in rest))
         for task, value in logits.items():
             chunks.setdefault(task, []).append(value.float().cpu().numpy())
         if on_batch is not None:
@@ -96,7 +125,7 @@ def predict_label_maps(
     maps = []
     for (x,), _ in loader:
         with runtime.autocast():
-            _, logits = model.forward_with_segmentation(runtime.prepare_input(x))  # (B, 3, H, W)
+            logits = model.segment(runtime.prepare_input(x))  # (B, 3, H, W)
         maps += list(logits.argmax(1).to(torch.uint8).cpu().numpy())
     return maps
 

@@ -53,9 +53,10 @@ def plan_members(config: Config, data: PreparedData, run_dir: Path) -> list[Memb
     return members
 
 
-def check_members(members: list[Member], data: PreparedData) -> list[str]:
+def check_members(members: list[Member], data: PreparedData, model: ModelConfig | None = None) -> list[str]:
     """Refuse a member with no training image, naming the split and the member, before anything
-    trains; return warnings for members without validation images and for an empty test split."""
+    trains; return warnings for members without validation images and for an empty test split.
+    With `model`, also what its segmentation decoder or horn crops lack (_roi_warnings)."""
     by_column = bool(data.records) and all(r.split for r in data.records)
     if data.layout == "mrnet":
         origin = "MRNet's train folder (its readable exams; valid/ is the test split)"
@@ -88,7 +89,9 @@ def check_members(members: list[Member], data: PreparedData) -> list[str]:
                 f"[{member.name}] no validation image ({what}): the run has no validation score to pick "
                 "its best epoch or to stop early"
             )
-    if data.masks is not None:  # model.segmentation
+    if model is not None and model.roi != "none":
+        warnings += _roi_warnings(model.roi, data)
+    if data.masks is not None and (model is None or model.segmentation):
         warnings += _mask_warnings(data)
     _check_root_classes(data)  # after the members': a missing network's own message says more
     if not len(data.indices("test")):
@@ -107,6 +110,31 @@ def _mask_warnings(data: PreparedData) -> list[str]:
     if not len(data.rows_with_mask(data.indices("val"))):
         warnings.append("model.segmentation: no row of the val split has a mask: no validation Dice")
     return warnings
+
+
+def _roi_warnings(roi: str, data: PreparedData) -> list[str]:
+    """Refuse a ROI model whose horns cannot come from anywhere: roi truth on data without any mask,
+    roi predicted without a mask in the train split (its decoder could not learn); warn about the
+    truth model's rows without a mask (cropped at the fallback windows)."""
+    train = data.indices("train")
+    if roi == "truth":
+        with_mask = len(data.rows_with_mask(range(len(data.records))))
+        if not with_mask:
+            raise MeniscusError(
+                f"model.roi truth: no row of {data.data_dir} has a mask (labels.csv's mask column), and the "
+                "true horns come from the masks; give masks, or use model.roi classical"
+            )
+        if with_mask < len(data.records):
+            return [
+                f"model.roi truth: {len(data.records) - with_mask} of {len(data.records)} {data.unit} have "
+                "no mask: they are cropped at the fallback windows (counted in history.csv, roi_fallbacks)"
+            ]
+    if roi == "predicted" and not len(data.rows_with_mask(train)):
+        raise MeniscusError(
+            "model.roi predicted: no row of the train split has a mask (labels.csv's mask column), so the "
+            "segmentation decoder that finds the horns cannot learn; give masks, or use model.roi classical"
+        )
+    return []
 
 
 def _check_root_classes(data: PreparedData) -> None:

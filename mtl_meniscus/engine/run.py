@@ -31,6 +31,7 @@ from mtl_meniscus.config import (
 )
 from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.data.roi import HornCentres
 from mtl_meniscus.engine.checkpoint import atomic_torch_save, model_payload
 from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.distributed import SINGLE, Distributed, check_batch, world_size
@@ -49,7 +50,13 @@ from mtl_meniscus.io.outputs import atomic_write, json_text, write_text_atomic
 from mtl_meniscus.io.runlock import RunLock
 from mtl_meniscus.labels import TaskTable
 from mtl_meniscus.networks.losses import WEIGHTINGS
-from mtl_meniscus.networks.models import MODELS, SeparateCascade, segments
+from mtl_meniscus.networks.models import (
+    MODELS,
+    SeparateCascade,
+    reset_roi_fallbacks,
+    roi_fallback_counts,
+    segments,
+)
 
 
 def default_run_dir(mode: str) -> Path:
@@ -112,7 +119,7 @@ def _train_locked(
         runtime = Runtime(torch.device("cuda", processes.local_rank), runtime.bf16)
     data, data_name, warnings = _prepare_run_data(config, run_dir, resume, processes, console)
     members = plan_members(config, data, run_dir)
-    warnings += check_members(members, data)
+    warnings += check_members(members, data, config.model)
     for warning in warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
     console.print(
@@ -165,7 +172,7 @@ def _prepare_run_data(
     config.data.path = str(data_dir.resolve())
     with counted_progress(console, "reading the data") as on_row:
         data = prepare_data(
-            data_dir, config.data, report_dir=run_dir, on_row=on_row, masks=config.model.segmentation
+            data_dir, config.data, report_dir=run_dir, on_row=on_row, masks=config.model.reads_masks
         )
     if resume and not data.same_splits_as(run_dir / "splits.csv"):
         # Resuming on other splits would train on test images.
@@ -208,7 +215,8 @@ def _finish_run(
     late_warnings = [t.late_start for t in trainers if t.late_start]  # started just before the budget ended
     model = trained[JOINT] if JOINT in trained else SeparateCascade(trained)
     train_seconds = sum(t.state.train_seconds for t in trainers)
-    metrics = _final_metrics(model, config, data, runtime, history, best_by_member, train_seconds)
+    horns = trainers[0].horns  # a ROI model's horns from outside it: found once for the run
+    metrics = _final_metrics(model, config, data, runtime, history, best_by_member, train_seconds, horns)
     unknown = any(best["learned"] is None for best in best_by_member.values())
     metrics["learned"] = False if learn_warnings else (None if unknown else True)
     metrics["warnings"] = warnings + late_warnings + learn_warnings
@@ -237,38 +245,30 @@ FINAL_BOOTSTRAP = 1000  # stratified bootstrap resamples for the test split's CI
 
 
 def _final_metrics(
-    model, config: Config, data: PreparedData, runtime: Runtime, history, best_by_member, train_seconds
+    model,
+    config: Config,
+    data: PreparedData,
+    runtime: Runtime,
+    history,
+    best_by_member,
+    train_seconds,
+    horns: HornCentres | None = None,
 ) -> dict:
     test = data.indices("test")
-    images, targets = data.view(test), data.targets[test]
-    patients = data.patients(test)  # the bootstrap resamples patients where rows share them
     results = {}
     for key, tta in (("test", None), ("test_tta", config.tta)):
+        reset_roi_fallbacks(model)
         probs = predict_probs(
             model,
-            images,
+            data.view(test),
             config.preprocess.edge_filter,
             runtime,
             config.train.eval_batch_size,
             tta=tta,
             seed=config.train.seed,
+            horns=horns.subset(test) if horns is not None else None,
         )
-        aucs = task_aucs(targets, probs, data.tasks)
-        cis = bootstrap_cis(
-            targets, probs, FINAL_BOOTSTRAP, seed=config.train.seed, tasks=data.tasks, groups=patients
-        )
-        results[key] = {
-            "auc": aucs,
-            "auc_ci95": {task: list(cis[task]) for task in aucs},
-            "score": challenge_score(aucs, data.tasks),
-            "score_ci95": list(cis["score"]),
-            "n_images": len(test),  # exams with data.layout mrnet
-            "unit": data.unit,
-            "n_patients": len(set(patients)) if patients else len(test),
-            "sample": data.unit_phrase(test),  # what the CIs rest on, for the summary
-            "n_tears": int(np.nansum(targets[:, 0])),
-            "undefined": undefined_reasons(aucs, probs, targets, data.tasks),
-        }
+        results[key] = _test_entry(probs, data, test, config.train.seed) | _roi_entry(model, config.model.roi)
     if segments(model):  # Dice and IoU of the test rows with a mask (None: no such row)
         results["test"]["segmentation"] = segmentation_metrics(
             model,
@@ -288,6 +288,37 @@ def _final_metrics(
     results["device"] = runtime.device.type
     results["model"] = config.model.name
     return results
+
+
+def _test_entry(
+    probs: dict[str, np.ndarray], data: PreparedData, test: np.ndarray, seed: int
+) -> dict[str, Any]:
+    """The test split's AUCs and challenge score with their bootstrap CIs, and what they rest on."""
+    targets = data.targets[test]
+    patients = data.patients(test)  # the bootstrap resamples patients where rows share them
+    aucs = task_aucs(targets, probs, data.tasks)
+    cis = bootstrap_cis(targets, probs, FINAL_BOOTSTRAP, seed=seed, tasks=data.tasks, groups=patients)
+    return {
+        "auc": aucs,
+        "auc_ci95": {task: list(cis[task]) for task in aucs},
+        "score": challenge_score(aucs, data.tasks),
+        "score_ci95": list(cis["score"]),
+        "n_images": len(test),  # exams with data.layout mrnet
+        "unit": data.unit,
+        "n_patients": len(set(patients)) if patients else len(test),
+        "sample": data.unit_phrase(test),  # what the CIs rest on, for the summary
+        "n_tears": int(np.nansum(targets[:, 0])),
+        "undefined": undefined_reasons(aucs, probs, targets, data.tasks),
+    }
+
+
+def _roi_entry(model: nn.Module, roi: str) -> dict[str, Any]:
+    """A ROI model's {"roi": where its horns came from, the crops made (with TTA: every copy's) and
+    how many were at a fallback window (no horn found)} since reset_roi_fallbacks; {} otherwise."""
+    if roi == "none":
+        return {}
+    images, fallbacks = roi_fallback_counts(model)
+    return {"roi": {"horns": roi, "images": images, "fallbacks": fallbacks}}
 
 
 def undefined_reasons(aucs: dict, probs: dict, targets: np.ndarray, tasks: TaskTable) -> list[str]:
@@ -328,6 +359,14 @@ def _print_metrics(console: Console, metrics: dict, data_name: str) -> None:
         )
     if metrics["test"].get("segmentation"):
         console.print(segmentation_line(metrics["test"]["segmentation"]), highlight=False, markup=False)
+    if metrics["test"].get("roi"):
+        roi = metrics["test"]["roi"]
+        console.print(
+            f"test ROI ({roi['horns']} horns): {roi['fallbacks']} of {roi['images']} images cropped at the "
+            "fallback windows (no horns found)",
+            highlight=False,
+            markup=False,
+        )
     reading = result_reading(metrics["test_tta"], data_name)
     if reading:
         console.print(reading, style="bold", highlight=False, markup=False)

@@ -18,7 +18,7 @@ from torch import nn
 from mtl_meniscus.config import Config, TTAConfig
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from mtl_meniscus.engine.inference import predict_logits
+from mtl_meniscus.engine.inference import model_horns, predict_logits
 from mtl_meniscus.engine.runtime import Runtime
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.evaluation.calibration import scaled_probability
@@ -214,7 +214,12 @@ class TrainedModel:
         x = runtime.prepare_input(
             torch.from_numpy(make_input(image, self.config.preprocess.edge_filter))[None]
         )
-        return {task: grad_cam(self.model, x, task)[0] for task in self.config.model.tasks}  # x: (1, C, H, W)
+        found = model_horns(self.model, [image])  # a ROI model's horns from outside it, else None
+        horns = (
+            torch.from_numpy(found[0])[None].to(runtime.device) if found is not None else None
+        )  # (1, 2, 3)
+        # x: (1, C, H, W)
+        return {task: grad_cam(self.model, x, task, horns=horns)[0] for task in self.config.model.tasks}
 
     @cached_property
     def checkpoint_sha256(self) -> str:

@@ -17,6 +17,7 @@ from rich.progress import TextColumn
 
 from mtl_meniscus.config import SEGMENTATION, Config
 from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.data.roi import horn_source
 from mtl_meniscus.data.torch_dataset import (
     NO_MASK,
     EpochBatchSampler,
@@ -34,7 +35,14 @@ from mtl_meniscus.engine.training_state import MemberCheckpoints, TrainingState
 from mtl_meniscus.engine.validation import validate
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.networks.losses import build_weighting, segmentation_loss, task_losses
-from mtl_meniscus.networks.models import SegmentationTraining, parameter_groups, segments, set_train_mode
+from mtl_meniscus.networks.models import (
+    SegmentationTraining,
+    parameter_groups,
+    reset_roi_fallbacks,
+    roi_fallback_counts,
+    segments,
+    set_train_mode,
+)
 
 EpochCallback = Callable[[str, int], None]  # (member, epoch) after each finished epoch
 
@@ -80,8 +88,14 @@ class MemberTrainer:
             ),
         )
         kind = ExamDataset if data.exams else SliceDataset
-        masks = {"masks": data.masks} if self.segmenting else {}  # else the batches have no mask element
-        self.dataset = kind(data.images, data.targets, config.preprocess.edge_filter, config.augment, **masks)
+        labels = {"masks": data.masks} if self.segmenting else {}  # else the batches have no mask element
+        # a ROI model's horns from outside it (roi classical, truth): found once per row, kept for the run
+        self.horns = horn_source(config.model.roi, data.images, data.masks)
+        labels |= {"horns": self.horns} if self.horns is not None else {}
+        self.train_roi_counts = (0, 0)  # the last epoch's (images, cropped at a fallback window)
+        self.dataset = kind(
+            data.images, data.targets, config.preprocess.edge_filter, config.augment, **labels
+        )
         self.sampler = EpochBatchSampler(
             member.train_indices,
             train.steps_per_epoch,
@@ -129,6 +143,7 @@ class MemberTrainer:
                 self.config,
                 self.runtime,
                 self.processes,
+                self.horns,
             )
             if not val["finite"]:
                 raise self.diverged("the network's outputs on the validation images are not finite numbers")
@@ -173,11 +188,20 @@ class MemberTrainer:
             **{f"val_auc_{t}": val["auc"].get(t, float("nan")) for t in names},
             "val_score": val["score"],
             **{f"val_dice_{c}": dice for c, dice in val.get("dice", {}).items()},  # a segmenting network's
+            **self._roi_fallback_column(),
             "improved": int(improved),
             "lr": lr,
             **{f"weight_{t}": task_weights.get(t, float("nan")) for t in weighted},
             "seconds": time.perf_counter() - start,
         }
+
+    def _roi_fallback_column(self) -> dict[str, float]:
+        """A ROI model's {"roi_fallbacks": share of the epoch's training images cropped at a fallback
+        window (no horn found)}; {} for other models. Under torchrun: this process's images."""
+        if self.config.model.roi == "none":
+            return {}
+        images, fallbacks = self.train_roi_counts
+        return {"roi_fallbacks": fallbacks / max(images, 1)}
 
     def _cut_lr(self) -> None:
         """Multiply every group's learning rate by lr_factor, down to min_lr."""
@@ -235,6 +259,7 @@ class MemberTrainer:
             pin_memory=self.runtime.device.type == "cuda",
         )
         set_train_mode(self.state.model, self.config.model.freeze_backbone)
+        reset_roi_fallbacks(self.state.model)
         total, steps = 0.0, 0
         weight_sums: dict[str, float] = {}
         with progress_bar(self.console, TextColumn("loss {task.fields[loss]:.4f}")) as progress:
@@ -254,6 +279,7 @@ class MemberTrainer:
                     weight_sums[task] = weight_sums.get(task, 0.0) + weight
                 steps += 1
                 progress.update(bar, advance=1, loss=total / steps)
+        self.train_roi_counts = roi_fallback_counts(self.state.model)  # before validation adds its own
         return total / max(steps, 1), {task: w / max(steps, 1) for task, w in weight_sums.items()}
 
     def _batch_losses(
@@ -262,11 +288,12 @@ class MemberTrainer:
         """{task: masked loss} of one training batch, and {"segmentation": its loss} when the network
         segments (the batch then carries masks (B, H, W) int64, NO_MASK on rows without one)."""
         train, tasks = self.config.train, self.data.tasks
-        # x (B, C, H, W); for exams (N, C, H, W), every slice of the B exams, and lengths (B,)
-        x, *exam_lengths = inputs
+        # x (B, C, H, W); for exams (N, C, H, W), every slice of the B exams, and lengths (B,); for
+        # a ROI model of horns found outside it, horns (B, 2, 3)
+        x, *rest = inputs
         x, y = self.runtime.prepare_input(x), y.to(self.runtime.device)  # y (B, T)
         with self.runtime.autocast():
-            outputs = self.net(x, *(t.to(self.runtime.device) for t in exam_lengths))
+            outputs = self.net(x, *(t.to(self.runtime.device) for t in rest))
         if self.segmenting:
             outputs, segmentation = outputs  # {task: (B,)}, (B, 3, H, W)
         # torchrun only: the global batch's counts

@@ -10,6 +10,7 @@ from torch import nn
 
 from mtl_meniscus.config import Config
 from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.data.roi import HornCentres
 from mtl_meniscus.engine.distributed import SINGLE, Distributed
 from mtl_meniscus.engine.inference import predict_label_maps, predict_probs
 from mtl_meniscus.engine.runtime import Runtime
@@ -26,14 +27,23 @@ def validate(
     config: Config,
     runtime: Runtime,
     processes: Distributed = SINGLE,
+    horns: HornCentres | None = None,
 ) -> dict[str, Any]:
     """{"auc": {task: AUC}, "score": the monitored score, "loss": masked BCE, "finite": all outputs
     finite} on the images `indices`, and for a segmenting network "dice": {class: Dice}
-    (validation_dice); under torchrun each process predicts its share."""
+    (validation_dice); under torchrun each process predicts its share. `horns`: a ROI model's horn
+    centres of every row of `data` (found once for the run, data/roi.py HornCentres)."""
     targets = data.targets[indices]
     shards = processes.shards(len(indices))
-    mine = data.view([indices[k] for k in shards[processes.rank]])
-    local = predict_probs(model, mine, config.preprocess.edge_filter, runtime, config.train.eval_batch_size)
+    rows = [indices[k] for k in shards[processes.rank]]
+    local = predict_probs(
+        model,
+        data.view(rows),
+        config.preprocess.edge_filter,
+        runtime,
+        config.train.eval_batch_size,
+        horns=horns.subset(rows) if horns is not None else None,
+    )
     probs = processes.gather_probs(local, shards)  # every process now holds every probability
     if not all(np.isfinite(p).all() for p in probs.values()):
         return {"finite": False}

@@ -31,6 +31,10 @@ CANONICAL_LPS = {
     "coronal": ((0, +1), (2, -1)),  # right along a row: to the patient's left (+x); down: inferior
     "axial": ((0, +1), (1, +1)),  # right along a row: to the patient's left; down: posterior (+y)
 }
+# A sagittal slice's rows run along the anterior-posterior axis (LPS y, +y posterior); the canonical
+# view gives the sign of moving right along a row: +1, so the posterior meniscus horn is the one
+# further right (data/roi.py and the ROI models of networks/models.py name the horns by it).
+POSTERIOR_IS_RIGHT = CANONICAL_LPS["sagittal"][0][1] > 0
 # The direction (LPS axis, sign) in which a canonical volume's slice index grows: R, P, I below.
 CANONICAL_SLICE_LPS = {"sagittal": (0, -1), "coronal": (1, +1), "axial": (2, -1)}
 # The same as NIfTI (nibabel) axis codes for (slices, rows, columns) of a canonical volume.

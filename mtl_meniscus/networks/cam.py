@@ -27,8 +27,13 @@ def cam_layer(model: nn.Module, task: str) -> nn.Module:
     raise TypeError(f"Grad-CAM does not know the layers of {type(model).__name__}")
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, task: str, method: str = "layercam") -> np.ndarray:
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, task: str, method: str = "layercam", horns: torch.Tensor | None = None
+) -> np.ndarray:
     """(B, H, W) saliency maps in [0, 1], resized to the input size.
+
+    A ROI model (model.roi) gets its `horns` (B, 2, 3) if it takes them; its map is drawn on the
+    whole-image trunk, so it shows that trunk's part of the logit only, not the horn crops'.
 
     method 'gradcam': ReLU(sum_c mean_xy(dlogit/dA_c) * A_c) (Selvaraju et al. 2017).
     method 'layercam': ReLU(sum_c ReLU(dlogit/dA_c) * A_c), weights kept per location (Jiang et
@@ -50,7 +55,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, task: str, method: str = "layerc
     try:
         with torch.enable_grad():
             x = x.detach().float().requires_grad_(True)  # fp32: gradients of bf16 maps are coarse
-            logits = model(x)[task]  # (B,)
+            logits = model(x, *([horns] if horns is not None else []))[task]  # (B,)
             model.zero_grad(set_to_none=True)
             logits.sum().backward()
     finally:

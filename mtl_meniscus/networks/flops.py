@@ -8,12 +8,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtl_meniscus.networks.models import needs_horns, reset_roi_fallbacks
+
 
 def _counted(model: nn.Module, x: torch.Tensor, backward: bool) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
+    # a ROI model of horns found outside it: none found, so the fallback windows (crops cost the same)
+    horns = (torch.zeros(len(x), 2, 3),) if needs_horns(model) else ()
     with FlopCounterMode(display=False) as counter:
-        outputs = model(x)
+        outputs = model(x, *horns)
         if backward:  # a training step: the loss's gradient reaches every weight and the input's layers
             sum(value.float().sum() for value in outputs.values()).backward()
     return counter.get_total_flops()
@@ -36,4 +40,5 @@ def flops_per_image(model: nn.Module, in_chans: int, image_size: int, training: 
                 total = _counted(model, x, backward=False)
     finally:
         model.train(was_training)
+        reset_roi_fallbacks(model)  # the counted batch is not an image the model was asked about
     return total / 2

@@ -10,6 +10,9 @@
 - SegmentationDecoder: with model.segmentation, a U-Net decoder on the shared trunk's stages giving
   per-pixel logits (background, meniscus, tear); SharedTrunkNet.forward still returns the task
   dict only, and forward_with_segmentation both (see SharedTrunkNet).
+- ROI-first classification (model.roi): a crop trunk on fixed-size crops around the two meniscus
+  horns, its features beside the whole image's in the heads; a ROI model of horns found outside
+  it is called as model(x, horns) (see SharedTrunkNet).
 - ExamNet: a slice network run on every slice of whole exams, its features pooled over each exam's
   slices (SlicePooling) into its heads. It maps (x (N, C, H, W): the slices of B exams one after
   another, lengths (B,): each exam's slice count) to {task: logits (B,)}: one row per exam.
@@ -25,8 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mtl_meniscus.config import OWN_TRUNKS, ModelConfig
+from mtl_meniscus.config import OWN_TRUNKS, ModelConfig, roi_crop_pixels
 from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.io.orientation import POSTERIOR_IS_RIGHT
 from mtl_meniscus.registry import Registry
 
 
@@ -310,14 +314,79 @@ class SegmentationDecoder(nn.Module):
         return self.classify(y)  # (B, 3, H, W)
 
 
+# Where a ROI model crops when a horn was not found: the phantom's mean horn centres as shares of
+# the width and height (x, y), anterior then posterior, measured over 200 images at the easy and
+# realistic levels (sd 0.03-0.04 of the size): the joint line, a horn's usual place in the canonical
+# view, posterior on the right (io/orientation.py).
+HORN_FALLBACK = ((0.35, 0.49), (0.65, 0.48)) if POSTERIOR_IS_RIGHT else ((0.65, 0.49), (0.35, 0.48))
+
+
+def horn_crops(x: torch.Tensor, centres: torch.Tensor, size: int) -> torch.Tensor:
+    """Fixed-size crops of x (B, C, H, W) centred on centres (B, K, 2) (x, y in pixel coordinates,
+    pixel k covering k..k+1): (K * B, C, size, size), all images' first crop, then their second...
+    Pixels past the image repeat its nearest border pixel, as data/roi.py crop_around pads "edge"
+    (the window starts at floor(centre - size / 2), as window_around's)."""
+    batch, _, height, width = x.shape
+    start = torch.floor(centres - size / 2).long()  # (B, K, 2)
+    offsets = torch.arange(size, device=x.device)
+    columns = (start[..., 0:1] + offsets).clamp(0, width - 1)  # (B, K, S)
+    rows = (start[..., 1:2] + offsets).clamp(0, height - 1)
+    images = torch.arange(batch, device=x.device)[:, None, None, None]
+    # the advanced indices come first in the result: (B, K, S, S, C)
+    crops = x[images, :, rows[..., :, None], columns[..., None, :]]
+    crops = crops.permute(1, 0, 4, 2, 3).reshape(-1, x.shape[1], size, size)  # (K * B, C, S, S)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return crops.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+# A predicted horn has at least this share of the image's pixels (data/roi.py's smallest horn box).
+HORN_MIN_SHARE = 0.001
+
+
+def predicted_horns(pixels: torch.Tensor) -> torch.Tensor:
+    """Horns (B, 2, 3) (x, y, found; anterior first) from segmentation logits (B, 3, H, W): the
+    centroid of the pixels whose most probable class is meniscus or tear, on each side of their
+    common centroid's column.
+
+    Kept simple and without connected components (awkward in torch): two horns of similar size lie
+    on either side of their common centre; a stray pixel pulls its side's centre by its share of that
+    side's pixels. A side with fewer than HORN_MIN_SHARE of the image's pixels has no horn (found 0:
+    the fallback window). No gradient: the decoder learns from its own loss only."""
+    pixels = pixels.detach()
+    batch, _, height, width = pixels.shape
+    horn = (pixels.argmax(1) > 0).float()  # (B, H, W): meniscus or tear
+    xs = torch.arange(width, device=pixels.device, dtype=horn.dtype) + 0.5  # pixel centres
+    ys = torch.arange(height, device=pixels.device, dtype=horn.dtype)[:, None] + 0.5
+    middle = (horn * xs).sum((1, 2)) / horn.sum((1, 2)).clamp(min=1)  # (B,)
+    left = horn * (xs < middle[:, None, None])
+    sides = []
+    for side in (left, horn - left):
+        count = side.sum((1, 2))  # (B,)
+        centre_x = (side * xs).sum((1, 2)) / count.clamp(min=1)
+        centre_y = (side * ys).sum((1, 2)) / count.clamp(min=1)
+        found = (count >= HORN_MIN_SHARE * height * width).to(horn.dtype)
+        sides.append(torch.stack([centre_x, centre_y, found], dim=1))  # (B, 3)
+    anterior, posterior = sides if POSTERIOR_IS_RIGHT else sides[::-1]
+    return torch.stack([anterior, posterior], dim=1)  # (B, 2, 3)
+
+
 class SharedTrunkNet(nn.Module):
     """One trunk feeding one head per task: the shared representation of the reference's next step.
 
     With `segmentation` it also holds a SegmentationDecoder on the trunk's stages. `forward` stays
-    the classification contract {task: (B,) logits} and never runs the decoder, so inference,
-    saliency, export and predict are unchanged and no slower; the decoder's output comes from
+    the classification contract {task: (B,) logits} and never runs the decoder (except with roi
+    predicted, whose crops need it), so inference, saliency, export and predict are unchanged and
+    no slower; the decoder's output comes from
     forward_with_segmentation, which training reaches through SegmentationTraining (a module whose
-    forward it is, so that DDP sees the call)."""
+    forward it is, so that DDP sees the call).
+
+    With `roi` (model.roi other than none) it also holds a `crop_trunk` (built as the trunk, its own
+    weights, shared by the two horns): a crop of roi_crop pixels per ROI_REFERENCE_SIZE of the input
+    around each horn goes through it, and the heads read the whole image's features followed by the
+    anterior and the posterior crop's. The horns come in as forward(x, horns), horns (B, 2, 3) (x,
+    y, found; roi classical and truth: found outside the network, data/roi.py), or from the decoder
+    (roi predicted: forward(x) runs it). A horn not found is cropped at HORN_FALLBACK, and counted
+    (roi_fallbacks)."""
 
     def __init__(
         self,
@@ -327,14 +396,23 @@ class SharedTrunkNet(nn.Module):
         dropout: float,
         segmentation: bool = False,
         in_chans: int = 2,
+        roi: str = "none",
+        roi_crop: int = 96,
+        crop_trunk: nn.Module | None = None,
     ):
         super().__init__()
         self.tasks = tuple(tasks)
         self.trunk = trunk
-        self.heads = nn.ModuleDict({t: DenseHead(trunk.num_features, hidden, dropout) for t in self.tasks})
+        self.roi, self.roi_crop = roi, roi_crop
+        features = trunk.num_features + (2 * crop_trunk.num_features if crop_trunk is not None else 0)
+        self.heads = nn.ModuleDict({t: DenseHead(features, hidden, dropout) for t in self.tasks})
         # absent, not None-valued, without segmentation: the state_dict is the one it always was
         if segmentation:
             self.decoder = SegmentationDecoder(in_chans, trunk.stage_widths)
+        if roi != "none":
+            self.crop_trunk = crop_trunk
+            # [images seen, of which cropped at a fallback window]: not saved (persistent=False)
+            self.register_buffer("roi_fallbacks", torch.zeros(2, dtype=torch.long), persistent=False)
 
     @property
     def segments(self) -> bool:
@@ -345,18 +423,57 @@ class SharedTrunkNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk.forward_features(x)  # (B, C, h, w)
 
-    def forward_head(self, maps: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_head(
+        self, maps: torch.Tensor, horn_features: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         features = self.trunk.pool(maps)  # (B, F)
+        if horn_features is not None:  # a ROI model's: (B, 2 F_crop) after the image's
+            features = torch.cat([features, horn_features], dim=1)
         return {task: head(features) for task, head in self.heads.items()}  # {task: (B,) logits}
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, horns: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.roi == "none":
+            return self.forward_head(self.forward_features(x))
+        if self.roi == "predicted":
+            return self.forward_with_segmentation(x)[0]
+        return self.forward_head(self.forward_features(x), self.horn_features(x, horns))
 
-    def forward_with_segmentation(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def forward_with_segmentation(
+        self, x: torch.Tensor, horns: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """({task: (B,) logits} as forward gives them, segmentation logits (B, 3, H, W)), from one
         pass of the trunk."""
         stages = self.trunk.forward_stages(x)
-        return self.forward_head(stages[-1]), self.decoder(x, stages)
+        if self.roi == "none":  # heads first, as always: the gradients sum in the same order
+            return self.forward_head(stages[-1]), self.decoder(x, stages)
+        pixels = self.decoder(x, stages)
+        if self.roi == "predicted":
+            horns = predicted_horns(pixels)
+        return self.forward_head(stages[-1], self.horn_features(x, horns)), pixels
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits (B, 3, H, W) alone: the trunk's stages and the decoder, no heads."""
+        return self.decoder(x, self.trunk.forward_stages(x))
+
+    def horn_features(self, x: torch.Tensor, horns: torch.Tensor | None) -> torch.Tensor:
+        """(B, 2 F_crop): the crop trunk's features of the anterior horn's crop, then the posterior's;
+        a horn not found (horns[..., 2] == 0) is cropped at its HORN_FALLBACK window."""
+        if horns is None:
+            raise MeniscusError(
+                f"this network crops around horns found outside it (model.roi {self.roi}): call it as "
+                "model(x, horns), horns (B, 2, 3) from data/roi.py HornCentres"
+            )
+        batch, _, height, width = x.shape
+        found = horns[..., 2:] > 0.5  # (B, 2, 1)
+        scale = torch.tensor([width, height], dtype=horns.dtype, device=horns.device)
+        fallback = torch.tensor(HORN_FALLBACK, dtype=horns.dtype, device=horns.device) * scale  # (2, 2)
+        centres = torch.where(found, horns[..., :2], fallback)  # (B, 2, 2)
+        with torch.no_grad():  # no .item(): the counts stay on the device until read
+            self.roi_fallbacks[0] += batch
+            self.roi_fallbacks[1] += (~found).any(1).sum()
+        size = roi_crop_pixels(self.roi_crop, max(height, width))
+        features = self.crop_trunk(horn_crops(x, centres, size))  # (2B, F_crop)
+        return torch.cat([features[:batch], features[batch:]], dim=1)  # (B, 2 F_crop)
 
 
 class SegmentationTraining(nn.Module):
@@ -367,13 +484,43 @@ class SegmentationTraining(nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        return self.network.forward_with_segmentation(x)
+    def forward(self, x: torch.Tensor, *horns: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return self.network.forward_with_segmentation(x, *horns)
 
 
 def segments(model: nn.Module) -> bool:
     """True for a network with a segmentation decoder (SharedTrunkNet with segmentation)."""
     return bool(getattr(model, "segments", False))
+
+
+def _networks(model: nn.Module) -> list[nn.Module]:
+    """The slice networks of a model: the cascade's, or the model itself."""
+    return list(model.networks.values()) if isinstance(model, SeparateCascade) else [model]
+
+
+def roi_of(model: nn.Module) -> str:
+    """The model's model.roi: 'none' for a model that crops nothing (the cascade's networks share it)."""
+    return getattr(_networks(model)[0], "roi", "none")
+
+
+def needs_horns(model: nn.Module) -> bool:
+    """True for a model called as model(x, horns): it crops around horns found outside it (roi
+    classical or truth)."""
+    return roi_of(model) in ("classical", "truth")
+
+
+def roi_fallback_counts(model: nn.Module) -> tuple[int, int]:
+    """(images a ROI model has cropped since reset_roi_fallbacks, of which at a fallback window);
+    (0, 0) for other models. A cascade's networks see the same images: its first network's."""
+    counts = getattr(_networks(model)[0], "roi_fallbacks", None)
+    return (0, 0) if counts is None else (int(counts[0]), int(counts[1]))
+
+
+def reset_roi_fallbacks(model: nn.Module) -> None:
+    """Start roi_fallback_counts again from zero."""
+    for network in _networks(model):
+        if hasattr(network, "roi_fallbacks"):
+            network.roi_fallbacks.zero_()
 
 
 class SlicePooling(nn.Module):
@@ -461,12 +608,15 @@ def _trunk(config: ModelConfig, kernels: Sequence[int]) -> nn.Module:
 
 def _net(config: ModelConfig, kernels: Sequence[int], tasks: Sequence[str]) -> SharedTrunkNet:
     """Trunk + one head per task; the plain floor's heads are single linear layers (one linear
-    layer for all tasks, split by task), every other trunk's the configured dense heads."""
+    layer for all tasks, split by task), every other trunk's the configured dense heads. With
+    model.roi, a crop trunk built as the trunk (its own weights)."""
     trunk = _trunk(config, kernels)
-    decoder = dict(segmentation=config.segmentation, in_chans=config.in_chans)
+    extras = dict(segmentation=config.segmentation, in_chans=config.in_chans)
+    if config.roi != "none":  # built after the trunk: a roi none model draws the same weights as ever
+        extras |= dict(roi=config.roi, roi_crop=config.roi_crop, crop_trunk=_trunk(config, kernels))
     if config.trunk == "plain":  # the floor's heads are fixed too
-        return SharedTrunkNet(trunk, tasks, (), 0.0, **decoder)
-    return SharedTrunkNet(trunk, tasks, config.dense, config.dense_dropout, **decoder)
+        return SharedTrunkNet(trunk, tasks, (), 0.0, **extras)
+    return SharedTrunkNet(trunk, tasks, config.dense, config.dense_dropout, **extras)
 
 
 def _on_exams(net: SharedTrunkNet, config: ModelConfig) -> nn.Module:

@@ -1,6 +1,7 @@
 """The `compare` command: does one shared representation beat three separate networks?
 
-Every variant (mode x trunk x seed) trains on the same data and splits with the same seeds, then
+Every variant (mode x trunk x seed, and the other axes asked for: training share, ROI crops,
+segmentation) trains on the same data and splits with the same seeds, then
 is scored on the same test split with the same test-time augmentation (same copies of the same
 images). The table gives per-task AUC and challenge score as mean +- sd over seeds, a stratified
 bootstrap CI of the seed-mean score, and the paired difference against the baseline (the
@@ -21,6 +22,7 @@ from mtl_meniscus.commands.compare.plan import (
     Variant,
     baseline_group,
     parse_list,
+    parse_on_off,
     parse_pretrained,
     plan_variants,
     steps_per_network,
@@ -37,6 +39,7 @@ __all__ = [
     "display_cells",
     "floor_findings",
     "parse_list",
+    "parse_on_off",
     "parse_pretrained",
     "plan_variants",
     "run_compare",

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from mtl_meniscus.commands.compare.settings import REGULARIZATION_KEYS, CompareConfig
-from mtl_meniscus.config import OWN_TRUNKS, Config, load_config, preset_path, read_config_file
+from mtl_meniscus.config import (
+    OWN_TRUNKS,
+    Config,
+    config_from_dict,
+    load_config,
+    preset_path,
+    read_config_file,
+)
 from mtl_meniscus.engine.members import network_model_configs
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.labels import TASKS
@@ -27,11 +34,16 @@ class Variant:
     trunk: str
     seed: int
     fraction: float = 1.0  # share of the training split it trains on (a learning curve's point)
+    roi: str = "none"  # model.roi: where the horn crops come from (none: no crops)
+    segmentation: bool = False  # model.segmentation: the decoder as an auxiliary task
 
     @property
     def group(self) -> str:
-        """The variant without its seed: what the table has one row for."""
+        """The variant without its seed: what the table has one row for, e.g.
+        'shared-reference-roi_classical-seg-train0.5' (the parts at their defaults left out)."""
         group = f"{self.mode}-{re.sub(r'[^A-Za-z0-9._]+', '_', self.trunk)}"
+        group += f"-roi_{self.roi}" if self.roi != "none" else ""
+        group += "-seg" if self.segmentation else ""
         return group if self.fraction == 1.0 else f"{group}-train{self.fraction:g}"
 
     @property
@@ -40,22 +52,45 @@ class Variant:
 
 
 def plan_variants(compare: CompareConfig) -> list[Variant]:
-    """Every (mode, trunk, training fraction, seed), seed-major: after the first round every row of
-    the table has a value."""
-    return [
-        Variant(mode, trunk, seed, fraction)
+    """Every (mode, trunk, roi, segmentation, training fraction, seed) that can train (_trainable),
+    seed-major: after the first round every row of the table has a value."""
+    planned = [
+        _trainable(Variant(mode, trunk, seed, fraction, roi, segmentation))
         for seed in compare.seeds
         for fraction in compare.train_fractions
         for trunk in compare.trunks
+        for roi in compare.rois
+        for segmentation in compare.segmentation
         for mode in compare.modes
     ]
+    variants = list(dict.fromkeys(v for v in planned if v is not None))  # in order, each once
+    if not variants:
+        raise ConfigError(
+            f"--roi {','.join(compare.rois)}: 'predicted' crops around the horns of the shared model's own "
+            f"decoder, and the modes {', '.join(compare.modes)} have none; add --modes shared"
+        )
+    return variants
+
+
+def _trainable(variant: Variant) -> Variant | None:
+    """The variant as it can train: the cascade has no segmentation decoder (planned with
+    segmentation off, and without roi predicted: None), and roi predicted trains the decoder whose
+    horns it crops (segmentation on)."""
+    if trains_per_task(variant.mode):
+        return None if variant.roi == "predicted" else replace(variant, segmentation=False)
+    return replace(variant, segmentation=True) if variant.roi == "predicted" else variant
 
 
 def baseline_group(variants: Sequence[Variant]) -> str:
-    """The `separate` cascade with the reference trunk; else the first separate group; else the first."""
+    """The `separate` cascade with the reference trunk (without ROI crops or segmentation where
+    there is one); else the first separate group; else the first group without either; else the first."""
     groups = list(dict.fromkeys(v.group for v in variants))
-    preferred = [v.group for v in variants if v.mode == "separate" and v.trunk == "reference"]
+    plain = [v for v in variants if v.roi == "none" and not v.segmentation]
+    preferred = [v.group for v in plain if v.mode == "separate" and v.trunk == "reference"]
+    preferred += [v.group for v in variants if v.mode == "separate" and v.trunk == "reference"]
+    preferred += [v.group for v in plain if v.mode == "separate"]
     preferred += [v.group for v in variants if v.mode == "separate"]
+    preferred += [v.group for v in plain]
     return preferred[0] if preferred else groups[0]
 
 
@@ -83,6 +118,8 @@ def variant_config(
     overrides = {
         "model.name": variant.mode,
         "model.trunk": variant.trunk,
+        "model.roi": variant.roi,
+        "model.segmentation": variant.segmentation,
         "model.pretrained": compare.pretrained.get(variant.trunk) if timm_trunk else None,
         "train.seed": variant.seed,
         "data.train_fraction": variant.fraction,
@@ -176,6 +213,15 @@ def parse_list(text: str, option: str, kind: type = str) -> list:
     return values
 
 
+def parse_on_off(text: str, option: str) -> list[bool]:
+    """'off,on' -> [False, True], with a message naming the option on bad input."""
+    values = parse_list(text, option)
+    unknown = [value for value in values if value not in ("off", "on")]
+    if unknown:
+        raise ConfigError(f"{option}: {', '.join(unknown)} (allowed: off, on)")
+    return [value == "on" for value in values]
+
+
 def parse_pretrained(values: Sequence[str], trunks: Sequence[str]) -> dict[str, str]:
     """--pretrained options: 'TRUNK=WEIGHTS' for one timm trunk, or 'WEIGHTS' for every timm trunk.
 
@@ -218,7 +264,9 @@ def variant_status(run_dir: Path, config: Config) -> str:
     """'scored', 'trained', 'started' or 'new'; a folder holding another config is an error."""
     if not (run_dir / "config.yaml").is_file():
         return "new"
-    saved = read_config_file(run_dir / "config.yaml")
+    path = run_dir / "config.yaml"
+    # read as a run reads it: a key added to the config since (e.g. model.roi) takes its default
+    saved = config_from_dict(read_config_file(path), source=str(path)).to_dict()
     differences = config_differences(saved, config.to_dict())
     if differences:
         raise MeniscusError(

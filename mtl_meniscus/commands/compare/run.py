@@ -31,6 +31,7 @@ from mtl_meniscus.commands.compare.statistics import ScoredVariant, summarize
 from mtl_meniscus.config import Config
 from mtl_meniscus.data.load import prepare_data, with_train_fraction
 from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.data.roi import HornCentres, horn_source
 from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.run import train_run
@@ -44,7 +45,7 @@ from mtl_meniscus.evaluation.metrics import (
 from mtl_meniscus.io.outputs import json_text, nan_for_null, write_text_atomic
 from mtl_meniscus.io.runlock import RunLock
 from mtl_meniscus.labels import TaskTable
-from mtl_meniscus.networks.models import count_parameters
+from mtl_meniscus.networks.models import count_parameters, reset_roi_fallbacks, roi_fallback_counts
 
 PREDICTIONS_FILE = "test_predictions.csv"
 
@@ -61,7 +62,10 @@ def score_variant(
     trained = load_trained(run_dir, runtime)
     test = data.indices("test")
     images = data.view(test)
-    trained.predict(images[:8], runtime)  # warm-up: the first batch pays one-off kernel setup
+    horns = _test_horns(config, data)
+    warm_up = horns.subset(range(min(8, len(test)))) if horns is not None else None
+    trained.predict(images[:8], runtime, horns=warm_up)  # warm-up: the first batch pays one-off kernel setup
+    reset_roi_fallbacks(trained.model)
     ms_per_input: list[float] = []  # per batch: preparation + forward, per network input
     last = time.perf_counter()
 
@@ -71,11 +75,17 @@ def score_variant(
         ms_per_input.append(1000 * (now - last) / n_inputs)
         last = now
 
-    probs = trained.predict(images, runtime, tta=config.tta, seed=TTA_SEED, on_batch=time_batch)
+    probs = trained.predict(images, runtime, tta=config.tta, seed=TTA_SEED, on_batch=time_batch, horns=horns)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     aucs = task_aucs(data.targets[test], probs, data.tasks)
     result = {
-        "variant": {"mode": variant.mode, "trunk": variant.trunk, "seed": variant.seed},
+        "variant": {
+            "mode": variant.mode,
+            "trunk": variant.trunk,
+            "seed": variant.seed,
+            "roi": variant.roi,
+            "segmentation": variant.segmentation,
+        },
         "test_auc": aucs,
         "test_score": challenge_score(aucs, data.tasks),
         "n_test": len(test),
@@ -95,11 +105,29 @@ def score_variant(
         "learned": metrics.get("learned", True),
         "warnings": metrics.get("warnings", []),
         "precision": runtime.precision,
+        **_roi_fallbacks(trained.model, config.model.roi),
     }
     names = [data.records[i].image for i in test]
     _write_predictions(run_dir / PREDICTIONS_FILE, names, data.targets[test], probs, data.tasks)
     write_text_atomic(run_dir / RESULT_FILE, json_text(result))  # complete or absent: marks it done
     return ScoredVariant(variant, result, names, probs)
+
+
+def _test_horns(config: Config, data: PreparedData) -> HornCentres | None:
+    """A ROI model's horns of the test images from outside it (roi truth: from the masks, which
+    _shared_data reads for it; classical: the classical pipeline's); None for other models."""
+    test = data.indices("test")
+    masks = [data.masks[i] for i in test] if data.masks is not None else None
+    return horn_source(config.model.roi, data.view(test), masks)
+
+
+def _roi_fallbacks(model, roi: str) -> dict[str, Any]:
+    """A ROI model's {"roi_images": crops of the test split (every TTA copy's), "roi_fallbacks": of
+    which at a fallback window (no horn found)}; {} for other models."""
+    if roi == "none":
+        return {}
+    images, fallbacks = roi_fallback_counts(model)
+    return {"roi_images": images, "roi_fallbacks": fallbacks}
 
 
 def _training_compute(config: Config, members: dict[str, dict]) -> dict[str, Any]:
@@ -252,7 +280,13 @@ def _shared_data(
         config.data.path = str(data_dir.resolve())
     statuses = {v: variant_status(out_dir / "variants" / v.name, configs[v]) for v in variants}
     check_pretrained_weights([configs[v] for v in variants if statuses[v] in ("new", "started")])
-    data = prepare_data(data_dir, reference.data, report_dir=out_dir)
+    truth = any(config.model.roi == "truth" for config in configs.values())  # scored on the true horns
+    data = prepare_data(data_dir, reference.data, report_dir=out_dir, masks=truth)
+    if truth and not len(data.rows_with_mask(range(len(data.records)))):
+        raise MeniscusError(
+            f"--roi truth: no row of {data_dir} has a mask (labels.csv's mask column), and the true horns "
+            "come from the masks; leave truth out of --roi, or give masks"
+        )
     if not len(data.indices("test")):
         raise MeniscusError(
             f"the test split of {data_dir} is empty ({data.split_summary()}): compare scores every "
@@ -263,10 +297,20 @@ def _shared_data(
     console.print(f"data {data_dir}: {data.exclusion_summary()}; splits: {data.split_summary()}")
     console.print(
         f"comparison: {len(variants)} variants ({', '.join(compare.modes)} x {', '.join(compare.trunks)} "
-        f"x seeds {', '.join(map(str, compare.seeds))}); "
+        + (f"x roi {', '.join(compare.rois)} " if compare.rois != ("none",) else "")
+        + (
+            f"x segmentation {', '.join(map(_on_off, compare.segmentation))} "
+            if compare.segmentation != (False,)
+            else ""
+        )
+        + f"x seeds {', '.join(map(str, compare.seeds))}); "
         f"{sum(s == 'scored' for s in statuses.values())} already done -> {out_dir}"
     )
     return data, statuses
+
+
+def _on_off(value: bool) -> str:
+    return "on" if value else "off"
 
 
 def _score_in_turn(
@@ -428,7 +472,7 @@ def _variant_worker(variant: Variant, status: str, config: Config, run_dir: Path
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as handle:
         console = Console(file=handle, soft_wrap=True)
-        data = prepare_data(Path(config.data.path), config.data)
+        data = prepare_data(Path(config.data.path), config.data, masks=config.model.roi == "truth")
         runtime = resolve_runtime(config.train.precision, config.train.device)
         _train_and_score(variant, status, config, run_dir, data, runtime, console)
     return time.perf_counter() - start

@@ -59,6 +59,12 @@ class CompareConfig(Section):
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     # Shares of the training split (a learning curve: every mode on nested subsets; 1.0 = all of it).
     train_fractions: tuple[float, ...] = (1.0,)
+    # ROI-first classification (model.roi): none, predicted, classical, truth (an upper bound). The
+    # cascade has no decoder: 'predicted' (which trains one) is planned for the shared model only.
+    rois: tuple[Literal["none", "predicted", "classical", "truth"], ...] = ("none",)
+    # Segmentation as an auxiliary task (model.segmentation), off and/or on: the shared model's
+    # (the cascade is planned with it off; roi 'predicted' always trains it).
+    segmentation: tuple[bool, ...] = (False,)
     max_epochs: int | None = None  # training budget per variant; None: the preset's
     steps_per_epoch: int | None = None
     budget: str = "per-network"  # BUDGETS: how the budget above counts for the cascade
@@ -76,7 +82,7 @@ class CompareConfig(Section):
 
     def validate(self) -> CompareConfig:
         self.budget = RENAMED_BUDGETS.get(self.budget, self.budget)
-        for name in ("modes", "trunks", "seeds", "train_fractions"):
+        for name in ("modes", "trunks", "seeds", "train_fractions", "rois", "segmentation"):
             values = getattr(self, name)
             check_value(
                 len(values) > 0 and len(set(values)) == len(values), f"{name}", values, "distinct values"

@@ -114,6 +114,8 @@ def _group_row(
         "variant": group,
         "mode": first.variant.mode,
         "trunk": first.variant.trunk,
+        "roi": first.variant.roi,
+        "segmentation": first.variant.segmentation,
         "train_fraction": first.variant.fraction,
         "seeds": " ".join(str(m.variant.seed) for m in members),
         "n_seeds": len(members),
@@ -281,6 +283,8 @@ def per_seed_rows(
                 "group": item.variant.group,
                 "mode": item.variant.mode,
                 "trunk": item.variant.trunk,
+                "roi": item.variant.roi,
+                "segmentation": item.variant.segmentation,
                 "seed": item.variant.seed,
                 **{f"auc_{t}": auc for t, auc in r["test_auc"].items()},
                 "score": r["test_score"],
@@ -295,6 +299,8 @@ def per_seed_rows(
                 "infer_ms_per_image": r["infer_ms_per_image"],
                 "best_epochs": " ".join(f"{m}:{b['best_epoch']}/{b['epochs']}" for m, b in r["best"].items()),
                 "learned": r.get("learned", True),
+                # a ROI model's test crops at a fallback window (no horn found), of all its test crops
+                "roi_fallbacks": f"{r['roi_fallbacks']}/{r['roi_images']}" if "roi_images" in r else "",
             }
         )
     return rows
