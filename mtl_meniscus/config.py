@@ -604,6 +604,22 @@ def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Con
     return parse_section(Config, data or {}, source).validate()
 
 
+# Keys whose default changed after runs were saved without them: a run folder's config.yaml that
+# lacks one ran with the old value, which resuming it (and compare's check of a variant folder) must
+# keep. train.gated_loss_mean: every run before it existed divided a gated task's BCE by its tears.
+SAVED_RUN_DEFAULTS = {("train", "gated_loss_mean"): "per-gated-row"}
+
+
+def saved_run_config(path: str | Path) -> Config:
+    """The Config of a run folder's config.yaml as that run trained: SAVED_RUN_DEFAULTS where the
+    file lacks the key, any other key added since at its default."""
+    data = read_config_file(path)
+    for (section, key), value in SAVED_RUN_DEFAULTS.items():
+        if isinstance(data.get(section, {}), dict) and key not in data.get(section, {}):
+            data[section] = {**data.get(section, {}), key: value}
+    return config_from_dict(data, source=str(path))
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,

@@ -108,6 +108,19 @@ def test_equal_flops_gives_the_cascade_the_shared_models_training_flops():
     assert flops_per_image(build_model(model), model.in_chans, 256, training=True) == shared["shared"]
 
 
+def test_a_segmenting_networks_training_flops_count_its_decoder():
+    """A training step of a segmenting network runs and trains its decoder (trainer's
+    SegmentationTraining); inference does not (forward never runs it)."""
+    from mtl_meniscus.networks.models import build_model
+
+    tiny = ROOT / "configs" / "tiny.yaml"
+    plain, segmenting = (
+        build_model(load_config(tiny, {"model.segmentation": on}).model) for on in (False, True)
+    )
+    assert flops_per_image(segmenting, 2, 64) == flops_per_image(plain, 2, 64)
+    assert flops_per_image(segmenting, 2, 64, training=True) > flops_per_image(plain, 2, 64, training=True)
+
+
 def test_same_regularization_makes_the_modes_differ_in_sharing_only():
     compare = CompareConfig(same_regularization=True).validate()
     configs = {

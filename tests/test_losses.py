@@ -142,3 +142,48 @@ def test_positive_class_weight_stays_exact_under_bf16_autocast():
     assert math.isclose(
         masked_bce(logits, targets, mask, pos_weight=10.1).item(), expected.item(), rel_tol=1e-6
     )
+
+
+def test_validation_loss_has_the_training_losss_mean():
+    """history.csv's val_loss is the training loss's masked BCE (per image or per gated row) on
+    the validation images, so the two curves of the training figure are on one scale."""
+    import numpy as np
+
+    from mtl_meniscus.engine.validation import masked_log_loss
+    from mtl_meniscus.labels import DEFAULT_TASKS
+
+    targets = torch.tensor([[1.0, 1.0, 0.0], [0.0, NAN, NAN], [1.0, 0.0, 1.0], [0.0, NAN, NAN]])
+    logits = {
+        "fissure": torch.tensor([2.0, -1.0, 0.5, 3.0]),
+        "orientation": torch.tensor([1.0, 9.0, -2.0, -9.0]),
+        "position": torch.tensor([0.0, 5.0, 1.5, 5.0]),
+    }
+    probs = {task: torch.sigmoid(value).numpy().astype(np.float64) for task, value in logits.items()}
+    for mean in ("per-image", "per-gated-row"):
+        training = sum(task_losses(logits, targets, gated_mean=mean).values()).item()
+        validation = masked_log_loss(targets.numpy(), probs, DEFAULT_TASKS, mean)
+        assert math.isclose(validation, training, rel_tol=1e-5), mean
+
+
+def test_a_run_saved_before_the_per_image_loss_keeps_its_loss(tmp_path):
+    """A run folder whose config.yaml predates train.gated_loss_mean trained per gated row: resumed,
+    it goes on so, and compare does not take it for a variant of the per-image loss."""
+    import pytest
+    import yaml
+    from support import TINY
+
+    from mtl_meniscus.commands.compare.plan import variant_status
+    from mtl_meniscus.config import load_config, saved_run_config
+    from mtl_meniscus.errors import MeniscusError
+
+    config = load_config(TINY)
+    assert config.train.gated_loss_mean == "per-image"
+    saved = config.to_dict()
+    del saved["train"]["gated_loss_mean"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert saved_run_config(tmp_path / "config.yaml").train.gated_loss_mean == "per-gated-row"
+    with pytest.raises(MeniscusError, match="train.gated_loss_mean: 'per-gated-row' -> 'per-image'"):
+        variant_status(tmp_path, config)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))  # a run of today
+    assert saved_run_config(tmp_path / "config.yaml").train.gated_loss_mean == "per-image"
+    assert variant_status(tmp_path, config) == "started"

@@ -285,6 +285,15 @@ def test_the_hit_rate_counts_a_tear_inside_both_windows_as_a_hit():
     assert roi_window(256) == ROI_WINDOW_AT_256 and roi_window(64) == 24
 
 
+def test_a_roi_models_hit_rate_window_is_its_own_crop():
+    """evaluate's windows are the crops a ROI model classifies (model.roi_crop), not the default 96."""
+    from mtl_meniscus.config import ModelConfig
+
+    assert roi_window(256, ModelConfig(roi="classical", roi_crop=64)) == 64
+    assert roi_window(64, ModelConfig(roi="classical", roi_crop=64)) == 16
+    assert roi_window(256, ModelConfig()) == ROI_WINDOW_AT_256  # a model that crops nothing
+
+
 def test_evaluate_reports_the_hit_rate_counted_by_hand(segmenting, phantom64, tmp_path):
     out = tmp_path / "eval"
     args = [

@@ -321,6 +321,28 @@ def test_a_run_without_masks_trains_its_classification_heads(phantom64, tmp_path
     assert metrics["test"].get("segmentation") is None  # nothing to score it on
 
 
+def test_a_decoder_without_training_masks_is_frozen_so_torchrun_accepts_it(phantom64, tmp_path):
+    """DDP (find_unused_parameters off) refuses parameters that never get a gradient: a decoder with
+    no mask to learn from is frozen, and the rest of the network trains."""
+    from rich.console import Console
+
+    from mtl_meniscus.engine.members import plan_members
+    from mtl_meniscus.engine.runtime import resolve_runtime
+    from mtl_meniscus.engine.tracking import RunLogger
+    from mtl_meniscus.engine.trainer import MemberTrainer
+
+    folder = _without_mask_column(phantom64, tmp_path / "data")
+    config = load_config(TINY, {**SEGMENTATION, "data.path": str(folder)})
+    data = prepare_data(folder, config.data, masks=True)
+    member = plan_members(config, data, tmp_path)[0]
+    logger = RunLogger(config.wandb, tmp_path, "run", config.to_dict())
+    trainer = MemberTrainer(member, config, data, resolve_runtime("fp32", "cpu"), logger, Console(quiet=True))
+    model = trainer.state.model
+    assert segments(model) and not trainer.segmenting
+    assert not any(p.requires_grad for p in model.decoder.parameters())
+    assert all(p.requires_grad for name, p in model.named_parameters() if not name.startswith("decoder."))
+
+
 def test_partial_masks_train_with_the_uncertainty_weighting(phantom64, tmp_path):
     from rich.console import Console
 

@@ -173,7 +173,7 @@ def _roi_entry(
     entry = roi_hit_rates(
         images,
         [masks[k] for k in tears],
-        roi_window(config.image_size),
+        roi_window(config.image_size, trained.config.model),  # a ROI model's own crop
         predicted=None if maps[0] is None else maps,
         groups=patients,
         n_resamples=n_bootstrap,

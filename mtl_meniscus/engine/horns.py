@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mtl_meniscus.config import ModelConfig, roi_crop_pixels
 from mtl_meniscus.data.masks import MASK_TEAR, read_masks, resized_mask
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.data.roi import (
@@ -42,14 +43,16 @@ from mtl_meniscus.networks.models import segments
 MASK_COLUMNS = ("mask", "anterior_box", "posterior_box", "boxes_from")
 FROM_MASK, FROM_CLASSICAL = "mask", "classical"
 
-# The ROI window around each horn: 96 pixels at 256 (data/roi.py WORK_SIZE), scaled to the model's
-# image size. The one place it is set, until a config key (the ROI-first model's crop) replaces it.
+# The ROI window around each horn of a model that crops none: 96 pixels at 256 (data/roi.py
+# WORK_SIZE), scaled to the model's image size. A ROI model's window is its own crop (model.roi_crop).
 ROI_WINDOW_AT_256 = 96
 
 
-def roi_window(image_size: int) -> int:
-    """The side in pixels of the window around a horn for images of `image_size` pixels."""
-    return max(1, round(ROI_WINDOW_AT_256 * image_size / 256))
+def roi_window(image_size: int, model: ModelConfig | None = None) -> int:
+    """The side in pixels of the window around a horn for images of `image_size` pixels: a ROI
+    model's crop (model.roi_crop), else ROI_WINDOW_AT_256 scaled to the size."""
+    crop = model.roi_crop if model is not None and model.roi != "none" else ROI_WINDOW_AT_256
+    return roi_crop_pixels(crop, image_size)
 
 
 # ---- predict --masks ----------------------------------------------------------------------------

@@ -23,11 +23,10 @@ from torch import nn
 
 from mtl_meniscus.config import (
     Config,
-    config_from_dict,
     load_config,
     parse_set_option,
     preset_path,
-    read_config_file,
+    saved_run_config,
 )
 from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.records import PreparedData
@@ -414,7 +413,7 @@ def _load_run_config(run_dir: Path) -> Config:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise MeniscusError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
-    return config_from_dict(read_config_file(path), source=str(path))
+    return saved_run_config(path)  # a run saved before a key's default changed keeps its old value
 
 
 def check_registered(config: Config) -> None:

@@ -73,6 +73,8 @@ class MemberTrainer:
         self.checkpoints = MemberCheckpoints(member.folder, member.name, processes)
         # the decoder trains when a training row has a mask; without any, its loss is absent
         self.segmenting = segments(model) and len(data.rows_with_mask(member.train_indices)) > 0
+        if segments(model) and not self.segmenting:  # frozen: DDP refuses parameters that get no gradient
+            model.decoder.requires_grad_(False)
         loss_names = (*member.tasks, SEGMENTATION) if self.segmenting else member.tasks
         weighting = build_weighting(train.weighting, loss_names, train.task_weights).to(runtime.device)
         groups = parameter_groups(model, train.lr, train.backbone_lr_factor, config.model.freeze_backbone)

@@ -53,7 +53,7 @@ def validate(
         "finite": True,
         "auc": aucs,
         "score": monitor_score(aucs, data.tasks),
-        "loss": masked_log_loss(targets, probs, data.tasks),
+        "loss": masked_log_loss(targets, probs, data.tasks, config.train.gated_loss_mean),
         **({"dice": dice} if dice is not None else {}),
     }
 
@@ -83,13 +83,18 @@ def validation_dice(
     return SetScores(tuple(CLASSES), every.astype(np.int64)).mean_over_images("dice")
 
 
-def masked_log_loss(targets: np.ndarray, probs: dict[str, np.ndarray], tasks: TaskTable) -> float:
-    """Validation loss with the training loss's masking: sum over tasks of the mean BCE."""
+def masked_log_loss(
+    targets: np.ndarray, probs: dict[str, np.ndarray], tasks: TaskTable, gated_mean: str = "per-image"
+) -> float:
+    """Validation loss with the training loss's masking and mean (train.gated_loss_mean, as
+    networks/losses.py loss_rows): sum over tasks of the BCE summed over the scored rows, divided
+    by the task's loss rows (per-image: a gated task's by every image with a gating label)."""
     total = 0.0
     for task, p in probs.items():
         rows = tasks.scored_rows(targets, task)
         if rows.any():
             y = targets[rows, tasks.index(task)]
             q = np.clip(p[rows], 1e-7, 1 - 1e-7)
-            total += float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+            asked = rows if gated_mean == "per-gated-row" else tasks.asked_rows(targets, task)
+            total += float(-np.sum(y * np.log(q) + (1 - y) * np.log(1 - q)) / asked.sum())
     return total

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtl_meniscus.networks.models import needs_horns, reset_roi_fallbacks
+from mtl_meniscus.networks.models import needs_horns, reset_roi_fallbacks, segments
 
 
 def _counted(model: nn.Module, x: torch.Tensor, backward: bool) -> int:
@@ -17,7 +17,11 @@ def _counted(model: nn.Module, x: torch.Tensor, backward: bool) -> int:
     # a ROI model of horns found outside it: none found, so the fallback windows (crops cost the same)
     horns = (torch.zeros(len(x), 2, 3),) if needs_horns(model) else ()
     with FlopCounterMode(display=False) as counter:
-        outputs = model(x, *horns)
+        if backward and segments(model):  # a segmenting network's training step runs its decoder too
+            outputs, pixels = model.forward_with_segmentation(x, *horns)
+            outputs = {**outputs, "segmentation": pixels}
+        else:
+            outputs = model(x, *horns)
         if backward:  # a training step: the loss's gradient reaches every weight and the input's layers
             sum(value.float().sum() for value in outputs.values()).backward()
     return counter.get_total_flops()

@@ -12,10 +12,9 @@ from mtl_meniscus.commands.compare.settings import REGULARIZATION_KEYS, CompareC
 from mtl_meniscus.config import (
     OWN_TRUNKS,
     Config,
-    config_from_dict,
     load_config,
     preset_path,
-    read_config_file,
+    saved_run_config,
 )
 from mtl_meniscus.engine.members import network_model_configs
 from mtl_meniscus.errors import ConfigError, MeniscusError
@@ -265,8 +264,9 @@ def variant_status(run_dir: Path, config: Config) -> str:
     if not (run_dir / "config.yaml").is_file():
         return "new"
     path = run_dir / "config.yaml"
-    # read as a run reads it: a key added to the config since (e.g. model.roi) takes its default
-    saved = config_from_dict(read_config_file(path), source=str(path)).to_dict()
+    # read as a resumed run reads it: a key added to the config since (e.g. model.roi) takes its
+    # default, or the value the run trained with where the default changed (train.gated_loss_mean)
+    saved = saved_run_config(path).to_dict()
     differences = config_differences(saved, config.to_dict())
     if differences:
         raise MeniscusError(
