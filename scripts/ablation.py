@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def train_variant(args: argparse.Namespace) -> dict:
     train, val = data.indices("train"), data.indices("val")
     dataset = SliceDataset(data.images, data.targets, config.preprocess.edge_filter, config.augment)
     sampler = EpochBatchSampler(train, EPOCH, config.train.batch_size, args.seed)
-    scores, start = [], time.perf_counter()
+    scores, task_scores, start = [], [], time.perf_counter()
     for epoch in range(1, args.steps // EPOCH + 1):
         sampler.set_epoch(epoch)
         model.train()
@@ -71,6 +72,7 @@ def train_variant(args: argparse.Namespace) -> dict:
         probs = predict_probs(model, images, config.preprocess.edge_filter, runtime, 64)
         aucs = task_aucs(data.targets[val], probs, data.tasks)
         scores.append(round(float(monitor_score(aucs, data.tasks)), 3))
+        task_scores.append({task: round(float(auc), 3) for task, auc in aucs.items()})
         print(
             f"{args.tag} step {epoch * EPOCH} val {scores[-1]:.3f} "
             + " ".join(f"{task} {auc:.3f}" for task, auc in aucs.items()),
@@ -78,10 +80,11 @@ def train_variant(args: argparse.Namespace) -> dict:
         )
     return {
         "tag": args.tag,
-        "command": "python scripts/ablation.py " + " ".join(sys.argv[1:]),
+        "command": "python scripts/ablation.py " + shlex.join(sys.argv[1:]),
         "params": sum(p.numel() for p in model.parameters()),
         "gated_loss_mean": config.train.gated_loss_mean,
         "val_scores": scores,
+        "val_task_aucs": task_scores,  # per epoch {task: AUC}: a task weighted 0 stays at chance
         "onset_epoch": next((k for k, s in enumerate(scores, 1) if s > 0.7), None),
         "final": scores[-1],
         "best": max(scores),
