@@ -321,8 +321,9 @@ def test_with_one_network_the_pruner_decides_as_optunas_median_pruner():
 
 
 def test_the_warm_up_outlasts_the_documented_onsets():
-    """WARMUP_EPOCHS is the latest onset of the shared preset in the floor table of docs/results.md,
-    plus one (its comment says so): a rerun of the table that moves the onsets shows up here."""
+    """WARMUP_EPOCHS is at least the latest onset of the shared preset in the floor table of
+    docs/results.md plus one (its comment says so): a rerun of the table with a later onset shows
+    up here."""
     page = (ROOT / "docs" / "results.md").read_text()
     table = page.split("<!-- floor-table:start -->")[1].split("<!-- floor-table:end -->")[0]
     onsets = []
@@ -330,7 +331,7 @@ def test_the_warm_up_outlasts_the_documented_onsets():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         if len(cells) > 3 and cells[1] == "preset":
             onsets += [int(epoch) for epoch in cells[3].split(",") if epoch.strip().isdigit()]
-    assert onsets and tune_module.WARMUP_EPOCHS == max(onsets) + 1
+    assert onsets and tune_module.WARMUP_EPOCHS >= max(onsets) + 1
 
 
 # --- batch size at a fixed number of images per epoch ------------------------------------------
