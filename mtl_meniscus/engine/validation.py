@@ -17,6 +17,7 @@ from mtl_meniscus.engine.runtime import Runtime
 from mtl_meniscus.evaluation.metrics import monitor_score, task_aucs
 from mtl_meniscus.evaluation.segmentation import CLASSES, SetScores, set_scores
 from mtl_meniscus.labels import TaskTable
+from mtl_meniscus.networks.losses import loss_rows
 from mtl_meniscus.networks.models import segments
 
 
@@ -95,6 +96,6 @@ def masked_log_loss(
         if rows.any():
             y = targets[rows, tasks.index(task)]
             q = np.clip(p[rows], 1e-7, 1 - 1e-7)
-            asked = rows if gated_mean == "per-gated-row" else tasks.asked_rows(targets, task)
-            total += float(-np.sum(y * np.log(q) + (1 - y) * np.log(1 - q)) / asked.sum())
+            denominator = loss_rows(targets, task, gated_mean, tasks).sum()  # the training loss's rule
+            total += float(-np.sum(y * np.log(q) + (1 - y) * np.log(1 - q)) / denominator)
     return total
