@@ -328,6 +328,10 @@ class TrainConfig(Section):
     # Unused: "left chance" is now decided per task against each task's own null (stopping.py),
     # with no cap. Kept so that older configs and runs, which set it, still load.
     left_chance_max: float = 0.7
+    # A network none of whose tasks is above chance this many epochs after its start starts again
+    # from new initial weights, as often as the budget leaves it this many epochs (0 = never):
+    # when a network starts is partly the luck of its initial weights (engine/stopping.py).
+    restart_if_at_chance_after: int = 0
     min_lr: float = 1e-5
     backbone_lr_factor: float = 1.0  # timm trunks: backbone learning rate = lr * this factor
     weighting: str = "fixed"  # a registered task weighting (networks/losses.py, WEIGHTINGS)
@@ -376,6 +380,12 @@ class TrainConfig(Section):
             "an integer >= 1",
         )
         check_value(self.min_lr >= 0, "train.min_lr", self.min_lr, ">= 0")
+        check_value(
+            self.restart_if_at_chance_after >= 0,
+            "train.restart_if_at_chance_after",
+            self.restart_if_at_chance_after,
+            "an integer >= 0 (0 = never)",
+        )
         check_value(self.backbone_lr_factor >= 0, "train.backbone_lr_factor", self.backbone_lr_factor, ">= 0")
         check_value(self.num_workers >= 0, "train.num_workers", self.num_workers, ">= 0")
         check_value(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"an integer 0..{MAX_SEED}")

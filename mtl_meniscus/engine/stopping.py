@@ -12,6 +12,14 @@ chance once one task was above chance in CONFIRMING_EPOCHS consecutive epochs. P
 a network that learned fissure (AUC 0.75 on 223 images) while the other tasks sat at chance
 scored 0.60 combined, below the combined threshold it was held to, and was called "did not
 learn". The improvement rule itself still judges the monitored (challenge-weighted) score.
+
+When a network starts is partly luck: on the outside phantom's third draw the shared preset with
+a learning rate of 0.002 left chance at epoch 2 or 3 with three training seeds, at 7 with one, and
+not in 15 epochs with another, where it fitted its training images (training AUCs 0.62-0.72) while
+validation stayed at 0.5: it memorised instead of finding the tear (at 0.001, the preset's rate
+since, every seed started by epoch 5: docs/results.md, "When the start comes"). `train.restart_if_at_chance_after` K starts a network
+again from new initial weights when none of its tasks is above its bar K epochs after its (re)start
+(restart_due): a second draw of that luck, logged, at most as often as the budget leaves K epochs.
 """
 
 from __future__ import annotations
@@ -83,6 +91,7 @@ def chance_bar(n_positive: int, n_negative: int, alpha: float = CHANCE_ALPHA) ->
 # Saved state that checkpoints from before the per-task rule lack: the bars computed for this run
 # stay, the streaks start from zero.
 PER_TASK_STATE = ("chance_bars", "above_bar_streaks", "left_chance_epochs")
+NEWER_STATE = ("restarts",)  # absent from checkpoints saved before restarts existed: none happened
 
 
 @dataclass
@@ -108,6 +117,23 @@ class EarlyStopping:
     epochs_since_cut: int = 0  # counted epochs without improvement since the best one or the last cut
     above_bar_streaks: dict[str, int] = field(default_factory=dict)  # {task: epochs running, to the last}
     left_chance_epochs: dict[str, int] = field(default_factory=dict)  # {task: first of its confirming pair}
+    restarts: list[int] = field(default_factory=list)  # epochs after which the network started again
+
+    def restarted(self, epoch: int) -> EarlyStopping:
+        """The state of a network that starts again from new weights after `epoch`: the same
+        settings and bars, nothing measured, the restart recorded."""
+        return EarlyStopping(
+            self.patience,
+            self.lr_patience,
+            dict(self.chance_bars),
+            self.min_delta,
+            restarts=[*self.restarts, epoch],
+        )
+
+    @property
+    def start_epoch(self) -> int:
+        """The last epoch before the network's current weights were drawn (0 = the run's start)."""
+        return self.restarts[-1] if self.restarts else 0
 
     def improves(self, score: float) -> bool:
         return not math.isnan(score) and (self.best_score is None or score > self.best_score + self.min_delta)
@@ -176,6 +202,8 @@ class EarlyStopping:
             elif f.name in PER_TASK_STATE:  # an older checkpoint (it has start_score, now unused)
                 if f.name != "chance_bars":
                     setattr(self, f.name, {})
+            elif f.name in NEWER_STATE:
+                setattr(self, f.name, [])
             else:  # any other missing key: the saved state is damaged
                 raise KeyError(f.name)
 
@@ -187,6 +215,22 @@ class EpochDecision:
     improved: bool
     cut_lr: bool
     finished: bool
+    restart: bool = False  # start again from new initial weights (restart_due)
+
+
+def restart_due(stopping: EarlyStopping, epoch: int, after: int, max_epochs: int) -> bool:
+    """Whether a network should start again from new weights after `epoch`: `after` > 0 epochs since
+    its current weights were drawn, no task has left chance or is above its bar in the latest epoch
+    (a pair may be about to confirm), and the budget leaves it at least `after` more epochs. Never
+    for a network whose validation rows are too few to tell chance."""
+    return (
+        after > 0
+        and stopping.can_tell_chance
+        and not stopping.started
+        and not any(stopping.above_bar_streaks.values())
+        and epoch - stopping.start_epoch >= after
+        and max_epochs - epoch >= after
+    )
 
 
 def decide_after_epoch(
@@ -197,11 +241,14 @@ def decide_after_epoch(
     min_lr: float,
     max_epochs: int,
     task_aucs: Mapping[str, float] | None = None,
+    restart_after: int = 0,
 ) -> EpochDecision:
     """Record the epoch's validation score and per-task AUCs in `stopping` and decide what follows.
 
     A cut that falls due at the floor of the learning rate ends the run instead; the budget
-    (max_epochs) and early stopping end it too.
+    (max_epochs) and early stopping end it too. With `restart_after` > 0 a network still at
+    chance that long after its start starts again (restart_due); the caller draws the new weights
+    and replaces `stopping` with stopping.restarted(epoch).
     """
     improved = stopping.update(epoch, score, task_aucs)
     lr_exhausted = lr <= min_lr * 1.0001 and stopping.lr_cut_due
@@ -209,4 +256,5 @@ def decide_after_epoch(
         improved=improved,
         cut_lr=not improved and stopping.lr_cut_due and not lr_exhausted,
         finished=epoch >= max_epochs or stopping.should_stop or lr_exhausted,
+        restart=restart_due(stopping, epoch, restart_after, max_epochs),
     )

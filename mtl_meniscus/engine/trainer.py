@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import TextColumn
@@ -75,10 +76,11 @@ class MemberTrainer:
         self.segmenting = segments(model) and len(data.rows_with_mask(member.train_indices)) > 0
         if segments(model) and not self.segmenting:  # frozen: DDP refuses parameters that get no gradient
             model.decoder.requires_grad_(False)
-        loss_names = (*member.tasks, SEGMENTATION) if self.segmenting else member.tasks
-        weighting = build_weighting(train.weighting, loss_names, train.task_weights).to(runtime.device)
+        self.loss_names = (*member.tasks, SEGMENTATION) if self.segmenting else member.tasks
+        weighting = build_weighting(train.weighting, self.loss_names, train.task_weights).to(runtime.device)
         groups = parameter_groups(model, train.lr, train.backbone_lr_factor, config.model.freeze_backbone)
         groups.append({"params": list(weighting.parameters()), "lr": train.lr})
+        self.initial_lrs = [group["lr"] for group in groups]  # what a restart sets them back to
         self.state = TrainingState(
             model=model,
             weighting=weighting,
@@ -158,6 +160,7 @@ class MemberTrainer:
                 train.min_lr,
                 train.max_epochs,
                 task_aucs=val["auc"],  # "left chance" is decided per task
+                restart_after=train.restart_if_at_chance_after,
             )
             if decision.improved:
                 self.checkpoints.save_best(self.state, member_config(self.config, self.member))
@@ -169,8 +172,10 @@ class MemberTrainer:
             if self.state.stopping.best_score is None and self.state.finished:
                 # never a defined score (e.g. one-class validation): keep the last weights
                 self.checkpoints.save_best(self.state, member_config(self.config, self.member))
-            self.checkpoints.save_last(self.state, self.config)
             self._report(row, decision.improved)
+            if decision.restart:  # before last.pt: a resumed run continues from the new weights
+                self._restart()
+            self.checkpoints.save_last(self.state, self.config)
             if on_epoch_end is not None:
                 on_epoch_end(self.member.name, self.state.epoch)
         self.processes.barrier()  # rank 0 has written best.pt
@@ -205,6 +210,34 @@ class MemberTrainer:
         images, fallbacks = self.train_roi_counts
         return {"roi_fallbacks": fallbacks / max(images, 1)}
 
+    def _restart(self) -> None:
+        """Start the network again from new initial weights (engine/stopping.py restart_due): new
+        weights and task weighting drawn from restart_seed, the optimizer's moments cleared and its
+        learning rates reset, the stopping state cleared but for the restart's epoch. In place, so
+        that DDP and the optimizer keep their parameters; every process draws the same weights."""
+        epoch, stopping = self.state.epoch, self.state.stopping
+        seed = restart_seed(self.config.train.seed, len(stopping.restarts) + 1)
+        torch.manual_seed(seed)
+        fresh = self.runtime.prepare_model(self.member.build(self.config))
+        self.state.model.load_state_dict(fresh.state_dict())
+        train = self.config.train
+        weighting = build_weighting(train.weighting, self.loss_names, train.task_weights)
+        self.state.weighting.load_state_dict(weighting.state_dict())
+        self.state.optimizer.state.clear()
+        for group, lr in zip(self.state.optimizer.param_groups, self.initial_lrs):
+            group["lr"] = lr
+        self.state.stopping = stopping.restarted(epoch)
+        self.processes.seed_own_stream(seed)
+        self.console.print(
+            f"[{self.member.name}] no task above chance in epochs {stopping.start_epoch + 1}-{epoch} "
+            f"({_bars_text(stopping.chance_bars)}): starting again from new initial weights "
+            f"(train.restart_if_at_chance_after {train.restart_if_at_chance_after}; epoch {epoch + 1} of "
+            f"{train.max_epochs})",
+            style="yellow",
+            highlight=False,
+            markup=False,
+        )
+
     def _cut_lr(self) -> None:
         """Multiply every group's learning rate by lr_factor, down to min_lr."""
         train = self.config.train
@@ -227,6 +260,7 @@ class MemberTrainer:
             "left_chance_tasks": dict(stopping.left_chance_epochs),  # {task: first epoch of its pair}
             "tasks_at_chance": stopping.tasks_at_chance,
             "chance_bars": dict(stopping.chance_bars),  # {task: validation AUC counted as above chance}
+            "restarts": list(stopping.restarts),  # epochs after which it started again from new weights
         }
 
     @property
@@ -338,8 +372,13 @@ def did_not_learn_warning(name: str, stopping: EarlyStopping) -> str | None:
     return (
         f"[{name}] did not learn: no task left chance on validation "
         f"({_bars_text(stopping.chance_bars)}, each needed in {CONFIRMING_EPOCHS} consecutive epochs; "
-        f"best validation score {stopping.best_score:.2f}, chance is {CHANCE:.2f}); "
-        "check the labels, or train longer or with another learning rate"
+        f"best validation score {stopping.best_score:.2f}, chance is {CHANCE:.2f}"
+        + (
+            f"; started again from new weights after epoch {', '.join(map(str, stopping.restarts))}"
+            if stopping.restarts
+            else ""
+        )
+        + "); check the labels, or train longer or with another learning rate"
     )
 
 
@@ -360,6 +399,11 @@ def tasks_at_chance_note(name: str, stopping: EarlyStopping) -> str | None:
 def _bars_text(bars: dict[str, float]) -> str:
     """'fissure AUC >= 0.65, position AUC >= 0.81'."""
     return ", ".join(f"{task} AUC >= {bar:.2f}" for task, bar in bars.items())
+
+
+def restart_seed(seed: int, restart: int) -> int:
+    """The torch seed of a network's weights after its `restart`-th restart (1, 2, ...)."""
+    return int(np.random.default_rng([seed, restart]).integers(2**31))
 
 
 LATE_START_EPOCHS = 3  # leaving chance within this many epochs of the budget's end counts as late

@@ -130,6 +130,8 @@ def variant_config(
         "wandb.group": wandb_group,
         "wandb.job_type": "compare-variant",
     }
+    if variant.trunk == "plain":  # the floor starts later than the shared preset's restart epoch (README)
+        overrides["train.restart_if_at_chance_after"] = 0
     if compare.phantom_difficulty:
         overrides["data.phantom_difficulty"] = compare.phantom_difficulty
     if compare.same_regularization:
