@@ -57,7 +57,7 @@ def test_every_docs_page_is_in_the_nav_and_every_nav_entry_exists():
 
 def test_results_page_keeps_the_generated_table_markers():
     text = (DOCS / "results.md").read_text()
-    for name in ("ablation-table", "floor-table", "main-job", "bench"):
+    for name in ("ablation-table", "floor-table", "start-table", "main-job", "segmentation-table", "bench"):
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
         assert text.count(start) == 1 and text.count(end) == 1, name
         assert text.index(start) < text.index(end), name

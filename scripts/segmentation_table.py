@@ -1,0 +1,157 @@
+"""The segmentation table of docs/results.md: the shared model with and without the auxiliary
+segmentation task, and the classical horn finder's hit rate, on a `realistic` data seed that no
+other table uses.
+
+    python scripts/segmentation_table.py run [--data-seed 7] [--seeds 0,1,2] [--out results/segmentation]
+    python scripts/segmentation_table.py render [--out results/segmentation] [--page docs/results.md]
+
+`run` writes the phantom once (`make-phantom OUT/data --seed 7 --difficulty realistic`: 1,128
+images with meniscus/tear masks), then for every training seed and both variants (`seg`:
+`train --mode shared --set model.segmentation=true`; `noseg`: the preset as shipped) one
+`cli.py train` and one `cli.py evaluate RUN --split test` (TTA on). It keeps each cell's
+result.json (test Dice/IoU per class with CIs, the ROI hit rates, the classification score, the
+wall time, the machine) in OUT/<variant>-seed<k>/; rerun it to continue. `render` reads only those
+files and writes the table between the segmentation-table markers of docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.py
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {"seg": ["--set", "model.segmentation=true"], "noseg": []}
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], check=True)
+
+
+def run(out: Path, data_seed: int, seeds: list[int], variants: list[str]) -> None:
+    from mtl_meniscus.commands.bench import machine_info
+
+    data = out / "data"
+    if not (data / "labels.csv").is_file():
+        cli("make-phantom", str(data), "--seed", str(data_seed), "--difficulty", "realistic", "--quiet")
+    machine = machine_info()
+    for seed in seeds:
+        for variant in variants:
+            cell = out / f"{variant}-seed{seed}"
+            if (cell / "result.json").is_file():
+                continue
+            run_dir, start = cell / "run", time.time()
+            resume = ["--resume", str(run_dir)] if (run_dir / "last.pt").is_file() else []
+            cli(
+                "train",
+                *(
+                    resume
+                    or ["--mode", "shared", "--data", str(data), *VARIANTS[variant], "--seed", str(seed)]
+                    + ["--wandb", "disabled", "--out", str(run_dir), "--quiet"]
+                ),
+            )
+            train_seconds = time.time() - start
+            trained = json.loads((run_dir / "metrics.json").read_text())["members"]["shared"]
+            cli(
+                "evaluate",
+                str(run_dir),
+                "--split",
+                "test",
+                "--out",
+                str(cell / "eval"),
+                "--wandb",
+                "disabled",
+            )
+            evaluated = json.loads((cell / "eval" / "metrics.json").read_text())
+            result = {
+                "variant": variant,
+                "seed": seed,
+                "data_seed": data_seed,
+                "test_score_tta": evaluated["challenge_score"],
+                "segmentation": evaluated.get("segmentation"),
+                "roi_hit_rate": evaluated.get("roi_hit_rate"),
+                "train_seconds": train_seconds,
+                "left_chance_epoch": trained["left_chance_epoch"],
+                "best_epoch": trained["best_epoch"],
+                "machine": machine,
+            }
+            (cell / "result.json").write_text(json.dumps(result, indent=2))
+            print(f"{variant} seed {seed}: score {result['test_score_tta']:.3f}", flush=True)
+
+
+def _ci(values: list[float] | None) -> str:
+    return f"{values[0]:.3f}-{values[1]:.3f}" if values and None not in values else "undefined"
+
+
+def render(out: Path) -> str:
+    cells = sorted(
+        (json.loads(p.read_text()) for p in out.glob("*-seed*/result.json")),
+        key=lambda r: (r["variant"], r["seed"]),
+    )
+    if not cells:
+        return "(no results yet: python scripts/segmentation_table.py run)"
+    machine = cells[0]["machine"]
+    lines = [
+        f"Data: the built-in phantom at `realistic`, data seed {cells[0]['data_seed']} (its own "
+        "test split); the shared preset, one row per training seed. Machine: "
+        f"{machine['cpu']}, {machine['cores']} cores, ISA {machine['isa']}, AMX {machine['amx']}, "
+        f"torch {machine['torch']}. Written by `python scripts/segmentation_table.py render` from "
+        "`results/segmentation/`.",
+        "",
+        "| variant | training seed | test score (TTA) | Dice meniscus [95% CI] | Dice tear [95% CI] "
+        "| classical horns: tear inside both windows [95% CI] | predicted horns: same | training s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in cells:
+        classes = (r["segmentation"] or {}).get("classes", {})
+        dice = {
+            name: f"{entry['dice']:.3f} [{_ci(entry['dice_ci95'])}]" if entry.get("dice") is not None else "-"
+            for name, entry in classes.items()
+        }
+        roi = r["roi_hit_rate"] or {}
+        hits = {
+            source: f"{roi[source]['hits']}/{roi['n_tears']} = {roi[source]['rate']:.3f} "
+            f"[{_ci(roi[source]['rate_ci95'])}]"
+            for source in ("classical", "predicted_mask")
+            if source in roi
+        }
+        lines.append(
+            f"| {'auxiliary segmentation' if r['variant'] == 'seg' else 'preset (no segmentation)'} "
+            f"| {r['seed']} | {r['test_score_tta']:.3f} | {dice.get('meniscus', '-')} | {dice.get('tear', '-')} "
+            f"| {hits.get('classical', '-')} | {hits.get('predicted_mask', '-')} | {r['train_seconds']:.0f} |"
+        )
+    for variant in sorted({r["variant"] for r in cells}):
+        scores = [r["test_score_tta"] for r in cells if r["variant"] == variant]
+        spread = f" ± {statistics.stdev(scores):.3f} (sd)" if len(scores) > 1 else ""
+        lines.append(
+            f"\n{'auxiliary segmentation' if variant == 'seg' else 'preset'}: test score "
+            f"{statistics.mean(scores):.3f}{spread} over {len(scores)} seed(s)."
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["run", "render"])
+    parser.add_argument("--data-seed", type=int, default=7)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", default="seg,noseg")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "segmentation")
+    parser.add_argument("--page", type=Path, default=RESULTS_PAGE)
+    args = parser.parse_args()
+    if args.action == "run":
+        run(args.out, args.data_seed, [int(s) for s in args.seeds.split(",")], args.variants.split(","))
+    table = render(args.out)
+    if not replace_between(args.page, "segmentation-table", table):
+        print(f"{args.page} has no segmentation-table markers; the table:", file=sys.stderr)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
