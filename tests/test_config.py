@@ -57,7 +57,9 @@ def test_a_preset_is_its_base_plus_its_differences(tmp_path):
     assert (config.train.lr, config.train.batch_size, config.model.widths) == (0.0005, 8, (4, 4, 4, 4))
     # the shipped presets: shared and separate differ from base.yaml only where they say so
     shared, separate = load_config(preset_path("shared")), load_config(preset_path("separate"))
-    assert (shared.train.lr, separate.train.lr) == (0.002, 0.001) and shared.augment == separate.augment
+    assert (shared.train.max_epochs, separate.train.max_epochs) == (15, 20)
+    assert (shared.train.restart_if_at_chance_after, separate.train.restart_if_at_chance_after) == (6, 0)
+    assert shared.train.lr == separate.train.lr == 0.001 and shared.augment == separate.augment
     assert (shared.model.name, separate.model.name) == ("shared", "separate")
 
 
