@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from floor_table import data_folders  # scripts/floor_table.py: the same data, generated once
+from floor_table import data_folders, onset_epoch  # scripts/floor_table.py: its data and onset rule
 from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,12 +58,15 @@ def run(out: Path, rows: list[str], seeds: list[int], lrs: list[str]) -> None:
                 for name in ("history.csv", "metrics.json"):
                     shutil.copy(run_dir / name, cell / name)
                 shutil.rmtree(run_dir.parent, ignore_errors=True)
-                print(f"{row} lr {lr} seed {seed}: {', '.join(_scores(cell))}", flush=True)
+                print(
+                    f"{row} lr {lr} seed {seed}: {', '.join(f'{s:.2f}' for s in _scores(cell))}", flush=True
+                )
 
 
-def _scores(cell: Path) -> list[str]:
+def _scores(cell: Path) -> list[float]:
+    """The cell's validation score per epoch, as history.csv has it (not rounded)."""
     with (cell / "history.csv").open() as handle:
-        return [f"{float(r['val_score']):.2f}" for r in csv.DictReader(handle)]
+        return [float(r["val_score"]) for r in csv.DictReader(handle)]
 
 
 def render(out: Path) -> str:
@@ -79,8 +82,8 @@ def render(out: Path) -> str:
         for lr, cells in sorted(by_lr.items(), reverse=True):
             onsets, left, last = [], [], []
             for cell in cells:
-                scores = [float(s) for s in _scores(cell)]
-                onset = next((k for k, s in enumerate(scores, 1) if s > ONSET), None)
+                scores = _scores(cell)
+                onset = onset_epoch(cell / "history.csv", ONSET)
                 member = json.loads((cell / "metrics.json").read_text())["members"]["shared"]
                 seed = cell.name.rsplit("seed", 1)[1]
                 onsets.append(f"{seed}: {onset or 'never'}")
