@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mtl_meniscus.config import ModelConfig
 from mtl_meniscus.errors import ConfigError
@@ -80,6 +81,30 @@ def test_forward_features_gives_the_maps_and_forward_head_the_outputs():
     assert torch.allclose(pooled, manual.flatten(1), atol=1e-6)
 
 
+def test_plain_floor_computes_conv_bn_relu_maxpool_exactly():
+    """The blocks pool before the ReLU for speed; outputs and gradients are those of the floor as
+    defined (conv-BN-ReLU-maxpool), written out here with torch.nn.functional, in training mode."""
+    torch.manual_seed(0)
+    trunk = build_model(ModelConfig(name="shared", trunk="plain", **SMALL)).trunk
+    x = torch.randn(4, 2, 64, 64)
+
+    def by_definition(x):
+        convs = [m for m in trunk.blocks if isinstance(m, torch.nn.Conv2d)]
+        norms = [m for m in trunk.blocks if isinstance(m, torch.nn.BatchNorm2d)]
+        for conv, norm in zip(convs, norms):
+            x = F.conv2d(x, conv.weight, padding=1)
+            x = F.batch_norm(x, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+            x = F.max_pool2d(F.relu(x), 2)
+        return x.mean((2, 3))  # (B, 96)
+
+    expected = by_definition(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(trunk.parameters()))
+    got = trunk(x)
+    got_grads = torch.autograd.grad(got.square().sum(), list(trunk.parameters()))
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got_grads, expected_grads, strict=True))
+
+
 @pytest.mark.parametrize("name", ["shared", "separate"])
 def test_plain_floor_is_the_fixed_five_block_cnn_in_both_modes(name):
     """trunk 'plain': conv3x3-BN-ReLU-maxpool x5 (16/32/64/64/96), global average pooling and one
@@ -89,7 +114,7 @@ def test_plain_floor_is_the_fixed_five_block_cnn_in_both_modes(name):
     nets = model.networks.values() if isinstance(model, SeparateCascade) else [model]
     for net in nets:
         layers = [type(m).__name__ for m in net.trunk.blocks]
-        assert layers == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 5
+        assert layers == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU"] * 5  # = conv-BN-ReLU-maxpool
         convs = [m for m in net.trunk.blocks if isinstance(m, torch.nn.Conv2d)]
         assert [c.out_channels for c in convs] == [16, 32, 64, 64, 96]
         assert all(c.kernel_size == (3, 3) and c.stride == (1, 1) for c in convs)
