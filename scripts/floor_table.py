@@ -155,17 +155,29 @@ def onset_epoch(history: Path, level: float = 0.7) -> int | None:
     return None
 
 
+def restarts(result_file: Path) -> int:
+    """How often the cell's network started again (train.restart_if_at_chance_after)."""
+    metrics = json.loads((result_file.parent / "run" / "metrics.json").read_text())
+    return len(metrics["members"]["shared"].get("restarts", []))  # the epochs after which it did
+
+
 def render(out: Path, page: Path) -> str:
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/result.json"))]
+    results = []
+    for path in sorted(out.glob("*/*/result.json")):
+        results.append(json.loads(path.read_text()) | {"restarts": restarts(path)})
     lines = [
-        "| data | model | seeds | onset epoch (val > 0.7), per seed | test score with TTA: mean ± sd (per seed) | learned |",
-        "|---|---|---|---|---|---|",
+        "| data | model | seeds | onset epoch (val > 0.7), per seed | test score with TTA: mean ± sd (per seed) "
+        "| preset − floor, seeds of both | learned | restarts | minutes per run (median) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in ROWS:
-        for model in MODELS:
-            cells = sorted(
+        by_model = {
+            model: sorted(
                 (r for r in results if r["row"] == row and r["model"] == model), key=lambda r: r["seed"]
             )
+            for model in MODELS
+        }
+        for model, cells in by_model.items():
             if not cells:
                 continue
             scores = [r["test_score_tta"] for r in cells]
@@ -174,7 +186,9 @@ def render(out: Path, page: Path) -> str:
             lines.append(
                 f"| {row} | {model} | {', '.join(str(r['seed']) for r in cells)} | {onsets} | "
                 f"{statistics.mean(scores):.3f}{spread} ({', '.join(f'{s:.3f}' for s in scores)}) | "
-                f"{sum(bool(r['learned']) for r in cells)} of {len(cells)} |"
+                f"{preset_minus_floor(by_model) if model == 'preset' else ''} | "
+                f"{sum(bool(r['learned']) for r in cells)} of {len(cells)} | {sum(r['restarts'] for r in cells)} | "
+                f"{statistics.median(r['wall_seconds'] for r in cells) / 60:.1f} |"
             )
     machines = sorted(
         {
@@ -190,6 +204,15 @@ def render(out: Path, page: Path) -> str:
     )
     replace_between(page, "floor-table", table)
     return table
+
+
+def preset_minus_floor(by_model: dict[str, list[dict]]) -> str:
+    """Mean test score of the preset minus the floor's over the seeds both have ('' if none)."""
+    floor = {r["seed"]: r["test_score_tta"] for r in by_model["plain"]}
+    pairs = [(r["test_score_tta"], floor[r["seed"]]) for r in by_model["preset"] if r["seed"] in floor]
+    if not pairs:
+        return ""
+    return f"{statistics.mean(p - f for p, f in pairs):+.3f} ({len(pairs)})"
 
 
 def main() -> None:
