@@ -19,7 +19,7 @@ from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.torch_dataset import NO_MASK, SliceDataset, collate_batch
 from mtl_meniscus.errors import ConfigError
 from mtl_meniscus.networks.losses import segmentation_loss
-from mtl_meniscus.networks.models import SegmentationTraining, build_model, segments
+from mtl_meniscus.networks.models import ContiguousGroupNorm, SegmentationTraining, build_model, segments
 from mtl_meniscus.phantom.slices import write_phantom
 
 SEGMENTATION = {"model.segmentation": True}
@@ -163,6 +163,24 @@ def test_the_decoder_gives_logits_at_input_resolution_and_forward_keeps_its_cont
         own = model(x)  # forward: the dict of (B,) logits as always, no decoder output
         both, _ = model.forward_with_segmentation(x)
     assert set(own) == set(both) and all(torch.equal(own[t], both[t]) for t in own)
+
+
+def test_the_decoders_group_norm_is_torchs_in_either_memory_format():
+    """ContiguousGroupNorm (computed on an NCHW copy for speed) gives nn.GroupNorm's values and
+    gradients on a channels_last map, and hands the map back in channels_last."""
+    torch.manual_seed(0)
+    ours, torchs = ContiguousGroupNorm(4, 16), torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        torchs.weight.uniform_(0.5, 1.5)
+        torchs.bias.uniform_(-1, 1)
+    ours.load_state_dict(torchs.state_dict())
+    x = (torch.randn(2, 16, 12, 12) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    mine, expected = ours(x), torchs(x.contiguous())
+    assert mine.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(mine, expected, atol=1e-5)
+    grads = torch.autograd.grad(mine.square().sum(), [ours.weight, ours.bias])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [torchs.weight, torchs.bias])
+    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-4) for g, e in zip(grads, expected_grads, strict=True))
 
 
 # --- loss ---------------------------------------------------------------------------------------

@@ -265,11 +265,24 @@ DECODER_MIN_WIDTH = 16
 CLASS_PRIOR = (0.985, 0.0135, 0.0015)
 
 
+class ContiguousGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm computed on a contiguous (NCHW) copy of a channels_last map, returned in the
+    map's own format. PyTorch's CPU GroupNorm backward on channels_last bf16 takes a slow path:
+    249 vs 46 ms on a (32, 16, 256, 256) map, and with this a segmenting training step at batch
+    32, 256 px ran 1.27x faster (bf16, AMX machine) despite the two copies. Same parameters and
+    state_dict as nn.GroupNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous() or x.device.type != "cpu":
+            return super().forward(x)
+        return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+
+
 def _norm(channels: int) -> nn.GroupNorm:
     """GroupNorm, not BatchNorm: each row's decoder output depends on that row alone, so a row
     without a mask (left out of the loss) gives the decoder exactly no gradient, and the statistics
     do not depend on how many rows of a batch have masks."""
-    return nn.GroupNorm(math.gcd(channels, 8), channels)
+    return ContiguousGroupNorm(math.gcd(channels, 8), channels)
 
 
 class DecoderStage(nn.Module):
@@ -287,7 +300,9 @@ class DecoderStage(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         # nearest to the skip's size (not a fixed x2): an odd size halved by max-pool rounds down
         up = nn.functional.interpolate(x, size=skip.shape[-2:], mode="nearest")
-        return self.conv(torch.cat([up, skip], dim=1))
+        # the skip in the map's dtype: under bf16 autocast the input image (fp32) would promote the
+        # whole full-resolution concatenation to fp32, only for the conv to cast it back (same values)
+        return self.conv(torch.cat([up, skip.to(up.dtype)], dim=1))
 
 
 class SegmentationDecoder(nn.Module):
