@@ -167,8 +167,8 @@ def render(out: Path, page: Path) -> str:
         results.append(json.loads(path.read_text()) | {"restarts": restarts(path)})
     lines = [
         "| data | model | seeds | onset epoch (val > 0.7), per seed | test score with TTA: mean ± sd (per seed) "
-        "| preset − floor, seeds of both | learned | restarts | minutes per run (median) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| preset − floor, seeds of both | learned | restarts |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in ROWS:
         by_model = {
@@ -187,8 +187,7 @@ def render(out: Path, page: Path) -> str:
                 f"| {row} | {model} | {', '.join(str(r['seed']) for r in cells)} | {onsets} | "
                 f"{statistics.mean(scores):.3f}{spread} ({', '.join(f'{s:.3f}' for s in scores)}) | "
                 f"{preset_minus_floor(by_model) if model == 'preset' else ''} | "
-                f"{sum(bool(r['learned']) for r in cells)} of {len(cells)} | {sum(r['restarts'] for r in cells)} | "
-                f"{statistics.median(r['wall_seconds'] for r in cells) / 60:.1f} |"
+                f"{sum(bool(r['learned']) for r in cells)} of {len(cells)} | {sum(r['restarts'] for r in cells)} |"
             )
     machines = sorted(
         {
