@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) cli.py train --mode shared
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 lint: $(STAMP)
