@@ -133,6 +133,7 @@ def run(out: Path, rows: list[str], models: list[str], seeds: list[int]) -> None
                     "best_epoch": best["best_epoch"],
                     "epochs": best["epochs"],
                     "learned": metrics["learned"],
+                    "restarts": best.get("restarts", []),  # epochs after which it started again
                     "onset_epoch": onset_epoch(run_dir / "history.csv"),
                     "wall_seconds": time.time() - start,
                     "machine": machine,
@@ -155,16 +156,10 @@ def onset_epoch(history: Path, level: float = 0.7) -> int | None:
     return None
 
 
-def restarts(result_file: Path) -> int:
-    """How often the cell's network started again (train.restart_if_at_chance_after)."""
-    metrics = json.loads((result_file.parent / "run" / "metrics.json").read_text())
-    return len(metrics["members"]["shared"].get("restarts", []))  # the epochs after which it did
-
-
 def render(out: Path, page: Path) -> str:
     results = []
     for path in sorted(out.glob("*/*/result.json")):
-        results.append(json.loads(path.read_text()) | {"restarts": restarts(path)})
+        results.append(json.loads(path.read_text()))
     verdicts = {}  # row -> (seeds both models have, preset - floor over them, preset's mean)
     lines = [
         "| data | model | seeds | onset epoch (val > 0.7), per seed | test score with TTA: mean ± sd (per seed) "
@@ -189,7 +184,7 @@ def render(out: Path, page: Path) -> str:
                 f"| {row} | {model} | {', '.join(str(r['seed']) for r in cells)} | {onsets} | "
                 f"{statistics.mean(scores):.3f}{spread} ({', '.join(f'{s:.3f}' for s in scores)}) | "
                 f"{difference_cell(verdicts[row]) if model == 'preset' else ''} | "
-                f"{sum(bool(r['learned']) for r in cells)} of {len(cells)} | {sum(r['restarts'] for r in cells)} |"
+                f"{sum(bool(r['learned']) for r in cells)} of {len(cells)} | {restarts(cells)} |"
             )
     machines = sorted(
         {
@@ -205,6 +200,14 @@ def render(out: Path, page: Path) -> str:
     )
     replace_between(page, "floor-table", table)
     return table
+
+
+def restarts(cells: list[dict]) -> str:
+    """How often the row's networks started again (train.restart_if_at_chance_after); '?' when a
+    cell's result.json predates the count."""
+    if any("restarts" not in r for r in cells):
+        return "?"
+    return str(sum(len(r["restarts"]) for r in cells))
 
 
 def paired(by_model: dict[str, list[dict]]) -> tuple[int, float | None, float | None]:

@@ -165,22 +165,33 @@ def test_the_decoder_gives_logits_at_input_resolution_and_forward_keeps_its_cont
     assert set(own) == set(both) and all(torch.equal(own[t], both[t]) for t in own)
 
 
-def test_the_decoders_group_norm_is_torchs_in_either_memory_format():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_the_decoders_group_norm_is_torchs_in_either_memory_format(dtype, memory_format):
     """ContiguousGroupNorm (computed on an NCHW copy for speed) gives nn.GroupNorm's values and
-    gradients on a channels_last map, and hands the map back in channels_last."""
+    gradients, the input's included, and hands a channels_last map back in channels_last."""
     torch.manual_seed(0)
     ours, torchs = ContiguousGroupNorm(4, 16), torch.nn.GroupNorm(4, 16)
     with torch.no_grad():
         torchs.weight.uniform_(0.5, 1.5)
         torchs.bias.uniform_(-1, 1)
     ours.load_state_dict(torchs.state_dict())
-    x = (torch.randn(2, 16, 12, 12) * 3 + 1).contiguous(memory_format=torch.channels_last)
-    mine, expected = ours(x), torchs(x.contiguous())
-    assert mine.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(mine, expected, atol=1e-5)
-    grads = torch.autograd.grad(mine.square().sum(), [ours.weight, ours.bias])
-    expected_grads = torch.autograd.grad(expected.square().sum(), [torchs.weight, torchs.bias])
-    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-4) for g, e in zip(grads, expected_grads, strict=True))
+    x = (torch.randn(2, 16, 12, 12) * 3 + 1).to(dtype).contiguous(memory_format=memory_format)
+    x_ours, x_torchs = x.clone().requires_grad_(), x.contiguous().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        mine, expected = ours(x_ours), torchs(x_torchs)
+    assert mine.is_contiguous(memory_format=memory_format) and mine.dtype == expected.dtype
+    # torch's kernels for the two formats sum in their own order: equal up to the dtype's rounding
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(mine.float(), expected.float(), atol=tolerance)
+    grads = torch.autograd.grad(mine.float().square().sum(), [x_ours, ours.weight, ours.bias])
+    expected_grads = torch.autograd.grad(
+        expected.float().square().sum(), [x_torchs, torchs.weight, torchs.bias]
+    )
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert torch.allclose(
+            got.float(), want.float(), rtol=tolerance, atol=tolerance * want.abs().max().item()
+        )
 
 
 # --- loss ---------------------------------------------------------------------------------------
