@@ -207,6 +207,28 @@ def test_segmentation_loss_of_a_hand_computed_example():
     assert float(segmentation_loss(logits, masks)) == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_class_absent_from_an_images_truth_has_no_dice_term():
+    """An image without a tear: its loss is the cross-entropy plus 1 minus the meniscus Dice alone
+    (an absent class's Dice would reward predicting none of it), and an image without any Dice
+    class has the cross-entropy alone."""
+    # uniform logits on [[0, 1], [1, 0]]: meniscus sum p 4/3, truth 2, overlap 2/3 -> Dice 7/13
+    logits = torch.zeros(1, 3, 2, 2)
+    no_tear = torch.tensor([[[0, 1], [1, 0]]])
+    assert float(segmentation_loss(logits, no_tear)) == pytest.approx(math.log(3) + 1 - 7 / 13, rel=1e-6)
+    background = torch.zeros(1, 2, 2, dtype=torch.long)
+    assert float(segmentation_loss(logits, background)) == pytest.approx(math.log(3), rel=1e-6)
+    # and its gradient is that of CE + 1 - meniscus Dice written out, on random logits
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    segmentation_loss(logits, no_tear).backward()
+    by_hand = logits.detach().clone().requires_grad_()
+    probs = torch.softmax(by_hand, 1)[0, 1]  # (2, 2) meniscus
+    truth = (no_tear[0] == 1).float()
+    dice = (2 * (probs * truth).sum() + 1) / (probs.sum() + truth.sum() + 1)
+    (torch.nn.functional.cross_entropy(by_hand, no_tear) + 1 - dice).backward()
+    assert torch.allclose(logits.grad, by_hand.grad, atol=1e-6)
+
+
 def test_segmentation_loss_is_masked_per_row():
     torch.manual_seed(0)
     logits = torch.randn(4, 3, 8, 8, requires_grad=True)
