@@ -29,6 +29,13 @@ def replace_between(page: Path, name: str, text: str) -> bool:
     return True
 
 
+def write_table(page: Path, name: str, table: str) -> None:
+    """replace_between, saying on stderr when the page has no markers for `name` (the table is
+    then only printed by its script)."""
+    if not replace_between(page, name, table):
+        print(f"{page} has no {name} markers; the table:", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", help="the markers' name, e.g. bench")

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.py
+from results_page import RESULTS_PAGE, write_table  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"seg": ["--set", "model.segmentation=true"], "noseg": []}
@@ -148,8 +148,7 @@ def main() -> None:
     if args.action == "run":
         run(args.out, args.data_seed, [int(s) for s in args.seeds.split(",")], args.variants.split(","))
     table = render(args.out)
-    if not replace_between(args.page, "segmentation-table", table):
-        print(f"{args.page} has no segmentation-table markers; the table:", file=sys.stderr)
+    write_table(args.page, "segmentation-table", table)
     print(table)
 
 

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from floor_table import data_folders, onset_epoch  # scripts/floor_table.py: its data and onset rule
-from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.py
+from results_page import RESULTS_PAGE, write_table  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 8
@@ -108,8 +108,7 @@ def main() -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
         run(args.out, args.rows.split(","), seeds, args.lrs.split(","))
     table = render(args.out)
-    if not replace_between(args.page, "start-table", table):
-        print(f"{args.page} has no start-table markers; the table:", file=sys.stderr)
+    write_table(args.page, "start-table", table)
     print(table)
 
 
