@@ -207,7 +207,8 @@ class ModelConfig(Section):
     # and its features pooled over the slices (max as in MRNet; attention as in Ilse et al. 2018).
     exam_pooling: Literal["max", "attention"] | None = None
     # A decoder on the trunk's stages predicting background / meniscus / tear per pixel from the
-    # labels.csv `mask` column (rows without one are masked out of its loss): an auxiliary task.
+    # labels.csv `mask` column (rows without one are masked out of its loss): an auxiliary task of
+    # the shared model; the cascade (separate) gets a segmentation network of its own instead.
     segmentation: bool = False
     # ROI-first classification: a fixed-size crop around each meniscus horn, classified together
     # with the whole image. The horns come from the run's own segmentation decoder (predicted), the
@@ -262,21 +263,15 @@ class ModelConfig(Section):
             self._validate_roi()
 
     def _validate_segmentation(self) -> None:
-        """What the segmentation decoder is built for so far: the shared model on slices, with one
-        of the package's own trunks (their stages are known; a timm trunk's are not wired yet)."""
+        """What the segmentation decoder is built for so far: slice models (the shared model's
+        auxiliary task, or the cascade's own segmentation network) with one of the package's own
+        trunks (their stages are known; a timm trunk's are not wired yet)."""
         check_value(
             self.trunk in OWN_TRUNKS,
             "model.segmentation",
             self.segmentation,
             f"false with model.trunk {self.trunk!r}: the decoder is built on the trunks "
             f"{', '.join(OWN_TRUNKS)} only",
-        )
-        check_value(
-            self.name == "shared",
-            "model.segmentation",
-            self.segmentation,
-            f"false with model.name {self.name!r}: segmentation is an auxiliary task of the shared model "
-            "(separate mode has no segmentation network yet)",
         )
         check_value(
             self.exam_pooling is None,
@@ -299,7 +294,8 @@ class ModelConfig(Section):
             "model.roi",
             self.roi,
             "none, classical or truth without model.segmentation: 'predicted' crops around the horns "
-            "that the run's own segmentation decoder finds (set model.segmentation: true)",
+            "that the run's own segmentation decoder (or the cascade's segmentation network) finds "
+            "(set model.segmentation: true)",
         )
         check_value(
             self.exam_pooling is None,

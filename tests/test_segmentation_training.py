@@ -63,8 +63,8 @@ def test_segmentation_is_off_by_default_and_refused_where_it_is_not_built():
     assert load_config(TINY, {**SEGMENTATION, "model.trunk": "plain"}).model.segmentation
     with pytest.raises(ConfigError, match="model.segmentation.*resnet18"):
         load_config(TINY, {**SEGMENTATION, "model.trunk": "resnet18"})
-    with pytest.raises(ConfigError, match="model.segmentation.*separate"):
-        load_config(TINY, {**SEGMENTATION, "model.name": "separate"})
+    # the cascade's own segmentation network (tests/test_cascade_segmentation.py)
+    assert load_config(TINY, {**SEGMENTATION, "model.name": "separate"}).model.segmentation
     with pytest.raises(ConfigError, match="train.task_weights"):
         load_config(TINY, {"train.task_weights": {"segmentation": 2.0}})
     weighted = load_config(TINY, {**SEGMENTATION, "train.task_weights": {"segmentation": 2.0}})

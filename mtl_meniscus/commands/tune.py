@@ -57,7 +57,7 @@ from mtl_meniscus.evaluation.metrics import monitor_score
 from mtl_meniscus.io.outputs import atomic_write, check_output_dir, write_text_atomic
 from mtl_meniscus.io.secrets import mask_url, scrub
 from mtl_meniscus.networks.losses import WEIGHTINGS
-from mtl_meniscus.networks.models import trains_per_task
+from mtl_meniscus.networks.models import cascade_networks, trains_per_task
 
 try:
     from optuna.pruners import BasePruner
@@ -647,7 +647,8 @@ def _pruning_callback(trial, run_dir: Path, config: Config, warmup_epochs: int) 
     same network and epoch in every trial, and stop the trial when the pruner says so."""
     import optuna
 
-    members = list(config.model.tasks) if trains_per_task(config.model.name) else [JOINT]
+    # the cascade's networks in training order (its segmentation network first, judged on its Dice)
+    members = list(cascade_networks(config.model)) if trains_per_task(config.model.name) else [JOINT]
     max_epochs = config.train.max_epochs
 
     def report(member: str, epoch: int) -> None:

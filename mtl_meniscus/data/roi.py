@@ -393,6 +393,17 @@ class HornCentres:
         self._rows: list[int] | None = None  # the rows of `images` this view holds (None: all)
         self._found: dict[int, np.ndarray] = {}  # row of `images` -> its (2, 3) centres
 
+    @classmethod
+    def found_by_network(cls, images: Sequence[np.ndarray], centres: np.ndarray) -> HornCentres:
+        """Horns found for every image beforehand, centres (N, 2, 3) (source "predicted": a
+        cascade's segmentation network's, engine/inference.py predicted_horn_centres)."""
+        if len(centres) != len(images):
+            raise ValueError(f"{len(centres)} horn centres for {len(images)} images")
+        view = cls("classical", images)
+        view.source = "predicted"
+        view._found = {row: np.asarray(c, np.float32) for row, c in enumerate(centres)}
+        return view
+
     def __len__(self) -> int:
         return len(self.images) if self._rows is None else len(self._rows)
 

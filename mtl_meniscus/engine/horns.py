@@ -36,7 +36,7 @@ from mtl_meniscus.evaluation.segmentation import mean_score_ci
 from mtl_meniscus.io.exams import resized_slices
 from mtl_meniscus.io.orientation import SliceGeometry
 from mtl_meniscus.io.outputs import OutputError, atomic_write
-from mtl_meniscus.networks.models import segments
+from mtl_meniscus.networks.models import segments, trains_per_task
 
 # predict's columns with --masks: the mask file written, the two horn boxes ("x0 y0 x1 y1" in the
 # input's own pixels, x1 and y1 excluded; a list of four in JSON) and where the boxes came from.
@@ -241,8 +241,9 @@ def exam_answers(
 def masks_note(trained: TrainedModel, folder: Path) -> str:
     """What --masks writes for this run, printed once."""
     if segments(trained.model):
+        network = "network" if trains_per_task(trained.config.model.name) else "decoder"  # the cascade's own
         return (
-            f"masks: the run's segmentation decoder, horn boxes from the predicted mask, in each input's "
+            f"masks: the run's segmentation {network}, horn boxes from the predicted mask, in each input's "
             f"own geometry -> {folder}"
         )
     return (

@@ -3,7 +3,7 @@ segmenting network's label maps."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from mtl_meniscus.engine.runtime import Runtime
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.evaluation.calibration import scaled_probability
 from mtl_meniscus.evaluation.segmentation import segmentation_summary, set_scores
-from mtl_meniscus.networks.models import needs_horns, roi_of, takes_exams
+from mtl_meniscus.networks.models import needs_horns, predicted_horns, roi_of, takes_exams
 
 
 def predict_probs(
@@ -109,12 +109,32 @@ def predict_logits(
     return {task: np.concatenate(parts).reshape(copies + 1, n) for task, parts in chunks.items()}
 
 
-@torch.no_grad()
 def predict_label_maps(
     model: nn.Module, images: Sequence[np.ndarray], edge_filter: str, runtime: Runtime, batch_size: int = 64
 ) -> list[np.ndarray]:
     """Each image's segmentation by a segmenting network (models.segments): uint8 (H, W), the most
     probable of 0 background, 1 meniscus, 2 tear at every pixel."""
+    maps = []
+    for logits in _segmentation_logits(model, images, edge_filter, runtime, batch_size):
+        maps += list(logits.argmax(1).to(torch.uint8).cpu().numpy())
+    return maps
+
+
+def predicted_horn_centres(
+    model: nn.Module, images: Sequence[np.ndarray], edge_filter: str, runtime: Runtime, batch_size: int = 64
+) -> np.ndarray:
+    """(N, 2, 3): each image's horns (x, y, found; anterior first) as a segmenting network's
+    output gives them (models.predicted_horns), on the images as they are."""
+    centres = [np.zeros((0, 2, 3), np.float32)]
+    for logits in _segmentation_logits(model, images, edge_filter, runtime, batch_size):
+        centres.append(predicted_horns(logits.float()).cpu().numpy())
+    return np.concatenate(centres)
+
+
+def _segmentation_logits(
+    model: nn.Module, images: Sequence[np.ndarray], edge_filter: str, runtime: Runtime, batch_size: int
+) -> Iterator[torch.Tensor]:
+    """A segmenting network's logits (B, 3, H, W), batch after batch of `images` in their order."""
     model.eval()
     dataset = SliceDataset(images, np.zeros((len(images), 1), np.float32), edge_filter)
     loader = DataLoader(
@@ -122,12 +142,10 @@ def predict_label_maps(
         batch_size=batch_size,
         collate_fn=lambda batch: collate_batch([dataset[key] for key in batch], runtime.channels_last),
     )
-    maps = []
     for (x,), _ in loader:
-        with runtime.autocast():
-            logits = model.segment(runtime.prepare_input(x))  # (B, 3, H, W)
-        maps += list(logits.argmax(1).to(torch.uint8).cpu().numpy())
-    return maps
+        with torch.no_grad(), runtime.autocast():  # not across the yield: the caller's mode is its own
+            logits = model.segment(runtime.prepare_input(x))
+        yield logits
 
 
 def segmentation_metrics(

@@ -2,7 +2,8 @@
 
 A model of one network per task (registered with per_task=True, the reference's cascade) trains
 each network on its own images: fissure on all, a gated task (orientation, position) on the true
-tears only. Every other model is one member, JOINT, trained on all images and tasks.
+tears only, and with model.segmentation its segmentation network first, on the images with a mask.
+Every other model is one member, JOINT, trained on all images and tasks.
 """
 
 from __future__ import annotations
@@ -13,20 +14,21 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from mtl_meniscus.config import Config, ModelConfig, config_from_dict
+from mtl_meniscus.config import SEGMENTATION, Config, ModelConfig, config_from_dict
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.stopping import chance_bar
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.evaluation.metrics import monitor_weights
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
-from mtl_meniscus.networks.models import build_model, build_single_task, trains_per_task
+from mtl_meniscus.networks.models import build_model, build_single_task, cascade_networks, trains_per_task
 
 JOINT = "shared"  # the member name of a one-network model (its folder is the run folder)
 
 
 @dataclass
 class Member:
-    """One network to train: its name, tasks, folder and the images it trains and validates on."""
+    """One network to train: its name, tasks, folder and the images it trains and validates on
+    (the cascade's segmentation network: no task)."""
 
     name: str
     tasks: tuple[str, ...]
@@ -42,14 +44,19 @@ class Member:
 
 def plan_members(config: Config, data: PreparedData, run_dir: Path) -> list[Member]:
     """One network for all tasks: one member on all images. The cascade (one network per task):
-    fissure on all images, the others on tears."""
+    its segmentation network (model.segmentation) on the images with a mask, then fissure on all
+    images, the others on tears."""
     train, val = data.indices("train"), data.indices("val")
     if not trains_per_task(config.model.name):
         return [Member(JOINT, config.model.tasks, run_dir, train, val)]
     members = []
-    for task in config.model.tasks:
-        rows = data.tasks.scored_rows(data.targets, task)  # all images for fissure, true tears for the others
-        members.append(Member(task, (task,), run_dir / "members" / task, train[rows[train]], val[rows[val]]))
+    for name in cascade_networks(config.model):
+        folder = run_dir / "members" / name
+        if name == SEGMENTATION:
+            members.append(Member(name, (), folder, data.rows_with_mask(train), data.rows_with_mask(val)))
+            continue
+        rows = data.tasks.scored_rows(data.targets, name)  # all images for fissure, true tears for the others
+        members.append(Member(name, (name,), folder, train[rows[train]], val[rows[val]]))
     return members
 
 
@@ -69,6 +76,12 @@ def check_members(members: list[Member], data: PreparedData, model: ModelConfig 
     for member in members:
         # a gated task's network trains on the rows where its gate is positive (true tears)
         only_tears = member.name in data.tasks and data.tasks[member.name].gated_by is not None
+        if member.name == SEGMENTATION and not len(member.train_indices):
+            raise MeniscusError(
+                "model.segmentation: the cascade's segmentation network trains on the rows of the train "
+                "split with a mask (labels.csv's mask column), and there is none; give masks, or train "
+                "without model.segmentation"
+            )
         if not len(member.train_indices):
             if only_tears and len(data.indices("train")):
                 raise MeniscusError(
@@ -85,6 +98,8 @@ def check_members(members: list[Member], data: PreparedData, model: ModelConfig 
                 if only_tears and len(data.indices("val"))
                 else "the val split is empty"
             )
+            if member.name == SEGMENTATION:
+                what = "no row of the val split has a mask"
             warnings.append(
                 f"[{member.name}] no validation image ({what}): the run has no validation score to pick "
                 "its best epoch or to stop early"
@@ -154,11 +169,17 @@ def _check_root_classes(data: PreparedData) -> None:
 
 
 def member_config(config: Config, member: Member) -> Config:
-    """Config of this member alone (a single-task network is a one-task 'shared' model)."""
+    """Config of this member alone (a single-task network is a one-task 'shared' model; the
+    cascade's segmentation network one of no task with a decoder, cropping nothing, and its
+    classifiers have no decoder)."""
     own = config_from_dict(config.to_dict(), source="run config")
     own.model = own.model.model_copy(update={"name": "shared", "tasks": member.tasks})
-    if member.name == "fissure" and trains_per_task(config.model.name):
-        own.model = own.model.model_copy(update={"kernels": config.model.fissure_kernels})
+    if trains_per_task(config.model.name):
+        segmentation = member.name == SEGMENTATION
+        update = {"segmentation": segmentation} | ({"roi": "none"} if segmentation else {})
+        if member.name == "fissure":
+            update["kernels"] = config.model.fissure_kernels
+        own.model = own.model.model_copy(update=update)
     return own
 
 
@@ -169,9 +190,14 @@ def network_model_configs(config: Config) -> dict[str, ModelConfig]:
         return {JOINT: config.model}
     none = np.zeros(0, np.int64)
     return {
-        task: member_config(config, Member(task, (task,), Path("."), none, none)).model
-        for task in config.model.tasks
+        name: member_config(config, Member(name, _member_tasks(name), Path("."), none, none)).model
+        for name in cascade_networks(config.model)
     }
+
+
+def _member_tasks(name: str) -> tuple[str, ...]:
+    """The tasks of the cascade's network `name`: its own, none for the segmentation network."""
+    return () if name == SEGMENTATION else (name,)
 
 
 def tasks_without_labels(names: tuple[str, ...], data: PreparedData) -> dict[str, int]:

@@ -22,6 +22,7 @@ from rich.console import Console
 from torch import nn
 
 from mtl_meniscus.config import (
+    SEGMENTATION,
     Config,
     load_config,
     parse_set_option,
@@ -36,7 +37,7 @@ from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.distributed import SINGLE, Distributed, check_batch, world_size
 from mtl_meniscus.engine.distributed import start as start_processes
 from mtl_meniscus.engine.distributed import stop as stop_processes
-from mtl_meniscus.engine.inference import predict_probs, segmentation_metrics
+from mtl_meniscus.engine.inference import predict_probs, predicted_horn_centres, segmentation_metrics
 from mtl_meniscus.engine.members import JOINT, check_members, plan_members, tasks_without_labels
 from mtl_meniscus.engine.progress import counted_progress
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
@@ -135,8 +136,9 @@ def _train_locked(
     logger.define_step_axes([member.name for member in members])
     try:
         trainers = []
+        horns = None  # a cascade's horns from its segmentation network, once it has trained (roi predicted)
         for member in members:
-            trainer = MemberTrainer(member, config, data, runtime, logger, console, processes)
+            trainer = MemberTrainer(member, config, data, runtime, logger, console, processes, horns)
             if resume and trainer.try_resume():
                 console.print(
                     f"[{member.name}] resumed after epoch {trainer.state.epoch}"
@@ -145,6 +147,8 @@ def _train_locked(
                 )
             trainer.fit(on_epoch_end)
             trainers.append(trainer)
+            if member.name == SEGMENTATION and config.model.roi == "predicted":
+                horns = _segmentation_network_horns(trainer.state.model, config, data, runtime, console)
             if processes.main:
                 _write_history(run_dir / "history.csv", [row for t in trainers for row in t.state.history])
         if not processes.main:
@@ -152,6 +156,25 @@ def _train_locked(
         return _finish_run(trainers, config, data, runtime, run_dir, warnings, data_name, logger, console)
     finally:
         logger.finish()
+
+
+def _segmentation_network_horns(
+    network: nn.Module, config: Config, data: PreparedData, runtime: Runtime, console: Console
+) -> HornCentres:
+    """Every row's horns as the cascade's trained segmentation network finds them: what its
+    classifiers of roi predicted crop around in training (moved with each augmentation, as the
+    classical horns are) and validation; the assembled cascade finds them itself."""
+    centres = predicted_horn_centres(
+        network, data.images, config.preprocess.edge_filter, runtime, config.train.eval_batch_size
+    )
+    horns = HornCentres.found_by_network(data.images, centres)
+    console.print(
+        f"[{SEGMENTATION}] horns of {len(data.images)} {data.unit} for the classifiers "
+        f"({horns.not_found()} without both horns: cropped at the fallback windows)",
+        markup=False,
+        highlight=False,
+    )
+    return horns
 
 
 def _prepare_run_data(
@@ -214,9 +237,11 @@ def _finish_run(
     late_warnings = [t.late_start for t in trainers if t.late_start]  # started just before the budget ended
     model = trained[JOINT] if JOINT in trained else SeparateCascade(trained)
     train_seconds = sum(t.state.train_seconds for t in trainers)
-    horns = trainers[0].horns  # a ROI model's horns from outside it: found once for the run
+    # a ROI model's horns from outside it, found once for the run (a cascade's segmentation network has none)
+    horns = next((t.horns for t in trainers if t.horns is not None), None)
     metrics = _final_metrics(model, config, data, runtime, history, best_by_member, train_seconds, horns)
-    unknown = any(best["learned"] is None for best in best_by_member.values())
+    # whether it learned is the classifiers' question (a segmentation network has no chance bar)
+    unknown = any(best_by_member[t.member.name]["learned"] is None for t in trainers if t.member.tasks)
     metrics["learned"] = False if learn_warnings else (None if unknown else True)
     metrics["warnings"] = warnings + late_warnings + learn_warnings
     atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")

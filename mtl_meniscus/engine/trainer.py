@@ -18,7 +18,7 @@ from rich.progress import TextColumn
 
 from mtl_meniscus.config import SEGMENTATION, Config
 from mtl_meniscus.data.records import PreparedData
-from mtl_meniscus.data.roi import horn_source
+from mtl_meniscus.data.roi import HornCentres, horn_source
 from mtl_meniscus.data.torch_dataset import (
     NO_MASK,
     EpochBatchSampler,
@@ -65,7 +65,11 @@ class MemberTrainer:
         logger: RunLogger,
         console: Console,
         processes: Distributed = SINGLE,
+        horns: HornCentres | None = None,
     ):
+        """`horns`: every row's horns when they come from another network (a cascade's classifier
+        of roi predicted: its segmentation network's, engine/horns.py predicted_horn_source); else
+        found here for roi classical and truth."""
         self.member, self.config, self.data, self.runtime = member, config, data, runtime
         self.logger, self.console, self.processes = logger, console, processes
         train = config.train
@@ -94,7 +98,9 @@ class MemberTrainer:
         kind = ExamDataset if data.exams else SliceDataset
         labels = {"masks": data.masks} if self.segmenting else {}  # else the batches have no mask element
         # a ROI model's horns from outside it (roi classical, truth): found once per row, kept for the run
-        self.horns = horn_source(config.model.roi, data.images, data.masks)
+        if horns is None and member.tasks:  # the cascade's segmentation network crops nothing
+            horns = horn_source(config.model.roi, data.images, data.masks)
+        self.horns = horns
         labels |= {"horns": self.horns} if self.horns is not None else {}
         self.train_roi_counts = (0, 0)  # the last epoch's (images, cropped at a fallback window)
         self.dataset = kind(
@@ -353,9 +359,11 @@ class MemberTrainer:
             for key, value in row.items()
             if key.startswith("val_dice_")
         )
+        # the cascade's segmentation network has no task: its score is the mean Dice (validation.py)
+        classification = f"val loss {row['val_loss']:.4f}  AUC {aucs}  " if self.member.tasks else ""
         self.console.print(
             f"[{self.member.name}] epoch {row['epoch']:>2}  loss {row['train_loss']:.4f}  "
-            f"val loss {row['val_loss']:.4f}  AUC {aucs}  score {row['val_score']:.4f}{star}  "
+            f"{classification}score {row['val_score']:.4f}{star}  "
             + (f"Dice {dice}  " if dice else "")
             + f"lr {row['lr']:.2g}  {row['seconds']:.1f}s",
             highlight=False,

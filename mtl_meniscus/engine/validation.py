@@ -3,6 +3,7 @@ segmenting network's Dice)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ def validate(
     horns: HornCentres | None = None,
 ) -> dict[str, Any]:
     """{"auc": {task: AUC}, "score": the monitored score, "loss": masked BCE, "finite": all outputs
-    finite} on the images `indices`, and for a segmenting network "dice": {class: Dice}
+    finite} on the images `indices`, and for a segmenting network "dice": {class: Dice} (a network
+    without a task, the cascade's segmentation network: score the mean Dice, loss NaN)
     (validation_dice); under torchrun each process predicts its share. `horns`: a ROI model's horn
     centres of every row of `data` (found once for the run, data/roi.py HornCentres)."""
     targets = data.targets[indices]
@@ -50,13 +52,26 @@ def validate(
         return {"finite": False}
     aucs = task_aucs(targets, probs, data.tasks)
     dice = validation_dice(model, data, indices, config, runtime, processes) if segments(model) else None
+    if not probs and dice is not None:  # the cascade's segmentation network: no task to score
+        score = _mean_dice(dice)
+        loss = math.nan
+    else:
+        score = monitor_score(aucs, data.tasks)
+        loss = masked_log_loss(targets, probs, data.tasks, config.train.gated_loss_mean)
     return {
         "finite": True,
         "auc": aucs,
-        "score": monitor_score(aucs, data.tasks),
-        "loss": masked_log_loss(targets, probs, data.tasks, config.train.gated_loss_mean),
+        "score": score,
+        "loss": loss,
         **({"dice": dice} if dice is not None else {}),
     }
+
+
+def _mean_dice(dice: dict[str, float]) -> float:
+    """The monitored score of a network that only segments: the mean of its classes' validation
+    Dice over the classes defined (NaN when none is)."""
+    defined = [value for value in dice.values() if not math.isnan(value)]
+    return float(np.mean(defined)) if defined else math.nan
 
 
 def validation_dice(
@@ -69,7 +84,8 @@ def validation_dice(
 ) -> dict[str, float]:
     """{class: mean Dice over the images of `indices` with a mask} of a segmenting network (NaN
     where no such image has the class in its mask or its prediction); under torchrun each
-    process predicts its share. Reported, not monitored: early stopping follows the classification."""
+    process predicts its share. Reported, not monitored, where the network also classifies: early
+    stopping follows the classification (the cascade's segmentation network monitors their mean)."""
     rows = data.rows_with_mask(indices)
     shards = processes.shards(len(rows))
     mine = [rows[k] for k in shards[processes.rank]]

@@ -17,7 +17,9 @@ def _counted(model: nn.Module, x: torch.Tensor, backward: bool) -> int:
     # a ROI model of horns found outside it: none found, so the fallback windows (crops cost the same)
     horns = (torch.zeros(len(x), 2, 3),) if needs_horns(model) else ()
     with FlopCounterMode(display=False) as counter:
-        if backward and segments(model):  # a segmenting network's training step runs its decoder too
+        # a segmenting network's training step runs its decoder too, as does a network that only
+        # segments (the cascade's segmentation network: no task output)
+        if segments(model) and (backward or not getattr(model, "tasks", True)):
             outputs, pixels = model.forward_with_segmentation(x, *horns)
             outputs = {**outputs, "segmentation": pixels}
         else:

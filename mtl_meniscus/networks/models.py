@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mtl_meniscus.config import OWN_TRUNKS, ModelConfig, roi_crop_pixels
+from mtl_meniscus.config import OWN_TRUNKS, SEGMENTATION, ModelConfig, roi_crop_pixels
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.io.orientation import POSTERIOR_IS_RIGHT
 from mtl_meniscus.registry import Registry
@@ -406,8 +406,10 @@ class SharedTrunkNet(nn.Module):
     around each horn goes through it, and the heads read the whole image's features followed by the
     anterior and the posterior crop's. The horns come in as forward(x, horns), horns (B, 2, 3) (x,
     y, found; roi classical and truth: found outside the network, data/roi.py), or from the decoder
-    (roi predicted: forward(x) runs it). A horn not found is cropped at HORN_FALLBACK, and counted
-    (roi_fallbacks)."""
+    (roi predicted: forward(x) runs it; a cascade's classifier of roi predicted has no decoder and
+    is given the horns of the cascade's segmentation network). A horn not found is cropped at
+    HORN_FALLBACK, and counted (roi_fallbacks). With no task (tasks ()) and a decoder it is a
+    segmentation network only: the cascade's (SeparateCascade)."""
 
     def __init__(
         self,
@@ -455,7 +457,7 @@ class SharedTrunkNet(nn.Module):
     def forward(self, x: torch.Tensor, horns: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.roi == "none":
             return self.forward_head(self.forward_features(x))
-        if self.roi == "predicted":
+        if self.roi == "predicted" and self.segments:  # its own decoder finds the horns
             return self.forward_with_segmentation(x)[0]
         return self.forward_head(self.forward_features(x), self.horn_features(x, horns))
 
@@ -515,8 +517,9 @@ def segments(model: nn.Module) -> bool:
 
 
 def _networks(model: nn.Module) -> list[nn.Module]:
-    """The slice networks of a model: the cascade's, or the model itself."""
-    return list(model.networks.values()) if isinstance(model, SeparateCascade) else [model]
+    """The slice classifiers of a model: the cascade's (without its segmentation network), or the
+    model itself."""
+    return model.classifiers if isinstance(model, SeparateCascade) else [model]
 
 
 def roi_of(model: nn.Module) -> str:
@@ -526,8 +529,10 @@ def roi_of(model: nn.Module) -> str:
 
 def needs_horns(model: nn.Module) -> bool:
     """True for a model called as model(x, horns): it crops around horns found outside it (roi
-    classical or truth)."""
-    return roi_of(model) in ("classical", "truth")
+    classical or truth; roi predicted without a decoder of its own: a cascade's classifier, trained
+    on the horns of the cascade's segmentation network)."""
+    roi = roi_of(model)
+    return roi in ("classical", "truth") or (roi == "predicted" and not segments(model))
 
 
 def roi_fallback_counts(model: nn.Module) -> tuple[int, int]:
@@ -592,19 +597,48 @@ class ExamNet(nn.Module):
 
 
 class SeparateCascade(nn.Module):
-    """The reference method's independent networks, one per task, behind the shared contract."""
+    """The reference method's independent networks, one per task, behind the shared contract.
+
+    With model.segmentation the cascade has a fourth network of its own, `segmentation` (trunk and
+    decoder, no task head; trained first, on the rows with a mask): `segment` is its output, and
+    with roi predicted its horns (predicted_horns) are what every classifier crops around, in one
+    pass per batch."""
 
     def __init__(self, networks: dict[str, nn.Module]):
         super().__init__()
-        self.tasks = tuple(networks)  # in the order given: the task table's
+        # in the order given (the task table's), the segmentation network first when there is one
+        self.tasks = tuple(name for name in networks if name != SEGMENTATION)
         self.networks = nn.ModuleDict(networks)
-        self.exam_pooling = getattr(next(iter(networks.values())), "exam_pooling", None)
+        self.exam_pooling = getattr(self.classifiers[0], "exam_pooling", None)
 
-    def forward(self, x: torch.Tensor, *exam_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def classifiers(self) -> list[nn.Module]:
+        """The networks of the tasks, in the tasks' order."""
+        return [self.networks[task] for task in self.tasks]
+
+    @property
+    def segments(self) -> bool:
+        """True when the cascade has a segmentation network."""
+        return SEGMENTATION in self.networks
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """Segmentation logits (B, 3, H, W) of the segmentation network."""
+        return self.networks[SEGMENTATION].segment(x)
+
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{task: (B,) logits}; `extra` is what every classifier takes after x: an exam model's
+        lengths, or the horns (B, 2, 3) of roi classical or truth. With roi predicted the
+        segmentation network's horns."""
+        if self.segments and roi_of(self) == "predicted":
+            extra = (predicted_horns(self.segment(x)),)
         out: dict[str, torch.Tensor] = {}
-        for network in self.networks.values():
-            out.update(network(x, *exam_lengths))
+        for network in self.classifiers:
+            out.update(network(x, *extra))
         return {task: out[task] for task in self.tasks}
+
+    def forward_with_segmentation(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(forward(x), segment(x)): the export's contract of a segmenting model."""
+        return self.forward(x), self.segment(x)
 
 
 def takes_exams(model: nn.Module) -> bool:
@@ -661,15 +695,28 @@ def build_shared(config: ModelConfig) -> nn.Module:
 
 
 def build_single_task(config: ModelConfig, task: str) -> nn.Module:
-    """One network of the cascade: fissure has 3 conv blocks, orientation and position 4."""
+    """One network of the cascade: fissure has 3 conv blocks, orientation and position 4; the
+    segmentation network (model.segmentation) the 4-block trunk, its decoder and no head, cropping
+    nothing. A classifier has no decoder: with roi predicted it is given the segmentation network's
+    horns."""
+    if task == SEGMENTATION:
+        return _net(config.model_copy(update={"roi": "none"}), config.kernels, ())
     kernels = config.fissure_kernels if task == "fissure" else config.kernels
-    return _on_exams(_net(config, kernels, (task,)), config)
+    classifier = config.model_copy(update={"segmentation": False})
+    return _on_exams(_net(classifier, kernels, (task,)), config)
+
+
+def cascade_networks(config: ModelConfig) -> tuple[str, ...]:
+    """The cascade's networks in training order: the segmentation network first (with
+    model.segmentation; the classifiers of roi predicted crop around its horns), then one per task."""
+    return ((SEGMENTATION,) if config.segmentation else ()) + tuple(config.tasks)
 
 
 @MODELS.register("separate", per_task=True)
 def build_separate(config: ModelConfig) -> SeparateCascade:
-    """Three independent single-task networks (the reference baseline)."""
-    return SeparateCascade({task: build_single_task(config, task) for task in config.tasks})
+    """Three independent single-task networks (the reference baseline), and with
+    model.segmentation a segmentation network of its own."""
+    return SeparateCascade({name: build_single_task(config, name) for name in cascade_networks(config)})
 
 
 def build_model(config: ModelConfig) -> nn.Module:

@@ -51,8 +51,8 @@ class Variant:
 
 
 def plan_variants(compare: CompareConfig) -> list[Variant]:
-    """Every (mode, trunk, roi, segmentation, training fraction, seed) that can train (_trainable),
-    seed-major: after the first round every row of the table has a value."""
+    """Every (mode, trunk, roi, segmentation, training fraction, seed) as it trains (_trainable),
+    each once, seed-major: after the first round every row of the table has a value."""
     planned = [
         _trainable(Variant(mode, trunk, seed, fraction, roi, segmentation))
         for seed in compare.seeds
@@ -62,22 +62,16 @@ def plan_variants(compare: CompareConfig) -> list[Variant]:
         for segmentation in compare.segmentation
         for mode in compare.modes
     ]
-    variants = list(dict.fromkeys(v for v in planned if v is not None))  # in order, each once
-    if not variants:
-        raise ConfigError(
-            f"--roi {','.join(compare.rois)}: 'predicted' crops around the horns of the shared model's own "
-            f"decoder, and the modes {', '.join(compare.modes)} have none; add --modes shared"
-        )
-    return variants
+    return list(dict.fromkeys(planned))  # in order, each once
 
 
-def _trainable(variant: Variant) -> Variant | None:
-    """The variant as it can train: the cascade has no segmentation decoder (planned with
-    segmentation off, and without roi predicted: None), and roi predicted trains the decoder whose
-    horns it crops (segmentation on)."""
-    if trains_per_task(variant.mode):
-        return None if variant.roi == "predicted" else replace(variant, segmentation=False)
-    return replace(variant, segmentation=True) if variant.roi == "predicted" else variant
+def _trainable(variant: Variant) -> Variant:
+    """The variant as it trains: roi predicted trains the decoder whose horns it crops (the shared
+    model's own, the cascade's segmentation network: segmentation on); otherwise the cascade has
+    no segmentation (an auxiliary task is the shared model's; planned with segmentation off)."""
+    if variant.roi == "predicted":
+        return replace(variant, segmentation=True)
+    return replace(variant, segmentation=False) if trains_per_task(variant.mode) else variant
 
 
 def baseline_group(variants: Sequence[Variant]) -> str:
@@ -140,7 +134,7 @@ def variant_config(
     if compare.budget != "per-network" and trains_per_task(variant.mode):
         steps = config.train.steps_per_epoch
         if compare.budget == "equal-images":
-            overrides["train.steps_per_epoch"] = steps_per_network(steps, len(config.model.tasks))
+            overrides["train.steps_per_epoch"] = steps_per_network(steps, len(network_model_configs(config)))
         else:
             shared = _shared_config(compare, variant, presets, overrides)
             overrides["train.steps_per_epoch"] = flops_matched_steps(

@@ -1,0 +1,163 @@
+"""The cascade's own segmentation network (issue 29, separate mode): with model.segmentation the
+reference cascade gets a fourth network, trained first on the images with a mask, whose horns its
+classifiers crop around with model.roi predicted."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from support import TINY
+
+from mtl_meniscus.config import load_config
+from mtl_meniscus.data.load import prepare_data
+from mtl_meniscus.data.preprocess import make_input
+from mtl_meniscus.data.roi import HornCentres
+from mtl_meniscus.engine.inference import predicted_horn_centres
+from mtl_meniscus.engine.members import network_model_configs, plan_members
+from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.runtime import resolve_runtime
+from mtl_meniscus.engine.trained import load_trained
+from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.networks.models import SeparateCascade, needs_horns, predicted_horns, segments
+from mtl_meniscus.phantom.slices import write_phantom
+
+CASCADE = {"model.name": "separate", "model.segmentation": True}
+PREDICTED = {**CASCADE, "model.roi": "predicted"}
+FP32 = resolve_runtime("fp32", "cpu")
+
+
+@pytest.fixture(scope="module")
+def phantom64(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cascade-seg64")
+    write_phantom(folder, n=48, seed=7, size=64)
+    return folder
+
+
+def _with_masks_on(source: Path, target: Path, every: int | None) -> Path:
+    """labels.csv of `source` with a mask on every `every`-th row only (None: on no row)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("images", "masks"):
+        (target / name).symlink_to(source / name)
+    with (source / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with (target / "labels.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for k, row in enumerate(rows):
+            writer.writerow(row if every is not None and k % every == 0 else {**row, "mask": ""})
+    return target
+
+
+def _history(run: Path) -> list[dict[str, str]]:
+    with (run / "history.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_the_segmentation_network_comes_first_and_trains_on_the_rows_with_a_mask(phantom64, tmp_path):
+    folder = _with_masks_on(phantom64, tmp_path / "partial", every=3)
+    config = load_config(TINY, {**PREDICTED, "data.path": str(folder)})
+    data = prepare_data(folder, config.data, masks=True)
+    members = plan_members(config, data, tmp_path)
+    assert [m.name for m in members] == ["segmentation", "fissure", "orientation", "position"]
+    segmentation, fissure = members[0], members[1]
+    assert segmentation.tasks == () and segmentation.folder == tmp_path / "members" / "segmentation"
+    train, val = data.indices("train"), data.indices("val")
+    with_mask = [i for i in train if data.masks[i] is not None]
+    assert 0 < len(with_mask) < len(train)
+    np.testing.assert_array_equal(segmentation.train_indices, with_mask)
+    np.testing.assert_array_equal(segmentation.val_indices, [i for i in val if data.masks[i] is not None])
+    np.testing.assert_array_equal(fissure.train_indices, train)  # the classifiers' images are as ever
+    # compare counts its FLOPs with the others'; the classifiers carry no decoder
+    models = network_model_configs(config)
+    assert list(models) == ["segmentation", "fissure", "orientation", "position"]
+    assert models["segmentation"].segmentation and models["segmentation"].roi == "none"
+    assert not models["fissure"].segmentation and models["fissure"].roi == "predicted"
+
+
+def test_a_cascade_segmentation_network_without_any_mask_is_refused_by_name(phantom64, tmp_path):
+    folder = _with_masks_on(phantom64, tmp_path / "none", every=None)
+    config = load_config(TINY, {**CASCADE, "data.path": str(folder), "train.max_epochs": 1})
+    with pytest.raises(MeniscusError, match="segmentation network trains on the rows .* with a mask"):
+        train_run(config, tmp_path / "run", console=Console(quiet=True))
+    assert not (tmp_path / "run" / "members").exists()
+
+
+@pytest.fixture(scope="module")
+def predicted_run(phantom64, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cascade-predicted") / "run"
+    overrides = {**PREDICTED, "data.path": str(phantom64), "train.max_epochs": 2, "train.eval_batch_size": 5}
+    train_run(load_config(TINY, overrides), run, console=Console(quiet=True))
+    return run
+
+
+def test_the_segmentation_network_is_scored_by_its_mean_dice(predicted_run):
+    history = _history(predicted_run)
+    assert [row["member"] for row in history] == [
+        "segmentation", "segmentation", "fissure", "fissure", "orientation", "orientation",
+        "position", "position",
+    ]  # fmt: skip
+    for row in history[:2]:
+        dice = [float(row["val_dice_meniscus"]), float(row["val_dice_tear"])]
+        defined = [d for d in dice if not math.isnan(d)]
+        assert float(row["val_score"]) == pytest.approx(np.mean(defined))
+        assert math.isnan(float(row["val_loss"])) and math.isnan(float(row["val_auc_fissure"]))
+    metrics = json.loads((predicted_run / "metrics.json").read_text())
+    assert metrics["members"]["segmentation"]["learned"] is None  # no chance bar: not a classifier's question
+    assert metrics["test"]["segmentation"]["n_images"] > 0
+    assert metrics["test"]["roi"]["horns"] == "predicted"
+    assert metrics["test"]["roi"]["images"] == metrics["test"]["n_images"]
+
+
+def test_the_cascades_classifiers_crop_around_its_segmentation_networks_horns(predicted_run):
+    model = load_trained(predicted_run, FP32).model.eval()
+    assert isinstance(model, SeparateCascade) and model.tasks == ("fissure", "orientation", "position")
+    segmenter = model.networks["segmentation"]
+    assert segments(model) and segments(segmenter) and not len(segmenter.heads)
+    assert not any(segments(network) for network in model.classifiers)
+    # a classifier alone is called with horns; the cascade finds them itself
+    assert all(needs_horns(network) for network in model.classifiers) and not needs_horns(model)
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        horns = predicted_horns(segmenter.segment(x))
+        for task, network in zip(model.tasks, model.classifiers):
+            assert torch.equal(out[task], network(x, horns)[task])
+        logits, pixels = model.forward_with_segmentation(x)
+    assert torch.equal(pixels, segmenter.segment(x)) and all(torch.equal(logits[t], out[t]) for t in out)
+
+
+def test_the_horns_given_to_the_classifiers_are_the_segmentation_networks_image_by_image(
+    predicted_run, phantom64
+):
+    trained = load_trained(predicted_run, FP32)
+    segmenter = trained.model.networks["segmentation"].eval()
+    images = prepare_data(phantom64, trained.config.data).images[:7]
+    centres = predicted_horn_centres(segmenter, images, "sobel", FP32, batch_size=3)  # 3 batches
+    horns = HornCentres.found_by_network(images, centres)
+    assert horns.source == "predicted" and len(horns) == 7 and len(horns.subset([2, 5])) == 2
+    for k in (0, 4, 6):
+        x = torch.from_numpy(make_input(images[k], "sobel"))[None]
+        with torch.no_grad():
+            one = predicted_horns(segmenter.segment(x))[0].numpy()
+        np.testing.assert_allclose(horns[k], one, atol=1e-4)
+    np.testing.assert_allclose(horns.subset([2, 5])[1], horns[5])
+    with pytest.raises(ValueError, match="6 horn centres for 7 images"):
+        HornCentres.found_by_network(images, centres[:6])
+
+
+def test_a_cascade_with_a_segmentation_network_exports_its_masks(phantom64, tmp_path):
+    from mtl_meniscus.commands.export import PARITY_TOLERANCE, export_onnx
+
+    run = tmp_path / "run"
+    config = load_config(TINY, {**CASCADE, "data.path": str(phantom64), "train.max_epochs": 1})
+    train_run(config, run, console=Console(quiet=True))
+    report = export_onnx(run, tmp_path / "m.onnx")
+    assert report.outputs[-1] == "p_segmentation" and report.max_abs_difference <= PARITY_TOLERANCE
