@@ -599,7 +599,8 @@ def compare(
         str | None,
         typer.Option(
             help="Comma-separated ROI-first classification: none, classical, predicted, truth (an upper "
-            "bound; needs masks). predicted trains the shared model's decoder (the cascade has none).",
+            "bound; needs masks). predicted trains what finds the horns: the shared model's decoder, "
+            "the cascade's own segmentation network.",
         ),
     ] = None,
     segmentation: Annotated[

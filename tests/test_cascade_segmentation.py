@@ -90,15 +90,29 @@ def test_a_cascade_segmentation_network_without_any_mask_is_refused_by_name(phan
 
 
 @pytest.fixture(scope="module")
-def predicted_run(phantom64, tmp_path_factory) -> Path:
+def predicted_run(phantom64, tmp_path_factory) -> tuple[Path, dict[str, HornCentres | None]]:
+    """A cascade with roi predicted, two tiny epochs per network, and the horns each of its
+    networks' trainers was given ({network: HornCentres or None})."""
+    import mtl_meniscus.engine.run as run_module
+
+    given: dict[str, HornCentres | None] = {}
+
+    class Recording(run_module.MemberTrainer):
+        def __init__(self, member, *args, **kwargs):
+            super().__init__(member, *args, **kwargs)
+            given[member.name] = self.horns
+
     run = tmp_path_factory.mktemp("cascade-predicted") / "run"
     overrides = {**PREDICTED, "data.path": str(phantom64), "train.max_epochs": 2, "train.eval_batch_size": 5}
-    train_run(load_config(TINY, overrides), run, console=Console(quiet=True))
-    return run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "MemberTrainer", Recording)
+        train_run(load_config(TINY, overrides), run, console=Console(quiet=True))
+    return run, given
 
 
 def test_the_segmentation_network_is_scored_by_its_mean_dice(predicted_run):
-    history = _history(predicted_run)
+    run, _ = predicted_run
+    history = _history(run)
     assert [row["member"] for row in history] == [
         "segmentation", "segmentation", "fissure", "fissure", "orientation", "orientation",
         "position", "position",
@@ -108,7 +122,9 @@ def test_the_segmentation_network_is_scored_by_its_mean_dice(predicted_run):
         defined = [d for d in dice if not math.isnan(d)]
         assert float(row["val_score"]) == pytest.approx(np.mean(defined))
         assert math.isnan(float(row["val_loss"])) and math.isnan(float(row["val_auc_fissure"]))
-    metrics = json.loads((predicted_run / "metrics.json").read_text())
+        assert row["roi_fallbacks"] == ""  # it crops nothing; the classifiers' rows have the share
+    assert all(0 <= float(row["roi_fallbacks"]) <= 1 for row in history[2:])
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["members"]["segmentation"]["learned"] is None  # no chance bar: not a classifier's question
     assert metrics["test"]["segmentation"]["n_images"] > 0
     assert metrics["test"]["roi"]["horns"] == "predicted"
@@ -116,7 +132,7 @@ def test_the_segmentation_network_is_scored_by_its_mean_dice(predicted_run):
 
 
 def test_the_cascades_classifiers_crop_around_its_segmentation_networks_horns(predicted_run):
-    model = load_trained(predicted_run, FP32).model.eval()
+    model = load_trained(predicted_run[0], FP32).model.eval()
     assert isinstance(model, SeparateCascade) and model.tasks == ("fissure", "orientation", "position")
     segmenter = model.networks["segmentation"]
     assert segments(model) and segments(segmenter) and not len(segmenter.heads)
@@ -134,23 +150,48 @@ def test_the_cascades_classifiers_crop_around_its_segmentation_networks_horns(pr
     assert torch.equal(pixels, segmenter.segment(x)) and all(torch.equal(logits[t], out[t]) for t in out)
 
 
-def test_the_horns_given_to_the_classifiers_are_the_segmentation_networks_image_by_image(
-    predicted_run, phantom64
-):
-    trained = load_trained(predicted_run, FP32)
+def test_the_classifiers_trained_on_the_trained_segmentation_networks_horns(predicted_run, phantom64):
+    """Every classifier's trainer was given each row's horns as the finished segmentation network
+    (its restored best epoch, the one in best.pt) finds them on the row's image; image by image,
+    whatever the batch."""
+    run, given = predicted_run
+    assert given["segmentation"] is None  # it crops nothing
+    horns = given["fissure"]
+    assert horns is given["orientation"] is given["position"] and horns.source == "predicted"
+    trained = load_trained(run, FP32)
     segmenter = trained.model.networks["segmentation"].eval()
-    images = prepare_data(phantom64, trained.config.data).images[:7]
-    centres = predicted_horn_centres(segmenter, images, "sobel", FP32, batch_size=3)  # 3 batches
-    horns = HornCentres.found_by_network(images, centres)
-    assert horns.source == "predicted" and len(horns) == 7 and len(horns.subset([2, 5])) == 2
-    for k in (0, 4, 6):
-        x = torch.from_numpy(make_input(images[k], "sobel"))[None]
+    edge_filter = trained.config.preprocess.edge_filter
+    images = prepare_data(phantom64, trained.config.data).images
+    assert len(horns) == len(images)
+    for k in (0, 4, len(images) - 1):
+        x = torch.from_numpy(make_input(images[k], edge_filter))[None]
         with torch.no_grad():
             one = predicted_horns(segmenter.segment(x))[0].numpy()
         np.testing.assert_allclose(horns[k], one, atol=1e-4)
-    np.testing.assert_allclose(horns.subset([2, 5])[1], horns[5])
+    assert horns.not_found() == sum(not horns[k][:, 2].all() for k in range(len(images)))
+    centres = predicted_horn_centres(segmenter, images[:7], edge_filter, FP32, batch_size=3)  # 3 batches
+    view = HornCentres.found_by_network(images[:7], centres).subset([2, 5])
+    np.testing.assert_allclose(view[1], horns[5], atol=1e-4)
     with pytest.raises(ValueError, match="6 horn centres for 7 images"):
-        HornCentres.found_by_network(images, centres[:6])
+        HornCentres.found_by_network(images[:7], centres[:6])
+
+
+def test_a_network_without_a_task_has_no_task_denominators_under_torchrun():
+    from mtl_meniscus.engine.distributed import Distributed
+    from mtl_meniscus.labels import DEFAULT_TASKS
+
+    two = Distributed(rank=0, world=2)  # no process group is needed for a network without a task
+    assert two.active and two.loss_denominators(torch.zeros(4, 3), [], DEFAULT_TASKS, "per-image") == {}
+
+
+def test_still_improving_is_the_classifiers_question():
+    from mtl_meniscus.commands.compare.statistics import still_improving
+
+    ended = {"epochs": 10, "best_epoch": 4}
+    rising = {"epochs": 10, "best_epoch": 10}
+    result = {"max_epochs": 10, "best": {"segmentation": rising, "fissure": ended, "position": ended}}
+    assert not still_improving(result)  # a Dice still rising says nothing about classification
+    assert still_improving({**result, "best": {**result["best"], "position": rising}})
 
 
 def test_a_cascade_with_a_segmentation_network_exports_its_masks(phantom64, tmp_path):

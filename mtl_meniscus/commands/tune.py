@@ -16,7 +16,8 @@ best.yaml and scoring the test split gives the unbiased figure.
 
 Pruning: after each epoch the network's validation score is reported to the trial at a step that
 means the same network and epoch in every trial: step = index of the network x max_epochs + epoch
-- 1 (the shared model is network 0; the cascade trains fissure, orientation, position in that order).
+- 1 (the shared model is network 0; the cascade trains fissure, orientation, position in that order,
+after its segmentation network with model.segmentation, judged on its mean validation Dice).
 PerNetworkMedianPruner judges the network a trial trains now on that network's steps alone, so a
 cascade's good fissure network cannot carry a stuck orientation network. No network is pruned in
 its first `warmup_epochs`.

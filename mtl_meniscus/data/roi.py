@@ -429,8 +429,9 @@ class HornCentres:
         return view
 
     def not_found(self) -> int:
-        """How many of this view's images have no horns (each looked for now if not yet)."""
-        return sum(not self[k][0, 2] for k in range(len(self)))
+        """How many of this view's images lack a horn, either (each looked for now if not yet): the
+        images a ROI model crops at a fallback window."""
+        return sum(not self[k][:, 2].all() for k in range(len(self)))
 
 
 def horn_source(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mtl_meniscus.config import OWN_TRUNKS, Config, config_from_dict
-from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.io.outputs import atomic_write
 from mtl_meniscus.networks.models import build_model
 
@@ -76,7 +76,19 @@ def model_from_checkpoint(
     missing = [key for key in REQUIRED_KEYS if key not in payload]
     if missing:
         raise MeniscusError(f"{source}: damaged checkpoint: missing {', '.join(missing)}")
-    config = config_from_dict(_ignored_settings_cleared(payload["config"]), source=f"{source} (its config)")
+    try:
+        config = config_from_dict(
+            _ignored_settings_cleared(payload["config"]), source=f"{source} (its config)"
+        )
+    except ConfigError as err:
+        member = payload.get("member")
+        if not member or member == "shared":
+            raise
+        # a cascade's segmentation network (no task) or a classifier that crops around its horns
+        raise MeniscusError(
+            f"{source} is the {member} network of a cascade run, not a model of its own ({err}); "
+            "evaluate or predict with the run folder, which assembles its networks"
+        ) from None
     # The weights come from the checkpoint: do not fetch a timm trunk's pretrained weights again.
     model = build_model(config.model.model_copy(update={"pretrained": "none"}))
     load_weights(model, payload["state_dict"], source)

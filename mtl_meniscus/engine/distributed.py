@@ -69,9 +69,12 @@ class Distributed:
     ) -> dict[str, torch.Tensor] | None:
         """{task: its loss rows in the whole global batch / processes (at least 1 / processes)}:
         the denominators that make the processes' averaged masked means the global batch's mean.
-        None in one process (the batch's own count is right there)."""
+        None in one process (the batch's own count is right there); {} for a network without a
+        task (the cascade's segmentation network: its loss has rows_denominator's)."""
         if not self.active:
             return None
+        if not names:
+            return {}
         masks = [loss_rows(targets, name, gated_mean, tasks) for name in names]
         counts = torch.stack([mask.sum() for mask in masks]).float().to(self._collective_device())
         torch.distributed.all_reduce(counts)

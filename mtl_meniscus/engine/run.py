@@ -170,7 +170,7 @@ def _segmentation_network_horns(
     horns = HornCentres.found_by_network(data.images, centres)
     console.print(
         f"[{SEGMENTATION}] horns of {len(data.images)} {data.unit} for the classifiers "
-        f"({horns.not_found()} without both horns: cropped at the fallback windows)",
+        f"({horns.not_found()} without both: cropped at a fallback window)",
         markup=False,
         highlight=False,
     )

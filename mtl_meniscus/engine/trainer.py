@@ -210,8 +210,9 @@ class MemberTrainer:
 
     def _roi_fallback_column(self) -> dict[str, float]:
         """A ROI model's {"roi_fallbacks": share of the epoch's training images cropped at a fallback
-        window (no horn found)}; {} for other models. Under torchrun: this process's images."""
-        if self.config.model.roi == "none":
+        window (no horn found)}; {} for other models and for the cascade's segmentation network.
+        Under torchrun: this process's images."""
+        if self.config.model.roi == "none" or not self.member.tasks:
             return {}
         images, fallbacks = self.train_roi_counts
         return {"roi_fallbacks": fallbacks / max(images, 1)}

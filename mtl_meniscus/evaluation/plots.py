@@ -73,17 +73,23 @@ def _plot_member_curves(row_axes, member: str, rows: list[dict], best: dict) -> 
     loss_ax.plot(epochs, [r["val_loss"] for r in rows], label="validation")
     loss_ax.set_title(f"{member}: loss")
     tasks = [key[len("val_auc_") :] for key in rows[0] if key.startswith("val_auc_")]
+    plotted = 0
     for task in tasks:
         values = [r.get(f"val_auc_{task}") for r in rows]
         if any(v is not None and v == v for v in values):
             auc_ax.plot(epochs, values, label=task)
+            plotted += 1
+    # a network without a task (the cascade's segmentation network) monitors its mean Dice
+    dice = [key for key in rows[0] if key.startswith("val_dice_")] if not plotted else []
+    for key in dice:
+        auc_ax.plot(epochs, [r.get(key) for r in rows], label=f"Dice {key.removeprefix('val_dice_')}")
     auc_ax.plot(epochs, [r["val_score"] for r in rows], "k--", label="monitored score")
     if best.get("left_chance_epoch"):  # decided per task (stopping.py): an epoch, not one score
         auc_ax.axvline(
             best["left_chance_epoch"], color="grey", linewidth=0.8, linestyle="-.", label="left chance"
         )
-    auc_ax.set_title(f"{member}: validation AUC")
-    auc_ax.set_ylim(0.4, 1.01)
+    auc_ax.set_title(f"{member}: validation {'Dice' if dice else 'AUC'}")
+    auc_ax.set_ylim(0.0 if dice else 0.4, 1.01)  # Dice starts near 0, an AUC near chance
     lr_ax.semilogy(epochs, [r["lr"] for r in rows])
     lr_ax.set_title(f"{member}: learning rate")
     cuts = [e for e, before, after in zip(epochs[1:], rows, rows[1:]) if after["lr"] < before["lr"]]

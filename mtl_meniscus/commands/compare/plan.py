@@ -134,7 +134,9 @@ def variant_config(
     if compare.budget != "per-network" and trains_per_task(variant.mode):
         steps = config.train.steps_per_epoch
         if compare.budget == "equal-images":
-            overrides["train.steps_per_epoch"] = steps_per_network(steps, len(network_model_configs(config)))
+            # the classifiers share the steps; a segmentation network (roi predicted) trains as many
+            # as each, as the shared model's decoder learns from the shared model's own images
+            overrides["train.steps_per_epoch"] = steps_per_network(steps, len(config.model.tasks))
         else:
             shared = _shared_config(compare, variant, presets, overrides)
             overrides["train.steps_per_epoch"] = flops_matched_steps(

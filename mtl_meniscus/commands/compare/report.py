@@ -99,10 +99,12 @@ BUDGET_NOTES = {
         "variant's networks, mean over seeds)."
     ),
     "equal-images": (
-        "Budget of equal images: the cascade's three networks shared the shared model's training "
-        "steps, a third of each epoch's steps each (column 'train images': images seen by all of a "
-        "variant's networks, mean over seeds). Its networks cost more FLOPs per image than the shared "
-        "model, so this is not equal compute: see 'train TFLOPs'."
+        "Budget of equal images: the cascade's three classifiers shared the shared model's training "
+        "steps, a third of each epoch's steps each (with roi predicted its segmentation network trained "
+        "as many as each classifier, on top: the shared model's decoder learns from its own images; "
+        "column 'train images': images seen by all of a variant's networks, mean over seeds). Its "
+        "networks cost more FLOPs per image than the shared model, so this is not equal compute: see "
+        "'train TFLOPs'."
     ),
     "equal-flops": (
         "Budget of equal FLOPs: the cascade's networks together trained on the shared model's "

@@ -59,8 +59,9 @@ class CompareConfig(Section):
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     # Shares of the training split (a learning curve: every mode on nested subsets; 1.0 = all of it).
     train_fractions: tuple[float, ...] = (1.0,)
-    # ROI-first classification (model.roi): none, predicted, classical, truth (an upper bound). The
-    # cascade has no decoder: 'predicted' (which trains one) is planned for the shared model only.
+    # ROI-first classification (model.roi): none, predicted, classical, truth (an upper bound).
+    # 'predicted' trains what finds the horns: the shared model's decoder, the cascade's own
+    # segmentation network.
     rois: tuple[Literal["none", "predicted", "classical", "truth"], ...] = ("none",)
     # Segmentation as an auxiliary task (model.segmentation), off and/or on: the shared model's
     # (the cascade is planned with it off; roi 'predicted' always trains it).

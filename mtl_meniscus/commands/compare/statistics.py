@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from mtl_meniscus.commands.compare.plan import Variant, baselines
+from mtl_meniscus.config import SEGMENTATION
 from mtl_meniscus.evaluation.calibration import brier_score, expected_calibration_error
 from mtl_meniscus.evaluation.metrics import (
     delong_test,
@@ -172,13 +173,15 @@ STILL_IMPROVING_SHARE = 0.2  # a best epoch in the last 20% of the budget: the b
 def still_improving(result: dict[str, Any]) -> bool:
     """True when any network of the run restored an epoch in the last STILL_IMPROVING_SHARE of its
     epoch budget and was not stopped early: it was probably still improving when the budget ended,
-    so its score says more about the budget than about the method."""
+    so its score says more about the budget than about the method. Classifiers only: the cascade's
+    segmentation network (model.segmentation) is judged by its Dice, which often rises to the end."""
     budget = result.get("max_epochs")
     if not budget:
         return False
     return any(
         best["epochs"] >= budget and best["best_epoch"] > (1 - STILL_IMPROVING_SHARE) * budget
-        for best in result["best"].values()
+        for network, best in result["best"].items()
+        if network != SEGMENTATION
     )
 
 
