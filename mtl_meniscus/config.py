@@ -177,6 +177,11 @@ DEEP_KERNELS = (7, 5, 3, 3)  # reference orientation/position networks: 4 blocks
 OWN_TRUNKS = ("reference", "plain")
 # The segmentation loss's name among the task losses (weighting, train.task_weights, history.csv).
 SEGMENTATION = "segmentation"
+# What model.roi an exam model (model.exam_pooling, data.layout mrnet) takes, for both checks.
+ROI_ON_EXAMS = (
+    "none or classical with model.exam_pooling or data.layout mrnet (an exam's slices have no masks "
+    "for truth, and an exam model has no segmentation decoder for predicted)"
+)
 # model.roi_crop is given in pixels of an image this size (data.image_size scales it).
 ROI_REFERENCE_SIZE = 256
 
@@ -281,8 +286,8 @@ class ModelConfig(Section):
         )
 
     def _validate_roi(self) -> None:
-        """What ROI-first classification is built for so far: slice models; 'predicted' needs the
-        run's own segmentation decoder."""
+        """What ROI-first classification is built for so far: slice models, and exam models with
+        the classical horns of every slice; 'predicted' needs the run's own segmentation decoder."""
         check_value(
             16 <= self.roi_crop <= MAX_IMAGE_SIZE,
             "model.roi_crop",
@@ -297,12 +302,7 @@ class ModelConfig(Section):
             "that the run's own segmentation decoder (or the cascade's segmentation network) finds "
             "(set model.segmentation: true)",
         )
-        check_value(
-            self.exam_pooling is None,
-            "model.roi",
-            self.roi,
-            "none with model.exam_pooling (an exam model's slices are not cropped)",
-        )
+        check_value(self.exam_pooling is None or self.roi == "classical", "model.roi", self.roi, ROI_ON_EXAMS)
 
 
 def roi_crop_pixels(roi_crop: int, image_size: int) -> int:
@@ -449,11 +449,11 @@ class Config(Section):
         )
         if self.data.layout == "mrnet" and self.model.exam_pooling is None:
             self.model.exam_pooling = "max"  # MRNet labels whole exams: only an exam model can learn them
-        check_value(
-            self.model.roi == "none" or self.model.exam_pooling is None,
+        check_value(  # again: data.layout mrnet has just made it an exam model
+            self.model.exam_pooling is None or self.model.roi in ("none", "classical"),
             "model.roi",
             self.model.roi,
-            "none with data.layout mrnet or model.exam_pooling (an exam model's slices are not cropped)",
+            ROI_ON_EXAMS,
         )
         check_value(
             self.model.exam_pooling is None or self.data.layout == "mrnet",

@@ -295,3 +295,83 @@ def test_a_killed_exam_run_resumes_to_the_same_model(mrnet_runs, tmp_path):
     a = load_checkpoint(tmp_path / "full" / "best.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "killed" / "best.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- ROI-first classification on exams: each slice cropped around its own classical horns ------
+
+
+def test_an_exam_roi_model_pools_each_slices_image_and_crop_features():
+    from mtl_meniscus.networks.models import needs_horns
+
+    with pytest.raises(ConfigError, match="model.roi.*none or classical with model.exam_pooling"):
+        load_config(TINY, {"data.layout": "mrnet", "data.path": "MRNet-v1.0", "model.roi": "truth"})
+    torch.manual_seed(0)
+    config = ModelConfig(exam_pooling="attention", roi="classical", **SMALL_NET)
+    model = build_model(config).eval()
+    assert needs_horns(model)
+    x, lengths = torch.randn(7, 2, 64, 64), torch.tensor([4, 3])  # crops of 96 px at 256: 24 px
+    horns = torch.rand(7, 2, 3) * 64
+    horns[..., 2] = 1.0
+    with torch.no_grad():
+        out = model(x, lengths, horns)["fissure"]
+        net = model.slice_net  # by hand: each slice's features and its two crops', pooled per exam
+        features = torch.cat([net.trunk(x), net.horn_features(x, horns)], dim=1)
+        expected = net.heads["fissure"](model.pool(features, lengths))
+    assert out.shape == (2,) and torch.equal(out, expected)
+    assert features.shape[1] == net.num_features == 3 * net.trunk.num_features
+    with pytest.raises(Exception, match="model.roi classical"):
+        model(x, lengths)  # no horns: named
+
+
+def test_an_exams_horns_move_with_its_slices_and_are_collated_slice_after_slice():
+    from mtl_meniscus.config import AugmentConfig
+    from mtl_meniscus.data.augment import move_points, sample_affine
+    from mtl_meniscus.data.roi import HornCentres
+
+    rng = np.random.default_rng(0)
+    volumes = [
+        rng.normal(size=(3, 32, 32)).astype(np.float32),
+        rng.normal(size=(2, 32, 32)).astype(np.float32),
+    ]
+    found = {0: rng.uniform(4, 28, size=(3, 2, 3)).astype(np.float32), 1: np.zeros((2, 2, 3), np.float32)}
+    horns = HornCentres("classical", volumes)
+    horns._found = dict(found)  # as if the classical search had found these on each slice
+    augment = AugmentConfig(rotation_deg=30, translate_frac=0.1)
+    with_horns = ExamDataset(volumes, np.ones((2, 1)), "sobel", augment, horns=horns)
+    without = ExamDataset(volumes, np.ones((2, 1)), "sobel", augment)
+    x, _, moved = with_horns[(0, 7)]
+    torch.testing.assert_close(x, without[(0, 7)][0])  # the slices are what they are without horns
+    params = sample_affine(augment, 32, 32, np.random.default_rng(7))
+    for k in range(3):  # every slice's horns by the exam's one transform
+        expected = move_points(found[0][k, :, :2], params, 32, 32)
+        np.testing.assert_allclose(moved[k, :, :2].numpy(), expected, atol=1e-5)
+    np.testing.assert_array_equal(moved[..., 2].numpy(), found[0][..., 2])
+    (x, lengths, batch_horns), _ = collate_batch([with_horns[(0, None)], with_horns[(1, None)]], horns=True)
+    assert lengths.tolist() == [3, 2] and batch_horns.shape == (5, 2, 3)
+    np.testing.assert_array_equal(batch_horns.numpy(), np.concatenate([found[0], found[1]]))
+    assert horns.not_found() == 1  # exam 1 has no horns on any slice
+
+
+def test_an_exam_roi_model_trains_on_mrnet_exams_and_predicts_an_exam(mrnet_runs, tmp_path):
+    folder, _ = mrnet_runs
+    run = tmp_path / "roi"
+    args = [
+        "train",
+        "--mode",
+        "shared",
+        "--config",
+        str(_tiny_exam_config(tmp_path)),
+        "--mrnet",
+        str(folder / "mrnet"),
+    ]
+    result = CliRunner().invoke(
+        app, args + ["--set", "model.roi=classical", "--precision", "fp32", "--out", str(run)]
+    )
+    assert result.exit_code == 0, result.output
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert test["roi"]["images"] == 4 * 5  # every slice of the 4 test exams cropped once
+    assert "slices cropped at the fallback windows" in result.output
+    trained = load_trained(run, resolve_runtime("fp32"))
+    volume = np.load(folder / "mrnet" / "valid" / "sagittal" / "0036.npy").astype(np.float32)
+    probs = trained.predict([volume, volume[:2]], resolve_runtime("fp32"))["fissure"]  # horns found by itself
+    assert probs.shape == (2,) and np.isfinite(probs).all()

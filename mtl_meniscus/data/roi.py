@@ -373,7 +373,7 @@ def horn_centres(horns: HornBoxes | None) -> np.ndarray:
 class HornCentres:
     """Each image's horn centres (horn_centres), found when first asked for and then kept: from its
     label mask (source "truth"; a row without a mask has none) or by the classical pipeline on the
-    image as given (source "classical").
+    image as given (source "classical"; a whole exam (S, H, W): each slice's, (S, 2, 3)).
 
     Found once per image, not per augmented copy: the classical search costs 7-12 ms an image (one core;
     measured on the phantom at 64 and 256 px), more than the time of the rest of an image's preparation, and a random affine moves the
@@ -413,14 +413,19 @@ class HornCentres:
     def __getitem__(self, k: int) -> np.ndarray:
         row = self._row(k)
         if row not in self._found:
-            self._found[row] = horn_centres(self._find(row))
+            self._found[row] = self._find(row)
         return self._found[row]
 
-    def _find(self, row: int) -> HornBoxes | None:
+    def _find(self, row: int) -> np.ndarray:
+        """(2, 3) centres of an image, (S, 2, 3) of an exam's S slices (classical only: exams have
+        no masks)."""
         if self.source == "truth":
             mask = self.masks[row]
-            return None if mask is None else horn_boxes_from_mask(mask)
-        return find_horns_classical(np.asarray(self.images[row], np.float32))
+            return horn_centres(None if mask is None else horn_boxes_from_mask(mask))
+        image = np.asarray(self.images[row], np.float32)
+        if image.ndim == 3:  # an exam: each slice's own horns
+            return np.stack([horn_centres(find_horns_classical(s)) for s in image])
+        return horn_centres(find_horns_classical(image))
 
     def subset(self, indices: Sequence[int]) -> HornCentres:
         """The rows `indices` of this view, sharing the centres found so far and from now on."""
@@ -430,8 +435,8 @@ class HornCentres:
 
     def not_found(self) -> int:
         """How many of this view's images lack a horn, either (each looked for now if not yet): the
-        images a ROI model crops at a fallback window."""
-        return sum(not self[k][:, 2].all() for k in range(len(self)))
+        images a ROI model crops at a fallback window (an exam: any of its slices)."""
+        return sum(not self[k][..., 2].all() for k in range(len(self)))
 
 
 def horn_source(

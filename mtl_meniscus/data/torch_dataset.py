@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mtl_meniscus.config import AugmentConfig
-from mtl_meniscus.data.augment import augment_image, augment_with_labels
+from mtl_meniscus.data.augment import augment_image, augment_with_labels, move_points, sample_affine
 from mtl_meniscus.data.preprocess import make_input
 from mtl_meniscus.data.roi import HornCentres
 from mtl_meniscus.errors import DataError
@@ -90,19 +90,26 @@ class ExamDataset(SliceDataset):
 
     `images` holds whole exams (S, H, W). An augmentation seed moves every slice of the exam
     alike (one draw of rotation, shift and intensity, as a patient who moved would); the noise
-    field is drawn per slice."""
+    field is drawn per slice. With `horns` (an exam ROI model's: each slice's horn centres, (S, 2,
+    3) per exam) the item ends with them, moved by that one transform."""
 
-    def __getitem__(self, key: tuple[int, int | None] | int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int | None] | int) -> tuple[torch.Tensor, ...]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         volume = self.images[index]  # (S, H, W)
+        horns = self.horns[index].copy() if self.horns is not None else None  # (S, 2, 3)
         if self.augment is not None and seed is not None:
             # the same generator state for each slice: the same transform; its own noise draw
             volume = [
                 augment_image(s, self.augment, np.random.default_rng(seed), np.random.default_rng([seed, k]))
                 for k, s in enumerate(volume)
             ]
+            if horns is not None:  # augment_image's first draws are the transform: the same again
+                height, width = volume[0].shape
+                params = sample_affine(self.augment, height, width, np.random.default_rng(seed))
+                horns[..., :2] = move_points(horns[..., :2].reshape(-1, 2), params, height, width).reshape(-1, 2, 2)
         slices = [make_input(s, self.edge_filter) for s in volume]  # S x (C, H, W)
-        return torch.from_numpy(np.stack(slices)), self.targets[index]
+        item = (torch.from_numpy(np.stack(slices)), self.targets[index])
+        return item if horns is None else (*item, torch.from_numpy(horns))
 
 
 def collate_batch(
@@ -115,7 +122,7 @@ def collate_batch(
 
     Samples with masks (SliceDataset's `masks`) give ((x,), targets, masks (B, H, W) int64). With
     `horns` (SliceDataset's `horns`: each sample ends with its horns) the inputs are (x, horns
-    (B, 2, 3)), as a ROI model takes them."""
+    (B, 2, 3)), as a ROI model takes them; for exams (x, lengths, horns (N, 2, 3)), every slice's."""
     first = samples[0][0]
     exams = first.dim() == 4
     lengths = [len(sample[0]) for sample in samples] if exams else [1] * len(samples)
@@ -127,8 +134,8 @@ def collate_batch(
         row += length
     inputs = (x, torch.tensor(lengths, dtype=torch.long)) if exams else (x,)
     targets = torch.stack([sample[1] for sample in samples])
-    if horns:  # a ROI model's: the last element of each sample
-        inputs = (*inputs, torch.stack([sample[-1] for sample in samples]))
+    if horns:  # a ROI model's: the last element of each sample; an exam's (S_b, 2, 3) slice after slice
+        inputs = (*inputs, (torch.cat if exams else torch.stack)([sample[-1] for sample in samples]))
         samples = [sample[:-1] for sample in samples]
     if len(samples[0]) == 3:  # with masks
         return inputs, targets, torch.stack([sample[2] for sample in samples])

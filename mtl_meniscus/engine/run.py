@@ -386,8 +386,9 @@ def _print_metrics(console: Console, metrics: dict, data_name: str) -> None:
     if metrics["test"].get("roi"):
         roi = metrics["test"]["roi"]
         console.print(
-            f"test ROI ({roi['horns']} horns): {roi['fallbacks']} of {roi['images']} images cropped at the "
-            "fallback windows (no horns found)",
+            f"test ROI ({roi['horns']} horns): {roi['fallbacks']} of {roi['images']} "
+            f"{'slices' if metrics['test'].get('unit') == 'exams' else 'images'} cropped at the fallback windows "
+            "(no horns found)",
             highlight=False,
             markup=False,
         )

@@ -427,8 +427,9 @@ class SharedTrunkNet(nn.Module):
         self.tasks = tuple(tasks)
         self.trunk = trunk
         self.roi, self.roi_crop = roi, roi_crop
-        features = trunk.num_features + (2 * crop_trunk.num_features if crop_trunk is not None else 0)
-        self.heads = nn.ModuleDict({t: DenseHead(features, hidden, dropout) for t in self.tasks})
+        # what the heads read: the image's features, then (roi) the two crops'
+        self.num_features = trunk.num_features + (2 * crop_trunk.num_features if crop_trunk is not None else 0)
+        self.heads = nn.ModuleDict({t: DenseHead(self.num_features, hidden, dropout) for t in self.tasks})
         # absent, not None-valued, without segmentation: the state_dict is the one it always was
         if segmentation:
             self.decoder = SegmentationDecoder(in_chans, trunk.stage_widths)
@@ -518,8 +519,9 @@ def segments(model: nn.Module) -> bool:
 
 def _networks(model: nn.Module) -> list[nn.Module]:
     """The slice classifiers of a model: the cascade's (without its segmentation network), or the
-    model itself."""
-    return model.classifiers if isinstance(model, SeparateCascade) else [model]
+    model itself; an exam model's slice network."""
+    networks = model.classifiers if isinstance(model, SeparateCascade) else [model]
+    return [getattr(network, "slice_net", network) for network in networks]
 
 
 def roi_of(model: nn.Module) -> str:
@@ -581,17 +583,23 @@ class SlicePooling(nn.Module):
 
 class ExamNet(nn.Module):
     """A slice network (trunk + heads) on whole exams: the trunk on every slice, the features
-    pooled over each exam's slices, the heads on the pooled features (see the module docstring)."""
+    pooled over each exam's slices, the heads on the pooled features (see the module docstring).
+    A slice network with roi classical adds each slice's two horn crops' features before the
+    pooling: forward(x, lengths, horns), horns (N, 2, 3) every slice's."""
 
     def __init__(self, slice_net: SharedTrunkNet, pooling: str):
         super().__init__()
         self.tasks = slice_net.tasks
         self.exam_pooling = pooling
         self.slice_net = slice_net
-        self.pool = SlicePooling(pooling, slice_net.trunk.num_features)
+        self.pool = SlicePooling(pooling, slice_net.num_features)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor, horns: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         features = self.slice_net.trunk(x)  # (N, F), N = lengths.sum()
+        if self.slice_net.roi != "none":  # (N, F + 2 F_crop): each slice's crops, as a slice model's
+            features = torch.cat([features, self.slice_net.horn_features(x, horns)], dim=1)
         pooled = self.pool(features, lengths)  # (B, F)
         return {task: head(pooled) for task, head in self.slice_net.heads.items()}  # {task: (B,)}
 
