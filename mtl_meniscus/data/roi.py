@@ -391,7 +391,7 @@ class HornCentres:
             raise MeniscusError("the true horns (model.roi truth) come from the masks, and none were read")
         self.source, self.images, self.masks = source, images, masks
         self._rows: list[int] | None = None  # the rows of `images` this view holds (None: all)
-        self._found: dict[int, np.ndarray] = {}  # row of `images` -> its (2, 3) centres
+        self._found: dict[int, np.ndarray] = {}  # row of `images` -> its (2, 3) centres, an exam (S, 2, 3)
 
     @classmethod
     def found_by_network(cls, images: Sequence[np.ndarray], centres: np.ndarray) -> HornCentres:

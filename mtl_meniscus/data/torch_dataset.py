@@ -106,7 +106,8 @@ class ExamDataset(SliceDataset):
             if horns is not None:  # augment_image's first draws are the transform: the same again
                 height, width = volume[0].shape
                 params = sample_affine(self.augment, height, width, np.random.default_rng(seed))
-                horns[..., :2] = move_points(horns[..., :2].reshape(-1, 2), params, height, width).reshape(-1, 2, 2)
+                points = horns[..., :2].reshape(-1, 2)  # (S * 2, 2): every slice's two horns
+                horns[..., :2] = move_points(points, params, height, width).reshape(-1, 2, 2)
         slices = [make_input(s, self.edge_filter) for s in volume]  # S x (C, H, W)
         item = (torch.from_numpy(np.stack(slices)), self.targets[index])
         return item if horns is None else (*item, torch.from_numpy(horns))

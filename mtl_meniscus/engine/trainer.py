@@ -68,7 +68,7 @@ class MemberTrainer:
         horns: HornCentres | None = None,
     ):
         """`horns`: every row's horns when they come from another network (a cascade's classifier
-        of roi predicted: its segmentation network's, engine/horns.py predicted_horn_source); else
+        of roi predicted: its segmentation network's, engine/run.py _segmentation_network_horns); else
         found here for roi classical and truth."""
         self.member, self.config, self.data, self.runtime = member, config, data, runtime
         self.logger, self.console, self.processes = logger, console, processes

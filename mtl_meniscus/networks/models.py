@@ -428,7 +428,8 @@ class SharedTrunkNet(nn.Module):
         self.trunk = trunk
         self.roi, self.roi_crop = roi, roi_crop
         # what the heads read: the image's features, then (roi) the two crops'
-        self.num_features = trunk.num_features + (2 * crop_trunk.num_features if crop_trunk is not None else 0)
+        crops = 2 * crop_trunk.num_features if crop_trunk is not None else 0
+        self.num_features = trunk.num_features + crops
         self.heads = nn.ModuleDict({t: DenseHead(self.num_features, hidden, dropout) for t in self.tasks})
         # absent, not None-valued, without segmentation: the state_dict is the one it always was
         if segmentation:
@@ -635,8 +636,8 @@ class SeparateCascade(nn.Module):
 
     def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> dict[str, torch.Tensor]:
         """{task: (B,) logits}; `extra` is what every classifier takes after x: an exam model's
-        lengths, or the horns (B, 2, 3) of roi classical or truth. With roi predicted the
-        segmentation network's horns."""
+        lengths, the horns of roi classical or truth (B, 2, 3), or both (exams: each slice's). With
+        roi predicted, the segmentation network's horns."""
         if self.segments and roi_of(self) == "predicted":
             extra = (predicted_horns(self.segment(x)),)
         out: dict[str, torch.Tensor] = {}
@@ -650,7 +651,7 @@ class SeparateCascade(nn.Module):
 
 
 def takes_exams(model: nn.Module) -> bool:
-    """True for a model of whole exams: it is called as model(x, lengths), see ExamNet."""
+    """True for a model of whole exams: it is called as model(x, lengths[, horns]), see ExamNet."""
     return getattr(model, "exam_pooling", None) is not None
 
 
