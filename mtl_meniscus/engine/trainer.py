@@ -54,7 +54,9 @@ class TrainingDivergedError(MeniscusError):
 
 class MemberTrainer:
     """The epoch loop of one network: training steps, validation, the stopping decision
-    (stopping.py) and the checkpoints that make it resumable (training_state.py)."""
+    (stopping.py) and the checkpoints that make it resumable (training_state.py). `horns`: every
+    row's horns when another network found them (a cascade's classifier of roi predicted: its
+    segmentation network's); else found here for roi classical and truth."""
 
     def __init__(
         self,
@@ -65,11 +67,8 @@ class MemberTrainer:
         logger: RunLogger,
         console: Console,
         processes: Distributed = SINGLE,
-        horns: HornCentres | None = None,
+        horns: HornCentres | None = None,  # from another network: _segmentation_network_horns (run.py)
     ):
-        """`horns`: every row's horns when they come from another network (a cascade's classifier
-        of roi predicted: its segmentation network's, engine/run.py _segmentation_network_horns); else
-        found here for roi classical and truth."""
         self.member, self.config, self.data, self.runtime = member, config, data, runtime
         self.logger, self.console, self.processes = logger, console, processes
         train = config.train

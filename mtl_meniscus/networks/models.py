@@ -723,8 +723,8 @@ def cascade_networks(config: ModelConfig) -> tuple[str, ...]:
 
 @MODELS.register("separate", per_task=True)
 def build_separate(config: ModelConfig) -> SeparateCascade:
-    """Three independent single-task networks (the reference baseline), and with
-    model.segmentation a segmentation network of its own."""
+    """Three independent single-task networks (the reference baseline)."""
+    # with model.segmentation a fourth, the segmentation network of its own (cascade_networks)
     return SeparateCascade({name: build_single_task(config, name) for name in cascade_networks(config)})
 
 
