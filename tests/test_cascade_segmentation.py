@@ -176,6 +176,24 @@ def test_the_classifiers_trained_on_the_trained_segmentation_networks_horns(pred
         HornCentres.found_by_network(images[:7], centres[:6])
 
 
+def test_validating_the_segmentation_network_predicts_masks_only(phantom64, monkeypatch):
+    from mtl_meniscus.config import SEGMENTATION
+    from mtl_meniscus.engine import validation
+    from mtl_meniscus.networks.models import build_single_task
+
+    config = load_config(TINY, {**CASCADE, "data.path": str(phantom64)})
+    data = prepare_data(phantom64, config.data, masks=True)
+    network = build_single_task(config.model, SEGMENTATION)
+
+    def no_tasks_to_classify(*args, **kwargs):
+        raise AssertionError("a network without a task was asked for task probabilities")
+
+    monkeypatch.setattr(validation, "predict_probs", no_tasks_to_classify)
+    result = validation.validate(network, data, data.indices("val"), config, FP32)
+    assert result["finite"] and result["auc"] == {} and math.isnan(result["loss"])
+    assert result["score"] == pytest.approx(np.nanmean(list(result["dice"].values())))
+
+
 def test_a_network_without_a_task_has_no_task_denominators_under_torchrun():
     from mtl_meniscus.engine.distributed import Distributed
     from mtl_meniscus.labels import DEFAULT_TASKS

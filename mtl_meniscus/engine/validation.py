@@ -39,13 +39,17 @@ def validate(
     targets = data.targets[indices]
     shards = processes.shards(len(indices))
     rows = [indices[k] for k in shards[processes.rank]]
-    local = predict_probs(
-        model,
-        data.view(rows),
-        config.preprocess.edge_filter,
-        runtime,
-        config.train.eval_batch_size,
-        horns=horns.subset(rows) if horns is not None else None,
+    local = (
+        predict_probs(
+            model,
+            data.view(rows),
+            config.preprocess.edge_filter,
+            runtime,
+            config.train.eval_batch_size,
+            horns=horns.subset(rows) if horns is not None else None,
+        )
+        if model.tasks
+        else {}  # the cascade's segmentation network: nothing to classify, no trunk pass to waste
     )
     probs = processes.gather_probs(local, shards)  # every process now holds every probability
     if not all(np.isfinite(p).all() for p in probs.values()):
