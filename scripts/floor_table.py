@@ -7,7 +7,8 @@
 `run` trains every (row, model, seed) cell that has no result yet (rerun it to continue; a cell is
 one `cli.py train` and, for the outside rows, one `cli.py evaluate` on the separate test folder) and
 keeps each run's metrics.json, history.csv and evaluation in OUT/<row>/<model>-seed<k>/. `render`
-reads only those files and writes the table between the floor-table markers of docs/results.md.
+reads only those files and writes the table between the floor-table markers of docs/results.md
+and its short form between the floor-summary markers of README.md.
 
 Rows (data):
 - outside-a/b/c: the outside phantom (../shared/outside-phantom/outside_phantom.py, written outside
@@ -35,6 +36,7 @@ from pathlib import Path
 from results_page import RESULTS_PAGE, write_table  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 OUTSIDE = ROOT.parent / "shared" / "outside-phantom" / "outside_phantom.py"
 OUTSIDE_SEEDS = {"outside-a": (1, 2), "outside-b": (3, 4), "outside-c": (5, 6)}
 ROWS = ["outside-a", "outside-b", "outside-c", "realistic-0", "realistic-1", "realistic-2", "easy"]
@@ -199,7 +201,50 @@ def render(out: Path, page: Path) -> str:
         f"{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}.\n"
     )
     write_table(page, "floor-table", table)
+    write_table(README, "floor-summary", readme_summary(results, machines))
     return table
+
+
+def readme_summary(results: list[dict], machines: list[str]) -> str:
+    """The README's short form of the table: per row, each model's mean ± sd over its seeds, the
+    paired difference and the onset epochs' range."""
+    lines = [
+        "| data | default shared preset | plain CNN floor | preset − floor | onset epoch, preset / floor |",
+        "|---|---|---|---|---|",
+    ]
+    seeds = set()
+    for row in ROWS:
+        by_model = {
+            model: [r for r in results if r["row"] == row and r["model"] == model] for model in MODELS
+        }
+        if not all(by_model.values()):
+            continue
+        seeds |= {len(cells) for cells in by_model.values()}
+        means = [_mean_sd([r["test_score_tta"] for r in by_model[m]]) for m in MODELS]
+        onsets = [_range([r["onset_epoch"] for r in by_model[m]]) for m in MODELS]
+        _, difference, _ = paired(by_model)
+        shown = f"{difference:+.3f}" if difference is not None else "no common seed"
+        lines.append(f"| {row} | {means[0]} | {means[1]} | {shown} | {onsets[0]} / {onsets[1]} |")
+    counts = " or ".join(str(n) for n in sorted(seeds))
+    return (
+        "\n".join(lines)
+        + f"\n\nTest score with TTA, mean ± sd over {counts} training seeds per model (outside rows: the outside "
+        f"generator's own test draw); {'; '.join(machines)}; `python scripts/floor_table.py render` "
+        "from results/floor ([per seed](docs/results.md#what-makes-the-defaults-learn-the-outside-phantom)).\n"
+    )
+
+
+def _mean_sd(values: list[float]) -> str:
+    spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.3f}{spread}"
+
+
+def _range(onsets: list[int | None]) -> str:
+    """'4-5', '7', or with 'never' where a seed never passed 0.7."""
+    known = [o for o in onsets if o is not None]
+    span = (f"{min(known)}-{max(known)}" if min(known) != max(known) else str(known[0])) if known else ""
+    never = len(onsets) - len(known)
+    return ", ".join(filter(None, [span, f"never ({never})" if never else ""]))
 
 
 def restarts(cells: list[dict]) -> str:

@@ -63,6 +63,14 @@ def test_results_page_keeps_the_generated_table_markers():
         assert text.index(start) < text.index(end), name
 
 
+def test_readme_keeps_the_generated_table_markers():
+    text = (ROOT / "README.md").read_text()
+    for name in ("walkthrough", "floor-summary", "calibration"):  # paper_figures.py, floor_table.py
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        assert text.count(start) == 1 and text.count(end) == 1, name
+        assert text.index(start) < text.index(end), name
+
+
 def test_licence_citation_and_changelog_are_present():
     licence = (ROOT / "LICENSE").read_text()
     assert "Apache License" in licence and "Version 2.0" in licence
