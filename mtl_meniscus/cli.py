@@ -193,7 +193,8 @@ def make_phantom(
     overwrite: Annotated[
         bool,
         typer.Option(
-            metavar="", help="Write into a folder that is not empty (same-named files are replaced)."
+            metavar="",
+            help="Write into a folder that is not empty (same-named files are replaced); single slices only.",
         ),
     ] = False,
     n_exams: Annotated[
@@ -218,6 +219,11 @@ def make_phantom(
     chosen = phantom_settings(difficulty.value, dict(parse_setting(text) for text in settings or []))
     if n_exams is not None:
         from mtl_meniscus.phantom.exams import write_phantom_exams
+
+        if overwrite:  # a volume's slices must not mix with an earlier exam's files of the same name
+            raise ConfigError(
+                "--overwrite writes single slices only: phantom exams are written into an empty folder"
+            )
 
         with counted_progress(console, "writing exams") as on_exam:
             written = write_phantom_exams(

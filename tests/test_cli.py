@@ -392,6 +392,9 @@ def test_make_phantom_exams_with_the_renamed_options(tmp_path):
         app, ["make-phantom", str(tmp_path / "s"), "--phantom-setting", "noise_sigma"]
     )
     assert bad_setting.exit_code == 1 and "--phantom-setting 'noise_sigma'" in bad_setting.output
+    again = runner.invoke(app, ["make-phantom", str(out), *options, "--overwrite"])
+    assert again.exit_code == 1 and "--overwrite writes single slices only" in again.output
+    assert len(list(out.glob("exam_*.nii.gz"))) == 20  # the exams written before are as they were
 
 
 @pytest.mark.parametrize(

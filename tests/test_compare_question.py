@@ -130,6 +130,8 @@ def test_same_regularization_makes_the_modes_differ_in_sharing_only():
     assert configs["separate"].model.conv_dropout == load_config(PRESETS["shared"]).model.conv_dropout == 0.0
     assert configs["separate"].model.kernels != configs["shared"].model.kernels  # the architecture stays
     assert "augment" in REGULARIZATION_KEYS
+    shared_restart = load_config(PRESETS["shared"]).train.restart_if_at_chance_after
+    assert configs["separate"].train.restart_if_at_chance_after == shared_restart > 0  # restarts alike
     default = CompareConfig().validate()
     plain = {
         v.mode: variant_config(default, v, PRESETS, "/data", None, "g") for v in plan_variants(default)[:2]

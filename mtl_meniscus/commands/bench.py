@@ -1,6 +1,6 @@
 """Benchmark: the package against bare PyTorch and itself, measured side by side in one run.
 
-    python cli.py bench [--quick] [--out bench]     (or python -m mtl_meniscus.bench)
+    python cli.py bench [--quick] [--out bench]     (or mtl-meniscus bench, python -m mtl_meniscus bench)
 
 Reports medians of several repetitions and ratios, with the machine, as JSON and markdown.
 Speed targets are printed next to the measured ratios; nothing here fails on a slow machine.

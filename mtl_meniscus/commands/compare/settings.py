@@ -29,7 +29,9 @@ from mtl_meniscus.networks.models import MODELS
 BUDGETS = ("per-network", "equal-images", "equal-flops")
 RENAMED_BUDGETS = {"total": "equal-images"}  # 'total' was the name of equal-images
 # What --same-regularization copies from the shared preset into every mode's config, so that the
-# modes differ in sharing (and the architecture that goes with it) only.
+# modes differ in sharing (and the architecture that goes with it) only: regularisation, optimiser,
+# schedule, stopping, and the restart rule (each of the cascade's networks then restarts as the
+# shared model does).
 REGULARIZATION_KEYS = (
     "model.conv_dropout",
     "model.dense_dropout",
@@ -39,6 +41,7 @@ REGULARIZATION_KEYS = (
     "train.min_lr",
     "train.early_stopping_patience",
     "train.batch_size",
+    "train.restart_if_at_chance_after",
     "augment",
 )
 
