@@ -19,7 +19,7 @@ from mtl_meniscus.evaluation.metrics import monitor_score, task_aucs
 from mtl_meniscus.evaluation.segmentation import CLASSES, SetScores, set_scores
 from mtl_meniscus.labels import TaskTable
 from mtl_meniscus.networks.losses import loss_rows
-from mtl_meniscus.networks.models import segments
+from mtl_meniscus.networks.models import classifies, segments
 
 
 def validate(
@@ -48,7 +48,7 @@ def validate(
             config.train.eval_batch_size,
             horns=horns.subset(rows) if horns is not None else None,
         )
-        if model.tasks
+        if classifies(model)
         else {}  # the cascade's segmentation network: nothing to classify, no trunk pass to waste
     )
     probs = processes.gather_probs(local, shards)  # every process now holds every probability

@@ -518,6 +518,12 @@ def segments(model: nn.Module) -> bool:
     return bool(getattr(model, "segments", False))
 
 
+def classifies(model: nn.Module) -> bool:
+    """False only for a network without a task (the cascade's segmentation network); a registered
+    model need not list its tasks (MODELS.register, registry.py), so one without `tasks` classifies."""
+    return bool(getattr(model, "tasks", True))
+
+
 def _networks(model: nn.Module) -> list[nn.Module]:
     """The slice classifiers of a model: the cascade's (without its segmentation network), or the
     model itself; an exam model's slice network."""
