@@ -180,11 +180,10 @@ def render(out: Path, page: Path) -> str:
             if not cells:
                 continue
             scores = [r["test_score_tta"] for r in cells]
-            spread = f" ± {statistics.stdev(scores):.3f}" if len(scores) > 1 else ""
             onsets = ", ".join(str(r["onset_epoch"] or "never") for r in cells)
             lines.append(
                 f"| {row} | {model} | {', '.join(str(r['seed']) for r in cells)} | {onsets} | "
-                f"{statistics.mean(scores):.3f}{spread} ({', '.join(f'{s:.3f}' for s in scores)}) | "
+                f"{_mean_sd(scores)} ({', '.join(f'{s:.3f}' for s in scores)}) | "
                 f"{difference_cell(verdicts[row]) if model == 'preset' else ''} | "
                 f"{sum(bool(r['learned']) for r in cells)} of {len(cells)} | {restarts(cells)} |"
             )
