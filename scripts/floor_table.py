@@ -278,11 +278,12 @@ def summary(verdicts: dict[str, tuple[int, float | None, float | None]]) -> str:
         for row, (_, _, m) in verdicts.items()
         if row in OUTSIDE_SEEDS and m is not None and m < 0.95
     ]
+    none = "none" if len(complete) == len(verdicts) else "none so far"
     return (
         f"Against the bar (5 training seeds of both models per row; the preset within 0.02 of the floor "
         f"or above it; at least 0.95 on the outside rows): rows with 5 seeds of both: {len(complete)} of "
-        f"{len(verdicts)}; preset more than 0.02 below the floor: {', '.join(below) or 'none so far'}; "
-        f"outside rows below 0.95: {', '.join(low) or 'none so far'}."
+        f"{len(verdicts)}; preset more than 0.02 below the floor: {', '.join(below) or none}; "
+        f"outside rows below 0.95: {', '.join(low) or none}."
     )
 
 
