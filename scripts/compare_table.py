@@ -4,10 +4,12 @@
     python scripts/compare_table.py render [--page docs/results.md]
 
 `keep` copies a finished comparison's result files (results.json, results.md, results_per_seed.csv,
-compare.yaml) into results/compare/LABEL/ with the command that made it and the machine it ran on,
+compare.yaml) into results/compare/LABEL/ with the command that made it and the machine it ran on
+(this one, or the one in the folder's machine.json, with its wall time: scripts/gpu-compare.sh),
 and its forest plot (and learning curves, if any) into docs/images/compare-LABEL-*.png. `render`
 writes every kept comparison, its table and caption as compare wrote them, between the page's
-`compare` markers.
+`compare` markers, and the README's summary (cascade against shared per comparison) between its
+`compare-summary` markers.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "compare"
 FIGURES = ROOT / "docs" / "images"
 KEPT = ("results.json", "results.md", "results_per_seed.csv", "compare.yaml")
+MACHINE_FILE = "machine.json"  # written beside them by scripts/gpu-compare.sh: the machine and the wall time
 
 
 def keep(label: str, folder: Path, command: str) -> Path:
@@ -36,14 +40,19 @@ def keep(label: str, folder: Path, command: str) -> Path:
     for name in KEPT:
         shutil.copy(folder / name, target / name)
     seconds = [json.loads(p.read_text())["train_wall_seconds"] for p in folder.glob("variants/*/result.json")]
-    info = machine_info()
+    # a comparison run elsewhere (scripts/gpu-compare.sh) brings its machine and wall time along
+    ran_elsewhere = (folder / MACHINE_FILE).is_file()
+    info = json.loads((folder / MACHINE_FILE).read_text()) if ran_elsewhere else machine_info()
+    cpu = f"{info['cpu']}, {info['cores']} cores, ISA {info['isa']}, AMX {info['amx']}"
     about = {
         "label": label,
         "command": command,
-        "machine": f"{info['cpu']}, {info['cores']} cores, ISA {info['isa']}, AMX {info['amx']}",
+        "machine": f"one {info['gpu']} GPU ({cpu}; torch {info['torch']})" if info.get("gpu") else cpu,
         "training_minutes": round(sum(seconds) / 60, 1),
         "date": time.strftime("%Y-%m-%d"),
     }
+    if "wall_seconds" in info:
+        about["wall_minutes"] = round(info["wall_seconds"] / 60, 1)
     (target / "about.json").write_text(json.dumps(about, indent=2))
     for figure in ("forest", "learning_curves"):
         if (folder / f"{figure}.png").is_file():
@@ -51,14 +60,15 @@ def keep(label: str, folder: Path, command: str) -> Path:
     return target
 
 
-def render(page: Path = RESULTS_PAGE) -> str:
+def render(page: Path = RESULTS_PAGE, readme: Path = ROOT / "README.md") -> str:
     sections = []
-    for folder in sorted(p for p in OUT.iterdir() if (p / "about.json").is_file()):
+    for folder in _kept_folders():
         about = json.loads((folder / "about.json").read_text())
         text = (folder / "results.md").read_text().strip()
+        wall = f"{about['wall_minutes']} min wall, " if "wall_minutes" in about else ""
         lines = [
             f"**{about['label']}**: `{about['command']}` on {about['machine']}, {about['date']}; "
-            f"{about['training_minutes']} min of training in all.",
+            f"{wall}{about['training_minutes']} min of training in all (summed over networks).",
             "",
             text,
         ]
@@ -70,7 +80,85 @@ def render(page: Path = RESULTS_PAGE) -> str:
     content = "\n\n".join(sections) if sections else "(no comparison kept yet)"
     if not replace_between(page, "compare", content):
         raise SystemExit(f"{page}: no <!-- compare:start --> / <!-- compare:end --> markers")
+    if not replace_between(readme, "compare-summary", readme_summary()):
+        raise SystemExit(
+            f"{readme}: no <!-- compare-summary:start --> / <!-- compare-summary:end --> markers"
+        )
     return content
+
+
+def readme_summary() -> str:
+    """The README's table: per kept comparison, the reference cascade against the shared model
+    (full training split, no ROI, no auxiliary segmentation), their difference and the flags."""
+    rows, notes = [], []
+    for folder in _kept_folders():
+        about = json.loads((folder / "about.json").read_text())
+        settings = yaml.safe_load((folder / "compare.yaml").read_text())
+        plain = [
+            r
+            for r in json.loads((folder / "results.json").read_text())
+            if r["trunk"] == "reference" and r["roi"] == "none" and not r["segmentation"]
+            if r["train_fraction"] == 1.0
+        ]
+        by_mode = {r["mode"]: r for r in plain}
+        if not {"separate", "shared"} <= set(by_mode):
+            continue
+        cascade, shared = by_mode["separate"], by_mode["shared"]
+        flagged = [_flags(name, r) for name, r in (("cascade", cascade), ("shared", shared))]
+        rows.append(
+            f"| {about['label']} | {_mean_sd(cascade)} | {_mean_sd(shared)} | "
+            f"{shared['diff_mean']:+.3f} [{shared['diff_ci_low']:+.3f}, {shared['diff_ci_high']:+.3f}] | "
+            f"{cascade['train_flops_mean'] / 1e12:.0f} / {shared['train_flops_mean'] / 1e12:.0f} | "
+            f"{'; '.join(f for f in flagged if f) or 'none'} |"
+        )
+        wall = f", {about['wall_minutes']} min wall for that command" if "wall_minutes" in about else ""
+        notes.append(
+            f"{about['label']}: `{about['command']}`, {settings['phantom_difficulty']} phantom, "
+            f"seeds {', '.join(map(str, settings['seeds']))}, on {about['machine']}{wall}, {about['date']}"
+        )
+    if not rows:
+        return "(no comparison kept yet)"
+    return "\n".join(
+        [
+            "| budget | cascade (separate) | shared | shared − cascade [95% CI] | training TFLOPs, cascade / shared "
+            "| flagged seeds |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "Challenge score on the test split with TTA, mean ± sd over seeds; the difference is paired by "
+            "seed on the same test images (a t-interval over seeds with the images' bootstrap error); "
+            "flagged: still improving when the budget ended, or never left chance. Budgets: per-network, each "
+            "of the cascade's networks as many steps as the shared model; equal-flops, together its training "
+            "FLOPs per epoch. "
+            + "; ".join(notes)
+            + ". Written by `python scripts/compare_table.py render` from results/compare "
+            "([full tables](docs/results.md#separate-vs-shared-compare)).",
+        ]
+    )
+
+
+def _flags(name: str, row: dict) -> str:
+    """'cascade: 5 still improving, 1 did not learn' (seeds), or '' for a mode with none."""
+    counts = [
+        f"{len(row[key].split())} {what}"
+        for key, what in (
+            ("still_improving_seeds", "still improving"),
+            ("not_learned_seeds", "did not learn"),
+        )
+        if row[key]
+    ]
+    return f"{name}: {', '.join(counts)}" if counts else ""
+
+
+def _kept_folders() -> list[Path]:
+    """The kept comparisons, the budgets in the order a reader compares them, then the others."""
+    order = ["per-network", "equal-images", "equal-flops"]
+    kept = [p for p in OUT.iterdir() if (p / "about.json").is_file()]
+    return sorted(kept, key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+
+
+def _mean_sd(row: dict) -> str:
+    return f"{row['score_mean']:.3f} ± {row['score_sd']:.3f}"
 
 
 def main() -> None:

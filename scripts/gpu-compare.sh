@@ -1,34 +1,69 @@
 #!/bin/bash
-# The default comparison of docs/results-archive.md at `realistic` (both budgets, seeds 0-2) on one GPU: nine
-# one-variant compares in parallel, plus one more calibration run of the cascade (data seed 7).
-# $OUT gets shared/pernet/total.tar.gz (the scored variant folders) and logs.tar.gz. Merge and
-# summarize anywhere (same MTL_MENISCUS_CACHE path, so the saved data paths agree):
-#   mkdir -p cmp/variants cmp-total/variants; for g in shared pernet total; do tar xzf $OUT/$g.tar.gz; done
-#   cp -r shared-*/variants/* pernet-*/variants/* cmp/variants/
-#   cp -r shared-*/variants/* total-*/variants/* cmp-total/variants/
-#   MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --out cmp
-#   MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --out cmp-total --budget equal-images
-# Dry run on a CPU: PY=python EXTRA="--max-epochs 1 --steps-per-epoch 2 --tta 1 --bootstrap 10".
+# The comparison of docs/results.md on one GPU with `compare --jobs` (a cascade's networks train at
+# once, each in its own process): first the default comparison (`python cli.py compare`: realistic,
+# seeds 0-4, both modes, each network until its plateau rule stops it, at most 60 epochs), then the
+# cascade under `--budget equal-flops` beside the default comparison's shared variants (copied in:
+# the budget changes the cascade only). Each compare's wall time and the machine go into
+# machine.json in its folder (scripts/compare_table.py keep reads it).
+# $OUT gets per-network.tgz and equal-flops.tgz (scored variants without their checkpoints; an
+# unfinished one whole, so that `compare` resumes it) and logs.tgz. Then, in the repository:
+#   for f in per-network equal-flops; do tar xzf $OUT/$f.tgz -C runs/compare; done
+#   MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --out runs/compare/per-network
+#   MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --budget equal-flops --out runs/compare/equal-flops
+# (the same cache path as here, so that the saved data paths agree; a finished comparison only
+# rewrites its table). Dry run on a CPU:
+#   PY=.venv/bin/python JOBS=2 EXTRA="--seeds 0 --max-epochs 1 --steps-per-epoch 2 --tta 1 --bootstrap 10"
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; PY=${PY:-python3}; LIMIT=${LIMIT:-380}; EXTRA=${EXTRA:-}
-export WANDB_MODE=disabled PYTHONUNBUFFERED=1 MTL_MENISCUS_CACHE=/tmp/mtlcache OMP_NUM_THREADS=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; PY=${PY:-python3}; LIMIT=${LIMIT:-540}; EXTRA=${EXTRA:-}; JOBS=${JOBS:-$(nproc)}
+export WANDB_MODE=disabled PYTHONUNBUFFERED=1 MTL_MENISCUS_CACHE=/tmp/mtlcache
 W=/tmp/cmp; rm -rf $W; mkdir -p $W/logs
 START=$(date +%s)
-# the built-in realistic phantom (seed 0), made once before the parallel runs read it
-$PY -c "from mtl_meniscus.phantom import ensure_phantom; print(ensure_phantom(1128, 0, difficulty='realistic'))" > $W/logs/phantom.log 2>&1 || { cat $W/logs/phantom.log; exit 1; }
-$PY cli.py make-phantom $W/data-s7 --seed 7 --difficulty realistic > $W/logs/data-s7.log 2>&1 &
-for k in 0 1 2; do
-  timeout $LIMIT $PY cli.py compare --modes shared --seeds $k --wandb disabled --out $W/shared-$k $EXTRA > $W/logs/shared-$k.log 2>&1 &
-  timeout $LIMIT $PY cli.py compare --modes separate --seeds $k --budget per-network --wandb disabled --out $W/pernet-$k $EXTRA > $W/logs/pernet-$k.log 2>&1 &
-  timeout $LIMIT $PY cli.py compare --modes separate --seeds $k --budget equal-images --wandb disabled --out $W/total-$k $EXTRA > $W/logs/total-$k.log 2>&1 &
-done
-sleep 20; wait %1 2>/dev/null
-timeout $((LIMIT-30)) $PY cli.py train --mode separate --data $W/data-s7 --wandb disabled --out $W/calib-s7 ${CAL_EXTRA:-} > $W/logs/calib-s7.log 2>&1 &
-wait
-echo "all done after $(( $(date +%s) - START )) s"
+left() { echo $(( LIMIT - ($(date +%s) - START) )); }
+limited() {  # log command...: run it until the time left is spent, then stop it and its workers
+  local log=$1; shift
+  [ "$(left)" -gt 10 ] || { echo "no time left for: $*" > "$log"; return 124; }
+  setsid "$@" > "$log" 2>&1 &  # a process group of its own: compare's worker processes go with it
+  local pid=$!
+  ( sleep "$(left)"; kill -INT -- -$pid; sleep 10; kill -KILL -- -$pid ) 2>/dev/null &
+  local watcher=$!
+  wait $pid; local rc=$?
+  kill $watcher 2>/dev/null
+  return $rc
+}
+machine() {  # folder seconds: the machine and the compare's wall time, for scripts/compare_table.py keep
+  $PY -c "import json, sys; from mtl_meniscus.commands.bench import machine_info
+info = machine_info() | {'wall_seconds': float(sys.argv[2])}; json.dump(info, open(sys.argv[1], 'w'), indent=2)" "$@"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $W/logs/gpu.txt 2>&1
+# the built-in realistic phantom (seed 0), made once before the workers read it
+$PY -c "from mtl_meniscus.phantom.slices import ensure_phantom; print(ensure_phantom(1128, 0, difficulty='realistic'))" \
+  > $W/logs/phantom.log 2>&1 || { cat $W/logs/phantom.log; exit 1; }
+echo "phantom after $(( $(date +%s) - START )) s"
+
+T0=$(date +%s)
+limited $W/logs/per-network.log $PY cli.py compare --jobs $JOBS --wandb disabled --out $W/per-network $EXTRA
+echo "per-network: exit $? after $(( $(date +%s) - T0 )) s"
+[ -f $W/per-network/results.csv ] && machine $W/per-network/machine.json $(( $(date +%s) - T0 ))
+
+mkdir -p $W/equal-flops/variants
+cp -r $W/per-network/variants/shared-* $W/equal-flops/variants/ 2>/dev/null
+T0=$(date +%s)
+limited $W/logs/equal-flops.log $PY cli.py compare --budget equal-flops --jobs $JOBS --wandb disabled --out $W/equal-flops $EXTRA
+echo "equal-flops: exit $? after $(( $(date +%s) - T0 )) s"
+[ -f $W/equal-flops/results.csv ] && machine $W/equal-flops/machine.json $(( $(date +%s) - T0 ))
+
 cd $W
-tar czf $OUT/logs.tar.gz logs calib-s7/metrics.json calib-s7/history.csv */results_per_seed.csv 2>/dev/null
-for g in shared pernet total; do
-  tar czf $OUT/$g.tar.gz --exclude='*/wandb' --exclude='last.pt' --exclude='*.png' $g-*/variants 2>/dev/null
+for c in per-network equal-flops; do
+  # a scored variant's checkpoints are left behind (its table needs result.json and its predictions)
+  find $c -name wandb -prune -o -name '*.png' -o -type f -print | while read -r f; do
+    v=$(echo "$f" | cut -d/ -f1-3)
+    case "$f" in *.pt) [ -f "$v/result.json" ] && continue;; esac
+    echo "$f"
+  done > $c.list
+  tar czf $OUT/$c.tgz -T $c.list
+  # files come back at most 16 MiB each: cat $c.tgz.part* > $c.tgz puts a larger one together again
+  if [ $(stat -c %s $OUT/$c.tgz) -gt 15000000 ]; then split -b 15000000 -d $OUT/$c.tgz $OUT/$c.tgz.part; rm $OUT/$c.tgz; fi
 done
-ls -la $OUT; tail -n 4 logs/*.log
+tar czf $OUT/logs.tgz logs
+ls -la $OUT; cat logs/gpu.txt; head -n 4 logs/per-network.log; cat per-network/results.md equal-flops/results.md 2>/dev/null | head -c 6000
+echo "all done after $(( $(date +%s) - START )) s"

@@ -65,7 +65,12 @@ def test_results_page_keeps_the_generated_table_markers():
 
 def test_readme_keeps_the_generated_table_markers():
     text = (ROOT / "README.md").read_text()
-    for name in ("walkthrough", "floor-summary", "calibration"):  # paper_figures.py, floor_table.py
+    for name in (
+        "walkthrough",
+        "floor-summary",
+        "calibration",
+        "compare-summary",
+    ):  # paper_figures.py, floor_table.py, compare_table.py
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
         assert text.count(start) == 1 and text.count(end) == 1, name
         assert text.index(start) < text.index(end), name

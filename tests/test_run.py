@@ -16,7 +16,7 @@ from support import _clean, _copy_run, _split_folder, app, runner
 
 from mtl_meniscus.config import load_config
 from mtl_meniscus.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.run import start_run, train_network, train_run
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.phantom.slices import write_phantom
 
@@ -147,6 +147,38 @@ def test_kill_and_resume_matches_an_uninterrupted_run(phantom64, tmp_path, mode,
     a = load_checkpoint(tmp_path / "full" / "best.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "killed" / "best.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_networks_trained_alone_give_the_cascade_trained_in_turn(phantom64, tmp_path):
+    """compare --jobs: start_run, then each network alone (here in reverse order, in one process),
+    then train_run(resume=True) assembles and scores the same cascade as train_run in one go."""
+    overrides = {"model.name": "separate", "train.max_epochs": 2}
+    full = train_run(_config(phantom64, **overrides), tmp_path / "full", console=_quiet())
+    run = tmp_path / "alone"
+    start_run(_config(phantom64, **overrides), run, console=_quiet())
+    assert (run / "config.yaml").is_file() and not (run / "members").exists()  # nothing trained yet
+    for network in ("position", "orientation", "fissure"):
+        train_network(run, network, console=_quiet())
+        assert (run / "members" / network / "last.pt").is_file() and not (run / "metrics.json").exists()
+    assembled = train_run(None, run, resume=True, console=_quiet())
+    assert assembled["members"] == full["members"]
+    assert json.dumps(assembled["test"]["auc"]) == json.dumps(full["test"]["auc"])  # NaN: undefined AUC
+    with (tmp_path / "full" / "history.csv").open() as a, (run / "history.csv").open() as b:
+        columns = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+        assert columns(csv.DictReader(a)) == columns(csv.DictReader(b))
+
+
+def test_a_network_alone_is_refused_outside_a_started_cascade(phantom64, tmp_path):
+    with pytest.raises(MeniscusError, match="no config.yaml"):
+        train_network(tmp_path / "none", "fissure", console=_quiet())
+    start_run(_config(phantom64), tmp_path / "shared", console=_quiet())
+    with pytest.raises(MeniscusError, match="only a cascade"):
+        train_network(tmp_path / "shared", "fissure", console=_quiet())
+    start_run(_config(phantom64, **{"model.name": "separate"}), tmp_path / "cascade", console=_quiet())
+    with pytest.raises(MeniscusError, match="no network named 'meniscus'"):
+        train_network(tmp_path / "cascade", "meniscus", console=_quiet())
+    with pytest.raises(MeniscusError, match="already holds a run"):
+        start_run(_config(phantom64, **{"model.name": "separate"}), tmp_path / "cascade", console=_quiet())
 
 
 def test_refuses_to_overwrite_a_run_and_to_resume_a_non_run(phantom64, tmp_path):

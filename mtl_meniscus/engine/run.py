@@ -4,7 +4,8 @@ history.csv, best.pt/last.pt, metrics.json, training_curves.png).
 
 In separate mode each network ("member") trains in members/<task>/ on its own data (fissure: all
 images; orientation, position: tears only) with its own learning-rate schedule and early stopping,
-as in the reference method; the run's best.pt is the assembled cascade.
+as in the reference method; the run's best.pt is the assembled cascade. The networks can also
+train at once in processes of their own (start_run, train_network; compare --jobs).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from mtl_meniscus.networks.models import (
     reset_roi_fallbacks,
     roi_fallback_counts,
     segments,
+    trains_per_task,
 )
 
 
@@ -99,6 +101,60 @@ def train_run(
                 lock.release()
     finally:
         stop_processes(processes)
+
+
+def start_run(config: Config, run_dir: Path, console: Console | None = None) -> None:
+    """Begin a run folder without training anything: read and split the data and write config.yaml,
+    splits.csv and exclusions.csv, as train_run does first. A cascade's networks can then train at
+    once, each in a process of its own (train_network), and train_run(None, run_dir, resume=True)
+    then finds them trained, assembles the cascade and scores it (compare --jobs)."""
+    console = console or Console(soft_wrap=True)
+    run_dir = Path(run_dir)
+    check_registered(config)
+    lock = RunLock(run_dir)
+    try:
+        if (run_dir / "config.yaml").exists():
+            raise MeniscusError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+        data, _, _ = _prepare_run_data(config, run_dir, False, SINGLE, console)
+        check_members(plan_members(config, data, run_dir), data, config.model)  # refused before training
+    finally:
+        lock.release()
+
+
+def train_network(run_dir: Path, network: str, console: Console | None = None) -> None:
+    """Train one network of a cascade run begun by start_run, alone, from its last.pt if it has one;
+    the run stays unfinished. Calls for the other networks may run at the same time: each locks its
+    network's folder (members/<network>), not the run folder, and none writes the run's own files.
+    The network logs to a wandb run of its own (members/<network>/wandb) in the run's group."""
+    console = console or Console(soft_wrap=True)
+    run_dir = Path(run_dir)
+    config = _load_run_config(run_dir)
+    if not trains_per_task(config.model.name) or config.model.roi == "predicted":
+        # roi predicted: the classifiers crop around the horns of the segmentation network trained first
+        raise MeniscusError(
+            f"{run_dir}: only a cascade with roi none, classical or truth trains a network alone"
+        )
+    lock = RunLock(run_dir / "members" / network, "network folder")
+    try:
+        runtime = resolve_runtime(config.train.precision, config.train.device)
+        data, _, _ = _prepare_run_data(config, run_dir, True, SINGLE, console, write_files=False)
+        member = next((m for m in plan_members(config, data, run_dir) if m.name == network), None)
+        if member is None:
+            raise MeniscusError(f"{run_dir} has no network named {network!r}")
+        wandb_config = config.wandb.model_copy(
+            update={"job_type": config.wandb.job_type or "train", "group": config.wandb.group or run_dir.name}
+        )
+        logger = RunLogger(wandb_config, member.folder, f"{run_dir.name}-{network}", config.to_dict())
+        try:
+            logger.define_step_axes([network])
+            trainer = MemberTrainer(member, config, data, runtime, logger, console)
+            if trainer.try_resume():
+                console.print(f"[{network}] resumed after epoch {trainer.state.epoch}", markup=False)
+            trainer.fit()
+        finally:
+            logger.finish()
+    finally:
+        lock.release()
 
 
 def _train_locked(
@@ -178,11 +234,17 @@ def _segmentation_network_horns(
 
 
 def _prepare_run_data(
-    config: Config, run_dir: Path, resume: bool, processes: Distributed, console: Console
+    config: Config,
+    run_dir: Path,
+    resume: bool,
+    processes: Distributed,
+    console: Console,
+    write_files: bool = True,
 ) -> tuple[PreparedData, str, list[str]]:
     """Read and split the data (the built-in phantom when no folder is configured), leave out tasks
-    without a known label, write config.yaml, splits.csv and exclusions.csv; (data, what the summary
-    calls it, warnings)."""
+    without a known label, write config.yaml, splits.csv and exclusions.csv (unless `write_files` is
+    False: a network trained alone reads them while its siblings do); (data, what the summary calls
+    it, warnings)."""
     processes.barrier()  # every process has checked the folder before rank 0 writes into it
     if processes.main:  # rank 0 generates the built-in phantom, the others then find it cached
         data_dir = resolve_data_dir(config.data, console)
@@ -203,7 +265,7 @@ def _prepare_run_data(
     if unlabelled:  # the model predicts what it can learn; config.yaml and the checkpoints say so
         kept = tuple(t for t in config.model.tasks if t not in unlabelled)
         config.model = config.model.model_copy(update={"tasks": kept})
-    if processes.main:
+    if processes.main and write_files:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         data.write_splits(run_dir / "splits.csv")
         data.write_exclusions(run_dir / "exclusions.csv")

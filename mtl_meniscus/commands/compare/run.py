@@ -28,13 +28,13 @@ from mtl_meniscus.commands.compare.plan import (
 from mtl_meniscus.commands.compare.report import log_summary, write_report
 from mtl_meniscus.commands.compare.settings import CompareConfig
 from mtl_meniscus.commands.compare.statistics import ScoredVariant, summarize
-from mtl_meniscus.config import Config
+from mtl_meniscus.config import Config, saved_run_config
 from mtl_meniscus.data.load import prepare_data, with_train_fraction
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.data.roi import HornCentres, horn_source
 from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.progress import progress_bar
-from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.run import start_run, train_network, train_run
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
 from mtl_meniscus.engine.trained import load_trained
 from mtl_meniscus.errors import ConfigError, MeniscusError
@@ -45,7 +45,13 @@ from mtl_meniscus.evaluation.metrics import (
 from mtl_meniscus.io.outputs import json_text, nan_for_null, write_text_atomic
 from mtl_meniscus.io.runlock import RunLock
 from mtl_meniscus.labels import TaskTable
-from mtl_meniscus.networks.models import count_parameters, reset_roi_fallbacks, roi_fallback_counts
+from mtl_meniscus.networks.models import (
+    cascade_networks,
+    count_parameters,
+    reset_roi_fallbacks,
+    roi_fallback_counts,
+    trains_per_task,
+)
 
 PREDICTIONS_FILE = "test_predictions.csv"
 
@@ -231,7 +237,7 @@ def _compare_locked(
     with progress_bar(console) as progress:
         bar = progress.add_task("variants trained and scored", total=len(pending))
         advance = functools.partial(progress.advance, bar)
-        if jobs > 1 and len(pending) > 1:
+        if jobs > 1 and pending:  # even one cascade: its networks train at once
             _run_in_parallel(pending, statuses, configs, out_dir, jobs, threads, console, advance)
             statuses = {v: "scored" for v in variants}  # every pending variant now has its result.json
         scored = _score_in_turn(
@@ -389,16 +395,25 @@ def _run_in_parallel(
     """`compare --jobs N`: train and score the pending variants in N worker processes;
     `on_variant()` as each one is done.
 
-    Each worker gets `threads` CPU threads (default: this process's threads divided by N) and, when
-    GPUs are visible, one GPU of its own (round robin). A variant's output goes to
-    variants/<name>.log; results land in the variant folders exactly as in a sequential run.
+    A cascade's networks are jobs of their own (they train on their own images, with their own
+    seeds and stopping rule: engine/run.py train_network), and once all of them have trained one
+    more job assembles and scores the cascade; so the comparison waits for a cascade's longest
+    network, not for the sum of its three. Each worker gets `threads` CPU threads (default: this
+    process's threads divided by N) and, when GPUs are visible, one GPU of its own (round robin).
+    A job's output goes to variants/<variant>.log (a network's: variants/<variant>.<network>.log);
+    results land in the variant folders exactly as in a sequential run.
     """
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import ProcessPoolExecutor
 
     import torch
 
-    jobs = min(jobs, len(pending))  # a worker per variant at most
+    networks = {v: _networks_alone(statuses[v], configs[v], out_dir / "variants" / v.name) for v in pending}
+    # the cascades' networks first: they are the long jobs
+    first_jobs = [(v, n) for v in pending for n in networks[v]] + [
+        (v, None) for v in pending if not networks[v]
+    ]
+    jobs = min(jobs, len(first_jobs))  # a worker per job at most
     threads = threads or max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP/CUDA state
     gpus = torch.cuda.device_count()
@@ -406,21 +421,14 @@ def _run_in_parallel(
     console.print(
         f"training {len(pending)} variants in {jobs} processes, {threads} CPU thread(s) each"
         + (f", one of {gpus} GPUs each" if gpus else "")
+        + (f"; the cascades' networks at once ({len(first_jobs)} jobs)" if any(networks.values()) else "")
         + f"; their output: {out_dir / 'variants'}/<variant>.log"
     )
     with ProcessPoolExecutor(
         jobs, mp_context=context, initializer=_init_worker, initargs=(threads, slots)
     ) as pool:
-        futures = {
-            pool.submit(_variant_worker, v, statuses[v], configs[v], out_dir / "variants" / v.name): v
-            for v in pending
-        }
         try:
-            for done, future in enumerate(as_completed(futures), 1):
-                variant = futures[future]
-                seconds = _worker_seconds(future, variant, out_dir)
-                console.print(f"variant {variant.name} done in {seconds:.0f} s ({done}/{len(pending)})")
-                on_variant()
+            _JobQueue(pool, configs, out_dir, networks).run(first_jobs, statuses, console, on_variant)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -429,19 +437,82 @@ def _run_in_parallel(
             slots.cancel_join_thread()  # slots no worker took must not hold this process at exit
 
 
-def _worker_seconds(future, variant: Variant, out_dir: Path) -> float:
-    """The seconds a worker took for `variant`; its failure as a MeniscusError naming the variant."""
+class _JobQueue:
+    """The jobs of `compare --jobs` in a process pool: whole variants, and a cascade's networks
+    (`networks`: those of each variant still training alone) followed by its scoring job."""
+
+    def __init__(
+        self, pool, configs: dict[Variant, Config], out_dir: Path, networks: dict[Variant, list[str]]
+    ):
+        self.pool, self.configs, self.out_dir, self.networks = pool, configs, out_dir, networks
+        self.futures: dict[Any, tuple[Variant, str | None]] = {}
+
+    def submit(self, variant: Variant, network: str | None, status: str) -> None:
+        run_dir = self.out_dir / "variants" / variant.name
+        if network is None:
+            future = self.pool.submit(_variant_worker, variant, status, self.configs[variant], run_dir)
+        else:
+            future = self.pool.submit(_network_worker, variant.name, network, run_dir)
+        self.futures[future] = (variant, network)
+
+    def run(
+        self,
+        first_jobs: list[tuple[Variant, str | None]],
+        statuses: dict[Variant, str],
+        console: Console,
+        on_variant: Callable[[], None],
+    ) -> None:
+        """Run every job; a cascade's scoring job once its last network has trained."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        for variant, network in first_jobs:
+            self.submit(variant, network, statuses[variant])
+        total, done = len({variant for variant, _ in first_jobs}), 0
+        while self.futures:
+            finished, _ = wait(self.futures, return_when=FIRST_COMPLETED)
+            for future in finished:
+                variant, network = self.futures.pop(future)
+                seconds = _worker_seconds(future, variant, self.out_dir, network)
+                if network is not None:
+                    console.print(f"variant {variant.name}: network {network} trained in {seconds:.0f} s")
+                    self.networks[variant].remove(network)
+                    if not self.networks[variant]:  # all trained: assemble and score the cascade
+                        self.submit(variant, None, "started")
+                    continue
+                done += 1
+                console.print(f"variant {variant.name} done in {seconds:.0f} s ({done}/{total})")
+                on_variant()
+
+
+def _networks_alone(status: str, config: Config, run_dir: Path) -> list[str]:
+    """The networks of a cascade variant that train as jobs of their own (its run folder begun here
+    when new); [] for a variant trained in one job: a one-network model, a trained one (only scored),
+    and a cascade of roi predicted (its classifiers need the horns of its segmentation network)."""
+    if not trains_per_task(config.model.name) or config.model.roi == "predicted":
+        return []
+    if status not in ("new", "started"):
+        return []
+    if status == "new":
+        start_run(config.model_copy(deep=True), run_dir, console=Console(quiet=True))
+    # the networks of the saved config: a task the data has no label for has none
+    return list(cascade_networks(saved_run_config(run_dir / "config.yaml").model))
+
+
+def _worker_seconds(future, variant: Variant, out_dir: Path, network: str | None = None) -> float:
+    """The seconds a worker took for `variant` (or one of its networks); its failure as a
+    MeniscusError naming the variant and the job's log."""
     from concurrent.futures.process import BrokenProcessPool
 
+    job = variant.name if network is None else f"{variant.name}.{network}"
     try:
         return future.result()
     except MeniscusError as err:
         raise MeniscusError(
-            f"variant {variant.name}: {err} (log: {out_dir / 'variants' / variant.name}.log)"
+            f"variant {variant.name}: {err} (log: {out_dir / 'variants' / job}.log)"
         ) from None
     except BrokenProcessPool:
         raise MeniscusError(
-            f"a worker process died while training {variant.name} (out of memory?); rerun the "
+            f"a worker process died while training {job} (out of memory?); rerun the "
             "same command to continue, with fewer --jobs"
         ) from None
 
@@ -475,6 +546,16 @@ def _variant_worker(variant: Variant, status: str, config: Config, run_dir: Path
         data = prepare_data(Path(config.data.path), config.data, masks=config.model.roi == "truth")
         runtime = resolve_runtime(config.train.precision, config.train.device)
         _train_and_score(variant, status, config, run_dir, data, runtime, console)
+    return time.perf_counter() - start
+
+
+def _network_worker(variant_name: str, network: str, run_dir: Path) -> float:
+    """One network of a cascade variant in a worker process, with its own log; seconds taken."""
+    start = time.perf_counter()
+    log = run_dir.parent / f"{variant_name}.{network}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as handle:
+        train_network(run_dir, network, console=Console(file=handle, soft_wrap=True))
     return time.perf_counter() - start
 
 
