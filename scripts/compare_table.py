@@ -4,12 +4,17 @@
     python scripts/compare_table.py render [--page docs/results.md]
 
 `keep` copies a finished comparison's result files (results.json, results.md, results_per_seed.csv,
-compare.yaml) into results/compare/LABEL/ with the command that made it and the machine it ran on
-(this one, or the one in the folder's machine.json, with its wall time: scripts/gpu-compare.sh),
+compare.yaml, and each variant's config.yaml, result.json and test_predictions.csv) into
+results/compare/LABEL/ with the command that made it and the machine it ran on (this one, or the
+one in the folder's machine.json, with its wall time: scripts/gpu-compare.sh),
 and its forest plot (and learning curves, if any) into docs/images/compare-LABEL-*.png. `render`
 writes every kept comparison, its table and caption as compare wrote them, between the page's
 `compare` markers, and the README's summary (cascade against shared per comparison) between its
 `compare-summary` markers.
+
+A kept comparison's table can be rewritten without training: copy results/compare/LABEL to a new
+folder and run `MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --out FOLDER` with its options
+(the cache path it ran with: the variants' config.yaml hold the phantom's path).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "compare"
 FIGURES = ROOT / "docs" / "images"
 KEPT = ("results.json", "results.md", "results_per_seed.csv", "compare.yaml")
+VARIANT_FILES = ("config.yaml", "result.json", "test_predictions.csv")
 MACHINE_FILE = "machine.json"  # written beside them by scripts/gpu-compare.sh: the machine and the wall time
 
 
@@ -39,6 +45,14 @@ def keep(label: str, folder: Path, command: str) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for name in KEPT:
         shutil.copy(folder / name, target / name)
+    # each scored variant's settings, scores and test predictions (no checkpoint): enough for
+    # `compare --out` on a copy to rewrite the table, or to add variants, without retraining
+    shutil.rmtree(target / "variants", ignore_errors=True)
+    for result in folder.glob("variants/*/result.json"):
+        kept = target / "variants" / result.parent.name
+        kept.mkdir(parents=True)
+        for name in VARIANT_FILES:
+            shutil.copy(result.parent / name, kept / name)
     seconds = [json.loads(p.read_text())["train_wall_seconds"] for p in folder.glob("variants/*/result.json")]
     # a comparison run elsewhere (scripts/gpu-compare.sh) brings its machine and wall time along
     ran_elsewhere = (folder / MACHINE_FILE).is_file()

@@ -1,17 +1,26 @@
 #!/bin/bash
-# The comparison of docs/results.md on one GPU with `compare --jobs` (a cascade's networks train at
-# once, each in its own process): first the default comparison (`python cli.py compare`: realistic,
-# seeds 0-4, both modes, each network until its plateau rule stops it, at most 60 epochs), then the
-# cascade under `--budget equal-flops` beside the default comparison's shared variants (copied in:
-# the budget changes the cascade only). Each compare's wall time and the machine go into
-# machine.json in its folder (scripts/compare_table.py keep reads it).
-# $OUT gets per-network.tgz and equal-flops.tgz (scored variants without their checkpoints; an
-# unfinished one whole, so that `compare` resumes it) and logs.tgz. Then, in the repository:
-#   for f in per-network equal-flops; do tar xzf $OUT/$f.tgz -C runs/compare; done
-#   MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --out runs/compare/per-network
-#   MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --budget equal-flops --out runs/compare/equal-flops
+# The comparisons of docs/results.md on one GPU with `compare --jobs` (a cascade's networks train at
+# once, each in its own process), one after another, as many as LIMIT seconds allow. SWEEPS names
+# them (default "per-network equal-flops"); each is a `python cli.py compare` with its options:
+#   per-network          (none: the default comparison, realistic, seeds 0-4, both modes, cap 60)
+#   equal-flops          --budget equal-flops
+#   curves               --train-fraction 0.1,0.25,0.5,1.0
+#   same-regularization  --same-regularization
+#   roi                  --roi none,predicted,classical,truth
+#   segmentation         --modes shared --segmentation off,on
+# A sweep starts from the variants it shares with the default comparison (its kept copy in
+# results/compare/per-network, or the one this run just made): equal-flops, same-regularization
+# and segmentation its shared ones, curves and roi all of them. FROM=DIR starts a sweep from
+# DIR/<sweep> instead (an earlier call's unfinished folder, carried: `compare` resumes it).
+# Each compare's wall time and the machine go into machine.json in its folder (read by
+# scripts/compare_table.py keep). $OUT gets <sweep>.tgz (scored variants without their checkpoints,
+# an unfinished one whole; split into .part files above 15 MB) and logs.tgz. Then, here:
+#   tar xzf $OUT/<sweep>.tgz -C runs/compare
+#   MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare <options> --out runs/compare/<sweep>
+#   python scripts/compare_table.py keep <sweep> runs/compare/<sweep> --command "..."; ... render
 # (the same cache path as here, so that the saved data paths agree; a finished comparison only
-# rewrites its table). Dry run on a CPU:
+# rewrites its table). Measured on one H200 (2026-11-30): per-network 6.4 min, equal-flops 2.0.
+# Dry run on a CPU:
 #   PY=.venv/bin/python JOBS=2 EXTRA="--seeds 0 --max-epochs 1 --steps-per-epoch 2 --tta 1 --bootstrap 10"
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; PY=${PY:-python3}; LIMIT=${LIMIT:-540}; EXTRA=${EXTRA:-}; JOBS=${JOBS:-$(nproc)}
@@ -40,20 +49,43 @@ $PY -c "from mtl_meniscus.phantom.slices import ensure_phantom; print(ensure_pha
   > $W/logs/phantom.log 2>&1 || { cat $W/logs/phantom.log; exit 1; }
 echo "phantom after $(( $(date +%s) - START )) s"
 
-T0=$(date +%s)
-limited $W/logs/per-network.log $PY cli.py compare --jobs $JOBS --wandb disabled --out $W/per-network $EXTRA
-echo "per-network: exit $? after $(( $(date +%s) - T0 )) s"
-[ -f $W/per-network/results.csv ] && machine $W/per-network/machine.json $(( $(date +%s) - T0 ))
-
-mkdir -p $W/equal-flops/variants
-cp -r $W/per-network/variants/shared-* $W/equal-flops/variants/ 2>/dev/null
-T0=$(date +%s)
-limited $W/logs/equal-flops.log $PY cli.py compare --budget equal-flops --jobs $JOBS --wandb disabled --out $W/equal-flops $EXTRA
-echo "equal-flops: exit $? after $(( $(date +%s) - T0 )) s"
-[ -f $W/equal-flops/results.csv ] && machine $W/equal-flops/machine.json $(( $(date +%s) - T0 ))
+options() {  # sweep: compare's options
+  case $1 in
+    per-network) echo "" ;;
+    equal-flops) echo "--budget equal-flops" ;;
+    curves) echo "--train-fraction 0.1,0.25,0.5,1.0" ;;
+    same-regularization) echo "--same-regularization" ;;
+    roi) echo "--roi none,predicted,classical,truth" ;;
+    segmentation) echo "--modes shared --segmentation off,on" ;;
+    *) echo "unknown sweep: $1" >&2; exit 2 ;;
+  esac
+}
+reused() {  # sweep: the default comparison's variants it shares (same names, same settings)
+  case $1 in
+    per-network) echo "" ;;
+    curves | roi) echo "*" ;;
+    *) echo "shared-*" ;;
+  esac
+}
+SWEEPS=${SWEEPS:-"per-network equal-flops"}
+for sweep in $SWEEPS; do options $sweep > /dev/null || exit 2; done
+for sweep in $SWEEPS; do
+  mkdir -p $W/$sweep/variants
+  if [ -n "${FROM:-}" ] && [ -d "$FROM/$sweep" ]; then
+    cp -r "$FROM/$sweep/." $W/$sweep/
+  elif [ -n "$(reused $sweep)" ]; then
+    base=$W/per-network/variants; [ -d $base ] || base=results/compare/per-network/variants
+    cp -r $base/$(reused $sweep) $W/$sweep/variants/ 2>/dev/null
+    rm -f $W/$sweep/variants/*.log
+  fi
+  T0=$(date +%s)
+  limited $W/logs/$sweep.log $PY cli.py compare $(options $sweep) --jobs $JOBS --wandb disabled --out $W/$sweep $EXTRA
+  echo "$sweep: exit $? after $(( $(date +%s) - T0 )) s"
+  [ -f $W/$sweep/results.csv ] && machine $W/$sweep/machine.json $(( $(date +%s) - T0 ))
+done
 
 cd $W
-for c in per-network equal-flops; do
+for c in $SWEEPS; do
   # a scored variant's checkpoints are left behind (its table needs result.json and its predictions)
   find $c -name wandb -prune -o -name '*.png' -o -type f -print | while read -r f; do
     v=$(echo "$f" | cut -d/ -f1-3)
@@ -65,5 +97,5 @@ for c in per-network equal-flops; do
   if [ $(stat -c %s $OUT/$c.tgz) -gt 15000000 ]; then split -b 15000000 -d $OUT/$c.tgz $OUT/$c.tgz.part; rm $OUT/$c.tgz; fi
 done
 tar czf $OUT/logs.tgz logs
-ls -la $OUT; cat logs/gpu.txt; head -n 4 logs/per-network.log; cat per-network/results.md equal-flops/results.md 2>/dev/null | head -c 6000
+ls -la $OUT; cat logs/gpu.txt; for c in $SWEEPS; do head -n 4 logs/$c.log; cat $c/results.md 2>/dev/null | head -c 3000; done
 echo "all done after $(( $(date +%s) - START )) s"

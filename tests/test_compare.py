@@ -613,3 +613,30 @@ def test_learning_curves_train_every_mode_on_nested_shares_of_the_training_split
         assert a["split"] == b["split"] or (a["split"] == "unused" and b["split"] == "train")
     assert (tmp_path / "out" / "learning_curves.png").is_file()
     assert (tmp_path / "out" / "learning_curves.pdf").is_file()
+
+
+@pytest.mark.slow
+def test_learning_curves_with_jobs_give_the_sequential_table(preset, phantom, tmp_path):
+    """A worker reads the whole training split and cuts its variant's share once, as the
+    sequential run does (it used to cut it twice and refuse its own variant's splits)."""
+    import torch
+
+    compare = tiny_compare(preset, seeds=(0,), train_fractions=(0.5, 1.0))
+    run_compare(compare, tmp_path / "in-turn", presets_for(preset), data_dir=phantom)
+    run_compare(
+        compare,
+        tmp_path / "jobs",
+        presets_for(preset),
+        data_dir=phantom,
+        jobs=2,
+        threads=torch.get_num_threads(),
+    )
+
+    def scores(folder):
+        return [
+            {k: v for k, v in row.items() if k.startswith(("variant", "auc_", "score", "n_train"))}
+            for row in read_csv(folder / "results_per_seed.csv")
+        ]
+
+    assert scores(tmp_path / "jobs") == scores(tmp_path / "in-turn")
+    assert {row["variant"] for row in scores(tmp_path / "jobs")} >= {"shared-reference-train0.5-seed0"}

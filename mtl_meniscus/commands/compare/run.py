@@ -543,7 +543,9 @@ def _variant_worker(variant: Variant, status: str, config: Config, run_dir: Path
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as handle:
         console = Console(file=handle, soft_wrap=True)
-        data = prepare_data(Path(config.data.path), config.data, masks=config.model.roi == "truth")
+        # the whole training split, as _shared_data reads it: score_variant cuts the variant's share
+        whole = config.data.model_copy(update={"train_fraction": 1.0})
+        data = prepare_data(Path(config.data.path), whole, masks=config.model.roi == "truth")
         runtime = resolve_runtime(config.train.precision, config.train.device)
         _train_and_score(variant, status, config, run_dir, data, runtime, console)
     return time.perf_counter() - start
