@@ -33,6 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "compare"
 FIGURES = ROOT / "docs" / "images"
 KEPT = ("results.json", "results.md", "results_per_seed.csv", "compare.yaml")
+MEANING = {  # what a kept comparison's label stands for, in the README's caption
+    "per-network": "each of the cascade's networks as many steps as the shared model",
+    "equal-flops": "the cascade's networks together the shared model's training FLOPs per epoch",
+    "same-regularization": "per-network, both modes with the shared preset's dropout, optimiser, "
+    "schedule, stopping and augmentation",
+}
 VARIANT_FILES = ("config.yaml", "result.json", "test_predictions.csv")
 MACHINE_FILE = "machine.json"  # written beside them by scripts/gpu-compare.sh: the machine and the wall time
 
@@ -67,6 +73,8 @@ def keep(label: str, folder: Path, command: str) -> Path:
     }
     if "wall_seconds" in info:
         about["wall_minutes"] = round(info["wall_seconds"] / 60, 1)
+    if info.get("note"):  # e.g. a run finished on another machine than it started on
+        about["note"] = info["note"]
     (target / "about.json").write_text(json.dumps(about, indent=2))
     for figure in ("forest", "learning_curves"):
         if (folder / f"{figure}.png").is_file():
@@ -82,7 +90,8 @@ def render(page: Path = RESULTS_PAGE, readme: Path = ROOT / "README.md") -> str:
         wall = f"{about['wall_minutes']} min wall, " if "wall_minutes" in about else ""
         lines = [
             f"**{about['label']}**: `{about['command']}` on {about['machine']}, {about['date']}; "
-            f"{wall}{about['training_minutes']} min of training in all (summed over networks).",
+            f"{wall}{about['training_minutes']} min of training in all (summed over networks)."
+            + (f" Note: {about['note']}." if "note" in about else ""),
             "",
             text,
         ]
@@ -104,7 +113,7 @@ def render(page: Path = RESULTS_PAGE, readme: Path = ROOT / "README.md") -> str:
 def readme_summary() -> str:
     """The README's table: per kept comparison, the reference cascade against the shared model
     (full training split, no ROI, no auxiliary segmentation), their difference and the flags."""
-    rows, notes = [], []
+    rows, notes, labels = [], [], []
     for folder in _kept_folders():
         about = json.loads((folder / "about.json").read_text())
         settings = yaml.safe_load((folder / "compare.yaml").read_text())
@@ -118,6 +127,7 @@ def readme_summary() -> str:
         if not {"separate", "shared"} <= set(by_mode):
             continue
         cascade, shared = by_mode["separate"], by_mode["shared"]
+        labels.append(about["label"])
         flagged = [_flags(name, r) for name, r in (("cascade", cascade), ("shared", shared))]
         rows.append(
             f"| {about['label']} | {_mean_sd(cascade)} | {_mean_sd(shared)} | "
@@ -134,16 +144,15 @@ def readme_summary() -> str:
         return "(no comparison kept yet)"
     return "\n".join(
         [
-            "| budget | cascade (separate) | shared | shared − cascade [95% CI] | training TFLOPs, cascade / shared "
+            "| comparison | cascade (separate) | shared | shared − cascade [95% CI] | training TFLOPs, cascade / shared "
             "| flagged seeds |",
             "|---|---|---|---|---|---|",
             *rows,
             "",
             "Challenge score on the test split with TTA, mean ± sd over seeds; the difference is paired by "
             "seed on the same test images (a t-interval over seeds with the images' bootstrap error); "
-            "flagged: still improving when the budget ended, or never left chance. Budgets: per-network, each "
-            "of the cascade's networks as many steps as the shared model; equal-flops, together its training "
-            "FLOPs per epoch. "
+            "flagged: still improving when the budget ended, or never left chance. "
+            + "".join(f"{label}: {MEANING[label]}. " for label in labels if label in MEANING)
             + "; ".join(notes)
             + ". Written by `python scripts/compare_table.py render` from results/compare "
             "([full tables](docs/results.md#separate-vs-shared-compare)).",

@@ -540,8 +540,7 @@ def _variant_worker(variant: Variant, status: str, config: Config, run_dir: Path
     """One variant in a worker process: its own copy of the data, its own log; seconds taken."""
     start = time.perf_counter()
     log = run_dir.parent / f"{variant.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a", encoding="utf-8") as handle:
+    with _open_log(log) as handle:
         console = Console(file=handle, soft_wrap=True)
         # the whole training split, as _shared_data reads it: score_variant cuts the variant's share
         whole = config.data.model_copy(update={"train_fraction": 1.0})
@@ -551,12 +550,17 @@ def _variant_worker(variant: Variant, status: str, config: Config, run_dir: Path
     return time.perf_counter() - start
 
 
+def _open_log(log: Path):
+    """A job's log, appended to and written line by line: `tail -f` shows each epoch as it ends,
+    and a job killed mid-training leaves every line it printed."""
+    return log.open("a", encoding="utf-8", buffering=1)
+
+
 def _network_worker(variant_name: str, network: str, run_dir: Path) -> float:
     """One network of a cascade variant in a worker process, with its own log; seconds taken."""
     start = time.perf_counter()
     log = run_dir.parent / f"{variant_name}.{network}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a", encoding="utf-8") as handle:
+    with _open_log(log) as handle:
         train_network(run_dir, network, console=Console(file=handle, soft_wrap=True))
     return time.perf_counter() - start
 
