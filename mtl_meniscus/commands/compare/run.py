@@ -551,9 +551,9 @@ def _variant_worker(variant: Variant, status: str, config: Config, run_dir: Path
 
 
 def _open_log(log: Path):
-    """A job's log, appended to and written line by line: `tail -f` shows each epoch as it ends,
-    and a job killed mid-training leaves every line it printed."""
-    return log.open("a", encoding="utf-8", buffering=1)
+    """A job's log, appended to: a resumed job continues the log of the one it resumes."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return log.open("a", encoding="utf-8")
 
 
 def _network_worker(variant_name: str, network: str, run_dir: Path) -> float:
