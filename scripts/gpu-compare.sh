@@ -4,7 +4,7 @@
 # them (default "per-network equal-flops"); each is a `python cli.py compare` with its options:
 #   per-network          (none: the default comparison, realistic, seeds 0-4, both modes, cap 60)
 #   equal-flops          --budget equal-flops
-#   curves               --train-fraction 0.1,0.25,0.5,1.0
+#   curves               --train-fraction 0.1,0.25,0.5,1.0 (CURVE_FRACTIONS=0.1,1.0: a share per call)
 #   same-regularization  --same-regularization
 #   roi                  --roi none,predicted,classical,truth
 #   segmentation         --modes shared --segmentation off,on
@@ -19,7 +19,10 @@
 #   MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare <options> --out runs/compare/<sweep>
 #   python scripts/compare_table.py keep <sweep> runs/compare/<sweep> --command "..."; ... render
 # (the same cache path as here, so that the saved data paths agree; a finished comparison only
-# rewrites its table). Measured on one H200 (2026-11-30): per-network 6.4 min, equal-flops 2.0.
+# rewrites its table). Measured on one H200 (2026-11-30): per-network 6.4 min, equal-flops 2.0,
+# same-regularization 3.5 (its last scoring job cut by a 215 s limit). The curves' three smaller
+# shares are about three times per-network: more than one call's 10 minutes, so one share per call
+# (CURVE_FRACTIONS=0.1,1.0 and so on), their variant folders merged here into one comparison folder.
 # Dry run on a CPU:
 #   PY=.venv/bin/python JOBS=2 EXTRA="--seeds 0 --max-epochs 1 --steps-per-epoch 2 --tta 1 --bootstrap 10"
 set -u
@@ -53,7 +56,7 @@ options() {  # sweep: compare's options
   case $1 in
     per-network) echo "" ;;
     equal-flops) echo "--budget equal-flops" ;;
-    curves) echo "--train-fraction 0.1,0.25,0.5,1.0" ;;
+    curves) echo "--train-fraction ${CURVE_FRACTIONS:-0.1,0.25,0.5,1.0}" ;;
     same-regularization) echo "--same-regularization" ;;
     roi) echo "--roi none,predicted,classical,truth" ;;
     segmentation) echo "--modes shared --segmentation off,on" ;;
