@@ -266,7 +266,7 @@ def _prepare_run_data(
         kept = tuple(t for t in config.model.tasks if t not in unlabelled)
         config.model = config.model.model_copy(update={"tasks": kept})
     if processes.main and write_files:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         data.write_splits(run_dir / "splits.csv")
         data.write_exclusions(run_dir / "exclusions.csv")
     console.print(f"data {data_dir}: {data.exclusion_summary()} (report: {run_dir / 'exclusions.csv'})")
