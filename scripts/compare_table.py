@@ -54,15 +54,16 @@ def keep(label: str, folder: Path, command: str) -> Path:
     # each scored variant's settings, scores and test predictions (no checkpoint): enough for
     # `compare --out` on a copy to rewrite the table, or to add variants, without retraining
     shutil.rmtree(target / "variants", ignore_errors=True)
-    for result in folder.glob("variants/*/result.json"):
+    results = sorted(folder.glob("variants/*/result.json"))
+    for result in results:
         kept = target / "variants" / result.parent.name
         kept.mkdir(parents=True)
         for name in VARIANT_FILES:
             shutil.copy(result.parent / name, kept / name)
-    seconds = [json.loads(p.read_text())["train_wall_seconds"] for p in folder.glob("variants/*/result.json")]
+    seconds = [json.loads(p.read_text())["train_wall_seconds"] for p in results]
     # a comparison run elsewhere (scripts/gpu-compare.sh) brings its machine and wall time along
-    ran_elsewhere = (folder / MACHINE_FILE).is_file()
-    info = json.loads((folder / MACHINE_FILE).read_text()) if ran_elsewhere else machine_info()
+    machine_file = folder / MACHINE_FILE
+    info = json.loads(machine_file.read_text()) if machine_file.is_file() else machine_info()
     cpu = f"{info['cpu']}, {info['cores']} cores, ISA {info['isa']}, AMX {info['amx']}"
     about = {
         "label": label,

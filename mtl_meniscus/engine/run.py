@@ -124,8 +124,9 @@ def start_run(config: Config, run_dir: Path, console: Console | None = None) -> 
 def train_network(run_dir: Path, network: str, console: Console | None = None) -> None:
     """Train one network of a cascade run begun by start_run, alone, from its last.pt if it has one;
     the run stays unfinished. Calls for the other networks may run at the same time: each locks its
-    network's folder (members/<network>), not the run folder, and none writes the run's own files.
-    The network logs to a wandb run of its own (members/<network>/wandb) in the run's group."""
+    network's folder (members/<network>), not the run folder (the run's files they rewrite are the
+    same and written atomically). The network logs to a wandb run of its own
+    (members/<network>/wandb) in the run's group."""
     console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
     config = _load_run_config(run_dir)
@@ -137,19 +138,17 @@ def train_network(run_dir: Path, network: str, console: Console | None = None) -
     lock = RunLock(run_dir / "members" / network, "network folder")
     try:
         runtime = resolve_runtime(config.train.precision, config.train.device)
-        data, _, _ = _prepare_run_data(config, run_dir, True, SINGLE, console, write_files=False)
+        data, _, _ = _prepare_run_data(config, run_dir, True, SINGLE, console)
         member = next((m for m in plan_members(config, data, run_dir) if m.name == network), None)
         if member is None:
             raise MeniscusError(f"{run_dir} has no network named {network!r}")
-        wandb_config = config.wandb.model_copy(
-            update={"job_type": config.wandb.job_type or "train", "group": config.wandb.group or run_dir.name}
+        logger = RunLogger(
+            _wandb_config(config, run_dir), member.folder, f"{run_dir.name}-{network}", config.to_dict()
         )
-        logger = RunLogger(wandb_config, member.folder, f"{run_dir.name}-{network}", config.to_dict())
         try:
             logger.define_step_axes([network])
             trainer = MemberTrainer(member, config, data, runtime, logger, console)
-            if trainer.try_resume():
-                console.print(f"[{network}] resumed after epoch {trainer.state.epoch}", markup=False)
+            _resume(trainer, console)
             trainer.fit()
         finally:
             logger.finish()
@@ -182,10 +181,7 @@ def _train_locked(
         f"training {config.model.name} on {runtime.describe()} -> {run_dir}"
         + (f" ({processes.world} processes, torchrun)" if processes.active else "")
     )
-    # A run of its own is a wandb group of its own, which its evaluate runs join (evaluate.py).
-    wandb_config = config.wandb.model_copy(
-        update={"job_type": config.wandb.job_type or "train", "group": config.wandb.group or run_dir.name}
-    )
+    wandb_config = _wandb_config(config, run_dir)
     if not processes.main:
         wandb_config.mode = "disabled"
     logger = RunLogger(wandb_config, run_dir, run_dir.name, config.to_dict())
@@ -195,12 +191,8 @@ def _train_locked(
         horns = None  # a cascade's horns from its segmentation network, once it has trained (roi predicted)
         for member in members:
             trainer = MemberTrainer(member, config, data, runtime, logger, console, processes, horns)
-            if resume and trainer.try_resume():
-                console.print(
-                    f"[{member.name}] resumed after epoch {trainer.state.epoch}"
-                    + (" (finished)" if trainer.state.finished else ""),
-                    markup=False,
-                )
+            if resume:
+                _resume(trainer, console)
             trainer.fit(on_epoch_end)
             trainers.append(trainer)
             if member.name == SEGMENTATION and config.model.roi == "predicted":
@@ -212,6 +204,23 @@ def _train_locked(
         return _finish_run(trainers, config, data, runtime, run_dir, warnings, data_name, logger, console)
     finally:
         logger.finish()
+
+
+def _wandb_config(config: Config, run_dir: Path):
+    """A run of its own is a wandb group of its own, which its evaluate runs join (evaluate.py)."""
+    return config.wandb.model_copy(
+        update={"job_type": config.wandb.job_type or "train", "group": config.wandb.group or run_dir.name}
+    )
+
+
+def _resume(trainer: MemberTrainer, console: Console) -> None:
+    """Load the network's last.pt, if it has one, and say so."""
+    if trainer.try_resume():
+        console.print(
+            f"[{trainer.member.name}] resumed after epoch {trainer.state.epoch}"
+            + (" (finished)" if trainer.state.finished else ""),
+            markup=False,
+        )
 
 
 def _segmentation_network_horns(
@@ -234,17 +243,11 @@ def _segmentation_network_horns(
 
 
 def _prepare_run_data(
-    config: Config,
-    run_dir: Path,
-    resume: bool,
-    processes: Distributed,
-    console: Console,
-    write_files: bool = True,
+    config: Config, run_dir: Path, resume: bool, processes: Distributed, console: Console
 ) -> tuple[PreparedData, str, list[str]]:
     """Read and split the data (the built-in phantom when no folder is configured), leave out tasks
-    without a known label, write config.yaml, splits.csv and exclusions.csv (unless `write_files` is
-    False: a network trained alone reads them while its siblings do); (data, what the summary calls
-    it, warnings)."""
+    without a known label, write config.yaml, splits.csv and exclusions.csv (atomically: other
+    processes may read them meanwhile); (data, what the summary calls it, warnings)."""
     processes.barrier()  # every process has checked the folder before rank 0 writes into it
     if processes.main:  # rank 0 generates the built-in phantom, the others then find it cached
         data_dir = resolve_data_dir(config.data, console)
@@ -265,7 +268,7 @@ def _prepare_run_data(
     if unlabelled:  # the model predicts what it can learn; config.yaml and the checkpoints say so
         kept = tuple(t for t in config.model.tasks if t not in unlabelled)
         config.model = config.model.model_copy(update={"tasks": kept})
-    if processes.main and write_files:
+    if processes.main:
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         data.write_splits(run_dir / "splits.csv")
         data.write_exclusions(run_dir / "exclusions.csv")
