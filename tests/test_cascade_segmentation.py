@@ -21,7 +21,7 @@ from mtl_meniscus.data.preprocess import make_input
 from mtl_meniscus.data.roi import HornCentres
 from mtl_meniscus.engine.inference import predicted_horn_centres
 from mtl_meniscus.engine.members import network_model_configs, plan_members
-from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.run import start_run, train_network, train_run
 from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import load_trained
 from mtl_meniscus.errors import MeniscusError
@@ -103,14 +103,42 @@ def predicted_run(phantom64, tmp_path_factory) -> tuple[Path, dict[str, HornCent
             given[member.name] = self.horns
 
     run = tmp_path_factory.mktemp("cascade-predicted") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "MemberTrainer", Recording)
+        train_run(_predicted_run_config(phantom64), run, console=Console(quiet=True))
+    return run, given
+
+
+def _predicted_run_config(phantom64: Path):
     overrides = {**PREDICTED, "data.path": str(phantom64), "train.max_epochs": 2, "train.eval_batch_size": 5}
     # fp32 as the checks below: under bf16 (auto on an AMX CPU) a pixel on the edge of the mask can
     # flip between the run's batched pass and a check's fp32 one, moving a horn by a fraction of a pixel
     overrides["train.precision"] = "fp32"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run_module, "MemberTrainer", Recording)
-        train_run(load_config(TINY, overrides), run, console=Console(quiet=True))
-    return run, given
+    return load_config(TINY, overrides)
+
+
+def test_networks_trained_alone_give_the_predicted_cascade_trained_in_turn(
+    predicted_run, phantom64, tmp_path
+):
+    """compare --jobs with roi predicted: the segmentation network alone first, then its classifiers
+    (here in reverse order), each cropping around the finished segmentation network's horns; then
+    train_run(resume=True) assembles and scores the cascade that train_run gave in one go."""
+    quiet = Console(quiet=True)
+    run = tmp_path / "alone"
+    start_run(_predicted_run_config(phantom64), run, console=quiet)
+    with pytest.raises(MeniscusError, match="segmentation network has not finished training"):
+        train_network(run, "fissure", console=quiet)
+    train_network(run, "segmentation", console=quiet)
+    for network in ("position", "orientation", "fissure"):
+        train_network(run, network, console=quiet)
+    train_run(None, run, resume=True, console=quiet)
+    assembled, full = (
+        json.loads((folder / "metrics.json").read_text()) for folder in (run, predicted_run[0])
+    )
+    for key in ("members", "test", "test_tta"):
+        assert assembled[key] == full[key]
+    without_seconds = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert without_seconds(_history(run)) == without_seconds(_history(predicted_run[0]))
 
 
 def test_the_segmentation_network_is_scored_by_its_mean_dice(predicted_run):

@@ -610,6 +610,61 @@ def test_learning_curves_train_every_mode_on_nested_shares_of_the_training_split
 
 
 @pytest.mark.slow
+def test_a_predicted_roi_cascade_with_jobs_gives_the_sequential_table(preset, phantom, tmp_path):
+    """roi predicted under --jobs: the cascade's segmentation network trains alone first, then its
+    classifiers at once (they crop around its horns), then its scoring job; the table is the one
+    the cascade trained in one job gives."""
+    import torch
+
+    compare = tiny_compare(preset, modes=("separate",), seeds=(0,), rois=("predicted",))
+    run_compare(compare, tmp_path / "in-turn", presets_for(preset), data_dir=phantom)
+    jobs = tmp_path / "jobs"
+    run_compare(compare, jobs, presets_for(preset), data_dir=phantom, jobs=2, threads=torch.get_num_threads())
+
+    rows = without_timing(read_csv(jobs / "results_per_seed.csv"))
+    assert rows == without_timing(read_csv(tmp_path / "in-turn" / "results_per_seed.csv"))
+    variant = "separate-reference-roi_predicted-seg-seed0"
+    assert [row["variant"] for row in rows] == [variant]
+    networks = ("", ".segmentation", *(f".{task}" for task in TASKS))  # "": the scoring job's log
+    assert sorted(p.name for p in (jobs / "variants").glob("*.log")) == sorted(
+        f"{variant}{network}.log" for network in networks
+    )
+
+
+def test_jobs_made_ready_by_a_finished_one_go_before_those_waiting():
+    """With one worker: a roi predicted cascade's segmentation network, then its classifiers and its
+    scoring job, which a finished job made ready, before the one-network variant that was waiting."""
+    from concurrent.futures import Future
+
+    class InstantPool:  # runs nothing: each job is finished when submitted
+        def __init__(self):
+            self.jobs = []
+
+        def submit(self, worker, *args):
+            # _network_worker(variant name, network, run folder); _variant_worker(variant, ...)
+            network = worker is compare_run._network_worker
+            self.jobs.append((args[0], args[1]) if network else (args[0].name, "trains or scores it"))
+            done = Future()
+            done.set_result(0.0)
+            return done
+
+    cascade = Variant("separate", "reference", 0, roi="predicted", segmentation=True)
+    shared = Variant("shared", "reference", 0)
+    groups = {cascade: [["segmentation"], ["fissure", "orientation", "position"]], shared: []}
+    pool = InstantPool()
+    queue = compare_run._JobQueue(pool, 1, {cascade: None, shared: None}, Path("out"), groups)
+    queue.run([shared, cascade], {shared: "new", cascade: "new"}, _quiet(), lambda: None)
+    assert pool.jobs == [
+        (cascade.name, "segmentation"),
+        (cascade.name, "fissure"),
+        (cascade.name, "orientation"),
+        (cascade.name, "position"),
+        (cascade.name, "trains or scores it"),  # assembles and scores the cascade
+        (shared.name, "trains or scores it"),
+    ]
+
+
+@pytest.mark.slow
 def test_learning_curves_with_jobs_give_the_sequential_table(preset, phantom, tmp_path):
     """A worker reads the whole training split and cuts its variant's share once, as the
     sequential run does (it used to cut it twice and refuse its own variant's splits)."""

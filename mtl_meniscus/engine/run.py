@@ -33,17 +33,18 @@ from mtl_meniscus.config import (
 from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.data.roi import HornCentres
-from mtl_meniscus.engine.checkpoint import atomic_torch_save, model_payload
+from mtl_meniscus.engine.checkpoint import atomic_torch_save, load_checkpoint, model_payload
 from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.distributed import SINGLE, Distributed, check_batch, world_size
 from mtl_meniscus.engine.distributed import start as start_processes
 from mtl_meniscus.engine.distributed import stop as stop_processes
 from mtl_meniscus.engine.inference import predict_probs, predicted_horn_centres, segmentation_metrics
-from mtl_meniscus.engine.members import JOINT, check_members, plan_members, tasks_without_labels
+from mtl_meniscus.engine.members import JOINT, Member, check_members, plan_members, tasks_without_labels
 from mtl_meniscus.engine.progress import counted_progress
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
 from mtl_meniscus.engine.tracking import MODEL_ARTIFACT_PREFIX, RunLogger
 from mtl_meniscus.engine.trainer import EpochCallback, MemberTrainer
+from mtl_meniscus.engine.training_state import MemberCheckpoints
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.evaluation.metrics import bootstrap_cis, challenge_score, task_aucs
 from mtl_meniscus.evaluation.plots import plot_training_curves
@@ -125,29 +126,33 @@ def train_network(run_dir: Path, network: str, console: Console | None = None) -
     """Train one network of a cascade run begun by start_run, alone, from its last.pt if it has one;
     the run stays unfinished. Calls for the other networks may run at the same time: each locks its
     network's folder (members/<network>), not the run folder (the run's files they rewrite are the
-    same and written atomically). The network logs to a wandb run of its own
+    same and written atomically). With roi predicted the classifiers crop around the horns of the
+    cascade's segmentation network, so they wait for it: a classifier's call is refused until the
+    segmentation network has finished. The network logs to a wandb run of its own
     (members/<network>/wandb) in the run's group."""
     console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
     config = _load_run_config(run_dir)
-    if not trains_per_task(config.model.name) or config.model.roi == "predicted":
-        # roi predicted: the classifiers crop around the horns of the segmentation network trained first
-        raise MeniscusError(
-            f"{run_dir}: only a cascade with roi none, classical or truth trains a network alone"
-        )
+    if not trains_per_task(config.model.name):
+        raise MeniscusError(f"{run_dir}: only a cascade trains a network alone (this run has one network)")
     lock = RunLock(run_dir / "members" / network, "network folder")
     try:
         runtime = resolve_runtime(config.train.precision, config.train.device)
         data, _, _ = _prepare_run_data(config, run_dir, True, SINGLE, console)
-        member = next((m for m in plan_members(config, data, run_dir) if m.name == network), None)
+        members = plan_members(config, data, run_dir)
+        member = next((m for m in members if m.name == network), None)
         if member is None:
             raise MeniscusError(f"{run_dir} has no network named {network!r}")
+        horns = None  # roi classical and truth: the trainer finds them
+        if config.model.roi == "predicted" and member.tasks:
+            segmenter = next(m for m in members if m.name == SEGMENTATION)  # roi predicted implies one
+            horns = _finished_segmentation_horns(segmenter, config, data, runtime, console)
         logger = RunLogger(
             _wandb_config(config, run_dir), member.folder, f"{run_dir.name}-{network}", config.to_dict()
         )
         try:
             logger.define_step_axes([network])
-            trainer = MemberTrainer(member, config, data, runtime, logger, console)
+            trainer = MemberTrainer(member, config, data, runtime, logger, console, horns=horns)
             _resume(trainer, console)
             trainer.fit()
         finally:
@@ -240,6 +245,23 @@ def _segmentation_network_horns(
         highlight=False,
     )
     return horns
+
+
+def _finished_segmentation_horns(
+    member: Member, config: Config, data: PreparedData, runtime: Runtime, console: Console
+) -> HornCentres:
+    """A classifier of roi predicted trained alone (train_network): the horns of the cascade's
+    segmentation network (`member`), found by its best weights once it has finished training,
+    as train_run finds them after training it."""
+    last = member.folder / "last.pt"
+    if not (last.is_file() and load_checkpoint(last).get("training_state", {}).get("finished")):
+        raise MeniscusError(
+            f"{member.folder.parent.parent}: the segmentation network has not finished training; with "
+            "roi predicted the classifiers crop around its horns, so it trains first"
+        )
+    network = runtime.prepare_model(member.build(config))
+    MemberCheckpoints(member.folder, member.name).restore_best(network)
+    return _segmentation_network_horns(network, config, data, runtime, console)
 
 
 def _prepare_run_data(

@@ -28,7 +28,7 @@ from mtl_meniscus.commands.compare.plan import (
 from mtl_meniscus.commands.compare.report import log_summary, write_report
 from mtl_meniscus.commands.compare.settings import CompareConfig
 from mtl_meniscus.commands.compare.statistics import ScoredVariant, summarize
-from mtl_meniscus.config import Config, saved_run_config
+from mtl_meniscus.config import SEGMENTATION, Config, saved_run_config
 from mtl_meniscus.data.load import prepare_data, with_train_fraction
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.data.roi import HornCentres, horn_source
@@ -408,12 +408,9 @@ def _run_in_parallel(
 
     import torch
 
-    networks = {v: _networks_alone(statuses[v], configs[v], out_dir / "variants" / v.name) for v in pending}
-    # the cascades' networks first: they are the long jobs
-    first_jobs = [(v, n) for v in pending for n in networks[v]] + [
-        (v, None) for v in pending if not networks[v]
-    ]
-    jobs = min(jobs, len(first_jobs))  # a worker per job at most
+    groups = {v: _network_groups(statuses[v], configs[v], out_dir / "variants" / v.name) for v in pending}
+    # a worker per job at most: per cascade its widest group of networks at once, else one
+    jobs = min(jobs, sum(max(map(len, groups[v]), default=1) for v in pending))
     threads = threads or max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP/CUDA state
     gpus = torch.cuda.device_count()
@@ -421,14 +418,14 @@ def _run_in_parallel(
     console.print(
         f"training {len(pending)} variants in {jobs} processes, {threads} CPU thread(s) each"
         + (f", one of {gpus} GPUs each" if gpus else "")
-        + (f"; the cascades' networks at once ({len(first_jobs)} jobs)" if any(networks.values()) else "")
+        + ("; the cascades' networks at once" if any(groups.values()) else "")
         + f"; their output: {out_dir / 'variants'}/<variant>.log"
     )
     with ProcessPoolExecutor(
         jobs, mp_context=context, initializer=_init_worker, initargs=(threads, slots)
     ) as pool:
         try:
-            _JobQueue(pool, configs, out_dir, networks).run(first_jobs, statuses, console, on_variant)
+            _JobQueue(pool, jobs, configs, out_dir, groups).run(pending, statuses, console, on_variant)
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -438,64 +435,91 @@ def _run_in_parallel(
 
 
 class _JobQueue:
-    """The jobs of `compare --jobs` in a process pool: whole variants, and a cascade's networks
-    (`networks`: those of each variant still training alone) followed by its scoring job."""
+    """The jobs of `compare --jobs` in a process pool of `workers`: whole variants, and a cascade's
+    networks (`groups`: each variant's groups of networks still to train, one group after another)
+    followed by its scoring job. Jobs go to the pool only as workers come free, so that a job made
+    ready by a finished one (a cascade's next group, its scoring job) runs before those waiting."""
 
     def __init__(
-        self, pool, configs: dict[Variant, Config], out_dir: Path, networks: dict[Variant, list[str]]
+        self,
+        pool,
+        workers: int,
+        configs: dict[Variant, Config],
+        out_dir: Path,
+        groups: dict[Variant, list[list[str]]],
     ):
-        self.pool, self.configs, self.out_dir, self.networks = pool, configs, out_dir, networks
+        self.pool, self.workers, self.configs, self.out_dir = pool, workers, configs, out_dir
+        self.groups = groups
+        self.waiting: list[tuple[Variant, str | None, str]] = []  # (variant, network, status) in order
         self.futures: dict[Any, tuple[Variant, str | None]] = {}
-
-    def submit(self, variant: Variant, network: str | None, status: str) -> None:
-        run_dir = self.out_dir / "variants" / variant.name
-        if network is None:
-            future = self.pool.submit(_variant_worker, variant, status, self.configs[variant], run_dir)
-        else:
-            future = self.pool.submit(_network_worker, variant.name, network, run_dir)
-        self.futures[future] = (variant, network)
 
     def run(
         self,
-        first_jobs: list[tuple[Variant, str | None]],
+        pending: list[Variant],
         statuses: dict[Variant, str],
         console: Console,
         on_variant: Callable[[], None],
     ) -> None:
-        """Run every job; a cascade's scoring job once its last network has trained."""
+        """Run every job; a cascade's next group of networks once the group before has trained,
+        its scoring job once its last network has."""
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        for variant, network in first_jobs:
-            self.submit(variant, network, statuses[variant])
-        total, done = len({variant for variant, _ in first_jobs}), 0
-        while self.futures:
+        # the cascades' networks first: they are the long jobs
+        for variant in sorted(pending, key=lambda v: not self.groups[v]):
+            self.waiting += self._next_jobs(variant, statuses[variant])
+        done = 0
+        while self._submit_waiting():
             finished, _ = wait(self.futures, return_when=FIRST_COMPLETED)
             for future in finished:
                 variant, network = self.futures.pop(future)
                 seconds = _worker_seconds(future, variant, self.out_dir, network)
-                if network is not None:
-                    console.print(f"variant {variant.name}: network {network} trained in {seconds:.0f} s")
-                    self.networks[variant].remove(network)
-                    if not self.networks[variant]:  # all trained: assemble and score the cascade
-                        self.submit(variant, None, "started")
+                if network is None:
+                    done += 1
+                    console.print(f"variant {variant.name} done in {seconds:.0f} s ({done}/{len(pending)})")
+                    on_variant()
                     continue
-                done += 1
-                console.print(f"variant {variant.name} done in {seconds:.0f} s ({done}/{total})")
-                on_variant()
+                console.print(f"variant {variant.name}: network {network} trained in {seconds:.0f} s")
+                group = self.groups[variant][0]
+                group.remove(network)
+                if not group:  # the next group, or the scoring job, goes before the waiting jobs
+                    self.groups[variant].pop(0)
+                    self.waiting[:0] = self._next_jobs(variant, "started")
+
+    def _next_jobs(self, variant: Variant, status: str) -> list[tuple[Variant, str | None, str]]:
+        """The variant's next group of networks, or once none is left its job that trains and
+        scores it (a cascade's: assembles and scores it)."""
+        if self.groups[variant]:
+            return [(variant, network, status) for network in self.groups[variant][0]]
+        return [(variant, None, status)]
+
+    def _submit_waiting(self) -> bool:
+        """Give free workers the waiting jobs in order; False when nothing is left to run."""
+        while self.waiting and len(self.futures) < self.workers:
+            variant, network, status = self.waiting.pop(0)
+            run_dir = self.out_dir / "variants" / variant.name
+            if network is None:
+                future = self.pool.submit(_variant_worker, variant, status, self.configs[variant], run_dir)
+            else:
+                future = self.pool.submit(_network_worker, variant.name, network, run_dir)
+            self.futures[future] = (variant, network)
+        return bool(self.futures)
 
 
-def _networks_alone(status: str, config: Config, run_dir: Path) -> list[str]:
-    """The networks of a cascade variant that train as jobs of their own (its run folder begun here
-    when new); [] for a variant trained in one job: a one-network model, a trained one (only scored),
-    and a cascade of roi predicted (its classifiers need the horns of its segmentation network)."""
-    if not trains_per_task(config.model.name) or config.model.roi == "predicted":
-        return []
-    if status not in ("new", "started"):
+def _network_groups(status: str, config: Config, run_dir: Path) -> list[list[str]]:
+    """The networks of a cascade variant that train as jobs of their own, in groups that train one
+    after another (its run folder begun here when new): with roi predicted its segmentation network
+    first, then its classifiers, which crop around the segmentation network's horns; else all of
+    them at once. [] for a variant trained in one job: a one-network model, a trained one (only
+    scored)."""
+    if not trains_per_task(config.model.name) or status not in ("new", "started"):
         return []
     if status == "new":
         start_run(config.model_copy(deep=True), run_dir, console=Console(quiet=True))
     # the networks of the saved config: a task the data has no label for has none
-    return list(cascade_networks(saved_run_config(run_dir / "config.yaml").model))
+    networks = list(cascade_networks(saved_run_config(run_dir / "config.yaml").model))
+    if config.model.roi == "predicted":
+        return [[SEGMENTATION], [n for n in networks if n != SEGMENTATION]]
+    return [networks]
 
 
 def _worker_seconds(future, variant: Variant, out_dir: Path, network: str | None = None) -> float:
