@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from results_page import RESULTS_PAGE, write_table  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,17 +97,23 @@ def render(out: Path) -> str:
     )
     if not cells:
         return "(no results yet: python scripts/segmentation_table.py run)"
-    machine = cells[0]["machine"]
+    machines = list(dict.fromkeys(_machine_text(r["machine"]) for r in cells))  # in the rows' order
+    machine_names = {text: f"M{k + 1}" for k, text in enumerate(machines)}
     lines = [
         f"Data: the built-in phantom at `realistic`, data seed {cells[0]['data_seed']} (its own "
-        "test split); the shared preset, one row per training seed. Machine: "
-        f"{machine['cpu']}, {machine['cores']} cores, ISA {machine['isa']}, AMX {machine['amx']}, "
-        f"torch {machine['torch']}. Written by `python scripts/segmentation_table.py render` from "
-        "`results/segmentation/`.",
+        "test split); the shared preset, one row per training seed, trained at `--precision auto` "
+        "(bf16 on CUDA and on CPUs with AMX, else fp32). Machine"
+        + (
+            f": {machines[0]}."
+            if len(machines) == 1
+            else "s: " + "; ".join(f"{machine_names[m]} {m}" for m in machines) + "."
+        )
+        + " Written by `python scripts/segmentation_table.py render` from `results/segmentation/`.",
         "",
         "| variant | training seed | test score (TTA) | Dice meniscus [95% CI] | Dice tear [95% CI] "
-        "| classical horns: tear inside both windows [95% CI] | predicted horns: same | training s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| classical horns: tear inside both windows [95% CI] | predicted horns: same | training s |"
+        + (" machine |" if len(machines) > 1 else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if len(machines) > 1 else ""),
     ]
     for r in cells:
         classes = (r["segmentation"] or {}).get("classes", {})
@@ -122,18 +129,59 @@ def render(out: Path) -> str:
             if source in roi
         }
         lines.append(
-            f"| {'auxiliary segmentation' if r['variant'] == 'seg' else 'preset (no segmentation)'} "
+            f"| {LABELS[r['variant']]} "
             f"| {r['seed']} | {r['test_score_tta']:.3f} | {dice.get('meniscus', '-')} | {dice.get('tear', '-')} "
             f"| {hits.get('classical', '-')} | {hits.get('predicted_mask', '-')} | {r['train_seconds']:.0f} |"
+            + (f" {machine_names[_machine_text(r['machine'])]} |" if len(machines) > 1 else "")
         )
     for variant in sorted({r["variant"] for r in cells}):
         scores = [r["test_score_tta"] for r in cells if r["variant"] == variant]
         spread = f" ± {statistics.stdev(scores):.3f} (sd)" if len(scores) > 1 else ""
         lines.append(
-            f"\n{'auxiliary segmentation' if variant == 'seg' else 'preset'}: test score "
-            f"{statistics.mean(scores):.3f}{spread} over {len(scores)} seed(s)."
+            f"\n{LABELS[variant]}: test score {statistics.mean(scores):.3f}{spread} over {len(scores)} seed(s)."
         )
+    lines.append(_paired_difference(cells))
     return "\n".join(lines)
+
+
+LABELS = {"seg": "auxiliary segmentation", "noseg": "preset (no segmentation)"}
+
+
+def _machine_text(machine: dict) -> str:
+    return (
+        f"{machine['cpu']}, {machine['cores']} cores, ISA {machine['isa']}, AMX {machine['amx']}, "
+        f"torch {machine['torch']}"
+    )
+
+
+def _paired_difference(cells: list[dict]) -> str:
+    """The auxiliary task's effect on the test score, seed by seed (both variants of a seed on the
+    same test images), with the seeds' t-interval (result.json keeps no per-image predictions, so
+    the test images' own error is not in it, unlike compare's interval)."""
+    from mtl_meniscus.evaluation.metrics import seeds_and_images_interval
+
+    cell = {(r["variant"], r["seed"]): r for r in cells}
+    # a seed's two runs on one machine: across machines the difference would hold the machine's too
+    seeds = sorted(
+        seed
+        for variant, seed in cell
+        if variant == "seg"
+        and ("noseg", seed) in cell
+        and _machine_text(cell["seg", seed]["machine"]) == _machine_text(cell["noseg", seed]["machine"])
+    )
+    if not seeds:
+        return ""
+    deltas = [cell["seg", seed]["test_score_tta"] - cell["noseg", seed]["test_score_tta"] for seed in seeds]
+    text = "\nAuxiliary segmentation − preset, seed by seed (both runs on one machine): " + ", ".join(
+        f"seed {seed} {d:+.3f}" for seed, d in zip(seeds, deltas)
+    )
+    if len(deltas) < 2:
+        return text + " (one seed: no interval)."
+    low, high = seeds_and_images_interval(np.array(deltas), np.array([]))
+    return (
+        text + f"; mean {statistics.mean(deltas):+.3f}, 95% t-interval over the {len(deltas)} seeds "
+        f"[{low:+.3f}, {high:+.3f}] (the test images' error not included)."
+    )
 
 
 def main() -> None:

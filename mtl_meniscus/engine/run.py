@@ -254,10 +254,11 @@ def _finished_segmentation_horns(
     segmentation network (`member`), found by its best weights once it has finished training,
     as train_run finds them after training it."""
     last = member.folder / "last.pt"
-    if not (last.is_file() and load_checkpoint(last).get("training_state", {}).get("finished")):
+    state = load_checkpoint(last).get("training_state") if last.is_file() else None
+    if not (isinstance(state, dict) and state.get("finished")):
         raise MeniscusError(
-            f"{member.folder.parent.parent}: the segmentation network has not finished training; with "
-            "roi predicted the classifiers crop around its horns, so it trains first"
+            f"{last}: the segmentation network has not finished training; with roi predicted the "
+            f"classifiers crop around its horns, so it trains first (train_network(run, '{SEGMENTATION}'))"
         )
     network = runtime.prepare_model(member.build(config))
     MemberCheckpoints(member.folder, member.name).restore_best(network)

@@ -398,8 +398,10 @@ def _run_in_parallel(
     A cascade's networks are jobs of their own (they train on their own images, with their own
     seeds and stopping rule: engine/run.py train_network), and once all of them have trained one
     more job assembles and scores the cascade; so the comparison waits for a cascade's longest
-    network, not for the sum of its three. Each worker gets `threads` CPU threads (default: this
-    process's threads divided by N) and, when GPUs are visible, one GPU of its own (round robin).
+    network, not for the sum of its three (with roi predicted: for its segmentation network, which
+    trains first, and then its longest classifier). Each worker gets `threads` CPU threads
+    (default: this process's threads divided by N, N at most the jobs that can run at once) and,
+    when GPUs are visible, one GPU of its own (round robin).
     A job's output goes to variants/<variant>.log (a network's: variants/<variant>.<network>.log);
     results land in the variant folders exactly as in a sequential run.
     """
@@ -518,8 +520,9 @@ def _network_groups(status: str, config: Config, run_dir: Path) -> list[list[str
     # the networks of the saved config: a task the data has no label for has none
     networks = list(cascade_networks(saved_run_config(run_dir / "config.yaml").model))
     if config.model.roi == "predicted":
-        return [[SEGMENTATION], [n for n in networks if n != SEGMENTATION]]
-    return [networks]
+        groups = [[SEGMENTATION], [n for n in networks if n != SEGMENTATION]]
+        return [group for group in groups if group]  # an empty group would never be done
+    return [networks] if networks else []  # no network to split off: the variant's one job, as before
 
 
 def _worker_seconds(future, variant: Variant, out_dir: Path, network: str | None = None) -> float:
