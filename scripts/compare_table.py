@@ -38,6 +38,7 @@ MEANING = {  # what a kept comparison's label stands for, in the README's captio
     "equal-flops": "the cascade's networks together the shared model's training FLOPs per epoch",
     "same-regularization": "per-network, both modes with the shared preset's dropout, optimiser, "
     "schedule, stopping and augmentation",
+    "curves": "per-network, on nested, stratified, patient-grouped shares of the training split",
 }
 VARIANT_FILES = ("config.yaml", "result.json", "test_predictions.csv")
 MACHINE_FILE = "machine.json"  # written beside them by scripts/gpu-compare.sh: the machine and the wall time
@@ -113,29 +114,21 @@ def render(page: Path = RESULTS_PAGE, readme: Path = ROOT / "README.md") -> str:
 
 def readme_summary() -> str:
     """The README's table: per kept comparison, the reference cascade against the shared model
-    (full training split, no ROI, no auxiliary segmentation), their difference and the flags."""
-    rows, notes, labels = [], [], []
+    (full training split, no ROI, no auxiliary segmentation), their difference and the flags; then
+    the learning curves of a comparison over several training fractions, with their plot."""
+    rows, notes, labels, curves = [], [], [], []
     for folder in _kept_folders():
         about = json.loads((folder / "about.json").read_text())
         settings = yaml.safe_load((folder / "compare.yaml").read_text())
-        plain = [
-            r
-            for r in json.loads((folder / "results.json").read_text())
-            if r["trunk"] == "reference" and r["roi"] == "none" and not r["segmentation"]
-            if r["train_fraction"] == 1.0
-        ]
-        by_mode = {r["mode"]: r for r in plain}
-        if not {"separate", "shared"} <= set(by_mode):
+        pairs = _cascade_and_shared(json.loads((folder / "results.json").read_text()))
+        if len(pairs) > 1:  # learning curves: its full-split point is a comparison of its own
+            curves += _curve_lines(about["label"], pairs)
+        elif 1.0 in pairs:
+            cascade, shared = pairs[1.0]
+            rows.append(f"| {about['label']} | {_pair_cells(cascade, shared)} |")
+        else:
             continue
-        cascade, shared = by_mode["separate"], by_mode["shared"]
         labels.append(about["label"])
-        flagged = [_flags(name, r) for name, r in (("cascade", cascade), ("shared", shared))]
-        rows.append(
-            f"| {about['label']} | {_mean_sd(cascade)} | {_mean_sd(shared)} | "
-            f"{shared['diff_mean']:+.3f} [{shared['diff_ci_low']:+.3f}, {shared['diff_ci_high']:+.3f}] | "
-            f"{cascade['train_flops_mean'] / 1e12:.0f} / {shared['train_flops_mean'] / 1e12:.0f} | "
-            f"{'; '.join(f for f in flagged if f) or 'none'} |"
-        )
         wall = f", {about['wall_minutes']} min wall for that command" if "wall_minutes" in about else ""
         notes.append(
             f"{about['label']}: `{about['command']}`, {settings['phantom_difficulty']} phantom, "
@@ -157,8 +150,51 @@ def readme_summary() -> str:
             + "; ".join(notes)
             + ". Written by `python scripts/compare_table.py render` from results/compare "
             "([full tables](docs/results.md#separate-vs-shared-compare)).",
+            *curves,
         ]
     )
+
+
+def _cascade_and_shared(results: list[dict]) -> dict[float, tuple[dict, dict]]:
+    """{training fraction: (cascade row, shared row)} of a comparison's table: the reference trunk,
+    no ROI, no auxiliary segmentation, the fractions where both modes are in it."""
+    plain = [r for r in results if r["trunk"] == "reference" and r["roi"] == "none" and not r["segmentation"]]
+    by_key = {(r["mode"], r["train_fraction"]): r for r in plain}
+    fractions = sorted({r["train_fraction"] for r in plain})
+    return {
+        f: (by_key["separate", f], by_key["shared", f])
+        for f in fractions
+        if ("separate", f) in by_key and ("shared", f) in by_key
+    }
+
+
+def _pair_cells(cascade: dict, shared: dict) -> str:
+    """'cascade | shared | difference [CI] | TFLOPs | flags': the cells both tables share."""
+    flagged = [_flags(name, r) for name, r in (("cascade", cascade), ("shared", shared))]
+    return (
+        f"{_mean_sd(cascade)} | {_mean_sd(shared)} | "
+        f"{shared['diff_mean']:+.3f} [{shared['diff_ci_low']:+.3f}, {shared['diff_ci_high']:+.3f}] | "
+        f"{cascade['train_flops_mean'] / 1e12:.0f} / {shared['train_flops_mean'] / 1e12:.0f} | "
+        f"{'; '.join(f for f in flagged if f) or 'none'}"
+    )
+
+
+def _curve_lines(label: str, pairs: dict[float, tuple[dict, dict]]) -> list[str]:
+    """The learning curves' table (a row per training fraction) and their plot."""
+    lines = [
+        "",
+        f"Learning curves ({label}): the same comparison on shares of the training split.",
+        "",
+        "| training images (share) | cascade (separate) | shared | shared − cascade [95% CI] "
+        "| training TFLOPs, cascade / shared | flagged seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fraction, (cascade, shared) in pairs.items():
+        lines.append(f"| {shared['n_train']} ({fraction:g}) | {_pair_cells(cascade, shared)} |")
+    image = FIGURES / f"compare-{label}-learning_curves.png"
+    if image.is_file():
+        lines += ["", f"![{label}: learning curves](docs/images/{image.name})"]
+    return lines
 
 
 def _flags(name: str, row: dict) -> str:

@@ -1,0 +1,61 @@
+"""scripts/compare_table.py: the README's summary of the kept comparisons, learning curves included,
+from result files in the format `compare` writes (rows of the kept per-network comparison)."""
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_NETWORK = ROOT / "results" / "compare" / "per-network"
+sys.path.insert(0, str(ROOT / "scripts"))
+import compare_table  # noqa: E402
+
+
+def _keep(out: Path, label: str, rows: list[dict], fractions: list[float]) -> None:
+    """A kept comparison as `compare_table.py keep` leaves it (the files the summary reads)."""
+    folder = out / label
+    folder.mkdir(parents=True)
+    about = {"label": label, "command": "python cli.py compare", "machine": "a CPU", "date": "2026-11-30"}
+    (folder / "about.json").write_text(json.dumps(about | {"training_minutes": 1.0}))
+    settings = yaml.safe_load((PER_NETWORK / "compare.yaml").read_text()) | {"train_fractions": fractions}
+    (folder / "compare.yaml").write_text(yaml.safe_dump(settings))
+    (folder / "results.json").write_text(json.dumps(rows))
+
+
+def test_learning_curves_get_a_table_of_their_own_beside_the_budgets(tmp_path, monkeypatch):
+    real = json.loads((PER_NETWORK / "results.json").read_text())  # the cascade's row, the shared one's
+    cascade, shared = real
+    curves = [
+        row | {"train_fraction": fraction, "n_train": n_train, "score_mean": row["score_mean"] - drop}
+        for fraction, n_train, drop in ((0.1, 78, 0.25), (1.0, 781, 0.0))
+        for row in real
+    ]
+    # a ROI variant of the same fraction is another question: it stays out of both tables
+    curves.append(
+        shared | {"variant": "shared-reference-roi_classical", "roi": "classical", "score_mean": 0.5}
+    )
+    monkeypatch.setattr(compare_table, "OUT", tmp_path / "compare")
+    monkeypatch.setattr(compare_table, "FIGURES", tmp_path / "images")
+    _keep(tmp_path / "compare", "per-network", real, [1.0])
+    _keep(tmp_path / "compare", "curves", curves, [0.1, 1.0])
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "compare-curves-learning_curves.png").write_bytes(b"")
+
+    lines = compare_table.readme_summary().splitlines()
+
+    budgets = [line for line in lines if line.startswith("| per-network |") or line.startswith("| curves |")]
+    assert budgets == [
+        f"| per-network | {cascade['score_mean']:.3f} ± {cascade['score_sd']:.3f} | "
+        f"{shared['score_mean']:.3f} ± {shared['score_sd']:.3f} | {shared['diff_mean']:+.3f} "
+        f"[{shared['diff_ci_low']:+.3f}, {shared['diff_ci_high']:+.3f}] | "
+        f"{cascade['train_flops_mean'] / 1e12:.0f} / {shared['train_flops_mean'] / 1e12:.0f} | none |"
+    ]
+    points = [line for line in lines if line.startswith(("| 78 (0.1) |", "| 781 (1) |"))]
+    assert [p.split(" | ")[1:3] for p in points] == [
+        [f"{cascade['score_mean'] - 0.25:.3f} ± {cascade['score_sd']:.3f}", f"{shared['score_mean'] - 0.25:.3f} ± {shared['score_sd']:.3f}"],
+        [f"{cascade['score_mean']:.3f} ± {cascade['score_sd']:.3f}", f"{shared['score_mean']:.3f} ± {shared['score_sd']:.3f}"],
+    ]  # fmt: skip
+    assert "![curves: learning curves](docs/images/compare-curves-learning_curves.png)" in lines
+    assert any("curves: per-network, on nested, stratified, patient-grouped shares" in line for line in lines)
