@@ -22,7 +22,10 @@
 # rewrites its table). Measured on one H200 (2026-11-30): per-network 6.4 min, equal-flops 2.0,
 # same-regularization 3.5 (its last scoring job cut by a 215 s limit). The curves' three smaller
 # shares are about three times per-network: more than one call's 10 minutes, so one share per call
-# (CURVE_FRACTIONS=0.1,1.0 and so on), their variant folders merged here into one comparison folder.
+# (CURVE_FRACTIONS=0.1,1.0 and so on), their variant folders merged here into one comparison folder,
+# kept as `compare_table.py keep curves ...` (render gives it a learning-curve table of its own in
+# the README). roi: a `predicted` cascade's segmentation network trains first, its classifiers then
+# at once; an unfinished sweep continues from its carried folder (FROM=DIR).
 # Dry run on a CPU:
 #   PY=.venv/bin/python JOBS=2 EXTRA="--seeds 0 --max-epochs 1 --steps-per-epoch 2 --tta 1 --bootstrap 10"
 set -u
