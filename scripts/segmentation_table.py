@@ -111,9 +111,9 @@ def render(out: Path) -> str:
         + " Written by `python scripts/segmentation_table.py render` from `results/segmentation/`.",
         "",
         "| variant | training seed | test score (TTA) | Dice meniscus [95% CI] | Dice tear [95% CI] "
-        "| classical horns: tear inside both windows [95% CI] | predicted horns: same | training s |"
-        + (" machine |" if len(machines) > 1 else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if len(machines) > 1 else ""),
+        "| classical horns: tear inside both windows [95% CI] | predicted horns: same "
+        f"| best epoch (of {_preset_epochs()}) | training s |" + (" machine |" if len(machines) > 1 else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if len(machines) > 1 else ""),
     ]
     for r in cells:
         classes = (r["segmentation"] or {}).get("classes", {})
@@ -131,7 +131,8 @@ def render(out: Path) -> str:
         lines.append(
             f"| {LABELS[r['variant']]} "
             f"| {r['seed']} | {r['test_score_tta']:.3f} | {dice.get('meniscus', '-')} | {dice.get('tear', '-')} "
-            f"| {hits.get('classical', '-')} | {hits.get('predicted_mask', '-')} | {r['train_seconds']:.0f} |"
+            f"| {hits.get('classical', '-')} | {hits.get('predicted_mask', '-')} | {r['best_epoch']} "
+            f"| {r['train_seconds']:.0f} |"
             + (f" {machine_names[_machine_text(r['machine'])]} |" if len(machines) > 1 else "")
         )
     for variant in sorted({r["variant"] for r in cells}):
@@ -145,6 +146,14 @@ def render(out: Path) -> str:
 
 
 LABELS = {"seg": "auxiliary segmentation", "noseg": "preset (no segmentation)"}
+
+
+def _preset_epochs() -> int:
+    """The shared preset's epoch budget, which every run of the table trained with."""
+    sys.path.insert(0, str(ROOT))
+    from mtl_meniscus.config import load_config, preset_path
+
+    return load_config(preset_path("shared")).train.max_epochs
 
 
 def _machine_text(machine: dict) -> str:
