@@ -33,7 +33,7 @@ from mtl_meniscus.config import (
 from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.data.roi import HornCentres
-from mtl_meniscus.engine.checkpoint import atomic_torch_save, load_checkpoint, model_payload
+from mtl_meniscus.engine.checkpoint import atomic_torch_save, model_payload
 from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.distributed import SINGLE, Distributed, check_batch, world_size
 from mtl_meniscus.engine.distributed import start as start_processes
@@ -253,15 +253,15 @@ def _finished_segmentation_horns(
     """A classifier of roi predicted trained alone (train_network): the horns of the cascade's
     segmentation network (`member`), found by its best weights once it has finished training,
     as train_run finds them after training it."""
-    last = member.folder / "last.pt"
-    state = load_checkpoint(last).get("training_state") if last.is_file() else None
-    if not (isinstance(state, dict) and state.get("finished")):
+    checkpoints = MemberCheckpoints(member.folder, member.name)
+    if not checkpoints.finished():
         raise MeniscusError(
-            f"{last}: the segmentation network has not finished training; with roi predicted the "
-            f"classifiers crop around its horns, so it trains first (train_network(run, '{SEGMENTATION}'))"
+            f"{member.folder / 'last.pt'}: the segmentation network has not finished training; with roi "
+            f"predicted the classifiers crop around its horns, so it trains first (train_network(run, "
+            f"'{SEGMENTATION}'))"
         )
     network = runtime.prepare_model(member.build(config))
-    MemberCheckpoints(member.folder, member.name).restore_best(network)
+    checkpoints.restore_best(network)
     return _segmentation_network_horns(network, config, data, runtime, console)
 
 

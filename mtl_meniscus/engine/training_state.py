@@ -89,6 +89,15 @@ class MemberCheckpoints:
         }
         atomic_torch_save(model_payload(state.model, member_config, extra), self.folder / "best.pt")
 
+    def finished(self) -> bool:
+        """True when last.pt records that the member's training has ended (its best.pt, written
+        before that last.pt, is then final); False without a last.pt."""
+        last = self.folder / "last.pt"
+        if not last.is_file():
+            return False
+        state = load_checkpoint(last).get("training_state")
+        return isinstance(state, dict) and bool(state.get("finished"))
+
     def restore_best(self, model: nn.Module) -> None:
         model.load_state_dict(load_checkpoint(self.folder / "best.pt")["state_dict"])
 
