@@ -472,12 +472,12 @@ def test_cli_compare_and_its_errors(preset, phantom, tmp_path):
     assert unknown.exit_code == 2 and "--budget" in unknown.output  # a fixed choice: typer's usage error
 
 
-def _scored(group: str, seed: int, targets: np.ndarray, probs: dict) -> ScoredVariant:
+def _scored(group: str, seed: int, targets: np.ndarray, probs: dict, tasks=DEFAULT_TASKS) -> ScoredVariant:
     mode, trunk = group.split("-")
-    aucs = task_aucs(targets, probs)
+    aucs = task_aucs(targets, probs, tasks)
     result = {
         "test_auc": aucs,
-        "test_score": challenge_score(aucs),
+        "test_score": challenge_score(aucs, tasks),
         "params": 1,
         "train_wall_seconds": 1.0,
         "train_images": 1,
@@ -524,6 +524,41 @@ def test_seed_inclusive_intervals_hold_the_seed_to_seed_spread():
     )
     base_mean = np.mean([s.result["test_score"] for s in scored[:3]])
     assert shared["diff_mean"] == pytest.approx(np.mean(seed_scores) - base_mean, abs=1e-12)
+
+
+def test_an_unscored_task_with_an_undefined_auc_leaves_the_intervals_as_they_were():
+    # A weight-0 extra task whose test rows hold one class (every test tear "displaced"): its AUC
+    # is NaN and, multiplied by its weight 0, had made every resampled score NaN, so the intervals
+    # lost the test images' error without a word (too narrow). They equal the three tasks' now.
+    from mtl_meniscus.labels import Task
+
+    tasks = DEFAULT_TASKS.extended([Task("displaced", {"yes": 1.0, "no": 0.0}, gated_by="fissure")])
+    rng = np.random.default_rng(3)
+    n = 120
+    fissure = (rng.random(n) < 0.4).astype(float)
+    subtype = [np.where(fissure == 1, (rng.random(n) < 0.5).astype(float), np.nan) for _ in range(2)]
+    targets = np.stack([fissure, *subtype, np.where(fissure == 1, 1.0, np.nan)], axis=1)
+
+    def table(names: list[str], table_tasks) -> dict:
+        variants = []
+        for mode, noise in (("separate", 1.2), ("shared", 0.8)):
+            for seed in range(3):
+                draw = np.random.default_rng(10 * seed + len(mode))
+                probs = {
+                    t: np.nan_to_num(targets[:, k]) + draw.normal(0, noise, n) for k, t in enumerate(names)
+                }
+                variants.append(_scored(f"{mode}-reference", seed, targets, probs, table_tasks))
+        rows = summarize(variants, targets[:, : len(names)], 200, tasks=table_tasks)
+        return {row["variant"]: row for row in rows}
+
+    with_extra = table([*TASKS, "displaced"], tasks)["shared-reference"]
+    three = table(list(TASKS), DEFAULT_TASKS)["shared-reference"]
+    assert math.isnan(with_extra["auc_displaced_mean"])
+    for key in ("score_ci_low", "score_ci_high", "score_ci_images_low", "diff_ci_low", "diff_ci_high"):
+        assert math.isfinite(with_extra[key])
+        assert with_extra[key] == pytest.approx(
+            three[key], abs=0.01
+        )  # other resample draws: close, not equal
 
 
 def test_a_variant_that_did_not_learn_is_marked_not_averaged_in_silently():

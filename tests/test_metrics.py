@@ -17,6 +17,7 @@ from mtl_meniscus.evaluation.metrics import (
     task_aucs,
     youden_threshold,
 )
+from mtl_meniscus.labels import DEFAULT_TASKS
 
 NAN = float("nan")
 
@@ -137,6 +138,67 @@ def test_delong_on_a_hand_computed_example():
     assert math.isnan(delong_test(np.ones(3), a[:3], b[:3])["p_value"])
 
 
+def test_delong_leaves_p_undefined_with_a_single_image_of_a_class():
+    # One positive: its placement values' spread (half of the variance) cannot be estimated; taken
+    # as 0 it made p < 0.05 in most draws with no true difference. AUCs stay defined (sklearn's).
+    y = np.array([1, 0, 0, 0, 0, 0])
+    a = np.array([0.9, 0.1, 0.2, 0.3, 0.4, 0.5])
+    b = np.array([0.35, 0.1, 0.2, 0.3, 0.4, 0.5])
+    result = delong_test(y, a, b)
+    assert result["auc_a"] == roc_auc_score(y, a) and result["auc_b"] == roc_auc_score(y, b)
+    assert math.isclose(result["difference"], 1 - 0.6)
+    assert all(math.isnan(result[key]) for key in ("se", "z", "p_value"))
+    assert math.isnan(delong_test(1 - y, a, b)["p_value"])  # a single negative alike
+
+
+def test_challenge_score_keeps_the_auc_scale_with_an_extra_scored_task():
+    from mtl_meniscus.labels import Task
+
+    tasks = DEFAULT_TASKS.extended(
+        [Task("displaced", {"yes": 1.0, "no": 0.0}, gated_by="fissure", weight=0.2)]
+    )
+    aucs = {"fissure": 0.9, "orientation": 0.8, "position": 0.7, "displaced": 0.6}
+    by_hand = (0.4 * 0.9 + 0.3 * 0.8 + 0.3 * 0.7 + 0.2 * 0.6) / 1.2
+    assert math.isclose(challenge_score(aucs, tasks), by_hand)
+    assert math.isclose(challenge_score(dict.fromkeys(aucs, 1.0), tasks), 1.0)
+    assert math.isclose(challenge_score(dict.fromkeys(aucs, 0.5), tasks), 0.5)
+
+
+def test_the_score_interval_is_undefined_with_the_score_when_a_scored_task_is_not_predicted():
+    rng = np.random.default_rng(2)
+    fissure = (rng.random(80) < 0.4).astype(float)
+    orientation = np.where(fissure == 1, (rng.random(80) < 0.5).astype(float), NAN)
+    targets = np.stack([fissure, orientation, orientation], axis=1)
+    probs = {"fissure": fissure + rng.random(80), "orientation": rng.random(80)}  # no position
+    cis = bootstrap_cis(targets, probs, n_resamples=50, seed=0)
+    assert math.isnan(challenge_score(task_aucs(targets, probs)))
+    assert all(math.isnan(end) for end in cis["score"])
+    assert all(math.isfinite(end) for end in cis["fissure"])
+
+
+def test_seeds_and_images_interval_never_takes_an_undefined_image_error_for_zero():
+    from scipy import stats
+
+    from mtl_meniscus.evaluation.metrics import seeds_and_images_interval
+
+    seeds = np.array([0.80, 0.85, 0.90])
+    half = stats.t.ppf(0.975, 2) * seeds.std(ddof=1) / math.sqrt(3)
+    # no bootstrap asked for: the seeds' t-interval
+    assert seeds_and_images_interval(seeds, np.array([])) == pytest.approx((0.85 - half, 0.85 + half))
+    # resampled, but no resample defined: unknown, not the seeds' interval
+    assert all(math.isnan(end) for end in seeds_and_images_interval(seeds, np.full(1000, NAN)))
+
+
+def test_the_paired_cluster_test_gives_delongs_answer_when_both_models_are_perfect():
+    from mtl_meniscus.evaluation.metrics import paired_cluster_test
+
+    y = np.array([1, 1, 0, 0, 1, 0], dtype=float)
+    perfect = y + 0.1
+    cluster = paired_cluster_test(y, perfect, 2 * perfect, [f"p{k}" for k in range(6)], n_resamples=50)
+    delong = delong_test(y, perfect, 2 * perfect)
+    assert (cluster["z"], cluster["p_value"]) == (delong["z"], delong["p_value"]) == (0.0, 1.0)
+
+
 def test_threshold_metrics_against_sklearn():
     rng = np.random.default_rng(3)
     y = (rng.random(200) < 0.3).astype(int)
@@ -224,7 +286,8 @@ def test_one_row_per_patient_gives_the_unclustered_intervals_exactly():
     targets[:, 1] = np.where(targets[:, 0] == 1, rng.integers(0, 2, len(targets)), np.nan)
     probs["orientation"] = rng.random(len(targets))
     alone = bootstrap_cis(targets, probs, 300, seed=4)
-    assert bootstrap_cis(targets, probs, 300, seed=4, groups=[f"id{k}" for k in range(80)]) == alone
+    grouped = bootstrap_cis(targets, probs, 300, seed=4, groups=[f"id{k}" for k in range(80)])
+    np.testing.assert_equal(grouped, alone)  # NaNs equal: the score (no position predicted) in both
 
 
 def test_the_paired_cluster_test_agrees_with_delong_when_every_row_is_a_patient():

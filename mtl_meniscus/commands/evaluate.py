@@ -107,10 +107,8 @@ def evaluate(
         ),
         "tasks": per_task,
         "challenge_score": score,
-        # undefined (NaN) when the model does not predict a weighted task, and so is its interval
-        "challenge_score_ci95": [math.nan, math.nan]
-        if math.isnan(score)
-        else list(cis.get("score", (math.nan, math.nan))),
+        # NaN when the model does not predict a weighted task (bootstrap_cis), or with no bootstrap
+        "challenge_score_ci95": list(cis.get("score", (math.nan, math.nan))),
         "cascade": cascade_view(targets, probs, threshold, tasks),
         **_segmentation_entry(trained, data, indices, runtime, n_bootstrap, seed),
         **_roi_entry(trained, data, indices, runtime, n_bootstrap, seed),

@@ -13,6 +13,7 @@ from mtl_meniscus.commands.compare.plan import Variant, baselines
 from mtl_meniscus.config import SEGMENTATION
 from mtl_meniscus.evaluation.calibration import brier_score, expected_calibration_error
 from mtl_meniscus.evaluation.metrics import (
+    challenge_score,
     delong_test,
     paired_cluster_test,
     percentile_ci,
@@ -87,13 +88,12 @@ def _image_bootstrap(
     is scored on the same resamples, so differences can be taken resample by resample.
     `on_resample()` after each resample (a progress display)."""
     keys = [*names, "score"]
-    weights = np.array([tasks.weight(t) for t in names])
     means = {g: {k: [] for k in keys} for g in groups}
     for rows_by_task in task_resamples(targets, n_bootstrap, BOOTSTRAP_SEED, tuple(names), tasks, patients):
         for group, members in groups.items():
             aucs = [resampled_aucs(targets, m.probs, rows_by_task, tasks) for m in members]
-            per_seed = np.array([[a[t] for t in names] for a in aucs])  # (seeds, tasks)
-            per_seed = np.column_stack([per_seed, per_seed @ weights])  # (seeds, tasks + score)
+            # (seeds, tasks + score); the score as the test score's (an unscored task's NaN left out)
+            per_seed = np.array([[*(a[t] for t in names), challenge_score(a, tasks)] for a in aucs])
             for column, key in enumerate(keys):
                 means[group][key].append(per_seed[:, column].mean())
         if on_resample is not None:
