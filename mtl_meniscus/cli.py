@@ -448,9 +448,14 @@ def evaluate(
 ) -> None:
     """Evaluate a trained run: AUCs with bootstrap CIs, sensitivity/specificity, calibration, cascade view, figures."""
     from mtl_meniscus.commands.evaluate import run_evaluation, run_exam_evaluation
-    from mtl_meniscus.io.outputs import check_output_dir
+    from mtl_meniscus.io.outputs import OutputError, check_output_dir, check_own_output_dir, is_run_folder
 
     check_options(tta=tta, threshold=threshold, bootstrap=bootstrap, seed=seed)
+    if out is not None and is_run_folder(out):
+        raise OutputError(
+            f"--out: {out} is a training run's folder, whose metrics.json evaluate would replace; "
+            "leave --out out (RUN/eval-<split>) or choose another folder"
+        )
     if mrnet is not None:
         given = {"--data": data is not None, "--threshold": threshold is not None, "--youden": youden}
         given |= {"--cam": cam is not None, "--calibrate": calibrate}
@@ -479,7 +484,7 @@ def evaluate(
     if calibrate and run.is_dir():
         check_output_dir(run, "--calibrate (writes RUN/calibration.json)")
     if cam is not None:
-        check_output_dir(cam, "--cam")
+        check_own_output_dir(cam, "--cam")
     run_evaluation(
         run,
         data_dir=data,

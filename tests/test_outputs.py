@@ -71,6 +71,67 @@ def test_a_read_only_output_folder_is_refused(run64, data64, tmp_path):
         locked.chmod(0o755)
 
 
+def test_no_output_replaces_an_input_a_checkpoint_or_a_file_a_run_keeps(run64, data64, tmp_path):
+    import shutil
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(data64, data)
+    shutil.copytree(run64, run)
+    image = next((data / "images").glob("*.png"))
+    kept = [image, run / "best.pt", run / "metrics.json", data / "labels.csv", *(data / "masks").iterdir()]
+    before = {path: path.read_bytes() for path in kept}
+    new_csv = str(tmp_path / "p.csv")
+    cases = [
+        (
+            ["predict", run, image, "--tta", "0", "--out", image],
+            "--out: .*png exists and is not a .csv or .json",
+        ),
+        (
+            ["predict", run, image, "--tta", "0", "--out", run / "best.pt"],
+            "--out: .*best.pt is a file that training runs",
+        ),
+        (
+            ["predict", run, image, "--tta", "0", "--out", data / "labels.csv"],
+            "labels.csv is a file that training runs",
+        ),
+        (
+            ["predict", run, image, "--tta", "0", "--out", new_csv, "--masks", data / "masks"],
+            "--masks: .*did not write",
+        ),
+        (
+            ["predict", run, image, "--tta", "0", "--out", new_csv, "--cam", data / "images"],
+            "--cam: .*did not write",
+        ),
+        (
+            ["evaluate", run, "--tta", "0", "--cam", data / "masks", "--bootstrap", "0"],
+            "--cam: .*did not write",
+        ),
+        (["evaluate", run, "--tta", "0", "--out", run, "--bootstrap", "0"], "--out: .*training run's folder"),
+        (["export", run, "--out", run / "best.pt"], "--out: .*best.pt is a file that training runs"),
+        (["export", run, "--out", data / "labels.csv"], "--out: .*labels.csv is a file that training runs"),
+        (["export", run, "--out", run / "metrics"], "--out's .json: .*metrics.json is a file that training"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(
+            app, [*map(str, args), "--tta", "0"] if args[0] != "export" else list(map(str, args))
+        )
+        _clean(result)
+        assert result.exit_code == 1 and re.search(expected, result.output), (args, result.output)
+    assert all(path.read_bytes() == content for path, content in before.items())
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_replaces_its_own_outputs(run64, data64, tmp_path):
+    image = next((data64 / "images").glob("*.png"))
+    out, masks = tmp_path / "p.csv", tmp_path / "masks"
+    out.write_text("an earlier prediction\n")
+    for _ in range(2):  # the second run writes into the folder the first one marked as its own
+        result = _predict(run64, image, out=out, extra=["--masks", str(masks)])
+        _clean(result)
+        assert result.exit_code == 0, result.output
+        assert out.read_text().startswith("image,") and (masks / "overlays").is_dir()
+
+
 def test_make_phantom_refuses_a_non_empty_folder_without_overwrite(tmp_path):
     (tmp_path / "labels.csv").write_text("image,fissure,orientation,position\nmine.png,0,,\n")
     args = ["make-phantom", str(tmp_path), "--n", "20", "--size", "64"]

@@ -216,7 +216,8 @@ def export_onnx(
     `check_inputs`: the inputs of the parity check (network: (N, C, H, W); pipeline: a list of
     (B, H, W) slices of any sizes); by default random ones (for the pipeline, of three sizes)."""
     onnx, onnxruntime = _onnx_modules()
-    out = check_output_file(out, "--out")
+    out = check_output_file(out, "--out", replaces=(".onnx",))
+    check_output_file(out.with_name(out.name + ".json"), "--out's .json", replaces=(".onnx.json",))
     trained = _slice_model(run_or_checkpoint)
     threshold = trained.saved_threshold or DEFAULT_THRESHOLD  # what predict would apply
     build = _pipeline_export if pipeline else _network_export

@@ -42,7 +42,7 @@ from mtl_meniscus.io.imageio import (
     max_pixels_limit,
     read_image,
 )
-from mtl_meniscus.io.outputs import atomic_write, check_output_dir, check_output_file
+from mtl_meniscus.io.outputs import atomic_write, check_output_file, check_own_output_dir
 from mtl_meniscus.labels import DEFAULT_TASKS
 from mtl_meniscus.networks.cam import unique_names, write_overlays
 
@@ -146,11 +146,12 @@ def run_predict(
 
 
 def _check_outputs(out: Path, cam_dir: Path | None, masks_dir: Path | None) -> None:
-    """--out, --cam and --masks can be written (OutputError naming the option otherwise)."""
-    check_output_file(out, "--out")
+    """--out, --cam and --masks can be written (OutputError naming the option otherwise), and
+    replace nothing but this command's own earlier output (io.outputs)."""
+    check_output_file(out, "--out", replaces=(".csv", ".json", ".jsonl", ".txt"))
     for folder, option in ((cam_dir, "--cam"), (masks_dir, "--masks")):
         if folder is not None:
-            check_output_dir(folder, option)
+            check_own_output_dir(folder, option)
 
 
 def _read_inputs(

@@ -67,14 +67,75 @@ def check_empty_output_dir(folder: str | Path, what: str, instead: str = "choose
     return check_output_dir(folder, what)
 
 
-def check_output_file(path: str | Path, what: str = "output file") -> Path:
-    """Make sure `path` can be written (its folder is created if needed); `what` names the option."""
+# Files that training runs and data folders keep and the package reads back. An output never
+# replaces one: `predict --out RUN/best.pt` or `export --out DATA/labels.csv` would destroy work
+# that rerunning the command does not give back.
+KEPT_FILES = frozenset(
+    {
+        "best.pt",
+        "last.pt",
+        "config.yaml",
+        "splits.csv",
+        "history.csv",
+        "metrics.json",
+        "calibration.json",
+        "threshold.json",
+        "labels.csv",
+    }
+)
+# The mark of a folder that a command fills with files named after its inputs (check_own_output_dir).
+OWN_FOLDER_MARK = "written-by-mtl_meniscus.txt"
+
+
+def check_output_file(path: str | Path, what: str = "output file", replaces: tuple[str, ...] = ()) -> Path:
+    """Make sure `path` can be written (its folder is created if needed); `what` names the option.
+
+    An existing file is replaced only if its name ends with one of `replaces` (the kinds the command
+    writes, e.g. (".csv", ".json")) and it is not one of KEPT_FILES: a scan, a checkpoint or a
+    labels.csv given as --out by mistake is refused, not overwritten."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{what}: {path} is a folder; give a file name")
+    if path.exists() and path.name in KEPT_FILES:
+        raise OutputError(
+            f"{what}: {path} is a file that training runs and data folders keep ({path.name}); "
+            "it is not replaced: choose another name"
+        )
+    if path.exists() and not (replaces and path.name.lower().endswith(replaces)):
+        raise OutputError(
+            f"{what}: {path} exists and is not a {' or '.join(replaces) or 'new'} file; it is not "
+            "replaced (an input, a checkpoint?): choose another name"
+        )
     _make_folder(path.parent, what)
     _probe(path.parent, what)
     return path
+
+
+def check_own_output_dir(folder: str | Path, what: str) -> Path:
+    """check_output_dir for a folder that a command fills with files named after its inputs
+    (predict's --masks, --cam): a mask named after a scan would replace a file of that name, e.g.
+    the scan's ground-truth mask or the scan itself. So a folder that holds anything is refused
+    unless this package marked it (OWN_FOLDER_MARK, written here), which lets a command write
+    into its own folder again."""
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / OWN_FOLDER_MARK).is_file():
+        entries = sorted(p.name for p in folder.iterdir())
+        raise OutputError(
+            f"{what}: {folder} holds files this package did not write ({', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}); the files written there are named after the "
+            "inputs and would replace files of the same name: choose a new or empty folder"
+        )
+    check_output_dir(folder, what)
+    write_text_atomic(
+        folder / OWN_FOLDER_MARK,
+        f"{what}: written by mtl_meniscus, which writes into this folder again because of this file\n",
+    )
+    return folder
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    """Whether `folder` is a training run's (it holds a checkpoint)."""
+    return any((Path(folder) / name).is_file() for name in ("best.pt", "last.pt"))
 
 
 @contextlib.contextmanager
