@@ -18,6 +18,18 @@ from mtl_meniscus.io.imageio import read_image
 HEADER = "file,slice,study_level,x,y,width,height,label\n"
 
 
+def write_volume(path: Path, rng: np.random.Generator) -> None:
+    """A 4-slice 32x32 volume in fastMRI's .h5 form."""
+    with h5py.File(path, "w") as handle:
+        handle["reconstruction_rss"] = rng.random((4, 32, 32)).astype(np.float32)
+        handle["kspace"] = np.zeros((4, 2, 2), np.complex64)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 @pytest.fixture
 def fastmri(tmp_path) -> Path:
     """Two 4-slice 32x32 volumes in fastMRI's .h5 form and a knee.csv: a tear box on slice 2 of
@@ -25,9 +37,7 @@ def fastmri(tmp_path) -> Path:
     rng = np.random.default_rng(0)
     (tmp_path / "h5").mkdir()
     for name in ("file1000001", "file1000002"):
-        with h5py.File(tmp_path / "h5" / f"{name}.h5", "w") as handle:
-            handle["reconstruction_rss"] = rng.random((4, 32, 32)).astype(np.float32)
-            handle["kspace"] = np.zeros((4, 2, 2), np.complex64)
+        write_volume(tmp_path / "h5" / f"{name}.h5", rng)
     (tmp_path / "knee.csv").write_text(
         HEADER
         + "file1000001,2,No,5,6,10,4,Meniscus Tear\n"
@@ -71,6 +81,9 @@ def test_bad_annotations_and_missing_images_are_named(fastmri, tmp_path):
     (fastmri / "bad.csv").write_text(HEADER + "file1000001,two,No,5,6,10,4,Meniscus Tear\n")
     with pytest.raises(DataError, match="row 2, column 'slice': bad value 'two'"):
         import_fastmri_plus(fastmri / "bad.csv", fastmri / "h5", tmp_path / "a")
+    (fastmri / "short.csv").write_text(HEADER + "file1000001,2,No,5,6,10,4\n")  # no label
+    with pytest.raises(DataError, match="row 2, column 'label': empty"):
+        import_fastmri_plus(fastmri / "short.csv", fastmri / "h5", tmp_path / "d")
     (fastmri / "beyond.csv").write_text(HEADER + "file1000001,9,No,5,6,10,4,Meniscus Tear\n")
     with pytest.raises(DataError, match="on slice 9, but .* has 4 slices"):
         import_fastmri_plus(fastmri / "beyond.csv", fastmri / "h5", tmp_path / "c")
@@ -95,3 +108,91 @@ def test_an_import_counts_its_volumes_for_a_progress_display(fastmri, tmp_path):
     )
     assert seen == [(1, 3), (2, 3), (3, 3)]  # every annotated volume, found or not
     assert counts == {"slices": 8, "tear slices": 1, "volumes": 2, "annotated volumes not found": 1}
+
+
+STUDY_LEVEL_ONLY = "volumes with a study-level meniscus tear only (left out, listed in left_out.csv)"
+
+
+def test_a_tear_known_only_at_study_level_leaves_its_volume_out(fastmri, tmp_path):
+    """file1000002 has a tear somewhere (a study-level row) but no tear box: not 4 healthy slices.
+    file1000001's study-level tear row adds nothing to its box on slice 2; file1000003's study-level
+    row of another finding says nothing about tears: its slices are imported as before."""
+    write_volume(fastmri / "h5" / "file1000003.h5", np.random.default_rng(1))
+    (fastmri / "study.csv").write_text(
+        (fastmri / "knee.csv").read_text()
+        + "file1000002,,yes,,,,,MENISCUS TEAR\n"  # row 6 (study_level and label in other cases)
+        + "file1000001,,Yes,,,,,Meniscus Tear\n"  # row 7
+        + "file1000003,,Yes,,,,,Joint Effusion\n"  # row 8
+    )
+    result = CliRunner().invoke(
+        app, ["import-fastmri", str(fastmri / "study.csv"), str(fastmri / "h5"), str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    summary = " ".join(result.output.split())  # the console wraps long lines
+    assert "slices: 8, tear slices: 1, volumes: 2, " + STUDY_LEVEL_ONLY + ": 1" in summary
+
+    rows = read_csv(tmp_path / "out" / "labels.csv")
+    assert [(r["patient_id"], r["slice"], r["fissure"]) for r in rows] == [
+        ("file1000001", "0", "0"),
+        ("file1000001", "1", "0"),
+        ("file1000001", "2", "1"),
+        ("file1000001", "3", "0"),
+        ("file1000003", "0", "0"),
+        ("file1000003", "1", "0"),
+        ("file1000003", "2", "0"),
+        ("file1000003", "3", "0"),
+    ]
+    assert not (tmp_path / "out" / "volumes" / "file1000002.h5").exists()
+    left_out = read_csv(tmp_path / "out" / "left_out.csv")
+    assert [r["file"] for r in left_out] == ["file1000002"]
+    assert "study.csv row 6: a Meniscus Tear at study level only" in left_out[0]["reason"]
+    # the extra file does not disturb reading the folder
+    data = prepare_data(tmp_path / "out", DataConfig(image_size=32, allow_unknown_subtype=True))
+    assert len(data.records) == 8
+
+
+def test_left_out_csv_names_volumes_not_found_and_those_with_a_study_level_tear_only(fastmri, tmp_path):
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
+
+    (fastmri / "study.csv").write_text(
+        HEADER
+        + "file1000001,2,No,5,6,10,4,Meniscus Tear\n"
+        + "file1000002,,Yes,,,,,Meniscus Tear\n"  # row 3
+        + "file1000002,,Yes,,,,,Meniscus Tear\n"  # row 4: a second reader's copy
+        + "file9,1,No,5,6,10,4,Meniscus Tear\n"  # not in h5/
+    )
+    counts = import_fastmri_plus(fastmri / "study.csv", fastmri / "h5", tmp_path / "out")
+    assert counts == {
+        "slices": 4,
+        "tear slices": 1,
+        "volumes": 1,
+        "annotated volumes not found": 1,
+        STUDY_LEVEL_ONLY: 1,
+    }
+    left_out = {r["file"]: r["reason"] for r in read_csv(tmp_path / "out" / "left_out.csv")}
+    assert left_out.keys() == {"file9", "file1000002"}
+    assert left_out["file9"] == f"not in {fastmri / 'h5'}"
+    assert "study.csv rows 3, 4: a Meniscus Tear at study level only" in left_out["file1000002"]
+
+
+def test_an_import_of_study_level_tears_only_is_refused_and_says_why(fastmri, tmp_path):
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
+
+    (fastmri / "study.csv").write_text(
+        HEADER
+        + "file1000001,,Yes,,,,,Meniscus Tear\n"
+        + "file1000002,,Yes,,,,,Meniscus Tear\n"
+        + "file1000002,3,No,1,1,4,4,Cartilage - Partial Thickness loss/defect\n"
+    )
+    with pytest.raises(
+        DataError, match=r"study.csv: every annotated volume found in .*h5 \(file1000001, file1000002\)"
+    ):
+        import_fastmri_plus(fastmri / "study.csv", fastmri / "h5", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # a refused import leaves nothing behind
+
+
+def test_an_import_that_leaves_no_volume_out_writes_no_left_out_csv(fastmri, tmp_path):
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
+
+    import_fastmri_plus(fastmri / "knee.csv", fastmri / "h5", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["labels.csv", "masks", "volumes"]

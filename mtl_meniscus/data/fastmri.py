@@ -12,9 +12,14 @@ describe the whole exam and have no box). `import_fastmri_plus` writes a folder 
                                  position empty (fastMRI+ does not say them: unknown, so train with
                                  data.allow_unknown_subtype: true), patient_id = the file (all
                                  slices of one knee land in the same split), mask
+    OUT/left_out.csv             file, reason: each annotated volume not imported (only when any)
 
 Slices of a volume that carries no annotation row at all are left out: fastMRI+ did not annotate
-every volume, and an unannotated volume is not a healthy one.
+every volume, and an unannotated volume is not a healthy one. So is a volume whose meniscus tear
+is known at study level only (a study_level 'Yes' "Meniscus Tear" row and no "Meniscus Tear" box
+on a slice): the knee has a tear, but no row says on which slices, so no slice can be labelled,
+and fissure=0 on each would call a torn knee healthy. Every annotated volume left out is named
+with its reason in OUT/left_out.csv (file, reason); the summary counts them.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from mtl_meniscus.errors import DataError, ImageReadError
 from mtl_meniscus.io.outputs import atomic_write, check_empty_output_dir
 
 TEAR_LABEL = "meniscus tear"  # compared case-insensitively
+LEFT_OUT_FILE = "left_out.csv"  # annotated volumes not in labels.csv, and why
+STUDY_LEVEL_ONLY = "volumes with a study-level meniscus tear only (left out, listed in left_out.csv)"
 COLUMNS = ("file", "slice", "study_level", "x", "y", "width", "height", "label")
 MAX_SLICES = 2048  # a declared slice count above this is not a knee volume (fastMRI's have 30-50)
 
@@ -58,12 +65,14 @@ def read_annotations(path: Path) -> dict[str, list[dict[str, str]]]:
     by_file: dict[str, list[dict[str, str]]] = defaultdict(list)
     problems = []
     for line, row in enumerate(rows, start=2):
-        if (row["study_level"] or "").strip().lower() != "yes":
+        if not _is_study_level(row):
             for column in ("slice", "x", "y", "width", "height"):
                 if _count(row[column]) is None:
                     problems.append(
                         f"row {line}, column '{column}': bad value {row[column]!r} (a whole number >= 0)"
                     )
+        if not (row["label"] or "").strip():  # None: a row shorter than the header
+            problems.append(f"row {line}, column 'label': empty (the finding, e.g. 'Meniscus Tear')")
         name = inside_path((row["file"] or "").strip())
         if name is None:
             problems.append(
@@ -75,6 +84,24 @@ def read_annotations(path: Path) -> dict[str, list[dict[str, str]]]:
     if problems:
         raise problems_error(path, problems)
     return by_file
+
+
+def _is_study_level(row: dict[str, str]) -> bool:
+    """A study_level 'Yes' row is about the whole exam: it has no slice and no box."""
+    return (row["study_level"] or "").strip().lower() == "yes"
+
+
+def _is_tear(row: dict[str, str]) -> bool:
+    return (row["label"] or "").strip().lower() == TEAR_LABEL
+
+
+def _study_level_only_tear_rows(rows: list[dict[str, str]]) -> list[str]:
+    """Line numbers of a volume's study-level Meniscus Tear rows when it has no Meniscus Tear box on
+    a slice (its tear cannot be placed on a slice); empty when it has such a box, or no tear at all."""
+    tears = [row for row in rows if _is_tear(row)]
+    if any(not _is_study_level(row) for row in tears):
+        return []  # the boxes say which slices are torn; a study-level row adds nothing to them
+    return [row["_line"] for row in tears]
 
 
 def _count(text: str | None) -> int | None:
@@ -95,7 +122,8 @@ def import_fastmri_plus(
     on_volume: Callable[[int, int], None] | None = None,
 ) -> dict[str, int]:
     """Write OUT (see the module's docstring); returns counts for the summary line.
-    `on_volume(done, total)` is called after each annotated volume is read (a progress display).
+    `on_volume(done, total)` is called after each annotated volume is read or left out (a progress
+    display).
 
     Everything is written into a temporary folder beside OUT and moved into place at the end: a
     refused import leaves OUT as it was."""
@@ -126,26 +154,67 @@ def _write_import(
 ) -> dict[str, int]:
     (out_dir / "volumes").mkdir(parents=True, exist_ok=True)
     (out_dir / "masks").mkdir(exist_ok=True)
-    rows, found = [], 0
+    rows, written, not_found, study_level_only = [], 0, [], []
     for done, name in enumerate(sorted(by_file), 1):
         source = volumes_dir / (name if name.endswith(".h5") else f"{name}.h5")
-        if source.is_file():
+        tear_rows = _study_level_only_tear_rows(by_file[name])
+        if not source.is_file():
+            not_found.append(name)
+        elif tear_rows:
+            study_level_only.append((name, tear_rows))
+        else:
             rows += _volume_rows(annotations, source, by_file[name], out_dir)
-            found += 1
+            written += 1
         if on_volume is not None:
             on_volume(done, len(by_file))
-    counts = {"slices": len(rows), "tear slices": sum(row[2] for row in rows), "volumes": found}
-    if found < len(by_file):
-        counts["annotated volumes not found"] = len(by_file) - found
-    if not rows:
+    counts = {"slices": len(rows), "tear slices": sum(row[2] for row in rows), "volumes": written}
+    if not_found:
+        counts["annotated volumes not found"] = len(not_found)
+    if study_level_only:
+        counts[STUDY_LEVEL_ONLY] = len(study_level_only)
+    if not rows and not study_level_only:
         raise DataError(
             f"{volumes_dir}: none of the {len(by_file)} annotated volumes of {annotations} is there"
         )
+    if not rows:
+        names = [name for name, _ in study_level_only]
+        shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+        raise DataError(
+            f"{annotations}: every annotated volume found in {volumes_dir} ({shown}) has its meniscus "
+            "tear at study level only (a study_level 'Yes' row, no box on a slice): no slice can be "
+            "labelled, so there is nothing to import"
+        )
+    if not_found or study_level_only:
+        _write_left_out(out_dir / LEFT_OUT_FILE, annotations, volumes_dir, not_found, study_level_only)
     with atomic_write(out_dir / "labels.csv") as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "slice", "fissure", "orientation", "position", "patient_id", "mask"])
         writer.writerows(rows)
     return counts
+
+
+def _write_left_out(
+    path: Path,
+    annotations: Path,
+    volumes_dir: Path,
+    not_found: list[str],
+    study_level_only: list[tuple[str, list[str]]],
+) -> None:
+    """left_out.csv: file, reason for each annotated volume that labels.csv does not hold."""
+    with atomic_write(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "reason"])
+        for name in not_found:
+            writer.writerow([name, f"not in {volumes_dir}"])
+        for name, lines in study_level_only:
+            rows = f"row{'s' if len(lines) > 1 else ''} {', '.join(lines)}"
+            writer.writerow(
+                [
+                    name,
+                    f"{annotations} {rows}: a Meniscus Tear at study level only, on no slice: its slices "
+                    "cannot be labelled (fissure 0 on each would call the torn knee healthy)",
+                ]
+            )
 
 
 def _volume_rows(
@@ -211,8 +280,7 @@ def _tear_boxes(
     n_slices, height, width = shape
     boxes, problems = defaultdict(list), []
     for row in rows:
-        is_box = (row["study_level"] or "").strip().lower() != "yes"  # 'Yes': about the whole exam
-        if not is_box or row["label"].strip().lower() != TEAR_LABEL:
+        if _is_study_level(row) or not _is_tear(row):
             continue
         index = _count(row["slice"])
         x, y, w, h = (_count(row[c]) for c in ("x", "y", "width", "height"))
