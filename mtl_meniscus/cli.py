@@ -344,7 +344,14 @@ def train(
     run_dir = resume
     try:
         if resume is not None:
-            resume_run(resume, settings or [], console=console)
+            given = {
+                "--mode": mode, "--config": config, "--data": data, "--out": out, "--max-epochs": max_epochs,
+                "--steps-per-epoch": steps_per_epoch, "--batch-size": batch_size, "--lr": lr, "--seed": seed,
+                "--precision": precision, "--wandb": wandb, "--trunk": trunk, "--pretrained": pretrained,
+                "--freeze-backbone": freeze_backbone or None, "--backbone-lr-factor": backbone_lr_factor,
+                "--device": device, "--mrnet": mrnet, "--set": settings, "--show-config": show_config or None,
+            }  # fmt: skip
+            resume_run(resume, [name for name, value in given.items() if value is not None], console=console)
             return
         if mrnet is not None and data is not None:
             raise ConfigError("give --data (a labels.csv folder) or --mrnet (an MRNet folder), not both")

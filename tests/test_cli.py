@@ -192,8 +192,17 @@ def test_set_overrides_any_config_key_and_named_options_win(tmp_path, monkeypatc
     ):
         result = runner.invoke(app, [*args, "--set", bad])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, bad
-    resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--set", "train.lr=0.1"])
-    assert resumed.exit_code == 1 and "--set cannot change a resumed run" in resumed.output
+    # --resume continues the saved config.yaml: every option that would change it is refused by name
+    for extra, named in (
+        (["--set", "train.lr=0.1"], "--set: not with --resume"),
+        (
+            ["--max-epochs", "5", "--lr", "0.5", "--out", "elsewhere"],
+            "--out, --max-epochs, --lr: not with --resume",
+        ),
+    ):
+        resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), *extra])
+        assert resumed.exit_code == 1 and named in resumed.output, resumed.output
+    assert not (tmp_path / "run").exists() and not Path("elsewhere").exists()
 
 
 def test_device_option_names_a_missing_gpu_before_any_work(phantom, tmp_path):

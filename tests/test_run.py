@@ -294,6 +294,16 @@ def test_a_broken_splits_csv_on_resume_is_named(run64, tmp_path):
     assert result.exit_code == 1 and "splits.csv: damaged" in result.output
 
 
+def test_a_run_without_its_last_pt_is_not_started_over(run64, tmp_path):
+    run = _copy_run(run64, tmp_path)
+    (run / "last.pt").unlink()
+    best = (run / "best.pt").read_bytes()
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    _clean(result)
+    assert result.exit_code == 1 and "last.pt is missing, but best.pt shows that it trained" in result.output
+    assert (run / "best.pt").read_bytes() == best and not (run / "last.pt").exists()
+
+
 def test_last_pt_without_training_state_is_named(run64, tmp_path):
     run = _copy_run(run64, tmp_path)
     shutil.copy(run / "best.pt", run / "last.pt")

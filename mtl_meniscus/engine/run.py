@@ -560,8 +560,13 @@ def run_folder(out: Path | None, config: Config) -> Path:
     return out or default_run_dir(config.model.name)
 
 
-def resume_run(run_dir: Path, settings: list[str], console: Console | None = None) -> dict[str, Any]:
-    """Continue a killed run with its saved config.yaml (which --set cannot change)."""
-    if settings:
-        raise MeniscusError("--set cannot change a resumed run: it continues with its saved config.yaml")
+def resume_run(run_dir: Path, options: list[str], console: Console | None = None) -> dict[str, Any]:
+    """Continue a killed run with its saved config.yaml, which no option changes: `options` (the
+    other options given, e.g. ['--max-epochs']) are refused rather than silently ignored."""
+    if options:
+        raise MeniscusError(
+            f"{', '.join(options)}: not with --resume, which continues {run_dir} with its saved "
+            "config.yaml; to train with other settings, start a new run (e.g. --config "
+            f"{run_dir / 'config.yaml'} with the options and another --out)"
+        )
     return train_run(None, run_dir, resume=True, console=console)

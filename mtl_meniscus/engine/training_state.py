@@ -104,8 +104,15 @@ class MemberCheckpoints:
     def resume(self, state: TrainingState, seed: int) -> bool:
         """Load last.pt into `state`, and this process's own random stream (a stream that last.pt
         does not hold starts anew from `seed`, the rank and the epoch); False when there is no
-        last.pt (the member had not started)."""
+        last.pt (the member had not started). A best.pt without a last.pt is refused: the member
+        had trained, and starting it over would replace its best.pt."""
         last = self.folder / "last.pt"
+        if not last.is_file() and (self.folder / "best.pt").is_file():
+            raise MeniscusError(
+                f"cannot resume {self.folder}: last.pt is missing, but best.pt shows that it trained; "
+                "starting it over would replace best.pt. Restore last.pt, or train a new run with "
+                "another --out (if it was killed in its first epoch, delete best.pt to start over)"
+            )
         if not last.is_file():
             return False
         payload = load_checkpoint(last)
