@@ -784,6 +784,8 @@ def bench(
 
     runs = (shared_run, separate_run) if shared_run and separate_run else None
     try:
+        if (shared_run is None) != (separate_run is None):
+            raise ConfigError("--shared-run and --separate-run go together: the comparison needs both runs")
         models = {mode: load_config(preset_path(mode)).model for mode in ("shared", "separate")}
         run_benchmark(quick=quick, out_dir=out, console=console, runs=runs, models=models)
     except (MeniscusError, FileNotFoundError, KeyError) as err:

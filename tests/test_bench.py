@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from rich.console import Console
 
 from mtl_meniscus.commands.bench import run_benchmark
@@ -50,3 +51,29 @@ def test_peak_flops_follow_the_isa_and_precision():
     assert peak_flops(machine, "fp32") == (2 * 2600e6 * 64, "AVX512 fp32")
     assert peak_flops({**machine, "isa": "AVX2", "amx": False}, "fp32") == (2 * 2600e6 * 32, "AVX2 fp32")
     assert peak_flops({**machine, "mhz": None}, "fp32")[0] is None  # unknown clock: no made-up peak
+
+
+def test_a_run_that_cannot_be_read_is_named_before_any_measurement(run64, tmp_path, monkeypatch):
+    import shutil
+
+    from mtl_meniscus.commands import bench
+    from mtl_meniscus.errors import MeniscusError
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured although a run cannot be read")
+
+    monkeypatch.setattr(bench, "training_throughput", never)
+    broken = tmp_path / "broken"
+    shutil.copytree(run64, broken)
+    text = (broken / "metrics.json").read_text()
+    for damage, named in (
+        (text[:100], "metrics.json or history.csv is not a finished training's"),  # truncated
+        (json.dumps({"score": 0.5}), "KeyError: 'members'"),
+    ):
+        (broken / "metrics.json").write_text(damage)
+        with pytest.raises(MeniscusError, match=named):
+            run_benchmark(
+                quick=True, out_dir=tmp_path / "out", console=Console(quiet=True), runs=(broken, run64)
+            )
+    with pytest.raises(MeniscusError, match="--separate-run: cannot read .*nowhere"):
+        run_benchmark(quick=True, out_dir=tmp_path / "out", runs=(run64, tmp_path / "nowhere"))

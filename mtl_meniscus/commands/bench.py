@@ -30,7 +30,7 @@ from mtl_meniscus.engine.inference import predict_probs
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import Runtime, cpu_bf16_pays_off, cpu_features, resolve_runtime
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.io.outputs import json_text
+from mtl_meniscus.io.outputs import check_output_dir, json_text
 from mtl_meniscus.networks.losses import FixedWeighting, task_losses
 from mtl_meniscus.networks.models import build_model
 from mtl_meniscus.phantom.slices import write_phantom
@@ -250,6 +250,9 @@ def run_benchmark(
     settings = BenchSettings.quick() if quick else BenchSettings()
     models = {mode: (models or {}).get(mode) or ModelConfig(name=mode) for mode in ("shared", "separate")}
     _refuse_roi(models)
+    check_output_dir(out_dir, "--out")
+    # before the measurements: a run that cannot be read must not cost them
+    compute = training_compute(*runs) if runs is not None else {}
     if quick:
         models = {
             mode: model.model_copy(update={"widths": settings.widths}) for mode, model in models.items()
@@ -271,8 +274,7 @@ def run_benchmark(
         progress.advance(bar, 2)  # measurements 1 and 2, taken side by side
         console.print("3/4 shared vs separate: inference with 6-pass TTA")
         results["shared_vs_separate"] = shared_vs_separate(config, models, data, settings)
-        if runs is not None:
-            results["shared_vs_separate"].update(training_compute(*runs))
+        results["shared_vs_separate"].update(compute)
         progress.advance(bar)
         console.print("4/4 data pipeline alone")
         results["data_pipeline"] = data_pipeline(config, data_dir, settings) | {
@@ -402,15 +404,7 @@ def training_compute(shared_run: Path, separate_run: Path) -> dict[str, Any]:
     """Training images and seconds until the best validation score, from two finished runs."""
     out = {}
     for label, run in (("shared", shared_run), ("separate", separate_run)):
-        metrics = json.loads((Path(run) / "metrics.json").read_text())
-        history = _read_history(Path(run) / "history.csv")
-        epochs = seconds = 0.0
-        for member, best in metrics["members"].items():  # separate: three networks, each to its best epoch
-            rows = [r for r in history if r["member"] == member and int(r["epoch"]) <= best["best_epoch"]]
-            seconds += sum(float(r["seconds"]) for r in rows)
-            epochs += len(rows)
-        out[f"{label}_epochs_to_best"] = epochs
-        out[f"{label}_seconds_to_best"] = seconds
+        out[f"{label}_epochs_to_best"], out[f"{label}_seconds_to_best"] = _time_to_best(Path(run), label)
     out["shared_over_separate_epochs"] = out["shared_epochs_to_best"] / max(out["separate_epochs_to_best"], 1)
     out["shared_over_separate_seconds"] = out["shared_seconds_to_best"] / max(
         out["separate_seconds_to_best"], 1e-9
@@ -419,11 +413,30 @@ def training_compute(shared_run: Path, separate_run: Path) -> dict[str, Any]:
     return out
 
 
-def _read_history(path: Path) -> list[dict[str, str]]:
+def _time_to_best(run: Path, label: str) -> tuple[float, float]:
+    """(epochs, seconds) a finished run trained until each network's best epoch (separate: three
+    networks, summed), from its metrics.json and history.csv; MeniscusError naming the file that
+    is missing or damaged."""
     import csv
 
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
+    metrics_file, history_file = run / "metrics.json", run / "history.csv"
+    try:
+        members = json.loads(metrics_file.read_text())["members"]
+        with history_file.open(newline="") as handle:
+            history = list(csv.DictReader(handle))
+        epochs = seconds = 0.0
+        for member, best in members.items():
+            rows = [r for r in history if r["member"] == member and int(r["epoch"]) <= best["best_epoch"]]
+            seconds += sum(float(r["seconds"]) for r in rows)
+            epochs += len(rows)
+    except OSError as err:
+        raise MeniscusError(f"--{label}-run: cannot read {err.filename} ({err.strerror})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise MeniscusError(
+            f"--{label}-run {run}: metrics.json or history.csv is not a finished training's "
+            f"({type(err).__name__}: {err}); give the folder of a run that `train` finished"
+        ) from None
+    return epochs, seconds
 
 
 def _flops_line(row: dict[str, Any]) -> str:
