@@ -134,9 +134,19 @@ def test_phantom_setting_overrides_are_checked():
 
     assert parse_setting("tear_contrast=0.3,0.6") == ("tear_contrast", [0.3, 0.6])
     assert phantom_settings("easy", {"noise_sigma": [0.05, 0.09]}).noise_sigma == (0.05, 0.09)
-    for bad in ({"bogus": 1}, {"noise_sigma": 0.1}, {"tear_contrast": [0.9, 0.1]}, {"motion_fraction": 2}):
-        with pytest.raises(ConfigError):
+    for bad in (
+        {"bogus": 1},
+        {"noise_sigma": 0.1},
+        {"tear_contrast": [0.9, 0.1]},
+        {"motion_fraction": 2},
+        {"noise_sigma": [float("nan"), 1]},  # NaN passed every comparison and failed in the generator
+        {"tear_contrast": [0, float("inf")]},
+        {"noise_sigma": [0, 1e9]},  # saturated every pixel
+        {"anatomy_rotation_deg": float("nan")},
+    ):
+        with pytest.raises(ConfigError, match="expected|unknown"):
             phantom_settings("easy", bad)
+    assert phantom_settings("easy", {"anatomy_rotation_deg": 40}).anatomy_rotation_deg == 40.0  # no cap
     with pytest.raises(ConfigError, match="allowed: easy, realistic, hard"):
         phantom_settings("impossible")
     with pytest.raises(ConfigError):

@@ -51,6 +51,21 @@ class PhantomCase:
         return f"knee_{self.index:05d}"
 
 
+# Settings that are shares of something (0 to 1): of the images, of the fluid signal (the noise and
+# the contrasts: 1 = as bright as fluid), of the way along the horn. Far above 1 the images saturate.
+SHARES = frozenset(
+    {
+        "noise_sigma",
+        "tear_contrast",
+        "degeneration_contrast",
+        "horizontal_reach",
+        "vertical_reach",
+        "degeneration_fraction",
+        "motion_fraction",
+    }
+)
+
+
 @dataclass(frozen=True)
 class PhantomSettings:
     """How the generator draws the anatomy, the tears and the MRI effects.
@@ -80,26 +95,24 @@ class PhantomSettings:
     motion_px: tuple[float, float] = (2.0, 5.0)  # length of the motion-blur kernel
 
     def overridden(self, values: dict[str, object]) -> PhantomSettings:
-        """A copy with some fields replaced (e.g. from `make-phantom --phantom-setting KEY=VALUE`), checked."""
+        """A copy with some fields replaced (e.g. from `make-phantom --phantom-setting KEY=VALUE`),
+        checked: finite numbers >= 0, low <= high, and at most 1 for the shares (SHARES)."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         changes = {}
         for key, value in values.items():
             if key not in fields:
                 raise ConfigError(f"unknown phantom setting {key!r} (known: {', '.join(sorted(fields))})")
-            current = getattr(self, key)
-            if isinstance(current, tuple):
-                if not (isinstance(value, (list, tuple)) and len(value) == 2):
-                    raise ConfigError(
-                        f"phantom setting {key!r}: expected two numbers low,high, got {value!r}"
-                    )
-                value = (float(value[0]), float(value[1]))
-                if value[0] > value[1] or value[0] < 0:
-                    raise ConfigError(f"phantom setting {key!r}: expected 0 <= low <= high, got {value!r}")
-            else:
-                value = float(value)
-                if value < 0 or (key.endswith("_fraction") and value > 1):
-                    raise ConfigError(f"phantom setting {key!r}: bad value {value!r}")
-            changes[key] = value
+            pair = isinstance(getattr(self, key), tuple)
+            if pair and not (isinstance(value, (list, tuple)) and len(value) == 2):
+                raise ConfigError(f"phantom setting {key!r}: expected two numbers low,high, got {value!r}")
+            numbers = tuple(float(v) for v in value) if pair else (float(value),)
+            top = 1.0 if key in SHARES else math.inf
+            if not all(math.isfinite(v) and 0 <= v <= top for v in numbers) or numbers != tuple(
+                sorted(numbers)
+            ):
+                expected = f"{'0 <= low <= high' if pair else 'a number >= 0'}{' <= 1' if top == 1 else ''}"
+                raise ConfigError(f"phantom setting {key!r}: expected {expected}, got {value!r}")
+            changes[key] = numbers if pair else numbers[0]
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> dict[str, object]:
