@@ -44,3 +44,20 @@ def test_a_refused_pickle_is_not_a_checkpoint_and_no_advice_to_disable_the_safeg
     _clean(result)
     assert result.exit_code == 1 and "evil.pt: not a checkpoint of this package" in result.output
     assert "weights_only" not in result.output and "this must never run" not in result.output
+
+
+def test_a_file_or_folder_that_is_not_a_run_is_called_what_it_is(data64, tmp_path):
+    image = next((data64 / "images").glob("*.png"))
+    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04 not all of it")
+    (tmp_path / "empty").mkdir()
+    for run, named in (
+        (image, "is a zip archive; this is another kind of file"),  # a scan given as RUN
+        (data64 / "labels.csv", "is a zip archive; this is another kind of file"),
+        (tmp_path / "truncated.pt", "is a zip archive; this is another kind of file, or a damaged one"),
+        (data64, "is a data folder (labels.csv), not a run"),
+        (tmp_path / "empty", "not a run folder (no best.pt, no config.yaml)"),
+    ):
+        result = _predict(run, image, out=tmp_path / "p.csv")
+        _clean(result)
+        assert result.exit_code == 1 and named in result.output, (run, result.output)
+        assert "for safety" not in result.output and "--resume" not in result.output

@@ -124,7 +124,10 @@ def run_predict(
     console.print(trained.calibration_note, highlight=False, markup=False)
     files = collect_inputs(inputs)
     if not files:
-        raise MeniscusError("no input images found (supported: PNG, TIFF, JPEG, DICOM, NIfTI, .npy)")
+        shown = ", ".join(map(str, inputs[:3])) + (", ..." if len(inputs) > 3 else "")
+        raise MeniscusError(
+            f"no input images found in {shown} (supported: PNG, TIFF, JPEG, DICOM, NIfTI, .npy)"
+        )
 
     rows, good = _read_inputs(files, size, max_pixels, strict_size, config.data.plane)
     if good:

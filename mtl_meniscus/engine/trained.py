@@ -310,6 +310,14 @@ def load_trained(run_or_checkpoint: str | Path, runtime: Runtime, calibration: b
     path = Path(run_or_checkpoint)
     checkpoint = path / "best.pt" if path.is_dir() else path
     if path.is_dir() and not checkpoint.is_file():
+        if (path / "labels.csv").is_file():
+            raise MeniscusError(
+                f"{path} is a data folder (labels.csv), not a run: give the folder that train wrote"
+            )
+        if not (path / "config.yaml").is_file():
+            raise MeniscusError(
+                f"{path}: not a run folder (no best.pt, no config.yaml): give the folder that train wrote"
+            )
         raise MeniscusError(
             f"{path}: no best.pt here; is the run finished? (resume it with train --resume {path})"
         )
