@@ -77,6 +77,11 @@ def main(
     """Meniscus tear classification on sagittal knee MRI: shared trunk vs three-CNN cascade."""
     if not console.is_terminal:
         console.width = WIDE  # rich would cut tables to 80 columns in a file or a pipe
+    import cv2
+
+    # A truncated or damaged image is reported per file with its reason; OpenCV's own warning
+    # ("[ WARN:0@0.05] ... PNG input buffer is incomplete") would add an unexplained line.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def command_name() -> str:
