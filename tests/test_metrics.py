@@ -199,6 +199,16 @@ def test_the_paired_cluster_test_gives_delongs_answer_when_both_models_are_perfe
     assert (cluster["z"], cluster["p_value"]) == (delong["z"], delong["p_value"]) == (0.0, 1.0)
 
 
+def test_youden_threshold_of_a_model_no_cut_helps_keeps_the_j_it_claims():
+    # Scores that rank every negative above every positive: no cut beats J = 0. The cut returned
+    # must give J = 0 when applied (p >= cut), not the +inf cut turned into 1.0, which calls the
+    # p = 1.0 negative positive (J = -0.5).
+    y, p = np.array([1, 1, 0, 0]), np.array([0.1, 0.2, 0.9, 1.0])
+    cut = youden_threshold(y, p)
+    counts = binary_counts(y, p, cut)
+    assert counts["sensitivity"] + counts["specificity"] - 1 == 0
+
+
 def test_threshold_metrics_against_sklearn():
     rng = np.random.default_rng(3)
     y = (rng.random(200) < 0.3).astype(int)

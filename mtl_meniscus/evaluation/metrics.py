@@ -94,8 +94,11 @@ def youden_threshold(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     if len(np.unique(y_true)) < 2:
         return 0.5
     fpr, tpr, thresholds = roc_curve(y_true, y_prob)
-    best = int(np.argmax(tpr - fpr))
-    return float(min(thresholds[best], 1.0))  # roc_curve's first threshold is +inf
+    # Not roc_curve's first threshold, +inf (nothing positive): as a probability it would become
+    # 1.0, which calls p = 1 positive. Its J = 0 is also the last point's (everything positive),
+    # so a model no cut helps gets that one, whose J is the one claimed.
+    best = 1 + int(np.argmax((tpr - fpr)[1:]))
+    return float(thresholds[best])
 
 
 def roc_points(
