@@ -141,6 +141,38 @@ def corpus(tmp_path_factory):
         _labels(root / "size128", head4, *[",".join(r.split(",")[:4]) for r in first[:10]], base=good),
         "data.image_size",
     )
+    # rows named by their line in the file: the blank line 3 counts (csv.DictReader skipped it uncounted)
+    folders["blank line before a bad row"] = (
+        _labels(root / "blank", head4, f"{name},0,,", "", first[1].split(",")[0] + ",7,,", base=good),
+        "row 4, column 'fissure': bad value '7'",
+    )
+    folders["more values than the header"] = (
+        _labels(root / "overlong", head4, f"{name},0,,,posterior", base=good),
+        "row 2: 5 values, but the header has 4 columns",
+    )
+    folders["a column named like a known one"] = (
+        _labels(
+            root / "nearname",
+            f"{head4},Split",
+            *[
+                ",".join(r.split(",")[:4]) + "," + ("train", "val", "test")[k % 3]
+                for k, r in enumerate(first)
+            ],
+            base=good,
+        ),
+        "column 'Split' differs from the column 'split' only in case, spaces or punctuation",
+    )
+    # patient P0's first row in train, its second in test: all others their own patient
+    placed = [(f"P{max(k - 1, 0)}", ("train", "test", "val")[min(k, 2)]) for k in range(len(first))]
+    folders["a patient in two splits"] = (
+        _labels(
+            root / "leak",
+            f"{head4},patient_id,split",
+            *[",".join(r.split(",")[:4]) + f",{p},{s}" for r, (p, s) in zip(first, placed)],
+            base=good,
+        ),
+        "patient_id 'P0' is in more than one split: train (row 2), test (row 3)",
+    )
     binary = root / "binary"
     binary.mkdir()
     (binary / "labels.csv").write_bytes(bytes(range(256)) * 8)
@@ -216,6 +248,10 @@ BAD_FOLDERS = [
     "binary labels.csv",
     "NUL byte",
     "no labels.csv",
+    "blank line before a bad row",
+    "more values than the header",
+    "a column named like a known one",
+    "a patient in two splits",
 ]
 
 
@@ -273,6 +309,25 @@ def test_bad_images_in_a_data_folder_are_excluded_with_their_reasons(corpus, tmp
     }
     for name, text in expected.items():
         assert text in reasons[name], (name, reasons[name])
+
+
+def test_a_mask_that_contradicts_its_label_is_refused_for_segmentation(corpus, tmp_path):
+    """A tear row's mask on a row labelled no tear: training the decoder on it would teach a tear
+    the labels deny. Refused naming the row, before anything trains."""
+    folder = tmp_path / "data"
+    shutil.copytree(corpus["good"], folder)
+    lines = (folder / "labels.csv").read_text().splitlines()
+    tear = next(k for k, line in enumerate(lines) if line.split(",")[1] == "1")
+    healthy = next(k for k, line in enumerate(lines) if k and line.split(",")[1] == "0")
+    fields = lines[healthy].split(",")
+    lines[healthy] = ",".join(fields[:-1] + [lines[tear].split(",")[-1]])  # the tear row's mask
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "r"
+    args = ["train", "--config", TINY, "--data", str(folder), "--out", str(out), "--max-epochs", "1"]
+    result, opened = _invoke([*args, "--set", "model.segmentation=true"])
+    _check(result, opened, corpus, 1, f"row {healthy + 1}, column 'mask'")
+    assert "tear pixels (value 2), but the row's fissure is 0 (no tear)" in result.output
+    assert not (out / "last.pt").exists()
 
 
 def test_predict_answers_every_input_with_one_row(corpus, tmp_path, pydicom_files):

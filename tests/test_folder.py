@@ -347,3 +347,208 @@ def test_reading_a_folder_reports_its_progress_row_by_row(tmp_path):
         tmp_path / "data", DataConfig(image_size=64), on_row=lambda done, total: seen.append((done, total))
     )
     assert seen == [(k, 40) for k in range(1, 41)] and data.n_rows == 40
+
+
+# --- what labels.csv's reader must not pass over in silence ------------------------------------
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_rows_are_named_by_their_line_in_the_file(tmp_path, newline):
+    """Blank lines and a quoted value over two lines count as an editor counts them: a message's
+    row is the line the row starts on (the header is line 1)."""
+    for name in "ab":
+        _png(tmp_path / "img" / f"{name}.png")
+    lines = [
+        "image,fissure,orientation,position,notes",  # line 1
+        "img/a.png,0,,,",  # line 2
+        "",  # line 3: blank
+        'img/b.png,0,,,"seen twice,',  # lines 4-5: one row, its note over two lines
+        'by two readers"',
+        "img/c.png,7,,,",  # line 6: a bad fissure (and no such file)
+        "",  # line 7: blank
+        "",  # line 8: blank
+        "img/b.png,0,,,",  # line 9: a duplicate of line 4
+    ]
+    (tmp_path / "labels.csv").write_bytes(newline.join(lines).encode() + newline.encode())
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path)
+    assert info.value.problems == [
+        "row 6, column 'image': file not found: " + str(tmp_path / "img" / "c.png"),
+        "row 6, column 'fissure': bad value '7' (allowed: 0, 1)",
+        "row 9: image 'img/b.png' is listed twice (also row 4)",
+    ]
+    # the valid rows keep their lines too (a mask's messages name record.row)
+    (tmp_path / "labels.csv").write_text("\n".join(lines[:5]) + "\n")  # lines 1-5
+    records = read_labels(tmp_path)
+    assert [r.row for r in records] == [2, 4]
+
+
+def test_a_row_with_more_values_than_the_header_is_named(tmp_path):
+    """Values beyond the header would be dropped without a word (csv.DictReader's None key); empty
+    ones (a trailing comma) lose nothing and pass."""
+    for name in "abc":
+        _png(tmp_path / "img" / f"{name}.png")
+    lines = [
+        "image,fissure,orientation,position",
+        "img/a.png,0,,,",  # line 2: a trailing comma: fine
+        "img/b.png,1,vertical,posterior,anterior",  # line 3: one value too many
+        "img/c.png,0,,,x,y,z,w",  # line 4: four
+    ]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path)
+    assert info.value.problems == [
+        "row 3: 5 values, but the header has 4 columns; after the last column ('position') no column "
+        "takes 'anterior' (a comma too many, e.g. an unquoted comma inside a value, or a column name "
+        "missing from the header)",
+        "row 4: 8 values, but the header has 4 columns; after the last column ('position') no column "
+        "takes 'x', 'y', 'z' and 1 more (a comma too many, e.g. an unquoted comma inside a value, or a "
+        "column name missing from the header)",
+    ]
+    (tmp_path / "labels.csv").write_text("\n".join(lines[:2]) + "\n")
+    assert [r.image for r in read_labels(tmp_path)] == ["img/a.png"]
+
+
+@pytest.mark.parametrize(
+    "column, known",
+    [
+        ("Split", "split"),
+        ("Patient_ID", "patient_id"),
+        ("patient id", "patient_id"),
+        ("PatientID", "patient_id"),
+        ("SLICE", "slice"),
+        ("Mask", "mask"),
+        ("Displaced", "displaced"),  # a data.extra_tasks column
+    ],
+)
+def test_a_column_named_like_a_known_one_is_refused(tmp_path, column, known):
+    """A column that is a known one but for case, spaces or punctuation would be ignored (unknown columns are),
+    and e.g. the automatic split used instead of the user's: refused, naming both names."""
+    _png(tmp_path / "img" / "a.png")
+    header = ("image", "fissure", "orientation", "position", "displaced", column)
+    _labels(tmp_path, [("img/a.png", "0", "", "", "", "")], header=header)
+    config = DataConfig(extra_tasks={"displaced": {"values": {"displaced": 1, "stable": 0}}})
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path, tasks=config.task_table())
+    assert str(info.value) == (
+        f"{tmp_path / 'labels.csv'}: column '{column}' differs from the column '{known}' only in "
+        f"case, spaces or punctuation: rename it to '{known}' (column names are matched exactly, and "
+        "an unknown column is not read)"
+    )
+
+
+def test_a_required_column_named_in_another_case_is_named_with_the_missing_one(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    _labels(tmp_path, [("img/a.png", "0", "", "")], header=("image", "Fissure", "orientation", "position"))
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path)
+    message = str(info.value)
+    assert "missing column(s) fissure; found image, Fissure, orientation, position" in message
+    assert "column 'Fissure' differs from the column 'fissure' only in case, spaces or punctuation" in message
+
+
+def test_unknown_columns_and_spaces_around_names_are_still_fine(tmp_path):
+    """A column the package does not know (notes, an export's own id) is ignored, as before; spaces
+    around a known name are stripped, so ' split ' is the split column."""
+    for k in range(3):
+        _png(tmp_path / "img" / f"{k}.png")
+    header = ("image", "fissure", "orientation", "position", " split ", "notes", "scanner_id")
+    rows = [
+        (f"img/{k}.png", "0", "", "", split, "fine", "S1") for k, split in enumerate(["test", "val", "train"])
+    ]
+    _labels(tmp_path, rows, header=header)
+    assert [r.split for r in read_labels(tmp_path)] == ["test", "val", "train"]
+
+
+def test_a_patient_in_two_splits_of_the_split_column_is_refused(tmp_path):
+    """The split column puts patient P1 in train and test: their images would be trained on and
+    scored. Named with its rows; rows without a patient_id are each their own patient."""
+    header = ("image", "fissure", "orientation", "position", "patient_id", "split")
+    plan = (
+        [
+            ("P1", "train"),  # line 2
+            ("P1", "train"),  # line 3
+            ("P2", "val"),  # line 4
+            ("P1", "test"),  # line 5
+            ("", "train"),  # line 6: no patient_id
+            ("", "test"),  # line 7
+            ("P2", "val"),  # line 8
+        ]
+        + [("P3", "train")] * 5
+        + [("P3", "val")]
+    )  # lines 9-13, 14
+    rows = [(f"img/{k}.png", "0", "", "", patient, split) for k, (patient, split) in enumerate(plan)]
+    _write_folder(tmp_path, rows, header=header)
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path)
+    assert info.value.problems == [
+        "patient_id 'P1' is in more than one split: train (rows 2, 3), test (row 5); a patient's rows "
+        "must share one split, or images of a patient the model trained on are scored as unseen",
+        "patient_id 'P3' is in more than one split: train (rows 9, 10, 11 and 2 more), val (row 14); a "
+        "patient's rows must share one split, or images of a patient the model trained on are scored "
+        "as unseen",
+    ]
+    # one split per patient: accepted, and the split column is the split
+    plan = [(p, {"P1": "train", "P3": "train"}.get(p, s)) for p, s in plan]
+    rows = [(f"img/{k}.png", "0", "", "", patient, split) for k, (patient, split) in enumerate(plan)]
+    _write_folder(tmp_path, rows, header=header)
+    data = prepare_data(tmp_path, DataConfig(image_size=32))
+    assert data.splits == [split for _, split in plan]
+
+
+def test_a_patient_leak_is_reported_with_the_other_problems_of_the_file(tmp_path):
+    header = ("image", "fissure", "orientation", "position", "patient_id", "split")
+    rows = [("img/a.png", "0", "", "", "P1", "train"), ("img/b.png", "2", "", "", "P1", "val")]
+    _write_folder(tmp_path, rows, header=header)
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path)
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "row 3, column 'fissure'",
+        "patient_id 'P1' is in more than one split",
+    ]
+
+
+def _mask(path, tear: bool):
+    """A 32x32 label image: a meniscus band, and tear pixels on it when `tear`."""
+    pixels = np.zeros((32, 32), np.uint8)
+    pixels[20:24, 4:28] = 1
+    if tear:
+        pixels[21, 10:13] = 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), pixels)
+
+
+def test_a_mask_with_a_tear_on_a_row_labelled_no_tear_is_refused(tmp_path):
+    """Read as training data (model.segmentation), tear pixels on a fissure 0 row contradict the
+    label: refused, per row. A tear row whose mask has no tear pixels (it outlines the meniscus
+    only) is fine, and so is every mask when masks are not read."""
+    header = ("image", "fissure", "orientation", "position", "mask")
+    rows = [
+        ("img/a.png", "0", "", "", "masks/a.png"),  # line 2: no tear, tear pixels: the contradiction
+        ("img/b.png", "1", "vertical", "posterior", "masks/b.png"),  # tear, tear pixels
+        ("img/c.png", "1", "horizontal", "posterior", "masks/c.png"),  # tear, meniscus only: fine
+        ("img/d.png", "0", "", "", "masks/d.png"),  # no tear, meniscus only
+        ("img/e.png", "0", "", "", ""),  # no mask
+    ] + [(f"img/n{k}.png", "0", "", "", "") for k in range(5)]
+    _write_folder(tmp_path, rows, header=header)
+    for name, tear in {"a": True, "b": True, "c": False, "d": False}.items():
+        _mask(tmp_path / "masks" / f"{name}.png", tear)
+    config = DataConfig(image_size=32)
+    with pytest.raises(DataError) as info:
+        prepare_data(tmp_path, config, masks=True)
+    assert info.value.problems == [
+        f"row 2, column 'mask': {tmp_path / 'masks' / 'a.png'}: 3 tear pixels (value 2), but the row's "
+        "fissure is 0 (no tear): correct the label or the mask"
+    ]
+    assert prepare_data(tmp_path, config).masks is None  # not a segmenting run: masks are not read
+
+    _mask(tmp_path / "masks" / "a.png", tear=False)
+    data = prepare_data(tmp_path, config, masks=True)
+    assert [m is not None for m in data.masks] == [True] * 4 + [False] * 6
+
+
+def test_the_phantoms_masks_agree_with_their_labels(data64):
+    """The phantom draws tear pixels on its tear rows only: the rule above rejects none of it."""
+    data = prepare_data(data64, DataConfig(image_size=64), masks=True)
+    tears = [bool((m == 2).any()) for m in data.masks]
+    assert tears == [r.labels["fissure"] == "1" for r in data.records] and any(tears)

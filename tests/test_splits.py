@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mtl_meniscus.data.splits import stratified_group_split
+from mtl_meniscus.data.splits import split_leaks, stratified_group_split
 
 
 def _strata(n_per_stratum):
@@ -58,3 +58,13 @@ def test_zero_fraction_split_stays_empty():
 def test_mismatched_groups_are_refused():
     with pytest.raises(ValueError):
         stratified_group_split(["a", "b"], groups=["g"])
+
+
+def test_groups_in_more_than_one_split_are_found():
+    groups = ["P1", "P2", "P1", "P3", "P2", "P1", "P4"]
+    splits = ["train", "val", "test", "test", "val", "train", "val"]
+    # P1 in train (items 0, 5) and test (2); P2 twice in val and P3, P4 once: no leak
+    assert split_leaks(groups, splits) == {"P1": {"train": [0, 5], "test": [2]}}
+    assert split_leaks(["a", "a", "b"], ["val", "val", "train"]) == {}
+    with pytest.raises(ValueError):
+        split_leaks(["a"], [])

@@ -1,7 +1,11 @@
 """The folder format: labels.csv validation, exclusions and splits.
 
 DIR/labels.csv columns: image, fissure, orientation, position; optional patient_id, split,
-slice (index into a 3D volume) and mask (a label image: 1 meniscus, 2 tear).
+slice (index into a 3D volume) and mask (a label image: 1 meniscus, 2 tear). Other columns are
+ignored, except one whose name is a known one but for case, spaces or punctuation: refused.
+
+Rows are named by their line in the file as an editor shows it (the header is line 1; blank lines
+and line breaks inside quoted values count).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 from mtl_meniscus.config import DataConfig
 from mtl_meniscus.data.masks import read_masks, resized_mask
 from mtl_meniscus.data.records import PreparedData, Record, inside_path, problems_error
-from mtl_meniscus.data.splits import SPLIT_NAMES, stratified_group_split
+from mtl_meniscus.data.splits import SPLIT_NAMES, split_leaks, stratified_group_split
 from mtl_meniscus.errors import DataError, ImageReadError
 from mtl_meniscus.io.imageio import max_pixels_limit, read_image
 from mtl_meniscus.labels import DEFAULT_TASKS, DOUBLE_TEAR, TaskTable
@@ -47,14 +51,7 @@ def read_labels(
     csv_path = data_dir / "labels.csv"
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: not found (a data folder needs labels.csv; see the README)")
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            header = [name.strip() for name in (reader.fieldnames or [])]
-            reader.fieldnames = header
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"{csv_path}: cannot parse as CSV ({err})") from None
+    header, rows = _read_csv(csv_path)
     repeated = sorted({name for name in header if name and header.count(name) > 1})
     if repeated:
         raise DataError(
@@ -63,20 +60,36 @@ def read_labels(
         )
     required = ("image", *tasks.names)
     missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(
-            f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
-            f"(required: {', '.join(required)}; optional: {', '.join(OPTIONAL_COLUMNS)})"
-        )
+    near = _near_misses(header, (*required, *OPTIONAL_COLUMNS))
+    if missing or near:
+        parts = [
+            f"column '{name}' differs from the column '{known}' only in case, spaces or punctuation: "
+            f"rename it to '{known}' (column names are matched exactly, and an unknown column is not read)"
+            for name, known in near
+        ]
+        if missing:
+            parts.insert(
+                0,
+                f"missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
+                f"(required: {', '.join(required)}; optional: {', '.join(OPTIONAL_COLUMNS)})",
+            )
+        raise DataError(f"{csv_path}: " + "; ".join(parts))
     problems: list[str] = []
     hints: set[str] = set()  # advice the message ends with, once however many rows need it
     records: list[Record] = []
     written: dict[int, str] = {}  # row -> its image as written
     seen: dict[tuple[str, int | None], int] = {}  # (normalised path, slice) -> row
     seen_files: dict[tuple[int, int, int | None], int] = {}  # (device, inode, slice): the file itself
-    for line, row in enumerate(rows, start=2):
+    placed: list[tuple[str, str, int]] = []  # (patient_id, split, row) of rows that name both
+    for line, row, extra in rows:
+        split = (row.get("split") or "").strip().lower()
+        if (row.get("patient_id") or "").strip() and split in SPLIT_NAMES:
+            # from every row, valid or not, so that a leak is reported with the rows' other problems
+            placed.append((row["patient_id"].strip(), split, line))
+        overlong = _extra_values(line, header, extra)
+        problems += overlong
         record = _validate_row(row, line, data_dir, problems, hints, tasks, allow_unknown_subtype)
-        if record is None:
+        if record is None or overlong:
             continue
         written[line] = (row.get("image") or "").strip()
         stat = os.stat(data_dir / record.image)
@@ -95,15 +108,97 @@ def read_labels(
         records.append(record)
     if not rows:
         problems.append("no data rows")
-    filled = sum(1 for row in rows if (row.get("split") or "").strip())
+    filled = sum(1 for _, row, _ in rows if (row.get("split") or "").strip())
     if 0 < filled < len(rows):
         problems.append(
             f"column 'split' is filled on {filled} of {len(rows)} rows: fill it on every row "
             "(it then replaces the automatic split) or on none"
         )
+    problems += _split_leak_problems(placed)
     if problems:
         raise problems_error(csv_path, problems, report_dir, hint="".join(hints))
     return records
+
+
+def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str], list[str]]]]:
+    """labels.csv's header (names stripped) and its rows as (line, {column: value}, values beyond
+    the header); a DataError naming the file when it is not CSV text.
+
+    `line` is the line the row starts on, as an editor numbers them (the header is line 1). It is
+    counted from csv.reader's line_num rather than by counting rows, because a blank line (skipped)
+    and a quoted value with a line break inside (one row over two lines) would otherwise shift the
+    number of every later row."""
+    rows = []
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [name.strip() for name in next(reader, [])]
+            end = reader.line_num  # the last line read so far
+            for fields in reader:
+                start, end = end + 1, reader.line_num
+                if not fields:  # a blank line: no row, as csv.DictReader has it
+                    continue
+                # A short row's missing values are empty (as csv.DictReader has them); values
+                # beyond the header are kept apart, to be refused rather than dropped.
+                rows.append((start, dict(zip(header, fields)), fields[len(header) :]))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{csv_path}: cannot parse as CSV ({err})") from None
+    return header, rows
+
+
+def _loose(name: str) -> str:
+    """A column name without case, spaces or punctuation: 'Patient ID' and 'patient_id' are alike."""
+    return "".join(ch for ch in name.casefold() if ch.isalnum())
+
+
+def _near_misses(header: Sequence[str], known: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, known name) for each header name that is not a known column but is one except for
+    case, spaces or punctuation. Unknown columns are allowed and ignored (notes, an export's own
+    ids), so 'Split' would be ignored without a word, and the automatic split used instead."""
+    by_loose = {_loose(name): name for name in known}
+    return [
+        (name, by_loose[_loose(name)])
+        for name in header
+        if name and name not in known and _loose(name) in by_loose
+    ]
+
+
+SHOWN_ROWS = 3  # a patient's rows named per split; a row's values named beyond the header
+
+
+def _extra_values(line: int, header: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """The problem of a row with values beyond the header (none when they are all empty).
+
+    They belong to no column: dropping them could drop a label without a word (an unquoted comma
+    in a path moves every later value one column right). Empty ones lose nothing: a trailing comma."""
+    if not any(text.strip() for text in extra):
+        return []
+    shown = ", ".join(f"'{text}'" for text in extra[:SHOWN_ROWS])
+    more = f" and {len(extra) - SHOWN_ROWS} more" if len(extra) > SHOWN_ROWS else ""
+    return [
+        f"row {line}: {len(header) + len(extra)} values, but the header has {len(header)} columns; "
+        f"after the last column ('{header[-1]}') no column takes {shown}{more} (a comma too many, "
+        "e.g. an unquoted comma inside a value, or a column name missing from the header)"
+    ]
+
+
+def _split_leak_problems(placed: list[tuple[str, str, int]]) -> list[str]:
+    """A problem per patient_id whose rows name more than one split in the `split` column: that
+    patient's images would be both trained on and scored, and the test score would be too high."""
+    patients, splits, lines = zip(*placed) if placed else ((), (), ())
+    problems = []
+    for patient, by_split in split_leaks(patients, splits).items():
+        parts = []
+        for split, indices in by_split.items():
+            rows = [str(lines[k]) for k in indices]
+            shown = ", ".join(rows[:SHOWN_ROWS])
+            more = f" and {len(rows) - SHOWN_ROWS} more" if len(rows) > SHOWN_ROWS else ""
+            parts.append(f"{split} (row{'s' if len(rows) > 1 else ''} {shown}{more})")
+        problems.append(
+            f"patient_id '{patient}' is in more than one split: {', '.join(parts)}; a patient's rows "
+            "must share one split, or images of a patient the model trained on are scored as unseen"
+        )
+    return problems
 
 
 def _validate_row(
@@ -288,8 +383,11 @@ def _kept_masks(
     report_dir: str | Path | None,
 ) -> list[np.ndarray | None]:
     """The kept rows' masks at the model's size (None for a row without one); one DataError naming
-    every bad mask (missing, unreadable, not its image's size, values other than 0/1/2)."""
-    found = read_masks(data_dir, kept, shapes, report_dir, max_pixels_limit(config.max_pixels))
+    every bad mask (missing, unreadable, not its image's size, values other than 0/1/2, tear pixels
+    on a row labelled no tear)."""
+    found = read_masks(
+        data_dir, kept, shapes, report_dir, max_pixels_limit(config.max_pixels), check_labels=True
+    )
     return [None if mask is None else resized_mask(mask, config.image_size) for mask in found]
 
 

@@ -3,6 +3,9 @@ the size of the row's image, values 0 background, 1 meniscus, 2 tear.
 
 A row without a mask has none (None): partial supervision, not a problem. A folder's masks are
 checked at once, and every bad row is reported in one DataError, as read_labels reports labels.csv.
+Read as training data (check_labels), a mask must also agree with its row's label: no tear pixels
+on a row labelled no tear. A tear row without tear pixels is fine: its mask may outline the
+meniscus only.
 A mask is in the image's own pixel grid as the package reads it (for DICOM and NIfTI: the canonical
 view of io/orientation.py).
 """
@@ -18,6 +21,7 @@ import numpy as np
 from mtl_meniscus.data.records import Record, problems_error
 from mtl_meniscus.errors import ImageReadError
 from mtl_meniscus.io.imageio import read_image
+from mtl_meniscus.labels import DEFAULT_TASKS
 
 # The phantom (phantom/slices.py) and the fastMRI+ import (data/fastmri.py) write these values.
 MASK_BACKGROUND, MASK_MENISCUS, MASK_TEAR = 0, 1, 2
@@ -25,6 +29,7 @@ MASK_VALUES = {MASK_BACKGROUND: "background", MASK_MENISCUS: "meniscus", MASK_TE
 _ALLOWED = ", ".join(f"{value} {name}" for value, name in MASK_VALUES.items())
 _SHOWN_VALUES = 5  # bad values named in a problem line
 MASK_VOLUME_HINT = "a mask is one 2D label image per row, of that row's slice"
+TEAR_TASK = DEFAULT_TASKS.root  # fissure: the label that MASK_TEAR pixels draw
 
 
 def read_masks(
@@ -33,9 +38,11 @@ def read_masks(
     image_shapes: Sequence[tuple[int, int]] | None = None,
     report_dir: str | Path | None = None,
     max_pixels: int | None = None,
+    check_labels: bool = False,
 ) -> list[np.ndarray | None]:
     """Each row's mask as uint8 (H, W), None where the row has none; one DataError listing every
-    bad row (file missing or unreadable, size not its image's, values other than 0, 1, 2).
+    bad row (file missing or unreadable, size not its image's, values other than 0, 1, 2, and with
+    `check_labels` tear pixels on a row whose fissure is 0).
 
     `image_shapes` (one (H, W) per record, as read) saves reading the images again; without it each
     image is read for its size. `report_dir` receives the full list when the message shows only
@@ -49,7 +56,10 @@ def read_masks(
         shape = image_shapes[k] if image_shapes is not None else None
         if record.mask and shape is None:
             shape = _image_shape(data_dir, record, problems, last_volume, max_pixels)
-        masks.append(_row_mask(data_dir, record, shape, problems, max_pixels) if record.mask else None)
+        mask = _row_mask(data_dir, record, shape, problems, max_pixels) if record.mask else None
+        if mask is not None and check_labels and not _agrees(data_dir, record, mask, problems):
+            mask = None
+        masks.append(mask)
     if problems:
         raise problems_error(data_dir / "labels.csv", problems, report_dir)
     return masks
@@ -128,6 +138,23 @@ def _row_mask(
         problems.append(f"{where}: {path}: {bad} (allowed: {_ALLOWED})")
         return None
     return pixels.astype(np.uint8)
+
+
+def _agrees(data_dir: Path, record: Record, mask: np.ndarray, problems: list[str]) -> bool:
+    """False, after adding a problem naming the row, when the mask draws a tear on a row labelled
+    no tear: trained on, the decoder would learn a tear where the labels say none, and the two
+    would contradict each other without a word. Only that way round: a tear row's mask may hold
+    no tear pixels (it may outline the meniscus only)."""
+    text = record.labels.get(TEAR_TASK.name, "")
+    tear_pixels = int((mask == MASK_TEAR).sum())
+    if text != TEAR_TASK.text(0.0) or not tear_pixels:
+        return True
+    problems.append(
+        f"row {record.row}, column 'mask': {data_dir / record.mask}: {tear_pixels} tear pixel"
+        f"{'s' if tear_pixels > 1 else ''} (value {MASK_TEAR}), but the row's {TEAR_TASK.name} is "
+        f"{text} (no tear): correct the label or the mask"
+    )
+    return False
 
 
 def _size(shape: Sequence[int]) -> str:

@@ -93,3 +93,19 @@ def nested_training_subset(
             for index in members[group]:
                 result[index] = UNUSED
     return result
+
+
+def split_leaks(groups: Sequence[str], splits: Sequence[str]) -> dict[str, dict[str, list[int]]]:
+    """{group: {split: indices of its items in that split}} for every group whose items are in
+    more than one split (a patient in train and test: their images are trained on and scored),
+    groups and splits in order of first appearance. Empty when every group keeps to one split."""
+    if len(groups) != len(splits):
+        raise ValueError("groups and splits must have the same length")
+    by_group: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for index, (group, split) in enumerate(zip(groups, splits)):
+        by_group[group][split].append(index)
+    return {
+        group: {split: indices for split, indices in by_split.items()}
+        for group, by_split in by_group.items()
+        if len(by_split) > 1
+    }
