@@ -166,13 +166,14 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
 def truth_masks(data: PreparedData, indices: Sequence[int], image_size: int, max_pixels: int | None) -> list:
     """Each row's label mask at the model's size, None where a row has none: those read with the
     data (a segmenting run's), else read now from labels.csv's mask column (a DataError naming
-    every bad one, as when a segmenting run reads them)."""
+    every bad one, tear pixels on a row labelled no tear included, as when a segmenting run reads
+    them)."""
     if data.masks is not None:
         return [data.masks[i] for i in indices]
     records = [data.records[i] for i in indices]
     if not any(record.mask for record in records):
         return [None] * len(records)
-    found = read_masks(data.data_dir, records, max_pixels=max_pixels)
+    found = read_masks(data.data_dir, records, max_pixels=max_pixels, check_labels=True)
     return [None if mask is None else resized_mask(mask, image_size) for mask in found]
 
 
