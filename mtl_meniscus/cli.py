@@ -473,6 +473,8 @@ def evaluate(
         given |= {"--cam": cam is not None, "--calibrate": calibrate}
         for name in (name for name, used in given.items() if used):
             raise ConfigError(f"{name}: not available with --mrnet (exam-level tear AUC only)")
+        if out is not None:  # before the exams are scored: a bad one must not cost them
+            check_output_dir(out, "--out")
         run_exam_evaluation(
             run,
             mrnet,
