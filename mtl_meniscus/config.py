@@ -1,8 +1,9 @@
 """Typed run configuration: pydantic models, checked when loaded from YAML.
 
 Loading is strict (a YAML `true` is not an integer, a string is not a number, unknown keys fail at
-once) and every error names the key, the value and what is allowed; ranges and cross-field rules
-are the `validate()` methods below.
+once, a key given twice in a file fails) and every error names the key, the value, what is allowed
+and where the value was written (the file, or the option when its caller names it: Origins);
+ranges and cross-field rules are the `validate()` methods below.
 """
 
 from __future__ import annotations
@@ -526,9 +527,18 @@ class Config(Section):
         return plain(self.model_dump())
 
 
+class ConfigValueError(ConfigError):
+    """A config key with a bad value (check_value); `key` lets the loader name the file or option
+    that wrote the value (Origins)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 def check_value(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"config key '{key}': bad value {value!r} (allowed: {allowed})")
+        raise ConfigValueError(key, f"config key '{key}': bad value {value!r} (allowed: {allowed})")
 
 
 def check_option(ok: bool, option: str, value: Any, allowed: str) -> None:
@@ -537,9 +547,21 @@ def check_option(ok: bool, option: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{option}: bad value {value!r} (allowed: {allowed})")
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """YAML without aliases: `*name` is refused where it is read, so a few hundred bytes of nested
-    aliases cannot expand into gigabytes ("billion laughs") or a recursive structure."""
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives a key twice (see _ConfigLoader); `key` is its dotted path."""
+
+    def __init__(self, key: str, line: int, first_line: int, mark):
+        super().__init__(None, None, f"key '{key}' is given twice; YAML would keep only the last one", mark)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """The YAML reader of every config (presets, compare configs, a run's config.yaml, --set values).
+
+    Without aliases: `*name` is refused where it is read, so a few hundred bytes of nested aliases
+    cannot expand into gigabytes ("billion laughs") or a recursive structure. Without duplicate
+    keys: PyYAML keeps the last of a repeated key and drops the other without a word, so a second
+    `train:` section would silently undo the first one's settings."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -549,19 +571,103 @@ class _NoAliasLoader(yaml.SafeLoader):
             )
         return super().compose_node(parent, index)
 
+    def construct_document(self, node):
+        self._refuse_duplicate_keys(node, ())
+        return super().construct_document(node)
+
+    def _refuse_duplicate_keys(self, node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._refuse_duplicate_keys(item, (*path, str(index)))
+        if not isinstance(node, yaml.MappingNode):
+            return
+        first_lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<:` merges another mapping's keys in, which the mapping's own keys may override
+                self._refuse_duplicate_keys(value_node, path)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):  # a list as key: the constructor refuses it
+                continue
+            # compared as constructed, as the dict would: `1` and `01`, `lr` and 'lr' are one key
+            key = self.construct_object(key_node)
+            dotted = ".".join((*path, str(key)))
+            if key in first_lines:
+                line = key_node.start_mark.line + 1
+                raise DuplicateKeyError(dotted, line, first_lines[key], key_node.start_mark)
+            first_lines[key] = key_node.start_mark.line + 1
+            self._refuse_duplicate_keys(value_node, (*path, str(key)))
+
 
 def load_yaml(text: str) -> Any:
-    """yaml.safe_load without aliases (see _NoAliasLoader); raises yaml.YAMLError."""
-    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    """yaml.safe_load without aliases and duplicate keys (see _ConfigLoader); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+class Origins:
+    """Where each value of a config was written: a tree shaped like the config's nested dict with,
+    at each value, the file or option that wrote it ('' where it is not known, e.g. an override
+    given without a label). A message about a bad value names its origin, so that a bad `--set`
+    value is not blamed on the preset it was set over, nor a base file's value on its child."""
+
+    def __init__(self, tree: dict[str, Any]):
+        self.tree = tree
+
+    @classmethod
+    def of(cls, data: dict[str, Any], label: str) -> Origins:
+        """Every value of `data` written by `label`."""
+        return cls(_labelled(data, label))
+
+    def where(self, loc: tuple) -> str:
+        """The origin of the value at `loc` (a key path such as ('train', 'lr') or ('rois', 0)):
+        the label at it or at a value above it (an item of a list, a key of a section set whole); for
+        a section, the labels of its values; '' for a default value, which no file or option wrote."""
+        node: Any = self.tree
+        for part in loc:
+            if not isinstance(node, dict):
+                break  # a value holding `loc` (a list, a section set whole by an override)
+            if part not in node:
+                return ""
+            node = node[part]
+        labels = dict.fromkeys([node] if isinstance(node, str) else _labels_in(node))
+        if "" in labels:  # partly unnamed: naming the rest could blame a file for an override's part
+            return ""
+        return " + ".join(labels)
+
+
+def _labelled(data: Any, label: str) -> Any:
+    """`data`'s sections with `label` in place of each value. An empty section stays an empty
+    section, so that _merged treats the label tree exactly as it treats the data."""
+    if isinstance(data, dict):
+        return {key: _labelled(value, label) for key, value in data.items()}
+    return label
+
+
+def _labels_in(tree: dict[str, Any]) -> list[str]:
+    """Every label of an Origins tree, in order."""
+    labels = []
+    for value in tree.values():
+        labels += _labels_in(value) if isinstance(value, dict) else [value]
+    return labels
+
+
+def _with_origin(message: str, where: str) -> str:
+    """'WHERE: MESSAGE', or the message alone when nothing named wrote the value (a default)."""
+    return f"{where}: {message}" if where else message
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of a YAML file, with a message naming the file when it is not one.
 
     A file may start from another: `base: other.yaml` (relative to the file's folder) is read
     first and the file's own sections are merged over it, key by key (a preset as its differences
     from a base; see configs/base.yaml)."""
-    path = Path(path)
+    return _read_config_file(Path(path), ())[0]
+
+
+def _read_config_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """read_config_file's mapping and its Origins tree: each value labelled with the file that
+    holds it, a base file's values with the base file (`chain`: the files that named it base)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -570,22 +676,28 @@ def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
         raise ConfigError(f"{path}: not a text file (a config is YAML text)") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    except DuplicateKeyError as err:
+        raise ConfigError(
+            f"{path}, line {err.line}: key '{err.key}' is given twice (first on line {err.first_line}); "
+            "YAML would silently keep only the last one, so merge the two"
+        ) from None
     except (yaml.YAMLError, RecursionError, ValueError) as err:
         raise ConfigError(f"{path}: invalid YAML ({str(err)[:500]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     if "base" not in data:
-        return data
+        return data, _labelled(data, str(path))
     base = data.pop("base")
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{path}: 'base' must name a YAML file (relative to {path.parent}), got {base!r}")
     base_path = (path.parent / base).resolve()
-    chain = (*_chain, path.resolve())
+    chain = (*chain, path.resolve())
     if base_path in chain:
         raise ConfigError(
             f"{path}: 'base: {base}' makes a cycle ({' -> '.join(p.name for p in (*chain, base_path))})"
         )
-    return _merged(read_config_file(base_path, chain), data)
+    base_data, base_origins = _read_config_file(base_path, chain)
+    return _merged(base_data, data), _merged(base_origins, _labelled(data, str(path)))
 
 
 def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -605,9 +717,17 @@ def plain(value: Any) -> Any:
     return value
 
 
-def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:
-    """Build and validate a Config from a nested dict; unknown keys and wrong types name the key."""
-    return parse_section(Config, data or {}, source).validate()
+def config_from_dict(data: dict[str, Any] | None, source: str | Origins = "config") -> Config:
+    """Build and validate a Config from a nested dict; unknown keys and bad values name the key and
+    where the value came from (`source`: one name for all of `data`, or the Origins of each value)."""
+    data = data or {}
+    origins = source if isinstance(source, Origins) else Origins.of(data, source)
+    config = parse_section(Config, data, origins)
+    try:
+        return config.validate()
+    except ConfigValueError as err:
+        where = origins.where(tuple(err.key.split(".")))
+        raise ConfigValueError(err.key, _with_origin(str(err), where)) from None
 
 
 # Keys whose default changed after runs were saved without them: a run folder's config.yaml that
@@ -630,26 +750,33 @@ def load_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     overlay: str | Path | None = None,
+    origins: dict[str, str] | None = None,
 ) -> Config:
     """Load a YAML preset (or the defaults), merge `overlay` over it (another YAML file, e.g.
-    configs/exams.yaml for training on exams) and apply dotted-key overrides like {'train.lr': 0.01}."""
-    data, source = read_yaml(path, overrides, overlay)
-    return config_from_dict(data, source)
+    configs/exams.yaml for training on exams) and apply dotted-key overrides like {'train.lr': 0.01}.
+
+    `origins` says what gave each override, e.g. {'train.lr': '--set train.lr=fast'}: a message
+    about a bad value names that, or the file that holds the value, or nothing for a default."""
+    data, where = read_yaml(path, overrides, overlay, origins)
+    return config_from_dict(data, where)
 
 
 def read_yaml(
-    path: str | Path | None, overrides: dict[str, Any] | None, overlay: str | Path | None = None
-) -> tuple[dict[str, Any], str]:
-    """(nested dict, source name) of a YAML file (or {} for None), `overlay` merged over it, with
-    dotted-key overrides applied; overrides whose value is None are skipped."""
+    path: str | Path | None,
+    overrides: dict[str, Any] | None,
+    overlay: str | Path | None = None,
+    origins: dict[str, str] | None = None,
+) -> tuple[dict[str, Any], Origins]:
+    """(nested dict, the Origins of its values) of a YAML file (or {} for None), `overlay` merged
+    over it, with dotted-key overrides applied; overrides whose value is None are skipped. An
+    override's origin is its entry in `origins`, else unnamed ('')."""
     data: dict[str, Any] = {}
-    source = "defaults"
+    tree: dict[str, Any] = {}  # data's shape, each value's origin in its place (Origins)
     if path is not None:
-        source = str(path)
-        data = read_config_file(path)
+        data, tree = _read_config_file(Path(path), ())
     if overlay is not None:
-        source += f" + {overlay}"
-        data = _merged(data, read_config_file(overlay))
+        overlay_data, overlay_tree = _read_config_file(Path(overlay), ())
+        data, tree = _merged(data, overlay_data), _merged(tree, overlay_tree)
     given = [key for key, value in (overrides or {}).items() if value is not None]
     for key in given:
         inside = [other for other in given if other.startswith(key + ".")]
@@ -658,14 +785,16 @@ def read_yaml(
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
-        node = data
+        node, labels = data, tree
         *parents, leaf = dotted.split(".")
         for depth, part in enumerate(parents, 1):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{dotted}: '{'.'.join(parents[:depth])}' is a value, not a section")
+            labels = labels.setdefault(part, {})  # a section in data is one in its tree (_labelled)
         node[leaf] = value
-    return data, source
+        labels[leaf] = _labelled(value, (origins or {}).get(dotted, ""))
+    return data, Origins(tree)
 
 
 def parse_set_option(text: str) -> tuple[str, Any]:
@@ -703,34 +832,44 @@ def preset_path(name: str) -> Path:
     )
 
 
-def parse_section(cls: type[Section], data: dict[str, Any], source: str) -> Any:
+def parse_section(cls: type[Section], data: dict[str, Any], source: str | Origins) -> Any:
     """`cls` from YAML data, strictly typed (validated as JSON: lists may stand for tuples, but a
-    bool is not a number and a number not a string); the first problem as a ConfigError."""
+    bool is not a number and a number not a string); the first problem as a ConfigError naming
+    where the value came from (`source`: one name for all of `data`, or each value's Origins)."""
     try:
         return cls.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as err:
-        raise _config_error(err, cls, source) from None
+        origins = source if isinstance(source, Origins) else Origins.of(data, source)
+        raise _config_error(err, cls, origins) from None
 
 
-def _config_error(err: ValidationError, cls: type[Section], source: str) -> ConfigError:
-    """'SOURCE: config key 'train.lr': bad value 'x' (Input should be a valid number)', or, for
-    unknown keys, every unknown key of the first such section with the keys it allows."""
+def _config_error(err: ValidationError, cls: type[Section], origins: Origins) -> ConfigError:
+    """'ORIGIN: config key 'train.lr': bad value 'x' (Input should be a valid number)', or, for
+    unknown keys, every unknown key of the first such section from the same origin as the first
+    one, with the keys the section allows."""
     problems = err.errors()
     unknown = [p for p in problems if p["type"] == "extra_forbidden"]
     if unknown:
         section = unknown[0]["loc"][:-1]
-        keys = [".".join(map(str, p["loc"])) for p in unknown if p["loc"][:-1] == section]
+        where = origins.where(unknown[0]["loc"])
+        keys = [
+            ".".join(map(str, p["loc"]))
+            for p in unknown
+            if p["loc"][:-1] == section and origins.where(p["loc"]) == where
+        ]
         allowed = ", ".join(sorted(_section_class(cls, section).model_fields))
-        where = ".".join(map(str, section)) or "top level"
+        name = ".".join(map(str, section)) or "top level"
         return ConfigError(
-            f"{source}: unknown config key(s) {', '.join(keys)} (allowed in {where}: {allowed})"
+            _with_origin(f"unknown config key(s) {', '.join(keys)} (allowed in {name}: {allowed})", where)
         )
     first = problems[0]
     loc, message = first["loc"], first["msg"]
     if first["type"] == "missing" and loc and isinstance(loc[-1], int):  # a tuple given too few values
         loc, message = loc[:-1], f"too few values: no item {loc[-1]}"
     key = ".".join(map(str, loc)) or "top level"
-    return ConfigError(f"{source}: config key '{key}': bad value {first['input']!r} ({message})")
+    return ConfigError(
+        _with_origin(f"config key '{key}': bad value {first['input']!r} ({message})", origins.where(loc))
+    )
 
 
 def _section_class(cls: type[Section], loc: tuple) -> type[Section]:

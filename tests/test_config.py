@@ -1,6 +1,20 @@
-import pytest
+import re
 
-from mtl_meniscus.config import Config, config_from_dict, load_config, preset_path
+import pytest
+import yaml
+from support import TINY, _clean, app, runner
+
+from mtl_meniscus.commands.compare.settings import load_compare_config
+from mtl_meniscus.config import (
+    Config,
+    config_from_dict,
+    load_config,
+    load_yaml,
+    parse_set_option,
+    preset_path,
+    read_config_file,
+    saved_run_config,
+)
 from mtl_meniscus.errors import ConfigError
 
 
@@ -74,3 +88,126 @@ def test_a_bad_base_is_named(tmp_path):
     (tmp_path / "d.yaml").write_text("base: [1, 2]\n")
     with pytest.raises(ConfigError, match="'base' must name a YAML file"):
         load_config(tmp_path / "d.yaml")
+
+
+# --- where a bad value came from (a file, its base, an overlay, or an override) ---
+
+
+def test_a_bad_override_names_its_option_not_the_file(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("train: {lr: 0.001, max_epochs: 3}\n")
+    cases = [  # (key, value, what gave it, the message after "WHAT: ")
+        ("train.lr", "fast", "--set train.lr=fast", "config key 'train.lr': bad value 'fast' (Input should"),
+        ("train.lrr", 0.1, "--set train.lrr=0.1", "unknown config key(s) train.lrr (allowed in train: "),
+        ("train.max_epochs", 0, "--max-epochs 0", "config key 'train.max_epochs': bad value 0 (allowed: an"),
+    ]
+    for key, value, option, message in cases:
+        with pytest.raises(ConfigError) as named:
+            load_config(preset, {key: value}, origins={key: option})
+        assert str(named.value).startswith(f"{option}: {message}")
+        # without a name for the override, the message names nothing: never the file it was set over
+        with pytest.raises(ConfigError) as unnamed:
+            load_config(preset, {key: value})
+        assert str(unnamed.value).startswith(message)
+
+
+def test_a_bad_value_in_a_file_names_that_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("train: {lr: fast}\naugment: {blur_prob: 2.0}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {max_epochs: 0}\n")
+    (tmp_path / "fixed.yaml").write_text("base: base.yaml\ntrain: {lr: 0.01}\n")
+    (tmp_path / "overlay.yaml").write_text("train: {batch_size: many}\n")
+    base, child = (tmp_path / "base.yaml").resolve(), tmp_path / "child.yaml"
+    with pytest.raises(ConfigError, match=f"^{base}: config key 'train.lr': bad value 'fast'"):
+        load_config(child)  # the value is in the base file, not in the file named base
+    with pytest.raises(ConfigError, match=f"^{child}: config key 'train.max_epochs': bad value 0 \\(allowed"):
+        load_config(child, {"train.lr": 0.01, "augment.blur_prob": 0.5})  # a range check names it too
+    with pytest.raises(ConfigError, match=f"^{base}: config key 'augment.blur_prob': bad value 2.0"):
+        load_config(tmp_path / "fixed.yaml")
+    overlay = tmp_path / "overlay.yaml"
+    with pytest.raises(ConfigError, match=f"^{overlay}: config key 'train.batch_size': bad value 'many'"):
+        load_config(tmp_path / "fixed.yaml", {"augment.blur_prob": 0.5}, overlay)
+
+
+def test_an_override_of_a_whole_section_owns_every_value_in_it(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("tta: {copies: 2, augment: {rotation_deg: 5}}\n")
+    with pytest.raises(
+        ConfigError, match="^compare.yaml tta: config key 'tta.augment.noise_prob': bad value 3"
+    ):
+        load_config(preset, {"tta": {"augment": {"noise_prob": 3}}}, origins={"tta": "compare.yaml tta"})
+
+
+def test_a_value_no_file_or_option_gave_names_neither(tmp_path):
+    """A default that does not fit a value of the file (model.in_chans 2 with edge_filter none):
+    the message names the key and the file's setting, not the file as the holder of the bad value."""
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("preprocess: {edge_filter: none}\n")
+    with pytest.raises(ConfigError, match=r"^config key 'model.in_chans': bad value 2 \(allowed: 1 with"):
+        load_config(preset)
+    # a section with values from the file and from an unnamed override: the file alone is not blamed
+    preset.write_text("train: {task_weights: {fissure: 1.0}}\n")
+    with pytest.raises(ConfigError, match=r"^config key 'train.task_weights': bad value"):
+        load_config(preset, {"train.task_weights.bogus": 2.0})
+    preset.write_text("train: {task_weights: {fissure: 1.0, bogus: 2.0}}\n")
+    with pytest.raises(ConfigError, match=f"^{preset}: config key 'train.task_weights': bad value"):
+        load_config(preset)
+
+
+def test_the_cli_does_not_blame_a_preset_for_a_set_value_or_an_option(tmp_path):
+    for args in (
+        ["train", "--mode", "shared", "--set", "train.lr=fast", "--show-config"],
+        ["train", "--mode", "shared", "--set", "train.lrr=1", "--show-config"],
+        ["compare", "--roi", "sideways", "--out", str(tmp_path / "out")],  # compare's options: overrides
+    ):
+        result = runner.invoke(app, args)
+        _clean(result)
+        assert result.exit_code == 1 and "config key" in result.output, args
+        assert "shared.yaml" not in result.output and "compare.yaml" not in result.output, result.output
+        if "--set" in args:  # train names the option that gave the value
+            assert f"--set {args[args.index('--set') + 1]}: " in result.output, result.output
+
+
+# --- a key given twice in a YAML file ---
+
+
+@pytest.mark.parametrize(
+    "text,line,key,first",
+    [
+        # the tester's case: the second train section silently dropped the first one's lr
+        ("train:\n  lr: 0.0123\ntrain:\n  max_epochs: 7\n", 3, "train", 1),
+        ("train:\n  lr: 0.0123\n  max_epochs: 7\n  lr: 0.1\n", 4, "train.lr", 2),
+        ("train: {lr: 0.1, lr: 0.2}\n", 1, "train.lr", 1),
+        ("data:\n  extra_tasks:\n    a: {}\n    'a': {}\n", 4, "data.extra_tasks.a", 3),  # one key once read
+        ("rois:\n  - {x: 1, x: 2}\n", 2, "rois.0.x", 2),
+    ],
+)
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path, text, line, key, first):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    expected = f"{path}, line {line}: key '{key}' is given twice (first on line {first}); YAML would"
+    with pytest.raises(ConfigError, match=f"^{re.escape(expected)}"):
+        read_config_file(path)
+
+
+def test_every_config_reader_refuses_a_key_given_twice(tmp_path):
+    twice = f"base: {TINY}\ntrain:\n  lr: 0.0123\ntrain:\n  max_epochs: 7\n"
+    path = tmp_path / "twice.yaml"
+    path.write_text(twice)
+    for read in (load_config, saved_run_config, load_compare_config):  # presets, run config.yaml, compare
+        with pytest.raises(ConfigError, match="line 4: key 'train' is given twice"):
+            read(path)
+    child = tmp_path / "child.yaml"  # in a base file: that file is named
+    child.write_text("base: twice.yaml\n")
+    with pytest.raises(ConfigError, match=f"^{path.resolve()}, line 4"):
+        load_config(child)
+    with pytest.raises(ConfigError, match=r"^--set train=\{lr: 1, lr: 2\}: .*'lr' is given twice"):
+        parse_set_option("train={lr: 1, lr: 2}")
+    result = runner.invoke(app, ["train", "--config", str(path), "--show-config"])
+    _clean(result)
+    assert result.exit_code == 1 and "line 4: key 'train' is given twice" in result.output
+
+
+def test_a_merge_key_may_be_overridden_without_being_a_duplicate():
+    assert load_yaml("a: {<<: {x: 1, y: 2}, x: 3}\n") == {"a": {"x": 3, "y": 2}}
+    with pytest.raises(yaml.YAMLError, match="'a.y' is given twice"):
+        load_yaml("a: {<<: {x: 1}, y: 2, y: 3}\n")

@@ -279,8 +279,17 @@ class PreparedData:
 NEW_SPLIT = "new"  # an image added to labels.csv after the run: in none of the run's splits
 
 
+# What a run's splits.csv may name as an image's split: SPLIT_NAMES, or UNUSED (a training image
+# left out by data.train_fraction).
+SAVED_SPLITS = (*SPLIT_NAMES, UNUSED)
+
+
 def read_saved_splits(path: str | Path) -> dict[tuple[str, int | None], dict[str, str]]:
-    """A run's splits.csv as {(image, slice): row}; runs older than the slice column have none."""
+    """A run's splits.csv as {(image, slice): row}; runs older than the slice column have none.
+
+    A damaged file is refused with every bad row named: read as it is, a file without the image
+    column would make every image of the data 'added since the run' and leave the test split empty,
+    and an image listed twice would keep only its last split."""
     path = Path(path)
     if not path.is_file():
         raise DataError(
@@ -289,12 +298,58 @@ def read_saved_splits(path: str | Path) -> dict[tuple[str, int | None], dict[str
         )
     try:
         with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        return {(row["image"], int(row["slice"]) if row.get("slice") else None): row for row in rows}
-    except (KeyError, ValueError, csv.Error, UnicodeDecodeError) as err:
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            rows = [(reader.line_num, row) for row in reader]
+    except (csv.Error, UnicodeDecodeError) as err:
         raise DataError(
             f"{path}: damaged, not a splits file of this package ({type(err).__name__}: {err})"
         ) from None
+    missing = [column for column in ("image", "split") if column not in header]
+    if missing:
+        raise DataError(
+            f"{path}: damaged, not a splits file of this package: no column "
+            + " or ".join(f"'{column}'" for column in missing)
+            + f" (its header: {', '.join(header) if header else 'none, the file is empty'}; a run's "
+            "splits.csv has image, slice, split, its tasks and patient_id)"
+        )
+    saved: dict[tuple[str, int | None], dict[str, str]] = {}
+    first_rows: dict[tuple[str, int | None], int] = {}
+    problems = []
+    for line, row in rows:
+        if None in row or None in row.values():  # more or fewer values than the header has columns
+            problems.append(f"row {line}: not {len(header)} values, one per column of the header")
+            continue
+        image, slice_text, split = row["image"], row.get("slice", ""), row["split"]
+        slice_number = int(slice_text) if slice_text.isascii() and slice_text.isdigit() else None
+        if not image:
+            problems.append(f"row {line}, column 'image': empty")
+        if slice_text and slice_number is None:
+            problems.append(
+                f"row {line}, column 'slice': bad value {slice_text!r} (allowed: a slice number, or "
+                "empty for a 2D image)"
+            )
+        if split not in SAVED_SPLITS:
+            problems.append(
+                f"row {line}, column 'split': bad value {split!r} (allowed: {', '.join(SAVED_SPLITS)})"
+            )
+        key = (image, slice_number)
+        if image and key in first_rows:
+            where = f"{image}, slice {key[1]}" if key[1] is not None else image
+            problems.append(f"row {line}: {where} listed again (first on row {first_rows[key]})")
+        first_rows.setdefault(key, line)
+        saved[key] = row
+    if not rows:
+        problems.append("no image listed (a run's splits.csv lists every image the run kept)")
+    if problems:
+        shown = "\n  ".join(problems[:SHOWN_PROBLEMS])
+        more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise DataError(
+            f"{path}: damaged, {len(problems)} problem(s) (restore the run's splits.csv from a copy: it "
+            f"tells the run's test images from its training images):\n  {shown}{more}",
+            problems=problems,
+        )
+    return saved
 
 
 def _write_csv(path: str | Path, header: list[str], rows) -> None:

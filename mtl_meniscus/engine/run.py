@@ -543,11 +543,13 @@ def training_config(
     (configs/<mode>.yaml); on exams (exams=True, no --config) configs/exams.yaml's budget merged over
     it; then the --set values, then the named options (those given, not None) over them."""
     preset = config_file or preset_path(mode or "shared")
-    overrides = dict(parse_set_option(text) for text in settings)
+    given = [(text, *parse_set_option(text)) for text in settings]  # (text, key, value)
+    overrides = {key: value for _, key, value in given}
     overrides |= {key: value for key, value in named.items() if value is not None}
+    origins = {key: f"--set {text}" for text, key, _ in given if named.get(key) is None}  # errors name it
     # a mode's preset counts images per step; on exams the budget is configs/exams.yaml's
     overlay = preset_path("exams") if exams and config_file is None else None
-    config = load_config(preset if preset.is_file() or config_file else None, overrides, overlay)
+    config = load_config(preset if preset.is_file() or config_file else None, overrides, overlay, origins)
     check_registered(config)
     return config
 
