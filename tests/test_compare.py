@@ -413,6 +413,46 @@ def test_interrupted_variant_resumes_and_finished_one_is_kept(preset, phantom, t
     assert not math.isnan(table[1]["score_mean"])
 
 
+def test_a_comparison_survives_its_data_folder_moving_but_not_other_labels(
+    preset, phantom, tmp_path, monkeypatch
+):
+    # Scored variants whose data folder is gone (moved, or another machine's) are kept: only
+    # their predictions count, checked against this data's test split. Other labels are refused.
+    data = tmp_path / "data"
+    shutil.copytree(phantom, data)
+    compare = tiny_compare(preset, modes=("shared",), seeds=(0,))
+    first = run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=data)
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    monkeypatch.setattr(compare_run, "train_run", lambda *a, **k: pytest.fail("trained again"))
+    again = run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=moved)
+    assert again[0]["score_mean"] == first[0]["score_mean"]
+
+    predictions = tmp_path / "out" / "variants" / "shared-reference-seed0" / "test_predictions.csv"
+    rows = list(csv.reader(predictions.open()))
+    rows[1][1] = "1" if rows[1][1] == "0" else "0"  # the first test image's fissure label flipped
+    csv.writer(predictions.open("w", newline="")).writerows(rows)
+    with pytest.raises(MeniscusError, match="scored on another test split .*other images or labels"):
+        run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=moved)
+    predictions.write_text("image,fissure,p_fissure\nx.png,1\n")  # cut short
+    with pytest.raises(MeniscusError, match="test_predictions.csv is damaged"):
+        run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=moved)
+
+
+def test_a_moved_data_folder_whose_old_place_still_exists_is_refused(preset, phantom, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(phantom, copy)
+    compare = tiny_compare(preset, modes=("shared",), seeds=(0,))
+    run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=phantom)
+    with pytest.raises(MeniscusError, match="was trained with other settings .*data.path"):
+        run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=copy)
+    (tmp_path / "out" / "variants" / "shared-reference-seed0" / "result.json").write_text("{")
+    with pytest.raises(
+        MeniscusError, match="result.json or test_predictions.csv is damaged .*JSONDecodeError"
+    ):
+        run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=phantom)
+
+
 def test_timm_trunk_variant_end_to_end(preset, phantom, tmp_path):
     compare = tiny_compare(
         preset, modes=("shared",), trunks=("resnet18",), seeds=(0,), pretrained={"resnet18": "none"}

@@ -266,6 +266,11 @@ def variant_status(run_dir: Path, config: Config) -> str:
     # default, or the value the run trained with where the default changed (train.gated_loss_mean)
     saved = saved_run_config(path).to_dict()
     differences = config_differences(saved, config.to_dict())
+    if _moved_data(saved["data"]["path"], run_dir):
+        # The data folder moved (or the comparison came from another machine) and a scored
+        # variant needs only its predictions, which are checked against this data's test split
+        # (images and labels) before they count: the path alone must not cost its training.
+        differences = [d for d in differences if not d.startswith("data.path:")]
     if differences:
         raise MeniscusError(
             f"{run_dir} was trained with other settings ({'; '.join(differences[:4])}"
@@ -274,6 +279,12 @@ def variant_status(run_dir: Path, config: Config) -> str:
     if (run_dir / RESULT_FILE).is_file():
         return "scored"
     return "trained" if (run_dir / "metrics.json").is_file() else "started"
+
+
+def _moved_data(saved_path: str | None, run_dir: Path) -> bool:
+    """Whether a scored variant's data folder is gone from where it was trained (moved, or on
+    another machine). An old folder that is still there may differ from the new one: refused."""
+    return bool(saved_path) and not Path(saved_path).exists() and (run_dir / RESULT_FILE).is_file()
 
 
 def check_pretrained_weights(configs: Sequence[Config]) -> None:

@@ -161,16 +161,43 @@ def _write_predictions(
             writer.writerow([name, *labels, *(repr(float(probs[t][k])) for t in tasks_out)])
 
 
+def _same_test_split(scored: ScoredVariant, test_names: list[str], data: PreparedData) -> bool:
+    """Whether a variant scored earlier was scored on this data's test split: the same images in
+    the same order, with the same label of each task (NaN where undefined, in both)."""
+    if scored.images != test_names:
+        return False
+    targets = data.targets[data.indices("test")]
+    return all(
+        np.array_equal(labels, targets[:, data.tasks.index(task)], equal_nan=True)
+        for task, labels in scored.labels.items()
+    )
+
+
 def load_scored(variant: Variant, run_dir: Path) -> ScoredVariant:
-    """A scored variant read back from its folder."""
-    result = json.loads((run_dir / RESULT_FILE).read_text())
-    result["test_auc"] = {task: nan_for_null(auc) for task, auc in result["test_auc"].items()}
-    result["test_score"] = nan_for_null(result["test_score"])  # null: undefined (json_text)
-    with (run_dir / PREDICTIONS_FILE).open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    tasks = [column[2:] for column in (rows[0] if rows else {}) if column.startswith("p_")]
-    probs = {t: np.array([float(r[f"p_{t}"]) for r in rows]) for t in tasks}
-    return ScoredVariant(variant, result, [r["image"] for r in rows], probs)
+    """A scored variant read back from its folder; a damaged result.json or test_predictions.csv
+    is named (MeniscusError), with how to score the variant again."""
+    try:
+        result = json.loads((run_dir / RESULT_FILE).read_text())
+        result["test_auc"] = {task: nan_for_null(auc) for task, auc in result["test_auc"].items()}
+        result["test_score"] = nan_for_null(result["test_score"])  # null: undefined (json_text)
+        with (run_dir / PREDICTIONS_FILE).open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        tasks = [column[2:] for column in (rows[0] if rows else {}) if column.startswith("p_")]
+        probs = {t: np.array([float(r[f"p_{t}"]) for r in rows]) for t in tasks}
+        labels = {t: np.array([float(r[t]) if r[t] else math.nan for r in rows]) for t in tasks}
+        images = [r["image"] for r in rows]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError: a ValueError
+        raise MeniscusError(
+            f"{run_dir}: its {RESULT_FILE} or {PREDICTIONS_FILE} is damaged ({type(err).__name__}: "
+            f"{str(err)[:200]}); delete both and rerun the same command: the variant is scored again "
+            "from its best.pt"
+        ) from None
+    if not rows or any(None in r or None in r.values() for r in rows):  # cut short: a row lacks values
+        raise MeniscusError(
+            f"{run_dir / PREDICTIONS_FILE}: damaged (no rows, or a row cut short); delete it and "
+            f"{RESULT_FILE} and rerun the same command: the variant is scored again"
+        )
+    return ScoredVariant(variant, result, images, probs, labels)
 
 
 def run_compare(
@@ -343,8 +370,11 @@ def _score_in_turn(
             if variant not in pending:
                 console.print(f"variant {k}/{len(variants)}: {variant.name} scored earlier; kept")
             scored.append(load_scored(variant, run_dir))
-            if scored[-1].images != test_names:
-                raise MeniscusError(f"{run_dir} was scored on another test split than this comparison's data")
+            if not _same_test_split(scored[-1], test_names, data):
+                raise MeniscusError(
+                    f"{run_dir} was scored on another test split than this comparison's data (other "
+                    "images or labels)"
+                )
             continue
         to_go = [v for v in variants[k - 1 :] if statuses[v] != "scored"]
         console.print(

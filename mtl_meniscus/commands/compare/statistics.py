@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,8 @@ class ScoredVariant:
     result: dict[str, Any]
     images: list[str]
     probs: dict[str, np.ndarray]  # {task: (N,)} in the order of `images`
+    # {task: (N,)} the targets it was scored against, NaN where undefined (read back from its file)
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def summarize(
