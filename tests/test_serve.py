@@ -248,6 +248,10 @@ def test_upload_pixel_and_zip_limits(run, pydicom_files):
         assert len(bomb) < 20_000
         refused = post(client, "s.zip", bomb, "?exam=1")
         assert refused.status_code == 413 and "a zip bomb?" in refused.json()["error"]
+        damaged = bytearray(zipped({"a.dcm": dicom}))
+        damaged[30 + len("a.dcm") + 50] ^= 0xFF  # a byte of the member's deflated data (after its header)
+        broken = post(client, "s.zip", bytes(damaged), "?exam=1")
+        assert broken.status_code == 422 and "zip member 'a.dcm' cannot be unpacked" in broken.json()["error"]
         assert client.get("/health").status_code == 200
 
 

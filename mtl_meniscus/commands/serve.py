@@ -238,16 +238,20 @@ def _series_member(member: zipfile.ZipInfo) -> bool:
 
 def _unpack(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path, budget: int) -> int:
     """Copy one member to `target`, counting the bytes as they come (a header may lie): refused
-    past `budget`. Returns the bytes written."""
+    past `budget`. Returns the bytes written; a member that cannot be unpacked (a bad CRC, data cut
+    short, a method zipfile lacks) is refused (422) by name."""
     written = 0
-    with archive.open(member) as source, target.open("wb") as sink:
-        while chunk := source.read(MiB):
-            written += len(chunk)
-            if written > budget:
-                raise ServeError(
-                    413, f"the zip unpacks to more than its declared size; refused ({member.filename!r})"
-                )
-            sink.write(chunk)
+    try:
+        with archive.open(member) as source, target.open("wb") as sink:
+            while chunk := source.read(MiB):
+                written += len(chunk)
+                if written > budget:
+                    raise ServeError(
+                        413, f"the zip unpacks to more than its declared size; refused ({member.filename!r})"
+                    )
+                sink.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+        raise ServeError(422, f"zip member {member.filename!r} cannot be unpacked: damaged ({err})") from None
     return written
 
 
