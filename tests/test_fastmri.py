@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from mtl_meniscus.cli import app
 from mtl_meniscus.config import DataConfig
 from mtl_meniscus.data.load import prepare_data
-from mtl_meniscus.errors import DataError
+from mtl_meniscus.errors import DataError, ImageReadError
 from mtl_meniscus.io.imageio import read_image
 
 HEADER = "file,slice,study_level,x,y,width,height,label\n"
@@ -94,6 +94,18 @@ def test_bad_annotations_and_missing_images_are_named(fastmri, tmp_path):
         handle["kspace"] = np.zeros((2, 2, 2), np.complex64)
     with pytest.raises(Exception, match="reconstruction_rss or reconstruction_esc"):
         read_image(fastmri / "h5" / "kspace_only.h5", 0)
+    # a group where the reconstruction should be (AttributeError: 'Group' object has no 'shape' before)
+    with h5py.File(fastmri / "h5" / "file5.h5", "w") as handle:
+        handle.create_group("reconstruction_rss")
+    (fastmri / "group.csv").write_text(HEADER + "file5,1,No,1,1,2,2,Meniscus Tear\n")
+    with pytest.raises(DataError, match="file5.h5: no reconstruction_rss or reconstruction_esc dataset"):
+        import_fastmri_plus(fastmri / "group.csv", fastmri / "h5", tmp_path / "e")
+    with pytest.raises(ImageReadError, match="no reconstruction_rss or reconstruction_esc dataset"):
+        read_image(fastmri / "h5" / "file5.h5", 0)
+    with h5py.File(fastmri / "h5" / "complex.h5", "w") as handle:  # its imaginary part was dropped
+        handle["reconstruction_rss"] = np.ones((2, 4, 4), np.complex64)
+    with pytest.raises(ImageReadError, match="expected real numbers, got dtype complex64"):
+        read_image(fastmri / "h5" / "complex.h5", 0)
 
 
 def test_an_import_counts_its_volumes_for_a_progress_display(fastmri, tmp_path):

@@ -244,11 +244,17 @@ def _volume_shape(source: Path) -> tuple[int, int, int]:
     within the pixel budget (imageio.max_pixels_limit) and MAX_SLICES; a DataError naming the file."""
     import h5py
 
-    from mtl_meniscus.io.imageio import HDF5_DATASETS, PixelBudget, check_pixel_budget, max_pixels_limit
+    from mtl_meniscus.io.imageio import (
+        HDF5_DATASETS,
+        PixelBudget,
+        check_pixel_budget,
+        hdf5_reconstruction,
+        max_pixels_limit,
+    )
 
     try:
         with h5py.File(source, "r") as handle:
-            dataset = next((handle[n] for n in HDF5_DATASETS if n in handle), None)
+            dataset = hdf5_reconstruction(handle)
             if dataset is None:
                 raise DataError(f"{source}: no {' or '.join(HDF5_DATASETS)} dataset (a k-space-only file?)")
             shape = tuple(int(d) for d in dataset.shape)

@@ -375,6 +375,15 @@ def _read_npy(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None]:
     return array.astype(np.float32), None
 
 
+def hdf5_reconstruction(handle):
+    """An open fastMRI file's reconstruction dataset (HDF5_DATASETS, in that order), None when it
+    has none: a group of that name is not one."""
+    import h5py
+
+    found = (handle.get(name) for name in HDF5_DATASETS)
+    return next((item for item in found if isinstance(item, h5py.Dataset)), None)
+
+
 def _read_hdf5(
     path: Path, limit: int | PixelBudget, slice_index: int | None = None
 ) -> tuple[np.ndarray, None]:
@@ -383,13 +392,14 @@ def _read_hdf5(
     import h5py
 
     with h5py.File(path, "r") as handle:
-        name = next((n for n in HDF5_DATASETS if n in handle), None)
-        if name is None:
+        dataset = hdf5_reconstruction(handle)
+        if dataset is None:
             raise ImageReadError(
                 f"no {' or '.join(HDF5_DATASETS)} dataset (found: {', '.join(handle.keys()) or 'none'}); "
                 "fastMRI's raw k-space files hold no image"
             )
-        dataset = handle[name]
+        if not np.issubdtype(dataset.dtype, np.number) or np.issubdtype(dataset.dtype, np.complexfloating):
+            raise ImageReadError(f"{dataset.name}: expected real numbers, got dtype {dataset.dtype}")
         if slice_index is None:
             _check_declared_size(dataset.shape, limit, "HDF5 volume")
             return np.asarray(dataset, dtype=np.float32), None
