@@ -665,21 +665,29 @@ def compare(
     """Train and score separate vs shared (x trunks x seeds) on the same splits; write the table and plots."""
     from mtl_meniscus.commands.compare import parse_list, parse_on_off, parse_pretrained, run_compare
     from mtl_meniscus.commands.compare.settings import load_compare_config
+    from mtl_meniscus.io.outputs import OutputError, is_run_folder
 
     try:
+        if is_run_folder(out) or (out / "labels.csv").is_file():
+            raise OutputError(
+                f"--out: {out} is a {'training run' if is_run_folder(out) else 'data'} folder; a comparison "
+                "writes its variants, tables and figures into a folder of its own"
+            )
         path = config or preset_path("compare")
         overrides = {
-            "modes": parse_list(modes, "--modes") if modes else None,
-            "trunks": parse_list(trunks, "--trunks") if trunks else None,
-            "seeds": parse_list(seeds, "--seeds", int) if seeds else None,
+            "modes": parse_list(modes, "--modes") if modes is not None else None,
+            "trunks": parse_list(trunks, "--trunks") if trunks is not None else None,
+            "seeds": parse_list(seeds, "--seeds", int) if seeds is not None else None,
             "max_epochs": max_epochs,
             "steps_per_epoch": steps_per_epoch,
             "budget": budget.value if budget else None,
             "train_fractions": parse_list(train_fraction, "--train-fraction", float)
-            if train_fraction
+            if train_fraction is not None
             else None,
-            "rois": parse_list(roi, "--roi") if roi else None,
-            "segmentation": parse_on_off(segmentation, "--segmentation") if segmentation else None,
+            "rois": parse_list(roi, "--roi") if roi is not None else None,
+            "segmentation": parse_on_off(segmentation, "--segmentation")
+            if segmentation is not None
+            else None,
             "same_regularization": True if same_regularization else None,
             "phantom_difficulty": difficulty.value if difficulty else None,
             "tta.copies": tta,

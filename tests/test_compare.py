@@ -504,6 +504,12 @@ def test_cli_compare_and_its_errors(preset, phantom, tmp_path):
 
     bad = runner.invoke(app, [*args[:-2], "--seeds", "0,x"])
     assert bad.exit_code == 1 and "--seeds" in bad.output and "Traceback" not in bad.output
+    empty = runner.invoke(app, [*args, "--seeds", ""])  # was silently the config's seeds
+    assert empty.exit_code == 1 and "--seeds: empty list" in empty.output
+    variant = tmp_path / "out" / "variants" / "shared-reference-seed0"
+    for folder, kind in ((variant, "training run"), (phantom, "data")):
+        into = runner.invoke(app, [*args, "--out", str(folder)])
+        assert into.exit_code == 1 and f"is a {kind} folder" in into.output, into.output
     other = runner.invoke(app, [*args, "--max-epochs", "2"])
     assert other.exit_code == 1 and "train.max_epochs" in other.output
     per_network = runner.invoke(app, [*args, "--budget", "per-network"])  # the cascade's steps differ
