@@ -108,6 +108,18 @@ def test_bad_annotations_and_missing_images_are_named(fastmri, tmp_path):
         read_image(fastmri / "h5" / "complex.h5", 0)
 
 
+def test_other_meniscus_findings_are_named_in_the_summary(fastmri, tmp_path):
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
+
+    rows = "file1000001,2,No,5,6,10,4,Meniscus Tear\nfile1000001,1,No,5,6,10,4,Meniscal Tear\n"
+    (fastmri / "near.csv").write_text(HEADER + rows + "file1000001,3,No,5,6,10,4,Bone Contusion\n")
+    counts = import_fastmri_plus(fastmri / "near.csv", fastmri / "h5", tmp_path / "out")
+    assert counts["tear slices"] == 1  # slice 1's "Meniscal Tear" is not read as a tear ...
+    assert (
+        counts["rows of other meniscus findings, not read as tears ('Meniscal Tear')"] == 1
+    )  # ... but named
+
+
 def test_an_import_counts_its_volumes_for_a_progress_display(fastmri, tmp_path):
     from mtl_meniscus.data.fastmri import import_fastmri_plus
 

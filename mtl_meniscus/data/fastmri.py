@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -172,6 +172,17 @@ def _write_import(
         counts["annotated volumes not found"] = len(not_found)
     if study_level_only:
         counts[STUDY_LEVEL_ONLY] = len(study_level_only)
+    # Only the label "Meniscus Tear" marks a tear; another meniscus finding (or a variant spelling,
+    # e.g. "Meniscal Tear") is read as not a tear, so the summary names them for a look.
+    others = Counter(
+        row["label"].strip()
+        for found in by_file.values()
+        for row in found
+        if not _is_tear(row) and "menisc" in row["label"].lower()
+    )
+    if others:
+        names = ", ".join(f"'{label}'" for label in sorted(others))
+        counts[f"rows of other meniscus findings, not read as tears ({names})"] = sum(others.values())
     if not rows and not study_level_only:
         raise DataError(
             f"{volumes_dir}: none of the {len(by_file)} annotated volumes of {annotations} is there"
