@@ -219,11 +219,76 @@ def test_bad_options_are_named_without_a_traceback(tiny, tmp_path, phantom, opti
     assert "secret" not in result.output
 
 
-def test_another_mode_in_the_same_study_is_refused(tiny, study_dir, tmp_path, phantom):
+def study_files(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in ("study.db", "trials.csv", "best.yaml")}
+
+
+def test_a_rerun_with_other_data_is_refused_naming_data_path(tiny, study_dir, tmp_path, phantom, data64):
     out = tmp_path / study_dir.name
     shutil.copytree(study_dir, out)
-    with pytest.raises(ConfigError, match="tunes shared mode"):
+    before = study_files(out)
+    args = ["tune", "--config", str(tiny), "--data", str(data64), "--out", str(out), "--n-trials", "1"]
+    result = runner.invoke(app, args, terminal_width=1000)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert (
+        f"holds trials of other settings (data.path (--data): '{phantom.resolve()}' -> '{data64.resolve()}')"
+        in (result.output)
+    )
+    assert "another --out (or --study-name)" in result.output
+    assert study_files(out) == before  # nothing trained, nothing rewritten
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"overrides": {"data.exclude_double_tears": False}}, "data.exclude_double_tears: True -> False"),
+        ({"mode": "separate"}, "model.name (--mode): 'shared' -> 'separate'"),
+        ({"overrides": {"train.max_epochs": 3}}, "train.max_epochs: 2 -> 3"),  # the pruner's steps too
+        ({"seed": 1}, "train.seed (--seed): 0 -> 1"),
+    ],
+)
+def test_a_rerun_with_another_fixed_setting_is_refused(tiny, study_dir, tmp_path, phantom, change, named):
+    out = tmp_path / study_dir.name
+    shutil.copytree(study_dir, out)
+    before = study_files(out)
+    options = {"mode": "shared", "data_dir": phantom, "n_trials": 1} | change
+    with pytest.raises(ConfigError, match="holds trials of other settings") as refused:
+        run_tune(out, tiny, **options)
+    assert f"({named})" in str(refused.value)
+    assert study_files(out) == before
+
+
+def test_the_same_setup_spelled_otherwise_adds_trials(tiny, study_dir, tmp_path, phantom, monkeypatch):
+    out = tmp_path / study_dir.name
+    shutil.copytree(study_dir, out)
+    monkeypatch.chdir(phantom.parent)
+    # a relative --data naming the same folder; a setting of how trials run, not of what they learn
+    options = {"data_dir": Path(phantom.name), "overrides": {"train.eval_batch_size": 16}}
+    study = run_tune(out, tiny, mode="shared", n_trials=1, **options)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert study.user_attrs["fixed_config"]["data.path"] == str(phantom.resolve())
+    assert "train.eval_batch_size" not in study.user_attrs["fixed_config"]
+
+
+def test_a_study_without_a_recorded_setup_is_checked_on_its_mode_then_recorded(
+    tiny, tmp_path, phantom, data64
+):
+    out = tmp_path / "legacy"
+    out.mkdir()
+    # what tune recorded before it recorded the fixed config: the mode and the epochs per network
+    legacy = optuna.create_study(
+        storage=f"sqlite:///{out / 'study.db'}", study_name="legacy", direction="maximize"
+    )
+    legacy.set_user_attr("mode", "shared")
+    legacy.set_user_attr("epochs_per_network", 2)
+    with pytest.raises(ConfigError, match=r"\(model.name \(--mode\): 'shared' -> 'separate'\)"):
         run_tune(out, tiny, mode="separate", data_dir=phantom, n_trials=1)
+    assert "fixed_config" not in legacy.user_attrs  # a refused search records nothing
+    study = run_tune(out, tiny, mode="shared", data_dir=phantom, n_trials=1, space=())
+    assert len(study.trials) == 1 and study.user_attrs["fixed_config"]["data.path"] == str(phantom.resolve())
+    with pytest.raises(ConfigError, match="data.path"):  # recorded: other data is refused from now on
+        run_tune(out, tiny, mode="shared", data_dir=data64, n_trials=1, space=())
 
 
 def test_missing_optuna_is_a_clear_message(tiny, monkeypatch, tmp_path):
@@ -367,13 +432,10 @@ def test_a_larger_batch_trains_fewer_steps_on_the_same_images(tiny, phantom, tmp
     assert isinstance(study.pruner, tune_module.PerNetworkMedianPruner)
     assert (study.pruner.epochs_per_network, study.pruner.n_warmup_epochs) == (1, tune_module.WARMUP_EPOCHS)
     assert study.user_attrs["epochs_per_network"] == 1
-
-
-def test_a_study_keeps_its_epochs_per_network(tiny, study_dir, tmp_path, phantom):
-    out = tmp_path / study_dir.name
-    shutil.copytree(study_dir, out)
-    with pytest.raises(ConfigError, match="trains 2 epochs per network"):
-        run_tune(out, tiny, mode="shared", data_dir=phantom, n_trials=1, overrides={"train.max_epochs": 3})
+    # the study's fixed config holds the images per epoch, not the searched batch size or its steps
+    fixed = study.user_attrs["fixed_config"]
+    assert fixed["train.batch_size x train.steps_per_epoch"] == 64
+    assert "train.batch_size" not in fixed and "train.steps_per_epoch" not in fixed
 
 
 # --- PostgreSQL: workers on one study, a killed worker's trial ------------------------------------
@@ -460,12 +522,14 @@ def test_two_workers_add_trials_to_one_postgresql_study(postgres_url, tiny, data
 
 def test_a_killed_workers_trial_is_marked_failed(postgres_url, tiny, data64, tmp_path):
     out = tmp_path / "killed"
-    # one epoch of 10**5 steps: the trial is still training when it is killed
     request = {"data_dir": str(data64), "storage": postgres_url, "study_name": "killed", "n_trials": 1}
-    request |= {"heartbeat_s": 1, "overrides": {"train.steps_per_epoch": 10**5}, "space": ()}
+    request |= {"heartbeat_s": 1}
+    # a training that lasts: the trial is still training when it is killed (the same setup as the
+    # later call's, which the study would refuse otherwise)
     script = (
-        "import sys; from pathlib import Path; from mtl_meniscus.commands.tune import run_tune; "
-        f"run_tune(Path(sys.argv[1]), Path(sys.argv[2]), **{request!r})"
+        "import sys, time; from pathlib import Path; from mtl_meniscus.commands import tune; "
+        "tune.train_run = lambda *args, **kwargs: time.sleep(600); "
+        f"tune.run_tune(Path(sys.argv[1]), Path(sys.argv[2]), **{request!r})"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     worker = subprocess.Popen([sys.executable, "-c", script, str(out), str(tiny)], cwd=ROOT, env=env)

@@ -24,6 +24,10 @@ its first `warmup_epochs`.
 
 Every trial sees the same number of images per epoch: a sampled `train.batch_size` sets
 `train.steps_per_epoch` to the base preset's batch_size x steps_per_epoch / batch_size.
+
+A study holds the trials of one setup: its fixed config (everything the search does not vary, the
+data folder included) is recorded in the study when it is created, and a later search (a rerun, or
+another worker on the same storage) with another is refused, naming the keys that differ.
 """
 
 from __future__ import annotations
@@ -74,6 +78,14 @@ WARMUP_EPOCHS = 14
 HEARTBEAT_S = 60  # a running trial's heartbeat; one silent for 3 heartbeats is marked FAIL
 JOB_TYPE = "tune-trial"
 STEPS_KEY = "train.steps_per_epoch"  # set per trial from its batch size (steps_at_fixed_images)
+SETUP_ATTR = "fixed_config"  # the study's user attribute holding its fixed config (fixed_setup)
+# With a searched batch size, what stays fixed is the product (steps_at_fixed_images' images per epoch)
+IMAGES_KEY = "train.batch_size x train.steps_per_epoch"
+# Keys that say where and how a trial runs, not what it learns: workers on other machines may set
+# them otherwise (a GPU here, DataLoader workers or a smaller evaluation batch there) and still add
+# comparable trials, so a study's fixed config leaves them out, as it leaves out wandb.*.
+RUNTIME_KEYS = frozenset({"train.device", "train.num_workers", "train.eval_batch_size", "data.load"})
+OPTION_OF_KEY = {"model.name": "--mode", "data.path": "--data", "train.seed": "--seed"}  # named in a refusal
 
 
 @dataclass(frozen=True)
@@ -242,6 +254,56 @@ def _lost_schema_race(err: Exception) -> bool:
     return isinstance(err, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.ProgrammingError) or (
         "already exists" in str(err)
     )
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys; an empty mapping (no extra tasks, no pos_weights) adds no key."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def searched_keys(space: tuple[Param, ...]) -> set[str]:
+    """The config keys a trial sets: the searched ones, and the steps derived from a searched batch size."""
+    keys = {param.key for param in space}
+    return keys | {STEPS_KEY} if "train.batch_size" in keys else keys
+
+
+def fixed_setup(config: Config, space: tuple[Param, ...]) -> dict[str, Any]:
+    """What every trial of a study shares: the resolved base config as dotted keys, without the
+    searched keys, wandb.* and RUNTIME_KEYS; with a searched batch size, its images per epoch.
+    JSON-plain (as the study stores it), so that a recorded setup compares equal to a new one."""
+    searched = searched_keys(space)
+    flat = _flat(config.to_dict())
+    fixed = {
+        key: value
+        for key, value in flat.items()
+        if key not in searched and key not in RUNTIME_KEYS and not key.startswith("wandb.")
+    }
+    if STEPS_KEY in searched:
+        fixed[IMAGES_KEY] = config.train.batch_size * config.train.steps_per_epoch
+    return json.loads(json.dumps(fixed))
+
+
+def setup_differences(saved: dict[str, Any], wanted: dict[str, Any], keys: set[str]) -> list[str]:
+    """'key: saved -> wanted' for each of `keys` whose values differ, the key followed by the option
+    that sets it, if one does; a key one side lacks shows as (absent)."""
+    absent = object()
+
+    def shown(value: Any) -> str:
+        return "(absent)" if value is absent else repr(value)
+
+    return [
+        key
+        + (f" ({OPTION_OF_KEY[key]})" if key in OPTION_OF_KEY else "")
+        + f": {shown(saved.get(key, absent))} -> {shown(wanted.get(key, absent))}"
+        for key in sorted(keys)
+        if saved.get(key, absent) != wanted.get(key, absent)
+    ]
 
 
 def steps_at_fixed_images(batch_size: int, images_per_epoch: int) -> int:
@@ -458,12 +520,13 @@ class TuneSearch:
         base["data.path"] = str(Path(data).resolve())
         resolved = load_config(request.preset, base)
         self.mode, self.max_epochs = resolved.model.name, resolved.train.max_epochs
+        self.fixed = fixed_setup(resolved, request.space)
         self.images_per_epoch = resolved.train.batch_size * resolved.train.steps_per_epoch
         check_space(request.preset, base, request.space)
         return base
 
     def _open_study(self):
-        """The study, created or loaded from the storage; refuses one of another direction or mode."""
+        """The study, created or loaded from the storage; refuses one of another direction or setup."""
         optuna, request = self.optuna, self.request
         try:
             study = optuna.create_study(
@@ -483,29 +546,44 @@ class TuneSearch:
             raise MeniscusError(
                 f"study '{self.study_name}' in {mask_url(self.storage_url)} minimizes; tune maximizes"
             )
-        self._check_study_attrs(study)
+        self._check_study_setup(study)
         return study
 
-    def _check_study_attrs(self, study) -> None:
-        """A study keeps its mode and its epochs per network (the steps' meaning, for the pruner)."""
-        saved_mode = study.user_attrs.get("mode")
-        if saved_mode is None:
+    def _check_study_setup(self, study) -> None:
+        """A study holds the trials of one setup, so that their scores compare and best.yaml is a
+        trial of this data: the study's recorded fixed config must equal this search's."""
+        saved = study.user_attrs.get(SETUP_ATTR)
+        if saved is None:
+            # A new study, or one created before tune recorded its setup: such a study recorded its
+            # mode and epochs per network only, which are checked; the rest is accepted as it is and
+            # this search's setup recorded from now on.
+            legacy = {"model.name": study.user_attrs.get("mode")}
+            legacy["train.max_epochs"] = study.user_attrs.get("epochs_per_network")
+            legacy = {key: value for key, value in legacy.items() if value is not None}
+            self._refuse_differences(setup_differences(legacy, self.fixed, set(legacy)))
+            study.set_user_attr(SETUP_ATTR, self.fixed)
+            # still written for tune of earlier versions, which checks these two only
             study.set_user_attr("mode", self.mode)
-            study.set_user_attr("objective", "best validation score (challenge-weighted)")
-        elif saved_mode != self.mode:
-            raise ConfigError(
-                f"study '{self.study_name}' tunes {saved_mode} mode; this search is {self.mode} mode: "
-                f"use --mode {saved_mode}, or another --study-name / --out"
-            )
-        saved_epochs = study.user_attrs.get("epochs_per_network")
-        if saved_epochs is None:
             study.set_user_attr("epochs_per_network", self.max_epochs)
-        elif saved_epochs != self.max_epochs:
-            raise ConfigError(
-                f"study '{self.study_name}' trains {saved_epochs} epochs per network (train.max_epochs); "
-                f"this search {self.max_epochs}: its steps would mean other epochs to the pruner; use a "
-                "preset with the study's train.max_epochs, or another --study-name / --out"
-            )
+            study.set_user_attr("objective", "best validation score (challenge-weighted)")
+            # read back: a worker that started at the same moment may have recorded another setup
+            # (the last one written wins, and the other worker is refused here)
+            saved = study.user_attrs[SETUP_ATTR]
+        # A key searched now is set by each trial, whatever the study's earlier trials fixed it to.
+        keys = (set(saved) | set(self.fixed)) - searched_keys(self.request.space)
+        self._refuse_differences(setup_differences(saved, self.fixed, keys))
+
+    def _refuse_differences(self, differences: list[str], shown: int = 8) -> None:
+        """Stop before anything trains, naming the first `shown` differences (compare's style)."""
+        if not differences:
+            return
+        more = len(differences) - shown
+        raise ConfigError(
+            f"study '{self.study_name}' in {mask_url(self.storage_url)} holds trials of other settings "
+            f"({'; '.join(differences[:shown])}{f'; and {more} more' if more > 0 else ''}): its trials "
+            "differ in the searched keys only, so that their scores compare; rerun with the study's "
+            "settings, or use another --out (or --study-name) for a new study"
+        )
 
     def run(self):
         request = self.request
