@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 from mtl_meniscus.cli import app
 from mtl_meniscus.config import DataConfig, ModelConfig, load_config
 from mtl_meniscus.data.load import prepare_data
+from mtl_meniscus.data.mrnet import read_mrnet
 from mtl_meniscus.data.torch_dataset import ExamDataset, collate_batch
 from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import load_trained
-from mtl_meniscus.errors import ConfigError
+from mtl_meniscus.errors import ConfigError, DataError
 from mtl_meniscus.networks.models import ExamNet, build_model
 from mtl_meniscus.phantom.exams import write_phantom_exams
 
@@ -117,6 +118,34 @@ def test_mrnet_is_read_as_exams_with_valid_as_the_test_split(tmp_path):
     assert len(resized.records) == 41 and resized.resized == 1 and resized.images[40].shape == (4, 64, 64)
 
 
+def test_a_case_in_both_mrnet_splits_is_refused_naming_both_files(tmp_path):
+    root = tmp_path / "mrnet"
+    for folder, cases in (("train", ("0000", "0001", "0002")), ("valid", ("0003", "0002"))):
+        (root / folder / "sagittal").mkdir(parents=True)
+        for case in cases:
+            np.save(root / folder / "sagittal" / f"{case}.npy", np.zeros((3, 64, 64), np.uint8))
+    (root / "train-meniscus.csv").write_text("0000,0\n0001,1\n0002,1\n")
+    (root / "valid-meniscus.csv").write_text("0003,0\n2,1\n")  # case 2 is train's 0002: one exam
+    expected = (
+        f"{root / 'valid-meniscus.csv'}: 1 problem(s):\n  row 2: case 2 is also listed in "
+        f"{root / 'train-meniscus.csv'} (row 3): an exam in both would be trained on and tested on; "
+        "keep it in one of the two"
+    )
+    with pytest.raises(DataError) as err:
+        prepare_data(root, DataConfig(layout="mrnet", image_size=64))
+    assert str(err.value) == expected
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["train", "--config", str(TINY), "--mrnet", str(root), "--device", "cpu", "--out", str(out)]
+        + ["--max-epochs", "1", "--steps-per-epoch", "1"],
+    )
+    assert result.exit_code == 1 and expected in result.output and "Traceback" not in result.output
+    assert not (out / "splits.csv").exists() and not (out / "best.pt").exists()
+    # scoring one split reads that split alone: evaluate --mrnet on valid is not a training run
+    assert [e.case for e in read_mrnet(root, "valid")] == ["0003", "2"]
+
+
 def test_an_exam_model_needs_exam_data():
     with pytest.raises(ConfigError, match="model.exam_pooling"):
         load_config(TINY, {"model.exam_pooling": "max"})
@@ -184,6 +213,26 @@ def test_both_modes_train_on_mrnet_exams_and_predict_only_the_tear(mrnet_runs, m
     assert result.exit_code == 0, result.output
     exam_level = json.loads((run / "eval-mrnet" / "metrics.json").read_text())
     assert exam_level["auc"] == pytest.approx(metrics["test"]["auc"]["fissure"])
+    assert "data_note" not in exam_level and "training exams" not in result.output  # valid: held out
+
+
+def test_evaluating_an_exam_run_on_its_training_exams_says_so(mrnet_runs):
+    folder, _ = mrnet_runs
+    run = folder / "shared"
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", str(run), "--mrnet", str(folder / "mrnet"), "--split", "train", "--tta", "0"]
+        + ["--bootstrap", "20", "--precision", "fp32", "--out", str(run / "eval-mrnet-train")],
+    )
+    assert result.exit_code == 0, result.output
+    note = (
+        f"these are the run's training exams (the train folder of {folder / 'mrnet'}, which the run split "
+        "into its train and val): this AUC is not a held-out figure; the run's test split is MRNet's valid "
+        "folder (--split valid, the default)"
+    )
+    assert f"! {note}" in " ".join(result.output.split())  # the console may wrap the line
+    metrics = json.loads((run / "eval-mrnet-train" / "metrics.json").read_text())
+    assert metrics["data_note"] == note and metrics["n_exams"] == 36  # the whole train folder
 
 
 def test_predict_with_an_exam_model_on_a_dicom_series_and_a_bad_exam(mrnet_runs, tmp_path):

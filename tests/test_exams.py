@@ -72,6 +72,114 @@ def test_two_series_in_one_folder_are_named(pydicom_files, tmp_path):
         read_exam(tmp_path / "empty")
 
 
+def by_slice(folder: Path) -> dict[int, Path]:
+    """write_series' files by their slice k (InstanceNumber k + 1, as written)."""
+    return {int(pydicom.dcmread(p).InstanceNumber) - 1: p for p in folder.iterdir() if p.suffix == ".dcm"}
+
+
+def _drop_slice_3(folder: Path) -> None:
+    by_slice(folder)[3].unlink()
+
+
+def _move_slices_3_on_30_mm(folder: Path) -> None:
+    for k, file in by_slice(folder).items():
+        if k >= 3:
+            ds = pydicom.dcmread(file)
+            ds.ImagePositionPatient = [10.0 - 2.5 * k - 30.0, 0.0, 0.0]  # 30 mm further along the normal
+            ds.save_as(file)
+
+
+def _number_by_ten_but_the_last(folder: Path) -> None:
+    for k, file in by_slice(folder).items():
+        ds = pydicom.dcmread(file)
+        ds.InstanceNumber = 77 if k == 5 else 10 * (k + 1)  # 10, 20, ..., 50, 77
+        ds.save_as(file)
+
+
+@pytest.mark.parametrize(
+    "geometry, change, kept, gap, step, usual",
+    [
+        (True, _drop_slice_3, [0, 1, 2, 4, 5], (2, 4), "are 5.0 mm apart", "2.5 mm"),
+        (True, _move_slices_3_on_30_mm, [0, 1, 2, 3, 4, 5], (2, 3), "are 32.5 mm apart", "2.5 mm"),
+        (
+            False,
+            _number_by_ten_but_the_last,
+            [0, 1, 2, 3, 4, 5],
+            (4, 5),
+            "are 27 apart in InstanceNumber",
+            "10",
+        ),
+    ],
+    ids=["slice removed", "30 mm jump", "InstanceNumber jump"],
+)
+def test_a_gap_in_a_series_is_noted_naming_its_slices(
+    pydicom_files, tmp_path, geometry, change, kept, gap, step, usual
+):
+    expected = write_series(tmp_path / "exam", pydicom_files / "MR_small.dcm", 6, geometry=geometry)
+    files = by_slice(tmp_path / "exam")
+    change(tmp_path / "exam")
+    notes: list[str] = []
+    np.testing.assert_array_equal(read_exam(tmp_path / "exam", notes=notes), expected[kept])
+    at = kept.index(gap[0])  # the gap's place in the exam as read (0-based, as predict numbers slices)
+    said = f"slices {at}-{at + 1} ({files[gap[0]].name}, {files[gap[1]].name}) {step}, the others {usual}"
+    assert notes[-1] == f"{said}: a slice missing?"
+
+
+def test_an_evenly_spaced_series_gets_no_note(pydicom_files, tmp_path):
+    write_series(tmp_path / "exam", pydicom_files / "MR_small.dcm", 6)
+    notes: list[str] = []
+    read_exam(tmp_path / "exam", notes=notes)
+    assert notes == []
+    # a narrower step is uneven too: slice 4 moved to 1 mm after slice 3
+    ds = pydicom.dcmread(by_slice(tmp_path / "exam")[4])
+    ds.ImagePositionPatient = [10.0 - 2.5 * 3 - 1.0, 0.0, 0.0]
+    ds.save_as(by_slice(tmp_path / "exam")[4])
+    read_exam(tmp_path / "exam", notes=notes)
+    assert notes[0].startswith("slices 3-4 (") and "are 1.0 mm apart" in notes[0]
+    assert notes[0].endswith("4.0 mm, the others 2.5 mm: uneven slice spacing")
+
+
+def test_a_series_with_positions_missing_on_some_files_says_so(pydicom_files, tmp_path):
+    expected = write_series(tmp_path / "exam", pydicom_files / "MR_small.dcm", 5)
+    file = by_slice(tmp_path / "exam")[2]
+    ds = pydicom.dcmread(file)
+    del ds.ImagePositionPatient
+    ds.save_as(file)
+    notes: list[str] = []
+    np.testing.assert_array_equal(read_exam(tmp_path / "exam", notes=notes), expected)  # InstanceNumber
+    assert notes == [
+        f"no usable ImagePositionPatient in 1 of 5 files (e.g. {file.name}): slices ordered by InstanceNumber"
+    ]
+
+
+def test_series_files_are_recognised_by_content_and_stray_files_ignored(pydicom_files, tmp_path):
+    exam = tmp_path / "exam"
+    expected = write_series(exam, pydicom_files / "MR_small.dcm", 5)
+    files = by_slice(exam)
+    files[1].rename(exam / "IM0001")  # exports without a suffix
+    files[3].rename(exam / "1.2.840.113619.2.5")  # named by UID: '.5' is no image suffix
+    (exam / "README.txt").write_text("exported by the scanner\n")
+    (exam / "notes").write_bytes(b"no preamble here")
+    shutil.copy(pydicom_files / "dicomdirtests" / "DICOMDIR", exam / "DICOMDIR")  # an index, no image
+    shutil.copy(pydicom_files / "dicomdirtests" / "DICOMDIR", exam / "INDEX")  # the same, renamed
+    notes: list[str] = []
+    np.testing.assert_array_equal(read_exam(exam, notes=notes), expected)
+    assert notes == []
+    # a broken file with the preamble is named, not dropped (a slice may be lost in it)
+    (exam / "IM0009").write_bytes(bytes(128) + b"DICM" + b"\x02\x00")
+    with pytest.raises(
+        ImageReadError, match=r"no SeriesInstanceUID \(no description, 1 files, e.g. IM0009\)"
+    ):
+        read_exam(exam)
+    (exam / "IM0009").unlink()
+    # a folder whose only DICOM files are indexes holds no series
+    for file in exam.iterdir():
+        if file.name not in ("DICOMDIR", "INDEX", "README.txt"):
+            file.unlink()
+    with pytest.raises(ImageReadError, match="no DICOM files"):
+        read_exam(exam)
+
+
 def test_volumes_are_read_slices_first(tmp_path):
     volume = np.random.default_rng(0).normal(size=(6, 32, 40)).astype(np.float32)
     np.save(tmp_path / "exam.npy", volume)
@@ -130,6 +238,25 @@ def test_predict_on_exams_takes_the_most_suspicious_slice(run, pydicom_files, tm
     for row, p in zip(per_slice, probs["fissure"]):
         assert float(row["p_fissure"]) == pytest.approx(float(p), abs=1e-5)
     assert len([r for r in rows if r["exam"] == str(inputs[1]) and r["slice"] != ""]) == 3
+
+
+def test_a_gap_in_a_series_is_said_in_the_exams_row(run, pydicom_files, tmp_path):
+    write_series(tmp_path / "gap", pydicom_files / "MR_small.dcm", 5)
+    write_series(tmp_path / "even", pydicom_files / "MR_small.dcm", 5)
+    missing = by_slice(tmp_path / "gap")[2]
+    missing.unlink()
+    out = tmp_path / "exams.csv"
+    args = ["predict", str(run / "run"), str(tmp_path / "gap"), str(tmp_path / "even"), "--exams"]
+    result = CliRunner().invoke(app, [*args, "--tta", "0", "--precision", "fp32", "--out", str(out)])
+    assert result.exit_code == 0, result.output  # a note, not an error
+    with out.open(newline="") as handle:
+        rows = {Path(r["exam"]).name: r for r in csv.DictReader(handle)}
+    assert rows["gap"]["slices"] == "4" and rows["gap"]["error"] == ""
+    assert (
+        "slices 1-2 (" in rows["gap"]["note"]
+        and "are 5.0 mm apart, the others 2.5 mm: a slice missing?" in rows["gap"]["note"]
+    )
+    assert rows["even"]["note"] == ""
 
 
 @pytest.mark.parametrize(
@@ -211,12 +338,14 @@ def test_evaluate_on_mrnet_exams_gives_the_exam_level_auc(run, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "exam-level tear AUC" in result.output
+    assert "training exams" not in result.output  # the run trained on slices of other knees
     with (out / "predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 36  # the train split: all but the last tenth
     metrics = __import__("json").loads((out / "metrics.json").read_text())
     truth = roc_auc_score([int(r["tear"]) for r in rows], [float(r["p_fissure"]) for r in rows])
     assert metrics["auc"] == pytest.approx(truth) and metrics["n_exams"] == 36
+    assert "data_note" not in metrics
     low, high = metrics["auc_ci95"]
     assert low <= metrics["auc"] <= high
     # an exam's probability is the highest of its slices'

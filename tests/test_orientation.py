@@ -207,6 +207,25 @@ def test_contradictory_or_degenerate_geometry_is_refused(phantom_series, tmp_pat
         read_volume(tmp_path / "flat.nii.gz")
 
 
+def test_a_slice_without_orientation_in_a_series_with_one_is_refused(phantom_series, tmp_path):
+    # a mirrored series: each slice stored upside down, which its orientation says; one file has
+    # lost the tag, so read as stored it would lie upside down among the others
+    mirrored = _series(tmp_path / "mirrored", phantom_series, "rows reversed")
+    bare = sorted(mirrored.glob("*.dcm"))[2]
+    ds = pydicom.dcmread(bare)
+    del ds.ImageOrientationPatient
+    ds.save_as(bare)
+    with pytest.raises(ImageReadError) as err:
+        read_exam(mirrored)
+    assert str(err.value).startswith(
+        f"{bare}: no ImageOrientationPatient, while the other 4 files of the series have one"
+    )
+    # with the tag back the series is the exam as written
+    ds.ImageOrientationPatient = list(DICOM_VARIANTS["rows reversed"][1])
+    ds.save_as(bare)
+    np.testing.assert_array_equal(read_exam(mirrored), read_exam(phantom_series))
+
+
 def test_a_file_without_geometry_is_read_as_stored_and_noted(tmp_path):
     pixels = canonical_slice()
     write_dicom(tmp_path / "bare.dcm", pixels[::-1])

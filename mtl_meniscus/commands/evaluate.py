@@ -718,9 +718,11 @@ def run_exam_evaluation(
     targets[:, tasks.index(root)] = [e.tear for e in exams]
     scores = {root: np.array(probs)}
     ci = bootstrap_cis(targets, scores, n_resamples=n_bootstrap, seed=seed, tasks=tasks)[root]
+    note = _training_exams_note(trained, mrnet_dir, split)
     metrics = {
         "data": str(mrnet_dir),
         "split": split,
+        **({"data_note": note} if note else {}),
         "n_exams": len(exams),
         "n_tears": sum(e.tear for e in exams),
         "pooling": trained.exam_rule,
@@ -734,12 +736,30 @@ def run_exam_evaluation(
     write_text_atomic(out_dir / "metrics.json", json_text(metrics))
     _write_exam_predictions(out_dir / "predictions.csv", exams, probs, tops, sizes)
     low, high = metrics["auc_ci95"]
+    if note:
+        console.print(f"! {note}", highlight=False, markup=False)
     console.print(
         f"MRNet {split}: {len(exams)} exams ({metrics['n_tears']} tears), exam-level tear AUC "
         f"{_fmt(metrics['auc'])} (95% CI {_fmt(low)}-{_fmt(high)}), TTA {tta.copies} copies -> {out_dir}",
         highlight=False,
     )
     return metrics
+
+
+def _training_exams_note(trained: TrainedModel, mrnet_dir: Path, split: str) -> str:
+    """A notice when `--split train` scores the exams the run trained on: a run trained with
+    --mrnet on this folder learnt from its train folder (split into the run's train and val, the
+    val exams choosing the checkpoint), so an AUC there is not a held-out figure; '' otherwise."""
+    data = trained.config.data
+    if split != "train" or data.layout != "mrnet" or not data.path:
+        return ""
+    if Path(data.path).resolve() != Path(mrnet_dir).resolve():
+        return ""
+    return (
+        f"these are the run's training exams (the train folder of {data.path}, which the run split into "
+        "its train and val): this AUC is not a held-out figure; the run's test split is MRNet's valid "
+        "folder (--split valid, the default)"
+    )
 
 
 def _predict_exams(trained, exams, runtime, tta, seed) -> tuple[list[float], list[int], list[int]]:

@@ -6,7 +6,8 @@
     ROOT/valid-meniscus.csv
 
 Only the tear label exists; orientation and position are unknown. The `valid` folder is the test
-split of every MRNet paper.
+split of every MRNet paper. A case number names one exam (train 0000-1129, valid 1130-1249 in the
+real data set): training refuses a case listed in both CSVs.
 """
 
 from __future__ import annotations
@@ -35,9 +36,34 @@ class MrnetExam:
     tear: int
 
 
+@dataclass(frozen=True)
+class ListedCases:
+    """The cases a split's CSV lists: case number -> its row there."""
+
+    labels: Path  # the CSV
+    rows: dict[int, int]
+
+
 def read_mrnet(root: str | Path, split: str) -> list[MrnetExam]:
     """The exams of one split with their meniscus labels; every problem named at once."""
+    return _read_split(Path(root), split)[0]
+
+
+def read_mrnet_splits(root: str | Path) -> dict[str, list[MrnetExam]]:
+    """Both splits' exams ('train', 'valid'). A case listed in both CSVs is refused with valid's
+    problems, naming both files and rows: in the real data set (train 0000-1129, valid 1130-1249)
+    a case number names one exam, so it would be trained on and tested on."""
     root = Path(root)
+    train, train_cases = _read_split(root, "train")
+    valid, _ = _read_split(root, "valid", train_cases)
+    return {"train": train, "valid": valid}
+
+
+def _read_split(
+    root: Path, split: str, listed_in: ListedCases | None = None
+) -> tuple[list[MrnetExam], ListedCases]:
+    """read_mrnet, and the cases its CSV lists; with `listed_in` (the other split's), a case listed
+    there too is one of the problems."""
     if split not in SPLITS:
         raise DataError(f"MRNet split {split!r}: allowed are {', '.join(SPLITS)} (valid is the test split)")
     labels = root / f"{split}-meniscus.csv"
@@ -68,6 +94,13 @@ def read_mrnet(root: str | Path, split: str) -> list[MrnetExam]:
             problems.append(f"row {line}: case {case} listed again (first at row {seen_line}){conflict}")
             continue
         first_row[int(case)] = (line, label)
+        if listed_in is not None and int(case) in listed_in.rows:  # MRNet names an exam by its number
+            problems.append(
+                f"row {line}: case {case} is also listed in {listed_in.labels} "
+                f"(row {listed_in.rows[int(case)]}): an exam in both would be trained on and tested on; "
+                "keep it in one of the two"
+            )
+            continue
         path = root / split / "sagittal" / f"{int(case):04d}.npy"
         if not path.is_file():
             problems.append(f"row {line}: case {case!r} has no file {path}")
@@ -77,7 +110,7 @@ def read_mrnet(root: str | Path, split: str) -> list[MrnetExam]:
         raise problems_error(labels, problems)
     if not exams:
         raise DataError(f"{labels}: no exams listed")
-    return exams
+    return exams, ListedCases(labels, {case: line for case, (line, _) in first_row.items()})
 
 
 def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
@@ -102,8 +135,9 @@ def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
     size, max_pixels = config.image_size, max_pixels_limit(config.max_pixels)
     records, paths, exclusions, resized = [], [], [], 0
     listed = 0
+    listed_exams = read_mrnet_splits(root)  # a case in both is refused before any exam is read
     for folder, split in (("train", ""), ("valid", "test")):
-        for exam in read_mrnet(root, folder):
+        for exam in listed_exams[folder]:
             listed += 1
             relative = exam.path.relative_to(root).as_posix()
             try:

@@ -4,11 +4,15 @@ An exam is a 3D `.npy` (slices first, as MRNet stores them), a NIfTI volume (sli
 axis), a multi-frame DICOM file, or a folder of single-slice DICOM files forming one series. A
 series is put in order by each slice's position along the slice normal (ImagePositionPatient
 projected on the cross product of ImageOrientationPatient's two directions), falling back to
-InstanceNumber where those tags are missing; the file names and their order do not matter.
+InstanceNumber where those tags are missing; the file names and their order do not matter. A
+series file is recognised by its suffix (.dcm, .dicom) or, without an image suffix (IM0001,
+1.2.840...), by the DICOM preamble; the DICOMDIR index and other files are ignored. Uneven
+spacing between slices (a slice missing?) is noted, not refused: some protocols space them so.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,15 +22,22 @@ import numpy as np
 from mtl_meniscus.errors import ImageReadError
 from mtl_meniscus.io.imageio import (
     DICOM_SUFFIXES,
+    SUPPORTED_SUFFIXES,
     PixelBudget,
     check_pixel_budget,
     dicom_orientation,
     image_suffix,
     max_pixels_limit,
-    read_image,
+    read_dicom_slice,
     read_volume,
 )
 from mtl_meniscus.io.orientation import CANONICAL_SLICE_LPS, SliceGeometry, check_plane, dicom_geometry
+
+DICOM_MAGIC_OFFSET, DICOM_MAGIC = 128, b"DICM"  # a DICOM Part 10 file: a 128-byte preamble, then DICM
+# The DICOMDIR of an export (Media Storage Directory Storage): an index of the files, with no image
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+# A step between neighbouring slices this many times the series' usual one (or its inverse) is noted
+UNEVEN_SPACING = 1.5
 
 
 def read_exam(
@@ -43,7 +54,8 @@ def read_exam(
     The pixel budget (max_pixels, see imageio.max_pixels_limit) is for the whole exam, checked from
     the headers before anything is decoded; with `size` (the model's input size) its slices count
     as resized to size x size when that is larger. With `plane`, an exam of another plane is
-    refused; `notes` receives orientation.NOT_IN_FILE for an exam without geometry; `geometry` the
+    refused; `notes` receives orientation.NOT_IN_FILE for an exam without geometry and, for a
+    series, what its order leaves in doubt (uneven spacing: a slice missing?); `geometry` the
     SliceGeometry of every slice (a series: one per file, in the exam's order) or, for a volume
     file, one for all its slices (see imageio.read_image)."""
     path = Path(path)
@@ -84,19 +96,8 @@ def _read_dicom_series(
     notes: list[str] | None,
     geometry: list[SliceGeometry] | None = None,
 ) -> np.ndarray:
-    import pydicom
-
-    files = sorted(p for p in folder.iterdir() if p.is_file() and image_suffix(p) in DICOM_SUFFIXES)
-    if not files:
-        raise ImageReadError(
-            f"{folder}: no DICOM files (.dcm) in this folder; an exam folder holds one series"
-        )
-    headers = {}
-    for file in files:
-        try:
-            headers[file] = pydicom.dcmread(str(file), stop_before_pixels=True)
-        except Exception as err:
-            raise ImageReadError(f"{file}: not a readable DICOM file ({type(err).__name__}: {err})") from None
+    headers = _series_headers(folder)
+    files = list(headers)
     series: dict[str, list[Path]] = defaultdict(list)
     for file, header in headers.items():
         series[str(getattr(header, "SeriesInstanceUID", "") or "no SeriesInstanceUID")].append(file)
@@ -113,17 +114,74 @@ def _read_dicom_series(
     check_pixel_budget(declared, budget, f"{folder}: a series of {len(files)} DICOM files")
     normal, found = _series_normal(headers)
     check_plane(found, plane, str(folder))  # before the order: another plane is the clearer message
-    order = _series_order(headers, normal)
-    slices = [
-        read_image(file, max_pixels=budget.limit, plane=plane, notes=notes, geometry=geometry)
-        for file in order
-    ]
+    order, order_notes = _series_order(headers, normal)
+    slices = [_read_series_slice(file, budget.limit, plane, notes, geometry) for file in order]
     shapes = {s.shape for s in slices}
     if len(shapes) > 1:
         raise ImageReadError(
             f"{folder}: the series' slices differ in size ({', '.join(map(str, sorted(shapes)))})"
         )
+    if notes is not None:
+        notes.extend(note for note in order_notes if note not in notes)
     return np.stack(slices)
+
+
+def _series_headers(folder: Path) -> dict[Path, object]:
+    """The header of every image file of a series folder, in file-name order.
+
+    A file is taken by its suffix (.dcm, .dicom) or, without an image suffix, by its content: many
+    exports name their files IM0001 or by UID (1.2.840....), and dropping such a file would lose a
+    slice without a word. Other files (README.txt, a .png) are ignored, and so is the DICOMDIR: a
+    DICOM file too, but an index of the export with no image."""
+    import pydicom
+
+    try:
+        entries = sorted(p for p in folder.iterdir() if p.is_file())
+    except OSError as err:
+        raise ImageReadError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
+    files = [
+        p
+        for p in entries
+        if p.name.upper() != "DICOMDIR"
+        and (
+            image_suffix(p) in DICOM_SUFFIXES or (image_suffix(p) not in SUPPORTED_SUFFIXES and _is_part10(p))
+        )
+    ]
+    headers = {}
+    for file in files:
+        try:
+            header = pydicom.dcmread(str(file), stop_before_pixels=True)
+        except Exception as err:
+            raise ImageReadError(f"{file}: not a readable DICOM file ({type(err).__name__}: {err})") from None
+        meta = getattr(header, "file_meta", None)
+        if str(getattr(meta, "MediaStorageSOPClassUID", "")) != DICOMDIR_SOP_CLASS:  # a DICOMDIR renamed
+            headers[file] = header
+    if not headers:
+        raise ImageReadError(
+            f"{folder}: no DICOM files (.dcm, or files starting with the DICOM preamble) in this folder; "
+            "an exam folder holds one series"
+        )
+    return headers
+
+
+def _read_series_slice(
+    file: Path, limit: int, plane: str | None, notes: list[str] | None, geometry: list[SliceGeometry] | None
+) -> np.ndarray:
+    """One file of a series as read_image reads a DICOM slice (the canonical view, the plane check,
+    the note, the geometry), whatever its name: read_image picks its reader by the suffix, and a
+    series file may have none (_series_headers took it by its content)."""
+    hint = "a series folder holds single-slice files; give a multi-frame file as an exam of its own"
+    return read_dicom_slice(file, limit, plane, notes, geometry, hint)
+
+
+def _is_part10(file: Path) -> bool:
+    """Whether the file starts like a DICOM Part 10 file ('DICM' after the 128-byte preamble)."""
+    try:
+        with file.open("rb") as handle:
+            handle.seek(DICOM_MAGIC_OFFSET)
+            return handle.read(len(DICOM_MAGIC)) == DICOM_MAGIC
+    except OSError as err:  # it may be a slice: say so rather than leave it out
+        raise ImageReadError(f"{file}: cannot read ({err.strerror or err})") from None
 
 
 def _declared_pixels(file: Path, header, budget: PixelBudget) -> int:
@@ -138,13 +196,15 @@ def _declared_pixels(file: Path, header, budget: PixelBudget) -> int:
     return budget.cost(frames, rows, columns)
 
 
-def _series_order(headers: dict, normal: np.ndarray | None) -> list[Path]:
-    """The files by position along the slice normal when every slice has the geometry tags, else
-    by InstanceNumber (one rule for the whole series: mixed keys would not sort). Two files at one
-    place (a slice exported twice) are refused, naming both."""
+def _series_order(headers: dict, normal: np.ndarray | None) -> tuple[list[Path], list[str]]:
+    """(The files by position along the slice normal when every slice has the geometry tags, else
+    by InstanceNumber (one rule for the whole series: mixed keys would not sort), notes on the
+    order for the exam's row). Two files at one place (a slice exported twice) are refused, naming
+    both; uneven spacing and, in a series with its orientation, positions missing are noted."""
     positions = {file: _position(file, header, normal) for file, header in headers.items()}
+    notes = []
     if all(p is not None for p in positions.values()):
-        keys = positions
+        keys, unit = positions, "mm"
         what = "position along the slice normal (mm)"
     else:
         missing = [
@@ -158,7 +218,13 @@ def _series_order(headers: dict, normal: np.ndarray | None) -> list[Path]:
         keys = {
             file: _number(file, header.InstanceNumber, "InstanceNumber") for file, header in headers.items()
         }
-        what = "InstanceNumber"
+        what = unit = "InstanceNumber"
+        if normal is not None:  # without orientation the exam's row says so already (NOT_IN_FILE)
+            unplaced = [file for file, position in positions.items() if position is None]
+            notes.append(
+                f"no usable ImagePositionPatient in {len(unplaced)} of {len(headers)} files "
+                f"(e.g. {unplaced[0].name}): slices ordered by InstanceNumber"
+            )
     order = sorted(headers, key=lambda file: (keys[file], file.name))
     for first, second in zip(order, order[1:]):
         if np.isclose(keys[first], keys[second], rtol=0, atol=1e-4):
@@ -166,13 +232,47 @@ def _series_order(headers: dict, normal: np.ndarray | None) -> list[Path]:
                 f"{first} and {second} have the same {what}: {keys[first]:g}; one slice exported twice, "
                 "or two series in one folder; remove the duplicate"
             )
-    return order
+    spacing = _spacing_note(order, [keys[file] for file in order], unit)
+    return order, notes + ([spacing] if spacing else [])
+
+
+def _spacing_note(order: list[Path], keys: list[float], unit: str) -> str:
+    """A note naming the steps between neighbouring slices (0-based, as predict numbers them) that
+    differ from the series' usual step by more than UNEVEN_SPACING times; '' when it is even.
+
+    A wider step is most often a slice missing from the export, but a protocol may also space its
+    slices so: it is said in the exam's row, not refused. The usual step is the lower median, so
+    that of two steps the smaller is taken as the rule and the wider as the gap."""
+    steps = np.diff(keys)
+    if len(steps) < 2:
+        return ""
+    usual = statistics.median_low(steps.tolist())
+    odd = [k for k, step in enumerate(steps) if not usual / UNEVEN_SPACING <= step <= usual * UNEVEN_SPACING]
+    if not odd:
+        return ""
+
+    def amount(value: float) -> str:
+        return f"{value:.1f} mm" if unit == "mm" else f"{value:g}"
+
+    def where(k: int) -> str:
+        return f"slices {k}-{k + 1} ({order[k].name}, {order[k + 1].name})"
+
+    first, *rest = odd[:3]
+    apart = f"{amount(steps[first])} apart" + ("" if unit == "mm" else f" in {unit}")
+    named = [f"{where(first)} are {apart}"] + [f"{where(k)} {amount(steps[k])}" for k in rest]
+    more = f", and {len(odd) - 3} more such steps" if len(odd) > 3 else ""
+    if all(steps[k] > usual for k in odd):
+        hint = "a slice missing?" if len(odd) == 1 else "slices missing?"
+    else:
+        hint = "uneven slice spacing"
+    return f"{', '.join(named)}{more}, the others {amount(usual)}: {hint}"
 
 
 def _series_normal(headers: dict) -> tuple[np.ndarray | None, str | None]:
     """(The series' slice normal (LPS), pointing the way a canonical volume's slices run
     (orientation.CANONICAL_SLICE_LPS), and its plane); (None, None) without orientation tags.
-    Slices that disagree on their orientation are refused, naming two of them."""
+    Slices that disagree on their orientation are refused, naming two of them, and so is a slice
+    without orientation among slices with one: read as stored, it could lie mirrored among them."""
     found = {}
     for file, header in headers.items():
         orientation = dicom_orientation(header)
@@ -183,6 +283,14 @@ def _series_normal(headers: dict) -> tuple[np.ndarray | None, str | None]:
     if not found:
         return None, None
     first, reference = next(iter(found.items()))
+    bare = [file for file in headers if file not in found]
+    if bare:
+        others = f" (and {len(bare) - 1} more)" if len(bare) > 1 else ""
+        raise ImageReadError(
+            f"{bare[0]}{others}: no ImageOrientationPatient, while the other {len(found)} files of the "
+            f"series have one (e.g. {first.name}): its pixels cannot be brought to the series' orientation "
+            "(read as stored, it could lie mirrored among them); restore the tag or remove the file"
+        )
     for file, values in found.items():
         if values.shape != reference.shape or not np.allclose(values, reference, atol=1e-3):
             raise ImageReadError(

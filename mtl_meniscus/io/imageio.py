@@ -197,6 +197,26 @@ def _check_exists(path: Path) -> None:
         raise ImageReadError(f"{path}: file not found")
 
 
+def read_dicom_slice(
+    path: Path,
+    limit: int | PixelBudget,
+    plane: str | None,
+    notes: list[str] | None,
+    geometry: list[SliceGeometry] | None,
+    hint: str,
+) -> np.ndarray:
+    """One single-slice DICOM file read as read_image reads a .dcm (canonical view, plane check,
+    notes, geometry), whatever its name: read_image picks its reader by the suffix, and a file of a
+    DICOM series may have none. `hint` ends the message for a multi-frame file."""
+
+    def decode() -> np.ndarray:
+        return _select_slice(
+            _oriented(path, _read_dicom(path, limit), plane, notes, geometry), None, "", hint
+        )
+
+    return _decoded(path, decode)
+
+
 def _decoded(path: Path, decode) -> np.ndarray:
     """decode() as contiguous float32, every failure an ImageReadError naming `path`, and NaN or
     infinite pixels refused."""
