@@ -294,7 +294,7 @@ def _series_normal(headers: dict) -> tuple[np.ndarray | None, str | None]:
     for file, values in found.items():
         if values.shape != reference.shape or not np.allclose(values, reference, atol=1e-3):
             raise ImageReadError(
-                f"{first} and {file} disagree on ImageOrientationPatient ({list(reference)} vs {list(values)}): "
+                f"{first} and {file} disagree on ImageOrientationPatient ({reference.tolist()} vs {values.tolist()}): "
                 "the slices of one series share one orientation; put each series in its own folder"
             )
     geometry = dicom_geometry(reference)  # refuses a degenerate orientation
