@@ -10,7 +10,15 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from mtl_meniscus.commands.export import PARITY_TOLERANCE, export_onnx
+from mtl_meniscus.commands.export import (
+    GATE_CLOSED,
+    PARITY_TOLERANCE,
+    UNREADABLE,
+    Preprocess,
+    TaskProbabilities,
+    WholePipeline,
+    export_onnx,
+)
 from mtl_meniscus.config import load_config
 from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.preprocess import make_input
@@ -136,12 +144,14 @@ def test_the_whole_pipeline_in_onnx_gives_predicts_answers_on_raw_slices(runs, p
     session = onnxruntime.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
     assert names[:3] == ["p_fissure", "p_horizontal", "p_anterior"] and names[3] == "pred_fissure"
+    assert names[-1] == "valid"
     shapes = set()
     for path, row in zip(files, rows):
         image = read_image(path, max_pixels=10**8, volume_hint=VOLUME_HINT, plane="sagittal", notes=[])
         shapes.add(image.shape)
         outputs = dict(zip(names, session.run(names, {"image": image[None].astype(np.float32)})))
         assert outputs["p_fissure"][0] == pytest.approx(row["p_fissure"], abs=1e-4), path
+        assert outputs["valid"].tolist() == [True], path
         tear = int(outputs["pred_fissure"][0])
         assert tear == row["fissure"]
         if tear:  # the gate is open: predict gives the gated tasks too
@@ -150,3 +160,114 @@ def test_the_whole_pipeline_in_onnx_gives_predicts_answers_on_raw_slices(runs, p
         else:  # closed: predict leaves them out, the graph says -1
             assert int(outputs["pred_orientation"][0]) == int(outputs["pred_position"][0]) == -1
     assert len(shapes) == 3  # 48, 64 (a PNG and the DICOM) and 100 pixels through the one graph
+
+
+def _unreadable(image: np.ndarray) -> dict[str, np.ndarray]:
+    """`image` made unreadable three ways: a NaN pixel, an infinite one, and every pixel times 1e30
+    (finite, but its edge map overflows float32)."""
+    nan, inf = image.copy(), image.copy()
+    nan[3, 4], inf[10, 20] = np.nan, -np.inf
+    return {"nan": nan, "inf": inf, "x 1e30": image * np.float32(1e30)}
+
+
+def test_the_pipeline_graph_answers_an_unreadable_slice_as_unreadable_not_as_no_tear(runs, tmp_path):
+    """A slice predict would refuse (NaN or infinite pixels) or whose preprocessing overflows gets
+    valid False, NaN probabilities and UNREADABLE for every pred_* (not pred_fissure 0, "no tear");
+    the readable slices of the same batch keep predict's answers, and one scaled to pixels up to 1e18
+    (whose squares would overflow float32 sums, but not predict's float64 statistics) is readable
+    and answered alike."""
+    import json
+
+    run = runs / "shared"
+    report = export_onnx(run, tmp_path / "p.onnx", pipeline=True)
+    assert report.max_abs_difference <= PARITY_TOLERANCE  # the parity check's unreadable rows agree too
+    data = prepare_data(runs / "data", load_config(TINY).data)
+    images = data.images[:2]  # raw (64, 64) slices
+    bad = _unreadable(images[0])
+    huge = images[0] * np.float32(1e18 / images[0].max())
+    batch = np.stack([images[0], *bad.values(), images[1], huge])
+    session = onnxruntime.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    answers = dict(zip(names, session.run(names, {"image": batch})))
+    preds = ["pred_fissure", "pred_orientation", "pred_position"]
+    probs = ["p_fissure", "p_horizontal", "p_anterior"]
+
+    assert answers["valid"].tolist() == [True, False, False, False, True, True]
+    for k, case in enumerate(bad, start=1):
+        assert [int(answers[name][k]) for name in preds] == [UNREADABLE] * 3, case
+        assert all(np.isnan(answers[name][k]) for name in probs), case
+    assert UNREADABLE not in (0, 1, GATE_CLOSED)  # apart from "no tear" and "not applicable"
+
+    fp32 = resolve_runtime("fp32")
+    expected = load_trained(run, fp32).predict(images, fp32)  # the package's own pipeline, no TTA
+    readable = [0, 4]
+    for name, task in zip(probs, ("fissure", "orientation", "position")):
+        np.testing.assert_allclose(answers[name][readable], expected[task], atol=PARITY_TOLERANCE, rtol=0)
+        assert answers[name][5] == pytest.approx(answers[name][0], abs=PARITY_TOLERANCE)  # huge
+    for k in readable:
+        tear = int(answers["p_fissure"][k] >= report.fissure_threshold)
+        assert int(answers["pred_fissure"][k]) == tear
+        for name, p in zip(preds[1:], probs[1:]):
+            assert int(answers[name][k]) == (int(answers[p][k] >= 0.5) if tear else GATE_CLOSED)
+    for k, alone in zip(readable, images):  # an unreadable neighbour changes nothing
+        single = session.run(names, {"image": alone[None].astype(np.float32)})
+        for name, values in zip(names, single):
+            np.testing.assert_array_equal(values[0], answers[name][k])
+
+    sidecar = json.loads((tmp_path / "p.onnx.json").read_text())
+    assert (sidecar["input_name"], sidecar["input_dtype"]) == ("image", "float32")
+    assert sidecar["outputs"][-1] == "valid" and str(UNREADABLE) in sidecar["non_finite_inputs"]
+    metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "p.onnx")).metadata_props}
+    assert metadata["input_dtype"] == "float32"
+    assert metadata["non_finite_inputs"] == sidecar["non_finite_inputs"]
+
+
+def test_the_network_graph_gives_a_row_with_non_finite_values_nan_probabilities(runs, tmp_path):
+    """The network graph has no labels to get wrong; a row of x with NaN or inf gets NaN
+    probabilities (not whatever the runtime makes of NaN), the other rows their own."""
+    import json
+
+    report = export_onnx(runs / "separate", tmp_path / "m.onnx")
+    data = prepare_data(runs / "data", load_config(TINY).data)
+    x = np.stack([make_input(image, "sobel") for image in data.images[:3]])  # (3, 2, 64, 64)
+    x_bad = x.copy()
+    x_bad[1, 0, 5, 5], x_bad[2, 1, 0, 0] = np.nan, np.inf
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    good, bad = session.run(None, {"x": x}), session.run(None, {"x": x_bad})
+    for clean, probs in zip(good, bad):
+        assert np.isfinite(clean).all()
+        assert probs[0] == clean[0] and np.isnan(probs[1:]).all()
+    sidecar = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert (sidecar["input_name"], sidecar["input_dtype"]) == ("x", "float32")
+    assert "NaN" in sidecar["non_finite_inputs"] and report.outputs == tuple(sidecar["outputs"])
+
+
+def test_a_network_or_preprocessing_that_hides_nan_cannot_make_an_unreadable_slice_readable():
+    """What a network makes of NaN depends on the runtime (a Relu may give 0; a matrix product may
+    skip the zero weights of the resize). With a network that ignores its input altogether, the
+    pipeline still calls a NaN, an infinite and an overflowing slice unreadable, and its readable
+    slice gets the network's answer; with a preprocessing that ignores it too, the NaN and the
+    infinite pixel are still seen."""
+    import torch
+
+    class Blind(torch.nn.Module):  # the same logits (0, probability 0.5) whatever the input
+        tasks = ("fissure", "orientation", "position")
+
+        def forward(self, x):
+            return {task: torch.zeros(len(x)) for task in self.tasks}
+
+    class BlankPreprocess(torch.nn.Module):  # finite zeros whatever the slice
+        def forward(self, image):
+            return torch.zeros(len(image), 2, 64, 64)
+
+    image = np.random.default_rng(0).random((64, 64), np.float32) * 1000
+    batch = torch.from_numpy(np.stack([image, *_unreadable(image).values()]))  # fine, NaN, inf, x 1e30
+    for preprocess, unreadable in ((Preprocess(64, "sobel"), [1, 2, 3]), (BlankPreprocess(), [1, 2])):
+        pipeline = WholePipeline(TaskProbabilities(Blind()), preprocess, 0.5, (False, True, True))
+        with torch.no_grad():
+            *probs, fissure, orientation, position, valid = pipeline(batch)
+        assert valid[0] and not valid[unreadable].any(), preprocess
+        for p in probs:
+            assert p[0] == 0.5 and torch.isnan(p[unreadable]).all()
+        for pred in (fissure, orientation, position):
+            assert pred[0] == 1 and (pred[unreadable] == UNREADABLE).all()

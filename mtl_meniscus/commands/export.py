@@ -5,7 +5,8 @@ augmentation: input `image`, raw canonical-view slices (B, H, W) float32 of any 
 the resize to the run's size (OpenCV's INTER_AREA, as weight matrices), the edge filter, the
 per-image standardisation, the network, the calibration, the sigmoid and the cascade's gating;
 outputs `p_<task>` and `pred_<task>` (1/0, -1 where the gate is closed), so onnxruntime alone gives
-what predict gives. Without it, the network graph below.
+what predict gives, and `valid`, False for a slice the graph cannot read (below). Without it, the
+network graph below.
 
 The graph holds the network, the run's calibration (the logits divided by each task's temperature,
 when `evaluate --calibrate` has saved one) and the sigmoid: input `x`, the preprocessed slice
@@ -13,6 +14,13 @@ when `evaluate --calibrate` has saved one) and the sigmoid: input `x`, the prepr
 image size; outputs `p_<task>`, one (B,) probability per task, the probabilities predict gives. Preprocessing (resize, edge filter, per-image
 standardization) and test-time augmentation stay outside the graph: they are OpenCV code, and
 the file's metadata and the `.json` written next to it say which filter and size to use.
+
+Inputs the graph cannot read. An ONNX graph cannot raise, so it answers instead: predict refuses a
+slice with NaN or infinite pixels, and the pipeline graph gives such a row (and one whose
+preprocessing overflows float32, or whose probabilities are not finite) `valid` False, NaN
+probabilities and pred_<task> UNREADABLE (-2) for every task, a code apart from 1/0 and from -1
+("not applicable"): NaN alone would leave pred_fissure 0, a confident "no tear". The network graph
+gives a row of x with a non-finite value NaN probabilities.
 
 A segmenting network (model.segmentation) adds to the network graph the output `p_segmentation`,
 the per-pixel class probabilities (B, 3, H, W) of background, meniscus and tear; the pipeline graph,
@@ -43,6 +51,15 @@ from mtl_meniscus.networks.models import segments
 PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch| over the check inputs
 OPSET = 18
 SEGMENTATION_OUTPUT = "p_segmentation"  # a segmenting network's pixel probabilities (B, 3, H, W)
+VALID_OUTPUT = "valid"  # the pipeline graph's (B,) bool: False where the row's input cannot be read
+GATE_CLOSED = -1  # pred_<task> of a gated task where no tear is predicted: not applicable
+UNREADABLE = -2  # every pred_<task> of a row that is not valid
+INPUT_DTYPE = "float32"  # both graphs' input
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: True where every value of the row (all dimensions after the first) is finite."""
+    return torch.isfinite(x).flatten(1).all(dim=1)
 
 
 class TaskProbabilities(nn.Module):
@@ -51,7 +68,10 @@ class TaskProbabilities(nn.Module):
 
     With `segmentation` (a segmenting network's network graph) one more output follows: the
     per-pixel class probabilities (B, 3, H, W), softmax over background, meniscus, tear, from the
-    same pass of the trunk (models.SharedTrunkNet.forward_with_segmentation)."""
+    same pass of the trunk (models.SharedTrunkNet.forward_with_segmentation).
+
+    A row of x with a NaN or infinite value gets NaN outputs: what a network makes of NaN depends
+    on the runtime (a Relu may turn it into 0), so the graph says it rather than leaving it to them."""
 
     def __init__(
         self, model: nn.Module, temperatures: dict[str, float] | None = None, segmentation: bool = False
@@ -64,12 +84,21 @@ class TaskProbabilities(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self.segmentation:
-            return self._task_probabilities(self.model(x))
-        logits, pixels = self.model.forward_with_segmentation(x)  # pixels (B, 3, H, W)
-        return (*self._task_probabilities(logits), torch.softmax(pixels, dim=1))
+            outputs = self._task_probabilities(self.model(x))
+        else:
+            logits, pixels = self.model.forward_with_segmentation(x)  # pixels (B, 3, H, W)
+            outputs = (*self._task_probabilities(logits), torch.softmax(pixels, dim=1))
+        finite = _finite_rows(x)
+        return tuple(_where_rows(finite, output, torch.nan) for output in outputs)
 
     def _task_probabilities(self, logits: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return tuple(torch.sigmoid(logits[task] / self.temperatures[task]) for task in self.tasks)
+
+
+def _where_rows(keep: torch.Tensor, values: torch.Tensor, other: float) -> torch.Tensor:
+    """`values` where the (B,) mask `keep` is True, `other` in the rows where it is False."""
+    keep = keep.reshape(-1, *([1] * (values.dim() - 1)))  # broadcast over a row's other dimensions
+    return torch.where(keep, values, torch.full_like(values, other))
 
 
 def resize_weights(
@@ -136,17 +165,32 @@ class Preprocess(nn.Module):
         return self._standardize(x)
 
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
-        """Zero mean, unit (population) variance per image and channel; a constant one becomes zeros."""
+        """Zero mean, unit (population) variance per image and channel; a constant one becomes zeros.
+
+        The deviations are divided by the largest of them before squaring: predict's statistics
+        are float64, while here the sum of float32 squares would overflow from deviations of about
+        3e17 on (on a 64 x 64 image) to an infinite std, and x / inf is zeros, a blank slice the
+        network would score. So the std is finite, or NaN where the channel holds NaN or inf
+        (inf / inf: NaN or inf pixels, an edge map that overflowed), which makes the whole
+        channel NaN and the row unreadable for WholePipeline."""
         mean = x.mean(dim=(2, 3), keepdim=True)
-        std = ((x - mean) ** 2).mean(dim=(2, 3), keepdim=True).sqrt()
-        constant = std < self.eps * torch.clamp(mean.abs(), min=1.0)
-        return torch.where(constant, torch.zeros_like(x), (x - mean) / torch.where(constant, 1.0, std))
+        centred = x - mean
+        largest = centred.abs().amax(dim=(2, 3), keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+        std = ((centred / largest) ** 2).mean(dim=(2, 3), keepdim=True).sqrt() * largest
+        constant = std < self.eps * torch.clamp(mean.abs(), min=1.0)  # False where std is NaN
+        return torch.where(constant, torch.zeros_like(x), centred / torch.where(constant, 1.0, std))
 
 
 class WholePipeline(nn.Module):
-    """Raw slices (B, H, W) -> (p_<task>..., pred_<task>...): Preprocess, the network with its
-    calibration and sigmoid (TaskProbabilities), then the cascade's gating: the root task (fissure)
-    cut at `threshold`, a task it gates at 0.5 where it is predicted and -1 where it is not."""
+    """Raw slices (B, H, W) -> (p_<task>..., pred_<task>..., valid): Preprocess, the network with
+    its calibration and sigmoid (TaskProbabilities), then the cascade's gating: the root task
+    (fissure) cut at `threshold`, a task it gates at 0.5 where it is predicted and GATE_CLOSED (-1)
+    where it is not.
+
+    `valid` is False for a row the graph cannot read: a NaN or infinite pixel (which predict
+    refuses), preprocessing that overflows float32, or probabilities that are not finite. Such a
+    row gets NaN probabilities and UNREADABLE (-2) for every pred_<task>: gating NaN alone would
+    give pred_fissure 0 and -1 for the others, which reads as a confident "no tear"."""
 
     def __init__(
         self,
@@ -161,13 +205,20 @@ class WholePipeline(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         probs = self.probabilities(self.preprocess(image))
+        # The pixels are checked themselves, not only through what they become: a NaN times a zero
+        # resize weight is NaN in IEEE arithmetic, but a runtime's matrix product may skip zeros.
+        valid = _finite_rows(image)
+        for p in probs:  # NaN where preprocessing overflowed (Preprocess._standardize) or x was not finite
+            valid = valid & torch.isfinite(p)
         root = (probs[0] >= self.threshold).long()  # the task table's root comes first
-        closed = torch.full_like(root, -1)
+        closed = torch.full_like(root, GATE_CLOSED)
         predicted = [root] + [
             torch.where(root == 1, (p >= 0.5).long(), closed) if gated else (p >= 0.5).long()
             for p, gated in zip(probs[1:], self.gated[1:])
         ]
-        return (*probs, *predicted)
+        probs = [_where_rows(valid, p, torch.nan) for p in probs]
+        predicted = [_where_rows(valid, pred, UNREADABLE) for pred in predicted]
+        return (*probs, *predicted, valid)
 
 
 @dataclass
@@ -180,6 +231,8 @@ class ExportReport:
     outputs: tuple[str, ...]  # the graph's output names, predict's probability columns (p_horizontal, ...)
     input_name: str  # x (preprocessed) or image (raw slices, --pipeline)
     input_shape: tuple  # ('batch', C, H, W), or ('batch', 'height', 'width') for the pipeline
+    input_dtype: str  # float32
+    non_finite_inputs: str  # how the graph answers a row it cannot read (NaN or infinite values)
     edge_filter: str
     image_size: int
     fissure_threshold: float
@@ -244,6 +297,8 @@ def export_onnx(
         outputs=tuple(output_names),
         input_name=input_name,
         input_shape=input_shape,
+        input_dtype=INPUT_DTYPE,
+        non_finite_inputs=_non_finite_answer(pipeline),
         edge_filter=trained.config.preprocess.edge_filter,
         image_size=trained.config.data.image_size,
         fissure_threshold=threshold.value,
@@ -319,8 +374,29 @@ def _pipeline_export(trained, threshold: float, check_inputs, seed: int):
         rng = np.random.default_rng(seed)
         shapes = [(2, size, size), (2, size // 2 + 3, size - 5), (2, 2 * size + 7, size + 11)]
         check_inputs = [rng.random(shape, np.float32) * 1000 for shape in shapes]
+        check_inputs.append(_unreadable_rows(check_inputs[0][0]))
     check_inputs = [np.ascontiguousarray(x, dtype=np.float32) for x in check_inputs]
     return module.eval(), check_inputs, "image", ("batch", "height", "width")
+
+
+def _unreadable_rows(image: np.ndarray) -> np.ndarray:
+    """(4, H, W): `image`, and it with a NaN pixel, with an infinite one and times 1e30 (float32
+    overflow in the preprocessing), so the parity check covers the graph's unreadable answer and
+    that one row's answer does not leak into the others of its batch."""
+    nan, inf = image.copy(), image.copy()
+    nan[0, 0], inf[-1, -1] = np.nan, np.inf
+    return np.stack([image, nan, inf, image * np.float32(1e30)])
+
+
+def _non_finite_answer(pipeline: bool) -> str:
+    """The sidecar's account of how the graph answers a row it cannot read."""
+    if pipeline:
+        return (
+            f"a row with a NaN or infinite pixel, whose preprocessing overflows float32 or whose "
+            f"probabilities are not finite: {VALID_OUTPUT} false, p_* NaN and every pred_* "
+            f"{UNREADABLE} (unreadable; {GATE_CLOSED} is a closed gate)"
+        )
+    return "a row of x with a NaN or infinite value: p_* NaN"
 
 
 def _network_of(module: nn.Module) -> TaskProbabilities:
@@ -333,7 +409,7 @@ def _output_names(trained, module) -> list[str]:
     probabilities = _network_of(module)
     names = [trained.tasks[task].p_column for task in probabilities.tasks]
     if isinstance(module, WholePipeline):
-        names += [f"pred_{task}" for task in probabilities.tasks]
+        names += [f"pred_{task}" for task in probabilities.tasks] + [VALID_OUTPUT]
     if probabilities.segmentation:
         names.append(SEGMENTATION_OUTPUT)
     return names
@@ -346,6 +422,8 @@ def _metadata(trained, module, threshold: float, pipeline: bool) -> dict[str, st
         "tasks": ",".join(probabilities.tasks),
         "temperatures": ",".join(f"{task}={t}" for task, t in probabilities.temperatures.items()),
         "input": "raw slices (batch, height, width), canonical view" if pipeline else "make_input output",
+        "input_dtype": INPUT_DTYPE,
+        "non_finite_inputs": _non_finite_answer(pipeline),
         **(
             {"segmentation": f"{SEGMENTATION_OUTPUT}: (batch, 3, H, W) softmax of background, meniscus, tear"}
             if probabilities.segmentation
@@ -380,12 +458,17 @@ def _onnx_graph(module: nn.Module, example: np.ndarray, input_name: str, output_
 def _parity(
     onnxruntime, path: Path, module: nn.Module, inputs, input_name: str, output_names: list[str]
 ) -> float:
-    """Largest |difference| between onnxruntime and PyTorch over every output on every input batch."""
+    """Largest |difference| between onnxruntime and PyTorch over every output on every input batch;
+    NaN on both sides (an unreadable row's probabilities) agrees, NaN on one side only is inf."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     largest = 0.0
     for batch in inputs:
         exported = session.run(output_names, {input_name: batch})
         with torch.no_grad():
             reference = module(torch.from_numpy(batch))
-        largest = max([largest] + [float(np.max(np.abs(a - b.numpy()))) for a, b in zip(exported, reference)])
+        for a, b in zip(exported, reference):
+            a, b = a.astype(np.float64), b.numpy().astype(np.float64)  # `valid` is bool: no subtraction
+            both_nan = np.isnan(a) & np.isnan(b)
+            difference = np.where(both_nan, 0.0, np.abs(a - b))
+            largest = max(largest, float(np.max(np.nan_to_num(difference, nan=np.inf))))
     return largest
