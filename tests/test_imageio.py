@@ -15,6 +15,7 @@ from support import _labels, _png
 
 from mtl_meniscus.config import DataConfig
 from mtl_meniscus.data.load import prepare_data
+from mtl_meniscus.data.preprocess import edge_filter
 from mtl_meniscus.errors import ImageReadError
 from mtl_meniscus.io.imageio import is_supported_image, read_image
 
@@ -94,6 +95,14 @@ def test_npy(tmp_path):
     np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan], [0.0, 2.0]]))
     with pytest.raises(ImageReadError, match="nan.npy: contains NaN"):
         read_image(tmp_path / "nan.npy")
+    # finite, but so large that the edge filter overflows float32: it was scored as a blank edge map
+    huge = np.full((8, 8), 1e30, np.float32)
+    huge[2:4, 2:4] = 0
+    np.save(tmp_path / "huge.npy", huge)
+    with pytest.raises(ImageReadError, match=r"huge.npy: pixel values up to 1e\+30, beyond"):
+        read_image(tmp_path / "huge.npy")
+    edges = edge_filter(np.full((8, 8), 1e15, np.float32) * (np.arange(8) % 2), "sobel")
+    assert np.isfinite(edges).all()  # the limit leaves the edge map finite
     np.save(tmp_path / "text.npy", np.array([["a", "b"]]))
     with pytest.raises(ImageReadError, match="numeric"):
         read_image(tmp_path / "text.npy")

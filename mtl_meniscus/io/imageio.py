@@ -217,6 +217,12 @@ def read_dicom_slice(
     return _decoded(path, decode)
 
 
+# The largest pixel magnitude read: a Sobel gradient of such pixels (up to 8x them) squared stays
+# far below float32's 3.4e38. Above about 2e18 the edge map overflows to infinity and became a
+# blank channel, so the slice was scored as if it had no edges (export's graph calls it unreadable).
+MAX_PIXEL_MAGNITUDE = 1e15
+
+
 def _decoded(path: Path, decode) -> np.ndarray:
     """decode() as contiguous float32, every failure an ImageReadError naming `path`, and NaN or
     infinite pixels refused."""
@@ -229,6 +235,12 @@ def _decoded(path: Path, decode) -> np.ndarray:
         raise ImageReadError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
     if not np.isfinite(image).all():
         raise ImageReadError(f"{path}: contains NaN or infinite pixel values")
+    largest = float(np.abs(image).max()) if image.size else 0.0
+    if largest > MAX_PIXEL_MAGNITUDE:
+        raise ImageReadError(
+            f"{path}: pixel values up to {largest:.3g}, beyond ±{MAX_PIXEL_MAGNITUDE:.0e}: the edge "
+            "filter's squares would overflow float32 (rescale the image)"
+        )
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
