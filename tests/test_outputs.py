@@ -84,32 +84,38 @@ def test_no_output_replaces_an_input_a_checkpoint_or_a_file_a_run_keeps(run64, d
     cases = [
         (
             ["predict", run, image, "--tta", "0", "--out", image],
-            "--out: .*png exists and is not a .csv or .json",
+            "--out: .*png exists and is not an earlier output of this command",
         ),
         (
             ["predict", run, image, "--tta", "0", "--out", run / "best.pt"],
-            "--out: .*best.pt is a file that training runs",
+            "--out: .*best.pt exists and is not an earlier output",
         ),
         (
             ["predict", run, image, "--tta", "0", "--out", data / "labels.csv"],
-            "labels.csv is a file that training runs",
+            "labels.csv exists and is not an earlier output",
         ),
         (
             ["predict", run, image, "--tta", "0", "--out", new_csv, "--masks", data / "masks"],
-            "--masks: .*did not write",
+            "--masks: .*but not this package.s mark",
         ),
         (
             ["predict", run, image, "--tta", "0", "--out", new_csv, "--cam", data / "images"],
-            "--cam: .*did not write",
+            "--cam: .*but not this package.s mark",
         ),
         (
             ["evaluate", run, "--tta", "0", "--cam", data / "masks", "--bootstrap", "0"],
-            "--cam: .*did not write",
+            "--cam: .*but not this package.s mark",
         ),
         (["evaluate", run, "--tta", "0", "--out", run, "--bootstrap", "0"], "--out: .*training run's folder"),
-        (["export", run, "--out", run / "best.pt"], "--out: .*best.pt is a file that training runs"),
-        (["export", run, "--out", data / "labels.csv"], "--out: .*labels.csv is a file that training runs"),
-        (["export", run, "--out", run / "metrics"], "--out's .json: .*metrics.json is a file that training"),
+        (["export", run, "--out", run / "best.pt"], "--out: .*best.pt exists and is not an earlier output"),
+        (
+            ["export", run, "--out", data / "labels.csv"],
+            "--out: .*labels.csv exists and is not an earlier output",
+        ),
+        (
+            ["export", run, "--out", run / "metrics"],
+            "--out's .json: .*metrics.json exists and is not an earlier output",
+        ),
     ]
     for args, expected in cases:
         result = runner.invoke(
@@ -121,15 +127,26 @@ def test_no_output_replaces_an_input_a_checkpoint_or_a_file_a_run_keeps(run64, d
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_predict_replaces_its_own_outputs(run64, data64, tmp_path):
+def test_predict_and_export_replace_their_own_outputs_whatever_their_name(run64, data64, tmp_path):
     image = next((data64 / "images").glob("*.png"))
-    out, masks = tmp_path / "p.csv", tmp_path / "masks"
-    out.write_text("an earlier prediction\n")
-    for _ in range(2):  # the second run writes into the folder the first one marked as its own
-        result = _predict(run64, image, out=out, extra=["--masks", str(masks)])
+    masks = tmp_path / "masks"
+    for out, extra in ((tmp_path / "preds", []), (tmp_path / "p.jsonl", ["--json"])):
+        for _ in range(2):  # the second run replaces the first one's table, in the folder it marked
+            result = _predict(run64, image, out=out, extra=[*extra, "--masks", str(masks)])
+            _clean(result)
+            assert result.exit_code == 0, result.output
+        assert (masks / "overlays").is_dir()
+    assert (tmp_path / "preds").read_text().startswith("image,")
+    for _ in range(2):
+        result = runner.invoke(app, ["export", str(run64), "--out", str(tmp_path / "model")])
         _clean(result)
         assert result.exit_code == 0, result.output
-        assert out.read_text().startswith("image,") and (masks / "overlays").is_dir()
+    mrnet_labels = tmp_path / "valid-meniscus.csv"  # MRNet's label files have no header
+    mrnet_labels.write_text("0000,1\n0001,0\n")
+    result = _predict(run64, image, out=mrnet_labels)
+    _clean(result)
+    assert result.exit_code == 1 and "not an earlier output of this command" in result.output
+    assert mrnet_labels.read_text() == "0000,1\n0001,0\n"
 
 
 def test_make_phantom_refuses_a_non_empty_folder_without_overwrite(tmp_path):

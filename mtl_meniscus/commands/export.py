@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -269,8 +270,11 @@ def export_onnx(
     `check_inputs`: the inputs of the parity check (network: (N, C, H, W); pipeline: a list of
     (B, H, W) slices of any sizes); by default random ones (for the pipeline, of three sizes)."""
     onnx, onnxruntime = _onnx_modules()
-    out = check_output_file(out, "--out", replaces=(".onnx",))
-    check_output_file(out.with_name(out.name + ".json"), "--out's .json", replaces=(".onnx.json",))
+    out = Path(out)
+    sidecar = out.with_name(out.name + ".json")
+    # an earlier export is replaced: a file with export's own .json beside it, and that .json
+    out = check_output_file(out, "--out", written_here=lambda path: _is_sidecar(sidecar))
+    check_output_file(sidecar, "--out's .json", written_here=_is_sidecar)
     trained = _slice_model(run_or_checkpoint)
     threshold = trained.saved_threshold or DEFAULT_THRESHOLD  # what predict would apply
     build = _pipeline_export if pipeline else _network_export
@@ -377,6 +381,15 @@ def _pipeline_export(trained, threshold: float, check_inputs, seed: int):
         check_inputs.append(_unreadable_rows(check_inputs[0][0]))
     check_inputs = [np.ascontiguousarray(x, dtype=np.float32) for x in check_inputs]
     return module.eval(), check_inputs, "image", ("batch", "height", "width")
+
+
+def _is_sidecar(path: Path) -> bool:
+    """Whether `path` is the .json that export writes beside its graph (ExportReport's fields)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"input_name", "outputs", "fissure_threshold"} <= set(report)
 
 
 def _unreadable_rows(image: np.ndarray) -> np.ndarray:

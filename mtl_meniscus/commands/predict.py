@@ -42,7 +42,7 @@ from mtl_meniscus.io.imageio import (
     max_pixels_limit,
     read_image,
 )
-from mtl_meniscus.io.outputs import atomic_write, check_output_file, check_own_output_dir
+from mtl_meniscus.io.outputs import atomic_write, check_output_file, check_own_output_dir, first_line
 from mtl_meniscus.labels import DEFAULT_TASKS
 from mtl_meniscus.networks.cam import unique_names, write_overlays
 
@@ -151,10 +151,24 @@ def run_predict(
 def _check_outputs(out: Path, cam_dir: Path | None, masks_dir: Path | None) -> None:
     """--out, --cam and --masks can be written (OutputError naming the option otherwise), and
     replace nothing but this command's own earlier output (io.outputs)."""
-    check_output_file(out, "--out", replaces=(".csv", ".json", ".jsonl", ".txt"))
+    check_output_file(out, "--out", written_here=is_prediction_table)
     for folder, option in ((cam_dir, "--cam"), (masks_dir, "--masks")):
         if folder is not None:
             check_own_output_dir(folder, option)
+
+
+def is_prediction_table(path: Path) -> bool:
+    """Whether `path` holds predict's output, by its first line: a CSV header that starts with the
+    image (or exam) column and has p_<task> columns, or a JSON line with one of those keys."""
+    line = first_line(path)
+    if line.startswith("{"):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(row, dict) and ("image" in row or "exam" in row)
+    columns = line.split(",")
+    return columns[0] in ("image", "exam") and any(column.startswith("p_") for column in columns)
 
 
 def _read_inputs(

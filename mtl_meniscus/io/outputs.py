@@ -13,7 +13,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mtl_meniscus.errors import MeniscusError
@@ -67,48 +67,38 @@ def check_empty_output_dir(folder: str | Path, what: str, instead: str = "choose
     return check_output_dir(folder, what)
 
 
-# Files that training runs and data folders keep and the package reads back. An output never
-# replaces one: `predict --out RUN/best.pt` or `export --out DATA/labels.csv` would destroy work
-# that rerunning the command does not give back.
-KEPT_FILES = frozenset(
-    {
-        "best.pt",
-        "last.pt",
-        "config.yaml",
-        "splits.csv",
-        "history.csv",
-        "metrics.json",
-        "calibration.json",
-        "threshold.json",
-        "labels.csv",
-    }
-)
 # The mark of a folder that a command fills with files named after its inputs (check_own_output_dir).
 OWN_FOLDER_MARK = "written-by-mtl_meniscus.txt"
 
 
-def check_output_file(path: str | Path, what: str = "output file", replaces: tuple[str, ...] = ()) -> Path:
+def check_output_file(
+    path: str | Path, what: str = "output file", written_here: Callable[[Path], bool] | None = None
+) -> Path:
     """Make sure `path` can be written (its folder is created if needed); `what` names the option.
 
-    An existing file is replaced only if its name ends with one of `replaces` (the kinds the command
-    writes, e.g. (".csv", ".json")) and it is not one of KEPT_FILES: a scan, a checkpoint or a
-    labels.csv given as --out by mistake is refused, not overwritten."""
+    An existing file is replaced only if `written_here(path)` says this command wrote it (an earlier
+    run's output, by its content): a scan, a checkpoint, a labels.csv or an MRNet label file given
+    as --out by mistake is refused, not overwritten."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{what}: {path} is a folder; give a file name")
-    if path.exists() and path.name in KEPT_FILES:
+    if path.exists() and not (written_here is not None and written_here(path)):
         raise OutputError(
-            f"{what}: {path} is a file that training runs and data folders keep ({path.name}); "
-            "it is not replaced: choose another name"
-        )
-    if path.exists() and not (replaces and path.name.lower().endswith(replaces)):
-        raise OutputError(
-            f"{what}: {path} exists and is not a {' or '.join(replaces) or 'new'} file; it is not "
-            "replaced (an input, a checkpoint?): choose another name"
+            f"{what}: {path} exists and is not an earlier output of this command; it is not replaced "
+            "(an input, a checkpoint, a label file?): choose another name, or delete it first"
         )
     _make_folder(path.parent, what)
     _probe(path.parent, what)
     return path
+
+
+def first_line(path: Path, limit: int = 65536) -> str:
+    """The file's first line as text ('' for a binary or unreadable file), for written_here checks."""
+    try:
+        with path.open("rb") as handle:
+            return handle.readline(limit).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def check_own_output_dir(folder: str | Path, what: str) -> Path:
@@ -121,9 +111,10 @@ def check_own_output_dir(folder: str | Path, what: str) -> Path:
     if folder.is_dir() and any(folder.iterdir()) and not (folder / OWN_FOLDER_MARK).is_file():
         entries = sorted(p.name for p in folder.iterdir())
         raise OutputError(
-            f"{what}: {folder} holds files this package did not write ({', '.join(entries[:3])}"
-            f"{', ...' if len(entries) > 3 else ''}); the files written there are named after the "
-            "inputs and would replace files of the same name: choose a new or empty folder"
+            f"{what}: {folder} holds files ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}) "
+            f"but not this package's mark ({OWN_FOLDER_MARK}); the files written there are named after "
+            "the inputs and would replace files of the same name (ground-truth masks, scans): choose a "
+            "new or empty folder (masks an earlier version wrote: delete them first)"
         )
     check_output_dir(folder, what)
     write_text_atomic(
