@@ -418,7 +418,6 @@ def test_a_row_with_more_values_than_the_header_is_named(tmp_path):
         ("PatientID", "patient_id"),
         ("SLICE", "slice"),
         ("Mask", "mask"),
-        ("Displaced", "displaced"),  # a data.extra_tasks column
     ],
 )
 def test_a_column_named_like_a_known_one_is_refused(tmp_path, column, known):
@@ -445,6 +444,15 @@ def test_a_required_column_named_in_another_case_is_named_with_the_missing_one(t
     message = str(info.value)
     assert "missing column(s) fissure; found image, Fissure, orientation, position" in message
     assert "column 'Fissure' differs from the column 'fissure' only in case, spaces or punctuation" in message
+    # a data.extra_tasks column alike
+    _labels(
+        tmp_path,
+        [("img/a.png", "0", "", "", "")],
+        header=("image", "fissure", "orientation", "position", "Displaced"),
+    )
+    config = DataConfig(extra_tasks={"displaced": {"values": {"displaced": 1, "stable": 0}}})
+    with pytest.raises(DataError, match="column 'Displaced' differs from the column 'displaced'"):
+        read_labels(tmp_path, tasks=config.task_table())
 
 
 def test_unknown_columns_and_spaces_around_names_are_still_fine(tmp_path):
@@ -452,9 +460,12 @@ def test_unknown_columns_and_spaces_around_names_are_still_fine(tmp_path):
     around a known name are stripped, so ' split ' is the split column."""
     for k in range(3):
         _png(tmp_path / "img" / f"{k}.png")
-    header = ("image", "fissure", "orientation", "position", " split ", "notes", "scanner_id")
+    header = ("image", "fissure", "orientation", "position", " split ", "notes", "scanner_id", "patient_id")
+    # PatientID beside patient_id is a column of its own (a PACS export's), not a misspelling of it
+    header += ("PatientID",)
     rows = [
-        (f"img/{k}.png", "0", "", "", split, "fine", "S1") for k, split in enumerate(["test", "val", "train"])
+        (f"img/{k}.png", "0", "", "", split, "fine", "S1", f"P{k}", f"1.2.{k}")
+        for k, split in enumerate(["test", "val", "train"])
     ]
     _labels(tmp_path, rows, header=header)
     assert [r.split for r in read_labels(tmp_path)] == ["test", "val", "train"]

@@ -159,7 +159,8 @@ def _near_misses(header: Sequence[str], known: Sequence[str]) -> list[tuple[str,
     return [
         (name, by_loose[_loose(name)])
         for name in header
-        if name and name not in known and _loose(name) in by_loose
+        # beside the column itself a look-alike is another column (a PACS export's own PatientID)
+        if name and name not in known and _loose(name) in by_loose and by_loose[_loose(name)] not in header
     ]
 
 
