@@ -143,10 +143,15 @@ def test_phantom_setting_overrides_are_checked():
         {"tear_contrast": [0, float("inf")]},
         {"noise_sigma": [0, 1e9]},  # saturated every pixel
         {"anatomy_rotation_deg": float("nan")},
+        {"anatomy_shift_px": 1e12},  # failed inside OpenCV, leaving a half-made folder
+        {"tear_thickness_px": [1e9, 1e9]},
+        {"motion_px": [1e9, 1e9]},  # asked for exabytes
     ):
         with pytest.raises(ConfigError, match="expected|unknown"):
             phantom_settings("easy", bad)
-    assert phantom_settings("easy", {"anatomy_rotation_deg": 40}).anatomy_rotation_deg == 40.0  # no cap
+    assert phantom_settings("easy", {"anatomy_rotation_deg": 40}).anatomy_rotation_deg == 40.0
+    with pytest.raises(ConfigError, match=r"'motion_px': expected 0 <= low <= high <= 256"):
+        phantom_settings("easy", {"motion_px": [1, 300]})
     with pytest.raises(ConfigError, match="allowed: easy, realistic, hard"):
         phantom_settings("impossible")
     with pytest.raises(ConfigError):

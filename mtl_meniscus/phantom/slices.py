@@ -51,19 +51,27 @@ class PhantomCase:
         return f"knee_{self.index:05d}"
 
 
-# Settings that are shares of something (0 to 1): of the images, of the fluid signal (the noise and
-# the contrasts: 1 = as bright as fluid), of the way along the horn. Far above 1 the images saturate.
-SHARES = frozenset(
-    {
-        "noise_sigma",
-        "tear_contrast",
-        "degeneration_contrast",
-        "horizontal_reach",
-        "vertical_reach",
-        "degeneration_fraction",
-        "motion_fraction",
-    }
-)
+# The largest value of each setting: the shares (of the images, of the fluid signal for the noise
+# and the contrasts, of the way along the horn) at most 1, far above which the images saturate;
+# lengths in pixels (at 256) at most the image, angles a turn, factors 4x. Far beyond these the
+# drawing failed inside OpenCV (thickness 1e9) or asked for exabytes (a 1e9-pixel blur kernel).
+SETTING_LIMITS = {
+    **dict.fromkeys(
+        (
+            "noise_sigma",
+            "tear_contrast",
+            "degeneration_contrast",
+            "horizontal_reach",
+            "vertical_reach",
+            "degeneration_fraction",
+            "motion_fraction",
+        ),
+        1.0,
+    ),
+    **dict.fromkeys(("anatomy_shift_px", "blur_sigma", "tear_thickness_px", "motion_px"), 256.0),
+    **dict.fromkeys(("anatomy_rotation_deg", "tear_angle_deg"), 360.0),
+    **dict.fromkeys(("anatomy_scale", "meniscus_size", "tear_length"), 4.0),
+}
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ class PhantomSettings:
 
     def overridden(self, values: dict[str, object]) -> PhantomSettings:
         """A copy with some fields replaced (e.g. from `make-phantom --phantom-setting KEY=VALUE`),
-        checked: finite numbers >= 0, low <= high, and at most 1 for the shares (SHARES)."""
+        checked: finite numbers >= 0, low <= high, at most the setting's SETTING_LIMITS."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         changes = {}
         for key, value in values.items():
@@ -106,11 +114,11 @@ class PhantomSettings:
             if pair and not (isinstance(value, (list, tuple)) and len(value) == 2):
                 raise ConfigError(f"phantom setting {key!r}: expected two numbers low,high, got {value!r}")
             numbers = tuple(float(v) for v in value) if pair else (float(value),)
-            top = 1.0 if key in SHARES else math.inf
+            top = SETTING_LIMITS[key]
             if not all(math.isfinite(v) and 0 <= v <= top for v in numbers) or numbers != tuple(
                 sorted(numbers)
             ):
-                expected = f"{'0 <= low <= high' if pair else 'a number >= 0'}{' <= 1' if top == 1 else ''}"
+                expected = f"{'0 <= low <= high' if pair else 'a number >= 0'} <= {top:g}"
                 raise ConfigError(f"phantom setting {key!r}: expected {expected}, got {value!r}")
             changes[key] = numbers if pair else numbers[0]
         return dataclasses.replace(self, **changes)
