@@ -291,6 +291,27 @@ def test_a_study_without_a_recorded_setup_is_checked_on_its_mode_then_recorded(
         run_tune(out, tiny, mode="shared", data_dir=data64, n_trials=1, space=())
 
 
+def test_a_key_added_to_the_config_since_a_study_was_recorded_counts_as_its_default(tiny, tmp_path, phantom):
+    # A newer version's config has a key the study's record lacks: its trials ran with the default.
+    out = tmp_path / "older"
+    run_tune(out, tiny, mode="shared", data_dir=phantom, n_trials=1, space=())
+    study = optuna.load_study(storage=f"sqlite:///{out / 'study.db'}", study_name="older")
+    recorded = dict(study.user_attrs["fixed_config"])
+    del recorded["model.roi"]  # as if model.roi came after the study (its default: none)
+    study.set_user_attr("fixed_config", recorded)
+    assert len(run_tune(out, tiny, mode="shared", data_dir=phantom, n_trials=1, space=()).trials) == 2
+    with pytest.raises(ConfigError, match=r"model.roi: 'none' -> 'classical'"):  # another value differs
+        run_tune(
+            out,
+            tiny,
+            mode="shared",
+            data_dir=phantom,
+            n_trials=1,
+            space=(),
+            overrides={"model.roi": "classical"},
+        )
+
+
 def test_missing_optuna_is_a_clear_message(tiny, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
     with pytest.raises(MeniscusError, match=r"pip install 'mtl_meniscus\[tune\]'"):

@@ -571,6 +571,10 @@ class TuneSearch:
             saved = study.user_attrs[SETUP_ATTR]
         # A key searched now is set by each trial, whatever the study's earlier trials fixed it to.
         keys = (set(saved) | set(self.fixed)) - searched_keys(self.request.space)
+        # A key the record lacks was added to the config since (a newer version): the study's
+        # trials ran with its default, so only another value differs.
+        defaults = fixed_setup(Config(), self.request.space)
+        saved = {key: defaults[key] for key in keys if key not in saved and key in defaults} | saved
         self._refuse_differences(setup_differences(saved, self.fixed, keys))
 
     def _refuse_differences(self, differences: list[str], shown: int = 8) -> None:
