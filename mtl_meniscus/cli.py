@@ -77,11 +77,10 @@ def main(
     """Meniscus tear classification on sagittal knee MRI: shared trunk vs three-CNN cascade."""
     if not console.is_terminal:
         console.width = WIDE  # rich would cut tables to 80 columns in a file or a pipe
-    import cv2
-
     # A truncated or damaged image is reported per file with its reason; OpenCV's own warning
-    # ("[ WARN:0@0.05] ... PNG input buffer is incomplete") would add an unexplained line.
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    # ("[ WARN:0@0.05] ... PNG input buffer is incomplete") would add an unexplained line. Read when
+    # cv2 is first imported, which no command has done yet.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 
 def command_name() -> str:
@@ -283,6 +282,7 @@ def import_fastmri(
 
 @command()
 def train(
+    ctx: typer.Context,
     mode: Annotated[
         Mode | None,
         typer.Option(help="; ".join(f"{name}: {MODELS.describe(name)}" for name in MODELS.names())),
@@ -349,14 +349,7 @@ def train(
     run_dir = resume
     try:
         if resume is not None:
-            given = {
-                "--mode": mode, "--config": config, "--data": data, "--out": out, "--max-epochs": max_epochs,
-                "--steps-per-epoch": steps_per_epoch, "--batch-size": batch_size, "--lr": lr, "--seed": seed,
-                "--precision": precision, "--wandb": wandb, "--trunk": trunk, "--pretrained": pretrained,
-                "--freeze-backbone": freeze_backbone or None, "--backbone-lr-factor": backbone_lr_factor,
-                "--device": device, "--mrnet": mrnet, "--set": settings, "--show-config": show_config or None,
-            }  # fmt: skip
-            resume_run(resume, [name for name, value in given.items() if value is not None], console=console)
+            resume_run(resume, _options_given(ctx, but=("resume", "quiet")), console=console)
             return
         if mrnet is not None and data is not None:
             raise ConfigError("give --data (a labels.csv folder) or --mrnet (an MRNet folder), not both")
@@ -392,6 +385,18 @@ def train(
         # Every finished epoch is in last.pt; nothing is lost but the epoch in progress.
         console.print(f"interrupted; continue with: {command_name()} train --resume {run_dir}")
         raise typer.Exit(code=130) from None
+
+
+def _options_given(ctx: typer.Context, but: tuple[str, ...]) -> list[str]:
+    """The options given on the command line (not left at their defaults), as typed ('--set'), in
+    the order given; those named in `but` (parameter names) left out."""
+    typed = {param.name: param.opts[0] for param in ctx.command.params}
+    # by the source's name: typer may bring its own copy of click, whose ParameterSource is not click's
+    return [
+        typed[name]
+        for name in ctx.params
+        if name not in but and ctx.get_parameter_source(name).name != "DEFAULT"
+    ]
 
 
 def _print_next_steps(run_dir: Path) -> None:

@@ -197,7 +197,7 @@ def test_set_overrides_any_config_key_and_named_options_win(tmp_path, monkeypatc
         (["--set", "train.lr=0.1"], "--set: not with --resume"),
         (
             ["--max-epochs", "5", "--lr", "0.5", "--out", "elsewhere"],
-            "--out, --max-epochs, --lr: not with --resume",
+            "--max-epochs, --lr, --out: not with --resume",
         ),
     ):
         resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), *extra])
