@@ -670,13 +670,14 @@ def compare(
     """Train and score separate vs shared (x trunks x seeds) on the same splits; write the table and plots."""
     from mtl_meniscus.commands.compare import parse_list, parse_on_off, parse_pretrained, run_compare
     from mtl_meniscus.commands.compare.settings import load_compare_config
-    from mtl_meniscus.io.outputs import OutputError, is_run_folder
+    from mtl_meniscus.io.outputs import OutputError, is_data_folder, is_run_folder
 
     try:
-        if is_run_folder(out) or (out / "labels.csv").is_file():
+        kind = "training run" if is_run_folder(out) else "data" if is_data_folder(out) else None
+        if kind:
             raise OutputError(
-                f"--out: {out} is a {'training run' if is_run_folder(out) else 'data'} folder; a comparison "
-                "writes its variants, tables and figures into a folder of its own"
+                f"--out: {out} is a {kind} folder; a comparison writes its variants, tables and figures "
+                "into a folder of its own"
             )
         path = config or preset_path("compare")
         overrides = {

@@ -95,8 +95,8 @@ def youden_threshold(y_true: np.ndarray, y_prob: np.ndarray) -> float:
         return 0.5
     fpr, tpr, thresholds = roc_curve(y_true, y_prob)
     # Not roc_curve's first threshold, +inf (nothing positive): as a probability it would become
-    # 1.0, which calls p = 1 positive. Its J = 0 is also the last point's (everything positive),
-    # so a model no cut helps gets that one, whose J is the one claimed.
+    # 1.0, which calls p = 1 positive. Its J = 0 is also the last point's (everything positive), so
+    # a model no cut helps gets a finite cut of J = 0 (the first such one), whose J is the one claimed.
     best = 1 + int(np.argmax((tpr - fpr)[1:]))
     return float(thresholds[best])
 

@@ -124,6 +124,12 @@ def check_own_output_dir(folder: str | Path, what: str) -> Path:
     return folder
 
 
+def is_data_folder(folder: str | Path) -> bool:
+    """Whether `folder` is a data folder: labels.csv, or MRNet's layout (its label CSVs)."""
+    folder = Path(folder)
+    return (folder / "labels.csv").is_file() or any(folder.glob("*-meniscus.csv"))
+
+
 def is_run_folder(folder: str | Path) -> bool:
     """Whether `folder` is a training run's (it holds a checkpoint)."""
     return any((Path(folder) / name).is_file() for name in ("best.pt", "last.pt"))
