@@ -82,6 +82,24 @@ def test_a_graph_that_disagrees_with_pytorch_is_not_kept(runs, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one is left
 
 
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_a_model_that_answers_nan_is_not_exported(runs, tmp_path, pipeline):
+    # NaN weights: the graph would match PyTorch NaN for NaN and answer nothing (predict refuses it)
+    import shutil
+
+    import torch
+
+    run = tmp_path / "nan"
+    shutil.copytree(runs / "shared", run)
+    payload = torch.load(run / "best.pt", weights_only=True)
+    bias = next(key for key in payload["state_dict"] if key.endswith("bias"))
+    payload["state_dict"][bias] = torch.full_like(payload["state_dict"][bias], float("nan"))
+    torch.save(payload, run / "best.pt")
+    with pytest.raises(MeniscusError, match="output is not finite on a readable check input"):
+        export_onnx(run, tmp_path / "m.onnx", pipeline=pipeline)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_missing_onnx_packages_and_bad_runs_get_a_message(runs, tmp_path, monkeypatch):
     runner = CliRunner()
     missing = runner.invoke(app, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.onnx")])

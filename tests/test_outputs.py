@@ -141,12 +141,25 @@ def test_predict_and_export_replace_their_own_outputs_whatever_their_name(run64,
         result = runner.invoke(app, ["export", str(run64), "--out", str(tmp_path / "model")])
         _clean(result)
         assert result.exit_code == 0, result.output
-    mrnet_labels = tmp_path / "valid-meniscus.csv"  # MRNet's label files have no header
-    mrnet_labels.write_text("0000,1\n0001,0\n")
-    result = _predict(run64, image, out=mrnet_labels)
+    (tmp_path / "model.json").unlink()  # the graph alone is still export's own, by its metadata
+    result = runner.invoke(app, ["export", str(run64), "--out", str(tmp_path / "model")])
     _clean(result)
-    assert result.exit_code == 1 and "not an earlier output of this command" in result.output
-    assert mrnet_labels.read_text() == "0000,1\n0001,0\n"
+    assert result.exit_code == 0, result.output
+    (tmp_path / "empty.csv").touch()  # nothing to protect (mktemp, then --out)
+    assert _predict(run64, image, out=tmp_path / "empty.csv").exit_code == 0
+    others = {
+        "valid-meniscus.csv": "0000,1\n0001,0\n",  # MRNet's label files have no header
+        "manifest.jsonl": '{"image": "scans/a.png", "label": 1}\n',
+        # evaluate's and compare's prediction tables: p_ columns, but not predict's
+        "predictions.csv": "image,slice,split,fissure,p_fissure\na.png,,test,1,0.9\n",
+        "test_predictions.csv": "image,fissure,p_fissure\na.png,1,0.9\n",
+    }
+    for name, text in others.items():
+        (tmp_path / name).write_text(text)
+        result = _predict(run64, image, out=tmp_path / name)
+        _clean(result)
+        assert result.exit_code == 1 and "not an earlier output of this command" in result.output, name
+        assert (tmp_path / name).read_text() == text
 
 
 def test_make_phantom_refuses_a_non_empty_folder_without_overwrite(tmp_path):

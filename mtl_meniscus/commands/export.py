@@ -46,6 +46,7 @@ from mtl_meniscus import __version__
 from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import DEFAULT_THRESHOLD, load_trained
 from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.io.imageio import MAX_PIXEL_MAGNITUDE
 from mtl_meniscus.io.outputs import atomic_write, check_output_file, json_text, write_text_atomic
 from mtl_meniscus.networks.models import segments
 
@@ -272,8 +273,10 @@ def export_onnx(
     onnx, onnxruntime = _onnx_modules()
     out = Path(out)
     sidecar = out.with_name(out.name + ".json")
-    # an earlier export is replaced: a file with export's own .json beside it, and that .json
-    out = check_output_file(out, "--out", written_here=lambda path: _is_sidecar(sidecar))
+    # an earlier export is replaced: a graph with export's metadata (or its .json beside it)
+    out = check_output_file(
+        out, "--out", written_here=lambda path: _is_sidecar(sidecar) or _is_our_graph(onnx, path)
+    )
     check_output_file(sidecar, "--out's .json", written_here=_is_sidecar)
     trained = _slice_model(run_or_checkpoint)
     threshold = trained.saved_threshold or DEFAULT_THRESHOLD  # what predict would apply
@@ -383,6 +386,15 @@ def _pipeline_export(trained, threshold: float, check_inputs, seed: int):
     return module.eval(), check_inputs, "image", ("batch", "height", "width")
 
 
+def _is_our_graph(onnx, path: Path) -> bool:
+    """Whether `path` is an ONNX graph that export wrote (its metadata names this package)."""
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX at all: protobuf's errors come in several types
+        return False
+    return any(prop.key == "mtl_meniscus_version" for prop in graph.metadata_props)
+
+
 def _is_sidecar(path: Path) -> bool:
     """Whether `path` is the .json that export writes beside its graph (ExportReport's fields)."""
     try:
@@ -468,6 +480,19 @@ def _onnx_graph(module: nn.Module, example: np.ndarray, input_name: str, output_
     return program.model_proto
 
 
+def _refuse_unanswered_rows(module: nn.Module, batch: torch.Tensor, reference) -> None:
+    """A readable check row (finite, within the pixel magnitude that reading allows) must get
+    finite probabilities: a network with NaN weights answers NaN everywhere, and its graph would
+    match PyTorch NaN for NaN (predict refuses such a model's every answer)."""
+    readable = _finite_rows(batch) & (batch.abs().flatten(1).amax(dim=1) <= MAX_PIXEL_MAGNITUDE)
+    for probs in reference[: len(_network_of(module).tasks)]:  # (B,) each
+        if not torch.isfinite(probs[readable]).all():
+            raise MeniscusError(
+                "the model's output is not finite on a readable check input (NaN or infinite "
+                "weights in the checkpoint?); nothing written"
+            )
+
+
 def _parity(
     onnxruntime, path: Path, module: nn.Module, inputs, input_name: str, output_names: list[str]
 ) -> float:
@@ -479,6 +504,7 @@ def _parity(
         exported = session.run(output_names, {input_name: batch})
         with torch.no_grad():
             reference = module(torch.from_numpy(batch))
+        _refuse_unanswered_rows(module, torch.from_numpy(batch), reference)
         for a, b in zip(exported, reference):
             a, b = a.astype(np.float64), b.numpy().astype(np.float64)  # `valid` is bool: no subtraction
             both_nan = np.isnan(a) & np.isnan(b)

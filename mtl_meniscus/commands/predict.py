@@ -158,17 +158,24 @@ def _check_outputs(out: Path, cam_dir: Path | None, masks_dir: Path | None) -> N
 
 
 def is_prediction_table(path: Path) -> bool:
-    """Whether `path` holds predict's output, by its first line: a CSV header that starts with the
-    image (or exam) column and has p_<task> columns, or a JSON line with one of those keys."""
+    """Whether `path` holds predict's output, by its first line: a CSV header or a JSON line with
+    predict's columns: the image (or exam) first, p_<task> columns and the error column (which
+    evaluate's predictions.csv and compare's test_predictions.csv lack)."""
     line = first_line(path)
     if line.startswith("{"):
         try:
             row = json.loads(line)
         except ValueError:
             return False
-        return isinstance(row, dict) and ("image" in row or "exam" in row)
-    columns = line.split(",")
-    return columns[0] in ("image", "exam") and any(column.startswith("p_") for column in columns)
+        columns = list(row) if isinstance(row, dict) else []
+    else:
+        columns = line.split(",")
+    return (
+        bool(columns)
+        and columns[0] in ("image", "exam")
+        and "error" in columns
+        and any(column.startswith("p_") for column in columns)
+    )
 
 
 def _read_inputs(

@@ -76,13 +76,13 @@ def check_output_file(
 ) -> Path:
     """Make sure `path` can be written (its folder is created if needed); `what` names the option.
 
-    An existing file is replaced only if `written_here(path)` says this command wrote it (an earlier
-    run's output, by its content): a scan, a checkpoint, a labels.csv or an MRNet label file given
-    as --out by mistake is refused, not overwritten."""
+    An existing file is replaced only if it is empty or `written_here(path)` says this command wrote
+    it (an earlier run's output, by its content): a scan, a checkpoint, a labels.csv or an MRNet
+    label file given as --out by mistake is refused, not overwritten."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{what}: {path} is a folder; give a file name")
-    if path.exists() and not (written_here is not None and written_here(path)):
+    if path.exists() and path.stat().st_size and not (written_here is not None and written_here(path)):
         raise OutputError(
             f"{what}: {path} exists and is not an earlier output of this command; it is not replaced "
             "(an input, a checkpoint, a label file?): choose another name, or delete it first"
