@@ -33,6 +33,13 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def _write(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("evalsplits")
@@ -226,3 +233,38 @@ def test_evaluate_youden_saves_the_threshold_used_by_predict(tiny_run, tmp_path)
     saved = json.loads((run / "threshold.json").read_text())["fissure_threshold"]
     assert metrics["fissure_threshold"] == saved
     assert load_trained(run, FP32).saved_threshold.value == saved
+
+
+def test_a_copied_data_folder_keeps_the_runs_splits_and_other_data_gets_its_own_output(trained, tmp_path):
+    # A copy with one label edited used to be split by its own rules: its "test" split was mostly
+    # the run's training images. Other data went into RUN/eval-test, over the held-out evaluation.
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    copy = tmp_path / "moved"
+    shutil.copytree(trained / "data", copy)
+    rows = _read(copy / "labels.csv")
+    healthy = next(row for row in rows if row["fissure"] == "0")
+    healthy.update(fissure="1", orientation="horizontal", position="posterior")
+    _write(copy / "labels.csv", rows)
+    metrics = run_evaluation(run, data_dir=copy, n_bootstrap=0, tta_copies=0, console=_quiet())
+    saved = {row["image"]: row["split"] for row in _read(run / "splits.csv")}
+    scored = _read(run / "eval-test-moved" / "predictions.csv")
+    assert scored and {saved[row["image"]] for row in scored} == {"test"}  # the run's own test images
+    assert "holds images of the run's data" in metrics["data_note"] and "1 relabelled" in metrics["data_note"]
+    assert not (run / "eval-test").exists()  # its own evaluation's folder is left alone
+
+    own = run_evaluation(run, split="train", n_bootstrap=0, tta_copies=0, console=_quiet())
+    assert "these are the run's training images: not a held-out figure" in own["data_note"]
+
+
+def test_youden_on_a_one_class_val_split_is_refused(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    rows = _read(run / "splits.csv")
+    for row in rows:  # every val tear moved to train: the val split holds one class
+        if row["split"] == "val" and row["fissure"] == "1":
+            row["split"] = "train"
+    _write(run / "splits.csv", rows)
+    with pytest.raises(MeniscusError, match="--youden: the val split .* has 0 tears in .*needs both classes"):
+        run_evaluation(run, youden=True, n_bootstrap=0, tta_copies=0, console=_quiet())
+    assert not (run / "threshold.json").exists()

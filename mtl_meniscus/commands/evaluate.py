@@ -391,7 +391,7 @@ def run_evaluation(
         metrics["cam_peak_in_tear"] = write_cams_and_check_peaks(trained, scored, runtime, Path(cam_dir))
         _print_cam_check(console, metrics["cam_peak_in_tear"], cam_dir)
 
-    out_dir = Path(out_dir) if out_dir else (trained.run_dir or trained.checkpoint.parent) / f"eval-{split}"
+    out_dir = Path(out_dir) if out_dir else _default_out_dir(trained, data, split)
     figures = _write_outputs(out_dir, metrics, scored, trained, runtime, seed)
     _show(console, metrics, out_dir, figures, tta)
     _log_to_wandb(trained, out_dir, metrics, scored, figures, wandb_mode, cam_dir)
@@ -414,6 +414,15 @@ class Scored:
         """Each task's cut: the fissure threshold for the root task, 0.5 for the gated ones."""
         root = self.data.tasks.root.name
         return {task: self.threshold if task == root else 0.5 for task in self.probs}
+
+
+def _default_out_dir(trained: TrainedModel, data, split: str) -> Path:
+    """RUN/eval-<split>; on another data folder RUN/eval-<split>-<its name>, so that the run's own
+    held-out evaluation is not replaced by one on other data."""
+    own = trained.config.data.path
+    other = own is None or Path(data.data_dir).resolve() != Path(own).resolve()
+    name = f"eval-{split}-{Path(data.data_dir).resolve().name}" if other else f"eval-{split}"
+    return (trained.run_dir or trained.checkpoint.parent) / name
 
 
 def _write_outputs(

@@ -335,12 +335,22 @@ def load_trained(run_or_checkpoint: str | Path, runtime: Runtime, calibration: b
     return TrainedModel(model, config, checkpoint, run_dir, calibrated)
 
 
+# What a split of the run's own data says about the model, where it is not a held-out figure.
+NOT_HELD_OUT = {
+    "train": "these are the run's training images: not a held-out figure",
+    "all": "all images, the run's training images among them: not a held-out figure",
+    "val": "the val split chose the best epoch (and any calibration and threshold): an optimistic figure",
+}
+
+
 def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) -> tuple[PreparedData, str]:
     """The data to score and a note on it.
 
     The run's own data (no --data, or --data naming the run's folder) keeps the splits the run
     was trained with, read from its splits.csv: a recomputed split can move training images
-    into the test split when labels.csv has changed. Another folder is split by its own rules.
+    into the test split when labels.csv has changed. So does another folder that holds images the
+    run listed (a moved or copied data folder): split by its own rules, its "test" split could be
+    the run's training images. A folder without any of them is split by its own rules.
     """
     from rich.console import Console
 
@@ -355,11 +365,28 @@ def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) ->
     with counted_progress(Console(soft_wrap=True), "reading the data") as on_row:
         data = prepare_data(folder, config.data, on_row=on_row, masks=config.model.segmentation)
     is_own = own_dir is not None and Path(folder).resolve() == own_dir.resolve()
+    note = ""
+    if not is_own and _holds_run_images(trained, data):
+        is_own = True
+        note = f"{folder} holds images of the run's data (moved or copied?): the run's splits are kept"
+    if is_own and split in NOT_HELD_OUT:
+        note = "; ".join(filter(None, [note, NOT_HELD_OUT[split]]))
     if not is_own or split == "all":
-        return data, ""
+        return data, note
     if trained.run_dir is None:
         raise MeniscusError(
             f"{trained.checkpoint} is not in a run folder, so its {split} split is unknown: evaluate the run "
             "folder (its splits.csv lists the split of every image), or pass --data DIR --split all"
         )
-    return data, data.restore_splits(trained.run_dir / "splits.csv")
+    return data, "; ".join(filter(None, [note, data.restore_splits(trained.run_dir / "splits.csv")]))
+
+
+def _holds_run_images(trained: TrainedModel, data) -> bool:
+    """Whether `data` holds any image (with its slice) that the run's splits.csv lists."""
+    from mtl_meniscus.data.records import read_saved_splits
+
+    splits = trained.run_dir / "splits.csv" if trained.run_dir is not None else None
+    if splits is None or not splits.is_file():
+        return False
+    saved = read_saved_splits(splits)
+    return any(record.key in saved for record in data.records)

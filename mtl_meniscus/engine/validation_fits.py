@@ -111,16 +111,23 @@ def choose_threshold(
     if given is not None or not youden:
         return resolve_threshold(trained, given)
     data, val = validation_split(trained, "--youden picks the threshold", console)
+    truth = data.targets[val, data.tasks.index(data.tasks.root.name)]
+    tears = int(np.nansum(truth))
+    if tears in (0, len(val)):  # youden_threshold would return 0.5, saved as if J had chosen it
+        raise MeniscusError(
+            f"--youden: the val split of {trained.run_dir} has {tears} tears in {len(val)} images: "
+            "Youden's J needs both classes; give --threshold, or keep the saved threshold"
+        )
     tta = trained.config.tta
     probs = trained.predict(data.view(val), runtime, tta=tta, seed=0)
     root = data.tasks.root.name
-    value = youden_threshold(data.targets[val, data.tasks.index(root)], probs[root])
+    value = youden_threshold(truth, probs[root])
     record = {
         "fissure_threshold": value,
         "chosen_by": "youden_j",
         "split": "val",
         "n_images": len(val),
-        "n_tears": int(np.nansum(data.targets[val, data.tasks.index(root)])),
+        "n_tears": tears,
         "tta_copies": tta.copies,
         "tta_seed": 0,
         "fissure_temperature": trained.calibration.temperature(root) if trained.calibration else 1.0,
