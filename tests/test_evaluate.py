@@ -255,6 +255,13 @@ def test_a_copied_data_folder_keeps_the_runs_splits_and_other_data_gets_its_own_
 
     own = run_evaluation(run, split="train", n_bootstrap=0, tta_copies=0, console=_quiet())
     assert "these are the run's training images: not a held-out figure" in own["data_note"]
+    import torch
+
+    payload = torch.load(run / "best.pt", weights_only=True)
+    payload["config"]["data"]["path"] = str(tmp_path / "gone")  # the run's data folder moved away
+    torch.save(payload, run / "best.pt")
+    with pytest.raises(MeniscusError, match="data folder .*gone is gone \\(moved\\?\\): pass --data"):
+        run_evaluation(run, n_bootstrap=0, tta_copies=0, console=_quiet())
 
 
 def test_youden_on_a_one_class_val_split_is_refused(trained, tmp_path):

@@ -362,6 +362,11 @@ def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) ->
     folder = data_dir if data_dir is not None else own_dir
     if folder is None:
         raise MeniscusError("this checkpoint does not record its data folder; pass --data DIR")
+    if data_dir is None and not Path(folder).is_dir():
+        raise MeniscusError(
+            f"the run's data folder {folder} is gone (moved?): pass --data with where it is now (a "
+            "folder holding the run's images keeps the run's splits)"
+        )
     with counted_progress(Console(soft_wrap=True), "reading the data") as on_row:
         data = prepare_data(folder, config.data, on_row=on_row, masks=config.model.segmentation)
     is_own = own_dir is not None and Path(folder).resolve() == own_dir.resolve()
