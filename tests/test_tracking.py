@@ -129,3 +129,20 @@ def test_the_scored_model_is_recorded_in_the_offline_run_files(tmp_path):
         time.sleep(0.5)
     assert training_id in recorded
     assert str(tmp_path / "run" / "best.pt").encode() in recorded and b"model_wandb_id" in recorded
+
+
+def test_wandb_online_that_cannot_start_is_a_message_not_a_traceback(tmp_path, monkeypatch):
+    from mtl_meniscus.config import WandbConfig
+    from mtl_meniscus.engine.tracking import RunLogger
+    from mtl_meniscus.errors import MeniscusError
+
+    def no_key(**kwargs):  # what wandb raises without an API key (or a CommError without a network)
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    with pytest.raises(
+        MeniscusError, match=r"wandb online: the run could not start \(UsageError: No API key"
+    ):
+        RunLogger(WandbConfig(mode="online"), tmp_path, "run", {})
+    with pytest.raises(wandb.errors.UsageError):  # offline failures are not online's to explain
+        RunLogger(WandbConfig(mode="offline"), tmp_path, "run", {})

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from mtl_meniscus.config import WandbConfig
+from mtl_meniscus.errors import MeniscusError
 
 MODEL_ARTIFACT_PREFIX = "model-"  # + the run folder's name: the artifact train logs best.pt as
 
@@ -35,18 +36,27 @@ class RunLogger:
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(
-            project=config.project,
-            name=name,
-            id=run_id,
-            resume="allow",  # a resumed training run continues the same wandb run
-            dir=str(run_dir),
-            mode=self.mode,
-            group=config.group,
-            job_type=config.job_type,
-            config=run_config,
-            settings=wandb.Settings(console="off", x_disable_stats=True),
-        )
+        try:
+            self.run = wandb.init(
+                project=config.project,
+                name=name,
+                id=run_id,
+                resume="allow",  # a resumed training run continues the same wandb run
+                dir=str(run_dir),
+                mode=self.mode,
+                group=config.group,
+                job_type=config.job_type,
+                config=run_config,
+                settings=wandb.Settings(console="off", x_disable_stats=True),
+            )
+        except Exception as err:  # wandb's errors come in many types (no API key, no network, ...)
+            if self.mode != "online":
+                raise
+            reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+            raise MeniscusError(
+                f"wandb online: the run could not start ({type(err).__name__}: {reason}); check "
+                "WANDB_API_KEY and the network, or log offline (--wandb offline, then wandb sync)"
+            ) from None
 
     @property
     def folder(self) -> Path | None:
