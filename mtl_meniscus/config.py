@@ -50,6 +50,11 @@ class TaskConfig(Section):
     positive: str = ""  # what a positive row is called in messages
 
 
+# labels.csv's columns other than the tasks' (data/folder.py): no task may take one's name, e.g. a
+# task "split" would read the split column as labels.
+LABELS_COLUMNS = ("image", "patient_id", "split", "slice", "mask")
+
+
 class DataConfig(Section):
     """Where the images are and which ones are kept."""
 
@@ -91,10 +96,12 @@ class DataConfig(Section):
         for name, extra in self.extra_tasks.items():
             key = f"data.extra_tasks.{name}"
             check_value(
-                bool(re.fullmatch(r"[a-z][a-z0-9_]*", name)) and name not in known,
+                bool(re.fullmatch(r"[a-z][a-z0-9_]*", name)) and name not in (*known, *LABELS_COLUMNS),
                 "data.extra_tasks",
                 name,
-                "a new task name: lower-case letters, digits and '_', not one of " + ", ".join(known),
+                "a new task name: lower-case letters, digits and '_', not one of "
+                + ", ".join((*known, *LABELS_COLUMNS))
+                + " (a task is read from the labels.csv column of its name)",
             )
             targets = sorted(extra.values.values())
             check_value(

@@ -151,6 +151,8 @@ def test_its_labels_are_checked_like_the_built_in_ones(data, tmp_path):
     "task, message",
     [
         ({"fissure": DISPLACED}, "data.extra_tasks"),  # a built-in name
+        ({"split": DISPLACED}, "not one of fissure, .*split"),  # would read the split column as labels
+        ({"patient_id": DISPLACED}, "the labels.csv column of its name"),
         ({"displaced": {"values": {"yes_": 2, "no_": 0}}}, "data.extra_tasks.displaced.values"),
         ({"displaced": {"values": {"a": 1, "b": 0}, "gated_by": "nothing"}}, "gated_by"),
     ],
