@@ -61,3 +61,18 @@ def test_a_file_or_folder_that_is_not_a_run_is_called_what_it_is(data64, tmp_pat
         _clean(result)
         assert result.exit_code == 1 and named in result.output, (run, result.output)
         assert "for safety" not in result.output and "--resume" not in result.output
+
+
+def test_predict_and_evaluate_say_when_the_run_did_not_learn(run64, data64, tmp_path):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run64, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    image = next((data64 / "images").glob("*.png"))
+    for learned, warned in ((False, True), (True, False)):
+        (run / "metrics.json").write_text(json.dumps(metrics | {"learned": learned}))
+        result = _predict(run, image, out=tmp_path / "p.csv")
+        _clean(result)
+        assert result.exit_code == 0 and ("did not learn" in result.output) == warned, result.output

@@ -157,12 +157,32 @@ class TrainedModel:
 
     @property
     def calibration_note(self) -> str:
-        """What the probabilities are, for the terminal of every command that prints them."""
+        """What the probabilities are, for the terminal of every command that prints them: how they
+        are calibrated, and a warning on a second line when the run did not learn."""
         if self.calibration is None:
-            return (
+            note = (
                 "probabilities: the network's own, uncalibrated (evaluate RUN --calibrate fits a calibration)"
             )
-        return f"probabilities: {self.calibration.describe()}"
+        else:
+            note = f"probabilities: {self.calibration.describe()}"
+        return "\n".join(filter(None, [note, self.did_not_learn_note]))
+
+    @property
+    def did_not_learn_note(self) -> str:
+        """A warning when the run's metrics.json says it did not learn ('' otherwise, or without one):
+        its answers are then no better than chance, and every command that prints them says so."""
+        metrics = self.run_dir / "metrics.json" if self.run_dir is not None else None
+        try:
+            learned = (
+                json.loads(metrics.read_text()).get("learned") if metrics and metrics.is_file() else None
+            )
+        except (OSError, ValueError, AttributeError):
+            return ""
+        if learned is not False:
+            return ""
+        return (
+            f"warning: {self.run_dir} did not learn (its metrics.json: learned false): its answers are chance"
+        )
 
     @property
     def exam_rule(self) -> str:
