@@ -9,7 +9,8 @@ The same pieces as `train` (a preset with --set overrides, the data folder's spl
 masked loss with train.task_weights, validation score), without its stopping rules and LR cuts, so that variants are
 compared step for step. Each run writes OUT/<tag>.json (validation score after every 80 steps,
 onset epoch = first score above 0.7, the command and the machine); --render prints the table of
-docs/results.md from those files (and writes it between that page's ablation-table markers).
+docs/results.md from those files (and writes it between that page's ablation-table markers, --page);
+an OUT without any <tag>.json is refused (exit 1) and the page is left as it was.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.py
+from results_page import RESULTS_PAGE, read_json, result_files, write_table  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 EPOCH = 80  # steps between validations: the presets' steps_per_epoch
@@ -94,8 +95,11 @@ def train_variant(args: argparse.Namespace) -> dict:
     }
 
 
-def render(out: Path) -> str:
-    rows = sorted((json.loads(p.read_text()) for p in out.glob("*.json")), key=lambda r: r["order"])
+def render(out: Path, page: Path = RESULTS_PAGE) -> str:
+    """The table from OUT's <tag>.json files (`page` is only named in a refusal: the caller writes it)."""
+    made_by = "python scripts/ablation.py DATA --tag NAME"
+    files = result_files(out, "*.json", "a <tag>.json per ablation run", made_by, str(page))
+    rows = sorted((read_json(p, made_by) for p in files), key=lambda r: r["order"])
     lines = [
         "| variant | command | gated loss mean | validation score every 80 steps | onset epoch (> 0.7) "
         "| at the last step |",
@@ -132,8 +136,8 @@ def main() -> None:
         result = train_variant(args)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.tag}.json").write_text(json.dumps(result, indent=2))
-    table = render(args.out)
-    replace_between(args.page, "ablation-table", table)
+    table = render(args.out, args.page)
+    write_table(args.page, "ablation-table", table)
     print(table)
 
 

@@ -1,7 +1,7 @@
 """The comparison tables of docs/results.md, from the folders `python cli.py compare` wrote.
 
     python scripts/compare_table.py keep LABEL COMPARE_DIR --command "python cli.py compare ..."
-    python scripts/compare_table.py render [--page docs/results.md]
+    python scripts/compare_table.py render [--page docs/results.md] [--readme README.md]
 
 `keep` copies a finished comparison's result files (results.json, results.md, results_per_seed.csv,
 compare.yaml, and each variant's config.yaml, result.json and test_predictions.csv) into
@@ -9,8 +9,11 @@ results/compare/LABEL/ with the command that made it and the machine it ran on (
 one in the folder's machine.json, with its wall time: scripts/gpu-compare.sh),
 and its forest plot (and learning curves, if any) into docs/images/compare-LABEL-*.png. `render`
 writes every kept comparison, its table and caption as compare wrote them, between the page's
-`compare` markers, and the README's summary (cascade against shared per comparison) between its
-`compare-summary` markers.
+`compare` markers (--page, default docs/results.md), and the README's summary (cascade against
+shared per comparison) between its `compare-summary` markers (--readme, default README.md; --page
+given without --readme writes the page only and prints the summary, so that trying a page
+elsewhere leaves the repository's README alone). With no comparison kept in results/compare/
+(no LABEL/about.json) `render` is refused (exit 1) and nothing is written.
 
 A kept comparison's table can be rewritten without training: copy results/compare/LABEL to a new
 folder and run `MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --out FOLDER` with its options
@@ -27,10 +30,11 @@ import time
 from pathlib import Path
 
 import yaml
-from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.py
+from results_page import RESULTS_PAGE, read_json, replace_between  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "compare"
+README = ROOT / "README.md"
 FIGURES = ROOT / "docs" / "images"
 KEPT = ("results.json", "results.md", "results_per_seed.csv", "compare.yaml")
 MEANING = {  # what a kept comparison's label stands for, in the README's caption
@@ -45,6 +49,19 @@ MACHINE_FILE = "machine.json"  # written beside them by scripts/gpu-compare.sh: 
 
 
 def keep(label: str, folder: Path, command: str) -> Path:
+    if not folder.is_dir():
+        raise SystemExit(
+            f"{folder} does not exist (COMPARE_DIR: a `python cli.py compare --out` folder); nothing kept."
+        )
+    results = sorted(folder.glob("variants/*/result.json"))
+    # everything checked before anything is copied: a half-kept comparison would replace a kept one
+    missing = [folder / name for name in KEPT] + [r.parent / n for r in results for n in VARIANT_FILES]
+    missing = [str(path) for path in missing if not path.is_file()]
+    if missing:
+        raise SystemExit(
+            f"{folder} is not a finished `python cli.py compare` folder: missing {', '.join(missing)}; "
+            f"nothing kept ({OUT / label} left as it was)."
+        )
     sys.path.insert(0, str(ROOT))
     from mtl_meniscus.commands.bench import machine_info
 
@@ -55,7 +72,6 @@ def keep(label: str, folder: Path, command: str) -> Path:
     # each scored variant's settings, scores and test predictions (no checkpoint): enough for
     # `compare --out` on a copy to rewrite the table, or to add variants, without retraining
     shutil.rmtree(target / "variants", ignore_errors=True)
-    results = sorted(folder.glob("variants/*/result.json"))
     for result in results:
         kept = target / "variants" / result.parent.name
         kept.mkdir(parents=True)
@@ -84,10 +100,25 @@ def keep(label: str, folder: Path, command: str) -> Path:
     return target
 
 
-def render(page: Path = RESULTS_PAGE, readme: Path = ROOT / "README.md") -> str:
+def render(page: Path = RESULTS_PAGE, readme: Path | None = README) -> str:
+    """Every kept comparison into `page`, the README's summary into `readme` (None: printed on
+    stderr, not written). Nothing kept: refused before anything is written."""
+    kept = _kept_folders()
+    if not kept:
+        state = "does not exist" if not OUT.is_dir() else "holds no kept comparison (LABEL/about.json)"
+        raise SystemExit(
+            f"{OUT} {state}: nothing to render. It should hold the folders `python scripts/compare_table.py "
+            f"keep LABEL COMPARE_DIR --command ...` writes; {page} and {readme or 'the README'} left unchanged."
+        )
+    for folder in kept:  # every file the page and the summary read, before either is written
+        for name in ("results.md", "results.json", "compare.yaml"):
+            if not (folder / name).is_file():
+                raise SystemExit(
+                    f"{folder / name} does not exist (a kept comparison has it): nothing written."
+                )
     sections = []
-    for folder in _kept_folders():
-        about = json.loads((folder / "about.json").read_text())
+    for folder in kept:
+        about = read_json(folder / "about.json")
         text = (folder / "results.md").read_text().strip()
         wall = f"{about['wall_minutes']} min wall, " if "wall_minutes" in about else ""
         lines = [
@@ -102,10 +133,17 @@ def render(page: Path = RESULTS_PAGE, readme: Path = ROOT / "README.md") -> str:
             if image.is_file():
                 lines += ["", f"![{about['label']}: {figure.replace('_', ' ')}](images/{image.name})"]
         sections.append("\n".join(lines))
-    content = "\n\n".join(sections) if sections else "(no comparison kept yet)"
+    content = "\n\n".join(sections)
+    summary = readme_summary()
     if not replace_between(page, "compare", content):
         raise SystemExit(f"{page}: no <!-- compare:start --> / <!-- compare:end --> markers")
-    if not replace_between(readme, "compare-summary", readme_summary()):
+    if readme is None:
+        print(
+            "--page without --readme: README.md's compare-summary left as it was (pass --readme PATH to "
+            f"write it); the summary:\n{summary}",
+            file=sys.stderr,
+        )
+    elif not replace_between(readme, "compare-summary", summary):
         raise SystemExit(
             f"{readme}: no <!-- compare-summary:start --> / <!-- compare-summary:end --> markers"
         )
@@ -118,9 +156,9 @@ def readme_summary() -> str:
     the learning curves of a comparison over several training fractions, with their plot."""
     rows, notes, labels, curves = [], [], [], []
     for folder in _kept_folders():
-        about = json.loads((folder / "about.json").read_text())
+        about = read_json(folder / "about.json")
         settings = yaml.safe_load((folder / "compare.yaml").read_text())
-        pairs = _cascade_and_shared(json.loads((folder / "results.json").read_text()))
+        pairs = _cascade_and_shared(read_json(folder / "results.json"))
         if len(pairs) > 1:  # learning curves: its full-split point is a comparison of its own
             curves += _curve_lines(about["label"], pairs)
         elif 1.0 in pairs:
@@ -213,7 +251,7 @@ def _flags(name: str, row: dict) -> str:
 def _kept_folders() -> list[Path]:
     """The kept comparisons, the budgets in the order a reader compares them, then the others."""
     order = ["per-network", "equal-images", "equal-flops"]
-    kept = [p for p in OUT.iterdir() if (p / "about.json").is_file()]
+    kept = [p for p in OUT.iterdir() if (p / "about.json").is_file()] if OUT.is_dir() else []
     return sorted(kept, key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
 
 
@@ -227,13 +265,23 @@ def main() -> None:
     parser.add_argument("label", nargs="?")
     parser.add_argument("folder", nargs="?", type=Path)
     parser.add_argument("--command", default="")
-    parser.add_argument("--page", type=Path, default=RESULTS_PAGE)
+    parser.add_argument(
+        "--page", type=Path, help="the page with the compare markers (default docs/results.md)"
+    )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        help="the page with the compare-summary markers (default README.md; with --page and without "
+        "--readme the summary is printed, not written)",
+    )
     args = parser.parse_args()
+    readme = args.readme or (README if args.page is None else None)
+    page = args.page or RESULTS_PAGE
     if args.action == "keep":
         if not (args.label and args.folder and args.command):
             parser.error("keep needs LABEL, COMPARE_DIR and --command")
         keep(args.label, args.folder, args.command)
-    print(render(args.page))
+    print(render(page, readme))
 
 
 if __name__ == "__main__":

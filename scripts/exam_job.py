@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.py
+from results_page import RESULTS_PAGE, read_json, result_files, write_table  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "exams"
@@ -71,12 +71,15 @@ def run(label: str, exams: int, slices: int) -> dict:
 
 
 def render(page: Path = RESULTS_PAGE) -> str:
+    files = result_files(
+        OUT, "*.json", "a LABEL.json per exam job", "python scripts/exam_job.py run LABEL", str(page)
+    )  # none: refused, nothing written
     lines = [
         "| machine | mode | command | wall time | epochs run, best (val AUC) | left chance | test exam-level AUC | with TTA |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for path in sorted(OUT.glob("*.json")):
-        r = json.loads(path.read_text())
+    for path in files:
+        r = read_json(path)
         for mode, m in r["modes"].items():
             minutes, seconds = divmod(round(m["wall_seconds"]), 60)
             lines.append(
@@ -85,7 +88,7 @@ def render(page: Path = RESULTS_PAGE) -> str:
                 f"{m['left_chance_epoch'] or 'never'} | {m['test_auc']:.3f} | {m['test_auc_tta']:.3f} |"
             )
     table = "\n".join(lines)
-    replace_between(page, "exam-job", table)
+    write_table(page, "exam-job", table)
     return table
 
 

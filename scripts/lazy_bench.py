@@ -25,7 +25,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.py
+from results_page import RESULTS_PAGE, read_json, result_files, write_table  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "lazy"
@@ -109,12 +109,19 @@ def run(label: str, slices: int, size: int) -> dict:
 
 
 def render(page: Path = RESULTS_PAGE) -> str:
+    files = result_files(
+        OUT,
+        "*.json",
+        "a LABEL.json per lazy-loading run",
+        "python scripts/lazy_bench.py run LABEL",
+        str(page),
+    )  # none: refused, nothing written
     lines = [
         "| machine | data set | images held | peak RSS | one epoch, wall (with data checks and test) | training images/s |",
         "|---|---|---|---|---|---|",
     ]
-    for path in sorted(OUT.glob("*.json")):
-        r = json.loads(path.read_text())
+    for path in files:
+        r = read_json(path)
         for key, what in (("large", "fastMRI+-sized `.h5` folder"), ("phantom", "default phantom")):
             d = r[key]
             lines.append(
@@ -123,7 +130,7 @@ def render(page: Path = RESULTS_PAGE) -> str:
                 f"{d['wall_seconds']:.0f} s | {d['train_images_per_s']:.0f} |"
             )
     table = "\n".join(lines)
-    replace_between(page, "lazy-bench", table)
+    write_table(page, "lazy-bench", table)
     return table
 
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_page import RESULTS_PAGE, replace_between  # scripts/results_page.py
+from results_page import RESULTS_PAGE, read_json, result_files, write_table  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "main-job"
@@ -91,7 +91,10 @@ def _history(path: Path) -> list[dict[str, str]]:
 
 
 def render(page: Path = RESULTS_PAGE) -> str:
-    rows = sorted((json.loads(p.read_text()) for p in OUT.glob("*.json")), key=lambda r: r["label"])
+    files = result_files(
+        OUT, "*.json", "a LABEL.json per timed main job", "python scripts/main_job.py run LABEL", str(page)
+    )  # none: refused, nothing written
+    rows = sorted((read_json(p) for p in files), key=lambda r: r["label"])
     lines = [
         "| machine | command | wall time (generation + training + evaluation) | training | test score (with TTA) |",
         "|---|---|---|---|---|",
@@ -104,7 +107,7 @@ def render(page: Path = RESULTS_PAGE) -> str:
             f"at {r['left_chance_epoch']}, best {r['best_epoch']} | {r['test_score']:.3f} ({r['test_score_tta']:.3f}) |"
         )
     table = "\n".join(lines)
-    replace_between(page, "main-job", table)
+    write_table(page, "main-job", table)
     return table
 
 

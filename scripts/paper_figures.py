@@ -12,7 +12,9 @@ scaling and the threshold fitted on the validation split, then the test split sc
 walkthrough.json), copies the calibrated evaluation's figures, downscaled to small PNGs, to
 docs/images/eval-*.png and writes results/figures/summary.json (per task: test AUC, ECE and Brier
 before and after calibration, the temperature; the machine). `render` writes the walk-through and
-the calibration table between the README's markers.
+the calibration table between the markers of the page (--page, default README.md); without
+results/figures/summary.json and walkthrough.json it is refused (exit 1) and the page is left as
+it was.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import cv2
 import yaml
-from results_page import replace_between  # scripts/results_page.py
+from results_page import read_json, replace_between  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "figures"
@@ -146,8 +148,16 @@ def _shown(args: list[str], work: Path) -> list[str]:
     return [arg.replace(f"{work}/", "") for arg in args]
 
 
-def render(page: Path) -> str:
-    summary = json.loads((OUT / "summary.json").read_text())
+def render(page: Path, out: Path = OUT) -> str:
+    """The calibration table and the walk-through from `out`'s summary.json and walkthrough.json,
+    into `page`; a missing file is refused before anything is written."""
+    for name in ("summary.json", "walkthrough.json"):
+        if not (out / name).is_file():
+            raise SystemExit(
+                f"{out / name} does not exist: nothing to render (`python scripts/paper_figures.py run` "
+                f"writes {out}/summary.json and walkthrough.json); {page} left unchanged."
+            )
+    summary = read_json(out / "summary.json", "python scripts/paper_figures.py run")
     lines = [
         "| task | test n (positive) | AUC | temperature | ECE before → after | Brier before → after |",
         "|---|---|---|---|---|---|",
@@ -165,7 +175,7 @@ def render(page: Path) -> str:
         "written by `scripts/paper_figures.py`."
     )
     table = "\n".join(lines)
-    walk = json.loads((OUT / "walkthrough.json").read_text())
+    walk = read_json(out / "walkthrough.json", "python scripts/paper_figures.py run")
     blocks = []
     for step in walk["steps"]:
         printed = step["printed"].rstrip("\n")
@@ -178,16 +188,29 @@ def render(page: Path) -> str:
         + "\n```\n\n"
         + f"({walk['machine']}, {walk['date']}; written by `scripts/paper_figures.py`.)"
     )
+    written = page.read_text() if page.is_file() else ""
+    for name in ("calibration", "walkthrough"):  # both checked before either is written
+        if f"<!-- {name}:start -->" not in written or f"<!-- {name}:end -->" not in written:
+            state = (
+                "does not exist"
+                if not page.is_file()
+                else f"has no <!-- {name}:start --> / <!-- {name}:end --> markers"
+            )
+            raise SystemExit(f"{page} {state}: nothing written.")
     for name, content in (("calibration", table), ("walkthrough", text)):
-        if not replace_between(page, name, content):
-            raise SystemExit(f"{page}: no <!-- {name}:start --> / <!-- {name}:end --> markers")
+        replace_between(page, name, content)
     return table + "\n\n" + text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["run", "render"])
-    parser.add_argument("--page", type=Path, default=ROOT / "README.md")
+    parser.add_argument(
+        "--page",
+        type=Path,
+        default=ROOT / "README.md",
+        help="the page with the calibration and walkthrough markers",
+    )
     args = parser.parse_args()
     if args.action == "run":
         print(json.dumps(run(), indent=2))

@@ -11,7 +11,8 @@ images with meniscus/tear masks), then for every training seed and both variants
 `cli.py train` and one `cli.py evaluate RUN --split test` (TTA on). It keeps each cell's
 result.json (test Dice/IoU per class with CIs, the ROI hit rates, the classification score, the
 wall time, the machine) in OUT/<variant>-seed<k>/; rerun it to continue. `render` reads only those
-files and writes the table between the segmentation-table markers of docs/results.md.
+files and writes the table between the segmentation-table markers of docs/results.md (--page). An
+OUT without any result.json is refused (exit 1) and the page is left as it was.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_page import RESULTS_PAGE, write_table  # scripts/results_page.py
+from results_page import RESULTS_PAGE, read_json, result_files, write_table  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"seg": ["--set", "model.segmentation=true"], "noseg": []}
@@ -90,13 +91,15 @@ def _ci(values: list[float] | None) -> str:
     return f"{values[0]:.3f}-{values[1]:.3f}" if values and None not in values else "undefined"
 
 
-def render(out: Path) -> str:
-    cells = sorted(
-        (json.loads(p.read_text()) for p in out.glob("*-seed*/result.json")),
-        key=lambda r: (r["variant"], r["seed"]),
+def render(out: Path, page: Path = RESULTS_PAGE) -> str:
+    """The table from OUT's result.json files (`page` is only named in the refusal: the caller
+    writes it). An OUT with none is refused."""
+    made_by = "python scripts/segmentation_table.py run"
+    files = result_files(
+        out, "*-seed*/result.json", "<variant>-seed<k>/result.json files", made_by, str(page)
     )
-    if not cells:
-        return "(no results yet: python scripts/segmentation_table.py run)"
+    cells = sorted((read_json(p, made_by) for p in files), key=lambda r: (r["variant"], r["seed"]))
+    source = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     machines = list(dict.fromkeys(_machine_text(r["machine"]) for r in cells))  # in the rows' order
     machine_names = {text: f"M{k + 1}" for k, text in enumerate(machines)}
     lines = [
@@ -108,7 +111,7 @@ def render(out: Path) -> str:
             if len(machines) == 1
             else "s: " + "; ".join(f"{machine_names[m]} {m}" for m in machines) + "."
         )
-        + " Written by `python scripts/segmentation_table.py render` from `results/segmentation/`.",
+        + f" Written by `python scripts/segmentation_table.py render` from `{source}/`.",
         "",
         "| variant | training seed | test score (TTA) | Dice meniscus [95% CI] | Dice tear [95% CI] "
         "| classical horns: tear inside both windows [95% CI] | predicted horns: same "
@@ -200,11 +203,13 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default="seg,noseg")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "segmentation")
-    parser.add_argument("--page", type=Path, default=RESULTS_PAGE)
+    parser.add_argument(
+        "--page", type=Path, default=RESULTS_PAGE, help="the page with the segmentation-table markers"
+    )
     args = parser.parse_args()
     if args.action == "run":
         run(args.out, args.data_seed, [int(s) for s in args.seeds.split(",")], args.variants.split(","))
-    table = render(args.out)
+    table = render(args.out, args.page)
     write_table(args.page, "segmentation-table", table)
     print(table)
 

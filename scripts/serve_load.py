@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "serve" / "load.json"
 PAGE = ROOT / "docs" / "cli.md"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_page import replace_between  # noqa: E402  (scripts/results_page.py)
+from results_page import read_json, replace_between  # noqa: E402  (scripts/results_page.py)
 
 
 def machine() -> dict:
@@ -194,7 +194,7 @@ def run_check(args) -> dict:
 
 
 def render(page: Path = PAGE) -> str:
-    result = json.loads(OUT.read_text())
+    result = read_json(OUT, "python scripts/serve_load.py run RUN")  # missing: refused, nothing written
     cpu = result["machine"]
     rss = result["rss_mib"]
     table = "\n".join(

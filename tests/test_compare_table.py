@@ -2,9 +2,11 @@
 from result files in the format `compare` writes (rows of the kept per-network comparison)."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,3 +61,60 @@ def test_learning_curves_get_a_table_of_their_own_beside_the_budgets(tmp_path, m
     ]  # fmt: skip
     assert "![curves: learning curves](docs/images/compare-curves-learning_curves.png)" in lines
     assert any("curves: per-network, on nested, stratified, patient-grouped shares" in line for line in lines)
+
+
+def _pages(tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of docs/results.md and README.md, with the compare and compare-summary markers."""
+    page, readme = tmp_path / "results.md", tmp_path / "README.md"
+    page.write_bytes((ROOT / "docs" / "results.md").read_bytes())
+    readme.write_bytes((ROOT / "README.md").read_bytes())
+    return page, readme
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_render_refuses_when_no_comparison_is_kept(tmp_path, monkeypatch, state):
+    page, readme = _pages(tmp_path)
+    out = tmp_path / "compare"
+    if state == "empty":
+        out.mkdir()
+    monkeypatch.setattr(compare_table, "OUT", out)
+    before = page.read_bytes(), readme.read_bytes()
+    with pytest.raises(SystemExit) as refused:
+        compare_table.render(page, readme)
+    assert str(out) in str(refused.value.code) and "compare_table.py keep" in str(refused.value.code)
+    assert (page.read_bytes(), readme.read_bytes()) == before
+
+
+def test_page_without_readme_leaves_the_readme_alone(tmp_path, monkeypatch, capsys):
+    page, readme = _pages(tmp_path)
+    out = tmp_path / "compare"
+    shutil.copytree(ROOT / "results" / "compare", out)
+    monkeypatch.setattr(compare_table, "OUT", out)
+    monkeypatch.setattr(compare_table, "README", readme)  # stands for the repository's README
+    before = readme.read_bytes()
+    monkeypatch.setattr(sys, "argv", ["compare_table.py", "render", "--page", str(page)])
+    compare_table.main()
+    assert readme.read_bytes() == before
+    assert "**per-network**" in page.read_text()
+    assert "--page without --readme" in capsys.readouterr().err
+
+    other = tmp_path / "other-readme.md"
+    other.write_bytes(before)
+    monkeypatch.setattr(
+        sys, "argv", ["compare_table.py", "render", "--page", str(page), "--readme", str(other)]
+    )
+    compare_table.main()
+    assert readme.read_bytes() == before and "| per-network |" in other.read_text()
+
+
+def test_keep_refuses_an_unfinished_comparison_before_copying(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare_table, "OUT", tmp_path / "compare")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "results.json").write_text("[]")
+    with pytest.raises(SystemExit) as refused:
+        compare_table.keep("per-network", folder, "python cli.py compare")
+    assert "results.md" in str(refused.value.code) and not (tmp_path / "compare").exists()
+    with pytest.raises(SystemExit) as refused:
+        compare_table.keep("per-network", tmp_path / "nowhere", "python cli.py compare")
+    assert "does not exist" in str(refused.value.code)
