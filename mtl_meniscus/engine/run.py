@@ -317,12 +317,16 @@ def _finish_run(
     console: Console,
 ) -> dict[str, Any]:
     """Assemble the model, score the test split, write best.pt, metrics.json and the curves, print
-    the summary and the warnings of networks that did not learn or started late."""
+    the summary and the warnings of networks that did not learn or started late, or whose splits
+    left them a task of one class or validation that cannot tell (trainer.py split_warnings)."""
     trained: dict[str, nn.Module] = {t.member.name: t.state.model for t in trainers}
     history = [row for t in trainers for row in t.state.history]
     best_by_member = {t.member.name: t.best for t in trainers}
     learn_warnings = [t.warning for t in trainers if t.warning]  # networks that did not learn
     late_warnings = [t.late_start for t in trainers if t.late_start]  # started just before the budget ended
+    # a task trained on one class, validation that cannot pick an epoch or tell chance: said before
+    # training, and again under the test metrics, which they qualify
+    split_warnings = [warning for t in trainers for warning in t.split_warnings]
     model = trained[JOINT] if JOINT in trained else SeparateCascade(trained)
     train_seconds = sum(t.state.train_seconds for t in trainers)
     # a ROI model's horns from outside it, found once for the run (a cascade's segmentation network has none)
@@ -331,12 +335,12 @@ def _finish_run(
     # whether it learned is the classifiers' question (a segmentation network has no chance bar)
     unknown = any(best_by_member[t.member.name]["learned"] is None for t in trainers if t.member.tasks)
     metrics["learned"] = False if learn_warnings else (None if unknown else True)
-    metrics["warnings"] = warnings + late_warnings + learn_warnings
+    metrics["warnings"] = warnings + split_warnings + late_warnings + learn_warnings
     atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")
     write_text_atomic(run_dir / "metrics.json", json_text(metrics))
     plot_training_curves(history, run_dir / "training_curves.png", best_by_member)
     _print_metrics(console, metrics, data_name)
-    for warning in late_warnings + learn_warnings:
+    for warning in split_warnings + late_warnings + learn_warnings:
         console.print(f"WARNING: {warning}", style="bold red", highlight=False, markup=False)
     logger.summary(
         _flatten("test", metrics["test"])

@@ -30,11 +30,19 @@ from mtl_meniscus.engine.distributed import SINGLE, Distributed
 from mtl_meniscus.engine.members import Member, member_chance_bars, member_config
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import Runtime
-from mtl_meniscus.engine.stopping import CHANCE, CONFIRMING_EPOCHS, EarlyStopping, decide_after_epoch
+from mtl_meniscus.engine.stopping import (
+    CHANCE,
+    CHANCE_ALPHA,
+    CONFIRMING_EPOCHS,
+    EarlyStopping,
+    decide_after_epoch,
+)
 from mtl_meniscus.engine.tracking import RunLogger
 from mtl_meniscus.engine.training_state import MemberCheckpoints, TrainingState
 from mtl_meniscus.engine.validation import validate
 from mtl_meniscus.errors import MeniscusError
+from mtl_meniscus.evaluation.metrics import monitor_weights
+from mtl_meniscus.labels import Task, TaskTable
 from mtl_meniscus.networks.losses import build_weighting, segmentation_loss, task_losses
 from mtl_meniscus.networks.models import (
     SegmentationTraining,
@@ -116,6 +124,9 @@ class MemberTrainer:
         trained = SegmentationTraining(self.state.model) if self.segmenting else self.state.model
         self.net = processes.wrap(trained, runtime.device)  # DDP under torchrun
         processes.seed_own_stream(train.seed)  # dropout: each process its own masks (rank 0 as before)
+        # what this network's splits keep it from learning or from telling (split_warnings): said
+        # before it trains, and again under the test metrics they qualify (run.py _finish_run)
+        self.split_warnings = split_warnings(member, data)
 
     def diverged(self, what: str) -> TrainingDivergedError:
         """The error that stops a run whose loss or outputs are no longer finite; last.pt is kept."""
@@ -140,6 +151,9 @@ class MemberTrainer:
         """Train epoch after epoch until the stopping rule or the budget ends it; the model then
         holds the best epoch's weights (best.pt)."""
         train = self.config.train
+        if not self.state.finished:
+            for warning in self.split_warnings:
+                self.console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
         while not self.state.finished:
             self.state.epoch += 1
             start = time.perf_counter()
@@ -353,6 +367,7 @@ class MemberTrainer:
             for t in self.data.tasks.names
             if not math.isnan(row[f"val_auc_{t}"])
         )
+        aucs = aucs or "undefined"  # one class in validation: split_warnings said why before training
         star = " *" if improved else ""
         dice = " ".join(
             f"{key.removeprefix('val_dice_')} {value:.3f}"
@@ -402,6 +417,123 @@ def tasks_at_chance_note(name: str, stopping: EarlyStopping) -> str | None:
         f"({_bars_text({task: stopping.chance_bars[task] for task in at_chance})} never reached in "
         f"{CONFIRMING_EPOCHS} consecutive epochs); the network learned {learned}"
     )
+
+
+def split_warnings(member: Member, data: PreparedData) -> list[str]:
+    """What a network's splits keep it from learning or from telling, before it trains: a task
+    with one class in its training rows, a task whose validation AUC is undefined or too few
+    validation rows to tell any of its tasks from chance. [] for the cascade's segmentation
+    network (no task) and for a network without validation images (check_members warns)."""
+    if not member.tasks:
+        return []
+    warnings = training_class_warnings(member, data)
+    if len(member.val_indices):
+        warnings += validation_warnings(member, data)
+    return warnings
+
+
+def training_class_warnings(member: Member, data: PreparedData) -> list[str]:
+    """'[shared] position: no anterior among the 9 tears of the train split ...' for each task of
+    the network whose training rows hold one class: its loss has nothing to tell apart, so the
+    task is not learned, yet its test AUC enters the challenge score. A task without any known
+    training label is left out of the model before this (tasks_without_labels), and a root task
+    (fissure) with one class is refused (check_members)."""
+    warnings = []
+    for name in member.tasks:
+        positives, negatives = _class_counts(data.targets[member.train_indices], name, data.tasks)
+        if not (positives + negatives) or (positives and negatives):  # no known label, or both classes
+            continue
+        task = data.tasks[name]
+        warnings.append(
+            f"[{member.name}] {name}: {_one_class_text(task, positives, negatives, data)} of the train split "
+            f"({positives} {task.class_name(1.0)}, {negatives} {task.class_name(0.0)}): the network trains "
+            "this task on one class and cannot learn it; its test AUC, which enters the challenge score, "
+            "measures no learning"
+        )
+    return warnings
+
+
+def validation_warnings(member: Member, data: PreparedData) -> list[str]:
+    """Why some of the network's monitored tasks say nothing on validation (the network has
+    validation images): a task with one class, or none, among its scored validation rows has no
+    AUC; a task with too few rows for any AUC to be rare by chance has no bar (stopping.py
+    chance_bar). Silent when at least one defined task has a bar: the did-not-learn check then
+    runs, and `chance_bars` in metrics.json shows which tasks it rests on."""
+    val = data.targets[member.val_indices]
+    weights = monitor_weights(member.tasks, data.tasks)  # a task of weight 0 moves neither score nor bar
+    monitored = [name for name in member.tasks if weights[name] > 0]
+    undefined, too_few = {}, {}  # {task: why}
+    for name in monitored:
+        positives, negatives = _class_counts(val, name, data.tasks)
+        task = data.tasks[name]
+        if not positives + negatives:  # a gated task on a val split without its gate's positives
+            gate = data.tasks[task.gated_by].noun
+            undefined[name] = f"no {gate} in the val split to score it on"
+        elif not (positives and negatives):
+            undefined[name] = f"{_one_class_text(task, positives, negatives, data)} of the val split"
+        else:
+            too_few[name] = _versus_text(task, positives, negatives)
+    bars = member_chance_bars(val, member.tasks, data.tasks)
+    too_few = {name: counts for name, counts in too_few.items() if name not in bars}
+    warnings = []
+    why = "; ".join(f"{name}: {reason}" for name, reason in undefined.items())
+    if undefined and len(undefined) == len(monitored):
+        # no defined AUC in any epoch: the monitored score is NaN throughout (metrics.monitor_score)
+        warnings.append(
+            f"[{member.name}] no validation AUC can be computed ({why}): the network has no validation "
+            "score, so the run cannot choose a best epoch (it keeps the last one), stop early, or tell "
+            "whether the network learned (learned is unknown); put both classes of each task in the val split"
+        )
+    elif undefined:
+        they = "it counts" if len(undefined) == 1 else "they count"
+        warnings.append(
+            f"[{member.name}] validation AUC undefined ({why}): {they} neither in "
+            "the validation score that picks the best epoch nor in whether the network left chance"
+        )
+    if too_few and not bars:  # the did-not-learn check has nothing to test: say so, not learned=null alone
+        counts = "; ".join(f"{name}: {text}" for name, text in too_few.items())
+        if len(too_few) == 1:
+            counts = next(iter(too_few.values()))
+        warnings.append(
+            f"[{member.name}] too few validation images ({counts}) to test whether "
+            f"{_either(list(too_few))} left chance: even an AUC of 1 is reached by random scores more "
+            f"often than {CHANCE_ALPHA:.0%} of the time; learned is unknown"
+        )
+    return warnings
+
+
+def _either(names: list[str]) -> str:
+    """'fissure', 'fissure or orientation', 'fissure, orientation or position'."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _class_counts(targets: np.ndarray, name: str, tasks: TaskTable) -> tuple[int, int]:
+    """(positives, negatives) of task `name` among the rows of `targets` it is scored on."""
+    labels = targets[tasks.scored_rows(targets, name), tasks.index(name)]
+    return int(np.sum(labels == 1)), int(np.sum(labels == 0))
+
+
+def _rows_text(task: Task, count: int, data: PreparedData) -> str:
+    """'19 images' (a root task's rows), '1 tear' (a gated task's)."""
+    noun = data.tasks[task.gated_by].noun + "s" if task.gated_by else data.unit
+    return f"{count} {noun.removesuffix('s') if count == 1 else noun}"
+
+
+def _one_class_text(task: Task, positives: int, negatives: int, data: PreparedData) -> str:
+    """'no tear among the 19 images', 'only horizontal among the 3 tears' (one of the counts is 0)."""
+    rows = _rows_text(task, positives + negatives, data)
+    if not positives:
+        return f"no {task.class_name(1.0)} among the {rows}"
+    only = f"{task.positive}s" if task.positive else task.class_name(1.0)
+    return f"only {only} among the {rows}"
+
+
+def _versus_text(task: Task, positives: int, negatives: int) -> str:
+    """'2 tears vs 3 others' (a task named by its positive class), '2 horizontal vs 1 vertical'."""
+    if task.positive:
+        plural = "" if positives == 1 else "s"
+        return f"{positives} {task.positive}{plural} vs {negatives} other{'' if negatives == 1 else 's'}"
+    return f"{positives} {task.class_name(1.0)} vs {negatives} {task.class_name(0.0)}"
 
 
 def _bars_text(bars: dict[str, float]) -> str:
