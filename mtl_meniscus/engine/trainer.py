@@ -124,9 +124,7 @@ class MemberTrainer:
         trained = SegmentationTraining(self.state.model) if self.segmenting else self.state.model
         self.net = processes.wrap(trained, runtime.device)  # DDP under torchrun
         processes.seed_own_stream(train.seed)  # dropout: each process its own masks (rank 0 as before)
-        # what this network's splits keep it from learning or from telling (split_warnings): said
-        # before it trains, and again under the test metrics they qualify (run.py _finish_run)
-        self.split_warnings = split_warnings(member, data)
+        self.split_warnings = split_warnings(member, data)  # said before training and under the test metrics
 
     def diverged(self, what: str) -> TrainingDivergedError:
         """The error that stops a run whose loss or outputs are no longer finite; last.pt is kept."""
