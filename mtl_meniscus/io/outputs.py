@@ -2,7 +2,9 @@
 
 `check_output_file` / `check_output_dir` run before a command computes anything, so a bad
 `--out` (a folder where a file is wanted, a file where a folder is wanted, a folder that cannot
-be written) is reported at once instead of after every prediction. `atomic_write` writes to a
+be written) is reported at once instead of after every prediction. An output replaces only what
+its command wrote (check_output_file's `written_here`, check_own_output_dir's mark), never an
+input, a checkpoint or a label file given as --out by mistake. `atomic_write` writes to a
 temporary file next to the target and renames it: a reader never sees a half-written file, and
 the temporary file is removed if writing fails.
 """
