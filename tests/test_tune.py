@@ -291,6 +291,8 @@ def test_a_study_without_a_recorded_setup_is_checked_on_its_mode_then_recorded(
         run_tune(out, tiny, mode="shared", data_dir=data64, n_trials=1, space=())
 
 
+# two trials with nothing searched (space=()): optuna's importance plot has nothing to rank
+@pytest.mark.filterwarnings("ignore:Target and region quantiles:UserWarning", "ignore:No artists:UserWarning")
 def test_a_key_added_to_the_config_since_a_study_was_recorded_counts_as_its_default(tiny, tmp_path, phantom):
     # A newer version's config has a key the study's record lacks: its trials ran with the default.
     out = tmp_path / "older"
