@@ -19,7 +19,9 @@
 #   MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare <options> --out runs/compare/<sweep>
 #   python scripts/compare_table.py keep <sweep> runs/compare/<sweep> --command "..."; ... render
 # (the same cache path as here, so that the saved data paths agree; a finished comparison only
-# rewrites its table). Measured on one H200 (2026-11-30): per-network 6.4 min, equal-flops 2.0,
+# rewrites its table. Scored variants also merge under another cache path where /tmp/mtlcache does
+# not exist: compare keeps them after checking their test split; an unscored one needs the path.)
+# Measured on one H200 (2026-11-30): per-network 6.4 min, equal-flops 2.0,
 # same-regularization 3.5 (its last scoring job cut by a 215 s limit). The curves' three smaller
 # shares are about three times per-network: more than one call's 10 minutes, so one share per call
 # (CURVE_FRACTIONS=0.1,1.0 and so on), their variant folders merged here into one comparison folder,
