@@ -76,3 +76,11 @@ def test_predict_and_evaluate_say_when_the_run_did_not_learn(run64, data64, tmp_
         result = _predict(run, image, out=tmp_path / "p.csv")
         _clean(result)
         assert result.exit_code == 0 and ("did not learn" in result.output) == warned, result.output
+    # evaluate repeats what the training warned of (here: a task trained on one class)
+    warning = "[shared] position: no anterior among the 4 tears of the train split"
+    (run / "metrics.json").write_text(json.dumps(metrics | {"learned": True, "warnings": [warning]}))
+    args = ["evaluate", str(run), "--bootstrap", "0", "--tta", "0", "--out", str(tmp_path / "e")]
+    result = runner.invoke(app, args)
+    _clean(result)
+    assert result.exit_code == 0 and f"warning (from training): {warning}" in result.output, result.output
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["training_warnings"] == [warning]

@@ -378,9 +378,12 @@ def run_evaluation(
         console.print(note, highlight=False, markup=False)
     console.print(threshold.describe(tta.copies), highlight=False, markup=False)
     console.print(trained.calibration_note, highlight=False, markup=False)
+    training_warnings = _show_training_warnings(trained, console)
     metrics, probs, plain, targets, indices = evaluate(
         trained, data, split, runtime, tta, threshold.value, n_bootstrap, seed, console
     )
+    if training_warnings:
+        metrics["training_warnings"] = training_warnings
     metrics["fissure_threshold_source"] = threshold.source
     metrics["checkpoint"] = str(trained.checkpoint)
     metrics["data"] = str(data.data_dir)
@@ -414,6 +417,15 @@ class Scored:
         """Each task's cut: the fissure threshold for the root task, 0.5 for the gated ones."""
         root = self.data.tasks.root.name
         return {task: self.threshold if task == root else 0.5 for task in self.probs}
+
+
+def _show_training_warnings(trained: TrainedModel, console: Console) -> list[str]:
+    """Print the warnings the run's training recorded (its splits, whether it learned): they
+    qualify the numbers evaluate gives too. Returns them, for metrics.json."""
+    warnings = [str(warning) for warning in trained.training_record.get("warnings") or []]
+    for warning in warnings:
+        console.print(f"warning (from training): {warning}", style="yellow", highlight=False, markup=False)
+    return warnings
 
 
 def _default_out_dir(trained: TrainedModel, data, split: str) -> Path:

@@ -168,17 +168,21 @@ class TrainedModel:
         return "\n".join(filter(None, [note, self.did_not_learn_note]))
 
     @property
+    def training_record(self) -> dict:
+        """The run's metrics.json as train wrote it ({} without a run folder, or when it is not
+        readable: what it adds here are warnings, never needed to answer)."""
+        metrics = self.run_dir / "metrics.json" if self.run_dir is not None else None
+        try:
+            record = json.loads(metrics.read_text()) if metrics and metrics.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    @property
     def did_not_learn_note(self) -> str:
         """A warning when the run's metrics.json says it did not learn ('' otherwise, or without one):
         its answers are then no better than chance, and every command that prints them says so."""
-        metrics = self.run_dir / "metrics.json" if self.run_dir is not None else None
-        try:
-            learned = (
-                json.loads(metrics.read_text()).get("learned") if metrics and metrics.is_file() else None
-            )
-        except (OSError, ValueError, AttributeError):
-            return ""
-        if learned is not False:
+        if self.training_record.get("learned") is not False:
             return ""
         return (
             f"warning: {self.run_dir} did not learn (its metrics.json: learned false): its answers are chance"
