@@ -30,11 +30,18 @@ import time
 from pathlib import Path
 
 import yaml
-from results_page import RESULTS_PAGE, read_json, replace_between  # scripts/results_page.py
+from results_page import (  # scripts/results_page.py
+    README,
+    RESULTS_PAGE,
+    add_page_options,
+    chosen_pages,
+    print_unwritten_summary,
+    read_json,
+    replace_between,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "compare"
-README = ROOT / "README.md"
 FIGURES = ROOT / "docs" / "images"
 KEPT = ("results.json", "results.md", "results_per_seed.csv", "compare.yaml")
 MEANING = {  # what a kept comparison's label stands for, in the README's caption
@@ -138,11 +145,7 @@ def render(page: Path = RESULTS_PAGE, readme: Path | None = README) -> str:
     if not replace_between(page, "compare", content):
         raise SystemExit(f"{page}: no <!-- compare:start --> / <!-- compare:end --> markers")
     if readme is None:
-        print(
-            "--page without --readme: README.md's compare-summary left as it was (pass --readme PATH to "
-            f"write it); the summary:\n{summary}",
-            file=sys.stderr,
-        )
+        print_unwritten_summary("compare-summary", summary)
     elif not replace_between(readme, "compare-summary", summary):
         raise SystemExit(
             f"{readme}: no <!-- compare-summary:start --> / <!-- compare-summary:end --> markers"
@@ -265,18 +268,9 @@ def main() -> None:
     parser.add_argument("label", nargs="?")
     parser.add_argument("folder", nargs="?", type=Path)
     parser.add_argument("--command", default="")
-    parser.add_argument(
-        "--page", type=Path, help="the page with the compare markers (default docs/results.md)"
-    )
-    parser.add_argument(
-        "--readme",
-        type=Path,
-        help="the page with the compare-summary markers (default README.md; with --page and without "
-        "--readme the summary is printed, not written)",
-    )
+    add_page_options(parser, "compare", "compare-summary")
     args = parser.parse_args()
-    readme = args.readme or (README if args.page is None else None)
-    page = args.page or RESULTS_PAGE
+    page, readme = chosen_pages(args)
     if args.action == "keep":
         if not (args.label and args.folder and args.command):
             parser.error("keep needs LABEL, COMPARE_DIR and --command")

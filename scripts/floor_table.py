@@ -36,10 +36,17 @@ import sys
 import time
 from pathlib import Path
 
-from results_page import RESULTS_PAGE, read_json, result_files, write_table  # scripts/results_page.py
+from results_page import (  # scripts/results_page.py
+    README,
+    add_page_options,
+    chosen_pages,
+    print_unwritten_summary,
+    read_json,
+    result_files,
+    write_table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 OUTSIDE = ROOT.parent / "shared" / "outside-phantom" / "outside_phantom.py"
 OUTSIDE_SEEDS = {"outside-a": (1, 2), "outside-b": (3, 4), "outside-c": (5, 6)}
 ROWS = ["outside-a", "outside-b", "outside-c", "realistic-0", "realistic-1", "realistic-2", "easy"]
@@ -214,11 +221,7 @@ def render(out: Path, page: Path, readme: Path | None = README) -> str:
     short = readme_summary(results, machines, source)
     write_table(page, "floor-table", table)
     if readme is None:
-        print(
-            f"--page without --readme: README.md's floor-summary left as it was (pass --readme PATH to "
-            f"write it); the summary:\n{short}",
-            file=sys.stderr,
-        )
+        print_unwritten_summary("floor-summary", short)
     else:
         write_table(readme, "floor-summary", short)
     return table
@@ -314,18 +317,9 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument(
-        "--page", type=Path, help="the page with the floor-table markers (default docs/results.md)"
-    )
-    parser.add_argument(
-        "--readme",
-        type=Path,
-        help="the page with the floor-summary markers (default README.md; with --page and without "
-        "--readme the summary is printed, not written)",
-    )
+    add_page_options(parser, "floor-table", "floor-summary")
     args = parser.parse_args()
-    readme = args.readme or (README if args.page is None else None)
-    page = args.page or RESULTS_PAGE
+    page, readme = chosen_pages(args)
     if args.action == "run":
         run(args.out, args.rows.split(","), args.models.split(","), [int(s) for s in args.seeds.split(",")])
     print(render(args.out, page, readme))

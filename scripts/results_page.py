@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PAGE = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
 SOURCES = {"bench": ROOT / "results" / "bench" / "bench.md"}  # marker -> the file copied by default
 MADE_BY = {"bench": "python cli.py bench --out results/bench"}  # marker -> what writes that file
 
@@ -40,6 +41,35 @@ def write_table(page: Path, name: str, table: str) -> None:
     if not replace_between(page, name, table):
         state = "does not exist" if not page.is_file() else f"has no <!-- {name}:start/end --> markers"
         print(f"{page} {state}, so {name} was not written there; the table:", file=sys.stderr)
+
+
+def add_page_options(parser: argparse.ArgumentParser, page_markers: str, readme_markers: str) -> None:
+    """--page and --readme of a script that writes a table into the results page and its summary
+    into the README; chosen_pages() reads them."""
+    parser.add_argument(
+        "--page", type=Path, help=f"the page with the {page_markers} markers (default docs/results.md)"
+    )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        help=f"the page with the {readme_markers} markers (default README.md; with --page and without "
+        "--readme the summary is printed, not written)",
+    )
+
+
+def chosen_pages(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """(page, readme) of add_page_options' options: --page given without --readme writes the page
+    only (readme None), so that trying a page elsewhere leaves the repository's README alone."""
+    return args.page or RESULTS_PAGE, args.readme or (README if args.page is None else None)
+
+
+def print_unwritten_summary(name: str, summary: str) -> None:
+    """The README summary that chosen_pages left unwritten (readme None), on stderr."""
+    print(
+        f"--page without --readme: README.md's {name} left as it was (pass --readme PATH to write it); "
+        f"the summary:\n{summary}",
+        file=sys.stderr,
+    )
 
 
 def result_files(folder: Path, pattern: str, what: str, made_by: str, targets: str) -> list[Path]:
