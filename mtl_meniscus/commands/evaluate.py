@@ -431,9 +431,8 @@ def _show_training_warnings(trained: TrainedModel, console: Console) -> list[str
 def _default_out_dir(trained: TrainedModel, data, split: str) -> Path:
     """RUN/eval-<split>; on another data folder RUN/eval-<split>-<its name>, so that the run's own
     held-out evaluation is not replaced by one on other data."""
-    own = trained.config.data.path
-    other = own is None or Path(data.data_dir).resolve() != Path(own).resolve()
-    name = f"eval-{split}-{Path(data.data_dir).resolve().name}" if other else f"eval-{split}"
+    own = trained.trained_on(data.data_dir)
+    name = f"eval-{split}" if own else f"eval-{split}-{Path(data.data_dir).resolve().name}"
     return (trained.run_dir or trained.checkpoint.parent) / name
 
 
@@ -772,9 +771,7 @@ def _training_exams_note(trained: TrainedModel, mrnet_dir: Path, split: str) -> 
     --mrnet on this folder learnt from its train folder (split into the run's train and val, the
     val exams choosing the checkpoint), so an AUC there is not a held-out figure; '' otherwise."""
     data = trained.config.data
-    if split != "train" or data.layout != "mrnet" or not data.path:
-        return ""
-    if Path(data.path).resolve() != Path(mrnet_dir).resolve():
+    if split != "train" or data.layout != "mrnet" or not trained.trained_on(mrnet_dir):
         return ""
     return (
         f"these are the run's training exams (the train folder of {data.path}, which the run split into "

@@ -120,8 +120,7 @@ def run_predict(
     tasks = trained.tasks
     names = trained.outputs
     tta = trained.tta(tta_copies)
-    console.print(chosen.describe(tta.copies), highlight=False, markup=False)
-    console.print(trained.calibration_note, highlight=False, markup=False)
+    _describe_answers(trained, chosen.describe(tta.copies), console)
     files = collect_inputs(inputs)
     if not files:
         shown = ", ".join(map(str, inputs[:3])) + (", ..." if len(inputs) > 3 else "")
@@ -155,6 +154,14 @@ def _check_outputs(out: Path, cam_dir: Path | None, masks_dir: Path | None) -> N
     for folder, option in ((cam_dir, "--cam"), (masks_dir, "--masks")):
         if folder is not None:
             check_own_output_dir(folder, option)
+
+
+def _describe_answers(trained: TrainedModel, threshold: str, console: Console) -> None:
+    """What the answers rest on, before them: the threshold, the calibration, and a warning when
+    the run did not learn."""
+    for line in (threshold, trained.calibration_note, trained.did_not_learn_note):
+        if line:
+            console.print(line, highlight=False, markup=False)
 
 
 def is_prediction_table(path: Path) -> bool:
@@ -316,8 +323,7 @@ def run_predict_exams(
     tasks, names = trained.tasks, trained.outputs
     chosen = resolve_threshold(trained, threshold)
     tta = trained.tta(tta_copies)
-    console.print(chosen.describe(tta.copies), highlight=False, markup=False)
-    console.print(trained.calibration_note, highlight=False, markup=False)
+    _describe_answers(trained, chosen.describe(tta.copies), console)
     columns = exam_columns(tasks, names, masks=masks_dir is not None)
     if masks_dir is not None:
         console.print(masks_note(trained, masks_dir), highlight=False, markup=False)

@@ -157,15 +157,17 @@ class TrainedModel:
 
     @property
     def calibration_note(self) -> str:
-        """What the probabilities are, for the terminal of every command that prints them: how they
-        are calibrated, and a warning on a second line when the run did not learn."""
+        """What the probabilities are, for the terminal of every command that prints them."""
         if self.calibration is None:
-            note = (
+            return (
                 "probabilities: the network's own, uncalibrated (evaluate RUN --calibrate fits a calibration)"
             )
-        else:
-            note = f"probabilities: {self.calibration.describe()}"
-        return "\n".join(filter(None, [note, self.did_not_learn_note]))
+        return f"probabilities: {self.calibration.describe()}"
+
+    def trained_on(self, folder: str | Path) -> bool:
+        """Whether `folder` is the data folder the run was trained on (its config's data.path)."""
+        own = self.config.data.path
+        return own is not None and Path(folder).resolve() == Path(own).resolve()
 
     @property
     def training_record(self) -> dict:
@@ -181,7 +183,8 @@ class TrainedModel:
     @property
     def did_not_learn_note(self) -> str:
         """A warning when the run's metrics.json says it did not learn ('' otherwise, or without one):
-        its answers are then no better than chance, and every command that prints them says so."""
+        its answers are then no better than chance, and predict says so (evaluate prints the run's
+        warnings, the did-not-learn one among them: training_record)."""
         if self.training_record.get("learned") is not False:
             return ""
         return (
@@ -393,7 +396,7 @@ def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) ->
         )
     with counted_progress(Console(soft_wrap=True), "reading the data") as on_row:
         data = prepare_data(folder, config.data, on_row=on_row, masks=config.model.segmentation)
-    is_own = own_dir is not None and Path(folder).resolve() == own_dir.resolve()
+    is_own = trained.trained_on(folder)
     note = ""
     if not is_own and _holds_run_images(trained, data):
         is_own = True
