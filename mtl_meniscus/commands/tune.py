@@ -49,7 +49,7 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from mtl_meniscus.config import MAX_SEED, Config, check_option, load_config
+from mtl_meniscus.config import MAX_SEED, Config, check_option, dotted_keys, load_config
 from mtl_meniscus.engine.checkpoint import load_checkpoint
 from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.members import JOINT
@@ -256,17 +256,6 @@ def _lost_schema_race(err: Exception) -> bool:
     )
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config as dotted keys; an empty mapping (no extra tasks, no pos_weights) adds no key."""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def searched_keys(space: tuple[Param, ...]) -> set[str]:
     """The config keys a trial sets: the searched ones, and the steps derived from a searched batch size."""
     keys = {param.key for param in space}
@@ -278,7 +267,7 @@ def fixed_setup(config: Config, space: tuple[Param, ...]) -> dict[str, Any]:
     searched keys, wandb.* and RUNTIME_KEYS; with a searched batch size, its images per epoch.
     JSON-plain (as the study stores it), so that a recorded setup compares equal to a new one."""
     searched = searched_keys(space)
-    flat = _flat(config.to_dict())
+    flat = dotted_keys(config.to_dict())
     fixed = {
         key: value
         for key, value in flat.items()

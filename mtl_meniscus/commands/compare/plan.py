@@ -12,6 +12,7 @@ from mtl_meniscus.commands.compare.settings import REGULARIZATION_KEYS, CompareC
 from mtl_meniscus.config import (
     OWN_TRUNKS,
     Config,
+    dotted_keys,
     load_config,
     preset_path,
     saved_run_config,
@@ -240,20 +241,10 @@ def parse_pretrained(values: Sequence[str], trunks: Sequence[str]) -> dict[str, 
     return out
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ, as 'key: saved -> wanted' (wandb settings do not count)."""
-    a = {k: v for k, v in _flatten(saved).items() if not k.startswith("wandb.")}
-    b = {k: v for k, v in _flatten(wanted).items() if not k.startswith("wandb.")}
+    a = {k: v for k, v in dotted_keys(saved).items() if not k.startswith("wandb.")}
+    b = {k: v for k, v in dotted_keys(wanted).items() if not k.startswith("wandb.")}
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
