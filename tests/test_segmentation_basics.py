@@ -111,7 +111,16 @@ def test_every_bad_mask_is_named_by_row_and_file_in_one_error(tmp_path):
     for name, pixels in {"a": np.zeros((32, 64)), "b": value_three, "d": good, "e": good}.items():
         _mask_png(tmp_path / "masks" / f"{name}.png", pixels)
     (tmp_path / "masks" / "c.png").write_bytes(b"\x89PNG not really")
-    rows = [(f"img/{name}.png", "0", "", "", "" if name == "f" else f"masks/{name}.png") for name in "abcdef"]
+    # the masks with tear pixels (b, d, e) on rows labelled as tears, as a mask must agree with its label
+    tear = ("1", "horizontal", "posterior")
+    rows = [
+        (
+            f"img/{name}.png",
+            *(tear if name in "bde" else ("0", "", "")),
+            "" if name == "f" else f"masks/{name}.png",
+        )
+        for name in "abcdef"
+    ]
     _labels(tmp_path, rows, header=("image", "fissure", "orientation", "position", "mask"))
     records = read_labels(tmp_path)
     (tmp_path / "masks" / "d.png").unlink()

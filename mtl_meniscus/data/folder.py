@@ -386,9 +386,7 @@ def _kept_masks(
     """The kept rows' masks at the model's size (None for a row without one); one DataError naming
     every bad mask (missing, unreadable, not its image's size, values other than 0/1/2, tear pixels
     on a row labelled no tear)."""
-    found = read_masks(
-        data_dir, kept, shapes, report_dir, max_pixels_limit(config.max_pixels), check_labels=True
-    )
+    found = read_masks(data_dir, kept, shapes, report_dir, max_pixels_limit(config.max_pixels))
     return [None if mask is None else resized_mask(mask, config.image_size) for mask in found]
 
 

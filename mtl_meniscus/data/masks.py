@@ -3,7 +3,7 @@ the size of the row's image, values 0 background, 1 meniscus, 2 tear.
 
 A row without a mask has none (None): partial supervision, not a problem. A folder's masks are
 checked at once, and every bad row is reported in one DataError, as read_labels reports labels.csv.
-Read as training data (check_labels), a mask must also agree with its row's label: no tear pixels
+A mask must also agree with its row's label: no tear pixels
 on a row labelled no tear. A tear row without tear pixels is fine: its mask may outline the
 meniscus only.
 A mask is in the image's own pixel grid as the package reads it (for DICOM and NIfTI: the canonical
@@ -38,11 +38,10 @@ def read_masks(
     image_shapes: Sequence[tuple[int, int]] | None = None,
     report_dir: str | Path | None = None,
     max_pixels: int | None = None,
-    check_labels: bool = False,
 ) -> list[np.ndarray | None]:
     """Each row's mask as uint8 (H, W), None where the row has none; one DataError listing every
-    bad row (file missing or unreadable, size not its image's, values other than 0, 1, 2, and with
-    `check_labels` tear pixels on a row whose fissure is 0).
+    bad row (file missing or unreadable, size not its image's, values other than 0, 1, 2, tear
+    pixels on a row whose fissure is 0).
 
     `image_shapes` (one (H, W) per record, as read) saves reading the images again; without it each
     image is read for its size. `report_dir` receives the full list when the message shows only
@@ -57,7 +56,7 @@ def read_masks(
         if record.mask and shape is None:
             shape = _image_shape(data_dir, record, problems, last_volume, max_pixels)
         mask = _row_mask(data_dir, record, shape, problems, max_pixels) if record.mask else None
-        if mask is not None and check_labels and not _agrees(data_dir, record, mask, problems):
+        if mask is not None and not _agrees(data_dir, record, mask, problems):
             mask = None
         masks.append(mask)
     if problems:

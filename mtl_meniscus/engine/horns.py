@@ -173,7 +173,7 @@ def truth_masks(data: PreparedData, indices: Sequence[int], image_size: int, max
     records = [data.records[i] for i in indices]
     if not any(record.mask for record in records):
         return [None] * len(records)
-    found = read_masks(data.data_dir, records, max_pixels=max_pixels, check_labels=True)
+    found = read_masks(data.data_dir, records, max_pixels=max_pixels)
     return [None if mask is None else resized_mask(mask, image_size) for mask in found]
 
 
