@@ -216,6 +216,12 @@ def tasks_without_labels(names: tuple[str, ...], data: PreparedData) -> dict[str
     return out
 
 
+def class_counts(targets: np.ndarray, name: str, tasks: TaskTable) -> tuple[int, int]:
+    """(positives, negatives) of task `name` among the rows of `targets` it is scored on."""
+    labels = targets[tasks.scored_rows(targets, name), tasks.index(name)]
+    return int(np.sum(labels == 1)), int(np.sum(labels == 0))
+
+
 def member_chance_bars(
     val_targets: np.ndarray, names: tuple[str, ...], tasks: TaskTable = DEFAULT_TASKS
 ) -> dict[str, float]:
@@ -227,8 +233,7 @@ def member_chance_bars(
     for name in names:
         if weights[name] <= 0:
             continue
-        y = val_targets[tasks.scored_rows(val_targets, name), tasks.index(name)]
-        bar = chance_bar(int(np.sum(y == 1)), int(np.sum(y == 0)))
+        bar = chance_bar(*class_counts(val_targets, name, tasks))
         if bar is not None:
             bars[name] = bar
     return bars

@@ -27,7 +27,7 @@ from mtl_meniscus.data.torch_dataset import (
     training_batches,
 )
 from mtl_meniscus.engine.distributed import SINGLE, Distributed
-from mtl_meniscus.engine.members import Member, member_chance_bars, member_config
+from mtl_meniscus.engine.members import Member, class_counts, member_chance_bars, member_config
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import Runtime
 from mtl_meniscus.engine.stopping import (
@@ -42,7 +42,7 @@ from mtl_meniscus.engine.training_state import MemberCheckpoints, TrainingState
 from mtl_meniscus.engine.validation import validate
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.evaluation.metrics import monitor_weights
-from mtl_meniscus.labels import Task, TaskTable
+from mtl_meniscus.labels import Task
 from mtl_meniscus.networks.losses import build_weighting, segmentation_loss, task_losses
 from mtl_meniscus.networks.models import (
     SegmentationTraining,
@@ -438,7 +438,7 @@ def training_class_warnings(member: Member, data: PreparedData) -> list[str]:
     (fissure) with one class is refused (check_members)."""
     warnings = []
     for name in member.tasks:
-        positives, negatives = _class_counts(data.targets[member.train_indices], name, data.tasks)
+        positives, negatives = class_counts(data.targets[member.train_indices], name, data.tasks)
         if not (positives + negatives) or (positives and negatives):  # no known label, or both classes
             continue
         task = data.tasks[name]
@@ -462,7 +462,7 @@ def validation_warnings(member: Member, data: PreparedData) -> list[str]:
     monitored = [name for name in member.tasks if weights[name] > 0]
     undefined, too_few = {}, {}  # {task: why}
     for name in monitored:
-        positives, negatives = _class_counts(val, name, data.tasks)
+        positives, negatives = class_counts(val, name, data.tasks)
         task = data.tasks[name]
         if not positives + negatives:  # a gated task on a val split without its gate's positives
             gate = data.tasks[task.gated_by].noun
@@ -503,12 +503,6 @@ def validation_warnings(member: Member, data: PreparedData) -> list[str]:
 def _either(names: list[str]) -> str:
     """'fissure', 'fissure or orientation', 'fissure, orientation or position'."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-
-
-def _class_counts(targets: np.ndarray, name: str, tasks: TaskTable) -> tuple[int, int]:
-    """(positives, negatives) of task `name` among the rows of `targets` it is scored on."""
-    labels = targets[tasks.scored_rows(targets, name), tasks.index(name)]
-    return int(np.sum(labels == 1)), int(np.sum(labels == 0))
 
 
 def _rows_text(task: Task, count: int, data: PreparedData) -> str:
