@@ -2,6 +2,7 @@
 refused by train and compare, and the lock goes with the process that held it."""
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -61,3 +62,37 @@ def test_a_compare_folder_held_by_a_live_process_is_refused(data64, tmp_path):
         with pytest.raises(MeniscusError, match="is in use by another process"):
             run_compare(settings, out, {"shared": TINY}, data_dir=data64, console=_quiet())
         assert not (out / "variants").exists()
+
+
+def test_a_train_refused_for_bad_data_leaves_no_lock_and_no_folder_it_made(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "labels.csv").write_text("image,fissure,orientation,position\nmissing.png,1,0,0\n")
+    made, kept = tmp_path / "new-run", tmp_path / "empty-run"
+    kept.mkdir()
+    for out in (made, kept):
+        result = runner.invoke(app, ["train", "--data", str(bad), "--out", str(out), "--max-epochs", "1"])
+        assert result.exit_code != 0 and "missing.png" in result.output
+    assert not made.exists()  # the lock made it; nothing was written, so it went with the lock
+    assert kept.is_dir() and not any(kept.iterdir())  # the user's folder stays, without a .lock
+
+
+def test_a_lock_counts_only_on_the_file_still_at_the_path(tmp_path, monkeypatch):
+    """Its last holder deletes the lock file on release; a process that opened the old file just
+    before must not hold that deleted file while a third locks the new one."""
+    from mtl_meniscus.io import runlock
+
+    real_flock, calls = runlock.fcntl.flock, []
+
+    def flock_after_the_holder_released(fd, operation):
+        if not calls:  # between this open and this flock, the last holder deleted the file
+            (tmp_path / "run" / ".lock").unlink()
+        calls.append(fd)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(runlock.fcntl, "flock", flock_after_the_holder_released)
+    lock = runlock.RunLock(tmp_path / "run")
+    held = os.fstat(lock._handle.fileno()).st_ino
+    assert held == os.stat(tmp_path / "run" / ".lock").st_ino and len(calls) == 2
+    lock.release()
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,11 @@
 The lock is an `flock` on an open file: the operating system drops it when the process ends,
 however it ends (kill -9 included), so `train --resume` after a crash finds the folder free and
 a stale lock file is never a problem. Where `fcntl` does not exist (Windows) no lock is taken.
+
+release() deletes the lock file, and the folder too if the lock created it and nothing was
+written there (a run refused for bad data leaves no trace). Deleting a lock file races with a
+process that opened it just before: that process would lock a file no longer in the folder while a
+third creates a new one. So a lock counts only when the file it holds is still the one at the path.
 """
 
 from __future__ import annotations
@@ -31,11 +36,18 @@ class RunLock:
     """The held lock of one folder; release() (or process exit) frees it."""
 
     def __init__(self, folder: str | Path, what: str = "run folder"):
+        self._created_folder = not Path(folder).exists()
         self.folder = check_output_dir(folder, what)
         self.path = self.folder / LOCK_FILE
         self._handle = None
         if fcntl is None:  # pragma: no cover - Windows
             return
+        while self._handle is None:  # again when the locked file was deleted by its last holder
+            self._handle = self._lock_file()
+
+    def _lock_file(self):
+        """The open, locked lock file; None when it is no longer the file at the path."""
+        self.folder.mkdir(parents=True, exist_ok=True)  # its last holder may have deleted it
         handle = self.path.open("a+")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -48,17 +60,28 @@ class RunLock:
                 + (f" (pid {holder})" if holder.isdigit() else "")
                 + ": wait until it ends, or use another output folder"
             ) from None
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current != os.fstat(handle.fileno()).st_ino:
+            handle.close()
+            return None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
-        self._handle = handle
+        return handle
 
     def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+        if self._handle is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still held: see the module's docstring
+        fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+        self._handle.close()
+        self._handle = None
+        if self._created_folder and not any(self.folder.iterdir()):
+            self.folder.rmdir()  # made by this lock and left empty: a refused run leaves nothing
 
 
 @contextlib.contextmanager
