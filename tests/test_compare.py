@@ -765,3 +765,77 @@ def test_learning_curves_with_jobs_give_the_sequential_table(preset, phantom, tm
     jobs = without_timing(read_csv(tmp_path / "jobs" / "results_per_seed.csv"))
     assert jobs == without_timing(read_csv(tmp_path / "in-turn" / "results_per_seed.csv"))
     assert {row["variant"] for row in jobs} >= {"shared-reference-train0.5-seed0"}
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_jobs_stops_every_worker_without_a_traceback(preset, phantom, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the workers start:
+    the main process says how to continue and ends them; a worker importing the package printed a
+    KeyboardInterrupt traceback and one training kept the main process waiting."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    settings = tmp_path / "compare.yaml"
+    settings.write_text(yaml.safe_dump({"presets": {"separate": str(preset), "shared": str(preset)}}))
+    command = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "compare",
+        "--config",
+        str(settings),
+        "--data",
+        str(phantom),
+    ]
+    command += ["--seeds", "0", "--max-epochs", "1000", "--jobs", "2", "--out", str(tmp_path / "cmp")]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal's job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored, as in a terminal
+        env=os.environ | {"WANDB_MODE": "disabled"},
+    )
+    lines = []
+    for line in process.stdout:  # the workers start when this line is printed
+        lines.append(line)
+        if line.startswith("training 2 variants in 2 processes"):
+            break
+    time.sleep(2)  # the workers are importing the package (a traceback each) or training
+    os.killpg(process.pid, signal.SIGINT)
+    output = "".join(lines) + process.stdout.read()
+    assert process.wait(timeout=60) == 130, output
+    assert "interrupted; rerun the same command to continue" in output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # no worker left behind
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a worker process outlived the interrupted compare")
+
+
+def _report_sigint(queue) -> None:
+    import signal
+
+    queue.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_workers_start_with_ctrl_c_ignored_and_the_main_process_keeps_its_handler():
+    """compare's worker processes leave Ctrl-C to the main process from their first instruction
+    (SIGINT ignored, inherited across exec), and starting one leaves the main process's handler."""
+    import signal
+
+    context = compare_run._WorkerContext()
+    queue = context.Queue()
+    handler = signal.getsignal(signal.SIGINT)
+    worker = context.Process(target=_report_sigint, args=(queue,))
+    worker.start()
+    assert queue.get(timeout=60) is True
+    worker.join(timeout=60)
+    assert signal.getsignal(signal.SIGINT) is handler

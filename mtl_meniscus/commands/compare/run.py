@@ -6,7 +6,11 @@ import csv
 import functools
 import json
 import math
+import multiprocessing
+import multiprocessing.context
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -435,7 +439,6 @@ def _run_in_parallel(
     A job's output goes to variants/<variant>.log (a network's: variants/<variant>.<network>.log);
     results land in the variant folders exactly as in a sequential run.
     """
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     import torch
@@ -444,7 +447,7 @@ def _run_in_parallel(
     # a worker per job at most: per cascade its widest group of networks at once, else one
     jobs = min(jobs, sum(max(map(len, groups[v]), default=1) for v in pending))
     threads = threads or max(1, torch.get_num_threads() // jobs)
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP/CUDA state
+    context = _WorkerContext()  # fresh interpreters: no forked OpenMP/CUDA state
     gpus = torch.cuda.device_count()
     slots = _gpu_slots(context, jobs, gpus)
     console.print(
@@ -458,12 +461,34 @@ def _run_in_parallel(
     ) as pool:
         try:
             _JobQueue(pool, jobs, configs, out_dir, groups).run(pending, statuses, console, on_variant)
-        except BaseException:
+        except BaseException:  # Ctrl-C, a failed job: stop the others, which resume when rerun
             pool.shutdown(wait=False, cancel_futures=True)
+            for worker in multiprocessing.active_children():  # the pool's: they ignore Ctrl-C
+                worker.terminate()
             raise
         finally:
             slots.close()
             slots.cancel_join_thread()  # slots no worker took must not hold this process at exit
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    """A worker that leaves Ctrl-C to the main process: it starts with SIGINT ignored (inherited
+    across exec). Otherwise a Ctrl-C while it imports the package printed its traceback, and one
+    while it trains left the main process's shutdown racing its own. The main process ends the
+    workers itself (_run_in_parallel); their jobs resume from their last finished epoch."""
+
+    def start(self) -> None:
+        if threading.current_thread() is not threading.main_thread():  # signal() is main-thread only
+            return super().start()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            super().start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _WorkerContext(multiprocessing.context.SpawnContext):
+    Process = _WorkerProcess
 
 
 class _JobQueue:
