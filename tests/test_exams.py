@@ -167,9 +167,7 @@ def test_series_files_are_recognised_by_content_and_stray_files_ignored(pydicom_
     assert notes == []
     # a broken file with the preamble is named, not dropped (a slice may be lost in it)
     (exam / "IM0009").write_bytes(bytes(128) + b"DICM" + b"\x02\x00")
-    with pytest.raises(
-        ImageReadError, match=r"no SeriesInstanceUID \(no description, 1 files, e.g. IM0009\)"
-    ):
+    with pytest.raises(ImageReadError, match=r"IM0009: a DICOM file without an image \(no Rows/Columns"):
         read_exam(exam)
     (exam / "IM0009").unlink()
     # a folder whose only DICOM files are indexes holds no series
@@ -178,6 +176,34 @@ def test_series_files_are_recognised_by_content_and_stray_files_ignored(pydicom_
             file.unlink()
     with pytest.raises(ImageReadError, match="no DICOM files"):
         read_exam(exam)
+
+
+def test_predict_takes_every_exam_of_a_folder_whatever_the_series_files_are_named(pydicom_files, tmp_path):
+    """A folder is a series when the series reader would find a slice in it (by suffix or by
+    content); its volume files are exams too, so a suffix-less series beside them is not lost."""
+    from mtl_meniscus.commands.predict import collect_exams
+
+    mixed = tmp_path / "mixed"
+    write_series(mixed, pydicom_files / "MR_small.dcm", 3)
+    for k, file in by_slice(mixed).items():
+        file.rename(mixed / f"IM{k}")  # an export without suffixes
+    np.save(mixed / "b.npy", np.zeros((2, 8, 8), np.float32))
+    np.save(mixed / "a.npy", np.zeros((2, 8, 8), np.float32))
+    (mixed / "README.txt").write_text("not an exam\n")
+    volumes = tmp_path / "mrnet"  # MRNet's valid/sagittal/: one exam per volume
+    volumes.mkdir()
+    np.save(volumes / "0001.npy", np.zeros((2, 8, 8), np.float32))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    single = volumes / "0001.npy"
+    assert collect_exams([mixed, volumes, empty, single]) == [
+        mixed,
+        mixed / "a.npy",
+        mixed / "b.npy",
+        volumes / "0001.npy",
+        empty,  # nothing to read: the folder gets its error row
+        single,
+    ]
 
 
 def test_volumes_are_read_slices_first(tmp_path):

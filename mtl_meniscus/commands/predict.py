@@ -31,9 +31,8 @@ from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import TrainedModel, load_trained, resolve_threshold
 from mtl_meniscus.errors import ImageReadError, MeniscusError
-from mtl_meniscus.io.exams import read_exam
+from mtl_meniscus.io.exams import is_series_file, read_exam
 from mtl_meniscus.io.imageio import (
-    DICOM_SUFFIXES,
     HDF5_SUFFIXES,
     NIFTI_SUFFIXES,
     NUMPY_SUFFIXES,
@@ -72,18 +71,27 @@ VOLUME_SUFFIXES = NUMPY_SUFFIXES + NIFTI_SUFFIXES + HDF5_SUFFIXES  # a file that
 
 def collect_exams(inputs: list[Path]) -> list[Path]:
     """The exams named on the command line: a volume file is one exam; a folder of DICOM files is
-    one series; a folder without DICOM files but with volume files (MRNet's `valid/sagittal/`) is
-    one exam per volume file, in name order."""
+    one series (the files known as the series reader knows them: by suffix or by content); each
+    volume file in a folder (MRNet's `valid/sagittal/`) is one exam, in name order. A folder
+    holding both gives the series and each volume: nothing in it is left out unsaid."""
     exams: list[Path] = []
     for path in inputs:
-        if path.is_dir() and not any(
-            image_suffix(p) in DICOM_SUFFIXES for p in path.iterdir() if p.is_file()
-        ):
-            volumes = sorted(p for p in path.iterdir() if p.is_file() and image_suffix(p) in VOLUME_SUFFIXES)
-            exams.extend(volumes or [path])  # nothing of either kind: the folder gets its error row
-        else:
+        if not path.is_dir():
             exams.append(path)
+            continue
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        volumes = [p for p in files if image_suffix(p) in VOLUME_SUFFIXES]
+        if any(map(_is_series_file, files)) or not volumes:
+            exams.append(path)  # a series; or nothing of either kind: the folder gets its error row
+        exams.extend(volumes)
     return exams
+
+
+def _is_series_file(file: Path) -> bool:
+    try:
+        return is_series_file(file)
+    except ImageReadError:  # unreadable: the series reader names it in the folder's row
+        return True
 
 
 def run_predict(

@@ -139,14 +139,7 @@ def _series_headers(folder: Path) -> dict[Path, object]:
         entries = sorted(p for p in folder.iterdir() if p.is_file())
     except OSError as err:
         raise ImageReadError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
-    files = [
-        p
-        for p in entries
-        if p.name.upper() != "DICOMDIR"
-        and (
-            image_suffix(p) in DICOM_SUFFIXES or (image_suffix(p) not in SUPPORTED_SUFFIXES and _is_part10(p))
-        )
-    ]
+    files = [p for p in entries if is_series_file(p)]
     headers = {}
     for file in files:
         try:
@@ -154,8 +147,14 @@ def _series_headers(folder: Path) -> dict[Path, object]:
         except Exception as err:
             raise ImageReadError(f"{file}: not a readable DICOM file ({type(err).__name__}: {err})") from None
         meta = getattr(header, "file_meta", None)
-        if str(getattr(meta, "MediaStorageSOPClassUID", "")) != DICOMDIR_SOP_CLASS:  # a DICOMDIR renamed
-            headers[file] = header
+        if str(getattr(meta, "MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:  # a DICOMDIR renamed
+            continue
+        if "Rows" not in header or "Columns" not in header:  # before the series check: the clearer message
+            raise ImageReadError(
+                f"{file}: a DICOM file without an image (no Rows/Columns: a damaged file, or a report or "
+                "other non-image object); a series folder holds the series' slices only"
+            )
+        headers[file] = header
     if not headers:
         raise ImageReadError(
             f"{folder}: no DICOM files (.dcm, or files starting with the DICOM preamble) in this folder; "
@@ -172,6 +171,15 @@ def _read_series_slice(
     series file may have none (_series_headers took it by its content)."""
     hint = "a series folder holds single-slice files; give a multi-frame file as an exam of its own"
     return read_dicom_slice(file, limit, plane, notes, geometry, hint)
+
+
+def is_series_file(file: Path) -> bool:
+    """Whether a series folder's reader takes `file` as one of its slices: a .dcm/.dicom name, or
+    no image suffix and the DICOM preamble; never the DICOMDIR. ImageReadError if it cannot be read."""
+    if file.name.upper() == "DICOMDIR":
+        return False
+    suffix = image_suffix(file)
+    return suffix in DICOM_SUFFIXES or (suffix not in SUPPORTED_SUFFIXES and _is_part10(file))
 
 
 def _is_part10(file: Path) -> bool:
