@@ -464,7 +464,7 @@ def evaluate(
     quiet: QuietOption = False,
 ) -> None:
     """Evaluate a trained run: AUCs with bootstrap CIs, sensitivity/specificity, calibration, cascade view, figures."""
-    from mtl_meniscus.commands.evaluate import run_evaluation, run_exam_evaluation
+    from mtl_meniscus.commands.evaluate import EVALUATION_FILES, run_evaluation, run_exam_evaluation
     from mtl_meniscus.io.outputs import OutputError, check_output_dir, check_own_output_dir, is_run_folder
 
     check_options(tta=tta, threshold=threshold, bootstrap=bootstrap, seed=seed)
@@ -479,7 +479,7 @@ def evaluate(
         for name in (name for name, used in given.items() if used):
             raise ConfigError(f"{name}: not available with --mrnet (exam-level tear AUC only)")
         if out is not None:  # before the exams are scored: a bad one must not cost them
-            check_output_dir(out, "--out")
+            check_own_output_dir(out, "--out", EVALUATION_FILES)
         run_exam_evaluation(
             run,
             mrnet,
@@ -495,7 +495,7 @@ def evaluate(
         return
     # Output locations first: a bad one must not cost the evaluation.
     if out is not None:
-        check_output_dir(out, "--out")
+        check_own_output_dir(out, "--out", EVALUATION_FILES)
     elif run.exists():
         check_output_dir(run if run.is_dir() else run.parent, "the default output folder (use --out)")
     if youden and run.is_dir():

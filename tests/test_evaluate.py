@@ -275,3 +275,30 @@ def test_youden_on_a_one_class_val_split_is_refused(trained, tmp_path):
     with pytest.raises(MeniscusError, match="--youden: the val split .* has 0 tears in .*needs both classes"):
         run_evaluation(run, youden=True, n_bootstrap=0, tta_copies=0, console=_quiet())
     assert not (run / "threshold.json").exists()
+
+
+def test_evaluate_keeps_others_files_and_best_pts_evaluation(trained, tmp_path):
+    """--out that holds files evaluate did not write is refused before any work (its metrics.json
+    or predictions.csv would be replaced); a folder it wrote takes it again. Another checkpoint
+    (last.pt) gets a default folder of its own instead of replacing best.pt's evaluation."""
+    from typer.testing import CliRunner
+
+    from mtl_meniscus.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "metrics.json").write_text('{"mine": 1}\n')
+    options = ["--bootstrap", "20", "--tta", "1"]
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--out", str(work), *options])
+    assert result.exit_code == 1 and "holds files (metrics.json)" in result.output
+    assert (work / "metrics.json").read_text() == '{"mine": 1}\n'
+    for _ in range(2):  # a new folder, then the folder evaluate wrote
+        result = CliRunner().invoke(app, ["evaluate", str(run), "--out", str(tmp_path / "mine"), *options])
+        assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(app, ["evaluate", str(run), *options]).exit_code == 0
+    assert CliRunner().invoke(app, ["evaluate", str(run / "last.pt"), *options]).exit_code == 0
+    best = json.loads((run / "eval-test" / "metrics.json").read_text())["checkpoint"]
+    last = json.loads((run / "eval-test-last" / "metrics.json").read_text())["checkpoint"]
+    assert Path(best).name == "best.pt" and Path(last).name == "last.pt"

@@ -180,6 +180,8 @@ def _roi_entry(
     return {"roi_hit_rate": entry}
 
 
+# What evaluate writes into its folder, named in the refusal of a folder it did not write (--out).
+EVALUATION_FILES = "metrics.json, predictions.csv, roc.png and the other figures"
 ROI_SOURCES = {"classical": "classical finder", "predicted_mask": "predicted mask"}
 
 
@@ -430,9 +432,16 @@ def _show_training_warnings(trained: TrainedModel, console: Console) -> list[str
 
 def _default_out_dir(trained: TrainedModel, data, split: str) -> Path:
     """RUN/eval-<split>; on another data folder RUN/eval-<split>-<its name>, so that the run's own
-    held-out evaluation is not replaced by one on other data."""
+    held-out evaluation is not replaced by one on other data (nor by another checkpoint's:
+    _evaluation_folder)."""
     own = trained.trained_on(data.data_dir)
-    name = f"eval-{split}" if own else f"eval-{split}-{Path(data.data_dir).resolve().name}"
+    return _evaluation_folder(trained, split if own else f"{split}-{Path(data.data_dir).resolve().name}")
+
+
+def _evaluation_folder(trained: TrainedModel, what: str) -> Path:
+    """RUN/eval-<what> for the run's best.pt; RUN/eval-<what>-<checkpoint> for another checkpoint
+    (last.pt: eval-test-last), which must not replace best.pt's evaluation."""
+    name = f"eval-{what}" + ("" if trained.checkpoint.name == "best.pt" else f"-{trained.checkpoint.stem}")
     return (trained.run_dir or trained.checkpoint.parent) / name
 
 
@@ -727,9 +736,7 @@ def run_exam_evaluation(
     runtime = resolve_runtime(precision, device)
     trained = load_trained(run_or_checkpoint, runtime)
     tta = trained.tta(tta_copies)
-    out_dir = (
-        Path(out_dir) if out_dir else (trained.run_dir or trained.checkpoint.parent) / f"eval-mrnet-{split}"
-    )
+    out_dir = Path(out_dir) if out_dir else _evaluation_folder(trained, f"mrnet-{split}")
     tasks = trained.tasks
     root = tasks.root.name
     probs, tops, sizes = _predict_exams(trained, exams, runtime, tta, seed)

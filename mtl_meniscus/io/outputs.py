@@ -69,8 +69,10 @@ def check_empty_output_dir(folder: str | Path, what: str, instead: str = "choose
     return check_output_dir(folder, what)
 
 
-# The mark of a folder that a command fills with files named after its inputs (check_own_output_dir).
+# The mark of a folder that a command fills with files of fixed names or named after its inputs
+# (check_own_output_dir).
 OWN_FOLDER_MARK = "written-by-mtl_meniscus.txt"
+NAMED_AFTER_INPUTS = "named after the inputs: ground-truth masks, scans"
 
 
 def check_output_file(
@@ -103,20 +105,20 @@ def first_line(path: Path, limit: int = 65536) -> str:
         return ""
 
 
-def check_own_output_dir(folder: str | Path, what: str) -> Path:
-    """check_output_dir for a folder that a command fills with files named after its inputs
-    (predict's --masks, --cam): a mask named after a scan would replace a file of that name, e.g.
-    the scan's ground-truth mask or the scan itself. So a folder that holds anything is refused
-    unless this package marked it (OWN_FOLDER_MARK, written here), which lets a command write
-    into its own folder again."""
+def check_own_output_dir(folder: str | Path, what: str, replaces: str = NAMED_AFTER_INPUTS) -> Path:
+    """check_output_dir for a folder that a command fills with files (predict's --masks and --cam:
+    named after the inputs; evaluate's --out: metrics.json, predictions.csv, figures): they would
+    replace files of the same name there, e.g. a scan's ground-truth mask or someone's metrics. So
+    a folder that holds anything is refused unless this package marked it (OWN_FOLDER_MARK, written
+    here), which lets a command write into its own folder again. `replaces` says what would be lost."""
     folder = Path(folder)
     if folder.is_dir() and any(folder.iterdir()) and not (folder / OWN_FOLDER_MARK).is_file():
         entries = sorted(p.name for p in folder.iterdir())
         raise OutputError(
             f"{what}: {folder} holds files ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}) "
-            f"but not this package's mark ({OWN_FOLDER_MARK}); the files written there are named after "
-            "the inputs and would replace files of the same name (ground-truth masks, scans): choose a "
-            "new or empty folder (masks an earlier version wrote: delete them first)"
+            f"but not this package's mark ({OWN_FOLDER_MARK}); the files written there would replace files "
+            f"of the same name ({replaces}): choose a new or empty folder (files an earlier version wrote: "
+            "delete them first)"
         )
     check_output_dir(folder, what)
     write_text_atomic(
