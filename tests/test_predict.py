@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import nibabel as nib
 import numpy as np
+import pytest
 from support import _clean, _predict, _quiet, app, runner, sagittal_copy
 
 from mtl_meniscus.commands.predict import CSV_COLUMNS, gate, run_predict
@@ -154,3 +155,20 @@ def test_an_mrnet_folder_given_to_predict_exams_is_one_exam_per_volume(run64, tm
         rows = list(csv.DictReader(handle))
     assert [Path(row["exam"]).name for row in rows] == sorted(p.name for p in folder.glob("*.npy"))
     assert all(row["p_fissure"] and not row["error"] for row in rows)
+
+
+def test_a_files_answer_does_not_depend_on_the_other_files_or_their_order(tiny_run, tmp_path):
+    """With test-time augmentation, a file's copies are drawn from its own pixels' seed: listed
+    first or last, alone or with others, it gets the same probabilities (serve answers one file)."""
+    images = sorted((tiny_run / "data" / "images").glob("*.png"))[:4]
+
+    def probabilities(files: list[Path], name: str) -> dict[str, float]:
+        rows = run_predict(tiny_run / "run", files, tmp_path / name, tta_copies=3, console=_quiet())
+        return {Path(row.image).name: row.probs["fissure"] for row in rows}
+
+    forward = probabilities(images, "forward.csv")
+    backward = probabilities(images[::-1], "backward.csv")
+    alone = probabilities(images[2:3], "alone.csv")
+    for name, p in forward.items():
+        assert backward[name] == pytest.approx(p, abs=1e-6), name
+    assert alone[images[2].name] == pytest.approx(forward[images[2].name], abs=1e-6)

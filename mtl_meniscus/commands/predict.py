@@ -228,8 +228,9 @@ def _predict_rows(
                 [image for _, image in chunk],
                 runtime,
                 tta=tta,
-                seed=seed + start,
+                seed=seed,
                 batch_size=batch_size,
+                content_seeds=True,  # a file's answer does not depend on the other files
                 on_batch=lambda n: progress.update(bar, advance=n),
             )
             for k, (row_index, _) in enumerate(chunk):
@@ -338,7 +339,7 @@ def run_predict_exams(
     folders = unique_names([str(path) for path in exams], input_stem)
     rows: list[dict] = []
     for k, path in enumerate(exams):
-        answer = (trained, path, runtime, tta, chosen.value, seed + k, batch_size, with_slices)
+        answer = (trained, path, runtime, tta, chosen.value, seed, batch_size, with_slices)
         if masks_dir is None:
             rows += exam_rows(*answer)
         else:
