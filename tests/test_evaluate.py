@@ -302,3 +302,14 @@ def test_evaluate_keeps_others_files_and_best_pts_evaluation(trained, tmp_path):
     best = json.loads((run / "eval-test" / "metrics.json").read_text())["checkpoint"]
     last = json.loads((run / "eval-test-last" / "metrics.json").read_text())["checkpoint"]
     assert Path(best).name == "best.pt" and Path(last).name == "last.pt"
+
+
+def test_evaluate_on_data_of_another_size_gives_advice_it_can_follow(trained, tmp_path):
+    """evaluate keeps the run's settings (it has no --set), so the config keys are no advice."""
+    write_phantom(tmp_path / "big", n=20, seed=3, size=96)
+    with pytest.raises(MeniscusError, match="wrong size") as refused:
+        run_evaluation(
+            trained / "run", data_dir=tmp_path / "big", split="all", n_bootstrap=0, console=_quiet()
+        )
+    message = str(refused.value)
+    assert "resize yours to it" in message and "data.size_policy" not in message

@@ -106,6 +106,33 @@ def test_npy(tmp_path):
     np.save(tmp_path / "text.npy", np.array([["a", "b"]]))
     with pytest.raises(ImageReadError, match="numeric"):
         read_image(tmp_path / "text.npy")
+    # finite float64 beyond float32's range: too large, not "infinite" (the cast made it so)
+    np.save(tmp_path / "wide.npy", np.full((4, 4), 1e40))
+    with pytest.raises(ImageReadError, match=r"wide.npy: pixel values up to 1e\+40, beyond"):
+        read_image(tmp_path / "wide.npy")
+
+
+def test_nifti_of_complex_or_too_large_values_is_refused(tmp_path):
+    """A complex NIfTI was read as its real part (numpy's ComplexWarning only), a float64 one of
+    1e40 as infinite; a float64 one in range reads as float32."""
+    values = np.random.default_rng(0).random((16, 16, 1)) * 1000
+    nib.save(
+        nib.Nifti1Image((values * np.exp(1j * values)).astype(np.complex64), np.eye(4)), tmp_path / "c.nii"
+    )
+    with pytest.raises(ImageReadError, match=r"c.nii: expected real numbers, got dtype complex64"):
+        read_image(tmp_path / "c.nii")
+    nib.save(nib.Nifti1Image(values * 1e40, np.eye(4)), tmp_path / "wide.nii")
+    with pytest.raises(ImageReadError, match=r"wide.nii: pixel values up to .*e\+42, beyond"):
+        read_image(tmp_path / "wide.nii")
+    nib.save(nib.Nifti1Image(values, np.eye(4)), tmp_path / "fine.nii")
+    assert read_image(tmp_path / "fine.nii").dtype == np.float32
+
+
+def test_a_float64_tiff_is_not_called_corrupt(tmp_path):
+    """OpenCV writes 64-bit float TIFFs that Pillow, which checks the header, cannot identify."""
+    cv2.imwrite(str(tmp_path / "f.tif"), np.random.default_rng(0).random((8, 8)))
+    with pytest.raises(ImageReadError, match=r"f.tif: a TIFF whose header cannot be read \(64-bit float"):
+        read_image(tmp_path / "f.tif")
 
 
 def test_bad_files_name_the_file(tmp_path):

@@ -232,3 +232,17 @@ def test_a_file_without_geometry_is_read_as_stored_and_noted(tmp_path):
     notes: list[str] = []
     np.testing.assert_array_equal(read_image(tmp_path / "bare.dcm", notes=notes), pixels[::-1])
     assert notes == [NOT_IN_FILE]
+
+
+def test_a_bad_image_orientation_is_quoted_as_the_numbers_in_the_file():
+    from mtl_meniscus.errors import ImageReadError
+    from mtl_meniscus.io.orientation import dicom_geometry
+
+    with pytest.raises(
+        ImageReadError, match=r"^ImageOrientationPatient \[1\.0, 0\.0, 0\.0\] is not 6 finite"
+    ):
+        dicom_geometry([1, 0, 0])
+    with pytest.raises(
+        ImageReadError, match=r"^degenerate ImageOrientationPatient \[1\.0, 0\.0, 0\.0, 1\.0, 0\.0"
+    ):
+        dicom_geometry([1, 0, 0, 1, 0, 0])

@@ -239,6 +239,7 @@ def test_upload_pixel_and_zip_limits(run, pydicom_files):
         assert big.status_code == 413 and "above the limit of 20,000 bytes" in big.json()["error"]
         pixels = post(client, "s.npy", npy(np.zeros((40, 40))))  # 1,600 pixels
         assert pixels.status_code == 413 and "s.npy: array of 40x40 = 1,600 pixels" in pixels.json()["error"]
+        assert "serve's --max-pixels sets this limit" in pixels.json()["error"]  # not the config key
         members = zipped({f"{k}.dcm": b"x" for k in range(5)})
         many = post(client, "s.zip", members, "?exam=1")
         assert many.status_code == 413 and "declares 5 members" in many.json()["error"]
@@ -253,6 +254,24 @@ def test_upload_pixel_and_zip_limits(run, pydicom_files):
         broken = post(client, "s.zip", bytes(damaged), "?exam=1")
         assert broken.status_code == 422 and "zip member 'a.dcm' cannot be unpacked" in broken.json()["error"]
         assert client.get("/health").status_code == 200
+
+
+def test_a_zip_of_two_series_names_its_members(run, client, series, tmp_path):
+    """The series reader names a series' files by file name; the client hears its own names, not
+    the server's (slice_00000.dcm, ...)."""
+    import pydicom
+
+    files = {}
+    for folder, uid in (("a", "1.2.3.1"), ("b", "1.2.3.2")):
+        for path in sorted(series.iterdir())[:2]:
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID = uid
+            ds.save_as(tmp_path / "one.dcm")
+            files[f"{folder}/{path.name}"] = (tmp_path / "one.dcm").read_bytes()
+    response = post(client, "two.zip", zipped(files), "?exam=1")
+    error = response.json()["error"]
+    assert response.status_code == 422 and "2 series in one exam folder" in error
+    assert "slice_0" not in error and "e.g. zip member 'a/" in error and "e.g. zip member 'b/" in error
 
 
 # ---- the queue and the deadline ------------------------------------------------------------------

@@ -57,7 +57,7 @@ from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import TrainedModel, file_sha256, load_trained, resolve_threshold
 from mtl_meniscus.errors import MeniscusError, PixelLimitError
 from mtl_meniscus.io.exams import read_exam, resized_slices
-from mtl_meniscus.io.imageio import DICOM_SUFFIXES, image_suffix, max_pixels_limit
+from mtl_meniscus.io.imageio import DICOM_SUFFIXES, RAISE_THE_LIMIT, image_suffix, max_pixels_limit
 from mtl_meniscus.networks.cam import overlay
 
 LOG = logging.getLogger("mtl_meniscus.serve")
@@ -168,9 +168,9 @@ def display_name(filename: str | None) -> str:
 
 def extract_series(data: bytes, folder: Path, limits: ServeLimits) -> dict[str, str]:
     """The zip's files written into `folder` as slice_00000.dcm, ... (names the server chooses),
-    after every check; returns {written path: 'zip member NAME'} for messages. Refused (4xx):
-    not a zip, too many members, a name that is absolute or climbs out with '..', a symbolic link,
-    an encrypted member, or more than limits.zip_bytes uncompressed."""
+    after every check; returns {written path (and its file name alone): "zip member NAME"} for
+    messages. Refused (4xx): not a zip, too many members, a name that is absolute or climbs out
+    with '..', a symbolic link, an encrypted member, or more than limits.zip_bytes uncompressed."""
     _check_directory(data, limits.zip_members)
     try:
         archive = zipfile.ZipFile(BytesIO(data))
@@ -197,6 +197,7 @@ def extract_series(data: bytes, folder: Path, limits: ServeLimits) -> dict[str, 
             target = folder / f"slice_{k:05d}.dcm"
             budget -= _unpack(archive, member, target, budget)
             names[str(target)] = f"zip member {member.filename!r}"
+            names[target.name] = names[str(target)]  # a series' files are named by file name alone too
     return names
 
 
@@ -284,7 +285,7 @@ class ServedModel:
                 path = Path(folder) / f"upload{suffix}"
                 path.write_bytes(upload.data)
                 names = {str(path): upload.name}
-            with refusals(names | {folder: "upload"}):
+            with refusals(names | {folder: "upload"}, own_limit=self.limits.max_pixels is not None):
                 if options.exam:
                     return self.answer_exam(path, upload.name, options)
                 return self.answer_slice(path, upload.name, options)
@@ -345,9 +346,10 @@ class ServedModel:
 
 
 @contextmanager
-def refusals(names: dict[str, str]) -> Iterator[None]:
+def refusals(names: dict[str, str], own_limit: bool = False) -> Iterator[None]:
     """A reader's or the model's refusal as a ServeError: 413 above the pixel limit, 422 otherwise;
-    the server's temporary paths in the message replaced by the names the client knows."""
+    the server's temporary paths in the message replaced by the names the client knows. With
+    `own_limit` (serve --max-pixels), the pixel limit's advice names that option."""
     try:
         yield
     except (MeniscusError, OSError) as err:
@@ -355,6 +357,8 @@ def refusals(names: dict[str, str]) -> Iterator[None]:
         for path in sorted(names, key=len, reverse=True):
             message = message.replace(path, names[path])
         status = 413 if isinstance(err, PixelLimitError) else 422
+        if status == 413 and own_limit:
+            message = message.replace(RAISE_THE_LIMIT, "serve's --max-pixels sets this limit")
         if isinstance(err, OSError):  # the server's own temporary folder failed, not the upload
             status, message = 500, f"cannot store the upload ({type(err).__name__})"
         raise ServeError(status, message) from None

@@ -421,6 +421,10 @@ class LazySlices(Sequence):
         return pixels
 
 
+# What to do when every image has the wrong size (evaluate, which has no --set, says otherwise).
+SIZE_ADVICE = "set data.image_size to your images' size, or data.size_policy: resize to resize them"
+
+
 def _exclusion_reasons(exclusions: list[tuple[str, str]], size: int) -> str:
     """'all 60 rows were excluded: 60 wrong size (e.g. a.png: 256x256, expected 64x64); ...' and a hint."""
     first: dict[str, tuple[str, str]] = {}
@@ -432,10 +436,7 @@ def _exclusion_reasons(exclusions: list[tuple[str, str]], size: int) -> str:
     parts = [f"{counts[kind]} {kind} (e.g. {image}: {detail})" for kind, (image, detail) in first.items()]
     text = f"all {len(exclusions)} rows were excluded: " + "; ".join(parts)
     if "wrong size" in counts:
-        text += (
-            f". The config expects {size}x{size} images: set data.image_size to your images' size, "
-            "or data.size_policy: resize to resize them"
-        )
+        text += f". The config expects {size}x{size} images: {SIZE_ADVICE}"
     if "double tear" in counts:
         text += ". Double tears are excluded while data.exclude_double_tears is true"
     return text

@@ -381,6 +381,7 @@ def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) ->
     """
     from rich.console import Console
 
+    from mtl_meniscus.data.folder import SIZE_ADVICE
     from mtl_meniscus.data.load import prepare_data
     from mtl_meniscus.engine.progress import counted_progress
 
@@ -395,7 +396,13 @@ def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) ->
             "folder holding the run's images keeps the run's splits)"
         )
     with counted_progress(Console(soft_wrap=True), "reading the data") as on_row:
-        data = prepare_data(folder, config.data, on_row=on_row, masks=config.model.segmentation)
+        try:
+            data = prepare_data(folder, config.data, on_row=on_row, masks=config.model.segmentation)
+        except MeniscusError as err:  # the run's settings are fixed here: no config key to change
+            advice = (
+                "the run's model takes images of that size: resize yours to it (predict resizes each itself)"
+            )
+            raise type(err)(str(err).replace(SIZE_ADVICE, advice)) from None
     is_own = trained.trained_on(folder)
     note = ""
     if not is_own and _holds_run_images(trained, data):

@@ -238,11 +238,15 @@ def _decoded(path: Path, decode) -> np.ndarray:
     if not math.isfinite(largest):
         raise ImageReadError(f"{path}: contains NaN or infinite pixel values")
     if largest > MAX_PIXEL_MAGNITUDE:
-        raise ImageReadError(
-            f"{path}: pixel values up to {largest:.3g}, beyond ±{MAX_PIXEL_MAGNITUDE:.0e}: the edge "
-            "filter's squares would overflow float32 (rescale the image)"
-        )
+        raise ImageReadError(f"{path}: {_too_large(largest)}")
     return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def _too_large(largest: float) -> str:
+    return (
+        f"pixel values up to {largest:.3g}, beyond ±{MAX_PIXEL_MAGNITUDE:.0e}: the edge filter's "
+        "squares would overflow float32 (rescale the image)"
+    )
 
 
 def _pixels(count: float) -> str:
@@ -283,13 +287,22 @@ def _check_declared_size(
     )
 
 
+# How to read an input above the pixel limit, in every refusal (serve names its own option instead).
+RAISE_THE_LIMIT = f"raise data.max_pixels in the config or ${MAX_PIXELS_ENV} to read it"
+
+
 def check_pixel_budget(pixels: int, budget: PixelBudget, what: str) -> None:
     """A PixelLimitError when `pixels` (declared, before decoding) exceed the budget's limit."""
     if pixels > budget.limit:
-        resized = f" once its slices are resized to {budget.size}x{budget.size}" if budget.size else ""
+        counted = (
+            f" (each slice counted at its own size or at {budget.size}x{budget.size}, the size it is "
+            "resized to, whichever is larger)"
+            if budget.size
+            else ""
+        )
         raise PixelLimitError(
-            f"{what} = {_pixels(pixels)}{resized} is above the limit of {_pixels(budget.limit)}, "
-            f"refused before decoding (raise data.max_pixels in the config or ${MAX_PIXELS_ENV} to read it)"
+            f"{what} = {_pixels(pixels)}{counted} is above the limit of {_pixels(budget.limit)}, "
+            f"refused before decoding ({RAISE_THE_LIMIT})"
         )
 
 
@@ -316,9 +329,14 @@ def _raster_header(path: Path, budget: int | PixelBudget) -> None:
             declared = _pixels(pixels) if pixels else f"more than {_pixels(limit)}"
             raise PixelLimitError(
                 f"image of {declared} is above the limit of {_pixels(limit)}, "
-                f"refused before decoding (raise data.max_pixels in the config or ${MAX_PIXELS_ENV} to read it)"
+                f"refused before decoding ({RAISE_THE_LIMIT})"
             ) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+            if _starts_like_tiff(path):  # Pillow knows no 64-bit float samples, which OpenCV writes
+                raise ImageReadError(
+                    "a TIFF whose header cannot be read (64-bit float samples? corrupt?): save the "
+                    "slice as 16-bit integers, 32-bit float or .npy"
+                ) from None
             raise ImageReadError("cannot decode image (corrupt or truncated file?)") from None
     if frames > 1:
         raise ImageReadError(
@@ -326,6 +344,24 @@ def _raster_header(path: Path, budget: int | PixelBudget) -> None:
             "read: save each slice as its own file"
         )
     _check_declared_size((height, width), limit)
+
+
+def _starts_like_tiff(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) in (b"II*\x00", b"MM\x00*")
+    except OSError:
+        return False
+
+
+def _as_float32(values: np.ndarray) -> np.ndarray:
+    """float32 pixels. Values of a wider type beyond MAX_PIXEL_MAGNITUDE are refused before the
+    cast, which would turn finite ones (1e40 in a float64 array) into infinities, refused as such."""
+    if values.dtype.itemsize > 4 and values.size:
+        largest = max(float(values.max()), -float(values.min()))
+        if math.isfinite(largest) and largest > MAX_PIXEL_MAGNITUDE:
+            raise ImageReadError(_too_large(largest))
+    return values.astype(np.float32)
 
 
 def _read_raster(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None]:
@@ -356,7 +392,7 @@ def _read_dicom(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, Slice
     pixels = dataset.pixel_array  # raises on truncated data or an undecodable transfer syntax
     if getattr(dataset, "SamplesPerPixel", 1) != 1:
         raise ImageReadError("colour DICOM images are not supported; expected a grey MR slice")
-    image = _apply_modality_lut(pixels, dataset).astype(np.float32)
+    image = _as_float32(_apply_modality_lut(pixels, dataset))
     if getattr(dataset, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         # MONOCHROME1 shows low values as white: invert so that bright means high signal everywhere.
         image = image.max() + image.min() - image
@@ -378,7 +414,10 @@ def _read_nifti(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, Slice
 
     image = nibabel.load(str(path))  # reads the header only
     _check_declared_size(image.shape, limit, "NIfTI image", slices_last=True)
-    volume = np.asanyarray(image.dataobj, dtype=np.float32)
+    stored = image.get_data_dtype()
+    if not np.issubdtype(stored, np.number) or np.issubdtype(stored, np.complexfloating):
+        raise ImageReadError(f"expected real numbers, got dtype {stored} (complex or RGB data?)")
+    volume = _as_float32(np.asanyarray(image.dataobj))
     # Trailing singleton axes beyond the third, (x, y, z, 1), are a 3-D volume.
     while volume.ndim > 3 and volume.shape[-1] == 1:
         volume = volume[..., 0]
@@ -405,7 +444,7 @@ def _read_npy(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None]:
         raise ImageReadError(f"expected a real numeric array, got dtype {dtype}")
     _check_declared_size(shape, limit, "array")
     array = np.load(str(path), allow_pickle=False)
-    return array.astype(np.float32), None
+    return _as_float32(array), None
 
 
 def hdf5_reconstruction(handle):

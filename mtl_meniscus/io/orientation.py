@@ -107,12 +107,12 @@ def dicom_geometry(orientation) -> SliceGeometry:
     except (TypeError, ValueError):
         raise ImageReadError(f"ImageOrientationPatient {orientation!r} is not 6 numbers") from None
     if values.shape != (6,) or not np.isfinite(values).all():
-        raise ImageReadError(f"ImageOrientationPatient {list(values)} is not 6 finite numbers")
+        raise ImageReadError(f"ImageOrientationPatient {values.tolist()} is not 6 finite numbers")
     along_row, down_column = values[:3], values[3:]
     normal = np.cross(along_row, down_column)
     if min(np.linalg.norm(along_row), np.linalg.norm(down_column)) < 1e-3 or np.linalg.norm(normal) < 1e-3:
         raise ImageReadError(
-            f"degenerate ImageOrientationPatient {list(values)}: its two directions must be non-zero "
+            f"degenerate ImageOrientationPatient {values.tolist()}: its two directions must be non-zero "
             "and not parallel"
         )
     plane = PLANE_OF_NORMAL[int(np.argmax(np.abs(normal)))]
