@@ -220,3 +220,17 @@ def test_an_import_that_leaves_no_volume_out_writes_no_left_out_csv(fastmri, tmp
 
     import_fastmri_plus(fastmri / "knee.csv", fastmri / "h5", tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["labels.csv", "masks", "volumes"]
+
+
+def test_an_unknown_study_level_is_named_and_unannotated_volumes_are_counted(fastmri, tmp_path):
+    """study_level 'Y' was read as a box row (not 'Yes'); .h5 files without an annotation row are
+    left out, as the module says, and now counted in the summary."""
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
+
+    (fastmri / "odd.csv").write_text(HEADER + "file1000001,,Y,,,,,Meniscus Tear\n")
+    with pytest.raises(DataError, match="row 2, column 'study_level': 'Y' is neither Yes nor No"):
+        import_fastmri_plus(fastmri / "odd.csv", fastmri / "h5", tmp_path / "a")
+    write_volume(fastmri / "h5" / "file1000003.h5", np.random.default_rng(1))  # no row in knee.csv
+    counts = import_fastmri_plus(fastmri / "knee.csv", fastmri / "h5", tmp_path / "b")
+    assert counts["volumes"] == 2
+    assert counts["volumes in the folder without an annotation row (left out: not known healthy)"] == 1

@@ -14,7 +14,8 @@ describe the whole exam and have no box). `import_fastmri_plus` writes a folder 
                                  slices of one knee land in the same split), mask
     OUT/left_out.csv             file, reason: each annotated volume not imported (only when any)
 
-Slices of a volume that carries no annotation row at all are left out: fastMRI+ did not annotate
+Slices of a volume that carries no annotation row at all are left out (the summary counts such .h5
+files in the volumes folder): fastMRI+ did not annotate
 every volume, and an unannotated volume is not a healthy one. So is a volume whose meniscus tear
 is known at study level only (a study_level 'Yes' "Meniscus Tear" row and no "Meniscus Tear" box
 on a slice): the knee has a tear, but no row says on which slices, so no slice can be labelled,
@@ -65,6 +66,10 @@ def read_annotations(path: Path) -> dict[str, list[dict[str, str]]]:
     by_file: dict[str, list[dict[str, str]]] = defaultdict(list)
     problems = []
     for line, row in enumerate(rows, start=2):
+        level = (row["study_level"] or "").strip()
+        if level.lower() not in ("yes", "no", ""):  # 'Y' or 'True' is no box row: say so, don't guess
+            problems.append(f"row {line}, column 'study_level': {level!r} is neither Yes nor No")
+            continue
         if not _is_study_level(row):
             for column in ("slice", "x", "y", "width", "height"):
                 if _count(row[column]) is None:
@@ -168,6 +173,9 @@ def _write_import(
         if on_volume is not None:
             on_volume(done, len(by_file))
     counts = {"slices": len(rows), "tear slices": sum(row[2] for row in rows), "volumes": written}
+    unannotated = sum(1 for p in volumes_dir.glob("*.h5") if p.stem not in by_file and p.name not in by_file)
+    if unannotated:
+        counts["volumes in the folder without an annotation row (left out: not known healthy)"] = unannotated
     if not_found:
         counts["annotated volumes not found"] = len(not_found)
     if study_level_only:
