@@ -15,8 +15,8 @@ describe the whole exam and have no box). `import_fastmri_plus` writes a folder 
     OUT/left_out.csv             file, reason: each annotated volume not imported (only when any)
 
 Slices of a volume that carries no annotation row at all are left out (the summary counts such .h5
-files in the volumes folder): fastMRI+ did not annotate
-every volume, and an unannotated volume is not a healthy one. So is a volume whose meniscus tear
+files in the volumes folder): fastMRI+ did not annotate every volume, and an unannotated volume is
+not a healthy one. So is a volume whose meniscus tear
 is known at study level only (a study_level 'Yes' "Meniscus Tear" row and no "Meniscus Tear" box
 on a slice): the knee has a tear, but no row says on which slices, so no slice can be labelled,
 and fissure=0 on each would call a torn knee healthy. Every annotated volume left out is named
