@@ -35,6 +35,7 @@ from results_page import (  # scripts/results_page.py
     RESULTS_PAGE,
     add_page_options,
     chosen_pages,
+    has_markers,
     print_unwritten_summary,
     read_json,
     replace_between,
@@ -142,14 +143,17 @@ def render(page: Path = RESULTS_PAGE, readme: Path | None = README) -> str:
         sections.append("\n".join(lines))
     content = "\n\n".join(sections)
     summary = readme_summary()
-    if not replace_between(page, "compare", content):
-        raise SystemExit(f"{page}: no <!-- compare:start --> / <!-- compare:end --> markers")
+    # both pages' markers before either is written: a page must not change when the other cannot
+    for target, name in ((page, "compare"), (readme, "compare-summary")):
+        if target is not None and not has_markers(target, name):
+            raise SystemExit(
+                f"{target}: no <!-- {name}:start --> / <!-- {name}:end --> markers; nothing written"
+            )
+    replace_between(page, "compare", content)
     if readme is None:
         print_unwritten_summary("compare-summary", summary)
-    elif not replace_between(readme, "compare-summary", summary):
-        raise SystemExit(
-            f"{readme}: no <!-- compare-summary:start --> / <!-- compare-summary:end --> markers"
-        )
+    else:
+        replace_between(readme, "compare-summary", summary)
     return content
 
 

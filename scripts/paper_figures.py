@@ -32,7 +32,7 @@ from pathlib import Path
 
 import cv2
 import yaml
-from results_page import read_json, replace_between  # scripts/results_page.py
+from results_page import has_markers, read_json, replace_between  # scripts/results_page.py
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "figures"
@@ -188,9 +188,8 @@ def render(page: Path, out: Path = OUT) -> str:
         + "\n```\n\n"
         + f"({walk['machine']}, {walk['date']}; written by `scripts/paper_figures.py`.)"
     )
-    written = page.read_text() if page.is_file() else ""
     for name in ("calibration", "walkthrough"):  # both checked before either is written
-        if f"<!-- {name}:start -->" not in written or f"<!-- {name}:end -->" not in written:
+        if not has_markers(page, name):
             state = (
                 "does not exist"
                 if not page.is_file()

@@ -35,6 +35,12 @@ def replace_between(page: Path, name: str, text: str) -> bool:
     return True
 
 
+def has_markers(page: Path, name: str) -> bool:
+    """Whether the page exists and holds both markers for `name` (replace_between would write)."""
+    content = page.read_text() if page.is_file() else ""
+    return f"<!-- {name}:start -->" in content and f"<!-- {name}:end -->" in content
+
+
 def write_table(page: Path, name: str, table: str) -> None:
     """replace_between, saying on stderr when the page does not exist or has no markers for `name`
     (the table is then only printed by its script)."""

@@ -118,3 +118,14 @@ def test_keep_refuses_an_unfinished_comparison_before_copying(tmp_path, monkeypa
     with pytest.raises(SystemExit) as refused:
         compare_table.keep("per-network", tmp_path / "nowhere", "python cli.py compare")
     assert "does not exist" in str(refused.value.code)
+
+
+def test_render_writes_neither_page_when_the_readme_has_no_markers(tmp_path, monkeypatch):
+    page, readme = _pages(tmp_path)
+    shutil.copytree(ROOT / "results" / "compare", tmp_path / "compare")
+    monkeypatch.setattr(compare_table, "OUT", tmp_path / "compare")
+    readme.write_text("# a README without the compare-summary markers\n")
+    before = page.read_bytes()
+    with pytest.raises(SystemExit, match="compare-summary:start"):
+        compare_table.render(page, readme)
+    assert page.read_bytes() == before  # the results page was written first before
