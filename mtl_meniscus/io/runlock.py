@@ -48,7 +48,10 @@ class RunLock:
     def _lock_file(self):
         """The open, locked lock file; None when it is no longer the file at the path."""
         self.folder.mkdir(parents=True, exist_ok=True)  # its last holder may have deleted it
-        handle = self.path.open("a+")
+        try:
+            handle = self.path.open("a+")
+        except FileNotFoundError:  # deleted again between the two lines: try again
+            return None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
