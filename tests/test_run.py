@@ -348,3 +348,21 @@ def test_the_end_of_train_names_the_files_and_the_next_commands(data64, tmp_path
     assert f"wrote {out}: best.pt, config.yaml" in result.output and "metrics.json" in result.output
     for command in (f"evaluate {out}", f"predict {out} IMAGES", f"export {out} --out model.onnx"):
         assert command in result.output
+
+
+def test_resume_refuses_relabelled_images_that_kept_their_split(tmp_path):
+    """With a split column, relabelled images keep their splits; the resumed run would go on with
+    other labels than it began with, unsaid."""
+    data = _split_folder(tmp_path / "data", ["train"] * 24 + ["val"] * 8 + ["test"] * 8)
+    config = load_config(TINY, {"data.path": str(data), "train.max_epochs": 1})
+    train_run(config, tmp_path / "run", console=_quiet())
+    labels = (data / "labels.csv").read_text()
+    (data / "labels.csv").write_text(
+        labels.replace("img/0.png,0,,,train", "img/0.png,1,vertical,anterior,train")
+    )
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
+    _clean(result)
+    assert (
+        result.exit_code == 1
+        and "the data changed since the run started (images, labels or splits" in result.output
+    )

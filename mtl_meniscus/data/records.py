@@ -224,11 +224,21 @@ class PreparedData:
         _write_csv(path, ["image", "slice", "split", *self.tasks.names, "patient_id"], rows)
 
     def same_splits_as(self, path: str | Path) -> bool:
-        """True if a run's splits.csv lists exactly these images in these splits (or does not exist yet)."""
+        """True if a run's splits.csv lists exactly these images in these splits with these labels
+        (or does not exist yet). Labels count: with a `split` column in labels.csv, relabelled
+        images keep their splits, and a resumed run would go on with other labels than it began."""
         if not Path(path).is_file():
             return True
-        saved = {key: row["split"] for key, row in read_saved_splits(path).items()}
-        return saved == {r.key: s for r, s in zip(self.records, self.splits)}
+        names = self.tasks.names
+        saved = {
+            key: (row["split"], *(row.get(n, "") for n in names))
+            for key, row in read_saved_splits(path).items()
+        }
+        now = {
+            r.key: (split, *(r.labels.get(n, "") for n in names))
+            for r, split in zip(self.records, self.splits)
+        }
+        return saved == now
 
     def restore_splits(self, path: str | Path) -> str:
         """Give every kept image the split it had in a run (the run's splits.csv).

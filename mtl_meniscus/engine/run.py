@@ -286,7 +286,10 @@ def _prepare_run_data(
         )
     if resume and not data.same_splits_as(run_dir / "splits.csv"):
         # Resuming on other splits would train on test images.
-        raise MeniscusError(f"cannot resume {run_dir}: the data or its splits changed since the run started")
+        raise MeniscusError(
+            f"cannot resume {run_dir}: the data changed since the run started (images, labels or splits; "
+            "compare its splits.csv with labels.csv): train a new run"
+        )
     unlabelled = tasks_without_labels(config.model.tasks, data)
     if unlabelled:  # the model predicts what it can learn; config.yaml and the checkpoints say so
         kept = tuple(t for t in config.model.tasks if t not in unlabelled)
