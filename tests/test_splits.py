@@ -68,3 +68,24 @@ def test_groups_in_more_than_one_split_are_found():
     assert split_leaks(["a", "a", "b"], ["val", "val", "train"]) == {}
     with pytest.raises(ValueError):
         split_leaks(["a"], [])
+
+
+def test_blank_lines_in_labels_csv_do_not_move_the_automatic_split(tmp_path):
+    """Rows without a patient_id are grouped by their place among the data rows, not by their line:
+    blank lines moved every later row's group, and so the split (and blocked train --resume)."""
+    import shutil
+
+    from mtl_meniscus.config import DataConfig
+    from mtl_meniscus.data.load import prepare_data
+    from mtl_meniscus.phantom.slices import write_phantom
+
+    write_phantom(tmp_path / "a", n=60, seed=2, size=64)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    lines = (tmp_path / "a" / "labels.csv").read_text().splitlines()
+    blank = [line + "\n" if k % 7 else line + "\n\n" for k, line in enumerate(lines)]
+    (tmp_path / "b" / "labels.csv").write_text("".join(blank))
+    config = DataConfig(image_size=64)
+    plain, spaced = prepare_data(tmp_path / "a", config), prepare_data(tmp_path / "b", config)
+    assert [r.row for r in spaced.records] != [r.row for r in plain.records]  # the lines did move
+    assert [r.key for r in spaced.records] == [r.key for r in plain.records]
+    assert spaced.splits == plain.splits

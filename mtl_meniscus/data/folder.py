@@ -11,6 +11,7 @@ and line breaks inside quoted values count).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -81,7 +82,7 @@ def read_labels(
     seen: dict[tuple[str, int | None], int] = {}  # (normalised path, slice) -> row
     seen_files: dict[tuple[int, int, int | None], int] = {}  # (device, inode, slice): the file itself
     placed: list[tuple[str, str, int]] = []  # (patient_id, split, row) of rows that name both
-    for line, row, extra in rows:
+    for order, (line, row, extra) in enumerate(rows, start=2):
         split = (row.get("split") or "").strip().lower()
         if (row.get("patient_id") or "").strip() and split in SPLIT_NAMES:
             # from every row, valid or not, so that a leak is reported with the rows' other problems
@@ -105,7 +106,7 @@ def read_labels(
             continue
         seen[(record.image, record.slice)] = line
         seen_files[file_key] = line
-        records.append(record)
+        records.append(dataclasses.replace(record, order=order))
     if not rows:
         problems.append("no data rows")
     filled = sum(1 for _, row, _ in rows if (row.get("split") or "").strip())
@@ -446,7 +447,7 @@ def assign_splits(records: list[Record], config: DataConfig) -> list[str]:
     """The `split` column when labels.csv has one, else a stratified (and patient-grouped) split."""
     if records and all(r.split for r in records):
         return [r.split for r in records]
-    groups = [r.patient_id or f"__row{r.row}" for r in records]
+    groups = [r.patient_id or f"__row{r.order or r.row}" for r in records]
     return stratified_group_split(
         [r.stratum for r in records], config.split_fractions, config.split_seed, groups
     )

@@ -37,6 +37,10 @@ class Record:
     split: str = ""
     slice: int | None = None
     mask: str = ""
+    # Its place among labels.csv's data rows, counted from 2 as lines are (0: the same as `row`):
+    # unlike the line, blank lines do not move it. The automatic split groups a row without a
+    # patient_id by it, so the split does not change when blank lines are added.
+    order: int = 0
 
     @property
     def key(self) -> tuple[str, int | None]:
