@@ -68,7 +68,8 @@ def test_a_run_that_cannot_be_read_is_named_before_any_measurement(run64, tmp_pa
     text = (broken / "metrics.json").read_text()
     for damage, named in (
         (text[:100], "metrics.json or history.csv is not a finished training's"),  # truncated
-        (json.dumps({"score": 0.5}), "KeyError: 'members'"),
+        (json.dumps({"score": 0.5}), "KeyError: 'model'"),
+        (json.dumps({"model": "shared"}), "KeyError: 'members'"),
     ):
         (broken / "metrics.json").write_text(damage)
         with pytest.raises(MeniscusError, match=named):
@@ -77,3 +78,6 @@ def test_a_run_that_cannot_be_read_is_named_before_any_measurement(run64, tmp_pa
             )
     with pytest.raises(MeniscusError, match="--separate-run: cannot read .*nowhere"):
         run_benchmark(quick=True, out_dir=tmp_path / "out", runs=(run64, tmp_path / "nowhere"))
+    # a run of the other mode: its epochs would be read as the other mode's
+    with pytest.raises(MeniscusError, match="--separate-run .* is a run of model 'shared' \\(one network"):
+        run_benchmark(quick=True, out_dir=tmp_path / "out", runs=(run64, run64))

@@ -32,7 +32,7 @@ from mtl_meniscus.engine.runtime import Runtime, cpu_bf16_pays_off, cpu_features
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.io.outputs import check_output_dir, json_text
 from mtl_meniscus.networks.losses import FixedWeighting, task_losses
-from mtl_meniscus.networks.models import build_model
+from mtl_meniscus.networks.models import MODELS, build_model, trains_per_task
 from mtl_meniscus.phantom.slices import write_phantom
 
 
@@ -421,7 +421,9 @@ def _time_to_best(run: Path, label: str) -> tuple[float, float]:
 
     metrics_file, history_file = run / "metrics.json", run / "history.csv"
     try:
-        members = json.loads(metrics_file.read_text())["members"]
+        metrics = json.loads(metrics_file.read_text())
+        _check_mode(run, label, str(metrics["model"]))
+        members = metrics["members"]
         with history_file.open(newline="") as handle:
             history = list(csv.DictReader(handle))
         epochs = seconds = 0.0
@@ -437,6 +439,19 @@ def _time_to_best(run: Path, label: str) -> tuple[float, float]:
             f"({type(err).__name__}: {err}); give the folder of a run that `train` finished"
         ) from None
     return epochs, seconds
+
+
+def _check_mode(run: Path, label: str, model: str) -> None:
+    """Refuse a run of the other kind for --shared-run / --separate-run: its figures would be read
+    as the other mode's (a shared run's epochs as the cascade's)."""
+    if model not in MODELS.names():
+        raise MeniscusError(f"--{label}-run {run}: its metrics.json names an unknown model {model!r}")
+    if trains_per_task(model) != (label == "separate"):
+        kind = "a cascade of one network per task" if trains_per_task(model) else "one network for all tasks"
+        raise MeniscusError(
+            f"--{label}-run {run} is a run of model '{model}' ({kind}); --shared-run takes a run of "
+            "train --mode shared, --separate-run one of train --mode separate"
+        )
 
 
 def _flops_line(row: dict[str, Any]) -> str:
