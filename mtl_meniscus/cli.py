@@ -173,6 +173,7 @@ def check_options(
 
 @command("make-phantom")
 def make_phantom(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Argument(help="Folder to write images/, masks/ and labels.csv into.")],
     n: Annotated[
         int, typer.Option(help="Number of images, wrong-size and double-tear ones included.")
@@ -220,6 +221,12 @@ def make_phantom(
     """Write the synthetic knee MRI phantom in the folder format (or, with --n-exams, whole exams)."""
     from mtl_meniscus.phantom.slices import parse_setting, phantom_settings, summarize_cases, write_phantom
 
+    # an option of the other kind of phantom would be ignored without a word
+    other_kind = ("--slices-per-exam", "--exam-format") if n_exams is None else ("--n",)
+    ignored = [name for name in _options_given(ctx, but=()) if name in other_kind]
+    if ignored:
+        why = "for whole exams: add --n-exams" if n_exams is None else "counts single slices, not exams"
+        raise ConfigError(f"{', '.join(ignored)}: {why} (it would be ignored)")
     chosen = phantom_settings(difficulty.value, dict(parse_setting(text) for text in settings or []))
     if n_exams is not None:
         from mtl_meniscus.phantom.exams import write_phantom_exams

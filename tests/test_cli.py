@@ -268,6 +268,13 @@ def _yaml(tmp_path, text: str) -> str:
         (["compare", "--bootstrap", "-5", "--out", "OUT"], "'bootstrap': bad value -5"),
         (["make-phantom", "OUT", "--size", "0"], "--size: bad value 0"),
         (["make-phantom", "OUT", "--n", "3"], "--n: bad value 3"),
+        (["make-phantom", "OUT", "--n", "10000000000"], "--n: bad value 10000000000 (allowed: 20..1,000,000"),
+        (
+            ["make-phantom", "OUT", "--slices-per-exam", "5"],
+            "--slices-per-exam: for whole exams: add --n-exams",
+        ),
+        (["make-phantom", "OUT", "--exam-format", "nifti"], "--exam-format: for whole exams"),
+        (["make-phantom", "OUT", "--n-exams", "20", "--n", "50"], "--n: counts single slices, not exams"),
     ],
 )
 def test_bad_values_are_refused_with_the_option_named(run64, data64, tmp_path, command, expected):

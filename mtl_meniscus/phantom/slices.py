@@ -478,14 +478,19 @@ def _bias_field(rng: np.random.Generator, size: int) -> np.ndarray:
     )
 
 
+# Images or exams one make-phantom writes: its case table is held in memory (10 billion were an
+# out-of-memory kill after 23 GB), and a million 256-pixel images are already about 100 GB on disk.
+MAX_PHANTOM_COUNT = 1_000_000
+
+
 def check_phantom_options(n: int, seed: int, size: int, what: str = "images", n_option: str = "--n") -> None:
     """make-phantom's size, seed and count, named by option when out of range."""
     if not 32 <= size <= MAX_IMAGE_SIZE:
         raise ConfigError(f"--size: bad value {size} (allowed: 32..{MAX_IMAGE_SIZE} pixels)")
     if not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"--seed: bad value {seed} (allowed: 0..{MAX_SEED})")
-    if n < 20:
-        raise ConfigError(f"{n_option}: bad value {n} (allowed: at least 20 {what})")
+    if not 20 <= n <= MAX_PHANTOM_COUNT:
+        raise ConfigError(f"{n_option}: bad value {n} (allowed: 20..{MAX_PHANTOM_COUNT:,} {what})")
 
 
 def write_phantom(
