@@ -366,3 +366,27 @@ def test_resume_refuses_relabelled_images_that_kept_their_split(tmp_path):
         result.exit_code == 1
         and "the data changed since the run started (images, labels or splits" in result.output
     )
+
+
+def test_resume_deletes_a_checkpoints_temporary_file_left_by_a_killed_process(run64, tmp_path):
+    """A kill during a checkpoint's save left RUN/last.pt.<pid>.tmp (as large as a checkpoint) for
+    good; a live process's temporary file is its own and stays."""
+    import subprocess
+    import sys
+
+    run = _copy_run(run64, tmp_path)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / f"last.pt.{int(dead.stdout)}.tmp").write_bytes(b"half a checkpoint")
+        (run / f"metrics.json.{live.pid}.tmp").write_text("being written")
+        result = runner.invoke(app, ["train", "--resume", str(run)])
+        _clean(result)
+        assert result.exit_code == 0 and f"deleted last.pt.{int(dead.stdout)}.tmp" in result.output
+        assert not (run / f"last.pt.{int(dead.stdout)}.tmp").exists()
+        assert (run / f"metrics.json.{live.pid}.tmp").read_text() == "being written"
+    finally:
+        live.kill()
+        live.wait()

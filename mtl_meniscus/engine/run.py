@@ -48,7 +48,7 @@ from mtl_meniscus.engine.training_state import MemberCheckpoints
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.evaluation.metrics import bootstrap_cis, challenge_score, task_aucs
 from mtl_meniscus.evaluation.plots import plot_training_curves
-from mtl_meniscus.io.outputs import atomic_write, json_text, write_text_atomic
+from mtl_meniscus.io.outputs import atomic_write, json_text, remove_stale_temporaries, write_text_atomic
 from mtl_meniscus.io.runlock import RunLock
 from mtl_meniscus.labels import TaskTable
 from mtl_meniscus.networks.losses import WEIGHTINGS
@@ -219,7 +219,12 @@ def _wandb_config(config: Config, run_dir: Path):
 
 
 def _resume(trainer: MemberTrainer, console: Console) -> None:
-    """Load the network's last.pt, if it has one, and say so."""
+    """Load the network's last.pt, if it has one, and say so; a checkpoint's temporary file that a
+    killed process left is deleted."""
+    for tmp in remove_stale_temporaries(trainer.member.folder):
+        console.print(
+            f"[{trainer.member.name}] deleted {tmp.name}, left by a process that was killed", markup=False
+        )
     if trainer.try_resume():
         console.print(
             f"[{trainer.member.name}] resumed after epoch {trainer.state.epoch}"

@@ -158,6 +158,30 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files atomic_write left in `folder` when its process was killed
+    (<name>.<pid>.tmp of a process no longer alive: a checkpoint's is as large as the checkpoint);
+    those of live processes are theirs. Returns the files deleted."""
+    removed = []
+    for tmp in Path(folder).glob("*.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError): alive
+        return True
+    return True
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """`path.write_text(text)` in UTF-8, atomically (see atomic_write)."""
     with atomic_write(path) as tmp:
