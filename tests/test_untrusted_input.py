@@ -116,7 +116,7 @@ def test_declared_sizes_are_held_to_one_pixel_budget_before_decoding(run64, volu
     )
     assert result.returncode == 1 and "1 failed, see the error column" in result.stdout, result.stderr
     row = (tmp_path / "p.csv").read_text().splitlines()[1]  # the exam's error row
-    assert "tall.nii.gz" in row and "once its slices are resized to 64x64" in row
+    assert "tall.nii.gz" in row and "each slice counted at its own size or at 64x64" in row
     mrnet = tmp_path / "mrnet"
     (mrnet / "valid" / "sagittal").mkdir(parents=True)
     shutil.copy(bomb / "tall.npy", mrnet / "valid" / "sagittal" / "0000.npy")
