@@ -239,9 +239,6 @@ class ModelConfig(Section):
         return self.segmentation or self.roi == "truth"
 
     def validate(self) -> None:
-        blocks = max(len(self.kernels), len(self.fissure_kernels))
-        check_value(len(self.widths) >= blocks, "model.widths", self.widths, "one width per block")
-        check_value(all(1 <= w <= 2048 for w in self.widths), "model.widths", self.widths, "integers 1..2048")
         for name in ("kernels", "fissure_kernels"):
             kernels = getattr(self, name)
             check_value(
@@ -250,6 +247,17 @@ class ModelConfig(Section):
                 kernels,
                 "one or more odd kernel sizes 1..31",
             )
+        # Exactly one width per block: a network takes the first len(kernels) widths, so one more
+        # would be dropped without a word (the fissure network, with fewer blocks, takes the first).
+        blocks = max(len(self.kernels), len(self.fissure_kernels))
+        check_value(
+            len(self.widths) == blocks,
+            "model.widths",
+            self.widths,
+            f"{blocks} widths, one per conv block (model.kernels has {len(self.kernels)}, "
+            f"model.fissure_kernels {len(self.fissure_kernels)}); this has {len(self.widths)}",
+        )
+        check_value(all(1 <= w <= 2048 for w in self.widths), "model.widths", self.widths, "integers 1..2048")
         check_value(1 <= self.pool_grid <= 64, "model.pool_grid", self.pool_grid, "1..64")
         check_value(all(1 <= d <= 4096 for d in self.dense), "model.dense", self.dense, "integers 1..4096")
         if self.trunk in OWN_TRUNKS:
@@ -568,7 +576,8 @@ class _ConfigLoader(yaml.SafeLoader):
     Without aliases: `*name` is refused where it is read, so a few hundred bytes of nested aliases
     cannot expand into gigabytes ("billion laughs") or a recursive structure. Without duplicate
     keys: PyYAML keeps the last of a repeated key and drops the other without a word, so a second
-    `train:` section would silently undo the first one's settings."""
+    `train:` section would silently undo the first one's settings. With YAML 1.2's floats: PyYAML
+    reads `lr: 1e-3` as the text '1e-3', which the strict load then refuses as not a number."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -605,9 +614,24 @@ class _ConfigLoader(yaml.SafeLoader):
             first_lines[key] = key_node.start_mark.line + 1
             self._refuse_duplicate_keys(value_node, (*path, str(key)))
 
+    def construct_yaml12_float(self, node: yaml.ScalarNode) -> float:
+        return float(self.construct_scalar(node))
+
+
+# The YAML 1.2 floats that YAML 1.1's resolver misses: an exponent without a dot or without a sign,
+# a sign before a leading dot. Tried after YAML 1.1's resolvers, so every other scalar reads as before.
+_YAML12_FLOAT = "tag:mtl-meniscus,2024:yaml12-float"
+_ConfigLoader.add_implicit_resolver(
+    _YAML12_FLOAT,
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+|\.[0-9]+(?:[eE][-+]?[0-9]+)?)$"),
+    list("-+0123456789."),
+)
+_ConfigLoader.add_constructor(_YAML12_FLOAT, _ConfigLoader.construct_yaml12_float)
+
 
 def load_yaml(text: str) -> Any:
-    """yaml.safe_load without aliases and duplicate keys (see _ConfigLoader); raises yaml.YAMLError."""
+    """yaml.safe_load without aliases and duplicate keys, with YAML 1.2 floats (see _ConfigLoader);
+    raises yaml.YAMLError."""
     return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
@@ -627,12 +651,12 @@ class Origins:
 
     def where(self, loc: tuple) -> str:
         """The origin of the value at `loc` (a key path such as ('train', 'lr') or ('rois', 0)):
-        the label at it or at a value above it (an item of a list, a key of a section set whole); for
-        a section, the labels of its values; '' for a default value, which no file or option wrote."""
+        the label at it or at a value above it (an item of a list); for a section, the labels of its
+        values; '' for a default value, which no file or option wrote."""
         node: Any = self.tree
         for part in loc:
             if not isinstance(node, dict):
-                break  # a value holding `loc` (a list, a section set whole by an override)
+                break  # a value holding `loc` (a list)
             if part not in node:
                 return ""
             node = node[part]
@@ -786,8 +810,10 @@ def read_yaml(
     origins: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], Origins]:
     """(nested dict, the Origins of its values) of a YAML file (or {} for None), `overlay` merged
-    over it, with dotted-key overrides applied; overrides whose value is None are skipped. An
-    override's origin is its entry in `origins`, else unnamed ('')."""
+    over it, with dotted-key overrides applied in order; overrides whose value is None are skipped.
+    An override that gives a section (`{'train': {'lr': 0.1}}`) merges into it key by key, as a
+    file's section merges over its base's. An override's origin is its entry in `origins`, else
+    unnamed ('')."""
     data: dict[str, Any] = {}
     tree: dict[str, Any] = {}  # data's shape, each value's origin in its place (Origins)
     if path is not None:
@@ -798,7 +824,7 @@ def read_yaml(
     given = [key for key, value in (overrides or {}).items() if value is not None]
     for key in given:
         inside = [other for other in given if other.startswith(key + ".")]
-        if inside:
+        if inside and not isinstance(overrides[key], dict):  # (a section given whole merges with them)
             raise ConfigError(f"{inside[0]}: '{key}' is a value, not a section")
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -810,8 +836,10 @@ def read_yaml(
             if not isinstance(node, dict):
                 raise ConfigError(f"{dotted}: '{'.'.join(parents[:depth])}' is a value, not a section")
             labels = labels.setdefault(part, {})  # a section in data is one in its tree (_labelled)
-        node[leaf] = value
-        labels[leaf] = _labelled(value, (origins or {}).get(dotted, ""))
+        # merged, not assigned: `--set train={lr: 0.1}` would otherwise reset the preset's other
+        # train values to the code defaults without a word
+        node.update(_merged(node, {leaf: value}))
+        labels.update(_merged(labels, {leaf: _labelled(value, (origins or {}).get(dotted, ""))}))
     return data, Origins(tree)
 
 

@@ -128,13 +128,17 @@ def test_a_bad_value_in_a_file_names_that_file(tmp_path):
         load_config(tmp_path / "fixed.yaml", {"augment.blur_prob": 0.5}, overlay)
 
 
-def test_an_override_of_a_whole_section_owns_every_value_in_it(tmp_path):
+def test_an_override_of_a_section_owns_the_values_it_gives(tmp_path):
     preset = tmp_path / "preset.yaml"
     preset.write_text("tta: {copies: 2, augment: {rotation_deg: 5}}\n")
     with pytest.raises(
         ConfigError, match="^compare.yaml tta: config key 'tta.augment.noise_prob': bad value 3"
     ):
         load_config(preset, {"tta": {"augment": {"noise_prob": 3}}}, origins={"tta": "compare.yaml tta"})
+    # merged into the preset's section: a bad value the override did not give is the preset's
+    preset.write_text("tta: {copies: 2, augment: {rotation_deg: 500}}\n")
+    with pytest.raises(ConfigError, match=f"^{preset}: config key 'tta.augment.rotation_deg': bad value 500"):
+        load_config(preset, {"tta": {"augment": {"noise_prob": 0.5}}}, origins={"tta": "compare.yaml tta"})
 
 
 def test_a_value_no_file_or_option_gave_names_neither(tmp_path):
@@ -211,3 +215,73 @@ def test_a_merge_key_may_be_overridden_without_being_a_duplicate():
     assert load_yaml("a: {<<: {x: 1, y: 2}, x: 3}\n") == {"a": {"x": 3, "y": 2}}
     with pytest.raises(yaml.YAMLError, match="'a.y' is given twice"):
         load_yaml("a: {<<: {x: 1}, y: 2, y: 3}\n")
+
+
+# --- a section given to --set merges into the preset's, as a file's section does ---
+
+
+def test_a_section_given_to_set_keeps_the_preset_values_it_does_not_give():
+    """The tester's case: `--set train={lr: 0.1}` reset tiny.yaml's max_epochs 3, steps_per_epoch 3
+    and batch_size 8 to the code defaults 30, 80, 32; a tta.augment reset rotation_deg to 45."""
+    train = load_config(TINY, dict([parse_set_option("train={lr: 0.1}")])).train
+    assert (train.lr, train.max_epochs, train.steps_per_epoch, train.batch_size) == (0.1, 3, 3, 8)
+    tta = load_config(
+        preset_path("shared"), dict([parse_set_option("tta.augment={translate_frac: 0.01}")])
+    ).tta
+    assert (tta.augment.rotation_deg, tta.augment.translate_frac) == (8, 0.01)
+    # with a named option on a key of the same section both apply (this was refused as an overlap)
+    train = load_config(TINY, {"train": {"lr": 0.1, "batch_size": 4}, "train.max_epochs": 5}).train
+    assert (train.lr, train.batch_size, train.max_epochs, train.steps_per_epoch) == (0.1, 4, 5, 3)
+    with pytest.raises(ConfigError, match="'train' is a value, not a section"):  # a value is not a section
+        load_config(TINY, {"train": 5, "train.lr": 0.1})
+    result = runner.invoke(app, ["train", "--config", str(TINY), "--set", "train={lr: 0.1}", "--show-config"])
+    _clean(result)
+    assert result.exit_code == 0 and "  max_epochs: 3\n" in result.output, result.output
+
+
+# --- YAML 1.2 floats (PyYAML reads YAML 1.1, where 1e-3 is text) ---
+
+
+def test_yaml_1_2_floats_are_numbers(tmp_path):
+    numbers = load_yaml("[1e-3, 1E5, -2e+4, 1.0e3, -.5, 1.0e-3, 7, 0x10]")
+    assert numbers == [0.001, 100000.0, -20000.0, 1000.0, -0.5, 0.001, 7, 16]
+    assert [type(n) for n in numbers[-2:]] == [int, int]  # integers stay integers
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {lr: 1e-3, min_lr: 1E-6}\naugment: {translate_frac: 5e-2}\n")
+    config = load_config(path, dict([parse_set_option("augment.rotation_deg=1.5e1")]))
+    assert (config.train.lr, config.train.min_lr) == (0.001, 1e-6)
+    assert (config.augment.translate_frac, config.augment.rotation_deg) == (0.05, 15.0)
+    result = runner.invoke(app, ["train", "--config", str(TINY), "--set", "train.lr=2e-4", "--show-config"])
+    _clean(result)
+    assert result.exit_code == 0 and "  lr: 0.0002\n" in result.output, result.output
+    # too large for a float: the refusal of any infinite value, not 'Input should be a valid number'
+    path.write_text("train: {lr: 1e400}\n")
+    with pytest.raises(ConfigError, match=r"'train.lr': bad value inf \(Input should be a finite number\)"):
+        load_config(path)
+
+
+def test_text_that_looks_like_a_yaml_1_2_float_is_quoted_where_a_string_is_wanted(tmp_path):
+    """As in YAML 1.2, 1e5 is a number: a string field refuses it by name; quoted it is text."""
+    path = tmp_path / "c.yaml"
+    path.write_text("wandb: {group: 1e5}\n")
+    with pytest.raises(ConfigError, match="'wandb.group': bad value 100000.0"):
+        load_config(path)
+    path.write_text("wandb: {group: '1e5'}\n")
+    assert load_config(path).wandb.group == "1e5"
+
+
+# --- model.widths: one per conv block ---
+
+
+@pytest.mark.parametrize("widths", [(8, 16, 24, 32, 40), (8, 16, 24)])
+def test_widths_give_one_width_per_conv_block(widths):
+    """A fifth width for four blocks was accepted and silently dropped (the networks take widths[:4])."""
+    with pytest.raises(ConfigError) as refused:
+        config_from_dict({"model": {"widths": list(widths)}})
+    message = f"config key 'model.widths': bad value {widths} (allowed: 4 widths, one per conv block"
+    assert message in str(refused.value) and f"this has {len(widths)}" in str(refused.value)
+    # the blocks are the longer of kernels and fissure_kernels: the fissure network takes the first widths
+    three = config_from_dict(
+        {"model": {"widths": [8, 16, 24], "kernels": [7, 5, 3], "fissure_kernels": [7, 5]}}
+    )
+    assert three.model.widths == (8, 16, 24)
