@@ -2,21 +2,25 @@
 pruning leaves a consistent run folder, bad options are named."""
 
 import csv
+import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
 from mtl_meniscus.commands import tune as tune_module
@@ -209,6 +213,9 @@ def test_objective_and_search_space_use_real_config_keys(tiny):
         ("--seed", "-1", "--seed"),
         ("--storage", "not-a-url", "--storage not-a-url"),
         ("--storage", "postgresql://me:secret@127.0.0.1:1/db", "postgresql://me:***@127.0.0.1:1/db"),
+        # in memory, the study would end with the process: a rerun could not add trials to it
+        ("--storage", "sqlite://", "--storage sqlite://: an in-memory database"),
+        ("--storage", "sqlite:///:memory:", "--storage sqlite:///:memory:: an in-memory database"),
     ],
 )
 def test_bad_options_are_named_without_a_traceback(tiny, tmp_path, phantom, option, value, named):
@@ -237,6 +244,44 @@ def test_a_rerun_with_other_data_is_refused_naming_data_path(tiny, study_dir, tm
     )
     assert "another --out (or --study-name)" in result.output
     assert study_files(out) == before  # nothing trained, nothing rewritten
+
+
+def test_a_search_of_another_study_in_the_folder_is_refused_and_changes_nothing(
+    tiny, study_dir, tmp_path, phantom
+):
+    out = tmp_path / study_dir.name
+    shutil.copytree(study_dir, out)
+    before = study_files(out)
+    args = ["tune", "--config", str(tiny), "--data", str(phantom), "--out", str(out), "--n-trials", "1"]
+    result = runner.invoke(app, [*args, "--study-name", "other"], terminal_width=1000)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert (
+        f"--out {out}: its study.db holds the study 'tiny-study', not 'other' (--study-name)" in result.output
+    )
+    assert "--study-name 'tiny-study' to add trials" in result.output
+    assert study_files(out) == before  # no study 'other' in study.db, trials.csv not rewritten
+    # another storage: the folder's trials/ are no trials of the study there
+    storage = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    result = runner.invoke(app, [*args, "--storage", storage], terminal_width=1000)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"--out {out}: trials/ holds runs of another study (trial-0000, trial-0001, trial-0002)" in (
+        result.output
+    )
+    assert study_files(out) == before and optuna.get_all_study_names(storage) == []
+
+
+@pytest.mark.parametrize("name", ["q?x=1", "pc%41", "ha#sh"])
+def test_an_out_folder_name_with_url_characters_keeps_its_study_inside(tiny, phantom, tmp_path, name):
+    from sqlalchemy.engine import make_url  # SQLAlchemy comes with optuna
+
+    out = tmp_path / name
+    log = io.StringIO()
+    run_tune(out, tiny, console=Console(file=log, width=1000), data_dir=phantom, n_trials=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing written beside --out
+    announced = log.getvalue().split(" in ", 1)[1].split(": 0 trials so far")[0]
+    assert make_url(announced).database == str((out / "study.db").resolve())
+    study = optuna.load_study(study_name=name, storage=announced)  # the announced URL is usable
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
 
 
 @pytest.mark.parametrize(
@@ -343,6 +388,57 @@ def test_a_diverged_trial_fails_and_the_search_goes_on(tiny, phantom, tmp_path, 
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
     assert all("diverged" in row["error"] for row in read_trials(out))
     assert not (out / "best.yaml").exists()
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_a_trial_error_that_is_not_ours_is_a_message_naming_the_trial(
+    tiny, phantom, tmp_path, monkeypatch, n_jobs
+):
+    def crash(config, run_dir, **kwargs):  # as matplotlib failed when threads drew at once
+        raise ValueError("\n$\\mathdefault{10^{-4}}$\n^\nParseException: Expected end of text")
+
+    monkeypatch.setattr(tune_module, "train_run", crash)
+    out = tmp_path / "crashed"
+    args = ["tune", "--config", str(tiny), "--data", str(phantom), "--out", str(out), "--n-trials", "2"]
+    result = runner.invoke(app, [*args, "--n-jobs", str(n_jobs)], terminal_width=1000)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    # with 2 jobs either trial may have failed first: the message names the one it reports
+    named = re.search(r"error: trial (\d) failed \(ValueError: (.+?)\); its folder: (\S+)", result.output)
+    assert named, result.output
+    assert named[2] == "$\\mathdefault{10^{-4}}$ ^ ParseException: Expected end of text"
+    assert named[3] == str(out / "trials" / f"trial-{int(named[1]):04d}")
+    assert [row["state"] for row in read_trials(out)] == ["FAIL"] * (1 if n_jobs == 1 else 2)
+
+
+def test_trials_in_threads_draw_their_training_curves_one_at_a_time(tmp_path):
+    """Matplotlib's text rendering is not thread-safe: --n-jobs trials drawing their curves at once
+    failed at random (a mathtext ParseException on the log-scale learning-rate axis)."""
+    from mtl_meniscus.evaluation.plots import plot_training_curves
+
+    history = [
+        {"member": "shared", "epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "val_auc_fissure": 0.6}
+        | {"val_score": 0.6, "lr": 1e-3 * 0.5**e}
+        for e in (1, 2, 3)
+    ]
+    errors = []
+
+    def draw(worker: int) -> None:
+        try:
+            for k in range(2):
+                plot_training_curves(
+                    history, tmp_path / f"curves-{worker}-{k}.png", {"shared": {"best_epoch": 2}}
+                )
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=draw, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(list(tmp_path.glob("curves-*.png"))) == 8 and len(list(tmp_path.glob("curves-*.pdf"))) == 8
 
 
 def test_parallel_trials_with_wandb_are_refused(tiny, phantom, tmp_path):

@@ -27,7 +27,9 @@ Every trial sees the same number of images per epoch: a sampled `train.batch_siz
 
 A study holds the trials of one setup: its fixed config (everything the search does not vary, the
 data folder included) is recorded in the study when it is created, and a later search (a rerun, or
-another worker on the same storage) with another is refused, naming the keys that differ.
+another worker on the same storage) with another is refused, naming the keys that differ. An --out
+folder holds the outputs of one study: a search of another study there is refused before its study
+is created.
 """
 
 from __future__ import annotations
@@ -219,7 +221,32 @@ def _nan_best(values: list[float], maximize: bool) -> float:
 
 
 def default_storage(out_dir: Path) -> str:
-    return f"sqlite:///{(Path(out_dir).resolve() / 'study.db').as_posix()}"
+    """sqlite:///OUT/study.db with the path escaped: in a URL a raw '?' or '#' would end the path
+    and a '%' start an escape, putting the database elsewhere or refusing a fine folder name."""
+    from sqlalchemy.engine import URL
+
+    database = (Path(out_dir).resolve() / "study.db").as_posix()
+    return URL.create("sqlite", database=database).render_as_string(hide_password=False)
+
+
+def check_kept_storage(url: str) -> None:
+    """Refuse an in-memory SQLite --storage: the study would end with this process (a rerun cannot
+    add trials to it), and Optuna's heartbeat thread finds no tables in its own connection."""
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return  # not a URL: open_storage says so
+    database = parsed.database or ""
+    in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
+    if parsed.get_backend_name() == "sqlite" and (in_memory or parsed.query.get("mode") == "memory"):
+        raise ConfigError(
+            f"--storage {mask_url(url)}: an in-memory database ends with this process, so a rerun "
+            "could not add trials to the study; give a file (sqlite:///path/study.db), or leave "
+            "--storage out for OUT/study.db"
+        )
 
 
 def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, attempts: int = 3):
@@ -474,16 +501,50 @@ class TuneSearch:
         check_tune_options(
             request.n_trials, request.timeout, request.n_jobs, request.seed, request.study_name
         )
+        if request.storage is not None:
+            check_kept_storage(request.storage)
         self.console = console or Console(soft_wrap=True)
         self.out_dir = check_output_dir(request.out_dir, "--out")
         self.trials_dir = self.out_dir / "trials"
         self.study_name = request.study_name or self.out_dir.resolve().name
         self.storage_url = request.storage or default_storage(self.out_dir)
-        # a bad URL is refused before the data is read or generated
+        # a bad URL, or an --out of another study, is refused before the data is read or generated
         self.rdb = open_storage(self.storage_url, request.heartbeat_s)
+        self._check_out_dir_study()
         self.base = self._base_settings()
         self.write_lock = threading.Lock()  # n_jobs threads finish trials concurrently; one writer at a time
-        self.errors: list[BaseException] = []  # a trial's error stops the search, also from a worker thread
+        self.errors: list[MeniscusError] = []  # a trial's error stops the search, also from a worker thread
+
+    def _check_out_dir_study(self) -> None:
+        """--out holds the outputs of one study: trials.csv and best.yaml are rewritten after every
+        trial, and trial folders are numbered from 0 in each study. A search of another study there
+        is refused before its study or a trial is created, so nothing of the first is replaced."""
+        optuna = self.optuna
+        names = optuna.get_all_study_names(storage=self.rdb)
+        if self.request.storage is None and names and self.study_name not in names:
+            held = ", ".join(f"'{name}'" for name in names)
+            raise MeniscusError(
+                f"--out {self.out_dir}: its study.db holds the study {held}, not '{self.study_name}' "
+                "(--study-name), and its trials.csv, best.yaml and trials/ are that study's; use another "
+                f"--out for a new study, or --study-name '{names[0]}' to add trials to that one"
+            )
+        ours = set()
+        if self.study_name in names:
+            study = optuna.load_study(study_name=self.study_name, storage=self.rdb)
+            ours = {self._run_dir(trial.number) for trial in study.get_trials(deepcopy=False)}
+        # a folder with a run (config.yaml) whose number is no trial of this study: another study's
+        others = [
+            folder.name
+            for folder in sorted(self.trials_dir.glob("trial-*"))
+            if (folder / "config.yaml").exists() and folder not in ours
+        ]
+        if others:
+            raise MeniscusError(
+                f"--out {self.out_dir}: trials/ holds runs of another study ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}), no trials of the study '{self.study_name}' in "
+                f"{mask_url(self.storage_url)}, and trial numbers start at 0 in each study; use another "
+                "--out for this study, or the --study-name and --storage of that one"
+            )
 
     def _base_settings(self) -> dict[str, Any]:
         """The overrides every trial shares; checks them and generates the built-in phantom once,
@@ -648,16 +709,25 @@ class TuneSearch:
             trial.set_user_attr("error", "interrupted")
             raise
         except Exception as err:
-            trial.set_user_attr("error", f"{type(err).__name__}: {str(err)[:500]}")
-            self.errors.append(err)
-            raise
+            reason = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
+            trial.set_user_attr("error", reason)
+            if isinstance(err, MeniscusError):
+                self.errors.append(err)
+                raise
+            # A bug or a library's failure: as a MeniscusError naming the trial, the CLI prints it
+            # as a message, not a traceback (with n_jobs > 1 run() re-raises it after the search).
+            failed = MeniscusError(
+                f"trial {trial.number} failed ({reason}); its folder: {self._run_dir(trial.number)}"
+            )
+            self.errors.append(failed)
+            raise failed from err  # the cause stays attached for a debugger
 
     def _train_trial(self, trial) -> float:
         sampled = suggest(trial, self.request.space)
         if "train.batch_size" in sampled:  # the same images per epoch at every batch size
             sampled[STEPS_KEY] = steps_at_fixed_images(sampled["train.batch_size"], self.images_per_epoch)
             trial.set_user_attr(STEPS_KEY, sampled[STEPS_KEY])
-        run_dir = self.trials_dir / f"trial-{trial.number:04d}"
+        run_dir = self._run_dir(trial.number)
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
         if (run_dir / "config.yaml").exists():
             raise MeniscusError(
@@ -685,6 +755,9 @@ class TuneSearch:
                 "tune needs one to compare trials (see its metrics.json warnings)"
             )
         return value
+
+    def _run_dir(self, number: int) -> Path:
+        return self.trials_dir / f"trial-{number:04d}"
 
     def _after_trial(self, study, trial) -> None:
         with self.write_lock:

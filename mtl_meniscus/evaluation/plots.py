@@ -4,6 +4,7 @@ column width: every figure is written as a PNG and, beside it, a vector PDF for 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -35,6 +36,11 @@ PAPER_STYLE = {
     "savefig.pad_inches": 0.02,
 }
 
+# pyplot, rc_context and matplotlib's text rendering are not thread-safe: tune's parallel trials
+# (threads) drawing their training curves at once failed at random (a mathtext ParseException on a
+# log-scale tick label). The figure writers that threads reach draw one figure at a time.
+FIGURE_LOCK = threading.Lock()
+
 
 @contextlib.contextmanager
 def paper_style() -> Iterator[None]:
@@ -57,7 +63,7 @@ def plot_training_curves(history: list[dict], path: Path, best: Mapping[str, dic
     epoch it left chance; learning-rate cuts are dotted lines."""
     members = list(dict.fromkeys(row["member"] for row in history))
     best = best or {}
-    with paper_style():
+    with FIGURE_LOCK, paper_style():
         fig, axes = plt.subplots(len(members), 3, figsize=(PAGE_WIDTH, 2.0 * len(members)), squeeze=False)
         for row_axes, member in zip(axes, members):
             rows = [r for r in history if r["member"] == member]
