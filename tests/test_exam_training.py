@@ -101,7 +101,7 @@ def test_mrnet_is_read_as_exams_with_valid_as_the_test_split(tmp_path):
         handle.write("0040,0\n")
     data = prepare_data(root, DataConfig(layout="mrnet", image_size=64))
     assert data.exams and len(data.records) == 40
-    assert data.exclusions == [("train/sagittal/0040.npy", "wrong size: 48x48 slices, expected 64x64")]
+    assert data.exclusions == [("train/sagittal/0040.npy", None, "wrong size: 48x48 slices, expected 64x64")]
     test = [data.records[i].image for i in data.indices("test")]
     assert test == [f"valid/sagittal/{e.name}.npy" for e in exams[36:]]  # MRNet's valid folder, all of it
     tears = data.targets[:, 0]

@@ -106,7 +106,7 @@ def test_exclusions_report_and_summary(tmp_path):
     cv2.imwrite(str(tmp_path / "img/big.png"), np.zeros((40, 32), np.uint16))
     (tmp_path / "img/broken.png").write_bytes(b"garbage")
     data = prepare_data(tmp_path, DataConfig(image_size=32))
-    reasons = dict(data.exclusions)
+    reasons = {image: reason for image, _, reason in data.exclusions}
     assert reasons["img/both.png"].startswith("double tear")
     assert reasons["img/big.png"] == "wrong size: 40x32, expected 32x32"
     assert reasons["img/broken.png"].startswith("unreadable:") and "broken.png" in reasons["img/broken.png"]
@@ -161,7 +161,7 @@ def test_patient_groups_share_a_split(tmp_path):
 
 def test_default_phantom_exclusions(small_phantom):
     data = prepare_data(small_phantom, DataConfig())
-    reasons = Counter(reason.split(":")[0] for _, reason in data.exclusions)
+    reasons = Counter(reason.split(":")[0] for *_, reason in data.exclusions)
     assert reasons == {"wrong size": 1, "double tear": 1}
     assert all(image.shape == (256, 256) for image in data.images)
     assert Counter(data.splits) == {"train": 41, "val": 11, "test": 6}
@@ -563,3 +563,20 @@ def test_the_phantoms_masks_agree_with_their_labels(data64):
     data = prepare_data(data64, DataConfig(image_size=64), masks=True)
     tears = [bool((m == 2).any()) for m in data.masks]
     assert tears == [r.labels["fissure"] == "1" for r in data.records] and any(tears)
+
+
+def test_excluded_slices_of_one_volume_are_told_apart(tmp_path):
+    """exclusions.csv names each excluded row by image and slice: the rows of one volume were
+    identical lines before."""
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).random((4, 32, 32)).astype(np.float32))
+    rows = [("v.npy", str(k), "1", "vertical", "both" if k in (1, 3) else "posterior") for k in range(4)]
+    rows += [(f"img/{k}.png", "", "0", "", "") for k in range(8)]
+    _write_folder(tmp_path, rows, header=("image", "slice", "fissure", "orientation", "position"))
+    data = prepare_data(tmp_path, DataConfig(image_size=32))
+    data.write_exclusions(tmp_path / "exclusions.csv")
+    with (tmp_path / "exclusions.csv").open() as handle:
+        written = [(r["image"], r["slice"], r["reason"]) for r in csv.DictReader(handle)]
+    assert written == [
+        ("v.npy", "1", "double tear: position 'both'"),
+        ("v.npy", "3", "double tear: position 'both'"),
+    ]

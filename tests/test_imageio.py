@@ -200,5 +200,5 @@ def test_the_pixel_limit_is_configurable(tmp_path, pydicom_files, monkeypatch):
     _labels(tmp_path, [("a.png", "0", "", ""), ("b.png", "0", "", "")])
     _png(tmp_path / "b.png", size=(32, 32))
     data = prepare_data(tmp_path, DataConfig(image_size=32, max_pixels=2000, split_fractions=(1, 0, 0)))
-    assert [image for image, _ in data.exclusions] == ["a.png"]
-    assert "above the limit" in data.exclusions[0][1]
+    assert [image for image, *_ in data.exclusions] == ["a.png"]
+    assert "above the limit" in data.exclusions[0][-1]

@@ -316,7 +316,7 @@ def prepare_folder(
     max_pixels = max_pixels_limit(config.max_pixels)
     kept: list[Record] = []
     images: list[np.ndarray] = []
-    exclusions: list[tuple[str, str]] = []
+    exclusions: list[tuple[str, int | None, str]] = []
     resized = 0
     last_volume: dict[Path, np.ndarray] = {}  # rows of one volume decode it once (read_image)
     unoriented: list[str] = []  # a row per DICOM/NIfTI file without geometry: taken as stored
@@ -327,7 +327,7 @@ def prepare_folder(
         if on_row is not None:
             on_row(done, len(records))  # (rows read, rows in all): a progress display's
         if config.exclude_double_tears and record.labels.get("position") == DOUBLE_TEAR:
-            exclusions.append((record.image, "double tear: position 'both'"))
+            exclusions.append((*record.key, "double tear: position 'both'"))
             continue
         try:
             notes: list[str] = []
@@ -341,13 +341,13 @@ def prepare_folder(
             )
             unoriented += [record.image] if notes else []
         except ImageReadError as err:
-            exclusions.append((record.image, f"unreadable: {err}"))
+            exclusions.append((*record.key, f"unreadable: {err}"))
             continue
         shape = image.shape  # as read: its mask's size
         if image.shape != (size, size):
             if config.size_policy == "exclude":
                 exclusions.append(
-                    (record.image, f"wrong size: {image.shape[0]}x{image.shape[1]}, expected {size}x{size}")
+                    (*record.key, f"wrong size: {image.shape[0]}x{image.shape[1]}, expected {size}x{size}")
                 )
                 continue
             image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
@@ -426,14 +426,15 @@ class LazySlices(Sequence):
 SIZE_ADVICE = "set data.image_size to your images' size, or data.size_policy: resize to resize them"
 
 
-def _exclusion_reasons(exclusions: list[tuple[str, str]], size: int) -> str:
+def _exclusion_reasons(exclusions: list[tuple[str, int | None, str]], size: int) -> str:
     """'all 60 rows were excluded: 60 wrong size (e.g. a.png: 256x256, expected 64x64); ...' and a hint."""
     first: dict[str, tuple[str, str]] = {}
     counts = Counter()
-    for image, reason in exclusions:
+    for image, slice_index, reason in exclusions:
         kind, _, detail = reason.partition(":")
         counts[kind] += 1
-        first.setdefault(kind, (image, detail.strip()))
+        named = image if slice_index is None else f"{image} slice {slice_index}"
+        first.setdefault(kind, (named, detail.strip()))
     parts = [f"{counts[kind]} {kind} (e.g. {image}: {detail})" for kind, (image, detail) in first.items()]
     text = f"all {len(exclusions)} rows were excluded: " + "; ".join(parts)
     if "wrong size" in counts:

@@ -143,12 +143,12 @@ def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
             try:
                 shape = read_exam(exam.path, max_pixels, size, config.plane).shape
             except ImageReadError as err:
-                exclusions.append((relative, f"unreadable: {err}"))
+                exclusions.append((relative, None, f"unreadable: {err}"))
                 continue
             if shape[1:] != (size, size):
                 if config.size_policy == "exclude":
                     exclusions.append(
-                        (relative, f"wrong size: {shape[1]}x{shape[2]} slices, expected {size}x{size}")
+                        (relative, None, f"wrong size: {shape[1]}x{shape[2]} slices, expected {size}x{size}")
                     )
                     continue
                 resized += 1
@@ -156,7 +156,9 @@ def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
             records.append(Record(row=len(records) + 1, image=relative, labels=labels, split=split))
             paths.append(exam.path)
     if not records:
-        raise DataError(f"{root}: no usable exam left ({len(exclusions)} set aside, e.g. {exclusions[0][1]})")
+        raise DataError(
+            f"{root}: no usable exam left ({len(exclusions)} set aside, e.g. {exclusions[0][-1]})"
+        )
     splits = [record.split for record in records]  # 'test' for valid/, train/ is split below
     train_rows = [k for k, split in enumerate(splits) if not split]
     train_share, val_share = config.split_fractions[0], config.split_fractions[1]

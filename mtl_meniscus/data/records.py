@@ -142,7 +142,8 @@ class PreparedData:
     targets: np.ndarray  # (N, T) float32 in the order of `tasks`, NaN where a task does not apply
     splits: list[str]
     tasks: TaskTable = DEFAULT_TASKS
-    exclusions: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
+    # (image, slice, reason): the slice (None for a 2-D image) tells a volume's excluded rows apart
+    exclusions: list[tuple[str, int | None, str]] = field(default_factory=list)
     n_rows: int = 0
     resized: int = 0
     unit: str = "images"  # what a row is: an image (a slice), or with data.layout mrnet an exam
@@ -187,7 +188,7 @@ class PreparedData:
 
     def exclusion_summary(self) -> str:
         """One line: how many rows were kept and why the others were set aside."""
-        reasons = Counter(reason.split(":")[0] for _, reason in self.exclusions)
+        reasons = Counter(reason.split(":")[0] for *_, reason in self.exclusions)
         detail = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
         line = f"kept {len(self.records)} of {self.n_rows} {self.unit}"
         if self.exclusions:
@@ -218,7 +219,11 @@ class PreparedData:
         return counts
 
     def write_exclusions(self, path: str | Path) -> None:
-        _write_csv(path, ["image", "reason"], self.exclusions)
+        rows = [
+            (image, "" if slice_index is None else slice_index, reason)
+            for image, slice_index, reason in self.exclusions
+        ]
+        _write_csv(path, ["image", "slice", "reason"], rows)
 
     def write_splits(self, path: str | Path) -> None:
         rows = [
