@@ -285,3 +285,14 @@ def test_widths_give_one_width_per_conv_block(widths):
         {"model": {"widths": [8, 16, 24], "kernels": [7, 5, 3], "fissure_kernels": [7, 5]}}
     )
     assert three.model.widths == (8, 16, 24)
+
+
+def test_a_partial_tta_augment_keeps_the_test_time_defaults(tmp_path):
+    """What a partial tta.augment leaves out comes from the test-time defaults (rotation 15,
+    translation 0.1), not the training ones (45, 0.2)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("tta: {augment: {noise_prob: 0.3}}\n")
+    augment = load_config(path).tta.augment
+    assert (augment.rotation_deg, augment.translate_frac, augment.noise_prob) == (15.0, 0.1, 0.3)
+    assert load_config(TINY, {"tta.augment.translate_frac": 0.01}).tta.augment.rotation_deg == 15.0
+    assert load_config(preset_path("shared")).tta.augment.rotation_deg == 8.0  # a preset's own value stays
