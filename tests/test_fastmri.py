@@ -64,9 +64,10 @@ def test_an_import_gives_a_row_per_slice_and_tear_masks(fastmri, tmp_path):
     # the package reads it: slices straight from the .h5, unknown subtypes masked
     data = prepare_data(tmp_path / "out", DataConfig(image_size=32, allow_unknown_subtype=True))
     assert len(data.records) == 8 and "1 orientation, 1 position" in data.exclusion_summary()
-    with h5py.File(fastmri / "h5" / "file1000001.h5") as handle:
+    with h5py.File(fastmri / "h5" / "file1000001.h5") as handle:  # flipped up/down: see the next test
         np.testing.assert_array_equal(
-            read_image(tmp_path / "out" / "volumes" / "file1000001.h5", 2), handle["reconstruction_rss"][2]
+            read_image(tmp_path / "out" / "volumes" / "file1000001.h5", 2),
+            handle["reconstruction_rss"][2][::-1],
         )
     # all slices of one knee in one split
     by_patient = {}
@@ -233,4 +234,23 @@ def test_an_unknown_study_level_is_named_and_unannotated_volumes_are_counted(fas
     write_volume(fastmri / "h5" / "file1000003.h5", np.random.default_rng(1))  # no row in knee.csv
     counts = import_fastmri_plus(fastmri / "knee.csv", fastmri / "h5", tmp_path / "b")
     assert counts["volumes"] == 2
-    assert counts["volumes in the folder without an annotation row (left out: not known healthy)"] == 1
+    assert counts["volumes in the folder without an annotation row (left out)"] == 1
+
+
+def test_a_tear_box_lies_where_fastmri_plus_drew_it(tmp_path):
+    """fastMRI+ drew its boxes on the arrays flipped up/down (its README; its example notebook does
+    img_data[:, ::-1, :] before drawing box (x, y, w, h)): the mask must cover those pixels of the
+    slice as the package reads it, stored rows H-y-h .. H-y-1, not stored rows y .. y+h-1."""
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
+
+    (tmp_path / "h5").mkdir()
+    stored = np.tile(np.arange(64, dtype=np.float32)[:, None], (3, 1, 64))  # stored row r holds r
+    with h5py.File(tmp_path / "h5" / "file1000009.h5", "w") as handle:
+        handle["reconstruction_rss"] = stored
+    (tmp_path / "knee.csv").write_text(HEADER + "file1000009,1,No,10,20,8,6,Meniscus Tear\n")
+    import_fastmri_plus(tmp_path / "knee.csv", tmp_path / "h5", tmp_path / "out")
+    mask = cv2.imread(str(tmp_path / "out" / "masks" / "file1000009_001.png"), cv2.IMREAD_UNCHANGED)
+    image = read_image(tmp_path / "out" / "volumes" / "file1000009.h5", 1)
+    notebook_view = stored[1][::-1]  # the notebook's image, on which the box is (x, y, w, h) as given
+    np.testing.assert_array_equal(image, notebook_view)
+    assert sorted(set(image[mask == 2].tolist())) == list(range(64 - 20 - 6, 64 - 20))  # stored rows 38..43

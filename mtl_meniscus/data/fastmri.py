@@ -15,11 +15,11 @@ describe the whole exam and have no box). `import_fastmri_plus` writes a folder 
     OUT/left_out.csv             file, reason: each annotated volume not imported (only when any)
 
 Slices of a volume that carries no annotation row at all are left out (the summary counts such .h5
-files in the volumes folder): fastMRI+ did not annotate every volume, and an unannotated volume is
-not a healthy one. So is a volume whose meniscus tear
-is known at study level only (a study_level 'Yes' "Meniscus Tear" row and no "Meniscus Tear" box
-on a slice): the knee has a tear, but no row says on which slices, so no slice can be labelled,
-and fissure=0 on each would call a torn knee healthy. Every annotated volume left out is named
+files in the volumes folder): knee.csv alone cannot tell a volume reviewed with no findings from
+one never reviewed (fastMRI+'s knee_file_list.csv lists the reviewed ones; not read here). So is
+a volume whose meniscus tear is known at study level only (a study_level 'Yes' "Meniscus Tear" row
+and no "Meniscus Tear" box on a slice): the knee has a tear, but no row says on which slices, so no
+slice can be labelled, and fissure=0 on each would call a torn knee healthy. Every annotated volume left out is named
 with its reason in OUT/left_out.csv (file, reason); the summary counts them.
 """
 
@@ -175,7 +175,7 @@ def _write_import(
     counts = {"slices": len(rows), "tear slices": sum(row[2] for row in rows), "volumes": written}
     unannotated = sum(1 for p in volumes_dir.glob("*.h5") if p.stem not in by_file and p.name not in by_file)
     if unannotated:
-        counts["volumes in the folder without an annotation row (left out: not known healthy)"] = unannotated
+        counts["volumes in the folder without an annotation row (left out)"] = unannotated
     if not_found:
         counts["annotated volumes not found"] = len(not_found)
     if study_level_only:

@@ -460,7 +460,11 @@ def _read_hdf5(
     path: Path, limit: int | PixelBudget, slice_index: int | None = None
 ) -> tuple[np.ndarray, None]:
     """A fastMRI file's reconstruction (slices, H, W): reconstruction_rss, else reconstruction_esc;
-    with `slice_index`, that slice alone as (1, H, W), the rest of the file left unread."""
+    with `slice_index`, that slice alone as (1, H, W), the rest of the file left unread.
+
+    Each slice is flipped up/down: fastMRI+ drew its boxes on DICOM files made from these arrays
+    flipped up/down ("closer to DICOM orientation", its README; its example notebook flips before
+    drawing), so read as stored, every tear box (import-fastmri's masks) lay mirrored on its slice."""
     import h5py
 
     with h5py.File(path, "r") as handle:
@@ -474,11 +478,11 @@ def _read_hdf5(
             raise ImageReadError(f"{dataset.name}: expected real numbers, got dtype {dataset.dtype}")
         if slice_index is None:
             _check_declared_size(dataset.shape, limit, "HDF5 volume")
-            return np.asarray(dataset, dtype=np.float32), None
+            return np.asarray(dataset, dtype=np.float32)[..., ::-1, :], None
         if dataset.ndim != 3 or not 0 <= slice_index < dataset.shape[0]:
             raise ImageReadError(f"slice {slice_index} is out of range for a volume of shape {dataset.shape}")
         _check_declared_size(dataset.shape[1:], limit, "HDF5 slice")
-        return np.asarray(dataset[slice_index], dtype=np.float32)[None], None
+        return np.asarray(dataset[slice_index], dtype=np.float32)[None, ::-1, :], None
 
 
 def dicom_orientation(dataset):
