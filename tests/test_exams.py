@@ -196,13 +196,22 @@ def test_predict_takes_every_exam_of_a_folder_whatever_the_series_files_are_name
     empty = tmp_path / "empty"
     empty.mkdir()
     single = volumes / "0001.npy"
-    assert collect_exams([mixed, volumes, empty, single]) == [
+    # a folder of exams (docs/data.md): series subfolders and volume files; volume files deeper
+    # down are not searched (MRNet's valid/ holds axial/ and coronal/ .npy without a plane)
+    folder = tmp_path / "exams"
+    write_series(folder / "knee_001", pydicom_files / "MR_small.dcm", 3)
+    np.save(folder / "knee_002.npy", np.zeros((2, 8, 8), np.float32))
+    (folder / "axial").mkdir()
+    np.save(folder / "axial" / "0001.npy", np.zeros((2, 8, 8), np.float32))
+    assert collect_exams([mixed, volumes, empty, single, folder]) == [
         mixed,
         mixed / "a.npy",
         mixed / "b.npy",
         volumes / "0001.npy",
         empty,  # nothing to read: the folder gets its error row
         single,
+        folder / "knee_002.npy",
+        folder / "knee_001",
     ]
 
 

@@ -70,21 +70,28 @@ VOLUME_SUFFIXES = NUMPY_SUFFIXES + NIFTI_SUFFIXES + HDF5_SUFFIXES  # a file that
 
 
 def collect_exams(inputs: list[Path]) -> list[Path]:
-    """The exams named on the command line: a volume file is one exam; a folder of DICOM files is
-    one series (the files known as the series reader knows them: by suffix or by content); each
-    volume file in a folder (MRNet's `valid/sagittal/`) is one exam, in name order. A folder
-    holding both gives the series and each volume: nothing in it is left out unsaid."""
+    """The exams named on the command line: a volume file is one exam; a folder gives itself when
+    it holds a series' files (known as the series reader knows them: by suffix or by content),
+    then each volume file in it (MRNet's `valid/sagittal/`), then each subfolder that holds a series
+    (a folder of exams as data.md shows one; such a series was skipped unsaid), in name order. Volume
+    files deeper down are not searched: MRNet's `valid/` holds its axial and coronal `.npy`, which
+    carry no plane to refuse them by. A folder with none of these gets its error row."""
     exams: list[Path] = []
     for path in inputs:
         if not path.is_dir():
             exams.append(path)
             continue
-        files = sorted(p for p in path.iterdir() if p.is_file())
-        volumes = [p for p in files if image_suffix(p) in VOLUME_SUFFIXES]
-        if any(map(_is_series_file, files)) or not volumes:
-            exams.append(path)  # a series; or nothing of either kind: the folder gets its error row
-        exams.extend(volumes)
+        entries = sorted(path.iterdir())
+        files = [p for p in entries if p.is_file()]
+        found = [path] if _holds_series(files) else []
+        found += [p for p in files if image_suffix(p) in VOLUME_SUFFIXES]
+        found += [p for p in entries if p.is_dir() and _holds_series(p.iterdir())]
+        exams.extend(found or [path])
     return exams
+
+
+def _holds_series(files) -> bool:
+    return any(_is_series_file(p) for p in files if p.is_file())
 
 
 def _is_series_file(file: Path) -> bool:
