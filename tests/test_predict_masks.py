@@ -376,3 +376,17 @@ def test_evaluate_without_masks_has_no_hit_rate_and_a_plain_run_has_the_classica
     assert result.exit_code == 0, result.output
     assert "roi_hit_rate" not in json.loads((out / "metrics.json").read_text())
     assert "ROI hit rate" not in result.output
+
+
+def test_an_exam_whose_top_slice_has_no_horns_says_so_in_its_row(run64, tmp_path):
+    """The exam's row takes its top slice's boxes; when they are empty it says why, as the slice's
+    row does (docs/cli.md: empty, with a note, when there are no two horns)."""
+    np.save(tmp_path / "blank.npy", np.zeros((3, 64, 64), np.float32))  # no horns on any slice
+    _predict_masks(
+        run64, [tmp_path / "blank.npy"], tmp_path / "p.csv", tmp_path / "masks", "--exams", "--slices"
+    )
+    rows = _rows(tmp_path / "p.csv")
+    exam, slices = rows[0], rows[1:]
+    top = slices[int(exam["top_slice"])]
+    assert exam["anterior_box"] == "" and top["note"]
+    assert f"top slice: {top['note']}" in exam["note"]

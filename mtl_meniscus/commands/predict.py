@@ -398,4 +398,8 @@ def _exam_rows_with_masks(
         row |= cells[row["slice"]] | {"note": answers[row["slice"]].note}
     top = rows[0]["top_slice"]
     rows[0] |= cells[top] | {"mask": str(folder) if answers[0].mask is not None else ""}
+    if answers[top].note:  # empty boxes say why, as a slice's row does
+        rows[0]["note"] = "; ".join(
+            filter(None, [rows[0].get("note", ""), f"top slice: {answers[top].note}"])
+        )
     return rows
