@@ -137,8 +137,18 @@ def command(name: str | None = None):
 
 def fail(err: Exception) -> None:
     """Print a domain error as a clear message and exit 1 (no traceback)."""
-    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, markup=True)
+    console.print(f"[bold red]error:[/] {escape(own_message(err))}", highlight=False, markup=True)
     raise typer.Exit(code=1)
+
+
+def own_message(err: Exception) -> str:
+    """The error's own message. One raised in a DataLoader worker process (train.num_workers > 0)
+    comes back as PyTorch's 'Caught ImageReadError in DataLoader worker process 0. Original
+    Traceback ...' text, the message being the traceback's end, after the class's full name."""
+    text, name = str(err), f"{type(err).__module__}.{type(err).__name__}: "
+    if text.startswith("Caught ") and "Original Traceback" in text and name in text:
+        return text.rsplit(name, 1)[1].rstrip()
+    return text
 
 
 def os_error(err: OSError) -> MeniscusError:

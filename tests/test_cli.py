@@ -460,3 +460,22 @@ def test_switches_show_no_bool_metavar_in_help():
         assert result.exit_code == 0, name
         options = [line for line in result.output.splitlines() if "--help" not in line]  # typer's own
         assert not [line for line in options if "<bool>" in line], name
+
+
+def test_an_error_from_a_dataloader_worker_is_printed_as_its_own_message():
+    """With train.num_workers > 0 a file that became unreadable mid-run came back through
+    PyTorch's worker wrapper, whose text carries the worker's traceback: printed whole before."""
+    from torch._utils import ExceptionWrapper
+
+    from mtl_meniscus.cli import own_message
+    from mtl_meniscus.errors import ImageReadError
+
+    message = "a.png: cannot decode image (corrupt or truncated file?)\nsecond line"
+    try:
+        raise ImageReadError(message)
+    except ImageReadError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")  # what the worker sends back
+    with pytest.raises(ImageReadError) as raised:
+        wrapped.reraise()
+    assert "Original Traceback" in str(raised.value) and own_message(raised.value) == message
+    assert own_message(ImageReadError(message)) == message  # raised in this process: as it is
