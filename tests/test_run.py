@@ -350,9 +350,10 @@ def test_the_end_of_train_names_the_files_and_the_next_commands(data64, tmp_path
         assert command in result.output
 
 
-def test_resume_refuses_relabelled_images_that_kept_their_split(tmp_path):
-    """With a split column, relabelled images keep their splits; the resumed run would go on with
-    other labels than it began with, unsaid."""
+def test_resume_names_what_changed_in_the_data(tmp_path):
+    """With a split column, relabelled images keep their splits: the resumed run would have gone
+    on with other labels than it began with, unsaid. An image that became unreadable is named
+    with its reason (the refusal named nothing: restoring the file is the fix)."""
     data = _split_folder(tmp_path / "data", ["train"] * 24 + ["val"] * 8 + ["test"] * 8)
     config = load_config(TINY, {"data.path": str(data), "train.max_epochs": 1})
     train_run(config, tmp_path / "run", console=_quiet())
@@ -364,8 +365,17 @@ def test_resume_refuses_relabelled_images_that_kept_their_split(tmp_path):
     _clean(result)
     assert (
         result.exit_code == 1
-        and "the data changed since the run started (images, labels or splits" in result.output
+        and "the data changed since the run started (1 relabelled (e.g. img/0.png);" in result.output
     )
+    (data / "labels.csv").write_text(labels)
+    png = (data / "img" / "5.png").read_bytes()
+    (data / "img" / "5.png").write_bytes(png[:100])
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
+    _clean(result)
+    assert result.exit_code == 1
+    assert "1 of the run no longer kept (e.g. img/5.png: unreadable: " in result.output
+    (data / "img" / "5.png").write_bytes(png)
+    assert runner.invoke(app, ["train", "--resume", str(tmp_path / "run")]).exit_code == 0
 
 
 def test_resume_deletes_a_checkpoints_temporary_file_left_by_a_killed_process(run64, tmp_path):

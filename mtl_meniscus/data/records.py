@@ -234,20 +234,46 @@ class PreparedData:
 
     def same_splits_as(self, path: str | Path) -> bool:
         """True if a run's splits.csv lists exactly these images in these splits with these labels
-        (or does not exist yet). Labels count: with a `split` column in labels.csv, relabelled
-        images keep their splits, and a resumed run would go on with other labels than it began."""
+        (or does not exist yet); splits_changes says what differs."""
+        return not self.splits_changes(path)
+
+    def splits_changes(self, path: str | Path) -> str:
+        """What differs between a run's splits.csv and these images, splits and labels, one line
+        with an example of each kind ('' when nothing does, or the file does not exist yet).
+        Labels count: with a `split` column in labels.csv, relabelled images keep their splits,
+        and a resumed run would go on with other labels than it began with (a task's column
+        missing from an older splits.csv is not compared)."""
         if not Path(path).is_file():
-            return True
-        names = self.tasks.names
-        saved = {
-            key: (row["split"], *(row.get(n, "") for n in names))
-            for key, row in read_saved_splits(path).items()
-        }
-        now = {
-            r.key: (split, *(r.labels.get(n, "") for n in names))
-            for r, split in zip(self.records, self.splits)
-        }
-        return saved == now
+            return ""
+        saved = read_saved_splits(path)
+        now = {r.key: (r, split) for r, split in zip(self.records, self.splits)}
+        excluded = {(image, slice_index): reason for image, slice_index, reason in self.exclusions}
+        gone = [key for key in saved if key not in now]
+        added = [key for key in now if key not in saved]
+        moved = [key for key in saved if key in now and saved[key]["split"] != now[key][1]]
+        relabelled = [
+            key
+            for key, row in saved.items()
+            if key in now
+            and any(row[n] != now[key][0].labels.get(n, "") for n in self.tasks.names if n in row)
+        ]
+
+        def example(keys: list, why: dict | None = None) -> str:
+            image, slice_index = keys[0]
+            name = image if slice_index is None else f"{image} slice {slice_index}"
+            return f"e.g. {name}" + (f": {why[keys[0]]}" if why and keys[0] in why else "")
+
+        changes = [
+            f"{len(keys)} {what} ({example(keys, why)})"
+            for keys, what, why in (
+                (gone, "of the run no longer kept", excluded),
+                (added, "added", None),
+                (moved, "in another split", None),
+                (relabelled, "relabelled", None),
+            )
+            if keys
+        ]
+        return "; ".join(changes)
 
     def restore_splits(self, path: str | Path) -> str:
         """Give every kept image the split it had in a run (the run's splits.csv).

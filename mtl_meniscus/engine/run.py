@@ -289,11 +289,11 @@ def _prepare_run_data(
         data = prepare_data(
             data_dir, config.data, report_dir=run_dir, on_row=on_row, masks=config.model.reads_masks
         )
-    if resume and not data.same_splits_as(run_dir / "splits.csv"):
-        # Resuming on other splits would train on test images.
+    changes = data.splits_changes(run_dir / "splits.csv") if resume else ""
+    if changes:  # resuming on other splits would train on test images, on other labels mix two
         raise MeniscusError(
-            f"cannot resume {run_dir}: the data changed since the run started (images, labels or splits; "
-            "compare its splits.csv with labels.csv): train a new run"
+            f"cannot resume {run_dir}: the data changed since the run started ({changes}; its "
+            "splits.csv lists what it began with): restore the data, or train a new run"
         )
     unlabelled = tasks_without_labels(config.model.tasks, data)
     if unlabelled:  # the model predicts what it can learn; config.yaml and the checkpoints say so
