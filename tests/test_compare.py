@@ -839,3 +839,30 @@ def test_workers_start_with_ctrl_c_ignored_and_the_main_process_keeps_its_handle
     assert queue.get(timeout=60) is True
     worker.join(timeout=60)
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_a_rerun_on_changed_training_data_refuses_the_variants_trained_before(preset, phantom, tmp_path):
+    """With a split column the test split can stay while training rows go: a variant scored
+    before was kept and averaged with new ones trained on the smaller set, without a word."""
+    data = tmp_path / "data"
+    shutil.copytree(phantom, data)
+    lines = (data / "labels.csv").read_text().splitlines()
+    split = ["train"] * 6 + ["val"] * 2 + ["test"] * 2
+    lines = [lines[0] + ",split"] + [f"{line},{split[k % 10]}" for k, line in enumerate(lines[1:])]
+    (data / "labels.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "cmp"
+    settings = tiny_compare(preset, modes=("shared",), seeds=(0,))
+    run_compare(settings, out, presets_for(preset), data_dir=data, console=_quiet())
+    fewer = [line for k, line in enumerate(lines) if k == 0 or not line.endswith(",train") or k % 3]
+    (data / "labels.csv").write_text("\n".join(fewer) + "\n")
+    with pytest.raises(
+        MeniscusError,
+        match=r"was trained on other data than this comparison's \(\d+ of the run no longer kept",
+    ):
+        run_compare(
+            tiny_compare(preset, modes=("shared",), seeds=(0, 1)),
+            out,
+            presets_for(preset),
+            data_dir=data,
+            console=_quiet(),
+        )

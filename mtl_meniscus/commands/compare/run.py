@@ -165,6 +165,16 @@ def _write_predictions(
             writer.writerow([name, *labels, *(repr(float(probs[t][k])) for t in tasks_out)])
 
 
+def _training_changes(config: Config, data: PreparedData, run_dir: Path) -> str:
+    """What differs between the data a scored variant trained on (its splits.csv) and this
+    comparison's (PreparedData.splits_changes), '' when nothing does; a kept copy without
+    splits.csv (compare_table.py keep) is checked on its test split only."""
+    if not (run_dir / "splits.csv").is_file():
+        return ""
+    own = with_train_fraction(data, config.data.train_fraction, config.data.split_seed)
+    return own.splits_changes(run_dir / "splits.csv")
+
+
 def _same_test_split(scored: ScoredVariant, test_names: list[str], data: PreparedData) -> bool:
     """Whether a variant scored earlier was scored on this data's test split: the same images in
     the same order, with the same label of each task (NaN where undefined, in both)."""
@@ -378,6 +388,12 @@ def _score_in_turn(
                 raise MeniscusError(
                     f"{run_dir} was scored on another test split than this comparison's data (other "
                     "images or labels)"
+                )
+            changes = _training_changes(configs[variant], data, run_dir)
+            if changes:  # kept, it would be averaged with variants trained on this data
+                raise MeniscusError(
+                    f"{run_dir} was trained on other data than this comparison's ({changes}): restore "
+                    "the data, or compare into another --out"
                 )
             continue
         to_go = [v for v in variants[k - 1 :] if statuses[v] != "scored"]
