@@ -653,6 +653,16 @@ def test_floor_check_names_a_variant_that_loses_to_the_plain_cnn():
     )
     assert "shared-resnet50 is within" in findings[2]
     assert floor_findings([row("shared", "reference", 0.5)]) == []  # no floor in the table: nothing said
+    # learning curves: each share judged against the floor of the same share; no floor judged
+    curves = [
+        {**row("shared", trunk, score), "variant": f"shared-{trunk}-train{f:g}", "train_fraction": f}
+        for trunk, f, score in (("reference", 0.5, 0.90), ("plain", 0.5, 0.80), ("plain", 1.0, 0.95))
+    ]
+    (finding,) = floor_findings(curves)
+    assert (
+        finding.startswith("Floor check: shared-reference-train0.5 is within")
+        and "shared-plain-train0.5" in finding
+    )
 
 
 def test_compare_refuses_data_without_a_test_split(tmp_path):

@@ -314,15 +314,24 @@ def per_seed_rows(
 FLOOR_MARGIN = 0.02  # a variant this far below the plain floor of its mode loses to it
 
 
+# What a variant and its plain floor share: all but the trunk (a preset trained on half the
+# training split is judged against the floor trained on the same half, not on all of it).
+FLOOR_KEYS = ("mode", "train_fraction", "roi", "segmentation")
+
+
 def floor_findings(table: list[dict[str, Any]]) -> list[str]:
-    """For every variant with a plain-floor variant of the same mode in the table: a sentence
-    saying whether it beat the floor (mean test score), so a user sees at once when a preset
-    loses to the simple baseline on their data."""
-    floors = {row["mode"]: row for row in table if row["trunk"] == "plain"}
+    """For every variant with a plain-floor variant alike but for the trunk (FLOOR_KEYS) in the
+    table: a sentence saying whether it beat the floor (mean test score), so a user sees at once
+    when a preset loses to the simple baseline on their data. A floor is not judged."""
+
+    def alike(row: dict[str, Any]) -> tuple:
+        return tuple(row.get(key) for key in FLOOR_KEYS)
+
+    floors = {alike(row): row for row in table if row["trunk"] == "plain"}
     findings = []
     for row in table:
-        floor = floors.get(row["mode"])
-        if floor is None or row is floor:
+        floor = floors.get(alike(row))
+        if floor is None or row["trunk"] == "plain":
             continue
         gap = row["score_mean"] - floor["score_mean"]
         verdict = (
