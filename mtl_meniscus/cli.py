@@ -696,6 +696,7 @@ def compare(
                 f"--out: {out} is a {kind} folder; a comparison writes its variants, tables and figures "
                 "into a folder of its own"
             )
+        _check_comparison_folder(out)
         path = config or preset_path("compare")
         overrides = {
             "modes": parse_list(modes, "--modes") if modes is not None else None,
@@ -736,6 +737,25 @@ def compare(
             "one in progress resumes from its last finished epoch"
         )
         raise typer.Exit(code=130) from None
+
+
+def _check_comparison_folder(out: Path) -> None:
+    """compare --out: a new or empty folder, or a comparison's (its compare.yaml), which a rerun
+    continues. Any other folder is refused: results.md, results.csv, the figures and variants/
+    would replace files of those names (`--out ''`, the current folder, replaced a user's notes)."""
+    from mtl_meniscus.data.records import PROBLEMS_FILE
+    from mtl_meniscus.io.outputs import OutputError
+    from mtl_meniscus.io.runlock import LOCK_FILE
+
+    if not out.is_dir() or (out / "compare.yaml").is_file():
+        return
+    held = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, PROBLEMS_FILE))
+    if held:
+        raise OutputError(
+            f"--out: {out.resolve()} holds files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) "
+            "but no comparison (compare.yaml): compare writes results.md, results.csv, its figures and "
+            "variants/ there, replacing files of those names; choose a new or empty folder"
+        )
 
 
 @command()

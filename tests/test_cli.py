@@ -479,3 +479,20 @@ def test_an_error_from_a_dataloader_worker_is_printed_as_its_own_message():
         wrapped.reraise()
     assert "Original Traceback" in str(raised.value) and own_message(raised.value) == message
     assert own_message(ImageReadError(message)) == message  # raised in this process: as it is
+
+
+def test_compare_refuses_an_out_folder_that_holds_no_comparison(tmp_path, monkeypatch):
+    """results.md, results.csv and the figures would replace files of those names: `--out ''`
+    (the current folder) replaced a user's own results.md."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "results.md").write_text("my own notes\n")
+    monkeypatch.chdir(notes)
+    for out in (str(notes), ""):
+        result = runner.invoke(app, ["compare", "--seeds", "0", "--out", out])
+        _clean(result)
+        assert (
+            result.exit_code == 1
+            and "holds files (results.md) but no comparison (compare.yaml)" in result.output
+        )
+    assert (notes / "results.md").read_text() == "my own notes\n"
