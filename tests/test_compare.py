@@ -876,3 +876,14 @@ def test_a_rerun_on_changed_training_data_refuses_the_variants_trained_before(pr
             data_dir=data,
             console=_quiet(),
         )
+
+
+def test_a_rerun_leaves_no_figure_of_an_earlier_run_beside_its_own(finished, preset, phantom, tmp_path):
+    """Learning curves are drawn only with several training shares: one drawn by an earlier run on
+    the same folder stayed, and compare_table.py keep published it under a table without shares."""
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    (out / "learning_curves.png").write_bytes(b"an earlier run's")
+    run_compare(tiny_compare(preset), out, presets_for(preset), data_dir=phantom, console=_quiet())
+    assert not (out / "learning_curves.png").exists()
+    assert (out / "forest.png").stat().st_size > 1000  # what this run draws is there

@@ -156,6 +156,13 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+STALE_OUTPUTS = tuple(
+    f"{name}.{suffix}"
+    for name in ("score_bars", "roc_overlay", "forest", "learning_curves")
+    for suffix in ("png", "pdf")
+) + ("results_delong.csv",)
+
+
 def write_report(
     out_dir: Path,
     table: list[dict[str, Any]],
@@ -173,6 +180,10 @@ def write_report(
         plot_score_bars,
     )
 
+    # Some outputs are written only when there is something to show (DeLong needs a baseline, the
+    # learning curves several training shares): an earlier run's must not stay beside this one's.
+    for name in STALE_OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
     _write_csv(out_dir / "results.csv", table)
     per_seed = per_seed_rows(scored, targets, tasks)
     _write_csv(out_dir / "results_per_seed.csv", per_seed)
