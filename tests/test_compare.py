@@ -887,3 +887,15 @@ def test_a_rerun_leaves_no_figure_of_an_earlier_run_beside_its_own(finished, pre
     run_compare(tiny_compare(preset), out, presets_for(preset), data_dir=phantom, console=_quiet())
     assert not (out / "learning_curves.png").exists()
     assert (out / "forest.png").stat().st_size > 1000  # what this run draws is there
+
+
+def test_compare_settings_name_the_file_of_a_bad_value_and_refuse_fractions_named_alike(tmp_path):
+    path = tmp_path / "w.yaml"
+    path.write_text("budget: equal\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: config key 'budget': bad value 'equal'"):
+        load_compare_config(path)
+    # both would train into ...-train0.5-seed0: the second found the first's run there
+    with pytest.raises(
+        ConfigError, match="'train_fractions': bad value .* differ within 6 significant digits"
+    ):
+        load_compare_config(None, {"train_fractions": [0.5000001, 0.5000004]})

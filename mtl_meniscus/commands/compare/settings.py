@@ -12,6 +12,7 @@ from mtl_meniscus.config import (
     MAX_BOOTSTRAP,
     MAX_SEED,
     AugmentConfig,
+    ConfigValueError,
     Section,
     TTAConfig,
     check_value,
@@ -99,6 +100,13 @@ class CompareConfig(Section):
             self.train_fractions,
             "fractions in (0, 1]",
         )
+        shown = [f"{f:g}" for f in self.train_fractions]  # as the variants' names show them (plan.py)
+        check_value(
+            len(set(shown)) == len(shown),
+            "train_fractions",
+            self.train_fractions,
+            "fractions that differ within 6 significant digits",
+        )
         check_value(
             set(self.presets) <= set(MODELS.names()),
             "presets",
@@ -129,4 +137,9 @@ def load_compare_config(
 ) -> CompareConfig:
     """Load a comparison YAML (or the defaults) with dotted-key overrides like {'seeds': [0, 1]}."""
     data, source = read_yaml(path, overrides)
-    return parse_section(CompareConfig, data, source).validate()
+    settings = parse_section(CompareConfig, data, source)
+    try:
+        return settings.validate()
+    except ConfigValueError as err:  # named by the file or option that gave the value, as a type error is
+        where = source.where(tuple(err.key.split(".")))
+        raise ConfigValueError(err.key, f"{where}: {err}" if where else str(err)) from None
