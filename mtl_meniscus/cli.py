@@ -679,7 +679,8 @@ def compare(
         int,
         typer.Option(
             help="Variants trained at once, each in its own process (CPU threads divided among them; "
-            "one GPU each when several are visible). Same results as one at a time."
+            "one GPU each when several are visible). The same results as one at a time with as many threads "
+            "per job; with fewer, CPU float sums may round otherwise."
         ),
     ] = 1,
     quiet: QuietOption = False,
