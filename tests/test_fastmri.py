@@ -254,3 +254,13 @@ def test_a_tear_box_lies_where_fastmri_plus_drew_it(tmp_path):
     notebook_view = stored[1][::-1]  # the notebook's image, on which the box is (x, y, w, h) as given
     np.testing.assert_array_equal(image, notebook_view)
     assert sorted(set(image[mask == 2].tolist())) == list(range(64 - 20 - 6, 64 - 20))  # stored rows 38..43
+
+
+def test_a_volume_named_with_and_without_its_suffix_is_one_volume(fastmri, tmp_path):
+    """file1000001 and file1000001.h5 in knee.csv: the volume was linked twice ('File exists')."""
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
+
+    rows = "file1000001,2,No,5,6,10,4,Meniscus Tear\nfile1000001.h5,3,No,5,6,10,4,Meniscus Tear\n"
+    (fastmri / "both.csv").write_text(HEADER + rows)
+    counts = import_fastmri_plus(fastmri / "both.csv", fastmri / "h5", tmp_path / "out")
+    assert counts["volumes"] == 1 and counts["tear slices"] == 2

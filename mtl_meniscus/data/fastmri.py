@@ -85,7 +85,8 @@ def read_annotations(path: Path) -> dict[str, list[dict[str, str]]]:
                 "(absolute, or leaves it with '..')"
             )
             continue
-        by_file[name].append(row | {"_line": str(line)})
+        # file1000000 and file1000000.h5 name one volume: one key (two linked the file twice)
+        by_file[name.removesuffix(".h5")].append(row | {"_line": str(line)})
     if problems:
         raise problems_error(path, problems)
     return by_file
@@ -161,7 +162,7 @@ def _write_import(
     (out_dir / "masks").mkdir(exist_ok=True)
     rows, written, not_found, study_level_only = [], 0, [], []
     for done, name in enumerate(sorted(by_file), 1):
-        source = volumes_dir / (name if name.endswith(".h5") else f"{name}.h5")
+        source = volumes_dir / f"{name}.h5"  # names are keyed without the suffix (read_annotations)
         tear_rows = _study_level_only_tear_rows(by_file[name])
         if not source.is_file():
             not_found.append(name)
@@ -173,7 +174,7 @@ def _write_import(
         if on_volume is not None:
             on_volume(done, len(by_file))
     counts = {"slices": len(rows), "tear slices": sum(row[2] for row in rows), "volumes": written}
-    unannotated = sum(1 for p in volumes_dir.glob("*.h5") if p.stem not in by_file and p.name not in by_file)
+    unannotated = sum(1 for p in volumes_dir.glob("*.h5") if p.stem not in by_file)
     if unannotated:
         counts["volumes in the folder without an annotation row (left out)"] = unannotated
     if not_found:
