@@ -424,3 +424,16 @@ def test_an_exam_roi_model_trains_on_mrnet_exams_and_predicts_an_exam(mrnet_runs
     volume = np.load(folder / "mrnet" / "valid" / "sagittal" / "0036.npy").astype(np.float32)
     probs = trained.predict([volume, volume[:2]], resolve_runtime("fp32"))["fissure"]  # horns found by itself
     assert probs.shape == (2,) and np.isfinite(probs).all()
+
+
+def test_blank_lines_in_an_mrnet_label_file_are_skipped_and_rows_keep_their_line(tmp_path):
+    """A blank line (one ends many files) was refused as a bad row; labels.csv skips them."""
+    root = tmp_path / "mrnet"
+    (root / "valid" / "sagittal").mkdir(parents=True)
+    for case in ("0003", "0004"):
+        np.save(root / "valid" / "sagittal" / f"{case}.npy", np.zeros((3, 64, 64), np.uint8))
+    (root / "valid-meniscus.csv").write_text("0003,0\n\n0004,1\n\n")
+    assert [(e.case, e.tear) for e in read_mrnet(root, "valid")] == [("0003", 0), ("0004", 1)]
+    (root / "valid-meniscus.csv").write_text("0003,0\n\n0004,7\n")
+    with pytest.raises(DataError, match=r"row 3: '0004,7'"):  # numbered by its line
+        read_mrnet(root, "valid")

@@ -74,6 +74,8 @@ def _read_split(
     exams, problems = [], []
     first_row: dict[int, tuple[int, str]] = {}  # case number -> (its first row, its label there)
     for line, row in _csv_rows(labels):
+        if not any(cell.strip() for cell in row):  # a blank line (one ends many files), as in labels.csv
+            continue
         if len(row) != 2 or row[1].strip() not in ("0", "1"):
             problems.append(
                 f"row {line}: {','.join(row)!r} (expected case,label with label 0 or 1; no header)"
