@@ -400,3 +400,22 @@ def test_resume_deletes_a_checkpoints_temporary_file_left_by_a_killed_process(ru
     finally:
         live.kill()
         live.wait()
+
+
+def test_resume_after_the_data_moved_says_how_to_point_the_run_at_it(data64, tmp_path):
+    """The run reads its data from data.path in its config.yaml; `labels.csv: not found` did not
+    say so, and --data is refused with --resume."""
+    shutil.copytree(data64, tmp_path / "data")
+    config = load_config(TINY, {"data.path": str(tmp_path / "data"), "train.max_epochs": 1})
+    train_run(config, tmp_path / "run", console=_quiet())
+    (tmp_path / "data").rename(tmp_path / "moved")
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
+    _clean(result)
+    assert (
+        result.exit_code == 1 and "is gone (moved?)" in result.output and "set data.path in" in result.output
+    )
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    (tmp_path / "run" / "config.yaml").write_text(
+        saved.replace(str(tmp_path / "data"), str(tmp_path / "moved"))
+    )
+    assert runner.invoke(app, ["train", "--resume", str(tmp_path / "run")]).exit_code == 0  # as it says

@@ -83,6 +83,12 @@ def train_run(
         raise MeniscusError(f"cannot resume {run_dir}: no config.yaml there (is it a run folder?)")
     if resume:
         config = _load_run_config(run_dir)
+        if config.data.path and not Path(config.data.path).is_dir():
+            raise MeniscusError(
+                f"cannot resume {run_dir}: its data folder {config.data.path} is gone (moved?): put it "
+                f"back, or set data.path in {run_dir / 'config.yaml'} to where it is now (the run's "
+                "splits.csv then checks that it holds the same data)"
+            )
     check_registered(config)  # a misspelt model or weighting stops here, before any work
     device_type = resolve_runtime(config.train.precision, config.train.device).device.type
     processes = start_processes(device_type)  # one process unless started by torchrun
