@@ -99,7 +99,9 @@ def render(out: Path, page: Path = RESULTS_PAGE) -> str:
     """The table from OUT's <tag>.json files (`page` is only named in a refusal: the caller writes it)."""
     made_by = "python scripts/ablation.py DATA --tag NAME"
     files = result_files(out, "*.json", "a <tag>.json per ablation run", made_by, str(page))
-    rows = sorted((read_json(p, made_by) for p in files), key=lambda r: r["order"])
+    # gated_loss_mean is optional: runs from before it existed have none
+    keys = ("tag", "command", "val_scores", "onset_epoch", "final", "order")
+    rows = sorted((read_json(p, made_by, keys) for p in files), key=lambda r: r["order"])
     lines = [
         "| variant | command | gated loss mean | validation score every 80 steps | onset epoch (> 0.7) "
         "| at the last step |",

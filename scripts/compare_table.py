@@ -5,15 +5,17 @@
 
 `keep` copies a finished comparison's result files (results.json, results.md, results_per_seed.csv,
 compare.yaml, and each variant's config.yaml, result.json and test_predictions.csv) into
-results/compare/LABEL/ with the command that made it and the machine it ran on (this one, or the
-one in the folder's machine.json, with its wall time: scripts/gpu-compare.sh),
-and its forest plot (and learning curves, if any) into docs/images/compare-LABEL-*.png. `render`
-writes every kept comparison, its table and caption as compare wrote them, between the page's
-`compare` markers (--page, default docs/results.md), and the README's summary (cascade against
-shared per comparison) between its `compare-summary` markers (--readme, default README.md; --page
-given without --readme writes the page only and prints the summary, so that trying a page
-elsewhere leaves the repository's README alone). With no comparison kept in results/compare/
-(no LABEL/about.json) `render` is refused (exit 1) and nothing is written.
+results/compare/LABEL/ (LABEL: one plain name, of letters, digits, '-', '_' and '.') with the
+command that made it and the machine it ran on (this one, or the one in the folder's machine.json,
+with its wall time: scripts/gpu-compare.sh), and its forest plot (and learning curves, if any) into
+docs/images/compare-LABEL-*.png. `render` writes every kept comparison, its table and caption as
+compare wrote them, between the page's `compare` markers (--page, default docs/results.md), and the
+README's summary (cascade against shared per comparison, captioned with the data it ran on: the
+built-in phantom by its level, a `--data` folder by its name) between its `compare-summary` markers
+(--readme, default README.md; --page given without --readme writes the page only and prints the
+summary, so that trying a page elsewhere leaves the repository's README alone). With no comparison
+kept in results/compare/ (no LABEL/about.json), or with a kept file that lacks what the pages show,
+`render` is refused (exit 1, naming the file) and nothing is written.
 
 A kept comparison's table can be rewritten without training: copy results/compare/LABEL to a new
 folder and run `MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --out FOLDER` with its options
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import shutil
 import sys
 import time
@@ -38,7 +42,9 @@ from results_page import (  # scripts/results_page.py
     has_markers,
     print_unwritten_summary,
     read_json,
+    read_json_rows,
     replace_between,
+    require_keys,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,9 +60,28 @@ MEANING = {  # what a kept comparison's label stands for, in the README's captio
 }
 VARIANT_FILES = ("config.yaml", "result.json", "test_predictions.csv")
 MACHINE_FILE = "machine.json"  # written beside them by scripts/gpu-compare.sh: the machine and the wall time
+# a label names a folder in results/compare and the figures' files in docs/images: one plain name
+# (no '/', which would nest the folder where render does not look, nor '..', nor a space, which breaks
+# the page's image link)
+PLAIN_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# the built-in phantom's cache folder (ensure_phantom): phantom-v4-realistic-<settings>-n1128-seed0,
+# the easy level without its name (phantom-v4-n1128-seed0)
+PHANTOM_FOLDER = re.compile(r"phantom-v\d+(?:-(?P<level>[a-z]+)-[0-9a-f]+)?-n\d+-seed\d+")
+KEPT_BY = "python scripts/compare_table.py keep LABEL COMPARE_DIR"  # what writes a kept comparison
+ABOUT_KEYS = ("label", "command", "machine", "date", "training_minutes")  # what keep writes, always
+ROW_KEYS = (  # what the README's summary reads of each row of a results.json
+    "variant", "mode", "trunk", "roi", "segmentation", "train_fraction", "n_train", "score_mean",
+    "score_sd", "diff_mean", "diff_ci_low", "diff_ci_high", "train_flops_mean",
+    "still_improving_seeds", "not_learned_seeds",
+)  # fmt: skip
 
 
 def keep(label: str, folder: Path, command: str) -> Path:
+    if not PLAIN_LABEL.fullmatch(label):
+        raise SystemExit(
+            f"LABEL {label!r} is not a plain name: use letters, digits, '-', '_' and '.', beginning with a "
+            f"letter or digit (it names {OUT}/LABEL and {FIGURES}/compare-LABEL-*.png); nothing kept."
+        )
     if not folder.is_dir():
         raise SystemExit(
             f"{folder} does not exist (COMPARE_DIR: a `python cli.py compare --out` folder); nothing kept."
@@ -126,7 +151,7 @@ def render(page: Path = RESULTS_PAGE, readme: Path | None = README) -> str:
                 )
     sections = []
     for folder in kept:
-        about = read_json(folder / "about.json")
+        about = read_json(folder / "about.json", KEPT_BY, ABOUT_KEYS)
         text = (folder / "results.md").read_text().strip()
         wall = f"{about['wall_minutes']} min wall, " if "wall_minutes" in about else ""
         lines = [
@@ -147,7 +172,7 @@ def render(page: Path = RESULTS_PAGE, readme: Path | None = README) -> str:
     for target, name in ((page, "compare"), (readme, "compare-summary")):
         if target is not None and not has_markers(target, name):
             raise SystemExit(
-                f"{target}: no <!-- {name}:start --> / <!-- {name}:end --> markers; nothing written"
+                f"{target}: no <!-- {name}:start --> marker followed by <!-- {name}:end -->; nothing written"
             )
     replace_between(page, "compare", content)
     if readme is None:
@@ -163,23 +188,29 @@ def readme_summary() -> str:
     the learning curves of a comparison over several training fractions, with their plot."""
     rows, notes, labels, curves = [], [], [], []
     for folder in _kept_folders():
-        about = read_json(folder / "about.json")
-        settings = yaml.safe_load((folder / "compare.yaml").read_text())
-        pairs = _cascade_and_shared(read_json(folder / "results.json"))
+        about = read_json(folder / "about.json", KEPT_BY, ABOUT_KEYS)
+        settings = _read_yaml(folder / "compare.yaml", ("seeds",))
+        pairs = _cascade_and_shared(read_json_rows(folder / "results.json", ROW_KEYS, KEPT_BY))
         if len(pairs) > 1:  # learning curves: its full-split point is a comparison of its own
             curves += _curve_lines(about["label"], pairs)
         elif 1.0 in pairs:
             cascade, shared = pairs[1.0]
             rows.append(f"| {about['label']} | {_pair_cells(cascade, shared)} |")
-        else:
+        else:  # e.g. a comparison of trunks in one mode: its table is on the page, it has no row here
+            print(
+                f"{folder / 'results.json'} has no cascade and shared rows of the reference trunk on "
+                "the full training split (no ROI, no auxiliary segmentation): "
+                f"{about['label']} is on the results page, not in the README's summary.",
+                file=sys.stderr,
+            )
             continue
         labels.append(about["label"])
         wall = f", {about['wall_minutes']} min wall for that command" if "wall_minutes" in about else ""
         notes.append(
-            f"{about['label']}: `{about['command']}`, {settings['phantom_difficulty']} phantom, "
+            f"{about['label']}: `{about['command']}`, {_data_name(folder)}, "
             f"seeds {', '.join(map(str, settings['seeds']))}, on {about['machine']}{wall}, {about['date']}"
         )
-    if not rows:
+    if not rows and not curves:
         return "(no comparison kept yet)"
     return "\n".join(
         [
@@ -218,8 +249,9 @@ def _pair_cells(cascade: dict, shared: dict) -> str:
     flagged = [_flags(name, r) for name, r in (("cascade", cascade), ("shared", shared))]
     return (
         f"{_mean_sd(cascade)} | {_mean_sd(shared)} | "
-        f"{shared['diff_mean']:+.3f} [{shared['diff_ci_low']:+.3f}, {shared['diff_ci_high']:+.3f}] | "
-        f"{cascade['train_flops_mean'] / 1e12:.0f} / {shared['train_flops_mean'] / 1e12:.0f} | "
+        f"{_num(shared['diff_mean'], '+.3f')} "
+        f"[{_num(shared['diff_ci_low'], '+.3f')}, {_num(shared['diff_ci_high'], '+.3f')}] | "
+        f"{_tflops(cascade)} / {_tflops(shared)} | "
         f"{'; '.join(f for f in flagged if f) or 'none'}"
     )
 
@@ -235,7 +267,7 @@ def _curve_lines(label: str, pairs: dict[float, tuple[dict, dict]]) -> list[str]
         "|---|---|---|---|---|---|",
     ]
     for fraction, (cascade, shared) in pairs.items():
-        lines.append(f"| {shared['n_train']} ({fraction:g}) | {_pair_cells(cascade, shared)} |")
+        lines.append(f"| {_num(shared['n_train'], '.0f')} ({fraction:g}) | {_pair_cells(cascade, shared)} |")
     image = FIGURES / f"compare-{label}-learning_curves.png"
     if image.is_file():
         lines += ["", f"![{label}: learning curves](docs/images/{image.name})"]
@@ -263,7 +295,65 @@ def _kept_folders() -> list[Path]:
 
 
 def _mean_sd(row: dict) -> str:
-    return f"{row['score_mean']:.3f} ± {row['score_sd']:.3f}"
+    """'mean ± sd', or the mean alone where the sd is undefined (one seed), as compare's table has it."""
+    if _undefined(row["score_sd"]):
+        return _num(row["score_mean"])
+    return f"{_num(row['score_mean'])} ± {row['score_sd']:.3f}"
+
+
+def _tflops(row: dict) -> str:
+    """The training FLOPs in TFLOPs, or 'n/a'."""
+    flops = row["train_flops_mean"]
+    return "n/a" if _undefined(flops) else f"{flops / 1e12:.0f}"
+
+
+def _num(value: float | None, spec: str = ".3f") -> str:
+    """A number, or 'n/a' where it is undefined, as compare's own table shows it: results.json has
+    null there (a one-seed comparison's sd and intervals, FLOPs of results scored before they were
+    counted; older files NaN)."""
+    return "n/a" if _undefined(value) else format(value, spec)
+
+
+def _undefined(value: float | None) -> bool:
+    return value is None or math.isnan(value)
+
+
+def _read_yaml(path: Path, keys: tuple[str, ...]) -> dict:
+    """A kept YAML file holding `keys`; an unreadable or incomplete one exits naming it."""
+    try:
+        value = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise SystemExit(
+            f"{path} is not a readable YAML file (written by `{KEPT_BY}`): {error}. Nothing was written."
+        ) from None
+    require_keys(value, keys, str(path), KEPT_BY)
+    return value
+
+
+def _data_name(folder: Path) -> str:
+    """What a kept comparison ran on, in the README's caption: the built-in phantom by its level, a
+    user's folder (`compare --data DIR`) by its name. compare.yaml only holds the level the phantom
+    would have had; the variants' config.yaml hold the folder they were trained on (for the
+    phantom, its cache folder)."""
+    configs = sorted(folder.glob("variants/*/config.yaml"))
+    if not configs:
+        raise SystemExit(
+            f"{folder / 'variants'} holds no <variant>/config.yaml (`{KEPT_BY}` copies them): "
+            "the data the comparison ran on is unknown; nothing written."
+        )
+    names = set()
+    for config in configs:
+        path = _read_yaml(config, ("data.path",))["data"]["path"]
+        if not isinstance(path, str):
+            raise SystemExit(f"{config}: data.path is {path!r}, not the data folder; nothing written.")
+        phantom = PHANTOM_FOLDER.fullmatch(Path(path).name)
+        names.add(f"{phantom['level'] or 'easy'} phantom" if phantom else f"data folder `{Path(path).name}`")
+    if len(names) > 1:  # compare gives every variant the same data: one caption cannot name two
+        raise SystemExit(
+            f"{folder / 'variants'}: its variants ran on different data ({', '.join(sorted(names))}); "
+            "nothing written."
+        )
+    return names.pop()
 
 
 def main() -> None:

@@ -57,6 +57,12 @@ MODELS = {
     "plain": ["--trunk", "plain", "--lr", "0.001", "--set", "train.restart_if_at_chance_after=0"],
 }
 
+# what render reads of a cell's result.json (restarts is optional: older cells have none)
+RESULT_KEYS = (
+    "row", "model", "seed", "test_score_tta", "onset_epoch", "learned",
+    "machine.cpu", "machine.isa", "machine.amx", "machine.torch",
+)  # fmt: skip
+
 
 def cli(*args: str) -> None:
     subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], check=True)
@@ -179,7 +185,7 @@ def render(out: Path, page: Path, readme: Path | None = README) -> str:
         "python scripts/floor_table.py run",
         f"{page} and {readme or 'the README'}",
     )
-    results = [read_json(path, "python scripts/floor_table.py run") for path in files]
+    results = [read_json(path, "python scripts/floor_table.py run", RESULT_KEYS) for path in files]
     verdicts = {}  # row -> (seeds both models have, preset - floor over them, preset's mean)
     lines = [
         "| data | model | seeds | onset epoch (val > 0.7), per seed | test score with TTA: mean ± sd (per seed) "

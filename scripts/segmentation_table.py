@@ -30,6 +30,11 @@ from results_page import RESULTS_PAGE, read_json, result_files, write_table  # s
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"seg": ["--set", "model.segmentation=true"], "noseg": []}
+# what render reads of a cell's result.json (segmentation and roi_hit_rate may be null)
+RESULT_KEYS = (
+    "variant", "seed", "data_seed", "test_score_tta", "segmentation", "roi_hit_rate", "best_epoch",
+    "train_seconds", "machine.cpu", "machine.cores", "machine.isa", "machine.amx", "machine.torch",
+)  # fmt: skip
 
 
 def cli(*args: str) -> None:
@@ -98,7 +103,8 @@ def render(out: Path, page: Path = RESULTS_PAGE) -> str:
     files = result_files(
         out, "*-seed*/result.json", "<variant>-seed<k>/result.json files", made_by, str(page)
     )
-    cells = sorted((read_json(p, made_by) for p in files), key=lambda r: (r["variant"], r["seed"]))
+    cells = [read_json(p, made_by, RESULT_KEYS) for p in files]
+    cells.sort(key=lambda r: (r["variant"], r["seed"]))
     source = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
     machines = list(dict.fromkeys(_machine_text(r["machine"]) for r in cells))  # in the rows' order
     machine_names = {text: f"M{k + 1}" for k, text in enumerate(machines)}
@@ -132,7 +138,7 @@ def render(out: Path, page: Path = RESULTS_PAGE) -> str:
             if source in roi
         }
         lines.append(
-            f"| {LABELS[r['variant']]} "
+            f"| {LABELS.get(r['variant'], r['variant'])} "
             f"| {r['seed']} | {r['test_score_tta']:.3f} | {dice.get('meniscus', '-')} | {dice.get('tear', '-')} "
             f"| {hits.get('classical', '-')} | {hits.get('predicted_mask', '-')} | {r['best_epoch']} "
             f"| {r['train_seconds']:.0f} |"
@@ -142,7 +148,8 @@ def render(out: Path, page: Path = RESULTS_PAGE) -> str:
         scores = [r["test_score_tta"] for r in cells if r["variant"] == variant]
         spread = f" ± {statistics.stdev(scores):.3f} (sd)" if len(scores) > 1 else ""
         lines.append(
-            f"\n{LABELS[variant]}: test score {statistics.mean(scores):.3f}{spread} over {len(scores)} seed(s)."
+            f"\n{LABELS.get(variant, variant)}: test score {statistics.mean(scores):.3f}{spread} "
+            f"over {len(scores)} seed(s)."
         )
     lines.append(_paired_difference(cells))
     return "\n".join(lines)

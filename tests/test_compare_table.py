@@ -14,9 +14,12 @@ PER_NETWORK = ROOT / "results" / "compare" / "per-network"
 sys.path.insert(0, str(ROOT / "scripts"))
 import compare_table  # noqa: E402
 
+PHANTOM = "/tmp/mtlcache/phantom-v4-realistic-afc9d7a7-n1128-seed0"  # the kept comparisons' data
 
-def _keep(out: Path, label: str, rows: list[dict], fractions: list[float]) -> None:
-    """A kept comparison as `compare_table.py keep` leaves it (the files the summary reads)."""
+
+def _keep(out: Path, label: str, rows: list[dict], fractions: list[float], data: str = PHANTOM) -> None:
+    """A kept comparison as `compare_table.py keep` leaves it (the files the summary reads), its
+    variants trained on the folder `data`."""
     folder = out / label
     folder.mkdir(parents=True)
     about = {"label": label, "command": "python cli.py compare", "machine": "a CPU", "date": "2026-11-30"}
@@ -24,6 +27,9 @@ def _keep(out: Path, label: str, rows: list[dict], fractions: list[float]) -> No
     settings = yaml.safe_load((PER_NETWORK / "compare.yaml").read_text()) | {"train_fractions": fractions}
     (folder / "compare.yaml").write_text(yaml.safe_dump(settings))
     (folder / "results.json").write_text(json.dumps(rows))
+    for variant in ("separate-reference-seed0", "shared-reference-seed0"):
+        (folder / "variants" / variant).mkdir(parents=True)
+        (folder / "variants" / variant / "config.yaml").write_text(yaml.safe_dump({"data": {"path": data}}))
 
 
 def test_learning_curves_get_a_table_of_their_own_beside_the_budgets(tmp_path, monkeypatch):
@@ -129,3 +135,136 @@ def test_render_writes_neither_page_when_the_readme_has_no_markers(tmp_path, mon
     with pytest.raises(SystemExit, match="compare-summary:start"):
         compare_table.render(page, readme)
     assert page.read_bytes() == before  # the results page was written first before
+
+
+def test_a_one_seed_comparison_shows_n_a_where_compare_wrote_null(tmp_path, monkeypatch):
+    # what compare writes for one seed: no sd and no interval (null in results.json); FLOPs of
+    # results scored before they were counted: null too
+    cascade, shared = json.loads((PER_NETWORK / "results.json").read_text())
+    undefined = {"score_sd": None, "diff_ci_low": None, "diff_ci_high": None, "train_flops_mean": None}
+    rows = [row | undefined | {"seeds": "0", "n_seeds": 1} for row in (cascade, shared)]
+    monkeypatch.setattr(compare_table, "OUT", tmp_path / "compare")
+    monkeypatch.setattr(compare_table, "FIGURES", tmp_path / "images")
+    _keep(tmp_path / "compare", "one-seed", rows, [1.0])
+
+    lines = compare_table.readme_summary().splitlines()
+
+    # as compare's own table: the mean alone where there is no sd, n/a for an undefined number
+    expected = (
+        f"| one-seed | {cascade['score_mean']:.3f} | {shared['score_mean']:.3f} | "
+        f"{shared['diff_mean']:+.3f} [n/a, n/a] | n/a / n/a | none |"
+    )
+    assert expected in lines
+
+
+def _finished_compare_folder(tmp_path: Path) -> Path:
+    """A finished `compare --out` folder (the kept per-network one, with the machine it ran on)."""
+    folder = tmp_path / "run"
+    shutil.copytree(PER_NETWORK, folder)
+    machine = {"cpu": "a CPU", "cores": 2, "isa": "AVX2", "amx": False, "torch": "2", "gpu": None}
+    (folder / "machine.json").write_text(json.dumps(machine))
+    return folder
+
+
+@pytest.mark.parametrize("label", ["gpu/run1", "two words", "../x", "..", ".hidden", ""])
+def test_keep_refuses_a_label_that_is_not_a_plain_name_before_copying(tmp_path, monkeypatch, label):
+    monkeypatch.setattr(compare_table, "OUT", tmp_path / "results" / "compare")
+    monkeypatch.setattr(compare_table, "FIGURES", tmp_path / "images")
+    (tmp_path / "images").mkdir()
+    folder = _finished_compare_folder(tmp_path)
+    (folder / "forest.png").write_bytes(b"png")
+    with pytest.raises(SystemExit) as refused:
+        compare_table.keep(label, folder, "python cli.py compare")
+    assert repr(label) in str(refused.value.code) and "plain name" in str(refused.value.code)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "x").exists()
+    assert list((tmp_path / "images").iterdir()) == []
+
+
+def test_keep_takes_a_plain_label_and_render_shows_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare_table, "OUT", tmp_path / "compare")
+    monkeypatch.setattr(compare_table, "FIGURES", tmp_path / "images")
+    (tmp_path / "images").mkdir()
+    folder = _finished_compare_folder(tmp_path)
+    (folder / "forest.png").write_bytes(b"png")
+    compare_table.keep("gpu-run_1.b", folder, "python cli.py compare")
+    page, readme = _pages(tmp_path)
+    content = compare_table.render(page, readme)
+    assert "![gpu-run_1.b: forest](images/compare-gpu-run_1.b-forest.png)" in content
+    assert "| gpu-run_1.b |" in readme.read_text()
+
+
+@pytest.mark.parametrize(
+    ("data", "caption"),
+    [
+        ("/home/me/knee-mri", "data folder `knee-mri`"),  # compare --data DIR: the folder by its name
+        ("/tmp/c/phantom-v4-hard-0123abcd-n1128-seed0", "hard phantom"),
+        ("/home/me/.cache/mtl_meniscus/phantom-v4-n1128-seed0", "easy phantom"),  # easy: no level in it
+        (PHANTOM, "realistic phantom"),
+    ],
+)
+def test_the_readme_caption_names_the_data_the_comparison_ran_on(tmp_path, monkeypatch, data, caption):
+    monkeypatch.setattr(compare_table, "OUT", tmp_path / "compare")
+    monkeypatch.setattr(compare_table, "FIGURES", tmp_path / "images")
+    real = json.loads((PER_NETWORK / "results.json").read_text())
+    _keep(tmp_path / "compare", "per-network", real, [1.0], data=data)  # compare.yaml says realistic
+    summary = compare_table.readme_summary()
+    assert "per-network: `python cli.py compare`, " + caption + ", seeds 0, 1, 2, 3, 4" in summary
+    assert ("realistic phantom" in summary) == (caption == "realistic phantom")
+
+
+def test_render_of_the_kept_comparisons_leaves_the_published_pages_as_they_are(tmp_path, monkeypatch):
+    page, readme = _pages(tmp_path)
+    before = page.read_bytes(), readme.read_bytes()
+    compare_table.render(page, readme)  # the repository's results/compare, as published
+    assert (page.read_bytes(), readme.read_bytes()) == before
+
+
+BAD_FILES = [  # (kept file, its text, what the message names)
+    ("results.json", '[{"variant": "x"}]', "trunk"),
+    ("results.json", "{}", "not a list of result rows"),
+    ("results.json", "[]", "no result rows"),
+    ("about.json", "{}", "label"),
+    ("about.json", "[1, 2]", "not a JSON object"),
+    ("compare.yaml", "{}", "seeds"),
+    ("variants/shared-reference-seed0/config.yaml", "data: {}", "data.path"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "named"), BAD_FILES)
+def test_render_names_an_incomplete_kept_file_and_writes_neither_page(
+    tmp_path, monkeypatch, name, text, named
+):
+    page, readme = _pages(tmp_path)
+    out = tmp_path / "compare"
+    shutil.copytree(ROOT / "results" / "compare", out)
+    monkeypatch.setattr(compare_table, "OUT", out)
+    bad = out / "per-network" / name
+    bad.write_text(text)
+    before = page.read_bytes(), readme.read_bytes()
+    with pytest.raises(SystemExit) as refused:
+        compare_table.render(page, readme)
+    message = str(refused.value.code)
+    assert str(bad) in message and named in message, message
+    assert (page.read_bytes(), readme.read_bytes()) == before
+
+
+def test_a_comparison_without_a_cascade_and_shared_pair_is_said_to_be_left_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare_table, "OUT", tmp_path / "compare")
+    monkeypatch.setattr(compare_table, "FIGURES", tmp_path / "images")
+    real = json.loads((PER_NETWORK / "results.json").read_text())
+    _keep(tmp_path / "compare", "per-network", real, [1.0])
+    _keep(tmp_path / "compare", "trunks", [real[1] | {"trunk": "resnet50"}], [1.0])  # shared mode only
+    summary = compare_table.readme_summary()
+    assert "| per-network |" in summary and "trunks" not in summary
+    assert "trunks is on the results page, not in the README's summary" in capsys.readouterr().err
+
+
+def test_render_refuses_an_end_marker_before_the_start_marker(tmp_path, monkeypatch):
+    page, readme = _pages(tmp_path)
+    text = readme.read_text()
+    start, end = "<!-- compare-summary:start -->", "<!-- compare-summary:end -->"
+    readme.write_text(text.replace(start, "@@").replace(end, start).replace("@@", end))  # swapped
+    before = page.read_bytes(), readme.read_bytes()
+    with pytest.raises(SystemExit, match="compare-summary:start"):
+        compare_table.render(page, readme)
+    assert (page.read_bytes(), readme.read_bytes()) == before

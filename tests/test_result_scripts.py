@@ -216,3 +216,72 @@ def test_serve_load_render_refuses_a_missing_result(tmp_path, monkeypatch):
     missing = tmp_path / "load.json"
     monkeypatch.setattr(serve_load, "OUT", missing)
     assert "serve_load.py run" in _refused(lambda: serve_load.render(page), missing, page)
+
+
+def test_an_end_marker_before_the_start_marker_is_no_markers(tmp_path, capsys):
+    page = tmp_path / "page.md"
+    page.write_text("a\n<!-- t:end -->\nold\n<!-- t:start -->\nb\n")
+    before = page.read_bytes()
+    assert not results_page.has_markers(page, "t")
+    assert not results_page.replace_between(page, "t", "| new |")
+    results_page.write_table(page, "t", "| new |")
+    assert "<!-- t:start --> marker followed by <!-- t:end -->" in capsys.readouterr().err
+    assert page.read_bytes() == before
+    # an end marker after the start marker as well: the text between those two is replaced
+    page.write_text("<!-- t:end -->\n<!-- t:start -->\nold\n<!-- t:end -->\n")
+    assert results_page.replace_between(page, "t", "| new |")
+    assert page.read_text() == "<!-- t:end -->\n<!-- t:start -->\n| new |\n<!-- t:end -->\n"
+
+
+def test_results_page_refuses_misordered_markers(pages, tmp_path):
+    page, _ = pages
+    page.write_text("<!-- bench:end -->\n<!-- bench:start -->\n")
+    source = tmp_path / "bench.md"
+    source.write_text("| a |\n")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "results_page.py"), "bench", str(source), "--page", str(page)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr and str(page) in done.stderr
+    assert page.read_text() == "<!-- bench:end -->\n<!-- bench:start -->\n"
+
+
+def _copy(tmp_path: Path, name: str) -> Path:
+    """A copy of results/NAME without the data and runs the renders do not read."""
+    out = tmp_path / name
+    shutil.copytree(ROOT / "results" / name, out, ignore=shutil.ignore_patterns("data", "run", "eval"))
+    return out
+
+
+INCOMPLETE = [  # (script and its options, results folder, file in it, its text, what the message names)
+    (["floor_table.py", "render"], "floor", "easy/plain-seed0/result.json", "{}", "row"),
+    (["floor_table.py", "render"], "floor", "easy/plain-seed0/result.json", "[1, 2]", "not a JSON object"),
+    (["floor_table.py", "render"], "floor", "easy/plain-seed0/result.json", '{"row": "easy"}', "test_score_tta"),
+    (["segmentation_table.py", "render"], "segmentation", "seg-seed0/result.json", "{}", "variant"),
+    (["start_table.py", "render"], "start", "outside-a/lr0.001-seed0/metrics.json", "{}", "members.shared"),
+    (["start_table.py", "render"], "start", "outside-a/lr0.001-seed0/history.csv", "", "no rows"),
+    (["start_table.py", "render"], "start", "outside-a/lr0.001-seed0/history.csv", "epoch,val_score\n", "no rows"),
+    (["start_table.py", "render"], "start", "outside-a/lr0.001-seed0/history.csv", "epoch\n1\n", "val_score"),
+    (["start_table.py", "render"], "start", "outside-a/lr0.001-seed0/history.csv", "epoch,val_score\n1,\n", "not a number"),
+    (["ablation.py", "--render"], "ablation", "outside-b-per-image.json", "{}", "order"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("script", "results", "name", "text", "named"), INCOMPLETE)
+def test_an_incomplete_result_file_is_named_not_a_traceback(
+    pages, tmp_path, script, results, name, text, named
+):
+    page, readme = pages
+    out = _copy(tmp_path, results)
+    (out / name).write_text(text)
+    before = page.read_bytes(), readme.read_bytes()
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / script[0]), *script[1:], "--out", str(out), "--page", str(page)]
+        + (["--readme", str(readme)] if results == "floor" else []),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and str(out / name) in done.stderr and named in done.stderr
+    assert (page.read_bytes(), readme.read_bytes()) == before
