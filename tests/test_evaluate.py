@@ -313,3 +313,19 @@ def test_evaluate_on_data_of_another_size_gives_advice_it_can_follow(trained, tm
         )
     message = str(refused.value)
     assert "resize yours to it" in message and "data.size_policy" not in message
+
+
+def test_calibrating_on_the_val_split_does_not_call_the_test_figures_optimistic(trained, tmp_path):
+    """--calibrate and --youden fit on the val split; the note for scoring that split ('an
+    optimistic figure') was printed twice above the test split's table."""
+    from typer.testing import CliRunner
+
+    from mtl_meniscus.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--calibrate", "--youden", "--bootstrap", "20"])
+    assert result.exit_code == 0, result.output
+    assert "optimistic" not in result.output
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--split", "val", "--bootstrap", "20"])
+    assert "an optimistic figure" in result.output  # scoring the val split still says it

@@ -370,14 +370,18 @@ NOT_HELD_OUT = {
 }
 
 
-def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) -> tuple[PreparedData, str]:
+def evaluation_data(
+    trained: TrainedModel, data_dir: Path | None, split: str, scored: bool = True
+) -> tuple[PreparedData, str]:
     """The data to score and a note on it.
 
     The run's own data (no --data, or --data naming the run's folder) keeps the splits the run
     was trained with, read from its splits.csv: a recomputed split can move training images
     into the test split when labels.csv has changed. So does another folder that holds images the
     run listed (a moved or copied data folder): split by its own rules, its "test" split could be
-    the run's training images. A folder without any of them is split by its own rules.
+    the run's training images. A folder without any of them is split by its own rules. With
+    `scored` the note says when the split is no held-out figure (NOT_HELD_OUT); a fit on it
+    (--calibrate, --youden) is not scored.
     """
     from rich.console import Console
 
@@ -408,7 +412,7 @@ def evaluation_data(trained: TrainedModel, data_dir: Path | None, split: str) ->
     if not is_own and _holds_run_images(trained, data):
         is_own = True
         note = f"{folder} holds images of the run's data (moved or copied?): the run's splits are kept"
-    if is_own and split in NOT_HELD_OUT:
+    if is_own and split in NOT_HELD_OUT and scored:  # a fit on the split (--calibrate) is no figure
         note = "; ".join(filter(None, [note, NOT_HELD_OUT[split]]))
     if not is_own or split == "all":
         return data, note

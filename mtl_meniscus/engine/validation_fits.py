@@ -34,7 +34,7 @@ def validation_split(trained: TrainedModel, what: str, console: Console):
     ("--youden picks the threshold")."""
     if trained.run_dir is None:
         raise MeniscusError(f"{what} on the run's validation split, so it needs a run folder")
-    data, note = evaluation_data(trained, None, "val")
+    data, note = evaluation_data(trained, None, "val", scored=False)
     if note:
         console.print(note, highlight=False, markup=False)
     val = data.indices("val")
