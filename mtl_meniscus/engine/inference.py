@@ -77,8 +77,8 @@ def predict_logits(
     independent of the batch size. With content_seeds, (seed, a checksum of image i's pixels, k):
     an image then gets the same copies whatever else is predicted with it and wherever it stands
     (predict and serve, whose answer for a file must not depend on the other files; evaluate and
-    compare score fixed splits and keep the positions). For an exam model (models.takes_exams) `images` are whole
-    exams (S, H, W), one output each, and `batch_size` counts exams. A ROI model of horns found
+    compare score fixed splits and keep the positions). For an exam model (models.takes_exams)
+    `images` are whole exams (S, H, W), one output each, and `batch_size` counts exams. A ROI model of horns found
     outside it gets them from `horns` (one per image), or finds them (model_horns).
     """
     model.eval()
