@@ -281,13 +281,20 @@ def import_fastmri(
     out: Annotated[
         Path, typer.Argument(help="Empty folder for the data folder (labels.csv, volumes/, masks/).")
     ],
+    reviewed: Annotated[
+        Path | None,
+        typer.Option(
+            help="fastMRI+'s knee_file_list.csv: the volumes it lists without an annotation row were "
+            "reviewed with no findings, and are imported with fissure 0 on every slice."
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Turn fastMRI+ annotations into a data folder: a row per slice, tear where a "Meniscus Tear" box lies."""
     from mtl_meniscus.data.fastmri import import_fastmri_plus
 
     with counted_progress(console, "reading volumes") as on_volume:
-        counts = import_fastmri_plus(annotations, volumes, out, on_volume=on_volume)
+        counts = import_fastmri_plus(annotations, volumes, out, on_volume=on_volume, reviewed=reviewed)
     console.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out}", highlight=False)
     console.print(
         "orientation and position are unknown in fastMRI+: train with --data "

@@ -264,3 +264,39 @@ def test_a_volume_named_with_and_without_its_suffix_is_one_volume(fastmri, tmp_p
     (fastmri / "both.csv").write_text(HEADER + rows)
     counts = import_fastmri_plus(fastmri / "both.csv", fastmri / "h5", tmp_path / "out")
     assert counts["volumes"] == 1 and counts["tear slices"] == 2
+
+
+def test_reviewed_volumes_without_findings_are_imported_healthy(fastmri, tmp_path):
+    """fastMRI+'s knee_file_list.csv lists the reviewed volumes; one listed without an annotation
+    row had no findings (its README), so its slices are fissure 0. A listed volume missing from the
+    folder and the list's 'Knee data' line are counted, not imported."""
+    write_volume(fastmri / "h5" / "file1000003.h5", np.random.default_rng(1))  # reviewed, no row
+    write_volume(fastmri / "h5" / "file1000004.h5", np.random.default_rng(2))  # never reviewed
+    (fastmri / "list.csv").write_text("file1000001\nfile1000003\nfile1000005\nKnee data\n")
+    result = CliRunner().invoke(
+        app,
+        ["import-fastmri", str(fastmri / "knee.csv"), str(fastmri / "h5"), str(tmp_path / "out")]
+        + ["--reviewed", str(fastmri / "list.csv")],
+    )
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "out" / "labels.csv")
+    healthy = [r for r in rows if r["patient_id"] == "file1000003"]
+    assert [(r["slice"], r["fissure"], r["mask"]) for r in healthy] == [(str(k), "0", "") for k in range(4)]
+    assert "file1000004" not in {r["patient_id"] for r in rows}
+    assert "reviewed volumes without findings (fissure 0 on every slice): 1" in result.output
+    assert "volumes in the folder without an annotation row (left out): 1" in result.output
+    assert "naming no volume ('Knee data')" in result.output
+    missing = CliRunner().invoke(
+        app,
+        [
+            "import-fastmri",
+            str(fastmri / "knee.csv"),
+            str(fastmri / "h5"),
+            str(tmp_path / "b"),
+            "--reviewed",
+            str(tmp_path / "none.csv"),
+        ],
+    )
+    assert (
+        missing.exit_code == 1 and "none.csv: not found" in missing.output and not (tmp_path / "b").exists()
+    )

@@ -14,13 +14,15 @@ describe the whole exam and have no box). `import_fastmri_plus` writes a folder 
                                  slices of one knee land in the same split), mask
     OUT/left_out.csv             file, reason: each annotated volume not imported (only when any)
 
-Slices of a volume that carries no annotation row at all are left out (the summary counts such .h5
-files in the volumes folder): knee.csv alone cannot tell a volume reviewed with no findings from
-one never reviewed (fastMRI+'s knee_file_list.csv lists the reviewed ones; not read here). So is
-a volume whose meniscus tear is known at study level only (a study_level 'Yes' "Meniscus Tear" row
-and no "Meniscus Tear" box on a slice): the knee has a tear, but no row says on which slices, so no
-slice can be labelled, and fissure=0 on each would call a torn knee healthy. Every annotated volume left out is named
-with its reason in OUT/left_out.csv (file, reason); the summary counts them.
+A volume that carries no annotation row at all is left out (the summary counts such .h5 files in
+the volumes folder): knee.csv alone cannot tell a volume reviewed with no findings from one never
+reviewed. fastMRI+'s knee_file_list.csv lists the reviewed ones ("listed ... but not in the label
+files ... reviewed, but there were no findings", its README); given (`reviewed`), each listed
+volume without a row is imported as such, fissure 0 on every slice. Left out too is a volume
+whose meniscus tear is known at study level only (a study_level 'Yes' "Meniscus Tear" row and no
+"Meniscus Tear" box on a slice): the knee has a tear, but no row says on which slices, so no slice
+can be labelled, and fissure=0 on each would call a torn knee healthy. Every annotated volume left
+out is named with its reason in OUT/left_out.csv (file, reason); the summary counts them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import csv
 import io
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter, defaultdict
@@ -46,6 +49,7 @@ TEAR_LABEL = "meniscus tear"  # compared case-insensitively
 LEFT_OUT_FILE = "left_out.csv"  # annotated volumes not in labels.csv, and why
 STUDY_LEVEL_ONLY = "volumes with a study-level meniscus tear only (left out, listed in left_out.csv)"
 COLUMNS = ("file", "slice", "study_level", "x", "y", "width", "height", "label")
+FILE_NAME = re.compile(r"file\d+")  # a fastMRI volume's name (its .h5 file without the suffix)
 MAX_SLICES = 2048  # a declared slice count above this is not a knee volume (fastMRI's have 30-50)
 
 
@@ -121,25 +125,53 @@ def _count(text: str | None) -> int | None:
     return int(value)
 
 
+def read_reviewed(path: Path) -> tuple[set[str], list[str]]:
+    """fastMRI+'s knee_file_list.csv: (the volumes it lists, without '.h5'; its lines that name no
+    volume, e.g. the 'Knee data' line the published file ends with, to be reported)."""
+    if not path.is_file():
+        raise DataError(f"{path}: not found (fastMRI+'s knee_file_list.csv, one file name per line)")
+    names, other = set(), []
+    for line in csv_text(path).splitlines():
+        name = line.strip().strip(",").removesuffix(".h5")
+        if FILE_NAME.fullmatch(name):
+            names.add(name)
+        elif name:
+            other.append(name)
+    if not names:
+        raise DataError(f"{path}: names no fastMRI file (expected lines like file1000000)")
+    return names, other
+
+
 def import_fastmri_plus(
     annotations: Path,
     volumes_dir: Path,
     out_dir: Path,
     on_volume: Callable[[int, int], None] | None = None,
+    reviewed: Path | None = None,
 ) -> dict[str, int]:
     """Write OUT (see the module's docstring); returns counts for the summary line.
-    `on_volume(done, total)` is called after each annotated volume is read or left out (a progress
-    display).
+    `on_volume(done, total)` is called after each volume is read or left out (a progress display).
+    `reviewed`: fastMRI+'s knee_file_list.csv, whose volumes without a row are imported healthy.
 
     Everything is written into a temporary folder beside OUT and moved into place at the end: a
     refused import leaves OUT as it was."""
     annotations, volumes_dir, out_dir = Path(annotations), Path(volumes_dir), Path(out_dir)
     by_file = read_annotations(annotations)
+    counts: dict[str, int] = {}
+    if reviewed is not None:  # reviewed with no findings: a volume without any row (module docstring)
+        names, other = read_reviewed(Path(reviewed))
+        found = [n for n in sorted(names - set(by_file)) if (volumes_dir / f"{n}.h5").is_file()]
+        by_file |= {name: [] for name in found}
+        counts["reviewed volumes without findings (fissure 0 on every slice)"] = len(found)
+        if other:
+            counts[f"lines of {Path(reviewed).name} naming no volume ({', '.join(map(repr, other[:3]))})"] = (
+                len(other)
+            )
     existed = out_dir.exists()
     check_empty_output_dir(out_dir, "OUT", instead="the import writes into an empty folder")  # may create it
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-import-", dir=out_dir.parent))
     try:
-        counts = _write_import(annotations, volumes_dir, staging, by_file, on_volume)
+        counts = _write_import(annotations, volumes_dir, staging, by_file, on_volume) | counts
         out_dir.rmdir()  # empty (checked above): the staging folder takes its place
         staging.rename(out_dir)
     except BaseException:
