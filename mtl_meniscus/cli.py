@@ -752,7 +752,7 @@ def _check_comparison_folder(out: Path) -> None:
     continues. Any other folder is refused: results.md, results.csv, the figures and variants/
     would replace files of those names (`--out ''`, the current folder, replaced a user's notes)."""
     from mtl_meniscus.data.records import PROBLEMS_FILE
-    from mtl_meniscus.io.outputs import OutputError
+    from mtl_meniscus.io.outputs import OutputError, some_of
     from mtl_meniscus.io.runlock import LOCK_FILE
 
     if not out.is_dir() or (out / "compare.yaml").is_file():
@@ -760,7 +760,7 @@ def _check_comparison_folder(out: Path) -> None:
     held = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, PROBLEMS_FILE))
     if held:
         raise OutputError(
-            f"--out: {out.resolve()} holds files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) "
+            f"--out: {out.resolve()} holds files ({some_of(held)}) "
             "but no comparison (compare.yaml): compare writes results.md, results.csv, its figures and "
             "variants/ there, replacing files of those names; choose a new or empty folder"
         )

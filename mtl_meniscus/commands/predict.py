@@ -41,7 +41,7 @@ from mtl_meniscus.io.imageio import (
     max_pixels_limit,
     read_image,
 )
-from mtl_meniscus.io.outputs import atomic_write, check_output_file, check_own_output_dir, first_line
+from mtl_meniscus.io.outputs import atomic_write, check_output_file, check_own_output_dir, first_line, some_of
 from mtl_meniscus.labels import DEFAULT_TASKS
 from mtl_meniscus.networks.cam import unique_names, write_overlays
 
@@ -138,9 +138,8 @@ def run_predict(
     _describe_answers(trained, chosen.describe(tta.copies), console)
     files = collect_inputs(inputs)
     if not files:
-        shown = ", ".join(map(str, inputs[:3])) + (", ..." if len(inputs) > 3 else "")
         raise MeniscusError(
-            f"no input images found in {shown} (supported: PNG, TIFF, JPEG, DICOM, NIfTI, .npy)"
+            f"no input images found in {some_of(inputs)} (supported: PNG, TIFF, JPEG, DICOM, NIfTI, .npy)"
         )
 
     rows, good = _read_inputs(files, size, max_pixels, strict_size, config.data.plane)

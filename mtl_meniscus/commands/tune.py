@@ -61,7 +61,7 @@ from mtl_meniscus.engine.tracking import resolve_wandb_mode
 from mtl_meniscus.engine.trainer import TrainingDivergedError
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.evaluation.metrics import monitor_score
-from mtl_meniscus.io.outputs import atomic_write, check_output_dir, write_text_atomic
+from mtl_meniscus.io.outputs import atomic_write, check_output_dir, some_of, write_text_atomic
 from mtl_meniscus.io.secrets import mask_url, scrub
 from mtl_meniscus.networks.losses import WEIGHTINGS
 from mtl_meniscus.networks.models import cascade_networks, trains_per_task
@@ -540,8 +540,8 @@ class TuneSearch:
         ]
         if others:
             raise MeniscusError(
-                f"--out {self.out_dir}: trials/ holds runs of another study ({', '.join(others[:3])}"
-                f"{', ...' if len(others) > 3 else ''}), no trials of the study '{self.study_name}' in "
+                f"--out {self.out_dir}: trials/ holds runs of another study ({some_of(others)}), no "
+                f"trials of the study '{self.study_name}' in "
                 f"{mask_url(self.storage_url)}, and trial numbers start at 0 in each study; use another "
                 "--out for this study, or the --study-name and --storage of that one"
             )

@@ -15,7 +15,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from mtl_meniscus.errors import MeniscusError
@@ -56,16 +56,18 @@ def check_output_dir(folder: str | Path, what: str = "output folder") -> Path:
     return folder
 
 
+def some_of(names: Sequence, most: int = 3) -> str:
+    """'a, b, c, ...': the first `most` names, and '...' when there are more (a message's examples)."""
+    return ", ".join(map(str, names[:most])) + (", ..." if len(names) > most else "")
+
+
 def check_empty_output_dir(folder: str | Path, what: str, instead: str = "choose an empty folder") -> Path:
     """check_output_dir for a command that fills a whole folder: one that holds anything is refused,
     naming a few of its entries and what to do `instead`."""
     folder = Path(folder)
     if folder.is_dir() and any(folder.iterdir()):
         entries = sorted(p.name for p in folder.iterdir())
-        raise MeniscusError(
-            f"{folder} is not empty ({len(entries)} entries: {', '.join(entries[:3])}"
-            f"{', ...' if len(entries) > 3 else ''}); {instead}"
-        )
+        raise MeniscusError(f"{folder} is not empty ({len(entries)} entries: {some_of(entries)}); {instead}")
     return check_output_dir(folder, what)
 
 
@@ -115,7 +117,7 @@ def check_own_output_dir(folder: str | Path, what: str, replaces: str = NAMED_AF
     if folder.is_dir() and any(folder.iterdir()) and not (folder / OWN_FOLDER_MARK).is_file():
         entries = sorted(p.name for p in folder.iterdir())
         raise OutputError(
-            f"{what}: {folder} holds files ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}) "
+            f"{what}: {folder} holds files ({some_of(entries)}) "
             f"but not this package's mark ({OWN_FOLDER_MARK}); the files written there would replace files "
             f"of the same name ({replaces}): choose a new or empty folder (files an earlier version wrote: "
             "delete them first)"
