@@ -762,7 +762,7 @@ def plain(value: Any) -> Any:
 def config_from_dict(data: dict[str, Any] | None, source: str | Origins = "config") -> Config:
     """Build and validate a Config from a nested dict; unknown keys and bad values name the key and
     where the value came from (`source`: one name for all of `data`, or the Origins of each value)."""
-    data = _with_tta_defaults(data or {})
+    data = with_tta_defaults(data or {})
     origins = source if isinstance(source, Origins) else Origins.of(data, source)
     config = parse_section(Config, data, origins)
     try:
@@ -772,15 +772,15 @@ def config_from_dict(data: dict[str, Any] | None, source: str | Origins = "confi
         raise ConfigValueError(err.key, _with_origin(str(err), where)) from None
 
 
-def _with_tta_defaults(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` with a partial tta.augment completed from the test-time defaults (_tta_augment), not
-    from AugmentConfig's training ones: `tta: {augment: {noise_prob: 0.3}}` turned the copies'
-    rotation from 15 to 45 degrees without a word. (The presets give rotation and translation, the
-    only keys where the two differ.)"""
+def with_tta_defaults(data: dict[str, Any], defaults: AugmentConfig | None = None) -> dict[str, Any]:
+    """`data` with a partial tta.augment completed from the test-time defaults (`defaults`, else
+    _tta_augment; compare has its own), not from AugmentConfig's training ones: `tta: {augment:
+    {noise_prob: 0.3}}` turned the copies' rotation from 15 to 45 degrees without a word. (The
+    presets give rotation and translation, the only keys where the two differ.)"""
     tta = data.get("tta")
     if not isinstance(tta, dict) or not isinstance(tta.get("augment"), dict):
         return data
-    augment = _tta_augment().model_dump(mode="json") | tta["augment"]
+    augment = (defaults or _tta_augment()).model_dump(mode="json") | tta["augment"]
     return {**data, "tta": {**tta, "augment": augment}}
 
 

@@ -899,3 +899,12 @@ def test_compare_settings_name_the_file_of_a_bad_value_and_refuse_fractions_name
         ConfigError, match="'train_fractions': bad value .* differ within 6 significant digits"
     ):
         load_compare_config(None, {"train_fractions": [0.5000001, 0.5000004]})
+
+
+def test_a_partial_tta_augment_in_a_comparison_keeps_its_test_time_defaults(tmp_path):
+    """The twin of the run config's rule: what a compare YAML's tta.augment leaves out comes from
+    compare's own test-time augmentation (8 degrees, 5%), not the training defaults (45, 20%)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("tta: {augment: {noise_prob: 0.3}}\n")
+    augment = load_compare_config(path).tta.augment
+    assert (augment.rotation_deg, augment.translate_frac, augment.noise_prob) == (8.0, 0.05, 0.3)

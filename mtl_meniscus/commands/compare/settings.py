@@ -19,6 +19,7 @@ from mtl_meniscus.config import (
     parse_section,
     plain,
     read_yaml,
+    with_tta_defaults,
 )
 from mtl_meniscus.networks.models import MODELS
 
@@ -137,7 +138,7 @@ def load_compare_config(
 ) -> CompareConfig:
     """Load a comparison YAML (or the defaults) with dotted-key overrides like {'seeds': [0, 1]}."""
     data, source = read_yaml(path, overrides)
-    settings = parse_section(CompareConfig, data, source)
+    settings = parse_section(CompareConfig, with_tta_defaults(data, _compare_tta().augment), source)
     try:
         return settings.validate()
     except ConfigValueError as err:  # named by the file or option that gave the value, as a type error is
