@@ -245,18 +245,8 @@ class PreparedData:
         missing from an older splits.csv is not compared)."""
         if not Path(path).is_file():
             return ""
-        saved = read_saved_splits(path)
-        now = {r.key: (r, split) for r, split in zip(self.records, self.splits)}
+        gone, added, moved, relabelled = self._differences(read_saved_splits(path))
         excluded = {(image, slice_index): reason for image, slice_index, reason in self.exclusions}
-        gone = [key for key in saved if key not in now]
-        added = [key for key in now if key not in saved]
-        moved = [key for key in saved if key in now and saved[key]["split"] != now[key][1]]
-        relabelled = [
-            key
-            for key, row in saved.items()
-            if key in now
-            and any(row[n] != now[key][0].labels.get(n, "") for n in self.tasks.names if n in row)
-        ]
 
         def example(keys: list, why: dict | None = None) -> str:
             image, slice_index = keys[0]
@@ -275,6 +265,24 @@ class PreparedData:
         ]
         return "; ".join(changes)
 
+    def _differences(
+        self, saved: dict[tuple[str, int | None], dict[str, str]]
+    ) -> tuple[list, list, list, list]:
+        """The (image, slice) keys of a run's splits.csv rows (read_saved_splits) that differ from
+        these images: (gone, added, in another split, relabelled). A task's column missing from an
+        older splits.csv is not compared."""
+        now = {r.key: (r, split) for r, split in zip(self.records, self.splits)}
+        gone = [key for key in saved if key not in now]
+        added = [key for key in now if key not in saved]
+        moved = [key for key in saved if key in now and saved[key]["split"] != now[key][1]]
+        relabelled = [
+            key
+            for key, row in saved.items()
+            if key in now
+            and any(row[n] != now[key][0].labels.get(n, "") for n in self.tasks.names if n in row)
+        ]
+        return gone, added, moved, relabelled
+
     def restore_splits(self, path: str | Path) -> str:
         """Give every kept image the split it had in a run (the run's splits.csv).
 
@@ -284,15 +292,8 @@ class PreparedData:
         one-line account of what changed in labels.csv since the run, or '' if nothing did.
         """
         saved = read_saved_splits(path)
-        current = {record.key: record for record in self.records}
+        gone, added, _, relabelled = self._differences(saved)
         self.splits = [saved[r.key]["split"] if r.key in saved else NEW_SPLIT for r in self.records]
-        gone = [key for key in saved if key not in current]
-        relabelled = [
-            key
-            for key, row in saved.items()
-            if key in current and any(row.get(name, "") != text for name, text in current[key].labels.items())
-        ]
-        added = len(self.records) - (len(saved) - len(gone))
         if not (gone or relabelled or added):
             return ""
         changes = []
@@ -306,7 +307,7 @@ class PreparedData:
         if relabelled:
             changes.append(f"{len(relabelled)} relabelled (scored with today's labels)")
         if added:
-            changes.append(f"{added} added since (split '{NEW_SPLIT}': not scored as test or val)")
+            changes.append(f"{len(added)} added since (split '{NEW_SPLIT}': not scored as test or val)")
         return f"labels.csv changed since the run: {'; '.join(changes)}"
 
     def split_summary(self) -> str:
