@@ -245,3 +245,31 @@ def test_the_classical_pipeline_says_not_found_on_an_image_without_a_knee():
     rng = np.random.default_rng(0)
     assert find_horns_classical(rng.normal(1000, 30, (128, 128)).astype(np.float32)) is None
     assert find_horns_classical(np.zeros((64, 64), np.float32)) is None
+
+
+def test_a_png_mask_of_a_mirrored_or_transposed_dicom_is_read_in_its_images_view(tmp_path):
+    """A mask drawn on a DICOM file's stored pixels (as predict --masks writes it, as annotation
+    tools draw it) is turned with its image: it lands on the same canonical pixels for every way the
+    slice is stored. Before, it was taken as if drawn on the canonical view: mirrored, its tear lay
+    on the other horn without a word."""
+    from test_orientation import DICOM_VARIANTS, canonical_slice, write_dicom
+
+    pixels = canonical_slice(64)[:, :48]  # (64, 48): a transposed slice is stored 48x64
+    truth = np.zeros((64, 48), np.uint8)
+    truth[30:34, 5:20] = 1  # a meniscus band, its tear at one end: every flip moves it
+    truth[31:33, 5:9] = 2
+    rows = []
+    for k, (name, (stored, orientation)) in enumerate(DICOM_VARIANTS.items()):
+        write_dicom(tmp_path / f"img/{k}.dcm", stored(pixels), orientation)
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / f"masks/{k}.png"), np.ascontiguousarray(stored(truth)))
+        rows.append((f"img/{k}.dcm", "1", "horizontal", "posterior", f"masks/{k}.png"))
+    _labels(tmp_path, rows, header=("image", "fissure", "orientation", "position", "mask"))
+    records = read_labels(tmp_path)
+    for mask in read_masks(tmp_path, records):
+        np.testing.assert_array_equal(mask, truth)
+
+    # the size is checked against the stored image, and said in its terms
+    cv2.imwrite(str(tmp_path / "masks/3.png"), truth)  # the canonical 64x48 for a file stored 48x64
+    with pytest.raises(DataError, match=r"masks/3\.png: 64x48 \(height x width\), but its image img/3\.dcm is 48x64"):
+        read_masks(tmp_path, records)

@@ -26,6 +26,7 @@ from mtl_meniscus.data.records import PreparedData, Record, inside_path, problem
 from mtl_meniscus.data.splits import SPLIT_NAMES, split_leaks, stratified_group_split
 from mtl_meniscus.errors import DataError, ImageReadError
 from mtl_meniscus.io.imageio import max_pixels_limit, read_image
+from mtl_meniscus.io.orientation import SliceGeometry
 from mtl_meniscus.labels import DEFAULT_TASKS, DOUBLE_TEAR, TaskTable
 
 OPTIONAL_COLUMNS = ("patient_id", "split", "slice", "mask")
@@ -318,11 +319,11 @@ def prepare_folder(
     images: list[np.ndarray] = []
     exclusions: list[tuple[str, int | None, str]] = []
     resized = 0
-    last_volume: dict[Path, np.ndarray] = {}  # rows of one volume decode it once (read_image)
+    last_volume: dict = {}  # rows of one volume decode it once (read_image)
     unoriented: list[str] = []  # a row per DICOM/NIfTI file without geometry: taken as stored
     lazy = reads_lazily(config, len(records))
     sources: list[tuple[str, int | None]] = []  # lazy: (image, slice) of each kept row
-    shapes: list[tuple[int, int]] = []  # each kept image's (H, W) as read
+    shapes: list[tuple[tuple[int, int], SliceGeometry]] = []  # each kept image's (H, W) as read, geometry
     for done, record in enumerate(records, 1):
         if on_row is not None:
             on_row(done, len(records))  # (rows read, rows in all): a progress display's
@@ -331,6 +332,7 @@ def prepare_folder(
             continue
         try:
             notes: list[str] = []
+            geometry: list[SliceGeometry] = []
             image = read_image(
                 data_dir / record.image,
                 record.slice,
@@ -338,12 +340,13 @@ def prepare_folder(
                 last_volume=last_volume,
                 plane=config.plane,
                 notes=notes,
+                geometry=geometry,
             )
             unoriented += [record.image] if notes else []
         except ImageReadError as err:
             exclusions.append((*record.key, f"unreadable: {err}"))
             continue
-        shape = image.shape  # as read: its mask's size
+        shape = (image.shape, geometry[0])  # as read: its mask's size and view
         if image.shape != (size, size):
             if config.size_policy == "exclude":
                 exclusions.append(
@@ -380,7 +383,7 @@ def prepare_folder(
 def _kept_masks(
     data_dir: Path,
     kept: list[Record],
-    shapes: list[tuple[int, int]],
+    shapes: list[tuple[tuple[int, int], SliceGeometry]],
     config: DataConfig,
     report_dir: str | Path | None,
 ) -> list[np.ndarray | None]:

@@ -6,8 +6,11 @@ checked at once, and every bad row is reported in one DataError, as read_labels 
 A mask must also agree with its row's label: no tear pixels
 on a row labelled no tear. A tear row without tear pixels is fine: its mask may outline the
 meniscus only.
-A mask is in the image's own pixel grid as the package reads it (for DICOM and NIfTI: the canonical
-view of io/orientation.py).
+A mask file without an orientation of its own (PNG, TIFF, .npy; a NIfTI without qform/sform) is in
+its image file's stored pixel grid, as predict --masks writes masks and as annotation tools draw on
+a file's pixel array: it is turned to the canonical view (io/orientation.py) with its image's
+geometry, so that a mirrored DICOM's mask stays on its tear. A DICOM or NIfTI mask with an
+orientation of its own is turned by it, as every such file is.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from mtl_meniscus.data.records import Record, problems_error
 from mtl_meniscus.errors import ImageReadError
 from mtl_meniscus.io.imageio import read_image
+from mtl_meniscus.io.orientation import AS_STORED, SliceGeometry
 from mtl_meniscus.labels import DEFAULT_TASKS
 
 # The phantom (phantom/slices.py) and the fastMRI+ import (data/fastmri.py) write these values.
@@ -35,27 +39,27 @@ TEAR_TASK = DEFAULT_TASKS.root  # fissure: the label that MASK_TEAR pixels draw
 def read_masks(
     data_dir: str | Path,
     records: Sequence[Record],
-    image_shapes: Sequence[tuple[int, int]] | None = None,
+    images: Sequence[tuple[tuple[int, int], SliceGeometry]] | None = None,
     report_dir: str | Path | None = None,
     max_pixels: int | None = None,
 ) -> list[np.ndarray | None]:
-    """Each row's mask as uint8 (H, W), None where the row has none; one DataError listing every
-    bad row (file missing or unreadable, size not its image's, values other than 0, 1, 2, tear
-    pixels on a row whose fissure is 0).
+    """Each row's mask as uint8 (H, W) in its image's canonical view, None where the row has none;
+    one DataError listing every bad row (file missing or unreadable, size not its image's, values
+    other than 0, 1, 2, tear pixels on a row whose fissure is 0).
 
-    `image_shapes` (one (H, W) per record, as read) saves reading the images again; without it each
-    image is read for its size. `report_dir` receives the full list when the message shows only
-    part of it (as for labels.csv).
+    `images` (one per record: its image's (H, W) as read and the SliceGeometry that read it) saves
+    reading the images again; without it each image is read for its size and geometry.
+    `report_dir` receives the full list when the message shows only part of it (as for labels.csv).
     """
     data_dir = Path(data_dir)
     problems: list[str] = []
-    last_volume: dict[Path, np.ndarray] = {}  # rows naming slices of one volume decode it once
+    last_volume: dict = {}  # rows naming slices of one volume decode it once (read_image)
     masks = []
     for k, record in enumerate(records):
-        shape = image_shapes[k] if image_shapes is not None else None
-        if record.mask and shape is None:
-            shape = _image_shape(data_dir, record, problems, last_volume, max_pixels)
-        mask = _row_mask(data_dir, record, shape, problems, max_pixels) if record.mask else None
+        image = images[k] if images is not None else None
+        if record.mask and image is None:
+            image = _image_shape(data_dir, record, problems, last_volume, max_pixels)
+        mask = _row_mask(data_dir, record, image, problems, max_pixels) if record.mask else None
         if mask is not None and not _agrees(data_dir, record, mask, problems):
             mask = None
         masks.append(mask)
@@ -73,11 +77,18 @@ def resized_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def read_row_mask(
-    data_dir: str | Path, record: Record, image_shape: tuple[int, int], max_pixels: int | None = None
+    data_dir: str | Path,
+    record: Record,
+    image_shape: tuple[int, int],
+    image_geometry: SliceGeometry = AS_STORED,
+    max_pixels: int | None = None,
 ) -> np.ndarray | None:
-    """One row's mask as uint8 (H, W), None when the row has none; a DataError naming the row and file."""
+    """One row's mask as uint8 (H, W) in its image's canonical view (`image_shape` (H, W) as read,
+    `image_geometry` the SliceGeometry that read it), None when the row has none; a DataError naming
+    the row and file."""
     problems: list[str] = []
-    mask = _row_mask(Path(data_dir), record, image_shape, problems, max_pixels) if record.mask else None
+    image = (image_shape, image_geometry)
+    mask = _row_mask(Path(data_dir), record, image, problems, max_pixels) if record.mask else None
     if problems:
         raise problems_error(Path(data_dir) / "labels.csv", problems)
     return mask
@@ -87,30 +98,36 @@ def _image_shape(
     data_dir: Path,
     record: Record,
     problems: list[str],
-    last_volume: dict[Path, np.ndarray],
+    last_volume: dict,
     max_pixels: int | None,
-) -> tuple[int, int] | None:
-    """The (H, W) of the row's image as read, or None after adding a problem: a mask's size is
-    checked against it."""
+) -> tuple[tuple[int, int], SliceGeometry] | None:
+    """The (H, W) of the row's image as read and the geometry that read it, or None after adding a
+    problem: a mask's size is checked against it, and a mask without geometry takes the image's."""
+    geometry: list[SliceGeometry] = []
     try:
         image = read_image(
-            data_dir / record.image, record.slice, max_pixels=max_pixels, last_volume=last_volume
+            data_dir / record.image,
+            record.slice,
+            max_pixels=max_pixels,
+            last_volume=last_volume,
+            geometry=geometry,
         )
     except ImageReadError as err:
         problems.append(f"row {record.row}, column 'image': {err} (its mask's size cannot be checked)")
         return None
-    return image.shape
+    return image.shape, geometry[0]
 
 
 def _row_mask(
     data_dir: Path,
     record: Record,
-    image_shape: tuple[int, int] | None,
+    image: tuple[tuple[int, int], SliceGeometry] | None,
     problems: list[str],
     max_pixels: int | None,
 ) -> np.ndarray | None:
-    """The row's mask, or None after adding a problem naming the row (labels.csv line) and the file.
-    With `image_shape` None (the image could not be read) the size is not checked."""
+    """The row's mask in its image's canonical view, or None after adding a problem naming the row
+    (labels.csv line) and the file. `image`: the image's (H, W) as read and its geometry; None (the
+    image could not be read): the size is not checked and the mask is taken as stored."""
     where = f"row {record.row}, column 'mask'"
     path = data_dir / record.mask
     try:
@@ -120,18 +137,24 @@ def _row_mask(
     if not found:
         problems.append(f"{where}: file not found: {path}")
         return None
+    own: list[SliceGeometry] = []
     try:
         # float32 (H, W); a failure's message names the file
-        pixels = read_image(path, max_pixels=max_pixels, volume_hint=MASK_VOLUME_HINT)
+        pixels = read_image(path, max_pixels=max_pixels, volume_hint=MASK_VOLUME_HINT, geometry=own)
     except ImageReadError as err:
         problems.append(f"{where}: {err}")
         return None
-    if image_shape is not None and pixels.shape != tuple(image_shape):
+    image_shape, image_geometry = image if image is not None else (None, AS_STORED)
+    # drawn on the image file's stored pixels: compared with them (the sizes the user sees), then
+    # turned as its image was
+    geometry = image_geometry if own[0].plane is None else AS_STORED
+    if image_shape is not None and pixels.shape != geometry.stored_shape(image_shape):
         problems.append(
             f"{where}: {path}: {_size(pixels.shape)} (height x width), but its image {record.image} "
-            f"is {_size(image_shape)}"
+            f"is {_size(geometry.stored_shape(image_shape))}"
         )
         return None
+    pixels = geometry.apply(pixels)
     bad = _bad_values(pixels)
     if bad:
         problems.append(f"{where}: {path}: {bad} (allowed: {_ALLOWED})")

@@ -70,7 +70,7 @@ def read_image(
     slice_index: int | None = None,
     max_pixels: int | None = None,
     volume_hint: str = VOLUME_HINT,
-    last_volume: dict[Path, np.ndarray] | None = None,
+    last_volume: dict[Path, tuple[np.ndarray, SliceGeometry]] | None = None,
     plane: str | None = None,
     notes: list[str] | None = None,
     geometry: list[SliceGeometry] | None = None,
@@ -82,15 +82,16 @@ def read_image(
     `max_pixels` pixels (see max_pixels_limit) is refused before it is decoded; `volume_hint`
     ends the message for a 3D volume read without a slice. Raises ImageReadError naming the file.
 
-    `last_volume` (an empty dict the caller keeps) holds the last file decoded for a slice, so that
-    rows naming slices of one volume one after another decode it once, not once per row.
+    `last_volume` (an empty dict the caller keeps) holds the last file decoded for a slice and its
+    geometry, so that rows naming slices of one volume one after another decode it once, not once
+    per row.
 
     DICOM and NIfTI pixels are turned to the canonical view of their plane (io/orientation.py);
     with `plane` ('sagittal', ...) a file of another plane is refused; `notes` (a list the caller
     keeps) receives orientation.NOT_IN_FILE when a DICOM or NIfTI file has no geometry;
     `geometry` (a list the caller keeps) receives the SliceGeometry that turned the stored slice
-    into the canonical one (AS_STORED for formats without geometry), to undo it (predict --masks);
-    it is filled when the file is decoded, so not from `last_volume`.
+    into the canonical one (AS_STORED for formats without geometry), to undo it (predict --masks)
+    or to bring a mask drawn on the stored pixels to the same view (data/masks.py).
     """
     path = Path(path)
     _check_exists(path)
@@ -112,9 +113,13 @@ def read_image(
             )
         if path not in last_volume:
             last_volume.clear()  # one volume in memory at a time
-            last_volume[path] = _oriented(path, reader(path, limit), plane, notes)
+            found: list[SliceGeometry] = []
+            last_volume[path] = (_oriented(path, reader(path, limit), plane, notes, found), found[0])
+        volume, volume_geometry = last_volume[path]
+        if geometry is not None:
+            geometry.append(volume_geometry)
         # a copy: the kept slice must not hold the whole volume in memory
-        return _select_slice(last_volume[path], slice_index, suffix, volume_hint).copy()
+        return _select_slice(volume, slice_index, suffix, volume_hint).copy()
 
     return _decoded(path, decode)
 

@@ -75,6 +75,10 @@ class SliceGeometry:
             pixels = np.swapaxes(pixels, -1, -2)
         return np.ascontiguousarray(pixels)
 
+    def stored_shape(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """The stored slice's (H, W) of a canonical slice of `shape` (H, W)."""
+        return (shape[1], shape[0]) if self.transpose else (shape[0], shape[1])
+
     def undo_box(self, box: tuple[int, int, int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
         """A box (x0, y0, x1, y1; x1 and y1 excluded) on a canonical slice of `shape` (H, W), as the
         box of the same pixels in the stored slice: undo's counterpart for coordinates."""
