@@ -241,6 +241,21 @@ def test_the_classical_pipeline_finds_both_horns_on_clean_phantom_images():
     assert np.mean(found) >= 0.9, f"both horns found in {sum(found)} of {len(found)} images"
 
 
+def test_an_image_with_negative_values_has_its_horns_found_whatever_its_offset_and_scale():
+    """A z-scored slice, or one stored with a negative intercept, has no 0 meaning "no signal": the
+    finder measures its darkness from its darkest pixel. Taken from 0, no such copy had horns."""
+    slices = _phantom_slices("easy", 20, seed=3)
+    found = []
+    for image, mask, _ in slices:
+        image = image.astype(np.float32)
+        zscored = (image - image.mean()) / image.std()
+        horns = find_horns_classical(zscored)
+        found.append(_horns_found(horns, mask))
+        for copy in (3 * zscored - 7, zscored - 1000, image - image.max()):
+            assert find_horns_classical(copy) == horns
+    assert np.mean(found) >= 0.9, f"both horns found in {sum(found)} of {len(found)} z-scored images"
+
+
 def test_the_classical_pipeline_says_not_found_on_an_image_without_a_knee():
     rng = np.random.default_rng(0)
     assert find_horns_classical(rng.normal(1000, 30, (128, 128)).astype(np.float32)) is None
@@ -259,7 +274,7 @@ def test_a_png_mask_of_a_mirrored_or_transposed_dicom_is_read_in_its_images_view
     truth[30:34, 5:20] = 1  # a meniscus band, its tear at one end: every flip moves it
     truth[31:33, 5:9] = 2
     rows = []
-    for k, (name, (stored, orientation)) in enumerate(DICOM_VARIANTS.items()):
+    for k, (stored, orientation) in enumerate(DICOM_VARIANTS.values()):
         write_dicom(tmp_path / f"img/{k}.dcm", stored(pixels), orientation)
         (tmp_path / "masks").mkdir(exist_ok=True)
         cv2.imwrite(str(tmp_path / f"masks/{k}.png"), np.ascontiguousarray(stored(truth)))
@@ -271,5 +286,7 @@ def test_a_png_mask_of_a_mirrored_or_transposed_dicom_is_read_in_its_images_view
 
     # the size is checked against the stored image, and said in its terms
     cv2.imwrite(str(tmp_path / "masks/3.png"), truth)  # the canonical 64x48 for a file stored 48x64
-    with pytest.raises(DataError, match=r"masks/3\.png: 64x48 \(height x width\), but its image img/3\.dcm is 48x64"):
+    with pytest.raises(
+        DataError, match=r"masks/3\.png: 64x48 \(height x width\), but its image img/3\.dcm is 48x64"
+    ):
         read_masks(tmp_path, records)

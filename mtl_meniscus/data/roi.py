@@ -178,8 +178,18 @@ def _disc(radius: float) -> np.ndarray:
 
 
 def _local_darkness(image: np.ndarray, settings: HornSearchSettings) -> np.ndarray:
-    """(H, W) float32 in 0..1: how much darker each pixel is than its bright surround; 0 in air."""
+    """(H, W) float32 in 0..1: how much darker each pixel is than its bright surround; 0 in air.
+
+    Darkness is a ratio to the signal, 0 meaning none (MR magnitude images, as stored in PNG, .npy,
+    DICOM and fastMRI). An image with negative values (z-scored floats, a negative RescaleIntercept)
+    has no such 0: it is first shifted so that its darkest smoothed pixel is 0, and then gives the
+    same horns whatever its offset and scale. Taken from 0, such a copy of a phantom slice had no
+    horns at all (19 of 19 slices), so a `model.roi: classical` run cropped it at the fallback
+    windows. Non-negative images are read from 0 as before: shifting them too would make a flat
+    noisy image (1000 +- 30) look like high-contrast structure with horns."""
     smooth = cv2.GaussianBlur(image, (0, 0), sigmaX=settings.smoothing_sigma)
+    if smooth.min() < 0:
+        smooth -= smooth.min()  # (H, W) 0 at the darkest pixel
     bright = float(np.percentile(smooth, 99))
     if bright <= 0:
         return np.zeros_like(smooth)
