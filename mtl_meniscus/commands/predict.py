@@ -236,7 +236,7 @@ def _predict_rows(
                 tta=tta,
                 seed=seed,
                 batch_size=batch_size,
-                content_seeds=True,  # a file's answer does not depend on the other files
+                same_draws=True,  # a file's answer does not depend on the other files
                 on_batch=lambda n: progress.update(bar, advance=n),
             )
             for k, (row_index, _) in enumerate(chunk):

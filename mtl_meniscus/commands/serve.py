@@ -296,7 +296,7 @@ class ServedModel:
         image, note = read_slice(path, size, self.max_pixels, trained.config.data.plane, SLICE_HINT)
         with self.model_lock:
             probs = trained.predict(
-                [image], self.runtime, tta=self.tta, seed=0, batch_size=BATCH_SIZE, content_seeds=True
+                [image], self.runtime, tta=self.tta, seed=0, batch_size=BATCH_SIZE, same_draws=True
             )
             cams = trained.saliency(image, self.runtime) if options.saliency else None
         row = gated_row(probs, 0, trained, self.threshold.value, name, note)

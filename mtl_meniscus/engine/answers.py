@@ -144,9 +144,7 @@ def volume_rows(
     if volume.shape[1:] != (size, size):
         notes = [*notes, f"slices resized from {volume.shape[1]}x{volume.shape[2]}"]
     # content seeds: an exam's answer does not depend on the other exams (predict, serve)
-    found = trained.predict_exam(
-        volume, runtime, tta=tta, seed=seed, batch_size=batch_size, content_seeds=True
-    )
+    found = trained.predict_exam(volume, runtime, tta=tta, seed=seed, batch_size=batch_size, same_draws=True)
     probs = found.slices  # {task: (S,)}
     if not all(np.isfinite(p).all() for p in probs.values()):
         return [exam | {"error": f"{name}: the model's output is not finite"}]
