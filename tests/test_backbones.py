@@ -141,3 +141,22 @@ def test_pretrained_file_with_the_reference_trunk_is_refused(data64, tmp_path):
     result = runner.invoke(app, [*args, "--freeze-backbone"])  # the same kind of silent no-op
     _clean(result)
     assert result.exit_code == 1 and "'model.freeze_backbone'" in result.output
+
+
+def test_a_weights_file_of_other_names_is_refused_not_ignored(resnet18_weights, tmp_path):
+    """timm loads a file leniently: one whose names do not match the network (every key prefixed
+    'model.', or not a state dict of this network at all) loaded nothing, and the trunk trained from
+    random weights with no word. A wrapped checkpoint ({'state_dict': ...}) still loads."""
+    path, state = resnet18_weights
+    torch.save({f"model.{key}": value for key, value in state.items()}, tmp_path / "prefixed.pth")
+    with pytest.raises(
+        MeniscusError, match=r"prefixed\.pth: not resnet18 weights: .* are not in it.*model\.conv1\.weight"
+    ):
+        build_model(ModelConfig(trunk="resnet18", pretrained=str(tmp_path / "prefixed.pth")))
+    torch.save({"x": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(MeniscusError, match=r"other\.pth: not resnet18 weights.*--pretrained none"):
+        build_model(ModelConfig(trunk="resnet18", pretrained=str(tmp_path / "other.pth")))
+    torch.save({"state_dict": state}, tmp_path / "wrapped.pth")
+    model = build_model(ModelConfig(trunk="resnet18", pretrained=str(tmp_path / "wrapped.pth"), pool_grid=1))
+    loaded = model.trunk.backbone.model.layer4[1].conv2.weight.detach()
+    torch.testing.assert_close(loaded, state["layer4.1.conv2.weight"])

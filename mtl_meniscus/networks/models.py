@@ -31,6 +31,7 @@ from torch import nn
 from mtl_meniscus.config import OWN_TRUNKS, SEGMENTATION, ModelConfig, roi_crop_pixels
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.io.orientation import POSTERIOR_IS_RIGHT
+from mtl_meniscus.io.outputs import some_of
 from mtl_meniscus.registry import Registry
 
 
@@ -228,9 +229,32 @@ def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module
     if not path.is_file():
         raise MeniscusError(f"pretrained weights file not found: {path}; {how_to}")
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        model = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
+        )
+        stored = timm.models.load_state_dict(str(path))  # as timm read it: a checkpoint's weights unwrapped
     except Exception as err:
         raise MeniscusError(f"{path}: cannot load as {name} weights ({type(err).__name__}: {err})") from None
+    _check_weights_loaded(model, stored, name, path, how_to)
+    return model
+
+
+def _check_weights_loaded(model: nn.Module, stored: dict, name: str, path: Path, how_to: str) -> None:
+    """A MeniscusError naming the file when most of the network's tensors are not in it. timm loads
+    a file leniently (a classifier or a torchvision VGG's names may differ), so a file of other
+    names (every key prefixed 'model.', another network's) loaded nothing and the trunk trained
+    from random weights, only timm's log line saying so."""
+    expected = [key for key in model.state_dict() if not key.endswith("num_batches_tracked")]
+    missing = [key for key in expected if key not in stored]
+    if len(missing) <= len(expected) // 2:
+        return
+    unexpected = [key for key in stored if key not in model.state_dict()]
+    raise MeniscusError(
+        f"{path}: not {name} weights: {len(missing)} of the network's {len(expected)} tensors are not "
+        f"in it (e.g. {some_of(missing, 3)})"
+        + (f"; the file's names are e.g. {some_of(unexpected, 3)}" if unexpected else "")
+        + f"; {how_to}"
+    )
 
 
 class DenseHead(nn.Sequential):
