@@ -4,6 +4,7 @@ ROC plot and saliency maps; the cascade view by hand."""
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -262,6 +263,25 @@ def test_a_copied_data_folder_keeps_the_runs_splits_and_other_data_gets_its_own_
     torch.save(payload, run / "best.pt")
     with pytest.raises(MeniscusError, match="data folder .*gone is gone \\(moved\\?\\): pass --data"):
         run_evaluation(run, n_bootstrap=0, tta_copies=0, console=_quiet())
+
+
+def test_another_data_set_sharing_image_names_is_split_by_its_own_rules(trained, tmp_path):
+    """Two phantoms (or two hospitals' case001...) share names, not pixels or labels. Taken for the
+    run's data because one name matched, another phantom was scored on the names of the run's test
+    split, 'relabelled' and all; now it is another data set, and the note says why."""
+    other = tmp_path / "other"
+    write_phantom(other, n=60, seed=9, size=64)  # knee_00000..knee_00059, as 60 of the run's 100
+    metrics = run_evaluation(
+        trained / "run", data_dir=other, n_bootstrap=0, tta_copies=0, out_dir=tmp_path / "e", console=_quiet()
+    )
+    assert "holds images of the run's data" not in metrics["data_note"]
+    assert re.search(
+        r"shares \d\d of the run's \d\d image names \(\d+ of them labelled otherwise\)", metrics["data_note"]
+    )
+    assert "taken as another data set, split by its own rules" in metrics["data_note"]
+    own = {row["image"] for row in _read(tmp_path / "e" / "predictions.csv")}
+    run_test = {row["image"] for row in _read(trained / "run" / "splits.csv") if row["split"] == "test"}
+    assert own != run_test & {f"images/knee_{k:05d}.png" for k in range(60)}
 
 
 def test_youden_on_a_one_class_val_split_is_refused(trained, tmp_path):

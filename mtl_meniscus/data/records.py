@@ -245,7 +245,7 @@ class PreparedData:
         missing from an older splits.csv is not compared)."""
         if not Path(path).is_file():
             return ""
-        gone, added, moved, relabelled = self._differences(read_saved_splits(path))
+        gone, added, moved, relabelled = self.differences(read_saved_splits(path))
         excluded = {(image, slice_index): reason for image, slice_index, reason in self.exclusions}
 
         def example(keys: list, why: dict | None = None) -> str:
@@ -265,7 +265,7 @@ class PreparedData:
         ]
         return "; ".join(changes)
 
-    def _differences(
+    def differences(
         self, saved: dict[tuple[str, int | None], dict[str, str]]
     ) -> tuple[list, list, list, list]:
         """The (image, slice) keys of a run's splits.csv rows (read_saved_splits) that differ from
@@ -292,7 +292,7 @@ class PreparedData:
         one-line account of what changed in labels.csv since the run, or '' if nothing did.
         """
         saved = read_saved_splits(path)
-        gone, added, _, relabelled = self._differences(saved)
+        gone, added, _, relabelled = self.differences(saved)
         self.splits = [saved[r.key]["split"] if r.key in saved else NEW_SPLIT for r in self.records]
         if not (gone or relabelled or added):
             return ""

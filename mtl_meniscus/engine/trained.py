@@ -409,9 +409,8 @@ def evaluation_data(
             raise type(err)(str(err).replace(SIZE_ADVICE, advice)) from None
     is_own = trained.trained_on(folder)
     note = ""
-    if not is_own and _holds_run_images(trained, data):
-        is_own = True
-        note = f"{folder} holds images of the run's data (moved or copied?): the run's splits are kept"
+    if not is_own:
+        is_own, note = _holds_run_images(trained, data, folder)
     if is_own and split in NOT_HELD_OUT and scored:  # a fit on the split (--calibrate) is no figure
         note = "; ".join(filter(None, [note, NOT_HELD_OUT[split]]))
     if not is_own or split == "all":
@@ -424,12 +423,26 @@ def evaluation_data(
     return data, "; ".join(filter(None, [note, data.restore_splits(trained.run_dir / "splits.csv")]))
 
 
-def _holds_run_images(trained: TrainedModel, data) -> bool:
-    """Whether `data` holds any image (with its slice) that the run's splits.csv lists."""
+def _holds_run_images(trained: TrainedModel, data, folder: Path) -> tuple[bool, str]:
+    """(is it the run's data, moved or copied?, a note): yes when it holds at least half of the
+    images (with their slices) that the run's splits.csv lists, at most a tenth of them relabelled.
+    Names alone say little: two phantoms, or two hospitals' case001..., share names but not pixels
+    or labels; taken for the run's data, such a folder was scored on the run's test split's names.
+    A folder sharing fewer names is split by its own rules, and the note says so."""
     from mtl_meniscus.data.records import read_saved_splits
 
     splits = trained.run_dir / "splits.csv" if trained.run_dir is not None else None
     if splits is None or not splits.is_file():
-        return False
+        return False, ""
     saved = read_saved_splits(splits)
-    return any(record.key in saved for record in data.records)
+    gone, _, _, relabelled = data.differences(saved)
+    present = len(saved) - len(gone)
+    if not present:
+        return False, ""
+    if 2 * present >= len(saved) and 10 * len(relabelled) <= present:
+        return True, f"{folder} holds images of the run's data (moved or copied?): the run's splits are kept"
+    return False, (
+        f"{folder} shares {present} of the run's {len(saved)} image names ({len(relabelled)} of them "
+        "labelled otherwise): taken as another data set, split by its own rules (the run's data moved "
+        "or copied keeps at least half of its images and nine in ten of their labels)"
+    )
