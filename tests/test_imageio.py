@@ -92,6 +92,13 @@ def test_npy(tmp_path):
     volume = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)
     np.save(tmp_path / "v.npy", volume)
     np.testing.assert_array_equal(read_image(tmp_path / "v.npy", slice_index=1), volume[1])
+    # a slice saved channels last is one image, not a volume of 1-pixel-wide stripes
+    grey = np.arange(64 * 48, dtype=np.uint16).reshape(64, 48)
+    np.save(tmp_path / "channel.npy", grey[..., None])
+    np.testing.assert_array_equal(read_image(tmp_path / "channel.npy"), grey)
+    np.save(tmp_path / "rgb.npy", np.stack([grey] * 3, axis=-1))
+    with pytest.raises(ImageReadError, match=r"rgb.npy: shape \(64, 48, 3\) looks like one colour image"):
+        read_image(tmp_path / "rgb.npy", slice_index=0)
     np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan], [0.0, 2.0]]))
     with pytest.raises(ImageReadError, match="nan.npy: contains NaN"):
         read_image(tmp_path / "nan.npy")

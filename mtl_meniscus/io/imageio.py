@@ -449,6 +449,15 @@ def _read_npy(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None]:
         raise ImageReadError(f"expected a real numeric array, got dtype {dtype}")
     _check_declared_size(shape, limit, "array")
     array = np.load(str(path), allow_pickle=False)
+    # (H, W, 1) and (H, W, 3): one image with its channels last (as many libraries save a slice),
+    # not a volume of H slices of W x 1 pixels, which a 'slice' column would have read as stripes
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4) and min(array.shape[:2]) > 4:
+        if array.shape[2] > 1:
+            raise ImageReadError(
+                f"shape {array.shape} looks like one colour image (channels last), not a volume: save "
+                "one grey channel (H, W), or a volume with its slices first (S, H, W)"
+            )
+        array = array[..., 0]
     return _as_float32(array), None
 
 
