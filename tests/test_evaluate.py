@@ -14,7 +14,7 @@ from rich.console import Console
 from sklearn.metrics import roc_auc_score
 from support import _quiet
 
-from mtl_meniscus.commands.evaluate import cascade_view, run_evaluation
+from mtl_meniscus.commands.evaluate import cascade_line, cascade_view, run_evaluation
 from mtl_meniscus.commands.predict import run_predict
 from mtl_meniscus.config import load_config
 from mtl_meniscus.engine.inference import predict_probs
@@ -173,9 +173,24 @@ def test_cascade_view_by_hand():
         "true_tears": 3,
         "detected": 2,
         "orientation_correct": 1,
+        "orientation_known": 2,
         "position_correct": 2,
+        "position_known": 2,
         "all_correct": 1,
+        "all_known": 2,
     }
+    assert cascade_line(view) == (
+        "cascade: 2/3 true tears detected; of those, orientation right 1, position right 2, both right 1"
+    )
+    # a detected tear of unknown orientation (allowed with data.allow_unknown_subtype) is right in
+    # "both" only over the tears whose both labels are known: it made "both" outnumber orientation
+    targets[0, 1] = np.nan
+    view = cascade_view(targets, probs, 0.5)
+    assert (view["orientation_correct"], view["all_correct"], view["all_known"]) == (0, 0, 1)
+    assert cascade_line(view) == (
+        "cascade: 2/3 true tears detected; of those, orientation right 0 of 1 known, position right 2, "
+        "both right 0 of 1 known"
+    )
 
 
 def test_evaluate_writes_metrics_roc_and_cams(tiny_run, tmp_path):

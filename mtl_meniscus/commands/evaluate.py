@@ -44,19 +44,22 @@ def cascade_view(
     targets: np.ndarray, probs: dict[str, np.ndarray], threshold: float, tasks: TaskTable = DEFAULT_TASKS
 ) -> dict[str, Any]:
     """What the gated cascade reports for the true tears: detected, and right orientation/position
-    (and any other task gated by fissure)."""
+    (and any other task gated by fissure), each counted over the detected tears whose label is
+    known (`<task>_known`); all right over those whose every gated label is known (`all_known`):
+    a tear of unknown orientation counted as right in "both" made both outnumber orientation."""
     root = tasks.root.name
     tears = targets[:, tasks.index(root)] == 1
     detected = tears & (probs[root] >= threshold)
     view: dict[str, Any] = {"true_tears": int(tears.sum()), "detected": int(detected.sum())}
-    correct = detected.copy()
+    correct, all_known = detected.copy(), detected.copy()
     for task in (t.name for t in tasks if t.gated_by == root and t.name in probs):
         column = targets[:, tasks.index(task)]
         known = detected & ~np.isnan(column)
         right = known & ((probs[task] >= 0.5) == (column == 1))
-        view[f"{task}_correct"] = int(right.sum())
-        correct &= right | ~known
-    view["all_correct"] = int(correct.sum())
+        view[f"{task}_correct"], view[f"{task}_known"] = int(right.sum()), int(known.sum())
+        correct &= right
+        all_known &= known
+    view["all_correct"], view["all_known"] = int(correct.sum()), int(all_known.sum())
     return view
 
 
@@ -533,16 +536,23 @@ def _print_cam_check(console: Console, hit: dict[str, Any], cam_dir: Path) -> No
 
 def cascade_line(view: dict[str, int]) -> str:
     """'cascade: 20/28 true tears detected; of those, orientation right 18, position right 19, both
-    right 17' from metrics["cascade"]."""
+    right 17' from metrics["cascade"]; a count over fewer tears (labels unknown) says of how many,
+    e.g. 'orientation right 1 of 2 known'."""
+    detected = view["detected"]
+
+    def right(key: str) -> str:
+        known = view.get(f"{key}_known", detected)  # metrics of older runs have no _known
+        return f"right {view[f'{key}_correct']}" + (f" of {known} known" if known != detected else "")
+
     gated = [
-        f"{key.removesuffix('_correct')} right {n}"
-        for key, n in view.items()
+        f"{key.removesuffix('_correct')} {right(key.removesuffix('_correct'))}"
+        for key in view
         if key.endswith("_correct") and key != "all_correct"
     ]
-    line = f"cascade: {view['detected']}/{view['true_tears']} true tears detected"
+    line = f"cascade: {detected}/{view['true_tears']} true tears detected"
     if gated:  # each gated task's count, then all of them at once
         every = "both" if len(gated) == 2 else "all"
-        line += "; of those, " + ", ".join(gated) + f", {every} right {view['all_correct']}"
+        line += "; of those, " + ", ".join(gated) + f", {every} {right('all')}"
     return line
 
 
