@@ -87,7 +87,14 @@ class DataConfig(Section):
     def task_table(self) -> TaskTable:
         """The built-in tasks followed by `extra_tasks`, in output order."""
         return DEFAULT_TASKS.extended(
-            Task(name, dict(extra.values), extra.gated_by, extra.weight, extra.positive)
+            # lower case, as labels.csv's values of a non-root task are read ('Yes' was refused)
+            Task(
+                name,
+                {t.strip().lower(): v for t, v in extra.values.items()},
+                extra.gated_by,
+                extra.weight,
+                extra.positive,
+            )
             for name, extra in self.extra_tasks.items()
         )
 
@@ -104,11 +111,16 @@ class DataConfig(Section):
                 + " (a task is read from the labels.csv column of its name)",
             )
             targets = sorted(extra.values.values())
+            texts = [text.strip().lower() for text in extra.values]
             check_value(
-                targets.count(1.0) == 1 and targets.count(0.0) >= 1 and set(targets) <= {0.0, 1.0},
+                targets.count(1.0) == 1
+                and targets.count(0.0) >= 1
+                and set(targets) <= {0.0, 1.0}
+                and len(set(texts)) == len(texts)
+                and all(texts),
                 f"{key}.values",
                 extra.values,
-                "texts mapped to 1 (exactly one) and 0, e.g. {displaced: 1, stable: 0}; quote yes and no",
+                "texts (case is ignored, each once) mapped to 1 (exactly one) and 0, e.g. {displaced: 1, stable: 0}",
             )
             check_value(
                 extra.gated_by is None or extra.gated_by in known,
@@ -627,6 +639,15 @@ _ConfigLoader.add_implicit_resolver(
     list("-+0123456789."),
 )
 _ConfigLoader.add_constructor(_YAML12_FLOAT, _ConfigLoader.construct_yaml12_float)
+# YAML 1.2 booleans: true and false only. YAML 1.1's yes/no/on/off made an extra task's values
+# `{yes: 1, no: 0}` the booleans true/false, and every labels.csv row saying yes was then refused
+# ("a tear needs one of: true, false"); a bool setting written `yes` is refused by key (strict).
+_YAML_BOOL = "tag:yaml.org,2002:bool"
+for _first, _resolvers in _ConfigLoader.yaml_implicit_resolvers.items():  # the class's own copy
+    _resolvers[:] = [(tag, pattern) for tag, pattern in _resolvers if tag != _YAML_BOOL]
+_ConfigLoader.add_implicit_resolver(
+    _YAML_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def load_yaml(text: str) -> Any:

@@ -160,3 +160,34 @@ def test_its_labels_are_checked_like_the_built_in_ones(data, tmp_path):
 def test_bad_task_declarations_name_the_key(data, task, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, {"data.path": str(data), "data.extra_tasks": task})
+
+
+def test_yes_no_values_written_in_yaml_or_capitalised_read_as_written(data, tmp_path):
+    """YAML 1.1 made `{yes: 1, no: 0}` the booleans true/false, so every row saying yes was
+    refused ('a tear needs one of: true, false'); a value written 'Yes' was refused too, as
+    labels.csv's values are read in lower case."""
+    from mtl_meniscus.data.load import prepare_data
+
+    folder = tmp_path / "yesno"
+    folder.mkdir()
+    for sub in ("images", "masks"):
+        (folder / sub).symlink_to(data / sub)
+    rows = _read(data / "labels.csv")
+    for row in rows:  # displaced -> Yes, stable -> no; a second, ungated task: yes everywhere
+        row["displaced"] = {"displaced": "Yes", "stable": "no"}.get(row["displaced"], "")
+        row["fragment"] = "yes"
+    _write(folder / "labels.csv", rows)
+    config = tmp_path / "yesno.yaml"
+    config.write_text(
+        "data:\n  extra_tasks:\n    displaced:\n      values: {yes: 1, no: 0}\n"
+        "    fragment:\n      values: {'Yes': 1, 'No': 0}\n      gated_by: null\n"
+    )
+    loaded = load_config(config, {"data.path": str(folder), "data.image_size": 64})
+    assert dict(loaded.data.extra_tasks["displaced"].values) == {"yes": 1, "no": 0}
+    prepared = prepare_data(folder, loaded.data)
+    by_image = {row["image"]: row["displaced"] for row in rows}
+    expected = [{"Yes": 1.0, "no": 0.0}.get(by_image[r.image], np.nan) for r in prepared.records]
+    np.testing.assert_array_equal(prepared.targets[:, prepared.tasks.index("displaced")], expected)
+    assert (prepared.targets[:, prepared.tasks.index("fragment")] == 1).all()
+    with pytest.raises(ConfigError, match="case is ignored, each once"):
+        load_config(TINY, {"data.extra_tasks": {"displaced": {"values": {"Yes": 1, "yes": 0, "no": 0}}}})
