@@ -333,7 +333,19 @@ def test_an_undefined_score_says_why():
     assert undefined_reasons(aucs, probs, targets, DEFAULT_TASKS) == ["position: not predicted by this model"]
     probs["position"] = np.array([0.1, 0.2, 0.5, 0.5])
     assert undefined_reasons(aucs, probs, targets, DEFAULT_TASKS) == [
-        "position: no anterior among the 2 tears it is scored on"
+        "position: no 'anterior' among the 2 tears it is scored on"
+    ]
+    # each class as a reader says it, not its label: fissure's were '0' and '1' ("no 1 among ...")
+    aucs = {"fissure": nan, "orientation": nan, "position": nan}
+    healthy = np.array([[0, nan, nan], [0, nan, nan]], np.float32)
+    assert undefined_reasons(aucs, {t: np.array([0.2, 0.3]) for t in probs}, healthy, DEFAULT_TASKS) == [
+        "fissure: no 'tear' among the 2 images it is scored on",
+        "orientation: no tear to score it on",
+        "position: no tear to score it on",
+    ]
+    # an empty split is said as such, not as tasks "not predicted by this model"
+    assert undefined_reasons(aucs, {}, np.zeros((0, 3), np.float32), DEFAULT_TASKS) == [
+        "no image in the split"
     ]
 
 

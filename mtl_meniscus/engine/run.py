@@ -452,20 +452,26 @@ def _roi_entry(model: nn.Module, roi: str) -> dict[str, Any]:
 
 
 def undefined_reasons(aucs: dict, probs: dict, targets: np.ndarray, tasks: TaskTable) -> list[str]:
-    """Why each weighted task's AUC is undefined: not predicted by the model, or one class only
-    among the rows it is scored on (e.g. 'position: no anterior tear among the 28 tears')."""
+    """Why each weighted task's AUC is undefined: no image to score, not predicted by the model, or
+    one class only among the rows it is scored on (e.g. "position: no 'anterior' among the 28 tears it
+    is scored on"), each class as a reader says it ('no tear', not its label '0')."""
+    if not len(targets):
+        return ["no image in the split"]
     reasons = []
     for task in (t for t in tasks if t.weight > 0 and math.isnan(aucs.get(t.name, math.nan))):
         if task.name not in probs:
             reasons.append(f"{task.name}: not predicted by this model")
             continue
         rows = tasks.scored_rows(targets, task.name)
-        values = targets[rows, tasks.index(task.name)]
-        missing = task.text(1.0) if not np.any(values == 1) else task.text(0.0)
         count = int(rows.sum())
         noun = "image" if task.gated_by is None else tasks[task.gated_by].noun
+        if not count:
+            reasons.append(f"{task.name}: no {noun} to score it on")
+            continue
+        missing = 0.0 if np.any(targets[rows, tasks.index(task.name)] == 1) else 1.0
         reasons.append(
-            f"{task.name}: no {missing} among the {count} {noun}{'' if count == 1 else 's'} it is scored on"
+            f"{task.name}: no '{task.class_name(missing)}' among the {count} {noun}"
+            f"{'' if count == 1 else 's'} it is scored on"
         )
     return reasons
 
