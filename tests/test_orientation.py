@@ -246,3 +246,17 @@ def test_a_bad_image_orientation_is_quoted_as_the_numbers_in_the_file():
         ImageReadError, match=r"^degenerate ImageOrientationPatient \[1\.0, 0\.0, 0\.0, 1\.0, 0\.0"
     ):
         dicom_geometry([1, 0, 0, 1, 0, 0])
+
+
+def test_a_single_nifti_slice_is_its_own_plane_whatever_its_pixel_sizes(tmp_path):
+    """One sagittal slice (64 x 48, 1 slice along R) of 0.4 x 1.5 mm pixels: its slice axis is the
+    one of length 1. The thickest voxel axis (1.5 mm in-plane against the 1 mm default thickness)
+    made it coronal, refused by a sagittal model."""
+    import nibabel as nib
+
+    pixels = canonical_slice(64)[:, :48].astype(np.float32)  # canonical sagittal (rows I, columns P)
+    # voxel i down the rows (inferior, 0.4 mm), j along the columns (posterior, 1.5 mm), k right (1 mm)
+    affine = np.array([[0, 0, 1.0, 0], [0, -1.5, 0, 0], [-0.4, 0, 0, 0], [0, 0, 0, 1]])
+    for name, stored in (("2d", pixels), ("3d", pixels[..., None])):
+        nib.save(nib.Nifti1Image(stored, affine), tmp_path / f"{name}.nii.gz")
+        np.testing.assert_array_equal(read_image(tmp_path / f"{name}.nii.gz", plane="sagittal"), pixels)

@@ -142,7 +142,7 @@ def nifti_canonical(volume: np.ndarray, affine: np.ndarray | None) -> tuple[np.n
     """A 3-D NIfTI array (i, j, k) as (slices, rows, columns) in the canonical view of its plane,
     and the geometry of a slice: its plane and how a stored slice (the array at one index of the
     slice axis, the other two axes in stored order) turns into a canonical one. The slice axis is
-    the voxel axis with the thickest voxels (a 2-D acquisition's slices are thicker than its
+    the only axis of length 1 (a single slice), else the voxel axis with the thickest voxels (a 2-D acquisition's slices are thicker than its
     pixels), or k (the converters' slice axis) when the voxels are near isotropic.
     Without geometry (affine None or the identity), slices are taken along k as stored (AS_STORED).
     An ImageReadError for a singular affine."""
@@ -154,7 +154,7 @@ def nifti_canonical(volume: np.ndarray, affine: np.ndarray | None) -> tuple[np.n
     if not np.isfinite(rotation).all() or abs(np.linalg.det(rotation)) < 1e-9:
         raise ImageReadError("singular NIfTI affine (its voxel axes do not span space)")
     current = io_orientation(affine)  # per voxel axis: (world axis in RAS, direction)
-    plane = PLANE_OF_NORMAL[int(current[_slice_axis(rotation), 0])]
+    plane = PLANE_OF_NORMAL[int(current[_slice_axis(rotation, volume.shape), 0])]
     # the target's first axis is the slice axis: bring the volume to (slices, rows, columns)
     transform = ornt_transform(current, axcodes2ornt(CANONICAL_AXCODES[plane]))
     return apply_orientation(volume, transform), _in_plane_geometry(plane, transform)
@@ -174,9 +174,13 @@ def _in_plane_geometry(plane: str, transform: np.ndarray) -> SliceGeometry:
     )
 
 
-def _slice_axis(rotation: np.ndarray) -> int:
-    """The voxel axis along which slices were taken: the one of the largest voxel size when it is
-    clearly the largest (20%), else the last one (k)."""
+def _slice_axis(rotation: np.ndarray, shape: tuple[int, ...]) -> int:
+    """The voxel axis along which slices were taken: the only axis of length 1 (one slice, whatever
+    its voxel sizes: a sagittal slice of 0.4 x 1.5 mm pixels was taken as coronal); else the one of
+    the largest voxel size when it is clearly the largest (20%), else the last one (k)."""
+    single = [axis for axis, length in enumerate(shape[:3]) if length == 1]
+    if len(single) == 1:
+        return single[0]
     sizes = np.linalg.norm(rotation, axis=0)  # mm per voxel along i, j, k
     thickest = int(np.argmax(sizes))
     return thickest if sizes[thickest] > 1.2 * np.median(sizes) else 2
