@@ -580,3 +580,34 @@ def test_excluded_slices_of_one_volume_are_told_apart(tmp_path):
         ("v.npy", "1", "double tear: position 'both'"),
         ("v.npy", "3", "double tear: position 'both'"),
     ]
+
+
+def test_a_spreadsheets_habits_are_named_or_taken_as_meant(tmp_path):
+    """A ';'- or tab-separated export is named as such (it read as one column: 'missing column(s)'
+    alone); a Windows path's backslashes are named; rows of empty values under the data (a
+    spreadsheet's ',,,,') are skipped as blank lines are (each was refused as 'bad value')."""
+    _png(tmp_path / "img" / "a.png")
+    _png(tmp_path / "img" / "b.png", value=1)
+    for separator, shown in ((";", "';'"), ("\t", "'\\\\t'")):
+        (tmp_path / "labels.csv").write_text(
+            separator.join(["image", "fissure", "orientation", "position"]) + "\n"
+        )
+        with pytest.raises(
+            DataError, match=f"missing column.*looks {shown}-separated: save labels.csv with commas"
+        ):
+            read_labels(tmp_path)
+    (tmp_path / "labels.csv").write_text(
+        "image,fissure,orientation,position\nimg/a.png,0,,\nimg\\b.png,0,,\n,,,\n , ,,\n"
+    )
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path)
+    assert info.value.problems == [
+        f"row 3, column 'image': file not found: {tmp_path / 'img' / 'b.png'}".replace(
+            "img/b.png", "img\\b.png"
+        )
+        + " (paths are written with '/', not '\\')"
+    ]
+    (tmp_path / "labels.csv").write_text(
+        "image,fissure,orientation,position\nimg/a.png,0,,\nimg/b.png,0,,\n,,,\n,,,\n"
+    )
+    assert [r.image for r in read_labels(tmp_path)] == ["img/a.png", "img/b.png"]

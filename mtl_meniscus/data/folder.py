@@ -73,7 +73,8 @@ def read_labels(
             parts.insert(
                 0,
                 f"missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'} "
-                f"(required: {', '.join(required)}; optional: {', '.join(OPTIONAL_COLUMNS)})",
+                f"(required: {', '.join(required)}; optional: {', '.join(OPTIONAL_COLUMNS)})"
+                + _separator_hint(header),
             )
         raise DataError(f"{csv_path}: " + "; ".join(parts))
     problems: list[str] = []
@@ -138,7 +139,9 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]
             end = reader.line_num  # the last line read so far
             for fields in reader:
                 start, end = end + 1, reader.line_num
-                if not fields:  # a blank line: no row, as csv.DictReader has it
+                # a blank line: no row, as csv.DictReader has it; so is a row of empty values
+                # (a spreadsheet's ',,,,' under the data), which named each column as missing
+                if not any(field.strip() for field in fields):
                     continue
                 # A short row's missing values are empty (as csv.DictReader has them); values
                 # beyond the header are kept apart, to be refused rather than dropped.
@@ -146,6 +149,17 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]
     except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{csv_path}: cannot parse as CSV ({err})") from None
     return header, rows
+
+
+def _separator_hint(header: Sequence[str]) -> str:
+    """'; it looks ';'-separated ...' when the header read as one column holds another separator
+    (a spreadsheet saved with the locale's ';' or as tab-separated text), else ''."""
+    if len(header) != 1:
+        return ""
+    found = next((sep for sep in (";", "\t", "|") if sep in header[0]), None)
+    if found is None:
+        return ""
+    return f"; the header reads as one column and looks {found!r}-separated: save labels.csv with commas"
 
 
 def _loose(name: str) -> str:
@@ -292,7 +306,8 @@ def _file_in_folder(
     except OSError:
         found = False
     if not found:
-        problems.append(f"row {line}, column '{column}': file not found: {data_dir / normal}")
+        slash = " (paths are written with '/', not '\\')" if "\\" in text else ""
+        problems.append(f"row {line}, column '{column}': file not found: {data_dir / normal}{slash}")
         return ""
     return normal
 
