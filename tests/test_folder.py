@@ -123,6 +123,12 @@ def test_exclusions_report_and_summary(tmp_path):
         tmp_path, DataConfig(image_size=32, size_policy="resize", exclude_double_tears=False)
     )
     assert resized.resized == 1 and len(resized.records) == 12
+    # big.png is 40x32: stretched to square, which changes its angles (and so the orientation
+    # label's meaning), and said so
+    assert resized.stretched == 1
+    assert (
+        "; resized 1 (1 not square: stretched to square, which changes angles)" in resized.exclusion_summary()
+    )
     both = [r.image for r in resized.records].index("img/both.png")
     assert np.isnan(resized.targets[both, 2]) and resized.targets[both, 0] == 1  # no single position label
     assert all(image.shape == (32, 32) for image in resized.images)

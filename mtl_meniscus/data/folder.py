@@ -333,7 +333,7 @@ def prepare_folder(
     kept: list[Record] = []
     images: list[np.ndarray] = []
     exclusions: list[tuple[str, int | None, str]] = []
-    resized = 0
+    resized = stretched = 0
     last_volume: dict = {}  # rows of one volume decode it once (read_image)
     unoriented: list[str] = []  # a row per DICOM/NIfTI file without geometry: taken as stored
     lazy = reads_lazily(config, len(records))
@@ -368,6 +368,7 @@ def prepare_folder(
                     (*record.key, f"wrong size: {image.shape[0]}x{image.shape[1]}, expected {size}x{size}")
                 )
                 continue
+            stretched += image.shape[0] != image.shape[1]
             image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
             resized += 1
         kept.append(record)
@@ -390,6 +391,7 @@ def prepare_folder(
         exclusions=exclusions,
         n_rows=len(records),
         resized=resized,
+        stretched=stretched,
         unoriented=len(set(unoriented)),
         masks=_kept_masks(data_dir, kept, shapes, config, report_dir) if masks else None,
     )

@@ -146,6 +146,7 @@ class PreparedData:
     exclusions: list[tuple[str, int | None, str]] = field(default_factory=list)
     n_rows: int = 0
     resized: int = 0
+    stretched: int = 0  # of the resized, those that were not square: their aspect ratio changed
     unit: str = "images"  # what a row is: an image (a slice), or with data.layout mrnet an exam
     layout: str = "labels-csv"  # data.layout: which reader made it
     unoriented: int = 0  # DICOM/NIfTI files without geometry, taken as stored (io/orientation.py)
@@ -195,6 +196,8 @@ class PreparedData:
             line += f"; excluded {len(self.exclusions)} ({detail})"
         if self.resized:
             line += f"; resized {self.resized}"
+        if self.stretched:  # an angle on the image changes with its aspect ratio: orientation's label
+            line += f" ({self.stretched} not square: stretched to square, which changes angles)"
         if self.masks is not None:  # a segmentation run's: which rows supervise the decoder
             line += f"; masks on {sum(m is not None for m in self.masks)}"
         if self.unoriented:
