@@ -301,11 +301,46 @@ def test_a_broken_splits_csv_on_resume_is_named(run64, tmp_path):
 def test_a_run_without_its_last_pt_is_not_started_over(run64, tmp_path):
     run = _copy_run(run64, tmp_path)
     (run / "last.pt").unlink()
+    payload = torch.load(run / "best.pt", weights_only=True)
+    payload["best_epoch"] = 2  # a best.pt of a later epoch: last.pt was lost, not yet written
+    torch.save(payload, run / "best.pt")
     best = (run / "best.pt").read_bytes()
     result = runner.invoke(app, ["train", "--resume", str(run)])
     _clean(result)
     assert result.exit_code == 1 and "last.pt is missing, but best.pt shows that it trained" in result.output
     assert (run / "best.pt").read_bytes() == best and not (run / "last.pt").exists()
+
+
+def test_a_run_stopped_between_its_first_best_pt_and_last_pt_resumes(data64, tmp_path, monkeypatch):
+    """Ctrl-C (or a kill) after epoch 1's best.pt and before its last.pt left a run that --resume
+    refused ('last.pt is missing, but best.pt shows that it trained'), though it had printed
+    'continue with: train --resume'. That best.pt is epoch 1's: the run starts over, to the same end."""
+    from mtl_meniscus.engine.training_state import MemberCheckpoints
+
+    config = load_config(TINY, {"data.path": str(data64), "train.max_epochs": 2})
+    train_run(config, tmp_path / "whole", console=Console(quiet=True))
+
+    def interrupted(self, state, config):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MemberCheckpoints, "save_last", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_run(config, tmp_path / "cut", console=Console(quiet=True))
+    assert (tmp_path / "cut" / "best.pt").is_file() and not (tmp_path / "cut" / "last.pt").exists()
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "cut")])
+    _clean(result)
+    assert result.exit_code == 0, result.output
+    for name in ("history.csv", "metrics.json"):
+        assert _without_seconds(tmp_path / "cut" / name) == _without_seconds(tmp_path / "whole" / name), name
+
+
+def _without_seconds(path: Path) -> object:
+    """A run's history.csv rows or metrics.json without what the clock measures."""
+    if path.suffix == ".csv":
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(path.open())]
+    timed = ("seconds", "train_seconds", "wall_seconds", "images_per_s")
+    return {k: v for k, v in json.loads(path.read_text()).items() if not any(t in k for t in timed)}
 
 
 def test_last_pt_without_training_state_is_named(run64, tmp_path):

@@ -105,13 +105,18 @@ class MemberCheckpoints:
         """Load last.pt into `state`, and this process's own random stream (a stream that last.pt
         does not hold starts anew from `seed`, the rank and the epoch); False when there is no
         last.pt (the member had not started). A best.pt without a last.pt is refused: the member
-        had trained, and starting it over would replace its best.pt."""
-        last = self.folder / "last.pt"
-        if not last.is_file() and (self.folder / "best.pt").is_file():
+        had trained, and starting it over would replace its best.pt; except a best.pt of the first
+        epoch, written just before that epoch's last.pt (Ctrl-C or a kill between the two): that
+        best.pt is deleted and the member starts over, to the same epoch 1 (same seed)."""
+        last, best = self.folder / "last.pt", self.folder / "best.pt"
+        if not last.is_file() and best.is_file() and _best_epoch(best) == 1:
+            best.unlink(missing_ok=True)  # under torchrun every rank gets here
+            return False
+        if not last.is_file() and best.is_file():
             raise MeniscusError(
                 f"cannot resume {self.folder}: last.pt is missing, but best.pt shows that it trained; "
                 "starting it over would replace best.pt. Restore last.pt, or train a new run with "
-                "another --out (if it was killed in its first epoch, delete best.pt to start over)"
+                "another --out"
             )
         if not last.is_file():
             return False
@@ -132,3 +137,12 @@ class MemberCheckpoints:
                 f"{last}: damaged training state, cannot resume ({type(err).__name__}: {reason[:300]})"
             ) from None
         return True
+
+
+def _best_epoch(best: Path) -> int | None:
+    """The epoch a best.pt was saved at (None for one that cannot be read or does not say)."""
+    try:
+        epoch = load_checkpoint(best).get("best_epoch")
+    except MeniscusError:
+        return None
+    return epoch if isinstance(epoch, int) else None
