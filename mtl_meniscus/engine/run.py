@@ -351,8 +351,10 @@ def _finish_run(
     metrics["learned"] = False if learn_warnings else (None if unknown else True)
     metrics["warnings"] = warnings + split_warnings + late_warnings + learn_warnings
     atomic_torch_save(model_payload(model, config, {"metrics": metrics}), run_dir / "best.pt")
-    write_text_atomic(run_dir / "metrics.json", json_text(metrics))
     plot_training_curves(history, run_dir / "training_curves.png", best_by_member)
+    # last: compare takes a variant with metrics.json as finished (one stopped between the two never
+    # got its curves)
+    write_text_atomic(run_dir / "metrics.json", json_text(metrics))
     _print_metrics(console, metrics, data_name)
     for warning in split_warnings + late_warnings + learn_warnings:
         console.print(f"WARNING: {warning}", style="bold red", highlight=False, markup=False)
