@@ -425,7 +425,7 @@ def test_resume_names_what_changed_in_the_data(tmp_path):
     assert runner.invoke(app, ["train", "--resume", str(tmp_path / "run")]).exit_code == 0
 
 
-def test_resume_deletes_a_checkpoints_temporary_file_left_by_a_killed_process(run64, tmp_path):
+def test_resume_deletes_a_checkpoints_temporary_file_left_by_a_killed_process(run64, data64, tmp_path):
     """A kill during a checkpoint's save left RUN/last.pt.<pid>.tmp (as large as a checkpoint) for
     good; a live process's temporary file is its own and stays."""
     import subprocess
@@ -444,6 +444,16 @@ def test_resume_deletes_a_checkpoints_temporary_file_left_by_a_killed_process(ru
         assert result.exit_code == 0 and f"deleted last.pt.{int(dead.stdout)}.tmp" in result.output
         assert not (run / f"last.pt.{int(dead.stdout)}.tmp").exists()
         assert (run / f"metrics.json.{live.pid}.tmp").read_text() == "being written"
+        # a cascade's run folder holds its assembled best.pt, its networks' folders their own:
+        # the run folder's temporary file was left after a resume that cleaned only the networks'
+        cascade = tmp_path / "cascade"
+        args = ["train", "--mode", "separate", "--config", str(TINY), "--data", str(data64)]
+        assert runner.invoke(app, [*args, "--out", str(cascade), "--max-epochs", "1"]).exit_code == 0
+        (cascade / f"best.pt.{int(dead.stdout)}.tmp").write_bytes(b"half a checkpoint")
+        result = runner.invoke(app, ["train", "--resume", str(cascade)])
+        _clean(result)
+        assert result.exit_code == 0 and f"deleted best.pt.{int(dead.stdout)}.tmp" in result.output
+        assert not (cascade / f"best.pt.{int(dead.stdout)}.tmp").exists()
     finally:
         live.kill()
         live.wait()

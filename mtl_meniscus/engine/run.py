@@ -197,6 +197,9 @@ def _train_locked(
         wandb_config.mode = "disabled"
     logger = RunLogger(wandb_config, run_dir, run_dir.name, config.to_dict())
     logger.define_step_axes([member.name for member in members])
+    if resume and processes.main:  # a cascade's own best.pt.<pid>.tmp: its members clean their folders
+        for tmp in remove_stale_temporaries(run_dir):
+            console.print(f"deleted {tmp.name}, left by a process that was killed", markup=False)
     try:
         trainers = []
         horns = None  # a cascade's horns from its segmentation network, once it has trained (roi predicted)
