@@ -58,7 +58,7 @@ def read_masks(
     for k, record in enumerate(records):
         image = images[k] if images is not None else None
         if record.mask and image is None:
-            image = _image_shape(data_dir, record, problems, last_volume, max_pixels)
+            image = _image_view(data_dir, record, problems, last_volume, max_pixels)
         mask = _row_mask(data_dir, record, image, problems, max_pixels) if record.mask else None
         if mask is not None and not _agrees(data_dir, record, mask, problems):
             mask = None
@@ -94,7 +94,7 @@ def read_row_mask(
     return mask
 
 
-def _image_shape(
+def _image_view(
     data_dir: Path,
     record: Record,
     problems: list[str],

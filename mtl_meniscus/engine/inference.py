@@ -78,9 +78,10 @@ def predict_logits(
     other images predicted with it nor on how its pixels were stored (8 or 16 bits, a DICOM
     intercept: the draws are the same and the input is standardised); predict and serve use it,
     evaluate and compare score fixed splits and keep the positions. (A checksum of the pixels as
-    seed gave an 8-bit PNG and its 16-bit copy fissure probabilities 0.034 apart with 5 copies.) For an exam model (models.takes_exams)
-    `images` are whole exams (S, H, W), one output each, and `batch_size` counts exams. A ROI model of horns found
-    outside it gets them from `horns` (one per image), or finds them (model_horns).
+    seed gave an 8-bit PNG and its 16-bit copy fissure probabilities 0.034 apart with 5 copies.)
+    For an exam model (models.takes_exams) `images` are whole exams (S, H, W), one output each,
+    and `batch_size` counts exams. A ROI model of horns found outside it gets them from `horns`
+    (one per image), or finds them (model_horns).
     """
     model.eval()
     n = len(images)

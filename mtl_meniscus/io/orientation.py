@@ -142,10 +142,11 @@ def nifti_canonical(volume: np.ndarray, affine: np.ndarray | None) -> tuple[np.n
     """A 3-D NIfTI array (i, j, k) as (slices, rows, columns) in the canonical view of its plane,
     and the geometry of a slice: its plane and how a stored slice (the array at one index of the
     slice axis, the other two axes in stored order) turns into a canonical one. The slice axis is
-    the only axis of length 1 (a single slice), else the voxel axis with the thickest voxels (a 2-D acquisition's slices are thicker than its
-    pixels), or k (the converters' slice axis) when the voxels are near isotropic.
-    Without geometry (affine None or the identity), slices are taken along k as stored (AS_STORED).
-    An ImageReadError for a singular affine."""
+    the only axis of length 1 (a single slice), else the voxel axis with the thickest voxels (a 2-D
+    acquisition's slices are thicker than its pixels), or k (the converters' slice axis) when the
+    voxels are near isotropic. Without geometry (affine None or the identity), slices are taken
+    along k as stored (AS_STORED). An ImageReadError for a singular affine.
+    """
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
     if affine is None or np.allclose(affine, np.eye(4)):
