@@ -49,6 +49,11 @@ class TaskConfig(Section):
     weight: float = 0.0  # weight in the challenge score (0: reported, not scored)
     positive: str = ""  # what a positive row is called in messages
 
+    def read_values(self) -> dict[str, float]:
+        """`values` as labels.csv's values of such a task are read: stripped, in lower case ('Yes'
+        was refused as not one of 'Yes, no')."""
+        return {text.strip().lower(): target for text, target in self.values.items()}
+
 
 # labels.csv's columns other than the tasks' (data/folder.py): no task may take one's name, e.g. a
 # task "split" would read the split column as labels.
@@ -87,14 +92,7 @@ class DataConfig(Section):
     def task_table(self) -> TaskTable:
         """The built-in tasks followed by `extra_tasks`, in output order."""
         return DEFAULT_TASKS.extended(
-            # lower case, as labels.csv's values of a non-root task are read ('Yes' was refused)
-            Task(
-                name,
-                {t.strip().lower(): v for t, v in extra.values.items()},
-                extra.gated_by,
-                extra.weight,
-                extra.positive,
-            )
+            Task(name, extra.read_values(), extra.gated_by, extra.weight, extra.positive)
             for name, extra in self.extra_tasks.items()
         )
 
@@ -111,12 +109,12 @@ class DataConfig(Section):
                 + " (a task is read from the labels.csv column of its name)",
             )
             targets = sorted(extra.values.values())
-            texts = [text.strip().lower() for text in extra.values]
+            texts = extra.read_values()
             check_value(
                 targets.count(1.0) == 1
                 and targets.count(0.0) >= 1
                 and set(targets) <= {0.0, 1.0}
-                and len(set(texts)) == len(texts)
+                and len(texts) == len(extra.values)
                 and all(texts),
                 f"{key}.values",
                 extra.values,

@@ -338,7 +338,7 @@ def prepare_folder(
     unoriented: list[str] = []  # a row per DICOM/NIfTI file without geometry: taken as stored
     lazy = reads_lazily(config, len(records))
     sources: list[tuple[str, int | None]] = []  # lazy: (image, slice) of each kept row
-    shapes: list[tuple[tuple[int, int], SliceGeometry]] = []  # each kept image's (H, W) as read, geometry
+    views: list[tuple[tuple[int, int], SliceGeometry]] = []  # each kept image's (H, W) as read, geometry
     for done, record in enumerate(records, 1):
         if on_row is not None:
             on_row(done, len(records))  # (rows read, rows in all): a progress display's
@@ -361,7 +361,7 @@ def prepare_folder(
         except ImageReadError as err:
             exclusions.append((*record.key, f"unreadable: {err}"))
             continue
-        shape = (image.shape, geometry[0])  # as read: its mask's size and view
+        view = (image.shape, geometry[0])  # as read: its mask's size and view
         if image.shape != (size, size):
             if config.size_policy == "exclude":
                 exclusions.append(
@@ -372,7 +372,7 @@ def prepare_folder(
             image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
             resized += 1
         kept.append(record)
-        shapes.append(shape)
+        views.append(view)
         if lazy:  # checked now, read again when a batch needs it
             sources.append((record.image, record.slice))
         else:
@@ -393,21 +393,21 @@ def prepare_folder(
         resized=resized,
         stretched=stretched,
         unoriented=len(set(unoriented)),
-        masks=_kept_masks(data_dir, kept, shapes, config, report_dir) if masks else None,
+        masks=_kept_masks(data_dir, kept, views, config, report_dir) if masks else None,
     )
 
 
 def _kept_masks(
     data_dir: Path,
     kept: list[Record],
-    shapes: list[tuple[tuple[int, int], SliceGeometry]],
+    views: list[tuple[tuple[int, int], SliceGeometry]],
     config: DataConfig,
     report_dir: str | Path | None,
 ) -> list[np.ndarray | None]:
     """The kept rows' masks at the model's size (None for a row without one); one DataError naming
     every bad mask (missing, unreadable, not its image's size, values other than 0/1/2, tear pixels
     on a row labelled no tear)."""
-    found = read_masks(data_dir, kept, shapes, report_dir, max_pixels_limit(config.max_pixels))
+    found = read_masks(data_dir, kept, views, report_dir, max_pixels_limit(config.max_pixels))
     return [None if mask is None else resized_mask(mask, config.image_size) for mask in found]
 
 

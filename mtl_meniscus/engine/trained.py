@@ -377,9 +377,10 @@ def evaluation_data(
 
     The run's own data (no --data, or --data naming the run's folder) keeps the splits the run
     was trained with, read from its splits.csv: a recomputed split can move training images
-    into the test split when labels.csv has changed. So does another folder that holds images the
-    run listed (a moved or copied data folder): split by its own rules, its "test" split could be
-    the run's training images. A folder without any of them is split by its own rules. With
+    into the test split when labels.csv has changed. So does another folder that holds most of the
+    images the run listed with their labels (a moved or copied data folder, _holds_run_images):
+    split by its own rules, its "test" split could be the run's training images. Any other folder
+    is split by its own rules. With
     `scored` the note says when the split is no held-out figure (NOT_HELD_OUT); a fit on it
     (--calibrate, --youden) is not scored.
     """

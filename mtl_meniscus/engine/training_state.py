@@ -109,16 +109,14 @@ class MemberCheckpoints:
         epoch, written just before that epoch's last.pt (Ctrl-C or a kill between the two): that
         best.pt is deleted and the member starts over, to the same epoch 1 (same seed)."""
         last, best = self.folder / "last.pt", self.folder / "best.pt"
-        if not last.is_file() and best.is_file() and _best_epoch(best) == 1:
-            best.unlink(missing_ok=True)  # under torchrun every rank gets here
-            return False
-        if not last.is_file() and best.is_file():
-            raise MeniscusError(
-                f"cannot resume {self.folder}: last.pt is missing, but best.pt shows that it trained; "
-                "starting it over would replace best.pt. Restore last.pt, or train a new run with "
-                "another --out"
-            )
         if not last.is_file():
+            if best.is_file() and _best_epoch(best) != 1:
+                raise MeniscusError(
+                    f"cannot resume {self.folder}: last.pt is missing, but best.pt shows that it trained; "
+                    "starting it over would replace best.pt. Restore last.pt, or train a new run with "
+                    "another --out"
+                )
+            best.unlink(missing_ok=True)  # epoch 1's, or none (under torchrun every rank gets here)
             return False
         payload = load_checkpoint(last)
         if not isinstance(payload.get("training_state"), dict):
