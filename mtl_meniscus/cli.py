@@ -468,7 +468,13 @@ def evaluate(
         ),
     ] = False,
     bootstrap: Annotated[int, typer.Option(help="Stratified bootstrap resamples for the 95% CIs.")] = 1000,
-    seed: Annotated[int, typer.Option(help="Seed of TTA and bootstrap.")] = 0,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of TTA and bootstrap (default: the run's training seed, as train scored its test split).",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/eval-<split>).")] = None,
     cam: Annotated[
         Path | None, typer.Option(help="Write saliency (LayerCAM) overlays of the evaluated images here.")

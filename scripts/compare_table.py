@@ -65,8 +65,8 @@ MACHINE_FILE = "machine.json"  # written beside them by scripts/gpu-compare.sh: 
 # the page's image link)
 PLAIN_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # the built-in phantom's cache folder (ensure_phantom): phantom-v4-realistic-<settings>-n1128-seed0,
-# the easy level without its name (phantom-v4-n1128-seed0)
-PHANTOM_FOLDER = re.compile(r"phantom-v\d+(?:-(?P<level>[a-z]+)-[0-9a-f]+)?-n\d+-seed\d+")
+# the easy level without its name (phantom-v4-n1128-seed0); -<size>px at another size than 256
+PHANTOM_FOLDER = re.compile(r"phantom-v\d+(?:-(?P<level>[a-z]+)-[0-9a-f]+)?-n\d+-seed\d+(?:-\d+px)?")
 KEPT_BY = "python scripts/compare_table.py keep LABEL COMPARE_DIR"  # what writes a kept comparison
 ABOUT_KEYS = ("label", "command", "machine", "date", "training_minutes")  # what keep writes, always
 ROW_KEYS = (  # what the README's summary reads of each row of a results.json

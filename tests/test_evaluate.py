@@ -4,6 +4,7 @@ ROC plot and saliency maps; the cascade view by hand."""
 
 import csv
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -91,6 +92,21 @@ def test_evaluate_scores_the_runs_own_test_images_after_labels_changed(run_with_
     assert "1 relabelled" in output and "30 added since" in output
 
 
+def test_evaluate_repeats_the_test_figures_train_wrote_whatever_the_training_seed(trained, tmp_path):
+    # train drew its test split's TTA copies and bootstrap with the run's seed: evaluate's default
+    data = load_trained(trained / "run", FP32).config.data.path
+    config = load_config(TINY, {"data.path": data, "train.max_epochs": 1, "train.seed": 3})
+    train_run(config, tmp_path / "run", console=Console(quiet=True))
+    wrote = json.loads((tmp_path / "run" / "metrics.json").read_text())["test_tta"]
+    metrics = run_evaluation(tmp_path / "run", console=Console(quiet=True))
+    assert metrics["seed"] == 3
+    undefined = {None: math.nan}  # metrics.json writes an undefined number as null
+    for task, auc in wrote["auc"].items():
+        assert metrics["tasks"][task]["auc"] == pytest.approx(undefined.get(auc, auc), nan_ok=True)
+        ci = [undefined.get(v, v) for v in wrote["auc_ci95"][task]]
+        assert metrics["tasks"][task]["auc_ci95"] == pytest.approx(ci, nan_ok=True)
+
+
 def test_evaluate_refuses_a_split_it_cannot_know(trained, tmp_path):
     checkpoint = tmp_path / "model.pt"
     shutil.copy(trained / "run" / "best.pt", checkpoint)  # no run folder around it
@@ -122,6 +138,8 @@ def test_predictions_csv_lets_anyone_recompute_the_figures(trained, tmp_path):
         predicted = float(row["p_fissure_tta"]) >= metrics["fissure_threshold"]
         assert row["pred_fissure"] == str(int(predicted))
         assert (row["pred_orientation"] != "") == predicted and (row["pred_position"] != "") == predicted
+        if predicted:  # coded as the labels are (1 = horizontal), so they compare column to column
+            assert row["pred_orientation"] == str(int(float(row["p_horizontal_tta"]) >= 0.5))
 
 
 def test_youden_threshold_is_chosen_on_tta_probabilities_and_reported(trained, tmp_path):
@@ -364,3 +382,26 @@ def test_calibrating_on_the_val_split_does_not_call_the_test_figures_optimistic(
     assert "optimistic" not in result.output
     result = CliRunner().invoke(app, ["evaluate", str(run), "--split", "val", "--bootstrap", "20"])
     assert "an optimistic figure" in result.output  # scoring the val split still says it
+
+
+@pytest.mark.parametrize("option", ["--calibrate", "--youden"])
+def test_fitting_last_pt_does_not_replace_the_fit_predict_applies(trained, tmp_path, option):
+    """calibration.json and threshold.json hold one checkpoint's fit; predict, export and serve
+    apply best.pt's. A fit for last.pt written over it left them uncalibrated without a word."""
+    from typer.testing import CliRunner
+
+    from mtl_meniscus.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    result = CliRunner().invoke(app, ["evaluate", str(run), option, "--bootstrap", "0"])
+    assert result.exit_code == 0, result.output
+    fits = ("calibration.json", "threshold.json")
+    saved = {path.name: path.read_text() for path in run.glob("*.json") if path.name in fits}
+    assert saved
+    result = CliRunner().invoke(
+        app, ["evaluate", str(run / "last.pt"), option, "--bootstrap", "0", "--out", str(tmp_path / "e")]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "was fitted for best.pt" in result.output and "move" in result.output
+    assert {name: (run / name).read_text() for name in saved} == saved

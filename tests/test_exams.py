@@ -391,6 +391,29 @@ def test_evaluate_on_mrnet_exams_gives_the_exam_level_auc(run, tmp_path):
     assert int(rows[0]["top_slice"]) == int(np.argmax(slices))
 
 
+def test_evaluate_on_mrnet_exams_gives_each_exam_predicts_tta_answer(run, tmp_path):
+    """With TTA, an exam's probability does not depend on its place in the folder: evaluate --mrnet
+    draws the copies as predict --exams does (it drew exam k's with seed + k)."""
+    from mtl_meniscus.phantom.exams import write_phantom_exams
+
+    write_phantom_exams(tmp_path / "mrnet", n=20, n_slices=4, seed=3, size=64, fmt="mrnet")
+    common = ["--tta", "2", "--precision", "fp32"]
+    args = ["evaluate", str(run / "run"), "--mrnet", str(tmp_path / "mrnet"), "--split", "train"]
+    result = CliRunner().invoke(app, [*args, *common, "--bootstrap", "0", "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "eval" / "predictions.csv").open(newline="") as handle:
+        last = list(csv.DictReader(handle))[-1]
+    exam = tmp_path / "mrnet" / "train" / "sagittal" / f"{last['case']}.npy"
+    out = tmp_path / "predicted.csv"
+    result = CliRunner().invoke(
+        app, ["predict", str(run / "run"), str(exam), "--exams", *common, "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    with out.open(newline="") as handle:
+        predicted = next(csv.DictReader(handle))
+    assert float(last["p_fissure"]) == pytest.approx(float(predicted["p_fissure"]), abs=1e-6)
+
+
 def test_a_bad_mrnet_folder_is_named(tmp_path):
     from mtl_meniscus.data.mrnet import read_mrnet
     from mtl_meniscus.errors import DataError

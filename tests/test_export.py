@@ -289,3 +289,26 @@ def test_a_network_or_preprocessing_that_hides_nan_cannot_make_an_unreadable_sli
             assert p[0] == 0.5 and torch.isnan(p[unreadable]).all()
         for pred in (fissure, orientation, position):
             assert pred[0] == 1 and (pred[unreadable] == UNREADABLE).all()
+
+
+def _docs_recipe() -> str:
+    """docs/cli.md's recipe for the ONNX model without this package (its Python block)."""
+    text = (ROOT / "docs" / "cli.md").read_text()
+    return text.split("**The ONNX model without this package.**")[1].split("```python\n")[1].split("```")[0]
+
+
+def test_the_docs_recipe_for_the_onnx_model_alone_gives_predicts_probabilities(runs, tmp_path, monkeypatch):
+    result = CliRunner().invoke(app, ["export", str(runs / "shared"), "--out", str(tmp_path / "model.onnx")])
+    assert result.exit_code == 0, result.output
+    images = prepare_data(runs / "data", load_config(TINY).data).images[:2]
+    # a near-constant slice with a large offset: preprocess.standardize makes that channel zeros
+    flat = 5000 + np.random.default_rng(0).normal(0, 1e-3, (64, 64)).astype(np.float32)
+    slices = [*images, flat]
+    fp32 = resolve_runtime("fp32")
+    expected = load_trained(runs / "shared", fp32).predict(slices, fp32)
+    monkeypatch.chdir(tmp_path)  # the recipe opens model.onnx and model.onnx.json where it runs
+    for k, slice_hw in enumerate(slices):
+        namespace = {"slice_hw": slice_hw}
+        exec(_docs_recipe(), namespace)
+        assert namespace["p"]["p_fissure"][0] == pytest.approx(expected["fissure"][k], abs=1e-6), k
+        assert namespace["tear"] == (expected["fissure"][k] >= 0.5)

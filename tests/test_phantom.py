@@ -255,3 +255,20 @@ def test_a_cache_folder_that_cannot_hold_the_phantom_is_named(tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"cannot generate the built-in phantom in the cache folder {blocked}" in result.output
     assert "MTL_MENISCUS_CACHE" in result.output
+
+
+def test_the_built_in_phantom_is_drawn_at_the_configs_image_size(tmp_path):
+    from typer.testing import CliRunner
+
+    from mtl_meniscus.cli import app
+
+    # tiny.yaml's 64-pixel model on the built-in phantom: drawn at 256 pixels, every image would be
+    # excluded as the wrong size
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    command = ["train", "--config", str(tiny), "--out", str(tmp_path / "run"), "--set", "data.phantom_n=120"]
+    result = CliRunner().invoke(app, command, env={"MTL_MENISCUS_CACHE": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "cache" / "phantom-v4-n120-seed0-64px"
+    image = cv2.imread(str(sorted((folder / "images").glob("*.png"))[0]), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (64, 64)
+    assert (tmp_path / "run" / "best.pt").is_file()

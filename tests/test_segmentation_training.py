@@ -14,7 +14,7 @@ import torch
 from support import TINY
 
 from mtl_meniscus.config import AugmentConfig, load_config
-from mtl_meniscus.data.augment import augment_image, augment_with_mask
+from mtl_meniscus.data.augment import augment_image, augment_with_labels
 from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.torch_dataset import NO_MASK, SliceDataset, collate_batch
 from mtl_meniscus.errors import ConfigError
@@ -110,7 +110,9 @@ def test_augmentation_moves_the_mask_with_its_image():
     image[26:30, 22:30], mask[26:30, 22:30] = 2000.0, 2
     config = AugmentConfig(rotation_deg=40, translate_frac=0.15)
     for seed in range(10):
-        moved_image, moved_mask = augment_with_mask(image, mask, config, np.random.default_rng(seed))
+        moved_image, moved_mask, _ = augment_with_labels(
+            image, config, np.random.default_rng(seed), mask=mask
+        )
         # the same draws give augment_image's image: the image path does not change with a mask
         np.testing.assert_array_equal(moved_image, augment_image(image, config, np.random.default_rng(seed)))
         assert set(np.unique(moved_mask)) <= {0, 1, 2}  # nearest neighbour, border background

@@ -102,6 +102,7 @@ def evaluate(
         "n_patients": len(set(patients)) if patients else len(indices),
         "sample": data.unit_phrase(indices),
         "tta_copies": tta.copies if tta else 0,
+        "seed": seed,  # of the TTA copies and the bootstrap
         "fissure_threshold": threshold,
         "calibration": (
             {"temperatures": trained.calibration.temperatures, "file": str(trained.calibration.source)}
@@ -280,7 +281,8 @@ def write_predictions(path: Path, scored: Scored) -> None:
                 *labels,
                 *(repr(float(plain[t][k])) for t in names),
                 *(repr(float(probs[t][k])) for t in names),
-                *(predicted[t] for t in names),
+                # coded as the labels are (1/0), empty where the gate is closed
+                *(int(tasks[t].target(predicted[t])) if predicted[t] else "" for t in names),
             ]
         )
     buffer = io.StringIO()
@@ -352,7 +354,7 @@ def run_evaluation(
     threshold: float | None = None,
     youden: bool = False,
     n_bootstrap: int = 1000,
-    seed: int = 0,
+    seed: int | None = None,
     out_dir: Path | None = None,
     precision: str = "auto",
     console: Console | None = None,
@@ -373,7 +375,7 @@ def run_evaluation(
         raise MeniscusError(
             f"--cam: {trained.checkpoint} is a model of whole exams; saliency maps are for slice models"
         )
-    tta = trained.tta(tta_copies)
+    tta, seed = trained.tta(tta_copies), _own_seed(trained, seed)
     if calibrate:
         calibrate_run(trained, runtime, console)
     threshold = choose_threshold(trained, runtime, youden, threshold, console)
@@ -404,6 +406,12 @@ def run_evaluation(
     _show(console, metrics, out_dir, figures, tta)
     _log_to_wandb(trained, out_dir, metrics, scored, figures, wandb_mode, cam_dir)
     return metrics
+
+
+def _own_seed(trained: TrainedModel, seed: int | None) -> int:
+    """--seed, else the run's training seed: train drew its test split's TTA copies and bootstrap
+    with it, so `evaluate RUN` repeats the test figures in the run's metrics.json."""
+    return trained.config.train.seed if seed is None else seed
 
 
 @dataclass
@@ -730,7 +738,7 @@ def run_exam_evaluation(
     split: str = "valid",
     tta_copies: int | None = None,
     n_bootstrap: int = 1000,
-    seed: int = 0,
+    seed: int | None = None,
     out_dir: Path | None = None,
     precision: str = "auto",
     console: Console | None = None,
@@ -746,6 +754,7 @@ def run_exam_evaluation(
     runtime = resolve_runtime(precision, device)
     trained = load_trained(run_or_checkpoint, runtime)
     tta = trained.tta(tta_copies)
+    seed = _own_seed(trained, seed)
     out_dir = Path(out_dir) if out_dir else _evaluation_folder(trained, f"mrnet-{split}")
     tasks = trained.tasks
     root = tasks.root.name
@@ -764,6 +773,7 @@ def run_exam_evaluation(
         "n_tears": sum(e.tear for e in exams),
         "pooling": trained.exam_rule,
         "tta_copies": tta.copies,
+        "seed": seed,  # of the TTA copies and the bootstrap
         "auc": task_aucs(targets, scores, tasks)[root],
         "auc_ci95": list(ci),
         "bootstrap_resamples": n_bootstrap,
@@ -803,10 +813,11 @@ def _predict_exams(trained, exams, runtime, tta, seed) -> tuple[list[float], lis
 
     root = trained.tasks.root.name
     probs, tops, sizes = [], [], []
-    for k, exam in enumerate(exams):
+    for exam in exams:
         data = trained.config.data
         volume = read_exam(exam.path, data.max_pixels, data.image_size, data.plane)
-        found = trained.predict_exam(volume, runtime, tta=tta, seed=seed + k)
+        # predict --exams' draws: copy k of every slice of every exam alike, whatever the exam's place
+        found = trained.predict_exam(volume, runtime, tta=tta, seed=seed, same_draws=True)
         probs.append(found.exam[root])
         tops.append(found.top_slice)
         sizes.append(len(found.slices[root]))

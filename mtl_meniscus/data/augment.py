@@ -90,15 +90,6 @@ def move_points(points: np.ndarray, params: AffineParams, height: int, width: in
     return (centres @ matrix[:, :2].T + matrix[:, 2] + 0.5).astype(np.float32)
 
 
-def augment_with_mask(
-    image: np.ndarray, mask: np.ndarray, config: AugmentConfig, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """(augmented image, its mask moved alike): augment_image's image from the same draws of `rng`,
-    and the label mask (H, W) under the same geometric transform (apply_affine_to_mask)."""
-    out, moved, _ = augment_with_labels(image, config, rng, mask=mask)
-    return out, moved
-
-
 def augment_with_labels(
     image: np.ndarray,
     config: AugmentConfig,

@@ -143,10 +143,14 @@ def volume_rows(
     exam = {"exam": name}
     if volume.shape[1:] != (size, size):
         notes = [*notes, f"slices resized from {volume.shape[1]}x{volume.shape[2]}"]
-    # content seeds: an exam's answer does not depend on the other exams (predict, serve)
+    # the same draws for every exam: an exam's answer does not depend on the other exams (predict, serve)
     found = trained.predict_exam(volume, runtime, tta=tta, seed=seed, batch_size=batch_size, same_draws=True)
     probs = found.slices  # {task: (S,)}
-    if not all(np.isfinite(p).all() for p in probs.values()):
+    # an exam model's own output is not one of its slices': both are checked
+    if (
+        not all(np.isfinite(p).all() for p in probs.values())
+        or not np.isfinite(list(found.exam.values())).all()
+    ):
         return [exam | {"error": f"{name}: the model's output is not finite"}]
     pooled = {task: found.exam[task] for task in names}  # the root's max, the others there
     row = gate(pooled, tasks, cut, name).row(tasks, names)

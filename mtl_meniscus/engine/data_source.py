@@ -21,5 +21,9 @@ def resolve_data_dir(data: DataConfig, console: Console | None = None) -> Path:
         return Path(data.path)
     with counted_progress(console or Console(soft_wrap=True), "generating the built-in phantom") as on_image:
         return ensure_phantom(
-            data.phantom_n, data.phantom_seed, difficulty=data.phantom_difficulty, on_image=on_image
+            data.phantom_n,
+            data.phantom_seed,
+            difficulty=data.phantom_difficulty,
+            on_image=on_image,
+            size=data.image_size,  # drawn at the model's size: none of it excluded as the wrong size
         )

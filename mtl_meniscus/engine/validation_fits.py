@@ -5,6 +5,8 @@ run's test-time augmentation, never on the split being scored."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from rich.console import Console
 
@@ -43,11 +45,30 @@ def validation_split(trained: TrainedModel, what: str, console: Console):
     return data, val
 
 
+def keep_other_checkpoints_fit(trained: TrainedModel, option: str, *files: str) -> None:
+    """Refuse to replace a calibration.json or threshold.json fitted for another checkpoint of the
+    run: predict, export and serve apply the one fitted for best.pt, and a fit for last.pt written
+    over it would leave them uncalibrated, or with last.pt's threshold, without a word."""
+    for name in files:
+        path = trained.run_dir / name
+        try:
+            fitted_for = json.loads(path.read_text())["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError):  # none, or broken: nothing worth keeping
+            continue
+        if fitted_for != trained.checkpoint.name:
+            raise MeniscusError(
+                f"{option}: {path} was fitted for {fitted_for}, and predict, export and serve apply it; "
+                f"fitting it for {trained.checkpoint.name} would replace it. Use {fitted_for}, or move "
+                f"{name} aside first"
+            )
+
+
 def calibrate_run(trained: TrainedModel, runtime: Runtime, console: Console) -> None:
     """Fit one temperature per task on the validation split (each task on its scored rows, with the
     run's TTA), save calibration.json and apply it to `trained`. A task with one class in the split
     keeps T = 1. A saved threshold.json is chosen again, on the calibrated probabilities."""
     data, val = validation_split(trained, "--calibrate fits the temperatures", console)
+    keep_other_checkpoints_fit(trained, "--calibrate", CALIBRATION_FILE, THRESHOLD_FILE)
     tta = trained.config.tta
     logits = trained.predict_logits(data.view(val), runtime, tta=tta, seed=0)  # {task: (copies+1, N)}
     targets, tasks = data.targets[val], data.tasks
@@ -111,6 +132,7 @@ def choose_threshold(
     if given is not None or not youden:
         return resolve_threshold(trained, given)
     data, val = validation_split(trained, "--youden picks the threshold", console)
+    keep_other_checkpoints_fit(trained, "--youden", THRESHOLD_FILE)
     truth = data.targets[val, data.tasks.index(data.tasks.root.name)]
     tears = int(np.nansum(truth))
     if tears in (0, len(val)):  # youden_threshold would return 0.5, saved as if J had chosen it

@@ -1,4 +1,5 @@
-"""Metrics as pure functions on arrays. AUCs use scikit-learn; a one-class subset gives NaN."""
+"""Metrics as pure functions on arrays. AUCs are Mann-Whitney statistics from mid-ranks (equal
+to scikit-learn's roc_auc_score, tested); a one-class subset gives NaN."""
 
 from __future__ import annotations
 

@@ -12,9 +12,7 @@ third creates a new one. So a lock counts only when the file it holds is still t
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from mtl_meniscus.errors import MeniscusError
@@ -85,13 +83,3 @@ class RunLock:
         self._handle = None
         if self._created_folder and not any(self.folder.iterdir()):
             self.folder.rmdir()  # made by this lock and left empty: a refused run leaves nothing
-
-
-@contextlib.contextmanager
-def locked_folder(folder: str | Path, what: str = "run folder") -> Iterator[Path]:
-    """Hold `folder`'s lock for the block; refuses (FolderInUseError) a folder another process holds."""
-    lock = RunLock(folder, what)
-    try:
-        yield lock.folder
-    finally:
-        lock.release()

@@ -584,17 +584,25 @@ def ensure_phantom(
     cache_dir: str | Path | None = None,
     difficulty: str = "easy",
     on_image: Callable[[int, int], None] | None = None,
+    size: int = 256,
 ) -> Path:
-    """Folder of the default phantom, generated on first use (labels.csv marks it complete);
-    `on_image(done, total)` while it is generated (a progress display)."""
+    """Folder of the default phantom at `size` pixels (a config's data.image_size), generated on
+    first use (labels.csv marks it complete); `on_image(done, total)` while it is generated (a
+    progress display)."""
     settings = phantom_settings(difficulty)
-    # easy keeps the cache name it always had; other levels are keyed by their settings too
+    # easy keeps the cache name it always had; other levels are keyed by their settings too, and
+    # other sizes than the reference's 256 by their size
     level = "" if difficulty == "easy" else f"-{difficulty}-{settings.fingerprint()}"
-    folder = Path(cache_dir or default_cache_dir()) / f"phantom-v{PHANTOM_VERSION}{level}-n{n}-seed{seed}"
+    pixels = "" if size == 256 else f"-{size}px"
+    folder = (
+        Path(cache_dir or default_cache_dir()) / f"phantom-v{PHANTOM_VERSION}{level}-n{n}-seed{seed}{pixels}"
+    )
     if not (folder / "labels.csv").is_file():
         # an interrupted generation is redone
         try:
-            write_phantom(folder, n=n, seed=seed, settings=settings, overwrite=True, on_image=on_image)
+            write_phantom(
+                folder, n=n, seed=seed, size=size, settings=settings, overwrite=True, on_image=on_image
+            )
         except (MeniscusError, OSError) as err:  # a cache folder that is a file, read-only or full
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             raise MeniscusError(
