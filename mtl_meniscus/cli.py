@@ -3,6 +3,7 @@ checkout). Each command parses options and makes one call."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from enum import Enum
@@ -151,10 +152,20 @@ def own_message(err: Exception) -> str:
     return text
 
 
+# A write that failed for want of room (or a failing disk): what was written before it is kept
+WRITE_FAILED = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO}
+
+
 def os_error(err: OSError) -> MeniscusError:
     """A file-system error that escaped the checks (disk full, a file removed meanwhile) as a message."""
     where = f" {err.filename}" if err.filename else ""
-    return MeniscusError(f"cannot access{where}: {err.strerror or err}")
+    advice = (
+        "; free space (or raise the file-size limit) and rerun the command: `train --resume RUN` "
+        "continues a training from its last finished epoch"
+        if err.errno in WRITE_FAILED
+        else ""
+    )
+    return MeniscusError(f"cannot access{where}: {err.strerror or err}{advice}")
 
 
 def check_options(

@@ -84,3 +84,31 @@ def test_predict_and_evaluate_say_when_the_run_did_not_learn(run64, data64, tmp_
     _clean(result)
     assert result.exit_code == 0 and f"warning (from training): {warning}" in result.output, result.output
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["training_warnings"] == [warning]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_and_the_training_resumes(data64, tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError ('unexpected pos ...'), which ended train
+    in a traceback; the message now names the file and how to go on."""
+    from support import TINY
+
+    saves = []
+    real_save = torch.save
+
+    def disk_full_at_the_third(payload, path):  # epoch 1 writes best.pt and last.pt; then full
+        saves.append(path)
+        if len(saves) == 3:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 262912 vs 262800")
+        real_save(payload, path)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_the_third)
+    command = ["train", "--config", str(TINY), "--data", str(data64), "--out", str(tmp_path / "run")]
+    result = runner.invoke(app, [*command, "--max-epochs", "2"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    output = " ".join(result.output.split())
+    assert f"cannot access {tmp_path / 'run'}" in output and "the write failed" in output
+    assert "train --resume RUN" in output
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    monkeypatch.undo()
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "resumed after epoch 1" in result.output

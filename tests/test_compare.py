@@ -701,6 +701,24 @@ def test_learning_curves_train_every_mode_on_nested_shares_of_the_training_split
 
 
 @pytest.mark.slow
+def test_a_worker_ends_itself_when_the_main_process_is_gone():
+    """compare's workers outlived a killed main process: trained on, then waited for good, each
+    holding its memory and its variant's lock."""
+    import subprocess
+
+    watch = "import os, sys; from mtl_meniscus.commands.compare.run import end_with_parent; "
+    # its own parent: it keeps watching; a parent it does not have (the main process gone): it ends
+    alive = subprocess.Popen([sys.executable, "-c", watch + "end_with_parent(os.getppid(), every=0.1)"])
+    gone = "end_with_parent(os.getppid() + 10**7, every=0.1)"  # beyond any pid: not its parent
+    orphan = subprocess.run([sys.executable, "-c", watch + gone], timeout=60)
+    try:
+        assert orphan.returncode == 1
+        with pytest.raises(subprocess.TimeoutExpired):
+            alive.wait(timeout=5)
+    finally:
+        alive.kill()
+
+
 def test_a_predicted_roi_cascade_with_jobs_gives_the_sequential_table(preset, phantom, tmp_path):
     """roi predicted under --jobs: the cascade's segmentation network trains alone first, then its
     classifiers at once (they crop around its horns), then its scoring job; the table is the one

@@ -272,3 +272,50 @@ def test_the_built_in_phantom_is_drawn_at_the_configs_image_size(tmp_path):
     image = cv2.imread(str(sorted((folder / "images").glob("*.png"))[0]), cv2.IMREAD_UNCHANGED)
     assert image.shape == (64, 64)
     assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def _cached_phantom(cache: str) -> str:
+    from mtl_meniscus.phantom.slices import ensure_phantom
+
+    return str(ensure_phantom(n=40, seed=3, cache_dir=cache, size=64))
+
+
+def test_a_process_waits_while_another_generates_the_cached_phantom(tmp_path):
+    """Without a lock, a second process rewrote the PNGs the first had already marked complete:
+    runs read half-written images, and a kill left them broken for every later run."""
+    import multiprocessing
+    import time
+
+    from mtl_meniscus.io.runlock import waiting_lock
+
+    reference = tmp_path / "reference"
+    write_phantom(reference, n=40, seed=3, size=64)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        with waiting_lock(cache / "phantom-v4-n40-seed3-64px.lock"):  # as a generating process holds it
+            waiting = pool.apply_async(_cached_phantom, (str(cache),))
+            time.sleep(3)
+            assert not waiting.ready() and list(cache.iterdir()) == [cache / "phantom-v4-n40-seed3-64px.lock"]
+        folder = Path(waiting.get(timeout=120))
+    assert _digest(folder) == _digest(reference)
+    assert not list(cache.glob("*.partial"))
+
+
+def test_a_generation_that_cannot_write_an_image_leaves_no_complete_looking_entry(tmp_path, monkeypatch):
+    from mtl_meniscus.errors import MeniscusError
+    from mtl_meniscus.phantom import slices
+
+    written = []
+
+    def full_after_ten(path, pixels):  # cv2.imwrite returns False on a full disk; it does not raise
+        written.append(path)
+        return len(written) <= 10 and cv2.imwrite(path, pixels)
+
+    monkeypatch.setattr(slices.cv2, "imwrite", full_after_ten)
+    with pytest.raises(MeniscusError, match="could not be written"):
+        slices.ensure_phantom(n=40, seed=3, cache_dir=tmp_path, size=64)
+    monkeypatch.undo()
+    assert not list(tmp_path.glob("*/labels.csv"))  # nothing marked complete
+    folder = slices.ensure_phantom(n=40, seed=3, cache_dir=tmp_path, size=64)  # generated anew, whole
+    assert len(list((folder / "images").glob("*.png"))) == 40

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import pickle
 import warnings
 import zipfile
@@ -23,7 +24,11 @@ REQUIRED_KEYS = ("config", "state_dict")  # what model_from_checkpoint needs
 def atomic_torch_save(payload: dict[str, Any], path: str | Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     with atomic_write(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a failed write (a full disk) so
+            reason = str(err).strip().splitlines()[0][:120]
+            raise OSError(errno.EIO, f"the write failed ({reason})", str(path)) from None
 
 
 def model_payload(model: nn.Module, config: Config, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -154,9 +154,11 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(err, OSError) and not err.filename:  # a failed write names no file: name ours
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         raise
 
 

@@ -12,7 +12,9 @@ third creates a new one. So a lock counts only when the file it holds is still t
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from mtl_meniscus.errors import MeniscusError
@@ -83,3 +85,19 @@ class RunLock:
         self._handle = None
         if self._created_folder and not any(self.folder.iterdir()):
             self.folder.rmdir()  # made by this lock and left empty: a refused run leaves nothing
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive flock on the file `path` (created) for the block, waiting while another
+    process holds it: for work that one process does and the others then use, such as a cache
+    entry. The file stays (deleting it would race, as for RunLock); the lock dies with its process."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

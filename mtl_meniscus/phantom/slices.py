@@ -14,6 +14,8 @@ import csv
 import dataclasses
 import hashlib
 import math
+import os
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import numpy as np
 from mtl_meniscus.config import MAX_IMAGE_SIZE, MAX_SEED
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.io.outputs import atomic_write, check_empty_output_dir, check_output_dir
+from mtl_meniscus.io.runlock import waiting_lock
 
 PHANTOM_VERSION = 4  # bump when the generator changes: cached phantoms are keyed by it
 SUPERSAMPLE = 2  # shapes are drawn at 2x and area-averaged down: partial-volume edges
@@ -526,8 +529,11 @@ def write_phantom(
         image, mask = render_case(case, seed, settings)
         image_path = f"images/{case.name}.png"
         mask_path = f"masks/{case.name}.png"
-        cv2.imwrite(str(out_dir / image_path), image)
-        cv2.imwrite(str(out_dir / mask_path), mask)
+        for path, pixels in ((image_path, image), (mask_path, mask)):
+            if not cv2.imwrite(str(out_dir / path), pixels):  # OpenCV says False, it does not raise
+                raise MeniscusError(
+                    f"{out_dir / path}: could not be written (a full disk or a file-size limit?)"
+                )
         rows.append([image_path, case.fissure, case.orientation, case.position, mask_path])
         if on_image is not None:
             on_image(done, len(cases))
@@ -572,8 +578,6 @@ def summarize_cases(cases: list[PhantomCase], size: int = 256) -> dict[str, int]
 
 def default_cache_dir() -> Path:
     """Where generated phantoms live: $MTL_MENISCUS_CACHE, else ~/.cache/mtl_meniscus."""
-    import os
-
     root = os.environ.get("MTL_MENISCUS_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "mtl_meniscus"
 
@@ -597,16 +601,30 @@ def ensure_phantom(
     folder = (
         Path(cache_dir or default_cache_dir()) / f"phantom-v{PHANTOM_VERSION}{level}-n{n}-seed{seed}{pixels}"
     )
-    if not (folder / "labels.csv").is_file():
-        # an interrupted generation is redone
-        try:
-            write_phantom(
-                folder, n=n, seed=seed, size=size, settings=settings, overwrite=True, on_image=on_image
-            )
-        except (MeniscusError, OSError) as err:  # a cache folder that is a file, read-only or full
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-            raise MeniscusError(
-                f"cannot generate the built-in phantom in the cache folder {folder.parent} ({reason}); "
-                "point $MTL_MENISCUS_CACHE at a writable folder with ~300 MB free, or give --data DIR"
-            ) from None
+    if (folder / "labels.csv").is_file():
+        return folder
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # one process generates, the others wait for it (two writing the same files would mix them)
+        with waiting_lock(folder.with_name(f"{folder.name}.lock")):
+            if not (folder / "labels.csv").is_file():  # else generated while this process waited
+                _generate_into_place(folder, n, seed, size, settings, on_image)
+    except (MeniscusError, OSError) as err:  # a cache folder that is a file, read-only or full
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise MeniscusError(
+            f"cannot generate the built-in phantom in the cache folder {folder.parent} ({reason}); "
+            "point $MTL_MENISCUS_CACHE at a writable folder with ~300 MB free, or give --data DIR"
+        ) from None
     return folder
+
+
+def _generate_into_place(folder: Path, n: int, seed: int, size: int, settings, on_image) -> None:
+    """Write the phantom into a side folder and rename it to `folder` once complete: a killed or
+    failed generation never leaves a folder that looks complete (the next one starts over). The
+    caller holds the entry's lock, so a side folder found here is a dead process's."""
+    partial = folder.with_name(f"{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_phantom(partial, n=n, seed=seed, size=size, settings=settings, overwrite=True, on_image=on_image)
+    if folder.exists():  # an interrupted generation of an earlier version, written in place
+        shutil.rmtree(folder)
+    os.rename(partial, folder)

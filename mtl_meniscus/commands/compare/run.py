@@ -473,7 +473,7 @@ def _run_in_parallel(
         + f"; their output: {out_dir / 'variants'}/<variant>.log"
     )
     with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_init_worker, initargs=(threads, slots)
+        jobs, mp_context=context, initializer=_init_worker, initargs=(threads, slots, os.getpid())
     ) as pool:
         try:
             _JobQueue(pool, jobs, configs, out_dir, groups).run(pending, statuses, console, on_variant)
@@ -485,6 +485,15 @@ def _run_in_parallel(
         finally:
             slots.close()
             slots.cancel_join_thread()  # slots no worker took must not hold this process at exit
+
+
+def end_with_parent(parent: int, every: float = 2.0) -> None:
+    """A worker's watch on the main process `parent`: a worker whose main process was killed
+    (kill -9) trained on, then waited for work for good, holding its memory and its variant's
+    lock. It ends itself instead; its job resumes from its last finished epoch on a rerun."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 class _WorkerProcess(multiprocessing.context.SpawnProcess):
@@ -610,8 +619,8 @@ def _worker_seconds(future, variant: Variant, out_dir: Path, network: str | None
         ) from None
     except BrokenProcessPool:
         raise MeniscusError(
-            f"a worker process died while training {job} (out of memory?); rerun the "
-            "same command to continue, with fewer --jobs"
+            f"a worker process died (out of memory, or killed) while {job} or another job was running; "
+            "rerun the same command to continue, with fewer --jobs"
         ) from None
 
 
@@ -623,10 +632,10 @@ def _gpu_slots(context, jobs: int, gpus: int):
     return slots
 
 
-def _init_worker(threads: int, slots) -> None:
-    import os
-
+def _init_worker(threads: int, slots, parent: int) -> None:
     import torch
+
+    threading.Thread(target=end_with_parent, args=(parent,), daemon=True).start()
 
     torch.set_num_threads(threads)
     gpu = slots.get()
