@@ -112,3 +112,30 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_training_resumes(d
     result = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "resumed after epoch 1" in result.output
+
+
+def test_predict_and_evaluate_say_when_a_training_is_still_writing_the_run(run64, data64, tmp_path):
+    import shutil
+    import subprocess
+
+    run = tmp_path / "run"
+    shutil.copytree(run64, run)
+    image = next((data64 / "images").glob("*.png"))
+    trainer = subprocess.Popen(["sleep", "60"])  # a live process other than this one holds the lock
+    try:
+        (run / ".lock").write_text(str(trainer.pid))  # as RunLock writes its holder's pid
+        result = _predict(run, image, out=tmp_path / "p.csv")
+        _clean(result)
+        assert result.exit_code == 0 and f"a training (pid {trainer.pid}) is still writing" in result.output
+        args = ["evaluate", str(run), "--bootstrap", "0", "--tta", "0", "--out", str(tmp_path / "e")]
+        assert f"a training (pid {trainer.pid}) is still writing" in runner.invoke(app, args).output
+        (run / "best.pt").unlink()  # before its first epoch
+        result = _predict(run, image, out=tmp_path / "p.csv")
+        _clean(result)
+        assert result.exit_code == 1 and "no best.pt yet: a training" in result.output
+    finally:
+        trainer.kill()
+        trainer.wait()
+    (run / "best.pt").write_bytes((run64 / "best.pt").read_bytes())
+    result = _predict(run, image, out=tmp_path / "p.csv")  # the lock file of a process gone: no note
+    assert result.exit_code == 0 and "still writing" not in result.output

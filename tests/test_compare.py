@@ -453,6 +453,19 @@ def test_a_moved_data_folder_whose_old_place_still_exists_is_refused(preset, pha
         run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=phantom)
 
 
+def test_a_variant_refused_for_a_changed_default_says_how_to_keep_it(tmp_path):
+    """A variant trained before train.gated_loss_mean's default changed differs from a rerun with
+    the same options: the refusal names the default and the way to keep the variant."""
+    from mtl_meniscus.config import load_config
+
+    config = load_config(TINY)
+    saved = config.to_dict()
+    del saved["train"]["gated_loss_mean"]  # as an earlier version wrote it (per-gated-row then)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(MeniscusError, match="train.gated_loss_mean: unless you changed it, its default did"):
+        compare_plan.variant_status(tmp_path, config)
+
+
 def test_timm_trunk_variant_end_to_end(preset, phantom, tmp_path):
     compare = tiny_compare(
         preset, modes=("shared",), trunks=("resnet18",), seeds=(0,), pretrained={"resnet18": "none"}

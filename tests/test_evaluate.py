@@ -405,3 +405,11 @@ def test_fitting_last_pt_does_not_replace_the_fit_predict_applies(trained, tmp_p
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "was fitted for best.pt" in result.output and "move" in result.output
     assert {name: (run / name).read_text() for name in saved} == saved
+
+
+def test_a_run_folder_without_its_config_yaml_is_named_so(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    (run / "config.yaml").unlink()
+    with pytest.raises(MeniscusError, match="has no config.yaml, so it is not read as a run folder"):
+        run_evaluation(run, n_bootstrap=0, console=Console(quiet=True), out_dir=tmp_path / "e")

@@ -298,6 +298,18 @@ def test_a_broken_splits_csv_on_resume_is_named(run64, tmp_path):
     assert result.exit_code == 1 and "splits.csv: damaged" in result.output
 
 
+def test_a_run_whose_splits_csv_is_gone_is_not_split_again_on_resume(run64, tmp_path):
+    """Without splits.csv the data was split anew, unchecked: changed data could put the run's
+    training images into its test split."""
+    run = _copy_run(run64, tmp_path)
+    (run / "splits.csv").unlink()
+    checkpoint = (run / "last.pt").read_bytes()
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    _clean(result)
+    assert result.exit_code == 1 and "its splits.csv is gone" in result.output
+    assert (run / "last.pt").read_bytes() == checkpoint and not (run / "splits.csv").exists()
+
+
 def test_a_run_without_its_last_pt_is_not_started_over(run64, tmp_path):
     run = _copy_run(run64, tmp_path)
     (run / "last.pt").unlink()

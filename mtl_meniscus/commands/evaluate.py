@@ -381,10 +381,9 @@ def run_evaluation(
     threshold = choose_threshold(trained, runtime, youden, threshold, console)
     data, note = evaluation_data(trained, data_dir, split)
     console.print(f"data {data.data_dir}: {data.exclusion_summary()}", highlight=False, markup=False)
-    if note:
-        console.print(note, highlight=False, markup=False)
-    console.print(threshold.describe(tta.copies), highlight=False, markup=False)
-    console.print(trained.calibration_note, highlight=False, markup=False)
+    for line in (note, threshold.describe(tta.copies), trained.calibration_note, trained.in_training_note):
+        if line:
+            console.print(line, highlight=False, markup=False)
     training_warnings = _show_training_warnings(trained, console)
     metrics, probs, plain, targets, indices = evaluate(
         trained, data, split, runtime, tta, threshold.value, n_bootstrap, seed, console

@@ -172,8 +172,8 @@ def _check_outputs(out: Path, cam_dir: Path | None, masks_dir: Path | None) -> N
 
 def _describe_answers(trained: TrainedModel, threshold: str, console: Console) -> None:
     """What the answers rest on, before them: the threshold, the calibration, and a warning when
-    the run did not learn."""
-    for line in (threshold, trained.calibration_note, trained.did_not_learn_note):
+    the run did not learn or is still training."""
+    for line in (threshold, trained.calibration_note, trained.did_not_learn_note, trained.in_training_note):
         if line:
             console.print(line, highlight=False, markup=False)
 

@@ -298,6 +298,11 @@ def _prepare_run_data(
         data = prepare_data(
             data_dir, config.data, report_dir=run_dir, on_row=on_row, masks=config.model.reads_masks
         )
+    if resume and not (run_dir / "splits.csv").is_file() and any(run_dir.rglob("*.pt")):
+        raise MeniscusError(  # split again, the data could put the run's training images in its test split
+            f"cannot resume {run_dir}: its splits.csv is gone, so there is no telling whether the data "
+            "still splits as the run began: restore splits.csv, or train a new run"
+        )
     changes = data.splits_changes(run_dir / "splits.csv") if resume else ""
     if changes:  # resuming on other splits would train on test images, on other labels mix two
         raise MeniscusError(

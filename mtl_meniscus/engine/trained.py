@@ -22,6 +22,7 @@ from mtl_meniscus.engine.inference import model_horns, predict_logits
 from mtl_meniscus.engine.runtime import Runtime
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.evaluation.calibration import scaled_probability
+from mtl_meniscus.io.runlock import lock_holder
 from mtl_meniscus.labels import TaskTable
 
 THRESHOLD_FILE = "threshold.json"
@@ -179,6 +180,15 @@ class TrainedModel:
         except (OSError, ValueError):
             return {}
         return record if isinstance(record, dict) else {}
+
+    @property
+    def in_training_note(self) -> str:
+        """A note when a training is still writing the run ('' otherwise): best.pt is then the best
+        epoch so far, and may be replaced while this command runs."""
+        writer = lock_holder(self.run_dir) if self.run_dir is not None else None
+        if writer is None:
+            return ""
+        return f"note: a training (pid {writer}) is still writing {self.run_dir}: its best.pt is the best epoch so far"
 
     @property
     def did_not_learn_note(self) -> str:
@@ -341,6 +351,12 @@ def load_trained(run_or_checkpoint: str | Path, runtime: Runtime, calibration: b
             raise MeniscusError(
                 f"{path} is a data folder (labels.csv), not a run: give the folder that train wrote"
             )
+        writer = lock_holder(path)
+        if writer is not None:
+            raise MeniscusError(
+                f"{path}: no best.pt yet: a training (pid {writer}) is writing it; its first best.pt comes "
+                "with its first epoch"
+            )
         if not (path / "config.yaml").is_file():
             raise MeniscusError(
                 f"{path}: not a run folder (no best.pt, no config.yaml): give the folder that train wrote"
@@ -417,6 +433,12 @@ def evaluation_data(
     if not is_own or split == "all":
         return data, note
     if trained.run_dir is None:
+        folder = trained.checkpoint.parent
+        if (folder / "splits.csv").is_file():  # a run folder that lost its config.yaml
+            raise MeniscusError(
+                f"{folder} has no config.yaml, so it is not read as a run folder and its {split} split "
+                "is unknown: restore config.yaml (train wrote it), or pass --data DIR --split all"
+            )
         raise MeniscusError(
             f"{trained.checkpoint} is not in a run folder, so its {split} split is unknown: evaluate the run "
             "folder (its splits.csv lists the split of every image), or pass --data DIR --split all"

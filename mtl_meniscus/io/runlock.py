@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.io.outputs import check_output_dir
+from mtl_meniscus.io.outputs import check_output_dir, process_alive
 
 try:
     import fcntl
@@ -85,6 +85,19 @@ class RunLock:
         self._handle = None
         if self._created_folder and not any(self.folder.iterdir()):
             self.folder.rmdir()  # made by this lock and left empty: a refused run leaves nothing
+
+
+def lock_holder(folder: str | Path) -> int | None:
+    """The pid of another live process that holds `folder`'s lock (a training writing the run),
+    else None. Read from the lock file, which holds its holder's pid and is deleted when the lock
+    is released; after a kill -9 it stays, with a pid no longer alive."""
+    try:
+        pid = (Path(folder) / LOCK_FILE).read_text().strip()
+    except OSError:
+        return None
+    if not pid.isdigit() or int(pid) == os.getpid() or not process_alive(int(pid)):
+        return None
+    return int(pid)
 
 
 @contextlib.contextmanager

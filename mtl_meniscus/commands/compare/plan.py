@@ -11,6 +11,7 @@ from typing import Any
 from mtl_meniscus.commands.compare.settings import REGULARIZATION_KEYS, CompareConfig
 from mtl_meniscus.config import (
     OWN_TRUNKS,
+    SAVED_RUN_DEFAULTS,
     Config,
     dotted_keys,
     load_config,
@@ -263,9 +264,19 @@ def variant_status(run_dir: Path, config: Config) -> str:
         # (images and labels) before they count: the path alone must not cost its training.
         differences = [d for d in differences if not d.startswith("data.path:")]
     if differences:
+        # a key whose default changed since: "the same options" are not enough to keep the variant
+        defaults = [f"{section}.{key}" for section, key in SAVED_RUN_DEFAULTS]
+        changed = [key for key in defaults if any(d.startswith(f"{key}:") for d in differences)]
+        advice = (
+            f"; {', '.join(changed)}: unless you changed it, its default did since this variant "
+            "trained: set its earlier value in the comparison's config (--config) to keep the variant"
+            if changed
+            else ""
+        )
         raise MeniscusError(
             f"{run_dir} was trained with other settings ({'; '.join(differences[:4])}"
-            f"{'; ...' if len(differences) > 4 else ''}); rerun with the same options or use another --out"
+            f"{'; ...' if len(differences) > 4 else ''}){advice}; rerun with the same options or use "
+            "another --out"
         )
     if (run_dir / RESULT_FILE).is_file():
         return "scored"
