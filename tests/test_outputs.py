@@ -2,6 +2,7 @@
 where a folder is due, a folder where a file is due, a read-only folder, a non-empty folder for
 make-phantom without --overwrite; an atomic write leaves no temporary file behind."""
 
+import json
 import os
 import re
 
@@ -141,6 +142,16 @@ def test_predict_and_export_replace_their_own_outputs_whatever_their_name(run64,
         result = runner.invoke(app, ["export", str(run64), "--out", str(tmp_path / "model")])
         _clean(result)
         assert result.exit_code == 0, result.output
+    # an earlier version's sidecar (2026-11-27: no input_name, no outputs) is export's own too
+    old = {
+        "path": "model.onnx",
+        "fissure_threshold": 0.5,
+        "max_abs_difference": 1e-7,
+        "mtl_meniscus_version": "0.1.0",
+    }
+    (tmp_path / "model.json").write_text(json.dumps(old))
+    result = runner.invoke(app, ["export", str(run64), "--out", str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
     (tmp_path / "model.json").unlink()  # the graph alone is still export's own, by its metadata
     result = runner.invoke(app, ["export", str(run64), "--out", str(tmp_path / "model")])
     _clean(result)

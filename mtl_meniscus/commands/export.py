@@ -396,12 +396,14 @@ def _is_our_graph(onnx, path: Path) -> bool:
 
 
 def _is_sidecar(path: Path) -> bool:
-    """Whether `path` is the .json that export writes beside its graph (ExportReport's fields)."""
+    """Whether `path` is the .json that export writes beside its graph, by the ExportReport fields
+    every version wrote (those of 2026-11-27 had no input_name or outputs)."""
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(report, dict) and {"input_name", "outputs", "fissure_threshold"} <= set(report)
+    fields = {"fissure_threshold", "max_abs_difference", "mtl_meniscus_version"}
+    return isinstance(report, dict) and fields <= set(report)
 
 
 def _unreadable_rows(image: np.ndarray) -> np.ndarray:
