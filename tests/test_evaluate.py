@@ -405,6 +405,15 @@ def test_fitting_last_pt_does_not_replace_the_fit_predict_applies(trained, tmp_p
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "was fitted for best.pt" in result.output and "move" in result.output
     assert {name: (run / name).read_text() for name in saved} == saved
+    if option == "--youden":  # a threshold.json from before fits named their checkpoint: best.pt's
+        record = json.loads(saved["threshold.json"])
+        del record["checkpoint"]
+        (run / "threshold.json").write_text(json.dumps(record))
+        result = CliRunner().invoke(
+            app, ["evaluate", str(run / "last.pt"), option, "--bootstrap", "0", "--out", str(tmp_path / "e")]
+        )
+        assert result.exit_code == 1 and "was fitted for best.pt" in result.output
+        assert json.loads((run / "threshold.json").read_text()) == record
 
 
 def test_a_run_folder_without_its_config_yaml_is_named_so(trained, tmp_path):

@@ -52,10 +52,13 @@ def keep_other_checkpoints_fit(trained: TrainedModel, option: str, *files: str) 
     for name in files:
         path = trained.run_dir / name
         try:
-            fitted_for = json.loads(path.read_text())["checkpoint"]
-        except (OSError, ValueError, KeyError, TypeError):  # none, or broken: nothing worth keeping
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):  # none, or broken: nothing worth keeping
             continue
-        if fitted_for != trained.checkpoint.name:
+        # a file from before fits named their checkpoint applies to the one that reads it, and
+        # predict, export and serve read best.pt (TrainedModel.saved_threshold)
+        fitted_for = record.get("checkpoint", "best.pt") if isinstance(record, dict) else None
+        if fitted_for is not None and fitted_for != trained.checkpoint.name:
             raise MeniscusError(
                 f"{option}: {path} was fitted for {fitted_for}, and predict, export and serve apply it; "
                 f"fitting it for {trained.checkpoint.name} would replace it. Use {fitted_for}, or move "
