@@ -310,6 +310,26 @@ def test_tables_are_not_cut_and_member_prefixes_survive(run64, tmp_path):
     assert "[shared] resumed after epoch 1 (finished)" in result.output
 
 
+def test_resume_refuses_a_config_yaml_edited_since_the_checkpoint(run64, tmp_path):
+    """The epochs after a resume must train what last.pt trained: an edited config.yaml (another
+    learning rate, other layer widths) is refused by key, before any weights are loaded; where
+    the run computes (its worker count, wandb) may change."""
+    run = _copy_run(run64, tmp_path)
+    saved = (run / "config.yaml").read_text()
+    for old, new, named in (
+        ("  lr: 0.001", "  lr: 0.01", "train.lr: 0.001 -> 0.01"),
+        ("- 4\n  - 8", "- 4\n  - 6", "model.widths: [4, 8, 8, 8] -> [4, 6, 8, 8]"),
+    ):
+        assert old in saved, old
+        (run / "config.yaml").write_text(saved.replace(old, new, 1))
+        result = runner.invoke(app, ["train", "--resume", str(run)])
+        assert result.exit_code == 1 and named in result.output, result.output
+        assert "config.yaml was changed since" in result.output and "Traceback" not in result.output
+    (run / "config.yaml").write_text(saved.replace("num_workers: 0", "num_workers: 1"))
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    assert result.exit_code == 0 and "resumed after epoch 1 (finished)" in result.output, result.output
+
+
 @pytest.mark.parametrize(
     "args",
     [

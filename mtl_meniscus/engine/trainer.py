@@ -142,7 +142,7 @@ class MemberTrainer:
 
     # ---- resume ------------------------------------------------------------------------------
     def try_resume(self) -> bool:
-        return self.checkpoints.resume(self.state, self.config.train.seed)
+        return self.checkpoints.resume(self.state, self.config)
 
     # ---- loop --------------------------------------------------------------------------------
     def fit(self, on_epoch_end: EpochCallback | None = None) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtl_meniscus.config import Config
+from mtl_meniscus.config import Config, dotted_keys
 from mtl_meniscus.engine.checkpoint import atomic_torch_save, load_checkpoint, model_payload
 from mtl_meniscus.engine.distributed import SINGLE, Distributed
 from mtl_meniscus.engine.stopping import EarlyStopping
@@ -101,13 +101,14 @@ class MemberCheckpoints:
     def restore_best(self, model: nn.Module) -> None:
         model.load_state_dict(load_checkpoint(self.folder / "best.pt")["state_dict"])
 
-    def resume(self, state: TrainingState, seed: int) -> bool:
+    def resume(self, state: TrainingState, config: Config) -> bool:
         """Load last.pt into `state`, and this process's own random stream (a stream that last.pt
-        does not hold starts anew from `seed`, the rank and the epoch); False when there is no
+        does not hold starts anew from the seed, the rank and the epoch); False when there is no
         last.pt (the member had not started). A best.pt without a last.pt is refused: the member
         had trained, and starting it over would replace its best.pt; except a best.pt of the first
         epoch, written just before that epoch's last.pt (Ctrl-C or a kill between the two): that
-        best.pt is deleted and the member starts over, to the same epoch 1 (same seed)."""
+        best.pt is deleted and the member starts over, to the same epoch 1 (same seed). A last.pt
+        trained with other settings than `config` (the run's config.yaml, edited since) is refused."""
         last, best = self.folder / "last.pt", self.folder / "best.pt"
         if not last.is_file():
             if best.is_file() and _best_epoch(best) != 1:
@@ -124,17 +125,52 @@ class MemberCheckpoints:
                 f"{last}: holds no training state, so the run cannot resume from it "
                 "(a last.pt is written by train after each epoch; best.pt files cannot be resumed)"
             )
+        changed = training_changes(payload.get("config"), config)
+        if changed:  # the epochs to come would train another setting than those before, unsaid
+            raise MeniscusError(
+                f"cannot resume {self.folder}: its config.yaml was changed since {last} was written "
+                f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): restore those values, "
+                f"or train a new run with them (--config {self.folder / 'config.yaml'} and another --out)"
+            )
         saved = payload["training_state"]
         try:
             state.load_state_dict(saved)
             streams = saved.get("torch_rng_by_rank") or [saved["torch_rng"]]
-            self.processes.restore_own_stream(streams, seed, state.epoch)
+            self.processes.restore_own_stream(streams, config.train.seed, state.epoch)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             reason = str(err).splitlines()[0] if str(err) else ""
             raise MeniscusError(
                 f"{last}: damaged training state, cannot resume ({type(err).__name__}: {reason[:300]})"
             ) from None
         return True
+
+
+# Where and how a run computes, not what it learns: a resumed run may change these in its config.yaml
+# (data.path: the data folder moved; its splits.csv then checks that the data is the same).
+RESUMABLE_KEYS = (
+    "data.path",
+    "data.load",
+    "data.max_pixels",
+    "train.device",
+    "train.precision",
+    "train.num_workers",
+    "train.eval_batch_size",
+)
+
+
+def training_changes(saved: Any, config: Config) -> list[str]:
+    """'key: saved -> now' for each setting that differs between a last.pt's config (`saved`, a
+    config dict) and `config`, but for RESUMABLE_KEYS and wandb's. Keys only one side has are
+    skipped: a last.pt of an older version lacks the keys added since (config.yaml gets them at
+    the value the run trained with, saved_run_config)."""
+    if not isinstance(saved, dict):  # a last.pt of a version that did not save it: nothing to check
+        return []
+    before, now = dotted_keys(saved), dotted_keys(config.to_dict())
+    return [
+        f"{key}: {before[key]!r} -> {now[key]!r}"
+        for key in sorted(before.keys() & now.keys())
+        if before[key] != now[key] and key not in RESUMABLE_KEYS and not key.startswith("wandb.")
+    ]
 
 
 def _best_epoch(best: Path) -> int | None:
