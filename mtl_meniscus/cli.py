@@ -161,7 +161,7 @@ def os_error(err: OSError) -> MeniscusError:
     where = f" {err.filename}" if err.filename else ""
     advice = (
         "; free space (or raise the file-size limit) and rerun the command: `train --resume RUN` "
-        "continues a training from its last finished epoch"
+        "continues a training from its last finished epoch, predict its OUT.partial"
         if err.errno in WRITE_FAILED
         else ""
     )
@@ -607,7 +607,7 @@ def predict(
     quiet: QuietOption = False,
 ) -> None:
     """Predict tear, orientation and position for image files or exams; exit code 1 if any input failed."""
-    from mtl_meniscus.commands.predict import run_predict, run_predict_exams
+    from mtl_meniscus.commands.predict import failed_rows, run_predict, run_predict_exams
 
     check_options(tta=tta, threshold=threshold, batch_size=batch_size)
     if slices and not exams:
@@ -628,12 +628,10 @@ def predict(
         masks_dir=masks,
     )
     if exams:
-        rows = run_predict_exams(run, inputs, out, with_slices=slices, **common)
-        failed = any(row["error"] for row in rows)
+        run_predict_exams(run, inputs, out, with_slices=slices, **common)
     else:
-        rows = run_predict(run, inputs, out, strict_size=strict_size, cam_dir=cam, **common)
-        failed = any(row.error for row in rows)
-    if failed:
+        run_predict(run, inputs, out, strict_size=strict_size, cam_dir=cam, **common)
+    if failed_rows(out):  # an interrupted earlier call's too, where this one continued it
         raise typer.Exit(code=1)
 
 

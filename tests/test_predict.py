@@ -156,6 +156,28 @@ def test_an_mrnet_folder_given_to_predict_exams_is_one_exam_per_volume(run64, tm
     assert [Path(row["exam"]).name for row in rows] == sorted(p.name for p in folder.glob("*.npy"))
     assert all(row["p_fissure"] and not row["error"] for row in rows)
 
+    # interrupted after the first exam, the same command continues after it, to the same table
+    import mtl_meniscus.commands.predict as predict
+
+    real_exam_rows, done = predict.exam_rows, []
+
+    def interrupted(*answer):
+        done.append(answer[1])
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        return real_exam_rows(*answer)
+
+    command = ["predict", str(run64), str(folder), "--exams", "--slices", "--out", str(tmp_path / "e.csv")]
+    whole = runner.invoke(app, [*command[:-1], str(tmp_path / "whole.csv")])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(predict, "exam_rows", interrupted)
+        stopped = runner.invoke(app, command)
+        assert stopped.exit_code != 0, (done, stopped.output)
+    assert not (tmp_path / "e.csv").exists()
+    resumed = runner.invoke(app, command)
+    assert whole.exit_code == 0 and resumed.exit_code == 0 and "inputs already done: 1" in resumed.output
+    assert (tmp_path / "e.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+
 
 def test_a_files_answer_does_not_depend_on_the_other_files_or_their_order(tiny_run, tmp_path):
     """With test-time augmentation, every file's copy k is the same draw: listed first or last,
@@ -187,3 +209,100 @@ def test_a_files_answer_with_tta_does_not_depend_on_how_its_pixels_are_stored(ti
     rows = run_predict(tiny_run / "run", sources + copies, tmp_path / "p.csv", tta_copies=5, console=_quiet())
     p = [row.probs["fissure"] for row in rows]
     assert p[:3] == pytest.approx(p[3:], abs=1e-5)
+
+
+def test_an_interrupted_predict_keeps_its_rows_and_the_same_command_continues(
+    run64, data64, tmp_path, monkeypatch
+):
+    """predict writes a chunk of inputs at a time into OUT.partial: a kill loses one chunk at most,
+    and the same command continues after the rows on disk (half a row from a kill during a write
+    cut away), to the very table an uninterrupted call writes. A failed row of the first call
+    still fails the command."""
+    import mtl_meniscus.commands.predict as predict
+
+    monkeypatch.setattr(predict, "CHUNK", 3)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for path in sorted((data64 / "images").glob("*.png"))[:7]:
+        shutil.copy(path, inputs / path.name)
+    (inputs / "0-broken.png").write_bytes(b"not a png")  # first in name order: in the first chunk
+    args = ["--tta", "1", "--batch-size", "2"]
+    whole = runner.invoke(
+        app, ["predict", str(run64), str(inputs), "--out", str(tmp_path / "whole.csv"), *args]
+    )
+    assert whole.exit_code == 1, whole.output  # the broken file
+
+    chunks = []
+    real_rows = predict.SliceAnswers.rows
+
+    def interrupted_rows(self, files, start, on_batch=None):
+        chunks.append(len(files[start : start + predict.CHUNK]))
+        if len(chunks) == 2:
+            raise KeyboardInterrupt
+        return real_rows(self, files, start, on_batch)
+
+    monkeypatch.setattr(predict.SliceAnswers, "rows", interrupted_rows)
+    out = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(run64), str(inputs), "--out", str(out), *args])
+    assert result.exit_code != 0 and not out.exists()
+    assert (
+        "the rows of 3 of 8 inputs are in" in result.output and "the same command continues" in result.output
+    )
+    partial = tmp_path / "p.csv.partial"
+    assert len(partial.read_text().splitlines()) == 1 + 3  # header and the first chunk
+    with partial.open("a") as handle:
+        handle.write("half a row of the chunk being writ")
+
+    monkeypatch.setattr(predict.SliceAnswers, "rows", real_rows)
+    resumed = runner.invoke(app, ["predict", str(run64), str(inputs), "--out", str(out), *args])
+    assert resumed.exit_code == 1, resumed.output  # the broken file's row came from the first call
+    assert "continuing" in resumed.output and "inputs already done: 3" in resumed.output
+    assert out.read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    assert not partial.exists() and not (tmp_path / "p.csv.partial.json").exists()
+    assert chunks == [3, 3]  # no chunk larger than CHUNK
+
+
+def test_an_unfinished_table_of_other_settings_starts_over_and_a_foreign_partial_is_kept(
+    run64, data64, tmp_path, monkeypatch
+):
+    import mtl_meniscus.commands.predict as predict
+
+    monkeypatch.setattr(predict, "CHUNK", 2)
+    images = sorted((data64 / "images").glob("*.png"))[:4]
+    out = tmp_path / "p.csv"
+
+    def stop_after_one_chunk(self, files, start, on_batch=None):
+        monkeypatch.setattr(predict.SliceAnswers, "rows", real_rows)
+        real_rows(self, files, start, on_batch)
+        raise KeyboardInterrupt
+
+    real_rows = predict.SliceAnswers.rows
+    monkeypatch.setattr(predict.SliceAnswers, "rows", stop_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(run64, images, out, tta_copies=0, threshold=0.2, console=_quiet())
+    assert json.loads((tmp_path / "p.csv.partial.json").read_text())["inputs"] == 0  # the chunk never landed
+    assert (
+        _predict(run64, *images, out=tmp_path / "reference.csv", extra=["--threshold", "0.3"]).exit_code == 0
+    )
+    # another threshold than the unfinished table's: started over, none of its rows mixed in
+    result = _predict(run64, *images, out=out, extra=["--threshold", "0.3"])
+    assert result.exit_code == 0 and "of other settings, started over" in result.output, result.output
+    assert out.read_text() == (tmp_path / "reference.csv").read_text()
+
+    (tmp_path / "p.csv.partial").write_text("someone's notes\n")  # not described by a progress file
+    result = _predict(run64, *images, out=out)
+    _clean(result)
+    assert result.exit_code == 1 and "p.csv.partial exists" in result.output, result.output
+    assert (tmp_path / "p.csv.partial").read_text() == "someone's notes\n"
+
+
+def test_a_table_being_written_is_refused_to_a_second_writer(tmp_path):
+    from mtl_meniscus.errors import MeniscusError
+    from mtl_meniscus.io.resumable_table import ResumableTable
+
+    first = ResumableTable(tmp_path / "p.csv", "image\n", {})
+    with pytest.raises(MeniscusError, match="another process is writing this table"):
+        ResumableTable(tmp_path / "p.csv", "image\n", {})
+    first.add("a.png\n", 1, 0)
+    first.finish()
+    assert (tmp_path / "p.csv").read_text() == "image\na.png\n"

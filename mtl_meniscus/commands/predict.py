@@ -7,9 +7,13 @@ other inputs are still predicted. The output location is checked before anything
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -28,7 +32,7 @@ from mtl_meniscus.engine.answers import (
 )
 from mtl_meniscus.engine.horns import exam_answers, horn_answer, label_maps, masks_note, write_answer
 from mtl_meniscus.engine.progress import progress_bar
-from mtl_meniscus.engine.runtime import resolve_runtime
+from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
 from mtl_meniscus.engine.trained import TrainedModel, load_trained, resolve_threshold
 from mtl_meniscus.errors import ImageReadError, MeniscusError
 from mtl_meniscus.io.exams import is_series_file, read_exam
@@ -41,7 +45,8 @@ from mtl_meniscus.io.imageio import (
     max_pixels_limit,
     read_image,
 )
-from mtl_meniscus.io.outputs import atomic_write, check_output_file, check_own_output_dir, first_line, some_of
+from mtl_meniscus.io.outputs import check_output_file, check_own_output_dir, first_line, some_of
+from mtl_meniscus.io.resumable_table import ResumableTable, file_stamp, fingerprint
 from mtl_meniscus.labels import DEFAULT_TASKS
 from mtl_meniscus.networks.cam import unique_names, write_overlays
 
@@ -117,48 +122,110 @@ def run_predict(
     device: str | None = None,
     masks_dir: Path | None = None,
 ) -> list[Prediction]:
-    """Predict every input and write CSV (or JSON lines); returns the rows in input order. With
-    `masks_dir`, each input's predicted mask, horn boxes and overlay as well (_write_masks)."""
+    """Predict every input and write CSV (or JSON lines), with `masks_dir` each input's mask, horn
+    boxes and overlay, with `cam_dir` its saliency overlays. The inputs are read and predicted CHUNK
+    files at a time (the memory of a large folder stays bounded), each chunk's rows on disk before
+    the next is read (io/resumable_table.py: the same command after a kill continues after them).
+    Returns the rows this call predicted."""
     console = console or Console(soft_wrap=True)
     _check_outputs(out, cam_dir, masks_dir)  # before any work: a bad output must not cost the predictions
-    runtime = resolve_runtime(precision, device)
-    trained = load_trained(run_or_checkpoint, runtime)
-    config = trained.config
-    if cam_dir is not None and config.model.exam_pooling is not None:
+    trained, runtime, chosen, tta = _load_for_answers(run_or_checkpoint, threshold, tta_copies, precision, device,
+                                                      masks_dir, console)  # fmt: skip
+    if cam_dir is not None and trained.config.model.exam_pooling is not None:
         raise MeniscusError(
             f"--cam: {trained.checkpoint} is a model of whole exams; saliency maps are for slice models"
         )
-    size = config.data.image_size
-    max_pixels = max_pixels_limit(config.data.max_pixels)
-    chosen = resolve_threshold(trained, threshold)
-    cut = chosen.value
-    tasks = trained.tasks
-    names = trained.outputs
-    tta = trained.tta(tta_copies)
-    _describe_answers(trained, chosen.describe(tta.copies), console)
     files = collect_inputs(inputs)
     if not files:
         raise MeniscusError(
             f"no input images found in {some_of(inputs)} (supported: PNG, TIFF, JPEG, DICOM, NIfTI, .npy)"
         )
-
-    rows, good = _read_inputs(files, size, max_pixels, strict_size, config.data.plane)
-    if good:
-        _predict_rows(trained, good, rows, runtime, tta, cut, seed, batch_size, console)
-        readable = [(i, image) for i, image in good if not rows[i].error]
-        if cam_dir is not None:
-            _write_cams(trained, readable, rows, cam_dir, runtime)
-        if masks_dir is not None:
-            _write_masks(trained, readable, rows, masks_dir, runtime, batch_size, console)
-    columns = csv_columns(tasks, names, masks=masks_dir is not None)
-    _write_table(out, columns, [row.row(tasks, names) for row in rows], as_json)
-    failed = sum(1 for r in rows if r.error)
+    names = [str(path) for path in files]
+    columns = csv_columns(trained.tasks, trained.outputs, masks=masks_dir is not None)
+    answers = SliceAnswers(trained, runtime, tta, chosen.value, seed, batch_size, strict_size)
+    answers.write_files_to(names, cam_dir, masks_dir)
+    settings = table_settings(
+        trained, runtime, names, as_json, tta=tta.copies, threshold=chosen.value, seed=seed,
+        batch_size=batch_size, strict_size=strict_size, cam=cam_dir, masks=masks_dir,
+    )  # fmt: skip
+    rows: list[Prediction] = []
+    table = ResumableTable(out, table_text(columns, [], as_json, header=True), settings)
+    with _interruption_note(table, len(files), console), progress_bar(console) as progress:
+        per_file = tta.copies + 1  # forward passes
+        bar = progress.add_task("predicting", total=len(files) * per_file, completed=table.done * per_file)
+        for start in range(table.done, len(files), CHUNK):
+            chunk = answers.rows(files, start, lambda n: progress.update(bar, advance=n))
+            plain = [row.row(trained.tasks, trained.outputs) for row in chunk]
+            table.add(table_text(columns, plain, as_json), len(chunk), sum(1 for row in chunk if row.error))
+            rows += chunk
+            progress.update(bar, completed=table.done * per_file)  # unreadable files too
+        table.finish()
     console.print(
-        f"predicted {len(rows) - failed} of {len(rows)} images (TTA {tta.copies} copies, "
-        f"fissure threshold {cut:.3f}) -> {out}"
-        + (f"; {failed} failed, see the error column" if failed else "")
+        f"predicted {len(files) - table.failed} of {len(files)} images (TTA {tta.copies} copies, "
+        f"fissure threshold {chosen.value:.3f}) -> {out}"
+        + (f"; {table.failed} failed, see the error column" if table.failed else "")
     )
     return rows
+
+
+def _load_for_answers(run_or_checkpoint, threshold, tta_copies, precision, device, masks_dir, console):
+    """(model, runtime, threshold, TTA) of a predict call, after saying what its answers rest on."""
+    runtime = resolve_runtime(precision, device)
+    trained = load_trained(run_or_checkpoint, runtime)
+    chosen = resolve_threshold(trained, threshold)
+    tta = trained.tta(tta_copies)
+    _describe_answers(trained, chosen.describe(tta.copies), console)
+    if masks_dir is not None:
+        console.print(masks_note(trained, masks_dir), highlight=False, markup=False)
+    return trained, runtime, chosen, tta
+
+
+CHUNK = 256  # inputs read, predicted and written at a time: bounds the memory and the work a kill loses
+
+
+def table_settings(
+    trained: TrainedModel, runtime: Runtime, inputs: list[str], as_json: bool, **options
+) -> dict[str, Any]:
+    """What decides a table's rows: an interrupted table is continued only when all are the same
+    (the model file and its calibration, where it runs, the inputs in order, the options)."""
+    calibration = trained.calibration.temperatures if trained.calibration else None
+    return {
+        "model": str(trained.checkpoint.resolve()),
+        "model_file": file_stamp(trained.checkpoint),
+        "calibration": calibration,
+        "runtime": [str(runtime.device), runtime.precision],
+        "inputs": [len(inputs), fingerprint(inputs)],
+        "json": as_json,
+        **{key: str(value) if isinstance(value, Path) else value for key, value in options.items()},
+    }
+
+
+@contextlib.contextmanager
+def _interruption_note(table: ResumableTable, total: int, console: Console) -> Iterator[None]:
+    """Say what an interrupted table keeps, and how to continue it; release it however it ends."""
+    if table.note:
+        console.print(table.note, highlight=False, markup=False)
+    try:
+        yield
+    except BaseException:
+        if table.done:
+            console.print(
+                f"interrupted: the rows of {table.done} of {total} inputs are in {table.partial}; the same "
+                "command continues after them",
+                highlight=False,
+                markup=False,
+            )
+        raise
+    finally:
+        table.close()
+
+
+def failed_rows(table: Path) -> int:
+    """The rows of a written prediction table (CSV or JSON lines) with an error."""
+    with table.open(newline="", encoding="utf-8") as handle:
+        if first_line(table).startswith("{"):
+            return sum(1 for line in handle if line.strip() and json.loads(line).get("error"))
+        return sum(1 for row in csv.DictReader(handle) if row.get("error"))
 
 
 def _check_outputs(out: Path, cam_dir: Path | None, masks_dir: Path | None) -> None:
@@ -199,58 +266,96 @@ def is_prediction_table(path: Path) -> bool:
     )
 
 
-def _read_inputs(
-    files: list[Path], size: int, max_pixels: int, strict_size: bool, plane: str
-) -> tuple[list[Prediction], list[tuple[int, np.ndarray]]]:
-    """A row per file (with the error of a file that cannot be read) and the (row index, image) of
-    those that can, resized to the model's size unless strict_size."""
-    rows: list[Prediction] = []
-    good: list[tuple[int, np.ndarray]] = []
-    for path in files:
-        name = str(path)
-        try:
-            image, note = read_slice(path, size, max_pixels, plane, VOLUME_HINT, strict_size)
-        except ImageReadError as err:
-            rows.append(Prediction(image=name, error=str(err)))
-            continue
-        except Exception as err:  # whatever else one file does, it fails that file's row only
-            rows.append(Prediction(image=name, error=f"{name}: cannot read ({type(err).__name__}: {err})"))
-            continue
-        rows.append(Prediction(image=name, note=note))
-        good.append((len(rows) - 1, image))
-    return rows, good
+class SliceAnswers:
+    """The rows of a chunk of input files: each readable file's gated prediction, a file that cannot
+    be read its error; and with --cam and --masks (write_files_to) what each readable file adds."""
 
+    def __init__(self, trained: TrainedModel, runtime: Runtime, tta, cut: float, seed: int, batch_size: int,
+                 strict_size: bool):  # fmt: skip
+        self.trained, self.runtime, self.tta, self.cut = trained, runtime, tta, cut
+        self.seed, self.batch_size, self.strict_size = seed, batch_size, strict_size
+        self.cam_dir: Path | None = None
+        self.masks_dir: Path | None = None
+        self.names: dict[str, list[str]] = {}  # per output, every input's file name in it
 
-def _predict_rows(
-    trained, good, rows: list[Prediction], runtime, tta, cut, seed, batch_size, console
-) -> None:
-    """Fill the rows of the readable images with the gated predictions, in chunks of 256 images
-    (they bound the memory of large folders); a non-finite output fails its row only."""
-    with progress_bar(console) as progress:
-        bar = progress.add_task("predicting", total=len(good) * (tta.copies + 1))
-        for start in range(0, len(good), 256):
-            chunk = good[start : start + 256]
-            probs = trained.predict(
-                [image for _, image in chunk],
-                runtime,
-                tta=tta,
-                seed=seed,
-                batch_size=batch_size,
-                same_draws=True,  # a file's answer does not depend on the other files
-                on_batch=lambda n: progress.update(bar, advance=n),
+    def write_files_to(self, inputs: list[str], cam_dir: Path | None, masks_dir: Path | None) -> None:
+        """Write overlays into cam_dir and masks into masks_dir (None: not), named after the files
+        (`inputs`, every one of the call), or after their whole paths where file names repeat."""
+        self.cam_dir, self.masks_dir = cam_dir, masks_dir
+        self.names = {
+            "cam": unique_names(inputs, lambda p: Path(p).name.replace(".", "_")) if cam_dir else [],
+            "masks": unique_names(inputs, input_stem) if masks_dir else [],
+        }
+
+    def rows(self, files: list[Path], start: int, on_batch=None) -> list[Prediction]:
+        """A row per file of files[start : start + CHUNK], predicted (a non-finite output fails its
+        row only), with its overlays and mask written."""
+        data = self.trained.config.data
+        rows: list[Prediction] = []
+        images: dict[int, np.ndarray] = {}  # the readable ones, by row
+        for path in files[start : start + CHUNK]:
+            name = str(path)
+            try:
+                image, note = read_slice(
+                    path, data.image_size, max_pixels_limit(data.max_pixels), data.plane, VOLUME_HINT,
+                    self.strict_size,
+                )  # fmt: skip
+            except ImageReadError as err:
+                rows.append(Prediction(image=name, error=str(err)))
+                continue
+            except Exception as err:  # whatever else one file does, it fails that file's row only
+                rows.append(
+                    Prediction(image=name, error=f"{name}: cannot read ({type(err).__name__}: {err})")
+                )
+                continue
+            images[len(rows)] = image
+            rows.append(Prediction(image=name, note=note))
+        if images:
+            probs = self.trained.predict(
+                list(images.values()),
+                self.runtime,
+                tta=self.tta,
+                seed=self.seed,
+                batch_size=self.batch_size,
+                same_draws=True,  # a file's answer does not depend on the other files, nor on its chunk
+                on_batch=on_batch,
             )
-            for k, (row_index, _) in enumerate(chunk):
-                row = rows[row_index]
-                rows[row_index] = gated_row(probs, k, trained, cut, row.image, row.note)
+            for k, i in enumerate(images):
+                rows[i] = gated_row(probs, k, self.trained, self.cut, rows[i].image, rows[i].note)
+        images = {i: image for i, image in images.items() if not rows[i].error}
+        if self.cam_dir is not None:
+            for i, image in images.items():
+                cams = self.trained.saliency(image, self.runtime)
+                write_overlays(self.cam_dir, self.names["cam"][start + i], image, cams)
+        if self.masks_dir is not None:
+            self.write_masks(rows, images, self.masks_dir, self.names["masks"][start:])
+        return rows
 
-
-def _write_cams(trained: TrainedModel, good, rows: list[Prediction], cam_dir: Path, runtime) -> None:
-    """Overlays named after each input's file name; inputs sharing a file name get their whole path
-    in the name instead, so that no overlay overwrites another."""
-    names = unique_names([rows[i].image for i, _ in good], lambda p: Path(p).name.replace(".", "_"))
-    for (_, image), name in zip(good, names):
-        cams = trained.saliency(image, runtime)
-        write_overlays(cam_dir, name, image, cams)
+    def write_masks(
+        self, rows: list[Prediction], images: dict[int, np.ndarray], masks_dir: Path, names: list[str]
+    ) -> None:
+        """--masks: for each readable file (`images`, by row), DIR/<name>.png (the predicted label map
+        at the file's size and in its own geometry; none without a decoder) and DIR/overlays/<name>.png,
+        and the row's mask cells; <name> is names[its row]. The file is read again for its own size and
+        geometry."""
+        data = self.trained.config.data
+        maps = label_maps(self.trained, list(images.values()), self.runtime, self.batch_size)
+        for i, label_map in zip(images, maps):
+            geometry: list = []
+            try:
+                image = read_image(
+                    rows[i].image, max_pixels=max_pixels_limit(data.max_pixels), plane=data.plane,
+                    geometry=geometry,
+                )  # fmt: skip
+            except ImageReadError as err:  # the file changed since it was predicted
+                rows[i].note = "; ".join(filter(None, [rows[i].note, f"no mask: {err}"]))
+                continue
+            answer = horn_answer(image, geometry[0], label_map)
+            written = write_answer(
+                answer, masks_dir / f"{names[i]}.png", masks_dir / "overlays" / f"{names[i]}.png"
+            )
+            rows[i].masks = answer.cells(written)
+            rows[i].note = "; ".join(filter(None, [rows[i].note, answer.note]))
 
 
 def input_stem(path: str) -> str:
@@ -260,47 +365,17 @@ def input_stem(path: str) -> str:
     return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
 
 
-def _write_masks(
-    trained: TrainedModel, good, rows: list[Prediction], masks_dir: Path, runtime, batch_size, console
-) -> None:
-    """--masks: for each readable input, DIR/<name>.png (the predicted label map at the input's size
-    and in its own geometry; none without a decoder) and DIR/overlays/<name>.png, and the row's mask
-    cells. <name> is the file's name without its suffix; inputs that share it are named after their
-    whole path (as --cam's overlays). The file is read again for its own size and geometry."""
-    console.print(masks_note(trained, masks_dir), highlight=False, markup=False)
-    names = unique_names([rows[i].image for i, _ in good], input_stem)
-    data = trained.config.data
-    for start in range(0, len(good), 256):  # chunks bound the memory, as in _predict_rows
-        chunk = good[start : start + 256]
-        maps = label_maps(trained, [image for _, image in chunk], runtime, batch_size)
-        for (i, _), name, label_map in zip(chunk, names[start : start + 256], maps):
-            geometry: list = []
-            try:
-                image = read_image(
-                    rows[i].image,
-                    max_pixels=max_pixels_limit(data.max_pixels),
-                    plane=data.plane,
-                    geometry=geometry,
-                )
-            except ImageReadError as err:  # the file changed since it was predicted
-                rows[i].note = "; ".join(filter(None, [rows[i].note, f"no mask: {err}"]))
-                continue
-            answer = horn_answer(image, geometry[0], label_map)
-            written = write_answer(answer, masks_dir / f"{name}.png", masks_dir / "overlays" / f"{name}.png")
-            rows[i].masks = answer.cells(written)
-            rows[i].note = "; ".join(filter(None, [rows[i].note, answer.note]))
-
-
-def _write_table(out: Path, columns: list[str], rows: list[dict], as_json: bool) -> None:
-    """The rows as CSV with these columns, or as JSON lines with empty cells as null."""
-    with atomic_write(out) as tmp, tmp.open("w", newline="") as handle:
-        if as_json:
-            for row in rows:
-                handle.write(json.dumps(json_row(row, columns)) + "\n")
-        else:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(csv_row(row) for row in rows)
+def table_text(columns: list[str], rows: list[dict], as_json: bool, header: bool = False) -> str:
+    """Rows as CSV lines with these columns (the header first with `header`), or as JSON lines with
+    empty cells as null (JSON lines have no header)."""
+    if as_json:
+        return "".join(json.dumps(json_row(row, columns)) + "\n" for row in rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    if header:
+        writer.writeheader()
+    writer.writerows(csv_row(row) for row in rows)
+    return text.getvalue()
 
 
 # ---- whole exams --------------------------------------------------------------------------------
@@ -328,37 +403,40 @@ def run_predict_exams(
     orientation and position, gated as for a slice; an exam model gives the exam its own output
     (TrainedModel.predict_exam). `with_slices` adds a row per slice. A bad exam gets an error row;
     the others are predicted. With `masks_dir`, each slice's mask and overlay as well
-    (_exam_rows_with_masks). Returns the rows as written.
+    (_exam_rows_with_masks). Returns the rows this call predicted; each exam's rows are on disk
+    (out.partial) before the next exam is read, and the same command continues after a kill.
     """
     console = console or Console(soft_wrap=True)
     _check_outputs(out, None, masks_dir)
     exams = collect_exams(exams)
-    runtime = resolve_runtime(precision, device)
-    trained = load_trained(run_or_checkpoint, runtime)
-    tasks, names = trained.tasks, trained.outputs
-    chosen = resolve_threshold(trained, threshold)
-    tta = trained.tta(tta_copies)
-    _describe_answers(trained, chosen.describe(tta.copies), console)
-    columns = exam_columns(tasks, names, masks=masks_dir is not None)
-    if masks_dir is not None:
-        console.print(masks_note(trained, masks_dir), highlight=False, markup=False)
-    folders = unique_names([str(path) for path in exams], input_stem)
+    trained, runtime, chosen, tta = _load_for_answers(run_or_checkpoint, threshold, tta_copies, precision, device,
+                                                      masks_dir, console)  # fmt: skip
+    columns = exam_columns(trained.tasks, trained.outputs, masks=masks_dir is not None)
+    names = [str(path) for path in exams]
+    folders = unique_names(names, input_stem)
+    settings = table_settings(
+        trained, runtime, names, as_json, tta=tta.copies, threshold=chosen.value, seed=seed,
+        batch_size=batch_size, slices=with_slices, masks=masks_dir,
+    )  # fmt: skip
     rows: list[dict] = []
-    for k, path in enumerate(exams):
-        answer = (trained, path, runtime, tta, chosen.value, seed, batch_size, with_slices)
-        if masks_dir is None:
-            rows += exam_rows(*answer)
-        else:
-            rows += _exam_rows_with_masks(
-                *answer, masks_dir / folders[k], masks_dir / "overlays" / folders[k]
-            )
-    rows = [{column: row.get(column, "") for column in columns} for row in rows]
-    _write_table(out, columns, rows, as_json)
-    failed = sum(1 for row in rows if row["error"])
+    table = ResumableTable(out, table_text(columns, [], as_json, header=True), settings)
+    with _interruption_note(table, len(exams), console):
+        for k in range(table.done, len(exams)):
+            answer = (trained, exams[k], runtime, tta, chosen.value, seed, batch_size, with_slices)
+            if masks_dir is None:
+                exam = exam_rows(*answer)
+            else:
+                exam = _exam_rows_with_masks(
+                    *answer, masks_dir / folders[k], masks_dir / "overlays" / folders[k]
+                )
+            exam = [{column: row.get(column, "") for column in columns} for row in exam]
+            table.add(table_text(columns, exam, as_json), 1, 1 if exam[0]["error"] else 0)
+            rows += exam
+        table.finish()
     console.print(
-        f"predicted {len(exams) - failed} of {len(exams)} exams (TTA {tta.copies} copies, fissure threshold "
-        f"{chosen.value:.3f}; exam = {trained.exam_rule}) -> {out}"
-        + (f"; {failed} failed, see the error column" if failed else "")
+        f"predicted {len(exams) - table.failed} of {len(exams)} exams (TTA {tta.copies} copies, fissure "
+        f"threshold {chosen.value:.3f}; exam = {trained.exam_rule}) -> {out}"
+        + (f"; {table.failed} failed, see the error column" if table.failed else "")
     )
     return rows
 
