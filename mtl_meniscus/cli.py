@@ -37,8 +37,13 @@ console = Console(soft_wrap=True, markup=False)
 WIDE = 1000  # columns when not on a terminal: tables in a log file or a pipe are never cut
 
 
-# --mode: the registered models (networks/models.py, MODELS); reading them imports torch
-Mode = Enum("Mode", {name: name for name in MODELS.names()}, type=str)
+# --mode: the registered models (networks/models.py, MODELS, and $MTL_MENISCUS_PLUGINS' models);
+# reading them imports torch
+try:
+    Mode = Enum("Mode", {name: name for name in MODELS.names()}, type=str)
+except MeniscusError as plugin_error:  # a plug-in module that cannot be imported: said, no traceback
+    console.print(f"error: {plugin_error}", highlight=False)
+    raise SystemExit(1) from None
 
 
 # Fixed choices as Enums: shown in --help, and a bad value is typer's usage error (exit 2).

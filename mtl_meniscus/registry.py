@@ -8,14 +8,42 @@
 Adding a plug-in is one definition and its decorator; the config check, the CLI help and the docs
 read the names from the registry. A name can carry facts the engine needs (e.g. per_task: whether
 the model is one network per task, trained one after the other as the reference's cascade).
+
+Plug-ins outside the package live in modules of their own, named in $MTL_MENISCUS_PLUGINS (comma-
+separated, importable: installed or on PYTHONPATH): the first look-up of any registry imports them,
+in every process (the CLI, compare's and tune's workers, torchrun's ranks), so their registrations
+are there before a name is read.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Callable
 from typing import Any
 
-from mtl_meniscus.errors import ConfigError
+from mtl_meniscus.errors import ConfigError, MeniscusError
+
+PLUGINS_VARIABLE = "MTL_MENISCUS_PLUGINS"
+_plugins_imported = False
+
+
+def import_plugins() -> None:
+    """Import the modules named in $MTL_MENISCUS_PLUGINS, once per process (a MeniscusError naming
+    the module when one cannot be imported)."""
+    global _plugins_imported
+    if _plugins_imported:
+        return
+    _plugins_imported = True  # first: a plug-in module that reads a registry must not come back here
+    for name in filter(None, (part.strip() for part in os.environ.get(PLUGINS_VARIABLE, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # whatever the module raises, it is the plug-in's failure, named
+            _plugins_imported = False  # the next command in this process tries again
+            raise MeniscusError(
+                f"${PLUGINS_VARIABLE}: cannot import the plug-in module {name!r} ({type(err).__name__}: "
+                f"{err}); is it installed, or on PYTHONPATH?"
+            ) from None
 
 
 class Registry:
@@ -24,21 +52,27 @@ class Registry:
     def __init__(self, kind: str, key: str):
         self.kind = kind  # 'model', 'task weighting': for messages
         self.key = key  # the config key that names an entry, e.g. 'model.name'
-        self._entries: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
+        self._own: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
+
+    @property
+    def _entries(self) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
+        """The registrations, after the plug-in modules' (import_plugins)."""
+        import_plugins()
+        return self._own
 
     def register(self, name: str, **facts: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register the decorated class or function under `name` (unique)."""
 
         def add(plugin: Callable[..., Any]) -> Callable[..., Any]:
-            if name in self._entries:
+            if name in self._own:  # not _entries: registering imports no plug-in
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = (plugin, facts)
+            self._own[name] = (plugin, facts)
             return plugin
 
         return add
 
     def unregister(self, name: str) -> None:
-        self._entries.pop(name, None)
+        self._own.pop(name, None)
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)

@@ -1,6 +1,7 @@
 """Plug-ins: a model or a task weighting is one registration, seen by the config check, the
 training engine, the checkpoint loader and the CLI help, with no other module edited."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from mtl_meniscus.config import ModelConfig, load_config
 from mtl_meniscus.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from mtl_meniscus.engine.run import train_run
-from mtl_meniscus.errors import ConfigError
+from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.networks.losses import WEIGHTINGS, TaskWeighting
 from mtl_meniscus.networks.models import MODELS, build_model
 from mtl_meniscus.phantom.slices import write_phantom
@@ -114,3 +115,115 @@ def test_the_docs_table_of_plugins_is_the_registries():
         text=True,
     )
     assert checked.returncode == 0, checked.stderr
+
+
+def test_a_per_task_plugin_trains_its_own_networks_and_is_evaluated(tmp_path, data64):
+    """A model registered with per_task=True builds one network at a time, builder(config, network):
+    the engine trains each network it built (not the package's cascade networks), assembles them,
+    and evaluate and predict rebuild the same; saliency maps, which know this package's layers
+    only, are skipped by evaluate and refused up front by predict --cam."""
+    built = []
+
+    def mean_pool_network(config, network):
+        built.append(network)
+        return MeanPool((network,))
+
+    MODELS.register("mean-pool-cascade", per_task=True)(mean_pool_network)
+    try:
+        config = load_config(
+            TINY, {"data.path": str(data64), "model.name": "mean-pool-cascade", "train.max_epochs": 1}
+        )
+        train_run(config, tmp_path / "run", console=Console(quiet=True))
+        assert built[-3:] == ["fissure", "orientation", "position"]
+        model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "best.pt"))
+        assert all(isinstance(net, MeanPool) for net in model.networks.values())
+        from mtl_meniscus.cli import app
+
+        runner = CliRunner()
+        evaluated = runner.invoke(
+            app, ["evaluate", str(tmp_path / "run"), "--threshold", "0", "--bootstrap", "10", "--tta", "0"]
+        )
+        assert evaluated.exit_code == 0, evaluated.output  # every image a detected tear: saliency skipped
+        figures = tmp_path / "run" / "eval-test"
+        assert (figures / "errors.png").is_file() and not (figures / "saliency.png").exists()
+        image = next((data64 / "images").glob("*.png"))
+        cams = tmp_path / "cams"
+        refused = runner.invoke(
+            app,
+            [
+                "predict",
+                str(tmp_path / "run"),
+                str(image),
+                "--out",
+                str(tmp_path / "p.csv"),
+                "--cam",
+                str(cams),
+            ],
+        )
+        assert refused.exit_code == 1 and "is a plug-in" in refused.output, refused.output
+        assert not (tmp_path / "p.csv").exists() and not any(cams.glob("*.png"))
+    finally:
+        MODELS.unregister("mean-pool-cascade")
+    # a checkpoint of a model not registered in this process names what registers it
+    with pytest.raises(
+        MeniscusError, match=r"'mean-pool-cascade' is not registered here .*MTL_MENISCUS_PLUGINS"
+    ):
+        model_from_checkpoint(load_checkpoint(tmp_path / "run" / "best.pt"), tmp_path / "run" / "best.pt")
+
+
+class Scalar(nn.Module):
+    def forward(self, x):  # one logit per image, no dict
+        return x.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    "builder, facts, named",
+    [
+        (lambda config: Scalar(), {"per_task": False}, "it returned a Tensor of shape (2,)"),
+        (lambda config: MeanPool(("fissure", "orientation")), {"per_task": False}, "'orientation': (2,)}"),
+        (lambda config: MeanPool(config.tasks)[0], {"per_task": False}, "its builder failed (TypeError"),
+        (lambda config: lambda x: x, {"per_task": False}, "returned a function, not a torch nn.Module"),
+        (lambda: MeanPool(()), {"per_task": False}, "its builder failed (TypeError"),
+        (lambda config: MeanPool(config.tasks), {}, "registered without per_task"),
+    ],
+)
+def test_a_plugin_that_breaks_the_output_contract_is_named_before_any_work(tmp_path, builder, facts, named):
+    """A plug-in model is built once and run on a zero batch before anything is read: a wrong output
+    (or a missing task, which would train silently on two tasks) is named, never a traceback."""
+    MODELS.register("broken", **facts)(builder)
+    try:
+        config = load_config(TINY, {"model.name": "broken"})
+        with pytest.raises(MeniscusError) as err:
+            train_run(config, tmp_path / "run", console=Console(quiet=True))
+        assert named in str(err.value) and "'broken'" in str(err.value), str(err.value)
+        assert not (tmp_path / "run").exists()
+    finally:
+        MODELS.unregister("broken")
+
+
+def test_plugin_modules_named_in_the_environment_register_for_the_cli(tmp_path):
+    (tmp_path / "knee_plugins.py").write_text(
+        "from torch import nn\n"
+        "from mtl_meniscus.networks.models import MODELS\n\n\n"
+        "@MODELS.register('outside-model', per_task=False)\n"
+        "def build(config):\n"
+        '    """A model from a module outside the package."""\n'
+        "    return nn.Identity()\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path),
+        "MTL_MENISCUS_PLUGINS": "knee_plugins",
+        "COLUMNS": "300",
+    }
+    shown = subprocess.run(
+        [sys.executable, str(root / "cli.py"), "train", "--help"], capture_output=True, text=True, env=env
+    )
+    assert shown.returncode == 0 and "<shared|separate|outside-model>" in shown.stdout, shown.stdout
+    env["MTL_MENISCUS_PLUGINS"] = "knee_plugins, no_such_module"
+    failed = subprocess.run(
+        [sys.executable, str(root / "cli.py"), "--help"], capture_output=True, text=True, env=env
+    )
+    assert failed.returncode == 1 and "Traceback" not in failed.stdout + failed.stderr
+    assert "$MTL_MENISCUS_PLUGINS: cannot import the plug-in module 'no_such_module'" in failed.stdout

@@ -24,7 +24,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from mtl_meniscus.commands import tune as tune_module
-from mtl_meniscus.commands.tune import SEARCH_SPACE, run_tune
+from mtl_meniscus.commands.tune import SEARCH_SPACE, Param, run_tune
 from mtl_meniscus.config import load_config
 from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.engine.trainer import TrainingDivergedError
@@ -301,6 +301,23 @@ def test_a_rerun_with_another_fixed_setting_is_refused(tiny, study_dir, tmp_path
     with pytest.raises(ConfigError, match="holds trials of other settings") as refused:
         run_tune(out, tiny, **options)
     assert f"({named})" in str(refused.value)
+    assert study_files(out) == before
+
+
+def test_a_search_whose_categorical_choices_changed_is_refused_before_a_trial(
+    tiny, study_dir, tmp_path, phantom
+):
+    """train.weighting's choices are the registered weightings: a plug-in registered since the study
+    began changes them, which Optuna refuses only inside a started trial. Refused by key up front."""
+    out = tmp_path / study_dir.name
+    shutil.copytree(study_dir, out)
+    before = study_files(out)
+    grown = tuple(
+        Param(p.key, choices=(*p.choices, "half")) if p.key == "train.weighting" else p for p in SEARCH_SPACE
+    )
+    with pytest.raises(ConfigError, match="its trials searched train.weighting over fixed, uncertainty, this "
+                       "search over fixed, uncertainty, half"):  # fmt: skip
+        run_tune(out, tiny, mode="shared", data_dir=phantom, n_trials=1, space=grown)
     assert study_files(out) == before
 
 

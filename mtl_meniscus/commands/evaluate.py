@@ -371,10 +371,8 @@ def run_evaluation(
     runtime = resolve_runtime(precision, device)
     # --calibrate fits the calibration anew: a stale or broken calibration.json must not stop it
     trained = load_trained(run_or_checkpoint, runtime, calibration=not calibrate)
-    if cam_dir is not None and trained.config.model.exam_pooling is not None:
-        raise MeniscusError(
-            f"--cam: {trained.checkpoint} is a model of whole exams; saliency maps are for slice models"
-        )
+    if cam_dir is not None and trained.saliency_refusal:  # before any work
+        raise MeniscusError(f"--cam: {trained.saliency_refusal}")
     tta, seed = trained.tta(tta_copies), _own_seed(trained, seed)
     if calibrate:
         calibrate_run(trained, runtime, console)
@@ -641,6 +639,8 @@ def write_galleries(trained: TrainedModel, scored: Scored, runtime: Runtime, out
     written = [out_dir / "errors.png", out_dir / "saliency.png"]
     title = f"{root}: false positives and negatives first ({len(false_pos)} FP, {len(false_neg)} FN), threshold {scored.threshold:.2f}"
     gallery_figure(errors[:GALLERY_SIZE], title, written[0])
+    if trained.saliency_refusal:  # a plug-in model: the figure of errors only
+        return written[:1]
     detected = [item(k, "TP", saliency=True) for k in true_pos[:GALLERY_SIZE]]
     gallery_figure(detected, f"{root} saliency (LayerCAM) on detected tears; green: tear mask", written[1])
     return [path for path in written if path.is_file()]

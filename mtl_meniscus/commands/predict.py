@@ -131,10 +131,8 @@ def run_predict(
     _check_outputs(out, cam_dir, masks_dir)  # before any work: a bad output must not cost the predictions
     trained, runtime, chosen, tta = _load_for_answers(run_or_checkpoint, threshold, tta_copies, precision, device,
                                                       masks_dir, console)  # fmt: skip
-    if cam_dir is not None and trained.config.model.exam_pooling is not None:
-        raise MeniscusError(
-            f"--cam: {trained.checkpoint} is a model of whole exams; saliency maps are for slice models"
-        )
+    if cam_dir is not None and trained.saliency_refusal:  # before any work
+        raise MeniscusError(f"--cam: {trained.saliency_refusal}")
     files = collect_inputs(inputs)
     if not files:
         raise MeniscusError(

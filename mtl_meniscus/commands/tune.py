@@ -141,6 +141,22 @@ def suggest(trial, space: tuple[Param, ...]) -> dict[str, Any]:
     return overrides
 
 
+def search_distribution(optuna, param: Param):
+    """The Optuna distribution that suggest() samples `param` from."""
+    if param.choices:
+        return optuna.distributions.CategoricalDistribution(list(param.choices))
+    return optuna.distributions.FloatDistribution(param.low, param.high, log=param.log)
+
+
+def _distribution_text(distribution) -> str:
+    """An Optuna distribution as Param.describe() writes one."""
+    choices = getattr(distribution, "choices", None)
+    if choices is not None:
+        return ", ".join(str(choice) for choice in choices)
+    log = " (log)" if getattr(distribution, "log", False) else ""
+    return f"{getattr(distribution, 'low', '?'):g} .. {getattr(distribution, 'high', '?'):g}{log}"
+
+
 def objective_value(metrics: dict[str, Any], config: Config) -> float | None:
     """The trial's value: the best validation score (challenge-weighted over the cascade's networks).
 
@@ -597,7 +613,24 @@ class TuneSearch:
                 f"study '{self.study_name}' in {mask_url(self.storage_url)} minimizes; tune maximizes"
             )
         self._check_study_setup(study)
+        self._check_search_space(study)
         return study
+
+    def _check_search_space(self, study) -> None:
+        """The study's trials chose each categorical key among the choices this search has: Optuna
+        refuses other choices (train.weighting's are the registered weightings, so a plug-in
+        registered since changes them) only when a trial samples the key, after it has started."""
+        wanted = {param.key: param for param in self.request.space if param.choices}
+        for trial in study.get_trials(deepcopy=False):
+            for key, used in trial.distributions.items():
+                param = wanted.get(key)
+                if param is not None and used != search_distribution(self.optuna, param):
+                    raise ConfigError(
+                        f"study '{self.study_name}' in {mask_url(self.storage_url)}: its trials searched "
+                        f"{key} over {_distribution_text(used)}, this search over {param.describe()} "
+                        "(a task weighting registered or removed since changes train.weighting's choices): "
+                        "use another --out (or --study-name) for a new study"
+                    )
 
     def _check_study_setup(self, study) -> None:
         """A study holds the trials of one setup, so that their scores compare and best.yaml is a
@@ -716,9 +749,9 @@ class TuneSearch:
                 raise
             # A bug or a library's failure: as a MeniscusError naming the trial, the CLI prints it
             # as a message, not a traceback (with n_jobs > 1 run() re-raises it after the search).
-            failed = MeniscusError(
-                f"trial {trial.number} failed ({reason}); its folder: {self._run_dir(trial.number)}"
-            )
+            folder = self._run_dir(trial.number)
+            where = f"its folder: {folder}" if folder.exists() else "before its run folder was made"
+            failed = MeniscusError(f"trial {trial.number} failed ({reason}); {where}")
             self.errors.append(failed)
             raise failed from err  # the cause stays attached for a debugger
 

@@ -15,7 +15,8 @@ from torch import nn
 from mtl_meniscus.config import OWN_TRUNKS, Config, config_from_dict
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.io.outputs import atomic_write
-from mtl_meniscus.networks.models import build_model
+from mtl_meniscus.networks.models import MODELS, build_model
+from mtl_meniscus.registry import PLUGINS_VARIABLE
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("config", "state_dict")  # what model_from_checkpoint needs
@@ -87,6 +88,12 @@ def model_from_checkpoint(
     missing = [key for key in REQUIRED_KEYS if key not in payload]
     if missing:
         raise MeniscusError(f"{source}: damaged checkpoint: missing {', '.join(missing)}")
+    name = payload.get("model_name")
+    if isinstance(name, str) and name not in MODELS:  # a plug-in's model: its module registers it
+        raise MeniscusError(
+            f"{source}: its model {name!r} is not registered here (registered: {', '.join(MODELS.names())}); "
+            f"a plug-in module registers it: name that module in ${PLUGINS_VARIABLE} (docs/contributing.md)"
+        )
     try:
         config = config_from_dict(
             _ignored_settings_cleared(payload["config"]), source=f"{source} (its config)"

@@ -20,7 +20,7 @@ from mtl_meniscus.engine.stopping import chance_bar
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.evaluation.metrics import monitor_weights
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
-from mtl_meniscus.networks.models import build_model, build_single_task, cascade_networks, trains_per_task
+from mtl_meniscus.networks.models import build_model, build_network, cascade_networks, trains_per_task
 
 JOINT = "shared"  # the member name of a one-network model (its folder is the run folder)
 
@@ -38,7 +38,7 @@ class Member:
 
     def build(self, config: Config) -> nn.Module:
         if trains_per_task(config.model.name):
-            return build_single_task(config.model, self.name)
+            return build_network(config.model, self.name)
         return build_model(config.model)
 
 

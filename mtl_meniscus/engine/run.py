@@ -55,6 +55,7 @@ from mtl_meniscus.networks.losses import WEIGHTINGS
 from mtl_meniscus.networks.models import (
     MODELS,
     SeparateCascade,
+    check_output_contract,
     reset_roi_fallbacks,
     roi_fallback_counts,
     segments,
@@ -565,9 +566,11 @@ def _load_run_config(run_dir: Path) -> Config:
 
 
 def check_registered(config: Config) -> None:
-    """The config's model and task weighting are registered ones (a ConfigError naming the key)."""
+    """The config's model and task weighting are registered ones (a ConfigError naming the key),
+    and a plug-in model keeps the output contract (check_output_contract)."""
     MODELS.check(config.model.name)
     WEIGHTINGS.check(config.train.weighting)
+    check_output_contract(config.model, config.data.image_size)
 
 
 def training_config(

@@ -237,13 +237,8 @@ class TrainedModel:
         """{task: (H, W) saliency map in [0, 1]} of one raw slice."""
         import torch
 
-        from mtl_meniscus.networks.models import takes_exams
-
-        if takes_exams(self.model):
-            raise MeniscusError(
-                f"{self.checkpoint}: saliency maps are for slice models; this one was trained on whole "
-                "exams (model.exam_pooling), and predict --exams names each exam's most suspicious slice"
-            )
+        if self.saliency_refusal:
+            raise MeniscusError(self.saliency_refusal)
 
         from mtl_meniscus.data.preprocess import make_input
         from mtl_meniscus.networks.cam import grad_cam
@@ -257,6 +252,25 @@ class TrainedModel:
         )  # (1, 2, 3)
         # x: (1, C, H, W)
         return {task: grad_cam(self.model, x, task, horns=horns)[0] for task in self.config.model.tasks}
+
+    @property
+    def saliency_refusal(self) -> str:
+        """Why this model has no saliency maps ('' when it has them): a model of whole exams, or a
+        plug-in model, whose feature maps the maps do not know (networks/cam.py cam_layer)."""
+        from mtl_meniscus.networks.cam import knows_layers
+        from mtl_meniscus.networks.models import takes_exams
+
+        if takes_exams(self.model):
+            return (
+                f"{self.checkpoint}: saliency maps are for slice models; this one was trained on whole "
+                "exams (model.exam_pooling), and predict --exams names each exam's most suspicious slice"
+            )
+        if not all(knows_layers(self.model, task) for task in self.config.model.tasks):
+            return (
+                f"{self.checkpoint}: saliency maps know the layers of this package's networks only, and its "
+                f"model {self.config.model.name!r} is a plug-in"
+            )
+        return ""
 
     @cached_property
     def checkpoint_sha256(self) -> str:

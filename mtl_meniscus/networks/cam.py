@@ -27,6 +27,15 @@ def cam_layer(model: nn.Module, task: str) -> nn.Module:
     raise TypeError(f"Grad-CAM does not know the layers of {type(model).__name__}")
 
 
+def knows_layers(model: nn.Module, task: str) -> bool:
+    """Whether cam_layer finds `task`'s feature maps in `model` (this package's networks; not a plug-in's)."""
+    try:
+        cam_layer(model, task)
+    except TypeError:
+        return False
+    return True
+
+
 def grad_cam(
     model: nn.Module, x: torch.Tensor, task: str, method: str = "layercam", horns: torch.Tensor | None = None
 ) -> np.ndarray:

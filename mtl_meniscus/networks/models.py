@@ -725,7 +725,13 @@ MODELS = Registry("model", key="model.name")
 def trains_per_task(name: str) -> bool:
     """True for a model of one network per task (the cascade): the engine trains each on its own
     images (fissure on all, the subtypes on tears); False for one network trained on all tasks."""
-    return MODELS.facts(name)["per_task"]
+    per_task = MODELS.facts(name).get("per_task")
+    if not isinstance(per_task, bool):
+        raise MeniscusError(
+            f"model {name!r} is registered without per_task (MODELS.register({name!r}, per_task=False) for "
+            "one network of all tasks, per_task=True for one network per task, as the cascade)"
+        )
+    return per_task
 
 
 @MODELS.register("shared", per_task=False)
@@ -753,15 +759,87 @@ def cascade_networks(config: ModelConfig) -> tuple[str, ...]:
 
 
 @MODELS.register("separate", per_task=True)
-def build_separate(config: ModelConfig) -> SeparateCascade:
-    """Three independent single-task networks (the reference baseline)."""
-    # with model.segmentation a fourth, the segmentation network of its own (cascade_networks)
-    return SeparateCascade({name: build_single_task(config, name) for name in cascade_networks(config)})
+def build_separate(config: ModelConfig, network: str) -> nn.Module:
+    """Three independent single-task networks (the reference baseline).
+
+    A per_task model's builder builds one of its networks (the engine trains each alone, and
+    build_model assembles them into a SeparateCascade): here build_single_task's."""
+    return build_single_task(config, network)
+
+
+def build_network(config: ModelConfig, network: str) -> nn.Module:
+    """One network of a per_task model (cascade_networks names them), by the model's own builder."""
+    return MODELS.get(config.name)(config, network)
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """Build a model by name (a registered one) from its config."""
+    """Build a model by name (a registered one) from its config; a per_task model's networks
+    (with model.segmentation the segmentation network first) behind the shared contract."""
+    if trains_per_task(config.name):
+        return SeparateCascade({name: build_network(config, name) for name in cascade_networks(config)})
     return MODELS.get(config.name)(config)
+
+
+def check_output_contract(config: ModelConfig, image_size: int) -> None:
+    """A plug-in model (one whose builder is not this package's) keeps the contract every command
+    relies on: its builder returns an nn.Module (a per_task model's, one network at a time), and
+    forward(x) on a batch x (2, in_chans, H, W) returns {task: logits of shape (2,)} for each of its
+    tasks. Checked once on zeros before any work, so that a broken plug-in is named by what it
+    broke, not by a traceback from deep in training (or, for a missing task, not at all). The
+    package's own models are tested instead; exam and ROI models take more inputs than x."""
+    builder = MODELS.get(config.name)
+    own = getattr(builder, "__module__", "").startswith("mtl_meniscus.")
+    if own or config.exam_pooling is not None or config.roi != "none":
+        return
+    per_task = trains_per_task(config.name)
+    what = f"model {config.name!r} (a plug-in: {getattr(builder, '__module__', '?')})"
+    x = torch.zeros(2, config.in_chans, image_size, image_size)
+    with torch.random.fork_rng(devices=[]):  # building draws weights: the caller's stream stays as it was
+        for network in cascade_networks(config) if per_task else (None,):
+            if network == SEGMENTATION:  # a decoder network of no task: trained on masks, no logits
+                continue
+            tasks = (network,) if per_task else tuple(config.tasks)
+            try:
+                model = builder(config, network) if per_task else builder(config)
+            except Exception as err:
+                raise MeniscusError(f"{what}: its builder failed ({type(err).__name__}: {err})") from None
+            if not isinstance(model, nn.Module):
+                raise MeniscusError(
+                    f"{what}: its builder returned a {type(model).__name__}, not a torch nn.Module"
+                )
+            try:
+                with torch.no_grad():
+                    out = model.eval()(x)
+            except Exception as err:
+                raise MeniscusError(
+                    f"{what}: forward(x) failed on a batch of shape {tuple(x.shape)} ({type(err).__name__}: {err})"
+                ) from None
+            if not _keeps_contract(out, tasks, len(x)):
+                raise MeniscusError(
+                    f"{what}: forward(x) must return {{task: logits of shape (B,)}} for the tasks "
+                    f"{', '.join(tasks)}; on a batch of {len(x)} it returned {_shapes(out)}"
+                )
+
+
+def _keeps_contract(out: object, tasks: Sequence[str], batch: int) -> bool:
+    if not isinstance(out, dict) or set(out) != set(tasks):
+        return False
+    return all(
+        torch.is_tensor(v) and v.is_floating_point() and tuple(v.shape) == (batch,) for v in out.values()
+    )
+
+
+def _shapes(out: object) -> str:
+    """What a forward returned, briefly: a dict's keys and shapes, else its type."""
+    if not isinstance(out, dict):
+        return f"a {type(out).__name__}" + (f" of shape {tuple(out.shape)}" if torch.is_tensor(out) else "")
+    return (
+        "{"
+        + ", ".join(
+            f"{k!r}: {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}" for k, v in out.items()
+        )
+        + "}"
+    )
 
 
 def parameter_groups(
