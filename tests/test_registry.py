@@ -227,3 +227,29 @@ def test_plugin_modules_named_in_the_environment_register_for_the_cli(tmp_path):
     )
     assert failed.returncode == 1 and "Traceback" not in failed.stdout + failed.stderr
     assert "$MTL_MENISCUS_PLUGINS: cannot import the plug-in module 'no_such_module'" in failed.stdout
+
+
+class NoWeights(HalfWeighting):
+    def current_weights(self):
+        return None
+
+
+class PerTask(HalfWeighting):
+    def forward(self, losses):  # one loss per task, not their combination
+        return torch.stack(list(losses.values()))
+
+
+@pytest.mark.parametrize(
+    "weighting, named",
+    [(NoWeights, "current_weights() must give a number for each of fissure"), (PerTask, "RuntimeError")],
+)
+def test_a_weighting_plugin_that_breaks_its_contract_is_named_before_any_work(tmp_path, weighting, named):
+    WEIGHTINGS.register("broken")(weighting)
+    try:
+        config = load_config(TINY, {"train.weighting": "broken"})
+        with pytest.raises(MeniscusError) as err:
+            train_run(config, tmp_path / "run", console=Console(quiet=True))
+        assert named in str(err.value) and "task weighting 'broken'" in str(err.value), str(err.value)
+        assert not (tmp_path / "run").exists()
+    finally:
+        WEIGHTINGS.unregister("broken")

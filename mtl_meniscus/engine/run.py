@@ -51,7 +51,7 @@ from mtl_meniscus.evaluation.plots import plot_training_curves
 from mtl_meniscus.io.outputs import atomic_write, json_text, remove_stale_temporaries, write_text_atomic
 from mtl_meniscus.io.runlock import RunLock
 from mtl_meniscus.labels import TaskTable
-from mtl_meniscus.networks.losses import WEIGHTINGS
+from mtl_meniscus.networks.losses import WEIGHTINGS, check_weighting_contract
 from mtl_meniscus.networks.models import (
     MODELS,
     SeparateCascade,
@@ -567,10 +567,11 @@ def _load_run_config(run_dir: Path) -> Config:
 
 def check_registered(config: Config) -> None:
     """The config's model and task weighting are registered ones (a ConfigError naming the key),
-    and a plug-in model keeps the output contract (check_output_contract)."""
+    and plug-ins keep their contracts (check_output_contract, check_weighting_contract)."""
     MODELS.check(config.model.name)
     WEIGHTINGS.check(config.train.weighting)
     check_output_contract(config.model, config.data.image_size)
+    check_weighting_contract(config.train.weighting, config.model.tasks)
 
 
 def training_config(

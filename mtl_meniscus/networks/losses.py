@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
 from mtl_meniscus.registry import Registry
 
@@ -206,6 +207,32 @@ class UncertaintyWeighting(TaskWeighting):
 
     def current_weights(self) -> dict[str, float]:
         return {task: math.exp(-float(p.detach())) for task, p in self.log_vars.items()}
+
+
+def check_weighting_contract(name: str, tasks: Sequence[str]) -> None:
+    """A plug-in weighting (one not defined in this package) keeps the contract the trainer relies
+    on, checked once on losses of 1 before any work: built for `tasks`, it combines them into one
+    finite scalar that backpropagates, and current_weights() gives a number for each task. A broken
+    one is named by what it broke, not by a traceback from the first training step."""
+    weighting = WEIGHTINGS.get(name)
+    if getattr(weighting, "__module__", "").startswith("mtl_meniscus."):
+        return
+    what = f"task weighting {name!r} (a plug-in: {getattr(weighting, '__module__', '?')})"
+    losses = {task: torch.ones((), requires_grad=True) for task in tasks}
+    try:
+        built = build_weighting(name, tasks)
+        loss, applied = built.backward(losses) if isinstance(built, TaskWeighting) else (None, None)
+    except Exception as err:
+        raise MeniscusError(f"{what}: failed on losses of 1 ({type(err).__name__}: {err})") from None
+    if not isinstance(built, TaskWeighting):
+        raise MeniscusError(f"{what}: builds a {type(built).__name__}, not a TaskWeighting")
+    if loss.ndim != 0 or not torch.isfinite(loss):
+        raise MeniscusError(f"{what}: forward(losses) must return one finite number; it returned {loss}")
+    numbers = isinstance(applied, dict) and all(isinstance(applied.get(t), int | float) for t in tasks)
+    if not numbers:
+        raise MeniscusError(
+            f"{what}: current_weights() must give a number for each of {', '.join(tasks)}; it gave {applied!r}"
+        )
 
 
 def build_weighting(
