@@ -3,19 +3,18 @@ weights, the model an evaluation scored, and the per-image table. wandb.init is 
 recorder, so the test sees the calls without a server and without parsing offline files."""
 
 import csv
+import os
 import time
-from pathlib import Path
 
 import pytest
 import wandb
 from rich.console import Console
+from support import TINY, _clean, app, runner
 
 from mtl_meniscus.commands.evaluate import run_evaluation
 from mtl_meniscus.config import load_config
 from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.phantom.slices import write_phantom
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 class RecordedRun:
@@ -146,3 +145,54 @@ def test_wandb_online_that_cannot_start_is_a_message_not_a_traceback(tmp_path, m
         RunLogger(WandbConfig(mode="online"), tmp_path, "run", {})
     with pytest.raises(wandb.errors.UsageError):  # offline failures are not online's to explain
         RunLogger(WandbConfig(mode="offline"), tmp_path, "run", {})
+
+
+@pytest.mark.parametrize(
+    "env,mode",
+    [
+        ("OFFLINE", "offline"),
+        (" Online ", "online"),
+        ("Disabled", "disabled"),
+        ("dryrun", "offline"),
+        ("RUN", "online"),
+    ],
+)
+def test_wandb_mode_from_the_environment_in_any_case(recorded, tmp_path, monkeypatch, env, mode):
+    """wandb's own values of $WANDB_MODE in any case, and its old names; the variable is respelt as
+    wandb wants it, since wandb reads it too and refuses 'OFFLINE'."""
+    from mtl_meniscus.config import WandbConfig
+    from mtl_meniscus.engine.tracking import RunLogger, resolve_wandb_mode
+
+    monkeypatch.setenv("WANDB_MODE", env)
+    assert resolve_wandb_mode(WandbConfig()) == mode
+    assert resolve_wandb_mode(WandbConfig(mode="disabled")) == "disabled"  # the config's mode first
+    logger = RunLogger(WandbConfig(), tmp_path, "run", {})
+    if mode != "disabled":
+        assert recorded[0].init["mode"] == mode
+        assert os.environ["WANDB_MODE"] in ("online", "offline", "disabled")
+    logger.finish()
+
+
+def test_an_upper_case_wandb_mode_starts_a_real_offline_run(tmp_path, monkeypatch):
+    from mtl_meniscus.config import WandbConfig
+    from mtl_meniscus.engine.tracking import RunLogger
+
+    monkeypatch.setenv("WANDB_MODE", "OFFLINE")  # wandb alone stops on it with a ValidationError
+    logger = RunLogger(WandbConfig(), tmp_path, "run", {})
+    assert logger.mode == "offline" and logger.folder.name.startswith("offline-run-")
+    logger.finish()
+
+
+@pytest.mark.parametrize("env", ["bogus", "shared"])  # shared: wandb's, not one we support
+def test_a_bad_wandb_mode_stops_train_and_evaluate_before_any_work(run64, data64, tmp_path, monkeypatch, env):
+    monkeypatch.setenv("WANDB_MODE", env)
+    message = f"$WANDB_MODE: unknown wandb mode '{env}' (allowed, in any case: online, offline, disabled"
+    train = ["train", "--config", str(TINY), "--data", str(data64), "--out", str(tmp_path / "run")]
+    evaluate = ["evaluate", str(run64), "--out", str(tmp_path / "eval")]
+    for args in (train, evaluate, [*evaluate, "--wandb", "offline"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and message in " ".join(result.output.split()), result.output
+        _clean(result)
+    assert not (tmp_path / "run").exists()
+    # evaluate checks first that it can write into --out (a marker file), then wrote nothing
+    assert not {"metrics.json", "predictions.csv"} & {path.name for path in (tmp_path / "eval").iterdir()}

@@ -17,13 +17,14 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mtl_meniscus.config import TTAConfig
+from mtl_meniscus.config import TTAConfig, WandbConfig
 from mtl_meniscus.data.masks import MASK_TEAR
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.horns import label_maps, roi_hit_rates, roi_window, truth_masks
 from mtl_meniscus.engine.inference import segmentation_metrics
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
+from mtl_meniscus.engine.tracking import resolve_wandb_mode
 from mtl_meniscus.engine.trained import TrainedModel, evaluation_data, load_trained
 from mtl_meniscus.engine.validation_fits import calibrate_run, choose_threshold
 from mtl_meniscus.errors import DataError, MeniscusError
@@ -371,6 +372,7 @@ def run_evaluation(
     runtime = resolve_runtime(precision, device)
     # --calibrate fits the calibration anew: a stale or broken calibration.json must not stop it
     trained = load_trained(run_or_checkpoint, runtime, calibration=not calibrate)
+    resolve_wandb_mode(_wandb_config(trained, wandb_mode))  # a bad $WANDB_MODE stops here, before any work
     if cam_dir is not None and trained.saliency_refusal:  # before any work
         raise MeniscusError(f"--cam: {trained.saliency_refusal}")
     tta, seed = trained.tta(tta_copies), _own_seed(trained, seed)
@@ -660,15 +662,11 @@ def _log_to_wandb(
     which model it scored."""
     from mtl_meniscus.engine.tracking import RunLogger
 
-    config = trained.config
-    group = config.wandb.group or (trained.run_dir.name if trained.run_dir else None)
-    wandb_config = config.wandb.model_copy(
-        update={"job_type": "evaluate", "group": group, **({"mode": wandb_mode} if wandb_mode else {})}
-    )
     settings = {
         key: value for key, value in metrics.items() if key not in ("tasks", "cascade") and "score" not in key
     }
-    logger = RunLogger(wandb_config, out_dir, f"eval-{out_dir.parent.name}-{metrics['split']}", settings)
+    name = f"eval-{out_dir.parent.name}-{metrics['split']}"
+    logger = RunLogger(_wandb_config(trained, wandb_mode), out_dir, name, settings)
     try:
         logger.record_model(trained.checkpoint, trained.run_dir)
         logger.summary(summary_values(metrics))
@@ -682,6 +680,16 @@ def _log_to_wandb(
         _log_predictions_table(logger, out_dir, cam_dir)
     finally:
         logger.finish()
+
+
+def _wandb_config(trained: TrainedModel, wandb_mode: str | None) -> WandbConfig:
+    """The run's wandb settings with job type 'evaluate', in its training's group; `wandb_mode`
+    (--wandb) over the run's mode."""
+    config = trained.config
+    group = config.wandb.group or (trained.run_dir.name if trained.run_dir else None)
+    return config.wandb.model_copy(
+        update={"job_type": "evaluate", "group": group, **({"mode": wandb_mode} if wandb_mode else {})}
+    )
 
 
 def summary_values(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from mtl_meniscus.engine.inference import predict_probs, predicted_horn_centres,
 from mtl_meniscus.engine.members import JOINT, Member, check_members, plan_members, tasks_without_labels
 from mtl_meniscus.engine.progress import counted_progress
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
-from mtl_meniscus.engine.tracking import MODEL_ARTIFACT_PREFIX, RunLogger
+from mtl_meniscus.engine.tracking import MODEL_ARTIFACT_PREFIX, RunLogger, resolve_wandb_mode
 from mtl_meniscus.engine.trainer import EpochCallback, MemberTrainer
 from mtl_meniscus.engine.training_state import MemberCheckpoints
 from mtl_meniscus.errors import ConfigError, MeniscusError
@@ -91,6 +91,7 @@ def train_run(
                 "splits.csv then checks that it holds the same data)"
             )
     check_registered(config)  # a misspelt model or weighting stops here, before any work
+    resolve_wandb_mode(config.wandb)  # and so does a bad $WANDB_MODE
     device_type = resolve_runtime(config.train.precision, config.train.device).device.type
     processes = start_processes(device_type)  # one process unless started by torchrun
     try:
@@ -140,6 +141,7 @@ def train_network(run_dir: Path, network: str, console: Console | None = None) -
     console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
     config = _load_run_config(run_dir)
+    resolve_wandb_mode(config.wandb)  # a bad $WANDB_MODE stops here, before any work
     if not trains_per_task(config.model.name):
         raise MeniscusError(f"{run_dir}: only a cascade trains a network alone (this run has one network)")
     lock = RunLock(run_dir / "members" / network, "network folder")

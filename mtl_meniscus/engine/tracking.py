@@ -16,10 +16,39 @@ from mtl_meniscus.errors import MeniscusError
 MODEL_ARTIFACT_PREFIX = "model-"  # + the run folder's name: the artifact train logs best.pt as
 
 
+# $WANDB_MODE's values that we support, in any case; 'dryrun' and 'run' are wandb's old names
+ENV_MODES = {
+    "online": "online",
+    "offline": "offline",
+    "disabled": "disabled",
+    "dryrun": "offline",
+    "run": "online",
+}
+
+
 def resolve_wandb_mode(config: WandbConfig) -> str:
-    """The configured mode, else $WANDB_MODE, else offline ('dryrun' is the old name of offline)."""
-    mode = config.mode or os.environ.get("WANDB_MODE") or "offline"
-    return {"dryrun": "offline", "run": "online"}.get(mode, mode)
+    """The configured mode, else $WANDB_MODE, else offline. A $WANDB_MODE that is not one of
+    ENV_MODES is refused even beside a configured mode: wandb reads it itself and stops on it with
+    a validation error. Commands call this before any work, so that it stops them before they write."""
+    env = os.environ.get("WANDB_MODE", "").strip()
+    if env and env.lower() not in ENV_MODES:
+        raise MeniscusError(
+            f"$WANDB_MODE: unknown wandb mode {env!r} (allowed, in any case: online, offline, disabled, "
+            "and the old names dryrun and run); set one of them, or unset it"
+        )
+    return config.mode or ENV_MODES.get(env.lower(), "offline")
+
+
+def _respell_env_mode() -> None:
+    """$WANDB_MODE as wandb spells it: wandb reads it itself, also beside mode=, and refuses the
+    spellings resolve_wandb_mode accepts ('OFFLINE', ' offline', an empty value). The value means
+    the same after, to this run and every later one."""
+    if "WANDB_MODE" in os.environ:
+        respelt = ENV_MODES.get(os.environ["WANDB_MODE"].strip().lower())
+        if respelt:
+            os.environ["WANDB_MODE"] = respelt
+        else:  # empty: unset, as resolve_wandb_mode read it
+            del os.environ["WANDB_MODE"]
 
 
 class RunLogger:
@@ -32,6 +61,7 @@ class RunLogger:
             return
         import wandb
 
+        _respell_env_mode()
         id_file = run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)

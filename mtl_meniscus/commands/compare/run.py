@@ -40,6 +40,7 @@ from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.run import start_run, train_network, train_run
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
+from mtl_meniscus.engine.tracking import resolve_wandb_mode
 from mtl_meniscus.engine.trained import load_trained
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.evaluation.metrics import (
@@ -271,6 +272,8 @@ def _compare_locked(
     variants = plan_variants(compare)
     data_path = str(Path(data_dir).resolve()) if data_dir else None
     configs = {v: variant_config(compare, v, presets, data_path, wandb_mode, group) for v in variants}
+    for config in configs.values():  # a bad $WANDB_MODE stops here, before any work
+        resolve_wandb_mode(config.wandb)
     data, statuses = _shared_data(compare, variants, configs, out_dir, locks, console)
     reference = configs[variants[0]]
     runtime = resolve_runtime(reference.train.precision, reference.train.device)
