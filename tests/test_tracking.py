@@ -130,6 +130,24 @@ def test_the_scored_model_is_recorded_in_the_offline_run_files(tmp_path):
     assert str(tmp_path / "run" / "best.pt").encode() in recorded and b"model_wandb_id" in recorded
 
 
+def test_only_a_resumed_training_continues_the_wandb_run_of_its_folder(recorded, tmp_path):
+    """evaluate writes into the same folder each time (eval-test/), where wandb_id.txt names the
+    last evaluation's run: a new evaluation is a run of its own, not a rewrite of that one."""
+    from mtl_meniscus.config import WandbConfig
+    from mtl_meniscus.engine.tracking import RunLogger
+
+    config = WandbConfig(mode="offline", group="run", job_type="evaluate")
+    for _ in range(2):  # as evaluate calls it
+        RunLogger(config, tmp_path, "eval-run-test", {}).finish()
+    first, second = (run.init for run in recorded)
+    assert first["id"] != second["id"]
+    RunLogger(config, tmp_path, "run", {}, resume=True).finish()  # as train --resume calls it
+    resumed = recorded[2].init
+    assert resumed["id"] == second["id"]
+    assert (first["resume"], second["resume"], resumed["resume"]) == (None, None, "allow")
+    assert (tmp_path / "wandb_id.txt").read_text() == second["id"]
+
+
 def test_wandb_online_that_cannot_start_is_a_message_not_a_traceback(tmp_path, monkeypatch):
     from mtl_meniscus.config import WandbConfig
     from mtl_meniscus.engine.tracking import RunLogger

@@ -157,7 +157,11 @@ def train_network(run_dir: Path, network: str, console: Console | None = None) -
             segmenter = next(m for m in members if m.name == SEGMENTATION)  # roi predicted implies one
             horns = _finished_segmentation_horns(segmenter, config, data, runtime, console)
         logger = RunLogger(
-            _wandb_config(config, run_dir), member.folder, f"{run_dir.name}-{network}", config.to_dict()
+            _wandb_config(config, run_dir),
+            member.folder,
+            f"{run_dir.name}-{network}",
+            config.to_dict(),
+            resume=True,  # the network's run continues where an earlier call left it
         )
         try:
             logger.define_step_axes([network])
@@ -198,7 +202,7 @@ def _train_locked(
     wandb_config = _wandb_config(config, run_dir)
     if not processes.main:
         wandb_config.mode = "disabled"
-    logger = RunLogger(wandb_config, run_dir, run_dir.name, config.to_dict())
+    logger = RunLogger(wandb_config, run_dir, run_dir.name, config.to_dict(), resume=resume)
     logger.define_step_axes([member.name for member in members])
     if resume and processes.main:  # a cascade's own best.pt.<pid>.tmp: its members clean their folders
         for tmp in remove_stale_temporaries(run_dir):

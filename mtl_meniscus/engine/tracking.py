@@ -52,9 +52,13 @@ def _respell_env_mode() -> None:
 
 
 class RunLogger:
-    """One wandb run writing into `run_dir/wandb` (offline: sync later with `wandb sync`)."""
+    """One wandb run writing into `run_dir/wandb` (offline: sync later with `wandb sync`), its id in
+    `run_dir/wandb_id.txt`. A new run each time, but with resume=True (a resumed training): then
+    the run of the id there, if any, continues."""
 
-    def __init__(self, config: WandbConfig, run_dir: Path, name: str, run_config: dict[str, Any]):
+    def __init__(
+        self, config: WandbConfig, run_dir: Path, name: str, run_config: dict[str, Any], resume: bool = False
+    ):
         self.mode = resolve_wandb_mode(config)
         self.run = None
         if self.mode == "disabled":
@@ -63,7 +67,9 @@ class RunLogger:
 
         _respell_env_mode()
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+        # only a resumed training reads the id back: evaluate writes into the same folder each time,
+        # and an evaluation logged into the last one's run replaced its numbers
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
@@ -71,7 +77,8 @@ class RunLogger:
                 project=config.project,
                 name=name,
                 id=run_id,
-                resume="allow",  # a resumed training run continues the same wandb run
+                # online the server's run continues; offline, a new folder of the same id (see _finish_run)
+                resume="allow" if resume else None,
                 dir=str(run_dir),
                 mode=self.mode,
                 group=config.group,
