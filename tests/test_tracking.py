@@ -28,6 +28,7 @@ class RecordedRun:
 
     def log(self, values, step=None):
         self.logged.append(values)
+        self.summary.update(values)  # as wandb's: a logged value is the summary's until replaced
 
     def log_artifact(self, artifact):
         pass
@@ -69,7 +70,7 @@ def test_train_and_evaluate_runs_in_wandb(recorded, tmp_path):
             "wandb.mode": "offline",
         },
     )
-    train_run(config, tmp_path / "run", console=Console(quiet=True))
+    trained = train_run(config, tmp_path / "run", console=Console(quiet=True))
     train = recorded[0]
     assert train.init["job_type"] == "train"
     for member in ("fissure", "orientation", "position"):  # one x-axis per network of the cascade
@@ -78,6 +79,9 @@ def test_train_and_evaluate_runs_in_wandb(recorded, tmp_path):
     epochs = [v for v in train.logged if "orientation/epoch" in v]
     assert [v["orientation/epoch"] for v in epochs] == [1, 2]
     assert epochs[0]["orientation/weight_orientation"] == 1.0  # the weights each epoch applied
+    for member, best in trained["members"].items():  # the summary: best.pt's epoch, not the last one
+        assert train.summary[f"{member}/val_score"] == best["val_score"]
+        assert train.summary[f"{member}/best_epoch"] == best["best_epoch"]
 
     metrics = run_evaluation(
         tmp_path / "run",

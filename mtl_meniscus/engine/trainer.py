@@ -192,6 +192,8 @@ class MemberTrainer:
             self._report(row, decision.improved)
             if decision.restart:  # before last.pt: a resumed run continues from the new weights
                 self._restart()
+            self.logger.log(self._wandb_row(row))
+            self._summarize_best()
             self.checkpoints.save_last(self.state, self.config)
             if on_epoch_end is not None:
                 on_epoch_end(self.member.name, self.state.epoch)
@@ -382,7 +384,22 @@ class MemberTrainer:
             highlight=False,
             markup=False,
         )
-        self.logger.log({f"{self.member.name}/{k}": v for k, v in row.items() if k != "member"})
+
+    def _wandb_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A history row as wandb logs it: each value under the network's name ("fissure/val_score")."""
+        return {f"{self.member.name}/{key}": value for key, value in row.items() if key != "member"}
+
+    def _summarize_best(self) -> None:
+        """The network's best validation score and its epoch in wandb's summary ("<network>/val_score",
+        "<network>/best_epoch", metrics.json's names under members): the epoch best.pt holds and tune
+        ranks by. wandb's summary otherwise keeps the last epoch's score, and runs sort by it."""
+        best = self.best
+        self.logger.summary(
+            {
+                f"{self.member.name}/val_score": best["val_score"],
+                f"{self.member.name}/best_epoch": best["best_epoch"],
+            }
+        )
 
 
 def did_not_learn_warning(name: str, stopping: EarlyStopping) -> str | None:
