@@ -1,10 +1,14 @@
 """What train and evaluate tell wandb: job types, one step axis per network, per-epoch task
 weights, the model an evaluation scored, and the per-image table. wandb.init is replaced by a
-recorder, so the test sees the calls without a server and without parsing offline files."""
+recorder, so most tests see the calls without a server and without parsing offline files; those
+about what real wandb writes (a resumed training's history) read the offline run's records."""
 
 import csv
+import json
 import os
+import struct
 import time
+from pathlib import Path
 
 import pytest
 import wandb
@@ -18,10 +22,12 @@ from mtl_meniscus.phantom.slices import write_phantom
 
 
 class RecordedRun:
+    starting_step = 0  # the steps a run holds when it starts: online, those of a resumed run
+
     def __init__(self, **init):
         self.init = init
         self.metrics, self.logged, self.config_updates, self.summary = [], [], {}, {}
-        self.dir = init["dir"]
+        self.dir, self.id = init["dir"], init["id"]
 
     def define_metric(self, name, step_metric=None):
         self.metrics.append((name, step_metric))
@@ -152,6 +158,20 @@ def test_only_a_resumed_training_continues_the_wandb_run_of_its_folder(recorded,
     assert (tmp_path / "wandb_id.txt").read_text() == second["id"]
 
 
+def test_a_resumed_online_run_gets_the_restored_steps_the_server_lacks(recorded, tmp_path, monkeypatch):
+    """Online, a resumed run continues on the server after the steps it received before the kill
+    (starting_step): of the restored epochs, only those after them are logged again."""
+    from mtl_meniscus.config import WandbConfig
+    from mtl_meniscus.engine.tracking import RunLogger
+
+    monkeypatch.setattr(RecordedRun, "starting_step", 2)
+    logger = RunLogger(WandbConfig(mode="online"), tmp_path, "run", {}, resume=True)
+    for epoch in (1, 2, 3):
+        logger.log_restored({"shared/epoch": epoch})
+    logger.log({"shared/epoch": 4})
+    assert [values["shared/epoch"] for values in recorded[0].logged] == [3, 4]
+
+
 def test_wandb_online_that_cannot_start_is_a_message_not_a_traceback(tmp_path, monkeypatch):
     from mtl_meniscus.config import WandbConfig
     from mtl_meniscus.engine.tracking import RunLogger
@@ -218,3 +238,91 @@ def test_a_bad_wandb_mode_stops_train_and_evaluate_before_any_work(run64, data64
     assert not (tmp_path / "run").exists()
     # evaluate checks first that it can write into --out (a marker file), then wrote nothing
     assert not {"metrics.json", "predictions.csv"} & {path.name for path in (tmp_path / "eval").iterdir()}
+
+
+def _wandb_records(path: Path) -> list:
+    """The records of an offline run's .wandb file. wandb >= 0.31 has no reader of its own (it
+    dropped wandb.sdk.internal.datastore); the format is LevelDB's log: a 7-byte header, then 32 KiB
+    blocks of chunks, each a 7-byte header (crc, length, type: 1 whole, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, head = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", path
+    records, pos, pending = [], head, b""
+    while pos + head <= len(data):
+        if block - pos % block < head:  # a block's last bytes are padding when no header fits
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + head])
+        chunk, pos = data[pos + head : pos + head + length], pos + head + length
+        if kind == 0:  # the rest of the block is zeros
+            pos += -pos % block
+        elif kind in (1, 2):
+            pending = chunk
+        else:
+            pending += chunk
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+    return records
+
+
+def _offline_run(folder: Path) -> tuple[list[tuple[int, dict]], dict]:
+    """(history as [(step, {key: value})], summary as wandb ends with it) of an offline run folder,
+    waiting for wandb's service to finish writing it (it may still after finish() returned)."""
+    (path,) = folder.glob("run-*.wandb")
+    deadline = time.monotonic() + 60
+    while not any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(path)):
+        assert time.monotonic() < deadline, f"{path}: no exit record after 60 s"
+        time.sleep(0.5)
+
+    def values(items) -> dict:  # "shared/epoch" comes as the nested key ("shared", "epoch")
+        return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+    history, summary = [], {}
+    for record in _wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append((record.history.step.num, values(record.history.item)))
+            summary.update(history[-1][1])  # wandb's summary: the last value logged, unless updated since
+        elif kind == "summary":
+            summary.update(values(record.summary.update))
+    return history, summary
+
+
+def test_a_resumed_training_logs_its_whole_history_into_its_new_offline_run(data64, tmp_path):
+    """Offline, wandb cannot continue a run: a resumed training writes a new folder of the same id
+    (the killed run's folder may lack the last epochs, not yet written when it was killed). The new
+    folder holds every epoch once, the restored ones first, at increasing steps, and the summary
+    holds the best epoch's score; train names the folder to sync."""
+    overrides = {"data.path": str(data64), "train.max_epochs": 3, "train.early_stopping_patience": 10}
+    config = load_config(TINY, overrides | {"wandb.mode": "offline"})
+
+    class Killed(Exception):
+        pass
+
+    def kill(member, epoch):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_run(config, tmp_path / "run", console=Console(quiet=True), on_epoch_end=kill)
+    console = Console(record=True, width=400)
+    metrics = train_run(None, tmp_path / "run", resume=True, console=console)
+    old, new = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    run_id = (tmp_path / "run" / "wandb_id.txt").read_text()
+    assert old.name.endswith(run_id) and new.name.endswith(run_id)
+    history, summary = _offline_run(new)
+    epochs = [(step, values) for step, values in history if "shared/epoch" in values]
+    assert [values["shared/epoch"] for _, values in epochs] == [1, 2, 3]
+    steps = [step for step, _ in history]
+    assert steps == sorted(set(steps))  # each step once, increasing
+    with (tmp_path / "run" / "history.csv").open(newline="") as handle:
+        assert [float(row["val_score"]) for row in csv.DictReader(handle)] == [
+            values["shared/val_score"] for _, values in epochs
+        ]
+    best = metrics["members"]["shared"]  # the summary: the best epoch's score, not the last one's
+    assert summary["shared/val_score"] == best["val_score"]
+    assert summary["shared/best_epoch"] == best["best_epoch"]
+    printed = " ".join(console.export_text().split())
+    assert f"wandb sync {new} alone:" in printed
+    assert f"the older folder of this run id, {old.name}, written before --resume" in printed

@@ -61,6 +61,7 @@ class RunLogger:
     ):
         self.mode = resolve_wandb_mode(config)
         self.run = None
+        self.steps_held = 0  # restored steps the wandb run holds already: log_restored skips them
         if self.mode == "disabled":
             return
         import wandb
@@ -94,6 +95,9 @@ class RunLogger:
                 f"wandb online: the run could not start ({type(err).__name__}: {reason}); check "
                 "WANDB_API_KEY and the network, or log offline (--wandb offline, then wandb sync)"
             ) from None
+        # online, a resumed run continues after the steps the server received before the kill;
+        # offline, wandb cannot continue a run: the new folder starts at step 0 and holds none
+        self.steps_held = self.run.starting_step
 
     @property
     def folder(self) -> Path | None:
@@ -102,6 +106,24 @@ class RunLogger:
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self.run is not None:
             self.run.log(metrics, step=step)
+
+    def log_restored(self, metrics: dict[str, Any]) -> None:
+        """A step of a resumed training logged again, in the order it was first logged, unless the
+        wandb run holds it already (the first `steps_held`), so that the run holds the whole
+        history once, at monotonic steps, before the training continues."""
+        if self.run is None:
+            return
+        if self.steps_held > 0:
+            self.steps_held -= 1
+        else:
+            self.run.log(metrics)
+
+    def older_folders(self) -> list[Path]:
+        """The offline folders of this run's id that earlier starts wrote (a training before its
+        --resume): each holds part of the history this run logs whole."""
+        if self.run is None or self.mode != "offline":
+            return []
+        return sorted(p for p in self.folder.parent.glob(f"offline-run-*-{self.run.id}") if p != self.folder)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:

@@ -144,6 +144,15 @@ class MemberTrainer:
     def try_resume(self) -> bool:
         return self.checkpoints.resume(self.state, self.config)
 
+    def log_restored_history(self) -> None:
+        """The restored epochs in wandb again, before the next one: offline, a resumed training is a
+        new wandb folder, which would else lack them (and the killed run's folder lacks those
+        wandb had not written yet)."""
+        for row in self.state.history:
+            self.logger.log_restored(self._wandb_row(row))
+        if self.state.history:
+            self._summarize_best()
+
     # ---- loop --------------------------------------------------------------------------------
     def fit(self, on_epoch_end: EpochCallback | None = None) -> None:
         """Train epoch after epoch until the stopping rule or the budget ends it; the model then
