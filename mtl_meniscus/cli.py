@@ -17,6 +17,7 @@ from rich.markup import escape
 from mtl_meniscus import __version__
 from mtl_meniscus.config import preset_path
 from mtl_meniscus.engine.progress import counted_progress, set_quiet
+from mtl_meniscus.engine.runtime import keep_freed_memory
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.networks.models import MODELS
 
@@ -34,6 +35,7 @@ app = typer.Typer(
 # markup=False: messages carry user text (paths, names in brackets) that must print as it is;
 # the few styled lines ask for markup themselves.
 console = Console(soft_wrap=True, markup=False)
+keep_freed_memory()  # the process is the CLI's: set before the first large allocation (runtime.py)
 WIDE = 1000  # columns when not on a terminal: tables in a log file or a pipe are never cut
 
 
