@@ -12,6 +12,7 @@ import importlib.resources
 import json
 import math
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -768,6 +769,21 @@ def dotted_keys(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + key] = value
     return out
+
+
+def config_differences(
+    saved: dict[str, Any], wanted: dict[str, Any], ignored: Collection[str] = (), common_only: bool = False
+) -> list[str]:
+    """'key: saved -> wanted' for each dotted key whose values differ, in key order; wandb's settings
+    and the `ignored` keys do not count. With common_only, a key that one side lacks is skipped (a
+    checkpoint of an older version lacks the keys added since)."""
+    before, after = dotted_keys(saved), dotted_keys(wanted)
+    keys = before.keys() & after.keys() if common_only else before.keys() | after.keys()
+    return [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in sorted(keys)
+        if before.get(key) != after.get(key) and key not in ignored and not key.startswith("wandb.")
+    ]
 
 
 def plain(value: Any) -> Any:

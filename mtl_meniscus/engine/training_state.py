@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtl_meniscus.config import Config, dotted_keys
+from mtl_meniscus.config import Config, config_differences
 from mtl_meniscus.engine.checkpoint import atomic_torch_save, load_checkpoint, model_payload
 from mtl_meniscus.engine.distributed import SINGLE, Distributed
 from mtl_meniscus.engine.stopping import EarlyStopping
@@ -125,7 +125,12 @@ class MemberCheckpoints:
                 f"{last}: holds no training state, so the run cannot resume from it "
                 "(a last.pt is written by train after each epoch; best.pt files cannot be resumed)"
             )
-        changed = training_changes(payload.get("config"), config)
+        saved_config = payload.get("config")  # a last.pt of a version that did not save it: unchecked
+        changed = (
+            config_differences(saved_config, config.to_dict(), RESUMABLE_KEYS, common_only=True)
+            if isinstance(saved_config, dict)
+            else []
+        )
         if changed:  # the epochs to come would train another setting than those before, unsaid
             raise MeniscusError(
                 f"cannot resume {self.folder}: its config.yaml was changed since {last} was written "
@@ -146,7 +151,8 @@ class MemberCheckpoints:
 
 
 # Where and how a run computes, not what it learns: a resumed run may change these in its config.yaml
-# (data.path: the data folder moved; its splits.csv then checks that the data is the same).
+# (data.path: the data folder moved; its splits.csv then checks that the data is the same); so may
+# wandb's settings (config_differences skips them), and keys added since last.pt was written.
 RESUMABLE_KEYS = (
     "data.path",
     "data.load",
@@ -156,21 +162,6 @@ RESUMABLE_KEYS = (
     "train.num_workers",
     "train.eval_batch_size",
 )
-
-
-def training_changes(saved: Any, config: Config) -> list[str]:
-    """'key: saved -> now' for each setting that differs between a last.pt's config (`saved`, a
-    config dict) and `config`, but for RESUMABLE_KEYS and wandb's. Keys only one side has are
-    skipped: a last.pt of an older version lacks the keys added since (config.yaml gets them at
-    the value the run trained with, saved_run_config)."""
-    if not isinstance(saved, dict):  # a last.pt of a version that did not save it: nothing to check
-        return []
-    before, now = dotted_keys(saved), dotted_keys(config.to_dict())
-    return [
-        f"{key}: {before[key]!r} -> {now[key]!r}"
-        for key in sorted(before.keys() & now.keys())
-        if before[key] != now[key] and key not in RESUMABLE_KEYS and not key.startswith("wandb.")
-    ]
 
 
 def _best_epoch(best: Path) -> int | None:

@@ -13,7 +13,7 @@ from mtl_meniscus.config import (
     OWN_TRUNKS,
     SAVED_RUN_DEFAULTS,
     Config,
-    dotted_keys,
+    config_differences,
     load_config,
     preset_path,
     saved_run_config,
@@ -240,13 +240,6 @@ def parse_pretrained(values: Sequence[str], trunks: Sequence[str]) -> dict[str, 
                 f"(trunks: {', '.join(trunks)})"
             )
     return out
-
-
-def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ, as 'key: saved -> wanted' (wandb settings do not count)."""
-    a = {k: v for k, v in dotted_keys(saved).items() if not k.startswith("wandb.")}
-    b = {k: v for k, v in dotted_keys(wanted).items() if not k.startswith("wandb.")}
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def variant_status(run_dir: Path, config: Config) -> str:
