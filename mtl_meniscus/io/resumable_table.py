@@ -19,11 +19,7 @@ from typing import Any
 
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.io.outputs import OutputError, write_text_atomic
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no lock is taken
-    fcntl = None
+from mtl_meniscus.io.runlock import lock_now
 
 
 def fingerprint(names: list[str]) -> str:
@@ -88,16 +84,12 @@ class ResumableTable:
             ) from None
 
     def _lock(self) -> None:
-        if fcntl is None:  # pragma: no cover - Windows
-            return
-        try:
-            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not lock_now(self._handle):
             self._handle.close()
             raise MeniscusError(
                 f"{self.partial}: another process is writing this table now; wait for it, or choose "
                 "another --out"
-            ) from None
+            )
 
     def _append(self, text: str) -> None:
         self._handle.write(text.encode("utf-8"))

@@ -52,9 +52,7 @@ class RunLock:
             handle = self.path.open("a+")
         except FileNotFoundError:  # deleted again between the two lines: try again
             return None
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not lock_now(handle):
             handle.seek(0)
             holder = handle.read().strip()
             handle.close()
@@ -62,7 +60,7 @@ class RunLock:
                 f"{self.folder} is in use by another process"
                 + (f" (pid {holder})" if holder.isdigit() else "")
                 + ": wait until it ends, or use another output folder"
-            ) from None
+            )
         try:
             current = os.stat(self.path).st_ino
         except FileNotFoundError:
@@ -85,6 +83,18 @@ class RunLock:
         self._handle = None
         if self._created_folder and not any(self.folder.iterdir()):
             self.folder.rmdir()  # made by this lock and left empty: a refused run leaves nothing
+
+
+def lock_now(handle) -> bool:
+    """Take an exclusive flock on the open file `handle` without waiting: False when another
+    process (or another open of the file) holds it. Always True where fcntl does not exist."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return True
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def lock_holder(folder: str | Path) -> int | None:
