@@ -96,6 +96,12 @@ class Registry:
         paragraph = (self.get(name).__doc__ or "").strip().split("\n\n")[0]
         return " ".join(paragraph.split()).rstrip(".")
 
+    def plugin_module(self, name: str) -> str | None:
+        """The module that registered `name` when it is not this package's (a plug-in), else None:
+        the contract checks run on plug-ins only, the package's own entries are tested."""
+        module = getattr(self.get(name), "__module__", None) or "?"
+        return None if module.startswith("mtl_meniscus.") else module
+
     def facts(self, name: str) -> dict[str, Any]:
         self.check(name)
         return dict(self._entries[name][1])

@@ -214,10 +214,10 @@ def check_weighting_contract(name: str, tasks: Sequence[str]) -> None:
     on, checked once on losses of 1 before any work: built for `tasks`, it combines them into one
     finite scalar that backpropagates, and current_weights() gives a number for each task. A broken
     one is named by what it broke, not by a traceback from the first training step."""
-    weighting = WEIGHTINGS.get(name)
-    if getattr(weighting, "__module__", "").startswith("mtl_meniscus."):
+    module = WEIGHTINGS.plugin_module(name)
+    if module is None:
         return
-    what = f"task weighting {name!r} (a plug-in: {getattr(weighting, '__module__', '?')})"
+    what = f"task weighting {name!r} (a plug-in: {module})"
     losses = {task: torch.ones((), requires_grad=True) for task in tasks}
     try:
         built = build_weighting(name, tasks)

@@ -787,12 +787,11 @@ def check_output_contract(config: ModelConfig, image_size: int) -> None:
     tasks. Checked once on zeros before any work, so that a broken plug-in is named by what it
     broke, not by a traceback from deep in training (or, for a missing task, not at all). The
     package's own models are tested instead; exam and ROI models take more inputs than x."""
-    builder = MODELS.get(config.name)
-    own = getattr(builder, "__module__", "").startswith("mtl_meniscus.")
-    if own or config.exam_pooling is not None or config.roi != "none":
+    module = MODELS.plugin_module(config.name)
+    if module is None or config.exam_pooling is not None or config.roi != "none":
         return
-    per_task = trains_per_task(config.name)
-    what = f"model {config.name!r} (a plug-in: {getattr(builder, '__module__', '?')})"
+    builder, per_task = MODELS.get(config.name), trains_per_task(config.name)
+    what = f"model {config.name!r} (a plug-in: {module})"
     x = torch.zeros(2, config.in_chans, image_size, image_size)
     with torch.random.fork_rng(devices=[]):  # building draws weights: the caller's stream stays as it was
         for network in cascade_networks(config) if per_task else (None,):
