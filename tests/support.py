@@ -26,6 +26,21 @@ def _quiet():
     return Console(quiet=True)
 
 
+class Killed(Exception):
+    """A kill of the training process, as kill_after raises it between two epochs."""
+
+
+def kill_after(epoch: int, member: str | None = None):
+    """An on_epoch_end for train_run that raises Killed once `epoch` of `member` (of any network
+    when None) has finished: the run folder is then as a kill between two epochs leaves it."""
+
+    def on_epoch_end(name: str, done: int) -> None:
+        if done == epoch and member in (None, name):
+            raise Killed
+
+    return on_epoch_end
+
+
 def _png(path: Path, size=(64, 64), value: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(value)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import Killed, kill_after
 from typer.testing import CliRunner
 
 from mtl_meniscus.cli import app
@@ -330,15 +331,8 @@ def test_a_killed_exam_run_resumes_to_the_same_model(mrnet_runs, tmp_path):
 
     full = train_run(config(), tmp_path / "full")
 
-    class Killed(Exception):
-        pass
-
-    def crash(member, epoch):
-        if epoch == 1:
-            raise Killed
-
     with pytest.raises(Killed):
-        train_run(config(), tmp_path / "killed", on_epoch_end=crash)
+        train_run(config(), tmp_path / "killed", on_epoch_end=kill_after(1))
     resumed = train_run(None, tmp_path / "killed", resume=True)
     assert resumed["test"]["auc"] == full["test"]["auc"] and resumed["members"] == full["members"]
     a = load_checkpoint(tmp_path / "full" / "best.pt")["state_dict"]

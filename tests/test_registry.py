@@ -190,15 +190,21 @@ class Scalar(nn.Module):
 def test_a_plugin_that_breaks_the_output_contract_is_named_before_any_work(tmp_path, builder, facts, named):
     """A plug-in model is built once and run on a zero batch before anything is read: a wrong output
     (or a missing task, which would train silently on two tasks) is named, never a traceback."""
-    MODELS.register("broken", **facts)(builder)
+    message = _refused_before_any_work(MODELS, "model.name", builder, tmp_path, **facts)
+    assert named in message and "model 'broken'" in message, message
+
+
+def _refused_before_any_work(registry, key, plugin, tmp_path, **facts) -> str:
+    """Register `plugin` as 'broken' and train the tiny preset with it (config key `key`): the
+    message it is refused with, once it is checked that no run folder was made."""
+    registry.register("broken", **facts)(plugin)
     try:
-        config = load_config(TINY, {"model.name": "broken"})
         with pytest.raises(MeniscusError) as err:
-            train_run(config, tmp_path / "run", console=Console(quiet=True))
-        assert named in str(err.value) and "'broken'" in str(err.value), str(err.value)
+            train_run(load_config(TINY, {key: "broken"}), tmp_path / "run", console=Console(quiet=True))
         assert not (tmp_path / "run").exists()
+        return str(err.value)
     finally:
-        MODELS.unregister("broken")
+        registry.unregister("broken")
 
 
 def test_plugin_modules_named_in_the_environment_register_for_the_cli(tmp_path):
@@ -244,12 +250,5 @@ class PerTask(HalfWeighting):
     [(NoWeights, "current_weights() must give a number for each of fissure"), (PerTask, "RuntimeError")],
 )
 def test_a_weighting_plugin_that_breaks_its_contract_is_named_before_any_work(tmp_path, weighting, named):
-    WEIGHTINGS.register("broken")(weighting)
-    try:
-        config = load_config(TINY, {"train.weighting": "broken"})
-        with pytest.raises(MeniscusError) as err:
-            train_run(config, tmp_path / "run", console=Console(quiet=True))
-        assert named in str(err.value) and "task weighting 'broken'" in str(err.value), str(err.value)
-        assert not (tmp_path / "run").exists()
-    finally:
-        WEIGHTINGS.unregister("broken")
+    message = _refused_before_any_work(WEIGHTINGS, "train.weighting", weighting, tmp_path)
+    assert named in message and "task weighting 'broken'" in message, message

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from support import Killed, kill_after
 
 from mtl_meniscus.config import load_config
 from mtl_meniscus.engine import trainer as trainer_module
@@ -125,17 +126,13 @@ def test_a_run_killed_after_a_restart_resumes_as_if_uninterrupted(phantom, tmp_p
     _scripted(monkeypatch, epochs)
     full = train_run(load_config(TINY, overrides), tmp_path / "full", console=Console(quiet=True))
 
-    class Killed(Exception):
-        pass
-
-    def crash(member, epoch):
-        if epoch == 3:
-            raise Killed
-
     _scripted(monkeypatch, epochs)
     with pytest.raises(Killed):
         train_run(
-            load_config(TINY, overrides), tmp_path / "killed", console=Console(quiet=True), on_epoch_end=crash
+            load_config(TINY, overrides),
+            tmp_path / "killed",
+            console=Console(quiet=True),
+            on_epoch_end=kill_after(3),
         )
     _scripted(monkeypatch, epochs[3:])
     resumed = train_run(None, tmp_path / "killed", resume=True, console=Console(quiet=True))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from support import _clean, _copy_run, _split_folder, app, runner
+from support import Killed, _clean, _copy_run, _split_folder, app, kill_after, runner
 
 from mtl_meniscus.config import load_config
 from mtl_meniscus.engine.checkpoint import load_checkpoint, model_from_checkpoint
@@ -128,15 +128,13 @@ def test_kill_and_resume_matches_an_uninterrupted_run(phantom64, tmp_path, mode,
     overrides = {"model.name": mode, "train.max_epochs": 4, "train.early_stopping_patience": 10, **extra}
     full = train_run(_config(phantom64, **overrides), tmp_path / "full", console=_quiet())
 
-    class Killed(Exception):
-        pass
-
-    def crash(member, epoch):
-        if (member, epoch) == crash_at:
-            raise Killed
-
     with pytest.raises(Killed):
-        train_run(_config(phantom64, **overrides), tmp_path / "killed", console=_quiet(), on_epoch_end=crash)
+        train_run(
+            _config(phantom64, **overrides),
+            tmp_path / "killed",
+            console=_quiet(),
+            on_epoch_end=kill_after(crash_at[1], member=crash_at[0]),
+        )
     assert not (tmp_path / "killed" / "metrics.json").exists()
     resumed = train_run(None, tmp_path / "killed", resume=True, console=_quiet())
     for key in ("test", "test_tta"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import wandb
 from rich.console import Console
-from support import TINY, _clean, app, runner
+from support import TINY, Killed, _clean, app, kill_after, runner
 
 from mtl_meniscus.commands.evaluate import run_evaluation
 from mtl_meniscus.config import load_config
@@ -297,15 +297,8 @@ def test_a_resumed_training_logs_its_whole_history_into_its_new_offline_run(data
     overrides = {"data.path": str(data64), "train.max_epochs": 3, "train.early_stopping_patience": 10}
     config = load_config(TINY, overrides | {"wandb.mode": "offline"})
 
-    class Killed(Exception):
-        pass
-
-    def kill(member, epoch):
-        if epoch == 1:
-            raise Killed
-
     with pytest.raises(Killed):
-        train_run(config, tmp_path / "run", console=Console(quiet=True), on_epoch_end=kill)
+        train_run(config, tmp_path / "run", console=Console(quiet=True), on_epoch_end=kill_after(1))
     console = Console(record=True, width=400)
     metrics = train_run(None, tmp_path / "run", resume=True, console=console)
     old, new = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
