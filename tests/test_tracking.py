@@ -6,6 +6,7 @@ about what real wandb writes (a resumed training's history) read the offline run
 import csv
 import json
 import os
+import re
 import struct
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from support import TINY, Killed, _clean, app, kill_after, runner
 from mtl_meniscus.commands.evaluate import run_evaluation
 from mtl_meniscus.config import load_config
 from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.tracking import offline_folders
 from mtl_meniscus.phantom.slices import write_phantom
 
 
@@ -289,6 +291,28 @@ def _offline_run(folder: Path) -> tuple[list[tuple[int, dict]], dict]:
     return history, summary
 
 
+def test_offline_folders_of_a_run_id_are_found_oldest_first_with_same_second_suffixes(tmp_path):
+    """wandb appends -1, -2, ... to a folder whose second is taken (a resume right after a kill);
+    such folders are older starts too, and -10 comes after -2."""
+    names = [
+        "offline-run-20261130_151019-abc-10",
+        "offline-run-20261130_151019-abc-2",
+        "offline-run-20261130_151020-abc",
+        "offline-run-20261130_151019-abc",
+        "offline-run-20261130_151019-abcd",  # another run id that starts with this one
+        "offline-run-20261130_151019-xyz",
+        "run-20261130_151019-abc",  # an online run's folder
+    ]
+    for name in names:
+        (tmp_path / name).mkdir()
+    assert [folder.name for folder in offline_folders(tmp_path, "abc")] == [
+        "offline-run-20261130_151019-abc",
+        "offline-run-20261130_151019-abc-2",
+        "offline-run-20261130_151019-abc-10",
+        "offline-run-20261130_151020-abc",
+    ]
+
+
 def test_a_resumed_training_logs_its_whole_history_into_its_new_offline_run(data64, tmp_path):
     """Offline, wandb cannot continue a run: a resumed training writes a new folder of the same id
     (the killed run's folder may lack the last epochs, not yet written when it was killed). The new
@@ -303,7 +327,8 @@ def test_a_resumed_training_logs_its_whole_history_into_its_new_offline_run(data
     metrics = train_run(None, tmp_path / "run", resume=True, console=console)
     old, new = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
     run_id = (tmp_path / "run" / "wandb_id.txt").read_text()
-    assert old.name.endswith(run_id) and new.name.endswith(run_id)
+    # wandb appends -1 to the second folder when both starts fall in the same second
+    assert old.name.endswith(run_id) and re.search(f"-{run_id}(-1)?$", new.name)
     history, summary = _offline_run(new)
     epochs = [(step, values) for step, values in history if "shared/epoch" in values]
     assert [values["shared/epoch"] for _, values in epochs] == [1, 2, 3]

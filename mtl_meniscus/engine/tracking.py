@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 import warnings
 from pathlib import Path
@@ -123,7 +124,9 @@ class RunLogger:
         --resume): each holds part of the history this run logs whole."""
         if self.run is None or self.mode != "offline":
             return []
-        return sorted(p for p in self.folder.parent.glob(f"offline-run-*-{self.run.id}") if p != self.folder)
+        return [
+            folder for folder in offline_folders(self.folder.parent, self.run.id) if folder != self.folder
+        ]
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
@@ -230,3 +233,16 @@ class RunLogger:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def offline_folders(parent: Path, run_id: str) -> list[Path]:
+    """wandb's offline folders of one run id in `parent`, oldest first. wandb names them
+    offline-run-<YYYYmmdd_HHMMSS>-<id>, with -1, -2, ... appended when another start of the
+    id falls in the same second (a resume right after a kill)."""
+    name = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    starts = {}
+    for folder in parent.glob(f"offline-run-*-{run_id}*"):
+        match = name.fullmatch(folder.name)
+        if match:
+            starts[folder] = (match[1], int(match[2] or 0))
+    return sorted(starts, key=starts.get)
