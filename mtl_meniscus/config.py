@@ -12,6 +12,7 @@ import importlib.resources
 import json
 import math
 import re
+import typing
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
@@ -760,15 +761,29 @@ def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def dotted_keys(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as {dotted key: value}; an empty section stays one key (its value {})."""
+def dotted_keys(values: dict[str, Any], prefix: str = "", whole: Collection[str] = ()) -> dict[str, Any]:
+    """A nested config dict as {dotted key: value}; an empty section stays one key (its value {}),
+    and so does each of the `whole` keys, whatever it holds."""
     out = {}
     for key, value in values.items():
-        if isinstance(value, dict) and value:
-            out.update(dotted_keys(value, f"{prefix}{key}."))
+        if isinstance(value, dict) and value and prefix + key not in whole:
+            out.update(dotted_keys(value, f"{prefix}{key}.", whole))
         else:
             out[prefix + key] = value
     return out
+
+
+def mapping_keys(section: type[Section] = Config, prefix: str = "") -> set[str]:
+    """The dotted keys whose values are the user's own mappings (data.extra_tasks: task name ->
+    settings; train.task_weights), not config sections: their keys are names, not settings."""
+    keys = set()
+    for name, field in section.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            keys |= mapping_keys(annotation, f"{prefix}{name}.")
+        elif typing.get_origin(annotation) is dict:
+            keys.add(prefix + name)
+    return keys
 
 
 def config_differences(
@@ -776,8 +791,10 @@ def config_differences(
 ) -> list[str]:
     """'key: saved -> wanted' for each dotted key whose values differ, in key order; wandb's settings
     and the `ignored` keys do not count. With common_only, a key that one side lacks is skipped (a
-    checkpoint of an older version lacks the keys added since)."""
-    before, after = dotted_keys(saved), dotted_keys(wanted)
+    checkpoint of an older version lacks the keys added since). A mapping of the user's own (an
+    added extra task, a changed task weight) is compared whole, as one key."""
+    mappings = mapping_keys()
+    before, after = dotted_keys(saved, whole=mappings), dotted_keys(wanted, whole=mappings)
     keys = before.keys() & after.keys() if common_only else before.keys() | after.keys()
     return [
         f"{key}: {before.get(key)!r} -> {after.get(key)!r}"

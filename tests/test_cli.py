@@ -319,6 +319,8 @@ def test_resume_refuses_a_config_yaml_edited_since_the_checkpoint(run64, tmp_pat
     for old, new, named in (
         ("  lr: 0.001", "  lr: 0.01", "train.lr: 0.001 -> 0.01"),
         ("- 4\n  - 8", "- 4\n  - 6", "model.widths: [4, 8, 8, 8] -> [4, 6, 8, 8]"),
+        # a mapping whose entries are names: a weight added where there was none
+        ("task_weights: {}", "task_weights: {fissure: 2.0}", "train.task_weights: {} -> {'fissure': 2.0}"),
     ):
         assert old in saved, old
         (run / "config.yaml").write_text(saved.replace(old, new, 1))
