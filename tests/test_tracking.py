@@ -231,15 +231,19 @@ def test_an_upper_case_wandb_mode_starts_a_real_offline_run(tmp_path, monkeypatc
 def test_a_bad_wandb_mode_stops_train_and_evaluate_before_any_work(run64, data64, tmp_path, monkeypatch, env):
     monkeypatch.setenv("WANDB_MODE", env)
     message = f"$WANDB_MODE: unknown wandb mode '{env}' (allowed, in any case: online, offline, disabled"
+    # the tiny preset and its run64 log nothing (wandb.mode disabled): --wandb offline logs
     train = ["train", "--config", str(TINY), "--data", str(data64), "--out", str(tmp_path / "run")]
     evaluate = ["evaluate", str(run64), "--out", str(tmp_path / "eval")]
-    for args in (train, evaluate, [*evaluate, "--wandb", "offline"]):
+    for args in ([*train, "--wandb", "offline"], [*evaluate, "--wandb", "offline"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 1 and message in " ".join(result.output.split()), result.output
         _clean(result)
     assert not (tmp_path / "run").exists()
     # evaluate checks first that it can write into --out (a marker file), then wrote nothing
     assert not {"metrics.json", "predictions.csv"} & {path.name for path in (tmp_path / "eval").iterdir()}
+    # disabled, wandb never starts: its variable does not matter
+    result = runner.invoke(app, [*evaluate[:-1], str(tmp_path / "quiet"), "--tta", "0"])
+    assert result.exit_code == 0 and (tmp_path / "quiet" / "metrics.json").is_file(), result.output
 
 
 def _wandb_records(path: Path) -> list:

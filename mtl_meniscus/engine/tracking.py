@@ -30,7 +30,10 @@ ENV_MODES = {
 def resolve_wandb_mode(config: WandbConfig) -> str:
     """The configured mode, else $WANDB_MODE, else offline. A $WANDB_MODE that is not one of
     ENV_MODES is refused even beside a configured mode: wandb reads it itself and stops on it with
-    a validation error. Commands call this before any work, so that it stops them before they write."""
+    a validation error. Commands call this before any work, so that it stops them before they write.
+    Disabled, wandb is never started, and its variable does not matter."""
+    if config.mode == "disabled":
+        return "disabled"
     env = os.environ.get("WANDB_MODE", "").strip()
     if env and env.lower() not in ENV_MODES:
         raise MeniscusError(
