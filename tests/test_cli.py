@@ -298,7 +298,8 @@ def test_bad_values_are_refused_with_the_option_named(run64, data64, tmp_path, c
 
 
 def test_tables_are_not_cut_and_member_prefixes_survive(run64, tmp_path):
-    result = runner.invoke(app, ["evaluate", str(run64), "--bootstrap", "20", "--tta", "0", "--split", "all"])
+    evaluate = ["evaluate", str(run64), "--bootstrap", "20", "--tta", "0", "--split", "all"]
+    result = runner.invoke(app, [*evaluate, "--out", str(tmp_path / "eval")])  # not into the shared run
     assert result.exit_code == 0, result.output
     assert "…" not in result.output and "TP/FP/TN/FN" in result.output
     fissure_row = next(line for line in result.output.splitlines() if "fissure " in line and "│" in line)

@@ -230,6 +230,7 @@ def test_levels_are_ordered_for_a_fixed_small_training(tmp_path):
                 "model.dense_dropout": 0.2,
                 "train.lr": 0.001,
                 "tta.copies": 0,
+                "train.precision": "fp32",  # the arithmetic the scores were measured with (auto: bf16 on AMX)
                 "wandb.mode": "disabled",
             },
         )

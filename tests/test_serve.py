@@ -307,12 +307,15 @@ def test_a_full_queue_is_answered_503_at_once(run, monkeypatch):
 
 
 def test_a_request_past_its_deadline_is_answered_504_and_keeps_its_place_until_it_ends(run, monkeypatch):
-    app = create_app(run, ServeLimits(in_flight=1, waiting=0, timeout_s=0.3))
+    # a deadline long enough for the work to start on a busy machine: work not started by then is
+    # cancelled and gives its place up at once, and then b would be admitted
+    app = create_app(run, ServeLimits(in_flight=1, waiting=0, timeout_s=1.5))
     started, release = threading.Event(), threading.Event()
     monkeypatch.setattr(app.state.served, "answer", slow_answer(started, release))
     with TestClient(app) as client:
         late = post(client, "a.png", b"\x89PNG")
-        assert late.status_code == 504 and "no answer within 0.3 s" in late.json()["error"]
+        assert late.status_code == 504 and "no answer within 1.5 s" in late.json()["error"]
+        assert started.is_set(), "the work had not started within the deadline"
         assert post(client, "b.png", b"\x89PNG").status_code == 503  # its work still runs
         release.set()
         for _ in range(100):
