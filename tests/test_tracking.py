@@ -130,8 +130,10 @@ def test_the_scored_model_is_recorded_in_the_offline_run_files(tmp_path):
         TINY, {"data.path": str(tmp_path / "data"), "train.max_epochs": 1, "wandb.mode": "offline"}
     )
     train_run(config, tmp_path / "run", console=Console(quiet=True))
-    run_evaluation(tmp_path / "run", n_bootstrap=10, console=Console(quiet=True), wandb_mode="offline")
+    console = Console(record=True, width=400)
+    run_evaluation(tmp_path / "run", n_bootstrap=10, console=console, wandb_mode="offline")
     (log,) = (tmp_path / "run" / "eval-test" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert f"(upload: wandb sync {log.parent})" in console.export_text()  # as train says it
     training_id = (tmp_path / "run" / "wandb_id.txt").read_text().strip().encode()
     # wandb's service process writes the log; on a loaded machine it was seen to hold only its
     # header right after finish() returned (CI of 2026-11-29, beside a training job): wait for it

@@ -403,7 +403,9 @@ def run_evaluation(
     out_dir = Path(out_dir) if out_dir else _default_out_dir(trained, data, split)
     figures = _write_outputs(out_dir, metrics, scored, trained, runtime, seed)
     _show(console, metrics, out_dir, figures, tta)
-    _log_to_wandb(trained, out_dir, metrics, scored, figures, wandb_mode, cam_dir)
+    logged = _log_to_wandb(trained, out_dir, metrics, scored, figures, wandb_mode, cam_dir)
+    if logged:
+        console.print(logged, highlight=False, markup=False)
     return metrics
 
 
@@ -656,10 +658,10 @@ def _log_to_wandb(
     figures: list[Path],
     wandb_mode: str | None,
     cam_dir: str | Path | None,
-) -> None:
+) -> str | None:
     """One 'evaluate' run in its training run's group: the settings in the config, the metrics in the
     summary, wandb's own ROC/PR/confusion charts, the figures as media, the per-image table, and
-    which model it scored."""
+    which model it scored. Returns where the run is (RunLogger.where), None when nothing was logged."""
     from mtl_meniscus.engine.tracking import RunLogger
 
     settings = {
@@ -678,6 +680,7 @@ def _log_to_wandb(
         for path in figures:
             logger.log_image(f"figures/{path.stem}", path)
         _log_predictions_table(logger, out_dir, cam_dir)
+        return logger.where() if logger.folder is not None else None
     finally:
         logger.finish()
 

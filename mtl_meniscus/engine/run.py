@@ -382,27 +382,8 @@ def _finish_run(
     logger.log_image("training_curves", run_dir / "training_curves.png")
     logger.log_artifact(run_dir / "best.pt", name=f"{MODEL_ARTIFACT_PREFIX}{run_dir.name}")
     if logger.folder is not None:
-        console.print(
-            f"wandb ({logger.mode}): {logger.folder}{_sync_note(logger)}", markup=False, highlight=False
-        )
+        console.print(logger.where(), markup=False, highlight=False)
     return metrics
-
-
-def _sync_note(logger: RunLogger) -> str:
-    """'  (upload: wandb sync FOLDER)' for an offline run; after a --resume it names the older
-    folders of the run's id, which are not to be synced."""
-    if logger.mode != "offline":
-        return ""
-    older = logger.older_folders()
-    if not older:
-        return f"  (upload: wandb sync {logger.folder})"
-    names = ", ".join(folder.name for folder in older)
-    these = f"the older folders of this run id, {names}, written before --resume, hold"
-    if len(older) == 1:
-        these = f"the older folder of this run id, {names}, written before --resume, holds"
-    return (
-        f"  (upload: wandb sync {logger.folder} alone: it holds the whole history; {these} only part of it)"
-    )
 
 
 FINAL_BOOTSTRAP = 1000  # stratified bootstrap resamples for the test split's CIs in the summary

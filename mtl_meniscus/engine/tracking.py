@@ -131,6 +131,21 @@ class RunLogger:
             folder for folder in offline_folders(self.folder.parent, self.run.id) if folder != self.folder
         ]
 
+    def where(self) -> str:
+        """'wandb (MODE): FOLDER', and for an offline run what to upload: '(upload: wandb sync
+        FOLDER)', after a --resume naming the older folders of the run's id, not to be synced."""
+        line = f"wandb ({self.mode}): {self.folder}"
+        if self.mode != "offline":
+            return line
+        older = self.older_folders()
+        if not older:
+            return f"{line}  (upload: wandb sync {self.folder})"
+        names = ", ".join(folder.name for folder in older)
+        these = f"the older folders of this run id, {names}, written before --resume, hold"
+        if len(older) == 1:
+            these = f"the older folder of this run id, {names}, written before --resume, holds"
+        return f"{line}  (upload: wandb sync {self.folder} alone: it holds the whole history; {these} only part of it)"
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
             self.run.summary.update(values)
