@@ -210,7 +210,12 @@ def test_a_files_answer_with_tta_does_not_depend_on_how_its_pixels_are_stored(ti
         copies.append(tmp_path / f"{k}.png")
         assert cv2.imwrite(str(copies[-1]), (pixels * 3 + 500).astype(np.uint16))
     rows = run_predict(  # fp32: a slice and its copy fall in batches of other sizes (bf16 on AMX: 1e-4)
-        tiny_run / "run", sources + copies, tmp_path / "p.csv", tta_copies=5, precision="fp32", console=_quiet()
+        tiny_run / "run",
+        sources + copies,
+        tmp_path / "p.csv",
+        tta_copies=5,
+        precision="fp32",
+        console=_quiet(),
     )
     p = [row.probs["fissure"] for row in rows]
     assert p[:3] == pytest.approx(p[3:], abs=1e-5)

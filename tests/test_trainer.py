@@ -4,6 +4,7 @@ leave a network a task of one class, or a validation that cannot pick an epoch o
 are warned about before training and under the test metrics, and recorded in metrics.json."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -98,6 +99,15 @@ def test_splits_with_both_classes_and_enough_validation_say_nothing(tmp_path):
     assert _warnings(folder, "separate") == {"fissure": [], "orientation": [], "position": []}
 
 
+def test_an_undefined_test_auc_is_printed_undefined_not_nan(tmp_path):
+    # both tears of the test split horizontal: orientation has no AUC there
+    folder = _placed(tmp_path / "d", {"train": TRAIN, "val": VAL, "test": [HA, HP, NONE, NONE]})
+    metrics, text, _ = _train(folder, tmp_path)
+    assert math.isnan(metrics["test"]["auc"]["orientation"])
+    test_line = next(line for line in text.splitlines() if line.startswith("test: AUC"))
+    assert "orientation undefined  position " in test_line and "nan" not in test_line, test_line
+
+
 def test_a_val_split_without_tears_says_the_run_cannot_pick_an_epoch_or_tell(tmp_path):
     # every tear in train or test: no validation AUC, hence no score, no best epoch, learned unknown
     folder = _placed(tmp_path / "d", {"train": TRAIN, "val": [NONE] * 4, "test": TEST})
@@ -111,7 +121,7 @@ def test_a_val_split_without_tears_says_the_run_cannot_pick_an_epoch_or_tell(tmp
     )
     assert text.index(f"warning: {message}") < text.index("[shared] epoch  1")  # said before training
     assert f"WARNING: {message}" in text  # and again under the test metrics
-    assert "AUC undefined  score nan" in text  # the epoch line
+    assert "AUC undefined  score undefined  lr" in text  # the epoch line
     assert saved["warnings"] == [message] == metrics["warnings"]
     assert saved["learned"] is None and saved["members"]["shared"]["best_epoch"] == 0
     # separate mode: the fissure network has no validation score (the others have no validation

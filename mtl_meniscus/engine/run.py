@@ -500,7 +500,7 @@ def _flatten(prefix: str, values: dict) -> dict:
 def _print_metrics(console: Console, metrics: dict, data_name: str) -> None:
     for key, label in (("test", "test"), ("test_tta", "test + TTA")):
         m = metrics[key]
-        aucs = "  ".join(f"{t} {a:.4f}" for t, a in m["auc"].items())
+        aucs = "  ".join(f"{t} {'undefined' if math.isnan(a) else f'{a:.4f}'}" for t, a in m["auc"].items())
         reasons = "; ".join(m.get("undefined", [])) or "a weighted task's AUC is undefined"
         score = f"undefined ({reasons})" if math.isnan(m["score"]) else f"{m['score']:.4f}"
         console.print(

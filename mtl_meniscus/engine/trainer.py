@@ -385,9 +385,10 @@ class MemberTrainer:
         )
         # the cascade's segmentation network has no task: its score is the mean Dice (validation.py)
         classification = f"val loss {row['val_loss']:.4f}  AUC {aucs}  " if self.member.tasks else ""
+        score = "undefined" if math.isnan(row["val_score"]) else f"{row['val_score']:.4f}"
         self.console.print(
             f"[{self.member.name}] epoch {row['epoch']:>2}  loss {row['train_loss']:.4f}  "
-            f"{classification}score {row['val_score']:.4f}{star}  "
+            f"{classification}score {score}{star}  "
             + (f"Dice {dice}  " if dice else "")
             + f"lr {row['lr']:.2g}  {row['seconds']:.1f}s",
             highlight=False,
