@@ -333,6 +333,19 @@ def test_resume_refuses_a_config_yaml_edited_since_the_checkpoint(run64, tmp_pat
     assert result.exit_code == 0 and "resumed after epoch 1 (finished)" in result.output, result.output
 
 
+def test_a_cascade_refused_on_resume_names_the_run_folders_config_yaml(data64, tmp_path):
+    """A cascade member's last.pt lies in members/NAME/; the config.yaml to restore is the run's."""
+    run = tmp_path / "run"
+    train = ["train", "--config", str(TINY), "--data", str(data64), "--out", str(run), "--mode", "separate"]
+    assert runner.invoke(app, [*train, "--max-epochs", "1"]).exit_code == 0
+    saved = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(saved.replace("  lr: 0.001", "  lr: 0.01", 1))
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"cannot resume {run}: its config.yaml was changed" in text, text
+    assert f"--config {run / 'config.yaml'} and another --out" in text
+
+
 @pytest.mark.parametrize(
     "args",
     [

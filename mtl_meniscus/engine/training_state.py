@@ -132,10 +132,14 @@ class MemberCheckpoints:
             else []
         )
         if changed:  # the epochs to come would train another setting than those before, unsaid
+            # the run's config.yaml: in the run folder, above a cascade member's members/NAME/
+            run = next(
+                (p for p in (self.folder, *self.folder.parents) if (p / "config.yaml").is_file()), self.folder
+            )
             raise MeniscusError(
-                f"cannot resume {self.folder}: its config.yaml was changed since {last} was written "
+                f"cannot resume {run}: its config.yaml was changed since {last} was written "
                 f"({'; '.join(changed[:4])}{'; ...' if len(changed) > 4 else ''}): restore those values, "
-                f"or train a new run with them (--config {self.folder / 'config.yaml'} and another --out)"
+                f"or train a new run with them (--config {run / 'config.yaml'} and another --out)"
             )
         saved = payload["training_state"]
         try:
