@@ -245,9 +245,19 @@ class PerTask(HalfWeighting):
         return torch.stack(list(losses.values()))
 
 
+class FloatLoss(HalfWeighting):
+    def backward(self, losses):  # its own backward, giving the loss as a Python float
+        loss, weights = super().backward(losses)
+        return float(loss), weights
+
+
 @pytest.mark.parametrize(
     "weighting, named",
-    [(NoWeights, "current_weights() must give a number for each of fissure"), (PerTask, "RuntimeError")],
+    [
+        (NoWeights, "current_weights() must give a number for each of fissure"),
+        (PerTask, "RuntimeError"),
+        (FloatLoss, "must give the combined loss as one finite scalar tensor; it gave 1.5"),
+    ],
 )
 def test_a_weighting_plugin_that_breaks_its_contract_is_named_before_any_work(tmp_path, weighting, named):
     message = _refused_before_any_work(WEIGHTINGS, "train.weighting", weighting, tmp_path)

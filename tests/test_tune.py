@@ -226,6 +226,18 @@ def test_bad_options_are_named_without_a_traceback(tiny, tmp_path, phantom, opti
     assert "secret" not in result.output
 
 
+def test_a_bad_wandb_mode_stops_tune_only_where_it_would_log(tiny, tmp_path, phantom, monkeypatch):
+    """The tiny preset logs nothing (wandb.mode disabled): wandb's variable does not matter there.
+    With --wandb offline it does, and stops the search before its study is created."""
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    args = ["tune", "--config", str(tiny), "--data", str(phantom), "--n-trials", "1"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "quiet")])
+    assert result.exit_code == 0 and (tmp_path / "quiet" / "trials.csv").is_file(), result.output
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "logged"), "--wandb", "offline"])
+    assert result.exit_code == 1 and "$WANDB_MODE: unknown wandb mode 'bogus'" in result.output, result.output
+    assert not (tmp_path / "logged" / "study.db").exists()
+
+
 def study_files(out: Path) -> dict[str, bytes]:
     return {name: (out / name).read_bytes() for name in ("study.db", "trials.csv", "best.yaml")}
 

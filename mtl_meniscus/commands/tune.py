@@ -51,7 +51,7 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from mtl_meniscus.config import MAX_SEED, Config, WandbConfig, check_option, dotted_keys, load_config
+from mtl_meniscus.config import MAX_SEED, Config, check_option, dotted_keys, load_config
 from mtl_meniscus.engine.checkpoint import load_checkpoint
 from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.members import JOINT
@@ -514,8 +514,9 @@ class TuneSearch:
         except ImportError:
             raise MeniscusError("tune needs optuna: pip install 'mtl_meniscus[tune]'") from None
         self.optuna, self.request = optuna, request
-        # a bad $WANDB_MODE stops here, before any work
-        resolve_wandb_mode(WandbConfig(mode=request.wandb_mode))
+        # a bad $WANDB_MODE stops here, before any work, unless --wandb, --set or the preset disable wandb
+        wandb_settings = {"wandb.mode": request.wandb_mode, **(request.overrides or {})}
+        resolve_wandb_mode(load_config(request.preset, wandb_settings).wandb)
         check_tune_options(
             request.n_trials, request.timeout, request.n_jobs, request.seed, request.study_name
         )

@@ -226,8 +226,10 @@ def check_weighting_contract(name: str, tasks: Sequence[str]) -> None:
         raise MeniscusError(f"{what}: failed on losses of 1 ({type(err).__name__}: {err})") from None
     if not isinstance(built, TaskWeighting):
         raise MeniscusError(f"{what}: builds a {type(built).__name__}, not a TaskWeighting")
-    if loss.ndim != 0 or not torch.isfinite(loss):
-        raise MeniscusError(f"{what}: forward(losses) must return one finite number; it returned {loss}")
+    if not torch.is_tensor(loss) or loss.ndim != 0 or not torch.isfinite(loss):
+        raise MeniscusError(
+            f"{what}: backward(losses) must give the combined loss as one finite scalar tensor; it gave {loss!r}"
+        )
     numbers = isinstance(applied, dict) and all(isinstance(applied.get(t), int | float) for t in tasks)
     if not numbers:
         raise MeniscusError(
