@@ -316,3 +316,25 @@ def test_a_table_being_written_is_refused_to_a_second_writer(tmp_path):
     first.add("a.png\n", 1, 0)
     first.finish()
     assert (tmp_path / "p.csv").read_text() == "image\na.png\n"
+
+
+def test_a_writer_that_waited_for_a_finished_table_starts_a_new_one(tmp_path, monkeypatch):
+    """The second writer opened p.csv.partial just before the first one finished (renamed it into
+    p.csv) and locked it after: it must not continue in p.csv, but start a new p.csv.partial."""
+    import mtl_meniscus.io.resumable_table as tables
+
+    first = tables.ResumableTable(tmp_path / "p.csv", "image\n", {})
+    first.add("a.png\n", 1, 0)
+    lock_now = tables.lock_now
+
+    def first_finishes_meanwhile(handle):
+        if not first._handle.closed:
+            first.finish()
+        return lock_now(handle)
+
+    monkeypatch.setattr(tables, "lock_now", first_finishes_meanwhile)
+    second = tables.ResumableTable(tmp_path / "p.csv", "image\n", {})
+    assert second.done == 0 and (tmp_path / "p.csv").read_text() == "image\na.png\n"
+    second.add("b.png\n", 1, 0)
+    second.finish()
+    assert (tmp_path / "p.csv").read_text() == "image\nb.png\n"

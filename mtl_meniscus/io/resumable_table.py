@@ -46,9 +46,7 @@ class ResumableTable:
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.progress = self.out.with_name(self.out.name + ".partial.json")
         self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
-        existed = self.partial.exists()
-        self._handle = self.partial.open("ab")  # not truncated before the lock is held
-        self._lock()
+        existed = self._open_locked()
         try:
             saved = self._saved_progress() if existed else None
         except OutputError:
@@ -83,13 +81,25 @@ class ResumableTable:
                 "table of this command: it is not replaced; move it aside, or choose another --out"
             ) from None
 
-    def _lock(self) -> None:
-        if not lock_now(self._handle):
+    def _open_locked(self) -> bool:
+        """Open `<out>.partial` (not truncated before the lock is held) and lock it; whether it
+        existed. The file locked must still be the one of that name: a writer that finished while
+        this one waited renamed it into `<out>`, which must not be written again; then open anew."""
+        for _ in range(3):
+            existed = self.partial.exists()
+            self._handle = self.partial.open("ab")
+            if not lock_now(self._handle):
+                self._handle.close()
+                raise MeniscusError(
+                    f"{self.partial}: another process is writing this table now; wait for it, or choose "
+                    "another --out"
+                )
+            if _same_file(self.partial, self._handle):
+                return existed
             self._handle.close()
-            raise MeniscusError(
-                f"{self.partial}: another process is writing this table now; wait for it, or choose "
-                "another --out"
-            )
+        raise MeniscusError(
+            f"{self.partial}: replaced again and again while opening it; is another predict running?"
+        )
 
     def _append(self, text: str) -> None:
         self._handle.write(text.encode("utf-8"))
@@ -122,3 +132,11 @@ class ResumableTable:
         """Release the table unfinished (an interruption): the same command continues it."""
         if not self._handle.closed:
             self._handle.close()
+
+
+def _same_file(path: Path, handle) -> bool:
+    """Whether the open `handle` is the file now at `path` (not one renamed or deleted since)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
