@@ -144,7 +144,8 @@ class RunLogger:
         these = f"the older folders of this run id, {names}, written before --resume, hold"
         if len(older) == 1:
             these = f"the older folder of this run id, {names}, written before --resume, holds"
-        return f"{line}  (upload: wandb sync {self.folder} alone: it holds the whole history; {these} only part of it)"
+        whole = f"wandb sync {self.folder} alone: it holds the whole history"
+        return f"{line}  (upload: {whole}; {these} only part of it)"
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
