@@ -516,7 +516,7 @@ class TuneSearch:
         self.optuna, self.request = optuna, request
         # a bad $WANDB_MODE stops here, before any work, unless --wandb, --set or the preset disable wandb
         wandb_settings = {"wandb.mode": request.wandb_mode, **(request.overrides or {})}
-        resolve_wandb_mode(load_config(request.preset, wandb_settings).wandb)
+        self.wandb_mode = resolve_wandb_mode(load_config(request.preset, wandb_settings).wandb)
         check_tune_options(
             request.n_trials, request.timeout, request.n_jobs, request.seed, request.study_name
         )
@@ -578,10 +578,9 @@ class TuneSearch:
             **(request.overrides or {}),
         }
         base_config = load_config(request.preset, base)  # a bad preset or option stops here, before the study
-        wandb_resolved = resolve_wandb_mode(base_config.wandb)
-        if request.n_jobs > 1 and wandb_resolved != "disabled":
+        if request.n_jobs > 1 and self.wandb_mode != "disabled":
             raise ConfigError(
-                f"--n-jobs {request.n_jobs} with wandb ({wandb_resolved}): wandb keeps one run per process, so "
+                f"--n-jobs {request.n_jobs} with wandb ({self.wandb_mode}): wandb keeps one run per process, so "
                 "trials in parallel threads would end each other's runs; use --wandb disabled, or start "
                 "several tune processes on the same --storage (each with --n-jobs 1)"
             )
