@@ -306,6 +306,16 @@ def test_an_unfinished_table_of_other_settings_starts_over_and_a_foreign_partial
     assert (tmp_path / "p.csv.partial").read_text() == "someone's notes\n"
 
 
+def test_a_bad_pixel_limit_stops_predict_instead_of_failing_every_row(tiny_run, tmp_path):
+    image = sorted((tiny_run / "data" / "images").glob("*.png"))[0]
+    command = ["predict", str(tiny_run / "run"), str(image), "--out", str(tmp_path / "p.csv")]
+    result = runner.invoke(app, command, env={"MTL_MENISCUS_MAX_PIXELS": "bogus"})
+    assert result.exit_code == 1 and "$MTL_MENISCUS_MAX_PIXELS: bad value 'bogus'" in result.output, (
+        result.output
+    )
+    assert not list(tmp_path.iterdir())  # no table of failed rows, no partial one
+
+
 def test_a_table_being_written_is_refused_to_a_second_writer(tmp_path):
     from mtl_meniscus.errors import MeniscusError
     from mtl_meniscus.io.resumable_table import ResumableTable

@@ -272,6 +272,8 @@ class SliceAnswers:
                  strict_size: bool):  # fmt: skip
         self.trained, self.runtime, self.tta, self.cut = trained, runtime, tta, cut
         self.seed, self.batch_size, self.strict_size = seed, batch_size, strict_size
+        # once, before any file: a bad $MTL_MENISCUS_MAX_PIXELS stops the command, not each file's row
+        self.max_pixels = max_pixels_limit(trained.config.data.max_pixels)
         self.cam_dir: Path | None = None
         self.masks_dir: Path | None = None
         self.names: dict[str, list[str]] = {}  # per output, every input's file name in it
@@ -295,9 +297,8 @@ class SliceAnswers:
             name = str(path)
             try:
                 image, note = read_slice(
-                    path, data.image_size, max_pixels_limit(data.max_pixels), data.plane, VOLUME_HINT,
-                    self.strict_size,
-                )  # fmt: skip
+                    path, data.image_size, self.max_pixels, data.plane, VOLUME_HINT, self.strict_size
+                )
             except ImageReadError as err:
                 rows.append(Prediction(image=name, error=str(err)))
                 continue
@@ -336,15 +337,12 @@ class SliceAnswers:
         at the file's size and in its own geometry; none without a decoder) and DIR/overlays/<name>.png,
         and the row's mask cells; <name> is names[its row]. The file is read again for its own size and
         geometry."""
-        data = self.trained.config.data
+        plane = self.trained.config.data.plane
         maps = label_maps(self.trained, list(images.values()), self.runtime, self.batch_size)
         for i, label_map in zip(images, maps):
             geometry: list = []
             try:
-                image = read_image(
-                    rows[i].image, max_pixels=max_pixels_limit(data.max_pixels), plane=data.plane,
-                    geometry=geometry,
-                )  # fmt: skip
+                image = read_image(rows[i].image, max_pixels=self.max_pixels, plane=plane, geometry=geometry)
             except ImageReadError as err:  # the file changed since it was predicted
                 rows[i].note = "; ".join(filter(None, [rows[i].note, f"no mask: {err}"]))
                 continue
