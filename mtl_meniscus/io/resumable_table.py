@@ -19,7 +19,7 @@ from typing import Any
 
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.io.outputs import OutputError, write_text_atomic
-from mtl_meniscus.io.runlock import lock_now
+from mtl_meniscus.io.runlock import lock_now, still_at
 
 
 def fingerprint(names: list[str]) -> str:
@@ -94,7 +94,7 @@ class ResumableTable:
                     f"{self.partial}: another process is writing this table now; wait for it, or choose "
                     "another --out"
                 )
-            if _same_file(self.partial, self._handle):
+            if still_at(self.partial, self._handle):
                 return existed
             self._handle.close()
         raise MeniscusError(
@@ -132,11 +132,3 @@ class ResumableTable:
         """Release the table unfinished (an interruption): the same command continues it."""
         if not self._handle.closed:
             self._handle.close()
-
-
-def _same_file(path: Path, handle) -> bool:
-    """Whether the open `handle` is the file now at `path` (not one renamed or deleted since)."""
-    try:
-        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-    except FileNotFoundError:
-        return False

@@ -61,11 +61,7 @@ class RunLock:
                 + (f" (pid {holder})" if holder.isdigit() else "")
                 + ": wait until it ends, or use another output folder"
             )
-        try:
-            current = os.stat(self.path).st_ino
-        except FileNotFoundError:
-            current = None
-        if current != os.fstat(handle.fileno()).st_ino:
+        if not still_at(self.path, handle):
             handle.close()
             return None
         handle.seek(0)
@@ -95,6 +91,15 @@ def lock_now(handle) -> bool:
     except OSError:
         return False
     return True
+
+
+def still_at(path: Path, handle) -> bool:
+    """Whether the open file `handle` is still the file at `path`: not renamed or deleted since it
+    was opened (by a lock's last holder, while this process waited to lock it)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def lock_holder(folder: str | Path) -> int | None:
