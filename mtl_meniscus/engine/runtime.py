@@ -122,10 +122,11 @@ def keep_freed_memory() -> None:
     By default glibc maps a large block (a batch's activation maps: tens of MB at 256x256) fresh
     from the kernel and unmaps it when freed, and gives freed heap back above 128 KB: every batch
     then touches new pages, and the page faults cost as much as the convolutions. Measured
-    (AMD EPYC Zen 5, AVX-512, fp32, 2 threads; predict of 800 slices, shared preset, TTA 5, medians
-    of 3): 20.6 s with glibc's defaults, 13.1 s with these (sys time 12 s -> 1 s; the same CSV),
-    peak RSS +18%. Heap blocks up to 32 MB (glibc's largest mmap threshold) and 1 GB of free heap
-    are kept; larger blocks are mapped as before. Once per process; nothing on another C library."""
+    (AMD EPYC Zen 5, AVX-512, fp32, 2 threads; predict of 800 256-px slices, shared preset, TTA 5,
+    the whole command, medians of 3 interleaved, the same CSV): 20.6 s with glibc's defaults, 13.5 s
+    with these on 2026-11-29; 18.2 s and 14.7 s (sys time 11.7 s -> 6.2 s) on 2026-11-30, noisier.
+    Heap blocks up to 32 MB (glibc's largest mmap threshold) and 1 GB of free heap are kept;
+    larger blocks are mapped as before. Once per process; nothing on another C library."""
     global _kept
     if _kept or not sys.platform.startswith("linux"):
         return

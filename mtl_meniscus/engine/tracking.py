@@ -82,7 +82,7 @@ class RunLogger:
                 project=config.project,
                 name=name,
                 id=run_id,
-                # online the server's run continues; offline, a new folder of the same id (see _finish_run)
+                # online the server's run continues; offline, a new folder of the same id (older_folders)
                 resume="allow" if resume else None,
                 dir=str(run_dir),
                 mode=self.mode,
