@@ -20,12 +20,12 @@ from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.data.preprocess import make_input
 from mtl_meniscus.data.roi import HornCentres
 from mtl_meniscus.engine.inference import predicted_horn_centres
-from mtl_meniscus.engine.members import network_model_configs, plan_members
+from mtl_meniscus.engine.members import plan_members, run_networks
 from mtl_meniscus.engine.run import start_run, train_network, train_run
 from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import load_trained
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.networks.models import SeparateCascade, needs_horns, predicted_horns, segments
+from mtl_meniscus.networks.models import SeparateCascade, needs_horns, predicted_horns, roi_of, segments
 from mtl_meniscus.phantom.slices import write_phantom
 
 CASCADE = {"model.name": "separate", "model.segmentation": True}
@@ -75,10 +75,10 @@ def test_the_segmentation_network_comes_first_and_trains_on_the_rows_with_a_mask
     np.testing.assert_array_equal(segmentation.val_indices, [i for i in val if data.masks[i] is not None])
     np.testing.assert_array_equal(fissure.train_indices, train)  # the classifiers' images are as ever
     # compare counts its FLOPs with the others'; the classifiers carry no decoder
-    models = network_model_configs(config)
-    assert list(models) == ["segmentation", "fissure", "orientation", "position"]
-    assert models["segmentation"].segmentation and models["segmentation"].roi == "none"
-    assert not models["fissure"].segmentation and models["fissure"].roi == "predicted"
+    networks = dict(run_networks(config.model))
+    assert list(networks) == ["segmentation", "fissure", "orientation", "position"]
+    assert segments(networks["segmentation"]) and roi_of(networks["segmentation"]) == "none"
+    assert not segments(networks["fissure"]) and roi_of(networks["fissure"]) == "predicted"
 
 
 def test_a_cascade_segmentation_network_without_any_mask_is_refused_by_name(phantom64, tmp_path):

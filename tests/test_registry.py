@@ -12,6 +12,7 @@ from rich.console import Console
 from torch import nn
 from typer.testing import CliRunner
 
+from mtl_meniscus.commands.compare.plan import training_flops
 from mtl_meniscus.config import ModelConfig, load_config
 from mtl_meniscus.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from mtl_meniscus.engine.run import train_run
@@ -137,6 +138,16 @@ def test_a_per_task_plugin_trains_its_own_networks_and_is_evaluated(tmp_path, da
         assert built[-3:] == ["fissure", "orientation", "position"]
         model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "best.pt"))
         assert all(isinstance(net, MeanPool) for net in model.networks.values())
+        # one network's best.pt alone: its builder's network is not a model of its own (it once
+        # recorded a one-task 'shared' net, whose layers these weights do not fit)
+        member = tmp_path / "run" / "members" / "orientation" / "best.pt"
+        with pytest.raises(
+            MeniscusError, match="is the orientation network of a cascade run.*the run folder"
+        ):
+            model_from_checkpoint(load_checkpoint(member), member)
+        # compare counts the FLOPs of the plug-in's networks: a Linear(4, 1) on 2 x (4,) features,
+        # forward 2 x 4 x 1 multiply-adds and the weight's gradient as many, 2 FLOPs each, per image
+        assert training_flops(config) == {"fissure": 16.0, "orientation": 16.0, "position": 16.0}
         from mtl_meniscus.cli import app
 
         runner = CliRunner()

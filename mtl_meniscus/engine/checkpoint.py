@@ -15,7 +15,7 @@ from torch import nn
 from mtl_meniscus.config import OWN_TRUNKS, Config, config_from_dict
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.io.outputs import atomic_write
-from mtl_meniscus.networks.models import MODELS, build_model
+from mtl_meniscus.networks.models import MODELS, build_model, trains_per_task
 from mtl_meniscus.registry import PLUGINS_VARIABLE
 
 FORMAT_VERSION = 1
@@ -94,24 +94,32 @@ def model_from_checkpoint(
             f"{source}: its model {name!r} is not registered here (registered: {', '.join(MODELS.names())}); "
             f"a plug-in module registers it: name that module in ${PLUGINS_VARIABLE} (docs/contributing.md)"
         )
+    member = payload.get("member")
+    alone = not member or member == "shared"  # a model of its own, not one network of a cascade
     try:
         config = config_from_dict(
             _ignored_settings_cleared(payload["config"]), source=f"{source} (its config)"
         )
     except ConfigError as err:
-        member = payload.get("member")
-        if not member or member == "shared":
+        if alone:
             raise
         # a cascade's segmentation network (no task) or a classifier that crops around its horns
-        raise MeniscusError(
-            f"{source} is the {member} network of a cascade run, not a model of its own ({err}); "
-            "evaluate or predict with the run folder, which assembles its networks"
-        ) from None
+        raise _cascade_network_alone(source, member, f" ({err})") from None
+    if not alone and trains_per_task(config.model.name):
+        # the run's config (a last.pt; a plug-in cascade's best.pt): it builds the whole cascade
+        raise _cascade_network_alone(source, member, "")
     # The weights come from the checkpoint: do not fetch a timm trunk's pretrained weights again.
     model = build_model(config.model.model_copy(update={"pretrained": "none"}))
     load_weights(model, payload["state_dict"], source)
     model.eval()
     return model, config
+
+
+def _cascade_network_alone(source: str | Path, member: str, why: str) -> MeniscusError:
+    return MeniscusError(
+        f"{source} is the {member} network of a cascade run, not a model of its own{why}; "
+        "evaluate or predict with the run folder, which assembles its networks"
+    )
 
 
 def _ignored_settings_cleared(config: Any) -> Any:

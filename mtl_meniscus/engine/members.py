@@ -8,6 +8,7 @@ Every other model is one member, JOINT, trained on all images and tasks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from mtl_meniscus.engine.stopping import chance_bar
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.evaluation.metrics import monitor_weights
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
-from mtl_meniscus.networks.models import build_model, build_network, cascade_networks, trains_per_task
+from mtl_meniscus.networks.models import MODELS, build_model, build_network, cascade_networks, trains_per_task
 
 JOINT = "shared"  # the member name of a one-network model (its folder is the run folder)
 
@@ -169,35 +170,32 @@ def _check_root_classes(data: PreparedData) -> None:
 
 
 def member_config(config: Config, member: Member) -> Config:
-    """Config of this member alone (a single-task network is a one-task 'shared' model; the
-    cascade's segmentation network one of no task with a decoder, cropping nothing, and its
-    classifiers have no decoder)."""
+    """The config a member's best.pt records. A network of the package's own cascade is a one-task
+    'shared' model, which predict can load alone (its segmentation network one of no task with a
+    decoder, cropping nothing; its classifiers have no decoder). A one-network model's is the run's;
+    so is a plug-in cascade's network's: only the plug-in's builder knows its networks, and the
+    loader refuses such a network alone (checkpoint.model_from_checkpoint: the run assembles it)."""
+    if not trains_per_task(config.model.name) or MODELS.plugin_module(config.model.name) is not None:
+        return config
     own = config_from_dict(config.to_dict(), source="run config")
     own.model = own.model.model_copy(update={"name": "shared", "tasks": member.tasks})
-    if trains_per_task(config.model.name):
-        segmentation = member.name == SEGMENTATION
-        update = {"segmentation": segmentation} | ({"roi": "none"} if segmentation else {})
-        if member.name == "fissure":
-            update["kernels"] = config.model.fissure_kernels
-        own.model = own.model.model_copy(update=update)
+    segmentation = member.name == SEGMENTATION
+    update = {"segmentation": segmentation} | ({"roi": "none"} if segmentation else {})
+    if member.name == "fissure":
+        update["kernels"] = config.model.fissure_kernels
+    own.model = own.model.model_copy(update=update)
     return own
 
 
-def network_model_configs(config: Config) -> dict[str, ModelConfig]:
-    """{network: its model config}: the one network of a shared run, or the cascade's one per task
-    (as member_config builds them), without data: what compare counts the FLOPs of."""
-    if not trains_per_task(config.model.name):
-        return {JOINT: config.model}
-    none = np.zeros(0, np.int64)
-    return {
-        name: member_config(config, Member(name, _member_tasks(name), Path("."), none, none)).model
-        for name in cascade_networks(config.model)
-    }
-
-
-def _member_tasks(name: str) -> tuple[str, ...]:
-    """The tasks of the cascade's network `name`: its own, none for the segmentation network."""
-    return () if name == SEGMENTATION else (name,)
+def run_networks(model: ModelConfig) -> Iterator[tuple[str, nn.Module]]:
+    """(network, the network) for each network a run of `model` trains, built as its member builds
+    it (Member.build), one at a time, without data: what compare counts the FLOPs of. The one
+    network of a shared run; a per_task model's by its own builder (a plug-in's are its own)."""
+    if not trains_per_task(model.name):
+        yield JOINT, build_model(model)
+        return
+    for name in cascade_networks(model):
+        yield name, build_network(model, name)
 
 
 def tasks_without_labels(names: tuple[str, ...], data: PreparedData) -> dict[str, int]:

@@ -18,11 +18,11 @@ from mtl_meniscus.config import (
     preset_path,
     saved_run_config,
 )
-from mtl_meniscus.engine.members import network_model_configs
+from mtl_meniscus.engine.members import run_networks
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.labels import TASKS
 from mtl_meniscus.networks.flops import flops_per_image
-from mtl_meniscus.networks.models import build_model, create_timm_backbone, trains_per_task
+from mtl_meniscus.networks.models import create_timm_backbone, trains_per_task
 
 RESULT_FILE = "result.json"
 
@@ -171,13 +171,13 @@ def regularization_of(config: Config) -> dict[str, Any]:
 def training_flops(config: Config) -> dict[str, float]:
     """{network: FLOPs of one training image (forward and backward)} of the networks the config's
     run trains, counted by networks.flops (timm trunks built without their weights)."""
-    flops = {}
-    for network, model in network_model_configs(config).items():
-        model = model.model_copy(update={"pretrained": "none"}) if model.trunk not in OWN_TRUNKS else model
-        flops[network] = flops_per_image(
-            build_model(model), model.in_chans, config.data.image_size, training=True
-        )
-    return flops
+    model = config.model
+    if model.trunk not in OWN_TRUNKS:
+        model = model.model_copy(update={"pretrained": "none"})
+    return {
+        network: flops_per_image(built, model.in_chans, config.data.image_size, training=True)
+        for network, built in run_networks(model)
+    }
 
 
 def flops_matched_steps(
