@@ -16,7 +16,7 @@ from mtl_meniscus.config import load_config
 from mtl_meniscus.data.load import prepare_data
 from mtl_meniscus.engine.members import plan_members
 from mtl_meniscus.engine.run import train_run
-from mtl_meniscus.engine.trainer import split_warnings
+from mtl_meniscus.engine.trainer import has_validation_score, split_warnings
 from mtl_meniscus.errors import MeniscusError
 
 # labels.csv rows by what they are: (fissure, orientation, position)
@@ -136,6 +136,39 @@ def test_a_val_split_without_tears_says_the_run_cannot_pick_an_epoch_or_tell(tmp
         "orientation": [],
         "position": [],
     }
+
+
+def _scored(folder, mode="shared") -> dict[str, bool]:
+    """{network: has_validation_score} for the data in `folder`."""
+    config = load_config(TINY, {"data.path": str(folder), "model.name": mode})
+    data = prepare_data(folder, config.data)
+    return {m.name: has_validation_score(m, data) for m in plan_members(config, data, folder / "run")}
+
+
+def test_tune_refuses_a_val_split_that_scores_no_network_before_a_trial_trains(tmp_path):
+    """tune compares trials by their validation score: a val split without a tear gives none, and
+    the first trial is refused after reading the data, before any epoch (it used to train first)."""
+    optuna = pytest.importorskip("optuna", reason="tune needs optuna (the [tune] extra)")
+    from mtl_meniscus.commands.tune import run_tune
+
+    folder = _placed(tmp_path / "d", {"train": TRAIN, "val": [NONE] * 4, "test": TEST})
+    assert _scored(folder) == {"shared": False}
+    assert _scored(folder, "separate") == {"fissure": False, "orientation": False, "position": False}
+    with pytest.raises(MeniscusError) as refused:
+        run_tune(tmp_path / "t", TINY, data_dir=folder, n_trials=2)
+    trial = tmp_path / "t" / "trials" / "trial-0000"
+    assert str(refused.value).startswith(
+        f"{trial}: tune compares trials by their validation score, and this data's val split gives none: "
+        "[shared] no validation AUC can be computed (fissure: no tear among the 4 images of the val split;"
+    ), refused.value
+    assert (trial / "splits.csv").is_file() and not (trial / "last.pt").exists()  # read, not trained
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 't' / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL"]  # the search stopped at its first trial
+    # one task of one class in validation: the shared network still has a score, that task's network not
+    val = [*[HP] * 3, *[VP] * 9, *[NONE] * 12]
+    folder = _placed(tmp_path / "one-class", {"train": TRAIN, "val": val, "test": TEST})
+    assert _scored(folder) == {"shared": True}
+    assert _scored(folder, "separate") == {"fissure": True, "orientation": True, "position": False}
 
 
 def test_a_task_with_one_class_in_validation_is_named_with_why(tmp_path):

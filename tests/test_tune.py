@@ -473,6 +473,14 @@ def test_trials_in_threads_draw_their_training_curves_one_at_a_time(tmp_path):
 def test_parallel_trials_with_wandb_are_refused(tiny, phantom, tmp_path):
     with pytest.raises(ConfigError, match="--n-jobs 2 with wandb"):
         run_tune(tmp_path / "t", tiny, data_dir=phantom, n_trials=2, n_jobs=2, wandb_mode="offline")
+    assert not (tmp_path / "t").exists()  # refused before --out and its study.db were made
+
+
+def test_a_search_space_bound_the_preset_refuses_is_named_before_the_study(tiny, phantom, tmp_path):
+    space = (Param("train.lr", 1e-4, 3e-3, log=True), Param("train.batch_size", choices=(8, 0)))
+    with pytest.raises(ConfigError, match=r"search space: train.batch_size = 0 does not fit the preset"):
+        run_tune(tmp_path / "t", tiny, data_dir=phantom, n_trials=1, space=space)
+    assert not (tmp_path / "t").exists()
 
 
 # --- pruning per network -----------------------------------------------------------------------

@@ -79,6 +79,7 @@ except ImportError:  # the [tune] extra is missing: TuneSearch says how to insta
 WARMUP_EPOCHS = 14
 HEARTBEAT_S = 60  # a running trial's heartbeat; one silent for 3 heartbeats is marked FAIL
 JOB_TYPE = "tune-trial"
+SCORED_BECAUSE = "tune compares trials by their validation score"  # why a trial needs one (train_run)
 STEPS_KEY = "train.steps_per_epoch"  # set per trial from its batch size (steps_at_fixed_images)
 SETUP_ATTR = "fixed_config"  # the study's user attribute holding its fixed config (fixed_setup)
 # With a searched batch size, what stays fixed is the product (steps_at_fixed_images' images per epoch)
@@ -523,14 +524,16 @@ class TuneSearch:
         if request.storage is not None:
             check_kept_storage(request.storage)
         self.console = console or Console(soft_wrap=True)
+        self.study_name = request.study_name or Path(request.out_dir).resolve().name
+        # a bad preset, option or search space is refused before --out and its study.db are made
+        self.base = self._checked_settings()
         self.out_dir = check_output_dir(request.out_dir, "--out")
         self.trials_dir = self.out_dir / "trials"
-        self.study_name = request.study_name or self.out_dir.resolve().name
         self.storage_url = request.storage or default_storage(self.out_dir)
         # a bad URL, or an --out of another study, is refused before the data is read or generated
         self.rdb = open_storage(self.storage_url, request.heartbeat_s)
         self._check_out_dir_study()
-        self.base = self._base_settings()
+        self._resolve_data()
         self.write_lock = threading.Lock()  # n_jobs threads finish trials concurrently; one writer at a time
         self.errors: list[MeniscusError] = []  # a trial's error stops the search, also from a worker thread
 
@@ -565,9 +568,9 @@ class TuneSearch:
                 "--out for this study, or the --study-name and --storage of that one"
             )
 
-    def _base_settings(self) -> dict[str, Any]:
-        """The overrides every trial shares; checks them and generates the built-in phantom once,
-        before trials (possibly threads) would race to."""
+    def _checked_settings(self) -> dict[str, Any]:
+        """The overrides every trial shares, checked with the preset and every bound of the search
+        space (the data's path comes later, from _resolve_data)."""
         request = self.request
         base = {
             "model.name": request.mode,
@@ -577,21 +580,26 @@ class TuneSearch:
             "wandb.job_type": JOB_TYPE,
             **(request.overrides or {}),
         }
-        base_config = load_config(request.preset, base)  # a bad preset or option stops here, before the study
+        self.base_data = load_config(request.preset, base).data  # a bad preset or option stops here
         if request.n_jobs > 1 and self.wandb_mode != "disabled":
             raise ConfigError(
                 f"--n-jobs {request.n_jobs} with wandb ({self.wandb_mode}): wandb keeps one run per process, so "
                 "trials in parallel threads would end each other's runs; use --wandb disabled, or start "
                 "several tune processes on the same --storage (each with --n-jobs 1)"
             )
-        data = request.data_dir or resolve_data_dir(base_config.data)
-        base["data.path"] = str(Path(data).resolve())
-        resolved = load_config(request.preset, base)
+        check_space(request.preset, base, request.space)
+        return base
+
+    def _resolve_data(self) -> None:
+        """The data's path in the shared overrides (the built-in phantom generated once, before
+        trials, possibly threads, would race to) and the study's setup resolved with it."""
+        request = self.request
+        data = request.data_dir or resolve_data_dir(self.base_data)
+        self.base["data.path"] = str(Path(data).resolve())
+        resolved = load_config(request.preset, self.base)
         self.mode, self.max_epochs = resolved.model.name, resolved.train.max_epochs
         self.fixed = fixed_setup(resolved, request.space)
         self.images_per_epoch = resolved.train.batch_size * resolved.train.steps_per_epoch
-        check_space(request.preset, base, request.space)
-        return base
 
     def _open_study(self):
         """The study, created or loaded from the storage; refuses one of another direction or setup."""
@@ -775,7 +783,9 @@ class TuneSearch:
         with (run_dir / "train.log").open("w", encoding="utf-8") as log:
             log_console = Console(file=log, soft_wrap=True, width=200)
             try:
-                metrics = train_run(config, run_dir, console=log_console, on_epoch_end=report)
+                metrics = train_run(
+                    config, run_dir, console=log_console, on_epoch_end=report, scored_because=SCORED_BECAUSE
+                )
             except TrainingDivergedError as err:  # this trial's setting (a high lr): the search goes on
                 trial.set_user_attr("error", str(err))
                 return float("nan")  # Optuna marks the trial FAIL

@@ -43,7 +43,12 @@ from mtl_meniscus.engine.members import JOINT, Member, check_members, plan_membe
 from mtl_meniscus.engine.progress import counted_progress
 from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
 from mtl_meniscus.engine.tracking import MODEL_ARTIFACT_PREFIX, RunLogger, resolve_wandb_mode
-from mtl_meniscus.engine.trainer import EpochCallback, MemberTrainer
+from mtl_meniscus.engine.trainer import (
+    EpochCallback,
+    MemberTrainer,
+    has_validation_score,
+    validation_warnings,
+)
 from mtl_meniscus.engine.training_state import MemberCheckpoints
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.evaluation.metrics import bootstrap_cis, challenge_score, task_aucs
@@ -73,11 +78,14 @@ def train_run(
     resume: bool = False,
     console: Console | None = None,
     on_epoch_end: EpochCallback | None = None,
+    scored_because: str | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run end to end and return its metrics (also in metrics.json).
 
     With resume=True the run's own config.yaml is used and `config` is ignored. The run folder
-    is locked while training: a second process on the same folder is refused.
+    is locked while training: a second process on the same folder is refused. A network whose
+    validation split gives it no score trains with a warning; with `scored_because` (why the caller
+    needs the score: tune compares trials by it) the run is refused before it trains.
     """
     run_dir = Path(run_dir)
     if resume and not (run_dir / "config.yaml").is_file():
@@ -104,7 +112,7 @@ def train_run(
         if not processes.agree(error is None):
             raise error or MeniscusError(f"rank 0 could not take {run_dir}: see its message")
         try:
-            return _train_locked(config, run_dir, resume, console, on_epoch_end, processes)
+            return _train_locked(config, run_dir, resume, console, on_epoch_end, processes, scored_because)
         finally:
             if lock is not None:
                 lock.release()
@@ -181,6 +189,7 @@ def _train_locked(
     console: Console | None,
     on_epoch_end: EpochCallback | None,
     processes: Distributed = SINGLE,
+    scored_because: str | None = None,
 ) -> dict[str, Any]:
     console = (console or Console(soft_wrap=True)) if processes.main else Console(quiet=True)  # rank 0 prints
     run_dir = Path(run_dir)
@@ -193,6 +202,8 @@ def _train_locked(
     data, data_name, warnings = _prepare_run_data(config, run_dir, resume, processes, console)
     members = plan_members(config, data, run_dir)
     warnings += check_members(members, data, config.model)
+    if scored_because:
+        _check_validation_scores(members, data, run_dir, scored_because)
     for warning in warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
     console.print(
@@ -225,6 +236,23 @@ def _train_locked(
         return _finish_run(trainers, config, data, runtime, run_dir, warnings, data_name, logger, console)
     finally:
         logger.finish()
+
+
+def _check_validation_scores(members: list[Member], data: PreparedData, run_dir: Path, because: str) -> None:
+    """Refuse a run whose validation split gives a network no score, naming why, before it trains."""
+    unscored = [m for m in members if m.tasks and not has_validation_score(m, data)]
+    if not unscored:
+        return
+    reasons = [
+        reason
+        for member in unscored
+        for reason in (
+            validation_warnings(member, data)
+            if len(member.val_indices)
+            else [f"[{member.name}] no validation image"]
+        )
+    ]
+    raise MeniscusError(f"{run_dir}: {because}, and this data's val split gives none: {'; '.join(reasons)}")
 
 
 def _wandb_config(config: Config, run_dir: Path):

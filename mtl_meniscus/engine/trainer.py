@@ -478,6 +478,14 @@ def training_class_warnings(member: Member, data: PreparedData) -> list[str]:
     return warnings
 
 
+def has_validation_score(member: Member, data: PreparedData) -> bool:
+    """True when the network's validation rows give it a score: one of its monitored tasks has
+    both classes there (metrics.monitor_score; otherwise the score is undefined in every epoch)."""
+    val = data.targets[member.val_indices]
+    weights = monitor_weights(member.tasks, data.tasks)
+    return any(weights[name] > 0 and all(class_counts(val, name, data.tasks)) for name in member.tasks)
+
+
 def validation_warnings(member: Member, data: PreparedData) -> list[str]:
     """Why some of the network's monitored tasks say nothing on validation (the network has
     validation images): a task with one class, or none, among its scored validation rows has no
