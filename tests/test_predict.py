@@ -3,6 +3,7 @@ holds: a bad file gets an error row and never ends the run; saliency overlays ne
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -304,6 +305,50 @@ def test_an_unfinished_table_of_other_settings_starts_over_and_a_foreign_partial
     _clean(result)
     assert result.exit_code == 1 and "p.csv.partial exists" in result.output, result.output
     assert (tmp_path / "p.csv.partial").read_text() == "someone's notes\n"
+
+
+def test_an_input_rewritten_under_its_name_or_another_pixel_limit_starts_the_table_over(
+    run64, data64, tmp_path, monkeypatch
+):
+    """A resumed table keeps the rows of the inputs it holds: an input replaced by another image of
+    the same name since, or a pixel limit that now refuses inputs, would leave rows the same command
+    would not write today. Either starts the table over."""
+    import mtl_meniscus.commands.predict as predict
+
+    monkeypatch.setattr(predict, "CHUNK", 2)
+    sources = sorted((data64 / "images").glob("*.png"))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for path in sources[:4]:
+        shutil.copy(path, inputs / path.name)
+    out = tmp_path / "p.csv"
+    real_rows = predict.SliceAnswers.rows
+
+    def stop_at_the_second_chunk(self, files, start, on_batch=None):
+        if start:  # the first chunk's rows are on disk
+            raise KeyboardInterrupt
+        return real_rows(self, files, start, on_batch)
+
+    for change in ("rewrite", "limit"):
+        monkeypatch.setattr(predict.SliceAnswers, "rows", stop_at_the_second_chunk)
+        with pytest.raises(KeyboardInterrupt):
+            run_predict(run64, [inputs], out, tta_copies=0, console=_quiet())
+        monkeypatch.setattr(predict.SliceAnswers, "rows", real_rows)
+        assert json.loads((tmp_path / "p.csv.partial.json").read_text())["inputs"] == 2
+        if change == "rewrite":  # the first input is now another slice, under its old name
+            first = sorted(inputs.iterdir())[0]
+            shutil.copy(sources[10], first)
+            os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+        else:  # 64 x 64 = 4096 pixels per slice: now every input is refused
+            monkeypatch.setenv("MTL_MENISCUS_MAX_PIXELS", "100")
+        result = _predict(run64, inputs, out=out)
+        _clean(result)
+        assert "of other settings, started over" in result.output, result.output
+        reference = tmp_path / f"reference-{change}.csv"
+        assert _predict(run64, inputs, out=reference).exit_code == result.exit_code
+        assert out.read_text() == reference.read_text()
+        out.unlink()
+    assert reference.read_text().count("is above the limit of 100 pixels") == 4  # every row refused
 
 
 def test_a_bad_pixel_limit_stops_predict_instead_of_failing_every_row(tiny_run, tmp_path):

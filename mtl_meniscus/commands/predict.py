@@ -46,7 +46,7 @@ from mtl_meniscus.io.imageio import (
     read_image,
 )
 from mtl_meniscus.io.outputs import check_output_file, check_own_output_dir, first_line, some_of
-from mtl_meniscus.io.resumable_table import ResumableTable, file_stamp, fingerprint
+from mtl_meniscus.io.resumable_table import ResumableTable, file_stamp, fingerprint, inputs_stamp
 from mtl_meniscus.labels import DEFAULT_TASKS
 from mtl_meniscus.networks.cam import unique_names, write_overlays
 
@@ -185,14 +185,16 @@ def table_settings(
     trained: TrainedModel, runtime: Runtime, inputs: list[str], as_json: bool, **options
 ) -> dict[str, Any]:
     """What decides a table's rows: an interrupted table is continued only when all are the same
-    (the model file and its calibration, where it runs, the inputs in order, the options)."""
+    (the model file and its calibration, where it runs, the inputs in order and their files' sizes
+    and times, the pixel limit that refuses an input, the options)."""
     calibration = trained.calibration.temperatures if trained.calibration else None
     return {
         "model": str(trained.checkpoint.resolve()),
         "model_file": file_stamp(trained.checkpoint),
         "calibration": calibration,
         "runtime": [str(runtime.device), runtime.precision],
-        "inputs": [len(inputs), fingerprint(inputs)],
+        "inputs": [len(inputs), fingerprint(inputs), inputs_stamp(inputs)],
+        "max_pixels": max_pixels_limit(trained.config.data.max_pixels),
         "json": as_json,
         **{key: str(value) if isinstance(value, Path) else value for key, value in options.items()},
     }

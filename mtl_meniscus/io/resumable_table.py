@@ -36,6 +36,17 @@ def file_stamp(path: Path) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def inputs_stamp(paths: list[str]) -> str:
+    """A short digest of the inputs' file_stamps (an exam folder's: of each file under it): an input
+    rewritten since a table was begun, under the same name, gives another digest."""
+    stamps = []
+    for name in paths:
+        path = Path(name)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        stamps += [f"{file}:{file_stamp(file)}" for file in files]
+    return fingerprint(stamps)
+
+
 class ResumableTable:
     """`<out>` in the making. `done` and `failed` count the inputs it already holds (0 for a new
     table); add() appends the rows of the next inputs, finish() renames it into place. `note` says
