@@ -15,13 +15,13 @@ from rich.console import Console
 from sklearn.metrics import roc_auc_score
 from support import _quiet
 
-from mtl_meniscus.commands.evaluate import cascade_line, cascade_view, run_evaluation
+from mtl_meniscus.commands.evaluate import cascade_line, cascade_view, run_evaluation, tear_mask
 from mtl_meniscus.commands.predict import run_predict
 from mtl_meniscus.config import load_config
 from mtl_meniscus.engine.inference import predict_probs
 from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.engine.runtime import resolve_runtime
-from mtl_meniscus.engine.trained import load_trained
+from mtl_meniscus.engine.trained import evaluation_data, load_trained
 from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.evaluation.metrics import youden_threshold
 from mtl_meniscus.phantom.slices import write_phantom
@@ -209,6 +209,30 @@ def test_cascade_view_by_hand():
         "cascade: 2/3 true tears detected; of those, orientation right 0 of 1 known, position right 2, "
         "both right 0 of 1 known"
     )
+
+
+def test_a_tear_mask_for_the_figures_and_the_peak_check_is_at_the_models_size(tiny_run, tmp_path):
+    """The saliency gallery's outline and cam_peak_in_tear compare a mask with the model's image:
+    with data.size_policy resize, a mask file of another size than the model's images was dropped."""
+    import cv2
+
+    folder = tmp_path / "larger"
+    write_phantom(folder, n=20, seed=3, size=64)
+    for path in [*(folder / "images").glob("*.png"), *(folder / "masks").glob("*.png")]:
+        pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # every slice and mask at 96 x 96
+        cv2.imwrite(str(path), cv2.resize(pixels, (96, 96), interpolation=cv2.INTER_NEAREST))
+    trained = load_trained(tiny_run / "run", resolve_runtime("fp32", "cpu"))
+    trained.config.data.size_policy = "resize"  # as a run trained on slices of several sizes reads them
+    data, _ = evaluation_data(trained, folder, "all")
+    size, other_size = trained.config.data.image_size, 0
+    for index, record in enumerate(data.records):
+        if not record.mask or data.targets[index, 0] != 1:
+            continue
+        stored = cv2.imread(str(data.data_dir / record.mask), cv2.IMREAD_UNCHANGED)
+        expected = cv2.resize(stored, (size, size), interpolation=cv2.INTER_NEAREST) == 2
+        np.testing.assert_array_equal(tear_mask(data, index, trained.config.data), expected)
+        other_size += stored.shape != (size, size)
+    assert other_size, "no mask of another size than the model's: the test shows nothing"
 
 
 def test_evaluate_writes_metrics_roc_and_cams(tiny_run, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mtl_meniscus.config import TTAConfig, WandbConfig
+from mtl_meniscus.config import DataConfig, TTAConfig, WandbConfig
 from mtl_meniscus.data.masks import MASK_TEAR
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.horns import label_maps, roi_hit_rates, roi_window, truth_masks
@@ -582,7 +582,7 @@ def write_cams_and_check_peaks(
         cams = trained.saliency(image, runtime)
         write_overlays(cam_dir, names[k], image, cams)
         true_positive = data.targets[index, 0] == 1 and scored.probs[root][k] >= scored.threshold
-        mask = tear_mask(data, index) if true_positive else None
+        mask = tear_mask(data, index, trained.config.data) if true_positive else None
         if mask is not None:
             checked += 1
             hits += peak_in_mask(cams[root], mask, dilation_px)
@@ -594,15 +594,16 @@ def write_cams_and_check_peaks(
     }
 
 
-def tear_mask(data: PreparedData, index: int) -> np.ndarray | None:
-    """(H, W) bool: the tear of row `index` from its mask file (value 2), or None without a usable one."""
-    import cv2
-
-    record, image = data.records[index], data.images[index]
-    if not record.mask:
+def tear_mask(data: PreparedData, index: int, config: DataConfig) -> np.ndarray | None:
+    """(image_size, image_size) bool: the tear (mask value 2) of row `index` at the model's size and
+    in its image's canonical view, as the images are; None when the row has no mask or a bad one
+    (evaluate's ROI entry names it). It was the file's pixels as stored: a mask of another size than
+    the model's was dropped, a mirrored image's mask kept unmirrored."""
+    try:
+        (mask,) = truth_masks(data, [index], config.image_size, config.max_pixels)
+    except DataError:
         return None
-    mask = cv2.imread(str(data.data_dir / record.mask), cv2.IMREAD_UNCHANGED)
-    return mask == 2 if mask is not None and mask.shape == image.shape[-2:] else None
+    return None if mask is None else mask == MASK_TEAR
 
 
 GALLERY_SIZE = 8
@@ -635,7 +636,7 @@ def write_galleries(trained: TrainedModel, scored: Scored, runtime: Runtime, out
             image,
             f"{kind} p={p[k]:.2f} ({truth})\n{Path(data.records[index].image).name}",
             trained.saliency(image, runtime)[root] if saliency else None,
-            tear_mask(data, index),
+            tear_mask(data, index, trained.config.data),
         )
 
     errors = [item(k, "FP") for k in false_pos] + [item(k, "FN") for k in false_neg]
