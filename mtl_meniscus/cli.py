@@ -937,7 +937,9 @@ def serve(
     host: Annotated[
         str, typer.Option(help="Address to listen on; 127.0.0.1 answers this machine only.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[
+        int, typer.Option(help="Port to listen on; 0: any free port (the address printed at start names it).")
+    ] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload in MiB (413 above).")] = 64.0,
     max_pixels: Annotated[
         int | None, typer.Option(help="Decoded pixels per input (413 above; default: predict's, 64 MP).")
@@ -969,7 +971,7 @@ def serve(
 
     check_options(tta=tta, threshold=threshold)
     for name, value, ok, allowed in (
-        ("--port", port, 1 <= port <= 65535, "a port 1..65535"),
+        ("--port", port, 0 <= port <= 65535, "a port 0..65535, 0: any free port"),
         ("--max-upload-mb", max_upload_mb, 0 < max_upload_mb <= 4096, "MiB, above 0 and at most 4096"),
         ("--max-pixels", max_pixels, max_pixels is None or max_pixels >= 1, "a number of pixels >= 1"),
         ("--max-in-flight", max_in_flight, 1 <= max_in_flight <= 64, "an integer 1..64"),

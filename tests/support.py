@@ -1,12 +1,20 @@
 """Helpers shared by the test modules (fixtures are in conftest.py): the CLI app and a runner for
-it, tiny data folders, and the check that a command ended as documented.
+it, tiny data folders, the check that a command ended as documented, and `serve` in a subprocess.
 
 Test modules import them as `from support import ...`: pytest puts tests/ on sys.path.
 """
 
 import csv
+import os
+import queue
+import re
 import shutil
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -99,3 +107,47 @@ def sagittal_copy(source: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     dataset.save_as(target)
     return target
+
+
+SERVING = re.compile(r"^serving .* on (http://\S+)/ \(page\)")  # run_serve's line, once it listens
+
+
+@contextmanager
+def serve_process(run: Path, *options: str, wait_s: float = 120) -> Iterator[str]:
+    """`serve RUN --port 0 OPTIONS` in a subprocess: its base URL as its line says (the port it
+    chose; no other process can have taken it), then stopped. A thread reads its output to the end
+    (a full pipe would block the server) and keeps it for the failure message."""
+    command = [sys.executable, "cli.py", "serve", str(run), "--port", "0", *options]
+    env = os.environ | {"WANDB_MODE": "disabled"}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    output: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:
+            output.append(line)
+            lines.put(line)
+        lines.put(None)  # the output ended: serve stopped
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline, url = time.monotonic() + wait_s, None
+        while url is None:
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(
+                    f"serve printed no address within {wait_s:g} s: {''.join(output)}"
+                ) from None
+            if line is None:
+                raise AssertionError(f"serve stopped: {''.join(output)}")
+            url = (match := SERVING.match(line)) and match[1]
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+        reader.join(10)  # at the end of the output, now that serve has stopped
+        process.stdout.close()

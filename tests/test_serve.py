@@ -1,12 +1,14 @@
 """`serve` through FastAPI's TestClient: every input kind answers what `predict --json` writes for
 the same file, an exam zip what `predict --exams --json` writes, every bad input is a 4xx with a
 message (and the server keeps answering), and the limits hold: upload size, pixels, zip members and
-size, the bounded queue (503) and the request timeout (504)."""
+size, the bounded queue (503) and the request timeout (504). A real uvicorn (`--port 0`, and the
+deadline on a request's head) where the TestClient cannot tell."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import io
 import json
 import shutil
@@ -15,8 +17,10 @@ import stat
 import struct
 import threading
 import time
+import urllib.request
 import zipfile
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -26,10 +30,11 @@ import pytest
 from fastapi.testclient import TestClient
 from rich.console import Console
 from support import app as cli_app
-from support import runner, sagittal_copy
+from support import runner, sagittal_copy, serve_process
 
+from mtl_meniscus.commands import serve
 from mtl_meniscus.commands.predict import run_predict, run_predict_exams
-from mtl_meniscus.commands.serve import ServeLimits, create_app
+from mtl_meniscus.commands.serve import ServeLimits, create_app, listen, uvicorn_server
 from mtl_meniscus.phantom.exams import write_phantom_exams
 
 
@@ -340,3 +345,129 @@ def test_serve_refuses_bad_options_and_a_busy_port(run):
         result = runner.invoke(cli_app, ["serve", str(run), "--port", str(port)])
     assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.output
     assert "Traceback" not in result.output
+
+
+def test_serve_on_port_0_listens_on_the_port_it_prints(run):
+    with serve_process(run) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0
+        with urllib.request.urlopen(url + "/health", timeout=60) as response:
+            assert json.load(response)["status"] == "ok"
+
+
+# ---- connections: a real uvicorn, the deadline on a request's head -------------------------------
+
+
+@contextmanager
+def served(app):
+    """run_serve's uvicorn (its protocol, limits and socket) on a free port of 127.0.0.1, in a
+    thread: (the uvicorn.Server, the port)."""
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    try:
+        wait_until(lambda: server.started)
+        yield server, sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def wait_until(condition, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.01)
+
+
+def health_status(port: int) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def dribble(sock: socket.socket, data: bytes, every_s: float = 0.1) -> None:
+    """Send `data` a byte at a time, in a thread, until it ends or the server closes the connection."""
+
+    def send() -> None:
+        for byte in data:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(every_s)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+def until_closed(sock: socket.socket, seconds: float = 8.0) -> bytes:
+    """What the server sent before it closed the connection; fails if still open after `seconds`."""
+    received, deadline = b"", time.monotonic() + seconds
+    try:
+        while True:
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            if not (chunk := sock.recv(65536)):
+                return received
+            received += chunk
+    except ConnectionResetError:
+        return received
+    except TimeoutError:
+        raise AssertionError(f"the server kept the connection open {seconds:g} s") from None
+
+
+SLOW_HEAD = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 200  # never ends: 20 s at 0.1 s a byte
+
+
+def test_connections_that_never_finish_a_request_head_are_closed_and_no_longer_lock_all_out(run, monkeypatch):
+    # long enough for all of them to be open at once on a loaded machine before the first is closed
+    monkeypatch.setattr(serve, "HEAD_DEADLINE_S", 2.0)
+    with served(create_app(run, ServeLimits(in_flight=1, waiting=0))) as (server, port):
+        limit = server.config.limit_concurrency  # uvicorn counts open connections against it
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(limit - 1)]
+        dribbling = socket.create_connection(("127.0.0.1", port))
+        dribble(dribbling, SLOW_HEAD)  # a byte every 0.1 s: uvicorn's keep-alive timeout never ends
+        wait_until(lambda: len(server.server_state.connections) == limit)
+        assert health_status(port) == 503  # everyone locked out while they are open
+        for sock in [*silent, dribbling]:
+            assert until_closed(sock) == b""
+            sock.close()
+        assert health_status(port) == 200
+
+
+def test_a_slow_upload_body_is_not_cut_and_an_answered_connection_has_the_deadline_again(run, monkeypatch):
+    monkeypatch.setattr(serve, "HEAD_DEADLINE_S", 0.5)
+    png = (run.parent / "data" / "images" / "knee_00000.png").read_bytes()
+    boundary = "b0undary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="knee.png"\r\n\r\n'.encode()
+        + png
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(len(body))}
+
+    def slowly(pieces: int = 4, pause_s: float = 0.3):  # 1.2 s of body after the head: 2.4 deadlines
+        step = len(body) // pieces + 1
+        for k in range(pieces):
+            time.sleep(pause_s)
+            yield body[k * step : (k + 1) * step]
+
+    with served(create_app(run)) as (_, port):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", "/predict", body=slowly(), headers=headers)
+        answer = connection.getresponse()
+        assert answer.status == 200 and json.loads(answer.read())["image"] == "knee.png"
+        dribble(connection.sock, SLOW_HEAD)  # the next request's head, too slow: closed again
+        assert until_closed(connection.sock) == b""
+        connection.close()
+        # answered before its body is read (here: not at all), a request's body is not waited for
+        late = socket.create_connection(("127.0.0.1", port))
+        late.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n")
+        dribble(late, bytes(1000))
+        assert until_closed(late).startswith(b"HTTP/1.1 200 OK")
+        late.close()
+        assert health_status(port) == 200

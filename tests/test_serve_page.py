@@ -1,7 +1,7 @@
 """serve's page in a real browser: Debian's headless chromium, driven by selenium through Debian's
-chromedriver, loads the page from `serve` running in a subprocess on 127.0.0.1, uploads phantom
-slices, and the answers appear in the DOM as predict gives them. Skipped, saying why, where chromium
-or its driver is not installed (.ci/run installs both).
+chromedriver, loads the page from `serve` running in a subprocess on 127.0.0.1 (`--port 0`: the
+port it prints), uploads phantom slices, and the answers appear in the DOM as predict gives them.
+Skipped, saying why, where chromium or its driver is not installed (.ci/run installs both).
 
 With MTL_MENISCUS_WRITE_SCREENSHOT=1 the page is also saved as docs/images/serve-page.png (the
 README's picture); otherwise the screenshot goes to the test's temporary folder only."""
@@ -11,16 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from rich.console import Console
+from support import serve_process
 
 from mtl_meniscus.commands.predict import run_predict
 
@@ -33,12 +30,6 @@ pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
     reason="Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def predicted(run: Path, images: list[Path], folder: Path, threshold: float | None = None) -> list[dict]:
@@ -65,34 +56,11 @@ def slices(tiny_run, tmp_path_factory) -> tuple[list[Path], list[dict], float]:
 
 @pytest.fixture(scope="module")
 def server(tiny_run, slices):
-    """`serve` on the tiny run, in a subprocess on a free port of 127.0.0.1: its base URL."""
-    port = free_port()
-    command = [sys.executable, "cli.py", "serve", str(tiny_run / "run"), "--port", str(port)]
-    command += ["--threshold", repr(slices[2])]
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=os.environ | {"WANDB_MODE": "disabled"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    assert json.load(response)["status"] == "ok"
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"serve did not start: {process.communicate()[0]}") from None
-                time.sleep(0.25)
+    """`serve` on the tiny run, in a subprocess on a port of 127.0.0.1 it chose: its base URL."""
+    with serve_process(tiny_run / "run", "--threshold", repr(slices[2])) as url:
+        with urllib.request.urlopen(url + "/health", timeout=60) as response:
+            assert json.load(response)["status"] == "ok"
         yield url
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from io import BytesIO
 from pathlib import Path, PurePosixPath
 
 import cv2
+import h11
 import numpy as np
 import python_multipart  # noqa: F401  (starlette parses the uploads with it: missing, every upload would fail)
 import uvicorn
@@ -43,6 +44,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mtl_meniscus import __version__
 from mtl_meniscus.engine.answers import (
@@ -581,23 +583,86 @@ def _add_error_handlers(app: FastAPI) -> None:
 # ---- running it ------------------------------------------------------------------------------------
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+HEAD_DEADLINE_S = 10.0  # seconds for a request's head (its line and headers) to arrive: HeadDeadline
+BACKLOG = 2048  # connections the kernel queues before uvicorn accepts them (uvicorn's default)
+
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, closed unless a whole request head arrives within
+    HEAD_DEADLINE_S of its opening or of its last answer. uvicorn times only the silence after an
+    answer, and any byte restarts it: a client that sends nothing, or a byte a second, held its
+    connection for ever, and limit_concurrency counts connections, so a few dozen such clients got
+    everyone else uvicorn's 503. A request at work (its body still arriving, a large zip on a slow
+    link, or its answer being computed) is never cut here: its time is Admission's."""
+
+    head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        self.head_timer = self.loop.call_later(HEAD_DEADLINE_S, self._head_deadline_passed)
+
+    def _head_deadline_passed(self) -> None:
+        # h11's state of the server's side: IDLE until a request's head is whole, SEND_RESPONSE or
+        # SEND_BODY while it is at work, DONE once answered (a body still arriving then is not read)
+        if self.conn.our_state in (h11.IDLE, h11.DONE) and not self.transport.is_closing():
+            self.transport.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound and listening before its address is printed: no other process can
+    take the port between a check and uvicorn's bind, and port 0 is any free one (read it back)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind((host, port))
+        sock.listen(BACKLOG)  # a client that read the address and connects at once is queued, not refused
+    except OSError as err:
+        sock.close()
+        raise MeniscusError(
+            f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port"
+        ) from None
+    return sock
+
+
+def uvicorn_server(app: FastAPI) -> uvicorn.Server:
+    """uvicorn as serve runs it: HTTP/1.1 with the head deadline, a bounded number of connections."""
+    limits = app.state.served.limits
+    config = uvicorn.Config(
+        app,
+        http=HeadDeadline,  # h11 even where httptools is installed: the deadline is written for h11
+        log_level="warning",
+        timeout_keep_alive=5,  # seconds of silence after an answer (HEAD_DEADLINE_S bounds a trickle)
+        limit_concurrency=limits.in_flight + limits.waiting + 32,  # health and page requests beside the queue
+        backlog=BACKLOG,
+    )
+    return uvicorn.Server(config)
 
 
 def run_serve(run: Path, host: str, port: int, console, **app_options) -> None:
-    """Load the model, check the address is free, and serve until interrupted (Ctrl-C)."""
+    """Load the model, listen on the address (port 0: any free one), and serve until interrupted
+    (Ctrl-C). The address printed is the one listened on: a script may read the port from it."""
     app = create_app(run, **app_options)
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise MeniscusError(
-                f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port"
-            ) from None
+    sock = listen(host, port)
+    port = sock.getsockname()[1]
     served = app.state.served
     console.print(
         f"serving {run} ({served.info['model']}, fissure threshold {served.threshold.value:.3f}) on "
-        f"http://{host}:{port}/ (page), POST /predict, GET /model, GET /health; Ctrl-C stops",
+        f"http://{f'[{host}]' if ':' in host else host}:{port}/ (page), POST /predict, GET /model, "
+        "GET /health; Ctrl-C stops",
         highlight=False,
     )
     if host not in LOOPBACK:
@@ -605,12 +670,8 @@ def run_serve(run: Path, host: str, port: int, console, **app_options) -> None:
             f"warning: {host} is reachable from other machines; serve has no authentication and no TLS",
             highlight=False,
         )
-    limits = served.limits
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        timeout_keep_alive=5,
-        limit_concurrency=limits.in_flight + limits.waiting + 32,  # health and page requests beside the queue
-    )
+    with sock:  # uvicorn closes it on shutdown; here too if its startup fails
+        try:
+            uvicorn_server(app).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down: the way to stop
+            pass
