@@ -148,6 +148,10 @@ def serve_process(run: Path, *options: str, wait_s: float = 120) -> Iterator[str
         yield url
     finally:
         process.terminate()
-        process.wait(30)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
         reader.join(10)  # at the end of the output, now that serve has stopped
         process.stdout.close()

@@ -69,6 +69,14 @@ def test_run_folder_contents(phantom64, tmp_path, mode):
             members = {row["member"] for row in csv.DictReader(handle)}
         assert members == {"fissure", "orientation", "position"}
         assert (run / "members" / "orientation" / "last.pt").is_file()
+        # a network of the package's own cascade loads alone (a one-task model); its last.pt, which
+        # records the run's config, is one network of the cascade, not a model of its own
+        alone, config = model_from_checkpoint(load_checkpoint(run / "members" / "orientation" / "best.pt"))
+        assert config.model.tasks == ("orientation",)
+        assert set(alone(torch.zeros(2, 2, 64, 64))) == {"orientation"}
+        last = run / "members" / "fissure" / "last.pt"
+        with pytest.raises(MeniscusError, match="is the fissure network of a cascade run"):
+            model_from_checkpoint(load_checkpoint(last), last)
     else:
         assert (run / "last.pt").is_file()
 

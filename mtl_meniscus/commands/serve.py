@@ -590,8 +590,8 @@ BACKLOG = 2048  # connections the kernel queues before uvicorn accepts them (uvi
 class HeadDeadline(H11Protocol):
     """uvicorn's HTTP/1.1 connection, closed unless a whole request head arrives within
     HEAD_DEADLINE_S of its opening or of its last answer. uvicorn times only the silence after an
-    answer, and any byte restarts it: a client that sends nothing, or a byte a second, held its
-    connection for ever, and limit_concurrency counts connections, so a few dozen such clients got
+    answer, and any byte stops that clock until the next answer: a client that sends nothing, or one
+    byte of a head it never ends, held its connection for ever, and limit_concurrency counts connections, so a few dozen such clients got
     everyone else uvicorn's 503. A request at work (its body still arriving, a large zip on a slow
     link, or its answer being computed) is never cut here: its time is Admission's."""
 
@@ -625,17 +625,25 @@ class HeadDeadline(H11Protocol):
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound and listening before its address is printed: no other process can
     take the port between a check and uvicorn's bind, and port 0 is any free one (read it back)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    ipv6 = ":" in host
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        if ipv6:  # as asyncio binds: --host :: listens on IPv6 only, not on every IPv4 address too
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
         sock.listen(BACKLOG)  # a client that read the address and connects at once is queued, not refused
     except OSError as err:
         sock.close()
         raise MeniscusError(
-            f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port"
+            f"cannot listen on {url_host(host)}:{port} ({err.strerror or err}); choose another --port"
         ) from None
     return sock
+
+
+def url_host(host: str) -> str:
+    """The host as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def uvicorn_server(app: FastAPI) -> uvicorn.Server:
@@ -661,7 +669,7 @@ def run_serve(run: Path, host: str, port: int, console, **app_options) -> None:
     served = app.state.served
     console.print(
         f"serving {run} ({served.info['model']}, fissure threshold {served.threshold.value:.3f}) on "
-        f"http://{f'[{host}]' if ':' in host else host}:{port}/ (page), POST /predict, GET /model, "
+        f"http://{url_host(host)}:{port}/ (page), POST /predict, GET /model, "
         "GET /health; Ctrl-C stops",
         highlight=False,
     )

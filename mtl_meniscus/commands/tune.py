@@ -51,7 +51,7 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from mtl_meniscus.config import MAX_SEED, Config, check_option, dotted_keys, load_config
+from mtl_meniscus.config import MAX_SEED, Config, DataConfig, check_option, dotted_keys, load_config
 from mtl_meniscus.engine.checkpoint import load_checkpoint
 from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.members import JOINT
@@ -526,14 +526,14 @@ class TuneSearch:
         self.console = console or Console(soft_wrap=True)
         self.study_name = request.study_name or Path(request.out_dir).resolve().name
         # a bad preset, option or search space is refused before --out and its study.db are made
-        self.base = self._checked_settings()
+        self.base, base_data = self._checked_settings()
         self.out_dir = check_output_dir(request.out_dir, "--out")
         self.trials_dir = self.out_dir / "trials"
         self.storage_url = request.storage or default_storage(self.out_dir)
         # a bad URL, or an --out of another study, is refused before the data is read or generated
         self.rdb = open_storage(self.storage_url, request.heartbeat_s)
         self._check_out_dir_study()
-        self._resolve_data()
+        self._resolve_data(base_data)
         self.write_lock = threading.Lock()  # n_jobs threads finish trials concurrently; one writer at a time
         self.errors: list[MeniscusError] = []  # a trial's error stops the search, also from a worker thread
 
@@ -568,9 +568,9 @@ class TuneSearch:
                 "--out for this study, or the --study-name and --storage of that one"
             )
 
-    def _checked_settings(self) -> dict[str, Any]:
+    def _checked_settings(self) -> tuple[dict[str, Any], DataConfig]:
         """The overrides every trial shares, checked with the preset and every bound of the search
-        space (the data's path comes later, from _resolve_data)."""
+        space, and the data config they give (the data's path comes later, from _resolve_data)."""
         request = self.request
         base = {
             "model.name": request.mode,
@@ -580,7 +580,7 @@ class TuneSearch:
             "wandb.job_type": JOB_TYPE,
             **(request.overrides or {}),
         }
-        self.base_data = load_config(request.preset, base).data  # a bad preset or option stops here
+        data = load_config(request.preset, base).data  # a bad preset or option stops here
         if request.n_jobs > 1 and self.wandb_mode != "disabled":
             raise ConfigError(
                 f"--n-jobs {request.n_jobs} with wandb ({self.wandb_mode}): wandb keeps one run per process, so "
@@ -588,13 +588,13 @@ class TuneSearch:
                 "several tune processes on the same --storage (each with --n-jobs 1)"
             )
         check_space(request.preset, base, request.space)
-        return base
+        return base, data
 
-    def _resolve_data(self) -> None:
+    def _resolve_data(self, data_config: DataConfig) -> None:
         """The data's path in the shared overrides (the built-in phantom generated once, before
         trials, possibly threads, would race to) and the study's setup resolved with it."""
         request = self.request
-        data = request.data_dir or resolve_data_dir(self.base_data)
+        data = request.data_dir or resolve_data_dir(data_config)
         self.base["data.path"] = str(Path(data).resolve())
         resolved = load_config(request.preset, self.base)
         self.mode, self.max_epochs = resolved.model.name, resolved.train.max_epochs

@@ -479,11 +479,11 @@ def training_class_warnings(member: Member, data: PreparedData) -> list[str]:
 
 
 def has_validation_score(member: Member, data: PreparedData) -> bool:
-    """True when the network's validation rows give it a score: one of its monitored tasks has
-    both classes there (metrics.monitor_score; otherwise the score is undefined in every epoch)."""
+    """True when the network's validation rows give it a score: one of its tasks has both classes
+    there (metrics.monitor_score, which takes a task of weight 0 when no weighted one is defined;
+    otherwise the score is undefined in every epoch)."""
     val = data.targets[member.val_indices]
-    weights = monitor_weights(member.tasks, data.tasks)
-    return any(weights[name] > 0 and all(class_counts(val, name, data.tasks)) for name in member.tasks)
+    return any(all(class_counts(val, name, data.tasks)) for name in member.tasks)
 
 
 def validation_warnings(member: Member, data: PreparedData) -> list[str]:

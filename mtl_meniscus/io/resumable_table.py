@@ -37,13 +37,15 @@ def file_stamp(path: Path) -> list[int] | None:
 
 
 def inputs_stamp(paths: list[str]) -> str:
-    """A short digest of the inputs' file_stamps (an exam folder's: of each file under it): an input
-    rewritten since a table was begun, under the same name, gives another digest."""
+    """A short digest of the inputs' file_stamps (an exam folder's: of the files in it, which its
+    reader reads; a table's own OUT.partial files written there left out): an input rewritten since
+    a table was begun, under the same name, gives another digest."""
     stamps = []
     for name in paths:
         path = Path(name)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        stamps += [f"{file}:{file_stamp(file)}" for file in files]
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        own = (".partial", ".partial.json")
+        stamps += [f"{file}:{file_stamp(file)}" for file in files if not file.name.endswith(own)]
     return fingerprint(stamps)
 
 

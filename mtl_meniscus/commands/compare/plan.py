@@ -22,7 +22,7 @@ from mtl_meniscus.engine.members import run_networks
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.labels import TASKS
 from mtl_meniscus.networks.flops import flops_per_image
-from mtl_meniscus.networks.models import create_timm_backbone, trains_per_task
+from mtl_meniscus.networks.models import check_output_contract, create_timm_backbone, trains_per_task
 
 RESULT_FILE = "result.json"
 
@@ -170,7 +170,9 @@ def regularization_of(config: Config) -> dict[str, Any]:
 
 def training_flops(config: Config) -> dict[str, float]:
     """{network: FLOPs of one training image (forward and backward)} of the networks the config's
-    run trains, counted by networks.flops (timm trunks built without their weights)."""
+    run trains, counted by networks.flops (timm trunks built without their weights). A plug-in
+    that breaks the model contract is named first, as train names it, not by a traceback here."""
+    check_output_contract(config.model, config.data.image_size)
     model = config.model
     if model.trunk not in OWN_TRUNKS:
         model = model.model_copy(update={"pretrained": "none"})
