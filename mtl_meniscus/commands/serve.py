@@ -591,9 +591,10 @@ class HeadDeadline(H11Protocol):
     """uvicorn's HTTP/1.1 connection, closed unless a whole request head arrives within
     HEAD_DEADLINE_S of its opening or of its last answer. uvicorn times only the silence after an
     answer, and any byte stops that clock until the next answer: a client that sends nothing, or one
-    byte of a head it never ends, held its connection for ever, and limit_concurrency counts connections, so a few dozen such clients got
-    everyone else uvicorn's 503. A request at work (its body still arriving, a large zip on a slow
-    link, or its answer being computed) is never cut here: its time is Admission's."""
+    byte of a head it never ends, held its connection for ever, and limit_concurrency counts
+    connections, so a few dozen such clients got everyone else uvicorn's 503. A request at work (its
+    body still arriving, a large zip on a slow link, or its answer being computed) is never cut
+    here: its time is Admission's."""
 
     head_timer: asyncio.TimerHandle | None = None
 
