@@ -515,9 +515,6 @@ class TuneSearch:
         except ImportError:
             raise MeniscusError("tune needs optuna: pip install 'mtl_meniscus[tune]'") from None
         self.optuna, self.request = optuna, request
-        # a bad $WANDB_MODE stops here, before any work, unless --wandb, --set or the preset disable wandb
-        wandb_settings = {"wandb.mode": request.wandb_mode, **(request.overrides or {})}
-        self.wandb_mode = resolve_wandb_mode(load_config(request.preset, wandb_settings).wandb)
         check_tune_options(
             request.n_trials, request.timeout, request.n_jobs, request.seed, request.study_name
         )
@@ -525,7 +522,8 @@ class TuneSearch:
             check_kept_storage(request.storage)
         self.console = console or Console(soft_wrap=True)
         self.study_name = request.study_name or Path(request.out_dir).resolve().name
-        # a bad preset, option or search space is refused before --out and its study.db are made
+        # a bad preset, option, $WANDB_MODE or search space is refused before --out and its study.db
+        # are made
         self.base, base_data = self._checked_settings()
         self.out_dir = check_output_dir(request.out_dir, "--out")
         self.trials_dir = self.out_dir / "trials"
@@ -569,8 +567,9 @@ class TuneSearch:
             )
 
     def _checked_settings(self) -> tuple[dict[str, Any], DataConfig]:
-        """The overrides every trial shares, checked with the preset and every bound of the search
-        space, and the data config they give (the data's path comes later, from _resolve_data)."""
+        """The overrides every trial shares, checked with the preset, $WANDB_MODE and every bound of
+        the search space, and the data config they give (the data's path comes later, from
+        _resolve_data)."""
         request = self.request
         base = {
             "model.name": request.mode,
@@ -580,15 +579,17 @@ class TuneSearch:
             "wandb.job_type": JOB_TYPE,
             **(request.overrides or {}),
         }
-        data = load_config(request.preset, base).data  # a bad preset or option stops here
-        if request.n_jobs > 1 and self.wandb_mode != "disabled":
+        config = load_config(request.preset, base)  # a bad preset or option stops here
+        # and a bad $WANDB_MODE, unless --wandb, --set or the preset disable wandb
+        wandb_mode = resolve_wandb_mode(config.wandb)
+        if request.n_jobs > 1 and wandb_mode != "disabled":
             raise ConfigError(
-                f"--n-jobs {request.n_jobs} with wandb ({self.wandb_mode}): wandb keeps one run per process, so "
+                f"--n-jobs {request.n_jobs} with wandb ({wandb_mode}): wandb keeps one run per process, so "
                 "trials in parallel threads would end each other's runs; use --wandb disabled, or start "
                 "several tune processes on the same --storage (each with --n-jobs 1)"
             )
         check_space(request.preset, base, request.space)
-        return base, data
+        return base, config.data
 
     def _resolve_data(self, data_config: DataConfig) -> None:
         """The data's path in the shared overrides (the built-in phantom generated once, before

@@ -38,9 +38,13 @@ class Member:
     val_indices: np.ndarray
 
     def build(self, config: Config) -> nn.Module:
-        if trains_per_task(config.model.name):
-            return build_network(config.model, self.name)
-        return build_model(config.model)
+        return build_member_network(config.model, self.name)
+
+
+def build_member_network(model: ModelConfig, name: str) -> nn.Module:
+    """The network `name` of a run of `model`: a per_task model's network of that name (its own
+    builder's), or the one network of every other model (JOINT)."""
+    return build_network(model, name) if trains_per_task(model.name) else build_model(model)
 
 
 def plan_members(config: Config, data: PreparedData, run_dir: Path) -> list[Member]:
@@ -189,13 +193,11 @@ def member_config(config: Config, member: Member) -> Config:
 
 def run_networks(model: ModelConfig) -> Iterator[tuple[str, nn.Module]]:
     """(network, the network) for each network a run of `model` trains, built as its member builds
-    it (Member.build), one at a time, without data: what compare counts the FLOPs of. The one
-    network of a shared run; a per_task model's by its own builder (a plug-in's are its own)."""
-    if not trains_per_task(model.name):
-        yield JOINT, build_model(model)
-        return
-    for name in cascade_networks(model):
-        yield name, build_network(model, name)
+    it, one at a time, without data: what compare counts the FLOPs of. The one network of a shared
+    run; a per_task model's by its own builder (a plug-in's are its own)."""
+    names = cascade_networks(model) if trains_per_task(model.name) else (JOINT,)
+    for name in names:
+        yield name, build_member_network(model, name)
 
 
 def tasks_without_labels(names: tuple[str, ...], data: PreparedData) -> dict[str, int]:

@@ -21,6 +21,9 @@ from mtl_meniscus.errors import MeniscusError
 from mtl_meniscus.io.outputs import OutputError, write_text_atomic
 from mtl_meniscus.io.runlock import lock_now, still_at
 
+# The unfinished table and its progress file: <out> + these
+PARTIAL_SUFFIX, PROGRESS_SUFFIX = ".partial", ".partial.json"
+
 
 def fingerprint(names: list[str]) -> str:
     """A short digest of a list of names (the inputs, in order): the settings hold it, not the list."""
@@ -44,7 +47,7 @@ def inputs_stamp(paths: list[str]) -> str:
     for name in paths:
         path = Path(name)
         files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-        own = (".partial", ".partial.json")
+        own = (PARTIAL_SUFFIX, PROGRESS_SUFFIX)
         stamps += [f"{file}:{file_stamp(file)}" for file in files if not file.name.endswith(own)]
     return fingerprint(stamps)
 
@@ -56,8 +59,8 @@ class ResumableTable:
 
     def __init__(self, out: Path, header: str, settings: dict[str, Any]):
         self.out = Path(out)
-        self.partial = self.out.with_name(self.out.name + ".partial")
-        self.progress = self.out.with_name(self.out.name + ".partial.json")
+        self.partial = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
+        self.progress = self.out.with_name(self.out.name + PROGRESS_SUFFIX)
         self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
         existed = self._open_locked()
         try:
