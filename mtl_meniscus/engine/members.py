@@ -185,8 +185,9 @@ def member_config(config: Config, member: Member) -> Config:
     own.model = own.model.model_copy(update={"name": "shared", "tasks": member.tasks})
     segmentation = member.name == SEGMENTATION
     update = {"segmentation": segmentation} | ({"roi": "none"} if segmentation else {})
-    if member.name == "fissure":
-        update["kernels"] = config.model.fissure_kernels
+    if member.name == "fissure":  # fewer blocks: the network takes the first widths, one per block
+        kernels = config.model.fissure_kernels
+        update |= {"kernels": kernels, "widths": config.model.widths[: len(kernels)]}
     own.model = own.model.model_copy(update=update)
     return own
 
