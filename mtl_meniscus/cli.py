@@ -971,6 +971,7 @@ def serve(
 
     check_options(tta=tta, threshold=threshold)
     for name, value, ok, allowed in (
+        ("--host", host, bool(host.strip()), "an address or host name (0.0.0.0: every network interface)"),
         ("--port", port, 0 <= port <= 65535, "a port 0..65535, 0: any free port"),
         ("--max-upload-mb", max_upload_mb, 0 < max_upload_mb <= 4096, "MiB, above 0 and at most 4096"),
         ("--max-pixels", max_pixels, max_pixels is None or max_pixels >= 1, "a number of pixels >= 1"),

@@ -344,7 +344,22 @@ def test_serve_refuses_bad_options_and_a_busy_port(run):
         port = taken.getsockname()[1]
         result = runner.invoke(cli_app, ["serve", str(run), "--port", str(port)])
     assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.output
-    assert "Traceback" not in result.output
+    assert "choose another --port" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "host, says",
+    [
+        ("", "--host: bad value ''"),
+        ("no-such-host.invalid", "--host no-such-host.invalid: not a host name or address"),
+        ("192.0.2.1", "cannot listen on 192.0.2.1:0"),  # TEST-NET-1 (RFC 5737): no machine's address
+    ],
+)
+def test_serve_names_a_bad_host_before_loading_the_model(tmp_path, host, says):
+    missing_run = tmp_path / "no-run"  # the host is refused first: loading would say "not found"
+    result = runner.invoke(cli_app, ["serve", str(missing_run), "--host", host, "--port", "0"])
+    assert result.exit_code == 1 and says in result.output, result.output
+    assert ("choose another --host" in result.output) == bool(host) and "Traceback" not in result.output
 
 
 def test_serve_on_port_0_listens_on_the_port_it_prints(run):

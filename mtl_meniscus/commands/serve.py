@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import logging
 import re
@@ -625,21 +626,37 @@ class HeadDeadline(H11Protocol):
 
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound and listening before its address is printed: no other process can
-    take the port between a check and uvicorn's bind, and port 0 is any free one (read it back)."""
-    ipv6 = ":" in host
-    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET)
+    take the port between a check and uvicorn's bind, and port 0 is any free one (read it back).
+    A host name listens on its first address (localhost: 127.0.0.1 where it is listed first)."""
+    try:
+        family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise MeniscusError(f"--host {host}: not a host name or address ({err}); {HOST_HINT}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        if ipv6:  # as asyncio binds: --host :: listens on IPv6 only, not on every IPv4 address too
+        if family == socket.AF_INET6:  # as asyncio binds: --host :: listens on IPv6 only, not IPv4 too
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
+        sock.bind(address)
         sock.listen(BACKLOG)  # a client that read the address and connects at once is queued, not refused
     except OSError as err:
         sock.close()
         raise MeniscusError(
-            f"cannot listen on {url_host(host)}:{port} ({err.strerror or err}); choose another --port"
+            f"cannot listen on {url_host(host)}:{port} ({err.strerror or err}); {_listen_hint(err, port)}"
         ) from None
     return sock
+
+
+HOST_HINT = "choose another --host (127.0.0.1: this machine only; 0.0.0.0: every network interface)"
+
+
+def _listen_hint(err: OSError, port: int) -> str:
+    """What to change when the bind failed: the host where it is not this machine's, else the port."""
+    if err.errno == errno.EADDRNOTAVAIL:
+        return HOST_HINT
+    if err.errno == errno.EACCES and 0 < port < 1024:
+        return "ports below 1024 need administrator rights: choose another --port (0: any free one)"
+    return "choose another --port (0: any free one)"
 
 
 def url_host(host: str) -> str:
@@ -662,24 +679,24 @@ def uvicorn_server(app: FastAPI) -> uvicorn.Server:
 
 
 def run_serve(run: Path, host: str, port: int, console, **app_options) -> None:
-    """Load the model, listen on the address (port 0: any free one), and serve until interrupted
-    (Ctrl-C). The address printed is the one listened on: a script may read the port from it."""
-    app = create_app(run, **app_options)
+    """Listen on the address (port 0: any free one; a bad address fails before the model loads),
+    load the model, and serve until interrupted (Ctrl-C). The address printed is the one listened
+    on: a script may read the port from it."""
     sock = listen(host, port)
-    port = sock.getsockname()[1]
-    served = app.state.served
-    console.print(
-        f"serving {run} ({served.info['model']}, fissure threshold {served.threshold.value:.3f}) on "
-        f"http://{url_host(host)}:{port}/ (page), POST /predict, GET /model, "
-        "GET /health; Ctrl-C stops",
-        highlight=False,
-    )
-    if host not in LOOPBACK:
+    with sock:  # uvicorn closes it on shutdown; here too if the model or uvicorn's startup fails
+        app = create_app(run, **app_options)
+        served = app.state.served
         console.print(
-            f"warning: {host} is reachable from other machines; serve has no authentication and no TLS",
+            f"serving {run} ({served.info['model']}, fissure threshold {served.threshold.value:.3f}) on "
+            f"http://{url_host(host)}:{sock.getsockname()[1]}/ (page), POST /predict, GET /model, "
+            "GET /health; Ctrl-C stops",
             highlight=False,
         )
-    with sock:  # uvicorn closes it on shutdown; here too if its startup fails
+        if host not in LOOPBACK:
+            console.print(
+                f"warning: {host} is reachable from other machines; serve has no authentication and no TLS",
+                highlight=False,
+            )
         try:
             uvicorn_server(app).run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn raises Ctrl-C again once it has shut down: the way to stop
