@@ -22,6 +22,7 @@ import zipfile
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import nibabel
@@ -360,6 +361,17 @@ def test_serve_names_a_bad_host_before_loading_the_model(tmp_path, host, says):
     result = runner.invoke(cli_app, ["serve", str(missing_run), "--host", host, "--port", "0"])
     assert result.exit_code == 1 and says in result.output, result.output
     assert ("choose another --host" in result.output) == bool(host) and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("host, warned", [("127.0.0.2", False), ("localhost", False), ("0.0.0.0", True)])
+def test_serve_warns_when_other_machines_can_reach_it(run, monkeypatch, host, warned):
+    """The warning follows the address listened on: any loopback one is this machine's alone."""
+    import mtl_meniscus.commands.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "uvicorn_server", lambda app: SimpleNamespace(run=lambda sockets: None))
+    result = runner.invoke(cli_app, ["serve", str(run), "--host", host, "--port", "0"])
+    assert result.exit_code == 0 and "serving" in result.output, result.output
+    assert ("reachable from other machines" in result.output) == warned
 
 
 def test_serve_on_port_0_listens_on_the_port_it_prints(run):

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import errno
 import hashlib
+import ipaddress
 import logging
 import re
 import socket
@@ -583,7 +584,6 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 # ---- running it ------------------------------------------------------------------------------------
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 HEAD_DEADLINE_S = 10.0  # seconds for a request's head (its line and headers) to arrive: HeadDeadline
 BACKLOG = 2048  # connections the kernel queues before uvicorn accepts them (uvicorn's default)
 
@@ -692,7 +692,7 @@ def run_serve(run: Path, host: str, port: int, console, **app_options) -> None:
             "GET /health; Ctrl-C stops",
             highlight=False,
         )
-        if host not in LOOPBACK:
+        if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:  # the address it listens on
             console.print(
                 f"warning: {host} is reachable from other machines; serve has no authentication and no TLS",
                 highlight=False,
