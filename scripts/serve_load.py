@@ -19,7 +19,7 @@ import http.client
 import json
 import os
 import platform
-import socket
+import re
 import subprocess
 import sys
 import tempfile
@@ -76,24 +76,24 @@ def multipart(name: str, data: bytes) -> tuple[bytes, str]:
 
 
 def start_server(run: Path, log: Path) -> tuple[subprocess.Popen, int]:
-    """`serve RUN` on a free port of 127.0.0.1, once /health answers."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "cli.py", "serve", str(run), "--port", str(port)]
+    """`serve RUN --port 0` on 127.0.0.1 (a port it chose, named in its first line), once /health answers."""
+    command = [sys.executable, "cli.py", "serve", str(run), "--port", "0"]
     env = os.environ | {"WANDB_MODE": "disabled"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
+    deadline, port = time.monotonic() + 120, None
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"serve stopped: {log.read_text()}")
+        port = port or next(map(int, re.findall(r" on http://127\.0\.0\.1:(\d+)/", log.read_text())), None)
         try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
-                return process, port
+            if port is not None:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    return process, port
         except OSError:
-            time.sleep(0.25)
+            pass
+        time.sleep(0.25)
     process.terminate()
     raise SystemExit("serve did not answer /health within 120 s")
 
