@@ -66,9 +66,12 @@ def test_train_both_modes(phantom, tmp_path, mode):
     assert f"name: {mode}" in config and "steps_per_epoch: 2" in config and "lr: 0.01" in config
     assert "precision: fp32" in config and "seed: 3" in config
 
+    written = {name: (out / name).read_bytes() for name in ("best.pt", "metrics.json")}
     resumed = runner.invoke(app, ["train", "--resume", str(out)])
     assert resumed.exit_code == 0, resumed.output
-    assert "(finished)" in resumed.output
+    assert "(finished)" in resumed.output and "kept as they are" in resumed.output
+    # the same bytes: a calibration or threshold fitted on best.pt (its SHA-256) stays valid
+    assert all((out / name).read_bytes() == before for name, before in written.items())
 
 
 def test_bad_data_folder_is_a_clear_error(tmp_path):

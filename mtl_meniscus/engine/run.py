@@ -11,6 +11,7 @@ train at once in processes of their own (start_run, train_network; compare --job
 from __future__ import annotations
 
 import csv
+import json
 import math
 from datetime import datetime
 from pathlib import Path
@@ -219,12 +220,13 @@ def _train_locked(
         for tmp in remove_stale_temporaries(run_dir):
             console.print(f"deleted {tmp.name}, left by a process that was killed", markup=False)
     try:
-        trainers = []
+        trainers, had_finished = [], resume
         horns = None  # a cascade's horns from its segmentation network, once it has trained (roi predicted)
         for member in members:
             trainer = MemberTrainer(member, config, data, runtime, logger, console, processes, horns)
             if resume:
                 _resume(trainer, console)
+            had_finished &= trainer.state.finished
             trainer.fit(on_epoch_end)
             trainers.append(trainer)
             if member.name == SEGMENTATION and config.model.roi == "predicted":
@@ -233,9 +235,26 @@ def _train_locked(
                 _write_history(run_dir / "history.csv", [row for t in trainers for row in t.state.history])
         if not processes.main:
             return {}  # rank 0 scores the test split and writes the run's files
+        if had_finished and _finished_files_kept(run_dir, console):
+            return json.loads((run_dir / "metrics.json").read_text())
         return _finish_run(trainers, config, data, runtime, run_dir, warnings, data_name, logger, console)
     finally:
         logger.finish()
+
+
+def _finished_files_kept(run_dir: Path, console: Console) -> bool:
+    """Whether a resumed run that had finished keeps its best.pt and metrics.json (it has both):
+    written again, best.pt's bytes would change (the same weights), and the calibration or threshold
+    fitted on it since would be refused as fitted on another best.pt."""
+    if not ((run_dir / "best.pt").is_file() and (run_dir / "metrics.json").is_file()):
+        return False  # stopped between its last epoch and its last files: they are written now
+    console.print(
+        f"{run_dir} had finished: its best.pt and metrics.json are kept as they are (its test scores: "
+        f"metrics.json, or evaluate {run_dir})",
+        markup=False,
+        highlight=False,
+    )
+    return True
 
 
 def _check_validation_scores(members: list[Member], data: PreparedData, run_dir: Path, because: str) -> None:
