@@ -666,6 +666,10 @@ def test_floor_check_names_a_variant_that_loses_to_the_plain_cnn():
     )
     assert "shared-resnet50 is within" in findings[2]
     assert floor_findings([row("shared", "reference", 0.5)]) == []  # no floor in the table: nothing said
+    # an undefined score (a split with one class) neither passes nor loses
+    (finding,) = floor_findings([row("shared", "reference", 0.9), row("shared", "plain", float("nan"))])
+    assert "shared-reference cannot be judged against the plain floor shared-plain" in finding
+    assert "the test score of shared-plain is undefined" in finding and "within" not in finding
     # learning curves: each share judged against the floor of the same share; no floor judged
     curves = [
         {**row("shared", trunk, score), "variant": f"shared-{trunk}-train{f:g}", "train_fraction": f}

@@ -334,11 +334,20 @@ def floor_findings(table: list[dict[str, Any]]) -> list[str]:
         if floor is None or row["trunk"] == "plain":
             continue
         gap = row["score_mean"] - floor["score_mean"]
-        verdict = (
-            f"LOSES to the plain floor {floor['variant']} by {-gap:.3f}: on this data the preset is worse "
-            "than a plain CNN"
-            if gap < -FLOOR_MARGIN
-            else f"is within {FLOOR_MARGIN} of the plain floor {floor['variant']} or above it ({gap:+.3f})"
-        )
+        if math.isnan(gap):  # neither a pass nor a loss: one of the two has no test score
+            undefined = " and ".join(r["variant"] for r in (row, floor) if math.isnan(r["score_mean"]))
+            verdict = (
+                f"cannot be judged against the plain floor {floor['variant']}: the test score of "
+                f"{undefined} is undefined (see its row)"
+            )
+        elif gap < -FLOOR_MARGIN:
+            verdict = (
+                f"LOSES to the plain floor {floor['variant']} by {-gap:.3f}: on this data the preset is "
+                "worse than a plain CNN"
+            )
+        else:
+            verdict = (
+                f"is within {FLOOR_MARGIN} of the plain floor {floor['variant']} or above it ({gap:+.3f})"
+            )
         findings.append(f"Floor check: {row['variant']} {verdict}.")
     return findings
