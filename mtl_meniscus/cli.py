@@ -386,7 +386,13 @@ def train(
     quiet: QuietOption = False,
 ) -> None:
     """Train a model on a data folder (or the built-in phantom) and evaluate it on the test split."""
-    from mtl_meniscus.engine.run import resume_run, run_folder, train_run, training_config
+    from mtl_meniscus.engine.run import (
+        check_new_run_folder,
+        resume_run,
+        run_folder,
+        train_run,
+        training_config,
+    )
 
     run_dir = resume
     try:
@@ -421,6 +427,7 @@ def train(
             console.print(yaml.safe_dump(run_config.to_dict(), sort_keys=False), highlight=False, end="")
             return
         run_dir = run_folder(out, run_config)
+        check_new_run_folder(run_dir)
         train_run(run_config, run_dir, console=console)
         _print_next_steps(run_dir)
     except KeyboardInterrupt:

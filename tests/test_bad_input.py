@@ -408,6 +408,17 @@ RUN_CASES = [
         "model.pretrained",
     ),
     (["train", "--config", "TINY", "--data", "GOOD", "--out", "IMG"], 1, "is a file, not a folder"),
+    (
+        ["train", "--config", "TINY", "--data", "GOOD", "--out", "GOOD"],
+        1,
+        "is a data folder (its label file is there)",
+    ),
+    # TMP holds evil.pt, which no run writes
+    (
+        ["train", "--config", "TINY", "--data", "GOOD", "--out", "TMP"],
+        1,
+        "holds files that are not a run's (evil.pt)",
+    ),
     (["train", "--config", "IMG", "--data", "GOOD", "--out", "TMP"], 1, "not a text file"),
     (
         ["train", "--config", "TINY", "--data", "GOOD", "--out", "TMP", "--precision", "fp64"],

@@ -32,7 +32,7 @@ from mtl_meniscus.config import (
     saved_run_config,
 )
 from mtl_meniscus.data.load import prepare_data
-from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.data.records import PROBLEMS_FILE, PreparedData
 from mtl_meniscus.data.roi import HornCentres
 from mtl_meniscus.engine.checkpoint import atomic_torch_save, model_payload
 from mtl_meniscus.engine.data_source import resolve_data_dir
@@ -54,8 +54,16 @@ from mtl_meniscus.engine.training_state import MemberCheckpoints
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.evaluation.metrics import bootstrap_cis, challenge_score, task_aucs
 from mtl_meniscus.evaluation.plots import plot_training_curves
-from mtl_meniscus.io.outputs import atomic_write, json_text, remove_stale_temporaries, write_text_atomic
-from mtl_meniscus.io.runlock import RunLock
+from mtl_meniscus.io.outputs import (
+    OutputError,
+    atomic_write,
+    is_data_folder,
+    json_text,
+    remove_stale_temporaries,
+    some_of,
+    write_text_atomic,
+)
+from mtl_meniscus.io.runlock import LOCK_FILE, RunLock
 from mtl_meniscus.labels import TaskTable
 from mtl_meniscus.networks.losses import WEIGHTINGS, check_weighting_contract
 from mtl_meniscus.networks.models import (
@@ -649,6 +657,44 @@ def run_folder(out: Path | None, config: Config) -> Path:
     if out is None and world_size() > 1:
         raise ConfigError("under torchrun give --out: every process must write to the same run folder")
     return out or default_run_dir(config.model.name)
+
+
+# What a run writes into its folder (a start that failed leaves some of them): a new run's folder
+# may hold these and nothing else.
+RUN_ENTRIES = frozenset(
+    {"config.yaml", "splits.csv", "exclusions.csv", PROBLEMS_FILE, "history.csv", "best.pt", "last.pt"}
+    | {
+        "metrics.json",
+        "training_curves.png",
+        "training_curves.pdf",
+        "members",
+        "wandb",
+        "wandb_id.txt",
+        LOCK_FILE,
+    }
+)
+
+
+def check_new_run_folder(run_dir: Path) -> None:
+    """A new run's --out must hold nothing but a run's own files: the run would replace files of the
+    same names (someone's metrics.json or history.csv) and mix its own with the rest (a data
+    folder's images). A folder that holds a run is train_run's to refuse (use --resume)."""
+    if (run_dir / "last.pt").exists() or (run_dir / "members").exists():
+        return
+    if is_data_folder(run_dir):
+        raise OutputError(
+            f"--out: {run_dir} is a data folder (its label file is there): choose another --out"
+        )
+    if run_dir.is_dir():
+        others = sorted(
+            p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and not p.name.endswith(".tmp")
+        )
+        if others:
+            raise OutputError(
+                f"--out: {run_dir} holds files that are not a run's ({some_of(others)}); a run writes "
+                "config.yaml, history.csv, metrics.json, best.pt, ... there, replacing files of those names: "
+                "choose a new or empty folder"
+            )
 
 
 def resume_run(run_dir: Path, options: list[str], console: Console | None = None) -> dict[str, Any]:
