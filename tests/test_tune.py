@@ -28,7 +28,7 @@ from mtl_meniscus.commands.tune import SEARCH_SPACE, Param, run_tune
 from mtl_meniscus.config import load_config
 from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.engine.trainer import TrainingDivergedError
-from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.errors import ConfigError, DataError, MeniscusError
 from mtl_meniscus.io.runlock import RunLock
 from mtl_meniscus.labels import DEFAULT_TASKS
 from mtl_meniscus.phantom.slices import write_phantom
@@ -480,6 +480,13 @@ def test_a_search_space_bound_the_preset_refuses_is_named_before_the_study(tiny,
     space = (Param("train.lr", 1e-4, 3e-3, log=True), Param("train.batch_size", choices=(8, 0)))
     with pytest.raises(ConfigError, match=r"search space: train.batch_size = 0 does not fit the preset"):
         run_tune(tmp_path / "t", tiny, data_dir=phantom, n_trials=1, space=space)
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_data_folder_typo_is_named_before_the_study(tiny, phantom, tmp_path):
+    """Nothing is made: the same command with the right --data is not refused as another study's."""
+    with pytest.raises(DataError, match=r"--data .*nowhere: not a data folder"):
+        run_tune(tmp_path / "t", tiny, data_dir=tmp_path / "nowhere", n_trials=1)
     assert not (tmp_path / "t").exists()
 
 

@@ -59,9 +59,9 @@ from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.run import train_run
 from mtl_meniscus.engine.tracking import resolve_wandb_mode
 from mtl_meniscus.engine.trainer import TrainingDivergedError
-from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.errors import ConfigError, DataError, MeniscusError
 from mtl_meniscus.evaluation.metrics import monitor_score
-from mtl_meniscus.io.outputs import atomic_write, check_output_dir, some_of, write_text_atomic
+from mtl_meniscus.io.outputs import atomic_write, check_output_dir, is_data_folder, some_of, write_text_atomic
 from mtl_meniscus.io.secrets import mask_url, scrub
 from mtl_meniscus.networks.losses import WEIGHTINGS
 from mtl_meniscus.networks.models import cascade_networks, trains_per_task
@@ -589,6 +589,11 @@ class TuneSearch:
                 "several tune processes on the same --storage (each with --n-jobs 1)"
             )
         check_space(request.preset, base, request.space)
+        if request.data_dir is not None and not is_data_folder(request.data_dir):  # a typo in --data
+            raise DataError(
+                f"--data {request.data_dir}: not a data folder (no labels.csv, nor MRNet's label files; "
+                "docs/data.md)"
+            )
         return base, config.data
 
     def _resolve_data(self, data_config: DataConfig) -> None:
