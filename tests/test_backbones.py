@@ -81,7 +81,7 @@ def test_missing_weights_stop_with_instructions(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not weights")
     with pytest.raises(MeniscusError, match="junk.pth: cannot load as resnet18 weights"):
         build_model(ModelConfig(trunk="resnet18", pretrained=str(tmp_path / "junk.pth")))
-    with pytest.raises(ConfigError, match="unknown timm model 'resnet9000'"):
+    with pytest.raises(ConfigError, match="unknown trunk 'resnet9000'"):
         build_model(ModelConfig(trunk="resnet9000", pretrained="none"))
 
 

@@ -409,6 +409,11 @@ RUN_CASES = [
     ),
     (["train", "--config", "TINY", "--data", "GOOD", "--out", "IMG"], 1, "is a file, not a folder"),
     (
+        ["train", "--config", "TINY", "--data", "GOOD", "--out", "TMP/r", "--trunk", "plian"],
+        1,
+        "unknown trunk 'plian' (this package's: reference, plain; or a timm model",
+    ),
+    (
         ["train", "--config", "TINY", "--data", "GOOD", "--out", "GOOD"],
         1,
         "is a data folder (its label file is there)",

@@ -70,6 +70,7 @@ from mtl_meniscus.networks.models import (
     MODELS,
     SeparateCascade,
     check_output_contract,
+    check_trunk,
     reset_roi_fallbacks,
     roi_fallback_counts,
     segments,
@@ -625,9 +626,10 @@ def _load_run_config(run_dir: Path) -> Config:
 
 
 def check_registered(config: Config) -> None:
-    """The config's model and task weighting are registered ones (a ConfigError naming the key),
+    """The config's model, trunk and task weighting are known ones (a ConfigError naming the key),
     and plug-ins keep their contracts (check_output_contract, check_weighting_contract)."""
     MODELS.check(config.model.name)
+    check_trunk(config.model.trunk)
     WEIGHTINGS.check(config.train.weighting)
     check_output_contract(config.model, config.data.image_size)
     check_weighting_contract(config.train.weighting, config.model.tasks)

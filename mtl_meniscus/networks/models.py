@@ -199,6 +199,20 @@ class TimmTrunk(nn.Module):
         return self.pool(self.forward_features(x))  # (B, 2C * g * g)
 
 
+def check_trunk(name: str) -> None:
+    """model.trunk is this package's (OWN_TRUNKS) or a timm model's name: a typo is named with the
+    choices before any data is read (a timm name is only looked up, nothing is built)."""
+    if name in OWN_TRUNKS:
+        return
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"config key 'model.trunk': unknown trunk {name!r} (this package's: {', '.join(OWN_TRUNKS)}; "
+            "or a timm model, e.g. resnet50, vgg16, vgg19)"
+        )
+
+
 def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module:
     """timm model without classifier; weights: 'none', 'default' (timm's, offline cache) or a file.
 
@@ -207,10 +221,7 @@ def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module
     """
     import timm
 
-    if not timm.is_model(name):
-        raise ConfigError(
-            f"config key 'model.trunk': unknown timm model {name!r} (e.g. resnet50, vgg16, vgg19)"
-        )
+    check_trunk(name)
     kwargs = dict(num_classes=0, in_chans=in_chans, global_pool="")
     how_to = (
         f"download {name}'s weights on a machine with internet access (timm / Hugging Face hub) and "
