@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mtl_meniscus import __version__
-from mtl_meniscus.config import preset_path
+from mtl_meniscus.config import preset_path, saved_run_config
 from mtl_meniscus.engine.progress import counted_progress, set_quiet
 from mtl_meniscus.engine.runtime import keep_freed_memory
 from mtl_meniscus.errors import ConfigError, MeniscusError
@@ -457,12 +457,19 @@ def _print_next_steps(run_dir: Path) -> None:
     )
     run = command_name()
     console.print(f"wrote {run_dir}: {', '.join(written)}", highlight=False)
-    console.print(
-        f"next: {run} evaluate {run_dir}    # AUCs with CIs, figures; --calibrate, --youden, --cam\n"
-        f"      {run} predict {run_dir} IMAGES... --out predictions.csv\n"
-        f"      {run} export {run_dir} --out model.onnx",
-        highlight=False,
-    )
+    if saved_run_config(run_dir / "config.yaml").model.exam_pooling is None:
+        console.print(
+            f"next: {run} evaluate {run_dir}    # AUCs with CIs, figures; --calibrate, --youden, --cam\n"
+            f"      {run} predict {run_dir} IMAGES... --out predictions.csv\n"
+            f"      {run} export {run_dir} --out model.onnx",
+            highlight=False,
+        )
+    else:  # a model of whole exams: no saliency maps, no ONNX export
+        console.print(
+            f"next: {run} evaluate {run_dir}    # exam-level AUCs with CIs; --calibrate, --youden\n"
+            f"      {run} predict {run_dir} EXAMS... --exams --out predictions.csv",
+            highlight=False,
+        )
 
 
 @command()

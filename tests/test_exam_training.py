@@ -186,6 +186,8 @@ def test_both_modes_train_on_mrnet_exams_and_predict_only_the_tear(mrnet_runs, m
     run = folder / mode
     assert "unknown (masked, not negative)" in outputs[mode]
     assert "orientation: no known label in the train split" in outputs[mode]
+    # the next steps an exam model takes: predict --exams, no ONNX export (slice models only)
+    assert f"predict {run} EXAMS... --exams" in outputs[mode] and " export " not in outputs[mode]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["unit"] == "exams" and metrics["test"]["n_images"] == 4  # the valid folder
     assert list(metrics["test"]["auc"]) == ["fissure"]
