@@ -349,7 +349,8 @@ def train(
         typer.Option(help="'reference', 'plain' (the floor) or a timm model: resnet50, vgg16, vgg19, ..."),
     ] = None,
     pretrained: Annotated[
-        str | None, typer.Option(help="timm trunk weights: 'default' (offline cache), 'none', or a file.")
+        str | None,
+        typer.Option(help="timm trunk weights: 'default' (timm's, local cache only), 'none', or a file."),
     ] = None,
     freeze_backbone: Annotated[
         bool, typer.Option(metavar="", help="timm trunk: train the heads only.")

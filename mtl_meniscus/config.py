@@ -212,9 +212,8 @@ class ModelConfig(Section):
     name: str = "shared"  # a registered model (networks/models.py, MODELS): 'shared' or 'separate'
     # 'reference' (the conv blocks below), 'plain' (the fixed floor: models.PlainTrunk) or a timm model
     trunk: str = "reference"
-    pretrained: str = (
-        "default"  # timm trunks: 'default' (timm's weights, must be available offline), 'none', or a file
-    )
+    # timm trunks: 'default' (timm's weights from the local cache, never downloaded), 'none', or a file
+    pretrained: str = "default"
     freeze_backbone: bool = False  # timm trunks: train only the heads
     widths: tuple[int, ...] = (16, 32, 48, 64)  # filters per conv block (not published; ours)
     kernels: tuple[int, ...] = DEEP_KERNELS  # trunk of the shared model and of orientation/position nets

@@ -85,6 +85,30 @@ def test_missing_weights_stop_with_instructions(tmp_path):
         build_model(ModelConfig(trunk="resnet9000", pretrained="none"))
 
 
+def test_default_weights_come_from_the_cache_only(tmp_path, monkeypatch):
+    """--pretrained default reads the Hugging Face cache and never the network: offline, the hub's
+    retries took 52 s to fail."""
+    import socket
+
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    attempts = []
+
+    def connect(sock, address, *args):
+        attempts.append(address)
+        raise OSError("the test allows no connection")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    with pytest.raises(
+        MeniscusError, match="weights for resnet18 are not in the local cache.*--pretrained none"
+    ):
+        build_model(ModelConfig(trunk="resnet18", pretrained="default"))
+    assert attempts == [] and constants.HF_HUB_OFFLINE == offline  # the hub's setting restored
+
+
 def test_freeze_and_lower_backbone_learning_rate():
     model = build_model(ModelConfig(trunk="resnet18", pretrained="none", pool_grid=1))
     groups = parameter_groups(model, lr=1e-3, backbone_lr_factor=0.1, freeze_backbone=False)

@@ -22,7 +22,8 @@ Models are built by name from a ModelConfig through the MODELS registry (model.n
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -213,6 +214,22 @@ def check_trunk(name: str) -> None:
         )
 
 
+@contextmanager
+def _hub_cache_only() -> Iterator[None]:
+    """Hugging Face hub downloads off: timm's default weights come from the local cache or not at
+    all (nothing is fetched; offline, the hub's retries took 52 s to fail)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # timm without the hub reads its weights from files only
+        yield
+        return
+    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module:
     """timm model without classifier; weights: 'none', 'default' (timm's, offline cache) or a file.
 
@@ -231,10 +248,12 @@ def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module
         return timm.create_model(name, pretrained=False, **kwargs)
     if pretrained == "default":
         try:
-            return timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as err:  # offline hub, missing cache: many exception types
+            with _hub_cache_only():
+                return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as err:  # not in the cache (or not a hub model): many exception types
             raise MeniscusError(
-                f"pretrained weights for {name} are not available here ({type(err).__name__}); {how_to}"
+                f"pretrained weights for {name} are not in the local cache (Hugging Face hub's; nothing is "
+                f"downloaded: {type(err).__name__}); {how_to}"
             ) from None
     path = Path(pretrained)
     if not path.is_file():
