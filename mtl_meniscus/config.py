@@ -13,14 +13,14 @@ import json
 import math
 import re
 import typing
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mtl_meniscus.errors import ConfigError
+from mtl_meniscus.errors import ConfigError, ConfigValueError
 from mtl_meniscus.labels import DEFAULT_TASKS, TASKS, Task, TaskTable
 
 # Upper bounds that keep one bad value from exhausting memory or hanging (a batch of 1e8 images,
@@ -553,15 +553,6 @@ class Config(Section):
         return plain(self.model_dump())
 
 
-class ConfigValueError(ConfigError):
-    """A config key with a bad value (check_value); `key` lets the loader name the file or option
-    that wrote the value (Origins)."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
-
-
 def check_value(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigValueError(key, f"config key '{key}': bad value {value!r} (allowed: {allowed})")
@@ -810,14 +801,23 @@ def plain(value: Any) -> Any:
     return value
 
 
-def config_from_dict(data: dict[str, Any] | None, source: str | Origins = "config") -> Config:
+def config_from_dict(
+    data: dict[str, Any] | None,
+    source: str | Origins = "config",
+    check: Callable[[Config], None] | None = None,
+) -> Config:
     """Build and validate a Config from a nested dict; unknown keys and bad values name the key and
-    where the value came from (`source`: one name for all of `data`, or the Origins of each value)."""
+    where the value came from (`source`: one name for all of `data`, or the Origins of each value).
+    `check` adds checks this module cannot make (names in the registries: engine.run.check_registered),
+    whose bad values are named so too."""
     data = with_tta_defaults(data or {})
     origins = source if isinstance(source, Origins) else Origins.of(data, source)
     config = parse_section(Config, data, origins)
     try:
-        return config.validate()
+        config = config.validate()
+        if check is not None:
+            check(config)
+        return config
     except ConfigValueError as err:
         where = origins.where(tuple(err.key.split(".")))
         raise ConfigValueError(err.key, _with_origin(str(err), where)) from None
@@ -856,14 +856,16 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     overlay: str | Path | None = None,
     origins: dict[str, str] | None = None,
+    check: Callable[[Config], None] | None = None,
 ) -> Config:
     """Load a YAML preset (or the defaults), merge `overlay` over it (another YAML file, e.g.
     configs/exams.yaml for training on exams) and apply dotted-key overrides like {'train.lr': 0.01}.
 
     `origins` says what gave each override, e.g. {'train.lr': '--set train.lr=fast'}: a message
-    about a bad value names that, or the file that holds the value, or nothing for a default."""
+    about a bad value names that, or the file that holds the value, or nothing for a default
+    (`check`'s too: config_from_dict)."""
     data, where = read_yaml(path, overrides, overlay, origins)
-    return config_from_dict(data, where)
+    return config_from_dict(data, where, check)
 
 
 def read_yaml(

@@ -9,6 +9,15 @@ class ConfigError(MeniscusError):
     """A config file or option has an unknown key or a bad value."""
 
 
+class ConfigValueError(ConfigError):
+    """A config key with a bad value (config.check_value, an unknown registered name); `key` lets
+    the loader name the file or option that wrote the value (config.Origins)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 class DataError(MeniscusError):
     """labels.csv or the data folder is invalid; the message lists every bad row.
 

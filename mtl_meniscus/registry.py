@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.errors import ConfigValueError, MeniscusError
 
 PLUGINS_VARIABLE = "MTL_MENISCUS_PLUGINS"
 _plugins_imported = False
@@ -81,10 +81,11 @@ class Registry:
         return name in self._entries
 
     def check(self, name: str) -> None:
-        """A ConfigError naming the config key and the registered names when `name` is not one of them."""
+        """A ConfigValueError naming the config key and the registered names when `name` is not one of them."""
         if name not in self._entries:
-            raise ConfigError(
-                f"config key '{self.key}': unknown {self.kind} {name!r} (registered: {', '.join(self._entries)})"
+            raise ConfigValueError(
+                self.key,
+                f"config key '{self.key}': unknown {self.kind} {name!r} (registered: {', '.join(self._entries)})",
             )
 
     def get(self, name: str) -> Callable[..., Any]:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from mtl_meniscus.commands.compare.plan import training_flops
 from mtl_meniscus.config import ModelConfig, load_config
 from mtl_meniscus.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.run import train_run, training_config
 from mtl_meniscus.errors import ConfigError, MeniscusError
 from mtl_meniscus.networks.losses import WEIGHTINGS, TaskWeighting
 from mtl_meniscus.networks.models import MODELS, build_model
@@ -88,6 +88,20 @@ def test_unknown_names_stop_the_run_naming_the_key_and_the_registered_ones(tmp_p
         pytest.raises(ConfigError, build_model, ModelConfig(name="x")).value
     )
     assert not (tmp_path / "model.name").exists()  # refused before the run folder was made
+
+
+def test_an_unknown_name_is_blamed_on_the_file_or_option_that_gave_it(tmp_path):
+    """As a bad value is: the registries' names and the trunk are checked with the config."""
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"base: {TINY}\nmodel:\n  name: sharred\n")
+    with pytest.raises(ConfigError, match=rf"^{preset}: config key 'model.name': unknown model 'sharred'"):
+        training_config(preset, None, {}, [], exams=False)
+    for setting, key in (
+        ("train.weighting=uncertian", "train.weighting"),
+        ("model.trunk=plian", "model.trunk"),
+    ):
+        with pytest.raises(ConfigError, match=rf"^--set {setting}: config key '{key}': unknown"):
+            training_config(Path(TINY), None, {}, [setting], exams=False)
 
 
 def test_the_cli_help_lists_the_registered_models():

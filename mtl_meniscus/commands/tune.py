@@ -56,7 +56,7 @@ from mtl_meniscus.engine.checkpoint import load_checkpoint
 from mtl_meniscus.engine.data_source import resolve_data_dir
 from mtl_meniscus.engine.members import JOINT
 from mtl_meniscus.engine.progress import progress_bar
-from mtl_meniscus.engine.run import train_run
+from mtl_meniscus.engine.run import check_registered, train_run
 from mtl_meniscus.engine.tracking import resolve_wandb_mode
 from mtl_meniscus.engine.trainer import TrainingDivergedError
 from mtl_meniscus.errors import ConfigError, DataError, MeniscusError
@@ -579,7 +579,9 @@ class TuneSearch:
             "wandb.job_type": JOB_TYPE,
             **(request.overrides or {}),
         }
-        config = load_config(request.preset, base)  # a bad preset or option stops here
+        config = load_config(
+            request.preset, base, check=check_registered
+        )  # a bad preset or option stops here
         # and a bad $WANDB_MODE, unless --wandb, --set or the preset disable wandb
         wandb_mode = resolve_wandb_mode(config.wandb)
         if request.n_jobs > 1 and wandb_mode != "disabled":

@@ -648,9 +648,14 @@ def training_config(
     origins = {key: f"--set {text}" for text, key, _ in given if named.get(key) is None}  # errors name it
     # a mode's preset counts images per step; on exams the budget is configs/exams.yaml's
     overlay = preset_path("exams") if exams and config_file is None else None
-    config = load_config(preset if preset.is_file() or config_file else None, overrides, overlay, origins)
-    check_registered(config)
-    return config
+    # a misspelt model, trunk or weighting is named with the file or option that gave it
+    return load_config(
+        preset if preset.is_file() or config_file else None,
+        overrides,
+        overlay,
+        origins,
+        check=check_registered,
+    )
 
 
 def run_folder(out: Path | None, config: Config) -> Path:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mtl_meniscus.config import OWN_TRUNKS, SEGMENTATION, ModelConfig, roi_crop_pixels
-from mtl_meniscus.errors import ConfigError, MeniscusError
+from mtl_meniscus.errors import ConfigError, ConfigValueError, MeniscusError
 from mtl_meniscus.io.orientation import POSTERIOR_IS_RIGHT
 from mtl_meniscus.io.outputs import some_of
 from mtl_meniscus.registry import Registry
@@ -208,9 +208,10 @@ def check_trunk(name: str) -> None:
     import timm
 
     if not timm.is_model(name):
-        raise ConfigError(
+        raise ConfigValueError(
+            "model.trunk",
             f"config key 'model.trunk': unknown trunk {name!r} (this package's: {', '.join(OWN_TRUNKS)}; "
-            "or a timm model, e.g. resnet50, vgg16, vgg19)"
+            "or a timm model, e.g. resnet50, vgg16, vgg19)",
         )
 
 
