@@ -79,6 +79,12 @@ def test_an_import_gives_a_row_per_slice_and_tear_masks(fastmri, tmp_path):
 def test_bad_annotations_and_missing_images_are_named(fastmri, tmp_path):
     from mtl_meniscus.data.fastmri import import_fastmri_plus
 
+    with pytest.raises(
+        DataError, match=r"h5: a folder \(expected the fastMRI\+ knee annotations, knee.csv\)"
+    ):
+        import_fastmri_plus(
+            fastmri / "h5", fastmri / "knee.csv", tmp_path / "f"
+        )  # the two the other way round
     (fastmri / "bad.csv").write_text(HEADER + "file1000001,two,No,5,6,10,4,Meniscus Tear\n")
     with pytest.raises(DataError, match="row 2, column 'slice': bad value 'two'"):
         import_fastmri_plus(fastmri / "bad.csv", fastmri / "h5", tmp_path / "a")

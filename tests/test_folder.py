@@ -54,12 +54,13 @@ def test_every_bad_row_is_reported_at_once(tmp_path):
         ("img/missing.png", "0", "", ""),  # row 10: missing file
         ("", "0", "", ""),  # row 11: no image
         ("img/ok.png", "1", "vertical", "anterior"),  # row 12: duplicate
+        ("img", "0", "", ""),  # row 13: a folder
     ]
     _write_folder(tmp_path, rows)
     with pytest.raises(DataError) as info:
         read_labels(tmp_path)
     message = str(info.value)
-    assert "10 problem(s)" in message
+    assert "11 problem(s)" in message
     for expected in [
         "row 3, column 'fissure': bad value '2' (allowed: 0, 1)",
         "row 4, column 'orientation': bad value 'horizontal' (must be empty when fissure is 0)",
@@ -71,6 +72,7 @@ def test_every_bad_row_is_reported_at_once(tmp_path):
         "row 10, column 'image': file not found",
         "row 11, column 'image'",
         "row 12: image 'img/ok.png' is listed twice (also row 2)",
+        f"row 13, column 'image': a folder, not a file: {tmp_path / 'img'}",
     ]:
         assert expected in message, expected
 
@@ -78,6 +80,9 @@ def test_every_bad_row_is_reported_at_once(tmp_path):
 def test_missing_columns_and_missing_csv(tmp_path):
     with pytest.raises(DataError, match="labels.csv: not found"):
         read_labels(tmp_path)
+    _write_folder(tmp_path, [("img/a.png", "0")], header=("image", "fissure"))
+    with pytest.raises(DataError, match="labels.csv is a file: give the data folder that holds labels.csv"):
+        read_labels(tmp_path / "labels.csv")  # --data DIR/labels.csv
     _write_folder(tmp_path, [("img/a.png", "0")], header=("image", "fissure"))
     with pytest.raises(DataError, match="missing column\\(s\\) orientation, position"):
         read_labels(tmp_path)

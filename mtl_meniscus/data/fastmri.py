@@ -53,12 +53,16 @@ FILE_NAME = re.compile(r"file\d+")  # a fastMRI volume's name (its .h5 file with
 MAX_SLICES = 2048  # a declared slice count above this is not a knee volume (fastMRI's have 30-50)
 
 
+def _check_file(path: Path, what: str) -> None:
+    if not path.is_file():  # a folder: e.g. knee.csv and the volumes' folder given the other way round
+        raise DataError(f"{path}: {'a folder' if path.is_dir() else 'not found'} (expected {what})")
+
+
 def read_annotations(path: Path) -> dict[str, list[dict[str, str]]]:
     """knee.csv as {file: [rows]}, each row with its line number ('_line'); every bad row named at
     once (row number, column, value). A `file` must name a file inside the volumes folder: an
     absolute path or one that leaves it with '..' is refused (the one rule of records.inside_path)."""
-    if not path.is_file():
-        raise DataError(f"{path}: not found (the fastMRI+ knee annotations, knee.csv)")
+    _check_file(path, "the fastMRI+ knee annotations, knee.csv")
     try:
         reader = csv.DictReader(io.StringIO(csv_text(path), newline=""))
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
@@ -128,8 +132,7 @@ def _count(text: str | None) -> int | None:
 def read_reviewed(path: Path) -> tuple[set[str], list[str]]:
     """fastMRI+'s knee_file_list.csv: (the volumes it lists, without '.h5'; its lines that name no
     volume, e.g. the 'Knee data' line the published file ends with, to be reported)."""
-    if not path.is_file():
-        raise DataError(f"{path}: not found (fastMRI+'s knee_file_list.csv, one file name per line)")
+    _check_file(path, "fastMRI+'s knee_file_list.csv, one file name per line")
     names, other = set(), []
     for line in csv_text(path).splitlines():
         name = line.strip().strip(",").removesuffix(".h5")

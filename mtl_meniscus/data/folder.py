@@ -51,8 +51,10 @@ def read_labels(
     """
     data_dir = Path(data_dir)
     csv_path = data_dir / "labels.csv"
+    if data_dir.is_file():  # e.g. --data DIR/labels.csv
+        raise DataError(f"{data_dir} is a file: give the data folder that holds labels.csv (docs/data.md)")
     if not csv_path.is_file():
-        raise DataError(f"{csv_path}: not found (a data folder needs labels.csv; see the README)")
+        raise DataError(f"{csv_path}: not found (a data folder needs labels.csv; docs/data.md)")
     header, rows = _read_csv(csv_path)
     repeated = sorted({name for name in header if name and header.count(name) > 1})
     if repeated:
@@ -307,7 +309,8 @@ def _file_in_folder(
         found = False
     if not found:
         slash = " (paths are written with '/', not '\\')" if "\\" in text else ""
-        problems.append(f"row {line}, column '{column}': file not found: {data_dir / normal}{slash}")
+        missing = "a folder, not a file" if (data_dir / normal).is_dir() else "file not found"
+        problems.append(f"row {line}, column '{column}': {missing}: {data_dir / normal}{slash}")
         return ""
     return normal
 
