@@ -742,6 +742,10 @@ def compare(
                 "into a folder of its own"
             )
         _check_comparison_folder(out)
+        if data is not None and difficulty is not None:  # it would be written into every variant's config
+            raise ConfigError(
+                "--difficulty: the built-in phantom's level, not with --data (your data has its own)"
+            )
         path = config or preset_path("compare")
         overrides = {
             "modes": parse_list(modes, "--modes") if modes is not None else None,
