@@ -79,7 +79,9 @@ def test_missing_weights_stop_with_instructions(tmp_path):
     with pytest.raises(MeniscusError, match="not found.*--pretrained none"):
         build_model(ModelConfig(trunk="resnet18", pretrained=str(tmp_path / "nowhere.pth")))
     (tmp_path / "junk.pth").write_bytes(b"not weights")
-    with pytest.raises(MeniscusError, match="junk.pth: cannot load as resnet18 weights"):
+    with pytest.raises(
+        MeniscusError, match="junk.pth: cannot load as resnet18 weights: a file of weights that timm reads"
+    ):
         build_model(ModelConfig(trunk="resnet18", pretrained=str(tmp_path / "junk.pth")))
     with pytest.raises(ConfigError, match="unknown trunk 'resnet9000'"):
         build_model(ModelConfig(trunk="resnet9000", pretrained="none"))

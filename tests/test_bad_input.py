@@ -434,7 +434,11 @@ RUN_CASES = [
     (["make-phantom", "TMP/ph", "--size", "0"], 1, "--size"),
     (["compare", "--seeds", "-1", "--out", "TMP/c"], 1, "seeds"),
     (["compare", "--seeds", "0,x", "--out", "TMP/c"], 1, "--seeds"),
-    (["compare", "--data", "GOOD", "--difficulty", "easy", "--out", "TMP/c"], 1, "--difficulty: the built-in"),
+    (
+        ["compare", "--data", "GOOD", "--difficulty", "easy", "--out", "TMP/c"],
+        1,
+        "--difficulty: the built-in",
+    ),
 ]
 
 

@@ -265,7 +265,10 @@ def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module
         )
         stored = timm.models.load_state_dict(str(path))  # as timm read it: a checkpoint's weights unwrapped
     except Exception as err:
-        raise MeniscusError(f"{path}: cannot load as {name} weights ({type(err).__name__}: {err})") from None
+        raise MeniscusError(
+            f"{path}: cannot load as {name} weights: a file of weights that timm reads is a torch.save "
+            f".pth/.pt or a .safetensors ({type(err).__name__}: {str(err)[:200]})"
+        ) from None
     _check_weights_loaded(model, stored, name, path, how_to)
     return model
 

@@ -226,12 +226,17 @@ def parse_on_off(text: str, option: str) -> list[bool]:
 def parse_pretrained(values: Sequence[str], trunks: Sequence[str]) -> dict[str, str]:
     """--pretrained options: 'TRUNK=WEIGHTS' for one timm trunk, or 'WEIGHTS' for every timm trunk.
 
-    WEIGHTS is 'default' (timm's weights, from an existing offline cache), 'none' or a file.
+    WEIGHTS is 'default' (timm's weights, from the local cache), 'none' or a file.
     """
     timm_trunks = [t for t in trunks if t not in OWN_TRUNKS]
     out: dict[str, str] = {}
     for value in values:
         trunk, sep, weights = value.partition("=")
+        if not sep and value in trunks and not Path(value).is_file():  # a trunk without its weights
+            raise ConfigError(
+                f"--pretrained {value!r}: a trunk's name; give TRUNK=WEIGHTS (e.g. {value}=/path/to/weights.pth, "
+                f"{value}=default, {value}=none) or WEIGHTS for every timm trunk"
+            )
         if not sep:
             out.update({t: value for t in timm_trunks})
         elif trunk in timm_trunks:
