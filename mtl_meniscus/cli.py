@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -89,6 +90,9 @@ def main(
     # ("[ WARN:0@0.05] ... PNG input buffer is incomplete") would add an unexplained line. Read when
     # cv2 is first imported, which no command has done yet.
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    # So would pydicom's and Pillow's warnings on a damaged or nonconforming file ("Expected explicit
+    # VR, but found implicit VR", "Corrupt EXIF data"), printed with their site-packages paths.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(pydicom|PIL)(\.|$)")
 
 
 def command_name() -> str:

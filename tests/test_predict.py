@@ -393,3 +393,25 @@ def test_a_writer_that_waited_for_a_finished_table_starts_a_new_one(tmp_path, mo
     second.add("b.png\n", 1, 0)
     second.finish()
     assert (tmp_path / "p.csv").read_text() == "image\nb.png\n"
+
+
+def test_a_damaged_files_decoder_warnings_are_not_printed(tiny_run, tmp_path):
+    """Its error row says what is wrong; pydicom's and Pillow's own warnings (with their
+    site-packages paths) are not printed beside it. A process of its own: pytest records warnings."""
+    import subprocess
+    import sys
+
+    (tmp_path / "fake.dcm").write_bytes(bytes(128) + b"DICM" + b"\x02\x00" * 10)  # implicit VR, bad UIDs
+    (tmp_path / "fake.tif").write_bytes(b"II*\x00 garbage")  # Pillow: corrupt EXIF data
+    command = [sys.executable, "cli.py", "predict", str(tiny_run / "run"), str(tmp_path), "--out"]
+    result = subprocess.run(
+        [*command, str(tmp_path / "p.csv")],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"WANDB_MODE": "disabled"},
+    )
+    assert result.returncode == 1 and "2 failed, see the error column" in result.stdout, result.stdout
+    assert "Warning" not in result.stderr + result.stdout and "site-packages" not in result.stderr, (
+        result.stderr
+    )
