@@ -322,6 +322,12 @@ def test_every_problem_is_written_to_a_file(tmp_path):
         app, ["train", "--config", str(TINY), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r")]
     )
     assert result.exit_code == 1 and str(tmp_path / "r" / "labels_problems.txt") in result.output
+    for k in range(70):  # the data mended, the same command again: the old report is gone
+        _png(tmp_path / "data" / "img" / f"missing{k}.png")
+    result = runner.invoke(
+        app, ["train", "--config", str(TINY), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r")]
+    )
+    assert "kept 70 of 70 images" in result.output and not (tmp_path / "r" / "labels_problems.txt").exists()
 
 
 def test_all_images_excluded_for_their_size_says_why(data64, tmp_path):

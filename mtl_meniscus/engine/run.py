@@ -378,6 +378,7 @@ def _prepare_run_data(
         kept = tuple(t for t in config.model.tasks if t not in unlabelled)
         config.model = config.model.model_copy(update={"tasks": kept})
     if processes.main:
+        (run_dir / PROBLEMS_FILE).unlink(missing_ok=True)  # an earlier start's, whose data had them
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         data.write_splits(run_dir / "splits.csv")
         data.write_exclusions(run_dir / "exclusions.csv")
