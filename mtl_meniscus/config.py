@@ -431,6 +431,11 @@ def _tta_augment() -> AugmentConfig:
     return AugmentConfig(rotation_deg=15.0, translate_frac=0.1)
 
 
+def tta_words(copies: int) -> str:
+    """'TTA 1 copy', 'TTA 5 copies': the copies a prediction averaged, as messages say it."""
+    return f"TTA {copies} {'copy' if copies == 1 else 'copies'}"
+
+
 class TTAConfig(Section):
     """Test-time augmentation: the original plus `copies` milder random copies, averaged."""
 

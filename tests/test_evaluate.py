@@ -164,7 +164,7 @@ def test_youden_threshold_is_chosen_on_tta_probabilities_and_reported(trained, t
     assert record["tta_copies"] == model.config.tta.copies == 1 and record["chosen_by"] == "youden_j"
     assert metrics["fissure_threshold"] == record["fissure_threshold"]
     assert (
-        "Youden's J on the run's validation split, TTA 1 copies, uncalibrated probabilities"
+        "Youden's J on the run's validation split, TTA 1 copy, uncalibrated probabilities"
         in console.export_text()
     )
 
@@ -272,6 +272,7 @@ def test_a_degenerate_interval_is_marked_in_the_table_and_the_metrics():
     assert degenerate_interval(2, 40) == "only 2 positive images: the interval is not informative"
     assert degenerate_interval(30, 1) == "only 1 negative image: the interval is not informative"
     assert degenerate_interval(5, 5) is None
+    assert degenerate_interval(0, 12) == "no positive image: the AUC is undefined"
     task = {
         "n": 3, "n_positive": 2, "auc": 0.5, "auc_ci95": [0.5, 0.5],
         "auc_ci95_note": degenerate_interval(2, 1), "sensitivity": 0.5, "specificity": 1.0,

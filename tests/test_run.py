@@ -279,6 +279,7 @@ def test_empty_val_and_test_splits_are_warned_and_recorded(tmp_path):
     text = console.export_text()
     assert "warning: [shared] no validation image (the val split is empty)" in text
     assert "warning: the test split is empty" in text
+    assert "val loss undefined  AUC undefined" in text  # no validation image: no loss either (0.0000 before)
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["warnings"] == metrics["warnings"]
     # _split_folder's tears are all vertical and posterior: those two tasks train on one class

@@ -17,7 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mtl_meniscus.config import DataConfig, TTAConfig, WandbConfig
+from mtl_meniscus.config import DataConfig, TTAConfig, WandbConfig, tta_words
 from mtl_meniscus.data.masks import MASK_TEAR
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.horns import label_maps, roi_hit_rates, roi_window, truth_masks
@@ -489,7 +489,7 @@ def _write_outputs(
 def _show(console: Console, metrics, out_dir: Path, figures: list[Path], tta) -> None:
     """The terminal summary: the table, its notes, the cascade and what was written."""
     title = (
-        f"{metrics['split']} split, {metrics['sample']}, TTA {tta.copies} copies, "
+        f"{metrics['split']} split, {metrics['sample']}, {tta_words(tta.copies)}, "
         f"fissure threshold {metrics['fissure_threshold']:.3f}"
     )
     console.print(metrics_table(metrics, title))
@@ -798,7 +798,7 @@ def run_exam_evaluation(
         console.print(f"! {note}", highlight=False, markup=False)
     console.print(
         f"MRNet {split}: {len(exams)} exams ({metrics['n_tears']} tears), exam-level tear AUC "
-        f"{_fmt(metrics['auc'])} (95% CI {_fmt(low)}-{_fmt(high)}), TTA {tta.copies} copies -> {out_dir}",
+        f"{_fmt(metrics['auc'])} (95% CI {_fmt(low)}-{_fmt(high)}), {tta_words(tta.copies)} -> {out_dir}",
         highlight=False,
     )
     return metrics

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from mtl_meniscus.config import tta_words
 from mtl_meniscus.engine.answers import (
     Prediction,
     csv_columns,
@@ -159,7 +160,7 @@ def run_predict(
             progress.update(bar, completed=table.done * per_file)  # unreadable files too
         table.finish()
     console.print(
-        f"predicted {len(files) - table.failed} of {len(files)} images (TTA {tta.copies} copies, "
+        f"predicted {len(files) - table.failed} of {len(files)} images ({tta_words(tta.copies)}, "
         f"fissure threshold {chosen.value:.3f}) -> {out}"
         + (f"; {table.failed} failed, see the error column" if table.failed else "")
     )
@@ -432,7 +433,7 @@ def run_predict_exams(
             rows += exam
         table.finish()
     console.print(
-        f"predicted {len(exams) - table.failed} of {len(exams)} exams (TTA {tta.copies} copies, fissure "
+        f"predicted {len(exams) - table.failed} of {len(exams)} exams ({tta_words(tta.copies)}, fissure "
         f"threshold {chosen.value:.3f}; exam = {trained.exam_rule}) -> {out}"
         + (f"; {table.failed} failed, see the error column" if table.failed else "")
     )

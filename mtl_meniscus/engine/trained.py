@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from mtl_meniscus.config import Config, TTAConfig
+from mtl_meniscus.config import Config, TTAConfig, tta_words
 from mtl_meniscus.data.records import PreparedData
 from mtl_meniscus.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from mtl_meniscus.engine.inference import model_horns, predict_logits
@@ -322,7 +322,7 @@ class TrainedModel:
         kind = "calibrated" if self.calibration else "uncalibrated"
         return Threshold(
             float(value),
-            f"Youden's J on the run's validation split, TTA {copies} copies, {kind} probabilities ({path})",
+            f"Youden's J on the run's validation split, {tta_words(copies)}, {kind} probabilities ({path})",
             tta_copies=copies,
         )
 
@@ -339,7 +339,7 @@ class Threshold:
         text = f"fissure threshold {self.value:.3f}: {self.source}"
         if self.tta_copies is not None and self.tta_copies != applied_tta_copies:
             text += (
-                f"; note: chosen on probabilities with TTA {self.tta_copies} copies, "
+                f"; note: chosen on probabilities with {tta_words(self.tta_copies)}, "
                 f"applied here with {applied_tta_copies}"
             )
         return text

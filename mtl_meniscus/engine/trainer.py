@@ -384,7 +384,8 @@ class MemberTrainer:
             if key.startswith("val_dice_")
         )
         # the cascade's segmentation network has no task: its score is the mean Dice (validation.py)
-        classification = f"val loss {row['val_loss']:.4f}  AUC {aucs}  " if self.member.tasks else ""
+        loss = "undefined" if math.isnan(row["val_loss"]) else f"{row['val_loss']:.4f}"
+        classification = f"val loss {loss}  AUC {aucs}  " if self.member.tasks else ""
         score = "undefined" if math.isnan(row["val_score"]) else f"{row['val_score']:.4f}"
         self.console.print(
             f"[{self.member.name}] epoch {row['epoch']:>2}  loss {row['train_loss']:.4f}  "

@@ -61,7 +61,12 @@ def validate(
         loss = math.nan
     else:
         score = monitor_score(aucs, data.tasks)
-        loss = masked_log_loss(targets, probs, data.tasks, config.train.gated_loss_mean)
+        # no validation image: no loss (the masked mean of nothing read 0.0000, a perfect fit)
+        loss = (
+            masked_log_loss(targets, probs, data.tasks, config.train.gated_loss_mean)
+            if len(indices)
+            else math.nan
+        )
     return {
         "finite": True,
         "auc": aucs,

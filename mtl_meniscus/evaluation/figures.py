@@ -28,6 +28,8 @@ def degenerate_interval(n_positive: int, n_negative: int) -> str | None:
     if fewest >= MIN_CLASS_FOR_CI:
         return None
     which = "positive" if n_positive <= n_negative else "negative"
+    if fewest == 0:
+        return f"no {which} image: the AUC is undefined"
     return f"only {fewest} {which} image{'s' if fewest != 1 else ''}: the interval is not informative"
 
 
