@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from rich.console import Console
 from sklearn.metrics import roc_auc_score
 from support import TINY, _quiet, _split_folder
 from typer.testing import CliRunner
@@ -921,8 +922,15 @@ def test_a_rerun_leaves_no_figure_of_an_earlier_run_beside_its_own(finished, pre
     out = tmp_path / "out"
     shutil.copytree(finished, out)
     (out / "learning_curves.png").write_bytes(b"an earlier run's")
-    run_compare(tiny_compare(preset), out, presets_for(preset), data_dir=phantom, console=_quiet())
+    console = Console(record=True, width=300)
+    run_compare(tiny_compare(preset), out, presets_for(preset), data_dir=phantom, console=console)
     assert not (out / "learning_curves.png").exists()
+    (wrote,) = [line for line in console.export_text().splitlines() if line.startswith("wrote ")]
+    assert "the figures score_bars, roc_overlay, forest (.png and .pdf)" in wrote  # and no learning curves
+    named = [name for name in ("results.md", "results.json", "results_delong.csv") if name in wrote]
+    assert named == [
+        name for name in ("results.md", "results.json", "results_delong.csv") if (out / name).exists()
+    ]
     assert (out / "forest.png").stat().st_size > 1000  # what this run draws is there
 
 

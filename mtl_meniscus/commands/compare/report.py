@@ -205,17 +205,16 @@ def write_report(
     plot_score_bars(table, per_seed, out_dir / "score_bars.png")
     plot_roc_overlay(scored, targets, out_dir / "roc_overlay.png", tasks)
     plot_forest(table, per_seed, out_dir / "forest.png")
-    plot_learning_curves(table, out_dir / "learning_curves.png")
+    curves = plot_learning_curves(table, out_dir / "learning_curves.png")  # with several training shares
 
     _print_tables(console, header, rows, caption, delong)
     for finding in floor:
         console.print(
             finding, style="bold red" if "LOSES" in finding else None, markup=False, highlight=False
         )
-    console.print(
-        f"wrote {out_dir / 'results.md'}, results.csv, results_per_seed.csv and the figures score_bars, "
-        "roc_overlay, forest and, with several training shares, learning_curves (.png and .pdf)"
-    )
+    tables = "results.json, results.csv, results_per_seed.csv" + (", results_delong.csv" if delong else "")
+    figures = "score_bars, roc_overlay, forest" + (", learning_curves" if curves else "")
+    console.print(f"wrote {out_dir / 'results.md'}, {tables} and the figures {figures} (.png and .pdf)")
 
 
 def _caption(table: list[dict[str, Any]], scored: Sequence[ScoredVariant]) -> tuple[str, list[str]]:
