@@ -371,6 +371,7 @@ def _flops_section(
             ("bare_fp32", "preset", "fp32"),
             ("bare_plain", "plain", precision),
         )
+        if not (name == "bare_fp32" and precision == "fp32")  # the same path as "bare": one row
     ]
     return {
         "step_gflop_preset": step_flops["preset"] / 1e9,
