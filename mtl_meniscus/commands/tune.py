@@ -579,9 +579,8 @@ class TuneSearch:
             "wandb.job_type": JOB_TYPE,
             **(request.overrides or {}),
         }
-        config = load_config(
-            request.preset, base, check=check_registered
-        )  # a bad preset or option stops here
+        # a bad preset or option stops here, a misspelt model or weighting too
+        config = load_config(request.preset, base, check=check_registered)
         # and a bad $WANDB_MODE, unless --wandb, --set or the preset disable wandb
         wandb_mode = resolve_wandb_mode(config.wandb)
         if request.n_jobs > 1 and wandb_mode != "disabled":
