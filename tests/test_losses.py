@@ -163,6 +163,9 @@ def test_validation_loss_has_the_training_losss_mean():
         training = sum(task_losses(logits, targets, gated_mean=mean).values()).item()
         validation = masked_log_loss(targets.numpy(), probs, DEFAULT_TASKS, mean)
         assert math.isclose(validation, training, rel_tol=1e-5), mean
+    # no scored row (a tear-free validation split for the orientation network): no loss, not 0
+    no_tears = targets[[1, 3]].numpy()
+    assert math.isnan(masked_log_loss(no_tears, {"orientation": probs["orientation"][[1, 3]]}, DEFAULT_TASKS))
 
 
 def test_a_run_saved_before_the_per_image_loss_keeps_its_loss(tmp_path):

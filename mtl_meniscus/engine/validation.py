@@ -61,12 +61,7 @@ def validate(
         loss = math.nan
     else:
         score = monitor_score(aucs, data.tasks)
-        # no validation image: no loss (the masked mean of nothing read 0.0000, a perfect fit)
-        loss = (
-            masked_log_loss(targets, probs, data.tasks, config.train.gated_loss_mean)
-            if len(indices)
-            else math.nan
-        )
+        loss = masked_log_loss(targets, probs, data.tasks, config.train.gated_loss_mean)
     return {
         "finite": True,
         "auc": aucs,
@@ -114,13 +109,16 @@ def masked_log_loss(
 ) -> float:
     """Validation loss with the training loss's masking and mean (train.gated_loss_mean, as
     networks/losses.py loss_rows): sum over tasks of the BCE summed over the scored rows, divided
-    by the task's loss rows (per-image: a gated task's by every image with a gating label)."""
-    total = 0.0
+    by the task's loss rows (per-image: a gated task's by every image with a gating label). NaN when
+    no row is scored (no validation image, or a gated network's without a tear): 0 would read as a
+    perfect fit."""
+    total, scored = 0.0, False
     for task, p in probs.items():
         rows = tasks.scored_rows(targets, task)
         if rows.any():
+            scored = True
             y = targets[rows, tasks.index(task)]
             q = np.clip(p[rows], 1e-7, 1 - 1e-7)
             denominator = loss_rows(targets, task, gated_mean, tasks).sum()  # the training loss's rule
             total += float(-np.sum(y * np.log(q) + (1 - y) * np.log(1 - q)) / denominator)
-    return total
+    return total if scored else math.nan
