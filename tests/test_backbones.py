@@ -99,13 +99,15 @@ def test_default_weights_come_from_the_cache_only(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     attempts = []
 
-    def connect(sock, address, *args):
-        attempts.append(address)
-        raise OSError("the test allows no connection")
+    def refuse(*args, **kwargs):  # a name lookup or a connection: the first step of any download
+        attempts.append(args)
+        raise OSError("the test allows no network")
 
-    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
     with pytest.raises(
-        MeniscusError, match="weights for resnet18 are not in the local cache.*--pretrained none"
+        MeniscusError,
+        match=r"weights for resnet18 are not in the local Hugging Face cache.*--pretrained none",
     ):
         build_model(ModelConfig(trunk="resnet18", pretrained="default"))
     assert attempts == [] and constants.HF_HUB_OFFLINE == offline  # the hub's setting restored

@@ -218,7 +218,8 @@ def check_trunk(name: str) -> None:
 @contextmanager
 def _hub_cache_only() -> Iterator[None]:
     """Hugging Face hub downloads off: timm's default weights come from the local cache or not at
-    all (nothing is fetched; offline, the hub's retries took 52 s to fail)."""
+    all (offline, the hub's retries took 52 s to fail). The few timm models whose weights are a URL
+    rather than a hub entry are still fetched by torch.hub, which fails at once offline."""
     try:
         from huggingface_hub import constants
     except ImportError:  # timm without the hub reads its weights from files only
@@ -243,7 +244,7 @@ def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module
     kwargs = dict(num_classes=0, in_chans=in_chans, global_pool="")
     how_to = (
         f"download {name}'s weights on a machine with internet access (timm / Hugging Face hub) and "
-        f"pass --pretrained /path/to/weights.pth (or .safetensors), or --pretrained none to train from scratch"
+        "pass --pretrained /path/to/weights.pth (or .safetensors), or --pretrained none to train from scratch"
     )
     if pretrained == "none":
         return timm.create_model(name, pretrained=False, **kwargs)
@@ -253,8 +254,10 @@ def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module
                 return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as err:  # not in the cache (or not a hub model): many exception types
             raise MeniscusError(
-                f"pretrained weights for {name} are not in the local cache (Hugging Face hub's; nothing is "
-                f"downloaded: {type(err).__name__}); {how_to}"
+                f"pretrained weights for {name} are not in the local Hugging Face cache, which 'default' "
+                f"reads with downloads off ({type(err).__name__}); fill it on a machine with internet access "
+                f"(python -c \"import timm; timm.create_model('{name}', pretrained=True)\") and copy "
+                f"~/.cache/huggingface/hub here, or {how_to}"
             ) from None
     path = Path(pretrained)
     if not path.is_file():
