@@ -422,7 +422,7 @@ RUN_CASES = [
     (
         ["train", "--config", "TINY", "--data", "GOOD", "--out", "TMP"],
         1,
-        "holds files that are not a run's (evil.pt)",
+        "would replace or sit beside (evil.pt)",
     ),
     (["train", "--config", "IMG", "--data", "GOOD", "--out", "TMP"], 1, "not a text file"),
     (

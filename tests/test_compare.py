@@ -170,6 +170,8 @@ def test_bad_options_name_the_option():
         parse_pretrained(["resnet50=/w/r.pth"], ["reference", "vgg16"])
     with pytest.raises(ConfigError, match=r"'vgg16': a trunk's name; give TRUNK=WEIGHTS \(e.g. vgg16=/path"):
         parse_pretrained(["vgg16"], ["reference", "vgg16"])  # not a weights file named vgg16
+    with pytest.raises(ConfigError, match="'reference': this package's trunks start from random weights"):
+        parse_pretrained(["reference"], ["reference", "vgg16"])
 
 
 def test_missing_weights_stop_before_any_training(preset, phantom, tmp_path):

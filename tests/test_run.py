@@ -498,3 +498,21 @@ def test_resume_after_the_data_moved_says_how_to_point_the_run_at_it(data64, tmp
         saved.replace(str(tmp_path / "data"), str(tmp_path / "moved"))
     )
     assert runner.invoke(app, ["train", "--resume", str(tmp_path / "run")]).exit_code == 0  # as it says
+
+
+def test_train_out_refuses_a_folder_whose_files_a_run_would_replace(data64, tmp_path):
+    """A finished run without its last.pt (shared without its training state) is not trained over;
+    a folder holding only hidden files (.DS_Store) is as good as empty."""
+    train = ["train", "--config", str(TINY), "--data", str(data64), "--max-epochs", "1", "--out"]
+    run = tmp_path / "run"
+    assert runner.invoke(app, [*train, str(run)]).exit_code == 0
+    (run / "last.pt").unlink()
+    kept = (run / "best.pt").read_bytes()
+    result = runner.invoke(app, [*train, str(run)])
+    _clean(result)
+    assert result.exit_code == 1 and "would replace or sit beside (best.pt, metrics.json," in result.output
+    assert (run / "best.pt").read_bytes() == kept
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".DS_Store").write_bytes(b"Finder's")
+    assert runner.invoke(app, [*train, str(hidden)]).exit_code == 0

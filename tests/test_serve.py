@@ -374,6 +374,21 @@ def test_serve_warns_when_other_machines_can_reach_it(run, monkeypatch, host, wa
     assert ("reachable from other machines" in result.output) == warned
 
 
+def test_a_host_name_listens_on_its_ipv4_address_where_it_has_one(monkeypatch):
+    """Where /etc/hosts lists ::1 localhost first, `--host localhost` still answers 127.0.0.1."""
+
+    def ipv6_first(host, port, *args, **kwargs):
+        stream = (socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+        return [
+            (socket.AF_INET6, *stream, ("::1", port, 0, 0)),
+            (socket.AF_INET, *stream, ("127.0.0.1", port)),
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", ipv6_first)
+    with listen("localhost", 0) as sock:
+        assert sock.family == socket.AF_INET and sock.getsockname()[0] == "127.0.0.1"
+
+
 def test_serve_on_port_0_listens_on_the_port_it_prints(run):
     with serve_process(run) as url:
         host, port = url.removeprefix("http://").rsplit(":", 1)

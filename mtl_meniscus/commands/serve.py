@@ -627,11 +627,13 @@ class HeadDeadline(H11Protocol):
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound and listening before its address is printed: no other process can
     take the port between a check and uvicorn's bind, and port 0 is any free one (read it back).
-    A host name listens on its first address (localhost: 127.0.0.1 where it is listed first)."""
+    A host name listens on its first IPv4 address, else its first IPv6 one: `localhost` is
+    127.0.0.1 (as it was) where the system lists ::1 first."""
     try:
-        family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as err:
         raise MeniscusError(f"--host {host}: not a host name or address ({err}); {HOST_HINT}") from None
+    family, *_, address = next((entry for entry in found if entry[0] == socket.AF_INET), found[0])
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds

@@ -63,7 +63,7 @@ from mtl_meniscus.io.outputs import (
     some_of,
     write_text_atomic,
 )
-from mtl_meniscus.io.runlock import LOCK_FILE, RunLock
+from mtl_meniscus.io.runlock import RunLock
 from mtl_meniscus.labels import TaskTable
 from mtl_meniscus.networks.losses import WEIGHTINGS, check_weighting_contract
 from mtl_meniscus.networks.models import (
@@ -667,26 +667,18 @@ def run_folder(out: Path | None, config: Config) -> Path:
     return out or default_run_dir(config.model.name)
 
 
-# What a run writes into its folder (a start that failed leaves some of them): a new run's folder
-# may hold these and nothing else.
-RUN_ENTRIES = frozenset(
-    {"config.yaml", "splits.csv", "exclusions.csv", PROBLEMS_FILE, "history.csv", "best.pt", "last.pt"}
-    | {
-        "metrics.json",
-        "training_curves.png",
-        "training_curves.pdf",
-        "members",
-        "wandb",
-        "wandb_id.txt",
-        LOCK_FILE,
-    }
+# What a run writes into its folder before its first checkpoint: a start that failed (bad data,
+# missing weights) leaves some of them, and the same command may run into that folder again.
+STARTED_RUN_ENTRIES = frozenset(
+    {"config.yaml", "splits.csv", "exclusions.csv", PROBLEMS_FILE, "history.csv", "wandb", "wandb_id.txt"}
 )
 
 
 def check_new_run_folder(run_dir: Path) -> None:
-    """A new run's --out must hold nothing but a run's own files: the run would replace files of the
-    same names (someone's metrics.json or history.csv) and mix its own with the rest (a data
-    folder's images). A folder that holds a run is train_run's to refuse (use --resume)."""
+    """A new run's --out must hold nothing but what a run's start writes: the run would replace
+    files of the names it writes (someone's metrics.json, a finished run's best.pt without its
+    last.pt) and mix its own with the rest (a data folder's images). A folder with a run's training
+    state is train_run's to refuse (use --resume); hidden files and our temporaries are left alone."""
     if (run_dir / "last.pt").exists() or (run_dir / "members").exists():
         return
     if is_data_folder(run_dir):
@@ -695,13 +687,17 @@ def check_new_run_folder(run_dir: Path) -> None:
         )
     if run_dir.is_dir():
         others = sorted(
-            p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES and not p.name.endswith(".tmp")
+            p.name
+            for p in run_dir.iterdir()
+            if p.name not in STARTED_RUN_ENTRIES
+            and not p.name.startswith(".")
+            and not p.name.endswith(".tmp")
         )
         if others:
             raise OutputError(
-                f"--out: {run_dir} holds files that are not a run's ({some_of(others)}); a run writes "
-                "config.yaml, history.csv, metrics.json, best.pt, ... there, replacing files of those names: "
-                "choose a new or empty folder"
+                f"--out: {run_dir} holds files that a new run would replace or sit beside ({some_of(others)}); "
+                "a run writes config.yaml, history.csv, best.pt, metrics.json, ... there: choose a new or "
+                "empty folder"
             )
 
 

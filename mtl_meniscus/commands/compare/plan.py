@@ -232,6 +232,11 @@ def parse_pretrained(values: Sequence[str], trunks: Sequence[str]) -> dict[str, 
     out: dict[str, str] = {}
     for value in values:
         trunk, sep, weights = value.partition("=")
+        if not sep and value in OWN_TRUNKS:
+            raise ConfigError(
+                f"--pretrained {value!r}: this package's trunks start from random weights; --pretrained "
+                "gives a timm trunk's weights (TRUNK=WEIGHTS)"
+            )
         if not sep and value in trunks and not Path(value).is_file():  # a trunk without its weights
             raise ConfigError(
                 f"--pretrained {value!r}: a trunk's name; give TRUNK=WEIGHTS (e.g. {value}=/path/to/weights.pth, "
