@@ -22,6 +22,7 @@ Models are built by name from a ModelConfig through the MODELS registry (model.n
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -215,6 +216,9 @@ def check_trunk(name: str) -> None:
         )
 
 
+_HUB_FLAG = threading.Lock()
+
+
 @contextmanager
 def _hub_cache_only() -> Iterator[None]:
     """Hugging Face hub downloads off: timm's default weights come from the local cache or not at
@@ -225,11 +229,12 @@ def _hub_cache_only() -> Iterator[None]:
     except ImportError:  # timm without the hub reads its weights from files only
         yield
         return
-    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
+    with _HUB_FLAG:  # one holder at a time (tune's threads): none restores the flag under another
+        saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+        try:
+            yield
+        finally:
+            constants.HF_HUB_OFFLINE = saved
 
 
 def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module:
