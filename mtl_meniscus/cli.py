@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mtl_meniscus import __version__
-from mtl_meniscus.config import preset_path, saved_run_config
+from mtl_meniscus.config import preset_path
 from mtl_meniscus.engine.progress import counted_progress, set_quiet
 from mtl_meniscus.engine.runtime import keep_freed_memory
 from mtl_meniscus.errors import ConfigError, MeniscusError
@@ -434,7 +434,7 @@ def train(
         run_dir = run_folder(out, run_config)
         check_new_run_folder(run_dir)
         train_run(run_config, run_dir, console=console)
-        _print_next_steps(run_dir)
+        _print_next_steps(run_dir, exams=run_config.model.exam_pooling is not None)
     except KeyboardInterrupt:
         # Every finished epoch is in last.pt; nothing is lost but the epoch in progress.
         console.print(f"interrupted; continue with: {command_name()} train --resume {run_dir}")
@@ -453,8 +453,9 @@ def _options_given(ctx: typer.Context, but: tuple[str, ...]) -> list[str]:
     ]
 
 
-def _print_next_steps(run_dir: Path) -> None:
-    """The end of `train`: the files it wrote and the commands that use them."""
+def _print_next_steps(run_dir: Path, exams: bool) -> None:
+    """The end of `train`: the files it wrote and the commands that use them (`exams`: a model of
+    whole exams, which has no saliency maps and no ONNX export)."""
     if os.environ.get("RANK", "0") not in ("", "0") or not run_dir.is_dir():
         return  # under torchrun, rank 0 speaks
     written = sorted(
@@ -462,14 +463,14 @@ def _print_next_steps(run_dir: Path) -> None:
     )
     run = command_name()
     console.print(f"wrote {run_dir}: {', '.join(written)}", highlight=False)
-    if saved_run_config(run_dir / "config.yaml").model.exam_pooling is None:
+    if not exams:
         console.print(
             f"next: {run} evaluate {run_dir}    # AUCs with CIs, figures; --calibrate, --youden, --cam\n"
             f"      {run} predict {run_dir} IMAGES... --out predictions.csv\n"
             f"      {run} export {run_dir} --out model.onnx",
             highlight=False,
         )
-    else:  # a model of whole exams: no saliency maps, no ONNX export
+    else:
         console.print(
             f"next: {run} evaluate {run_dir}    # exam-level AUCs with CIs; --calibrate, --youden\n"
             f"      {run} predict {run_dir} EXAMS... --exams --out predictions.csv",
