@@ -238,7 +238,7 @@ def _hub_cache_only() -> Iterator[None]:
 
 
 def create_timm_backbone(name: str, in_chans: int, pretrained: str) -> nn.Module:
-    """timm model without classifier; weights: 'none', 'default' (timm's, offline cache) or a file.
+    """timm model without classifier; weights: 'none', 'default' (timm's, local cache only) or a file.
 
     Requested weights that cannot be found stop the run with instructions: never a silent
     fall-back to random weights.
