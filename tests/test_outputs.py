@@ -5,6 +5,8 @@ make-phantom without --overwrite; an atomic write leaves no temporary file behin
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 from support import TINY, _clean, _predict, app, runner
@@ -194,6 +196,23 @@ def test_atomic_write_leaves_no_temporary_file_on_failure(tmp_path):
     with atomic_write(target) as tmp:
         tmp.write_text("whole")
     assert [p.name for p in tmp_path.iterdir()] == ["result.csv"] and target.read_text() == "whole"
+
+
+def test_atomic_write_removes_what_a_killed_writer_of_the_same_file_left(tmp_path):
+    """kill -9 during a write leaves <name>.<pid>.tmp (a checkpoint's as large as the checkpoint):
+    the next write of that file removes it; another file's, or a live process's, is left alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is no longer a process
+    stale, other, live = (
+        tmp_path / f"metrics.json.{dead.pid}.tmp",
+        tmp_path / f"history.csv.{dead.pid}.tmp",
+        tmp_path / f"metrics.json.{os.getppid()}.tmp",
+    )
+    for path in (stale, other, live):
+        path.write_text("half")
+    with atomic_write(tmp_path / "metrics.json") as tmp:
+        tmp.write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["metrics.json", other.name, live.name])
 
 
 def test_json_text_writes_undefined_numbers_as_null():

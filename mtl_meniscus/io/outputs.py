@@ -12,6 +12,7 @@ the temporary file is removed if writing fails.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -150,6 +151,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, of=path.name)  # a killed earlier writer's, never read again
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
@@ -162,12 +164,13 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+def remove_stale_temporaries(folder: str | Path, of: str | None = None) -> list[Path]:
     """Delete the temporary files atomic_write left in `folder` when its process was killed
-    (<name>.<pid>.tmp of a process no longer alive: a checkpoint's is as large as the checkpoint);
-    those of live processes are theirs. Returns the files deleted."""
+    (<name>.<pid>.tmp of a process no longer alive: a checkpoint's is as large as the checkpoint),
+    all of them or only those of the file named `of`; those of live processes are theirs. Returns
+    the files deleted."""
     removed = []
-    for tmp in Path(folder).glob("*.*.tmp"):
+    for tmp in Path(folder).glob(f"{glob.escape(of) if of else '*'}.*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             with contextlib.suppress(OSError):
