@@ -798,12 +798,11 @@ def _check_comparison_folder(out: Path) -> None:
     continues. Any other folder is refused: results.md, results.csv, the figures and variants/
     would replace files of those names (`--out ''`, the current folder, replaced a user's notes)."""
     from mtl_meniscus.data.records import PROBLEMS_FILE
-    from mtl_meniscus.io.outputs import OutputError, some_of
-    from mtl_meniscus.io.runlock import LOCK_FILE
+    from mtl_meniscus.io.outputs import OutputError, entries_besides, some_of
 
     if not out.is_dir() or (out / "compare.yaml").is_file():
         return
-    held = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, PROBLEMS_FILE))
+    held = entries_besides(out, {PROBLEMS_FILE})
     if held:
         raise OutputError(
             f"--out: {out.resolve()} holds files ({some_of(held)}) "

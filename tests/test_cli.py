@@ -535,3 +535,15 @@ def test_compare_refuses_an_out_folder_that_holds_no_comparison(tmp_path, monkey
             and "holds files (results.md) but no comparison (compare.yaml)" in result.output
         )
     assert (notes / "results.md").read_text() == "my own notes\n"
+
+
+def test_compare_takes_an_out_folder_holding_only_hidden_files(tmp_path):
+    """A folder a file browser opened (.DS_Store) is as good as empty, as for train --out."""
+    from mtl_meniscus.cli import _check_comparison_folder
+    from mtl_meniscus.io.outputs import OutputError
+
+    (tmp_path / ".DS_Store").write_bytes(b"Finder's")
+    _check_comparison_folder(tmp_path)  # no error
+    (tmp_path / "notes.md").write_text("mine\n")
+    with pytest.raises(OutputError, match=r"holds files \(notes.md\) but no comparison"):
+        _check_comparison_folder(tmp_path)

@@ -57,6 +57,7 @@ from mtl_meniscus.evaluation.plots import plot_training_curves
 from mtl_meniscus.io.outputs import (
     OutputError,
     atomic_write,
+    entries_besides,
     is_data_folder,
     json_text,
     remove_stale_temporaries,
@@ -686,13 +687,7 @@ def check_new_run_folder(run_dir: Path) -> None:
             f"--out: {run_dir} is a data folder (its label file is there): choose another --out"
         )
     if run_dir.is_dir():
-        others = sorted(
-            p.name
-            for p in run_dir.iterdir()
-            if p.name not in STARTED_RUN_ENTRIES
-            and not p.name.startswith(".")
-            and not p.name.endswith(".tmp")
-        )
+        others = entries_besides(run_dir, STARTED_RUN_ENTRIES)
         if others:
             raise OutputError(
                 f"--out: {run_dir} holds files that a new run would replace or sit beside ({some_of(others)}); "

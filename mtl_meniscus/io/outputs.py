@@ -72,6 +72,16 @@ def check_empty_output_dir(folder: str | Path, what: str, instead: str = "choose
     return check_output_dir(folder, what)
 
 
+def entries_besides(folder: str | Path, allowed: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """The sorted names in `folder` other than `allowed`, hidden files (.DS_Store, a lock) and our
+    temporaries: what a command that fills the folder would replace or mix its own files with."""
+    return sorted(
+        p.name
+        for p in Path(folder).iterdir()
+        if p.name not in allowed and not p.name.startswith(".") and not p.name.endswith(".tmp")
+    )
+
+
 # The mark of a folder that a command fills with files of fixed names or named after its inputs
 # (check_own_output_dir).
 OWN_FOLDER_MARK = "written-by-mtl_meniscus.txt"
