@@ -280,6 +280,7 @@ def test_empty_val_and_test_splits_are_warned_and_recorded(tmp_path):
     assert "warning: [shared] no validation image (the val split is empty)" in text
     assert "warning: the test split is empty" in text
     assert "val loss undefined  AUC undefined" in text  # no validation image: no loss either (0.0000 before)
+    assert "test: no test scores, the test split is empty" in text and "test + TTA" not in text
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["warnings"] == metrics["warnings"]
     # _split_folder's tears are all vertical and posterior: those two tasks train on one class
@@ -289,6 +290,10 @@ def test_empty_val_and_test_splits_are_warned_and_recorded(tmp_path):
     result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--youden", "--bootstrap", "0"])
     _clean(result)
     assert result.exit_code == 1 and "--youden picks the threshold on the val split" in result.output
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--bootstrap", "0"])
+    _clean(result)
+    assert result.exit_code == 1 and "test split of" in result.output
+    assert "is empty (train 8 (4 tears), val 0 (0 tears), test 0 (0 tears)): choose another with --split" in result.output
 
 
 def test_a_broken_config_yaml_on_resume_is_named(run64, tmp_path):

@@ -84,7 +84,10 @@ def evaluate(
     """
     indices = list(range(len(data.records))) if split == "all" else list(data.indices(split))
     if not indices:
-        raise MeniscusError(f"the {split} split of {data.data_dir} is empty")
+        raise MeniscusError(
+            f"the {split} split of {data.data_dir} is empty ({data.split_summary()}): choose another with --split, "
+            "or another data folder with --data"
+        )
     targets = data.targets[indices]
     probs, plain, uncalibrated = _predict_split(trained, data.view(indices), runtime, tta, seed, console)
     tasks = data.tasks

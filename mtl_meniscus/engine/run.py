@@ -556,6 +556,14 @@ def _flatten(prefix: str, values: dict) -> dict:
 
 
 def _print_metrics(console: Console, metrics: dict, data_name: str) -> None:
+    if not metrics["test"]["n_images"]:  # split warnings said why; every score would be undefined
+        console.print(
+            "test: no test scores, the test split is empty (evaluate RUN --data DIR scores the model on "
+            "another data folder)",
+            highlight=False,
+            markup=False,
+        )
+        return
     for key, label in (("test", "test"), ("test_tta", "test + TTA")):
         m = metrics[key]
         aucs = "  ".join(f"{t} {'undefined' if math.isnan(a) else f'{a:.4f}'}" for t, a in m["auc"].items())
