@@ -406,23 +406,23 @@ def train(
             return
         if mrnet is not None and data is not None:
             raise ConfigError("give --data (a labels.csv folder) or --mrnet (an MRNet folder), not both")
-        named = {
-            "model.name": mode.value if mode else None,
-            "data.path": str(data or mrnet) if data or mrnet else None,
-            "data.layout": "mrnet" if mrnet else None,
-            "train.max_epochs": max_epochs,
-            "train.steps_per_epoch": steps_per_epoch,
-            "train.batch_size": batch_size,
-            "train.lr": lr,
-            "train.seed": seed,
-            "train.precision": precision.value if precision else None,
-            "wandb.mode": wandb.value if wandb else None,
-            "model.trunk": trunk,
-            "model.pretrained": pretrained,
-            "model.freeze_backbone": True if freeze_backbone else None,
-            "train.backbone_lr_factor": backbone_lr_factor,
-            "train.device": device,
-        }
+        named = [  # (option, config key, value): None when not given
+            ("--mode", "model.name", mode.value if mode else None),
+            ("--mrnet" if mrnet else "--data", "data.path", str(data or mrnet) if data or mrnet else None),
+            ("--mrnet", "data.layout", "mrnet" if mrnet else None),
+            ("--max-epochs", "train.max_epochs", max_epochs),
+            ("--steps-per-epoch", "train.steps_per_epoch", steps_per_epoch),
+            ("--batch-size", "train.batch_size", batch_size),
+            ("--lr", "train.lr", lr),
+            ("--seed", "train.seed", seed),
+            ("--precision", "train.precision", precision.value if precision else None),
+            ("--wandb", "wandb.mode", wandb.value if wandb else None),
+            ("--trunk", "model.trunk", trunk),
+            ("--pretrained", "model.pretrained", pretrained),
+            ("--freeze-backbone", "model.freeze_backbone", True if freeze_backbone else None),
+            ("--backbone-lr-factor", "train.backbone_lr_factor", backbone_lr_factor),
+            ("--device", "train.device", device),
+        ]
         run_config = training_config(
             config, mode.value if mode else None, named, settings or [], exams=mrnet is not None
         )

@@ -95,13 +95,17 @@ def test_an_unknown_name_is_blamed_on_the_file_or_option_that_gave_it(tmp_path):
     preset = tmp_path / "preset.yaml"
     preset.write_text(f"base: {TINY}\nmodel:\n  name: sharred\n")
     with pytest.raises(ConfigError, match=rf"^{preset}: config key 'model.name': unknown model 'sharred'"):
-        training_config(preset, None, {}, [], exams=False)
+        training_config(preset, None, [], [], exams=False)
     for setting, key in (
         ("train.weighting=uncertian", "train.weighting"),
         ("model.trunk=plian", "model.trunk"),
     ):
         with pytest.raises(ConfigError, match=rf"^--set {setting}: config key '{key}': unknown"):
-            training_config(Path(TINY), None, {}, [setting], exams=False)
+            training_config(Path(TINY), None, [], [setting], exams=False)
+    # a named option: its name, not only the key it sets (and over a --set of the same key)
+    named = [("--trunk", "model.trunk", "plian")]
+    with pytest.raises(ConfigError, match=r"^--trunk plian: config key 'model.trunk': unknown trunk"):
+        training_config(Path(TINY), None, named, ["model.trunk=plain"], exams=False)
 
 
 def test_the_cli_help_lists_the_registered_models():

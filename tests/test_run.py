@@ -293,7 +293,10 @@ def test_empty_val_and_test_splits_are_warned_and_recorded(tmp_path):
     result = runner.invoke(app, ["evaluate", str(tmp_path / "r"), "--bootstrap", "0"])
     _clean(result)
     assert result.exit_code == 1 and "test split of" in result.output
-    assert "is empty (train 8 (4 tears), val 0 (0 tears), test 0 (0 tears)): choose another with --split" in result.output
+    assert (
+        "is empty (train 8 (4 tears), val 0 (0 tears), test 0 (0 tears)): choose another with --split"
+        in result.output
+    )
 
 
 def test_a_broken_config_yaml_on_resume_is_named(run64, tmp_path):

@@ -646,16 +646,25 @@ def check_registered(config: Config) -> None:
 
 
 def training_config(
-    config_file: Path | None, mode: str | None, named: dict[str, Any], settings: list[str], exams: bool
+    config_file: Path | None,
+    mode: str | None,
+    named: list[tuple[str, str, Any]],
+    settings: list[str],
+    exams: bool,
 ) -> Config:
     """The config a `train` command asks for: its --config file, else the mode's preset
     (configs/<mode>.yaml); on exams (exams=True, no --config) configs/exams.yaml's budget merged over
-    it; then the --set values, then the named options (those given, not None) over them."""
+    it; then the --set values, then the named options over them: (option, config key, value), e.g.
+    ('--lr', 'train.lr', 0.01), those given (value not None)."""
     preset = config_file or preset_path(mode or "shared")
-    given = [(text, *parse_set_option(text)) for text in settings]  # (text, key, value)
-    overrides = {key: value for _, key, value in given}
-    overrides |= {key: value for key, value in named.items() if value is not None}
-    origins = {key: f"--set {text}" for text, key, _ in given if named.get(key) is None}  # errors name it
+    given = [(f"--set {text}", *parse_set_option(text)) for text in settings]
+    given += [
+        (option if value is True else f"{option} {value}", key, value)
+        for option, key, value in named
+        if value is not None
+    ]
+    overrides = {key: value for _, key, value in given}  # a named option over --set of the same key
+    origins = {key: origin for origin, key, _ in given}  # an error names what gave the value
     # a mode's preset counts images per step; on exams the budget is configs/exams.yaml's
     overlay = preset_path("exams") if exams and config_file is None else None
     # a misspelt model, trunk or weighting is named with the file or option that gave it
