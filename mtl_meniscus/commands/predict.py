@@ -41,6 +41,7 @@ from mtl_meniscus.io.imageio import (
     HDF5_SUFFIXES,
     NIFTI_SUFFIXES,
     NUMPY_SUFFIXES,
+    SUPPORTED_SUFFIXES,
     image_suffix,
     is_supported_image,
     max_pixels_limit,
@@ -358,10 +359,12 @@ class SliceAnswers:
 
 
 def input_stem(path: str) -> str:
-    """A file's name without its image suffix ('knee.nii.gz' -> 'knee'): masks are named after it."""
+    """A file's name without its image suffix ('knee.nii.gz' -> 'knee'): masks are named after it.
+    A name of no image suffix stays whole: DICOM files named by UID (1.2.840...5.0, ...5.1) would
+    otherwise share one name."""
     name = Path(path).name
     suffix = image_suffix(name)
-    return name[: -len(suffix)] if suffix and name.lower().endswith(suffix) else name
+    return name[: -len(suffix)] if suffix in SUPPORTED_SUFFIXES and name.lower().endswith(suffix) else name
 
 
 def table_text(columns: list[str], rows: list[dict], as_json: bool, header: bool = False) -> str:

@@ -20,20 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from mtl_meniscus.errors import ImageReadError
+from mtl_meniscus.io.dicom import dicom_orientation, dicom_position, frame_count, read_dicom
 from mtl_meniscus.io.imageio import (
     DICOM_SUFFIXES,
-    SUPPORTED_SUFFIXES,
     PixelBudget,
     check_pixel_budget,
-    dicom_orientation,
-    image_suffix,
     max_pixels_limit,
     read_dicom_slice,
     read_volume,
+    reader_suffix,
 )
 from mtl_meniscus.io.orientation import CANONICAL_SLICE_LPS, SliceGeometry, check_plane, dicom_geometry
 
-DICOM_MAGIC_OFFSET, DICOM_MAGIC = 128, b"DICM"  # a DICOM Part 10 file: a 128-byte preamble, then DICM
 # The DICOMDIR of an export (Media Storage Directory Storage): an index of the files, with no image
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # A step between neighbouring slices this many times the series' usual one (or its inverse) is noted
@@ -98,6 +96,15 @@ def _read_dicom_series(
 ) -> np.ndarray:
     headers = _series_headers(folder)
     files = list(headers)
+    multi_frame = [file for file, header in headers.items() if frame_count(header) > 1]
+    if multi_frame and len(files) == 1:  # one Enhanced file in a folder of its own: the exam is its volume
+        return read_volume(files[0], budget.limit, budget.size, plane, notes, geometry)
+    if multi_frame:
+        raise ImageReadError(
+            f"{multi_frame[0]}: a multi-frame file ({frame_count(headers[multi_frame[0]])} frames) among the "
+            f"{len(files)} DICOM files of {folder}: a series folder holds single-slice files; give the "
+            "multi-frame file as an exam of its own"
+        )
     series: dict[str, list[Path]] = defaultdict(list)
     for file, header in headers.items():
         series[str(getattr(header, "SeriesInstanceUID", "") or "no SeriesInstanceUID")].append(file)
@@ -116,11 +123,15 @@ def _read_dicom_series(
     check_plane(found, plane, str(folder))  # before the order: another plane is the clearer message
     order, order_notes = _series_order(headers, normal)
     slices = [_read_series_slice(file, budget.limit, plane, notes, geometry) for file in order]
-    shapes = {s.shape for s in slices}
-    if len(shapes) > 1:
-        raise ImageReadError(
-            f"{folder}: the series' slices differ in size ({', '.join(map(str, sorted(shapes)))})"
+    by_shape: dict[tuple, list[Path]] = defaultdict(list)
+    for file, pixels in zip(order, slices):
+        by_shape[pixels.shape].append(file)
+    if len(by_shape) > 1:  # a scout or another series' slice among them, most often: name the files
+        sizes = "; ".join(
+            f"{shape[0]}x{shape[1]}: {len(files)} file{'s' if len(files) > 1 else ''} (e.g. {files[0].name})"
+            for shape, files in sorted(by_shape.items(), key=lambda item: len(item[1]))
         )
+        raise ImageReadError(f"{folder}: the series' slices differ in size ({sizes})")
     if notes is not None:
         notes.extend(note for note in order_notes if note not in notes)
     return np.stack(slices)
@@ -133,8 +144,6 @@ def _series_headers(folder: Path) -> dict[Path, object]:
     exports name their files IM0001 or by UID (1.2.840....), and dropping such a file would lose a
     slice without a word. Other files (README.txt, a .png) are ignored, and so is the DICOMDIR: a
     DICOM file too, but an index of the export with no image."""
-    import pydicom
-
     try:
         entries = sorted(p for p in folder.iterdir() if p.is_file())
     except OSError as err:
@@ -143,7 +152,7 @@ def _series_headers(folder: Path) -> dict[Path, object]:
     headers = {}
     for file in files:
         try:
-            header = pydicom.dcmread(str(file), stop_before_pixels=True)
+            header = read_dicom(file, stop_before_pixels=True)
         except Exception as err:
             raise ImageReadError(f"{file}: not a readable DICOM file ({type(err).__name__}: {err})") from None
         meta = getattr(header, "file_meta", None)
@@ -175,21 +184,9 @@ def _read_series_slice(
 
 def is_series_file(file: Path) -> bool:
     """Whether a series folder's reader takes `file` as one of its slices: a .dcm/.dicom name, or
-    no image suffix and the DICOM preamble; never the DICOMDIR. ImageReadError if it cannot be read."""
-    if file.name.upper() == "DICOMDIR":
-        return False
-    suffix = image_suffix(file)
-    return suffix in DICOM_SUFFIXES or (suffix not in SUPPORTED_SUFFIXES and _is_part10(file))
-
-
-def _is_part10(file: Path) -> bool:
-    """Whether the file starts like a DICOM Part 10 file ('DICM' after the 128-byte preamble)."""
-    try:
-        with file.open("rb") as handle:
-            handle.seek(DICOM_MAGIC_OFFSET)
-            return handle.read(len(DICOM_MAGIC)) == DICOM_MAGIC
-    except OSError as err:  # it may be a slice: say so rather than leave it out
-        raise ImageReadError(f"{file}: cannot read ({err.strerror or err})") from None
+    no image suffix and the DICOM preamble (imageio.reader_suffix); never the DICOMDIR.
+    ImageReadError if it cannot be read."""
+    return file.name.upper() != "DICOMDIR" and reader_suffix(file) in DICOM_SUFFIXES
 
 
 def _declared_pixels(file: Path, header, budget: PixelBudget) -> int:
@@ -314,7 +311,7 @@ def _series_normal(headers: dict) -> tuple[np.ndarray | None, str | None]:
 def _position(file: Path, header, normal: np.ndarray | None) -> float | None:
     """The slice's position along the series' normal (mm); None without the geometry tags."""
     try:
-        origin = getattr(header, "ImagePositionPatient", None)
+        origin = dicom_position(header)  # an Enhanced file's is in its functional groups
     except (TypeError, ValueError) as err:  # a value pydicom cannot convert when it is read
         raise ImageReadError(f"{file}: unreadable geometry tags ({type(err).__name__}: {err})") from None
     if origin is None or normal is None or dicom_orientation(header) is None:

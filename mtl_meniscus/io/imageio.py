@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from mtl_meniscus.errors import ConfigError, ImageReadError, PixelLimitError
+from mtl_meniscus.io.dicom import dicom_orientation, frame_count, frame_order, modality_values, read_dicom
 from mtl_meniscus.io.orientation import (
     AS_STORED,
     NOT_IN_FILE,
@@ -45,8 +46,36 @@ def image_suffix(path: str | Path) -> str:
 
 
 def is_supported_image(path: str | Path) -> bool:
-    """True when the file's suffix is one of the formats this package reads."""
-    return image_suffix(path) in SUPPORTED_SUFFIXES
+    """True when the file is of a format this package reads: by its suffix, or a DICOM file of
+    another name (reader_suffix); a file that cannot be opened too (its reader names the error)."""
+    try:
+        return reader_suffix(path) in SUPPORTED_SUFFIXES
+    except ImageReadError:
+        return True
+
+
+DICOM_MAGIC_OFFSET, DICOM_MAGIC = 128, b"DICM"  # a DICOM Part 10 file: a 128-byte preamble, then DICM
+
+
+def reader_suffix(path: str | Path) -> str:
+    """The suffix that picks a file's reader: its own (image_suffix), or .dcm for a file without an
+    image suffix that starts like a DICOM file: many exports name their files IM0001, by UID
+    (1.2.840....) or .IMA, and leaving such a file out would lose a slice without a word."""
+    suffix = image_suffix(path)
+    if suffix in SUPPORTED_SUFFIXES or not Path(path).is_file():
+        return suffix
+    return DICOM_SUFFIXES[0] if starts_like_dicom(Path(path)) else suffix
+
+
+def starts_like_dicom(path: Path) -> bool:
+    """Whether the file starts like a DICOM Part 10 file ('DICM' after the 128-byte preamble); an
+    ImageReadError when it cannot be read (it may be a slice: say so rather than leave it out)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(DICOM_MAGIC_OFFSET)
+            return handle.read(len(DICOM_MAGIC)) == DICOM_MAGIC
+    except OSError as err:
+        raise ImageReadError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
 def max_pixels_limit(configured: int | None = None) -> int:
@@ -95,7 +124,7 @@ def read_image(
     """
     path = Path(path)
     _check_exists(path)
-    suffix = image_suffix(path)
+    suffix = reader_suffix(path)
     limit = max_pixels_limit(max_pixels)
 
     def decode() -> np.ndarray:
@@ -133,17 +162,23 @@ def read_volume(
     geometry: list[SliceGeometry] | None = None,
 ) -> np.ndarray:
     """Every slice of a 3D .npy (slices first), NIfTI (along its last axis) or multi-frame DICOM
-    as float32 (S, H, W); a single 2D image gives one slice. `size`: the slices will be resized to
+    as float32 (S, H, W); a single 2D DICOM or NIfTI slice gives one slice (a 2D .npy is refused:
+    MRNet's exams are 3D arrays, and a 2D one is a slice saved where its exam belongs). `size`: the slices will be resized to
     size x size, so the pixel budget counts them so (PixelBudget). `notes` and `geometry` as for
     read_image (one SliceGeometry, every slice's). Raises ImageReadError naming the file."""
     path = Path(path)
-    suffix = image_suffix(path)
+    suffix = reader_suffix(path)
     if suffix in RASTER_SUFFIXES or _reader(suffix) is None:
         raise ImageReadError(f"{path}: not a volume (expected .npy, .nii, .nii.gz, .h5 or DICOM)")
     _check_exists(path)
 
     def decode() -> np.ndarray:
         read = _reader(suffix)(path, PixelBudget(max_pixels_limit(max_pixels), size))
+        if suffix in NUMPY_SUFFIXES and read[0].ndim == 2:  # MRNet's exams: (slices, H, W)
+            raise ImageReadError(
+                f"a 2D array of shape {read[0].shape}, one slice: an exam's .npy holds its slices first "
+                "(S, H, W)"
+            )
         volume = _oriented(path, read, plane, notes, geometry)
         volume = volume[None] if volume.ndim == 2 else volume
         if volume.ndim != 3 or volume.size == 0:
@@ -383,12 +418,10 @@ def _read_raster(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None
 
 
 def _read_dicom(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, SliceGeometry]:
-    import pydicom
-
-    dataset = pydicom.dcmread(str(path))
+    dataset = read_dicom(path)
     if "PixelData" not in dataset:
         raise ImageReadError("DICOM file has no pixel data")
-    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    frames = frame_count(dataset)
     samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
     shape = (
         (frames, int(dataset.Rows), int(dataset.Columns)) if frames > 1 else (dataset.Rows, dataset.Columns)
@@ -397,21 +430,16 @@ def _read_dicom(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, Slice
     pixels = dataset.pixel_array  # raises on truncated data or an undecodable transfer syntax
     if getattr(dataset, "SamplesPerPixel", 1) != 1:
         raise ImageReadError("colour DICOM images are not supported; expected a grey MR slice")
-    image = _as_float32(_apply_modality_lut(pixels, dataset))
+    image = _as_float32(modality_values(pixels, dataset))
     if getattr(dataset, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         # MONOCHROME1 shows low values as white: invert so that bright means high signal everywhere.
         image = image.max() + image.min() - image
-    geometry = dicom_geometry(dicom_orientation(dataset))
+    orientation = dicom_orientation(dataset)
+    order = frame_order(dataset, orientation) if frames > 1 else None
+    if order is not None:  # an Enhanced file's frames, stored in any order: along the slice normal
+        image = image[order]
+    geometry = dicom_geometry(orientation)
     return geometry.apply(image), geometry
-
-
-def _apply_modality_lut(pixels: np.ndarray, dataset) -> np.ndarray:
-    """Stored values to real values (RescaleSlope/RescaleIntercept or a modality LUT)."""
-    try:
-        from pydicom.pixels import apply_modality_lut  # pydicom >= 3
-    except ImportError:  # pragma: no cover - pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_modality_lut
-    return apply_modality_lut(pixels, dataset)
 
 
 def _read_nifti(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, SliceGeometry]:
@@ -497,17 +525,6 @@ def _read_hdf5(
             raise ImageReadError(f"slice {slice_index} is out of range for a volume of shape {dataset.shape}")
         _check_declared_size(dataset.shape[1:], limit, "HDF5 slice")
         return np.asarray(dataset[slice_index], dtype=np.float32)[None, ::-1, :], None
-
-
-def dicom_orientation(dataset):
-    """ImageOrientationPatient of a DICOM dataset: its own, or a multi-frame file's shared one
-    (SharedFunctionalGroupsSequence / PlaneOrientationSequence); None when it has none."""
-    if "ImageOrientationPatient" in dataset:
-        return dataset.ImageOrientationPatient
-    try:
-        return dataset.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
-    except (AttributeError, IndexError, KeyError):
-        return None
 
 
 def _select_slice(image: np.ndarray, slice_index: int | None, suffix: str, volume_hint: str) -> np.ndarray:
