@@ -447,3 +447,26 @@ def test_a_run_folder_without_its_config_yaml_is_named_so(trained, tmp_path):
     (run / "config.yaml").unlink()
     with pytest.raises(MeniscusError, match="has no config.yaml, so it is not read as a run folder"):
         run_evaluation(run, n_bootstrap=0, console=Console(quiet=True), out_dir=tmp_path / "e")
+
+
+def test_evaluate_names_the_rows_it_left_out(trained, tmp_path):
+    """An unreadable image of another data folder was left out of every figure, counted in one
+    line but named nowhere (train writes exclusions.csv; evaluate wrote nothing)."""
+    other = tmp_path / "other"
+    shutil.copytree(trained / "data", other)
+    broken = _read(other / "labels.csv")[3]["image"]
+    (other / broken).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    console = Console(record=True, width=300)
+    metrics = run_evaluation(
+        trained / "run",
+        data_dir=other,
+        split="all",
+        n_bootstrap=0,
+        tta_copies=0,
+        out_dir=tmp_path / "e",
+        console=console,
+    )
+    excluded = {row["image"]: row["reason"] for row in _read(tmp_path / "e" / "exclusions.csv")}
+    assert excluded[broken].startswith("unreadable") and len(excluded) == metrics["excluded_rows"]
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["excluded_rows"] == len(excluded)
+    assert f"(report: {tmp_path / 'e' / 'exclusions.csv'})" in console.export_text()

@@ -190,6 +190,7 @@ def _roi_entry(
 
 # What evaluate writes into its folder, named in the refusal of a folder it did not write (--out).
 EVALUATION_FILES = "metrics.json, predictions.csv, roc.png and the other figures"
+EXCLUSIONS_FILE = "exclusions.csv"  # the data's rows left out (unreadable, wrong size...), as train writes it
 ROI_SOURCES = {"classical": "classical finder", "predicted_mask": "predicted mask"}
 
 
@@ -383,7 +384,9 @@ def run_evaluation(
         calibrate_run(trained, runtime, console)
     threshold = choose_threshold(trained, runtime, youden, threshold, console)
     data, note = evaluation_data(trained, data_dir, split)
-    console.print(f"data {data.data_dir}: {data.exclusion_summary()}", highlight=False, markup=False)
+    out_dir = Path(out_dir) if out_dir else _default_out_dir(trained, data, split)
+    report = f" (report: {out_dir / EXCLUSIONS_FILE})" if data.exclusions else ""
+    console.print(f"data {data.data_dir}: {data.exclusion_summary()}{report}", highlight=False, markup=False)
     for line in (note, threshold.describe(tta.copies), trained.calibration_note, trained.in_training_note):
         if line:
             console.print(line, highlight=False, markup=False)
@@ -403,7 +406,6 @@ def run_evaluation(
         metrics["cam_peak_in_tear"] = write_cams_and_check_peaks(trained, scored, runtime, Path(cam_dir))
         _print_cam_check(console, metrics["cam_peak_in_tear"], cam_dir)
 
-    out_dir = Path(out_dir) if out_dir else _default_out_dir(trained, data, split)
     figures = _write_outputs(out_dir, metrics, scored, trained, runtime, seed)
     _show(console, metrics, out_dir, figures, tta)
     logged = _log_to_wandb(trained, out_dir, metrics, scored, figures, wandb_mode, cam_dir)
@@ -467,6 +469,12 @@ def _write_outputs(
     from mtl_meniscus.evaluation.figures import confusion_figure, pr_figure, reliability_figure, roc_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    exclusions = out_dir / EXCLUSIONS_FILE
+    if scored.data.exclusions:  # the rows no figure counts, each with its reason
+        scored.data.write_exclusions(exclusions)
+        metrics["excluded_rows"] = len(scored.data.exclusions)
+    else:
+        exclusions.unlink(missing_ok=True)  # an earlier evaluation's, of other data
     write_text_atomic(out_dir / "metrics.json", json_text(metrics))
     write_predictions(out_dir / "predictions.csv", scored)
     tasks, targets, probs = scored.data.tasks, scored.targets, scored.probs
