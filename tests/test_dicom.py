@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from support import app, runner
-from test_orientation import DICOM_VARIANTS, canonical_slice, write_dicom
+from test_orientation import DICOM_VARIANTS, canonical_slice, mr_dataset, write_dicom
 
 from mtl_meniscus.commands.predict import input_stem
 from mtl_meniscus.errors import ImageReadError
@@ -59,14 +58,7 @@ def write_enhanced(
     `orientations` (per stored frame) overrides the variant's orientation."""
     stored, orientation = DICOM_VARIANTS[variant]
     order = stored_order or list(range(len(volume)))
-    meta = FileMetaDataset()
-    uid = generate_uid()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ENHANCED_MR, uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = ENHANCED_MR, uid
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", "1.2.3.9", "MR"
+    ds = mr_dataset(ENHANCED_MR, series="9")
     frames, per_frame = [], []
     for place, k in enumerate(order):
         pixels = stored(volume[k]).astype(np.float64)

@@ -40,17 +40,23 @@ def canonical_slice(size: int = 64) -> np.ndarray:
     return pixels
 
 
-def write_dicom(
-    path: Path, pixels: np.ndarray, orientation=None, position=(0.0, 0.0, 0.0), series="1"
-) -> None:
+def mr_dataset(sop_class: str = MRImageStorage, series: str = "1") -> Dataset:
+    """An MR data set with its file meta header and identifiers, no image yet."""
     meta = FileMetaDataset()
     instance = generate_uid()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, instance
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, instance
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, instance
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, instance
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", f"1.2.3.{series}", "MR"
+    return ds
+
+
+def write_dicom(
+    path: Path, pixels: np.ndarray, orientation=None, position=(0.0, 0.0, 0.0), series="1"
+) -> None:
+    ds = mr_dataset(series=series)
     if orientation is not None:
         ds.ImageOrientationPatient = list(orientation)
         ds.ImagePositionPatient = list(position)
