@@ -193,6 +193,20 @@ def test_wandb_online_that_cannot_start_is_a_message_not_a_traceback(tmp_path, m
         RunLogger(WandbConfig(mode="offline"), tmp_path, "run", {})
 
 
+def test_wandb_online_waits_for_its_server_a_bounded_time(recorded, tmp_path, monkeypatch):
+    """Without a network wandb's own 90 s (and 10 more) kept a run silent, Ctrl-C unheard; 20 s
+    now, unless $WANDB_INIT_TIMEOUT says otherwise (wandb reads it when nothing overrides it)."""
+    from mtl_meniscus.config import WandbConfig
+    from mtl_meniscus.engine.tracking import INIT_TIMEOUT_SECONDS, RunLogger
+
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    RunLogger(WandbConfig(mode="online"), tmp_path, "run", {})
+    assert recorded[-1].init["settings"].init_timeout == INIT_TIMEOUT_SECONDS == 20
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "45")
+    RunLogger(WandbConfig(mode="online"), tmp_path, "run", {})
+    assert "init_timeout" not in recorded[-1].init["settings"].model_fields_set
+
+
 @pytest.mark.parametrize(
     "env,mode",
     [

@@ -55,6 +55,15 @@ def _respell_env_mode() -> None:
             del os.environ["WANDB_MODE"]
 
 
+# How long wandb.init waits for the server, unless $WANDB_INIT_TIMEOUT says: wandb's own 90 s (it
+# then waits 10 s more) kept a run without a network silent for 100 s, Ctrl-C ignored meanwhile.
+INIT_TIMEOUT_SECONDS = 20
+
+
+def _init_timeout() -> dict[str, float]:
+    return {} if os.environ.get("WANDB_INIT_TIMEOUT", "").strip() else {"init_timeout": INIT_TIMEOUT_SECONDS}
+
+
 class RunLogger:
     """One wandb run writing into `run_dir/wandb` (offline: sync later with `wandb sync`), its id in
     `run_dir/wandb_id.txt`. A new run each time, but with resume=True (a resumed training): then
@@ -89,7 +98,7 @@ class RunLogger:
                 group=config.group,
                 job_type=config.job_type,
                 config=run_config,
-                settings=wandb.Settings(console="off", x_disable_stats=True),
+                settings=wandb.Settings(console="off", x_disable_stats=True, **_init_timeout()),
             )
         except Exception as err:  # wandb's errors come in many types (no API key, no network, ...)
             if self.mode != "online":
@@ -97,7 +106,9 @@ class RunLogger:
             reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
             raise MeniscusError(
                 f"wandb online: the run could not start ({type(err).__name__}: {reason}); check "
-                "WANDB_API_KEY and the network, or log offline (--wandb offline, then wandb sync)"
+                "WANDB_API_KEY and the network, or log offline (--wandb offline, then wandb sync); "
+                f"$WANDB_INIT_TIMEOUT sets how long to wait for the server (now {INIT_TIMEOUT_SECONDS} s "
+                "unless set)"
             ) from None
         # online, a resumed run continues after the steps the server received before the kill;
         # offline, wandb cannot continue a run: the new folder starts at step 0 and holds none
