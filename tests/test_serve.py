@@ -161,6 +161,25 @@ def test_model_describes_the_run(run, client):
     assert client.get("/health").json()["status"] == "ok"
 
 
+def test_model_names_a_threshold_files_run_not_the_servers_path(run, tmp_path):
+    """threshold_source held the server's absolute path to threshold.json: its paths stay its own."""
+    from mtl_meniscus.engine.runtime import resolve_runtime
+    from mtl_meniscus.engine.trained import load_trained
+    from mtl_meniscus.engine.validation_fits import choose_threshold
+
+    copy = tmp_path / "served" / "run"
+    shutil.copytree(run, copy)
+    runtime = resolve_runtime("fp32", "cpu")
+    choose_threshold(
+        load_trained(copy, runtime), runtime, youden=True, given=None, console=Console(quiet=True)
+    )
+    with TestClient(create_app(copy)) as client:
+        source = client.get("/model").json()["threshold_source"]
+    assert (
+        source.startswith("Youden's J") and "(run/threshold.json)" in source and str(tmp_path) not in source
+    )
+
+
 def test_the_page_and_its_files_are_served_with_a_strict_policy(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -216,6 +235,8 @@ def bad_inputs(pydicom_files: Path) -> list[tuple[str, dict, int, str]]:
         ("a zip of non-DICOM", {"files": {"file": ("s.zip", zipped({"readme.txt": b"hi"}))}, "params": {"exam": 1}}, 422, "zip member 'readme.txt': not a readable DICOM"),
         ("a broken zip", {"files": {"file": ("s.zip", b"PK\x03\x04broken")}, "params": {"exam": 1}}, 422, "not a readable zip"),
         ("a bad parameter", {"files": {"file": ("a.png", b"x")}, "params": {"exam": "maybe"}}, 422, "query.exam"),
+        ("an unknown parameter", {"files": {"file": ("a.png", b"x")}, "params": {"threshold": 0.9}}, 422, "unknown query parameter 'threshold' (allowed: exam, saliency, preview)"),
+        ("a slice as an exam", {"files": {"file": ("a.png", png_declaring(8, 8))}, "params": {"exam": 1}}, 415, "a.png: a PNG image is one slice, not an exam"),
     ]  # fmt: skip
 
 

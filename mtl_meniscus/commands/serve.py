@@ -30,7 +30,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from io import BytesIO
 from pathlib import Path, PurePosixPath
@@ -61,7 +61,13 @@ from mtl_meniscus.engine.runtime import resolve_runtime
 from mtl_meniscus.engine.trained import TrainedModel, file_sha256, load_trained, resolve_threshold
 from mtl_meniscus.errors import MeniscusError, PixelLimitError
 from mtl_meniscus.io.exams import read_exam, resized_slices
-from mtl_meniscus.io.imageio import DICOM_SUFFIXES, RAISE_THE_LIMIT, image_suffix, max_pixels_limit
+from mtl_meniscus.io.imageio import (
+    DICOM_SUFFIXES,
+    RAISE_THE_LIMIT,
+    RASTER_SUFFIXES,
+    image_suffix,
+    max_pixels_limit,
+)
 from mtl_meniscus.networks.cam import overlay
 
 LOG = logging.getLogger("mtl_meniscus.serve")
@@ -126,6 +132,7 @@ class Options:
 KIND_NAMES = (
     "PNG, TIFF, JPEG, DICOM, NIfTI (.nii, .nii.gz) or .npy; with ?exam=1 also a zip of one DICOM series"
 )
+EXAM_KINDS = "with ?exam=1 send a volume (NIfTI, a 3D .npy, a multi-frame DICOM) or a zip of one DICOM series"
 
 
 def upload_suffix(data: bytes, name: str) -> str | None:
@@ -281,6 +288,10 @@ class ServedModel:
         if suffix is None or (suffix == ".zip" and not options.exam):
             what = "a zip is an exam: send it with ?exam=1" if suffix else f"expected {KIND_NAMES}"
             raise ServeError(415, f"{upload.name}: unsupported type; {what}")
+        if options.exam and suffix in RASTER_SUFFIXES:
+            raise ServeError(
+                415, f"{upload.name}: a {suffix[1:].upper()} image is one slice, not an exam; {EXAM_KINDS}"
+            )
         with tempfile.TemporaryDirectory(prefix="mtl-serve-") as folder:
             if suffix == ".zip":
                 path = Path(folder) / "series"
@@ -419,7 +430,10 @@ def model_info(trained: TrainedModel, threshold, tta, limits: ServeLimits) -> di
         "edge_filter": trained.config.preprocess.edge_filter,
         "plane": trained.config.data.plane,
         "fissure_threshold": threshold.value,
-        "threshold_source": threshold.source,
+        # where the threshold came from, by the run folder's name: the server's paths stay its own
+        "threshold_source": threshold.source.replace(
+            str(trained.checkpoint.parent), trained.checkpoint.parent.name
+        ),
         "calibration": dict(trained.calibration.temperatures) if trained.calibration else None,
         "tta_copies": tta.copies,
         "version": __version__,
@@ -528,6 +542,9 @@ def create_app(
     return app
 
 
+PREDICT_PARAMETERS = tuple(field.name for field in fields(Options))  # POST /predict's query parameters
+
+
 def _add_routes(app: FastAPI) -> None:
     page = resources.files("mtl_meniscus.commands") / "serve_static"
     for route, (name, media_type) in PAGE_FILES.items():
@@ -548,6 +565,13 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.post("/predict")
     async def predict(request: Request, exam: bool = False, saliency: bool = False, preview: bool = False):
+        unknown = sorted(set(request.query_params) - set(PREDICT_PARAMETERS))
+        if unknown:  # ignored, ?threshold=0.9 would get an answer at the server's threshold unsaid
+            raise ServeError(
+                422,
+                f"unknown query parameter {', '.join(map(repr, unknown))} (allowed: {', '.join(PREDICT_PARAMETERS)}); "
+                "the threshold, TTA and calibration are the server's (GET /model)",
+            )
         served, options = request.app.state.served, Options(exam, saliency, preview)
         answer = await request.app.state.admission.handle(
             lambda: read_upload(request, served.limits.upload_bytes),
