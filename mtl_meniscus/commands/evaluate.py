@@ -385,8 +385,7 @@ def run_evaluation(
     threshold = choose_threshold(trained, runtime, youden, threshold, console)
     data, note = evaluation_data(trained, data_dir, split)
     out_dir = Path(out_dir) if out_dir else _default_out_dir(trained, data, split)
-    report = f" (report: {out_dir / EXCLUSIONS_FILE})" if data.exclusions else ""
-    console.print(f"data {data.data_dir}: {data.exclusion_summary()}{report}", highlight=False, markup=False)
+    console.print(_data_line(data, out_dir), highlight=False, markup=False)
     for line in (note, threshold.describe(tta.copies), trained.calibration_note, trained.in_training_note):
         if line:
             console.print(line, highlight=False, markup=False)
@@ -412,6 +411,12 @@ def run_evaluation(
     if logged:
         console.print(logged, highlight=False, markup=False)
     return metrics
+
+
+def _data_line(data: PreparedData, out_dir: Path) -> str:
+    """'data DIR: kept N of M images; excluded K (...) (report: OUT/exclusions.csv)'."""
+    report = f" (report: {out_dir / EXCLUSIONS_FILE})" if data.exclusions else ""
+    return f"data {data.data_dir}: {data.exclusion_summary()}{report}"
 
 
 def _own_seed(trained: TrainedModel, seed: int | None) -> int:

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from mtl_meniscus.errors import ImageReadError
-from mtl_meniscus.io.orientation import CANONICAL_SLICE_LPS, dicom_geometry
+from mtl_meniscus.io.orientation import canonical_normal
 
-# Two orientations closer than this (direction cosines) are one (io/exams.py uses the same for a series)
+# Two orientations closer than this (direction cosines) are one: a series' files, a file's frames
 SAME_ORIENTATION = 1e-3
 
 
@@ -120,10 +120,7 @@ def modality_values(pixels: np.ndarray, dataset) -> np.ndarray:
     (pydicom's apply_modality_lut), else an Enhanced file's Pixel Value Transformation, frame by
     frame (`pixels` (frames, H, W) for a multi-frame file, (H, W) for one frame); pixels
     unchanged when the file has no scaling."""
-    try:
-        from pydicom.pixels import apply_modality_lut  # pydicom >= 3
-    except ImportError:  # pragma: no cover - pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_modality_lut
+    from pydicom.pixels import apply_modality_lut
 
     if "ModalityLUTSequence" in dataset or "RescaleSlope" in dataset:
         return apply_modality_lut(pixels, dataset)
@@ -148,10 +145,7 @@ def frame_order(dataset, orientation) -> list[int] | None:
     positions = [dicom_position(dataset, frame) for frame in range(frames)]
     if frames < 2 or orientation is None or any(p is None or len(p) != 3 for p in positions):
         return None
-    values = np.asarray(orientation, float)
-    normal = np.cross(values[:3], values[3:])
-    axis, sign = CANONICAL_SLICE_LPS[dicom_geometry(orientation).plane]
-    normal = normal if normal[axis] * sign >= 0 else -normal
+    normal, _ = canonical_normal(orientation)
     places = [float(np.dot(normal, np.asarray(p, float))) for p in positions]
     order = sorted(range(frames), key=lambda frame: (places[frame], frame))
     for first, second in zip(order, order[1:]):

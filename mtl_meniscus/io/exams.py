@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mtl_meniscus.errors import ImageReadError
-from mtl_meniscus.io.dicom import dicom_orientation, dicom_position, frame_count, read_dicom
+from mtl_meniscus.io.dicom import SAME_ORIENTATION, dicom_orientation, dicom_position, frame_count, read_dicom
 from mtl_meniscus.io.imageio import (
     DICOM_SUFFIXES,
     PixelBudget,
@@ -30,7 +30,7 @@ from mtl_meniscus.io.imageio import (
     read_volume,
     reader_suffix,
 )
-from mtl_meniscus.io.orientation import CANONICAL_SLICE_LPS, SliceGeometry, check_plane, dicom_geometry
+from mtl_meniscus.io.orientation import SliceGeometry, canonical_normal, check_plane
 
 # The DICOMDIR of an export (Media Storage Directory Storage): an index of the files, with no image
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -297,15 +297,12 @@ def _series_normal(headers: dict) -> tuple[np.ndarray | None, str | None]:
             "(read as stored, it could lie mirrored among them); restore the tag or remove the file"
         )
     for file, values in found.items():
-        if values.shape != reference.shape or not np.allclose(values, reference, atol=1e-3):
+        if values.shape != reference.shape or not np.allclose(values, reference, atol=SAME_ORIENTATION):
             raise ImageReadError(
                 f"{first} and {file} disagree on ImageOrientationPatient ({reference.tolist()} vs {values.tolist()}): "
                 "the slices of one series share one orientation; put each series in its own folder"
             )
-    geometry = dicom_geometry(reference)  # refuses a degenerate orientation
-    normal = np.cross(reference[:3], reference[3:])
-    axis, sign = CANONICAL_SLICE_LPS[geometry.plane]
-    return (normal if normal[axis] * sign >= 0 else -normal), geometry.plane
+    return canonical_normal(reference)  # refuses a degenerate orientation
 
 
 def _position(file: Path, header, normal: np.ndarray | None) -> float | None:

@@ -163,8 +163,8 @@ def read_volume(
 ) -> np.ndarray:
     """Every slice of a 3D .npy (slices first), NIfTI (along its last axis) or multi-frame DICOM
     as float32 (S, H, W); a single 2D DICOM or NIfTI slice gives one slice (a 2D .npy is refused:
-    MRNet's exams are 3D arrays, and a 2D one is a slice saved where its exam belongs). `size`: the slices will be resized to
-    size x size, so the pixel budget counts them so (PixelBudget). `notes` and `geometry` as for
+    MRNet's exams are 3D arrays, and a 2D one is a slice saved where its exam belongs). `size`:
+    the slices will be resized to size x size, so the pixel budget counts them so (PixelBudget). `notes` and `geometry` as for
     read_image (one SliceGeometry, every slice's). Raises ImageReadError naming the file."""
     path = Path(path)
     suffix = reader_suffix(path)
@@ -348,8 +348,8 @@ def check_pixel_budget(pixels: int, budget: PixelBudget, what: str) -> None:
 
 def _raster_header(path: Path, budget: int | PixelBudget) -> int:
     """PNG/TIFF/JPEG header only: one page, a size within the limit; returns a JPEG's EXIF
-    orientation (1, as stored, when it has none). Pillow reads the header lazily; OpenCV then decodes only what
-    passed (and only these three formats)."""
+    orientation (1, as stored, when it has none). Pillow reads the header lazily; OpenCV then
+    decodes only what passed (and only these three formats)."""
     from PIL import Image, UnidentifiedImageError
 
     limit = budget.limit if isinstance(budget, PixelBudget) else budget
@@ -455,7 +455,7 @@ def _read_dicom(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, Slice
         # MONOCHROME1 shows low values as white: invert so that bright means high signal everywhere.
         image = image.max() + image.min() - image
     orientation = dicom_orientation(dataset)
-    order = frame_order(dataset, orientation) if frames > 1 else None
+    order = frame_order(dataset, orientation)
     if order is not None:  # an Enhanced file's frames, stored in any order: along the slice normal
         image = image[order]
     geometry = dicom_geometry(orientation)

@@ -123,6 +123,17 @@ def dicom_geometry(orientation) -> SliceGeometry:
     return _geometry(plane, along_row, down_column)
 
 
+def canonical_normal(orientation) -> tuple[np.ndarray, str]:
+    """(The slice normal (LPS) of an ImageOrientationPatient, pointing the way a canonical volume's
+    slices run (CANONICAL_SLICE_LPS), and its plane): a slice's position along it orders a series'
+    files or a multi-frame file's frames. An ImageReadError for a degenerate orientation."""
+    geometry = dicom_geometry(orientation)
+    values = np.asarray([float(v) for v in orientation], float)
+    normal = np.cross(values[:3], values[3:])
+    axis, sign = CANONICAL_SLICE_LPS[geometry.plane]
+    return (normal if normal[axis] * sign >= 0 else -normal), geometry.plane
+
+
 def _geometry(plane: str, along_row: np.ndarray, down_column: np.ndarray) -> SliceGeometry:
     """The transpose and flips that take (along_row, down_column), LPS, to the plane's canonical pair."""
     (right_axis, right_sign), (down_axis, down_sign) = CANONICAL_LPS[plane]
