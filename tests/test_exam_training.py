@@ -3,6 +3,7 @@ the tasks its labels leave unknown left out of the model."""
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -433,3 +434,30 @@ def test_blank_lines_in_an_mrnet_label_file_are_skipped_and_rows_keep_their_line
     (root / "valid-meniscus.csv").write_text("0003,0\n\n0004,7\n")
     with pytest.raises(DataError, match=r"row 3: '0004,7'"):  # numbered by its line
         read_mrnet(root, "valid")
+
+
+def test_evaluate_sets_an_unreadable_exam_aside_and_names_it(mrnet_runs, tmp_path):
+    """One unreadable exam ended the evaluation of all the others (an error after reading them); it
+    is set aside, as train sets it aside, and named in exclusions.csv."""
+    folder, _ = mrnet_runs
+    mrnet = tmp_path / "mrnet"
+    shutil.copytree(folder / "mrnet", mrnet)
+    with (mrnet / "valid-meniscus.csv").open() as handle:
+        cases = [case for case, _ in csv.reader(handle)]
+    broken = mrnet / "valid" / "sagittal" / f"{cases[1]}.npy"
+    broken.write_bytes(broken.read_bytes()[:100])  # cut short
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", str(folder / "shared"), "--mrnet", str(mrnet), "--tta", "0", "--bootstrap", "0"]
+        + ["--precision", "fp32", "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"set aside 1 unreadable exam (e.g. valid/sagittal/{cases[1]}.npy; report: {out}" in result.output
+    with (out / "exclusions.csv").open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["image"] == f"valid/sagittal/{cases[1]}.npy" and row["reason"].startswith("unreadable: ")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_exams"] == len(cases) - 1 and metrics["excluded_exams"] == 1
+    with (out / "predictions.csv").open() as handle:
+        assert [row["case"] for row in csv.DictReader(handle)] == [c for c in cases if c != cases[1]]

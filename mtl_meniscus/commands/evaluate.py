@@ -27,7 +27,7 @@ from mtl_meniscus.engine.runtime import Runtime, resolve_runtime
 from mtl_meniscus.engine.tracking import resolve_wandb_mode
 from mtl_meniscus.engine.trained import TrainedModel, evaluation_data, load_trained
 from mtl_meniscus.engine.validation_fits import calibrate_run, choose_threshold
-from mtl_meniscus.errors import DataError, MeniscusError
+from mtl_meniscus.errors import DataError, ImageReadError, MeniscusError
 from mtl_meniscus.evaluation.calibration import calibration_summary
 from mtl_meniscus.evaluation.figures import degenerate_interval
 from mtl_meniscus.evaluation.metrics import (
@@ -785,7 +785,7 @@ def run_exam_evaluation(
     out_dir = Path(out_dir) if out_dir else _evaluation_folder(trained, f"mrnet-{split}")
     tasks = trained.tasks
     root = tasks.root.name
-    probs, tops, sizes = _predict_exams(trained, exams, runtime, tta, seed)
+    exams, probs, tops, sizes, excluded = _predict_exams(trained, mrnet_dir, exams, runtime, tta, seed)
     # exam rows with only the tear known: the same AUC and per-class bootstrap as for slices
     targets = np.full((len(exams), len(tasks)), np.nan)
     targets[:, tasks.index(root)] = [e.tear for e in exams]
@@ -807,6 +807,7 @@ def run_exam_evaluation(
         "checkpoint": str(trained.checkpoint),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    _write_exam_exclusions(out_dir / EXCLUSIONS_FILE, excluded, metrics, console)
     write_text_atomic(out_dir / "metrics.json", json_text(metrics))
     _write_exam_predictions(out_dir / "predictions.csv", exams, probs, tops, sizes)
     low, high = metrics["auc_ci95"]
@@ -834,21 +835,54 @@ def _training_exams_note(trained: TrainedModel, mrnet_dir: Path, split: str) -> 
     )
 
 
-def _predict_exams(trained, exams, runtime, tta, seed) -> tuple[list[float], list[int], list[int]]:
-    """(tear probability, most suspicious slice, number of slices) of each MRNet exam."""
+def _predict_exams(trained, mrnet_dir: Path, exams, runtime, tta, seed):
+    """(the exams read, and of each its tear probability, most suspicious slice and number of
+    slices; the exams set aside as (file, reason)). An exam that cannot be read is set aside, as
+    train sets it aside, not the end of an evaluation that had read the others; none read is an
+    error naming the first."""
     from mtl_meniscus.io.exams import read_exam
 
-    root = trained.tasks.root.name
-    probs, tops, sizes = [], [], []
+    root, data = trained.tasks.root.name, trained.config.data
+    kept, probs, tops, sizes, excluded = [], [], [], [], []
     for exam in exams:
-        data = trained.config.data
-        volume = read_exam(exam.path, data.max_pixels, data.image_size, data.plane)
+        try:
+            volume = read_exam(exam.path, data.max_pixels, data.image_size, data.plane)
+        except ImageReadError as err:
+            excluded.append((Path(exam.path).relative_to(mrnet_dir).as_posix(), f"unreadable: {err}"))
+            continue
         # predict --exams' draws: copy k of every slice of every exam alike, whatever the exam's place
         found = trained.predict_exam(volume, runtime, tta=tta, seed=seed, same_draws=True)
+        kept.append(exam)
         probs.append(found.exam[root])
         tops.append(found.top_slice)
         sizes.append(len(found.slices[root]))
-    return probs, tops, sizes
+    if not kept:
+        raise MeniscusError(
+            f"{mrnet_dir}: no exam could be read ({len(excluded)} set aside: {excluded[0][1]})"
+        )
+    return kept, probs, tops, sizes, excluded
+
+
+def _write_exam_exclusions(
+    path: Path, excluded: list[tuple[str, str]], metrics: dict, console: Console
+) -> None:
+    """The exams set aside, as train's exclusions.csv lists them, their count in the metrics and a
+    line saying so; an earlier evaluation's file is removed when none was."""
+    if not excluded:
+        path.unlink(missing_ok=True)
+        return
+    console.print(
+        f"set aside {len(excluded)} unreadable exam{'s' if len(excluded) > 1 else ''} "
+        f"(e.g. {excluded[0][0]}; report: {path})",
+        highlight=False,
+        markup=False,
+    )
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", "slice", "reason"])
+    writer.writerows((name, "", reason) for name, reason in excluded)
+    write_text_atomic(path, buffer.getvalue())
+    metrics["excluded_exams"] = len(excluded)
 
 
 def _write_exam_predictions(path: Path, exams, probs, tops, sizes) -> None:
