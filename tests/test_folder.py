@@ -628,3 +628,41 @@ def test_a_spreadsheets_habits_are_named_or_taken_as_meant(tmp_path):
         "image,fissure,orientation,position\nimg/a.png,0,,\nimg/b.png,0,,\n,,,\n,,,\n"
     )
     assert [r.image for r in read_labels(tmp_path)] == ["img/a.png", "img/b.png"]
+
+
+def test_a_quote_opened_by_mistake_is_refused_not_the_rows_it_swallows_dropped(tmp_path):
+    """A stray '"' in a note made every line up to the next quote (or the end of the file) one
+    value: those rows, a tear among them, were dropped without a word."""
+    names = [f"img/{k}.png" for k in range(6)]
+    for name in names:
+        _png(tmp_path / name)
+    rows = [
+        f"{name},{k % 2},{'vertical' if k % 2 else ''},{'posterior' if k % 2 else ''},"
+        for k, name in enumerate(names)
+    ]
+    header = "image,fissure,orientation,position,notes"
+    swallowing = rows[:1] + [rows[1] + '"see prior report'] + rows[2:4] + [rows[4] + 'ok"'] + rows[5:]
+    (tmp_path / "labels.csv").write_text("\n".join([header, *swallowing]) + "\n")
+    with pytest.raises(
+        DataError, match=r"row 3: a quoted value runs from line 3 to line 6 and holds what read as rows"
+    ):
+        read_labels(tmp_path)
+    never_closed = rows[:4] + [rows[4] + '"see prior report'] + rows[5:]
+    (tmp_path / "labels.csv").write_text("\n".join([header, *never_closed]) + "\n")
+    with pytest.raises(
+        DataError, match=r"cannot parse as CSV \(the row from line 6: unexpected end of data; a quote"
+    ):
+        read_labels(tmp_path)
+    (tmp_path / "labels.csv").write_text("\n".join([header, *rows]) + "\n")  # as meant: every row
+    assert len(read_labels(tmp_path)) == 6
+
+
+def test_a_label_file_saved_as_utf16_says_how_to_save_it(tmp_path):
+    _png(tmp_path / "img" / "a.png")
+    (tmp_path / "labels.csv").write_text(
+        "image,fissure,orientation,position\nimg/a.png,0,,\n", encoding="utf-16"
+    )
+    with pytest.raises(
+        DataError, match=r"labels.csv: not UTF-8 text \(UTF-16\); save it as a UTF-8 CSV file"
+    ):
+        read_labels(tmp_path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ import numpy as np
 
 from mtl_meniscus.config import DataConfig
 from mtl_meniscus.data.masks import read_masks, resized_mask
-from mtl_meniscus.data.records import PreparedData, Record, inside_path, problems_error
+from mtl_meniscus.data.records import PreparedData, Record, csv_text, inside_path, problems_error
 from mtl_meniscus.data.splits import SPLIT_NAMES, split_leaks, stratified_group_split
 from mtl_meniscus.errors import DataError, ImageReadError
 from mtl_meniscus.io.imageio import max_pixels_limit, read_image
@@ -134,23 +135,42 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]
     and a quoted value with a line break inside (one row over two lines) would otherwise shift the
     number of every later row."""
     rows = []
+    reader = csv.reader(io.StringIO(csv_text(csv_path)), strict=True)  # strict: a quote left open
+    end = 0  # the last line read so far
     try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = [name.strip() for name in next(reader, [])]
-            end = reader.line_num  # the last line read so far
-            for fields in reader:
-                start, end = end + 1, reader.line_num
-                # a blank line: no row, as csv.DictReader has it; so is a row of empty values
-                # (a spreadsheet's ',,,,' under the data), which named each column as missing
-                if not any(field.strip() for field in fields):
-                    continue
-                # A short row's missing values are empty (as csv.DictReader has them); values
-                # beyond the header are kept apart, to be refused rather than dropped.
-                rows.append((start, dict(zip(header, fields)), fields[len(header) :]))
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"{csv_path}: cannot parse as CSV ({err})") from None
+        header = [name.strip() for name in next(reader, [])]
+        end = reader.line_num
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            # a blank line: no row, as csv.DictReader has it; so is a row of empty values
+            # (a spreadsheet's ',,,,' under the data), which named each column as missing
+            if not any(field.strip() for field in fields):
+                continue
+            _check_swallowed_rows(csv_path, start, end, fields, len(header))
+            # A short row's missing values are empty (as csv.DictReader has them); values
+            # beyond the header are kept apart, to be refused rather than dropped.
+            rows.append((start, dict(zip(header, fields)), fields[len(header) :]))
+    except csv.Error as err:
+        raise DataError(
+            f"{csv_path}: cannot parse as CSV (the row from line {end + 1}: {err}; a quote (\") opened and "
+            "never closed?)"
+        ) from None
     return header, rows
+
+
+def _check_swallowed_rows(csv_path: Path, start: int, end: int, fields: list[str], columns: int) -> None:
+    """Refuse a quoted value over several lines that holds what reads as whole rows: a stray quote
+    ('"see prior report') makes every line up to the next quote one value, and those rows were
+    dropped without a word. A value with a line break of its own (a note) is fine."""
+    for field in fields:
+        inner = field.split("\n")[1:]
+        looks_like_rows = [text for text in inner if len(next(csv.reader([text]), [])) >= columns]
+        if looks_like_rows:
+            raise DataError(
+                f"{csv_path}: row {start}: a quoted value runs from line {start} to line {end} and holds "
+                f"what read as rows of their own (e.g. '{looks_like_rows[0]}'): a quote (\") opened by "
+                "mistake? remove it, or quote the value whole on one line"
+            )
 
 
 def _separator_hint(header: Sequence[str]) -> str:

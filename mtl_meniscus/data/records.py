@@ -77,8 +77,11 @@ def csv_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
+        utf16 = err.object[:2] in (b"\xff\xfe", b"\xfe\xff")  # Excel's 'Unicode Text'
+        line = err.object.count(b"\n", 0, err.start) + 1
+        where = "UTF-16" if utf16 else f"line {line}, byte {err.start}: {err.reason}"
         raise DataError(
-            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as a UTF-8 CSV file"
+            f"{path}: not UTF-8 text ({where}); save it as a UTF-8 CSV file (a spreadsheet's 'CSV UTF-8')"
         ) from None
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
