@@ -306,3 +306,40 @@ def test_reviewed_volumes_without_findings_are_imported_healthy(fastmri, tmp_pat
     assert (
         missing.exit_code == 1 and "none.csv: not found" in missing.output and not (tmp_path / "b").exists()
     )
+
+
+def test_a_torn_volume_written_another_way_is_never_imported_healthy(fastmri, tmp_path):
+    """knee.csv naming a reviewed volume with a folder or an upper-case suffix: its tear boxes were
+    not found under that name, and the reviewed list then imported it as a volume without findings,
+    fissure 0 on its torn slices."""
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
+
+    (fastmri / "list.csv").write_text("file1000001\nfile1000002\n")
+    # the upper-case suffix is the volume, its tear on slice 2; under a folder it is not found where
+    # knee.csv says: left out (left_out.csv), not imported healthy
+    for spelt, torn_slices in (("file1000001.H5", ["2"]), ("knee_singlecoil_train/file1000001.h5", [])):
+        (fastmri / "spelt.csv").write_text(HEADER + f"{spelt},2,No,5,6,10,4,Meniscus Tear\n")
+        out = tmp_path / spelt.replace("/", "_")
+        import_fastmri_plus(fastmri / "spelt.csv", fastmri / "h5", out, reviewed=fastmri / "list.csv")
+        rows = [r for r in read_csv(out / "labels.csv") if r["patient_id"] == "file1000001"]
+        assert [r["slice"] for r in rows if r["fissure"] == "1"] == torn_slices, spelt
+        assert not rows or len(rows) == 4, spelt
+        assert torn_slices or not rows, spelt
+
+
+def test_knee_csv_rows_are_named_by_their_line_and_extra_values_refused(fastmri, tmp_path):
+    from mtl_meniscus.data.fastmri import read_annotations
+
+    (fastmri / "lines.csv").write_text(
+        " file,slice,study_level,x,y,width,height,label\n"  # a space before a name: still the column
+        "file1000001,2,No,5,6,10,4,Meniscus Tear\n"
+        "\n"  # line 3: blank
+        "file1000001,x,No,5,6,10,4,Meniscus Tear\n"  # line 4: a bad slice
+        "file1000001,2,No,5,6,10,4,Meniscus Tear, complex\n"  # line 5: a comma too many
+    )
+    with pytest.raises(DataError) as info:
+        read_annotations(fastmri / "lines.csv")
+    assert info.value.problems == [
+        "row 4, column 'slice': bad value 'x' (a whole number >= 0)",
+        "row 5: 9 values, but the header has 8 columns (an unquoted comma inside a value?)",
+    ]

@@ -292,6 +292,19 @@ def test_path_variants_of_one_image_are_duplicates(tmp_path):
     )
 
 
+def test_a_2d_image_with_no_slice_and_with_slice_0_is_listed_twice(tmp_path):
+    """Slice 0 of a 2D image is the image: listed once without a slice and once with 0, it was two
+    rows, a tear in one split and healthy in another."""
+    _png(tmp_path / "img" / "x.png")
+    _labels(
+        tmp_path,
+        [("img/x.png", "1", "horizontal", "posterior", ""), ("img/x.png", "0", "", "", "0")],
+        header=("image", "fissure", "orientation", "position", "slice"),
+    )
+    with pytest.raises(DataError, match=r"row 3: image 'img/x.png' is listed twice \(also row 2\)"):
+        read_labels(tmp_path)
+
+
 def test_paths_are_normalised_in_the_records(tmp_path):
     _png(tmp_path / "img" / "x.png")
     _labels(tmp_path, [("./img//x.png", "0", "", "")])
@@ -666,3 +679,16 @@ def test_a_label_file_saved_as_utf16_says_how_to_save_it(tmp_path):
         DataError, match=r"labels.csv: not UTF-8 text \(UTF-16\); save it as a UTF-8 CSV file"
     ):
         read_labels(tmp_path)
+
+
+def test_a_patient_id_written_two_ways_is_refused(tmp_path):
+    """'007' and '7' (or '7' and '7.0', as pandas writes an id column with gaps) were two patients:
+    one knee's images were split between train and val."""
+    rows = [(f"img/{k}.png", "0", "", "", pid) for k, pid in enumerate(["007", "7", "8", "8.0", "A7", "8"])]
+    _write_folder(tmp_path, rows, header=("image", "fissure", "orientation", "position", "patient_id"))
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path)
+    assert [p.split(": one number")[0] for p in info.value.problems] == [
+        "patient_id '007' (row 2) and '7' (row 3)",
+        "patient_id '8' (row 4) and '8.0' (row 5)",
+    ]

@@ -86,3 +86,38 @@ def test_evaluate_and_resume_name_a_damaged_splits_csv(run64, tmp_path):
     result = runner.invoke(app, ["train", "--resume", str(run)])
     _clean(result)
     assert result.exit_code == 1 and "row 2, column 'split': bad value 'tset'" in result.output
+
+
+def test_splits_csv_is_utf8_whatever_the_locale(tmp_path):
+    """A patient 'Müller' in a locale whose default encoding is not UTF-8 (Windows' cp1252, or
+    ASCII as here): splits.csv was written in that encoding (here: not at all) and read back so,
+    and a run moved to another machine could not be evaluated."""
+    import os
+    import subprocess
+    import sys
+
+    from support import _png
+
+    for name in ("a.png", "b.png"):
+        _png(tmp_path / "data" / name)
+    (tmp_path / "data" / "labels.csv").write_text(
+        "image,fissure,orientation,position,patient_id\na.png,0,,,Müller\nb.png,1,vertical,posterior,Ösa\n",
+        encoding="utf-8",
+    )
+    script = (
+        "import sys; from mtl_meniscus.config import DataConfig; from mtl_meniscus.data.load import prepare_data\n"
+        "from mtl_meniscus.data.records import read_saved_splits\n"
+        "data = prepare_data(sys.argv[1], DataConfig(image_size=64))\n"
+        "data.write_splits(sys.argv[2])\n"
+        "print(sorted(read_saved_splits(sys.argv[2])))\n"
+    )
+    ascii_locale = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "LANG": "C"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "data"), str(tmp_path / "splits.csv")],
+        env=ascii_locale,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[('a.png', None), ('b.png', None)]"
+    assert "Müller" in (tmp_path / "splits.csv").read_text(encoding="utf-8")

@@ -284,7 +284,7 @@ def run_benchmark(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json_text(results))
     markdown = to_markdown(results)
-    (out_dir / "bench.md").write_text(markdown)
+    (out_dir / "bench.md").write_text(markdown, encoding="utf-8")
     console.print(markdown, markup=False, highlight=False)
     return results
 
@@ -425,7 +425,7 @@ def _time_to_best(run: Path, label: str) -> tuple[float, float]:
         metrics = json.loads(metrics_file.read_text())
         _check_mode(run, label, str(metrics["model"]))
         members = metrics["members"]
-        with history_file.open(newline="") as handle:
+        with history_file.open(newline="", encoding="utf-8") as handle:
             history = list(csv.DictReader(handle))
         epochs = seconds = 0.0
         for member, best in members.items():

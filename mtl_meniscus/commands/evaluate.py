@@ -743,7 +743,7 @@ def _log_predictions_table(logger, out_dir: Path, cam_dir: str | Path | None) ->
     """One row per evaluated image, as in predictions.csv, plus the fissure saliency overlay."""
     from mtl_meniscus.networks.cam import unique_names
 
-    with (out_dir / "predictions.csv").open(newline="") as handle:
+    with (out_dir / "predictions.csv").open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     columns = list(rows[0]) if rows else []
     overlays = [None] * len(rows)

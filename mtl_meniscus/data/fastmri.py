@@ -28,7 +28,6 @@ out is named with its reason in OUT/left_out.csv (file, reason); the summary cou
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 import re
@@ -41,6 +40,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mtl_meniscus.data.folder import read_csv_rows
 from mtl_meniscus.data.records import csv_text, inside_path, problems_error
 from mtl_meniscus.errors import DataError, ImageReadError
 from mtl_meniscus.io.outputs import atomic_write, check_empty_output_dir
@@ -63,17 +63,20 @@ def read_annotations(path: Path) -> dict[str, list[dict[str, str]]]:
     once (row number, column, value). A `file` must name a file inside the volumes folder: an
     absolute path or one that leaves it with '..' is refused (the one rule of records.inside_path)."""
     _check_file(path, "the fastMRI+ knee annotations, knee.csv")
-    try:
-        reader = csv.DictReader(io.StringIO(csv_text(path), newline=""))
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        rows = list(reader)
-    except csv.Error as err:
-        raise DataError(f"{path}: not a readable CSV file ({err})") from None
+    header, rows = read_csv_rows(path)  # rows numbered by their line, as an editor numbers them
+    missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(COLUMNS)})")
     by_file: dict[str, list[dict[str, str]]] = defaultdict(list)
     problems = []
-    for line, row in enumerate(rows, start=2):
+    for line, values, extra in rows:
+        row = {name: values.get(name) for name in header}  # None: a row shorter than the header
+        if any(text.strip() for text in extra):  # 'Meniscus Tear, complex' unquoted: not a tear's label
+            problems.append(
+                f"row {line}: {len(header) + len(extra)} values, but the header has {len(header)} columns "
+                "(an unquoted comma inside a value?)"
+            )
+            continue
         level = (row["study_level"] or "").strip()
         if level.lower() not in ("yes", "no", ""):  # 'Y' or 'True' is no box row: say so, don't guess
             problems.append(f"row {line}, column 'study_level': {level!r} is neither Yes nor No")
@@ -93,11 +96,16 @@ def read_annotations(path: Path) -> dict[str, list[dict[str, str]]]:
                 "(absolute, or leaves it with '..')"
             )
             continue
-        # file1000000 and file1000000.h5 name one volume: one key (two linked the file twice)
-        by_file[name.removesuffix(".h5")].append(row | {"_line": str(line)})
+        # file1000000, file1000000.h5 and file1000000.H5 name one volume: one key (two linked the file twice)
+        by_file[_without_h5(name)].append(row | {"_line": str(line)})
     if problems:
         raise problems_error(path, problems)
     return by_file
+
+
+def _without_h5(name: str) -> str:
+    """A volume's name without its .h5 suffix, in any case."""
+    return name[:-3] if name.lower().endswith(".h5") else name
 
 
 def _is_study_level(row: dict[str, str]) -> bool:
@@ -135,7 +143,7 @@ def read_reviewed(path: Path) -> tuple[set[str], list[str]]:
     _check_file(path, "fastMRI+'s knee_file_list.csv, one file name per line")
     names, other = set(), []
     for line in csv_text(path).splitlines():
-        name = line.strip().strip(",").removesuffix(".h5")
+        name = _without_h5(line.strip().strip(","))
         if FILE_NAME.fullmatch(name):
             names.add(name)
         elif name:
@@ -163,7 +171,10 @@ def import_fastmri_plus(
     counts: dict[str, int] = {}
     if reviewed is not None:  # reviewed with no findings: a volume without any row (module docstring)
         names, other = read_reviewed(Path(reviewed))
-        found = [n for n in sorted(names - set(by_file)) if (volumes_dir / f"{n}.h5").is_file()]
+        # annotated under another path (a subfolder): not a volume without findings, though its
+        # annotations are not found where knee.csv says (left_out.csv says so)
+        annotated = {Path(key).name for key in by_file}
+        found = [n for n in sorted(names - annotated) if (volumes_dir / f"{n}.h5").is_file()]
         by_file |= {name: [] for name in found}
         counts["reviewed volumes without findings (fissure 0 on every slice)"] = len(found)
         if other:
@@ -241,7 +252,7 @@ def _write_import(
         )
     if not_found or study_level_only:
         _write_left_out(out_dir / LEFT_OUT_FILE, annotations, volumes_dir, not_found, study_level_only)
-    with atomic_write(out_dir / "labels.csv") as tmp, tmp.open("w", newline="") as handle:
+    with atomic_write(out_dir / "labels.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "slice", "fissure", "orientation", "position", "patient_id", "mask"])
         writer.writerows(rows)
@@ -256,7 +267,7 @@ def _write_left_out(
     study_level_only: list[tuple[str, list[str]]],
 ) -> None:
     """left_out.csv: file, reason for each annotated volume that labels.csv does not hold."""
-    with atomic_write(path) as tmp, tmp.open("w", newline="") as handle:
+    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "reason"])
         for name in not_found:

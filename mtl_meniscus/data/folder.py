@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -56,7 +57,7 @@ def read_labels(
         raise DataError(f"{data_dir} is a file: give the data folder that holds labels.csv (docs/data.md)")
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: not found (a data folder needs labels.csv; docs/data.md)")
-    header, rows = _read_csv(csv_path)
+    header, rows = read_csv_rows(csv_path)
     repeated = sorted({name for name in header if name and header.count(name) > 1})
     if repeated:
         raise DataError(
@@ -84,10 +85,12 @@ def read_labels(
     hints: set[str] = set()  # advice the message ends with, once however many rows need it
     records: list[Record] = []
     written: dict[int, str] = {}  # row -> its image as written
-    seen: dict[tuple[str, int | None], int] = {}  # (normalised path, slice) -> row
-    seen_files: dict[tuple[int, int, int | None], int] = {}  # (device, inode, slice): the file itself
+    seen: dict[tuple[str, int], int] = {}  # (normalised path, slice) -> row
+    seen_files: dict[tuple[int, int, int], int] = {}  # (device, inode, slice): the file itself
     placed: list[tuple[str, str, int]] = []  # (patient_id, split, row) of rows that name both
+    spelt: dict[str, dict[str, int]] = {}  # a patient_id's number -> {its spellings: first row}
     for order, (line, row, extra) in enumerate(rows, start=2):
+        _note_numeric_id((row.get("patient_id") or "").strip(), line, spelt)
         split = (row.get("split") or "").strip().lower()
         if (row.get("patient_id") or "").strip() and split in SPLIT_NAMES:
             # from every row, valid or not, so that a leak is reported with the rows' other problems
@@ -99,8 +102,10 @@ def read_labels(
             continue
         written[line] = (row.get("image") or "").strip()
         stat = os.stat(data_dir / record.image)
-        file_key = (stat.st_dev, stat.st_ino, record.slice)
-        first = seen.get((record.image, record.slice), seen_files.get(file_key))
+        # no slice is slice 0: of a 2D image the same pixels (a volume needs a slice: refused anyway)
+        slice_index = record.slice or 0
+        file_key = (stat.st_dev, stat.st_ino, slice_index)
+        first = seen.get((record.image, slice_index), seen_files.get(file_key))
         if first is not None:
             same = written[first] == written[line]
             problems.append(
@@ -109,7 +114,7 @@ def read_labels(
                 + ")"
             )
             continue
-        seen[(record.image, record.slice)] = line
+        seen[(record.image, slice_index)] = line
         seen_files[file_key] = line
         records.append(dataclasses.replace(record, order=order))
     if not rows:
@@ -121,14 +126,16 @@ def read_labels(
             "(it then replaces the automatic split) or on none"
         )
     problems += _split_leak_problems(placed)
+    problems += _id_spelling_problems(spelt)
     if problems:
         raise problems_error(csv_path, problems, report_dir, hint="".join(hints))
     return records
 
 
-def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str], list[str]]]]:
-    """labels.csv's header (names stripped) and its rows as (line, {column: value}, values beyond
-    the header); a DataError naming the file when it is not CSV text.
+def read_csv_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str], list[str]]]]:
+    """A CSV file's header (names stripped) and its rows as (line, {column: value}, values beyond
+    the header), for labels.csv and fastMRI+'s knee.csv; a DataError naming the file when it is not
+    UTF-8 CSV text, or when a quote opened by mistake would swallow rows.
 
     `line` is the line the row starts on, as an editor numbers them (the header is line 1). It is
     counted from csv.reader's line_num rather than by counting rows, because a blank line (skipped)
@@ -152,7 +159,7 @@ def _read_csv(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]
             rows.append((start, dict(zip(header, fields)), fields[len(header) :]))
     except csv.Error as err:
         raise DataError(
-            f"{csv_path}: cannot parse as CSV (the row from line {end + 1}: {err}; a quote (\") opened and "
+            f'{csv_path}: cannot parse as CSV (the row from line {end + 1}: {err}; a quote (") opened and '
             "never closed?)"
         ) from None
     return header, rows
@@ -218,6 +225,29 @@ def _extra_values(line: int, header: Sequence[str], extra: Sequence[str]) -> lis
         f"row {line}: {len(header) + len(extra)} values, but the header has {len(header)} columns; "
         f"after the last column ('{header[-1]}') no column takes {shown}{more} (a comma too many, "
         "e.g. an unquoted comma inside a value, or a column name missing from the header)"
+    ]
+
+
+def _note_numeric_id(patient: str, line: int, spelt: dict[str, dict[str, int]]) -> None:
+    """Note a numeric patient_id's spelling ('007', '7', '7.0' are one number) with its first row."""
+    try:
+        number = float(patient)
+    except ValueError:
+        return
+    if math.isfinite(number):
+        spelt.setdefault(repr(number), {}).setdefault(patient, line)
+
+
+def _id_spelling_problems(spelt: dict[str, dict[str, int]]) -> list[str]:
+    """A problem per number written as patient_id in more than one way ('007' and '7'; '7' and
+    '7.0', as pandas writes an id column with gaps): taken as two patients, one knee's images
+    went to train and to val."""
+    return [
+        f"patient_id {' and '.join(f'{text!r} (row {line})' for text, line in spellings.items())}: one number "
+        "written in several ways, read as different patients; write each patient's id one way (or, "
+        "for different patients, ids that differ as numbers)"
+        for spellings in spelt.values()
+        if len(spellings) > 1
     ]
 
 

@@ -349,7 +349,7 @@ def read_saved_splits(path: str | Path) -> dict[tuple[str, int | None], dict[str
             "training images (evaluate a run folder, or pass --data DIR --split all)"
         )
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             header = reader.fieldnames or []
             rows = [(reader.line_num, row) for row in reader]
@@ -407,7 +407,7 @@ def read_saved_splits(path: str | Path) -> dict[tuple[str, int | None], dict[str
 def _write_csv(path: str | Path, header: list[str], rows) -> None:
     # atomically: another process may read the file meanwhile (under torchrun every rank compares a
     # resumed run's splits.csv while rank 0 rewrites it; a half-written file read as "the splits changed")
-    with atomic_write(path) as tmp, tmp.open("w", newline="") as handle:
+    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)

@@ -620,7 +620,7 @@ def result_reading(test: dict, data_name: str) -> str | None:
 def _write_history(path: Path, history: list[dict]) -> None:
     if not history:
         return
-    with atomic_write(path) as tmp, tmp.open("w", newline="") as handle:
+    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         # every key of every row: rows resumed from a run of an older version may lack newer columns
         columns = list(dict.fromkeys(key for row in history for key in row))
         writer = csv.DictWriter(handle, fieldnames=columns)

@@ -135,9 +135,15 @@ def write_phantom_exams(
             on_exam(k + 1, len(exams))
     if fmt == "mrnet":
         for split, members in (("train", exams[: n - n_valid]), ("valid", exams[n - n_valid :])):
-            with atomic_write(out_dir / f"{split}-meniscus.csv") as tmp, tmp.open("w", newline="") as handle:
+            with (
+                atomic_write(out_dir / f"{split}-meniscus.csv") as tmp,
+                tmp.open("w", newline="", encoding="utf-8") as handle,
+            ):
                 csv.writer(handle).writerows([exam.name, exam.case.fissure] for exam in members)
-    with atomic_write(out_dir / "phantom-exams.csv") as tmp, tmp.open("w", newline="") as handle:
+    with (
+        atomic_write(out_dir / "phantom-exams.csv") as tmp,
+        tmp.open("w", newline="", encoding="utf-8") as handle,
+    ):
         writer = csv.writer(handle)
         writer.writerow(["exam", "fissure", "orientation", "position", "tear_slices"])
         for exam in exams:

@@ -538,7 +538,7 @@ def write_phantom(
         if on_image is not None:
             on_image(done, len(cases))
     # labels.csv is written last and atomically: its presence marks a complete phantom.
-    with atomic_write(out_dir / "labels.csv") as tmp, tmp.open("w", newline="") as handle:
+    with atomic_write(out_dir / "labels.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "fissure", "orientation", "position", "mask"])
         writer.writerows(rows)

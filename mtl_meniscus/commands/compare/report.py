@@ -150,7 +150,7 @@ def to_markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -200,7 +200,7 @@ def write_report(
             "trained with the same seed, on the same test images (two-sided p):\n\n"
             + to_markdown(delong_header, delong_table)
         )
-    (out_dir / "results.md").write_text(markdown)
+    (out_dir / "results.md").write_text(markdown, encoding="utf-8")
     (out_dir / "results.json").write_text(json_text(table))
     plot_score_bars(table, per_seed, out_dir / "score_bars.png")
     plot_roc_overlay(scored, targets, out_dir / "roc_overlay.png", tasks)

@@ -155,7 +155,7 @@ def _write_predictions(
     path: Path, names: list[str], targets: np.ndarray, probs: dict[str, np.ndarray], tasks: TaskTable
 ) -> None:
     tasks_out = [t for t in tasks.names if t in probs]
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", *tasks_out, *(f"p_{t}" for t in tasks_out)])
         for k, name in enumerate(names):
@@ -195,7 +195,7 @@ def load_scored(variant: Variant, run_dir: Path) -> ScoredVariant:
         result = json.loads((run_dir / RESULT_FILE).read_text())
         result["test_auc"] = {task: nan_for_null(auc) for task, auc in result["test_auc"].items()}
         result["test_score"] = nan_for_null(result["test_score"])  # null: undefined (json_text)
-        with (run_dir / PREDICTIONS_FILE).open(newline="") as handle:
+        with (run_dir / PREDICTIONS_FILE).open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         tasks = [column[2:] for column in (rows[0] if rows else {}) if column.startswith("p_")]
         probs = {t: np.array([float(r[f"p_{t}"]) for r in rows]) for t in tasks}
