@@ -97,6 +97,10 @@ def test_optional_columns_are_validated(tmp_path):
         info.value
     )
     assert "column 'slice': bad value '-1'" in str(info.value)
+    for written in ("1_0", "٣", "3.0"):  # int() took the first two as 10 and 3
+        _write_folder(tmp_path, [("img/a.png", "0", "", "", "", written)], header=header)
+        with pytest.raises(DataError, match=f"column 'slice': bad value '{written}'"):
+            read_labels(tmp_path)
 
 
 def test_exclusions_report_and_summary(tmp_path):

@@ -312,12 +312,10 @@ def _validate_row(
     if split and split not in SPLIT_NAMES:
         bad("split", "allowed: " + ", ".join(SPLIT_NAMES) + ", or empty on every row")
     slice_index = None
-    if value("slice"):
-        try:
+    if value("slice"):  # ASCII digits only: int() reads '1_0' as 10, and digits of other scripts
+        if value("slice").isascii() and value("slice").isdigit():
             slice_index = int(value("slice"))
-            if slice_index < 0:
-                raise ValueError
-        except ValueError:
+        else:
             bad("slice", "a non-negative integer slice index")
     mask = _file_in_folder(value("mask"), "mask", line, data_dir, problems, required=False)
     if len(problems) > start:
