@@ -176,7 +176,10 @@ def corpus(tmp_path_factory):
     binary = root / "binary"
     binary.mkdir()
     (binary / "labels.csv").write_bytes(bytes(range(256)) * 8)
-    folders["binary labels.csv"] = (binary, "labels.csv: not UTF-8 text (line 2, byte 128: invalid start byte)")
+    folders["binary labels.csv"] = (
+        binary,
+        "labels.csv: not UTF-8 text (line 2, byte 128: invalid start byte)",
+    )
     nul = _labels(root / "nul", head4, f"{name},0,,", base=good)
     (nul / "labels.csv").write_bytes((nul / "labels.csv").read_bytes().replace(b",0,,", b",0\0,,"))
     folders["NUL byte"] = (nul, "labels.csv")  # not CSV, or a bad fissure value: refused either way

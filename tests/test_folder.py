@@ -696,3 +696,24 @@ def test_a_patient_id_written_two_ways_is_refused(tmp_path):
         "patient_id '007' (row 2) and '7' (row 3)",
         "patient_id '8' (row 4) and '8.0' (row 5)",
     ]
+
+
+def test_names_that_differ_invisibly_are_shown_so(tmp_path):
+    """A NUL byte printed as nothing ("bad value '0 '"), and a file named 'é' as two characters
+    (macOS' NFD) looked like the file the message said was not found."""
+    import unicodedata
+
+    _png(tmp_path / "img" / unicodedata.normalize("NFD", "é.png"))
+    _png(tmp_path / "img" / "b.png")
+    (tmp_path / "labels.csv").write_text(
+        "image,fissure,orientation,position\n"
+        + unicodedata.normalize("NFC", "img/é.png")
+        + ",0,,\n"
+        + "img/b.png,0\x00,,\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError) as info:
+        read_labels(tmp_path)
+    first, second = info.value.problems
+    assert first.endswith("a name that differs only in Unicode form or spaces)") and "file not found" in first
+    assert second == "row 3, column 'fissure': bad value '0\\x00' (allowed: 0, 1)"

@@ -285,7 +285,7 @@ def _validate_row(
     start = len(problems)
 
     def bad(column: str, allowed: str) -> None:
-        problems.append(f"row {line}, column '{column}': bad value '{value(column)}' ({allowed})")
+        problems.append(f"row {line}, column '{column}': bad value {_quoted(value(column))} ({allowed})")
 
     image = _file_in_folder(value("image"), "image", line, data_dir, problems, required=True)
     labels: dict[str, str] = {}
@@ -358,9 +358,37 @@ def _file_in_folder(
     if not found:
         slash = " (paths are written with '/', not '\\')" if "\\" in text else ""
         missing = "a folder, not a file" if (data_dir / normal).is_dir() else "file not found"
-        problems.append(f"row {line}, column '{column}': {missing}: {data_dir / normal}{slash}")
+        shown = str(data_dir / normal) if normal.isprintable() else repr(str(data_dir / normal))
+        problems.append(
+            f"row {line}, column '{column}': {missing}: {shown}{slash}{_look_alike(data_dir / normal)}"
+        )
         return ""
     return normal
+
+
+def _quoted(text: str) -> str:
+    """'text' as a message quotes a value; with its escapes (repr) when it holds a character one
+    cannot see (a NUL byte, a control character), which would otherwise print as nothing."""
+    return f"'{text}'" if text.isprintable() else repr(text)
+
+
+def _look_alike(path: Path) -> str:
+    """A hint naming a file beside a missing `path` whose name differs from it only in Unicode
+    form (é as one character or two: NFC/NFD, as macOS and Windows write names) or in spaces
+    around it; '' when there is none."""
+    import unicodedata
+
+    def loose(name: str) -> str:
+        return unicodedata.normalize("NFC", name).strip()
+
+    try:
+        entries = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+    except OSError:
+        return ""
+    alike = next((name for name in entries if name != path.name and loose(name) == loose(path.name)), None)
+    return (
+        f" (the folder holds {alike!r}, a name that differs only in Unicode form or spaces)" if alike else ""
+    )
 
 
 def prepare_folder(
