@@ -82,6 +82,25 @@ def test_a_graph_that_disagrees_with_pytorch_is_not_kept(runs, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one is left
 
 
+def test_an_old_json_never_describes_a_new_graph(runs, tmp_path, monkeypatch):
+    """The new graph replaced the old one, then its .json could not be written (a full disk): the
+    old .json stayed beside it, describing another model (its temperatures, its threshold)."""
+    import errno
+
+    import mtl_meniscus.commands.export as export_module
+
+    export_onnx(runs / "shared", tmp_path / "m.onnx")
+    old = (tmp_path / "m.onnx").read_bytes()
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(export_module, "write_text_atomic", full_disk)
+    with pytest.raises(OSError):
+        export_onnx(runs / "separate", tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() != old and not (tmp_path / "m.onnx.json").exists()
+
+
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_a_model_that_answers_nan_is_not_exported(runs, tmp_path, pipeline):
     # NaN weights: the graph would match PyTorch NaN for NaN and answer nothing (predict refuses it)

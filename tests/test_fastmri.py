@@ -343,3 +343,16 @@ def test_knee_csv_rows_are_named_by_their_line_and_extra_values_refused(fastmri,
         "row 4, column 'slice': bad value 'x' (a whole number >= 0)",
         "row 5: 9 values, but the header has 8 columns (an unquoted comma inside a value?)",
     ]
+
+
+def test_a_tear_mask_that_cannot_be_written_fails_the_import(fastmri, tmp_path, monkeypatch):
+    """OpenCV answers a failed write with False: the import reported success and labels.csv named
+    a mask that was not there."""
+    import cv2
+
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
+
+    monkeypatch.setattr(cv2, "imwrite", lambda *args, **kwargs: False)
+    with pytest.raises(DataError, match=r"masks/file1000001_002.png: could not be written"):
+        import_fastmri_plus(fastmri / "knee.csv", fastmri / "h5", tmp_path / "out")
+    assert not (tmp_path / "out" / "labels.csv").exists()

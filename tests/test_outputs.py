@@ -250,3 +250,27 @@ def test_every_json_a_run_evaluate_and_export_write_is_strict(run64, data64, tmp
     assert {"metrics.json", "calibration.json", "threshold.json", "m.onnx.json"} <= {p.name for p in written}
     for path in written:
         json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_figure_that_does_not_fit_leaves_no_cut_short_file(tmp_path):
+    """A file-size limit (as a full disk) while a figure was saved: matplotlib, writing to the file
+    itself, left a cut-short PDF under its name and raised its own error (a traceback)."""
+    script = """
+import errno, resource, signal, sys
+from pathlib import Path
+import matplotlib.pyplot as plt
+import numpy as np
+from mtl_meniscus.evaluation.plots import save_figure
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-long write fails with EFBIG instead of a kill
+fig, ax = plt.subplots()
+ax.plot(np.random.default_rng(0).random(20000))  # a PDF of a few hundred kB
+resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000))
+try:
+    save_figure(fig, Path(sys.argv[1]) / "curves.png")
+except OSError as err:
+    print(errno.errorcode[err.errno], err.filename)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.split() == ["EFBIG", str(tmp_path / "curves.pdf")]
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]  # whole; the PDF not there at all

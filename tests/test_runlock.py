@@ -96,3 +96,24 @@ def test_a_lock_counts_only_on_the_file_still_at_the_path(tmp_path, monkeypatch)
     assert held == os.stat(tmp_path / "run" / ".lock").st_ino and len(calls) == 2
     lock.release()
     assert not (tmp_path / "run").exists()
+
+
+def test_a_lock_in_a_folder_made_read_only_is_released_without_hiding_the_error(tmp_path, monkeypatch):
+    """The run folder made read-only mid-run: deleting .lock on release failed, and that error
+    (".lock: Read-only file system") replaced the one that stopped the run (best.pt's)."""
+    import errno
+
+    from mtl_meniscus.io.runlock import RunLock
+
+    lock = RunLock(tmp_path / "run")
+    real_unlink = Path.unlink
+
+    def read_only(self, missing_ok=False):
+        if self.name == ".lock":
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    lock.release()  # no error of its own
+    monkeypatch.undo()
+    RunLock(tmp_path / "run").release()  # and the folder is free again

@@ -724,3 +724,29 @@ def test_a_killed_workers_trial_is_marked_failed(postgres_url, tiny, data64, tmp
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     rows = read_trials(tmp_path / "later")
     assert rows[0]["state"] == "FAIL" and "no heartbeat" in rows[0]["error"]
+
+
+def test_a_storage_that_fails_under_the_search_is_a_message(tiny, tmp_path, phantom, monkeypatch):
+    """A full disk under study.db: Optuna's own write of a trial's failure failed too, and its
+    errors (OperationalError, StorageInternalError, an AssertionError) came out as tracebacks."""
+    import optuna
+    import sqlalchemy.exc
+
+    def full_disk(self, *args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("INSERT INTO trials", {}, Exception("database or disk is full"))
+
+    monkeypatch.setattr(optuna.study.Study, "optimize", full_disk)
+    args = [
+        "tune",
+        "--config",
+        str(tiny),
+        "--data",
+        str(phantom),
+        "--n-trials",
+        "1",
+        "--out",
+        str(tmp_path / "t"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "the study's storage sqlite:///" in result.output and "database or disk is full" in result.output

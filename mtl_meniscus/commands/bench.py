@@ -30,7 +30,7 @@ from mtl_meniscus.engine.inference import predict_probs
 from mtl_meniscus.engine.progress import progress_bar
 from mtl_meniscus.engine.runtime import Runtime, cpu_bf16_pays_off, cpu_features, resolve_runtime
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.io.outputs import check_output_dir, json_text
+from mtl_meniscus.io.outputs import check_output_dir, json_text, write_text_atomic
 from mtl_meniscus.networks.losses import FixedWeighting, task_losses
 from mtl_meniscus.networks.models import MODELS, build_model, trains_per_task
 from mtl_meniscus.phantom.slices import write_phantom
@@ -282,9 +282,9 @@ def run_benchmark(
         }
         progress.advance(bar)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json_text(results))
+    write_text_atomic(out_dir / "bench.json", json_text(results))
     markdown = to_markdown(results)
-    (out_dir / "bench.md").write_text(markdown, encoding="utf-8")
+    write_text_atomic(out_dir / "bench.md", markdown)
     console.print(markdown, markup=False, highlight=False)
     return results
 

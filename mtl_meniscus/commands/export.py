@@ -296,10 +296,11 @@ def export_onnx(
                 f"{PARITY_TOLERANCE:.0e}); nothing written. Please report it with torch "
                 f"{torch.__version__} and onnxruntime {onnxruntime.__version__}"
             )
+        sidecar.unlink(missing_ok=True)  # the old .json must never describe the new graph (a full disk)
     probabilities = _network_of(module)
     report = ExportReport(
         path=str(out),
-        sidecar=str(out.with_name(out.name + ".json")),
+        sidecar=str(sidecar),
         tasks=probabilities.tasks,
         outputs=tuple(output_names),
         input_name=input_name,

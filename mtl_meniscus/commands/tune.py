@@ -34,6 +34,7 @@ is created.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -707,6 +708,10 @@ class TuneSearch:
                     callbacks=[self._after_trial, lambda _study, _trial: progress.advance(bar)],
                     gc_after_trial=False,
                 )
+        except (MeniscusError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # Optuna's storage failing under a trial (a full disk, a lost server)
+            raise self._search_failure(err) from err
         finally:
             with self.write_lock:
                 write_outputs(study, self.out_dir, request.space)
@@ -760,7 +765,8 @@ class TuneSearch:
             raise
         except Exception as err:
             reason = f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"
-            trial.set_user_attr("error", reason)
+            with contextlib.suppress(Exception):  # the storage may fail as the trial did (a full disk)
+                trial.set_user_attr("error", reason)
             if isinstance(err, MeniscusError):
                 self.errors.append(err)
                 raise
@@ -771,6 +777,17 @@ class TuneSearch:
             failed = MeniscusError(f"trial {trial.number} failed ({reason}); {where}")
             self.errors.append(failed)
             raise failed from err  # the cause stays attached for a debugger
+
+    def _search_failure(self, err: Exception) -> MeniscusError:
+        """What stopped the search when Optuna raised: a trial's own error if one failed (recording
+        its failure in the storage can fail the same way, a full disk), else the storage named."""
+        if self.errors:
+            return self.errors[0]
+        reason = " ".join(str(err).split())[:300]
+        return MeniscusError(
+            f"the search stopped: the study's storage {mask_url(self.storage_url)} failed ({type(err).__name__}: "
+            f"{reason}); a full disk or a lost database connection? the same command continues the study"
+        )
 
     def _train_trial(self, trial) -> float:
         sampled = suggest(trial, self.request.space)

@@ -299,7 +299,8 @@ def _volume_rows(
             for x, y, w, h in boxes[index]:
                 picture[y : y + h, x : x + w] = 2  # 2 = tear, as in the phantom's masks
             mask = f"masks/{source.stem}_{index:03d}.png"
-            cv2.imwrite(str(out_dir / mask), picture)
+            if not cv2.imwrite(str(out_dir / mask), picture):  # OpenCV says False, it does not raise
+                raise DataError(f"{out_dir / mask}: could not be written (a full disk or a file-size limit?)")
         tear = int(bool(boxes.get(index)))
         rows.append([f"volumes/{source.name}", index, tear, "", "", source.stem, mask])
     return rows

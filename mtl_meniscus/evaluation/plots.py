@@ -4,6 +4,7 @@ column width: every figure is written as a PNG and, beside it, a vector PDF for 
 from __future__ import annotations
 
 import contextlib
+import io
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -14,6 +15,7 @@ matplotlib.use("Agg")  # files only; no display needed on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from mtl_meniscus.io.outputs import atomic_write  # noqa: E402
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable  # noqa: E402
 
 COLUMN_WIDTH = 3.5  # inches: one column of a two-column journal page
@@ -50,11 +52,18 @@ def paper_style() -> Iterator[None]:
 
 
 def save_figure(fig, path: Path, dpi: int = 200) -> None:
-    """`path` (.png) and the same name with .pdf beside it; closes the figure."""
+    """`path` (.png) and the same name with .pdf beside it; closes the figure. Each is drawn in
+    memory and written atomically: matplotlib writing to the file itself left a cut-short PDF under
+    its name on a full disk, and raised its own errors (a zlib.error), not the disk's."""
     path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    fig.savefig(path.with_suffix(".pdf"))
-    plt.close(fig)
+    try:
+        for target, options in ((path, {"dpi": dpi}), (path.with_suffix(".pdf"), {})):
+            drawn = io.BytesIO()
+            fig.savefig(drawn, format=target.suffix[1:], **options)
+            with atomic_write(target) as tmp:
+                tmp.write_bytes(drawn.getvalue())
+    finally:
+        plt.close(fig)
 
 
 def plot_training_curves(history: list[dict], path: Path, best: Mapping[str, dict] | None = None) -> None:

@@ -64,21 +64,29 @@ class RunLock:
         if not still_at(self.path, handle):
             handle.close()
             return None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        except OSError as err:  # a full disk: name the file, as every write does
+            handle.close()
+            raise OSError(err.errno, err.strerror, str(self.path)) from None
         return handle
 
     def release(self) -> None:
         if self._handle is None:
             return
-        self.path.unlink(missing_ok=True)  # while still held: see the module's docstring
+        # while still held: see the module's docstring; a folder made read-only meanwhile keeps
+        # the file (released all the same), and the error that stopped the work is the one told
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
         fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
         self._handle.close()
         self._handle = None
-        if self._created_folder and not any(self.folder.iterdir()):
-            self.folder.rmdir()  # made by this lock and left empty: a refused run leaves nothing
+        if self._created_folder and self.folder.is_dir() and not any(self.folder.iterdir()):
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # made by this lock and left empty: a refused run leaves nothing
 
 
 def lock_now(handle) -> bool:

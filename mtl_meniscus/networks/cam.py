@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mtl_meniscus.errors import ConfigError
-from mtl_meniscus.io.outputs import OutputError
+from mtl_meniscus.io.outputs import OutputError, atomic_write
 from mtl_meniscus.networks.models import SeparateCascade, SharedTrunkNet
 
 
@@ -102,7 +102,8 @@ def write_overlays(folder: Path, name: str, image: np.ndarray, cams: dict[str, n
         try:
             if not ok:
                 raise OSError("PNG encoding failed")
-            path.write_bytes(encoded.tobytes())
+            with atomic_write(path) as tmp:  # a full disk leaves no cut-short overlay under its name
+                tmp.write_bytes(encoded.tobytes())
         except OSError as err:
             raise OutputError(
                 f"cannot write the overlay {path} ({getattr(err, 'strerror', None) or err})"

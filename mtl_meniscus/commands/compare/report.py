@@ -21,7 +21,7 @@ from mtl_meniscus.commands.compare.statistics import (
     still_improving,
 )
 from mtl_meniscus.config import Config
-from mtl_meniscus.io.outputs import json_text
+from mtl_meniscus.io.outputs import atomic_write, json_text, write_text_atomic
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
 
 
@@ -150,7 +150,7 @@ def to_markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -200,8 +200,8 @@ def write_report(
             "trained with the same seed, on the same test images (two-sided p):\n\n"
             + to_markdown(delong_header, delong_table)
         )
-    (out_dir / "results.md").write_text(markdown, encoding="utf-8")
-    (out_dir / "results.json").write_text(json_text(table))
+    write_text_atomic(out_dir / "results.md", markdown)
+    write_text_atomic(out_dir / "results.json", json_text(table))
     plot_score_bars(table, per_seed, out_dir / "score_bars.png")
     plot_roc_overlay(scored, targets, out_dir / "roc_overlay.png", tasks)
     plot_forest(table, per_seed, out_dir / "forest.png")

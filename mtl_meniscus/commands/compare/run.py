@@ -47,7 +47,7 @@ from mtl_meniscus.evaluation.metrics import (
     challenge_score,
     task_aucs,
 )
-from mtl_meniscus.io.outputs import json_text, nan_for_null, write_text_atomic
+from mtl_meniscus.io.outputs import atomic_write, json_text, nan_for_null, write_text_atomic
 from mtl_meniscus.io.runlock import RunLock
 from mtl_meniscus.labels import TaskTable
 from mtl_meniscus.networks.models import (
@@ -155,7 +155,7 @@ def _write_predictions(
     path: Path, names: list[str], targets: np.ndarray, probs: dict[str, np.ndarray], tasks: TaskTable
 ) -> None:
     tasks_out = [t for t in tasks.names if t in probs]
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", *tasks_out, *(f"p_{t}" for t in tasks_out)])
         for k, name in enumerate(names):
@@ -343,7 +343,7 @@ def _shared_data(
             "variant on it"
         )
     locks.append(RunLock(out_dir, "--out"))  # creates out_dir; refuses one that another process holds
-    (out_dir / "compare.yaml").write_text(yaml.safe_dump(compare.to_dict(), sort_keys=False))
+    write_text_atomic(out_dir / "compare.yaml", yaml.safe_dump(compare.to_dict(), sort_keys=False))
     console.print(f"data {data_dir}: {data.exclusion_summary()}; splits: {data.split_summary()}")
     console.print(
         f"comparison: {len(variants)} variants ({', '.join(compare.modes)} x {', '.join(compare.trunks)} "
