@@ -524,3 +524,19 @@ def test_train_out_refuses_a_folder_whose_files_a_run_would_replace(data64, tmp_
     hidden.mkdir()
     (hidden / ".DS_Store").write_bytes(b"Finder's")
     assert runner.invoke(app, [*train, str(hidden)]).exit_code == 0
+
+
+def test_a_run_folder_deleted_while_training_stops_it(data64, tmp_path):
+    """rm -rf of the run folder after epoch 1: every later write made it anew, and the run ended
+    'wrote RUN: best.pt, ...' without its config.yaml or splits.csv, so nothing could read it."""
+    import shutil
+
+    config = load_config(TINY, {"data.path": str(data64), "train.max_epochs": 3})
+
+    def delete_after_first(member: str, epoch: int) -> None:
+        if epoch == 1:
+            shutil.rmtree(tmp_path / "run")
+
+    with pytest.raises(MeniscusError, match=r"run: the run folder is gone \(deleted or moved while training\?\)"):
+        train_run(config, tmp_path / "run", console=_quiet(), on_epoch_end=delete_after_first)
+    assert not (tmp_path / "run").exists()

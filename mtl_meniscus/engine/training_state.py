@@ -77,7 +77,7 @@ class MemberCheckpoints:
         payload = model_payload(
             state.model, config, {"member": self.member, "training_state": training_state}
         )
-        atomic_torch_save(payload, self.folder / "last.pt")
+        atomic_torch_save(payload, self._path("last.pt"))
 
     def save_best(self, state: TrainingState, member_config: Config) -> None:
         if not self.processes.main:
@@ -87,7 +87,16 @@ class MemberCheckpoints:
             "best_epoch": state.stopping.best_epoch,
             "best_score": state.stopping.best_score,
         }
-        atomic_torch_save(model_payload(state.model, member_config, extra), self.folder / "best.pt")
+        atomic_torch_save(model_payload(state.model, member_config, extra), self._path("best.pt"))
+
+    def _path(self, name: str) -> Path:
+        """The checkpoint's path in the member's folder, which must still be there: written anew,
+        it would hold checkpoints without the run's other files, which nothing could read."""
+        if not self.folder.is_dir():
+            raise MeniscusError(
+                f"{self.folder}: the run folder is gone (deleted or moved while training?); training stopped"
+            )
+        return self.folder / name
 
     def finished(self) -> bool:
         """True when last.pt records that the member's training has ended (its best.pt, written
