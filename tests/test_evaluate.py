@@ -470,3 +470,24 @@ def test_evaluate_names_the_rows_it_left_out(trained, tmp_path):
     assert excluded[broken].startswith("unreadable") and len(excluded) == metrics["excluded_rows"]
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["excluded_rows"] == len(excluded)
     assert f"(report: {tmp_path / 'e' / 'exclusions.csv'})" in console.export_text()
+
+
+def test_an_evaluation_that_fails_to_write_leaves_no_metrics_json(trained, tmp_path, monkeypatch):
+    """A full disk halfway through: the new metrics.json sat beside the earlier evaluation's
+    predictions.csv and figures, and nothing said the folder was a mix. metrics.json, written last,
+    is there only when the evaluation is whole."""
+    import errno
+
+    import mtl_meniscus.commands.evaluate as evaluate_module
+
+    out = tmp_path / "eval"
+    run_evaluation(trained / "run", n_bootstrap=0, tta_copies=0, out_dir=out, console=_quiet())
+    assert (out / "metrics.json").is_file()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "errors.png"))
+
+    monkeypatch.setattr(evaluate_module, "write_galleries", full_disk)
+    with pytest.raises(OSError):
+        run_evaluation(trained / "run", n_bootstrap=0, tta_copies=1, out_dir=out, console=_quiet())
+    assert not (out / "metrics.json").exists()

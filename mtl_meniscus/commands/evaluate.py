@@ -470,17 +470,19 @@ def _evaluation_folder(trained: TrainedModel, what: str) -> Path:
 def _write_outputs(
     out_dir: Path, metrics, scored: Scored, trained: TrainedModel, runtime, seed: int
 ) -> list[Path]:
-    """metrics.json, predictions.csv and the figures (PNG + PDF) in out_dir; returns the PNGs."""
+    """metrics.json, predictions.csv and the figures (PNG + PDF) in out_dir; returns the PNGs.
+    An earlier evaluation's metrics.json goes first and the new one is written last: a folder whose
+    writing failed (a full disk) holds no metrics.json beside a mix of new and old files."""
     from mtl_meniscus.evaluation.figures import confusion_figure, pr_figure, reliability_figure, roc_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").unlink(missing_ok=True)
     exclusions = out_dir / EXCLUSIONS_FILE
     if scored.data.exclusions:  # the rows no figure counts, each with its reason
         scored.data.write_exclusions(exclusions)
         metrics["excluded_rows"] = len(scored.data.exclusions)
     else:
         exclusions.unlink(missing_ok=True)  # an earlier evaluation's, of other data
-    write_text_atomic(out_dir / "metrics.json", json_text(metrics))
     write_predictions(out_dir / "predictions.csv", scored)
     tasks, targets, probs = scored.data.tasks, scored.targets, scored.probs
     intervals = {task: m["auc_ci95"] for task, m in metrics["tasks"].items()}
@@ -499,7 +501,9 @@ def _write_outputs(
     }
     reliability_figure(reliability, out_dir / "reliability.png")
     figures = [out_dir / name for name in ("roc.png", "pr.png", "confusion.png", "reliability.png")]
-    return figures + write_galleries(trained, scored, runtime, out_dir)
+    figures += write_galleries(trained, scored, runtime, out_dir)
+    write_text_atomic(out_dir / "metrics.json", json_text(metrics))  # last: the evaluation is whole
+    return figures
 
 
 def _show(console: Console, metrics, out_dir: Path, figures: list[Path], tta) -> None:
