@@ -415,3 +415,31 @@ def test_a_damaged_files_decoder_warnings_are_not_printed(tiny_run, tmp_path):
     assert "Warning" not in result.stderr + result.stdout and "site-packages" not in result.stderr, (
         result.stderr
     )
+
+
+def test_a_table_whose_progress_cannot_be_written_counts_and_continues_right(tmp_path, monkeypatch):
+    """A full disk at the progress file: the note counted the rows of the failed chunk as kept, and
+    a table started over (other settings) kept the old record, so the next call refused the table
+    as someone else's."""
+    import errno
+
+    import mtl_meniscus.io.resumable_table as tables
+
+    table = tables.ResumableTable(tmp_path / "p.csv", "image\n", {"model": "a"})
+    table.add("a.png\n", 1, 0)
+    real_write = tables.write_text_atomic
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(tables, "write_text_atomic", full_disk)
+    with pytest.raises(OSError):
+        table.add("b.png\n", 1, 0)
+    assert (table.done, table.failed) == (1, 0)  # what the record on disk holds
+    table.close()
+    with pytest.raises(OSError):  # other settings: started over, and its first record fails too
+        tables.ResumableTable(tmp_path / "p.csv", "image\n", {"model": "b"})
+    monkeypatch.setattr(tables, "write_text_atomic", real_write)
+    again = tables.ResumableTable(tmp_path / "p.csv", "image\n", {"model": "b"})  # not refused
+    assert again.done == 0
+    again.close()

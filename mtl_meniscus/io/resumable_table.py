@@ -11,6 +11,7 @@ after those inputs; other settings start the table over. When every input is in,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -76,9 +77,19 @@ class ResumableTable:
         else:
             if saved is not None:
                 self.note = f"{self.partial}: an unfinished table of other settings, started over"
+            # the old record first: a failed write of the new one must not leave it describing a
+            # table it no longer matches; and an empty table without a record is no one's table, so
+            # the next call starts it again (one with rows but no record would be refused as foreign)
+            self.progress.unlink(missing_ok=True)
             self._handle.truncate(0)
-            self._append(header)
-            self._save_progress()
+            try:
+                self._append(header)
+                self._save_progress()
+            except OSError:
+                with contextlib.suppress(OSError):
+                    self._handle.truncate(0)
+                self.close()
+                raise
 
     def _saved_progress(self) -> dict[str, Any] | None:
         """The progress file's record; None when there is no unfinished table. A `<out>.partial`
@@ -122,21 +133,22 @@ class ResumableTable:
         self._handle.flush()
         os.fsync(self._handle.fileno())  # on disk before the progress file counts it
 
-    def _save_progress(self) -> None:
+    def _save_progress(self, done: int = 0, failed: int = 0) -> None:
+        """Record the table with `done` more inputs, `failed` of them failed; the counts count them
+        once the record is written (a failed write keeps the counts the record on disk has)."""
         record = {
-            "inputs": self.done,
-            "failed": self.failed,
+            "inputs": self.done + done,
+            "failed": self.failed + failed,
             "bytes": os.fstat(self._handle.fileno()).st_size,
             "settings": self.settings,
         }
         write_text_atomic(self.progress, json.dumps(record, indent=1))
+        self.done, self.failed = record["inputs"], record["failed"]
 
     def add(self, text: str, inputs: int, failed: int) -> None:
         """Append the rows (`text`, whole lines) of the next `inputs` inputs, `failed` of them failed."""
         self._append(text)
-        self.done += inputs
-        self.failed += failed
-        self._save_progress()
+        self._save_progress(inputs, failed)
 
     def finish(self) -> None:
         """The whole table becomes `<out>` (replacing an earlier output); the progress file goes."""
