@@ -140,7 +140,7 @@ def command(name: str | None = None):
             except MeniscusError as err:
                 fail(err)
             except OSError as err:
-                fail(os_error(err))
+                fail(os_error(err, name or func.__name__))
 
         return app.command(name)(run)
 
@@ -167,12 +167,23 @@ def own_message(err: Exception) -> str:
 WRITE_FAILED = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO}
 
 
-def os_error(err: OSError) -> MeniscusError:
-    """A file-system error that escaped the checks (disk full, a file removed meanwhile) as a message."""
+# What the same command again does after a write failed, by command (RERUN_ADVICE.get: the rest)
+RERUN_ADVICE = {
+    "train": "`train --resume RUN` continues from the last finished epoch (a run that had not begun: "
+    "the same command)",
+    "predict": "the same command continues its OUT.partial",
+    "compare": "the same command keeps the scored variants and resumes the one in progress",
+    "tune": "the same command adds trials to the study",
+}
+
+
+def os_error(err: OSError, command: str = "") -> MeniscusError:
+    """A file-system error that escaped the checks (disk full, a file removed meanwhile) as a
+    message; after a failed write, what rerunning `command` does."""
     where = f" {err.filename}" if err.filename else ""
     advice = (
-        "; free space (or raise the file-size limit) and rerun the command: `train --resume RUN` "
-        "continues a training from its last finished epoch, predict its OUT.partial"
+        "; free space (or raise the file-size limit) and rerun: "
+        + RERUN_ADVICE.get(command, "the same command writes its files again")
         if err.errno in WRITE_FAILED
         else ""
     )

@@ -547,3 +547,21 @@ def test_compare_takes_an_out_folder_holding_only_hidden_files(tmp_path):
     (tmp_path / "notes.md").write_text("mine\n")
     with pytest.raises(OutputError, match=r"holds files \(notes.md\) but no comparison"):
         _check_comparison_folder(tmp_path)
+
+
+def test_a_failed_write_says_what_rerunning_this_command_does():
+    """Every command told 'train --resume RUN continues ..., predict its OUT.partial', also
+    evaluate, and a training that had not begun (no config.yaml to resume)."""
+    import errno
+
+    from mtl_meniscus.cli import os_error
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/r/best.pt")
+    assert str(os_error(full, "evaluate")) == (
+        "cannot access /runs/r/best.pt: No space left on device; free space (or raise the file-size "
+        "limit) and rerun: the same command writes its files again"
+    )
+    assert "`train --resume RUN` continues" in str(os_error(full, "train"))
+    assert "continues its OUT.partial" in str(os_error(full, "predict"))
+    gone = OSError(errno.ENOENT, "No such file or directory", "/data/x.png")
+    assert str(os_error(gone, "train")) == "cannot access /data/x.png: No such file or directory"

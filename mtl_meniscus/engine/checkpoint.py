@@ -29,7 +29,11 @@ def atomic_torch_save(payload: dict[str, Any], path: str | Path) -> None:
             torch.save(payload, tmp)
         except RuntimeError as err:  # torch's zip writer reports a failed write (a full disk) so
             reason = str(err).strip().splitlines()[0][:120]
-            raise OSError(errno.EIO, f"the write failed ({reason})", str(path)) from None
+            raise OSError(
+                errno.EIO,
+                f"the write failed ({reason}): a full disk, a file-size limit, a folder made read-only?",
+                str(path),
+            ) from None
 
 
 def model_payload(model: nn.Module, config: Config, extra: dict[str, Any] | None = None) -> dict[str, Any]:

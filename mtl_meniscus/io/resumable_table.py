@@ -129,9 +129,12 @@ class ResumableTable:
         )
 
     def _append(self, text: str) -> None:
-        self._handle.write(text.encode("utf-8"))
-        self._handle.flush()
-        os.fsync(self._handle.fileno())  # on disk before the progress file counts it
+        try:
+            self._handle.write(text.encode("utf-8"))
+            self._handle.flush()
+            os.fsync(self._handle.fileno())  # on disk before the progress file counts it
+        except OSError as err:  # a full disk: name the table, as every write does
+            raise OSError(err.errno, err.strerror, str(self.partial)) from None
 
     def _save_progress(self, done: int = 0, failed: int = 0) -> None:
         """Record the table with `done` more inputs, `failed` of them failed; the counts count them
