@@ -12,10 +12,10 @@ the temporary file is removed if writing fails.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -161,7 +161,9 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent, of=path.name)  # a killed earlier writer's, never read again
+    for stale in _stale_temporaries_of(path):  # a killed earlier writer's, never read again
+        with contextlib.suppress(OSError):
+            stale.unlink()
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
@@ -174,19 +176,39 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temporaries(folder: str | Path, of: str | None = None) -> list[Path]:
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the temporary files atomic_write left in `folder` when its process was killed
-    (<name>.<pid>.tmp of a process no longer alive: a checkpoint's is as large as the checkpoint),
-    all of them or only those of the file named `of`; those of live processes are theirs. Returns
-    the files deleted."""
+    (<name>.<pid>.tmp of a process no longer alive: a checkpoint's is as large as the checkpoint);
+    those of live processes are theirs. Returns the files deleted."""
     removed = []
-    for tmp in Path(folder).glob(f"{glob.escape(of) if of else '*'}.*.tmp"):
+    for tmp in Path(folder).glob("*.*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             with contextlib.suppress(OSError):
                 tmp.unlink()
                 removed.append(tmp)
     return removed
+
+
+# folder -> {file name: its stale temporaries}: each folder listed once per process, not once per
+# write (predict --masks writes thousands of files into one folder)
+_STALE_BY_FOLDER: dict[Path, dict[str, list[Path]]] = {}
+_STALE_LOCK = threading.Lock()
+
+
+def _stale_temporaries_of(path: Path) -> list[Path]:
+    """The temporary files of `path` that killed processes left (found when this process first
+    writes into its folder)."""
+    with _STALE_LOCK:
+        folder = path.parent.resolve()
+        if folder not in _STALE_BY_FOLDER:
+            found: dict[str, list[Path]] = {}
+            for tmp in folder.glob("*.*.tmp"):
+                name, pid, _ = tmp.name.rsplit(".", 2)
+                if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+                    found.setdefault(name, []).append(tmp)
+            _STALE_BY_FOLDER[folder] = found
+        return _STALE_BY_FOLDER[folder].pop(path.name, [])
 
 
 def process_alive(pid: int) -> bool:
