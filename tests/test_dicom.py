@@ -202,3 +202,27 @@ def test_a_2d_npy_is_not_an_exam(tmp_path):
     with pytest.raises(ImageReadError, match=r"slice.npy: a 2D array of shape \(64, 64\), one slice"):
         read_exam(tmp_path / "slice.npy")
     np.testing.assert_array_equal(read_image(tmp_path / "slice.npy"), canonical_slice())  # a slice: fine
+
+
+def test_a_legacy_multi_frame_file_keeps_its_frames_and_a_short_sequence_is_refused(tmp_path):
+    """A multi-frame file with ImagePositionPatient at its top level (a legacy conversion) is read
+    in file order, not refused as 'frames at the same place'; a per-frame sequence shorter than
+    NumberOfFrames gave the frames past it no rescale, without a word."""
+    volume = canonical_volume()
+    ds = mr_dataset(series="7")
+    ds.ImageOrientationPatient = list(DICOM_VARIANTS["standard"][1])
+    ds.ImagePositionPatient = [0.0, 0.0, 0.0]
+    ds.NumberOfFrames = len(volume)
+    ds.Rows, ds.Columns = volume.shape[1:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = volume.tobytes()
+    ds.save_as(tmp_path / "legacy.dcm", enforce_file_format=True)
+    np.testing.assert_array_equal(read_volume(tmp_path / "legacy.dcm", plane="sagittal"), volume)
+
+    write_enhanced(tmp_path / "short.dcm", volume, slopes=[2.0] * len(volume))
+    ds = pydicom.dcmread(tmp_path / "short.dcm")
+    ds.PerFrameFunctionalGroupsSequence = ds.PerFrameFunctionalGroupsSequence[:3]
+    ds.save_as(tmp_path / "short.dcm")
+    with pytest.raises(ImageReadError, match=r"PerFrameFunctionalGroupsSequence has 3 items for 5 frames"):
+        read_volume(tmp_path / "short.dcm")

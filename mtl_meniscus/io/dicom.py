@@ -57,10 +57,16 @@ def frame_count(dataset) -> int:
 
 def _group(dataset, frame: int, sequence: str):
     """The first item of functional group `sequence` (e.g. 'PlaneOrientationSequence') for `frame`
-    (0-based): the frame's own, else the shared one; None when the file has neither."""
+    (0-based): the frame's own, else the shared one; None when the file has neither. A per-frame
+    sequence of another length than NumberOfFrames is refused: which item is which frame's is lost."""
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
     items = []
-    if per_frame is not None and frame < len(per_frame):
+    if per_frame is not None and len(per_frame) != frame_count(dataset):
+        raise ImageReadError(
+            f"PerFrameFunctionalGroupsSequence has {len(per_frame)} items for {frame_count(dataset)} frames "
+            "(NumberOfFrames): a damaged or cut-short file"
+        )
+    if per_frame is not None:
         items.append(per_frame[frame])
     shared = dataset.get("SharedFunctionalGroupsSequence")
     if shared:
@@ -107,9 +113,10 @@ def dicom_orientation(dataset):
 
 
 def dicom_position(dataset, frame: int = 0):
-    """ImagePositionPatient of a DICOM file (its own) or of one frame of an Enhanced file (its
-    PlanePositionSequence, per frame or shared); None when it has none."""
-    if "ImagePositionPatient" in dataset:
+    """ImagePositionPatient of a single-frame file (its own), or of one frame of an Enhanced file
+    (its PlanePositionSequence, per frame or shared); None when it has none. A multi-frame file's
+    top-level ImagePositionPatient (a legacy conversion) is its first frame's alone: not every frame's."""
+    if "ImagePositionPatient" in dataset and frame_count(dataset) == 1:
         return dataset.ImagePositionPatient
     group = _group(dataset, frame, "PlanePositionSequence")
     return None if group is None else group.get("ImagePositionPatient")
@@ -153,6 +160,6 @@ def frame_order(dataset, orientation) -> list[int] | None:
             first, second = sorted((first, second))
             raise ImageReadError(
                 f"frames {first + 1} and {second + 1} lie at the same place ({places[first]:g} mm along the "
-                "slice normal): several echoes, time points or stacks in one file; give one stack"
+                "slice normal): several echoes, time points or stacks in one file? give one stack"
             )
     return order
