@@ -666,10 +666,15 @@ def test_a_quote_opened_by_mistake_is_refused_not_the_rows_it_swallows_dropped(t
         read_labels(tmp_path)
     never_closed = rows[:4] + [rows[4] + '"see prior report'] + rows[5:]
     (tmp_path / "labels.csv").write_text("\n".join([header, *never_closed]) + "\n")
-    with pytest.raises(
-        DataError, match=r"cannot parse as CSV \(the row from line 6: unexpected end of data; a quote"
-    ):
+    with pytest.raises(DataError, match=r"row 6: a quoted value runs from line 6 to line 7"):
         read_labels(tmp_path)
+    # a note over lines, commas and all, and a quote inside a value are fine
+    notes = [
+        rows[0] + '"complex tear;\nsegments involved: 1, 2, 3, 4, 5, 6, 7"',
+        rows[1] + '"Bucket handle" tear',
+    ]
+    (tmp_path / "labels.csv").write_text("\n".join([header, *notes, *rows[2:]]) + "\n")
+    assert len(read_labels(tmp_path)) == 6
     (tmp_path / "labels.csv").write_text("\n".join([header, *rows]) + "\n")  # as meant: every row
     assert len(read_labels(tmp_path)) == 6
 
@@ -688,7 +693,21 @@ def test_a_label_file_saved_as_utf16_says_how_to_save_it(tmp_path):
 def test_a_patient_id_written_two_ways_is_refused(tmp_path):
     """'007' and '7' (or '7' and '7.0', as pandas writes an id column with gaps) were two patients:
     one knee's images were split between train and val."""
-    rows = [(f"img/{k}.png", "0", "", "", pid) for k, pid in enumerate(["007", "7", "8", "8.0", "A7", "8"])]
+    ids = [
+        "007",
+        "7",
+        "8",
+        "8.0",
+        "A7",
+        "8",
+        "1.1",
+        "1.10",
+        "1e3",
+        "1000",
+        "9007199254740993",
+        "9007199254740992",
+    ]
+    rows = [(f"img/{k}.png", "0", "", "", pid) for k, pid in enumerate(ids)]  # the last six: other patients
     _write_folder(tmp_path, rows, header=("image", "fissure", "orientation", "position", "patient_id"))
     with pytest.raises(DataError) as info:
         read_labels(tmp_path)

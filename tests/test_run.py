@@ -537,6 +537,8 @@ def test_a_run_folder_deleted_while_training_stops_it(data64, tmp_path):
         if epoch == 1:
             shutil.rmtree(tmp_path / "run")
 
-    with pytest.raises(MeniscusError, match=r"run: the run folder is gone \(deleted or moved while training\?\)"):
+    with pytest.raises(
+        MeniscusError, match=r"run: the run folder is gone \(deleted or moved while training\?\)"
+    ):
         train_run(config, tmp_path / "run", console=_quiet(), on_epoch_end=delete_after_first)
     assert not (tmp_path / "run").exists()

@@ -63,7 +63,10 @@ def read_annotations(path: Path) -> dict[str, list[dict[str, str]]]:
     once (row number, column, value). A `file` must name a file inside the volumes folder: an
     absolute path or one that leaves it with '..' is refused (the one rule of records.inside_path)."""
     _check_file(path, "the fastMRI+ knee annotations, knee.csv")
-    header, rows = read_csv_rows(path)  # rows numbered by their line, as an editor numbers them
+    # rows numbered by their line, as an editor numbers them; a row starts with a volume's name
+    header, rows = read_csv_rows(
+        path, lambda first: FILE_NAME.fullmatch(_without_h5(Path(first).name)) is not None
+    )
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (expected {', '.join(COLUMNS)})")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -132,17 +132,22 @@ def read_labels(
     return records
 
 
-def read_csv_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str], list[str]]]]:
+def read_csv_rows(
+    csv_path: Path, starts_a_row: Callable[[str], bool] | None = None
+) -> tuple[list[str], list[tuple[int, dict[str, str], list[str]]]]:
     """A CSV file's header (names stripped) and its rows as (line, {column: value}, values beyond
     the header), for labels.csv and fastMRI+'s knee.csv; a DataError naming the file when it is not
-    UTF-8 CSV text, or when a quote opened by mistake would swallow rows.
+    UTF-8 CSV text, or when a quote opened by mistake swallowed rows: lines inside a quoted value
+    that have the header's number of values, their first one what `starts_a_row` takes for a row's
+    first value (by default: an image of the data folder, a file next to the CSV).
 
     `line` is the line the row starts on, as an editor numbers them (the header is line 1). It is
     counted from csv.reader's line_num rather than by counting rows, because a blank line (skipped)
     and a quoted value with a line break inside (one row over two lines) would otherwise shift the
     number of every later row."""
     rows = []
-    reader = csv.reader(io.StringIO(csv_text(csv_path)), strict=True)  # strict: a quote left open
+    reader = csv.reader(io.StringIO(csv_text(csv_path)))
+    starts_a_row = starts_a_row or (lambda first: bool(first) and (csv_path.parent / first).is_file())
     end = 0  # the last line read so far
     try:
         header = [name.strip() for name in next(reader, [])]
@@ -153,25 +158,27 @@ def read_csv_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, 
             # (a spreadsheet's ',,,,' under the data), which named each column as missing
             if not any(field.strip() for field in fields):
                 continue
-            _check_swallowed_rows(csv_path, start, end, fields, len(header))
+            _check_swallowed_rows(csv_path, start, end, fields, len(header), starts_a_row)
             # A short row's missing values are empty (as csv.DictReader has them); values
             # beyond the header are kept apart, to be refused rather than dropped.
             rows.append((start, dict(zip(header, fields)), fields[len(header) :]))
     except csv.Error as err:
-        raise DataError(
-            f'{csv_path}: cannot parse as CSV (the row from line {end + 1}: {err}; a quote (") opened and '
-            "never closed?)"
-        ) from None
+        raise DataError(f"{csv_path}: cannot parse as CSV (the row from line {end + 1}: {err})") from None
     return header, rows
 
 
-def _check_swallowed_rows(csv_path: Path, start: int, end: int, fields: list[str], columns: int) -> None:
+def _check_swallowed_rows(
+    csv_path: Path, start: int, end: int, fields: list[str], columns: int, starts_a_row: Callable[[str], bool]
+) -> None:
     """Refuse a quoted value over several lines that holds what reads as whole rows: a stray quote
-    ('"see prior report') makes every line up to the next quote one value, and those rows were
-    dropped without a word. A value with a line break of its own (a note) is fine."""
+    ('"see prior report') makes every line up to the next quote (or the end of the file) one value,
+    and those rows were dropped without a word. A note with line breaks of its own is fine, commas
+    and all, unless a line of it starts like a row."""
     for field in fields:
-        inner = field.split("\n")[1:]
-        looks_like_rows = [text for text in inner if len(next(csv.reader([text]), [])) >= columns]
+        inner = [next(csv.reader([text]), []) for text in field.split("\n")[1:]]
+        looks_like_rows = [
+            ",".join(values) for values in inner if len(values) >= columns and starts_a_row(values[0].strip())
+        ]
         if looks_like_rows:
             raise DataError(
                 f"{csv_path}: row {start}: a quoted value runs from line {start} to line {end} and holds "
@@ -228,24 +235,25 @@ def _extra_values(line: int, header: Sequence[str], extra: Sequence[str]) -> lis
     ]
 
 
+WHOLE_NUMBER = re.compile(r"0*(\d+)(?:\.0+)?")  # '007', '7', '7.0': the whole number 7, as tools write it
+
+
 def _note_numeric_id(patient: str, line: int, spelt: dict[str, dict[str, int]]) -> None:
-    """Note a numeric patient_id's spelling ('007', '7', '7.0' are one number) with its first row."""
-    try:
-        number = float(patient)
-    except ValueError:
-        return
-    if math.isfinite(number):
-        spelt.setdefault(repr(number), {}).setdefault(patient, line)
+    """Note a whole-number patient_id's spelling with its first row: leading zeros and a '.0' (as
+    pandas writes an id column with gaps) do not change the number. Other ids are left as they are
+    ('1.1' and '1.10' may well be two site.subject ids)."""
+    found = WHOLE_NUMBER.fullmatch(patient) if patient.isascii() else None
+    if found:
+        spelt.setdefault(found.group(1).lstrip("0") or "0", {}).setdefault(patient, line)
 
 
 def _id_spelling_problems(spelt: dict[str, dict[str, int]]) -> list[str]:
-    """A problem per number written as patient_id in more than one way ('007' and '7'; '7' and
-    '7.0', as pandas writes an id column with gaps): taken as two patients, one knee's images
-    went to train and to val."""
+    """A problem per whole number written as patient_id in more than one way ('007' and '7'; '7'
+    and '7.0'): taken as two patients, one knee's images went to train and to val."""
     return [
         f"patient_id {' and '.join(f'{text!r} (row {line})' for text, line in spellings.items())}: one number "
         "written in several ways, read as different patients; write each patient's id one way (or, "
-        "for different patients, ids that differ as numbers)"
+        "for different patients, ids that are not one whole number with leading zeros or '.0')"
         for spellings in spelt.values()
         if len(spellings) > 1
     ]
