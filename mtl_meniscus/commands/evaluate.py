@@ -811,9 +811,9 @@ def run_exam_evaluation(
         "checkpoint": str(trained.checkpoint),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").unlink(missing_ok=True)  # written last: there only when all is
     _write_exam_exclusions(out_dir / EXCLUSIONS_FILE, excluded, metrics, console)
-    write_text_atomic(out_dir / "metrics.json", json_text(metrics))
-    _write_exam_predictions(out_dir / "predictions.csv", exams, probs, tops, sizes)
+    _write_exam_outputs(out_dir, exams, probs, tops, sizes, metrics)
     low, high = metrics["auc_ci95"]
     if note:
         console.print(f"! {note}", highlight=False, markup=False)
@@ -889,9 +889,11 @@ def _write_exam_exclusions(
     metrics["excluded_exams"] = len(excluded)
 
 
-def _write_exam_predictions(path: Path, exams, probs, tops, sizes) -> None:
+def _write_exam_outputs(out_dir: Path, exams, probs, tops, sizes, metrics: dict) -> None:
+    """predictions.csv of the exams, then metrics.json: last, the evaluation is whole."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["case", "tear", "p_fissure", "top_slice", "slices"])
     writer.writerows([e.case, e.tear, repr(p), t, s] for e, p, t, s in zip(exams, probs, tops, sizes))
-    write_text_atomic(path, buffer.getvalue())
+    write_text_atomic(out_dir / "predictions.csv", buffer.getvalue())
+    write_text_atomic(out_dir / "metrics.json", json_text(metrics))

@@ -709,12 +709,13 @@ class TuneSearch:
                     gc_after_trial=False,
                 )
         except (MeniscusError, KeyboardInterrupt):
+            self._write_outputs_after_failure(study)
             raise
         except Exception as err:  # Optuna's storage failing under a trial (a full disk, a lost server)
+            self._write_outputs_after_failure(study)
             raise self._search_failure(err) from err
-        finally:
-            with self.write_lock:
-                write_outputs(study, self.out_dir, request.space)
+        with self.write_lock:
+            write_outputs(study, self.out_dir, request.space)
         if self.errors:  # with n_jobs > 1 Optuna does not re-raise the errors of the last trials
             raise self.errors[0]
         write_plots(study, self.out_dir, self.console)
@@ -777,6 +778,13 @@ class TuneSearch:
             failed = MeniscusError(f"trial {trial.number} failed ({reason}); {where}")
             self.errors.append(failed)
             raise failed from err  # the cause stays attached for a debugger
+
+    def _write_outputs_after_failure(self, study) -> None:
+        """trials.csv and best.yaml of the trials so far, where they can be written: reading the
+        study and writing the files may fail as the search did (the storage, a full disk), and
+        that must not hide why the search stopped."""
+        with contextlib.suppress(Exception), self.write_lock:
+            write_outputs(study, self.out_dir, self.request.space)
 
     def _search_failure(self, err: Exception) -> MeniscusError:
         """What stopped the search when Optuna raised: a trial's own error if one failed (recording

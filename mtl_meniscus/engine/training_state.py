@@ -67,6 +67,10 @@ class MemberCheckpoints:
     member: str  # its name, saved in both files
     processes: Distributed = SINGLE  # under torchrun the processes other than rank 0 write nothing
 
+    def __post_init__(self) -> None:
+        if self.processes.main:  # a cascade's members/<network>: there from the start, gone only if deleted
+            self.folder.mkdir(parents=True, exist_ok=True)
+
     def save_last(self, state: TrainingState, config: Config) -> None:
         streams = self.processes.rng_states()  # every process takes part
         if not self.processes.main:

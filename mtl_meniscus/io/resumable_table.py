@@ -77,11 +77,11 @@ class ResumableTable:
         else:
             if saved is not None:
                 self.note = f"{self.partial}: an unfinished table of other settings, started over"
-            # the old record first: a failed write of the new one must not leave it describing a
-            # table it no longer matches; and an empty table without a record is no one's table, so
-            # the next call starts it again (one with rows but no record would be refused as foreign)
-            self.progress.unlink(missing_ok=True)
+            # emptied first, then the old record goes: at any moment (a kill, a failed write) the
+            # table is empty or its record describes it (an old record of more bytes than an empty
+            # table reads as no table), never rows without a record, which are refused as foreign
             self._handle.truncate(0)
+            self.progress.unlink(missing_ok=True)
             try:
                 self._append(header)
                 self._save_progress()

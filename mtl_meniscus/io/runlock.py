@@ -84,9 +84,9 @@ class RunLock:
         fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
         self._handle.close()
         self._handle = None
-        if self._created_folder and self.folder.is_dir() and not any(self.folder.iterdir()):
-            with contextlib.suppress(OSError):
-                self.folder.rmdir()  # made by this lock and left empty: a refused run leaves nothing
+        with contextlib.suppress(OSError):  # made by this lock and left empty: a refused run leaves nothing
+            if self._created_folder and not any(self.folder.iterdir()):
+                self.folder.rmdir()
 
 
 def lock_now(handle) -> bool:
