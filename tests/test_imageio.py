@@ -38,26 +38,6 @@ def test_tiff_16_bit_and_jpeg(tmp_path):
     assert np.abs(read_image(tmp_path / "a.jpg") - smooth).max() <= 3  # lossy codec
 
 
-@pytest.mark.parametrize("orientation", range(1, 9))
-def test_a_jpeg_or_tiff_is_turned_by_its_orientation_tag_as_viewers_show_it(orientation, tmp_path):
-    """A camera's or converter's orientation tag: OpenCV's unchanged decoding applies a TIFF's
-    and left a JPEG's EXIF tag out, so a JPEG tagged 'turn 90 degrees' came out turned against
-    what its user sees. The truth: Pillow's exif_transpose of the stored pixels so tagged."""
-    from PIL import Image, ImageOps
-
-    stored = np.tile(np.linspace(0, 255, 40), (32, 1)).astype(np.uint8)
-    stored[:8, :12] = 255  # a bright corner: every turn and mirror is another image
-    image = Image.fromarray(stored)
-    exif = image.getexif()
-    exif[0x0112] = orientation
-    shown = np.asarray(ImageOps.exif_transpose(image), np.float32)
-    image.save(tmp_path / "a.jpg", exif=exif, quality=100)
-    read = read_image(tmp_path / "a.jpg")
-    assert read.shape == shown.shape and np.abs(read - shown).max() <= 3  # a lossy codec
-    image.save(tmp_path / "a.tif", exif=exif)
-    np.testing.assert_array_equal(read_image(tmp_path / "a.tif"), shown)
-
-
 def test_colour_png_becomes_grey(tmp_path):
     colour = np.random.default_rng(1).integers(0, 255, (16, 16, 3)).astype(np.uint8)
     cv2.imwrite(str(tmp_path / "c.png"), colour)

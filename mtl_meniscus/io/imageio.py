@@ -346,10 +346,9 @@ def check_pixel_budget(pixels: int, budget: PixelBudget, what: str) -> None:
         )
 
 
-def _raster_header(path: Path, budget: int | PixelBudget) -> int:
-    """PNG/TIFF/JPEG header only: one page, a size within the limit; returns a JPEG's EXIF
-    orientation (1, as stored, when it has none). Pillow reads the header lazily; OpenCV then
-    decodes only what passed (and only these three formats)."""
+def _raster_header(path: Path, budget: int | PixelBudget) -> None:
+    """PNG/TIFF/JPEG header only: one page, a size within the limit. Pillow reads the header
+    lazily; OpenCV then decodes only what passed (and only these three formats)."""
     from PIL import Image, UnidentifiedImageError
 
     limit = budget.limit if isinstance(budget, PixelBudget) else budget
@@ -359,8 +358,6 @@ def _raster_header(path: Path, budget: int | PixelBudget) -> int:
             with Image.open(path, formats=["PNG", "TIFF", "JPEG"]) as header:
                 width, height = header.size
                 frames = getattr(header, "n_frames", 1)
-                # a JPEG's EXIF orientation, as viewers apply it (OpenCV applies a TIFF's itself)
-                orientation = header.getexif().get(EXIF_ORIENTATION, 1) if header.format == "JPEG" else 1
         except Image.DecompressionBombError as err:  # Pillow's own limit, above ours by default
             found = re.search(r"\((\d+) pixels\)", str(err))
             pixels = int(found.group(1)) if found else None
@@ -387,21 +384,6 @@ def _raster_header(path: Path, budget: int | PixelBudget) -> int:
             "read: save each slice as its own file"
         )
     _check_declared_size((height, width), limit)
-    return orientation if orientation in EXIF_TURNS else 1
-
-
-EXIF_ORIENTATION = 0x0112
-# EXIF orientation -> the turn of the stored pixels (H, W) that gives the image every viewer shows
-EXIF_TURNS = {
-    1: lambda p: p,
-    2: lambda p: p[:, ::-1],  # mirrored left-right
-    3: lambda p: p[::-1, ::-1],  # turned 180 degrees
-    4: lambda p: p[::-1],  # mirrored top-bottom
-    5: lambda p: p.T,  # mirrored about the main diagonal
-    6: lambda p: np.rot90(p, -1),  # turned 90 degrees clockwise
-    7: lambda p: np.rot90(p, 2).T,  # mirrored about the other diagonal
-    8: lambda p: np.rot90(p, 1),  # turned 90 degrees counter-clockwise
-}
 
 
 def _starts_like_tiff(path: Path) -> bool:
@@ -423,9 +405,7 @@ def _as_float32(values: np.ndarray) -> np.ndarray:
 
 
 def _read_raster(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None]:
-    """A grey PNG/TIFF/JPEG slice as every viewer shows it: a JPEG turned by its EXIF orientation
-    (a camera's or a converter's tag), which OpenCV's unchanged decoding applies to a TIFF only."""
-    orientation = _raster_header(path, limit)
+    _raster_header(path, limit)
     # np.fromfile + imdecode also copes with non-ASCII paths, where cv2.imread fails quietly.
     data = np.fromfile(str(path), dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
@@ -434,7 +414,7 @@ def _read_raster(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         image = cv2.cvtColor(image, code)
-    return np.ascontiguousarray(EXIF_TURNS[orientation](image)).astype(np.float32), None
+    return image.astype(np.float32), None
 
 
 def _read_dicom(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, SliceGeometry]:
