@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -384,19 +386,29 @@ def _look_alike(path: Path) -> str:
     """A hint naming a file beside a missing `path` whose name differs from it only in Unicode
     form (é as one character or two: NFC/NFD, as macOS and Windows write names) or in spaces
     around it; '' when there is none."""
-    import unicodedata
-
-    def loose(name: str) -> str:
-        return unicodedata.normalize("NFC", name).strip()
-
     try:
-        entries = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+        modified = path.parent.stat().st_mtime_ns
     except OSError:
         return ""
-    alike = next((name for name in entries if name != path.name and loose(name) == loose(path.name)), None)
-    return (
-        f" (the folder holds {alike!r}, a name that differs only in Unicode form or spaces)" if alike else ""
-    )
+    alike = _names_in_one_form(str(path.parent), modified).get(_same_form(path.name), path.name)
+    if alike == path.name:
+        return ""
+    return f" (the folder holds {alike!r}, a name that differs only in Unicode form or spaces)"
+
+
+def _same_form(name: str) -> str:
+    """A file name in one Unicode form (NFC), without spaces around it."""
+    return unicodedata.normalize("NFC", name).strip()
+
+
+@functools.lru_cache(maxsize=4)
+def _names_in_one_form(folder: str, _modified: int) -> dict[str, str]:
+    """{name in one form: name} of a folder's entries, listed once while the folder is unchanged (its
+    modification time is in the key): the rows of 10,000 missing files list it once, not 10,000 times."""
+    try:
+        return {_same_form(entry.name): entry.name for entry in os.scandir(folder)}
+    except OSError:
+        return {}
 
 
 def prepare_folder(
