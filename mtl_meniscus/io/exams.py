@@ -26,7 +26,7 @@ from mtl_meniscus.io.imageio import (
     PixelBudget,
     check_pixel_budget,
     max_pixels_limit,
-    read_dicom_slice,
+    read_image,
     read_volume,
     reader_suffix,
 )
@@ -175,11 +175,10 @@ def _series_headers(folder: Path) -> dict[Path, object]:
 def _read_series_slice(
     file: Path, limit: int, plane: str | None, notes: list[str] | None, geometry: list[SliceGeometry] | None
 ) -> np.ndarray:
-    """One file of a series as read_image reads a DICOM slice (the canonical view, the plane check,
-    the note, the geometry), whatever its name: read_image picks its reader by the suffix, and a
-    series file may have none (_series_headers took it by its content)."""
+    """One file of a series, read as any DICOM slice (the canonical view, the plane check, the note,
+    the geometry), whatever its name: read_image knows a DICOM file without a suffix by its content."""
     hint = "a series folder holds single-slice files; give a multi-frame file as an exam of its own"
-    return read_dicom_slice(file, limit, plane, notes, geometry, hint)
+    return read_image(file, max_pixels=limit, volume_hint=hint, plane=plane, notes=notes, geometry=geometry)
 
 
 def is_series_file(file: Path) -> bool:

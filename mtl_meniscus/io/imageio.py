@@ -164,8 +164,8 @@ def read_volume(
     """Every slice of a 3D .npy (slices first), NIfTI (along its last axis) or multi-frame DICOM
     as float32 (S, H, W); a single 2D DICOM or NIfTI slice gives one slice (a 2D .npy is refused:
     MRNet's exams are 3D arrays, and a 2D one is a slice saved where its exam belongs). `size`:
-    the slices will be resized to size x size, so the pixel budget counts them so (PixelBudget). `notes` and `geometry` as for
-    read_image (one SliceGeometry, every slice's). Raises ImageReadError naming the file."""
+    the slices will be resized to size x size, so the pixel budget counts them so (PixelBudget).
+    `notes` and `geometry` as for read_image (one SliceGeometry, every slice's). Raises ImageReadError naming the file."""
     path = Path(path)
     suffix = reader_suffix(path)
     if suffix in RASTER_SUFFIXES or _reader(suffix) is None:
@@ -235,26 +235,6 @@ def _check_exists(path: Path) -> None:
                 f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)"
             )
         raise ImageReadError(f"{path}: file not found")
-
-
-def read_dicom_slice(
-    path: Path,
-    limit: int | PixelBudget,
-    plane: str | None,
-    notes: list[str] | None,
-    geometry: list[SliceGeometry] | None,
-    hint: str,
-) -> np.ndarray:
-    """One single-slice DICOM file read as read_image reads a .dcm (canonical view, plane check,
-    notes, geometry), whatever its name: read_image picks its reader by the suffix, and a file of a
-    DICOM series may have none. `hint` ends the message for a multi-frame file."""
-
-    def decode() -> np.ndarray:
-        return _select_slice(
-            _oriented(path, _read_dicom(path, limit), plane, notes, geometry), None, "", hint
-        )
-
-    return _decoded(path, decode)
 
 
 # The largest pixel magnitude read: a Sobel gradient of such pixels (up to 8x them) squared stays
