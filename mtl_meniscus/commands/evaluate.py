@@ -19,7 +19,7 @@ from rich.table import Table
 
 from mtl_meniscus.config import DataConfig, TTAConfig, WandbConfig, tta_words
 from mtl_meniscus.data.masks import MASK_TEAR
-from mtl_meniscus.data.records import PreparedData
+from mtl_meniscus.data.records import PreparedData, write_exclusions
 from mtl_meniscus.engine.horns import label_maps, roi_hit_rates, roi_window, truth_masks
 from mtl_meniscus.engine.inference import segmentation_metrics
 from mtl_meniscus.engine.progress import progress_bar
@@ -881,11 +881,7 @@ def _write_exam_exclusions(
         highlight=False,
         markup=False,
     )
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["image", "slice", "reason"])
-    writer.writerows((name, "", reason) for name, reason in excluded)
-    write_text_atomic(path, buffer.getvalue())
+    write_exclusions(path, [(name, None, reason) for name, reason in excluded])
     metrics["excluded_exams"] = len(excluded)
 
 

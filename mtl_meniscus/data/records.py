@@ -225,11 +225,7 @@ class PreparedData:
         return counts
 
     def write_exclusions(self, path: str | Path) -> None:
-        rows = [
-            (image, "" if slice_index is None else slice_index, reason)
-            for image, slice_index, reason in self.exclusions
-        ]
-        _write_csv(path, ["image", "slice", "reason"], rows)
+        write_exclusions(path, self.exclusions)
 
     def write_splits(self, path: str | Path) -> None:
         rows = [
@@ -402,6 +398,15 @@ def read_saved_splits(path: str | Path) -> dict[tuple[str, int | None], dict[str
             problems=problems,
         )
     return saved
+
+
+def write_exclusions(path: str | Path, exclusions: list[tuple[str, int | None, str]]) -> None:
+    """exclusions.csv: image, slice, reason of each row (or exam) set aside."""
+    rows = [
+        (image, "" if slice_index is None else slice_index, reason)
+        for image, slice_index, reason in exclusions
+    ]
+    _write_csv(path, ["image", "slice", "reason"], rows)
 
 
 def _write_csv(path: str | Path, header: list[str], rows) -> None:

@@ -172,8 +172,14 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(err, OSError) and not err.filename:  # a failed write names no file: name ours
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+            raise naming(err, path) from None
         raise
+
+
+def naming(err: OSError, path: str | Path) -> OSError:
+    """`err` naming `path` when it names no file (a failed write or flush names none), so that its
+    message says where: the CLI prints err.filename."""
+    return err if err.filename else OSError(err.errno, err.strerror or str(err), str(path))
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
@@ -182,12 +188,17 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     those of live processes are theirs. Returns the files deleted."""
     removed = []
     for tmp in Path(folder).glob("*.*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+        if _left_by_dead_process(tmp):
             with contextlib.suppress(OSError):
                 tmp.unlink()
                 removed.append(tmp)
     return removed
+
+
+def _left_by_dead_process(tmp: Path) -> bool:
+    """Whether `tmp` (<name>.<pid>.tmp) is atomic_write's temporary of a process no longer alive."""
+    pid = tmp.name.rsplit(".", 2)[-2]
+    return pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid))
 
 
 # folder -> {file name: its stale temporaries}: each folder listed once per process, not once per
@@ -204,9 +215,8 @@ def _stale_temporaries_of(path: Path) -> list[Path]:
         if folder not in _STALE_BY_FOLDER:
             found: dict[str, list[Path]] = {}
             for tmp in folder.glob("*.*.tmp"):
-                name, pid, _ = tmp.name.rsplit(".", 2)
-                if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-                    found.setdefault(name, []).append(tmp)
+                if _left_by_dead_process(tmp):
+                    found.setdefault(tmp.name.rsplit(".", 2)[0], []).append(tmp)
             _STALE_BY_FOLDER[folder] = found
         return _STALE_BY_FOLDER[folder].pop(path.name, [])
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.io.outputs import OutputError, write_text_atomic
+from mtl_meniscus.io.outputs import OutputError, naming, write_text_atomic
 from mtl_meniscus.io.runlock import lock_now, still_at
 
 # The unfinished table and its progress file: <out> + these
@@ -134,7 +134,7 @@ class ResumableTable:
             self._handle.flush()
             os.fsync(self._handle.fileno())  # on disk before the progress file counts it
         except OSError as err:  # a full disk: name the table, as every write does
-            raise OSError(err.errno, err.strerror, str(self.partial)) from None
+            raise naming(err, self.partial) from None
 
     def _save_progress(self, done: int = 0, failed: int = 0) -> None:
         """Record the table with `done` more inputs, `failed` of them failed; the counts count them

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mtl_meniscus.errors import MeniscusError
-from mtl_meniscus.io.outputs import check_output_dir, process_alive
+from mtl_meniscus.io.outputs import check_output_dir, naming, process_alive
 
 try:
     import fcntl
@@ -71,7 +71,7 @@ class RunLock:
             handle.flush()
         except OSError as err:  # a full disk: name the file, as every write does
             handle.close()
-            raise OSError(err.errno, err.strerror, str(self.path)) from None
+            raise naming(err, self.path) from None
         return handle
 
     def release(self) -> None:
