@@ -34,8 +34,8 @@ from mtl_meniscus.engine.runtime import Runtime
 from mtl_meniscus.engine.trained import TrainedModel
 from mtl_meniscus.evaluation.segmentation import mean_score_ci
 from mtl_meniscus.io.exams import resized_slices
+from mtl_meniscus.io.imageio import write_png
 from mtl_meniscus.io.orientation import SliceGeometry
-from mtl_meniscus.io.outputs import OutputError, atomic_write
 from mtl_meniscus.networks.models import segments, trains_per_task
 
 # predict's columns with --masks: the mask file written, the two horn boxes ("x0 y0 x1 y1" in the
@@ -146,18 +146,6 @@ def write_answer(answer: HornAnswer, mask_path: Path, overlay_path: Path) -> str
         write_png(mask_path, answer.mask)
     write_png(overlay_path, overlay_picture(answer))
     return str(mask_path) if answer.mask is not None else ""
-
-
-def write_png(path: Path, pixels: np.ndarray) -> None:
-    """A PNG written atomically; an OutputError naming the file when it cannot be."""
-    ok, encoded = cv2.imencode(".png", pixels)
-    try:
-        if not ok:
-            raise OSError("PNG encoding failed")
-        with atomic_write(path) as tmp:
-            tmp.write_bytes(encoded.tobytes())
-    except OSError as err:
-        raise OutputError(f"cannot write {path} ({getattr(err, 'strerror', None) or err})") from None
 
 
 # ---- evaluate: the ROI hit rate -----------------------------------------------------------------

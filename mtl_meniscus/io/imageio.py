@@ -22,6 +22,7 @@ from mtl_meniscus.io.orientation import (
     dicom_geometry,
     nifti_canonical,
 )
+from mtl_meniscus.io.outputs import OutputError, atomic_write
 
 RASTER_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -382,6 +383,19 @@ def _as_float32(values: np.ndarray) -> np.ndarray:
         if math.isfinite(largest) and largest > MAX_PIXEL_MAGNITUDE:
             raise ImageReadError(_too_large(largest))
     return values.astype(np.float32)
+
+
+def write_png(path: Path, pixels: np.ndarray, what: str = "") -> None:
+    """`pixels` as a PNG written atomically (a full disk leaves no cut-short file under its name);
+    an OutputError naming the file (`what` it is, e.g. 'the overlay ') when it cannot be."""
+    ok, encoded = cv2.imencode(".png", pixels)
+    try:
+        if not ok:
+            raise OSError("PNG encoding failed")
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(encoded.tobytes())
+    except OSError as err:
+        raise OutputError(f"cannot write {what}{path} ({getattr(err, 'strerror', None) or err})") from None
 
 
 def _read_raster(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None]:

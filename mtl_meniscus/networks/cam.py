@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mtl_meniscus.errors import ConfigError
-from mtl_meniscus.io.outputs import OutputError, atomic_write
+from mtl_meniscus.io.imageio import write_png
 from mtl_meniscus.networks.models import SeparateCascade, SharedTrunkNet
 
 
@@ -98,16 +98,7 @@ def write_overlays(folder: Path, name: str, image: np.ndarray, cams: dict[str, n
     paths = []
     for task, cam in cams.items():
         path = folder / f"{name}_{task}.png"
-        ok, encoded = cv2.imencode(".png", overlay(image, cam))
-        try:
-            if not ok:
-                raise OSError("PNG encoding failed")
-            with atomic_write(path) as tmp:  # a full disk leaves no cut-short overlay under its name
-                tmp.write_bytes(encoded.tobytes())
-        except OSError as err:
-            raise OutputError(
-                f"cannot write the overlay {path} ({getattr(err, 'strerror', None) or err})"
-            ) from None
+        write_png(path, overlay(image, cam), "the overlay ")
         paths.append(path)
     return paths
 
