@@ -805,13 +805,15 @@ def compare(
 
 
 def _check_comparison_folder(out: Path) -> None:
-    """compare --out: a new or empty folder, or a comparison's (its compare.yaml), which a rerun
-    continues. Any other folder is refused: results.md, results.csv, the figures and variants/
-    would replace files of those names (`--out ''`, the current folder, replaced a user's notes)."""
+    """compare --out: a new or empty folder, a comparison's (its compare.yaml), which a rerun
+    continues, or one holding only variants/ of variant folders copied from other comparisons
+    (docs/cli.md, "Across machines"), which this one scores or keeps. Any other folder is refused:
+    results.md, results.csv, the figures and variants/ would replace files of those names
+    (`--out ''`, the current folder, replaced a user's notes)."""
     from mtl_meniscus.data.records import PROBLEMS_FILE
     from mtl_meniscus.io.outputs import OutputError, entries_besides, some_of
 
-    if not out.is_dir() or (out / "compare.yaml").is_file():
+    if not out.is_dir() or (out / "compare.yaml").is_file() or _holds_only_variants(out):
         return
     held = entries_besides(out, {PROBLEMS_FILE})
     if held:
@@ -820,6 +822,23 @@ def _check_comparison_folder(out: Path) -> None:
             "but no comparison (compare.yaml): compare writes results.md, results.csv, its figures and "
             "variants/ there, replacing files of those names; choose a new or empty folder"
         )
+
+
+def _holds_only_variants(out: Path) -> bool:
+    """Whether `out` holds variants/ alone, and that only variant folders (each with the
+    config.yaml compare wrote) and their logs."""
+    from mtl_meniscus.data.records import PROBLEMS_FILE
+    from mtl_meniscus.io.outputs import entries_besides
+
+    variants = out / "variants"
+    if entries_besides(out, {PROBLEMS_FILE}) != ["variants"] or not variants.is_dir():
+        return False
+    return all(
+        (entry.is_dir() and (entry / "config.yaml").is_file())
+        or (entry.is_file() and entry.suffix == ".log")
+        for entry in variants.iterdir()
+        if not entry.name.startswith(".")
+    )
 
 
 @command()

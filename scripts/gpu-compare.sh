@@ -22,7 +22,9 @@
 # rewrites its table. Scored variants also merge under another cache path where /tmp/mtlcache does
 # not exist: compare keeps them after checking their test split; an unscored one needs the path.)
 # Measured on one H200 (2026-11-30): per-network 6.4 min, equal-flops 2.0,
-# same-regularization 3.5 (its last scoring job cut by a 215 s limit). The curves' three smaller
+# same-regularization 3.5 (its last scoring job cut by a 215 s limit); segmentation 9.0 (JOBS=5)
+# beside the curves' 0.1 share 7.9 (JOBS=11), two runs of this script at once, each with its own
+# W (work folder, default /tmp/cmp) and OUT, the phantom made before either started. The curves' three smaller
 # shares are about three times per-network: more than one call's 10 minutes, so one share per call
 # (CURVE_FRACTIONS=0.1,1.0 and so on), their variant folders merged here into one comparison folder,
 # kept as `compare_table.py keep curves ...` (render gives it a learning-curve table of its own in
@@ -33,7 +35,7 @@
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; PY=${PY:-python3}; LIMIT=${LIMIT:-540}; EXTRA=${EXTRA:-}; JOBS=${JOBS:-$(nproc)}
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1 MTL_MENISCUS_CACHE=/tmp/mtlcache
-W=/tmp/cmp; rm -rf $W; mkdir -p $W/logs
+W=${W:-/tmp/cmp}; rm -rf $W; mkdir -p $W/logs
 START=$(date +%s)
 left() { echo $(( LIMIT - ($(date +%s) - START) )); }
 limited() {  # log command...: run it until the time left is spent, then stop it and its workers
@@ -41,10 +43,12 @@ limited() {  # log command...: run it until the time left is spent, then stop it
   [ "$(left)" -gt 10 ] || { echo "no time left for: $*" > "$log"; return 124; }
   setsid "$@" > "$log" 2>&1 &  # a process group of its own: compare's worker processes go with it
   local pid=$!
-  ( sleep "$(left)"; kill -INT -- -$pid; sleep 10; kill -KILL -- -$pid ) 2>/dev/null &
+  # the watcher's output goes nowhere: a sleep holding this script's stdout kept a pipe reading
+  # it open until the limit, long after the script ended
+  ( sleep "$(left)"; kill -INT -- -$pid; sleep 10; kill -KILL -- -$pid ) > /dev/null 2>&1 &
   local watcher=$!
   wait $pid; local rc=$?
-  kill $watcher 2>/dev/null
+  pkill -P $watcher 2>/dev/null; kill $watcher 2>/dev/null
   return $rc
 }
 machine() {  # folder seconds: the machine and the compare's wall time, for scripts/compare_table.py keep

@@ -549,6 +549,31 @@ def test_compare_takes_an_out_folder_holding_only_hidden_files(tmp_path):
         _check_comparison_folder(tmp_path)
 
 
+def test_compare_takes_an_out_folder_of_variants_copied_from_other_comparisons(tmp_path):
+    """docs/cli.md "Across machines" and scripts/gpu-compare.sh copy variant folders into a new
+    folder's variants/ and run compare on it: that folder holds no compare.yaml yet (refusing it
+    stopped every GPU sweep before its first training). Anything else beside them is refused."""
+    from mtl_meniscus.cli import _check_comparison_folder
+    from mtl_meniscus.io.outputs import OutputError
+
+    variant = tmp_path / "variants" / "shared-reference-seed0"
+    variant.mkdir(parents=True)
+    (variant / "config.yaml").write_text("model: {name: shared}\n")
+    (tmp_path / "variants" / "shared-reference-seed0.log").write_text("epoch 1\n")
+    _check_comparison_folder(tmp_path)  # no error
+    (tmp_path / "variants" / "notes.md").write_text("mine\n")
+    with pytest.raises(OutputError, match=r"holds files \(variants\) but no comparison"):
+        _check_comparison_folder(tmp_path)
+    (tmp_path / "variants" / "notes.md").unlink()
+    (tmp_path / "variants" / "holiday").mkdir()  # a folder without a variant's config.yaml
+    with pytest.raises(OutputError, match=r"holds files \(variants\) but no comparison"):
+        _check_comparison_folder(tmp_path)
+    (tmp_path / "variants" / "holiday").rmdir()
+    (tmp_path / "results.md").write_text("my own notes\n")
+    with pytest.raises(OutputError, match=r"holds files \(results.md, variants\) but no comparison"):
+        _check_comparison_folder(tmp_path)
+
+
 def test_a_failed_write_says_what_rerunning_this_command_does():
     """Every command told 'train --resume RUN continues ..., predict its OUT.partial', also
     evaluate, and a training that had not begun (no config.yaml to resume)."""
