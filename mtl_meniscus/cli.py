@@ -834,8 +834,7 @@ def _holds_only_variants(out: Path) -> bool:
     if entries_besides(out, {PROBLEMS_FILE}) != ["variants"] or not variants.is_dir():
         return False
     return all(
-        (entry.is_dir() and (entry / "config.yaml").is_file())
-        or (entry.is_file() and entry.suffix == ".log")
+        (entry.is_dir() and (entry / "config.yaml").is_file()) or (entry.is_file() and entry.suffix == ".log")
         for entry in variants.iterdir()
         if not entry.name.startswith(".")
     )

@@ -186,31 +186,39 @@ def readme_summary() -> str:
     """The README's table: per kept comparison, the reference cascade against the shared model
     (full training split, no ROI, no auxiliary segmentation), their difference and the flags; then
     the learning curves of a comparison over several training fractions, with their plot."""
-    rows, notes, labels, curves = [], [], [], []
+    rows, notes, labels, curves, auxiliary = [], [], [], [], []
     for folder in _kept_folders():
         about = read_json(folder / "about.json", KEPT_BY, ABOUT_KEYS)
         settings = _read_yaml(folder / "compare.yaml", ("seeds",))
-        pairs = _cascade_and_shared(read_json_rows(folder / "results.json", ROW_KEYS, KEPT_BY))
+        results = read_json_rows(folder / "results.json", ROW_KEYS, KEPT_BY)
+        pairs = _cascade_and_shared(results)
+        segmentation = _without_and_with_segmentation(results)
+        run = (
+            f"`{about['command']}`, {_data_name(folder)}, seeds {', '.join(map(str, settings['seeds']))}, "
+            f"on {about['machine']}"
+            + (f", {about['wall_minutes']} min wall for that command" if "wall_minutes" in about else "")
+            + f", {about['date']}"
+            + (f" ({about['note']})" if "note" in about else "")
+        )
         if len(pairs) > 1:  # learning curves: its full-split point is a comparison of its own
             curves += _curve_lines(about["label"], pairs)
         elif 1.0 in pairs:
             cascade, shared = pairs[1.0]
             rows.append(f"| {about['label']} | {_pair_cells(cascade, shared)} |")
+        elif segmentation:
+            auxiliary += ["", _segmentation_line(about["label"], *segmentation, run)]
+            continue
         else:  # e.g. a comparison of trunks in one mode: its table is on the page, it has no row here
             print(
                 f"{folder / 'results.json'} has no cascade and shared rows of the reference trunk on "
-                "the full training split (no ROI, no auxiliary segmentation): "
-                f"{about['label']} is on the results page, not in the README's summary.",
+                "the full training split (no ROI, no auxiliary segmentation), nor the shared model's "
+                f"with and without it: {about['label']} is on the results page, not in the README's summary.",
                 file=sys.stderr,
             )
             continue
         labels.append(about["label"])
-        wall = f", {about['wall_minutes']} min wall for that command" if "wall_minutes" in about else ""
-        notes.append(
-            f"{about['label']}: `{about['command']}`, {_data_name(folder)}, "
-            f"seeds {', '.join(map(str, settings['seeds']))}, on {about['machine']}{wall}, {about['date']}"
-        )
-    if not rows and not curves:
+        notes.append(f"{about['label']}: {run}")
+    if not rows and not curves and not auxiliary:
         return "(no comparison kept yet)"
     return "\n".join(
         [
@@ -226,8 +234,36 @@ def readme_summary() -> str:
             + "; ".join(notes)
             + ". Written by `python scripts/compare_table.py render` from results/compare "
             "([full tables](docs/results.md#separate-vs-shared-compare)).",
+            *auxiliary,
             *curves,
         ]
+    )
+
+
+def _without_and_with_segmentation(results: list[dict]) -> tuple[dict, dict] | None:
+    """(without, with): the shared model's rows of the reference trunk on the full training split,
+    no ROI, without and with the auxiliary segmentation decoder; None where the table has not both,
+    or where its difference is not to the one without (another baseline)."""
+    by_segmentation = {
+        r["segmentation"]: r
+        for r in results
+        if (r["mode"], r["trunk"], r["roi"], r["train_fraction"]) == ("shared", "reference", "none", 1.0)
+    }
+    without, with_decoder = by_segmentation.get(False), by_segmentation.get(True)
+    if without is None or with_decoder is None or with_decoder.get("baseline") != without["variant"]:
+        return None
+    return without, with_decoder
+
+
+def _segmentation_line(label: str, without: dict, with_decoder: dict, run: str) -> str:
+    """A sentence: the shared model without and with the auxiliary segmentation decoder."""
+    flagged = [_flags(name, r) for name, r in (("without", without), ("with", with_decoder))]
+    return (
+        f"Auxiliary segmentation ({label}): the shared model scored {_mean_sd(without)} without the "
+        f"segmentation decoder and {_mean_sd(with_decoder)} with it, with − without "
+        f"{_num(with_decoder['diff_mean'], '+.3f')} [{_num(with_decoder['diff_ci_low'], '+.3f')}, "
+        f"{_num(with_decoder['diff_ci_high'], '+.3f')}]; training TFLOPs {_tflops(without)} / "
+        f"{_tflops(with_decoder)}; flagged seeds: {'; '.join(f for f in flagged if f) or 'none'}. {run}."
     )
 
 
@@ -260,18 +296,17 @@ def _curve_lines(label: str, pairs: dict[float, tuple[dict, dict]]) -> list[str]
     """The learning curves' table (a row per training fraction) and their plot."""
     lines = [
         "",
-        f"Learning curves ({label}): the same comparison on shares of the training split.",
-        "",
         "| training images (share) | cascade (separate) | shared | shared − cascade [95% CI] "
         "| training TFLOPs, cascade / shared | flagged seeds |",
         "|---|---|---|---|---|---|",
     ]
     for fraction, (cascade, shared) in pairs.items():
         lines.append(f"| {_num(shared['n_train'], '.0f')} ({fraction:g}) | {_pair_cells(cascade, shared)} |")
+    caption = f"Learning curves ({label}): the same comparison on shares of the training split."
     image = FIGURES / f"compare-{label}-learning_curves.png"
     if image.is_file():
-        lines += ["", f"![{label}: learning curves](docs/images/{image.name})"]
-    return lines
+        caption += f" ![{label}: learning curves](docs/images/{image.name})"
+    return [*lines, "", caption]
 
 
 def _flags(name: str, row: dict) -> str:

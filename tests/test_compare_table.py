@@ -65,8 +65,42 @@ def test_learning_curves_get_a_table_of_their_own_beside_the_budgets(tmp_path, m
         [f"{cascade['score_mean'] - 0.25:.3f} ± {cascade['score_sd']:.3f}", f"{shared['score_mean'] - 0.25:.3f} ± {shared['score_sd']:.3f}"],
         [f"{cascade['score_mean']:.3f} ± {cascade['score_sd']:.3f}", f"{shared['score_mean']:.3f} ± {shared['score_sd']:.3f}"],
     ]  # fmt: skip
-    assert "![curves: learning curves](docs/images/compare-curves-learning_curves.png)" in lines
+    assert (
+        "Learning curves (curves): the same comparison on shares of the training split. "
+        "![curves: learning curves](docs/images/compare-curves-learning_curves.png)"
+    ) in lines
     assert any("curves: per-network, on nested, stratified, patient-grouped shares" in line for line in lines)
+
+
+def test_the_auxiliary_segmentation_comparison_is_a_sentence_of_its_own(tmp_path, monkeypatch):
+    """A comparison of the shared model without and with the segmentation decoder has no cascade:
+    the summary says both scores and the paired difference, taken from its rows."""
+    _, shared = json.loads((PER_NETWORK / "results.json").read_text())
+    without = shared | {"baseline": shared["variant"]}
+    with_decoder = shared | {
+        "variant": "shared-reference-seg", "segmentation": True, "score_mean": 0.9789, "score_sd": 0.0061,
+        "diff_mean": -0.0021, "diff_ci_low": -0.0136, "diff_ci_high": 0.0094, "train_flops_mean": 2.17e14,
+        "baseline": shared["variant"], "still_improving_seeds": "3",
+    }  # fmt: skip
+    monkeypatch.setattr(compare_table, "OUT", tmp_path / "compare")
+    monkeypatch.setattr(compare_table, "FIGURES", tmp_path / "images")
+    _keep(tmp_path / "compare", "segmentation", [without, with_decoder], [1.0])
+
+    lines = compare_table.readme_summary().splitlines()
+
+    sentence = [line for line in lines if line.startswith("Auxiliary segmentation (segmentation):")]
+    assert len(sentence) == 1 and sentence[0].startswith(
+        f"Auxiliary segmentation (segmentation): the shared model scored {shared['score_mean']:.3f} ± "
+        f"{shared['score_sd']:.3f} without the segmentation decoder and 0.979 ± 0.006 with it, "
+        f"with − without -0.002 [-0.014, +0.009]; training TFLOPs {shared['train_flops_mean'] / 1e12:.0f} / 217; "
+        "flagged seeds: with: 1 still improving. `python cli.py compare`, realistic phantom"
+    )
+    assert not any(line.startswith("| segmentation |") for line in lines)  # no cascade: no budget row
+    # a difference to another baseline is not "with − without": the comparison stays on the page
+    with_decoder["baseline"] = "shared-other"
+    shutil.rmtree(tmp_path / "compare")
+    _keep(tmp_path / "compare", "segmentation", [without, with_decoder], [1.0])
+    assert compare_table.readme_summary() == "(no comparison kept yet)"
 
 
 def _pages(tmp_path: Path) -> tuple[Path, Path]:
