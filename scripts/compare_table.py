@@ -185,28 +185,21 @@ def render(page: Path = RESULTS_PAGE, readme: Path | None = README) -> str:
 def readme_summary() -> str:
     """The README's table: per kept comparison, the reference cascade against the shared model
     (full training split, no ROI, no auxiliary segmentation), their difference and the flags; then
-    the learning curves of a comparison over several training fractions, with their plot."""
+    the shared model without and with the auxiliary segmentation decoder, a sentence; then the
+    learning curves of a comparison over several training fractions, with their plot."""
     rows, notes, labels, curves, auxiliary = [], [], [], [], []
     for folder in _kept_folders():
         about = read_json(folder / "about.json", KEPT_BY, ABOUT_KEYS)
-        settings = _read_yaml(folder / "compare.yaml", ("seeds",))
         results = read_json_rows(folder / "results.json", ROW_KEYS, KEPT_BY)
         pairs = _cascade_and_shared(results)
         segmentation = _without_and_with_segmentation(results)
-        run = (
-            f"`{about['command']}`, {_data_name(folder)}, seeds {', '.join(map(str, settings['seeds']))}, "
-            f"on {about['machine']}"
-            + (f", {about['wall_minutes']} min wall for that command" if "wall_minutes" in about else "")
-            + f", {about['date']}"
-            + (f" ({about['note']})" if "note" in about else "")
-        )
         if len(pairs) > 1:  # learning curves: its full-split point is a comparison of its own
             curves += _curve_lines(about["label"], pairs)
         elif 1.0 in pairs:
             cascade, shared = pairs[1.0]
             rows.append(f"| {about['label']} | {_pair_cells(cascade, shared)} |")
         elif segmentation:
-            auxiliary += ["", _segmentation_line(about["label"], *segmentation, run)]
+            auxiliary += ["", _segmentation_line(about["label"], *segmentation, _how_run(folder, about))]
             continue
         else:  # e.g. a comparison of trunks in one mode: its table is on the page, it has no row here
             print(
@@ -217,7 +210,7 @@ def readme_summary() -> str:
             )
             continue
         labels.append(about["label"])
-        notes.append(f"{about['label']}: {run}")
+        notes.append(f"{about['label']}: {_how_run(folder, about)}")
     if not rows and not curves and not auxiliary:
         return "(no comparison kept yet)"
     return "\n".join(
@@ -237,6 +230,19 @@ def readme_summary() -> str:
             *auxiliary,
             *curves,
         ]
+    )
+
+
+def _how_run(folder: Path, about: dict) -> str:
+    """How a kept comparison ran, for the README: its command, data, seeds, machine, wall time, date
+    and note."""
+    settings = _read_yaml(folder / "compare.yaml", ("seeds",))
+    return (
+        f"`{about['command']}`, {_data_name(folder)}, seeds {', '.join(map(str, settings['seeds']))}, "
+        f"on {about['machine']}"
+        + (f", {about['wall_minutes']} min wall for that command" if "wall_minutes" in about else "")
+        + f", {about['date']}"
+        + (f" ({about['note']})" if "note" in about else "")
     )
 
 
