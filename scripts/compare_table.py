@@ -263,13 +263,11 @@ def _without_and_with_segmentation(results: list[dict]) -> tuple[dict, dict] | N
 
 def _segmentation_line(label: str, without: dict, with_decoder: dict, run: str) -> str:
     """A sentence: the shared model without and with the auxiliary segmentation decoder."""
-    flagged = [_flags(name, r) for name, r in (("without", without), ("with", with_decoder))]
     return (
         f"Auxiliary segmentation ({label}): the shared model scored {_mean_sd(without)} without the "
         f"segmentation decoder and {_mean_sd(with_decoder)} with it, with − without "
-        f"{_num(with_decoder['diff_mean'], '+.3f')} [{_num(with_decoder['diff_ci_low'], '+.3f')}, "
-        f"{_num(with_decoder['diff_ci_high'], '+.3f')}]; training TFLOPs {_tflops(without)} / "
-        f"{_tflops(with_decoder)}; flagged seeds: {'; '.join(f for f in flagged if f) or 'none'}. {run}."
+        f"{_difference(with_decoder)}; training TFLOPs {_tflops(without)} / {_tflops(with_decoder)}; "
+        f"flagged seeds: {_flagged([('without', without), ('with', with_decoder)])}. {run}."
     )
 
 
@@ -288,14 +286,21 @@ def _cascade_and_shared(results: list[dict]) -> dict[float, tuple[dict, dict]]:
 
 def _pair_cells(cascade: dict, shared: dict) -> str:
     """'cascade | shared | difference [CI] | TFLOPs | flags': the cells both tables share."""
-    flagged = [_flags(name, r) for name, r in (("cascade", cascade), ("shared", shared))]
     return (
-        f"{_mean_sd(cascade)} | {_mean_sd(shared)} | "
-        f"{_num(shared['diff_mean'], '+.3f')} "
-        f"[{_num(shared['diff_ci_low'], '+.3f')}, {_num(shared['diff_ci_high'], '+.3f')}] | "
-        f"{_tflops(cascade)} / {_tflops(shared)} | "
-        f"{'; '.join(f for f in flagged if f) or 'none'}"
+        f"{_mean_sd(cascade)} | {_mean_sd(shared)} | {_difference(shared)} | "
+        f"{_tflops(cascade)} / {_tflops(shared)} | {_flagged([('cascade', cascade), ('shared', shared)])}"
     )
+
+
+def _difference(row: dict) -> str:
+    """'+0.071 [+0.023, +0.119]': a row's paired difference to its baseline and its interval."""
+    return f"{_num(row['diff_mean'], '+.3f')} [{_num(row['diff_ci_low'], '+.3f')}, {_num(row['diff_ci_high'], '+.3f')}]"
+
+
+def _flagged(named_rows: list[tuple[str, dict]]) -> str:
+    """'cascade: 5 still improving; shared: 1 did not learn' over the (name, row) pairs, or 'none'."""
+    flags = [_flags(name, row) for name, row in named_rows]
+    return "; ".join(f for f in flags if f) or "none"
 
 
 def _curve_lines(label: str, pairs: dict[float, tuple[dict, dict]]) -> list[str]:
