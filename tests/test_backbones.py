@@ -17,7 +17,7 @@ from mtl_meniscus.engine.checkpoint import (
     model_payload,
 )
 from mtl_meniscus.errors import ConfigError, MeniscusError
-from mtl_meniscus.networks.cam import grad_cam
+from mtl_meniscus.networks.cam import saliency_maps
 from mtl_meniscus.networks.models import build_model, parameter_groups
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -38,7 +38,7 @@ def test_separate_cascade_with_a_timm_trunk_and_its_saliency():
     model = build_model(ModelConfig(name="separate", trunk="resnet18", pretrained="none", pool_grid=1))
     x = torch.randn(1, 2, 64, 64)
     assert set(model(x)) == {"fissure", "orientation", "position"}
-    cam = grad_cam(model, x, "position")
+    cam = saliency_maps(model, x, ["position"])["position"]
     assert cam.shape == (1, 64, 64) and 0 <= cam.min() and cam.max() <= 1
 
 

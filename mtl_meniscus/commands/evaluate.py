@@ -655,15 +655,18 @@ def write_galleries(trained: TrainedModel, scored: Scored, runtime: Runtime, out
         return GalleryItem(
             image,
             f"{kind} p={p[k]:.2f} ({truth})\n{Path(data.records[index].image).name}",
-            trained.saliency(image, runtime)[root] if saliency else None,
+            trained.saliency(image, runtime, [root])[root] if saliency else None,
             tear_mask(data, index, trained.config.data),
         )
 
-    errors = [item(k, "FP") for k in false_pos] + [item(k, "FN") for k in false_neg]
-    errors += [item(k, "correct") for k in correct]
+    # the shown images only: an item reads the row's mask (and its image) from disk again
+    shown = (
+        [(k, "FP") for k in false_pos] + [(k, "FN") for k in false_neg] + [(k, "correct") for k in correct]
+    )
+    errors = [item(k, kind) for k, kind in shown[:GALLERY_SIZE]]
     written = [out_dir / "errors.png", out_dir / "saliency.png"]
     title = f"{root}: false positives and negatives first ({len(false_pos)} FP, {len(false_neg)} FN), threshold {scored.threshold:.2f}"
-    gallery_figure(errors[:GALLERY_SIZE], title, written[0])
+    gallery_figure(errors, title, written[0])
     if trained.saliency_refusal:  # a plug-in model: the figure of errors only
         return written[:1]
     detected = [item(k, "TP", saliency=True) for k in true_pos[:GALLERY_SIZE]]

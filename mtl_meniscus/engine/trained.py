@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -233,15 +234,17 @@ class TrainedModel:
         top = int(np.argmax(probs[root]))
         return ExamPrediction(probs, {task: float(p[top]) for task, p in probs.items()}, top)
 
-    def saliency(self, image: np.ndarray, runtime: Runtime) -> dict[str, np.ndarray]:
-        """{task: (H, W) saliency map in [0, 1]} of one raw slice."""
+    def saliency(
+        self, image: np.ndarray, runtime: Runtime, tasks: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """{task: (H, W) saliency map in [0, 1]} of one raw slice, for `tasks` (default: all)."""
         import torch
 
         if self.saliency_refusal:
             raise MeniscusError(self.saliency_refusal)
 
         from mtl_meniscus.data.preprocess import make_input
-        from mtl_meniscus.networks.cam import grad_cam
+        from mtl_meniscus.networks.cam import saliency_maps
 
         x = runtime.prepare_input(
             torch.from_numpy(make_input(image, self.config.preprocess.edge_filter))[None]
@@ -251,7 +254,8 @@ class TrainedModel:
             torch.from_numpy(found[0])[None].to(runtime.device) if found is not None else None
         )  # (1, 2, 3)
         # x: (1, C, H, W)
-        return {task: grad_cam(self.model, x, task, horns=horns)[0] for task in self.config.model.tasks}
+        maps = saliency_maps(self.model, x, tasks or self.config.model.tasks, horns=horns)
+        return {task: task_maps[0] for task, task_maps in maps.items()}
 
     @property
     def saliency_refusal(self) -> str:

@@ -36,10 +36,18 @@ def knows_layers(model: nn.Module, task: str) -> bool:
     return True
 
 
-def grad_cam(
-    model: nn.Module, x: torch.Tensor, task: str, method: str = "layercam", horns: torch.Tensor | None = None
-) -> np.ndarray:
-    """(B, H, W) saliency maps in [0, 1], resized to the input size.
+def saliency_maps(
+    model: nn.Module,
+    x: torch.Tensor,
+    tasks: Sequence[str],
+    method: str = "layercam",
+    horns: torch.Tensor | None = None,
+) -> dict[str, np.ndarray]:
+    """{task: (B, H, W) saliency maps in [0, 1]}, resized to the input size.
+
+    One forward pass serves every task; each task's gradient is taken with torch.autograd.grad to
+    its own layer's feature maps only (no parameter gradients). Hooks that kept the maps in a dict
+    also kept each call's autograd graph alive (about 2.6 MB per slice of a long predict --cam).
 
     A ROI model (model.roi) gets its `horns` (B, 2, 3) if it takes them; its map is drawn on the
     whole-image trunk, so it shows that trunk's part of the logit only, not the horn crops'.
@@ -51,26 +59,39 @@ def grad_cam(
     """
     if method not in ("gradcam", "layercam"):
         raise ConfigError(f"unknown saliency method {method!r} (allowed: gradcam, layercam)")
-    layer = cam_layer(model, task)
-    saved: dict[str, torch.Tensor] = {}
+    layers = {task: cam_layer(model, task) for task in tasks}  # a cascade: one per task
+    activations: dict[nn.Module, torch.Tensor] = {}
 
-    def keep_activation(_module, _inputs, output):
-        saved["activation"] = output
-        output.register_hook(lambda grad: saved.__setitem__("gradient", grad))
+    def keep_activation(module, _inputs, output):
+        activations[module] = output
 
-    handle = layer.register_forward_hook(keep_activation)
+    handles = [layer.register_forward_hook(keep_activation) for layer in set(layers.values())]
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
             x = x.detach().float().requires_grad_(True)  # fp32: gradients of bf16 maps are coarse
-            logits = model(x, *([horns] if horns is not None else []))[task]  # (B,)
-            model.zero_grad(set_to_none=True)
-            logits.sum().backward()
+            logits = model(x, *([horns] if horns is not None else []))  # {task: (B,)}
+            gradients = {
+                task: torch.autograd.grad(
+                    logits[task].sum(), activations[layers[task]], retain_graph=k < len(tasks) - 1
+                )[0]
+                for k, task in enumerate(tasks)
+            }  # {task: (B, C, h, w)}
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
-    activation, gradient = saved["activation"].detach().float(), saved["gradient"].float()  # (B, C, h, w)
+    size = (x.shape[3], x.shape[2])
+    return {
+        task: _maps(activations[layers[task]].detach().float(), gradients[task].float(), method, size)
+        for task in tasks
+    }
+
+
+def _maps(activation: torch.Tensor, gradient: torch.Tensor, method: str, size: tuple[int, int]) -> np.ndarray:
+    """(B, H, W) float32 maps in [0, 1] from a layer's (B, C, h, w) feature maps and the logit's
+    gradient to them, each resized to `size` (W, H) and divided by its peak."""
     if method == "gradcam":
         weights = gradient.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
     else:
@@ -78,7 +99,7 @@ def grad_cam(
     cam = torch.relu((weights * activation).sum(dim=1))  # (B, h, w)
     maps = []
     for one in cam.cpu().numpy():
-        one = cv2.resize(one, (x.shape[3], x.shape[2]), interpolation=cv2.INTER_LINEAR)
+        one = cv2.resize(one, size, interpolation=cv2.INTER_LINEAR)
         peak = one.max()
         maps.append(one / peak if peak > 0 else one)
     return np.stack(maps).astype(np.float32)
