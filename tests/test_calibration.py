@@ -221,3 +221,24 @@ def test_a_stale_calibration_can_be_fitted_again_and_the_threshold_belongs_to_it
         MeniscusError, match="threshold.json was chosen on probabilities with fissure temperature"
     ):
         _ = load_trained(run, fp32).saved_threshold
+
+
+def test_a_fit_names_the_checkpoint_it_loaded_even_when_training_replaces_best_pt_meanwhile(
+    tiny_run, tmp_path
+):
+    """train replaces best.pt (an atomic rename) whenever an epoch scores better; evaluate
+    --calibrate --youden running meanwhile fitted the weights it had loaded but named the new file,
+    hashed afterwards, and predict then applied those temperatures to other weights. The hash is
+    of the bytes loaded."""
+    import hashlib
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run)
+    loaded = hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()
+    trained = load_trained(run, resolve_runtime("fp32"))
+    payload = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    first = next(key for key in payload["state_dict"] if key.endswith("weight"))
+    payload["state_dict"][first] *= 1.01  # a better epoch, written beside and renamed over best.pt
+    torch.save(payload, run / "best.pt.new")
+    (run / "best.pt.new").replace(run / "best.pt")
+    assert trained.checkpoint_sha256 == loaded != hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()

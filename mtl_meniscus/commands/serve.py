@@ -58,7 +58,7 @@ from mtl_meniscus.engine.answers import (
     volume_rows,
 )
 from mtl_meniscus.engine.runtime import resolve_runtime
-from mtl_meniscus.engine.trained import TrainedModel, file_sha256, load_trained, resolve_threshold
+from mtl_meniscus.engine.trained import TrainedModel, load_trained, resolve_threshold
 from mtl_meniscus.errors import MeniscusError, PixelLimitError
 from mtl_meniscus.io.exams import read_exam, resized_slices
 from mtl_meniscus.io.imageio import (
@@ -420,7 +420,7 @@ def model_info(trained: TrainedModel, threshold, tta, limits: ServeLimits) -> di
         "run": trained.run_dir.name if trained.run_dir else None,
         "checkpoint": trained.checkpoint.name,
         "config_sha256": hashlib.sha256(config_file.read_bytes()).hexdigest() if config_file else None,
-        "checkpoint_sha256": file_sha256(trained.checkpoint),
+        "checkpoint_sha256": trained.checkpoint_sha256,
         "model": trained.config.model.name,
         "tasks": trained.outputs,
         "probabilities": [tasks[name].p_column for name in trained.outputs],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import pickle
 import warnings
 import zipfile
@@ -51,12 +52,14 @@ def model_payload(model: nn.Module, config: Config, extra: dict[str, Any] | None
     }
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file safely (weights_only) with a clear error when it is not one of ours."""
+def load_checkpoint(path: str | Path, content: bytes | None = None) -> dict[str, Any]:
+    """Load a checkpoint file safely (weights_only) with a clear error when it is not one of ours;
+    from `content` when given (the file's bytes, read once by a caller that also hashes them)."""
     path = Path(path)
-    if not path.is_file():
+    if content is None and not path.is_file():
         raise MeniscusError(f"checkpoint not found: {path}")
-    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6, as here
+    source = io.BytesIO(content) if content is not None else path
+    if not zipfile.is_zipfile(source):  # torch.save has written zip archives since PyTorch 1.6, as here
         raise MeniscusError(
             f"{path}: not a checkpoint (a .pt file that train writes is a zip archive; this is another "
             "kind of file, or a damaged one): give a run folder or its best.pt"
@@ -64,7 +67,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not for our users
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(source, io.BytesIO):
+                source.seek(0)  # is_zipfile read it
+            payload = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # The safe loader met Python objects other than tensors and plain data: never load those.
         raise MeniscusError(

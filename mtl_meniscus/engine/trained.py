@@ -10,7 +10,6 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +44,11 @@ class Calibration:
         return self.temperatures.get(task, 1.0)
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def read_calibration(run_dir: Path | None, checkpoint: Path) -> Calibration | None:
+def read_calibration(run_dir: Path | None, checkpoint: Path, checkpoint_sha256: str) -> Calibration | None:
     """The run's calibration.json if it was fitted on this checkpoint (a run's best.pt; another
-    checkpoint of the run, e.g. last.pt, is scored uncalibrated). Refused when best.pt has changed
-    since (the run was trained further) or the file is malformed: no probability is silently off."""
+    checkpoint of the run, e.g. last.pt, is scored uncalibrated), whose loaded bytes hash to
+    `checkpoint_sha256`. Refused when best.pt has changed since (the run was trained further) or
+    the file is malformed: no probability is silently off."""
     path = run_dir / CALIBRATION_FILE if run_dir else None
     if path is None or not path.is_file():
         return None
@@ -78,7 +74,7 @@ def read_calibration(run_dir: Path | None, checkpoint: Path) -> Calibration | No
         ) from None
     if fitted_name != checkpoint.name:
         return None
-    if fitted_on != file_sha256(checkpoint):
+    if fitted_on != checkpoint_sha256:
         raise MeniscusError(
             f"{path} was fitted on another {checkpoint.name} than the run's current one: {fix}"
         )
@@ -100,6 +96,10 @@ class TrainedModel:
     config: Config
     checkpoint: Path
     run_dir: Path | None
+    # the SHA-256 of the bytes the model was loaded from (what a saved threshold or calibration is
+    # fitted on): hashed from the file later, a best.pt that training replaced meanwhile would have
+    # named another checkpoint than the one fitted
+    checkpoint_sha256: str
     calibration: Calibration | None = None
 
     @property
@@ -276,11 +276,6 @@ class TrainedModel:
             )
         return ""
 
-    @cached_property
-    def checkpoint_sha256(self) -> str:
-        """The checkpoint file's SHA-256 (what a saved threshold or calibration was fitted on)."""
-        return file_sha256(self.checkpoint)
-
     @property
     def saved_threshold(self) -> Threshold | None:
         """The fissure threshold saved in the run by `evaluate --youden`, if any. It belongs to the
@@ -382,10 +377,12 @@ def load_trained(run_or_checkpoint: str | Path, runtime: Runtime, calibration: b
         raise MeniscusError(
             f"{path}: no best.pt here; is the run finished? (resume it with train --resume {path})"
         )
-    model, config = model_from_checkpoint(load_checkpoint(checkpoint), source=checkpoint)
+    content = _read_checkpoint(checkpoint)  # once: the hash is of the weights loaded
+    digest = hashlib.sha256(content).hexdigest()
+    model, config = model_from_checkpoint(load_checkpoint(checkpoint, content), source=checkpoint)
     model = runtime.prepare_model(model)
     run_dir = checkpoint.parent if (checkpoint.parent / "config.yaml").is_file() else None
-    calibrated = read_calibration(run_dir, checkpoint) if calibration else None
+    calibrated = read_calibration(run_dir, checkpoint, digest) if calibration else None
     unknown = sorted(set(calibrated.temperatures) - set(config.model.tasks)) if calibrated else []
     if unknown:
         raise MeniscusError(
@@ -393,7 +390,17 @@ def load_trained(run_or_checkpoint: str | Path, runtime: Runtime, calibration: b
             f"(it predicts {', '.join(config.model.tasks)}): fit it again with evaluate {run_dir} --calibrate, "
             "or delete it"
         )
-    return TrainedModel(model, config, checkpoint, run_dir, calibrated)
+    return TrainedModel(model, config, checkpoint, run_dir, digest, calibrated)
+
+
+def _read_checkpoint(checkpoint: Path) -> bytes:
+    """The checkpoint file's bytes; a missing or unreadable one is named."""
+    try:
+        return checkpoint.read_bytes()
+    except FileNotFoundError:
+        raise MeniscusError(f"checkpoint not found: {checkpoint}") from None
+    except OSError as err:
+        raise MeniscusError(f"{checkpoint}: cannot read the checkpoint ({err.strerror or err})") from None
 
 
 # What a split of the run's own data says about the model, where it is not a held-out figure.

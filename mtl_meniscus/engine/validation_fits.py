@@ -113,7 +113,7 @@ def calibrate_run(trained: TrainedModel, runtime: Runtime, console: Console) -> 
         "checkpoint_sha256": trained.checkpoint_sha256,
     }
     write_text_atomic(trained.run_dir / CALIBRATION_FILE, json_text(record))
-    trained.calibration = read_calibration(trained.run_dir, trained.checkpoint)
+    trained.calibration = read_calibration(trained.run_dir, trained.checkpoint, trained.checkpoint_sha256)
     console.print(trained.calibration.describe(), highlight=False, markup=False)
     for task, fit in fits.items():
         console.print(
