@@ -491,3 +491,28 @@ def test_an_evaluation_that_fails_to_write_leaves_no_metrics_json(trained, tmp_p
     with pytest.raises(OSError):
         run_evaluation(trained / "run", n_bootstrap=0, tta_copies=1, out_dir=out, console=_quiet())
     assert not (out / "metrics.json").exists()
+
+
+def test_a_second_evaluation_into_the_same_folder_is_refused_while_the_first_writes(trained, tmp_path):
+    """Two evaluate calls into one folder (or both into RUN/eval-test) had mixed their files: one's
+    metrics.json (tta_copies 8) beside the other's predictions.csv. The folder is locked while an
+    evaluation writes it; the other is refused naming it, and leaves the first's files alone."""
+    from typer.testing import CliRunner
+
+    from mtl_meniscus.cli import app
+    from mtl_meniscus.io.runlock import RunLock
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    options = ["--bootstrap", "20", "--tta", "1"]
+    assert CliRunner().invoke(app, ["evaluate", str(run), *options]).exit_code == 0
+    written = (run / "eval-test" / "metrics.json").read_bytes()
+    first = RunLock(run / "eval-test", "evaluation folder")  # an evaluation writing it (this process holds it)
+    try:
+        result = CliRunner().invoke(app, ["evaluate", str(run), *options, "--tta", "0"])
+    finally:
+        first.release()
+    assert result.exit_code == 1 and "eval-test is in use by another process" in result.output
+    assert (run / "eval-test" / "metrics.json").read_bytes() == written
+    assert not (run / "eval-test" / ".lock").exists()
+    assert CliRunner().invoke(app, ["evaluate", str(run), *options]).exit_code == 0  # free again

@@ -37,6 +37,7 @@ from mtl_meniscus.evaluation.metrics import (
     task_aucs,
 )
 from mtl_meniscus.io.outputs import json_text, write_text_atomic
+from mtl_meniscus.io.runlock import folder_lock
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
 from mtl_meniscus.networks.models import segments
 
@@ -385,29 +386,26 @@ def run_evaluation(
     threshold = choose_threshold(trained, runtime, youden, threshold, console)
     data, note = evaluation_data(trained, data_dir, split)
     out_dir = Path(out_dir) if out_dir else _default_out_dir(trained, data, split)
-    console.print(_data_line(data, out_dir), highlight=False, markup=False)
-    for line in (note, threshold.describe(tta.copies), trained.calibration_note, trained.in_training_note):
-        if line:
+    # one evaluation per folder: two writing it at once mixed their files (one's metrics.json
+    # beside the other's predictions.csv)
+    with folder_lock(out_dir, "evaluation folder"):
+        notes = (note, threshold.describe(tta.copies), trained.calibration_note, trained.in_training_note)
+        for line in (_data_line(data, out_dir), *filter(None, notes)):
             console.print(line, highlight=False, markup=False)
-    training_warnings = _show_training_warnings(trained, console)
-    metrics, probs, plain, targets, indices = evaluate(
-        trained, data, split, runtime, tta, threshold.value, n_bootstrap, seed, console
-    )
-    if training_warnings:
-        metrics["training_warnings"] = training_warnings
-    metrics["fissure_threshold_source"] = threshold.source
-    metrics["checkpoint"] = str(trained.checkpoint)
-    metrics["data"] = str(data.data_dir)
-    if note:
-        metrics["data_note"] = note
-    scored = Scored(data, indices, probs, plain, targets, threshold.value)
-    if cam_dir is not None:
-        metrics["cam_peak_in_tear"] = write_cams_and_check_peaks(trained, scored, runtime, Path(cam_dir))
-        _print_cam_check(console, metrics["cam_peak_in_tear"], cam_dir)
-
-    figures = _write_outputs(out_dir, metrics, scored, trained, runtime, seed)
-    _show(console, metrics, out_dir, figures, tta)
-    logged = _log_to_wandb(trained, out_dir, metrics, scored, figures, wandb_mode, cam_dir)
+        training_warnings = _show_training_warnings(trained, console)
+        metrics, probs, plain, targets, indices = evaluate(
+            trained, data, split, runtime, tta, threshold.value, n_bootstrap, seed, console
+        )
+        metrics |= {"training_warnings": training_warnings} if training_warnings else {}
+        metrics |= {"fissure_threshold_source": threshold.source, "checkpoint": str(trained.checkpoint)}
+        metrics |= {"data": str(data.data_dir)} | ({"data_note": note} if note else {})
+        scored = Scored(data, indices, probs, plain, targets, threshold.value)
+        if cam_dir is not None:
+            metrics["cam_peak_in_tear"] = write_cams_and_check_peaks(trained, scored, runtime, Path(cam_dir))
+            _print_cam_check(console, metrics["cam_peak_in_tear"], cam_dir)
+        figures = _write_outputs(out_dir, metrics, scored, trained, runtime, seed)
+        _show(console, metrics, out_dir, figures, tta)
+        logged = _log_to_wandb(trained, out_dir, metrics, scored, figures, wandb_mode, cam_dir)
     if logged:
         console.print(logged, highlight=False, markup=False)
     return metrics
@@ -790,41 +788,39 @@ def run_exam_evaluation(
     tta = trained.tta(tta_copies)
     seed = _own_seed(trained, seed)
     out_dir = Path(out_dir) if out_dir else _evaluation_folder(trained, f"mrnet-{split}")
-    tasks = trained.tasks
-    root = tasks.root.name
-    exams, probs, tops, sizes, excluded = _predict_exams(trained, mrnet_dir, exams, runtime, tta, seed)
-    # exam rows with only the tear known: the same AUC and per-class bootstrap as for slices
-    targets = np.full((len(exams), len(tasks)), np.nan)
-    targets[:, tasks.index(root)] = [e.tear for e in exams]
-    scores = {root: np.array(probs)}
-    ci = bootstrap_cis(targets, scores, n_resamples=n_bootstrap, seed=seed, tasks=tasks)[root]
-    note = _training_exams_note(trained, mrnet_dir, split)
-    metrics = {
-        "data": str(mrnet_dir),
-        "split": split,
-        **({"data_note": note} if note else {}),
-        "n_exams": len(exams),
-        "n_tears": sum(e.tear for e in exams),
-        "pooling": trained.exam_rule,
-        "tta_copies": tta.copies,
-        "seed": seed,  # of the TTA copies and the bootstrap
-        "auc": task_aucs(targets, scores, tasks)[root],
-        "auc_ci95": list(ci),
-        "bootstrap_resamples": n_bootstrap,
-        "checkpoint": str(trained.checkpoint),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").unlink(missing_ok=True)  # written last: there only when all is
-    _write_exam_exclusions(out_dir / EXCLUSIONS_FILE, excluded, metrics, console)
-    _write_exam_outputs(out_dir, exams, probs, tops, sizes, metrics)
-    low, high = metrics["auc_ci95"]
-    if note:
-        console.print(f"! {note}", highlight=False, markup=False)
-    console.print(
-        f"MRNet {split}: {len(exams)} exams ({metrics['n_tears']} tears), exam-level tear AUC "
-        f"{_fmt(metrics['auc'])} (95% CI {_fmt(low)}-{_fmt(high)}), {tta_words(tta.copies)} -> {out_dir}",
-        highlight=False,
-    )
+    with folder_lock(out_dir, "evaluation folder"):  # as run_evaluation
+        tasks = trained.tasks
+        root = tasks.root.name
+        exams, probs, tops, sizes, excluded = _predict_exams(trained, mrnet_dir, exams, runtime, tta, seed)
+        # exam rows with only the tear known: the same AUC and per-class bootstrap as for slices
+        targets = np.full((len(exams), len(tasks)), np.nan)
+        targets[:, tasks.index(root)] = [e.tear for e in exams]
+        scores = {root: np.array(probs)}
+        ci = bootstrap_cis(targets, scores, n_resamples=n_bootstrap, seed=seed, tasks=tasks)[root]
+        note = _training_exams_note(trained, mrnet_dir, split)
+        metrics = {
+            "data": str(mrnet_dir),
+            "split": split,
+            **({"data_note": note} if note else {}),
+            "n_exams": len(exams),
+            "n_tears": sum(e.tear for e in exams),
+            "pooling": trained.exam_rule,
+            "tta_copies": tta.copies,
+            "seed": seed,  # of the TTA copies and the bootstrap
+            "auc": task_aucs(targets, scores, tasks)[root],
+            "auc_ci95": list(ci),
+            "bootstrap_resamples": n_bootstrap,
+            "checkpoint": str(trained.checkpoint),
+        }
+        _write_exam_outputs(out_dir, exams, probs, tops, sizes, metrics, excluded, console)
+        low, high = metrics["auc_ci95"]
+        if note:
+            console.print(f"! {note}", highlight=False, markup=False)
+        console.print(
+            f"MRNet {split}: {len(exams)} exams ({metrics['n_tears']} tears), exam-level tear AUC "
+            f"{_fmt(metrics['auc'])} (95% CI {_fmt(low)}-{_fmt(high)}), {tta_words(tta.copies)} -> {out_dir}",
+            highlight=False,
+        )
     return metrics
 
 
@@ -888,8 +884,13 @@ def _write_exam_exclusions(
     metrics["excluded_exams"] = len(excluded)
 
 
-def _write_exam_outputs(out_dir: Path, exams, probs, tops, sizes, metrics: dict) -> None:
-    """predictions.csv of the exams, then metrics.json: last, the evaluation is whole."""
+def _write_exam_outputs(
+    out_dir: Path, exams, probs, tops, sizes, metrics: dict, excluded: list[tuple[str, str]], console: Console
+) -> None:
+    """exclusions.csv and predictions.csv of the exams, then metrics.json: last, the evaluation is
+    whole (an earlier one's goes first)."""
+    (out_dir / "metrics.json").unlink(missing_ok=True)
+    _write_exam_exclusions(out_dir / EXCLUSIONS_FILE, excluded, metrics, console)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["case", "tear", "p_fissure", "top_slice", "slices"])

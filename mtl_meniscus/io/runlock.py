@@ -124,6 +124,16 @@ def lock_holder(folder: str | Path) -> int | None:
 
 
 @contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str = "run folder") -> Iterator[RunLock]:
+    """RunLock(folder) for the block: another process holding it is refused at once (FolderInUseError)."""
+    lock = RunLock(folder, what)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
 def waiting_lock(path: str | Path) -> Iterator[None]:
     """Hold an exclusive flock on the file `path` (created) for the block, waiting while another
     process holds it: for work that one process does and the others then use, such as a cache
