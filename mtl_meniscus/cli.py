@@ -447,8 +447,14 @@ def train(
         train_run(run_config, run_dir, console=console)
         _print_next_steps(run_dir, exams=run_config.model.exam_pooling is not None)
     except KeyboardInterrupt:
-        # Every finished epoch is in last.pt; nothing is lost but the epoch in progress.
-        console.print(f"interrupted; continue with: {command_name()} train --resume {run_dir}")
+        # Every finished epoch is in last.pt; nothing is lost but the epoch in progress. Before the
+        # run's config.yaml (reading the data, making the phantom) there is nothing to resume.
+        if run_dir is not None and (Path(run_dir) / "config.yaml").is_file():
+            console.print(f"interrupted; continue with: {command_name()} train --resume {run_dir}")
+        else:
+            console.print(
+                "interrupted before the run began (nothing written to resume): run the same command again"
+            )
         raise typer.Exit(code=130) from None
 
 

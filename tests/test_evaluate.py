@@ -507,7 +507,9 @@ def test_a_second_evaluation_into_the_same_folder_is_refused_while_the_first_wri
     options = ["--bootstrap", "20", "--tta", "1"]
     assert CliRunner().invoke(app, ["evaluate", str(run), *options]).exit_code == 0
     written = (run / "eval-test" / "metrics.json").read_bytes()
-    first = RunLock(run / "eval-test", "evaluation folder")  # an evaluation writing it (this process holds it)
+    first = RunLock(
+        run / "eval-test", "evaluation folder"
+    )  # an evaluation writing it (this process holds it)
     try:
         result = CliRunner().invoke(app, ["evaluate", str(run), *options, "--tta", "0"])
     finally:
