@@ -177,6 +177,26 @@ def test_networks_trained_alone_give_the_cascade_trained_in_turn(phantom64, tmp_
         assert columns(csv.DictReader(a)) == columns(csv.DictReader(b))
 
 
+def test_a_cascade_network_another_process_trains_is_not_trained_again_by_resume(phantom64, tmp_path):
+    """compare --jobs trains a cascade's networks in worker processes, each holding its network's
+    folder; `train --resume` on the variant meanwhile trained the same network into the same folder
+    (both writing its last.pt and best.pt). It is refused, naming the folder, and nothing it would
+    have written is there."""
+    from mtl_meniscus.io.runlock import FolderInUseError, RunLock
+
+    run = tmp_path / "cascade"
+    start_run(_config(phantom64, **{"model.name": "separate", "train.max_epochs": 1}), run, console=_quiet())
+    worker = RunLock(run / "members" / "fissure", "network folder")  # the worker training fissure
+    try:
+        with pytest.raises(FolderInUseError, match=r"members/fissure is in use by another process"):
+            train_run(None, run, resume=True, console=_quiet())
+    finally:
+        worker.release()
+    assert not (run / "members" / "fissure" / "last.pt").exists()
+    train_run(None, run, resume=True, console=_quiet())  # free again: the cascade trains
+    assert (run / "members" / "fissure" / "last.pt").is_file() and (run / "metrics.json").is_file()
+
+
 def test_a_network_alone_is_refused_outside_a_started_cascade(phantom64, tmp_path):
     with pytest.raises(MeniscusError, match="no config.yaml"):
         train_network(tmp_path / "none", "fissure", console=_quiet())

@@ -10,6 +10,7 @@ train at once in processes of their own (start_run, train_network; compare --job
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -64,7 +65,7 @@ from mtl_meniscus.io.outputs import (
     some_of,
     write_text_atomic,
 )
-from mtl_meniscus.io.runlock import RunLock
+from mtl_meniscus.io.runlock import RunLock, folder_lock
 from mtl_meniscus.labels import TaskTable
 from mtl_meniscus.networks.losses import WEIGHTINGS, check_weighting_contract
 from mtl_meniscus.networks.models import (
@@ -233,11 +234,12 @@ def _train_locked(
         trainers, had_finished = [], resume
         horns = None  # a cascade's horns from its segmentation network, once it has trained (roi predicted)
         for member in members:
-            trainer = MemberTrainer(member, config, data, runtime, logger, console, processes, horns)
-            if resume:
-                _resume(trainer, console)
-            had_finished &= trainer.state.finished
-            trainer.fit(on_epoch_end)
+            with _member_lock(member, run_dir, processes):
+                trainer = MemberTrainer(member, config, data, runtime, logger, console, processes, horns)
+                if resume:
+                    _resume(trainer, console)
+                had_finished &= trainer.state.finished
+                trainer.fit(on_epoch_end)
             trainers.append(trainer)
             if member.name == SEGMENTATION and config.model.roi == "predicted":
                 horns = _segmentation_network_horns(trainer.state.model, config, data, runtime, console)
@@ -250,6 +252,16 @@ def _train_locked(
         return _finish_run(trainers, config, data, runtime, run_dir, warnings, data_name, logger, console)
     finally:
         logger.finish()
+
+
+def _member_lock(member: Member, run_dir: Path, processes: Distributed) -> contextlib.AbstractContextManager:
+    """A cascade network's folder lock while this process trains it, as train_network holds it: a
+    `compare --jobs` worker training the network and `train --resume RUN` would otherwise both
+    write its checkpoints. None for a one-network run (its folder is RUN, locked already) or
+    another rank than the first (it writes nothing)."""
+    if member.folder == run_dir or not processes.main:
+        return contextlib.nullcontext()
+    return folder_lock(member.folder, "network folder")
 
 
 def _finished_files_kept(run_dir: Path, console: Console) -> bool:
