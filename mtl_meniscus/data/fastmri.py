@@ -43,7 +43,7 @@ import numpy as np
 from mtl_meniscus.data.folder import read_csv_rows
 from mtl_meniscus.data.records import csv_text, inside_path, problems_error
 from mtl_meniscus.errors import DataError, ImageReadError
-from mtl_meniscus.io.outputs import atomic_write, check_empty_output_dir
+from mtl_meniscus.io.outputs import atomic_csv_file, check_empty_output_dir
 
 TEAR_LABEL = "meniscus tear"  # compared case-insensitively
 LEFT_OUT_FILE = "left_out.csv"  # annotated volumes not in labels.csv, and why
@@ -255,7 +255,7 @@ def _write_import(
         )
     if not_found or study_level_only:
         _write_left_out(out_dir / LEFT_OUT_FILE, annotations, volumes_dir, not_found, study_level_only)
-    with atomic_write(out_dir / "labels.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_csv_file(out_dir / "labels.csv") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "slice", "fissure", "orientation", "position", "patient_id", "mask"])
         writer.writerows(rows)
@@ -270,7 +270,7 @@ def _write_left_out(
     study_level_only: list[tuple[str, list[str]]],
 ) -> None:
     """left_out.csv: file, reason for each annotated volume that labels.csv does not hold."""
-    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_csv_file(path) as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "reason"])
         for name in not_found:

@@ -17,7 +17,7 @@ import numpy as np
 
 from mtl_meniscus.data.splits import SPLIT_NAMES, UNUSED
 from mtl_meniscus.errors import DataError
-from mtl_meniscus.io.outputs import atomic_write
+from mtl_meniscus.io.outputs import atomic_csv_file
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
 
 SHOWN_PROBLEMS = 50  # in the error message; all of them go to PROBLEMS_FILE
@@ -412,7 +412,7 @@ def write_exclusions(path: str | Path, exclusions: list[tuple[str, int | None, s
 def _write_csv(path: str | Path, header: list[str], rows) -> None:
     # atomically: another process may read the file meanwhile (under torchrun every rank compares a
     # resumed run's splits.csv while rank 0 rewrites it; a half-written file read as "the splits changed")
-    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_csv_file(path) as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)

@@ -57,7 +57,7 @@ from mtl_meniscus.evaluation.metrics import bootstrap_cis, challenge_score, task
 from mtl_meniscus.evaluation.plots import plot_training_curves
 from mtl_meniscus.io.outputs import (
     OutputError,
-    atomic_write,
+    atomic_csv_file,
     entries_besides,
     is_data_folder,
     json_text,
@@ -632,7 +632,7 @@ def result_reading(test: dict, data_name: str) -> str | None:
 def _write_history(path: Path, history: list[dict]) -> None:
     if not history:
         return
-    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_csv_file(path) as handle:
         # every key of every row: rows resumed from a run of an older version may lack newer columns
         columns = list(dict.fromkeys(key for row in history for key in row))
         writer = csv.DictWriter(handle, fieldnames=columns)

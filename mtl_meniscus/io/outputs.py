@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from mtl_meniscus.errors import MeniscusError
 
@@ -174,6 +175,13 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         if isinstance(err, OSError) and not err.filename:  # a failed write names no file: name ours
             raise naming(err, path) from None
         raise
+
+
+@contextlib.contextmanager
+def atomic_csv_file(path: str | Path) -> Iterator[TextIO]:
+    """A CSV file's text handle (UTF-8, csv's own line endings), written atomically (atomic_write)."""
+    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        yield handle
 
 
 def naming(err: OSError, path: str | Path) -> OSError:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mtl_meniscus.errors import ConfigError
-from mtl_meniscus.io.outputs import atomic_write, check_empty_output_dir
+from mtl_meniscus.io.outputs import atomic_csv_file, check_empty_output_dir
 from mtl_meniscus.phantom.slices import (
     PhantomCase,
     PhantomSettings,
@@ -135,15 +135,9 @@ def write_phantom_exams(
             on_exam(k + 1, len(exams))
     if fmt == "mrnet":
         for split, members in (("train", exams[: n - n_valid]), ("valid", exams[n - n_valid :])):
-            with (
-                atomic_write(out_dir / f"{split}-meniscus.csv") as tmp,
-                tmp.open("w", newline="", encoding="utf-8") as handle,
-            ):
+            with atomic_csv_file(out_dir / f"{split}-meniscus.csv") as handle:
                 csv.writer(handle).writerows([exam.name, exam.case.fissure] for exam in members)
-    with (
-        atomic_write(out_dir / "phantom-exams.csv") as tmp,
-        tmp.open("w", newline="", encoding="utf-8") as handle,
-    ):
+    with atomic_csv_file(out_dir / "phantom-exams.csv") as handle:
         writer = csv.writer(handle)
         writer.writerow(["exam", "fissure", "orientation", "position", "tear_slices"])
         for exam in exams:

@@ -26,7 +26,7 @@ import numpy as np
 
 from mtl_meniscus.config import MAX_IMAGE_SIZE, MAX_SEED
 from mtl_meniscus.errors import ConfigError, MeniscusError
-from mtl_meniscus.io.outputs import atomic_write, check_empty_output_dir, check_output_dir
+from mtl_meniscus.io.outputs import atomic_csv_file, check_empty_output_dir, check_output_dir
 from mtl_meniscus.io.runlock import waiting_lock
 
 PHANTOM_VERSION = 4  # bump when the generator changes: cached phantoms are keyed by it
@@ -538,7 +538,7 @@ def write_phantom(
         if on_image is not None:
             on_image(done, len(cases))
     # labels.csv is written last and atomically: its presence marks a complete phantom.
-    with atomic_write(out_dir / "labels.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_csv_file(out_dir / "labels.csv") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "fissure", "orientation", "position", "mask"])
         writer.writerows(rows)

@@ -21,7 +21,7 @@ from mtl_meniscus.commands.compare.statistics import (
     still_improving,
 )
 from mtl_meniscus.config import Config
-from mtl_meniscus.io.outputs import atomic_write, json_text, write_text_atomic
+from mtl_meniscus.io.outputs import atomic_csv_file, json_text, write_text_atomic
 from mtl_meniscus.labels import DEFAULT_TASKS, TaskTable
 
 
@@ -150,7 +150,7 @@ def to_markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_csv_file(path) as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -47,7 +47,7 @@ from mtl_meniscus.evaluation.metrics import (
     challenge_score,
     task_aucs,
 )
-from mtl_meniscus.io.outputs import atomic_write, json_text, nan_for_null, write_text_atomic
+from mtl_meniscus.io.outputs import atomic_csv_file, json_text, nan_for_null, write_text_atomic
 from mtl_meniscus.io.runlock import RunLock
 from mtl_meniscus.labels import TaskTable
 from mtl_meniscus.networks.models import (
@@ -155,7 +155,7 @@ def _write_predictions(
     path: Path, names: list[str], targets: np.ndarray, probs: dict[str, np.ndarray], tasks: TaskTable
 ) -> None:
     tasks_out = [t for t in tasks.names if t in probs]
-    with atomic_write(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_csv_file(path) as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", *tasks_out, *(f"p_{t}" for t in tasks_out)])
         for k, name in enumerate(names):
