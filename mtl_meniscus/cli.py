@@ -819,10 +819,10 @@ def _check_comparison_folder(out: Path) -> None:
     from mtl_meniscus.data.records import PROBLEMS_FILE
     from mtl_meniscus.io.outputs import OutputError, entries_besides, some_of
 
-    if not out.is_dir() or (out / "compare.yaml").is_file() or _holds_only_variants(out):
+    if not out.is_dir() or (out / "compare.yaml").is_file():
         return
     held = entries_besides(out, {PROBLEMS_FILE})
-    if held:
+    if held and not (held == ["variants"] and _only_variant_folders(out / "variants")):
         raise OutputError(
             f"--out: {out.resolve()} holds files ({some_of(held)}) "
             "but no comparison (compare.yaml): compare writes results.md, results.csv, its figures and "
@@ -830,16 +830,10 @@ def _check_comparison_folder(out: Path) -> None:
         )
 
 
-def _holds_only_variants(out: Path) -> bool:
-    """Whether `out` holds variants/ alone, and that only variant folders (each with the
-    config.yaml compare wrote) and their logs."""
-    from mtl_meniscus.data.records import PROBLEMS_FILE
-    from mtl_meniscus.io.outputs import entries_besides
-
-    variants = out / "variants"
-    if entries_besides(out, {PROBLEMS_FILE}) != ["variants"] or not variants.is_dir():
-        return False
-    return all(
+def _only_variant_folders(variants: Path) -> bool:
+    """Whether the folder `variants` holds only variant folders (each with the config.yaml compare
+    wrote) and their logs."""
+    return variants.is_dir() and all(
         (entry.is_dir() and (entry / "config.yaml").is_file()) or (entry.is_file() and entry.suffix == ".log")
         for entry in variants.iterdir()
         if not entry.name.startswith(".")

@@ -140,14 +140,11 @@ def start_run(config: Config, run_dir: Path, console: Console | None = None) -> 
     console = console or Console(soft_wrap=True)
     run_dir = Path(run_dir)
     check_registered(config)
-    lock = RunLock(run_dir)
-    try:
+    with folder_lock(run_dir):
         if (run_dir / "config.yaml").exists():
             raise MeniscusError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
         data, _, _ = _prepare_run_data(config, run_dir, False, SINGLE, console)
         check_members(plan_members(config, data, run_dir), data, config.model)  # refused before training
-    finally:
-        lock.release()
 
 
 def train_network(run_dir: Path, network: str, console: Console | None = None) -> None:
@@ -164,8 +161,7 @@ def train_network(run_dir: Path, network: str, console: Console | None = None) -
     resolve_wandb_mode(config.wandb)  # a bad $WANDB_MODE stops here, before any work
     if not trains_per_task(config.model.name):
         raise MeniscusError(f"{run_dir}: only a cascade trains a network alone (this run has one network)")
-    lock = RunLock(run_dir / "members" / network, "network folder")
-    try:
+    with folder_lock(run_dir / "members" / network, "network folder"):
         runtime = resolve_runtime(config.train.precision, config.train.device)
         data, _, _ = _prepare_run_data(config, run_dir, True, SINGLE, console)
         members = plan_members(config, data, run_dir)
@@ -190,8 +186,6 @@ def train_network(run_dir: Path, network: str, console: Console | None = None) -
             trainer.fit()
         finally:
             logger.finish()
-    finally:
-        lock.release()
 
 
 def _train_locked(
