@@ -12,6 +12,10 @@
 # results/compare/per-network, or the one this run just made): equal-flops, same-regularization
 # and segmentation its shared ones, curves and roi all of them. FROM=DIR starts a sweep from
 # DIR/<sweep> instead (an earlier call's unfinished folder, carried: `compare` resumes it).
+# Variants in results/compare/pending/<sweep>/variants (scored on a CPU while the sweep waited for a
+# GPU; machine.json beside them says where) join the sweep too: compare keeps them, as it keeps the
+# reused ones. Wheels the machine's image lacks (pydantic, and rich/typer at this venv's versions):
+# `bash scripts/gpu-wheels.sh` here, then carry .whl and install them first (that script's header).
 # Each compare's wall time and the machine go into machine.json in its folder (read by
 # scripts/compare_table.py keep). $OUT gets <sweep>.tgz (scored variants without their checkpoints,
 # an unfinished one whole; split into .part files above 15 MB) and logs.tgz. Then, here:
@@ -90,6 +94,9 @@ for sweep in $SWEEPS; do
     cp -r $base/$(reused $sweep) $W/$sweep/variants/ 2>/dev/null
     rm -f $W/$sweep/variants/*.log
   fi
+  # variants of this sweep scored on another machine (a CPU) while it waited for a GPU
+  pending=results/compare/pending/$sweep/variants
+  [ -d $pending ] && cp -r $pending/. $W/$sweep/variants/
   T0=$(date +%s)
   limited $W/logs/$sweep.log $PY cli.py compare $(options $sweep) --jobs $JOBS --wandb disabled --out $W/$sweep $EXTRA
   echo "$sweep: exit $? after $(( $(date +%s) - T0 )) s"
