@@ -981,6 +981,8 @@ def export(
         f"{report.max_abs_difference:.1e} on {report.checked_inputs} inputs; details in {report.sidecar}",
         highlight=False,
     )
+    if report.note:
+        console.print(report.note, markup=False, highlight=False)
 
 
 @command()

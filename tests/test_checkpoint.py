@@ -1,6 +1,9 @@
 """Checkpoints (engine/checkpoint.py): a damaged or foreign file is named, a pickle is never run,
 and checkpoints saved with a setting the config now refuses still load."""
 
+import hashlib
+import json
+
 import torch
 from support import _clean, _predict, app, runner
 
@@ -114,7 +117,7 @@ def test_a_checkpoint_that_cannot_be_written_is_named_and_the_training_resumes(d
     assert "resumed after epoch 1" in result.output
 
 
-def test_predict_and_evaluate_say_when_a_training_is_still_writing_the_run(run64, data64, tmp_path):
+def test_predict_evaluate_and_export_say_when_a_training_is_still_writing_the_run(run64, data64, tmp_path):
     import shutil
     import subprocess
 
@@ -129,6 +132,12 @@ def test_predict_and_evaluate_say_when_a_training_is_still_writing_the_run(run64
         assert result.exit_code == 0 and f"a training (pid {trainer.pid}) is still writing" in result.output
         args = ["evaluate", str(run), "--bootstrap", "0", "--tta", "0", "--out", str(tmp_path / "e")]
         assert f"a training (pid {trainer.pid}) is still writing" in runner.invoke(app, args).output
+        # export says so too, and its .json names the bytes it exported
+        result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "m.onnx")])
+        assert result.exit_code == 0 and f"a training (pid {trainer.pid}) is still writing" in result.output
+        sidecar = json.loads((tmp_path / "m.onnx.json").read_text())
+        assert f"pid {trainer.pid}" in sidecar["note"]
+        assert sidecar["checkpoint_sha256"] == hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()
         (run / "best.pt").unlink()  # before its first epoch
         result = _predict(run, image, out=tmp_path / "p.csv")
         _clean(result)

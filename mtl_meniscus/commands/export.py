@@ -243,6 +243,10 @@ class ExportReport:
     max_abs_difference: float
     checked_inputs: int
     source: str
+    # the SHA-256 of the checkpoint bytes exported (serve reports the same of what it loaded): a
+    # best.pt that a training replaced since no longer matches
+    checkpoint_sha256: str
+    note: str = ""  # set when a training was still writing the run: best.pt was the best epoch so far
     pipeline: bool = False
     mtl_meniscus_version: str = __version__
 
@@ -315,6 +319,8 @@ def export_onnx(
         max_abs_difference=difference,
         checked_inputs=sum(len(x) for x in inputs),
         source=str(trained.checkpoint),
+        checkpoint_sha256=trained.checkpoint_sha256,
+        note=trained.in_training_note,
         pipeline=pipeline,
     )
     write_text_atomic(report.sidecar, json_text(asdict(report)))
@@ -461,6 +467,7 @@ def _metadata(trained, module, threshold: float, pipeline: bool) -> dict[str, st
         "image_size": str(trained.config.data.image_size),
         "fissure_threshold": f"{threshold}",
         "source": str(trained.checkpoint),
+        "checkpoint_sha256": trained.checkpoint_sha256,
         "mtl_meniscus_version": __version__,
     }
 
