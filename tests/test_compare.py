@@ -699,10 +699,14 @@ def test_compare_refuses_data_without_a_test_split(tmp_path):
 
 def test_learning_curves_train_every_mode_on_nested_shares_of_the_training_split(preset, phantom, tmp_path):
     compare = tiny_compare(preset, seeds=(0, 1), train_fractions=(0.5, 1.0))
+    console = Console(record=True, width=300)
     table = {
         row["variant"]: row
-        for row in run_compare(compare, tmp_path / "out", presets_for(preset), data_dir=phantom)
+        for row in run_compare(
+            compare, tmp_path / "out", presets_for(preset), data_dir=phantom, console=console
+        )
     }
+    assert "x training share 0.5, 1 x seeds 0, 1)" in console.export_text()
     assert set(table) == {
         "separate-reference-train0.5",
         "shared-reference-train0.5",

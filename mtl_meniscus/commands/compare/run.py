@@ -353,6 +353,11 @@ def _shared_data(
             if compare.segmentation != (False,)
             else ""
         )
+        + (
+            f"x training share {', '.join(f'{f:g}' for f in compare.train_fractions)} "
+            if compare.train_fractions != (1.0,)
+            else ""
+        )
         + f"x seeds {', '.join(map(str, compare.seeds))}); "
         f"{sum(s == 'scored' for s in statuses.values())} already done -> {out_dir}"
     )
