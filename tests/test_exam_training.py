@@ -99,11 +99,18 @@ def test_mrnet_is_read_as_exams_with_valid_as_the_test_split(tmp_path):
     exams = write_phantom_exams(root, n=40, n_slices=4, seed=1, size=64, fmt="mrnet")
     # one more training exam whose slices are of another size
     np.save(root / "train" / "sagittal" / "0040.npy", np.zeros((4, 48, 48), np.uint8))
+    # and two whose slices are not square: one saved slices-last (64, 64, 8), one of 64x48 slices
+    np.save(root / "train" / "sagittal" / "0041.npy", np.zeros((64, 64, 8), np.uint8))
+    np.save(root / "train" / "sagittal" / "0042.npy", np.zeros((4, 64, 48), np.uint8))
     with (root / "train-meniscus.csv").open("a") as handle:
-        handle.write("0040,0\n")
+        handle.write("0040,0\n0041,1\n0042,1\n")
     data = prepare_data(root, DataConfig(layout="mrnet", image_size=64))
     assert data.exams and len(data.records) == 40
-    assert data.exclusions == [("train/sagittal/0040.npy", None, "wrong size: 48x48 slices, expected 64x64")]
+    assert [image for image, _, _ in data.exclusions] == [f"train/sagittal/00{k}.npy" for k in (40, 41, 42)]
+    reasons = [reason for _, _, reason in data.exclusions]
+    assert reasons[0] == "wrong size: 48x48 slices, expected 64x64"
+    assert "slices of 64x8 are not square (MRNet's are); saved slices-last?" in reasons[1]
+    assert "slices of 64x48 are not square (MRNet's are)" in reasons[2] and "slices-last" not in reasons[2]
     test = [data.records[i].image for i in data.indices("test")]
     assert test == [f"valid/sagittal/{e.name}.npy" for e in exams[36:]]  # MRNet's valid folder, all of it
     tears = data.targets[:, 0]
@@ -118,6 +125,7 @@ def test_mrnet_is_read_as_exams_with_valid_as_the_test_split(tmp_path):
     assert data.images[0].shape == (4, 64, 64) and data.images[0].dtype == np.float32
     resized = prepare_data(root, DataConfig(layout="mrnet", image_size=64, size_policy="resize"))
     assert len(resized.records) == 41 and resized.resized == 1 and resized.images[40].shape == (4, 64, 64)
+    assert len(resized.exclusions) == 2  # not square: set aside whatever the size policy
 
 
 def test_a_case_in_both_mrnet_splits_is_refused_naming_both_files(tmp_path):
@@ -446,6 +454,9 @@ def test_evaluate_sets_an_unreadable_exam_aside_and_names_it(mrnet_runs, tmp_pat
         cases = [case for case, _ in csv.reader(handle)]
     broken = mrnet / "valid" / "sagittal" / f"{cases[1]}.npy"
     broken.write_bytes(broken.read_bytes()[:100])  # cut short
+    # saved slices-last: it read as many slices of a stretched strip, and was scored
+    slices_last = mrnet / "valid" / "sagittal" / f"{cases[2]}.npy"
+    np.save(slices_last, np.load(slices_last).transpose(1, 2, 0))
     out = tmp_path / "eval"
     result = CliRunner().invoke(
         app,
@@ -453,11 +464,12 @@ def test_evaluate_sets_an_unreadable_exam_aside_and_names_it(mrnet_runs, tmp_pat
         + ["--precision", "fp32", "--out", str(out)],
     )
     assert result.exit_code == 0, result.output
-    assert f"set aside 1 unreadable exam (e.g. valid/sagittal/{cases[1]}.npy; report: {out}" in result.output
+    assert f"set aside 2 unreadable exams (e.g. valid/sagittal/{cases[1]}.npy; report: {out}" in result.output
     with (out / "exclusions.csv").open() as handle:
-        (row,) = list(csv.DictReader(handle))
-    assert row["image"] == f"valid/sagittal/{cases[1]}.npy" and row["reason"].startswith("unreadable: ")
+        cut, turned = list(csv.DictReader(handle))
+    assert cut["image"] == f"valid/sagittal/{cases[1]}.npy" and cut["reason"].startswith("unreadable: ")
+    assert turned["image"] == f"valid/sagittal/{cases[2]}.npy" and "saved slices-last?" in turned["reason"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n_exams"] == len(cases) - 1 and metrics["excluded_exams"] == 1
+    assert metrics["n_exams"] == len(cases) - 2 and metrics["excluded_exams"] == 2
     with (out / "predictions.csv").open() as handle:
-        assert [row["case"] for row in csv.DictReader(handle)] == [c for c in cases if c != cases[1]]
+        assert [row["case"] for row in csv.DictReader(handle)] == [c for c in cases if c not in cases[1:3]]

@@ -843,13 +843,13 @@ def _predict_exams(trained, mrnet_dir: Path, exams, runtime, tta, seed):
     slices; the exams set aside as (file, reason)). An exam that cannot be read is set aside, as
     train sets it aside, not the end of an evaluation that had read the others; none read is an
     error naming the first."""
-    from mtl_meniscus.io.exams import read_exam
+    from mtl_meniscus.data.mrnet import read_mrnet_exam
 
     root, data = trained.tasks.root.name, trained.config.data
     kept, probs, tops, sizes, excluded = [], [], [], [], []
     for exam in exams:
         try:
-            volume = read_exam(exam.path, data.max_pixels, data.image_size, data.plane)
+            volume = read_mrnet_exam(exam.path, data.max_pixels, data.image_size, data.plane)
         except ImageReadError as err:
             excluded.append((Path(exam.path).relative_to(mrnet_dir).as_posix(), f"unreadable: {err}"))
             continue

@@ -123,12 +123,26 @@ def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise DataError(f"{path}: not a readable CSV file ({err})") from None
 
 
+def read_mrnet_exam(path: Path, max_pixels: int | None, size: int, plane: str | None) -> np.ndarray:
+    """An MRNet exam as read_exam reads it, (S, H, W); ImageReadError when its slices are not
+    square. MRNet's are, and a volume saved slices-last, (H, W, S), reads as H slices of W x S:
+    stretched to square it would be scored, its angles (orientation's label) changed, without a word."""
+    volume = read_exam(path, max_pixels, size, plane)
+    depth, height, width = volume.shape
+    if height != width:
+        reason = f"{path}: slices of {height}x{width} are not square (MRNet's are)"
+        if depth == height and width < height:
+            reason += f"; saved slices-last? MRNet's .npy holds (slices, height, width): this reads as {depth} slices"
+        raise ImageReadError(reason)
+    return volume
+
+
 def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
     """MRNet as a data set of exams: `valid` is the test split; `train` is split into train and val
     in the proportion of data.split_fractions' first two values, stratified on the tear label.
 
-    Each exam is read once here, so that an unreadable exam or one of the wrong size is set aside
-    (exclusions.csv) before anything trains; training reads them again one at a time
+    Each exam is read once here, so that an unreadable exam, one whose slices are not square (saved
+    slices-last?) or one of the wrong size is set aside (exclusions.csv) before anything trains; training reads them again one at a time
     (exams.ExamVolumes). Only the tear label exists: the tasks it gates are unknown (NaN), which
     the masked loss leaves out and the summary line counts.
     """
@@ -143,7 +157,7 @@ def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
             listed += 1
             relative = exam.path.relative_to(root).as_posix()
             try:
-                shape = read_exam(exam.path, max_pixels, size, config.plane).shape
+                shape = read_mrnet_exam(exam.path, max_pixels, size, config.plane).shape
             except ImageReadError as err:
                 exclusions.append((relative, None, f"unreadable: {err}"))
                 continue
