@@ -33,5 +33,10 @@ class ImageReadError(MeniscusError):
     """One image file cannot be read as a single 2D grey slice."""
 
 
+class SliceIndexError(ImageReadError):
+    """A slice index that does not fit its file: out of range, on a single 2D slice, or missing
+    for a volume. In labels.csv that is the row's error (its `slice` column), not the file's."""
+
+
 class PixelLimitError(ImageReadError):
     """An input declares more pixels than the decoded-size limit; refused before it is decoded."""

@@ -198,8 +198,15 @@ def corpus(tmp_path_factory):
     (mixed / "images" / "notes.txt").write_text("hello")
     _bomb(mixed / "images" / "bomb.png")
     extra = ["broken.png", "empty.npy", "volume.npy", "nan.npy", "stack.tif", "notes.txt", "bomb.png"]
-    with (mixed / "labels.csv").open("a") as handle:
-        handle.writelines(f"images/{e},0,,,\n" for e in extra)
+    with (mixed / "labels.csv").open("a") as handle:  # a volume's row without a slice: refused, below
+        handle.writelines(f"images/{e},0,,,\n" for e in extra if e != "volume.npy")
+    # a volume's row without a slice is the row's error, not the file's (it was set aside as unreadable)
+    no_slice = root / "no slice"
+    shutil.copytree(good, no_slice)
+    shutil.copy(mixed / "images" / "volume.npy", no_slice / "images")
+    with (no_slice / "labels.csv").open("a") as handle:
+        handle.write("images/volume.npy,0,,,\n")
+    folders["volume row without a slice"] = (no_slice, "column 'slice': is a 3D volume with 3 slices")
 
     return {
         "root": root,
@@ -255,6 +262,7 @@ BAD_FOLDERS = [
     "more values than the header",
     "a column named like a known one",
     "a patient in two splits",
+    "volume row without a slice",
 ]
 
 
@@ -304,7 +312,6 @@ def test_bad_images_in_a_data_folder_are_excluded_with_their_reasons(corpus, tmp
     expected = {
         "broken.png": "cannot decode",
         "empty.npy": "empty",
-        "volume.npy": "'slice' column",
         "nan.npy": "NaN",
         "stack.tif": "2 pages",
         "notes.txt": "unsupported format",

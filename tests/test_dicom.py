@@ -226,3 +226,21 @@ def test_a_legacy_multi_frame_file_keeps_its_frames_and_a_short_sequence_is_refu
     ds.save_as(tmp_path / "short.dcm")
     with pytest.raises(ImageReadError, match=r"PerFrameFunctionalGroupsSequence has 3 items for 5 frames"):
         read_volume(tmp_path / "short.dcm")
+
+
+def test_a_compressed_file_without_its_decoder_says_which_plug_ins_read_it():
+    """pydicom's own JPEG-LS sample (shipped with pydicom): without a plug-in the file is refused
+    on one line, naming it and the decoders pydicom lists (the docs say what to install)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("MR_small_jpeg_ls_lossless.dcm")
+    if path is None:
+        pytest.skip("this pydicom ships without its test files")
+    try:
+        image = read_image(path)
+    except ImageReadError as err:
+        message = str(err)
+        assert message.startswith(f"{path}: cannot read") and "\n" not in message
+        assert "pylibjpeg" in message and "gdcm" in message
+    else:  # a decoder plug-in is installed here: the slice must then be the right one
+        assert image.shape == (64, 64)

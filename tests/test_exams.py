@@ -181,7 +181,7 @@ def test_series_files_are_recognised_by_content_and_stray_files_ignored(pydicom_
 def test_predict_takes_every_exam_of_a_folder_whatever_the_series_files_are_named(pydicom_files, tmp_path):
     """A folder is a series when the series reader would find a slice in it (by suffix or by
     content); its volume files are exams too, so a suffix-less series beside them is not lost."""
-    from mtl_meniscus.commands.predict import collect_exams
+    from mtl_meniscus.commands.predict import collect_exams, skipped_note
 
     mixed = tmp_path / "mixed"
     write_series(mixed, pydicom_files / "MR_small.dcm", 3)
@@ -203,7 +203,8 @@ def test_predict_takes_every_exam_of_a_folder_whatever_the_series_files_are_name
     np.save(folder / "knee_002.npy", np.zeros((2, 8, 8), np.float32))
     (folder / "axial").mkdir()
     np.save(folder / "axial" / "0001.npy", np.zeros((2, 8, 8), np.float32))
-    assert collect_exams([mixed, volumes, empty, single, folder]) == [
+    skipped = []
+    assert collect_exams([mixed, volumes, empty, single, folder], skipped) == [
         mixed,
         mixed / "a.npy",
         mixed / "b.npy",
@@ -213,6 +214,9 @@ def test_predict_takes_every_exam_of_a_folder_whatever_the_series_files_are_name
         folder / "knee_002.npy",
         folder / "knee_001",
     ]
+    assert skipped == [folder / "axial"]  # not read, and predict says so (skipped_note)
+    note = skipped_note(skipped)
+    assert f"not read: 1 subfolder(s) holding no DICOM series ({folder / 'axial'})" in note
 
 
 def test_volumes_are_read_slices_first(tmp_path):
@@ -231,6 +235,30 @@ def run(tmp_path_factory) -> Path:
     config = load_config(TINY, {"data.path": str(folder / "data"), "train.max_epochs": 1})
     train_run(config, folder / "run", console=Console(quiet=True))
     return folder
+
+
+def test_predict_names_the_subfolders_it_does_not_read(run, tmp_path):
+    """One folder per patient with its volume inside: nothing was read and the folder's error row
+    spoke of DICOM files alone; such subfolders are now named, with what to give instead."""
+    folder = tmp_path / "patients"
+    (folder / "p1").mkdir(parents=True)
+    np.save(folder / "p1" / "knee.npy", np.zeros((3, 64, 64), np.float32))
+    np.save(folder / "knee_002.npy", np.zeros((3, 64, 64), np.float32))
+    args = [
+        "predict",
+        str(run / "run"),
+        str(folder),
+        "--exams",
+        "--tta",
+        "0",
+        "--out",
+        str(tmp_path / "e.csv"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert f"not read: 1 subfolder(s) holding no DICOM series ({folder / 'p1'})" in output
+    assert "predicted 1 of 1 exams" in output
 
 
 def test_predict_on_exams_takes_the_most_suspicious_slice(run, pydicom_files, tmp_path):

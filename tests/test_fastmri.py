@@ -1,6 +1,7 @@
 """fastMRI+ annotations and fastMRI .h5 volumes become a data folder the package trains on."""
 
 import csv
+import stat
 from pathlib import Path
 
 import cv2
@@ -94,6 +95,9 @@ def test_bad_annotations_and_missing_images_are_named(fastmri, tmp_path):
     (fastmri / "beyond.csv").write_text(HEADER + "file1000001,9,No,5,6,10,4,Meniscus Tear\n")
     with pytest.raises(DataError, match="on slice 9, but .* has 4 slices"):
         import_fastmri_plus(fastmri / "beyond.csv", fastmri / "h5", tmp_path / "c")
+    (fastmri / "header.csv").write_text(HEADER)
+    with pytest.raises(DataError, match="header.csv: no annotation rows, only the header$"):
+        import_fastmri_plus(fastmri / "header.csv", fastmri / "h5", tmp_path / "g")
     (fastmri / "other.csv").write_text(HEADER + "file9,1,No,5,6,10,4,Meniscus Tear\n")
     with pytest.raises(DataError, match="none of the 1 annotated volumes"):
         import_fastmri_plus(fastmri / "other.csv", fastmri / "h5", tmp_path / "b")
@@ -227,6 +231,21 @@ def test_an_import_that_leaves_no_volume_out_writes_no_left_out_csv(fastmri, tmp
 
     import_fastmri_plus(fastmri / "knee.csv", fastmri / "h5", tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["labels.csv", "masks", "volumes"]
+
+
+def test_an_import_keeps_the_output_folders_mode(fastmri, tmp_path):
+    """The import's temporary folder (0700, mkdtemp's) took OUT's place: a folder the group could
+    read became its owner's alone. OUT made by the user keeps its mode; one made by the import gets
+    mkdir's (the umask's)."""
+    from mtl_meniscus.data.fastmri import import_fastmri_plus
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared").chmod(0o2775)
+    import_fastmri_plus(fastmri / "knee.csv", fastmri / "h5", tmp_path / "shared")
+    assert stat.S_IMODE((tmp_path / "shared").stat().st_mode) == 0o2775
+    (tmp_path / "plain").mkdir()  # as mkdir makes it here, under this process's umask
+    import_fastmri_plus(fastmri / "knee.csv", fastmri / "h5", tmp_path / "new")
+    assert (tmp_path / "new").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
 def test_an_unknown_study_level_is_named_and_unannotated_volumes_are_counted(fastmri, tmp_path):

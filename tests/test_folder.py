@@ -599,6 +599,26 @@ def test_the_phantoms_masks_agree_with_their_labels(data64):
     assert tears == [r.labels["fissure"] == "1" for r in data.records] and any(tears)
 
 
+def test_a_slice_that_does_not_fit_its_file_is_the_rows_error(tmp_path):
+    """A slice out of the volume's range, a volume row without a slice, and a slice other than 0
+    on a 2D image: labels.csv's errors, refused naming each row (they were set aside as
+    'unreadable' files, and a tear row's label was lost from training with exit 0)."""
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).random((8, 32, 32)).astype(np.float32))
+    rows = [("v.npy", "2", "1", "vertical", "posterior"), ("v.npy", "40", "1", "horizontal", "anterior")]
+    rows += [("v.npy", "", "0", "", ""), ("img/0.png", "3", "0", "", "")]
+    rows += [(f"img/{k}.png", "", "0", "", "") for k in range(1, 8)]
+    _write_folder(tmp_path, rows, header=("image", "slice", "fissure", "orientation", "position"))
+    with pytest.raises(DataError) as caught:
+        prepare_data(tmp_path, DataConfig(image_size=32))
+    assert caught.value.problems == [
+        "row 3, column 'slice': slice 40 is out of range 0..7 (v.npy)",
+        "row 4, column 'slice': is a 3D volume with 8 slices (shape (8, 32, 32)); give the slice to use "
+        "in a 'slice' column of labels.csv (v.npy)",
+        "row 5, column 'slice': slice 3 requested but the image is a single 2D slice (img/0.png)",
+    ]
+    assert str(caught.value).startswith(f"{tmp_path / 'labels.csv'}: 3 problem(s)")
+
+
 def test_excluded_slices_of_one_volume_are_told_apart(tmp_path):
     """exclusions.csv names each excluded row by image and slice: the rows of one volume were
     identical lines before."""

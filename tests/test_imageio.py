@@ -99,6 +99,13 @@ def test_npy(tmp_path):
     np.save(tmp_path / "rgb.npy", np.stack([grey] * 3, axis=-1))
     with pytest.raises(ImageReadError, match=r"rgb.npy: shape \(64, 48, 3\) looks like one colour image"):
         read_image(tmp_path / "rgb.npy", slice_index=0)
+    # a 4-D array is named by its shape before the pixel budget counts it (as 8*256 slices of 256x3
+    # it was refused as too large, and raising the limit then led to the shape's refusal)
+    np.save(tmp_path / "rgb4d.npy", np.zeros((8, 256, 256, 3), np.uint8))
+    with pytest.raises(
+        ImageReadError, match=r"expected a 2D slice \(H, W\) or a volume \(S, H, W\), got shape"
+    ):
+        read_image(tmp_path / "rgb4d.npy", slice_index=0, max_pixels=1_000_000)
     np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan], [0.0, 2.0]]))
     with pytest.raises(ImageReadError, match="nan.npy: contains NaN"):
         read_image(tmp_path / "nan.npy")
@@ -209,3 +216,16 @@ def test_the_pixel_limit_is_configurable(tmp_path, pydicom_files, monkeypatch):
     data = prepare_data(tmp_path, DataConfig(image_size=32, max_pixels=2000, split_fractions=(1, 0, 0)))
     assert [image for image, *_ in data.exclusions] == ["a.png"]
     assert "above the limit" in data.exclusions[0][-1]
+
+
+def test_a_missing_exam_is_not_found_whatever_its_name(tmp_path):
+    """A mistyped exam folder (no suffix) was called 'not a volume', as if the file were of the
+    wrong kind; a missing one is not found."""
+    from mtl_meniscus.io.imageio import read_volume
+
+    for name in ("exam_0007", "knee.npy", "slice.png"):
+        with pytest.raises(ImageReadError, match=f"{name}: file not found"):
+            read_volume(tmp_path / name)
+    (tmp_path / "slice.png").write_bytes(b"x")
+    with pytest.raises(ImageReadError, match="slice.png: not a volume"):
+        read_volume(tmp_path / "slice.png")

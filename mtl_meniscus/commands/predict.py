@@ -52,7 +52,10 @@ from mtl_meniscus.io.resumable_table import ResumableTable, file_stamp, fingerpr
 from mtl_meniscus.labels import DEFAULT_TASKS
 from mtl_meniscus.networks.cam import unique_names, write_overlays
 
-VOLUME_HINT = "predict reads 2D slices only: save the slice to predict as its own file"
+VOLUME_HINT = (
+    "predict reads 2D slices only: give --exams to score the whole exam (each slice and the exam), "
+    "or save the slice to predict as its own file"
+)
 
 
 CSV_COLUMNS = csv_columns(DEFAULT_TASKS, DEFAULT_TASKS.names)  # a model of the built-in three tasks
@@ -76,13 +79,14 @@ def collect_inputs(inputs: list[Path]) -> list[Path]:
 VOLUME_SUFFIXES = NUMPY_SUFFIXES + NIFTI_SUFFIXES + HDF5_SUFFIXES  # a file that can be a whole exam
 
 
-def collect_exams(inputs: list[Path]) -> list[Path]:
+def collect_exams(inputs: list[Path], skipped: list[Path] | None = None) -> list[Path]:
     """The exams named on the command line: a volume file is one exam; a folder gives itself when
     it holds a series' files (known as the series reader knows them: by suffix or by content),
     then each volume file in it (MRNet's `valid/sagittal/`), then each subfolder that holds a series
     (a folder of exams as data.md shows one; such a series was skipped unsaid), in name order. Volume
     files deeper down are not searched: MRNet's `valid/` holds its axial and coronal `.npy`, which
-    carry no plane to refuse them by. A folder with none of these gets its error row."""
+    carry no plane to refuse them by. A folder with none of these gets its error row. `skipped`
+    (a list the caller keeps) receives the subfolders not read, for the caller to name."""
     exams: list[Path] = []
     for path in inputs:
         if not path.is_dir():
@@ -92,9 +96,26 @@ def collect_exams(inputs: list[Path]) -> list[Path]:
         files = [p for p in entries if p.is_file()]
         found = [path] if _holds_series(files) else []
         found += [p for p in files if image_suffix(p) in VOLUME_SUFFIXES]
-        found += [p for p in entries if p.is_dir() and _holds_series(p.iterdir())]
+        series = [p for p in entries if p.is_dir() and _holds_series(p.iterdir())]
+        found += series
         exams.extend(found or [path])
+        if skipped is not None:
+            skipped += [p for p in entries if p.is_dir() and p not in series]
     return exams
+
+
+def skipped_note(skipped: list[Path]) -> str:
+    """The line that names the subfolders collect_exams did not read ('' when none)."""
+    if not skipped:
+        return ""
+    shown = ", ".join(str(p) for p in skipped[:3]) + (
+        f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    )
+    return (
+        f"note: not read: {len(skipped)} subfolder(s) holding no DICOM series ({shown}); a folder's exams "
+        "are its series subfolders and its own volume files (files further down are not searched: "
+        "MRNet's valid/ holds axial and coronal .npy): name a subfolder or its files to predict them"
+    )
 
 
 def _holds_series(files) -> bool:
@@ -410,7 +431,10 @@ def run_predict_exams(
     """
     console = console or Console(soft_wrap=True)
     _check_outputs(out, None, masks_dir)
-    exams = collect_exams(exams)
+    skipped: list[Path] = []
+    exams = collect_exams(exams, skipped)
+    if skipped:
+        console.print(skipped_note(skipped), highlight=False, markup=False)
     trained, runtime, chosen, tta = _load_for_answers(run_or_checkpoint, threshold, tta_copies, precision, device,
                                                       masks_dir, console)  # fmt: skip
     columns = exam_columns(trained.tasks, trained.outputs, masks=masks_dir is not None)

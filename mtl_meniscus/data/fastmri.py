@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -184,10 +185,18 @@ def import_fastmri_plus(
             counts[f"lines of {Path(reviewed).name} naming no volume ({', '.join(map(repr, other[:3]))})"] = (
                 len(other)
             )
+    if not by_file:  # a header alone: 'none of the 0 annotated volumes is there' said the wrong thing
+        raise DataError(
+            f"{annotations}: no annotation rows, only the header"
+            + (f", and no volume that {reviewed} lists is in {volumes_dir}" if reviewed is not None else "")
+        )
     existed = out_dir.exists()
     check_empty_output_dir(out_dir, "OUT", instead="the import writes into an empty folder")  # may create it
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-import-", dir=out_dir.parent))
     try:
+        # mkdtemp's folder is its owner's alone (0700); it takes OUT's place, so it takes OUT's mode
+        # (as made by the user, or by mkdir under the umask): the group can read the data as before
+        staging.chmod(stat.S_IMODE(out_dir.stat().st_mode))
         counts = _write_import(annotations, volumes_dir, staging, by_file, on_volume) | counts
         out_dir.rmdir()  # empty (checked above): the staging folder takes its place
         staging.rename(out_dir)

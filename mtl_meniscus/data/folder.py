@@ -28,7 +28,7 @@ from mtl_meniscus.config import DataConfig
 from mtl_meniscus.data.masks import read_masks, resized_mask
 from mtl_meniscus.data.records import PreparedData, Record, csv_text, inside_path, problems_error
 from mtl_meniscus.data.splits import SPLIT_NAMES, split_leaks, stratified_group_split
-from mtl_meniscus.errors import DataError, ImageReadError
+from mtl_meniscus.errors import DataError, ImageReadError, SliceIndexError
 from mtl_meniscus.io.imageio import max_pixels_limit, read_image
 from mtl_meniscus.io.orientation import SliceGeometry
 from mtl_meniscus.labels import DEFAULT_TASKS, DOUBLE_TEAR, TaskTable
@@ -432,6 +432,7 @@ def prepare_folder(
     kept: list[Record] = []
     images: list[np.ndarray] = []
     exclusions: list[tuple[str, int | None, str]] = []
+    slice_problems: list[str] = []  # rows whose slice does not fit their file
     resized = stretched = 0
     last_volume: dict = {}  # rows of one volume decode it once (read_image)
     unoriented: list[str] = []  # a row per DICOM/NIfTI file without geometry: taken as stored
@@ -457,6 +458,10 @@ def prepare_folder(
                 geometry=geometry,
             )
             unoriented += [record.image] if notes else []
+        except SliceIndexError as err:  # the row's slice column is wrong, not its file: a label error
+            reason = str(err).removeprefix(f"{data_dir / record.image}: ")
+            slice_problems.append(f"row {record.row}, column 'slice': {reason} ({record.image})")
+            continue
         except ImageReadError as err:
             exclusions.append((*record.key, f"unreadable: {err}"))
             continue
@@ -476,6 +481,8 @@ def prepare_folder(
             sources.append((record.image, record.slice))
         else:
             images.append(image)
+    if slice_problems:  # refused as labels.csv's other problems are: that row's tear would be lost
+        raise problems_error(data_dir / "labels.csv", slice_problems, report_dir)
     if not kept:
         raise DataError(f"{data_dir}: no usable image left: {_exclusion_reasons(exclusions, size)}")
     targets = np.stack([r.targets(tasks) for r in kept])

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mtl_meniscus.errors import ConfigError, ImageReadError, PixelLimitError
+from mtl_meniscus.errors import ConfigError, ImageReadError, PixelLimitError, SliceIndexError
 from mtl_meniscus.io.dicom import dicom_orientation, frame_count, frame_order, modality_values, read_dicom
 from mtl_meniscus.io.orientation import (
     AS_STORED,
@@ -168,10 +168,10 @@ def read_volume(
     the slices will be resized to size x size, so the pixel budget counts them so (PixelBudget).
     `notes` and `geometry` as for read_image (one SliceGeometry, every slice's). Raises ImageReadError naming the file."""
     path = Path(path)
+    _check_exists(path)  # first: a mistyped exam folder is not found, whatever its name looks like
     suffix = reader_suffix(path)
     if suffix in RASTER_SUFFIXES or _reader(suffix) is None:
         raise ImageReadError(f"{path}: not a volume (expected .npy, .nii, .nii.gz, .h5 or DICOM)")
-    _check_exists(path)
 
     def decode() -> np.ndarray:
         read = _reader(suffix)(path, PixelBudget(max_pixels_limit(max_pixels), size))
@@ -253,7 +253,11 @@ def _decoded(path: Path, decode) -> np.ndarray:
         message = str(err)
         raise type(err)(message if message.startswith(str(path)) else f"{path}: {message}") from None
     except Exception as err:  # decoder errors come in many types; name the file, keep the cause
-        raise ImageReadError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
+        # on one line (pydicom lists the decoders a compressed syntax needs one per line): a row of
+        # exclusions.csv or of predict's error table
+        raise ImageReadError(
+            f"{path}: cannot read ({type(err).__name__}: {' '.join(str(err).split())})"
+        ) from err
     # both checks from the extremes: a NaN makes them NaN, an infinity infinite
     largest = max(float(image.max()), -float(image.min())) if image.size else 0.0
     if not math.isfinite(largest):
@@ -469,18 +473,21 @@ def _read_npy(path: Path, limit: int | PixelBudget) -> tuple[np.ndarray, None]:
             raise ImageReadError(f"unsupported .npy format version {version[0]}.{version[1]}")
     if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
         raise ImageReadError(f"expected a real numeric array, got dtype {dtype}")
-    _check_declared_size(shape, limit, "array")
-    array = np.load(str(path), allow_pickle=False)
+    # the shape before the pixel budget: a (S, H, W, 3) array counted as S*H slices of W x 3 was
+    # refused as too large, and the advice to raise the limit led to this refusal
+    if len(shape) not in (2, 3):
+        raise ImageReadError(f"expected a 2D slice (H, W) or a volume (S, H, W), got shape {shape}")
     # (H, W, 1) and (H, W, 3): one image with its channels last (as many libraries save a slice),
     # not a volume of H slices of W x 1 pixels, which a 'slice' column would have read as stripes
-    if array.ndim == 3 and array.shape[2] in (1, 3, 4) and min(array.shape[:2]) > 4:
-        if array.shape[2] > 1:
-            raise ImageReadError(
-                f"shape {array.shape} looks like one colour image (channels last), not a volume: save "
-                "one grey channel (H, W), or a volume with its slices first (S, H, W)"
-            )
-        array = array[..., 0]
-    return _as_float32(array), None
+    one_channel_last = len(shape) == 3 and shape[2] in (1, 3, 4) and min(shape[:2]) > 4
+    if one_channel_last and shape[2] > 1:
+        raise ImageReadError(
+            f"shape {shape} looks like one colour image (channels last), not a volume: save "
+            "one grey channel (H, W), or a volume with its slices first (S, H, W)"
+        )
+    _check_declared_size(shape[:2] if one_channel_last else shape, limit, "array")
+    array = np.load(str(path), allow_pickle=False)
+    return _as_float32(array[..., 0] if one_channel_last else array), None
 
 
 def hdf5_reconstruction(handle):
@@ -515,8 +522,12 @@ def _read_hdf5(
         if slice_index is None:
             _check_declared_size(dataset.shape, limit, "HDF5 volume")
             return np.asarray(dataset, dtype=np.float32)[..., ::-1, :], None
-        if dataset.ndim != 3 or not 0 <= slice_index < dataset.shape[0]:
-            raise ImageReadError(f"slice {slice_index} is out of range for a volume of shape {dataset.shape}")
+        if dataset.ndim != 3:
+            raise ImageReadError(
+                f"{dataset.name}: expected a volume (slices, H, W), got shape {dataset.shape}"
+            )
+        if not 0 <= slice_index < dataset.shape[0]:
+            raise SliceIndexError(f"slice {slice_index} is out of range 0..{dataset.shape[0] - 1}")
         _check_declared_size(dataset.shape[1:], limit, "HDF5 slice")
         return np.asarray(dataset[slice_index], dtype=np.float32)[None, ::-1, :], None
 
@@ -528,14 +539,14 @@ def _select_slice(image: np.ndarray, slice_index: int | None, suffix: str, volum
         image = image[0]
     if image.ndim == 2:
         if slice_index not in (None, 0):
-            raise ImageReadError(f"slice {slice_index} requested but the image is a single 2D slice")
+            raise SliceIndexError(f"slice {slice_index} requested but the image is a single 2D slice")
         return image
     if image.ndim != 3:
         raise ImageReadError(f"expected a 2D slice or a 3D volume, got shape {image.shape}")
     if slice_index is None:
-        raise ImageReadError(
+        raise SliceIndexError(
             f"is a 3D volume with {image.shape[0]} slices (shape {image.shape}); {volume_hint}"
         )
     if not 0 <= slice_index < image.shape[0]:
-        raise ImageReadError(f"slice {slice_index} is out of range 0..{image.shape[0] - 1}")
+        raise SliceIndexError(f"slice {slice_index} is out of range 0..{image.shape[0] - 1}")
     return image[slice_index]
