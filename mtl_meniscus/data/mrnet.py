@@ -142,8 +142,8 @@ def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
     in the proportion of data.split_fractions' first two values, stratified on the tear label.
 
     Each exam is read once here, so that an unreadable exam, one whose slices are not square (saved
-    slices-last?) or one of the wrong size is set aside (exclusions.csv) before anything trains; training reads them again one at a time
-    (exams.ExamVolumes). Only the tear label exists: the tasks it gates are unknown (NaN), which
+    slices-last?) or one of the wrong size is set aside (exclusions.csv) before anything trains;
+    training reads them again one at a time (exams.ExamVolumes). Only the tear label exists: the tasks it gates are unknown (NaN), which
     the masked loss leaves out and the summary line counts.
     """
     root = Path(root)
