@@ -2,6 +2,7 @@
 
     python scripts/compare_table.py keep LABEL COMPARE_DIR --command "python cli.py compare ..."
     python scripts/compare_table.py render [--page docs/results.md] [--readme README.md]
+    python scripts/compare_table.py pending SWEEP COMPARE_DIR --command "python cli.py compare ..."
 
 `keep` copies a finished comparison's result files (results.json, results.md, results_per_seed.csv,
 compare.yaml, and each variant's config.yaml, result.json and test_predictions.csv) into
@@ -16,6 +17,11 @@ built-in phantom by its level, a `--data` folder by its name) between its `compa
 summary, so that trying a page elsewhere leaves the repository's README alone). With no comparison
 kept in results/compare/ (no LABEL/about.json), or with a kept file that lacks what the pages show,
 `render` is refused (exit 1, naming the file) and nothing is written.
+
+`pending` keeps the scored variants of a sweep that is not finished (part of it run here, on a CPU,
+while the rest waits for a GPU) in results/compare/pending/SWEEP/variants, with this machine and the
+command in its machine.json: scripts/gpu-compare.sh adds them to that sweep's folder, and `keep
+SWEEP` later names them and their machine in the kept comparison's note and empties the folder.
 
 A kept comparison's table can be rewritten without training: copy results/compare/LABEL to a new
 folder and run `MTL_MENISCUS_CACHE=/tmp/mtlcache python cli.py compare --out FOLDER` with its options
@@ -60,6 +66,7 @@ MEANING = {  # what a kept comparison's label stands for, in the README's captio
 }
 VARIANT_FILES = ("config.yaml", "result.json", "test_predictions.csv")
 MACHINE_FILE = "machine.json"  # written beside them by scripts/gpu-compare.sh: the machine and the wall time
+PENDING = "pending"  # OUT/pending/SWEEP: scored variants of an unfinished sweep (`pending`)
 # a label names a folder in results/compare and the figures' files in docs/images: one plain name
 # (no '/', which would nest the folder where render does not look, nor '..', nor a space, which breaks
 # the page's image link)
@@ -95,38 +102,30 @@ def keep(label: str, folder: Path, command: str) -> Path:
             f"{folder} is not a finished `python cli.py compare` folder: missing {', '.join(missing)}; "
             f"nothing kept ({OUT / label} left as it was)."
         )
-    sys.path.insert(0, str(ROOT))
-    from mtl_meniscus.commands.bench import machine_info
-
     target = OUT / label
     target.mkdir(parents=True, exist_ok=True)
     for name in KEPT:
         shutil.copy(folder / name, target / name)
-    # each scored variant's settings, scores and test predictions (no checkpoint): enough for
-    # `compare --out` on a copy to rewrite the table, or to add variants, without retraining
-    shutil.rmtree(target / "variants", ignore_errors=True)
-    for result in results:
-        kept = target / "variants" / result.parent.name
-        kept.mkdir(parents=True)
-        for name in VARIANT_FILES:
-            shutil.copy(result.parent / name, kept / name)
+    _copy_variants(results, target / "variants", replace=True)
     seconds = [json.loads(p.read_text())["train_wall_seconds"] for p in results]
     # a comparison run elsewhere (scripts/gpu-compare.sh) brings its machine and wall time along
     machine_file = folder / MACHINE_FILE
-    info = json.loads(machine_file.read_text()) if machine_file.is_file() else machine_info()
-    cpu = f"{info['cpu']}, {info['cores']} cores, ISA {info['isa']}, AMX {info['amx']}"
+    info = json.loads(machine_file.read_text()) if machine_file.is_file() else _this_machine()
     about = {
         "label": label,
         "command": command,
-        "machine": f"one {info['gpu']} GPU ({cpu}; torch {info['torch']})" if info.get("gpu") else cpu,
+        "machine": _machine_words(info),
         "training_minutes": round(sum(seconds) / 60, 1),
         "date": time.strftime("%Y-%m-%d"),
     }
     if "wall_seconds" in info:
         about["wall_minutes"] = round(info["wall_seconds"] / 60, 1)
-    if info.get("note"):  # e.g. a run finished on another machine than it started on
-        about["note"] = info["note"]
+    # e.g. a run finished on another machine than it started on; variants run before it elsewhere
+    notes = [info.get("note", ""), _pending_note(label, {r.parent.name for r in results})]
+    if any(notes):
+        about["note"] = "; ".join(filter(None, notes))
     (target / "about.json").write_text(json.dumps(about, indent=2))
+    shutil.rmtree(OUT / PENDING / label, ignore_errors=True)  # they are in the kept comparison now
     for figure in ("forest", "learning_curves"):
         if (folder / f"{figure}.png").is_file():
             shutil.copy(folder / f"{figure}.png", FIGURES / f"compare-{label}-{figure}.png")
@@ -333,6 +332,77 @@ def _flags(name: str, row: dict) -> str:
     return f"{name}: {', '.join(counts)}" if counts else ""
 
 
+def pending(sweep: str, folder: Path, command: str) -> Path:
+    """Keep the scored variants of `folder` (a part of SWEEP run here) in OUT/pending/SWEEP, beside
+    those kept there before, with this machine, the command and the variants it scored."""
+    if not PLAIN_LABEL.fullmatch(sweep):
+        raise SystemExit(
+            f"SWEEP {sweep!r} is not a plain name (a sweep of scripts/gpu-compare.sh); nothing kept."
+        )
+    results = sorted(folder.glob("variants/*/result.json"))
+    missing = [str(r.parent / n) for r in results for n in VARIANT_FILES if not (r.parent / n).is_file()]
+    if not results or missing:
+        raise SystemExit(
+            f"{folder}: no scored variant (variants/<variant>/result.json)"
+            + (f", or one without {', '.join(missing)}" if missing else "")
+            + "; nothing kept."
+        )
+    target = OUT / PENDING / sweep
+    _copy_variants(results, target / "variants", replace=False)
+    machine_file = target / MACHINE_FILE
+    runs = json.loads(machine_file.read_text()) if machine_file.is_file() else []
+    runs.append(
+        {
+            "machine": _machine_words(_this_machine()),
+            "command": command,
+            "date": time.strftime("%Y-%m-%d"),
+            "variants": [r.parent.name for r in results],
+        }
+    )
+    machine_file.write_text(json.dumps(runs, indent=2))
+    return target
+
+
+def _pending_note(sweep: str, kept: set[str]) -> str:
+    """Which of the kept variants were scored before the comparison's own run, where (`pending`)."""
+    machine_file = OUT / PENDING / sweep / MACHINE_FILE
+    runs = json.loads(machine_file.read_text()) if machine_file.is_file() else []
+    notes = []
+    for run in runs:
+        variants = sorted(set(run["variants"]) & kept)
+        if variants:
+            notes.append(
+                f"{len(variants)} of its variants ({', '.join(variants)}) were trained and scored before it, "
+                f"on {run['machine']}, by `{run['command']}`, {run['date']}"
+            )
+    return "; ".join(notes)
+
+
+def _copy_variants(results: list[Path], target: Path, replace: bool) -> None:
+    """Each scored variant's settings, scores and test predictions (no checkpoint): enough for
+    `compare --out` on a copy to rewrite the table, or to add variants, without retraining. With
+    `replace` the target's variants go first (a kept comparison is the new one alone)."""
+    if replace:
+        shutil.rmtree(target, ignore_errors=True)
+    for result in results:
+        kept = target / result.parent.name
+        kept.mkdir(parents=True, exist_ok=True)
+        for name in VARIANT_FILES:
+            shutil.copy(result.parent / name, kept / name)
+
+
+def _this_machine() -> dict:
+    sys.path.insert(0, str(ROOT))
+    from mtl_meniscus.commands.bench import machine_info
+
+    return machine_info()
+
+
+def _machine_words(info: dict) -> str:
+    cpu = f"{info['cpu']}, {info['cores']} cores, ISA {info['isa']}, AMX {info['amx']}"
+    return f"one {info['gpu']} GPU ({cpu}; torch {info['torch']})" if info.get("gpu") else cpu
+
+
 def _kept_folders() -> list[Path]:
     """The kept comparisons, the budgets in the order a reader compares them, then the others."""
     order = ["per-network", "equal-images", "equal-flops"]
@@ -404,12 +474,17 @@ def _data_name(folder: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["keep", "render"])
+    parser.add_argument("action", choices=["keep", "render", "pending"])
     parser.add_argument("label", nargs="?")
     parser.add_argument("folder", nargs="?", type=Path)
     parser.add_argument("--command", default="")
     add_page_options(parser, "compare", "compare-summary")
     args = parser.parse_args()
+    if args.action == "pending":
+        if not (args.label and args.folder and args.command):
+            parser.error("pending needs SWEEP, COMPARE_DIR and --command")
+        print(f"kept in {pending(args.label, args.folder, args.command)}")
+        return
     page, readme = chosen_pages(args)
     if args.action == "keep":
         if not (args.label and args.folder and args.command):

@@ -302,3 +302,49 @@ def test_render_refuses_an_end_marker_before_the_start_marker(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="compare-summary:start"):
         compare_table.render(page, readme)
     assert (page.read_bytes(), readme.read_bytes()) == before
+
+
+def test_variants_scored_ahead_of_a_sweep_are_kept_then_named_in_its_note(tmp_path, monkeypatch):
+    """`pending` keeps the variants a CPU scored while their sweep waited for a GPU (copied by
+    scripts/gpu-compare.sh into the sweep's folder); `keep` of that sweep names them and their
+    machine in the note, and empties the pending folder."""
+    monkeypatch.setattr(compare_table, "OUT", tmp_path / "compare")
+    monkeypatch.setattr(compare_table, "FIGURES", tmp_path / "images")
+    (tmp_path / "images").mkdir()
+    cpu = {
+        "cpu": "Intel(R) Xeon(R) Processor",
+        "cores": 2,
+        "isa": "AVX512",
+        "amx": True,
+        "torch": "2",
+        "gpu": None,
+    }
+    monkeypatch.setattr(compare_table, "_this_machine", lambda: cpu)
+    folder = _finished_compare_folder(tmp_path)  # the whole sweep, as the GPU finished it
+    part = tmp_path / "part"  # two of its variants, scored here before
+    for variant in ("shared-reference-seed0", "shared-reference-seed1"):
+        shutil.copytree(folder / "variants" / variant, part / "variants" / variant)
+    (part / "variants" / "shared-reference-seed2").mkdir()  # unscored: not kept
+    kept = compare_table.pending("curves", part, "python cli.py compare --modes shared")
+    assert sorted(p.name for p in (kept / "variants").iterdir()) == [
+        "shared-reference-seed0",
+        "shared-reference-seed1",
+    ]
+    assert sorted(p.name for p in (kept / "variants" / "shared-reference-seed0").iterdir()) == sorted(
+        compare_table.VARIANT_FILES
+    )
+    (run,) = json.loads((kept / "machine.json").read_text())
+    assert run["machine"] == "Intel(R) Xeon(R) Processor, 2 cores, ISA AVX512, AMX True"
+    assert run["variants"] == ["shared-reference-seed0", "shared-reference-seed1"]
+    with pytest.raises(SystemExit, match="no scored variant"):
+        compare_table.pending("curves", tmp_path / "empty", "python cli.py compare")
+
+    compare_table.keep("curves", folder, "python cli.py compare (scripts/gpu-compare.sh)")
+    about = json.loads((tmp_path / "compare" / "curves" / "about.json").read_text())
+    assert about["machine"] == "a CPU, 2 cores, ISA AVX2, AMX False"  # the sweep's own machine.json
+    assert about["note"] == (
+        "2 of its variants (shared-reference-seed0, shared-reference-seed1) were trained and scored before "
+        "it, on Intel(R) Xeon(R) Processor, 2 cores, ISA AVX512, AMX True, by `python cli.py compare "
+        f"--modes shared`, {run['date']}"
+    )
+    assert not (tmp_path / "compare" / "pending" / "curves").exists()
