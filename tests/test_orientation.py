@@ -202,6 +202,12 @@ def test_contradictory_or_degenerate_geometry_is_refused(phantom_series, tmp_pat
     ds.save_as(first)
     with pytest.raises(ImageReadError, match="disagree on ImageOrientationPatient"):
         read_exam(mixed)
+    ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0]  # malformed: named as such, by its file
+    ds.save_as(first)
+    with pytest.raises(
+        ImageReadError, match=rf"^{first}: ImageOrientationPatient \[0.0, 1.0, 0.0, 0.0\] is not 6"
+    ):
+        read_exam(mixed)
     for bad in ((0, 0, 0, 0, 0, -1), (0, 1, 0, 0, 1, 0)):
         with pytest.raises(ImageReadError, match="degenerate ImageOrientationPatient"):
             dicom_geometry(bad)

@@ -284,6 +284,11 @@ def _series_normal(headers: dict) -> tuple[np.ndarray | None, str | None]:
             found[file] = np.array(
                 [_number(file, v, "ImageOrientationPatient") for v in _values(orientation)]
             )
+            if found[file].shape != (6,):  # malformed, named as such (not as two files that disagree)
+                raise ImageReadError(
+                    f"{file}: ImageOrientationPatient {found[file].tolist()} is not 6 numbers (the row and "
+                    "column direction cosines)"
+                )
     if not found:
         return None, None
     first, reference = next(iter(found.items()))
