@@ -158,7 +158,27 @@ def test_model_describes_the_run(run, client):
     assert info["probabilities"] == ["p_fissure", "p_horizontal", "p_anterior"]
     assert info["fissure_threshold"] == 0.5 and "default" in info["threshold_source"]
     assert info["calibration"] is None and info["version"] and info["exam_model"] is False
+    assert info["limits"]["max_pixels"] == 64_000_000  # the limit in force (predict's), not null
     assert client.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_model_says_whether_the_run_learned(run, tmp_path, learned):
+    """serve answered for a run whose metrics.json says it did not learn as for any other, where
+    predict warns that its answers are chance: /model says it (and the page shows it)."""
+    copy = tmp_path / "served" / "run"
+    shutil.copytree(run, copy)
+    metrics = json.loads((copy / "metrics.json").read_text())
+    (copy / "metrics.json").write_text(json.dumps(metrics | {"learned": learned}))
+    with TestClient(create_app(copy)) as client:
+        info = client.get("/model").json()
+    assert info["learned"] is learned
+    if learned:
+        assert info["warnings"] == []
+    else:
+        (warning,) = info["warnings"]
+        assert "did not learn" in warning and "its answers are chance" in warning
+        assert str(tmp_path) not in warning  # the server's paths stay its own
 
 
 def test_model_names_a_threshold_files_run_not_the_servers_path(run, tmp_path):
@@ -325,6 +345,7 @@ def test_a_full_queue_is_answered_503_at_once(run, monkeypatch):
         clock = time.monotonic()
         busy = post(client, "b.png", b"\x89PNG")
         assert busy.status_code == 503 and "busy" in busy.json()["error"]
+        assert busy.headers["retry-after"] == "1"
         assert time.monotonic() - clock < 2  # refused, not queued
         assert client.get("/health").json()["requests_at_work_or_queued"] == 1
         release.set()

@@ -14,6 +14,7 @@ import shutil
 import urllib.request
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from rich.console import Console
@@ -151,4 +152,43 @@ def test_an_exam_shows_its_most_suspicious_slice_and_a_slider_over_its_slices(se
     assert browser.find_element(By.ID, "exam-slider").is_displayed() and slider.get_attribute("max") == "2"
     top = int(slider.get_attribute("value"))
     assert "(the most suspicious slice)" in browser.find_element(By.ID, "caption").text
-    assert browser.find_element(By.ID, "slider-text").text.startswith(f"P(tear) on slice {top + 1}: ")
+    assert browser.find_element(By.ID, "slider-text").text.startswith(f"P(tear) on slice {top + 1} of 3: ")
+
+
+def test_a_refusal_clears_the_last_answer_and_ticking_exam_sends_the_scan_again(
+    server, browser, slices, tmp_path
+):
+    """The last scan's answer stayed on screen under a refusal of the next; a volume refused as a
+    slice had to be picked again after ticking "exam", and picking the same file again did nothing."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    images, _, _ = slices
+    browser.get(server + "/")
+    WebDriverWait(browser, 30).until(lambda b: "fissure threshold" in b.find_element(By.ID, "model").text)
+    with urllib.request.urlopen(server + "/model", timeout=60) as response:
+        warnings = json.load(response)["warnings"]
+    warning = browser.find_element(By.ID, "warning")
+    assert warning.is_displayed() == bool(warnings) and warning.text == " ".join(warnings)
+    upload(browser, images[0])
+    result, status = browser.find_element(By.ID, "result"), browser.find_element(By.ID, "status")
+    assert (
+        result.is_displayed()
+        and browser.find_element(By.ID, "result-title").text == f"Answer for {images[0].name}"
+    )
+    picture = browser.find_element(By.ID, "slice")
+    assert picture.get_attribute("alt") == browser.find_element(By.ID, "caption").text  # follows the view
+    volume = tmp_path / "knee.npy"
+    np.save(volume, np.stack([cv2.imread(str(images[0]), cv2.IMREAD_UNCHANGED)] * 3))  # a 3-slice exam
+    browser.find_element(By.ID, "file").send_keys(str(volume))
+    WebDriverWait(browser, 60).until(lambda _: status.get_attribute("data-state") == "error")
+    error = browser.find_element(By.ID, "error").text
+    assert error.startswith("knee.npy refused (422)") and "Tick “exam” to send it as an exam." in error
+    assert not result.is_displayed()  # not the last slice's answer under this refusal
+    browser.find_element(By.ID, "exam").click()  # the same file again, as an exam
+    WebDriverWait(browser, 60).until(lambda _: status.get_attribute("data-state") == "done")
+    assert result.is_displayed() and browser.find_element(By.ID, "error").text == ""
+    slider = browser.find_element(By.ID, "slider")
+    assert slider.get_attribute("aria-valuetext").startswith(
+        f"P(tear) on slice {int(slider.get_attribute('value')) + 1} of 3: "
+    )

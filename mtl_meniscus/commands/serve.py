@@ -280,7 +280,7 @@ class ServedModel:
         self.max_pixels = limits.max_pixels or max_pixels_limit(config.data.max_pixels)
         # Grad-CAM's hooks and the model's train/eval switch are not thread-safe: one model call at a time
         self.model_lock = threading.Lock()
-        self.info = model_info(trained, threshold, tta, limits)
+        self.info = model_info(trained, threshold, tta, limits, self.max_pixels)
 
     def answer(self, upload: Upload, options: Options) -> dict:
         """The JSON answer to one upload (runs in a worker thread)."""
@@ -410,8 +410,10 @@ def _pictures(image: np.ndarray, cams: dict[str, np.ndarray] | None, options: Op
     return pictures
 
 
-def model_info(trained: TrainedModel, threshold, tta, limits: ServeLimits) -> dict:
-    """GET /model: what the answers come from (digests, tasks, threshold, calibration, version)."""
+def model_info(trained: TrainedModel, threshold, tta, limits: ServeLimits, max_pixels: int) -> dict:
+    """GET /model: what the answers come from (digests, tasks, threshold, calibration, version),
+    whether the run learned, the warnings predict would print on loading it, and the limits in force
+    (`max_pixels`: the one applied, predict's when --max-pixels is not given)."""
     from mtl_meniscus.networks.models import takes_exams
 
     config_file = trained.run_dir / "config.yaml" if trained.run_dir else None
@@ -437,7 +439,16 @@ def model_info(trained: TrainedModel, threshold, tta, limits: ServeLimits) -> di
         "calibration": dict(trained.calibration.temperatures) if trained.calibration else None,
         "tta_copies": tta.copies,
         "version": __version__,
-        "limits": asdict(limits),
+        # false: its metrics.json says it did not learn, and every answer is chance (null: no record)
+        "learned": trained.training_record.get("learned"),
+        # what predict prints before its answers (did not learn; a training still writing the run
+        # when the server loaded it), with the server's paths as the run folder's name
+        "warnings": [
+            note.replace(str(trained.checkpoint.parent), trained.checkpoint.parent.name)
+            for note in (trained.did_not_learn_note, trained.in_training_note)
+            if note
+        ],
+        "limits": asdict(limits) | {"max_pixels": max_pixels},
     }
 
 
@@ -589,7 +600,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServeError)
     async def refused(_request, err: ServeError):
-        return error(err.status, err.message)
+        answer = error(err.status, err.message)
+        if err.status == 503:  # busy: a well-behaved client waits before it asks again
+            answer.headers["Retry-After"] = "1"
+        return answer
 
     @app.exception_handler(HTTPException)
     async def http_error(_request, err: HTTPException):
@@ -718,6 +732,8 @@ def run_serve(run: Path, host: str, port: int, console, **app_options) -> None:
             "GET /health; Ctrl-C stops",
             highlight=False,
         )
+        for warning in served.info["warnings"]:  # as predict prints them: the answers may be chance
+            console.print(warning, highlight=False, markup=False)
         if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:  # the address it listens on
             console.print(
                 f"warning: {host} is reachable from other machines; serve has no authentication and no TLS",

@@ -3,7 +3,9 @@
 // predict gates them), the saliency overlay per task and, for an exam, a slider over its slices.
 
 const $ = (id) => document.getElementById(id);
-let model = null; // GET /model: tasks, probability columns, gating, threshold
+let model = null; // GET /model: tasks, probability columns, gating, threshold, warnings
+let lastFile = null; // the file last sent: ticking "exam" sends it again
+let showTopSlice = null; // an exam's slider back on its most suspicious slice (a view button's click)
 
 const png = (base64) => "data:image/png;base64," + base64;
 
@@ -20,22 +22,32 @@ async function loadModel() {
     `${model.fissure_threshold.toFixed(3)}${calibrated}, test-time augmentation: ${model.tta_copies} ` +
     (model.tta_copies === 1 ? "copy" : "copies");
   $("version").textContent = model.version;
+  // what predict prints before its answers: a run that did not learn answers by chance
+  $("warning").textContent = (model.warnings || []).join(" ");
+  $("warning").hidden = !(model.warnings || []).length;
 }
 
 function setStatus(text, state) {
   $("status").textContent = text;
-  $("status").className = state === "error" ? "error" : "";
   $("status").dataset.state = state;
+  // errors in their own alert region, emptied on every send: the same refusal twice is announced twice
+  $("error").textContent = state === "error" ? text : "";
 }
 
 async function send(file) {
   if (!file) return;
+  lastFile = file;
+  $("file").value = ""; // the same file picked again is a change: it is sent again
+  $("result").hidden = true; // never the last scan's answer under this one's status
   await modelReady;
-  if (!model) return;
+  if (!model) {
+    setStatus("the model's description could not be read: reload the page", "error");
+    return;
+  }
   const exam = $("exam").checked || file.name.toLowerCase().endsWith(".zip");
   const query = new URLSearchParams({
     preview: "1",
-    saliency: model && !model.exam_model ? "1" : "0",
+    saliency: !model.exam_model ? "1" : "0",
     exam: exam ? "1" : "0",
   });
   const form = new FormData();
@@ -46,23 +58,45 @@ async function send(file) {
     response = await fetch("/predict?" + query, { method: "POST", body: form });
     answer = await response.json();
   } catch (err) {
-    setStatus(`no answer from the server (${err})`, "error");
+    setStatus(`no answer from the server for ${file.name} (${err})`, "error");
     return;
   }
   if (!response.ok) {
-    setStatus(`refused (${response.status}): ${answer.error}`, "error");
+    // the server speaks to curl (?exam=1); on this page that is the "exam" box, which resends
+    const onPage = !exam && answer.error.includes("?exam=1") ? " Tick “exam” to send it as an exam." : "";
+    setStatus(`${file.name} refused (${response.status}): ${answer.error}${onPage}`, "error");
     return;
   }
-  show(answer, exam);
-  setStatus(`done: ${file.name}`, "done");
+  show(answer, exam, file.name);
+  setStatus(`done: ${file.name}: ${summary(answer)}`, "done");
 }
 
-function show(answer, exam) {
+function summary(answer) {
+  // the answer in words, for the status region that screen readers announce
+  return model.tasks
+    .map((task, k) => {
+      const p = answer[model.probabilities[k]];
+      if (p === null) return null;
+      const label = task === "fissure" ? (answer[task] === 1 ? "tear" : "no tear") : answer[task];
+      return `${label} (${p.toFixed(3)})`;
+    })
+    .filter((text) => text !== null)
+    .join(", ");
+}
+
+function show(answer, exam, name) {
+  $("result-title").textContent = `Answer for ${name}`;
   $("result").hidden = false;
   showAnswers(answer);
-  showViews(answer);
   showSlider(exam ? answer : null);
+  showViews(answer);
   $("note").textContent = answer.note ? "note: " + answer.note : "";
+}
+
+function showPicture(base64, caption) {
+  $("slice").src = png(base64);
+  $("slice").alt = caption; // the text alternative follows what the picture shows
+  $("caption").textContent = caption;
 }
 
 function showAnswers(answer) {
@@ -108,9 +142,15 @@ function showViews(answer) {
     button.dataset.view = name;
     button.addEventListener("click", () => {
       buttons.forEach((b) => b.setAttribute("aria-pressed", String(b === button)));
-      $("slice").src = png(base64);
-      $("caption").textContent =
-        name === "slice" ? "the slice as the model reads it" : `where ${name.slice(10)}'s answer looks (LayerCAM)`;
+      let where = "";
+      if (showTopSlice) {
+        showTopSlice(); // the views are of the exam's most suspicious slice: the slider goes back to it
+        where = ` on slice ${answer.top_slice + 1} of ${answer.per_slice.length} (the most suspicious slice)`;
+      }
+      showPicture(
+        base64,
+        name === "slice" ? `the slice as the model reads it${where}` : `where ${name.slice(10)}'s answer looks (LayerCAM)${where}`
+      );
     });
     views.appendChild(button);
     return button;
@@ -121,21 +161,31 @@ function showViews(answer) {
 function showSlider(answer) {
   const box = $("exam-slider");
   box.hidden = !answer || !answer.per_slice;
+  showTopSlice = null;
   if (box.hidden) return;
   const slices = answer.per_slice;
   const slider = $("slider");
   slider.max = String(slices.length - 1);
-  slider.value = String(answer.top_slice);
+  const describe = (k) => {
+    const text = `P(tear) on slice ${k + 1} of ${slices.length}: ${slices[k].p.toFixed(3)}`;
+    $("slider-text").textContent = text;
+    slider.setAttribute("aria-valuetext", text); // read out instead of the 0-based index
+  };
+  showTopSlice = () => {
+    slider.value = String(answer.top_slice);
+    describe(answer.top_slice);
+  };
   slider.oninput = () => {
     const k = Number(slider.value);
     const shown = nearestPreview(slices, k);
-    $("slice").src = png(shown.preview);
     $("views").querySelectorAll("button").forEach((b) => b.setAttribute("aria-pressed", "false"));
     const top = k === answer.top_slice ? " (the most suspicious slice)" : "";
-    $("caption").textContent = `slice ${shown.slice + 1} of ${slices.length}${top}`;
-    $("slider-text").textContent = `P(tear) on slice ${k + 1}: ${slices[k].p.toFixed(3)}`;
+    // a long exam comes with pictures of some slices: the nearest one is shown, and named
+    const nearest = shown.slice === k ? "" : ` (the nearest with a picture to slice ${k + 1})`;
+    showPicture(shown.preview, `slice ${shown.slice + 1} of ${slices.length}${top}${nearest}`);
+    describe(k);
   };
-  slider.oninput();
+  showTopSlice();
 }
 
 function nearestPreview(slices, k) {
@@ -149,6 +199,7 @@ function nearestPreview(slices, k) {
 function wireDrop() {
   const drop = $("drop");
   $("file").addEventListener("change", (e) => send(e.target.files[0]));
+  $("exam").addEventListener("change", () => send(lastFile)); // the same scan, as an exam or not
   drop.addEventListener("dragover", (e) => {
     e.preventDefault();
     drop.classList.add("over");
