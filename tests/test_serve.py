@@ -210,6 +210,10 @@ def test_the_page_and_its_files_are_served_with_a_strict_policy(client):
     assert client.get("/page.css").status_code == 200
     assert client.get("/serve_static/index.html").status_code == 404  # no file is named by a request
     assert client.get("/docs").status_code == 404  # FastAPI's docs page would load from a CDN
+    # a trailing slash got a bodiless 307, which curl does not follow: an error a person can read
+    misspelt = client.post("/predict/", files={"file": ("x.png", b"x")}, follow_redirects=False)
+    assert misspelt.status_code == 404
+    assert misspelt.json()["error"].startswith("no POST /predict/ here; the service answers POST /predict,")
 
 
 # ---- bad input ---------------------------------------------------------------------------------

@@ -546,13 +546,17 @@ def create_app(
     served = ServedModel(
         trained, runtime, limits, resolve_threshold(trained, threshold), trained.tta(tta_copies)
     )
-    app = FastAPI(title="mtl_meniscus", version=__version__, docs_url=None, redoc_url=None)
+    # no slash redirects: `curl -F file=@x /predict/` got a bodiless 307 (curl does not follow it)
+    app = FastAPI(
+        title="mtl_meniscus", version=__version__, docs_url=None, redoc_url=None, redirect_slashes=False
+    )
     app.state.served, app.state.admission = served, Admission(limits)
     _add_error_handlers(app)
     _add_routes(app)
     return app
 
 
+ADDRESSES = "the service answers POST /predict, GET /model, GET /health and the page at GET /"
 PREDICT_PARAMETERS = tuple(field.name for field in fields(Options))  # POST /predict's query parameters
 
 
@@ -606,7 +610,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         return answer
 
     @app.exception_handler(HTTPException)
-    async def http_error(_request, err: HTTPException):
+    async def http_error(request: Request, err: HTTPException):
+        if err.status_code == 404:  # a mistyped address (/predict/, /models): say which exist
+            return error(404, f"no {request.method} {request.url.path} here; {ADDRESSES}")
         return error(err.status_code, str(err.detail))
 
     @app.exception_handler(RequestValidationError)
