@@ -370,9 +370,14 @@ def _pending_note(sweep: str, kept: set[str]) -> str:
     notes = []
     for run in runs:
         variants = sorted(set(run["variants"]) & kept)
+        seeds: dict[str, list[str]] = {}  # group: its seeds, so that ten variants read as two groups
+        for variant in variants:
+            group, _, seed = variant.rpartition("-seed")
+            seeds.setdefault(group, []).append(seed)
         if variants:
+            groups = "; ".join(f"{group} seeds {', '.join(found)}" for group, found in seeds.items())
             notes.append(
-                f"{len(variants)} of its variants ({', '.join(variants)}) were trained and scored before it, "
+                f"{len(variants)} of its variants ({groups}) were trained and scored before it, "
                 f"on {run['machine']}, by `{run['command']}`, {run['date']}"
             )
     return "; ".join(notes)

@@ -343,7 +343,7 @@ def test_variants_scored_ahead_of_a_sweep_are_kept_then_named_in_its_note(tmp_pa
     about = json.loads((tmp_path / "compare" / "curves" / "about.json").read_text())
     assert about["machine"] == "a CPU, 2 cores, ISA AVX2, AMX False"  # the sweep's own machine.json
     assert about["note"] == (
-        "2 of its variants (shared-reference-seed0, shared-reference-seed1) were trained and scored before "
+        "2 of its variants (shared-reference seeds 0, 1) were trained and scored before "
         "it, on Intel(R) Xeon(R) Processor, 2 cores, ISA AVX512, AMX True, by `python cli.py compare "
         f"--modes shared`, {run['date']}"
     )
