@@ -32,7 +32,8 @@
 # shares are about three times per-network: more than one call's 10 minutes, so one share per call
 # (CURVE_FRACTIONS=0.1,1.0 and so on), their variant folders merged here into one comparison folder,
 # kept as `compare_table.py keep curves ...` (render gives it a learning-curve table of its own in
-# the README). roi: a `predicted` cascade's segmentation network trains first, its classifiers then
+# the README). The 0.25 and 0.5 shares' shared variants are in results/compare/pending/curves (a CPU
+# ran them, 2026-12-01): CURVE_FRACTIONS=0.25,0.5,1.0 trains those shares' ten cascades alone. roi: a `predicted` cascade's segmentation network trains first, its classifiers then
 # at once; an unfinished sweep continues from its carried folder (FROM=DIR).
 # Dry run on a CPU:
 #   PY=.venv/bin/python JOBS=2 EXTRA="--seeds 0 --max-epochs 1 --steps-per-epoch 2 --tta 1 --bootstrap 10"
