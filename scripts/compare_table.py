@@ -67,6 +67,8 @@ MEANING = {  # what a kept comparison's label stands for, in the README's captio
 VARIANT_FILES = ("config.yaml", "result.json", "test_predictions.csv")
 MACHINE_FILE = "machine.json"  # written beside them by scripts/gpu-compare.sh: the machine and the wall time
 PENDING = "pending"  # OUT/pending/SWEEP: scored variants of an unfinished sweep (`pending`)
+# the sweeps of scripts/gpu-compare.sh (its options()), the names `pending` takes
+SWEEPS = ("per-network", "equal-flops", "curves", "same-regularization", "roi", "segmentation")
 # a label names a folder in results/compare and the figures' files in docs/images: one plain name
 # (no '/', which would nest the folder where render does not look, nor '..', nor a space, which breaks
 # the page's image link)
@@ -125,7 +127,7 @@ def keep(label: str, folder: Path, command: str) -> Path:
     if any(notes):
         about["note"] = "; ".join(filter(None, notes))
     (target / "about.json").write_text(json.dumps(about, indent=2))
-    shutil.rmtree(OUT / PENDING / label, ignore_errors=True)  # they are in the kept comparison now
+    _drop_pending(label, {r.parent.name for r in results})
     for figure in ("forest", "learning_curves"):
         if (folder / f"{figure}.png").is_file():
             shutil.copy(folder / f"{figure}.png", FIGURES / f"compare-{label}-{figure}.png")
@@ -335,9 +337,9 @@ def _flags(name: str, row: dict) -> str:
 def pending(sweep: str, folder: Path, command: str) -> Path:
     """Keep the scored variants of `folder` (a part of SWEEP run here) in OUT/pending/SWEEP, beside
     those kept there before, with this machine, the command and the variants it scored."""
-    if not PLAIN_LABEL.fullmatch(sweep):
+    if sweep not in SWEEPS:  # a typo would park the variants where gpu-compare.sh never looks
         raise SystemExit(
-            f"SWEEP {sweep!r} is not a plain name (a sweep of scripts/gpu-compare.sh); nothing kept."
+            f"SWEEP {sweep!r}: one of scripts/gpu-compare.sh's, {', '.join(SWEEPS)}; nothing kept."
         )
     results = sorted(folder.glob("variants/*/result.json"))
     missing = [str(r.parent / n) for r in results for n in VARIANT_FILES if not (r.parent / n).is_file()]
@@ -381,6 +383,22 @@ def _pending_note(sweep: str, kept: set[str]) -> str:
                 f"on {run['machine']}, by `{run['command']}`, {run['date']}"
             )
     return "; ".join(notes)
+
+
+def _drop_pending(sweep: str, kept: set[str]) -> None:
+    """Remove the pending variants that the kept comparison holds now; any other stays, said so (a
+    variant compare retrained or left out is not lost unsaid)."""
+    folder = OUT / PENDING / sweep
+    if not folder.is_dir():
+        return
+    for variant in (folder / "variants").iterdir():
+        if variant.name in kept:
+            shutil.rmtree(variant)
+    left = sorted(p.name for p in (folder / "variants").iterdir())
+    if left:
+        print(f"{folder}: {len(left)} variant(s) not in the kept comparison stay there: {', '.join(left)}")
+    else:
+        shutil.rmtree(folder)
 
 
 def _copy_variants(results: list[Path], target: Path, replace: bool) -> None:

@@ -14,8 +14,9 @@
 # DIR/<sweep> instead (an earlier call's unfinished folder, carried: `compare` resumes it).
 # Variants in results/compare/pending/<sweep>/variants (scored on a CPU while the sweep waited for a
 # GPU, kept there by `scripts/compare_table.py pending`) join the sweep too: compare keeps them, as it
-# keeps the reused ones, and `compare_table.py keep <sweep>` names them and their machine. Wheels the machine's image lacks (pydantic, and rich/typer at this venv's versions):
-# `bash scripts/gpu-wheels.sh` here, then carry .whl and install them first (that script's header).
+# keeps the reused ones, and `compare_table.py keep <sweep>` names them and their machine. Wheels the
+# machine's image lacks (pydantic, and rich/typer at this venv's versions): `bash
+# scripts/gpu-wheels.sh` here, then carry .whl and install them first (that script's header).
 # Each compare's wall time and the machine go into machine.json in its folder (read by
 # scripts/compare_table.py keep). $OUT gets <sweep>.tgz (scored variants without their checkpoints,
 # an unfinished one whole; split into .part files above 15 MB) and logs.tgz. Then, here:

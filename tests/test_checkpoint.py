@@ -4,6 +4,7 @@ and checkpoints saved with a setting the config now refuses still load."""
 import hashlib
 import json
 
+import onnx
 import torch
 from support import _clean, _predict, app, runner
 
@@ -137,7 +138,9 @@ def test_predict_evaluate_and_export_say_when_a_training_is_still_writing_the_ru
         assert result.exit_code == 0 and f"a training (pid {trainer.pid}) is still writing" in result.output
         sidecar = json.loads((tmp_path / "m.onnx.json").read_text())
         assert f"pid {trainer.pid}" in sidecar["note"]
-        assert sidecar["checkpoint_sha256"] == hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()
+        digest = hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()
+        metadata = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+        assert sidecar["checkpoint_sha256"] == metadata["checkpoint_sha256"] == digest
         (run / "best.pt").unlink()  # before its first epoch
         result = _predict(run, image, out=tmp_path / "p.csv")
         _clean(result)

@@ -338,6 +338,11 @@ def test_variants_scored_ahead_of_a_sweep_are_kept_then_named_in_its_note(tmp_pa
     assert run["variants"] == ["shared-reference-seed0", "shared-reference-seed1"]
     with pytest.raises(SystemExit, match="no scored variant"):
         compare_table.pending("curves", tmp_path / "empty", "python cli.py compare")
+    with pytest.raises(SystemExit, match="'curve': one of scripts/gpu-compare.sh's"):
+        compare_table.pending("curve", part, "python cli.py compare")  # a typo: not parked unseen
+    script = (ROOT / "scripts" / "gpu-compare.sh").read_text()
+    assert all(f"    {sweep}) echo" in script for sweep in compare_table.SWEEPS)  # the script's sweeps
+    shutil.copytree(folder / "variants" / "shared-reference-seed2", kept / "variants" / "other-seed0")
 
     compare_table.keep("curves", folder, "python cli.py compare (scripts/gpu-compare.sh)")
     about = json.loads((tmp_path / "compare" / "curves" / "about.json").read_text())
@@ -347,4 +352,5 @@ def test_variants_scored_ahead_of_a_sweep_are_kept_then_named_in_its_note(tmp_pa
         "it, on Intel(R) Xeon(R) Processor, 2 cores, ISA AVX512, AMX True, by `python cli.py compare "
         f"--modes shared`, {run['date']}"
     )
-    assert not (tmp_path / "compare" / "pending" / "curves").exists()
+    # what the kept comparison holds is gone from pending; a variant it does not hold stays
+    assert [p.name for p in (kept / "variants").iterdir()] == ["other-seed0"]

@@ -464,11 +464,15 @@ def test_evaluate_sets_an_unreadable_exam_aside_and_names_it(mrnet_runs, tmp_pat
         + ["--precision", "fp32", "--out", str(out)],
     )
     assert result.exit_code == 0, result.output
-    assert f"set aside 2 unreadable exams (e.g. valid/sagittal/{cases[1]}.npy; report: {out}" in result.output
+    assert (
+        f"set aside 2 exams that could not be scored (e.g. valid/sagittal/{cases[1]}.npy, unreadable; report: {out}"
+        in " ".join(result.output.split())
+    )
     with (out / "exclusions.csv").open() as handle:
         cut, turned = list(csv.DictReader(handle))
     assert cut["image"] == f"valid/sagittal/{cases[1]}.npy" and cut["reason"].startswith("unreadable: ")
-    assert turned["image"] == f"valid/sagittal/{cases[2]}.npy" and "saved slices-last?" in turned["reason"]
+    assert turned["image"] == f"valid/sagittal/{cases[2]}.npy" and turned["reason"].startswith("not square: ")
+    assert "saved slices-last?" in turned["reason"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_exams"] == len(cases) - 2 and metrics["excluded_exams"] == 2
     with (out / "predictions.csv").open() as handle:

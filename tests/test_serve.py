@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import io
 import json
+import re
 import shutil
 import socket
 import stat
@@ -208,6 +209,9 @@ def test_the_page_and_its_files_are_served_with_a_strict_policy(client):
     assert "http" not in page.text.replace("http-equiv", "")  # no CDN: everything from the package
     assert client.get("/page.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/page.css").status_code == 200
+    # the page knows a volume's refusal by serve's own words (it offers its "exam" box instead)
+    (hint,) = re.findall(r'const SLICE_HINT = "([^"]+)"', client.get("/page.js").text)
+    assert hint in serve.SLICE_HINT
     assert client.get("/serve_static/index.html").status_code == 404  # no file is named by a request
     assert client.get("/docs").status_code == 404  # FastAPI's docs page would load from a CDN
     # a trailing slash got a bodiless 307, which curl does not follow: an error a person can read

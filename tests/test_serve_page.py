@@ -180,11 +180,16 @@ def test_a_refusal_clears_the_last_answer_and_ticking_exam_sends_the_scan_again(
     assert picture.get_attribute("alt") == browser.find_element(By.ID, "caption").text  # follows the view
     volume = tmp_path / "knee.npy"
     np.save(volume, np.stack([cv2.imread(str(images[0]), cv2.IMREAD_UNCHANGED)] * 3))  # a 3-slice exam
-    browser.find_element(By.ID, "file").send_keys(str(volume))
+    file_input = browser.find_element(By.ID, "file")
+    file_input.send_keys(str(volume))
     WebDriverWait(browser, 60).until(lambda _: status.get_attribute("data-state") == "error")
     error = browser.find_element(By.ID, "error").text
-    assert error.startswith("knee.npy refused (422)") and "Tick “exam” to send it as an exam." in error
+    assert status.text == "knee.npy: refused (422)"  # the message once, in the alert region
+    assert error.startswith("knee.npy: ") and error.endswith("Tick “exam” to send it as an exam.")
     assert not result.is_displayed()  # not the last slice's answer under this refusal
+    browser.execute_script("document.getElementById('status').dataset.state = 'picked again'")
+    file_input.send_keys(str(volume))  # the same file again: sent again (it was no change before)
+    WebDriverWait(browser, 60).until(lambda _: status.get_attribute("data-state") == "error")
     browser.find_element(By.ID, "exam").click()  # the same file again, as an exam
     WebDriverWait(browser, 60).until(lambda _: status.get_attribute("data-state") == "done")
     assert result.is_displayed() and browser.find_element(By.ID, "error").text == ""

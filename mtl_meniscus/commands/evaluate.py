@@ -843,7 +843,7 @@ def _predict_exams(trained, mrnet_dir: Path, exams, runtime, tta, seed):
     slices; the exams set aside as (file, reason)). An exam that cannot be read is set aside, as
     train sets it aside, not the end of an evaluation that had read the others; none read is an
     error naming the first."""
-    from mtl_meniscus.data.mrnet import read_mrnet_exam
+    from mtl_meniscus.data.mrnet import exclusion_reason, read_mrnet_exam
 
     root, data = trained.tasks.root.name, trained.config.data
     kept, probs, tops, sizes, excluded = [], [], [], [], []
@@ -851,7 +851,7 @@ def _predict_exams(trained, mrnet_dir: Path, exams, runtime, tta, seed):
         try:
             volume = read_mrnet_exam(exam.path, data.max_pixels, data.image_size, data.plane)
         except ImageReadError as err:
-            excluded.append((Path(exam.path).relative_to(mrnet_dir).as_posix(), f"unreadable: {err}"))
+            excluded.append((Path(exam.path).relative_to(mrnet_dir).as_posix(), exclusion_reason(err)))
             continue
         # predict --exams' draws: copy k of every slice of every exam alike, whatever the exam's place
         found = trained.predict_exam(volume, runtime, tta=tta, seed=seed, same_draws=True)
@@ -875,8 +875,8 @@ def _write_exam_exclusions(
         path.unlink(missing_ok=True)
         return
     console.print(
-        f"set aside {len(excluded)} unreadable exam{'s' if len(excluded) > 1 else ''} "
-        f"(e.g. {excluded[0][0]}; report: {path})",
+        f"set aside {len(excluded)} exam{'s' if len(excluded) > 1 else ''} that could not be scored "
+        f"(e.g. {excluded[0][0]}, {excluded[0][1].split(':')[0]}; report: {path})",
         highlight=False,
         markup=False,
     )

@@ -99,15 +99,13 @@ def collect_exams(inputs: list[Path], skipped: list[Path] | None = None) -> list
         series = [p for p in entries if p.is_dir() and _holds_series(p.iterdir())]
         found += series
         exams.extend(found or [path])
-        if skipped is not None:
-            skipped += [p for p in entries if p.is_dir() and p not in series]
+        if skipped is not None:  # a hidden folder (.git, .DS_Store) is no one's exam: not named
+            skipped += [p for p in entries if p.is_dir() and p not in series and not p.name.startswith(".")]
     return exams
 
 
 def skipped_note(skipped: list[Path]) -> str:
-    """The line that names the subfolders collect_exams did not read ('' when none)."""
-    if not skipped:
-        return ""
+    """The line that names the (non-empty list of) subfolders collect_exams did not read."""
     shown = ", ".join(str(p) for p in skipped[:3]) + (
         f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
     )

@@ -27,6 +27,7 @@ out is named with its reason in OUT/left_out.csv (file, reason); the summary cou
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -194,8 +195,11 @@ def import_fastmri_plus(
     check_empty_output_dir(out_dir, "OUT", instead="the import writes into an empty folder")  # may create it
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-import-", dir=out_dir.parent))
     try:
-        # mkdtemp's folder is its owner's alone (0700); it takes OUT's place, so it takes OUT's mode
-        # (as made by the user, or by mkdir under the umask): the group can read the data as before
+        # mkdtemp's folder is its owner's alone (0700); it takes OUT's place, so it takes OUT's group
+        # (where the user may give it) and mode (as made by the user, or by mkdir under the umask):
+        # the group reads the data as before
+        with contextlib.suppress(PermissionError):  # a group the user is not in: kept as made
+            os.chown(staging, -1, out_dir.stat().st_gid)
         staging.chmod(stat.S_IMODE(out_dir.stat().st_mode))
         counts = _write_import(annotations, volumes_dir, staging, by_file, on_volume) | counts
         out_dir.rmdir()  # empty (checked above): the staging folder takes its place

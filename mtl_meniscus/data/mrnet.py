@@ -123,6 +123,15 @@ def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
         raise DataError(f"{path}: not a readable CSV file ({err})") from None
 
 
+class NotSquareExam(ImageReadError):
+    """An MRNet exam whose slices are not square: read, but not scored (read_mrnet_exam)."""
+
+
+def exclusion_reason(err: ImageReadError) -> str:
+    """exclusions.csv's reason for an exam set aside: its kind ('unreadable', 'not square'), then why."""
+    return f"{'not square' if isinstance(err, NotSquareExam) else 'unreadable'}: {err}"
+
+
 def read_mrnet_exam(path: Path, max_pixels: int | None, size: int, plane: str | None) -> np.ndarray:
     """An MRNet exam as read_exam reads it, (S, H, W); ImageReadError when its slices are not
     square. MRNet's are, and a volume saved slices-last, (H, W, S), reads as H slices of W x S:
@@ -132,8 +141,11 @@ def read_mrnet_exam(path: Path, max_pixels: int | None, size: int, plane: str | 
     if height != width:
         reason = f"{path}: slices of {height}x{width} are not square (MRNet's are)"
         if depth == height and width < height:
-            reason += f"; saved slices-last? MRNet's .npy holds (slices, height, width): this reads as {depth} slices"
-        raise ImageReadError(reason)
+            reason += (
+                "; saved slices-last? MRNet's .npy holds (slices, height, width): "
+                f"this reads as {depth} slices"
+            )
+        raise NotSquareExam(reason)
     return volume
 
 
@@ -143,8 +155,8 @@ def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
 
     Each exam is read once here, so that an unreadable exam, one whose slices are not square (saved
     slices-last?) or one of the wrong size is set aside (exclusions.csv) before anything trains;
-    training reads them again one at a time (exams.ExamVolumes). Only the tear label exists: the tasks it gates are unknown (NaN), which
-    the masked loss leaves out and the summary line counts.
+    training reads them again one at a time (exams.ExamVolumes). Only the tear label exists: the
+    tasks it gates are unknown (NaN), which the masked loss leaves out and the summary line counts.
     """
     root = Path(root)
     tasks = config.task_table()
@@ -159,7 +171,7 @@ def prepare_mrnet(root: str | Path, config: DataConfig) -> PreparedData:
             try:
                 shape = read_mrnet_exam(exam.path, max_pixels, size, config.plane).shape
             except ImageReadError as err:
-                exclusions.append((relative, None, f"unreadable: {err}"))
+                exclusions.append((relative, None, exclusion_reason(err)))
                 continue
             if shape[1:] != (size, size):
                 if config.size_policy == "exclude":

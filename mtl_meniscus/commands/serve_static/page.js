@@ -5,9 +5,11 @@
 const $ = (id) => document.getElementById(id);
 let model = null; // GET /model: tasks, probability columns, gating, threshold, warnings
 let lastFile = null; // the file last sent: ticking "exam" sends it again
+let sends = 0; // sends so far: an answer that arrives after a later send is dropped, not shown
 let showTopSlice = null; // an exam's slider back on its most suspicious slice (a view button's click)
 
 const png = (base64) => "data:image/png;base64," + base64;
+const SLICE_HINT = "send a volume with ?exam=1"; // serve.py's SLICE_HINT, in a volume's refusal
 
 async function loadModel() {
   try {
@@ -27,21 +29,24 @@ async function loadModel() {
   $("warning").hidden = !(model.warnings || []).length;
 }
 
-function setStatus(text, state) {
+function setStatus(text, state, error = "") {
   $("status").textContent = text;
   $("status").dataset.state = state;
-  // errors in their own alert region, emptied on every send: the same refusal twice is announced twice
-  $("error").textContent = state === "error" ? text : "";
+  // the refusal itself in its own alert region, emptied on every send: the same refusal twice is
+  // announced twice, and the status line names the file only (not the message a second time)
+  $("error").textContent = error;
 }
 
 async function send(file) {
   if (!file) return;
+  const id = ++sends;
   lastFile = file;
   $("file").value = ""; // the same file picked again is a change: it is sent again
   $("result").hidden = true; // never the last scan's answer under this one's status
   await modelReady;
+  if (id !== sends) return;
   if (!model) {
-    setStatus("the model's description could not be read: reload the page", "error");
+    setStatus("no model", "error", "the model's description could not be read: reload the page");
     return;
   }
   const exam = $("exam").checked || file.name.toLowerCase().endsWith(".zip");
@@ -58,13 +63,15 @@ async function send(file) {
     response = await fetch("/predict?" + query, { method: "POST", body: form });
     answer = await response.json();
   } catch (err) {
-    setStatus(`no answer from the server for ${file.name} (${err})`, "error");
+    if (id === sends) setStatus(`${file.name}: no answer`, "error", `no answer from the server (${err})`);
     return;
   }
+  if (id !== sends) return; // a later send's answer is the one to show
   if (!response.ok) {
-    // the server speaks to curl (?exam=1); on this page that is the "exam" box, which resends
-    const onPage = !exam && answer.error.includes("?exam=1") ? " Tick “exam” to send it as an exam." : "";
-    setStatus(`${file.name} refused (${response.status}): ${answer.error}${onPage}`, "error");
+    // a volume sent as a slice: the server speaks to curl (?exam=1); on this page that is the
+    // "exam" box, which sends the file again
+    const onPage = !exam && answer.error.includes(SLICE_HINT) ? " Tick “exam” to send it as an exam." : "";
+    setStatus(`${file.name}: refused (${response.status})`, "error", `${file.name}: ${answer.error}${onPage}`);
     return;
   }
   show(answer, exam, file.name);
@@ -147,10 +154,9 @@ function showViews(answer) {
         showTopSlice(); // the views are of the exam's most suspicious slice: the slider goes back to it
         where = ` on slice ${answer.top_slice + 1} of ${answer.per_slice.length} (the most suspicious slice)`;
       }
-      showPicture(
-        base64,
-        name === "slice" ? `the slice as the model reads it${where}` : `where ${name.slice(10)}'s answer looks (LayerCAM)${where}`
-      );
+      const shows =
+        name === "slice" ? "the slice as the model reads it" : `where ${name.slice(10)}'s answer looks (LayerCAM)`;
+      showPicture(base64, shows + where);
     });
     views.appendChild(button);
     return button;
