@@ -36,7 +36,8 @@
 # the README). The 0.25 and 0.5 shares' shared variants are in results/compare/pending/curves (a CPU
 # ran them, 2026-12-01): CURVE_FRACTIONS=0.25,0.5,1.0 trains those shares' ten cascades alone. roi: a `predicted` cascade's segmentation network trains first, its classifiers then
 # at once; an unfinished sweep continues from its carried folder (FROM=DIR).
-# Dry run on a CPU:
+# Dry run on a CPU (SWEEPS="per-network <sweep>": the sweep reuses the dry run's own per-network variants;
+# pending ones are left out with EXTRA, whose settings they do not have):
 #   PY=.venv/bin/python JOBS=2 EXTRA="--seeds 0 --max-epochs 1 --steps-per-epoch 2 --tta 1 --bootstrap 10"
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; PY=${PY:-python3}; LIMIT=${LIMIT:-540}; EXTRA=${EXTRA:-}; JOBS=${JOBS:-$(nproc)}
@@ -96,9 +97,10 @@ for sweep in $SWEEPS; do
     cp -r $base/$(reused $sweep) $W/$sweep/variants/ 2>/dev/null
     rm -f $W/$sweep/variants/*.log
   fi
-  # variants of this sweep scored on another machine (a CPU) while it waited for a GPU
+  # variants of this sweep scored on another machine (a CPU) while it waited for a GPU; not with
+  # EXTRA (a dry run's settings): compare would refuse them as trained with other settings
   pending=results/compare/pending/$sweep/variants
-  [ -d $pending ] && cp -r $pending/. $W/$sweep/variants/
+  [ -d $pending ] && [ -z "$EXTRA" ] && cp -r $pending/. $W/$sweep/variants/
   T0=$(date +%s)
   limited $W/logs/$sweep.log $PY cli.py compare $(options $sweep) --jobs $JOBS --wandb disabled --out $W/$sweep $EXTRA
   echo "$sweep: exit $? after $(( $(date +%s) - T0 )) s"
