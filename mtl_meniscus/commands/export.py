@@ -294,12 +294,6 @@ def export_onnx(
             graph.metadata_props.add(key=key, value=value)
         onnx.save_model(graph, str(tmp))
         difference = _parity(onnxruntime, tmp, module, inputs, input_name, output_names)
-        if not difference <= PARITY_TOLERANCE:  # also catches NaN
-            raise MeniscusError(
-                f"the exported graph disagrees with PyTorch by {difference:.2e} (tolerance "
-                f"{PARITY_TOLERANCE:.0e}); nothing written. Please report it with torch "
-                f"{torch.__version__} and onnxruntime {onnxruntime.__version__}"
-            )
         sidecar.unlink(missing_ok=True)  # the old .json must never describe the new graph (a full disk)
     probabilities = _network_of(module)
     report = ExportReport(
@@ -507,7 +501,8 @@ def _parity(
     onnxruntime, path: Path, module: nn.Module, inputs, input_name: str, output_names: list[str]
 ) -> float:
     """Largest |difference| between onnxruntime and PyTorch over every output on every input batch;
-    NaN on both sides (an unreadable row's probabilities) agrees, NaN on one side only is inf."""
+    NaN on both sides (an unreadable row's probabilities) agrees, NaN on one side only is inf. Above
+    PARITY_TOLERANCE a MeniscusError: the graph is not kept."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     largest = 0.0
     for batch in inputs:
@@ -520,4 +515,10 @@ def _parity(
             both_nan = np.isnan(a) & np.isnan(b)
             difference = np.where(both_nan, 0.0, np.abs(a - b))
             largest = max(largest, float(np.max(np.nan_to_num(difference, nan=np.inf))))
+    if not largest <= PARITY_TOLERANCE:  # also catches NaN
+        raise MeniscusError(
+            f"the exported graph disagrees with PyTorch by {largest:.2e} (tolerance "
+            f"{PARITY_TOLERANCE:.0e}); nothing written. Please report it with torch "
+            f"{torch.__version__} and onnxruntime {onnxruntime.__version__}"
+        )
     return largest

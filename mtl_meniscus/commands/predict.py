@@ -429,10 +429,7 @@ def run_predict_exams(
     """
     console = console or Console(soft_wrap=True)
     _check_outputs(out, None, masks_dir)
-    skipped: list[Path] = []
-    exams = collect_exams(exams, skipped)
-    if skipped:
-        console.print(skipped_note(skipped), highlight=False, markup=False)
+    exams = _exams_to_read(exams, console)
     trained, runtime, chosen, tta = _load_for_answers(run_or_checkpoint, threshold, tta_copies, precision, device,
                                                       masks_dir, console)  # fmt: skip
     columns = exam_columns(trained.tasks, trained.outputs, masks=masks_dir is not None)
@@ -463,6 +460,15 @@ def run_predict_exams(
         + (f"; {table.failed} failed, see the error column" if table.failed else "")
     )
     return rows
+
+
+def _exams_to_read(inputs: list[Path], console: Console) -> list[Path]:
+    """collect_exams, with a note naming the subfolders it did not read."""
+    skipped: list[Path] = []
+    exams = collect_exams(inputs, skipped)
+    if skipped:
+        console.print(skipped_note(skipped), highlight=False, markup=False)
+    return exams
 
 
 def _exam_rows_with_masks(
