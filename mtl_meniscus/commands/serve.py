@@ -418,6 +418,10 @@ def model_info(trained: TrainedModel, threshold, tta, limits: ServeLimits, max_p
 
     config_file = trained.run_dir / "config.yaml" if trained.run_dir else None
     tasks = trained.tasks
+
+    def by_run_name(text: str) -> str:  # the server's paths stay its own: the run folder by its name
+        return text.replace(str(trained.checkpoint.parent), trained.checkpoint.parent.name)
+
     return {
         "run": trained.run_dir.name if trained.run_dir else None,
         "checkpoint": trained.checkpoint.name,
@@ -432,21 +436,16 @@ def model_info(trained: TrainedModel, threshold, tta, limits: ServeLimits, max_p
         "edge_filter": trained.config.preprocess.edge_filter,
         "plane": trained.config.data.plane,
         "fissure_threshold": threshold.value,
-        # where the threshold came from, by the run folder's name: the server's paths stay its own
-        "threshold_source": threshold.source.replace(
-            str(trained.checkpoint.parent), trained.checkpoint.parent.name
-        ),
+        "threshold_source": by_run_name(threshold.source),  # where the threshold came from
         "calibration": dict(trained.calibration.temperatures) if trained.calibration else None,
         "tta_copies": tta.copies,
         "version": __version__,
         # false: its metrics.json says it did not learn, and every answer is chance (null: no record)
         "learned": trained.training_record.get("learned"),
         # what predict prints before its answers (did not learn; a training still writing the run
-        # when the server loaded it), with the server's paths as the run folder's name
+        # when the server loaded it)
         "warnings": [
-            note.replace(str(trained.checkpoint.parent), trained.checkpoint.parent.name)
-            for note in (trained.did_not_learn_note, trained.in_training_note)
-            if note
+            by_run_name(note) for note in (trained.did_not_learn_note, trained.in_training_note) if note
         ],
         "limits": asdict(limits) | {"max_pixels": max_pixels},
     }

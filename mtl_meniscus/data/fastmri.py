@@ -198,9 +198,10 @@ def import_fastmri_plus(
         # mkdtemp's folder is its owner's alone (0700); it takes OUT's place, so it takes OUT's group
         # (where the user may give it) and mode (as made by the user, or by mkdir under the umask):
         # the group reads the data as before
+        made = out_dir.stat()
         with contextlib.suppress(PermissionError):  # a group the user is not in: kept as made
-            os.chown(staging, -1, out_dir.stat().st_gid)
-        staging.chmod(stat.S_IMODE(out_dir.stat().st_mode))
+            os.chown(staging, -1, made.st_gid)
+        staging.chmod(stat.S_IMODE(made.st_mode))
         counts = _write_import(annotations, volumes_dir, staging, by_file, on_volume) | counts
         out_dir.rmdir()  # empty (checked above): the staging folder takes its place
         staging.rename(out_dir)

@@ -78,14 +78,15 @@ async function send(file) {
   setStatus(`done: ${file.name}: ${summary(answer)}`, "done");
 }
 
+// a task's answer in words: the fissure's 1/0 as tear/no tear, the others' labels as they are
+const answerText = (task, label) => (task === "fissure" ? (label === 1 ? "tear" : "no tear") : label);
+
 function summary(answer) {
   // the answer in words, for the status region that screen readers announce
   return model.tasks
     .map((task, k) => {
       const p = answer[model.probabilities[k]];
-      if (p === null) return null;
-      const label = task === "fissure" ? (answer[task] === 1 ? "tear" : "no tear") : answer[task];
-      return `${label} (${p.toFixed(3)})`;
+      return p === null ? null : `${answerText(task, answer[task])} (${p.toFixed(3)})`;
     })
     .filter((text) => text !== null)
     .join(", ");
@@ -117,7 +118,7 @@ function showAnswers(answer) {
     row.dataset.task = task;
     const gated = model.gated_by[task] && p === null;
     if (gated) gatedOff.push(task);
-    const text = task === "fissure" ? (label === 1 ? "tear" : "no tear") : gated ? "not reported" : label;
+    const text = gated ? "not reported" : answerText(task, label);
     row.className = gated ? "gated" : task === "fissure" && label === 1 ? "positive" : "";
     for (const [cls, value] of [
       ["task", task],
